@@ -1,0 +1,31 @@
+"""Errors the library raises on bad input. Each names the problem; none is a deep torch traceback."""
+
+
+class CircuitsError(Exception):
+    """Base class for every error `circuits` raises on purpose."""
+
+
+class ConfigError(CircuitsError, ValueError):
+    """A model configuration is inconsistent (e.g. d_model != n_heads * d_head where required)."""
+
+
+class HookNameError(CircuitsError, KeyError):
+    """An unknown hook name; the message suggests the closest valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(CircuitsError, ValueError):
+    """Model input of the wrong dtype, shape, token range or length."""
+
+
+class StateDictError(CircuitsError, ValueError):
+    """A state dict with missing, unexpected or mis-shaped keys (each is named)."""
+
+
+class UnknownModelError(CircuitsError, KeyError):
+    """A model name that is not in the zoo."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
