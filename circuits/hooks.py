@@ -1,0 +1,131 @@
+"""Hook points: identity modules named from the module tree, TransformerLens style.
+
+A `HookPoint` is placed on every activation a researcher may want to read or edit. Unlike
+`nn.Module.register_forward_hook`, a hook point keeps its hook functions in a plain list and overrides
+`__call__`, so an inactive hook point costs one Python call and no torch machinery: the plain forward
+stays as fast as a model without hook points (see `benchmarks/bench_forward.py`).
+
+Hook functions follow TransformerLens's signature `fn(activation, hook) -> Tensor | None`; a non-None
+return value replaces the activation downstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import HookNameError
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+
+class HookPoint(nn.Module):
+    """Identity on its input unless hook functions are attached; `name` is its path in the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str = ""  # filled in by HookedRootModule.setup() from the module tree
+        self.fns: list[HookFn] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypasses nn.Module.__call__ on purpose
+        for fn in self.fns:
+            out = fn(x, self)
+            if out is not None:
+                x = out
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # for completeness (torch.fx, printing)
+        return self(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, active={len(self.fns)}"
+
+
+class HookedRootModule(nn.Module):
+    """Mixin for a root model: finds its hook points by name and runs with hooks or a cache."""
+
+    hook_dict: dict[str, HookPoint]
+
+    def setup_hooks(self) -> None:
+        """Name every HookPoint after its path in the module tree; call at the end of __init__."""
+        self.hook_dict = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+
+    # --- name resolution ---------------------------------------------------------------------------
+    def resolve_hook_names(self, names: NamesFilter) -> list[str]:
+        """Turn a filter (None = all, a name, a list of names, or a predicate) into hook names.
+
+        Unknown names raise `HookNameError` with the closest valid names, so a typo never silently
+        caches nothing.
+        """
+        if names is None:
+            return list(self.hook_dict)
+        if callable(names):
+            return [n for n in self.hook_dict if names(n)]
+        if isinstance(names, str):
+            names = [names]
+        out = []
+        for n in names:
+            if n not in self.hook_dict:
+                close = difflib.get_close_matches(n, list(self.hook_dict), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise HookNameError(
+                    f"unknown hook name {n!r}{hint} (this model has {len(self.hook_dict)} hook points; "
+                    f"see model.hook_dict)"
+                )
+            out.append(n)
+        return out
+
+    # --- attaching hooks ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[Union[str, Callable[[str], bool]], HookFn]] = ()) -> Iterator["HookedRootModule"]:
+        """Attach `(name_or_predicate, fn)` pairs for the duration of the block; always detached after,
+        also when the block raises."""
+        attached: list[tuple[HookPoint, HookFn]] = []
+        try:
+            for name, fn in fwd_hooks:
+                targets = self.resolve_hook_names(name)
+                if not targets:
+                    raise HookNameError(f"hook filter {name!r} matches no hook point")
+                for t in targets:
+                    hp = self.hook_dict[t]
+                    hp.fns.append(fn)
+                    attached.append((hp, fn))
+            yield self
+        finally:
+            for hp, fn in reversed(attached):
+                hp.fns.remove(fn)
+
+    def reset_hooks(self) -> None:
+        for hp in self.hook_dict.values():
+            hp.fns.clear()
+
+    def run_with_hooks(self, *args, fwd_hooks=(), **kwargs):
+        """Forward with hooks attached only for this call."""
+        with self.hooks(fwd_hooks):
+            return self(*args, **kwargs)
+
+    def run_with_cache(self, *args, names: NamesFilter = None, detach: bool = True, **kwargs):
+        """Forward once and return (output, ActivationCache) holding only the hook points asked for.
+
+        names: None (every hook point), a name, a list of names, or a predicate on names.
+        """
+        from .cache import ActivationCache  # cache imports model helpers; avoid an import cycle
+
+        store: dict[str, torch.Tensor] = {}
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            store[hook.name] = x.detach() if detach else x
+
+        targets = self.resolve_hook_names(names)
+        with self.hooks([(n, save) for n in targets]):
+            out = self(*args, **kwargs)
+        return out, ActivationCache({n: store[n] for n in targets if n in store}, self)

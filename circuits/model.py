@@ -1,0 +1,420 @@
+"""One hooked transformer for every seed, with TransformerLens hook names, weight names and layouts.
+
+Classes appear in data-flow order: config, embeddings, LayerNorm, attention, MLP, block, unembed, model.
+Every module's parameters carry TransformerLens's names (`W_E, W_pos, W_Q[h, d_model, d_head], ...,
+W_O[h, d_head, d_model], b_O, W_in, W_out, W_U, b_U`), so `model.state_dict()` *is* a TL state dict
+(plus our read-in weights when a model has them).
+
+Speed: each sublayer has a fused fast path (F.layer_norm, scaled_dot_product_attention, fused QKV
+matmul) taken whenever none of its internal hook points is active; activating a hook point switches that
+one sublayer to the explicit path that exposes the intermediate tensor. Both paths compute the same
+function (tested to float tolerance in float32 and float64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, InputError
+from .hooks import HookedRootModule, HookPoint
+
+
+@dataclass
+class TransformerConfig:
+    n_layers: int
+    d_model: int
+    n_ctx: int  # longest sequence the positional embedding (and input checks) allow
+    n_heads: int
+    d_head: int = 0  # 0 = d_model // n_heads (must divide); explicit values may differ (seed 002: 3 x 1)
+    d_mlp: int = 0  # 0 = attention-only blocks (no MLP, no ln2)
+    d_vocab: int = 0  # token vocabulary; 0 when the model reads vectors through a linear read-in
+    d_vocab_out: int = 0  # logits per read-out position (1 = scalar regression); 0 = d_vocab
+    d_input: int = 0  # width of vector inputs for the linear read-in (seed 003); 0 = token inputs
+    act_fn: Literal["relu", "gelu", "gelu_new"] = "relu"  # gelu_new = GPT-2's tanh approximation
+    normalization: Optional[Literal["LN"]] = "LN"  # pre-LN before each sublayer + final LN, or None
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    pad_token: Optional[int] = None  # keys holding this token are masked out of every attention row
+    positional: Literal["learned", "sinusoidal", "none"] = "learned"
+    embed: Literal["learned", "one_hot"] = "learned"  # one_hot = frozen identity (needs d_model == d_vocab)
+    unembed: Literal["learned", "one_hot"] = "learned"  # one_hot = frozen identity, no bias
+    readout: Literal["first", "last", "all"] = "all"  # which positions' logits forward() returns
+    ln_eps: float = 1e-5
+    init_range: float = 0.02  # std of the normal init of every weight matrix (GPT-2 / TL default)
+    seed: Optional[int] = None  # seeds the initialisation when given
+
+    def __post_init__(self) -> None:
+        if self.d_head == 0:
+            if self.n_heads <= 0 or self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_head=0 asks for d_head = d_model / n_heads, but d_model={self.d_model} is not "
+                    f"divisible by n_heads={self.n_heads}; set d_head explicitly or change n_heads"
+                )
+            self.d_head = self.d_model // self.n_heads
+        if self.d_vocab_out == 0:
+            self.d_vocab_out = self.d_vocab
+        problems = []
+        for f in ("n_layers", "d_model", "n_ctx", "n_heads", "d_head", "d_vocab_out"):
+            if getattr(self, f) <= 0:
+                problems.append(f"{f}={getattr(self, f)} must be positive")
+        if (self.d_vocab > 0) == (self.d_input > 0):
+            problems.append(f"exactly one of d_vocab ({self.d_vocab}) and d_input ({self.d_input}) must be > 0")
+        if self.embed == "one_hot" and self.d_model != self.d_vocab:
+            problems.append(f"one-hot embed needs d_model == d_vocab (got {self.d_model} != {self.d_vocab})")
+        if self.unembed == "one_hot" and self.d_model != self.d_vocab_out:
+            problems.append(f"one-hot unembed needs d_model == d_vocab_out (got {self.d_model} != {self.d_vocab_out})")
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            problems.append(f"sinusoidal positions need an even d_model (got {self.d_model})")
+        if self.pad_token is not None and not (0 <= self.pad_token < max(self.d_vocab, 1)):
+            problems.append(f"pad_token={self.pad_token} is not a token id in [0, {self.d_vocab})")
+        for f, allowed in (("act_fn", ("relu", "gelu", "gelu_new")), ("normalization", ("LN", None)),
+                           ("attention", ("bidirectional", "causal")),
+                           ("positional", ("learned", "sinusoidal", "none")),
+                           ("embed", ("learned", "one_hot")), ("unembed", ("learned", "one_hot")),
+                           ("readout", ("first", "last", "all"))):
+            if getattr(self, f) not in allowed:
+                problems.append(f"{f}={getattr(self, f)!r} is not one of {allowed}")
+        if problems:
+            raise ConfigError("inconsistent TransformerConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown TransformerConfig fields {unknown}")
+        return cls(**d)
+
+
+def _is_active(*hps: HookPoint) -> bool:
+    for hp in hps:
+        if hp.fns:
+            return True
+    return False
+
+
+def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
+    """Fixed encoding of 'Attention is all you need' (sin on even, cos on odd dims), as ARENA's."""
+    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]  # [n_ctx, 1]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # [d_model/2]
+    W = torch.zeros(n_ctx, d_model, dtype=torch.float64)  # [n_ctx, d_model]
+    W[:, 0::2] = torch.sin(pos * freq)
+    W[:, 1::2] = torch.cos(pos * freq)
+    return W.float()
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.embed == "one_hot":
+            self.W_E = nn.Parameter(torch.eye(cfg.d_vocab), requires_grad=False)  # [d_vocab, d_model]
+        else:
+            self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))  # [d_vocab, d_model]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        try:
+            return F.embedding(tokens, self.W_E)  # [batch, pos, d_model]
+        except IndexError:  # cheaper than validating every batch up front; only bad input gets here
+            bad = tokens[(tokens < 0) | (tokens >= self.W_E.shape[0])]
+            raise InputError(
+                f"token id {int(bad[0])} is out of the vocabulary [0, {self.W_E.shape[0]}) "
+                f"({bad.numel()} bad tokens in this batch)"
+            ) from None
+
+
+class ReadIn(nn.Module):
+    """Linear read-in of vector inputs (seed 003): the vector-input analogue of Embed."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_input, cfg.d_model))  # [d_input, d_model]
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_model))  # [d_model]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.W_in.t(), self.b_in)  # [batch, pos, d_model]
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.positional == "sinusoidal":  # fixed, but kept in the state dict as TL/ARENA do
+            self.W_pos = nn.Parameter(sinusoidal_positions(cfg.n_ctx, cfg.d_model), requires_grad=False)
+        else:
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))  # [n_ctx, d_model]
+
+    def forward(self, n_pos: int) -> torch.Tensor:
+        return self.W_pos[:n_pos]  # [pos, d_model]
+
+
+class LayerNorm(nn.Module):
+    """TL's LayerNorm: hook_scale [batch, pos, 1] and hook_normalized (before w, b) exposed."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.ln_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))  # [d_model]
+        self.b = nn.Parameter(torch.zeros(cfg.d_model))  # [d_model]
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _is_active(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
+        x = x - x.mean(-1, keepdim=True)  # [batch, pos, d_model]
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # [batch, pos, 1]
+        x = self.hook_normalized(x / scale)  # [batch, pos, d_model]
+        return x * self.w + self.b
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        h, m, d = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.n_heads, self.d_head = h, d
+        self.causal = cfg.attention == "causal"
+        self.W_Q = nn.Parameter(torch.empty(h, m, d))  # [head, d_model, d_head]
+        self.W_K = nn.Parameter(torch.empty(h, m, d))  # [head, d_model, d_head]
+        self.W_V = nn.Parameter(torch.empty(h, m, d))  # [head, d_model, d_head]
+        self.W_O = nn.Parameter(torch.empty(h, d, m))  # [head, d_head, d_model]
+        self.b_Q = nn.Parameter(torch.zeros(h, d))  # [head, d_head]
+        self.b_K = nn.Parameter(torch.zeros(h, d))  # [head, d_head]
+        self.b_V = nn.Parameter(torch.zeros(h, d))  # [head, d_head]
+        self.b_O = nn.Parameter(torch.zeros(m))  # [d_model]
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], masked entries -inf
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model], per-head output without b_O
+        self._fused: tuple = ((), None, None)  # (param versions, W_qkv, b_qkv) cache for inference
+
+    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_Q|W_K|W_V fused into one [d_model, 3*head*d_head] matrix for a single GEMM.
+
+        Without grad the fused copy is cached and rebuilt only when a parameter's version counter
+        moves (an in-place edit or an optimiser step), so inference pays no per-call concatenation.
+        """
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._fuse()
+        key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
+        if self._fused[0] != key:
+            with torch.no_grad():
+                self._fused = (key, *self._fuse())
+        return self._fused[1], self._fused[2]
+
+    def _fuse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.W_Q.shape[1]
+        W = torch.stack([self.W_Q, self.W_K, self.W_V])  # [3, head, d_model, d_head]
+        W = W.permute(2, 0, 1, 3).reshape(m, -1)  # [d_model, 3*head*d_head]
+        b = torch.stack([self.b_Q, self.b_K, self.b_V]).reshape(-1)  # [3*head*d_head]
+        return W, b
+
+    def forward(self, x: torch.Tensor, key_pad: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: [batch, pos, d_model]; key_pad: [batch, pos] bool (True = masked key) or None."""
+        B, P, _ = x.shape
+        h, d = self.n_heads, self.d_head
+        W, b = self._qkv_weights()
+        qkv = F.linear(x, W.t(), b).view(B, P, 3, h, d)  # [batch, pos, 3, head, d_head]
+        q, k, v = qkv.unbind(2)  # each [batch, pos, head, d_head]
+        explicit = _is_active(self.hook_q, self.hook_k, self.hook_v, self.hook_attn_scores,
+                              self.hook_pattern, self.hook_z)
+        if explicit:
+            z = self._explicit_attention(q, k, v, key_pad)  # [batch, pos, head, d_head]
+        else:
+            mask = None
+            if key_pad is not None:  # SDPA's bool mask: True = may attend
+                mask = ~key_pad[:, None, None, :]  # [batch, 1, 1, key_pos]
+                if self.causal:
+                    mask = mask & torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
+                attn_mask=mask, is_causal=self.causal and mask is None,
+            ).transpose(1, 2)  # [batch, pos, head, d_head]
+        if self.hook_result.fns:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # [batch, pos, head, d_model]
+            return result.sum(2) + self.b_O  # [batch, pos, d_model]
+        return F.linear(z.reshape(B, P, h * d), self.W_O.reshape(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
+
+    def _explicit_attention(self, q, k, v, key_pad) -> torch.Tensor:
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)  # [batch, head, q, k]
+        P = q.shape[1]
+        if self.causal:
+            future = torch.ones(P, P, dtype=torch.bool, device=q.device).triu(1)  # [q, k]
+            scores = scores.masked_fill(future, float("-inf"))
+        if key_pad is not None:
+            scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(-1))  # [batch, head, q, k]
+        return self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))  # [batch, pos, head, d_head]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))  # [d_model, d_mlp]
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))  # [d_mlp]
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))  # [d_mlp, d_model]
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))  # [d_model]
+        self.act = {"relu": F.relu, "gelu": F.gelu,
+                    "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[cfg.act_fn]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(F.linear(x, self.W_in.t(), self.b_in))  # [batch, pos, d_mlp]
+        post = self.hook_post(self.act(pre))  # [batch, pos, d_mlp]
+        return F.linear(post, self.W_out.t(), self.b_out)  # [batch, pos, d_model]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        use_ln = cfg.normalization == "LN"
+        self.ln1 = LayerNorm(cfg) if use_ln else nn.Identity()
+        self.attn = Attention(cfg)
+        self.has_mlp = cfg.d_mlp > 0
+        if self.has_mlp:
+            self.ln2 = LayerNorm(cfg) if use_ln else nn.Identity()
+            self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, resid_pre: torch.Tensor, key_pad: Optional[torch.Tensor]) -> torch.Tensor:
+        resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), key_pad))  # [batch, pos, d_model]
+        if not self.has_mlp:  # attention-only: resid_mid is resid_post, TL names both
+            return self.hook_resid_post(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [batch, pos, d_model]
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))  # [batch, pos, d_model]
+        return self.hook_resid_post(resid_mid + mlp_out)  # [batch, pos, d_model]
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.unembed == "one_hot":
+            self.W_U = nn.Parameter(torch.eye(cfg.d_model), requires_grad=False)  # [d_model, d_vocab_out]
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out), requires_grad=False)  # [d_vocab_out]
+        else:
+            self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))  # [d_model, d_vocab_out]
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out))  # [d_vocab_out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.W_U.t(), self.b_U)  # [..., d_vocab_out]
+
+
+class HookedTransformer(HookedRootModule):
+    """Token (or vector) inputs -> logits at the configured read-out position(s).
+
+    forward(x, key_padding_mask=None, readout=None):
+      x: LongTensor [batch, pos] of token ids, or FloatTensor [batch, pos, d_input] with a read-in.
+      key_padding_mask: [batch, pos] bool, True = padding (derived from cfg.pad_token for tokens).
+      readout: override cfg.readout ("first" -> [batch, d_vocab_out], "last" -> [batch, d_vocab_out]
+        at each row's last non-pad position, "all" -> [batch, pos, d_vocab_out]).
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = ReadIn(cfg) if cfg.d_input else Embed(cfg)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.positional != "none":
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model] (an expanded view, as TL)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        if cfg.normalization == "LN":
+            self.ln_final = LayerNorm(cfg)
+        self.unembed = Unembed(cfg)
+        self.init_weights(cfg.seed)
+        self.setup_hooks()
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Normal(0, init_range) for every trainable matrix; zeros for biases, LN as identity."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * self.cfg.init_range)
+            elif name.endswith(".w"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    # --- input checks: cheap attribute checks only, so the hot path stays fast -----------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"model input must be a torch.Tensor, got {type(x).__name__}")
+        if cfg.d_input:
+            if not x.is_floating_point() or x.ndim != 3 or x.shape[-1] != cfg.d_input:
+                raise InputError(
+                    f"this model reads vectors: expected a float tensor [batch, pos, {cfg.d_input}], "
+                    f"got {x.dtype} of shape {tuple(x.shape)}"
+                )
+        else:
+            if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+                raise InputError(f"token input must be an integer tensor [batch, pos], got dtype {x.dtype}")
+            if x.ndim != 2:
+                raise InputError(f"token input must have shape [batch, pos], got {tuple(x.shape)}")
+        if x.shape[1] > cfg.n_ctx:
+            raise InputError(f"sequence length {x.shape[1]} exceeds n_ctx={cfg.n_ctx}")
+        if x.shape[1] == 0:
+            raise InputError("empty sequence (pos = 0)")
+
+    def key_padding_mask(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.cfg.pad_token is None or self.cfg.d_input:
+            return None
+        return tokens == self.cfg.pad_token  # [batch, pos]
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                readout: Optional[str] = None) -> torch.Tensor:
+        self._check_input(x)
+        if key_padding_mask is None:
+            key_padding_mask = self.key_padding_mask(x)
+        elif key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
+            raise InputError(f"key_padding_mask must be bool {tuple(x.shape[:2])}, "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask is not None and not bool(key_padding_mask.any()):
+            key_padding_mask = None  # nothing to mask: let attention take its unmasked fast kernel
+        resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
+        if self.cfg.positional != "none":
+            pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
+            resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
+        for block in self.blocks:
+            resid = block(resid, key_padding_mask)  # [batch, pos, d_model]
+        readout = readout or self.cfg.readout
+        resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
+        if self.cfg.normalization == "LN":
+            resid = self.ln_final(resid)
+        logits = self.unembed(resid)  # [batch, pos or 1, d_vocab_out]
+        return logits if readout == "all" else logits[:, 0]  # [batch, (pos,) d_vocab_out]
+
+    def _select_readout(self, resid, key_pad, readout: str) -> torch.Tensor:
+        # LN and unembed act per position, so selecting before them gives the same logits and only
+        # computes what is read; ln_final's hooks then see [batch, 1, ...] for first/last read-outs.
+        if readout == "all":
+            return resid
+        if readout == "first":
+            return resid[:, :1]  # [batch, 1, d_model]
+        if readout == "last":
+            if key_pad is None:
+                return resid[:, -1:]  # [batch, 1, d_model]
+            last = (~key_pad).long().cumsum(1).argmax(1)  # [batch] index of the last non-pad position
+            return resid[torch.arange(resid.shape[0], device=resid.device), last][:, None]
+        raise InputError(f"readout={readout!r} is not one of ('first', 'last', 'all')")

@@ -1,0 +1,705 @@
+"""Content-addressed store for trained model weights, plus committed reference checkpoints.
+
+Keys
+----
+A model is identified by a *spec*: a JSON-able dict that the caller builds from everything that
+determines the trained weights (model config, data recipe, seed, training recipe, training-code
+version, torch version). :func:`spec_key` hashes a canonical JSON encoding of it (sorted keys, no
+whitespace, strict JSON: no NaN/inf, string keys only) with sha256 and returns the full 64-char hex
+digest.  Note ``1`` and ``1.0`` are different specs; tuples are encoded as lists.
+
+Cache location
+--------------
+:func:`default_root` is where :class:`ModelStore` keeps its entries when no ``root`` is given:
+
+* ``$CIRCUITS_CACHE`` if that environment variable is set and non-empty (``~`` is expanded);
+* otherwise ``<repo root>/.circuits-cache``, where the repo root is the parent of the ``circuits``
+  package directory.
+
+``$CIRCUITS_LOCK_TIMEOUT`` (seconds, default 7200) bounds how long a process waits for another one
+that is building the same model.
+
+Layout
+------
+::
+
+    <root>/<key>/weights.safetensors   the tensors (safetensors format; never pickle)
+    <root>/<key>/card.json             metadata; written last, so its presence marks a complete entry
+    <root>/<key>.lock                  inter-process lock (filelock), left in place on purpose
+    <root>/<key>.owner.json            who holds the lock right now (for the timeout message)
+
+The card adds ``key``, ``content_hash`` (sha256 of the weights file bytes), ``created`` (UTC,
+ISO 8601), ``format_version``, ``weights_file`` and ``size_bytes`` to the caller's fields;
+:meth:`ModelStore.get_or_create` also records the ``spec``.  Every file is written to a temporary
+file in the same directory and moved into place with :func:`os.replace`.
+
+A damaged entry (unparseable card, key mismatch, missing/truncated/modified weights, bad
+safetensors) is reported with a :class:`CorruptCheckpointWarning`, removed, and treated as absent,
+so the caller simply retrains.
+
+Reference checkpoints
+---------------------
+Small checkpoints committed to the repository (``fixtures/models/``) are stored flat as
+``<dir>/<name>.safetensors`` + ``<dir>/<name>.card.json`` (see :func:`save_reference` and
+:func:`load_reference`).  They are never deleted automatically; problems raise
+:class:`MissingCheckpointError`, :class:`CorruptCheckpointError` or :class:`StaleCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import filelock
+import safetensors.torch
+import torch
+
+from circuits.errors import CircuitsError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CardError",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "CorruptCheckpointWarning",
+    "LockTimeoutError",
+    "MissingCheckpointError",
+    "ModelStore",
+    "SpecError",
+    "StaleCheckpointError",
+    "canonical_json",
+    "default_root",
+    "load_reference",
+    "reference_paths",
+    "save_reference",
+    "spec_diff",
+    "spec_key",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "card.json"
+CACHE_ENV = "CIRCUITS_CACHE"
+LOCK_TIMEOUT_ENV = "CIRCUITS_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 7200.0
+#: How often a waiting process logs who holds the lock it waits for.
+_LOCK_POLL = 15.0
+_RESERVED = ("key", "content_hash", "created", "format_version", "weights_file", "size_bytes")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _refresh_hint(name: str) -> str:
+    return f"`python -m circuits train {name} --update-reference` or `pytest --retrain`"
+
+
+# --------------------------------------------------------------------------------------------------
+# errors and warnings
+
+
+class SpecError(CircuitsError, TypeError, ValueError):
+    """A spec that cannot be hashed: not strict JSON (the message names the offending field)."""
+
+
+class CardError(CircuitsError, TypeError, ValueError):
+    """A card (checkpoint metadata) that cannot be stored as JSON or contradicts its key."""
+
+
+class LockTimeoutError(CircuitsError, TimeoutError):
+    """Another process held a store lock for longer than the lock timeout."""
+
+
+class CheckpointError(CircuitsError):
+    """Base class of the reference-checkpoint errors."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The reference checkpoint does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The checkpoint's files are damaged (bad card, hash mismatch, truncated or unreadable weights)."""
+
+
+class StaleCheckpointError(CheckpointError):
+    """The reference checkpoint was produced from a different spec (code/config changed)."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A cache entry was damaged; it has been removed and will be rebuilt."""
+
+
+class _Problem(Exception):
+    """Internal: what is wrong with which file."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+# --------------------------------------------------------------------------------------------------
+# canonical JSON and keys
+
+
+def _normalize(obj: Any, path: str, *, allow_nan: bool, what: type[Exception]) -> Any:
+    """A plain-JSON copy of ``obj`` (dict/list/str/int/float/bool/None), or ``what`` naming the field."""
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if not allow_nan and not math.isfinite(obj):
+            raise what(f"{path} is {obj!r}; non-finite floats are not allowed here")
+        return float(obj)
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise what(f"{path} has a non-string key {k!r} ({type(k).__name__}); JSON keys must be str")
+            out[str(k)] = _normalize(v, f"{path}[{k!r}]", allow_nan=allow_nan, what=what)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_normalize(v, f"{path}[{i}]", allow_nan=allow_nan, what=what) for i, v in enumerate(obj)]
+    raise what(
+        f"{path} is a {type(obj).__module__}.{type(obj).__qualname__} ({obj!r:.80}), which is not JSON-able; "
+        "use str/int/float/bool/None, lists and dicts with str keys (convert tensors/arrays/paths/enums first)"
+    )
+
+
+def canonical_json(spec: Mapping[str, Any]) -> str:
+    """The canonical JSON text of ``spec`` that :func:`spec_key` hashes."""
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"a spec must be a dict, got {type(spec).__name__}")
+    plain = _normalize(spec, "spec", allow_nan=False, what=SpecError)
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def spec_key(spec: Mapping[str, Any]) -> str:
+    """sha256 hex digest (64 chars) of the canonical JSON of ``spec``; :class:`SpecError` if not JSON-able."""
+    return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix or "<spec>": obj}
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    try:
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable lines naming the (dotted) spec fields that differ between ``old`` and ``new``."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for field in sorted(set(a) | set(b)):
+        if field not in b:
+            lines.append(f"- {field}: {_short(a[field])} (only in the reference)")
+        elif field not in a:
+            lines.append(f"+ {field}: {_short(b[field])} (only in the current spec)")
+        elif _short(a[field], 10**9) != _short(b[field], 10**9):
+            lines.append(f"~ {field}: {_short(a[field])} -> {_short(b[field])}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# file helpers
+
+
+def default_root() -> Path:
+    """``$CIRCUITS_CACHE`` if set (and non-empty), else ``<repo root>/.circuits-cache``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent / ".circuits-cache"
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid {what} {name!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' '_' or '-'"
+        )
+    return name
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a hidden temp file next to ``path``, fsync it, then ``os.replace`` it into place."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _prepare_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; tensors sharing storage are cloned (safetensors refuses aliasing)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of str -> Tensor, got {type(state_dict).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state_dict.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state_dict key {name!r} is a {type(name).__name__}, not str")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a torch.Tensor")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _full_card(
+    key: str, card: Mapping[str, Any], weights_name: str, data: bytes
+) -> tuple[dict[str, Any], bytes]:
+    if not isinstance(card, Mapping):
+        raise CardError(f"card must be a dict, got {type(card).__name__}")
+    plain = _normalize(card, "card", allow_nan=True, what=CardError)
+    if "key" in plain and plain["key"] != key:
+        raise CardError(f"card['key'] is {plain['key']!r} but the entry is being saved under key {key!r}")
+    if "spec" in plain:
+        got = spec_key(plain["spec"])
+        if got != key:
+            raise CardError(f"card['spec'] hashes to {got}, not to the key {key!r} it is being saved under")
+    plain.update(
+        key=key,
+        content_hash=hashlib.sha256(data).hexdigest(),
+        created=_now(),
+        format_version=FORMAT_VERSION,
+        weights_file=weights_name,
+        size_bytes=len(data),
+    )
+    text = json.dumps(plain, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return plain, text.encode("utf-8")
+
+
+def _write_pair(
+    weights_path: Path, card_path: Path, key: str, tensors: dict[str, torch.Tensor], card: Mapping[str, Any]
+) -> dict[str, Any]:
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    full, card_bytes = _full_card(key, card, weights_path.name, data)  # validate before touching disk
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        card_path.unlink()  # the entry is incomplete until the new card lands
+    _atomic_write(weights_path, data)
+    _atomic_write(card_path, card_bytes)
+    return full
+
+
+def _read_card(card_path: Path, key: str | None) -> dict[str, Any]:
+    try:
+        raw = card_path.read_bytes()
+    except OSError as e:
+        raise _Problem(card_path, f"cannot read the card ({e})") from None
+    try:
+        card = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Problem(card_path, f"the card is not valid JSON ({e})") from None
+    if not isinstance(card, dict):
+        raise _Problem(card_path, f"the card is a JSON {type(card).__name__}, not an object")
+    version = card.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _Problem(card_path, f"the card has no valid format_version (got {version!r})")
+    if version > FORMAT_VERSION:
+        raise _Problem(card_path, f"format_version {version} is newer than this code supports ({FORMAT_VERSION})")
+    if not isinstance(card.get("content_hash"), str) or not _HEX64_RE.fullmatch(card["content_hash"]):
+        raise _Problem(card_path, f"the card has no valid content_hash (got {card.get('content_hash')!r})")
+    if not isinstance(card.get("key"), str):
+        raise _Problem(card_path, f"the card has no key (got {card.get('key')!r})")
+    if key is not None and card["key"] != key:
+        raise _Problem(card_path, f"the card's key {card['key']!r} does not match the entry's key {key!r}")
+    if "spec" in card:
+        try:
+            got = spec_key(card["spec"])
+        except SpecError as e:
+            raise _Problem(card_path, f"the card's spec cannot be hashed ({e})") from None
+        if got != card["key"]:
+            raise _Problem(card_path, f"the card's spec hashes to {got}, not to its key {card['key']}")
+    return card
+
+
+def _read_weights(weights_path: Path, card: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    try:
+        data = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise _Problem(weights_path, "the weights file is missing although its card exists") from None
+    except OSError as e:
+        raise _Problem(weights_path, f"cannot read the weights file ({e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["content_hash"]:
+        size = card.get("size_bytes")
+        detail = ""
+        if isinstance(size, int) and size != len(data):
+            detail = f"; it is {len(data)} bytes, the card says {size}" + (
+                " (truncated)" if len(data) < size else ""
+            )
+        raise _Problem(
+            weights_path, f"sha256 {digest[:16]}... does not match the card's content_hash {card['content_hash'][:16]}...{detail}"
+        )
+    try:
+        return safetensors.torch.load(data)  # never unpickles
+    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+        raise _Problem(weights_path, f"not a valid safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _describe_owner(owner_path: Path) -> str:
+    try:
+        info = json.loads(owner_path.read_text())
+    except (OSError, ValueError):
+        return "the holder is unknown (no owner record; it may be another tool or an older version)"
+    pid, host = info.get("pid"), info.get("host")
+    text = (
+        f"it is held by pid {pid} on host {host!r}, doing {info.get('action')!r} since {info.get('since')}"
+        f" (command: {info.get('command')!r})"
+    )
+    if host == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            text += "; that process no longer exists, so the owner record is stale and the lock is held elsewhere"
+        except PermissionError:
+            pass
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# the store
+
+
+class ModelStore:
+    """Content-addressed cache of trained weights under ``root`` (default: :func:`default_root`)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, lock_timeout: float | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        if lock_timeout is None:
+            env = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+            try:
+                lock_timeout = float(env) if env else DEFAULT_LOCK_TIMEOUT
+            except ValueError:
+                raise ValueError(f"${LOCK_TIMEOUT_ENV}={env!r} is not a number of seconds") from None
+        self.lock_timeout = float(lock_timeout)
+        self._locks: dict[str, filelock.FileLock] = {}
+        self._locks_guard = threading.Lock()
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.root)!r})"
+
+    # paths --------------------------------------------------------------------------------------
+    def entry_dir(self, key: str) -> Path:
+        return self.root / _check_name(key, "key")
+
+    def weights_path(self, key: str) -> Path:
+        return self.entry_dir(key) / WEIGHTS_FILE
+
+    def card_path(self, key: str) -> Path:
+        return self.entry_dir(key) / CARD_FILE
+
+    def lock_path(self, key: str) -> Path:
+        return self.root / f"{_check_name(key, 'key')}.lock"
+
+    def _owner_path(self, key: str) -> Path:
+        return self.root / f"{key}.owner.json"
+
+    # locking ------------------------------------------------------------------------------------
+    def _lock_for(self, key: str) -> filelock.FileLock:
+        with self._locks_guard:
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = filelock.FileLock(str(self.lock_path(key)))
+            return lock
+
+    @contextlib.contextmanager
+    def lock(self, key: str, action: str = "lock") -> Iterator[None]:
+        """Hold the inter-process lock of ``key`` (re-entrant within a thread of this store object)."""
+        _check_name(key, "key")
+        depths: dict[str, int] = self._local.__dict__.setdefault("depths", {})
+        lock = self._lock_for(key)
+        outermost = depths.get(key, 0) == 0
+        if outermost:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._acquire(lock, key)
+            with contextlib.suppress(OSError):
+                record = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "action": action,
+                    "since": _now(),
+                    "command": " ".join(sys.argv)[:300],
+                    "key": key,
+                }
+                _atomic_write(self._owner_path(key), json.dumps(record).encode())
+        else:
+            lock.acquire()  # re-entrant: returns at once
+        depths[key] = depths.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            depths[key] -= 1
+            if depths[key] == 0:
+                del depths[key]
+                with contextlib.suppress(OSError):
+                    self._owner_path(key).unlink()
+            lock.release()
+
+    def _acquire(self, lock: filelock.FileLock, key: str) -> None:
+        start = time.monotonic()
+        deadline = start + self.lock_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                lock.acquire(timeout=max(0.0, min(_LOCK_POLL, remaining)))
+                return
+            except filelock.Timeout:
+                waited = time.monotonic() - start
+                holder = _describe_owner(self._owner_path(key))
+                if time.monotonic() >= deadline:
+                    raise LockTimeoutError(
+                        f"could not lock model store entry {key} ({self.lock_path(key)}) within "
+                        f"{self.lock_timeout:g} s: {holder}. Another process is probably still training this model; "
+                        f"wait for it, or raise ${LOCK_TIMEOUT_ENV} (seconds). The lock is released automatically "
+                        "when its holder exits."
+                    ) from None
+                log.info("waiting %.0f s for the lock of %s: %s", waited, key, holder)
+
+    # core operations ----------------------------------------------------------------------------
+    def save(self, key: str, state_dict: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> dict[str, Any]:
+        """Atomically write ``state_dict`` and ``card`` under ``key``; returns the full card."""
+        return self._save(key, _prepare_tensors(state_dict), card)
+
+    def _save(self, key: str, tensors: dict[str, torch.Tensor], card: Mapping[str, Any]) -> dict[str, Any]:
+        with self.lock(key, "save"):
+            entry = self.entry_dir(key)
+            if entry.is_dir():  # leftovers of writers that were killed mid-write (safe: we hold the lock)
+                for tmp in entry.glob(".*.tmp"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+            return _write_pair(entry / WEIGHTS_FILE, entry / CARD_FILE, key, tensors, card)
+
+    def _read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        card_path = self.card_path(key)
+        if not card_path.exists():
+            return None  # absent, or a write that never finished (no card = not an entry)
+        card = _read_card(card_path, key)
+        return _read_weights(self.weights_path(key), card), card
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """``(state_dict, card)``, or None if absent.  A corrupt entry is warned about, removed, and None returned."""
+        _check_name(key, "key")
+        try:
+            return self._read(key)
+        except _Problem:
+            pass
+        # Re-check under the lock: a writer may have been mid-save; only a still-bad entry is removed.
+        with self.lock(key, "repair"):
+            try:
+                return self._read(key)
+            except _Problem as p:
+                warnings.warn(
+                    CorruptCheckpointWarning(
+                        f"corrupt model store entry {key}: {p.path}: {p.problem}; removed it, the model will be rebuilt"
+                    ),
+                    stacklevel=2,
+                )
+                self._rmtree(key)
+                return None
+
+    def get_or_create(
+        self,
+        spec: Mapping[str, Any],
+        build: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
+        *,
+        force: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+        """Load the entry for ``spec`` or build it (exactly once across processes); ``(state_dict, card, created)``.
+
+        ``build()`` returns ``(state_dict, extra_card_fields)``; the saved card holds those fields, the spec,
+        ``build_seconds`` (unless given) and the store's own fields.  ``force=True`` rebuilds even if present.
+        """
+        key = spec_key(spec)
+        plain_spec = json.loads(canonical_json(spec))
+        if not force:
+            got = self.load(key)  # fast path, no lock
+            if got is not None:
+                return got[0], got[1], False
+        with self.lock(key, "build"):
+            if not force:
+                got = self.load(key)  # someone may have built it while we waited
+                if got is not None:
+                    return got[0], got[1], False
+            t0 = time.perf_counter()
+            result = build()
+            seconds = time.perf_counter() - t0
+            if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[1], Mapping)):
+                raise TypeError(
+                    f"build() must return (state_dict, extra_card_fields: dict), got {type(result).__name__}"
+                )
+            state_dict, extra = result
+            card = dict(extra)
+            if "spec" in card and card["spec"] != plain_spec:
+                raise CardError("build() returned a card field 'spec' that differs from the spec being built")
+            card["spec"] = plain_spec
+            card.setdefault("build_seconds", round(seconds, 3))
+            tensors = _prepare_tensors(state_dict)
+            full = self._save(key, tensors, card)
+            return tensors, full, True
+
+    def entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(key, card)`` of every complete entry whose card parses, sorted by key (weights are not verified)."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir() or not _NAME_RE.fullmatch(entry.name):
+                continue
+            try:
+                out.append((entry.name, _read_card(entry / CARD_FILE, entry.name)))
+            except _Problem:
+                continue
+        return out
+
+    def remove(self, key: str) -> bool:
+        """Delete the entry; True if there was one."""
+        with self.lock(key, "remove"):
+            return self._rmtree(key)
+
+    def _rmtree(self, key: str) -> bool:
+        entry = self.entry_dir(key)
+        if not entry.exists():
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            (entry / CARD_FILE).unlink()  # first, so a half-removed entry is never seen as complete
+        shutil.rmtree(entry, ignore_errors=True)
+        return True
+
+
+# --------------------------------------------------------------------------------------------------
+# reference checkpoints (committed, never deleted automatically)
+
+
+def reference_paths(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """``(<dir>/<name>.safetensors, <dir>/<name>.card.json)``."""
+    _check_name(name, "reference name")
+    d = Path(directory)
+    return d / f"{name}.safetensors", d / f"{name}.card.json"
+
+
+def save_reference(
+    directory: str | os.PathLike[str], name: str, state_dict: Mapping[str, torch.Tensor], card: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Write a reference checkpoint; ``card`` must contain the ``spec`` (its key is computed from it).
+
+    A card loaded from a :class:`ModelStore` can be passed as is; its store fields are recomputed.
+    """
+    if not isinstance(card, Mapping) or not isinstance(card.get("spec"), Mapping):
+        raise CardError(f"reference {name!r}: the card must contain the training 'spec' (a dict)")
+    weights_path, card_path = reference_paths(directory, name)
+    key = spec_key(card["spec"])
+    return _write_pair(weights_path, card_path, key, _prepare_tensors(state_dict), card)
+
+
+def load_reference(
+    directory: str | os.PathLike[str], name: str, expected_spec: Mapping[str, Any] | str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a reference checkpoint made from ``expected_spec`` (a spec dict, or its key).
+
+    Raises :class:`MissingCheckpointError`, :class:`CorruptCheckpointError` or :class:`StaleCheckpointError`.
+    """
+    weights_path, card_path = reference_paths(directory, name)
+    if isinstance(expected_spec, str):
+        expected_key, expected = expected_spec, None
+    else:
+        expected_key, expected = spec_key(expected_spec), expected_spec
+    hint = _refresh_hint(name)
+    if not card_path.exists():
+        if weights_path.exists():
+            raise CorruptCheckpointError(
+                f"reference checkpoint {name!r}: {card_path} is missing although {weights_path} exists. "
+                f"Restore it from git or regenerate it with {hint}."
+            )
+        raise MissingCheckpointError(
+            f"no reference checkpoint {name!r} in {Path(directory)} (looked for {weights_path.name} and "
+            f"{card_path.name}). Create it with {hint}."
+        )
+    try:
+        card = _read_card(card_path, None)
+    except _Problem as p:
+        raise CorruptCheckpointError(
+            f"reference checkpoint {name!r} is corrupt: {p.path}: {p.problem}. "
+            f"Restore it with `git checkout -- {p.path}` or regenerate it with {hint}."
+        ) from None
+    if card["key"] != expected_key:
+        lines = [
+            f"reference checkpoint {name!r} ({card_path}) is stale: the code or config that produced it changed "
+            f"(its spec key is {card['key'][:16]}..., the current spec's is {expected_key[:16]}...)."
+        ]
+        if expected is None:
+            lines.append("No current spec was given, so the differing fields cannot be listed.")
+        elif not isinstance(card.get("spec"), Mapping):
+            lines.append("Its card records no spec, so the differing fields cannot be listed.")
+        else:
+            diff = spec_diff(card["spec"], expected)
+            lines.append("Spec fields that differ (reference -> current):")
+            lines.extend(f"  {line}" for line in diff or ["(none by value; the encodings differ, e.g. 1 vs 1.0)"])
+        lines.append(f"Refresh it with {hint}.")
+        raise StaleCheckpointError("\n".join(lines))
+    try:
+        tensors = _read_weights(weights_path, card)
+    except _Problem as p:
+        raise CorruptCheckpointError(
+            f"reference checkpoint {name!r} is corrupt: {p.path}: {p.problem}. "
+            f"Restore it with `git checkout -- {p.path}` or regenerate it with {hint}."
+        ) from None
+    return tensors, card

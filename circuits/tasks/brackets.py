@@ -1,0 +1,495 @@
+"""Balanced-bracket classification (seed 000: ARENA's "balanced bracket classifier").
+
+A string of at most ``MAX_LEN`` = 40 brackets is *balanced* when every prefix has at least as many
+"(" as ")" and the whole string has equally many of each. The model reads
+``[start] + string + [end]``, right-padded with ``[pad]``, and classifies at position 0.
+
+This module holds everything about the data and nothing about the model:
+
+* the tokenizer (``tokenize`` / ``detokenize``) with the checkpoint's vocabulary;
+* the label and the per-string features the seed's analysis is phrased in (``is_balanced_tokens``,
+  ``open_proportion``, ``starts_open``, ``total_elevation_failure``, ``negative_failure``,
+  ``goes_negative_ltr``), vectorised over token tensors or lists of strings;
+* ``BracketData``, a dataset holding strings, tokens, labels and features side by side;
+* ``generate``, a vectorised sampler that reproduces the published data set's distribution.
+
+Two notions of "going negative"
+-------------------------------
+``goes_negative_ltr``: the left-to-right running count of "(" minus ")" drops below 0, i.e. some
+*prefix* has more ")" than "(". This is the textbook failure and what ``is_balanced`` checks.
+
+``negative_failure`` (the seed's ``get_negative_failure``): scanning from the *end*, +1 per ")" and
+-1 per "(", the counter drops below 0, i.e. some *suffix* has more "(" than ")".
+
+If the counts are equal, a prefix has more ")" exactly when its complementary suffix has more "(",
+so the two coincide, and ``balanced == ~total_elevation_failure & ~negative_failure`` (the seed's
+four failure classes are therefore well defined). When the counts differ they can disagree: "((("
+fails right-to-left only, ")))" fails left-to-right only.
+
+How the reference data was made (measured, then modelled)
+---------------------------------------------------------
+The published 100,000 pairs (``brackets_data.json``) have even lengths 2..40 only, 46.0% balanced,
+49.4% of rows repeating an earlier row (short strings are few), no order effects. Per length:
+
+* unbalanced strings are uniform random strings conditioned on being unbalanced (their count of "("
+  follows the conditioned binomial: chi^2 = 228 on 234 dof), ~2,800 per length attempted;
+* balanced strings of a given length are uniform over the Dyck words of that length (e.g. the 14
+  words of length 8 each appear 227..262 times), and their length distribution is proportional to
+  Catalan(L/2) / 2^L -- what rejection sampling of uniform strings of uniform length gives.
+
+So the file is fit by a one-parameter mixture: with probability ``RANDOM_FRACTION`` = q a uniform
+random string of uniform even length in 2..40; otherwise the same draw conditioned on being balanced.
+Matching the balanced fraction gives q = (1 - 0.46022) / (1 - mean_L Catalan(L/2)/2^L) = 0.561; the
+40 (length, label) cell counts then fit with chi^2 = 43.5 on 38 dof (p = 0.25). ``generate`` samples
+exactly this mixture (balanced strings by the cycle lemma, so no rejection loop).
+
+Statistics (fractions of all rows; generated = ``generate(100_000, seed=0)``):
+
+=====================================================  ===========  ===========
+statistic                                              reference    generated
+=====================================================  ===========  ===========
+balanced                                               0.4602       0.4604
+equal counts, goes negative (left to right)            0.0950       0.0947
+never negative (left to right), counts differ          0.0952       0.0942
+never negative (seed's right-to-left), counts differ   0.0955       0.0951
+counts differ and goes negative (left to right)        0.3496       0.3507
+mean open proportion                                   0.4996       0.4998
+starts with "("                                        0.7191       0.7191
+mean length                                            15.73        15.73
+P(length = 2) / P(length <= 10) / P(length >= 30)      .173/.461/.225 .174/.460/.225
+length distribution: total variation to reference      --           0.0044
+rows repeating an earlier row                          0.4945       0.4944
+mean max nesting depth of balanced rows (length >= 20) 5.50         5.49
+=====================================================  ===========  ===========
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from circuits.errors import CircuitsError, InputError
+
+__all__ = [
+    "START", "PAD", "END", "OPEN", "CLOSE", "VOCAB", "N_CTX", "MAX_LEN", "RANDOM_FRACTION",
+    "ReferenceDataError", "tokenize", "detokenize", "is_balanced", "is_balanced_tokens",
+    "open_proportion", "starts_open", "total_elevation_failure", "negative_failure",
+    "goes_negative_ltr", "BracketData", "generate",
+]
+
+START, PAD, END, OPEN, CLOSE = 0, 1, 2, 3, 4
+VOCAB = 5
+MAX_LEN = 40
+N_CTX = MAX_LEN + 2  # [start] + brackets + [end]
+
+# Weight of the uniform-random component of the mixture that reproduces the reference data (see the
+# module docstring); the rest are balanced strings.
+RANDOM_FRACTION = 0.561
+
+_CHAR_OF_TOKEN = {OPEN: "(", CLOSE: ")"}
+_MAX_HALF = MAX_LEN // 2
+
+StringsOrTokens = Sequence[str] | torch.Tensor
+
+
+class ReferenceDataError(CircuitsError, ValueError):
+    """A reference data file that is malformed or whose labels disagree with ``is_balanced``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_strings(strings: Sequence[str]) -> list[str]:
+    """Reject what would otherwise tokenize silently into garbage (a bare str iterates to chars)."""
+    if isinstance(strings, str):
+        raise InputError(f"tokenize expects a sequence of strings, got the str {strings!r}; wrap it in a list")
+    strings = list(strings)
+    for i, s in enumerate(strings):
+        if not isinstance(s, str):
+            raise InputError(f"item {i} is {type(s).__name__} {s!r}, not a str of brackets")
+        if len(s) > MAX_LEN:
+            raise InputError(f"string {i} has length {len(s)} > MAX_LEN={MAX_LEN}: {s!r}")
+    return strings
+
+
+def _codepoints(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All characters as one array of code points (UTF-32 is one unit per char), and each length."""
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))  # [batch]
+    codes = np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)  # [sum(lengths)]
+    return codes, lengths
+
+
+def _raise_bad_char(strings: list[str], codes: np.ndarray, lengths: np.ndarray) -> None:
+    """Name the first non-bracket character: which string, which index, which char."""
+    flat = int(np.flatnonzero((codes != ord("(")) & (codes != ord(")")))[0])
+    ends = np.cumsum(lengths)  # [batch]
+    i = int(np.searchsorted(ends, flat, side="right"))
+    j = flat - int(ends[i] - lengths[i])
+    raise InputError(
+        f"string {i} {strings[i]!r} has invalid character {strings[i][j]!r} at index {j}; "
+        "only '(' and ')' are allowed"
+    )
+
+
+def _check_pad_to(pad_to: int | None, needed: int) -> int:
+    if pad_to is None:
+        return needed
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int):
+        raise InputError(f"pad_to must be an int, got {type(pad_to).__name__} {pad_to!r}")
+    if pad_to < needed:
+        raise InputError(f"pad_to={pad_to} is shorter than the longest tokenized string ({needed} tokens)")
+    if pad_to > N_CTX:
+        raise InputError(f"pad_to={pad_to} exceeds the context length N_CTX={N_CTX}")
+    return pad_to
+
+
+def _assemble(body: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Frame bracket tokens as [start] + brackets + [end] + [pad]...
+
+    body: [batch, >= max(lengths)] with OPEN/CLOSE in the first `lengths` columns (the rest ignored).
+    """
+    batch = lengths.shape[0]
+    cols = torch.arange(width - 1)  # [width - 1]
+    inside = cols[None, :] < lengths[:, None]  # [batch, width - 1]
+    body = torch.nn.functional.pad(body[:, : width - 1], (0, max(0, width - 1 - body.shape[1])), value=PAD)
+    framed = torch.where(inside, body, PAD)  # [batch, width - 1]
+    framed[torch.arange(batch), lengths] = END
+    return torch.cat([torch.full((batch, 1), START, dtype=torch.long), framed], dim=1)  # [batch, width]
+
+
+def tokenize(strings: Sequence[str], *, pad_to: int | None = None) -> torch.Tensor:
+    """Token ids ``[start] + string + [end]``, right-padded with ``[pad]``.
+
+    Returns a LongTensor [batch, width], width = longest string + 2 unless ``pad_to`` (total length,
+    at most N_CTX) is given. Vectorised: one numpy pass over all characters, no per-char Python.
+    Raises InputError (a ValueError) naming the offending item for non-str items, strings longer
+    than MAX_LEN, or characters other than "(" and ")".
+    """
+    strings = _check_strings(strings)
+    codes, lengths = _codepoints(strings)
+    if not np.isin(codes, (ord("("), ord(")"))).all():
+        _raise_bad_char(strings, codes, lengths)
+    width = _check_pad_to(pad_to, int(lengths.max(initial=0)) + 2)
+    rows = np.repeat(np.arange(len(strings)), lengths)  # [sum(lengths)]
+    cols = np.arange(codes.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # [sum(lengths)]
+    body = np.full((len(strings), max(width - 2, 1)), PAD, dtype=np.int64)  # [batch, width - 2]
+    body[rows, cols] = np.where(codes == ord("("), OPEN, CLOSE)
+    return _assemble(torch.from_numpy(body), torch.from_numpy(lengths), width)
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    if not isinstance(tokens, torch.Tensor):
+        raise InputError(f"expected a token tensor, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise InputError(f"token tensor must have an integer dtype, got {tokens.dtype}")
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise InputError(f"token tensor must be [batch, seq] with seq >= 2, got shape {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB):
+        raise InputError(f"token ids must lie in [0, {VOCAB}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def _token_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """Bracket count per row [batch], after checking the layout [start] + brackets + [end] + [pad]*.
+
+    A malformed row would detokenize into a different string than was meant, so refuse it.
+    """
+    is_bracket = (tokens == OPEN) | (tokens == CLOSE)  # [batch, seq]
+    lengths = is_bracket.sum(-1)  # [batch]
+    cols = torch.arange(tokens.shape[1])[None, :]  # [1, seq]
+    in_body = (cols >= 1) & (cols <= lengths[:, None])  # [batch, seq]
+    frame = torch.where(cols == 0, START, torch.where(cols == lengths[:, None] + 1, END, PAD))  # [batch, seq]
+    ok = torch.where(in_body, is_bracket, tokens == frame).all(-1) & (lengths <= tokens.shape[1] - 2)  # [batch]
+    if not bool(ok.all()):
+        row = int((~ok).nonzero()[0])
+        raise InputError(f"row {row} is not [start] + brackets + [end] + [pad]*: {tokens[row].tolist()}")
+    return lengths
+
+
+def _strings_of(tokens: torch.Tensor) -> list[str]:
+    """Strings of well-formed token rows, through numpy's fixed-width bytes dtype: the non-bracket
+    tokens map to NUL, which that dtype drops at the end of each row."""
+    lut = np.zeros(VOCAB, dtype=np.uint8)
+    lut[OPEN], lut[CLOSE] = ord("("), ord(")")
+    chars = np.ascontiguousarray(lut[tokens[:, 1:].cpu().numpy()])  # [batch, seq - 1]
+    if chars.shape[0] == 0:
+        return []
+    return chars.view(f"S{chars.shape[1]}").ravel().astype(str).tolist()
+
+
+def detokenize(tokens: torch.Tensor) -> list[str]:
+    """Bracket strings back from token ids [batch, seq] laid out as ``tokenize`` makes them.
+
+    Raises InputError for a tensor that is not integer [batch, seq], ids outside the vocabulary, or
+    a row that is not [start] + brackets + [end] + [pad]*.
+    """
+    _check_tokens(tokens)
+    _token_lengths(tokens)
+    return _strings_of(tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels and features
+# --------------------------------------------------------------------------------------------------
+
+
+def is_balanced(s: str) -> bool:
+    """Plain loop, the specification the vectorised versions are tested against."""
+    depth = 0
+    for c in s:
+        depth += 1 if c == "(" else -1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _steps(x: StringsOrTokens) -> torch.Tensor:
+    """+1 per "(", -1 per ")", 0 for [start]/[end]/[pad]: [batch, seq] int64.
+
+    Zeros leave running sums unchanged, so padding never alters any feature.
+    """
+    tokens = x if isinstance(x, torch.Tensor) else tokenize(x)
+    _check_tokens(tokens)
+    return (tokens == OPEN).long() - (tokens == CLOSE).long()  # [batch, seq]
+
+
+def _ltr_goes_negative(steps: torch.Tensor) -> torch.Tensor:
+    return (steps.cumsum(-1) < 0).any(-1)  # [batch]
+
+
+def _rtl_goes_negative(steps: torch.Tensor) -> torch.Tensor:
+    # The seed's counter from the end is minus the suffix sum of steps.
+    return (steps.flip(-1).cumsum(-1) > 0).any(-1)  # [batch]
+
+
+def is_balanced_tokens(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: equal counts and no prefix with more ")" than "("."""
+    steps = _steps(x)  # [batch, seq]
+    return (steps.sum(-1) == 0) & ~_ltr_goes_negative(steps)
+
+
+def open_proportion(x: StringsOrTokens) -> torch.Tensor:
+    """FloatTensor [batch]: fraction of brackets that are "(" (NaN for the empty string)."""
+    steps = _steps(x)  # [batch, seq]
+    n_open = (steps > 0).sum(-1)  # [batch]
+    return n_open.float() / (steps != 0).sum(-1).float()
+
+
+def starts_open(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: the first bracket is "(" (False for the empty string)."""
+    steps = _steps(x)  # [batch, seq]
+    first = (steps != 0).long().argmax(-1)  # [batch]  index of the first bracket (0 if none)
+    return steps.gather(-1, first[:, None]).squeeze(-1) > 0
+
+
+def total_elevation_failure(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: the number of "(" differs from the number of ")"."""
+    return _steps(x).sum(-1) != 0
+
+
+def negative_failure(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: the seed's notion -- some suffix has more "(" than ")".
+
+    Scanning from the end with +1 per ")" and -1 per "(", the counter drops below 0. Equals
+    ``goes_negative_ltr`` wherever the counts are equal (see the module docstring).
+    """
+    return _rtl_goes_negative(_steps(x))
+
+
+def goes_negative_ltr(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: some prefix has more ")" than "(" (left-to-right count drops below 0)."""
+    return _ltr_goes_negative(_steps(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class BracketData:
+    """Strings with their tokens, labels and features, row-aligned. Tensors start on the CPU.
+
+    Build with ``from_strings``, ``from_tokens``, ``from_reference`` or ``generate``; the features
+    are computed from the tokens, so they cannot drift from the strings.
+    """
+
+    strs: list[str]
+    toks: torch.Tensor  # [batch, seq] long, seq = longest string + 2
+    isbal: torch.Tensor  # [batch] bool
+    lengths: torch.Tensor  # [batch] long, number of brackets
+    open_proportion: torch.Tensor  # [batch] float
+    starts_open: torch.Tensor  # [batch] bool
+    total_elevation_failure: torch.Tensor  # [batch] bool
+    negative_failure: torch.Tensor  # [batch] bool, the seed's right-to-left notion
+    goes_negative_ltr: torch.Tensor  # [batch] bool
+
+    def __post_init__(self) -> None:
+        n = len(self.strs)
+        for field in dataclasses.fields(self)[1:]:
+            value = getattr(self, field.name)
+            if value.shape[0] != n:
+                raise InputError(f"BracketData.{field.name} has {value.shape[0]} rows, strs has {n}")
+
+    @classmethod
+    def from_tokens(cls, toks: torch.Tensor, strs: list[str] | None = None) -> BracketData:
+        """Features from a [batch, seq] token tensor; ``strs`` is recovered if not given."""
+        _check_tokens(toks)
+        toks = toks.long()
+        lengths = _token_lengths(toks)  # [batch]
+        toks = toks[:, : int(lengths.max(0).values) + 2] if len(toks) else toks[:, :2]
+        steps = (toks == OPEN).long() - (toks == CLOSE).long()  # [batch, seq]
+        total = steps.sum(-1)  # [batch]
+        ltr_negative = _ltr_goes_negative(steps)
+        return cls(
+            strs=_strings_of(toks) if strs is None else list(strs),
+            toks=toks,
+            isbal=(total == 0) & ~ltr_negative,
+            lengths=lengths,
+            open_proportion=(steps > 0).sum(-1).float() / lengths.float(),
+            starts_open=toks[:, 1] == OPEN,
+            total_elevation_failure=total != 0,
+            negative_failure=_rtl_goes_negative(steps),
+            goes_negative_ltr=ltr_negative,
+        )
+
+    @classmethod
+    def from_strings(cls, strs: Sequence[str]) -> BracketData:
+        """Tokenize (validating every string) and compute labels and features."""
+        strs = _check_strings(strs)
+        return cls.from_tokens(tokenize(strs), strs)
+
+    @classmethod
+    def from_reference(cls, path: str | Path, n: int | None = None) -> BracketData:
+        """The published JSON list of [string, is_balanced] pairs (the first ``n`` rows if given).
+
+        Every row's stored label is checked against ``is_balanced``: a file that disagrees with our
+        definition would make every downstream claim about "balanced" meaningless.
+        """
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ReferenceDataError(f"{path}: expected a JSON list of [string, bool] pairs, got {type(rows).__name__}")
+        rows = rows[:n] if n is not None else rows
+        bad = next((i for i, r in enumerate(rows) if not _is_pair(r)), None)
+        if bad is not None:
+            raise ReferenceDataError(f"{path}: row {bad} is {rows[bad]!r}, not a [string, bool] pair")
+        data = cls.from_strings([r[0] for r in rows])
+        stored = torch.tensor([r[1] for r in rows], dtype=torch.bool)  # [batch]
+        wrong = (stored != data.isbal).nonzero().squeeze(-1)
+        if wrong.numel():
+            shown = ", ".join(f"row {i} {rows[i][0]!r} labelled {rows[i][1]}" for i in wrong[:5].tolist())
+            raise ReferenceDataError(f"{path}: {wrong.numel()} label(s) disagree with is_balanced: {shown}")
+        return data
+
+    def __len__(self) -> int:
+        return len(self.strs)
+
+    @property
+    def seq_length(self) -> int:
+        return self.toks.shape[-1]
+
+    def __getitem__(self, idx: slice | torch.Tensor | Sequence[int]) -> BracketData:
+        """A slice, a BoolTensor mask or integer indices give a new BracketData."""
+        if isinstance(idx, int):
+            raise TypeError("index BracketData with a slice or a mask; for one row use data[i:i + 1] or data.strs[i]")
+        if isinstance(idx, slice):
+            idx = torch.arange(len(self))[idx]
+        return self.subset(idx)
+
+    def subset(self, mask: torch.Tensor | Sequence[int]) -> BracketData:
+        """Rows where ``mask`` (BoolTensor [batch]) is True, or at the given indices, in that order.
+
+        Tokens are re-trimmed to the subset's longest string, as tokenizing the subset would do.
+        """
+        index = torch.as_tensor(mask).to("cpu")
+        if index.dtype == torch.bool:
+            if index.shape != (len(self),):
+                raise InputError(f"mask has shape {tuple(index.shape)}, expected ({len(self)},)")
+            index = index.nonzero().squeeze(-1)  # [n_kept]
+        elif index.dtype.is_floating_point or index.ndim != 1:
+            raise InputError(f"subset needs a bool mask or 1-D integer indices, got {index.dtype} {tuple(index.shape)}")
+        strs = [self.strs[i] for i in index.tolist()]
+        picked = {f.name: getattr(self, f.name)[index.to(self.toks.device)] for f in dataclasses.fields(self)[1:]}
+        width = int(picked["lengths"].max()) + 2 if len(strs) else 2
+        picked["toks"] = picked["toks"][:, :width]
+        return BracketData(strs=strs, **picked)
+
+    def to(self, device: torch.device | str) -> BracketData:
+        """A copy with every tensor on ``device`` (the strings are shared)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)[1:]}
+        return BracketData(strs=self.strs, **moved)
+
+
+def _is_pair(row: object) -> bool:
+    return isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and isinstance(row[1], bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------------
+
+
+def _balanced_length_pmf() -> torch.Tensor:
+    """P(half-length h) for h = 1..20, proportional to Catalan(h) / 4^h.
+
+    That is the length distribution of balanced strings obtained by rejection from uniform strings
+    of uniform even length -- what the reference file's balanced rows follow.
+    """
+    weights = [math.comb(2 * h, h) / (h + 1) / 4**h for h in range(1, _MAX_HALF + 1)]
+    return torch.tensor(weights, dtype=torch.float64)  # [20]
+
+
+def _random_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n uniform random strings of uniform even length 2..40, as (body [n, 40], lengths [n])."""
+    lengths = 2 * torch.randint(1, _MAX_HALF + 1, (n,), generator=g)  # [n]
+    body = torch.where(torch.rand(n, MAX_LEN, generator=g) < 0.5, OPEN, CLOSE)  # [n, 40]
+    return body, lengths
+
+
+def _dyck_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n balanced strings, lengths from ``_balanced_length_pmf``, uniform among those of their length.
+
+    Cycle lemma: a uniformly random arrangement of h "(" and h + 1 ")" has exactly one rotation that
+    is a balanced string followed by ")", namely the one starting just after the first minimum of
+    its running sum; each balanced string arises from 2h + 1 arrangements, so it is uniform.
+    """
+    half = torch.multinomial(_balanced_length_pmf(), n, replacement=True, generator=g) + 1  # [n]
+    m = 2 * half + 1  # [n]  arrangement length
+    cols = torch.arange(MAX_LEN + 1)  # [41]
+    keys = torch.rand(n, MAX_LEN + 1, generator=g).masked_fill(cols >= m[:, None], 2.0)  # [n, 41]
+    order = keys.argsort(-1)  # [n, 41]  valid positions first, in uniformly random order
+    up = torch.zeros(n, MAX_LEN + 1, dtype=torch.bool).scatter_(1, order, cols < half[:, None])  # [n, 41]
+    steps = torch.where(up, 1, -1).masked_fill(cols >= m[:, None], 0)  # [n, 41]
+    running = steps.cumsum(-1).masked_fill(cols >= m[:, None], MAX_LEN)  # [n, 41]
+    first_min = running.argmin(-1)  # [n]  torch returns the first index of ties
+    source = (first_min[:, None] + 1 + cols[None, :MAX_LEN]) % m[:, None]  # [n, 40]
+    body = torch.where(steps.gather(1, source) > 0, OPEN, CLOSE)  # [n, 40]
+    return body, 2 * half
+
+
+def generate(n: int, seed: int) -> BracketData:
+    """n examples from the mixture that reproduces the reference data (module docstring).
+
+    Deterministic for a seed; fully vectorised (no Python loop over examples).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InputError(f"n must be a non-negative int, got {n!r}")
+    g = torch.Generator().manual_seed(seed)
+    is_random = torch.rand(n, generator=g) < RANDOM_FRACTION  # [n]
+    n_random = int(is_random.sum())
+    rand_body, rand_len = _random_bodies(n_random, g)
+    dyck_body, dyck_len = _dyck_bodies(n - n_random, g)
+    body = torch.empty(n, MAX_LEN, dtype=torch.long)  # [n, 40]
+    lengths = torch.empty(n, dtype=torch.long)  # [n]
+    body[is_random], lengths[is_random] = rand_body, rand_len
+    body[~is_random], lengths[~is_random] = dyck_body, dyck_len
+    width = int(lengths.max(0).values) + 2 if n else 2
+    return BracketData.from_tokens(_assemble(body, lengths, width))
