@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 import torch
 
 from .errors import CircuitsError, HookNameError, InputError
+from .model import head_results
 
 if TYPE_CHECKING:
     from .model import HookedTransformer
@@ -82,7 +83,7 @@ class ActivationCache(Mapping):
             return self._store[name]
         W_O = self.model.blocks[layer].attn.W_O  # [head, d_head, d_model]
         z = self[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
-        return torch.einsum("bphd,hdm->bphm", z, W_O.detach().to(z.dtype))
+        return head_results(z, W_O.detach().to(z.dtype))
 
     # --- residual decomposition --------------------------------------------------------------------
     def _check_layer(self, layer: Optional[int]) -> int:

@@ -94,13 +94,6 @@ class TransformerConfig:
         return cls(**d)
 
 
-def _is_active(*hps: HookPoint) -> bool:
-    for hp in hps:
-        if hp.fns:
-            return True
-    return False
-
-
 def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
     """Fixed encoding of 'Attention is all you need' (sin on even, cos on odd dims), as ARENA's."""
     pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]  # [n_ctx, 1]
@@ -166,27 +159,47 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _is_active(self.hook_scale, self.hook_normalized):
+        if not (self.hook_scale.fns or self.hook_normalized.fns):
             return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
-        x = x - x.mean(-1, keepdim=True)  # [batch, pos, d_model]
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # [batch, pos, 1]
-        x = self.hook_normalized(x / scale)  # [batch, pos, d_model]
-        return x * self.w + self.b
+        # one kernel for both: native_layer_norm returns (normalized, mean, 1/scale); aten::var is
+        # ~10x slower than it on CPU for these shapes
+        normalized, _, rstd = torch.native_layer_norm(x, self.w.shape, None, None, self.eps)
+        scale = rstd.reciprocal()  # [batch, pos, 1]
+        hooked_scale = self.hook_scale(scale)
+        if hooked_scale is not scale:  # a hook edited the scale: normalise with the edited one
+            normalized = (x - x.mean(-1, keepdim=True)) / hooked_scale
+        normalized = self.hook_normalized(normalized)
+        return torch.addcmul(self.b, normalized, self.w)  # [batch, pos, d_model]
+
+
+def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """Per-head outputs z[b,p,h,:] @ W_O[h]: [batch, pos, head, d_model].
+
+    A broadcast matmul has less per-call overhead than einsum for small inputs; einsum's single GEMM
+    wins once the batch is large.
+    """
+    if z.shape[0] * z.shape[1] <= 512:
+        return (z.transpose(1, 2) @ W_O).transpose(1, 2)
+    return torch.einsum("bphd,hdm->bphm", z, W_O)
 
 
 class Attention(nn.Module):
+    """Multi-head attention with heads as a tensor axis.
+
+    Q, K and V weights live in one fused parameter `W_QKV` [3, head, d_head, d_model] (nn.Linear
+    layout) so the projection is a single GEMM with no per-call copy; `W_Q`, `W_K`, `W_V`
+    ([head, d_model, d_head]) and `b_Q`, `b_K`, `b_V` ([head, d_head]) are views of it with TL's names
+    and layouts (in-place edits write through), and the state dict uses TL's keys.
+    """
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         h, m, d = cfg.n_heads, cfg.d_model, cfg.d_head
         self.n_heads, self.d_head = h, d
         self.causal = cfg.attention == "causal"
-        self.W_Q = nn.Parameter(torch.empty(h, m, d))  # [head, d_model, d_head]
-        self.W_K = nn.Parameter(torch.empty(h, m, d))  # [head, d_model, d_head]
-        self.W_V = nn.Parameter(torch.empty(h, m, d))  # [head, d_model, d_head]
+        self.W_QKV = nn.Parameter(torch.empty(3, h, d, m))  # [q|k|v, head, d_head, d_model]
+        self.b_QKV = nn.Parameter(torch.zeros(3, h, d))  # [q|k|v, head, d_head]
         self.W_O = nn.Parameter(torch.empty(h, d, m))  # [head, d_head, d_model]
-        self.b_Q = nn.Parameter(torch.zeros(h, d))  # [head, d_head]
-        self.b_K = nn.Parameter(torch.zeros(h, d))  # [head, d_head]
-        self.b_V = nn.Parameter(torch.zeros(h, d))  # [head, d_head]
         self.b_O = nn.Parameter(torch.zeros(m))  # [d_model]
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]
@@ -195,68 +208,103 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model], per-head output without b_O
-        self._fused: tuple = ((), None, None)  # (param versions, W_qkv, b_qkv) cache for inference
 
-    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_Q|W_K|W_V fused into one [d_model, 3*head*d_head] matrix for a single GEMM.
+    # TL-named views of the fused parameters
+    W_Q = property(lambda self: self.W_QKV[0].transpose(1, 2))  # [head, d_model, d_head]
+    W_K = property(lambda self: self.W_QKV[1].transpose(1, 2))  # [head, d_model, d_head]
+    W_V = property(lambda self: self.W_QKV[2].transpose(1, 2))  # [head, d_model, d_head]
+    b_Q = property(lambda self: self.b_QKV[0])  # [head, d_head]
+    b_K = property(lambda self: self.b_QKV[1])  # [head, d_head]
+    b_V = property(lambda self: self.b_QKV[2])  # [head, d_head]
+    _TL_KEYS = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")
 
-        Without grad the fused copy is cached and rebuilt only when a parameter's version counter
-        moves (an in-place edit or an optimiser step), so inference pays no per-call concatenation.
-        """
-        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._fuse()
-        key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
-        if self._fused[0] != key:
-            with torch.no_grad():
-                self._fused = (key, *self._fuse())
-        return self._fused[1], self._fused[2]
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in self._TL_KEYS:
+            t = getattr(self, name)
+            destination[prefix + name] = t if keep_vars else t.detach()
+        destination[prefix + "W_O"] = self.W_O if keep_vars else self.W_O.detach()
+        destination[prefix + "b_O"] = self.b_O if keep_vars else self.b_O.detach()
 
-    def _fuse(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.W_Q.shape[1]
-        W = torch.stack([self.W_Q, self.W_K, self.W_V])  # [3, head, d_model, d_head]
-        W = W.permute(2, 0, 1, 3).reshape(m, -1)  # [d_model, 3*head*d_head]
-        b = torch.stack([self.b_Q, self.b_K, self.b_V]).reshape(-1)  # [3*head*d_head]
-        return W, b
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        fused = {}
+        for name in self._TL_KEYS:
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            target = getattr(self, name)
+            if state_dict[key].shape != target.shape:
+                error_msgs.append(f"size mismatch for {key}: expected {tuple(target.shape)}, "
+                                  f"got {tuple(state_dict[key].shape)}")
+                continue
+            fused[name] = state_dict[key]
+        with torch.no_grad():
+            for name, value in fused.items():
+                getattr(self, name).copy_(value)
+        # W_O and b_O are ordinary parameters: let nn.Module load them (and flag leftovers)
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k[len(prefix):] not in self._TL_KEYS},
+            prefix, local_metadata, False, missing_keys, [], error_msgs)
+        for k in list(missing_keys):
+            if k in (prefix + "W_QKV", prefix + "b_QKV"):
+                missing_keys.remove(k)
 
-    def forward(self, x: torch.Tensor, key_pad: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: [batch, pos, d_model]; key_pad: [batch, pos] bool (True = masked key) or None."""
+    def forward(self, x: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
+        """x: [batch, pos, d_model] -> attention output [batch, pos, d_model] (sum of heads + b_O)."""
         B, P, _ = x.shape
         h, d = self.n_heads, self.d_head
-        W, b = self._qkv_weights()
-        qkv = F.linear(x, W.t(), b).view(B, P, 3, h, d)  # [batch, pos, 3, head, d_head]
-        q, k, v = qkv.unbind(2)  # each [batch, pos, head, d_head]
-        explicit = _is_active(self.hook_q, self.hook_k, self.hook_v, self.hook_attn_scores,
-                              self.hook_pattern, self.hook_z)
-        if explicit:
-            z = self._explicit_attention(q, k, v, key_pad)  # [batch, pos, head, d_head]
+        qkv = F.linear(x, self.W_QKV.view(3 * h * d, -1), self.b_QKV.view(-1))  # [batch, pos, 3*head*d_head]
+        q, k, v = qkv.view(B, P, 3, h, d).unbind(2)  # each [batch, pos, head, d_head]
+        if (self.hook_q.fns or self.hook_k.fns or self.hook_v.fns or self.hook_attn_scores.fns
+                or self.hook_pattern.fns or self.hook_z.fns):
+            z = self._explicit_attention(q, k, v, mask)  # [batch, pos, head, d_head]
         else:
-            mask = None
-            if key_pad is not None:  # SDPA's bool mask: True = may attend
-                mask = ~key_pad[:, None, None, :]  # [batch, 1, 1, key_pos]
-                if self.causal:
-                    mask = mask & torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
-                attn_mask=mask, is_causal=self.causal and mask is None,
+                attn_mask=mask.allowed, is_causal=self.causal and mask.allowed is None,
             ).transpose(1, 2)  # [batch, pos, head, d_head]
         if self.hook_result.fns:
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # [batch, pos, head, d_model]
+            result = self.hook_result(head_results(z, self.W_O))  # [batch, pos, head, d_model]
             return result.sum(2) + self.b_O  # [batch, pos, d_model]
-        return F.linear(z.reshape(B, P, h * d), self.W_O.reshape(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
+        return F.linear(z.reshape(B, P, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
 
-    def _explicit_attention(self, q, k, v, key_pad) -> torch.Tensor:
+    def _explicit_attention(self, q, k, v, mask: "AttentionMask") -> torch.Tensor:
+        """Attention with every intermediate exposed. q, k, v: [batch, pos, head, d_head] views."""
+        B, P, h, d = q.shape
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)  # [batch, head, q, k]
-        P = q.shape[1]
-        if self.causal:
-            future = torch.ones(P, P, dtype=torch.bool, device=q.device).triu(1)  # [q, k]
-            scores = scores.masked_fill(future, float("-inf"))
-        if key_pad is not None:
-            scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
-        scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(scores.softmax(-1))  # [batch, head, q, k]
-        return self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))  # [batch, pos, head, d_head]
+        q = q.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
+        k = k.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
+        v = v.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
+        scale = 1.0 / math.sqrt(d)
+        additive = mask.additive(q.dtype)
+        if additive is None:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [batch*head, query_pos, key_pos]
+        else:  # one kernel for matmul, scale and mask: scores = mask + scale * q k^T
+            additive = additive.expand(B, h, -1, -1).reshape(B * h, -1, P)  # [batch*head, 1 or q, k]
+            scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=scale)
+        scores = self.hook_attn_scores(scores.view(B, h, P, P))  # [batch, head, query_pos, key_pos]
+        pattern = self.hook_pattern(scores.softmax(-1))  # [batch, head, query_pos, key_pos]
+        z = torch.bmm(pattern.reshape(B * h, P, P), v)  # [batch*head, pos, d_head]
+        return self.hook_z(z.view(B, h, P, d).transpose(1, 2))  # [batch, pos, head, d_head]
+
+
+class AttentionMask:
+    """Built once per forward and shared by every layer. `allowed` (SDPA's convention: True = may
+    attend) is [batch or 1, 1, query_pos or 1, key_pos] bool, or None when nothing is masked beyond a
+    causal mask SDPA applies itself; `additive()` is the full mask as 0 / -inf for the explicit path,
+    built on first use so a forward without attention hooks never pays for it."""
+
+    def __init__(self, blocked: Optional[torch.Tensor], causal_only: bool):
+        self.blocked = blocked  # [batch or 1, 1, query_pos or 1, key_pos] bool, True = masked
+        self.allowed = None if blocked is None or causal_only else ~blocked
+        self._additive: Optional[torch.Tensor] = None
+
+    def additive(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        if self.blocked is not None and (self._additive is None or self._additive.dtype != dtype):
+            zeros = torch.zeros(self.blocked.shape, dtype=dtype, device=self.blocked.device)
+            self._additive = zeros.masked_fill_(self.blocked, float("-inf"))
+        return self._additive
 
 
 class MLP(nn.Module):
@@ -293,9 +341,9 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, resid_pre: torch.Tensor, key_pad: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, resid_pre: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), key_pad))  # [batch, pos, d_model]
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask))  # [batch, pos, d_model]
         if not self.has_mlp:  # attention-only: resid_mid is resid_post, TL names both
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [batch, pos, d_model]
@@ -393,17 +441,27 @@ class HookedTransformer(HookedRootModule):
         if key_padding_mask is not None and not bool(key_padding_mask.any()):
             key_padding_mask = None  # nothing to mask: let attention take its unmasked fast kernel
         resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
+        mask = self._attention_mask(key_padding_mask, x.shape[1], x.device)
         if self.cfg.positional != "none":
             pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
             resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
         for block in self.blocks:
-            resid = block(resid, key_padding_mask)  # [batch, pos, d_model]
+            resid = block(resid, mask)  # [batch, pos, d_model]
         readout = readout or self.cfg.readout
         resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
         if self.cfg.normalization == "LN":
             resid = self.ln_final(resid)
         logits = self.unembed(resid)  # [batch, pos or 1, d_vocab_out]
         return logits if readout == "all" else logits[:, 0]  # [batch, (pos,) d_vocab_out]
+
+    def _attention_mask(self, key_pad: Optional[torch.Tensor], P: int, device) -> AttentionMask:
+        blocked = None if key_pad is None else key_pad[:, None, None, :]  # [batch, 1, 1, key_pos]
+        causal_only = False
+        if self.cfg.attention == "causal":
+            future = torch.ones(P, P, dtype=torch.bool, device=device).triu(1)  # [query_pos, key_pos]
+            causal_only = blocked is None  # SDPA then applies the causal mask itself (is_causal)
+            blocked = future if blocked is None else blocked | future  # [batch or 1, 1, q, k]
+        return AttentionMask(blocked, causal_only)
 
     def _select_readout(self, resid, key_pad, readout: str) -> torch.Tensor:
         # LN and unembed act per position, so selecting before them gives the same logits and only

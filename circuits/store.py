@@ -386,7 +386,8 @@ def _read_weights(weights_path: Path, card: Mapping[str, Any]) -> dict[str, torc
                 " (truncated)" if len(data) < size else ""
             )
         raise _Problem(
-            weights_path, f"sha256 {digest[:16]}... does not match the card's content_hash {card['content_hash'][:16]}...{detail}"
+            weights_path,
+            f"sha256 {digest[:16]}... does not match the card's content_hash {card['content_hash'][:16]}...{detail}",
         )
     try:
         return safetensors.torch.load(data)  # never unpickles

@@ -24,7 +24,10 @@ Two notions of "going negative"
 If the counts are equal, a prefix has more ")" exactly when its complementary suffix has more "(",
 so the two coincide, and ``balanced == ~total_elevation_failure & ~negative_failure`` (the seed's
 four failure classes are therefore well defined). When the counts differ they can disagree: "((("
-fails right-to-left only, ")))" fails left-to-right only.
+fails right-to-left only, ")))" fails left-to-right only; but at least one of them fails, since the
+whole string is both a prefix and a suffix. So "never negative but wrong count" (the hard kind of
+total-elevation failure) means: more ")" than "(" with no suffix in excess of "(", for the seed's
+notion, or more "(" than ")" with no prefix in excess of ")", for the left-to-right one.
 
 How the reference data was made (measured, then modelled)
 ---------------------------------------------------------
@@ -32,7 +35,7 @@ The published 100,000 pairs (``brackets_data.json``) have even lengths 2..40 onl
 49.4% of rows repeating an earlier row (short strings are few), no order effects. Per length:
 
 * unbalanced strings are uniform random strings conditioned on being unbalanced (their count of "("
-  follows the conditioned binomial: chi^2 = 228 on 234 dof), ~2,800 per length attempted;
+  follows the conditioned binomial: chi^2 = 228 on 234 dof), from about 2,800 draws per length;
 * balanced strings of a given length are uniform over the Dyck words of that length (e.g. the 14
   words of length 8 each appear 227..262 times), and their length distribution is proportional to
   Catalan(L/2) / 2^L -- what rejection sampling of uniform strings of uniform length gives.
@@ -43,24 +46,26 @@ Matching the balanced fraction gives q = (1 - 0.46022) / (1 - mean_L Catalan(L/2
 40 (length, label) cell counts then fit with chi^2 = 43.5 on 38 dof (p = 0.25). ``generate`` samples
 exactly this mixture (balanced strings by the cycle lemma, so no rejection loop).
 
-Statistics (fractions of all rows; generated = ``generate(100_000, seed=0)``):
+Statistics (fractions of all rows; generated = ``generate(100_000, seed=0)``; over seeds 0..4 the
+generated values vary by about +-0.002 in the fractions):
 
-=====================================================  ===========  ===========
-statistic                                              reference    generated
-=====================================================  ===========  ===========
-balanced                                               0.4602       0.4604
-equal counts, goes negative (left to right)            0.0950       0.0947
-never negative (left to right), counts differ          0.0952       0.0942
-never negative (seed's right-to-left), counts differ   0.0955       0.0951
-counts differ and goes negative (left to right)        0.3496       0.3507
-mean open proportion                                   0.4996       0.4998
-starts with "("                                        0.7191       0.7191
-mean length                                            15.73        15.73
-P(length = 2) / P(length <= 10) / P(length >= 30)      .173/.461/.225 .174/.460/.225
-length distribution: total variation to reference      --           0.0044
-rows repeating an earlier row                          0.4945       0.4944
-mean max nesting depth of balanced rows (length >= 20) 5.50         5.49
-=====================================================  ===========  ===========
+======================================================  =====================  =====================
+statistic                                               reference              generated
+======================================================  =====================  =====================
+balanced                                                0.4602                 0.4612
+equal counts, goes negative (the hard "count ok" kind)  0.0949                 0.0969
+counts differ, never negative left to right             0.0952                 0.0943
+counts differ, never negative right to left (seed's)    0.0955                 0.0951
+counts differ and goes negative left to right           0.3496                 0.3476
+mean open proportion                                    0.4996                 0.5001
+starts with "("                                         0.7190                 0.7190
+length: mean / P(=2) / P(<=10) / P(>=30)                15.71/.174/.461/.194   15.74/.173/.460/.195
+length: total variation distance to the reference       --                     0.0095
+(length, label) joint: total variation to reference     --                     0.0102
+odd lengths                                             0                      0
+rows repeating an earlier row                           0.4945                 0.4936
+mean max depth of balanced rows of length >= 20         5.30                   5.30
+======================================================  =====================  =====================
 """
 
 from __future__ import annotations
@@ -92,7 +97,6 @@ N_CTX = MAX_LEN + 2  # [start] + brackets + [end]
 # module docstring); the rest are balanced strings.
 RANDOM_FRACTION = 0.561
 
-_CHAR_OF_TOKEN = {OPEN: "(", CLOSE: ")"}
 _MAX_HALF = MAX_LEN // 2
 
 StringsOrTokens = Sequence[str] | torch.Tensor
@@ -110,7 +114,7 @@ class ReferenceDataError(CircuitsError, ValueError):
 def _check_strings(strings: Sequence[str]) -> list[str]:
     """Reject what would otherwise tokenize silently into garbage (a bare str iterates to chars)."""
     if isinstance(strings, str):
-        raise InputError(f"tokenize expects a sequence of strings, got the str {strings!r}; wrap it in a list")
+        raise InputError(f"expected a sequence of strings, got the str {strings!r}; wrap it in a list")
     strings = list(strings)
     for i, s in enumerate(strings):
         if not isinstance(s, str):
@@ -152,17 +156,17 @@ def _check_pad_to(pad_to: int | None, needed: int) -> int:
 
 
 def _assemble(body: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """Frame bracket tokens as [start] + brackets + [end] + [pad]...
+    """Frame bracket tokens as [start] + brackets + [end] + [pad]..., a LongTensor [batch, width].
 
-    body: [batch, >= max(lengths)] with OPEN/CLOSE in the first `lengths` columns (the rest ignored).
+    body: [batch, >= width - 2] with OPEN/CLOSE in the first `lengths` columns (the rest ignored).
     """
     batch = lengths.shape[0]
-    cols = torch.arange(width - 1)  # [width - 1]
-    inside = cols[None, :] < lengths[:, None]  # [batch, width - 1]
-    body = torch.nn.functional.pad(body[:, : width - 1], (0, max(0, width - 1 - body.shape[1])), value=PAD)
-    framed = torch.where(inside, body, PAD)  # [batch, width - 1]
-    framed[torch.arange(batch), lengths] = END
-    return torch.cat([torch.full((batch, 1), START, dtype=torch.long), framed], dim=1)  # [batch, width]
+    inside = torch.arange(width - 2)[None, :] < lengths[:, None]  # [batch, width - 2]
+    tokens = torch.full((batch, width), PAD, dtype=torch.long)  # [batch, width]
+    tokens[:, 0] = START
+    tokens[:, 1 : width - 1] = torch.where(inside, body[:, : width - 2], PAD)
+    tokens[torch.arange(batch), lengths + 1] = END
+    return tokens
 
 
 def tokenize(strings: Sequence[str], *, pad_to: int | None = None) -> torch.Tensor:
@@ -173,16 +177,21 @@ def tokenize(strings: Sequence[str], *, pad_to: int | None = None) -> torch.Tens
     Raises InputError (a ValueError) naming the offending item for non-str items, strings longer
     than MAX_LEN, or characters other than "(" and ")".
     """
-    strings = _check_strings(strings)
+    return _tokenize(_check_strings(strings), pad_to)[0]
+
+
+def _tokenize(strings: list[str], pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [batch, width] and bracket counts [batch] of already type- and length-checked strings."""
     codes, lengths = _codepoints(strings)
     if not np.isin(codes, (ord("("), ord(")"))).all():
         _raise_bad_char(strings, codes, lengths)
     width = _check_pad_to(pad_to, int(lengths.max(initial=0)) + 2)
     rows = np.repeat(np.arange(len(strings)), lengths)  # [sum(lengths)]
     cols = np.arange(codes.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # [sum(lengths)]
-    body = np.full((len(strings), max(width - 2, 1)), PAD, dtype=np.int64)  # [batch, width - 2]
+    body = np.full((len(strings), width - 2), PAD, dtype=np.int64)  # [batch, width - 2]
     body[rows, cols] = np.where(codes == ord("("), OPEN, CLOSE)
-    return _assemble(torch.from_numpy(body), torch.from_numpy(lengths), width)
+    lengths = torch.from_numpy(lengths)  # [batch]
+    return _assemble(torch.from_numpy(body), lengths, width), lengths
 
 
 def _check_tokens(tokens: torch.Tensor) -> None:
@@ -203,7 +212,7 @@ def _token_lengths(tokens: torch.Tensor) -> torch.Tensor:
     """
     is_bracket = (tokens == OPEN) | (tokens == CLOSE)  # [batch, seq]
     lengths = is_bracket.sum(-1)  # [batch]
-    cols = torch.arange(tokens.shape[1])[None, :]  # [1, seq]
+    cols = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # [1, seq]
     in_body = (cols >= 1) & (cols <= lengths[:, None])  # [batch, seq]
     frame = torch.where(cols == 0, START, torch.where(cols == lengths[:, None] + 1, END, PAD))  # [batch, seq]
     ok = torch.where(in_body, is_bracket, tokens == frame).all(-1) & (lengths <= tokens.shape[1] - 2)  # [batch]
@@ -243,7 +252,9 @@ def detokenize(tokens: torch.Tensor) -> list[str]:
 def is_balanced(s: str) -> bool:
     """Plain loop, the specification the vectorised versions are tested against."""
     depth = 0
-    for c in s:
+    for i, c in enumerate(s):
+        if c not in "()":
+            raise InputError(f"{s!r} has invalid character {c!r} at index {i}; only '(' and ')' are allowed")
         depth += 1 if c == "(" else -1
         if depth < 0:
             return False
@@ -251,22 +262,27 @@ def is_balanced(s: str) -> bool:
 
 
 def _steps(x: StringsOrTokens) -> torch.Tensor:
-    """+1 per "(", -1 per ")", 0 for [start]/[end]/[pad]: [batch, seq] int64.
+    """+1 per "(", -1 per ")", 0 for [start]/[end]/[pad]: [batch, seq] int8.
 
-    Zeros leave running sums unchanged, so padding never alters any feature.
+    Zeros leave running sums unchanged, so padding never alters any feature. int8 (with int16
+    running sums) is ~10x faster than int64 here and cannot overflow below 32,767 tokens.
     """
     tokens = x if isinstance(x, torch.Tensor) else tokenize(x)
     _check_tokens(tokens)
-    return (tokens == OPEN).long() - (tokens == CLOSE).long()  # [batch, seq]
+    return _steps_of(tokens)
+
+
+def _steps_of(tokens: torch.Tensor) -> torch.Tensor:
+    return (tokens == OPEN).to(torch.int8) - (tokens == CLOSE).to(torch.int8)  # [batch, seq]
 
 
 def _ltr_goes_negative(steps: torch.Tensor) -> torch.Tensor:
-    return (steps.cumsum(-1) < 0).any(-1)  # [batch]
+    return (steps.cumsum(-1, dtype=torch.int16) < 0).any(-1)  # [batch]
 
 
 def _rtl_goes_negative(steps: torch.Tensor) -> torch.Tensor:
     # The seed's counter from the end is minus the suffix sum of steps.
-    return (steps.flip(-1).cumsum(-1) > 0).any(-1)  # [batch]
+    return (steps.flip(-1).cumsum(-1, dtype=torch.int16) > 0).any(-1)  # [batch]
 
 
 def is_balanced_tokens(x: StringsOrTokens) -> torch.Tensor:
@@ -339,32 +355,37 @@ class BracketData:
                 raise InputError(f"BracketData.{field.name} has {value.shape[0]} rows, strs has {n}")
 
     @classmethod
-    def from_tokens(cls, toks: torch.Tensor, strs: list[str] | None = None) -> BracketData:
-        """Features from a [batch, seq] token tensor; ``strs`` is recovered if not given."""
+    def from_tokens(cls, toks: torch.Tensor, strs: Sequence[str] | None = None) -> BracketData:
+        """Labels and features of a [batch, seq] token tensor (layout checked); ``strs`` is
+        recovered from the tokens unless given."""
         _check_tokens(toks)
         toks = toks.long()
-        lengths = _token_lengths(toks)  # [batch]
-        toks = toks[:, : int(lengths.max(0).values) + 2] if len(toks) else toks[:, :2]
-        steps = (toks == OPEN).long() - (toks == CLOSE).long()  # [batch, seq]
-        total = steps.sum(-1)  # [batch]
-        ltr_negative = _ltr_goes_negative(steps)
-        return cls(
-            strs=_strings_of(toks) if strs is None else list(strs),
-            toks=toks,
-            isbal=(total == 0) & ~ltr_negative,
-            lengths=lengths,
-            open_proportion=(steps > 0).sum(-1).float() / lengths.float(),
-            starts_open=toks[:, 1] == OPEN,
-            total_elevation_failure=total != 0,
-            negative_failure=_rtl_goes_negative(steps),
-            goes_negative_ltr=ltr_negative,
-        )
+        return cls._from_valid(toks, _token_lengths(toks), strs)
 
     @classmethod
     def from_strings(cls, strs: Sequence[str]) -> BracketData:
         """Tokenize (validating every string) and compute labels and features."""
         strs = _check_strings(strs)
-        return cls.from_tokens(tokenize(strs), strs)
+        return cls._from_valid(*_tokenize(strs, None), strs)
+
+    @classmethod
+    def _from_valid(cls, toks: torch.Tensor, lengths: torch.Tensor, strs: Sequence[str] | None) -> BracketData:
+        """Build from tokens already known to be well formed, with their bracket counts."""
+        toks = toks[:, : int(lengths.max()) + 2] if len(toks) else toks[:, :2]
+        steps = _steps_of(toks)  # [batch, seq]
+        total = steps.sum(-1, dtype=torch.int16).long()  # [batch]  n_open - n_close
+        ltr_negative = _ltr_goes_negative(steps)  # [batch]
+        return cls(
+            strs=_strings_of(toks) if strs is None else list(strs),
+            toks=toks,
+            isbal=(total == 0) & ~ltr_negative,
+            lengths=lengths,
+            open_proportion=(lengths + total).float() / (2 * lengths).float(),  # n_open / length
+            starts_open=toks[:, 1] == OPEN,
+            total_elevation_failure=total != 0,
+            negative_failure=_rtl_goes_negative(steps),
+            goes_negative_ltr=ltr_negative,
+        )
 
     @classmethod
     def from_reference(cls, path: str | Path, n: int | None = None) -> BracketData:
@@ -373,6 +394,8 @@ class BracketData:
         Every row's stored label is checked against ``is_balanced``: a file that disagrees with our
         definition would make every downstream claim about "balanced" meaningless.
         """
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise InputError(f"n must be None or a non-negative int, got {n!r}")
         with open(path) as f:
             rows = json.load(f)
         if not isinstance(rows, list):
@@ -410,6 +433,8 @@ class BracketData:
         Tokens are re-trimmed to the subset's longest string, as tokenizing the subset would do.
         """
         index = torch.as_tensor(mask).to("cpu")
+        if index.numel() == 0 and index.ndim == 1:  # [] arrives as a float tensor
+            index = index.long()
         if index.dtype == torch.bool:
             if index.shape != (len(self),):
                 raise InputError(f"mask has shape {tuple(index.shape)}, expected ({len(self)},)")
@@ -448,9 +473,9 @@ def _balanced_length_pmf() -> torch.Tensor:
 
 
 def _random_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n uniform random strings of uniform even length 2..40, as (body [n, 40], lengths [n])."""
+    """n uniform random strings of uniform even length 2..40: (body [n, 40] int8, lengths [n])."""
     lengths = 2 * torch.randint(1, _MAX_HALF + 1, (n,), generator=g)  # [n]
-    body = torch.where(torch.rand(n, MAX_LEN, generator=g) < 0.5, OPEN, CLOSE)  # [n, 40]
+    body = torch.randint(OPEN, CLOSE + 1, (n, MAX_LEN), generator=g, dtype=torch.int8)  # [n, 40]
     return body, lengths
 
 
@@ -460,18 +485,22 @@ def _dyck_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     Cycle lemma: a uniformly random arrangement of h "(" and h + 1 ")" has exactly one rotation that
     is a balanced string followed by ")", namely the one starting just after the first minimum of
     its running sum; each balanced string arises from 2h + 1 arrangements, so it is uniform.
+    Returns (body [n, 40] int8, lengths [n]).
     """
+    if n == 0:  # multinomial refuses to draw zero samples
+        return torch.empty(0, MAX_LEN, dtype=torch.int8), torch.empty(0, dtype=torch.long)
     half = torch.multinomial(_balanced_length_pmf(), n, replacement=True, generator=g) + 1  # [n]
     m = 2 * half + 1  # [n]  arrangement length
     cols = torch.arange(MAX_LEN + 1)  # [41]
-    keys = torch.rand(n, MAX_LEN + 1, generator=g).masked_fill(cols >= m[:, None], 2.0)  # [n, 41]
+    outside = cols >= m[:, None]  # [n, 41]
+    keys = torch.rand(n, MAX_LEN + 1, generator=g).masked_fill(outside, 2.0)  # [n, 41]
     order = keys.argsort(-1)  # [n, 41]  valid positions first, in uniformly random order
     up = torch.zeros(n, MAX_LEN + 1, dtype=torch.bool).scatter_(1, order, cols < half[:, None])  # [n, 41]
-    steps = torch.where(up, 1, -1).masked_fill(cols >= m[:, None], 0)  # [n, 41]
-    running = steps.cumsum(-1).masked_fill(cols >= m[:, None], MAX_LEN)  # [n, 41]
+    steps = (2 * up.to(torch.int8) - 1).masked_fill(outside, 0)  # [n, 41]  +1 "(", -1 ")"
+    running = steps.cumsum(-1, dtype=torch.int16).masked_fill(outside, MAX_LEN)  # [n, 41]
     first_min = running.argmin(-1)  # [n]  torch returns the first index of ties
     source = (first_min[:, None] + 1 + cols[None, :MAX_LEN]) % m[:, None]  # [n, 40]
-    body = torch.where(steps.gather(1, source) > 0, OPEN, CLOSE)  # [n, 40]
+    body = CLOSE - up.gather(1, source).to(torch.int8)  # [n, 40]  OPEN where up, else CLOSE
     return body, 2 * half
 
 
@@ -487,9 +516,9 @@ def generate(n: int, seed: int) -> BracketData:
     n_random = int(is_random.sum())
     rand_body, rand_len = _random_bodies(n_random, g)
     dyck_body, dyck_len = _dyck_bodies(n - n_random, g)
-    body = torch.empty(n, MAX_LEN, dtype=torch.long)  # [n, 40]
+    body = torch.empty(n, MAX_LEN, dtype=torch.int8)  # [n, 40]
     lengths = torch.empty(n, dtype=torch.long)  # [n]
     body[is_random], lengths[is_random] = rand_body, rand_len
     body[~is_random], lengths[~is_random] = dyck_body, dyck_len
-    width = int(lengths.max(0).values) + 2 if n else 2
-    return BracketData.from_tokens(_assemble(body, lengths, width))
+    width = int(lengths.max()) + 2 if n else 2
+    return BracketData._from_valid(_assemble(body, lengths, width), lengths, None)

@@ -1,0 +1,467 @@
+"""Tests of the content-addressed model store and the reference checkpoints (real files, real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuits import store as store_mod
+from circuits.errors import CircuitsError
+from circuits.store import (
+    CorruptCheckpointError,
+    CorruptCheckpointWarning,
+    LockTimeoutError,
+    MissingCheckpointError,
+    ModelStore,
+    SpecError,
+    StaleCheckpointError,
+    default_root,
+    load_reference,
+    save_reference,
+    spec_key,
+)
+
+SPEC = {
+    "model": {"d_model": 32, "n_heads": 4, "n_layers": 1},
+    "data": {"task": "modadd", "p": 7},
+    "seed": 0,
+    "train": {"lr": 1e-3, "steps": 10},
+    "code_version": "1",
+    "torch": "2.13.0",
+}
+
+
+def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.W_E": torch.randn(7, 32, generator=g),
+        "blocks.0.attn.W_Q": torch.randn(4, 32, 8, generator=g).transpose(1, 2),  # non-contiguous
+        "blocks.0.ln.w": torch.ones(32, dtype=torch.float16),
+        "steps": torch.tensor(10, dtype=torch.int64),
+    }
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def saved_entry(root: Path) -> tuple[ModelStore, str, dict[str, torch.Tensor]]:
+    s = ModelStore(root)
+    key = spec_key(SPEC)
+    sd = make_state()
+    s.save(key, sd, {"spec": SPEC, "metrics": {"loss": 0.5}})
+    return s, key, sd
+
+
+def expect_corrupt_then_rebuild(s: ModelStore, key: str, fragment: str) -> None:
+    with pytest.warns(CorruptCheckpointWarning) as rec:
+        assert s.load(key) is None
+    msg = str(rec[0].message)
+    assert fragment in msg and key in msg, msg
+    assert not s.entry_dir(key).exists()  # removed
+    calls = []
+
+    def build():
+        calls.append(1)
+        return make_state(), {}
+
+    sd, card, created = s.get_or_create(SPEC, build)
+    assert created and calls == [1]
+    assert_same(sd, make_state())
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def test_spec_key_is_canonical_and_full_length():
+    reordered = {k: SPEC[k] for k in reversed(list(SPEC))}
+    assert spec_key(SPEC) == spec_key(reordered)
+    assert len(spec_key(SPEC)) == 64 and int(spec_key(SPEC), 16) >= 0
+    assert spec_key(SPEC) != spec_key({**SPEC, "seed": 1})
+    assert spec_key({"a": (1, 2)}) == spec_key({"a": [1, 2]})
+    assert spec_key({"a": 1}) != spec_key({"a": 1.0})
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"lr": float("nan")}, "spec['lr']"),
+        ({"x": {1: 2}}, "non-string key"),
+        ({"x": [Path("/tmp")]}, "spec['x'][0]"),
+        ({"w": torch.zeros(2)}, "not JSON-able"),
+        ([1, 2], "must be a dict"),
+    ],
+)
+def test_spec_key_rejects_non_json(bad, fragment):
+    with pytest.raises(SpecError, match=None) as exc:
+        spec_key(bad)
+    assert fragment in str(exc.value)
+    assert isinstance(exc.value, CircuitsError)
+
+
+# ---------------------------------------------------------------------------------------------- roundtrip
+
+
+def test_roundtrip(tmp_path):
+    s, key, sd = saved_entry(tmp_path)
+    got = s.load(key)
+    assert got is not None
+    loaded, card = got
+    assert_same(loaded, {k: v.contiguous() for k, v in sd.items()})
+    assert card["key"] == key and card["spec"] == SPEC and card["metrics"] == {"loss": 0.5}
+    assert card["format_version"] == store_mod.FORMAT_VERSION and card["created"]
+    assert card["content_hash"] == __import__("hashlib").sha256(s.weights_path(key).read_bytes()).hexdigest()
+    assert s.entries() == [(key, card)]
+    assert s.remove(key) and not s.remove(key)
+    assert s.load(key) is None and s.entries() == []
+
+
+def test_get_or_create_builds_once_and_records_spec(tmp_path):
+    s = ModelStore(tmp_path)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return make_state(), {"metrics": {"acc": 1.0}, "wall_s": 1.5}
+
+    sd1, card1, created1 = s.get_or_create(SPEC, build)
+    sd2, card2, created2 = s.get_or_create(SPEC, build)
+    assert (created1, created2) == (True, False) and calls == [1]
+    assert_same(sd1, sd2)
+    assert card1 == card2 and card2["spec"] == SPEC and card2["wall_s"] == 1.5 and "build_seconds" in card2
+    _, _, created3 = s.get_or_create(SPEC, build, force=True)
+    assert created3 and calls == [1, 1]
+    with pytest.raises(TypeError, match="build\\(\\) must return"):
+        s.get_or_create({"other": 1}, lambda: make_state())
+
+
+def test_save_rejects_bad_cards(tmp_path):
+    s = ModelStore(tmp_path)
+    key = spec_key(SPEC)
+    with pytest.raises(CircuitsError, match="card\\['metrics'\\]"):
+        s.save(key, make_state(), {"metrics": torch.tensor(1.0)})
+    with pytest.raises(CircuitsError, match="hashes to"):
+        s.save(key, make_state(), {"spec": {**SPEC, "seed": 99}})
+    with pytest.raises(ValueError, match="invalid key"):
+        s.save("../escape", make_state(), {})
+    assert s.load(key) is None  # nothing was written
+
+
+# ---------------------------------------------------------------------------------------------- atomicity
+
+
+def _visible_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
+
+
+def test_crash_before_weights_rename_leaves_no_entry(tmp_path, monkeypatch):
+    s = ModelStore(tmp_path)
+    key = spec_key(SPEC)
+
+    def crash(src, dst):
+        raise OSError("simulated crash between temp write and rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        s.save(key, make_state(), {"spec": SPEC})
+    monkeypatch.undo()
+    assert _visible_files(s.entry_dir(key)) == []  # no partial file under the final names
+    assert list(s.entry_dir(key).glob("*.tmp")) == []  # the temp file was cleaned up too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unfinished write is "absent", not "corrupt"
+        assert s.load(key) is None
+    assert s.entries() == []
+
+
+def test_crash_between_weights_and_card_leaves_no_entry(tmp_path, monkeypatch):
+    s = ModelStore(tmp_path)
+    key = spec_key(SPEC)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("card.json"):
+            raise OSError("simulated crash before the card lands")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        s.save(key, make_state(), {"spec": SPEC})
+    monkeypatch.undo()
+    assert _visible_files(s.entry_dir(key)) == ["weights.safetensors"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert s.load(key) is None
+    _, _, created = s.get_or_create(SPEC, lambda: (make_state(), {}))
+    assert created and s.load(key) is not None
+
+
+def test_overwrite_crash_does_not_expose_old_card_with_new_weights(tmp_path, monkeypatch):
+    s, key, _ = saved_entry(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("card.json"):
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        s.save(key, make_state(seed=1), {"spec": SPEC})
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert s.load(key) is None
+
+
+def test_killed_writer_temp_files_are_swept(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    junk = s.entry_dir(key) / ".weights.safetensors.123.deadbeef.tmp"
+    junk.write_bytes(b"partial")
+    assert s.load(key) is not None  # ignored by readers
+    s.save(key, make_state(), {"spec": SPEC})
+    assert not junk.exists()
+
+
+# ---------------------------------------------------------------------------------------------- corruption
+
+
+def test_truncated_weights_warn_and_retrain(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    w = s.weights_path(key)
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    expect_corrupt_then_rebuild(s, key, "truncated")
+
+
+def test_flipped_byte_same_size_is_a_hash_mismatch(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    w = s.weights_path(key)
+    data = bytearray(w.read_bytes())
+    size = len(data)
+    data[-3] ^= 0x01  # inside the tensor payload: still a parseable safetensors file
+    w.write_bytes(bytes(data))
+    assert w.stat().st_size == size
+    expect_corrupt_then_rebuild(s, key, "does not match the card's content_hash")
+
+
+def test_corrupt_card_json(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    c = s.card_path(key)
+    c.write_text(c.read_text()[:-10])
+    expect_corrupt_then_rebuild(s, key, "not valid JSON")
+
+
+def test_card_key_mismatch(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    c = s.card_path(key)
+    card = json.loads(c.read_text())
+    card["key"] = "0" * 64
+    c.write_text(json.dumps(card))
+    expect_corrupt_then_rebuild(s, key, "does not match the entry's key")
+
+
+def test_missing_weights_with_card(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    s.weights_path(key).unlink()
+    expect_corrupt_then_rebuild(s, key, "weights file is missing")
+
+
+def test_valid_hash_but_not_safetensors(tmp_path):
+    s, key, _ = saved_entry(tmp_path)
+    garbage = b"\x80\x04not a safetensors file"  # starts like a pickle; must never be unpickled
+    s.weights_path(key).write_bytes(garbage)
+    c = s.card_path(key)
+    card = json.loads(c.read_text())
+    card.update(content_hash=__import__("hashlib").sha256(garbage).hexdigest(), size_bytes=len(garbage))
+    c.write_text(json.dumps(card))
+    expect_corrupt_then_rebuild(s, key, "not a valid safetensors file")
+
+
+# ---------------------------------------------------------------------------------------------- no pickle
+
+
+def test_no_pickle_anywhere(tmp_path, monkeypatch):
+    s, key, sd = saved_entry(tmp_path)
+    raw = s.weights_path(key).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header size, then a JSON header
+    header = json.loads(raw[8 : 8 + header_len])
+    assert set(header) - {"__metadata__"} == set(sd)
+    assert not raw.startswith(b"\x80") and b"PK\x03\x04" not in raw[:8]  # neither pickle nor torch zip
+
+    def forbidden(*a, **k):
+        raise AssertionError("pickle/torch.load must not be used")
+
+    for mod, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(mod, name, forbidden)
+    monkeypatch.setattr(torch.serialization, "load", forbidden)
+    got = s.load(key)
+    assert got is not None
+    assert_same(got[0], {k: v.contiguous() for k, v in sd.items()})
+
+
+# ---------------------------------------------------------------------------------------------- roots
+
+
+def test_env_var_overrides_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path / "elsewhere"))
+    assert default_root() == tmp_path / "elsewhere"
+    s = ModelStore()
+    assert s.root == tmp_path / "elsewhere"
+    s.get_or_create(SPEC, lambda: (make_state(), {}))
+    assert (tmp_path / "elsewhere" / spec_key(SPEC) / "card.json").is_file()
+    monkeypatch.delenv("CIRCUITS_CACHE")
+    repo_root = Path(store_mod.__file__).resolve().parent.parent
+    assert default_root() == repo_root / ".circuits-cache"
+    assert ModelStore(tmp_path / "x").root == tmp_path / "x"
+
+
+# ---------------------------------------------------------------------------------------------- locking
+
+_WORKER = textwrap.dedent(
+    """
+    import hashlib, os, sys, time
+    from pathlib import Path
+    import torch
+    from circuits.store import ModelStore
+
+    root, counter, sync, idx = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    (sync / f"ready-{idx}").touch()
+    deadline = time.monotonic() + 60
+    while not (sync / "go").exists():
+        if time.monotonic() > deadline:
+            sys.exit("never got the go signal")
+        time.sleep(0.005)
+
+    def build():
+        time.sleep(1.0)
+        with open(counter, "a") as fh:
+            fh.write(f"built by {os.getpid()}\\n")
+        g = torch.Generator().manual_seed(os.getpid())  # a second build would give different weights
+        return {"w": torch.randn(16, 16, generator=g), "b": torch.randn(16, generator=g)}, {"builder": os.getpid()}
+
+    sd, card, created = ModelStore(root).get_or_create({"model": "race", "seed": 0}, build)
+    digest = hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
+    print(f"RESULT {int(created)} {digest} {card['content_hash']}")
+    """
+)
+
+
+def test_concurrent_processes_build_exactly_once(tmp_path):
+    root, counter, sync = tmp_path / "cache", tmp_path / "counter.txt", tmp_path / "sync"
+    sync.mkdir()
+    n = 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(root), str(counter), str(sync), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(sync.glob("ready-*"))) < n:
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
+            time.sleep(0.01)
+        (sync / "go").touch()
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    results = [line.split()[1:] for out, _ in outs for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(results) == n
+    assert counter.read_text().count("\n") == 1, counter.read_text()
+    assert sorted(r[0] for r in results) == ["0"] * (n - 1) + ["1"]
+    assert len({r[1] for r in results}) == 1  # identical tensors everywhere
+    assert len({r[2] for r in results}) == 1
+
+
+def test_lock_timeout_names_the_holder(tmp_path):
+    holder = ModelStore(tmp_path)
+    waiter = ModelStore(tmp_path, lock_timeout=0.2)
+    key = spec_key(SPEC)
+    with holder.lock(key, "build"):
+        with pytest.raises(LockTimeoutError) as exc:
+            waiter.get_or_create(SPEC, lambda: (make_state(), {}))
+    msg = str(exc.value)
+    assert f"pid {os.getpid()}" in msg and "'build'" in msg and "CIRCUITS_LOCK_TIMEOUT" in msg
+    assert isinstance(exc.value, CircuitsError)
+    _, _, created = waiter.get_or_create(SPEC, lambda: (make_state(), {}))  # free again
+    assert created
+    assert not (tmp_path / f"{key}.owner.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def test_reference_roundtrip_from_store_card(tmp_path):
+    s = ModelStore(tmp_path / "cache")
+    sd, card, _ = s.get_or_create(SPEC, lambda: (make_state(), {"metrics": {"loss": 0.1}}))
+    ref_dir = tmp_path / "fixtures" / "models"
+    ref_card = save_reference(ref_dir, "modadd-1l", sd, card)
+    assert sorted(p.name for p in ref_dir.iterdir()) == ["modadd-1l.card.json", "modadd-1l.safetensors"]
+    loaded, got_card = load_reference(ref_dir, "modadd-1l", SPEC)
+    assert_same(loaded, sd)
+    assert got_card == ref_card and got_card["key"] == spec_key(SPEC) and got_card["metrics"] == {"loss": 0.1}
+    assert load_reference(ref_dir, "modadd-1l", spec_key(SPEC))[1] == got_card  # a key works too
+
+
+def test_reference_missing(tmp_path):
+    with pytest.raises(MissingCheckpointError) as exc:
+        load_reference(tmp_path, "nope", SPEC)
+    assert "python -m circuits train nope --update-reference" in str(exc.value)
+    assert isinstance(exc.value, CircuitsError)
+
+
+def test_reference_stale_lists_field_diff(tmp_path):
+    save_reference(tmp_path, "ref", make_state(), {"spec": SPEC})
+    current = json.loads(json.dumps(SPEC))
+    current["model"]["d_model"] = 64
+    current["train"]["warmup"] = 5
+    del current["data"]["p"]
+    with pytest.raises(StaleCheckpointError) as exc:
+        load_reference(tmp_path, "ref", current)
+    msg = str(exc.value)
+    assert "code or config that produced it changed" in msg
+    assert "model.d_model: 32 -> 64" in msg
+    assert "train.warmup" in msg and "data.p" in msg
+    assert "seed" not in msg.split("differ")[1].split("Refresh")[0]  # unchanged fields are not listed
+    assert "python -m circuits train ref --update-reference" in msg and "pytest --retrain" in msg
+    assert isinstance(exc.value, CircuitsError)
+
+
+def test_reference_corruption_raises_and_keeps_files(tmp_path):
+    save_reference(tmp_path, "ref", make_state(), {"spec": SPEC})
+    w = tmp_path / "ref.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="ref.safetensors.*content_hash"):
+        load_reference(tmp_path, "ref", SPEC)
+    assert w.exists()  # committed files are never deleted automatically
+    (tmp_path / "ref.card.json").write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+        load_reference(tmp_path, "ref", SPEC)
+
+
+def test_save_reference_requires_spec(tmp_path):
+    with pytest.raises(CircuitsError, match="spec"):
+        save_reference(tmp_path, "ref", make_state(), {"metrics": {}})
