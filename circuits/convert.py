@@ -26,7 +26,7 @@ def check_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Tenso
     misshaped = [
         f"{k}: expected {expected[k]}, got {tuple(given[k].shape)}"
         for k in sorted(set(expected) & set(given))
-        if tuple(given[k].shape) != expected[k]
+        if isinstance(given[k], torch.Tensor) and tuple(given[k].shape) != expected[k]
     ]
     not_tensors = sorted(k for k, v in given.items() if not isinstance(v, torch.Tensor))
     problems = []
@@ -53,8 +53,9 @@ def load_tl_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Ten
 
 
 def to_tl_state_dict(model: HookedTransformer) -> dict[str, torch.Tensor]:
-    """The model's weights as a TL state dict (detached CPU copies)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """The model's weights as a TL state dict (detached, contiguous CPU copies: W_Q etc. are views
+    of the fused W_QKV, and safetensors refuses non-contiguous tensors)."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
 
 
 def load_tl_checkpoint(path: Union[str, Path], cfg: TransformerConfig) -> HookedTransformer:

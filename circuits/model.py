@@ -113,6 +113,8 @@ class Embed(nn.Module):
             self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))  # [d_vocab, d_model]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype != torch.int64 and tokens.dtype != torch.int32:  # F.embedding takes only these
+            tokens = tokens.long()
         try:
             return F.embedding(tokens, self.W_E)  # [batch, pos, d_model]
         except IndexError:  # cheaper than validating every batch up front; only bad input gets here
@@ -245,7 +247,7 @@ class Attention(nn.Module):
         # W_O and b_O are ordinary parameters: let nn.Module load them (and flag leftovers)
         super()._load_from_state_dict(
             {k: v for k, v in state_dict.items() if k[len(prefix):] not in self._TL_KEYS},
-            prefix, local_metadata, False, missing_keys, [], error_msgs)
+            prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         for k in list(missing_keys):
             if k in (prefix + "W_QKV", prefix + "b_QKV"):
                 missing_keys.remove(k)
@@ -397,7 +399,7 @@ class HookedTransformer(HookedRootModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.ndim >= 2:
+            if p.ndim >= 2 and not name.rsplit(".", 1)[-1].startswith("b_"):  # b_QKV is 3-D but a bias
                 p.copy_(torch.randn(p.shape, generator=gen) * self.cfg.init_range)
             elif name.endswith(".w"):
                 p.fill_(1.0)

@@ -479,7 +479,7 @@ def _random_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tens
     return body, lengths
 
 
-def _dyck_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _dyck_bodies(n: int, g: torch.Generator, half_pmf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """n balanced strings, lengths from ``_balanced_length_pmf``, uniform among those of their length.
 
     Cycle lemma: a uniformly random arrangement of h "(" and h + 1 ")" has exactly one rotation that
@@ -489,7 +489,8 @@ def _dyck_bodies(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     """
     if n == 0:  # multinomial refuses to draw zero samples
         return torch.empty(0, MAX_LEN, dtype=torch.int8), torch.empty(0, dtype=torch.long)
-    half = torch.multinomial(_balanced_length_pmf(), n, replacement=True, generator=g) + 1  # [n]
+    pmf = _balanced_length_pmf() if half_pmf is None else half_pmf
+    half = torch.multinomial(pmf, n, replacement=True, generator=g) + 1  # [n]
     m = 2 * half + 1  # [n]  arrangement length
     cols = torch.arange(MAX_LEN + 1)  # [41]
     outside = cols >= m[:, None]  # [n, 41]
@@ -522,3 +523,90 @@ def generate(n: int, seed: int) -> BracketData:
     body[~is_random], lengths[~is_random] = dyck_body, dyck_len
     width = int(lengths.max()) + 2 if n else 2
     return BracketData._from_valid(_assemble(body, lengths, width), lengths, None)
+
+
+def generate_training_mix(n: int, seed: int) -> BracketData:
+    """A harder training distribution than the reference's (held-out evaluation still uses
+    ``generate``): the reference mixture is dominated by short strings and easy unbalanced ones, so
+    half of this mix is the reference mixture and the other half is long-ish hard cases --
+    balanced strings of uniform length, the same with one bracket flipped (wrong count, often never
+    negative) and with one "()" pair turned into ")(" (right count, goes negative).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_ref = n // 2
+    n_bal = (n - n_ref) // 2
+    n_flip = (n - n_ref - n_bal) // 2
+    n_swap = n - n_ref - n_bal - n_flip
+    ref = generate(n_ref, seed)
+    uniform = torch.ones(_MAX_HALF, dtype=torch.float64)
+    bal, bal_len = _dyck_bodies(n_bal, g, uniform)
+    flip, flip_len = _dyck_bodies(n_flip, g, uniform)
+    pos = (torch.rand(n_flip, generator=g) * flip_len).long()  # [n_flip]
+    rows = torch.arange(n_flip)
+    flip[rows, pos] = (OPEN + CLOSE) - flip[rows, pos]
+    swap, swap_len = _dyck_bodies(n_swap, g, uniform)
+    # turn the first "()" at or after a random position into ")(": counts stay equal, goes negative
+    # exactly when that pair sat at depth 0, which is common; the label is recomputed anyway
+    start = (torch.rand(n_swap, generator=g) * (swap_len - 1)).long()  # [n_swap]
+    cols = torch.arange(MAX_LEN - 1)
+    pair = (swap[:, :-1] == OPEN) & (swap[:, 1:] == CLOSE) & (cols >= start[:, None]) & (cols < swap_len[:, None] - 1)
+    has = pair.any(1)
+    at = pair.float().argmax(1)  # [n_swap] first such pair
+    r = torch.arange(n_swap)[has]
+    swap[r, at[has]] = CLOSE
+    swap[r, at[has] + 1] = OPEN
+    body = torch.cat([bal, flip, swap])  # [n - n_ref, 40]
+    lengths = torch.cat([bal_len, flip_len, swap_len])
+    extra = _assemble(body, lengths, MAX_LEN + 2)
+    toks = torch.full((n, MAX_LEN + 2), PAD, dtype=torch.long)
+    toks[:n_ref, : ref.toks.shape[1]] = ref.toks
+    toks[n_ref:] = extra
+    all_len = torch.cat([ref.lengths, lengths])
+    order = torch.randperm(n, generator=g)
+    return BracketData._from_valid(toks[order], all_len[order], None)
+
+
+# --- zoo entry -----------------------------------------------------------------------------------------
+
+DATA_VERSION = "brackets-data-1"  # bump when generate() changes what a seed produces
+
+
+def to_split(data: BracketData):
+    """Tokens, is-balanced labels (1 = balanced) and lengths (for bucketing) as a training Split."""
+    from ..train import Split
+
+    return Split(data.toks, data.isbal.long(), data.lengths + 2)
+
+
+def make_split(n: int, seed: int):
+    return to_split(generate(n, seed))
+
+
+def make_train_split(n: int, seed: int):
+    return to_split(generate_training_mix(n, seed))
+
+
+def _register() -> None:
+    from ..model import TransformerConfig
+    from ..train import TrainRecipe
+    from ..zoo import ZooEntry, register
+
+    register(ZooEntry(
+        name="brackets",
+        description="balanced-bracket classifier, ARENA architecture (seed 000)",
+        # SOURCE.md's architecture: pre-LN, 3 layers x 2 heads, d_model 56, sinusoidal positions,
+        # [pad] keys masked, class read at position 0 (index 0 = unbalanced, 1 = balanced).
+        config=TransformerConfig(n_layers=3, d_model=56, n_ctx=N_CTX, n_heads=2, d_mlp=56, d_vocab=VOCAB,
+                                 d_vocab_out=2, act_fn="relu", normalization="LN", pad_token=PAD,
+                                 positional="sinusoidal", readout="first"),
+        recipe=TrainRecipe(steps=6000, batch_size=256, lr=2e-3, warmup_steps=200, n_train=100_000,
+                           n_eval=10_000, eval_every=500, target_metric=0.999),
+        make_split=make_split,
+        make_train_split=make_train_split,
+        data_recipe={"eval": "circuits.tasks.brackets.generate", "train": "generate_training_mix",
+                     "version": DATA_VERSION,
+                     "random_fraction": RANDOM_FRACTION, "max_len": MAX_LEN},
+    ))
+
+
+_register()

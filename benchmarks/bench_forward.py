@@ -1,0 +1,171 @@
+"""Forward-pass cost of the hooked model: plain PyTorch baseline vs our forward vs caching.
+
+The bracket classifier's architecture (3 layers, d_model 56, 2 heads, d_mlp 56, sequences of 42 with
+the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one group comparing:
+
+  plain       benchmarks/plain_model.py: idiomatic PyTorch, no hook points, the same weights
+  ours        HookedTransformer.forward with no hooks attached (the fast paths)
+  cache_all   run_with_cache of every hook point (every sublayer on its explicit path)
+  cache2      run_with_cache of `blocks.2.hook_resid_post` and `blocks.1.attn.hook_pattern`
+  tl, tl_cache2   TransformerLens's HookedTransformer of the same config, when `transformer_lens` is
+              installed (the optional `peers` extra); skipped otherwise
+
+pytest (one variant after another, min over rounds; see benchmarks/conftest.py for the ratio summary):
+
+    pytest benchmarks/bench_forward.py --benchmark-only --benchmark-min-rounds=20
+
+script (variants interleaved round-robin, so machine load hits them alike; ratios from the same run):
+
+    python benchmarks/bench_forward.py [--reps 30] [--batches 1 64 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+torch.set_num_threads(1)  # comparable runs; tiny models gain nothing from intra-op threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_model import PlainTransformer  # noqa: E402
+
+from circuits.convert import to_tl_state_dict  # noqa: E402
+from circuits.model import HookedTransformer, TransformerConfig  # noqa: E402
+from circuits.tasks.brackets import tokenize  # noqa: E402
+
+BATCHES = (1, 64, 1000)
+N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42
+CACHE2 = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_pattern"]
+VARIANTS = ("plain", "ours", "cache_all", "cache2", "tl", "tl_cache2")
+BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
+                pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
+
+
+def bracket_model() -> HookedTransformer:
+    return HookedTransformer(TransformerConfig(**BRACKETS, seed=0)).eval()
+
+
+def bracket_tokens(batch: int, seed: int = 0) -> torch.Tensor:
+    """[batch, 42]: random bracket strings of 30 characters, so the last 10 positions are padding."""
+    g = torch.Generator().manual_seed(seed)
+    chars = torch.randint(0, 2, (batch, N_BRACKETS), generator=g).tolist()
+    return tokenize(["".join("()"[c] for c in row) for row in chars], pad_to=42)
+
+
+def transformer_lens_model(model: HookedTransformer):
+    """TransformerLens's HookedTransformer of the same config and weights, or None if not installed."""
+    try:
+        from transformer_lens import HookedTransformer as TLHookedTransformer
+        from transformer_lens import HookedTransformerConfig
+    except ImportError:
+        return None
+    c = model.cfg
+    tl_cfg = HookedTransformerConfig(
+        n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
+        d_mlp=c.d_mlp, d_vocab=c.d_vocab, d_vocab_out=c.d_vocab_out, act_fn=c.act_fn,
+        normalization_type="LN", device="cpu", seed=0)
+    tl = TLHookedTransformer(tl_cfg)
+    tl.load_state_dict(to_tl_state_dict(model), strict=False)  # TL keeps mask buffers we do not have
+    return tl.eval()
+
+
+def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None) -> dict[str, Callable]:
+    """name -> fn(tokens); each returns what a user would read (logits, and the cache if any)."""
+    variants: dict[str, Callable] = {
+        "plain": plain,
+        "ours": model,
+        "cache_all": lambda x: model.run_with_cache(x),
+        "cache2": lambda x: model.run_with_cache(x, names=CACHE2),
+    }
+    if tl is not None:
+        pad = model.cfg.pad_token
+        variants["tl"] = lambda x: tl(x, attention_mask=(x != pad).long())
+        variants["tl_cache2"] = lambda x: tl.run_with_cache(x, attention_mask=(x != pad).long(), names_filter=CACHE2)
+    return variants
+
+
+# --- pytest-benchmark -------------------------------------------------------------------------------
+try:
+    import pytest
+except ImportError:  # script mode does not need pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="module")
+    def variants():
+        model = bracket_model()
+        return make_variants(model, PlainTransformer.from_hooked(model).eval(), transformer_lens_model(model))
+
+    def test_variants_compute_the_same_logits(variants):
+        x = bracket_tokens(64)
+        with torch.inference_mode():
+            ours = variants["ours"](x)
+            torch.testing.assert_close(variants["plain"](x), ours, atol=1e-5, rtol=1e-5)
+            for name in ("cache_all", "cache2"):
+                logits, cache = variants[name](x)
+                torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)
+            assert sorted(variants["cache2"](x)[1]) == sorted(CACHE2)
+
+    @pytest.mark.parametrize("batch", BATCHES)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_forward(benchmark, variants, variant, batch):
+        if variant not in variants:
+            pytest.skip("transformer_lens is not installed (optional `peers` extra): no TL comparison")
+        benchmark.group = f"forward batch={batch}"
+        benchmark.extra_info.update(variant=variant, batch=batch)
+        x = bracket_tokens(batch)
+        benchmark(variants[variant], x)  # under inference_mode (benchmarks/conftest.py)
+
+
+# --- script mode: interleaved round-robin ----------------------------------------------------------
+def _per_call_seconds(fn: Callable, x: torch.Tensor, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    return (time.perf_counter() - t0) / calls
+
+
+def interleaved(variants: dict[str, Callable], x: torch.Tensor, reps: int,
+                target_s: float = 0.02) -> dict[str, float]:
+    """Min seconds per call of each variant, measured round-robin: each rep times every variant once
+    (in a rotated order), so slow phases of a loaded machine hit all of them alike."""
+    names = list(variants)
+    for fn in variants.values():  # warm-up (allocator, lazy kernel init)
+        fn(x)
+    # calls per timing so one timing lasts ~target_s; the same count for every variant
+    one = _per_call_seconds(variants["ours"], x, 3)
+    calls = max(1, int(target_s / max(one, 1e-7)))
+    best = {n: float("inf") for n in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for n in names[k:] + names[:k]:
+            best[n] = min(best[n], _per_call_seconds(variants[n], x, calls))
+    return best
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=30, help="round-robin repetitions (min over them is reported)")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    args = p.parse_args(argv)
+    model = bracket_model()
+    tl = transformer_lens_model(model)
+    variants = make_variants(model, PlainTransformer.from_hooked(model).eval(), tl)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {args.reps} interleaved reps, "
+          f"min per call; transformer_lens: {'yes' if tl is not None else 'not installed'}")
+    print(f"{'batch':>6} {'variant':<10} {'min ms':>10} {'/ ours':>8} {'/ plain':>8}")
+    with torch.inference_mode():
+        for batch in args.batches:
+            best = interleaved(variants, bracket_tokens(batch), args.reps)
+            for n, t in best.items():
+                print(f"{batch:>6} {n:<10} {t * 1e3:>10.4f} {t / best['ours']:>8.2f} {t / best['plain']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

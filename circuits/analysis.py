@@ -1,0 +1,131 @@
+"""The vocabulary claims are written in: small pure functions over a model and its cache.
+
+Each is tested against a slow obvious version in tests/test_analysis.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from sklearn.linear_model import LinearRegression
+
+from .cache import ActivationCache, decomposition_hook_names, project
+from .errors import CircuitsError, InputError
+from .model import HookedTransformer
+
+
+def run_in_batches(model: HookedTransformer, inputs: torch.Tensor, names=None, batch_size: int = 2000,
+                   lengths: Optional[torch.Tensor] = None) -> ActivationCache:
+    """run_with_cache over a large input in chunks (no grad), concatenated along the batch.
+
+    Every chunk keeps the full width of `inputs` so positions line up across chunks.
+    """
+    stores: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch_size):
+            _, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
+            for k, v in cache.items():
+                stores.setdefault(k, []).append(v)
+    return ActivationCache({k: torch.cat(v) for k, v in stores.items()}, model)
+
+
+def predict(model: HookedTransformer, inputs: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Model outputs for a large input, in chunks without grad: [n, ...]."""
+    with torch.no_grad():
+        return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)])
+
+
+def logit_direction(model: HookedTransformer, positive: int, negative: int) -> torch.Tensor:
+    """Unembedding direction whose dot product is logit[positive] - logit[negative]: [d_model]."""
+    W_U = model.unembed.W_U.detach()  # [d_model, d_vocab_out]
+    return W_U[:, positive] - W_U[:, negative]
+
+
+def ln_final_io(cache: ActivationCache, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of the final LayerNorm at one position: [batch, d_model] each.
+
+    The output is the LN's full output (normalized * w + b). For first/last read-outs the model
+    only normalises the read-out position, which must then be `pos`.
+    """
+    model = cache.model
+    if model.cfg.normalization != "LN":
+        raise CircuitsError("this model has no final LayerNorm")
+    x = cache.residual(None)  # [batch, pos, d_model]
+    normalized = cache["ln_final.hook_normalized"]  # [batch, pos or 1, d_model]
+    if normalized.shape[1] == 1 and x.shape[1] > 1:  # read-out only: position 0 (first) by design
+        if model.cfg.readout != "first" or pos != 0:
+            raise InputError(f"the final LN was cached at the read-out position only; pos={pos} unavailable")
+        y = normalized[:, 0]
+    else:
+        y = normalized[:, pos]
+    ln = model.ln_final
+    return x[:, pos], y * ln.w.detach() + ln.b.detach()
+
+
+def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[LinearRegression, float]:
+    """Least-squares affine fit y ~ x (sklearn LinearRegression) and its r^2 on the same data."""
+    if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise InputError(f"linear_fit needs matching row counts >= 2, got {x.shape[0]} and {y.shape[0]}")
+    X, Y = x.double().cpu().numpy(), y.double().cpu().numpy()
+    fit = LinearRegression().fit(X, Y)
+    return fit, float(fit.score(X, Y))
+
+
+def pull_back(fit: LinearRegression, direction: torch.Tensor) -> torch.Tensor:
+    """A direction in the fit's output space pulled back to its input space: coef^T @ direction."""
+    coef = torch.as_tensor(fit.coef_, dtype=torch.float64)  # [out, in]
+    return coef.T @ direction.double().cpu()  # [in]
+
+
+def component_contributions(cache: ActivationCache, direction: torch.Tensor, pos: int = 0,
+                            layer: Optional[int] = None) -> tuple[torch.Tensor, list[str]]:
+    """Each residual component's projection on `direction` at `pos`: ([n_components, batch], labels)."""
+    stack, labels = cache.decompose_resid(layer, pos=pos)  # [component, batch, 1, d_model]
+    return project(stack[:, :, 0].double(), direction.double()), labels
+
+
+def heads_by_mean_difference(values: torch.Tensor, labels: list[str], mask: torch.Tensor) -> list[tuple[str, float]]:
+    """Components ranked by mean(values | mask) - mean(values | ~mask), largest first."""
+    if mask.all() or (~mask).all():
+        raise InputError("need examples on both sides of the mask")
+    diff = values[:, mask].mean(1) - values[:, ~mask].mean(1)  # [component]
+    order = torch.argsort(diff, descending=True)
+    return [(labels[i], float(diff[i])) for i in order]
+
+
+def attention_from(cache: ActivationCache, layer: int, head: int, query: int = 0) -> torch.Tensor:
+    """Attention probabilities of one head from one query position: [batch, key_pos]."""
+    return cache[f"blocks.{layer}.attn.hook_pattern"][:, head, query]
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def parse_label(label: str) -> tuple[int, int]:
+    if not (label.startswith("L") and "H" in label):
+        raise InputError(f"{label!r} is not a head label like 'L2H0'")
+    layer, head = label[1:].split("H")
+    return int(layer), int(head)
+
+
+def decomposition_names(model: HookedTransformer) -> list[str]:
+    """Hook names needed for final-position decompositions plus the final LN (re-exported)."""
+    names = decomposition_hook_names(model)
+    if model.cfg.normalization == "LN":
+        names.append("ln_final.hook_normalized")
+    return names
+
+
+def cross_entropy_per_example(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.double(), labels.long(), reduction="none")
+
+
+def loss_recovered(patched: float, clean: float, baseline: float) -> float:
+    """Fraction of the loss gap closed: 1 when patched == clean, 0 when patched == baseline."""
+    gap = baseline - clean
+    if not np.isfinite(gap) or abs(gap) < 1e-12:
+        return float("nan")
+    return (baseline - patched) / gap

@@ -1,0 +1,137 @@
+"""Model and data transformations used by claims and their negative controls.
+
+Every function returns a NEW object (the input is never modified), so a control can be applied to a
+session-scoped model fixture without leaking into other tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .errors import InputError
+from .model import HookedTransformer
+
+
+def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
+    if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
+        raise InputError(
+            f"no head L{layer}H{head}: model has {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
+        )
+
+
+def reinitialize(model: HookedTransformer, seed: int = 12345) -> HookedTransformer:
+    """An untrained model of the same config (fresh random init; frozen one-hot/sinusoidal kept)."""
+    new = copy.deepcopy(model)
+    new.init_weights(seed)
+    return new
+
+
+@torch.no_grad()
+def zero_ablate_head(model: HookedTransformer, layer: int, head: int) -> HookedTransformer:
+    """Remove one head's output (its W_O slice set to zero; b_O, shared by all heads, is kept)."""
+    _check_head(model, layer, head)
+    new = copy.deepcopy(model)
+    new.blocks[layer].attn.W_O[head].zero_()
+    return new
+
+
+def mean_ablate_head(model: HookedTransformer, layer: int, head: int, inputs: torch.Tensor) -> HookedTransformer:
+    """Replace one head's output by its mean over `inputs` (per position) via a permanent hook on
+    `hook_z`. Means are taken over non-pad rows of each position when the model pads."""
+    _check_head(model, layer, head)
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=[name])
+    z = cache[name][:, :, head]  # [batch, pos, d_head]
+    pad = model.key_padding_mask(inputs)
+    if pad is not None:
+        keep = (~pad).to(z.dtype)[..., None]  # [batch, pos, 1]
+        mean_z = (z * keep).sum(0) / keep.sum(0).clamp(min=1)  # [pos, d_head]
+    else:
+        mean_z = z.mean(0)  # [pos, d_head]
+    new = copy.deepcopy(model)
+
+    def replace(z: torch.Tensor, hook) -> torch.Tensor:
+        z = z.clone()
+        n = z.shape[1]
+        z[:, :, head] = mean_z[:n].to(z.dtype)
+        return z
+
+    new.hook_dict[name].fns.append(replace)
+    return new
+
+
+@torch.no_grad()
+def permute_heads(model: HookedTransformer, layer: int, perm: Optional[Sequence[int]] = None,
+                  seed: int = 0) -> HookedTransformer:
+    """Move whole heads (Q, K, V and O together) to new indices within `layer`.
+
+    The model computes exactly the same function, but "head h" now names a different circuit: the
+    control for claims pinned to a head index. `perm[i]` is the old head placed at index i; by default
+    a seeded random derangement (no head stays put).
+    """
+    n = model.cfg.n_heads
+    if perm is None:
+        if n < 2:
+            raise InputError("permute_heads needs at least 2 heads")
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(n, generator=gen).tolist()
+            if all(p != i for i, p in enumerate(perm)):
+                break
+    perm = list(perm)
+    if sorted(perm) != list(range(n)):
+        raise InputError(f"perm {perm} is not a permutation of range({n})")
+    new = copy.deepcopy(model)
+    attn = new.blocks[layer].attn
+    attn.W_QKV.copy_(attn.W_QKV[:, perm])
+    attn.b_QKV.copy_(attn.b_QKV[:, perm])
+    attn.W_O.copy_(attn.W_O[perm])
+    return new
+
+
+LABEL_FIELDS = ("labels", "isbal", "targets", "y")
+
+
+def shuffle_labels(data: Any, seed: int = 0) -> Any:
+    """A copy of a dataclass dataset whose label field is randomly permuted (the features stay)."""
+    if not dataclasses.is_dataclass(data):
+        raise InputError(f"shuffle_labels needs a dataclass dataset, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(data)}
+    field = next((f for f in LABEL_FIELDS if f in names), None)
+    if field is None:
+        raise InputError(f"{type(data).__name__} has none of the label fields {LABEL_FIELDS}")
+    labels = getattr(data, field)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=gen)
+    return dataclasses.replace(data, **{field: labels[perm]})
+
+
+def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inputs: torch.Tensor,
+                      patches: Sequence[tuple[str, tuple]]) -> torch.Tensor:
+    """Resampling ablation / activation patching: run `inputs`, but at each hook name replace the
+    activation at `index` (an indexing tuple after the batch axis, e.g. `(1, 0)` = position 1, head
+    0 of a [batch, pos, head, d_head] hook) by its value on `source_inputs` (row i from row i).
+
+    Returns the patched model output. Sources are padded/truncated to the target's length only when
+    the indexed positions exist in both.
+    """
+    if source_inputs.shape[0] != inputs.shape[0]:
+        raise InputError(f"source batch {source_inputs.shape[0]} != target batch {inputs.shape[0]}")
+    names = [n for n, _ in patches]
+    with torch.no_grad():
+        _, src = model.run_with_cache(source_inputs, names=names)
+
+    def make(name: str, index: tuple):
+        def patch(act: torch.Tensor, hook) -> torch.Tensor:
+            act = act.clone()
+            act[(slice(None), *index)] = src[name][(slice(None), *index)].to(act.dtype)
+            return act
+        return patch
+
+    with torch.no_grad():
+        return model.run_with_hooks(inputs, fwd_hooks=[(n, make(n, idx)) for n, idx in patches])

@@ -1,0 +1,241 @@
+"""One trainer for every zoo model: classification (cross-entropy) or regression (MSE) read-outs.
+
+AdamW with linear warm-up then cosine decay; batches grouped by length (each batch is cut to its
+longest sequence, so short strings do not pay for padding); held-out evaluation on a split generated
+with a different seed; a metrics history for the report's training curves; optional early stop once
+the held-out target is reached (checked only at evaluation points, so it stays deterministic).
+
+Determinism: all randomness comes from explicit torch.Generators seeded from the recipe's seed, and
+the loop runs with a fixed thread count, so the same seed gives bitwise-identical weights on one
+machine (tests/test_train.py checks it in two fresh processes).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .model import HookedTransformer
+
+# Bumped whenever a change here alters what training produces: part of every model-store key, so a
+# stale cached or reference checkpoint is detected instead of silently reused.
+TRAIN_CODE_VERSION = "train-1"
+
+
+@dataclass
+class Split:
+    """A dataset split as the trainer sees it."""
+
+    inputs: torch.Tensor  # [n, pos] token ids or [n, pos, d_input] vectors
+    targets: torch.Tensor  # [n] class ids, [n] floats (regression) or [n, pos] per-position targets
+    lengths: Optional[torch.Tensor] = None  # [n] meaningful positions per row (rest is padding)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> "Split":
+        inputs, targets = self.inputs[idx], self.targets[idx]
+        lengths = None if self.lengths is None else self.lengths[idx]
+        if lengths is not None:  # cut to this batch's longest row: padding past it changes nothing
+            width = int(lengths.max())
+            inputs = inputs[:, :width]
+            if targets.ndim == 2:
+                targets = targets[:, :width]
+        return Split(inputs, targets, lengths)
+
+
+@dataclass
+class TrainRecipe:
+    steps: int = 3000  # optimiser steps (upper bound when target_metric stops early)
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr_frac: float = 0.05  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    loss: str = "ce"  # "ce" (classification, also per position) or "mse" (regression)
+    n_train: int = 100_000  # examples generated once for training (seed-derived), reshuffled per epoch
+    n_eval: int = 10_000  # held-out examples, generated with a different seed
+    eval_every: int = 500
+    target_metric: Optional[float] = None  # stop at an eval point once held-out acc >= (or mse <=) it
+    bucket_by_length: bool = True
+    threads: int = 2  # torch threads during training (fixed, so results do not depend on the machine's default)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)  # [{step, loss, lr, elapsed, eval_*...}]
+    final: dict = field(default_factory=dict)  # final held-out metrics
+    wall_time: float = 0.0
+    steps: int = 0
+
+
+def data_seeds(seed: int) -> tuple[int, int]:
+    """(train data seed, held-out data seed) for a model seed: disjoint streams by construction."""
+    return 1_000_003 * (seed + 1), 2_000_003 * (seed + 1) + 7
+
+
+def lr_at(step: int, recipe: TrainRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return recipe.lr * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * cos)
+
+
+def batches(split: Split, batch_size: int, gen: torch.Generator, bucket: bool):
+    """One epoch of index batches. With bucketing, rows are sorted by length (random tie-break) and
+    cut into batches; the batch order is shuffled, so every batch is nearly padding-free."""
+    n = len(split)
+    if bucket and split.lengths is not None:
+        jitter = torch.rand(n, generator=gen)
+        order = torch.argsort(split.lengths.double() + jitter)
+    else:
+        order = torch.randperm(n, generator=gen)
+    chunks = list(order.split(batch_size))
+    for i in torch.randperm(len(chunks), generator=gen).tolist():
+        yield chunks[i]
+
+
+def compute_loss(model: HookedTransformer, b: Split, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, per-example 'correct' or squared error) for a batch."""
+    out = model(b.inputs)
+    if loss == "ce":
+        if b.targets.ndim == 2:  # per-position classification: [batch, pos, classes]
+            logits = out.reshape(-1, out.shape[-1])
+            tgt = b.targets.reshape(-1)
+            keep = tgt >= 0  # negative targets mark positions without a label
+            value = F.cross_entropy(logits[keep], tgt[keep])
+            return value, (logits[keep].argmax(-1) == tgt[keep]).float()
+        return F.cross_entropy(out, b.targets), (out.argmax(-1) == b.targets).float()
+    if loss == "mse":
+        pred = out.squeeze(-1)
+        err = (pred - b.targets).pow(2)
+        return err.mean(), err
+    raise InputError(f"unknown loss {loss!r}; use 'ce' or 'mse'")
+
+
+@torch.no_grad()
+def evaluate(model: HookedTransformer, split: Split, loss: str, batch_size: int = 2048) -> dict:
+    was_training = model.training
+    model.eval()
+    total, parts = 0.0, []
+    gen = torch.Generator().manual_seed(0)
+    for idx in batches(split, batch_size, gen, bucket=True):
+        b = split.batch(idx)
+        value, per = compute_loss(model, b, loss)
+        total += float(value) * len(idx)
+        parts.append(per)
+    model.train(was_training)
+    per = torch.cat(parts)
+    out = {"eval_loss": total / len(split)}
+    if loss == "ce":
+        out["eval_acc"] = float(per.mean())
+    else:
+        out["eval_mse"] = float(per.mean())
+    return out
+
+
+def _reached(metrics: dict, recipe: TrainRecipe) -> bool:
+    if recipe.target_metric is None:
+        return False
+    if recipe.loss == "ce":
+        return metrics["eval_acc"] >= recipe.target_metric
+    return metrics["eval_mse"] <= recipe.target_metric
+
+
+def train(model: HookedTransformer, train_split: Split, eval_split: Split, recipe: TrainRecipe,
+          seed: int, progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainResult:
+    """Train `model` in place. `progress(step, total_steps, metrics)` is called ~once a second."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads or old_threads)
+    try:
+        return _train(model, train_split, eval_split, recipe, seed, progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResult:
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=tuple(recipe.betas), foreach=True,
+    )
+    result = TrainResult()
+    start = last_report = time.perf_counter()
+    step, running, n_running = 0, 0.0, 0
+    model.train()
+    epoch = iter(())
+    while step < recipe.steps:
+        idx = next(epoch, None)
+        if idx is None:
+            epoch = batches(train_split, recipe.batch_size, gen, recipe.bucket_by_length)
+            continue
+        lr = lr_at(step, recipe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        value, _ = compute_loss(model, train_split.batch(idx), recipe.loss)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip, foreach=True)
+        opt.step()
+        step += 1
+        running += value.item()
+        n_running += 1
+        last = step == recipe.steps
+        if step % recipe.eval_every == 0 or last:
+            row = {"step": step, "loss": running / n_running, "lr": lr,
+                   "elapsed": round(time.perf_counter() - start, 3), **evaluate(model, eval_split, recipe.loss)}
+            result.history.append(row)
+            running, n_running = 0.0, 0
+            if progress:
+                progress(step, recipe.steps, row)
+                last_report = time.perf_counter()
+            if _reached(row, recipe):
+                break
+        elif progress and time.perf_counter() - last_report > 1.0:
+            progress(step, recipe.steps, {"loss": value.item(), "lr": lr})
+            last_report = time.perf_counter()
+    model.eval()
+    result.steps = step
+    result.wall_time = time.perf_counter() - start
+    result.final = dict(result.history[-1]) if result.history else evaluate(model, eval_split, recipe.loss)
+    return result
+
+
+class TerminalProgress:
+    """A one-line progress bar on a stream (stderr by default), redrawn in place."""
+
+    def __init__(self, label: str, stream=None, width: int = 28):
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, total: int, metrics: dict) -> None:
+        frac = step / max(total, 1)
+        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                         if k in ("loss", "eval_acc", "eval_mse", "eval_loss") and isinstance(v, float))
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{bar}] {step}/{total} {elapsed:5.1f}s {shown}   ")
+        self.stream.flush()
+
+    def done(self, message: str = "") -> None:
+        self.stream.write(f"\r{self.label} done in {time.perf_counter() - self.start:.1f}s {message}\n")
+        self.stream.flush()

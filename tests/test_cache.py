@@ -1,0 +1,334 @@
+"""ActivationCache: exact residual decompositions, per-head results, LayerNorm scale, stacks through a
+frozen LayerNorm, projection, and which names a cache holds.
+
+Same model configurations as tests/test_model.py (random weights, biases and LN weights moved off
+their init so every bias term matters), float32 and float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuits.cache import ActivationCache, decomposition_hook_names, project
+from circuits.errors import CircuitsError, HookNameError, InputError
+from circuits.model import HookedTransformer, TransformerConfig
+from circuits.tasks.brackets import tokenize
+
+CONFIGS = {
+    "brackets": dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
+                     pad_token=1, positional="sinusoidal", readout="first", normalization="LN"),
+    "attn_only": dict(n_layers=1, d_model=11, n_ctx=8, n_heads=3, d_head=1, d_mlp=0, d_vocab=11,
+                      normalization=None, attention="causal", positional="none", embed="one_hot",
+                      unembed="one_hot", readout="last"),
+    "read_in": dict(n_layers=2, d_model=16, n_ctx=12, n_heads=2, d_mlp=32, d_vocab=0, d_input=3,
+                    d_vocab_out=1, act_fn="gelu", attention="causal", positional="learned", readout="last"),
+    "palindrome": dict(n_layers=2, d_model=32, n_ctx=12, n_heads=2, d_head=16, d_mlp=64, d_vocab=6,
+                       d_vocab_out=2, pad_token=5, normalization=None, positional="learned", readout="first"),
+}
+LN_CONFIGS = ["brackets", "read_in"]
+DTYPES = [torch.float32, torch.float64]
+IDS = ["f32", "f64"]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: intra-op threads only add synchronisation, and on a loaded 2-core machine
+    OpenMP spin-waits make each small op ~100x slower. Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def make_model(name: str, dtype=torch.float32) -> HookedTransformer:
+    model = HookedTransformer(TransformerConfig(**CONFIGS[name], seed=0, init_range=0.2))
+    g = torch.Generator().manual_seed(1)
+    for pname, p in model.named_parameters():
+        if p.requires_grad and (p.ndim == 1 or pname.endswith("b_QKV")):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.to(dtype).eval()
+
+
+def make_input(model: HookedTransformer, batch: int = 5) -> torch.Tensor:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(2)
+    if cfg.d_input:
+        return torch.randn(batch, cfg.n_ctx, cfg.d_input, generator=g).to(model.embed.W_in.dtype)
+    if cfg.d_vocab == 5:
+        return tokenize(["(()())", ")(", "((((()))))()", "", "()" * 20][:batch], pad_to=cfg.n_ctx)
+    toks = torch.randint(0, cfg.d_vocab, (batch, cfg.n_ctx), generator=g)
+    if cfg.pad_token is not None:
+        toks[toks == cfg.pad_token] = 0
+        for i in range(1, batch):
+            toks[i, cfg.n_ctx - 2 * i:] = cfg.pad_token
+    return toks
+
+
+def run(name, dtype, names=None):
+    model = make_model(name, dtype)
+    x = make_input(model)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(x, names=names)
+    return model, x, logits, cache
+
+
+# --- residual decomposition -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decomposition_sums_to_residual_at_every_layer(name, dtype):
+    model, x, _, cache = run(name, dtype)
+    n = model.cfg.n_layers
+    for layer in list(range(n + 1)) + [None]:
+        stack, labels = cache.decompose_resid(layer)
+        assert stack.shape[0] == len(labels) and stack.dtype == dtype
+        L = n if layer is None else layer
+        n_expected = 1 + (model.cfg.positional != "none") + L * (model.cfg.n_heads + (model.cfg.d_mlp > 0)) + 1
+        assert len(labels) == n_expected, labels
+        assert labels[0] == "embed" and labels[-1] == "biases"
+        expected = cache[f"blocks.{layer}.hook_resid_pre"] if L < n else cache[f"blocks.{n - 1}.hook_resid_post"]
+        torch.testing.assert_close(stack.sum(0), expected, **TOL[dtype])
+        torch.testing.assert_close(cache.residual(layer), expected, atol=0, rtol=0)
+        # one position at a time too
+        for pos in (0, -1, slice(1, 3)):
+            s, _ = cache.decompose_resid(layer, pos=pos)
+            torch.testing.assert_close(s.sum(0), cache.residual(layer, pos=pos), **TOL[dtype])
+
+
+def test_decomposition_labels():
+    model, _, _, cache = run("brackets", torch.float64)
+    _, labels = cache.decompose_resid(2)
+    assert labels == ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "biases"]
+    _, labels = run("attn_only", torch.float64)[3].decompose_resid(None)
+    assert labels == ["embed", "L0H0", "L0H1", "L0H2", "biases"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decomposition_needs_only_its_hook_names(name, dtype):
+    """A cache of exactly decomposition_hook_names suffices for every layer (no hidden dependency)."""
+    model = make_model(name, dtype)
+    x = make_input(model)
+    names = decomposition_hook_names(model)
+    with torch.no_grad():
+        _, small = model.run_with_cache(x, names=names)
+        _, full = model.run_with_cache(x)
+    assert set(small) == set(names)
+    for layer in range(model.cfg.n_layers + 1):
+        torch.testing.assert_close(small.decompose_resid(layer)[0], full.decompose_resid(layer)[0], **TOL[dtype])
+        torch.testing.assert_close(small.decompose_resid(layer)[0].sum(0), small.residual(layer), **TOL[dtype])
+
+
+def test_accumulated_resid():
+    model, _, _, cache = run("brackets", torch.float64)
+    stack, labels = cache.accumulated_resid()
+    assert labels == ["resid_pre 0", "resid_pre 1", "resid_pre 2", "final"]
+    for l in range(3):
+        torch.testing.assert_close(stack[l], cache[f"blocks.{l}.hook_resid_pre"], atol=0, rtol=0)
+    torch.testing.assert_close(stack[3], cache["blocks.2.hook_resid_post"], atol=0, rtol=0)
+    assert cache.accumulated_resid(1, pos=0)[0].shape == (2, 5, 1, 56)
+
+
+@pytest.mark.parametrize("layer", [-1, 4, 1.0, "1"])
+def test_bad_layer(layer):
+    _, _, _, cache = run("brackets", torch.float32)
+    with pytest.raises(InputError, match=r"layer must be an int in \[0, 3\]"):
+        cache.decompose_resid(layer)
+
+
+# --- per-head results -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_head_results_sum_to_attn_out(name, dtype):
+    model, _, _, cache = run(name, dtype)
+    for l, block in enumerate(model.blocks):
+        result = cache[f"blocks.{l}.attn.hook_result"]
+        assert result.shape[2] == model.cfg.n_heads and result.shape[-1] == model.cfg.d_model
+        torch.testing.assert_close(result.sum(2) + block.attn.b_O, cache[f"blocks.{l}.hook_attn_out"], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_head_results_from_z_equal_hook_result(name, dtype):
+    model = make_model(name, dtype)
+    x = make_input(model)
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        _, with_result = model.run_with_cache(x, names=lambda s: s.endswith("hook_result"))
+        _, with_z = model.run_with_cache(x, names=[f"blocks.{l}.attn.hook_z" for l in range(n)])
+    for l in range(n):
+        assert f"blocks.{l}.attn.hook_result" not in with_z  # so head_results really computes from z
+        from_z = with_z.head_results(l)
+        torch.testing.assert_close(from_z, with_result[f"blocks.{l}.attn.hook_result"], **TOL[dtype])
+        by_hand = torch.einsum("bphd,hdm->bphm", with_z[f"blocks.{l}.attn.hook_z"], model.blocks[l].attn.W_O)
+        torch.testing.assert_close(from_z, by_hand, **TOL[dtype])
+        assert with_result.head_results(l) is with_result[f"blocks.{l}.attn.hook_result"]
+
+
+def test_head_results_large_batch_path():
+    """head_results switches kernels for large batch*pos: both give the same per-head outputs."""
+    model = make_model("brackets", torch.float64)
+    x = tokenize(["(())()", ")()("] * 10, pad_to=42)  # 20 x 42 = 840 > 512
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names=["blocks.1.attn.hook_z", "blocks.1.attn.hook_result"])
+    z = cache["blocks.1.attn.hook_z"]
+    by_hand = torch.einsum("bphd,hdm->bphm", z, model.blocks[1].attn.W_O)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_result"], by_hand, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ActivationCache({"blocks.1.attn.hook_z": z}, model).head_results(1), by_hand,
+                               atol=1e-12, rtol=1e-12)
+
+
+# --- LayerNorm ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", LN_CONFIGS)
+def test_ln_scale_reproduces_normalized(name, dtype):
+    model, x, logits, cache = run(name, dtype)
+    n = model.cfg.n_layers
+    pairs = [(f"blocks.{l}.ln1", cache[f"blocks.{l}.hook_resid_pre"]) for l in range(n)]
+    pairs += [(f"blocks.{l}.ln2", cache[f"blocks.{l}.hook_resid_mid"]) for l in range(n)]
+    final_in = cache[f"blocks.{n - 1}.hook_resid_post"]
+    if model.cfg.readout == "first":
+        final_in = final_in[:, :1]
+    else:  # last: this batch has no padding (vector input), so the last position
+        final_in = final_in[:, -1:]
+    pairs.append(("ln_final", final_in))
+    for ln, inp in pairs:
+        scale = cache[f"{ln}.hook_scale"]
+        assert scale.shape == inp.shape[:-1] + (1,)
+        assert torch.all(scale > 0)
+        torch.testing.assert_close(scale, (inp.var(-1, unbiased=False, keepdim=True) + model.cfg.ln_eps).sqrt(),
+                                   **TOL[dtype])
+        centred = inp - inp.mean(-1, keepdim=True)
+        torch.testing.assert_close(centred / scale, cache[f"{ln}.hook_normalized"], **TOL[dtype])
+    lnf = model.ln_final
+    torch.testing.assert_close(model.unembed(cache["ln_final.hook_normalized"][:, 0] * lnf.w + lnf.b), logits,
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", LN_CONFIGS)
+def test_apply_ln_to_stack_of_final_decomposition_sums_to_normalized(name, dtype):
+    model, x, _, cache = run(name, dtype)
+    pos = 0 if model.cfg.readout == "first" else -1
+    stack, labels = cache.decompose_resid(None, pos=pos)  # [component, batch, 1, d_model]
+    normed = cache.apply_ln_to_stack(stack, "ln_final")
+    assert normed.shape == stack.shape
+    torch.testing.assert_close(normed.sum(0), cache["ln_final.hook_normalized"], **TOL[dtype])
+    # each component is centred (LN's mean removal is linear)
+    torch.testing.assert_close(normed.mean(-1), torch.zeros_like(normed.mean(-1)), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_apply_ln_to_stack_of_block_layernorms(dtype):
+    model, x, _, cache = run("brackets", dtype)
+    for l in range(model.cfg.n_layers):
+        stack, _ = cache.decompose_resid(l)
+        torch.testing.assert_close(cache.apply_ln_to_stack(stack, f"blocks.{l}.ln1").sum(0),
+                                   cache[f"blocks.{l}.ln1.hook_normalized"], **TOL[dtype])
+        s, _ = cache.decompose_resid(l, pos=3)
+        torch.testing.assert_close(cache.apply_ln_to_stack(s, f"blocks.{l}.ln1", pos=3).sum(0),
+                                   cache[f"blocks.{l}.ln1.hook_normalized"][:, 3:4], **TOL[dtype])
+
+
+def test_apply_ln_to_stack_errors():
+    _, _, _, cache = run("brackets", torch.float32)
+    stack, _ = cache.decompose_resid(None)  # every position, but ln_final saw only position 0
+    with pytest.raises(InputError, match=r"stack positions \(5, 42\) do not match the cached ln_final scale"):
+        cache.apply_ln_to_stack(stack, "ln_final")
+    _, _, _, no_ln = run("palindrome", torch.float32)
+    with pytest.raises(CircuitsError, match=r"no LayerNorm"):
+        no_ln.apply_ln_to_stack(no_ln.decompose_resid(None)[0])
+
+
+def test_direct_logit_attribution_through_frozen_ln_reproduces_logits():
+    """Components through the frozen final LN, times w, projected on W_U[:, c], plus the constant
+    terms, give the logit: the identity logit attributions rest on."""
+    model, _, logits, cache = run("brackets", torch.float64)
+    stack, _ = cache.decompose_resid(None, pos=0)
+    normed = cache.apply_ln_to_stack(stack, "ln_final")[:, :, 0]  # [component, batch, d_model]
+    lnf, U = model.ln_final, model.unembed
+    for c in range(2):
+        direction = lnf.w * U.W_U[:, c]
+        contrib = project(normed, direction)  # [component, batch]
+        assert contrib.shape == normed.shape[:2]
+        const = lnf.b @ U.W_U[:, c] + U.b_U[c]
+        torch.testing.assert_close(contrib.sum(0) + const, logits[:, c], atol=1e-10, rtol=1e-10)
+
+
+def test_project_errors():
+    with pytest.raises(InputError, match=r"direction must be \[d_model=4\], got \(3,\)"):
+        project(torch.zeros(2, 4), torch.zeros(3))
+    with pytest.raises(InputError, match=r"direction must be \[d_model=4\], got \(4, 1\)"):
+        project(torch.zeros(2, 4), torch.zeros(4, 1))
+
+
+# --- what a cache holds ---------------------------------------------------------------------------
+def test_cache_holds_only_the_names_asked_for():
+    model = make_model("brackets")
+    x = make_input(model)
+    names = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_pattern"]
+    with torch.no_grad():
+        out, cache = model.run_with_cache(x, names=names)
+        torch.testing.assert_close(out, model(x), atol=2e-6, rtol=2e-6)  # pattern hook: explicit attention
+    assert sorted(cache) == sorted(names) and len(cache) == 2
+    assert cache["blocks.1.attn.hook_pattern"].shape == (5, 2, 42, 42)
+    assert all(not hp.fns for hp in model.hook_dict.values())
+    _, one = model.run_with_cache(x, names="hook_embed")
+    assert list(one) == ["hook_embed"]
+
+
+def test_cache_with_predicate():
+    model = make_model("brackets")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(make_input(model), names=lambda n: n.endswith("hook_pattern"))
+    assert sorted(cache) == [f"blocks.{l}.attn.hook_pattern" for l in range(3)]
+    _, empty = model.run_with_cache(make_input(model), names=lambda n: False)
+    assert len(empty) == 0
+
+
+def test_cache_all_names_by_default():
+    model = make_model("brackets")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(make_input(model))
+    assert set(cache) == set(model.hook_dict)
+    attn_only = make_model("attn_only")
+    with torch.no_grad():
+        _, cache = attn_only.run_with_cache(make_input(attn_only))
+    assert set(cache) == set(attn_only.hook_dict) - {"blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out"}
+
+
+def test_cache_detaches_unless_asked():
+    model = make_model("brackets").train()
+    x = make_input(model)
+    _, cache = model.run_with_cache(x, names=["blocks.0.hook_attn_out"])
+    assert not cache["blocks.0.hook_attn_out"].requires_grad
+    out, live = model.run_with_cache(x, names=["blocks.0.hook_attn_out"], detach=False)
+    act = live["blocks.0.hook_attn_out"]
+    assert act.requires_grad
+    (g,) = torch.autograd.grad(out.sum(), act)
+    assert g.shape == act.shape and g.abs().sum() > 0
+
+
+def test_uncached_valid_name_says_it_was_not_cached():
+    model = make_model("brackets")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(make_input(model), names=["blocks.0.hook_resid_pre"])
+    with pytest.raises(HookNameError, match=r"'blocks.1.attn.hook_z' is a hook point but was not cached"):
+        cache["blocks.1.attn.hook_z"]
+    with pytest.raises(HookNameError, match=r"was not cached"):
+        cache.decompose_resid(1)  # needs hook_embed, which was not asked for
+    assert "blocks.1.attn.hook_z" not in cache  # Mapping's __contains__ does not raise
+
+
+def test_unknown_name_in_cache_suggests_closest():
+    model = make_model("brackets")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(make_input(model), names=["blocks.0.hook_resid_pre"])
+    with pytest.raises(HookNameError, match=r"unknown hook name 'blocks.0.hook_resid_pr'.*did you mean "
+                                            r"'blocks.0.hook_resid_pre'"):
+        cache["blocks.0.hook_resid_pr"]
+    with pytest.raises(HookNameError, match=r"unknown hook name 'blocks.1.attn.hook_patern'.*"
+                                            r"'blocks.1.attn.hook_pattern'"):
+        cache["blocks.1.attn.hook_patern"]
