@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,8 @@ from .train import TRAIN_CODE_VERSION, Split, TrainRecipe, data_seeds, train
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 # Modules whose import registers zoo entries (one per seed notebook).
-TASK_MODULES = ("circuits.tasks.brackets",)
+TASK_MODULES = ("circuits.tasks.brackets", "circuits.tasks.palindromes", "circuits.tasks.skip_trigrams",
+                "circuits.tasks.icl", "circuits.tasks.assoc_memory")
 
 
 @dataclass
@@ -67,7 +69,8 @@ def register(entry: ZooEntry) -> ZooEntry:
 
 def _load_tasks() -> None:
     for mod in TASK_MODULES:
-        importlib.import_module(mod)
+        if importlib.util.find_spec(mod) is not None:  # a task module may not exist yet
+            importlib.import_module(mod)
 
 
 def get_entry(name: str) -> ZooEntry:

@@ -1,0 +1,135 @@
+"""`python -m circuits`: list the zoo, train a model, print a card, show the latest report.
+
+  list                              zoo entries with their reference / cache status
+  train NAME [--seed S] [--device D] [--update-reference]
+                                    train from scratch (progress bar) into the model store;
+                                    --update-reference also writes fixtures/models/NAME.* (default seed)
+  card NAME [--seed S]              print the JSON card of the reference (default seed) or cached model
+  report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
+                                    the HTML path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import zoo
+from .errors import CircuitsError
+
+
+def _status(name: str) -> tuple[str, str]:
+    from .store import ModelStore, load_reference, spec_key
+
+    entry = zoo.get_entry(name)
+    spec = entry.spec(entry.default_seed)
+    try:
+        load_reference(zoo.REFERENCE_DIR, name, spec)
+        ref = "reference ok"
+    except CircuitsError as e:
+        ref = type(e).__name__.replace("CheckpointError", "").lower() or "error"
+        ref = f"reference {ref}"
+    store = ModelStore()
+    cached = [c.get("spec", {}).get("seed") for _, c in store.entries() if c.get("spec", {}).get("name") == name
+              and c.get("key") == spec_key(c.get("spec", {}))]
+    return ref, f"cached seeds {sorted(s for s in cached if s is not None)}" if cached else "not cached"
+
+
+def cmd_list(args) -> int:
+    for name in zoo.names():
+        entry = zoo.get_entry(name)
+        ref, cache = _status(name)
+        print(f"{name:18s} {ref:22s} {cache:24s} {entry.description}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .store import ModelStore, save_reference
+    from .train import TerminalProgress
+
+    entry = zoo.get_entry(args.name)
+    seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
+    progress = TerminalProgress(f"training {args.name} (seed {seed})")
+    loaded = zoo.load(args.name, seed, retrain=True, force=True, device=args.device, store=ModelStore(),
+                      progress=progress)
+    progress.done(json.dumps(loaded.card.get("metrics", {})))
+    if args.update_reference:
+        if seed != entry.default_seed:
+            print(f"--update-reference needs the default seed {entry.default_seed}", file=sys.stderr)
+            return 2
+        from .convert import to_tl_state_dict
+
+        card = save_reference(zoo.REFERENCE_DIR, args.name, to_tl_state_dict(loaded.model.cpu()), loaded.card)
+        print(f"wrote reference {zoo.REFERENCE_DIR / args.name}.* (key {card['key'][:16]})")
+    return 0
+
+
+def cmd_card(args) -> int:
+    entry = zoo.get_entry(args.name)
+    seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
+    if seed == entry.default_seed:
+        from .store import load_reference
+
+        _, card = load_reference(zoo.REFERENCE_DIR, args.name, entry.spec(seed))
+    else:
+        from .store import ModelStore, spec_key
+
+        found = ModelStore().load(spec_key(entry.spec(seed)))
+        if found is None:
+            print(f"{args.name} seed {seed} is not in the model store; run `python -m circuits train "
+                  f"{args.name} --seed {seed}`", file=sys.stderr)
+            return 1
+        card = found[1]
+    card = dict(card)
+    if "history" in card:
+        card["history"] = f"<{len(card['history'])} rows>"
+    print(json.dumps(card, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import resolve_report
+
+    path = resolve_report(args.run or "latest", Path(args.report_dir))
+    run_dir = Path(path).parent
+    if args.open:
+        print(run_dir / "report.html")
+        return 0
+    md = run_dir / "report.md"
+    print(md.read_text() if md.exists() else f"(no report.md in {run_dir})")
+    print(f"\nHTML: {run_dir / 'report.html'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m circuits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="zoo entries and their status").set_defaults(fn=cmd_list)
+    p = sub.add_parser("train", help="train a zoo model from scratch")
+    p.add_argument("name")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--update-reference", action="store_true", help="also write fixtures/models/NAME.*")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("card", help="print a model card")
+    p.add_argument("name")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(fn=cmd_card)
+    p = sub.add_parser("report", help="print the latest report summary")
+    p.add_argument("run", nargs="?", default=None, help="run id, path, 'latest' or 'baseline'")
+    p.add_argument("--report-dir", default=str(Path(__file__).resolve().parent.parent / "reports"))
+    p.add_argument("--open", action="store_true", help="print the HTML report's path")
+    p.set_defaults(fn=cmd_report)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except CircuitsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
