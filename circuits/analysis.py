@@ -31,10 +31,26 @@ def run_in_batches(model: HookedTransformer, inputs: torch.Tensor, names=None, b
     return ActivationCache({k: torch.cat(v) for k, v in stores.items()}, model)
 
 
-def predict(model: HookedTransformer, inputs: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
-    """Model outputs for a large input, in chunks without grad: [n, ...]."""
+def predict(model: HookedTransformer, inputs: torch.Tensor, batch_size: int = 2000,
+            lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Model outputs for a large input, in chunks without grad: [n, ...].
+
+    With `lengths` (meaningful positions per row, the rest right-padding), rows are processed in
+    length order and each chunk is cut to its longest row, which skips the padding's compute; only
+    valid for read-outs that do not depend on the padded width (first, or last with a pad token).
+    """
     with torch.no_grad():
-        return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)])
+        if lengths is None:
+            return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)])
+        order = torch.argsort(lengths)
+        out = None
+        for chunk in order.split(batch_size):
+            width = int(lengths[chunk].max())
+            part = model(inputs[chunk, :width])
+            if out is None:
+                out = part.new_empty((inputs.shape[0], *part.shape[1:]))
+            out[chunk] = part
+        return out
 
 
 def logit_direction(model: HookedTransformer, positive: int, negative: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
     direction = A.pull_back(fit, A.logit_direction(model, 0, 1))  # unbalanced minus balanced logit
     values, labels = A.component_contributions(cache, direction, pos=0)
     values = values - values[:, data.isbal].mean(1, keepdim=True)  # the seed's centring
-    logits = A.predict(model, data.toks)
+    logits = A.predict(model, data.toks, lengths=data.lengths + 2)
     result = Analysis(cache, r2, direction, values.float(), labels, logits)
     _ANALYSES[model] = result
     return result
@@ -111,7 +111,8 @@ class ArenaSubject:
 
     @pytest.fixture
     def subject(self, arena_model, bracket_data, head_roles, control):
-        return BracketSubject("arena", control.apply_model(arena_model), dict(head_roles), bracket_data)
+        roles = control.apply_data(dict(head_roles))  # the swap_roles control rebinds them
+        return BracketSubject("arena", control.apply_model(arena_model), roles, bracket_data)
 
 
 class OursSubject:
@@ -124,6 +125,6 @@ class OursSubject:
         return find_roles(base, bracket_data)
 
     @pytest.fixture
-    def subject(self, brackets_model, bracket_data, head_roles, zoo_seed):
+    def subject(self, brackets_model, bracket_data, head_roles, zoo_seed, control):
         name = "ours" if zoo_seed is None else f"ours seed {zoo_seed}"
-        return BracketSubject(name, brackets_model, dict(head_roles), bracket_data)
+        return BracketSubject(name, brackets_model, control.apply_data(dict(head_roles)), bracket_data)

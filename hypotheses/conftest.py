@@ -44,4 +44,5 @@ def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:
 
 
 register_control("swap_roles", kind="data", fn=_swap_roles, replace=True,
+                 accepts=lambda obj: isinstance(obj, dict) and {"count_head", "negative_head"} <= set(obj),
                  description="exchange the heads bound to the count and negative roles")

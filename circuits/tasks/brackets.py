@@ -599,8 +599,11 @@ def _register() -> None:
         config=TransformerConfig(n_layers=3, d_model=56, n_ctx=N_CTX, n_heads=2, d_mlp=56, d_vocab=VOCAB,
                                  d_vocab_out=2, act_fn="relu", normalization="LN", pad_token=PAD,
                                  positional="sinusoidal", readout="first"),
-        recipe=TrainRecipe(steps=6000, batch_size=256, lr=2e-3, warmup_steps=200, n_train=100_000,
-                           n_eval=10_000, eval_every=500, target_metric=0.999),
+        # Small batches, many steps: measured to reach the 99.9% held-out target sooner on 2 cores
+        # than batches of 128-256 (which stall at 99.6-99.7% in the same wall time); one thread
+        # because batch-32 steps are overhead-bound and 2 threads stall when the machine is busy.
+        recipe=TrainRecipe(steps=24_000, batch_size=32, lr=1e-3, min_lr_frac=0.02, warmup_steps=300,
+                           n_train=100_000, n_eval=10_000, eval_every=2000, target_metric=0.999, threads=1),
         make_split=make_split,
         make_train_split=make_train_split,
         data_recipe={"eval": "circuits.tasks.brackets.generate", "train": "generate_training_mix",

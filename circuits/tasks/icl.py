@@ -1,0 +1,278 @@
+"""In-context model selection between two ridge regressors (seed 003).
+
+The seed is the interpretability notebook of a project that trains a GPT-2 backbone with a linear
+read-in (the Garg et al. 2022 model class) to choose, in context, between two ridge regressors: the
+"Transformers as Statisticians" (Bai et al. 2023) model-selection setting. The notebook shows the
+model (3 layers, 2 heads, d_model 64, 21 positions, read-in 3 -> 64) and the data's shape
+(``X: [batch, 21, 3]``, ``y: [batch]``) but not the generator; this module reconstructs it.
+
+One sequence
+------------
+* a noise level ``a``, drawn uniformly from ``alphas`` (default ``DATA_ALPHAS`` = (0.1, 0.8));
+* a weight vector ``w ~ N(0, I_5)``;
+* 21 *training* points and 21 *test* points ``x ~ N(0, I_5)``, with ``y = x.w + eps``,
+  ``eps ~ N(0, (0.8 a)^2)``;
+* for each ridge strength ``lambda`` in the same list, a ridge regressor fitted on the training
+  points (closed form, batched: ``ridge_fit``);
+* token ``i`` (one per test point) is ``[yhat_lambda1(x_i), yhat_lambda2(x_i), y_i]``, with the last
+  ``y`` zeroed; the target is that last ``y``.
+
+The model never sees an ``x``: it must tell from the first 20 tokens which predictor fits this
+sequence better (their squared errors against the visible ``y``'s) and apply that to the last one.
+
+Which ridge? (reconstructed by matching the published numbers)
+---------------------------------------------------------------
+The seed's project reports, for a checkpoint trained with alphas (0.1, 0.5): transformer MSE 0.1117,
+ridge 0.1196 and 0.1262, oracle 0.1095. Simulating 400,000 sequences of this generator:
+
+=====================================================  ==============  =======  ==========
+ridge variant (lambda penalises ||w||^2 against ...)   ridge MSEs      oracle   noise floor
+=====================================================  ==============  =======  ==========
+sum of squares, no intercept                           0.1110, 0.1158  0.1018   0.0833
+sum of squares, with intercept (sklearn ``Ridge``)     0.1174, 0.1232  0.1071   0.0833
+mean of squares (lambda * N), no intercept             0.1943, 0.8999  0.1792   0.0831
+=====================================================  ==============  =======  ==========
+
+Only sklearn's default ``Ridge(alpha=lambda)`` (sum of squares, intercept fitted, unpenalised)
+comes within the sampling error of an evaluation set of a few thousand sequences (about 2%), so
+that is what ``ridge_fit`` computes (tests/test_icl.py checks it against sklearn). The "oracle" is
+the better of the two predictors *on the target itself*, per sequence (``min`` of the two squared
+errors): it is the only reading that lands below both ridges by the published amount (choosing the
+lambda equal to the sequence's own alpha gives 0.113, worse than ridge 0.1). It knows the answer,
+so it is a bound, not a method. A fair in-context baseline is ``selector_sq_errors``: pick the
+predictor with the smaller squared error summed over the visible context (0.1154 above).
+
+With the default alphas (0.1, 0.8) the same simulation gives ridge 0.2942 and 0.3042, oracle
+0.2650, in-context selector 0.2866 and noise floor mean((0.8 a)^2) = 0.2080.
+
+Determinism: sequences are drawn in chunks of ``CHUNK`` from one seeded float64 generator, so
+``generate(n, seed)`` is a prefix of ``generate(m, seed)`` for ``n <= m``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from circuits.errors import InputError
+
+__all__ = [
+    "D_X", "N_POINTS", "DATA_ALPHAS", "NOISE_SCALE", "PUBLISHED", "DATA_VERSION", "ICLData",
+    "ridge_fit", "ridge_predict", "generate", "make_split",
+]
+
+D_X = 5  # dimension of x
+N_POINTS = 21  # training points per ridge fit, and test points = tokens per sequence
+DATA_ALPHAS = (0.1, 0.8)  # noise levels a, and the ridge strengths lambda (the same list)
+NOISE_SCALE = 0.8  # noise standard deviation is NOISE_SCALE * a
+CHUNK = 16_384  # sequences per generator chunk (part of what a seed means: do not change lightly)
+DATA_VERSION = "icl-data-1"  # bump when generate() changes what a seed produces
+
+# The seed project's numbers for its checkpoint trained with alphas (0.1, 0.5) (a long GPU run).
+PUBLISHED = {"alphas": (0.1, 0.5), "transformer": 0.1117, "ridge": (0.1196, 0.1262), "oracle": 0.1095}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ridge regression, closed form, batched over sequences and strengths
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_lambdas(lambdas: Sequence[float]) -> tuple[float, ...]:
+    lambdas = tuple(float(v) for v in lambdas)
+    if not lambdas or any(not (v >= 0) for v in lambdas):  # also rejects NaN
+        raise InputError(f"ridge strengths must be a non-empty list of numbers >= 0, got {lambdas}")
+    return lambdas
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, lambdas: Sequence[float],
+              intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regressors fitted per sequence and per strength, as sklearn's ``Ridge(alpha=lambda)``.
+
+    x: [n, N, d], y: [n, N]. Minimises ``||y - x.w - b||^2 + lambda ||w||^2`` (the intercept ``b`` is
+    not penalised; with ``intercept=False`` it is 0). Returns ``(coef [n, k, d], intercept [n, k])``
+    for the k strengths, in the dtype of ``x`` (use float64 for accuracy).
+    """
+    if x.ndim != 3 or y.shape != x.shape[:2]:
+        raise InputError(f"ridge_fit needs x [n, N, d] and y [n, N], got {tuple(x.shape)} and {tuple(y.shape)}")
+    lambdas = _check_lambdas(lambdas)
+    d = x.shape[-1]
+    if intercept:
+        x_mean, y_mean = x.mean(1, keepdim=True), y.mean(1, keepdim=True)  # [n, 1, d], [n, 1]
+        x, y = x - x_mean, y - y_mean
+    gram = x.transpose(1, 2) @ x  # [n, d, d]
+    xty = x.transpose(1, 2) @ y[..., None]  # [n, d, 1]
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    lam = torch.tensor(lambdas, dtype=x.dtype, device=x.device)[:, None, None]  # [k, 1, 1]
+    coef = torch.linalg.solve(gram[:, None] + lam * eye, xty[:, None].expand(-1, len(lambdas), -1, -1))[..., 0]  # [n, k, d]
+    if intercept:
+        b = y_mean - (x_mean * coef).sum(-1)  # [n, k]
+    else:
+        b = torch.zeros(coef.shape[:2], dtype=x.dtype, device=x.device)
+    return coef, b
+
+
+def ridge_predict(coef: torch.Tensor, intercept: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Predictions of each fitted ridge at points x [n, N, d]: [n, N, k]."""
+    return x @ coef.transpose(1, 2) + intercept[:, None, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ICLData:
+    """Sequences with everything the claims and baselines are phrased in, row-aligned.
+
+    ``inputs``/``targets`` are what the model sees and must predict; ``preds`` and ``ys`` are the
+    ridge predictions and true values at all 21 test points (the last ``ys`` is the target).
+    """
+
+    inputs: torch.Tensor  # [n, N, k + 1] float32 tokens [yhat_1, ..., yhat_k, y], last y zeroed
+    targets: torch.Tensor  # [n] float32, the last y
+    alphas: torch.Tensor  # [n] float64, each sequence's noise level a
+    preds: torch.Tensor  # [n, N, k] float64, ridge predictions at the test points
+    ys: torch.Tensor  # [n, N] float64, true y at the test points
+    lambdas: tuple = DATA_ALPHAS  # the ridge strengths, in the order of the tokens' first k entries
+    noise_scale: float = NOISE_SCALE
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def n_points(self) -> int:
+        return self.inputs.shape[1]
+
+    def subset(self, idx) -> "ICLData":
+        return dataclasses.replace(self, inputs=self.inputs[idx], targets=self.targets[idx],
+                                   alphas=self.alphas[idx], preds=self.preds[idx], ys=self.ys[idx])
+
+    # -- baselines on the target ------------------------------------------------------------------
+    def ridge_sq_errors(self) -> torch.Tensor:
+        """Squared error of each fixed ridge predictor on the target: [n, k]."""
+        return (self.preds[:, -1] - self.ys[:, -1, None]) ** 2
+
+    def oracle_sq_errors(self) -> torch.Tensor:
+        """The better predictor per sequence, judged on the target itself (a bound): [n]."""
+        return self.ridge_sq_errors().min(1).values
+
+    def noise_floor(self) -> float:
+        """Expected squared error of the true regression function x.w: mean((0.8 a)^2)."""
+        return float(((self.noise_scale * self.alphas) ** 2).mean())
+
+    # -- what the context reveals -----------------------------------------------------------------
+    def context_sq_errors(self, n_context: Optional[int] = None) -> torch.Tensor:
+        """Squared errors of each predictor at the visible context points: [n, n_context, k].
+
+        The context is the ``n_context`` test points just before the target (default: all N - 1).
+        """
+        c = self._n_context(n_context)
+        lo = self.n_points - 1 - c
+        return (self.preds[:, lo:-1] - self.ys[:, lo:-1, None]) ** 2
+
+    def running_error_difference(self, n_context: Optional[int] = None) -> torch.Tensor:
+        """Sum over the context of (error of predictor 1 - error of predictor 2), squared errors: [n].
+
+        Positive: predictor 2 (the larger lambda) has fitted the context better.
+        """
+        if len(self.lambdas) != 2:
+            raise InputError(f"the error difference is defined for two predictors, this data has {len(self.lambdas)}")
+        e = self.context_sq_errors(n_context).sum(1)  # [n, 2]
+        return e[:, 0] - e[:, 1]
+
+    def selector_choice(self, n_context: Optional[int] = None) -> torch.Tensor:
+        """Index of the predictor with the smaller summed squared error over the context: [n]."""
+        return self.context_sq_errors(n_context).sum(1).argmin(1)
+
+    def selector_sq_errors(self, n_context: Optional[int] = None) -> torch.Tensor:
+        """In-context selector baseline: squared error on the target of the predictor that fitted
+        the visible context better (ties and an empty context pick the first): [n]."""
+        choice = self.selector_choice(n_context) if self._n_context(n_context) else torch.zeros(len(self), dtype=torch.long)
+        return self.ridge_sq_errors().gather(1, choice[:, None])[:, 0]
+
+    def _n_context(self, n_context: Optional[int]) -> int:
+        c = self.n_points - 1 if n_context is None else n_context
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= self.n_points - 1:
+            raise InputError(f"n_context must be an int in [0, {self.n_points - 1}], got {n_context!r}")
+        return c
+
+    def to_split(self):
+        from circuits.train import Split
+
+        return Split(self.inputs, self.targets)
+
+
+def _check_generate_args(n, seed, alphas, n_points, d) -> tuple[float, ...]:
+    for name, v, low in (("n", n, 0), ("seed", seed, 0), ("n_points", n_points, 2), ("d", d, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise InputError(f"{name} must be an int >= {low}, got {v!r}")
+    return _check_lambdas(alphas)
+
+
+def generate(n: int, seed: int, alphas: Sequence[float] = DATA_ALPHAS, n_points: int = N_POINTS,
+             d: int = D_X, noise_scale: float = NOISE_SCALE) -> ICLData:
+    """``n`` sequences of the model-selection task (see the module docstring), from ``seed``.
+
+    Vectorised in torch (float64), one chunk of ``CHUNK`` sequences at a time; per chunk the draws
+    are, in order: alpha index, w, training x, training noise, test x, test noise.
+    """
+    alphas = _check_generate_args(n, seed, alphas, n_points, d)
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    table = torch.tensor(alphas, dtype=f64)
+    parts = []
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        a = table[torch.randint(len(alphas), (m,), generator=gen)]  # [m]
+        w = torch.randn(m, d, generator=gen, dtype=f64)  # [m, d]
+        sigma = (noise_scale * a)[:, None]  # [m, 1]
+        x_train = torch.randn(m, n_points, d, generator=gen, dtype=f64)  # [m, N, d]
+        y_train = (x_train @ w[:, :, None])[..., 0] + sigma * torch.randn(m, n_points, generator=gen, dtype=f64)
+        x_test = torch.randn(m, n_points, d, generator=gen, dtype=f64)  # [m, N, d]
+        y_test = (x_test @ w[:, :, None])[..., 0] + sigma * torch.randn(m, n_points, generator=gen, dtype=f64)
+        coef, b = ridge_fit(x_train, y_train, alphas)
+        parts.append((a, ridge_predict(coef, b, x_test), y_test))
+    if parts:
+        a, preds, ys = (torch.cat(t) for t in zip(*parts))
+    else:
+        a = torch.zeros(0, dtype=f64)
+        preds, ys = torch.zeros(0, n_points, len(alphas), dtype=f64), torch.zeros(0, n_points, dtype=f64)
+    shown = ys.clone()
+    shown[:, -1] = 0.0  # the model must predict this one
+    inputs = torch.cat([preds, shown[..., None]], -1).float()  # [n, N, k + 1]
+    return ICLData(inputs, ys[:, -1].float(), a, preds, ys, alphas, float(noise_scale))
+
+
+def make_split(n: int, seed: int):
+    return generate(n, seed).to_split()
+
+
+def _register() -> None:
+    from ..model import TransformerConfig
+    from ..train import TrainRecipe
+    from ..zoo import ZooEntry, register
+
+    register(ZooEntry(
+        name="icl",
+        description="in-context selection between two ridge regressors, GPT-2 style (seed 003)",
+        # the seed's model: GPT-2 backbone (pre-LN, GELU tanh, LN eps 1e-5, attention biases, learned
+        # positions) with a linear read-in 3 -> 64 and a scalar read-out at the last position
+        config=TransformerConfig(n_layers=3, d_model=64, n_ctx=N_POINTS, n_heads=2, d_mlp=256,
+                                 d_input=len(DATA_ALPHAS) + 1, d_vocab=0, d_vocab_out=1,
+                                 act_fn="gelu_new", normalization="LN", attention="causal",
+                                 positional="learned", readout="last"),
+        recipe=TrainRecipe(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, loss="mse",
+                           n_train=256_000, n_eval=8192, eval_every=500, bucket_by_length=False,
+                           threads=1),
+        make_split=make_split,
+        data_recipe={"eval": "circuits.tasks.icl.generate", "version": DATA_VERSION, "alphas": list(DATA_ALPHAS),
+                     "n_points": N_POINTS, "d": D_X, "noise_scale": NOISE_SCALE, "ridge": "sklearn Ridge, intercept"},
+    ))
+
+
+_register()
