@@ -291,8 +291,9 @@ def _register() -> None:
         # outputs (index 1 = palindrome). Here that head is the unembed (W_U [32, 2], b_U).
         config=TransformerConfig(n_layers=3, d_model=32, n_ctx=N_CTX, n_heads=2, d_head=16, d_mlp=64,
                                  d_vocab=VOCAB, d_vocab_out=2, act_fn="relu", normalization=None,
-                                 attention="bidirectional", positional="learned", readout="first"),
-        recipe=TrainRecipe(steps=8000, batch_size=256, lr=2e-3, warmup_steps=200, weight_decay=0.01,
+                                 attention="bidirectional", positional="learned", readout="first",
+                                 init_range=0.1414),  # TL's default for d_model 32 (0.8 / sqrt(32)), as the seed's cfg
+        recipe=TrainRecipe(steps=3000, batch_size=256, lr=3e-3, warmup_steps=100, weight_decay=0.01,
                            n_train=200_000, n_eval=10_000, eval_every=500, target_metric=None,
                            bucket_by_length=False, threads=1),
         make_split=make_split,

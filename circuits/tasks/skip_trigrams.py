@@ -187,7 +187,7 @@ def _register() -> None:
                                      d_vocab=VOCAB, d_vocab_out=VOCAB, normalization=None, attention="causal",
                                      positional="none", embed="one_hot", unembed="one_hot", readout="last",
                                      init_range=0.3),
-            recipe=TrainRecipe(steps=3000, batch_size=512, lr=3e-2, warmup_steps=100, weight_decay=0.0,
+            recipe=TrainRecipe(steps=1500, batch_size=512, lr=3e-2, warmup_steps=100, weight_decay=0.0,
                                n_train=100_000, n_eval=20_000, eval_every=250, bucket_by_length=False,
                                threads=1),
             make_split=make_split,

@@ -1,0 +1,178 @@
+"""Analysis functions and interventions, each against a slow obvious version."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from circuits import analysis as A
+from circuits import interventions as I
+from circuits.errors import InputError
+from circuits.model import HookedTransformer, TransformerConfig
+from circuits.tasks import brackets as B
+
+CFG = TransformerConfig(n_layers=2, d_model=24, n_ctx=B.N_CTX, n_heads=3, d_mlp=32, d_vocab=B.VOCAB,
+                        d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = HookedTransformer(CFG).eval()
+    with torch.no_grad():  # move biases and LN weights off their init so they matter
+        g = torch.Generator().manual_seed(1)
+        for name, p in m.named_parameters():
+            if p.requires_grad and (name.endswith(".b") or name.endswith(".w") or ".b_" in name):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.fixture(scope="module")
+def data():
+    return B.generate(300, 7)
+
+
+def test_predict_with_length_buckets_equals_full_width(model, data):
+    full = A.predict(model, data.toks, batch_size=64)
+    bucketed = A.predict(model, data.toks, batch_size=64, lengths=data.lengths + 2)
+    torch.testing.assert_close(bucketed, full, atol=1e-5, rtol=1e-5)
+
+
+def test_run_in_batches_equals_one_run(model, data):
+    names = A.decomposition_names(model)
+    chunked = A.run_in_batches(model, data.toks, names=names, batch_size=70)
+    _, whole = model.run_with_cache(data.toks, names=names)
+    for n in names:
+        torch.testing.assert_close(chunked[n], whole[n], atol=1e-5, rtol=1e-5)
+
+
+def test_linear_fit_recovers_an_affine_map_and_pull_back_is_its_transpose():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g)
+    W, b = torch.randn(6, 4, generator=g), torch.randn(4, generator=g)
+    fit, r2 = A.linear_fit(x, x @ W + b)
+    assert r2 == pytest.approx(1.0, abs=1e-9)
+    d = torch.randn(4, generator=g)
+    torch.testing.assert_close(A.pull_back(fit, d), (W.double() @ d.double()), atol=1e-6, rtol=1e-6)
+    _, r2_noise = A.linear_fit(x, torch.randn(500, 4, generator=g))
+    assert r2_noise < 0.1
+    with pytest.raises(InputError, match="matching row counts"):
+        A.linear_fit(x, x[:10])
+
+
+def test_ln_final_io_matches_the_model(model, data):
+    _, cache = model.run_with_cache(data.toks, names=A.decomposition_names(model))
+    x, y = A.ln_final_io(cache, pos=0)
+    ln = model.ln_final
+    expected = torch.nn.functional.layer_norm(x, (CFG.d_model,), ln.w, ln.b, ln.eps)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    # and the logits are the unembedding of that output
+    torch.testing.assert_close(y @ model.unembed.W_U + model.unembed.b_U, model(data.toks).detach(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_component_contributions_sum_to_the_projected_residual(model, data):
+    _, cache = model.run_with_cache(data.toks, names=A.decomposition_names(model))
+    direction = A.logit_direction(model, 0, 1)
+    values, labels = A.component_contributions(cache, direction, pos=0)
+    assert labels[0] == "embed" and labels[-1] == "biases" and len(labels) == 2 + 2 * (3 + 1) + 1
+    resid = cache.residual(None, pos=0)[:, 0]
+    torch.testing.assert_close(values.sum(0), (resid.double() @ direction.double()), atol=1e-5, rtol=1e-5)
+
+
+def test_heads_by_mean_difference_orders_by_difference():
+    values = torch.tensor([[1.0, 1.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 3.0, 3.0]])
+    mask = torch.tensor([True, True, False, False])
+    ranked = A.heads_by_mean_difference(values, ["a", "b", "c"], mask)
+    assert [r[0] for r in ranked] == ["b", "a", "c"] and ranked[0][1] == pytest.approx(5.0)
+    with pytest.raises(InputError):
+        A.heads_by_mean_difference(values, ["a", "b", "c"], torch.ones(4, dtype=torch.bool))
+
+
+def test_loss_recovered():
+    assert A.loss_recovered(1.0, clean=1.0, baseline=3.0) == 1.0
+    assert A.loss_recovered(3.0, clean=1.0, baseline=3.0) == 0.0
+    assert A.loss_recovered(5.0, clean=1.0, baseline=3.0) == -1.0
+    assert np.isnan(A.loss_recovered(2.0, clean=1.0, baseline=1.0))
+
+
+# --- interventions ---------------------------------------------------------------------------------------
+
+
+def _hook_zero_head(model, x, layer, head):
+    def zero(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+    return model.run_with_hooks(x, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])
+
+
+def test_zero_ablate_head_equals_zeroing_its_z_and_leaves_the_input_alone(model, data):
+    before = model(data.toks).detach()
+    ablated = I.zero_ablate_head(model, 1, 2)
+    torch.testing.assert_close(ablated(data.toks), _hook_zero_head(model, data.toks, 1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(data.toks), before, atol=0, rtol=0)
+    with pytest.raises(InputError, match="no head L5H0"):
+        I.zero_ablate_head(model, 5, 0)
+
+
+def test_mean_ablate_head_replaces_z_by_its_mean(model, data):
+    ablated = I.mean_ablate_head(model, 0, 1, data.toks)
+    _, cache = ablated.run_with_cache(data.toks[:5], names=["blocks.0.attn.hook_z"])
+    z = cache["blocks.0.attn.hook_z"][:, :, 1]
+    assert torch.allclose(z[0], z[1]) and torch.allclose(z[0], z[4])  # the same mean for every row
+    assert not model.hook_dict["blocks.0.attn.hook_z"].fns, "the original model keeps no hook"
+
+
+def test_permute_heads_keeps_the_function_but_moves_the_heads(model, data):
+    permuted = I.permute_heads(model, 1, perm=[2, 0, 1])
+    torch.testing.assert_close(permuted(data.toks), model(data.toks), atol=1e-5, rtol=1e-5)
+    _, c0 = model.run_with_cache(data.toks, names=["blocks.1.attn.hook_z"])
+    _, c1 = permuted.run_with_cache(data.toks, names=["blocks.1.attn.hook_z"])
+    torch.testing.assert_close(c1["blocks.1.attn.hook_z"][:, :, 0], c0["blocks.1.attn.hook_z"][:, :, 2])
+    default = I.permute_heads(model, 1, seed=3)  # a derangement: no head stays put
+    _, c2 = default.run_with_cache(data.toks, names=["blocks.1.attn.hook_z"])
+    for h in range(3):
+        assert not torch.allclose(c2["blocks.1.attn.hook_z"][:, :, h], c0["blocks.1.attn.hook_z"][:, :, h])
+    with pytest.raises(InputError, match="not a permutation"):
+        I.permute_heads(model, 1, perm=[0, 0, 1])
+
+
+def test_reinitialize_gives_a_different_untrained_model(model, data):
+    fresh = I.reinitialize(model, seed=5)
+    assert not torch.allclose(fresh.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q)
+    assert torch.equal(fresh.pos_embed.W_pos, model.pos_embed.W_pos)  # fixed sinusoids are not trained
+    torch.testing.assert_close(fresh(data.toks), I.reinitialize(model, seed=5)(data.toks))
+
+
+def test_shuffle_labels_permutes_only_the_label_field(data):
+    shuffled = I.shuffle_labels(data, seed=0)
+    assert torch.equal(shuffled.toks, data.toks)
+    assert not torch.equal(shuffled.isbal, data.isbal)
+    assert sorted(shuffled.isbal.tolist()) == sorted(data.isbal.tolist())
+    with pytest.raises(InputError, match="label fields"):
+        I.shuffle_labels(dataclasses.make_dataclass("X", ["a"])(a=1))
+
+
+def test_patch_activations_from_itself_is_the_clean_run_and_from_others_matches_a_manual_patch(model, data):
+    x = data.toks[:50]
+    patches = [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))]
+    torch.testing.assert_close(I.patch_activations(model, x, x, patches), model(x), atol=1e-5, rtol=1e-5)
+    src = data.toks[50:100]
+    width = min(x.shape[1], src.shape[1])
+    _, sc = model.run_with_cache(src, names=["blocks.1.attn.hook_v", "blocks.1.attn.hook_k"])
+
+    def manual(name):
+        def fn(act, hook):
+            act = act.clone()
+            act[:, 1, 0] = sc[name][:, 1, 0]
+            return act
+        return fn
+
+    expected = model.run_with_hooks(x, fwd_hooks=[(n, manual(n)) for n, _ in patches])
+    torch.testing.assert_close(I.patch_activations(model, x, src, patches), expected, atol=1e-6, rtol=1e-6)
+    assert width > 1
+    with pytest.raises(InputError, match="source batch"):
+        I.patch_activations(model, x, src[:3], patches)

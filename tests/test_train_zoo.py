@@ -1,0 +1,202 @@
+"""Trainer determinism and behaviour, the zoo registry, zoo loading through the store, and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuits import zoo
+from circuits.errors import InputError, UnknownModelError
+from circuits.model import TransformerConfig
+from circuits.store import ModelStore, StaleCheckpointError, MissingCheckpointError, save_reference
+from circuits.tasks import brackets as B
+from circuits.train import Split, TrainRecipe, batches, data_seeds, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = TransformerConfig(n_layers=1, d_model=16, n_ctx=B.N_CTX, n_heads=2, d_mlp=16, d_vocab=B.VOCAB,
+                         d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first")
+TINY_RECIPE = TrainRecipe(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, n_train=2000, n_eval=500,
+                          eval_every=20, threads=1)
+
+
+def tiny_entry(name: str = "tiny_brackets") -> zoo.ZooEntry:
+    return zoo.ZooEntry(name=name, description="tiny bracket model for tests", config=TINY, recipe=TINY_RECIPE,
+                        make_split=B.make_split, data_recipe={"generator": "brackets", "version": "test"})
+
+
+@pytest.fixture
+def registered_tiny():
+    entry = tiny_entry()
+    zoo.ZOO[entry.name] = entry
+    yield entry
+    zoo.ZOO.pop(entry.name, None)
+
+
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+DIGEST_SCRIPT = """
+import hashlib, sys
+sys.path.insert(0, {tests!r})
+from test_train_zoo import tiny_entry, _weights_digest
+from circuits import zoo
+model, card = zoo.train_entry(tiny_entry(), seed=3)
+print(_weights_digest(model))
+"""
+
+
+def test_training_is_bitwise_deterministic_across_processes():
+    script = DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
+    digests = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              cwd=REPO).stdout.strip() for _ in range(2)]
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+    model, _ = zoo.train_entry(tiny_entry(), seed=4)
+    assert _weights_digest(model) != digests[0], "a different seed must give different weights"
+
+
+def test_training_learns_and_keeps_history():
+    model, card = zoo.train_entry(tiny_entry(), seed=0)
+    history = card["history"]
+    assert [row["step"] for row in history] == [20, 40]
+    assert all({"loss", "lr", "eval_loss", "eval_acc", "elapsed"} <= set(row) for row in history)
+    # it learns: held-out loss below the 0.69 of a constant 50/50 guess, training loss falling
+    assert card["metrics"]["eval_loss"] < 0.69
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert card["data_seeds"]["train"] != card["data_seeds"]["eval"]
+
+
+def test_early_stop_at_target_metric():
+    entry = replace(tiny_entry(), recipe=replace(TINY_RECIPE, target_metric=0.0))
+    _, card = zoo.train_entry(entry, seed=0)
+    assert card["steps"] == TINY_RECIPE.eval_every  # stopped at the first evaluation
+
+
+def test_data_seeds_are_disjoint_streams():
+    seen = set()
+    for s in range(50):
+        tr, ev = data_seeds(s)
+        assert tr != ev
+        seen.update((tr, ev))
+    assert len(seen) == 100
+
+
+def test_lr_schedule_warmup_then_cosine():
+    r = TrainRecipe(steps=100, lr=1.0, warmup_steps=10, min_lr_frac=0.1)
+    assert lr_at(0, r) == pytest.approx(0.1) and lr_at(9, r) == pytest.approx(1.0)
+    assert lr_at(10, r) == pytest.approx(1.0)
+    assert lr_at(100, r) == pytest.approx(0.1)
+    assert all(lr_at(s, r) >= lr_at(s + 1, r) for s in range(10, 99))
+
+
+def test_length_bucketed_batches_cover_every_row_once_and_cut_padding():
+    data = B.generate(1000, 0)
+    split = Split(data.toks, data.isbal.long(), data.lengths + 2)
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.cat(list(batches(split, 64, gen, bucket=True)))
+    assert sorted(seen.tolist()) == list(range(1000))
+    for idx in batches(split, 64, gen, bucket=True):
+        b = split.batch(idx)
+        assert b.inputs.shape[1] == int((data.lengths[idx] + 2).max())
+        widths = data.lengths[idx]
+        assert int(widths.max() - widths.min()) <= 4  # sorted by length: near-uniform batches
+
+
+def test_unknown_loss_is_a_clear_error():
+    data = B.generate(100, 0)
+    split = Split(data.toks, data.isbal.long(), data.lengths + 2)
+    with pytest.raises(InputError, match="unknown loss 'hinge'"):
+        train(zoo.build_model(tiny_entry(), 0), split, split, replace(TINY_RECIPE, loss="hinge", steps=1), seed=0)
+
+
+# --- zoo -----------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(UnknownModelError, match="unknown model 'bracket'; did you mean 'brackets'"):
+        zoo.get_entry("bracket")
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True])
+def test_bad_seed_is_a_clear_error(seed):
+    with pytest.raises(InputError, match="seed must be a non-negative integer"):
+        zoo.load("brackets", seed)
+
+
+def test_spec_changes_with_every_ingredient():
+    entry = tiny_entry()
+    base = entry.spec(0)
+    assert entry.spec(1) != base
+    assert replace(entry, recipe=replace(TINY_RECIPE, lr=1e-4)).spec(0) != base
+    assert replace(entry, config=replace(TINY, d_model=32)).spec(0) != base
+    assert replace(entry, data_recipe={"version": "other"}).spec(0) != base
+    assert {"config", "data", "train", "seed", "train_code", "torch"} <= set(base)
+
+
+def test_load_trains_once_into_the_store_then_loads(registered_tiny, tmp_path):
+    store = ModelStore(tmp_path)
+    first = zoo.load("tiny_brackets", seed=5, store=store)
+    second = zoo.load("tiny_brackets", seed=5, store=store)
+    assert (first.source, second.source) == ("trained", "cache")
+    x = B.tokenize(["(())", ")("])
+    torch.testing.assert_close(first.model(x), second.model(x), rtol=0, atol=0)
+    assert second.info()["metrics"]["history"], "training curves reach the report"
+
+
+def test_reference_checkpoint_round_trip_and_staleness(registered_tiny, tmp_path):
+    entry = registered_tiny
+    with pytest.raises(MissingCheckpointError, match="--update-reference"):
+        zoo.load("tiny_brackets", reference_dir=tmp_path)
+    model, card = zoo.train_entry(entry, seed=0)
+    save_reference(tmp_path, entry.name, model.state_dict(), {**card, "spec": entry.spec(0)})
+    loaded = zoo.load("tiny_brackets", reference_dir=tmp_path)
+    assert loaded.source == "reference"
+    # the code that produced it changes (here: the recipe): never used silently
+    zoo.ZOO[entry.name] = replace(entry, recipe=replace(TINY_RECIPE, lr=1e-2))
+    with pytest.raises(StaleCheckpointError, match="train.lr"):
+        zoo.load("tiny_brackets", reference_dir=tmp_path)
+
+
+def test_every_registered_zoo_entry_has_a_current_reference():
+    """The committed references must match the current code (else `pytest hypotheses/` fails)."""
+    for name in zoo.names():
+        loaded = zoo.load(name)
+        assert loaded.source == "reference"
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "circuits", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_list_and_card():
+    out = run_cli("list")
+    assert out.returncode == 0 and "brackets" in out.stdout
+    card = run_cli("card", "brackets")
+    assert card.returncode == 0, card.stderr
+    assert json.loads(card.stdout)["spec"]["name"] == "brackets"
+
+
+def test_cli_clear_errors_for_unknown_names_and_bad_seeds(tmp_path):
+    out = run_cli("train", "nope", env={"CIRCUITS_CACHE": str(tmp_path)})
+    assert out.returncode == 2 and "unknown model 'nope'" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("card", "brackets", "--seed", "-3")
+    assert out.returncode == 2 and "seed must be a non-negative integer" in out.stderr
+    out = run_cli("card", "brackets", "--seed", "7", env={"CIRCUITS_CACHE": str(tmp_path)})
+    assert out.returncode == 1 and "not in the model store" in out.stderr
