@@ -237,6 +237,16 @@ def _permute_heads(model: Any, *layers: str, seed: int = 0) -> Any:
     return model
 
 
+def _zero_ablate_mlp(model: Any, *layers: str, seed: int = 0) -> Any:
+    from . import interventions
+
+    if not layers:
+        raise ControlError("zero_ablate_mlp needs a layer, e.g. 'zero_ablate_mlp:L2'")
+    for spec in layers:
+        model = interventions.zero_ablate_mlp(model, parse_layer(spec))
+    return model
+
+
 def _shuffle_labels(obj: Any, seed: int = 0) -> Any:
     from . import interventions
 
@@ -247,6 +257,8 @@ register_control("untrained", kind="model", fn=_untrained,
                  description="the same architecture, freshly initialised")
 register_control("zero_ablate", kind="model", fn=_zero_ablate, head_args=True,
                  description="the named heads' outputs set to zero")
+register_control("zero_ablate_mlp", kind="model", fn=_zero_ablate_mlp,
+                 description="the named layers' MLP outputs set to zero")
 register_control("permute_heads", kind="model", fn=_permute_heads,
                  description="the heads of a layer shuffled")
 def _has_label_field(obj: Any) -> bool:

@@ -39,6 +39,17 @@ def zero_ablate_head(model: HookedTransformer, layer: int, head: int) -> HookedT
     return new
 
 
+@torch.no_grad()
+def zero_ablate_mlp(model: HookedTransformer, layer: int) -> HookedTransformer:
+    """Remove one MLP's output entirely (W_out and b_out set to zero)."""
+    if not 0 <= layer < model.cfg.n_layers or not model.cfg.d_mlp:
+        raise InputError(f"no MLP in layer {layer}: model has {model.cfg.n_layers} layers, d_mlp={model.cfg.d_mlp}")
+    new = copy.deepcopy(model)
+    new.blocks[layer].mlp.W_out.zero_()
+    new.blocks[layer].mlp.b_out.zero_()
+    return new
+
+
 def mean_ablate_head(model: HookedTransformer, layer: int, head: int, inputs: torch.Tensor) -> HookedTransformer:
     """Replace one head's output by its mean over `inputs` (per position) via a permanent hook on
     `hook_z`. Means are taken over non-pad rows of each position when the model pads."""

@@ -8,7 +8,7 @@ uncontrolled model so that a control cannot move the binding it is meant to test
 
 from __future__ import annotations
 
-import weakref
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -47,12 +47,25 @@ class Analysis:
     logits: torch.Tensor  # [batch, 2]
 
 
-_ANALYSES: "weakref.WeakKeyDictionary[HookedTransformer, Analysis]" = weakref.WeakKeyDictionary()
+_ANALYSES: dict[str, Analysis] = {}
+
+
+def weights_digest(model: HookedTransformer) -> str:
+    """Identity of a model's weights: controls build new model objects, and a deterministic control
+    (e.g. `untrained` with its fixed seed) should not be analysed twice."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for hp in model.hook_dict.values():  # a permanent hook (mean ablation) changes the function too
+        h.update(repr([id(f) for f in hp.fns]).encode())
+    return h.hexdigest()
 
 
 def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
-    if model in _ANALYSES:
-        return _ANALYSES[model]
+    key = weights_digest(model) + f"/{len(data)}"
+    if key in _ANALYSES:
+        return _ANALYSES[key]
     names = A.decomposition_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
     cache = A.run_in_batches(model, data.toks, names=names)
     x, y = A.ln_final_io(cache, pos=0)
@@ -62,8 +75,36 @@ def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
     values = values - values[:, data.isbal].mean(1, keepdim=True)  # the seed's centring
     logits = A.predict(model, data.toks, lengths=data.lengths + 2)
     result = Analysis(cache, r2, direction, values.float(), labels, logits)
-    _ANALYSES[model] = result
+    _ANALYSES[key] = result
     return result
+
+
+_PREDICTIONS: dict[str, tuple] = {}
+
+
+def predictions_on_all(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predicted is-balanced, label, count) per distinct string of the full 100k file: half the
+    file repeats earlier rows, so each distinct string is classified once and weighted by its count."""
+    key = weights_digest(model)
+    if key not in _PREDICTIONS:
+        strs, labels, counts = distinct_reference_strings()
+        toks = B.tokenize(strs)
+        lengths = torch.tensor([len(s) + 2 for s in strs])
+        predicted = A.predict(model, toks, lengths=lengths).argmax(-1).bool()
+        _PREDICTIONS[key] = (predicted, labels, counts)
+    return _PREDICTIONS[key]
+
+
+@lru_cache(maxsize=1)
+def distinct_reference_strings() -> tuple[list, torch.Tensor, torch.Tensor]:
+    data = reference_data(None)
+    counts: dict[str, int] = {}
+    label: dict[str, bool] = {}
+    for s, b in zip(data.strs, data.isbal.tolist()):
+        counts[s] = counts.get(s, 0) + 1
+        label[s] = b
+    strs = list(counts)
+    return strs, torch.tensor([label[s] for s in strs]), torch.tensor([counts[s] for s in strs], dtype=torch.float64)
 
 
 def head_contribution(analysis: Analysis, head: tuple[int, int]) -> torch.Tensor:
@@ -124,7 +165,14 @@ class OursSubject:
         base = zoo_models.get(request, "brackets", zoo_seed).model
         return find_roles(base, bracket_data)
 
+    # hypotheses measured false on our reference model: strict expected failures there (they must keep
+    # failing), with the measurement as the reason; on --seeds models they run as ordinary claims
+    REFUTED_ON_REFERENCE: dict = {}
+
     @pytest.fixture
-    def subject(self, brackets_model, bracket_data, head_roles, zoo_seed, control):
+    def subject(self, brackets_model, bracket_data, head_roles, zoo_seed, control, request):
         name = "ours" if zoo_seed is None else f"ours seed {zoo_seed}"
+        reason = self.REFUTED_ON_REFERENCE.get(request.function.__name__)
+        if reason and zoo_seed is None and control.is_main:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=f"refuted on our reference model: {reason}"))
         return BracketSubject(name, brackets_model, control.apply_data(dict(head_roles)), bracket_data)

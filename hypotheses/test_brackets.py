@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, reference_data
+from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
 from circuits import analysis as A
 from circuits.controls import register_control
 from circuits.interventions import patch_activations
@@ -47,6 +47,11 @@ class LNPairs:
 
     features: torch.Tensor
     targets: torch.Tensor
+
+
+@dataclass
+class Labelled:
+    labels: torch.Tensor  # permuted by the shuffle_labels control
 
 
 @dataclass
@@ -88,13 +93,16 @@ class BracketHypotheses:
     MIN_ACCURACY_ALL = 0.9999
 
     @pytest.mark.controls("untrained")
-    def test_accuracy(self, subject, claim):
+    def test_accuracy_on_the_seeds_5000(self, subject, claim):
         an = analyse(subject.model, subject.data)
         correct = int((an.logits.argmax(-1) == subject.data.isbal.long()).sum())
         claim.at_least("correct_of_first_5000", correct, self.MIN_CORRECT_FIRST_5000)
-        everything = reference_data(None)
-        logits = A.predict(subject.model, everything.toks, lengths=everything.lengths + 2)
-        accuracy = float((logits.argmax(-1) == everything.isbal.long()).float().mean())
+
+    @pytest.mark.controls("shuffle_labels")
+    def test_accuracy_on_all_100k(self, subject, claim, control):
+        predicted, labels, counts = predictions_on_all(subject.model)
+        labelled = control.apply_data(Labelled(labels))
+        accuracy = float(((predicted == labelled.labels).double() * counts).sum() / counts.sum())
         claim.at_least("accuracy_all_100k", accuracy, self.MIN_ACCURACY_ALL)
 
     @pytest.mark.controls("shuffle_labels")
@@ -123,7 +131,10 @@ class BracketHypotheses:
         roles = {A.head_label(*subject.head("count_head")), A.head_label(*subject.head("negative_head"))}
         claim.holds("top2_components_are_the_role_heads", top2 == roles,
                     detail=f"top components {ranked[:3]}; roles {sorted(roles)}")
-        claim.at_least("second_over_third_mean_difference", ranked[1][1] / max(abs(ranked[2][1]), 1e-9), 2.0)
+        difference = dict(ranked)
+        others = max(abs(v) for label, v in ranked if label not in roles)
+        claim.at_least("min(role heads) / max |other components| (mean difference)",
+                       min(difference[r] for r in roles) / max(others, 1e-9), 2.0)
         figures.add("component histograms", _component_histograms(an, subject),
                     caption=f"{subject.name}: contribution along the unbalanced direction, balanced mean subtracted")
 
@@ -200,15 +211,39 @@ class TestArenaCheckpoint(ArenaSubject, BracketHypotheses):
 
 
 class TestOurModel(OursSubject, BracketHypotheses):
-    """The hypotheses on our brackets zoo model; roles found by search, named in the report."""
+    """The hypotheses on our brackets zoo model; roles found by search, named in the report.
+
+    Our reference model reaches the accuracy but does not implement the seed's two-head mechanism:
+    its last MLP carries the unbalanced direction (test_last_mlp_carries_the_unbalanced_direction),
+    and the head-level hypotheses are refuted on it, each with the measurement as its reason.
+    """
 
     MIN_CORRECT_FIRST_5000 = 4990  # >= 99.8% on the seed's 5,000 (held-out target is 99.9%)
     MIN_ACCURACY_ALL = 0.999
+    REFUTED_ON_REFERENCE = {
+        "test_final_layernorm_is_linear_at_position_0": "r^2 = 0.975 < 0.98",
+        "test_unbalanced_direction_carried_by_the_two_role_heads":
+            "L2.mlp carries 17.7 of the mean unbalanced-minus-balanced difference; no head more than 1.9",
+        "test_failure_types_are_read_by_separate_heads":
+            "best head AUROC for elevation failures 0.82, for negative failures 0.87",
+        "test_count_head_tracks_open_proportion": "Spearman 0.575, CI [0.557, 0.594] < 0.65",
+        "test_count_head_attends_to_position_1_from_position_0": "attention q0 -> k1 is 0.22",
+        "test_resampling_the_count_heads_input_keeps_the_loss_only_when_counts_agree":
+            "agreeing resamples recover 0.49 of the loss",
+    }
 
     def test_role_binding(self, subject, claim):
         count, negative = subject.head("count_head"), subject.head("negative_head")
         claim.holds("count and negative roles bound to distinct heads", count != negative,
                     detail=f"{subject.role_label('count_head')}, {subject.role_label('negative_head')}")
+
+    @pytest.mark.controls("zero_ablate_mlp:L2", "untrained")
+    def test_last_mlp_carries_the_unbalanced_direction(self, subject, claim):
+        an = analyse(subject.model, subject.data)
+        ranked = A.heads_by_mean_difference(an.contributions, an.labels, ~subject.data.isbal)
+        claim.holds("top component along the unbalanced direction is L2.mlp", ranked[0][0] == "L2.mlp",
+                    detail=f"top components {[(l, round(v, 2)) for l, v in ranked[:3]]}")
+        claim.at_least("first_over_second_mean_difference", ranked[0][1] / max(abs(ranked[1][1]), 1e-9), 3.0)
 
 
 # --- helpers -------------------------------------------------------------------------------------------

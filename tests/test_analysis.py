@@ -176,3 +176,12 @@ def test_patch_activations_from_itself_is_the_clean_run_and_from_others_matches_
     assert width > 1
     with pytest.raises(InputError, match="source batch"):
         I.patch_activations(model, x, src[:3], patches)
+
+
+def test_zero_ablate_mlp_removes_its_output(model, data):
+    ablated = I.zero_ablate_mlp(model, 0)
+    _, cache = ablated.run_with_cache(data.toks, names=["blocks.0.hook_mlp_out"])
+    assert torch.count_nonzero(cache["blocks.0.hook_mlp_out"]) == 0
+    assert torch.count_nonzero(model.blocks[0].mlp.W_out) > 0
+    with pytest.raises(InputError, match="no MLP in layer 4"):
+        I.zero_ablate_mlp(model, 4)

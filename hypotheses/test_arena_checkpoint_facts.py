@@ -1,0 +1,42 @@
+"""Hypothesis: our hooked transformer loads the published ARENA bracket checkpoint (a TransformerLens
+state dict) faithfully, i.e. it reproduces the facts published about that checkpoint (SOURCE.md and
+seed 000): 5000/5000 correct on the first 5,000 strings, P(balanced | "()") = 99.9987% to four
+decimals, and an r^2 of 0.982 for the linear fit of the final LayerNorm at position 0.
+
+Each fact is checked to the precision it was published with; the untrained control (same
+architecture, fresh weights) must miss every one of them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brackets_subjects import analyse
+from circuits import analysis as A
+from circuits.tasks import brackets as B
+
+
+@pytest.fixture
+def loaded(arena_model, control):
+    return control.apply_model(arena_model)
+
+
+@pytest.mark.controls("untrained")
+def test_first_5000_all_correct(loaded, bracket_data, claim):
+    an = analyse(loaded, bracket_data)
+    correct = int((an.logits.argmax(-1) == bracket_data.isbal.long()).sum())
+    claim.at_least("correct_of_first_5000", correct, 5000)
+
+
+@pytest.mark.controls("untrained")
+def test_confidence_that_empty_pair_is_balanced(loaded, claim):
+    p = float(A.predict(loaded, B.tokenize(["()"])).softmax(-1)[0, 1])
+    # published as 99.9987%: equal to four decimals of a percent
+    claim.close_to("P(balanced | '()')", p, 0.999987, atol=0.0000005)
+
+
+@pytest.mark.controls("untrained")
+def test_final_ln_fit_r2_at_position_0(loaded, bracket_data, claim):
+    an = analyse(loaded, bracket_data)
+    claim.close_to("ln_final_pos0_r2", an.r2, 0.982, atol=0.0005)
