@@ -42,6 +42,7 @@ th { text-align:left; font-weight:600; color:var(--muted); font-size:12px; text-
 td { padding:7px 10px; border-bottom:1px solid var(--line); vertical-align:top; }
 tr.fail td { background:#fff8f7; }
 td.nw { white-space:nowrap; }
+td.tn { min-width:230px; max-width:300px; overflow-wrap:anywhere; }
 td code { word-break:break-word; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 td.m { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; white-space:nowrap; }
@@ -195,7 +196,7 @@ def _module(report: dict, module: str, rows: list[dict], figs: dict, tests: dict
             sub = f'<div class="note">{sub}</div>' if sub else ""
             out.append(
                 f'<tr class="{"fail" if c["status"] == "FAIL" else ""}" title="{_e(c.get("message"))}">'
-                f'<td class="sub nw">{_e(test_label(c))}{_test_flag(c)}</td>'
+                f'<td class="sub tn">{_e(test_label(c))}{_test_flag(c)}</td>'
                 f'<td><code>{_e(c["name"])}</code>{sub}</td>'
                 f'<td class="m">{_e(measured_text(c))}</td><td class="m">{_e(op)}</td><td class="m">{_e(thr)}</td>'
                 f'{_margin(c)}<td>{_result(c["status"])}</td><td>{_controls(c)}</td></tr>')

@@ -1,0 +1,50 @@
+"""Training speed of the bracket model: one optimiser step at the zoo recipe's batch size, and the
+whole data pipeline. The end-to-end number (wall time to the 99.9% held-out target) is recorded in
+each trained model's card (`python -m circuits card brackets`, field `wall_time`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuits import zoo
+from circuits.train import batches, compute_loss
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def _grad_enabled():  # benchmarks/conftest.py runs everything under inference_mode; training needs grad
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@pytest.mark.usefixtures("_grad_enabled")
+def test_bracket_training_step(benchmark):
+    entry = zoo.get_entry("brackets")
+    split = entry.make_train_split(20_000, 1)
+    model = zoo.build_model(entry, 0).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=entry.recipe.lr, foreach=True)
+    gen = torch.Generator().manual_seed(0)
+    stream = iter(())
+
+    def step():
+        nonlocal stream
+        idx = next(stream, None)
+        if idx is None:
+            stream = batches(split, entry.recipe.batch_size, gen, bucket=True)
+            idx = next(stream)
+        loss, _ = compute_loss(model, split.batch(idx), "ce")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+
+    benchmark.extra_info["batch_size"] = entry.recipe.batch_size
+    benchmark.pedantic(step, rounds=200, warmup_rounds=20)
+
+
+def test_bracket_training_data(benchmark):
+    entry = zoo.get_entry("brackets")
+    benchmark.pedantic(lambda: entry.make_train_split(100_000, 1), rounds=5)
