@@ -206,7 +206,7 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], masked entries -inf
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], masked entries -1e5
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head, d_model], per-head output without b_O
@@ -264,7 +264,7 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
-                attn_mask=mask.allowed, is_causal=self.causal and mask.allowed is None,
+                attn_mask=mask.sdpa_mask(q.dtype), is_causal=self.causal and mask.causal_only,
             ).transpose(1, 2)  # [batch, pos, head, d_head]
         if self.hook_result.fns:
             result = self.hook_result(head_results(z, self.W_O))  # [batch, pos, head, d_model]
@@ -292,21 +292,34 @@ class Attention(nn.Module):
 
 
 class AttentionMask:
-    """Built once per forward and shared by every layer. `allowed` (SDPA's convention: True = may
-    attend) is [batch or 1, 1, query_pos or 1, key_pos] bool, or None when nothing is masked beyond a
-    causal mask SDPA applies itself; `additive()` is the full mask as 0 / -inf for the explicit path,
-    built on first use so a forward without attention hooks never pays for it."""
+    """Built once per forward and shared by every layer.
+
+    Masked scores get a large finite negative value (ARENA's -1e5), not -inf: a row whose keys are all
+    masked (a pad query before any real token, as with left padding) then gets a harmless uniform
+    pattern instead of NaNs that would leak into every later position through `pattern @ v`. For any
+    row with an unmasked key the result equals -inf masking exactly (exp(-1e5) underflows to 0).
+    `sdpa_mask()` is None when only a causal mask applies (SDPA's is_causal does it); the float mask is
+    built on first use, so a forward with neither padding nor attention hooks never pays for it.
+    """
 
     def __init__(self, blocked: Optional[torch.Tensor], causal_only: bool):
         self.blocked = blocked  # [batch or 1, 1, query_pos or 1, key_pos] bool, True = masked
-        self.allowed = None if blocked is None or causal_only else ~blocked
+        self.causal_only = causal_only
         self._additive: Optional[torch.Tensor] = None
 
     def additive(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The mask as 0 / MASKED_SCORE floats, or None when nothing is masked."""
         if self.blocked is not None and (self._additive is None or self._additive.dtype != dtype):
+            fill = max(MASKED_SCORE, torch.finfo(dtype).min / 2)
             zeros = torch.zeros(self.blocked.shape, dtype=dtype, device=self.blocked.device)
-            self._additive = zeros.masked_fill_(self.blocked, float("-inf"))
+            self._additive = zeros.masked_fill_(self.blocked, fill)
         return self._additive
+
+    def sdpa_mask(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return None if self.causal_only else self.additive(dtype)
+
+
+MASKED_SCORE = -1e5  # what masked attention scores become (finite: see AttentionMask)
 
 
 class MLP(nn.Module):

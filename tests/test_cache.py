@@ -14,42 +14,18 @@ from circuits.cache import ActivationCache, decomposition_hook_names, project
 from circuits.errors import CircuitsError, HookNameError, InputError
 from circuits.model import HookedTransformer, TransformerConfig
 from circuits.tasks.brackets import tokenize
+from model_configs import CONFIGS, perturbed_model
 
-CONFIGS = {
-    "brackets": dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
-                     pad_token=1, positional="sinusoidal", readout="first", normalization="LN"),
-    "attn_only": dict(n_layers=1, d_model=11, n_ctx=8, n_heads=3, d_head=1, d_mlp=0, d_vocab=11,
-                      normalization=None, attention="causal", positional="none", embed="one_hot",
-                      unembed="one_hot", readout="last"),
-    "read_in": dict(n_layers=2, d_model=16, n_ctx=12, n_heads=2, d_mlp=32, d_vocab=0, d_input=3,
-                    d_vocab_out=1, act_fn="gelu", attention="causal", positional="learned", readout="last"),
-    "palindrome": dict(n_layers=2, d_model=32, n_ctx=12, n_heads=2, d_head=16, d_mlp=64, d_vocab=6,
-                       d_vocab_out=2, pad_token=5, normalization=None, positional="learned", readout="first"),
-}
 LN_CONFIGS = ["brackets", "read_in"]
 DTYPES = [torch.float32, torch.float64]
 IDS = ["f32", "f64"]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a loaded 2-core machine
-    OpenMP spin-waits make each small op ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-@torch.no_grad()
 def make_model(name: str, dtype=torch.float32) -> HookedTransformer:
-    model = HookedTransformer(TransformerConfig(**CONFIGS[name], seed=0, init_range=0.2))
-    g = torch.Generator().manual_seed(1)
-    for pname, p in model.named_parameters():
-        if p.requires_grad and (p.ndim == 1 or pname.endswith("b_QKV")):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.to(dtype).eval()
+    return perturbed_model(name, dtype=dtype)
 
 
 def make_input(model: HookedTransformer, batch: int = 5) -> torch.Tensor:

@@ -13,14 +13,8 @@ from circuits.convert import check_state_dict, load_tl_checkpoint, load_tl_state
 from circuits.errors import StateDictError
 from circuits.model import HookedTransformer, TransformerConfig, sinusoidal_positions
 from circuits.tasks.brackets import tokenize
+from model_configs import ATTN_ONLY, BRACKETS, READ_IN, perturbed_model
 
-BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
-                pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
-READ_IN = dict(n_layers=2, d_model=16, n_ctx=12, n_heads=2, d_mlp=32, d_vocab=0, d_input=3,
-               d_vocab_out=1, act_fn="gelu", attention="causal", positional="learned", readout="last")
-ATTN_ONLY = dict(n_layers=1, d_model=11, n_ctx=8, n_heads=3, d_head=1, d_mlp=0, d_vocab=11,
-                 normalization=None, attention="causal", positional="none", embed="one_hot",
-                 unembed="one_hot", readout="last")
 ARENA = Path(__file__).resolve().parents[1].parent / "shared/reference/arena-brackets"
 needs_arena = pytest.mark.skipif(
     not (ARENA / "brackets_model_state_dict.pt").exists(),
@@ -28,24 +22,10 @@ needs_arena = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a loaded 2-core machine
-    OpenMP spin-waits make each small op ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-@torch.no_grad()
 def make_model(cfg: dict, seed: int = 0, dtype=torch.float32) -> HookedTransformer:
-    model = HookedTransformer(TransformerConfig(**cfg, seed=seed, init_range=0.2))
-    g = torch.Generator().manual_seed(seed + 1)
-    for name, p in model.named_parameters():
-        if p.requires_grad and (p.ndim == 1 or name.endswith("b_QKV")):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.to(dtype).eval()
+    return perturbed_model(cfg, seed=seed, dtype=dtype)
 
 
 def bracket_tokens() -> torch.Tensor:

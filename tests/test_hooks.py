@@ -10,34 +10,13 @@ from circuits.errors import HookNameError, InputError
 from circuits.hooks import HookPoint
 from circuits.model import HookedTransformer, TransformerConfig
 from circuits.tasks.brackets import tokenize
-
-BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
-                pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
-ATTN_ONLY = dict(n_layers=1, d_model=11, n_ctx=8, n_heads=3, d_head=1, d_mlp=0, d_vocab=11,
-                 normalization=None, attention="causal", positional="none", embed="one_hot",
-                 unembed="one_hot", readout="last")
-PALINDROME = dict(n_layers=2, d_model=32, n_ctx=12, n_heads=2, d_head=16, d_mlp=64, d_vocab=6,
-                  d_vocab_out=2, pad_token=5, normalization=None, positional="learned", readout="first")
+from model_configs import ATTN_ONLY, BRACKETS, PALINDROME, perturbed_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a loaded 2-core machine
-    OpenMP spin-waits make each small op ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-@torch.no_grad()
 def make_model(cfg: dict, dtype=torch.float64) -> HookedTransformer:
-    model = HookedTransformer(TransformerConfig(**cfg, seed=0, init_range=0.2))
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if p.requires_grad and (p.ndim == 1 or name.endswith("b_QKV")):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.to(dtype).eval()
+    return perturbed_model(cfg, dtype=dtype)
 
 
 def bracket_tokens() -> torch.Tensor:

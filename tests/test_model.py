@@ -23,54 +23,19 @@ import torch.nn.functional as F
 from circuits.errors import ConfigError, InputError
 from circuits.model import HookedTransformer, TransformerConfig
 from circuits.tasks.brackets import tokenize
+from model_configs import CONFIGS, perturb, perturbed_model
+from circuits.model import MASKED_SCORE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a loaded 2-core machine
-    OpenMP spin-waits make each small op ~100x slower. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-CONFIGS = {
-    # seed 000: the ARENA bracket classifier
-    "brackets": dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
-                     pad_token=1, positional="sinusoidal", readout="first", normalization="LN"),
-    # seed 002: one attention-only causal layer, one-hot embed / unembed, heads of width 1, no LN
-    "attn_only": dict(n_layers=1, d_model=11, n_ctx=8, n_heads=3, d_head=1, d_mlp=0, d_vocab=11,
-                      normalization=None, attention="causal", positional="none", embed="one_hot",
-                      unembed="one_hot", readout="last"),
-    # seed 003: causal GELU model reading vectors through a linear read-in, scalar output
-    "read_in": dict(n_layers=2, d_model=16, n_ctx=12, n_heads=2, d_mlp=32, d_vocab=0, d_input=3,
-                    d_vocab_out=1, act_fn="gelu", attention="causal", positional="learned", readout="last"),
-    # seed 001: palindromes, no LN, bidirectional ReLU, padded
-    "palindrome": dict(n_layers=2, d_model=32, n_ctx=12, n_heads=2, d_head=16, d_mlp=64, d_vocab=6,
-                       d_vocab_out=2, pad_token=5, normalization=None, positional="learned", readout="first"),
-    # causal attention *and* padding (the combined mask), tanh-GELU, LN, read-out last
-    "causal_padded": dict(n_layers=2, d_model=24, n_ctx=10, n_heads=3, d_mlp=16, d_vocab=7, d_vocab_out=3,
-                          pad_token=0, act_fn="gelu_new", attention="causal", readout="last"),
-}
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
-@torch.no_grad()
-def perturb(model: HookedTransformer, seed: int = 1, scale: float = 0.3) -> HookedTransformer:
-    """Move every trainable bias and LayerNorm weight away from its init (zeros / ones)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.requires_grad and (p.ndim == 1 or name.endswith("b_QKV")):
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
-    return model
-
-
 def make_model(name: str, dtype=torch.float32, init_range: float = 0.2) -> HookedTransformer:
-    model = perturb(HookedTransformer(TransformerConfig(**CONFIGS[name], seed=0, init_range=init_range)))
-    return model.to(dtype).eval()
+    return perturbed_model(name, dtype=dtype, init_range=init_range)
 
 
 def make_input(model: HookedTransformer, batch: int = 5, seed: int = 2) -> torch.Tensor:
@@ -155,7 +120,7 @@ def reference_forward(model: HookedTransformer, x: torch.Tensor):
         k = torch.einsum("bpm,hmd->bphd", x1, a.W_K) + a.b_K
         v = torch.einsum("bpm,hmd->bphd", x1, a.W_V) + a.b_V
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.d_head)
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        scores = torch.where(allowed[:, None], scores, scores + MASKED_SCORE)  # finite: no NaN rows
         pattern = torch.softmax(scores, dim=-1)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         result = torch.einsum("bphd,hdm->bphm", z, a.W_O)
@@ -542,3 +507,16 @@ def test_unknown_config_field():
     with pytest.raises(ConfigError, match=r"unknown TransformerConfig fields \['n_layer'\]"):
         TransformerConfig.from_dict({**BASE, "n_layer": 2})
     assert TransformerConfig.from_dict(TransformerConfig(**BASE).to_dict()) == TransformerConfig(**BASE)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fast", "explicit"])
+def test_fully_masked_rows_do_not_poison_the_output(hooked):
+    """A causal model with left padding: the leading pad queries see only masked keys. With -inf
+    masking they would softmax to NaN and leak into every position through pattern @ v."""
+    model = perturbed_model("causal_padded")
+    pad = model.cfg.pad_token
+    x = torch.tensor([[pad, pad, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    hooks = [(lambda n: n.endswith("hook_pattern"), lambda a, h: None)] if hooked else []
+    with torch.no_grad():
+        logits = model.run_with_hooks(x, fwd_hooks=hooks, readout="all")
+    assert torch.isfinite(logits).all()
