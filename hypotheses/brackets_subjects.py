@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -35,16 +35,50 @@ def reference_data(n: Optional[int] = N_EVAL) -> B.BracketData:
     return B.BracketData.from_reference(ARENA_DATA, n=n)
 
 
-@dataclass
 class Analysis:
-    """Everything the claims read, computed once per model on the evaluation strings."""
+    """Everything the claims read about one model on the evaluation strings, each computed on first
+    use and then kept: a control that only needs logits never pays for the activation cache."""
 
-    cache: object
-    r2: float
-    direction: torch.Tensor  # unbalanced direction pulled back through the final-LN fit [d_model]
-    contributions: torch.Tensor  # [component, batch], balanced mean subtracted
-    labels: list
-    logits: torch.Tensor  # [batch, 2]
+    def __init__(self, model: HookedTransformer, data: B.BracketData):
+        self.model, self.data = model, data
+
+    @cached_property
+    def logits(self) -> torch.Tensor:  # [batch, 2]
+        return A.predict(self.model, self.data.toks, lengths=self.data.lengths + 2)
+
+    @cached_property
+    def cache(self):
+        names = A.decomposition_names(self.model) + [
+            f"blocks.{l}.attn.hook_pattern" for l in range(self.model.cfg.n_layers)]
+        return A.run_in_batches(self.model, self.data.toks, names=names)
+
+    @cached_property
+    def _fit(self):
+        x, y = A.ln_final_io(self.cache, pos=0)
+        return A.linear_fit(x, y)
+
+    @property
+    def r2(self) -> float:
+        return self._fit[1]
+
+    @cached_property
+    def direction(self) -> torch.Tensor:
+        """The unbalanced-minus-balanced logit direction pulled back through the final-LN fit: [d_model]."""
+        return A.pull_back(self._fit[0], A.logit_direction(self.model, 0, 1))
+
+    @cached_property
+    def _contributions(self):
+        values, labels = A.component_contributions(self.cache, self.direction, pos=0)
+        values = values - values[:, self.data.isbal].mean(1, keepdim=True)  # the seed's centring
+        return values.float(), labels
+
+    @property
+    def contributions(self) -> torch.Tensor:  # [component, batch], balanced mean subtracted
+        return self._contributions[0]
+
+    @property
+    def labels(self) -> list:
+        return self._contributions[1]
 
 
 _ANALYSES: dict[str, Analysis] = {}
@@ -64,19 +98,9 @@ def weights_digest(model: HookedTransformer) -> str:
 
 def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
     key = weights_digest(model) + f"/{len(data)}"
-    if key in _ANALYSES:
-        return _ANALYSES[key]
-    names = A.decomposition_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    cache = A.run_in_batches(model, data.toks, names=names)
-    x, y = A.ln_final_io(cache, pos=0)
-    fit, r2 = A.linear_fit(x, y)
-    direction = A.pull_back(fit, A.logit_direction(model, 0, 1))  # unbalanced minus balanced logit
-    values, labels = A.component_contributions(cache, direction, pos=0)
-    values = values - values[:, data.isbal].mean(1, keepdim=True)  # the seed's centring
-    logits = A.predict(model, data.toks, lengths=data.lengths + 2)
-    result = Analysis(cache, r2, direction, values.float(), labels, logits)
-    _ANALYSES[key] = result
-    return result
+    if key not in _ANALYSES:
+        _ANALYSES[key] = Analysis(model, data)
+    return _ANALYSES[key]
 
 
 _PREDICTIONS: dict[str, tuple] = {}
