@@ -270,7 +270,8 @@ def gpt2_config(cfg: TransformerConfig, vocab_size: Optional[int] = None, **over
 
 class GPT2ReadIn(nn.Module):
     """The seed's model class with a real `transformers.GPT2Model`: read-in Linear -> GPT-2 backbone
-    (inputs_embeds) -> read-out Linear, returning the read-out at the last position [batch, out].
+    (inputs_embeds) -> read-out Linear, returning the read-out at the last position [batch, out]
+    (or at every position, [batch, pos, out], with all_positions=True).
 
     Attribute names are the seed's (`_read_in`, `_backbone`, `_read_out`), so its state dict is the
     seed's checkpoint layout.
@@ -283,8 +284,10 @@ class GPT2ReadIn(nn.Module):
         self._backbone = transformers.GPT2Model(config)
         self._read_out = nn.Linear(config.n_embd, d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
         hidden = self._backbone(inputs_embeds=self._read_in(x)).last_hidden_state  # [batch, pos, d_model]
+        if all_positions:
+            return self._read_out(hidden)  # [batch, pos, d_out]
         return self._read_out(hidden[:, -1])  # [batch, d_out]
 
 

@@ -33,14 +33,6 @@ TOKENS = dict(n_layers=2, d_model=24, n_ctx=10, n_heads=3, d_mlp=40, d_vocab=13,
               act_fn="gelu_new", normalization="LN", attention="causal", positional="learned", readout="all")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def random_model(cfg: dict, seed: int = 0, dtype=torch.float64, **over) -> HookedTransformer:
     """Every weight random, LN weights and biases too, so no part of the map can hide behind 1s/0s."""

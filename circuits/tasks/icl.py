@@ -45,7 +45,13 @@ predictor with the smaller squared error summed over the visible context (0.1154
 With the default alphas (0.1, 0.8) the same simulation gives ridge 0.2942 and 0.3042, oracle
 0.2650, in-context selector 0.2866 and noise floor mean((0.8 a)^2) = 0.2080.
 
-Determinism: sequences are drawn in chunks of ``CHUNK`` from one seeded float64 generator, so
+Analysis tools (used by hypotheses/test_icl.py): ``predict_with_context`` (the model with only the
+last c context tokens visible, for MSE-vs-context curves), ``last_position_residuals`` with
+``probe_heldout`` / ``probe_r2`` (held-out linear probes), and the seed's attention clustering,
+``cluster_rows`` (KMeans, k by silhouette) and ``cluster_probe`` (does a linear classifier on the
+inputs predict the clusters, cross-validated).
+
+Determinism: sequences are drawn in whole chunks of ``CHUNK`` from one seeded float64 generator, so
 ``generate(n, seed)`` is a prefix of ``generate(m, seed)`` for ``n <= m``.
 """
 
@@ -63,13 +69,16 @@ from circuits.errors import InputError
 __all__ = [
     "D_X", "N_POINTS", "DATA_ALPHAS", "NOISE_SCALE", "PUBLISHED", "DATA_VERSION", "ICLData",
     "ridge_fit", "ridge_predict", "generate", "make_split",
+    # analysis tools (seed-specific; the general ones live in circuits.analysis)
+    "context_padding_mask", "predict_with_context", "last_position_residuals", "probe_heldout", "r2",
+    "probe_r2", "cluster_rows", "cluster_probe",
 ]
 
 D_X = 5  # dimension of x
 N_POINTS = 21  # training points per ridge fit, and test points = tokens per sequence
 DATA_ALPHAS = (0.1, 0.8)  # noise levels a, and the ridge strengths lambda (the same list)
 NOISE_SCALE = 0.8  # noise standard deviation is NOISE_SCALE * a
-CHUNK = 16_384  # sequences per generator chunk (part of what a seed means: do not change lightly)
+CHUNK = 4096  # sequences per generator chunk (part of what a seed means: do not change lightly)
 DATA_VERSION = "icl-data-1"  # bump when generate() changes what a seed produces
 
 # The seed project's numbers for its checkpoint trained with alphas (0.1, 0.5) (a long GPU run).
@@ -218,8 +227,9 @@ def generate(n: int, seed: int, alphas: Sequence[float] = DATA_ALPHAS, n_points:
              d: int = D_X, noise_scale: float = NOISE_SCALE) -> ICLData:
     """``n`` sequences of the model-selection task (see the module docstring), from ``seed``.
 
-    Vectorised in torch (float64), one chunk of ``CHUNK`` sequences at a time; per chunk the draws
-    are, in order: alpha index, w, training x, training noise, test x, test noise.
+    Vectorised in torch (float64), one whole chunk of ``CHUNK`` sequences at a time (the last one
+    cut to size); per chunk the draws are, in order: alpha index, w, training x, training noise,
+    test x, test noise.
     """
     alphas = _check_generate_args(n, seed, alphas, n_points, d)
     gen = torch.Generator().manual_seed(seed)
@@ -227,7 +237,7 @@ def generate(n: int, seed: int, alphas: Sequence[float] = DATA_ALPHAS, n_points:
     table = torch.tensor(alphas, dtype=f64)
     parts = []
     for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
+        m = CHUNK  # whole chunks, cut at the end: then a smaller n gives a prefix of a larger one
         a = table[torch.randint(len(alphas), (m,), generator=gen)]  # [m]
         w = torch.randn(m, d, generator=gen, dtype=f64)  # [m, d]
         sigma = (noise_scale * a)[:, None]  # [m, 1]
@@ -236,7 +246,8 @@ def generate(n: int, seed: int, alphas: Sequence[float] = DATA_ALPHAS, n_points:
         x_test = torch.randn(m, n_points, d, generator=gen, dtype=f64)  # [m, N, d]
         y_test = (x_test @ w[:, :, None])[..., 0] + sigma * torch.randn(m, n_points, generator=gen, dtype=f64)
         coef, b = ridge_fit(x_train, y_train, alphas)
-        parts.append((a, ridge_predict(coef, b, x_test), y_test))
+        keep = min(CHUNK, n - start)
+        parts.append((a[:keep], ridge_predict(coef, b, x_test)[:keep], y_test[:keep]))
     if parts:
         a, preds, ys = (torch.cat(t) for t in zip(*parts))
     else:
@@ -246,6 +257,145 @@ def generate(n: int, seed: int, alphas: Sequence[float] = DATA_ALPHAS, n_points:
     shown[:, -1] = 0.0  # the model must predict this one
     inputs = torch.cat([preds, shown[..., None]], -1).float()  # [n, N, k + 1]
     return ICLData(inputs, ys[:, -1].float(), a, preds, ys, alphas, float(noise_scale))
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis tools for this seed: shortened contexts, linear probes, attention clustering
+# --------------------------------------------------------------------------------------------------
+
+
+def context_padding_mask(n: int, n_points: int, n_context: int) -> torch.Tensor:
+    """Key padding mask [n, n_points] (True = hidden) that leaves only the last ``n_context`` context
+    tokens and the query visible. The query keeps its learned position N - 1, the one it was trained
+    at, so "context length" changes what is visible, not where the query sits. Hidden keys get
+    exp(-1e5) = 0 attention from every visible position, so the hidden tokens cannot matter."""
+    if isinstance(n_context, bool) or not isinstance(n_context, int) or not 0 <= n_context <= n_points - 1:
+        raise InputError(f"n_context must be an int in [0, {n_points - 1}], got {n_context!r}")
+    mask = torch.zeros(n, n_points, dtype=torch.bool)
+    mask[:, : n_points - 1 - n_context] = True
+    return mask
+
+
+@torch.no_grad()
+def predict_with_context(model, inputs: torch.Tensor, n_context: int, batch_size: int = 4096) -> torch.Tensor:
+    """The model's prediction at the last position when it sees only the last ``n_context`` context
+    tokens (see ``context_padding_mask``): [n]."""
+    outs = []
+    for i in range(0, inputs.shape[0], batch_size):
+        x = inputs[i:i + batch_size]
+        mask = context_padding_mask(x.shape[0], x.shape[1], n_context).to(x.device)
+        outs.append(model(x, key_padding_mask=mask, readout="last")[:, 0])
+    return torch.cat(outs) if outs else inputs.new_zeros(0)
+
+
+def last_position_residuals(model, inputs: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Residual stream at the last position entering each block and after the last one:
+    [n_layers + 1, n, d_model] (index l = ``blocks.l.hook_resid_pre``, last = final LN's input)."""
+    L = model.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    parts = []
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch_size):
+            _, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
+            parts.append(torch.stack([cache[n][:, -1] for n in names]))
+    return torch.cat(parts, 1)
+
+
+def probe_heldout(features, targets, train_fraction: float = 0.5, alpha: float = 1e-2, seed: int = 0):
+    """A linear probe (sklearn: standardised features -> Ridge(alpha)) fitted on a random part of
+    the rows (``train_fraction``, split by ``seed``) and applied to the rest.
+
+    Returns ``(predictions, targets)`` on the held-out rows, numpy arrays; ``r2`` of them is the
+    probe's held-out r^2 (and a bootstrap over these rows gives its interval).
+    """
+    import numpy as np
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _as_numpy(features, 2), _as_numpy(targets, 1)
+    if X.shape[0] != y.shape[0] or X.shape[0] < 4:
+        raise InputError(f"a probe needs matching row counts >= 4, got {X.shape[0]} and {y.shape[0]}")
+    if not 0 < train_fraction < 1:
+        raise InputError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    order = np.random.default_rng(seed).permutation(X.shape[0])
+    cut = min(max(int(round(train_fraction * X.shape[0])), 2), X.shape[0] - 2)
+    train, test = order[:cut], order[cut:]
+    probe = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[train], y[train])
+    return probe.predict(X[test]), y[test]
+
+
+def r2(predictions, targets, axis: int = -1):
+    """Coefficient of determination 1 - SS_res / SS_tot along ``axis`` (vectorised, for the bootstrap)."""
+    import numpy as np
+
+    p, y = np.asarray(predictions, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    ss_res = ((y - p) ** 2).sum(axis)
+    ss_tot = ((y - y.mean(axis, keepdims=True)) ** 2).sum(axis)
+    with np.errstate(all="ignore"):
+        return 1.0 - ss_res / ss_tot
+
+
+def probe_r2(features, targets, train_fraction: float = 0.5, alpha: float = 1e-2, seed: int = 0) -> float:
+    """Held-out r^2 of the linear probe of ``probe_heldout``: below 0 means worse than predicting the
+    held-out mean."""
+    return float(r2(*probe_heldout(features, targets, train_fraction, alpha, seed)))
+
+
+def cluster_rows(rows, k_values=range(2, 10), seed: int = 0):
+    """The seed's attention clustering: KMeans on the rows for each k, k chosen by the best
+    silhouette score. Returns ``(labels [n], k, {k: silhouette})``."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    X = _as_numpy(rows, 2)
+    k_values = [int(k) for k in k_values]
+    if not k_values or min(k_values) < 2 or max(k_values) >= X.shape[0]:
+        raise InputError(f"k values must lie in [2, n_rows - 1] = [2, {X.shape[0] - 1}], got {k_values}")
+    scores, fits = {}, {}
+    for k in k_values:
+        km = KMeans(n_clusters=k, n_init=2, random_state=seed).fit(X)
+        fits[k] = km.labels_
+        scores[k] = float(silhouette_score(X, km.labels_)) if len(set(km.labels_)) > 1 else float("-inf")
+    best = max(k_values, key=lambda k: scores[k])
+    return np.asarray(fits[best]), best, scores
+
+
+def cluster_probe(features, labels, folds: int = 5, seed: int = 0):
+    """How well a linear classifier on ``features`` explains cluster ``labels``: a logistic regression
+    on standardised features, cross-validated (stratified ``folds``). Returns ``(correct, majority)``:
+    whether each row's held-out prediction was right ([n] float array of 0/1; its mean is the
+    cross-validated accuracy) and the majority-class rate, what ignoring the features reaches."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _as_numpy(features, 2), _as_numpy(labels, 1).astype(np.int64)
+    if X.shape[0] != y.shape[0]:
+        raise InputError(f"features and labels have {X.shape[0]} and {y.shape[0]} rows")
+    _, counts = np.unique(y, return_counts=True)
+    if counts.size < 2 or counts.min() < folds:
+        raise InputError(f"need >= 2 classes with >= {folds} rows each, got class sizes {counts.tolist()}")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    predicted = cross_val_predict(clf, X, y, cv=cv)
+    return (predicted == y).astype(np.float64), float(counts.max() / counts.sum())
+
+
+def _as_numpy(x, ndim: int):
+    import numpy as np
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != ndim:
+        raise InputError(f"expected a {ndim}-D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError("array holds NaN or inf values")
+    return x
 
 
 def make_split(n: int, seed: int):
@@ -266,6 +416,8 @@ def _register() -> None:
                                  d_input=len(DATA_ALPHAS) + 1, d_vocab=0, d_vocab_out=1,
                                  act_fn="gelu_new", normalization="LN", attention="causal",
                                  positional="learned", readout="last"),
+        # a CPU budget (~2 min on one thread): 4,000 steps of 64 fresh sequences, where the seed project
+        # trained for a long GPU run; 5,500 steps gained only 0.001 of MSE, batch 128 no more per second
         recipe=TrainRecipe(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, loss="mse",
                            n_train=256_000, n_eval=8192, eval_every=500, bucket_by_length=False,
                            threads=1),

@@ -14,14 +14,6 @@ from circuits.model import HookedTransformer
 from circuits.tasks import icl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data() -> icl.ICLData:
     return icl.generate(3000, seed=5)
@@ -164,14 +156,30 @@ def small_model(seed: int = 0) -> HookedTransformer:
     return HookedTransformer(cfg).eval()
 
 
+def slow_predict_with_context(model, x, n_context):
+    """The obvious version: every position from the first visible one on gets -inf scores on the
+    hidden keys, in every layer (earlier positions are never read by the query)."""
+    lo = 20 - n_context
+
+    def hide(scores, hook):
+        scores = scores.clone()
+        scores[:, :, lo:, :lo] = float("-inf")
+        return scores
+
+    hooks = [(f"blocks.{l}.attn.hook_attn_scores", hide) for l in range(3)] if lo else []
+    with torch.no_grad():
+        return model.run_with_hooks(x, fwd_hooks=hooks)[:, 0]
+
+
 def test_context_masking_hides_exactly_the_early_tokens(data):
     model = small_model()
     x = data.inputs[:16]
     full = icl.predict_with_context(model, x, 20)
     with torch.no_grad():
         torch.testing.assert_close(full, model(x)[:, 0])
-    for c in (0, 3, 12):
-        masked = icl.predict_with_context(model, x, c)
+    for c in (0, 3, 12, 20):
+        masked = icl.predict_with_context(model, x, c, batch_size=5)
+        torch.testing.assert_close(masked, slow_predict_with_context(model, x, c), atol=1e-5, rtol=1e-5)
         changed = x.clone()
         changed[:, : 20 - c] = torch.randn_like(changed[:, : 20 - c]) * 5  # hidden tokens: no effect
         torch.testing.assert_close(icl.predict_with_context(model, changed, c), masked, atol=1e-5, rtol=1e-5)
@@ -179,6 +187,7 @@ def test_context_masking_hides_exactly_the_early_tokens(data):
             seen = x.clone()
             seen[:, 20 - c] += 3.0
             assert not torch.allclose(icl.predict_with_context(model, seen, c), masked)
+    assert icl.context_padding_mask(2, 21, 3).sum(1).tolist() == [17, 17]
     with pytest.raises(InputError, match="n_context"):
         icl.predict_with_context(model, x, 21)
 
