@@ -247,7 +247,9 @@ class TestOurModel(OursSubject, BracketHypotheses):
         ranked = A.heads_by_mean_difference(an.contributions, an.labels, ~subject.data.isbal)
         claim.holds("top component along the unbalanced direction is L2.mlp", ranked[0][0] == "L2.mlp",
                     detail=f"top components {[(l, round(v, 2)) for l, v in ranked[:3]]}")
-        claim.at_least("first_over_second_mean_difference", ranked[0][1] / max(abs(ranked[1][1]), 1e-9), 3.0)
+        difference = dict(ranked)
+        others = max(abs(v) for label, v in ranked if label != "L2.mlp")
+        claim.at_least("L2.mlp / max |other components| (mean difference)", difference["L2.mlp"] / max(others, 1e-9), 3.0)
 
 
 # --- helpers -------------------------------------------------------------------------------------------
