@@ -29,17 +29,22 @@ def check_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Tenso
         if isinstance(given[k], torch.Tensor) and tuple(given[k].shape) != expected[k]
     ]
     not_tensors = sorted(k for k, v in given.items() if not isinstance(v, torch.Tensor))
+    raise_key_problems("state dict does not fit this model", missing, unexpected, misshaped, not_tensors)
+
+
+def raise_key_problems(what: str, missing, unexpected, misshaped, not_tensors=()) -> None:
+    """One StateDictError naming every problem found, or nothing when there is none."""
     problems = []
     if missing:
-        problems.append(f"missing keys: {missing}")
+        problems.append(f"missing keys: {sorted(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
+        problems.append(f"unexpected keys: {sorted(unexpected)}")
     if misshaped:
         problems.append(f"mis-shaped keys: {misshaped}")
     if not_tensors:
-        problems.append(f"values that are not tensors: {not_tensors}")
+        problems.append(f"values that are not tensors: {sorted(not_tensors)}")
     if problems:
-        raise StateDictError("state dict does not fit this model: " + "; ".join(problems))
+        raise StateDictError(f"{what}: " + "; ".join(problems))
 
 
 def load_tl_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> HookedTransformer:

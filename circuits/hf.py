@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, StateDictError
+from .convert import raise_key_problems
 from .model import HookedTransformer, TransformerConfig
 
 __all__ = [
@@ -84,18 +85,6 @@ def _take(sd: Mapping[str, torch.Tensor], key: str, shape: tuple, missing: list,
         misshaped.append(f"{key}: expected {shape}, got {got}")
         return None
     return t.detach()
-
-
-def _raise_problems(what: str, missing, unexpected, misshaped) -> None:
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {sorted(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {sorted(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {misshaped}")
-    if problems:
-        raise StateDictError(f"{what}: " + "; ".join(problems))
 
 
 def from_gpt2(backbone: Mapping[str, torch.Tensor], cfg: TransformerConfig,
@@ -164,7 +153,7 @@ def from_gpt2(backbone: Mapping[str, torch.Tensor], cfg: TransformerConfig,
     out["unembed.W_U"] = None if w is None else w.t()
     out["unembed.b_U"] = b
     unexpected = [k for k in backbone if k not in used and not k.endswith(GPT2_IGNORED_SUFFIXES)]
-    _raise_problems("GPT-2 state dict does not fit this config", missing, unexpected, misshaped)
+    raise_key_problems("GPT-2 state dict does not fit this config", missing, unexpected, misshaped)
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
