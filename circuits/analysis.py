@@ -5,7 +5,7 @@ Each is tested against a slow obvious version in tests/test_analysis.py.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -17,18 +17,29 @@ from .model import HookedTransformer
 
 
 def run_in_batches(model: HookedTransformer, inputs: torch.Tensor, names=None, batch_size: int = 2000,
-                   lengths: Optional[torch.Tensor] = None) -> ActivationCache:
+                   keep: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> ActivationCache:
     """run_with_cache over a large input in chunks (no grad), concatenated along the batch.
 
-    Every chunk keeps the full width of `inputs` so positions line up across chunks.
+    Every chunk keeps the full width of `inputs` so positions line up across chunks. `keep(name,
+    activation)` may cut each activation down before it is stored (e.g. `query_position(0)`), which
+    saves most of the memory and time when a claim reads only one position.
     """
     stores: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for i in range(0, inputs.shape[0], batch_size):
             _, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
             for k, v in cache.items():
-                stores.setdefault(k, []).append(v)
+                stores.setdefault(k, []).append(keep(k, v) if keep else v)
     return ActivationCache({k: torch.cat(v) for k, v in stores.items()}, model)
+
+
+def at_position(pos: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """A `keep` for run_in_batches: every activation at one (query) position, axis kept (length 1)."""
+    def keep(name: str, act: torch.Tensor) -> torch.Tensor:
+        if name.endswith(("hook_pattern", "hook_attn_scores")):
+            return act[:, :, pos:pos + 1]  # [batch, head, 1, key_pos]
+        return act[:, pos:pos + 1]  # [batch, 1, ...]
+    return keep
 
 
 def predict(model: HookedTransformer, inputs: torch.Tensor, batch_size: int = 2000,

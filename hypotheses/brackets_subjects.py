@@ -50,7 +50,8 @@ class Analysis:
     def cache(self):
         names = A.decomposition_names(self.model) + [
             f"blocks.{l}.attn.hook_pattern" for l in range(self.model.cfg.n_layers)]
-        return A.run_in_batches(self.model, self.data.toks, names=names)
+        # every claim here reads position 0 (the read-out) or attention from query 0
+        return A.run_in_batches(self.model, self.data.toks, names=names, keep=A.at_position(0))
 
     @cached_property
     def _fit(self):

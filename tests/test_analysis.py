@@ -185,3 +185,14 @@ def test_zero_ablate_mlp_removes_its_output(model, data):
     assert torch.count_nonzero(model.blocks[0].mlp.W_out) > 0
     with pytest.raises(InputError, match="no MLP in layer 4"):
         I.zero_ablate_mlp(model, 4)
+
+
+def test_run_in_batches_keeping_one_position_equals_slicing_the_full_cache(model, data):
+    names = A.decomposition_names(model) + ["blocks.1.attn.hook_pattern"]
+    full = A.run_in_batches(model, data.toks, names=names, batch_size=70)
+    cut = A.run_in_batches(model, data.toks, names=names, batch_size=70, keep=A.at_position(0))
+    torch.testing.assert_close(cut["blocks.1.attn.hook_pattern"], full["blocks.1.attn.hook_pattern"][:, :, :1])
+    stack_full, labels = full.decompose_resid(None, pos=0)
+    stack_cut, labels_cut = cut.decompose_resid(None, pos=0)
+    assert labels == labels_cut
+    torch.testing.assert_close(stack_cut, stack_full)
