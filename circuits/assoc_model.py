@@ -33,7 +33,7 @@ logits); a switch only changes what the attention reads or whether the residual 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
 import torch
@@ -75,9 +75,11 @@ class AssocConfig:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        self.freeze = tuple(sorted(set(self.freeze), key=FREEZABLE.index)) if all(
-            f in FREEZABLE for f in self.freeze) else tuple(self.freeze)
         problems = []
+        if isinstance(self.freeze, str):
+            problems.append(f"freeze={self.freeze!r} must be a tuple of group names, e.g. ('E', 'U')")
+        elif all(f in FREEZABLE for f in self.freeze):  # canonical order, so equal configs hash alike
+            self.freeze = tuple(sorted(set(self.freeze), key=FREEZABLE.index))
         for f in ("d_vocab", "n_ctx", "d_model", "n_heads", "d_head", "n_layers", "mlp_depth"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -89,7 +91,7 @@ class AssocConfig:
         for f in ("qk_input", "ov_input"):
             if getattr(self, f) not in _SOURCES:
                 problems.append(f"{f}={getattr(self, f)!r} is not one of {_SOURCES}")
-        bad = [f for f in self.freeze if f not in FREEZABLE]
+        bad = [] if isinstance(self.freeze, str) else [f for f in self.freeze if f not in FREEZABLE]
         if bad:
             problems.append(f"freeze={self.freeze!r}: {bad} not in {FREEZABLE}")
         if self.init not in ("torch", "normal"):
@@ -219,25 +221,14 @@ class AssocTransformer(HookedTransformer):
     """HookedTransformer + the seed's switches; reads S tokens and returns [batch, N] next-token logits."""
 
     def __init__(self, acfg: AssocConfig):
-        self.acfg = acfg
-        cfg = acfg.transformer_config()
-        nn.Module.__init__(self)  # build the parent's modules with our block class, then init once
-        self.cfg = cfg
-        from .model import Embed, LayerNorm, PosEmbed, Unembed
-
-        self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        self.pos_embed = PosEmbed(cfg)
-        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList(AssocBlock(cfg, acfg) for _ in range(cfg.n_layers))
-        if cfg.normalization == "LN":
-            self.ln_final = LayerNorm(cfg)
-        self.unembed = Unembed(cfg)
+        self.acfg = acfg  # a plain attribute may precede nn.Module.__init__; init_weights reads it
+        super().__init__(acfg.transformer_config())
+        self.blocks = nn.ModuleList(AssocBlock(self.cfg, acfg) for _ in range(self.cfg.n_layers))
         if not acfg.biases:
             for name, p in self.named_parameters():
                 if name.endswith(("attn.b_QKV", "attn.b_O")) or name == "unembed.b_U":
                     p.requires_grad_(False)
-        self.init_weights(acfg.seed)
+        self.init_weights(acfg.seed)  # again: the blocks are new
         self._apply_freeze()
         self.setup_hooks()
 
@@ -312,9 +303,91 @@ def build_model(acfg: AssocConfig) -> AssocTransformer:
     return AssocTransformer(acfg)
 
 
+def all_contexts(n_vocab: int, n_ctx: int) -> torch.Tensor:
+    """Every context (t_1..t_S) in row-major order: [N^S, S]; row i is i written in base N."""
+    grid = torch.arange(n_vocab)
+    if n_ctx == 1:
+        return grid[:, None]
+    return torch.cartesian_prod(*([grid] * n_ctx))
+
+
+MAX_GRID = 2_000_000  # N^S * H above this: table_logits refuses (use the model's forward in batches)
+
+
+def table_logits(model: AssocTransformer) -> torch.Tensor:
+    """The model's logits on every context at once: [N^S, N], rows in `all_contexts` order.
+
+    Exactly `model(all_contexts(N, S))` (tested to float tolerance for every switch), computed from
+    per-token tables instead of per-sequence activations: with one layer, a query depends only on the
+    last token and a key/value only on its own token and position, so Q, K, V and V W_O are tables
+    over the N tokens, and only the attention scores and the weighted sum need the N^S grid. That is
+    ~10x fewer operations than the forward on N^S sequences for the seed's sizes, with gradients
+    (the full-batch trainer uses it). Hooks are not run; one layer only.
+    """
+    a = model.acfg
+    if a.n_layers != 1:
+        raise InputError(f"table_logits needs a one-layer model (got n_layers={a.n_layers}); use model(x)")
+    N, S, H, dh = a.d_vocab, a.n_ctx, a.n_heads, a.d_head
+    if N ** S * H > MAX_GRID:
+        raise InputError(f"table_logits: N^S * H = {N ** S * H} exceeds {MAX_GRID}; evaluate model(x) in batches")
+    block = model.blocks[0]
+    attn = block.attn
+    E = model.embed.W_E  # [N, d]
+    P = model.pos_embed.W_pos[:S]  # [S, d]
+    R = E[None] + P[:, None] if a.pos_in_residual else E[None].expand(S, -1, -1)  # resid_pre [S, N, d]
+
+    def source(kind: str) -> torch.Tensor:  # the attention input, [S, N or 1, d]
+        if kind == "position":
+            return P[:, None]
+        if kind == "token":
+            return block.ln1(R - P[:, None] if a.pos_in_residual else R)
+        return block.ln1(R) if a.pos_in_residual else block.ln1(R) + P[:, None]
+
+    X_qk = source(a.qk_input)
+    X_v = X_qk if a.ov_input == a.qk_input else source(a.ov_input)
+    W_Q, W_K, W_V = attn.W_Q, attn.W_K, attn.W_V  # [H, d, dh]
+    q = torch.einsum("nd,hde->nhe", X_qk[S - 1], W_Q) + attn.b_Q  # [N or 1, H, dh] (last token)
+    k = torch.einsum("snd,hde->snhe", X_qk, W_K) + attn.b_K  # [S, N or 1, H, dh]
+    vo = torch.einsum("snd,hde,hem->snhm", X_v, W_V, attn.W_O) + torch.einsum(
+        "he,hem->hm", attn.b_V, attn.W_O)  # [S, N or 1, H, d]: each value already through its head's W_O
+
+    def on_axes(t: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+        """View a [n_a, (n_b,) ...rest] tensor on the S grid axes `axes` (others singleton)."""
+        shape = [1] * S
+        for i, ax in enumerate(axes):
+            shape[ax] = t.shape[i]
+        return t.reshape(*shape, *t.shape[len(axes):])
+
+    scale = 1.0 / math.sqrt(dh)
+    scores = []
+    for p in range(S - 1):  # score of key position p < S: q(t_S) . k_p(t_p), on grid axes (p, S)
+        scores.append(on_axes(torch.einsum("ahe,bhe->abh", k[p], q) * scale, (p, S - 1)))
+    scores.append(on_axes((k[S - 1] * q).sum(-1) * scale, (S - 1,)))  # the last token with itself
+    grid = torch.broadcast_shapes(*(s.shape for s in scores))
+    scores = torch.stack([s.expand(grid) for s in scores])  # [S, N.., H]
+    pattern = (scores - scores.amax(0, keepdim=True)).exp()  # softmax over key positions (a size-S
+    pattern = pattern / pattern.sum(0, keepdim=True)  # softmax on a non-last axis is slow on CPU)
+    letters = "abcdefg"[:S]
+    out = attn.b_O
+    for p in range(S):  # sum_h pattern[.., h, p] * vo_p[t_p, h, :] without materialising [N.., H, d]
+        if vo[p].shape[0] == 1:
+            term = torch.einsum(f"{letters}h,hm->{letters}m", pattern[p], vo[p][0])
+        else:
+            term = torch.einsum(f"{letters}h,{letters[p]}hm->{letters}m", pattern[p], vo[p])
+        out = out + term  # [N.., d]
+    last = on_axes(R[S - 1], (S - 1,))  # [1.., N, d]
+    resid = last + out if a.residual else out
+    if a.d_mlp:
+        resid = resid + block.mlp(block.ln2(resid))
+    if a.normalization == "LN":
+        resid = model.ln_final(resid)
+    logits = model.unembed(resid)  # [N.., N] (broadcast up to the full grid)
+    return logits.expand(*([N] * S), -1).reshape(N ** S, -1)
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-__all__ = ["AssocConfig", "AssocTransformer", "SplitAttention", "DeepMLP", "AssocBlock", "build_model",
+__all__ = ["AssocConfig", "AssocTransformer", "SplitAttention", "DeepMLP", "AssocBlock", "build_model", "all_contexts", "table_logits",
            "FREEZABLE", "trainable_parameters"]

@@ -205,7 +205,7 @@ def test_bad_input_is_reported_clearly(project):
     ''')
     result = project.runpytest("--run-id", "badcoll")
     result.stdout.fnmatch_lines([
-        "*unknown control 'nosuch' in spec 'nosuch:L1H1'; known controls: ablate, flip*untrained*",
+        "*unknown control 'nosuch' in spec 'nosuch:L1H1'; known controls: ablate, *flip*untrained*",
     ])
     (err,) = load(project, "badcoll")["collection_errors"]  # the run still leaves a report saying why
     assert err["nodeid"] == "test_unknown_control.py" and "unknown control 'nosuch'" in err["message"]

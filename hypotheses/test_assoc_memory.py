@@ -1,0 +1,565 @@
+"""Hypotheses (seed 004): attention-only transformers as associative memories (Dana, Pydi & Chevaleyre,
+"Memorization in Attention-only Transformers", AISTATS 2025; after Cabannes, Dohmatob & Bietti).
+
+The model is T(t) = W_U (e(t_S) + pos_S + sum_h W_O^h W_V^h A^h(t)): one layer of H parallel heads of
+width d_h on embeddings of width d, no LayerNorm, no biases (`circuits.assoc_model`). Data are laws over
+token sequences (`circuits.tasks.assoc_memory`); every divergence and accuracy is an exact sum over all
+contexts, not a sample estimate.
+
+* Proposition 1 (rank bound). The logits are W_U times a d-vector, so over all contexts they have rank
+  <= d: no AoT of width d has a smaller divergence than the best rank-d factorisation of the conditional
+  log-probabilities (the seed's `Low_rank`, its "optimal baseline"). On the seed's last-position law
+  (N = 10, next token = a chosen one with probability 0.95, d = d_h = 5) the 20-head model's divergence
+  is not below the rank-5 optimum (best of 16 restarts; 2% allowed for the optimiser's error), gets
+  within 10% of it, and goes below the rank-4 optimum (the model uses all its width). The random
+  baseline log N - H(pi) = 1.994 nats is what a uniform prediction scores; training ends below 5% of it.
+* Experiment 1 (scaling with heads; N = 50 bigram associations, d = d_h = 10, trained as the seed's
+  notebook: Adam 1e-3, 10,000 steps of 1,024 sampled pairs). The paper's accuracies (0.13 at H = 1 ...
+  0.96 at H = 26, 0.997 at H = 31) are reproduced within +-0.05 at H = 1, 21, 26, 31 on the default
+  grid (seed 0); at H = 6, 11, 16 our curve runs 0.06-0.12 below the paper's (strict expected failures
+  with the measured numbers), and with both seeds (--full-sweep, the paper's two repetitions) H = 21
+  misses too (0.789: the seeds differ by 0.09 on the steep part). The slope before saturation (the
+  paper's fit: points up to the first accuracy above 0.95) matches the paper's 0.034 per head within
+  0.005 (ours 0.036), and the fit is linear (r^2 >= 0.95).
+* Corollary 2 (capacity lower bound): accuracy >= 1/N + (1 - 1/N)(H d_h + d)/n for every trained model
+  on deterministic associations (n = N^2 bigram pairs, or the 1,600 pairs of the skip-connection law).
+* Freezing (the seed's cell: N = 10 bigrams, d = d_h = 5, 20 heads, H d_h + d = 105 >= N^2 = 100).
+  Freezing W_O and training the rest memorises all 100 pairs. Training W_O alone (embeddings, Q/K/V
+  and unembedding frozen at their random initialisation, as in the theory's construction) learns only
+  a little: above chance, but the hypothesis that it memorises is refuted under this recipe (strict
+  expected failure: accuracy 0.19).
+* Skip connection (the seed's cell: N = 100, 1,600 pairs, d = d_h = 10, 10 heads): dropping the
+  residual connection around the heads leaves memorisation about unchanged (mean accuracy difference
+  over two seeds within +-0.05; measured +0.004, the seeds disagree on its sign).
+* Superposition (the seed's last cells; last-position law, d = 5 < N = 10): in the rank-5 optimum each
+  context's embedding points towards the unembedding of its likely next token, and so does the trained
+  transformer's final residual; the ten unembeddings share five dimensions (figures: W_U W_U^T, the
+  context Grams, the cosines).
+
+Models are committed references (`fixtures/models/assoc_*`, `python -m circuits.tasks.assoc_memory`
+rewrites them); `--retrain` trains them afresh into the run directory; `--full-sweep` adds experiment
+1's second repetition (seed 1; the paper averaged two), trained into the model store once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from circuits.assoc_model import table_logits
+from circuits.controls import register_control
+from circuits.pytest_plugin import get_plugin, note_model
+from circuits.tasks import assoc_memory as A
+
+PROP1_TOLERANCE = 0.02  # relative: restarts of the rank-d fit land within ~5%, the best two within ~0.5%
+PAPER_TOLERANCE = 0.05  # the issue's +-0.05 per point
+SLOPE_TOLERANCE = 0.005  # per head
+SKIP_TOLERANCE = 0.05  # |accuracy(no residual) - accuracy(residual)|, mean over seeds 0 and 1
+EXP1_NOT_REPRODUCED = {  # grid -> {H: measured accuracy} where the point misses the paper by more than 0.05
+    "default": {6: "0.265 (seed 0)", 11: "0.412 (seed 0)", 16: "0.567 (seed 0)"},
+    "full": {6: "0.258 (seeds 0, 1: 0.265, 0.250)", 11: "0.409 (0.412, 0.406)", 16: "0.567 (0.567, 0.566)",
+             21: "0.789 (0.835, 0.743)"},
+}
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class AssocSession:
+    """Loads each (experiment, seed) once per session (reference, store, or trained) and notes it."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.options = get_plugin(config).options
+        self._models: dict = {}
+        self._low_rank: dict = {}
+        self.load_seconds: dict = {}
+
+    def _store(self):
+        from circuits.store import ModelStore
+
+        return ModelStore(self.options.run_dir / "models") if self.options.retrain else ModelStore()
+
+    def get(self, request: pytest.FixtureRequest, exp: A.Experiment, seed: int = 0) -> A.LoadedAssoc:
+        key = (exp.name, seed)
+        if key not in self._models:
+            t0 = time.perf_counter()
+            capman = self.config.pluginmanager.getplugin("capturemanager")
+            if capman is not None:
+                with capman.global_and_fixture_disabled():
+                    loaded = self._load(exp, seed)
+            else:
+                loaded = self._load(exp, seed)
+            self.load_seconds[key] = time.perf_counter() - t0
+            self._models[key] = loaded
+            note_model(request, loaded.info())
+        return self._models[key]
+
+    def _load(self, exp: A.Experiment, seed: int) -> A.LoadedAssoc:
+        def progress(step, total, row):
+            sys.__stderr__.write(f"\rtraining {exp.reference_name(seed)}: {step}/{total} "
+                                 f"acc={row.get('accuracy', float('nan')):.3f}   ")
+            sys.__stderr__.flush()
+
+        loaded = A.load_experiment(exp, seed, retrain=self.options.retrain, store=self._store(), progress=progress)
+        if loaded.source == "trained":
+            sys.__stderr__.write("\n")
+        return loaded
+
+    def low_rank(self, law_spec: dict, d: int) -> tuple:
+        key = (repr(sorted(law_spec.items())), d)
+        if key not in self._low_rank:
+            self._low_rank[key] = A.load_low_rank_optimum(law_spec, d, retrain=self.options.retrain,
+                                                          store=self._store())
+        return self._low_rank[key]
+
+
+@pytest.fixture(scope="session")
+def assoc(request: pytest.FixtureRequest) -> AssocSession:
+    return AssocSession(request.config)
+
+
+def exp1_seeds(config: pytest.Config, full: bool) -> tuple:
+    options = get_plugin(config).options
+    if options.seeds:
+        return tuple(options.seeds)
+    return A.EXP1_FULL_SEEDS if full else A.EXP1_DEFAULT_SEEDS
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return table_logits(model).double()
+
+
+# --- data the controls act on ---------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    """A model's logits on every context of a law."""
+
+    logits: torch.Tensor
+    law: A.Law
+
+
+@dataclass
+class Baseline:
+    """The rank-d optimum a divergence is compared with, and the rank-(d-1) one beside it."""
+
+    divergence: float
+    d: int
+    lower_divergence: float  # the rank-(d-1) optimum
+
+
+@dataclass
+class TargetVectors:
+    """Vectors (one per context) and the token whose unembedding each should point to."""
+
+    vectors: torch.Tensor  # [n, d]
+    unembed: torch.Tensor  # [N, d]
+    targets: torch.Tensor  # [n]
+
+
+def _oracle(p: Predictions, seed: int = 0) -> Predictions:
+    return Predictions(p.law.next_token_probs().clamp_min(1e-300).log(), p.law)
+
+
+def _rank_below(b: Baseline, seed: int = 0) -> Baseline:
+    return Baseline(b.lower_divergence, b.d - 1, float("nan"))
+
+
+register_control("oracle_logits", kind="data", fn=_oracle, replace=True, accepts=lambda o: isinstance(o, Predictions),
+                 description="the law's own log-probabilities instead of the model's logits (no rank limit)")
+register_control("rank_below", kind="data", fn=_rank_below, replace=True, accepts=lambda o: isinstance(o, Baseline),
+                 description="compare with the rank-(d-1) optimum instead of the rank-d one")
+
+
+# --- Proposition 1 and the baselines ----------------------------------------------------------------
+
+
+def _prop1_inputs(assoc, request, H: int):
+    exp = A.superposition_model(H)
+    loaded = assoc.get(request, exp)
+    law = exp.build_law()
+    d = exp.config.d_model
+    _, top = assoc.low_rank(A.SUPER_LAW, d)
+    _, below = assoc.low_rank(A.SUPER_LAW, d - 1)
+    return loaded, law, Baseline(top["divergence"], d, below["divergence"])
+
+
+@pytest.mark.controls("oracle_logits", "rank_below")
+def test_divergence_is_not_below_the_low_rank_optimum(assoc, request, claim, control):
+    loaded, law, baseline = _prop1_inputs(assoc, request, 20)
+    preds = control.apply_data(Predictions(logits_of(loaded.model), law))
+    baseline = control.apply_data(baseline)
+    divergence = law.divergence(preds.logits)
+    claim.at_least("divergence - low-rank optimum", divergence - baseline.divergence,
+                   -PROP1_TOLERANCE * baseline.divergence,
+                   note=f"divergence {divergence:.5f}; rank-{baseline.d} optimum {baseline.divergence:.5f} "
+                        f"(allowed {PROP1_TOLERANCE:.0%} below it for the optimiser's error)")
+
+
+@pytest.mark.controls("untrained")
+def test_trained_model_approaches_the_low_rank_optimum(assoc, request, claim, control, figures):
+    loaded, law, baseline = _prop1_inputs(assoc, request, 20)
+    model = control.apply_model(loaded.model)
+    divergence = law.divergence(logits_of(model))
+    claim.at_most("divergence / rank-d optimum", divergence / baseline.divergence, 1.10,
+                  note=f"{divergence:.5f} / {baseline.divergence:.5f}")
+    if control.is_main:
+        small = assoc.get(request, A.superposition_model(5))
+        figures.add("learning dynamics", _learning_dynamics(law, baseline, [small, loaded]),
+                    caption="divergence during training against the random baseline log N - H(pi) and the "
+                            "optimal rank-5 baseline (the seed's first figure)")
+
+
+@pytest.mark.controls("untrained")
+def test_training_beats_the_random_baseline(assoc, request, claim, control):
+    loaded, law, _ = _prop1_inputs(assoc, request, 20)
+    model = control.apply_model(loaded.model)
+    divergence = law.divergence(logits_of(model))
+    random = law.random_baseline()
+    assert random == pytest.approx(math.log(law.N) - law.entropy())
+    claim.at_most("divergence / (log N - H)", divergence / random, 0.05,
+                  note=f"divergence {divergence:.4f}, random baseline log N - H = {random:.4f}")
+
+
+@pytest.mark.controls("untrained")
+def test_the_model_uses_its_whole_width(assoc, request, claim, control):
+    """Below the rank-(d-1) optimum: a width-d model that used fewer directions could not get there."""
+    loaded, law, baseline = _prop1_inputs(assoc, request, 20)
+    divergence = law.divergence(logits_of(control.apply_model(loaded.model)))
+    claim.at_most("divergence / rank-(d-1) optimum", divergence / baseline.lower_divergence, 0.8,
+                  note=f"{divergence:.5f} / {baseline.lower_divergence:.5f}")
+
+
+# --- experiment 1: scaling with heads --------------------------------------------------------------
+
+
+def _exp1_accuracies(assoc, request, H: int, seeds) -> list:
+    return [assoc.get(request, A.exp1(H), s).card["metrics"]["accuracy"] for s in seeds]
+
+
+def _exp1_accuracy(assoc, request, control, H: int, seeds) -> tuple[float, list]:
+    accs = []
+    law = A.exp1(H).build_law()
+    for s in seeds:
+        model = control.apply_model(assoc.get(request, A.exp1(H), s).model)
+        accs.append(law.accuracy(logits_of(model)))
+    return float(np.mean(accs)), accs
+
+
+def _check_paper_point(request, control, H: int, full: bool) -> None:
+    """Mark a point the paper's curve is not reproduced at as a strict expected failure (main run only:
+    its control must still fail the claim)."""
+    if control.is_main and H in EXP1_NOT_REPRODUCED.get("full" if full else "default", {}):
+        measured = EXP1_NOT_REPRODUCED["full" if full else "default"][H]
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            f"not reproduced: paper {A.PAPER_EXP1[H]:.3f} at H={H}, measured {measured} under the seed's recipe "
+            f"(our curve is more convex than the paper's: on it at both ends, 0.06-0.12 below it in the middle)")))
+
+
+@pytest.mark.parametrize("H", A.EXP1_HEADS)
+@pytest.mark.controls("untrained")
+def test_exp1_accuracy_matches_the_paper(H, assoc, request, claim, control):
+    _check_paper_point(request, control, H, full=False)
+    seeds = exp1_seeds(request.config, full=False)
+    acc, accs = _exp1_accuracy(assoc, request, control, H, seeds)
+    claim.close_to("accuracy", acc, A.PAPER_EXP1[H], atol=PAPER_TOLERANCE,
+                   note=f"seeds {list(seeds)}: {[round(a, 4) for a in accs]}; paper {A.PAPER_EXP1[H]}")
+
+
+@pytest.mark.full_sweep
+@pytest.mark.parametrize("H", A.EXP1_HEADS)
+@pytest.mark.controls("untrained")
+def test_exp1_accuracy_matches_the_paper_two_repetitions(H, assoc, request, claim, control):
+    """The paper's grid: every H, mean of two repetitions (seeds 0 and 1)."""
+    if not get_plugin(request.config).options.full_sweep:
+        pytest.skip("the full sweep runs with --full-sweep")
+    _check_paper_point(request, control, H, full=True)
+    seeds = exp1_seeds(request.config, full=True)
+    acc, accs = _exp1_accuracy(assoc, request, control, H, seeds)
+    claim.close_to("accuracy", acc, A.PAPER_EXP1[H], atol=PAPER_TOLERANCE,
+                   note=f"seeds {list(seeds)}: {[round(a, 4) for a in accs]}; paper {A.PAPER_EXP1[H]}")
+
+
+def linear_before_saturation(H: list, acc: list) -> tuple[float, float, float, int]:
+    """The paper's fit: least squares on the points up to (and including) the first accuracy above
+    0.95. Returns (slope, intercept, r^2, number of points)."""
+    n = next((i + 1 for i, a in enumerate(acc) if a > 0.95), len(acc))
+    x, y = np.asarray(H[:n], float), np.asarray(acc[:n], float)
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    r2 = 1 - float((resid ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
+    return float(slope), float(intercept), r2, n
+
+
+@pytest.mark.controls("untrained")
+def test_exp1_accuracy_grows_linearly_with_heads(assoc, request, claim, control, figures):
+    full = get_plugin(request.config).options.full_sweep
+    seeds = exp1_seeds(request.config, full=full)
+    heads = list(A.EXP1_HEADS)
+    ours = [_exp1_accuracy(assoc, request, control, H, seeds) for H in heads]
+    means = [m for m, _ in ours]
+    paper = [A.PAPER_EXP1[H] for H in heads]
+    slope, intercept, r2, n = linear_before_saturation(heads, means)
+    p_slope, _, p_r2, p_n = linear_before_saturation(heads, paper)
+    claim.close_to("slope before saturation (per head)", slope, p_slope, atol=SLOPE_TOLERANCE,
+                   note=f"ours {slope:.4f} on {n} points, paper {p_slope:.4f} on {p_n} points")
+    claim.at_least("r^2 of the linear fit", r2, 0.95, note=f"paper's points: r^2 = {p_r2:.3f}")
+    if control.is_main:
+        figures.add("accuracy against heads", _scaling_figure(heads, ours, paper, slope, intercept, n, seeds),
+                    caption="experiment 1 (N = 50, d = d_h = 10): our accuracy per H (dots: seeds) against the "
+                            "paper's points, its +-0.05 band, the linear fit before saturation and Corollary 2's "
+                            "lower bound")
+
+
+# --- Corollary 2: the capacity lower bound ----------------------------------------------------------
+
+
+def _bound_configs(full: bool) -> list:
+    seeds = A.EXP1_FULL_SEEDS if full else A.EXP1_DEFAULT_SEEDS
+    configs = [pytest.param(A.exp1(H), s, id=f"exp1-H{H}-seed{s}") for H in A.EXP1_HEADS for s in seeds]
+    # fully trained models only: the bound says what a trained AoT reaches, not a partly frozen one
+    # (W_O alone stays far below it: see test_training_W_O_alone_memorises)
+    configs += [pytest.param(A.freezing_model(f), 0, id=f"freeze-{f}") for f in ("none", "freeze_O")]
+    configs += [pytest.param(A.skip_model(r), 0, id=f"skip-residual={r}") for r in (True, False)]
+    return configs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ == "test_capacity_lower_bound":
+        full = get_plugin(metafunc.config).options.full_sweep
+        metafunc.parametrize("exp, seed", _bound_configs(full))
+
+
+@pytest.mark.controls("untrained")
+def test_capacity_lower_bound(exp, seed, assoc, request, claim, control):
+    law = exp.build_law()
+    assert law.is_deterministic
+    cfg = exp.config
+    n_assoc = len(law.support())
+    bound = A.capacity_bound(law.N, cfg.n_heads, cfg.d_head, cfg.d_model, n_assoc)
+    model = control.apply_model(assoc.get(request, exp, seed).model)
+    acc = law.accuracy(logits_of(model))
+    claim.at_least("accuracy", acc, bound,
+                   note=f"bound 1/N + (1 - 1/N)(H d_h + d)/n with N={law.N}, H={cfg.n_heads}, d_h={cfg.d_head}, "
+                        f"d={cfg.d_model}, n={n_assoc}")
+
+
+# --- freezing -------------------------------------------------------------------------------------
+
+
+FREEZE_O_ONLY_REASON = ("refuted under the seed's recipe (Adam 1e-3, 5,000 batches of 1,024): with E, Q/K/V "
+                        "and U frozen at their random initialisation, training W_O reaches accuracy 0.19 "
+                        "(divergence 2.12 nats, chance 0.10 / 2.30): the random attention is nearly uniform, so "
+                        "the heads' outputs are almost additive in the two tokens and W_O cannot separate the "
+                        "pairs")
+
+
+@pytest.mark.controls("untrained")
+def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures):
+    exp = A.freezing_model("freeze_O")
+    law = exp.build_law()
+    model = control.apply_model(assoc.get(request, exp).model)
+    claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.99)
+    if control.is_main:
+        loaded = {f: assoc.get(request, A.freezing_model(f)) for f in A.FREEZERS}
+        figures.add("freezing", _freezing_figure(loaded, law),
+                    caption="the seed's freezing cell: N = 10 bigrams, d = d_h = 5, 20 heads; which weights train")
+
+
+@pytest.mark.controls("untrained")
+def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control):
+    exp = A.freezing_model("train_O_only")
+    law = exp.build_law()
+    model = control.apply_model(assoc.get(request, exp).model)
+    claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.15, note="chance is 1/N = 0.10")
+
+
+@pytest.mark.xfail(strict=True, reason=FREEZE_O_ONLY_REASON)
+@pytest.mark.controls("untrained")
+def test_training_W_O_alone_memorises(assoc, request, claim, control):
+    exp = A.freezing_model("train_O_only")
+    law = exp.build_law()
+    model = control.apply_model(assoc.get(request, exp).model)
+    claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.95,
+                   note="H d_h + d = 105 >= N^2 = 100: the construction has enough W_O parameters")
+
+
+# --- superposition ---------------------------------------------------------------------------------
+
+
+def _cosines(tv: TargetVectors) -> torch.Tensor:
+    v = tv.vectors / tv.vectors.norm(dim=-1, keepdim=True)
+    u = tv.unembed / tv.unembed.norm(dim=-1, keepdim=True)
+    return (v * u[tv.targets]).sum(-1)
+
+
+def _low_rank_targets(assoc) -> tuple:
+    law = A.make_law(A.SUPER_LAW)
+    model, card = assoc.low_rank(A.SUPER_LAW, 5)
+    supp = law.support()
+    return law, model, TargetVectors(model.W_E.detach()[supp], model.W_U.detach(), law.targets()[supp])
+
+
+def _transformer_targets(assoc, request) -> tuple:
+    exp = A.superposition_model(5)
+    loaded = assoc.get(request, exp)
+    law = exp.build_law()
+    x = law.contexts()
+    with torch.no_grad():
+        _, cache = loaded.model.run_with_cache(x, names=["blocks.0.hook_resid_post"])
+    resid = cache["blocks.0.hook_resid_post"][:, -1].double()  # the vector W_U reads: [N^S, d]
+    W_U = loaded.model.unembed.W_U.detach().t().double()  # [N, d]
+    return law, loaded, TargetVectors(resid, W_U, law.targets())
+
+
+@pytest.mark.controls("shuffle_labels")
+def test_low_rank_context_embeddings_point_at_their_target(assoc, claim, control, figures):
+    law, model, tv = _low_rank_targets(assoc)
+    cos = _cosines(control.apply_data(tv))
+    claim.at_least("mean cos(w_E(z), w_U(g(z)))", claim.sample(cos.numpy(), method="percentile", n_resamples=400),
+                   0.85, note="measured 0.92 on the rank-5 optimum; a random direction scores ~0")
+    if control.is_main:
+        figures.add("low-rank geometry", _geometry_figure(tv, cos, "rank-5 optimum: W_E rows"),
+                    caption="the seed's superposition cell on the rank-5 optimum of the last-position law: "
+                            "W_U W_U^T, the context embeddings' Gram (grouped by target) and cos(w_E(z), w_U(g(z)))")
+
+
+@pytest.mark.controls("shuffle_labels")
+def test_transformer_residual_points_at_its_target(assoc, request, claim, control, figures):
+    law, loaded, tv = _transformer_targets(assoc, request)
+    cos = _cosines(control.apply_data(tv))
+    claim.at_least("mean cos(resid(z), w_U(g(z)))", claim.sample(cos.numpy(), method="percentile", n_resamples=400),
+                   0.55, note="measured 0.63 on the 5-head model (0.98 with 20 heads)")
+    if control.is_main:
+        figures.add("transformer geometry", _geometry_figure(tv, cos, "5-head AoT: final residual"),
+                    caption="the same for the seed's 5-head transformer: its final residual at the last position "
+                            "(what W_U reads) in place of the context embedding")
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def _learning_dynamics(law, baseline, loaded_models):
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for l in loaded_models:
+        hist = l.card.get("history") or []
+        ax.plot([h["step"] for h in hist], [h["divergence"] for h in hist],
+                label=f"AoT H={l.experiment.config.n_heads}")
+    ax.axhline(law.random_baseline(), color="red", ls="--", label="random baseline log N - H")
+    ax.axhline(baseline.divergence, color="green", ls="--", label=f"optimal rank-{baseline.d} baseline")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("divergence (nats)")
+    ax.set_title("learning dynamics on the last-position law (N=10, d=5)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _scaling_figure(heads, ours, paper, slope, intercept, n, seeds):
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    H = np.asarray(heads)
+    ax.fill_between(H, np.asarray(paper) - PAPER_TOLERANCE, np.asarray(paper) + PAPER_TOLERANCE, color="grey",
+                    alpha=0.2, label="paper +-0.05")
+    ax.plot(H, paper, "s--", color="black", label="paper (Data_exp_1_10)")
+    ax.plot(H, [m for m, _ in ours], "o-", color="tab:blue", label=f"ours (mean of seeds {list(seeds)})")
+    for h, (_, accs) in zip(H, ours):
+        ax.scatter([h] * len(accs), accs, color="tab:blue", s=10, alpha=0.5)
+    xs = np.linspace(H[0], H[n - 1], 50)
+    ax.plot(xs, slope * xs + intercept, color="tab:blue", ls=":", label=f"linear fit: {slope:.4f} per head")
+    ax.plot(H, [A.capacity_bound(50, h, 10, 10) for h in H], color="tab:green", label="Corollary 2 lower bound")
+    ax.axhline(1 / 50, color="tab:red", lw=0.8, label="chance 1/N")
+    ax.set_xlabel("heads H")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("scaling law for N=50, d=d_h=10")
+    fig.tight_layout()
+    return fig
+
+
+def _freezing_figure(loaded, law):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = list(loaded)
+    accs = [law.accuracy(logits_of(loaded[n].model)) for n in names]
+    axes[0].bar(names, accs, color="tab:purple")
+    axes[0].axhline(1 / law.N, color="red", ls="--", lw=0.8)
+    axes[0].set_ylabel("accuracy")
+    axes[0].tick_params(axis="x", labelsize=7)
+    for n in names:
+        hist = loaded[n].card.get("history") or []
+        axes[1].plot([h["step"] for h in hist], [h["divergence"] for h in hist], label=n)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("divergence")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _geometry_figure(tv: TargetVectors, cos: torch.Tensor, label: str):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    U = tv.unembed
+    G = (U @ U.t()).numpy()
+    lim = np.abs(G).max()
+    im = axes[0].imshow(G, cmap="bwr", vmin=-lim, vmax=lim)
+    axes[0].set_title(r"$W_U W_U^T$")
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    order = torch.argsort(tv.targets, stable=True)
+    V = tv.vectors[order]
+    GV = (V @ V.t()).numpy()
+    lim = np.abs(GV).max()
+    im = axes[1].imshow(GV, cmap="bwr", vmin=-lim, vmax=lim)
+    axes[1].set_title(f"Gram of {label} (sorted by target)", fontsize=9)
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    axes[2].hist(cos.numpy(), bins=30, color="tab:orange")
+    axes[2].set_xlabel("cos(vector, w_U(target))")
+    fig.tight_layout()
+    return fig
+
+
+# --- the skip connection ----------------------------------------------------------------------------
+
+
+@pytest.mark.controls("untrained")
+def test_dropping_the_residual_connection_does_not_change_memorisation(assoc, request, claim, control, figures):
+    """The seed's skip-connection cell. Corollary 2 counts the residual embedding's d dimensions in the
+    capacity (H d_h + d), but here they are a small part of it (10 of 110): without the residual the
+    heads memorise about as many pairs. Measured: no residual 0.738 / 0.618, residual 0.689 / 0.658
+    (seeds 0 / 1): the seeds disagree on the sign, the mean difference is +0.004. Claimed: the mean
+    difference is within +-0.05. The control re-initialises the no-residual model only."""
+    law = A.skip_model(True).build_law()
+    with_res, without = [], []
+    for s in A.SKIP_SEEDS:
+        with_res.append(law.accuracy(logits_of(assoc.get(request, A.skip_model(True), s).model)))
+        model = control.apply_model(assoc.get(request, A.skip_model(False), s).model)
+        without.append(law.accuracy(logits_of(model)))
+    diff = float(np.mean(without) - np.mean(with_res))
+    claim.close_to("accuracy(no residual) - accuracy(residual)", diff, 0.0, atol=SKIP_TOLERANCE,
+                   note=f"no residual {[round(a, 4) for a in without]}, residual {[round(a, 4) for a in with_res]} "
+                        f"(seeds {list(A.SKIP_SEEDS)}; {len(law.support())} pairs, N = {law.N})")
+    if control.is_main:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for r, colour in ((True, "tab:blue"), (False, "tab:orange")):
+            for s in A.SKIP_SEEDS:
+                hist = assoc.get(request, A.skip_model(r), s).card.get("history") or []
+                ax.plot([h["step"] for h in hist], [h["accuracy"] for h in hist], color=colour,
+                        alpha=0.8, label=f"residual={r}" if s == A.SKIP_SEEDS[0] else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+        ax.set_title("with and without the residual connection (N=100, 1600 pairs, 10 heads)")
+        fig.tight_layout()
+        figures.add("skip connection", fig, caption="accuracy during training, seeds 0 and 1")

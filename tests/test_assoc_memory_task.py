@@ -1,0 +1,432 @@
+"""Library tests for seed 004: the model family, the laws, exact quantities, baselines, trainer, store."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from circuits.assoc_model import AssocConfig, all_contexts, build_model, table_logits
+from circuits.errors import ConfigError, InputError
+from circuits.model import HookedTransformer
+from circuits.store import ModelStore, StaleCheckpointError, save_reference, spec_key
+from circuits.tasks import assoc_memory as A
+
+SWITCHES = [
+    {},
+    {"residual": False},
+    {"qk_input": "position"},
+    {"qk_input": "token"},
+    {"ov_input": "position"},
+    {"ov_input": "token"},
+    {"qk_input": "position", "ov_input": "position"},
+    {"qk_input": "token", "ov_input": "position"},
+    {"pos_in_residual": False},
+    {"pos_in_residual": False, "qk_input": "token", "residual": False},
+    {"d_mlp": 12, "mlp_depth": 3},
+    {"d_mlp": 8, "normalization": "LN", "biases": True},
+]
+
+
+def small(**kw) -> AssocConfig:
+    base = dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=3, d_head=4, seed=1)
+    base.update(kw)
+    return AssocConfig(**base)
+
+
+def _randomise_biases(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or ".b_" in name or name.startswith("unembed.b"):
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+
+
+# --- the model family ----------------------------------------------------------------------------
+
+
+def test_default_member_is_exactly_our_hooked_transformer():
+    model = build_model(small())
+    plain = HookedTransformer(model.acfg.transformer_config())
+    plain.load_state_dict(model.state_dict())
+    x = all_contexts(7, 2)
+    assert torch.equal(model(x), plain(x))
+    assert set(model.state_dict()) == set(plain.state_dict())  # TL keys: W_E, W_pos, W_Q, ..., W_U
+    for name in ("hook_embed", "hook_pos_embed", "blocks.0.attn.hook_q", "blocks.0.attn.hook_pattern",
+                 "blocks.0.attn.hook_z", "blocks.0.attn.hook_result", "blocks.0.hook_attn_out",
+                 "blocks.0.hook_resid_post"):
+        assert name in model.hook_dict
+
+
+@pytest.mark.parametrize("S", [1, 2, 3])
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "plain")
+def test_table_logits_equal_the_forward(S, switches):
+    model = build_model(small(n_ctx=S, **switches)).double()
+    if model.acfg.biases:
+        _randomise_biases(model)
+    x = all_contexts(7, S)
+    assert torch.allclose(table_logits(model), model(x), atol=1e-10, rtol=0)
+    # and the explicit (hooked) path computes the same
+    _, cache = model.run_with_cache(x, names=["blocks.0.attn.hook_pattern"])
+    assert cache["blocks.0.attn.hook_pattern"].shape == (7 ** S, 3, S, S)
+
+
+def test_table_logits_gradients_match_the_forward():
+    model = build_model(small(qk_input="token")).double()
+    x, y = all_contexts(7, 2), torch.arange(49) % 7
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    g1 = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(table_logits(model), y).backward()
+    g2 = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))
+
+
+def test_residual_switch_drops_the_direct_path():
+    model = build_model(small(residual=False))
+    x = all_contexts(7, 2)
+    _, cache = model.run_with_cache(x, names=["blocks.0.hook_attn_out", "blocks.0.hook_resid_post"])
+    assert torch.equal(cache["blocks.0.hook_resid_post"], cache["blocks.0.hook_attn_out"])
+    with_res = build_model(small())
+    _, c2 = with_res.run_with_cache(x, names=["hook_embed", "hook_pos_embed", "blocks.0.hook_attn_out",
+                                              "blocks.0.hook_resid_post"])
+    assert torch.allclose(c2["blocks.0.hook_resid_post"],
+                          c2["hook_embed"] + c2["hook_pos_embed"] + c2["blocks.0.hook_attn_out"], atol=1e-6)
+
+
+def test_position_only_queries_and_keys_give_a_token_independent_pattern():
+    model = build_model(small(qk_input="position"))
+    _, cache = model.run_with_cache(all_contexts(7, 2), names=["blocks.0.attn.hook_pattern"])
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert torch.allclose(pattern, pattern[:1].expand_as(pattern))
+    plain = build_model(small())
+    _, c2 = plain.run_with_cache(all_contexts(7, 2), names=["blocks.0.attn.hook_pattern"])
+    assert not torch.allclose(c2["blocks.0.attn.hook_pattern"], c2["blocks.0.attn.hook_pattern"][:1])
+
+
+def test_position_only_everything_without_residual_ignores_the_tokens():
+    model = build_model(small(qk_input="position", ov_input="position", residual=False))
+    logits = model(all_contexts(7, 2))
+    assert torch.allclose(logits, logits[:1].expand_as(logits))
+
+
+def test_token_only_values_do_not_read_positions():
+    model = build_model(small(ov_input="token"))
+    x = all_contexts(7, 2)
+    _, cache = model.run_with_cache(x, names=["blocks.0.attn.hook_v"])
+    W_V = model.blocks[0].attn.W_V  # [head, d_model, d_head]
+    expected = torch.einsum("bpm,hme->bphe", model.embed.W_E[x], W_V)
+    assert torch.allclose(cache["blocks.0.attn.hook_v"], expected, atol=1e-6)
+
+
+def test_positions_outside_the_residual():
+    model = build_model(small(pos_in_residual=False))
+    x = all_contexts(7, 2)
+    _, cache = model.run_with_cache(x, names=["hook_embed", "blocks.0.hook_attn_out", "blocks.0.hook_resid_post"])
+    assert torch.allclose(cache["blocks.0.hook_resid_post"], cache["hook_embed"] + cache["blocks.0.hook_attn_out"],
+                          atol=1e-6)
+
+
+def test_no_biases_by_default_and_they_stay_zero_through_training():
+    model = build_model(small())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"blocks.0.attn.b_QKV", "blocks.0.attn.b_O", "unembed.b_U"}
+    law = A.power_unif_law([1, 1, 0.7], [7, 7, 7], 7, seed=0)
+    A.train_assoc(model, law, A.AssocRecipe(steps=20, lr=1e-2, eval_every=10), seed=0)
+    assert all(float(p.abs().max()) == 0 for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("freeze", [("E",), ("QKV",), ("O",), ("U",), ("E", "pos", "QKV", "U")])
+def test_freezing_keeps_the_named_groups_fixed(freeze):
+    model = build_model(small(freeze=freeze))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = model.parameter_groups()
+    frozen_ids = {id(p) for g in freeze for p in groups[g]}
+    law = A.associations(7, 2, seed=0)
+    A.train_assoc(model, law, A.AssocRecipe(steps=30, lr=1e-2, eval_every=10), seed=0)
+    for name, p in model.named_parameters():
+        if id(p) in frozen_ids:
+            assert torch.equal(p, before[name]), name
+        elif p.requires_grad:
+            assert not torch.equal(p, before[name]), name
+
+
+def test_everything_frozen_trains_nothing():
+    model = build_model(small(freeze=A.FREEZERS["all"]))
+    result = A.train_assoc(model, A.associations(7, 2), A.AssocRecipe(steps=10), seed=0)
+    assert result.steps == 0 and "accuracy" in result.final
+
+
+def test_torch_init_scales_and_seeds():
+    cfg = small(n_heads=4, d_head=5, d_model=6)
+    model = build_model(cfg)
+    assert float(model.embed.W_E.detach().abs().max()) <= 1 / math.sqrt(6)
+    assert float(model.blocks[0].attn.W_QKV.detach().abs().max()) <= math.sqrt(6 / (6 + 3 * 5))
+    assert float(model.blocks[0].attn.W_O.detach().abs().max()) <= 1 / math.sqrt(5)
+    same = build_model(cfg)
+    other = build_model(replace(cfg, seed=2))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    assert not torch.equal(model.embed.W_E, other.embed.W_E)
+    normal = build_model(replace(cfg, init="normal"))
+    assert float(normal.embed.W_E.detach().std()) < 0.05
+
+
+def test_deep_mlp_has_hidden_layers():
+    model = build_model(small(d_mlp=8, mlp_depth=3))
+    assert len(model.blocks[0].mlp.W_hidden) == 2
+    assert "blocks.0.mlp.hook_post" in model.hook_dict
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(n_heads=0), "n_heads"), (dict(qk_input="tokens"), "qk_input"), (dict(freeze=("W_E",)), "freeze"),
+    (dict(mlp_depth=2), "mlp_depth"), (dict(init="xavier"), "init"), (dict(d_mlp=-1), "d_mlp"),
+    (dict(freeze="E"), "freeze"),
+])
+def test_bad_configs_say_what_is_wrong(bad, word):
+    with pytest.raises(ConfigError, match=word):
+        small(**bad)
+
+
+def test_bad_inputs():
+    model = build_model(small(residual=False))
+    with pytest.raises(InputError, match="n_ctx"):
+        model(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(InputError, match="out of the vocabulary"):
+        model(torch.full((2, 2), 9))
+    with pytest.raises(InputError, match="one-layer"):
+        table_logits(build_model(small(n_layers=2)))
+    with pytest.raises(InputError, match="contexts of 2 tokens of 5"):
+        A.train_assoc(model, A.associations(5, 2), A.AssocRecipe(steps=1), seed=0)
+
+
+def test_config_round_trip_and_parameter_count():
+    cfg = small(freeze=("U", "E"))
+    assert cfg.freeze == ("E", "U")
+    assert AssocConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown"):
+        AssocConfig.from_dict({**cfg.to_dict(), "width": 3})
+    paper = AssocConfig(d_vocab=50, n_ctx=2, d_model=10, n_heads=6, d_head=10)
+    # E, pos, U and 4 d x d_h matrices per head; no biases
+    assert paper.n_params(trainable_only=True) == 50 * 10 + 2 * 10 + 50 * 10 + 6 * 4 * 10 * 10
+
+
+# --- laws and exact quantities -------------------------------------------------------------------
+
+
+def test_power_unif_law_matches_its_definition():
+    law = A.power_unif_law([1.0, 0.5, 0.8], [4, 3, 2], 5, seed=3)
+    assert law.N == 5 and law.S == 2
+    c0, c1, c2 = law.conditionals
+    assert torch.allclose(c0.sort(descending=True).values, torch.tensor([0.25] * 4 + [0.0], dtype=A.DTYPE))
+    base = torch.tensor([1, 0.5, 0.25, 0, 0], dtype=A.DTYPE)
+    assert torch.allclose(c1.sort(-1, descending=True).values, (base / base.sum()).expand(5, 5))
+    assert ((c2 > 0).sum(-1) == 2).all()
+    assert not torch.equal(c1[0], c1[1])  # each row its own permutation
+    again = A.power_unif_law([1.0, 0.5, 0.8], [4, 3, 2], 5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(law.conditionals, again.conditionals))
+    assert A.make_law(law.spec).conditionals[2].equal(c2)
+
+
+def test_last_position_law():
+    law = A.last_position_law([10, 10], 10, k=0, p=0.95, seed=0)
+    pi = law.next_token_probs()
+    assert torch.allclose(pi.max(-1).values, torch.full((100,), 0.95, dtype=A.DTYPE))
+    assert torch.allclose(pi.sum(-1), torch.ones(100, dtype=A.DTYPE))
+    h_row = -(0.95 * math.log(0.95) + 0.05 * math.log(0.05 / 9))
+    assert law.entropy() == pytest.approx(h_row, abs=1e-12)
+    skewed = A.last_position_law([10, 10], 10, k=8, p=0.95, seed=0)
+    assert float(skewed.targets().float().mean()) < float(law.targets().float().mean())  # meta-law favours low ids
+
+
+def test_rank_d_law_has_rank_d_log_probs():
+    law = A.rank_d_law([6, 6], 6, 2, seed=1)
+    L = law.next_token_probs().log()
+    L = L - L.mean(-1, keepdim=True)
+    s = torch.linalg.svdvals(L)
+    assert s[1] > 1e-3 and s[2] < 1e-9
+    almost = A.rank_d_law([6, 6], 6, 2, seed=1, tail=0.1)
+    L2 = almost.next_token_probs().log()
+    s2 = torch.linalg.svdvals(L2 - L2.mean(-1, keepdim=True))
+    assert s2[2] > 1e-3
+
+
+def test_associations_are_deterministic_uniform_bigrams():
+    law = A.associations(50, 2, seed=0)
+    assert law.is_deterministic and law.entropy() == 0.0
+    assert torch.allclose(law.context_probs(), torch.full((2500,), 1 / 2500, dtype=A.DTYPE))
+    counts = torch.bincount(law.targets(), minlength=50)
+    assert counts.min() > 20 and counts.max() < 80  # 50 per token on average
+    assert law.random_baseline() == pytest.approx(math.log(50))
+
+
+def _brute_force(law: A.Law):
+    """H, and the expected loss of given logits, by looping over every sequence."""
+    N, S = law.N, law.S
+    H = 0.0
+    for seq in itertools.product(range(N), repeat=S + 1):
+        p = 1.0
+        for i in range(S + 1):
+            p *= float(law.conditionals[i][seq[: i + 1]])
+        if p > 0:
+            q = float(law.conditionals[S][seq])
+            H -= p * math.log(q)
+    return H
+
+
+@pytest.mark.parametrize("make", [
+    lambda: A.power_unif_law([0.7, 0.9, 0.6], [3, 3, 3], 3, seed=0),
+    lambda: A.last_position_law([2, 3], 3, k=1, p=0.8, seed=1),
+    lambda: A.rank_d_law([3, 3], 3, 1, seed=2, scale=2.0),
+    lambda: A.associations(3, 2, seed=4),
+])
+def test_entropy_and_baselines_against_brute_force(make):
+    law = make()
+    assert law.entropy() == pytest.approx(_brute_force(law), abs=1e-12)
+    zeros = torch.zeros(law.N ** law.S, law.N)
+    assert law.divergence(zeros) == pytest.approx(law.random_baseline(), abs=1e-12)
+    oracle = law.next_token_probs().clamp_min(1e-300).log()
+    assert law.divergence(oracle) == pytest.approx(0.0, abs=1e-9)
+    expected_acc = float((law.context_probs() * law.next_token_probs().max(-1).values).sum())
+    assert law.accuracy(oracle) == pytest.approx(expected_acc)
+
+
+def test_sampling_matches_the_law():
+    law = A.power_unif_law([1.0, 0.5, 0.5], [3, 3, 3], 3, seed=0)
+    toks = law.sample(60_000, seed=0)
+    joint = law.context_probs().reshape(3, 3)[..., None] * law.conditionals[2]
+    freq = torch.zeros(3, 3, 3, dtype=A.DTYPE).index_put_(tuple(toks.t()), torch.ones(len(toks), dtype=A.DTYPE),
+                                                          accumulate=True) / len(toks)
+    assert float((freq - joint).abs().max()) < 0.01
+    assert torch.equal(law.sample(50, seed=1), law.sample(50, seed=1))
+
+
+def test_law_errors():
+    with pytest.raises(InputError, match="normalised"):
+        A.Law((torch.tensor([0.5, 0.6]), torch.full((2, 2), 0.5)))
+    with pytest.raises(InputError, match="shape"):
+        A.Law((torch.tensor([0.5, 0.5]), torch.full((3, 3), 1 / 3)))
+    with pytest.raises(InputError, match="p must be"):
+        A.last_position_law([3, 3], 3, 0, 1.5)
+    with pytest.raises(InputError, match="logits must be"):
+        A.associations(3).divergence(torch.zeros(4, 3))
+    with pytest.raises(InputError, match="kind"):
+        A.make_law({"kind": "zipf"})
+
+
+def test_capacity_bound():
+    assert A.capacity_bound(50, 1, 10, 10) == pytest.approx(0.02 + 0.98 * 20 / 2500)
+    assert A.capacity_bound(50, 26, 10, 10) == pytest.approx(0.02 + 0.98 * 270 / 2500)
+    assert A.capacity_bound(10, 20, 5, 5) == 1.0  # H d_h + d >= N^2: everything memorisable
+
+
+# --- the low-rank baseline -----------------------------------------------------------------------
+
+
+def test_low_rank_forward_indexes_contexts_row_major():
+    lr = A.LowRank(4, 2, 3, seed=0)
+    x = all_contexts(4, 2)
+    assert torch.equal(lr(x), lr.all_logits())
+
+
+def test_closed_form_is_exact_for_a_rank_d_law():
+    law = A.rank_d_law([6, 6], 6, 3, seed=0)
+    model = A.low_rank_closed_form(law, 3)
+    with torch.no_grad():
+        assert law.divergence(model.all_logits()) == pytest.approx(0.0, abs=1e-10)
+        assert law.divergence(A.low_rank_closed_form(law, 2).all_logits()) > 1e-3
+
+
+def test_closed_form_needs_positive_probabilities():
+    with pytest.raises(InputError, match="no closed form"):
+        A.low_rank_closed_form(A.associations(5), 2)
+
+
+def test_fitting_improves_on_the_closed_form_and_the_optimum_decreases_with_rank():
+    law = A.last_position_law([6, 6], 6, k=0, p=0.9, seed=0)
+    cf = A.low_rank_closed_form(law, 2)
+    with torch.no_grad():
+        cf_div = law.divergence(cf.all_logits())
+    _, fitted = A.fit_low_rank(law, 2, init=cf, steps=300, lbfgs_steps=100)
+    assert fitted < cf_div
+    optima = [A.low_rank_optimum(law, d, seeds=(0, 1), steps=300, lbfgs_steps=100).divergence for d in (1, 2, 3, 5)]
+    assert all(b <= a + 1e-9 for a, b in zip(optima, optima[1:]))
+    assert optima[-1] < 1e-4  # rank N - 1 = 5 represents any conditional
+    assert optima[0] <= law.random_baseline()
+
+
+def test_deterministic_laws_have_a_zero_low_rank_optimum():
+    """With d >= 2 the unembeddings can sit on a circle, so every target can win by any margin."""
+    law = A.associations(6, 2, seed=0)
+    assert A.low_rank_optimum(law, 2, seeds=(0,), steps=500, lbfgs_steps=200).divergence < 1e-3
+
+
+# --- training, experiments and the store ---------------------------------------------------------
+
+
+def test_training_is_deterministic_and_reduces_the_exact_divergence():
+    law = A.power_unif_law([1, 1, 0.6], [5, 5, 5], 5, seed=0)
+    recipe = A.AssocRecipe(steps=60, lr=1e-2, eval_every=20)
+    m1, m2 = build_model(small(d_vocab=5)), build_model(small(d_vocab=5))
+    before = A.evaluate(m1, law)["divergence"]
+    r1 = A.train_assoc(m1, law, recipe, seed=0)
+    A.train_assoc(m2, law, recipe, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert r1.final["divergence"] < before
+    assert r1.final["divergence"] == pytest.approx(A.evaluate(m1, law)["divergence"])
+    assert [h["step"] for h in r1.history] == [20, 40, 60]
+    sampled = build_model(small(d_vocab=5))
+    A.train_assoc(sampled, law, replace(recipe, batch_size=64, loss="divergence"), seed=0)
+    assert A.evaluate(sampled, law)["divergence"] < before
+
+
+def test_evaluate_uses_the_forward_for_deep_models():
+    law = A.associations(5, 2, seed=0)
+    model = build_model(small(d_vocab=5, n_layers=2))
+    metrics = A.evaluate(model, law)
+    with torch.no_grad():
+        assert metrics["accuracy"] == pytest.approx(law.accuracy(model(law.contexts())))
+
+
+def test_recipe_errors():
+    with pytest.raises(InputError, match="loss"):
+        A.AssocRecipe(loss="mse")
+    with pytest.raises(InputError, match="steps"):
+        A.AssocRecipe(steps=0)
+
+
+def _tiny_experiment(steps: int = 30) -> A.Experiment:
+    cfg = AssocConfig(d_vocab=5, n_ctx=2, d_model=4, n_heads=2, d_head=3)
+    law = {"kind": "associations", "N": 5, "S": 2, "seed": 0, "version": A.DATA_VERSION}
+    return A.Experiment.make("assoc_test_tiny", cfg, law, A.AssocRecipe(steps=steps, lr=1e-2, eval_every=10))
+
+
+def test_experiment_store_and_reference_round_trip(tmp_path):
+    exp = _tiny_experiment()
+    spec_key(exp.spec(0))  # JSON-able
+    store = ModelStore(tmp_path / "store")
+    first = A.load_experiment(exp, 0, store=store, reference_dir=tmp_path / "refs")
+    again = A.load_experiment(exp, 0, store=store, reference_dir=tmp_path / "refs")
+    assert (first.source, again.source) == ("trained", "cache")
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    save_reference(tmp_path / "refs", exp.reference_name(0), first.model.state_dict(), first.card)
+    ref = A.load_experiment(exp, 0, store=store, reference_dir=tmp_path / "refs")
+    assert ref.source == "reference" and ref.card["metrics"]["accuracy"] == first.card["metrics"]["accuracy"]
+    assert ref.info()["name"] == "assoc_test_tiny"
+    changed = _tiny_experiment(steps=40)
+    with pytest.raises(StaleCheckpointError, match="train.steps"):
+        A.load_experiment(changed, 0, store=store, reference_dir=tmp_path / "refs")
+    retrained = A.load_experiment(changed, 0, store=store, reference_dir=tmp_path / "refs", retrain=True)
+    assert retrained.source == "trained"
+
+
+def test_the_seed_experiments_are_well_formed():
+    pairs = A.reference_experiments()
+    names = [e.reference_name(s) for e, s in pairs]
+    assert len(names) == len(set(names))
+    assert all(n.startswith("assoc_") for n in names)
+    for exp, _ in pairs:
+        law = exp.build_law()
+        assert (law.N, law.S) == (exp.config.d_vocab, exp.config.n_ctx)
+    assert A.exp1(26).config.n_heads == 26 and A.EXP1_HEADS == (1, 6, 11, 16, 21, 26, 31)
