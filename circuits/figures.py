@@ -147,15 +147,6 @@ def _xy(steps: list, rows: list[dict], key: str) -> tuple[list, list]:
 
 def write_png(path: Path, png: bytes) -> None:
     """Write PNG bytes atomically."""
-    import os
-    import tempfile
+    from .atomic import write_bytes_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, png)

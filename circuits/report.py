@@ -24,11 +24,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from .atomic import write_bytes_atomic
 from .claims import _jsonable, format_numbers
 from .errors import CircuitsError
 
@@ -374,28 +374,14 @@ def now_iso() -> str:
 # --- writing --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write strict JSON (no NaN) via a temp file + os.replace, so readers never see half a file."""
     data = json.dumps(_jsonable(obj), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
-    _atomic_write(Path(path), data.encode("utf-8"))
+    write_bytes_atomic(Path(path), data.encode("utf-8"))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(Path(path), text.encode("utf-8"))
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
 
 
 def write_run(report: dict, run_dir: Path, *, update_latest: bool = True) -> dict[str, Path]:

@@ -60,7 +60,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -70,6 +69,7 @@ import filelock
 import safetensors.torch
 import torch
 
+from circuits.atomic import write_bytes_atomic
 from circuits.errors import CircuitsError
 
 __all__ = [
@@ -255,31 +255,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temp file next to ``path``, fsync it, then ``os.replace`` it into place."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
 def _prepare_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors; tensors sharing storage are cloned (safetensors refuses aliasing)."""
     if not isinstance(state_dict, Mapping):
@@ -333,8 +308,8 @@ def _write_pair(
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         card_path.unlink()  # the entry is incomplete until the new card lands
-    _atomic_write(weights_path, data)
-    _atomic_write(card_path, card_bytes)
+    write_bytes_atomic(weights_path, data)
+    write_bytes_atomic(card_path, card_bytes)
     return full
 
 
@@ -481,7 +456,7 @@ class ModelStore:
                     "command": " ".join(sys.argv)[:300],
                     "key": key,
                 }
-                _atomic_write(self._owner_path(key), json.dumps(record).encode())
+                write_bytes_atomic(self._owner_path(key), json.dumps(record).encode())
         else:
             lock.acquire()  # re-entrant: returns at once
         depths[key] = depths.get(key, 0) + 1

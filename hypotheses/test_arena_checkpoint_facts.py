@@ -10,7 +10,6 @@ architecture, fresh weights) must miss every one of them.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from brackets_subjects import analyse
 from circuits import analysis as A

@@ -29,7 +29,6 @@ checkpoint shows, and above what every negative control reaches.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from dataclasses import dataclass
 

@@ -12,7 +12,7 @@ import torch
 
 from circuits.cache import ActivationCache, decomposition_hook_names, project
 from circuits.errors import CircuitsError, HookNameError, InputError
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model import HookedTransformer
 from circuits.tasks.brackets import tokenize
 from model_configs import CONFIGS, perturbed_model
 

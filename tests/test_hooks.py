@@ -8,7 +8,7 @@ import torch
 
 from circuits.errors import HookNameError, InputError
 from circuits.hooks import HookPoint
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model import HookedTransformer
 from circuits.tasks.brackets import tokenize
 from model_configs import ATTN_ONLY, BRACKETS, PALINDROME, perturbed_model
 

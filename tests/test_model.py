@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from circuits.errors import ConfigError, InputError
 from circuits.model import HookedTransformer, TransformerConfig
 from circuits.tasks.brackets import tokenize
-from model_configs import CONFIGS, perturb, perturbed_model
+from model_configs import CONFIGS, perturbed_model
 from circuits.model import MASKED_SCORE
 
 REPO = Path(__file__).resolve().parents[1]
