@@ -35,7 +35,7 @@ from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribut
 from circuits import analysis as A
 from circuits.controls import register_control
 from circuits.interventions import patch_activations
-from circuits.stats import auroc, cohens_d
+from circuits.stats import auroc, cohens_d, spearman
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -162,7 +162,7 @@ class BracketHypotheses:
         contribution = head_contribution(an, subject.head("count_head"))
         distance = (subject.data.open_proportion - 0.5).abs()
         pairs = control.apply_data(FeaturePairs(contribution, distance))
-        estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=_spearman,
+        estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=spearman,
                                 paired=True, method="percentile", n_resamples=400)
         claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65)
         figures.add("count head vs open proportion", _open_proportion_scatter(contribution, subject),
@@ -253,15 +253,6 @@ class TestOurModel(OursSubject, BracketHypotheses):
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-def _spearman(x, y, axis=-1):
-    from scipy.stats import rankdata
-
-    rx, ry = rankdata(x, axis=axis), rankdata(y, axis=axis)
-    rx = rx - rx.mean(axis=axis, keepdims=True)
-    ry = ry - ry.mean(axis=axis, keepdims=True)
-    return (rx * ry).sum(axis) / np.sqrt((rx**2).sum(axis) * (ry**2).sum(axis))
 
 
 def _resample(groups: torch.Tensor, agree: bool, gen: torch.Generator) -> torch.Tensor:
