@@ -310,3 +310,13 @@ def test_builtin_controls_call_interventions(monkeypatch):
     assert ctl.make_control("shuffle_labels", seed=2).apply_data(Labelled([1, 2])) == "shuffled"
     assert ctl.make_control("shuffle_labels", seed=2).apply_data("not a dataset") == "not a dataset"
     assert calls == [("reinit", 4), ("zero", 2, 0), ("zero", 1, 1), ("perm", 2, 1), ("shuffle", 2)]
+
+
+def test_large_samples_use_the_percentile_interval_which_agrees_with_bca():
+    from circuits.stats import BCA_MAX_N, bootstrap_ci
+
+    x = np.random.default_rng(0).exponential(size=BCA_MAX_N + 1)
+    large = bootstrap_ci(x, np.mean, n_resamples=500)
+    bca = bootstrap_ci(x[:BCA_MAX_N], np.mean, n_resamples=500)
+    assert large.method == "percentile" and bca.method == "BCa"
+    assert abs(large.lo - bca.lo) < 0.02 and abs(large.hi - bca.hi) < 0.02
