@@ -264,7 +264,7 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
-                attn_mask=mask.sdpa_mask(q.dtype), is_causal=self.causal and mask.causal_only,
+                attn_mask=mask.sdpa_mask(), is_causal=self.causal and mask.causal_only,
             ).transpose(1, 2)  # [batch, pos, head, d_head]
         if self.hook_result.fns:
             result = self.hook_result(head_results(z, self.W_O))  # [batch, pos, head, d_model]
@@ -294,29 +294,41 @@ class Attention(nn.Module):
 class AttentionMask:
     """Built once per forward and shared by every layer.
 
-    Masked scores get a large finite negative value (ARENA's -1e5), not -inf: a row whose keys are all
-    masked (a pad query before any real token, as with left padding) then gets a harmless uniform
-    pattern instead of NaNs that would leak into every later position through `pattern @ v`. For any
-    row with an unmasked key the result equals -inf masking exactly (exp(-1e5) underflows to 0).
-    `sdpa_mask()` is None when only a causal mask applies (SDPA's is_causal does it); the float mask is
-    built on first use, so a forward with neither padding nor attention hooks never pays for it.
+    A query row whose keys are all masked (a pad query before any real token, as with left padding)
+    is opened to every key: -inf masking would give it NaNs that leak into every later position
+    through `pattern @ v`, and a finite fill would give it float noise. Its output is meaningless
+    either way (it is padding) but now finite and identical on the fast and explicit paths. Masked
+    scores in `hook_attn_scores` are shifted by MASKED_SCORE (-1e5, ARENA's convention), so they
+    softmax to exactly 0. Masks are built on first use, so a forward with neither padding nor
+    attention hooks never pays for them.
     """
 
     def __init__(self, blocked: Optional[torch.Tensor], causal_only: bool):
         self.blocked = blocked  # [batch or 1, 1, query_pos or 1, key_pos] bool, True = masked
         self.causal_only = causal_only
         self._additive: Optional[torch.Tensor] = None
+        self._allowed: Optional[torch.Tensor] = None
+
+    def allowed(self) -> Optional[torch.Tensor]:
+        """True = may attend, with fully masked rows opened; None when nothing is masked."""
+        if self.blocked is not None and self._allowed is None:
+            allowed = ~self.blocked
+            self._allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return self._allowed
+
+    def sdpa_mask(self) -> Optional[torch.Tensor]:
+        """SDPA's bool mask (its float-mask kernels are ~20% slower on CPU); None when only a causal
+        mask applies, which SDPA's is_causal does itself."""
+        return None if self.causal_only else self.allowed()
 
     def additive(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The mask as 0 / MASKED_SCORE floats, or None when nothing is masked."""
-        if self.blocked is not None and (self._additive is None or self._additive.dtype != dtype):
+        """The same mask as 0 / MASKED_SCORE floats for the explicit path, or None."""
+        allowed = self.allowed()
+        if allowed is not None and (self._additive is None or self._additive.dtype != dtype):
             fill = max(MASKED_SCORE, torch.finfo(dtype).min / 2)
-            zeros = torch.zeros(self.blocked.shape, dtype=dtype, device=self.blocked.device)
-            self._additive = zeros.masked_fill_(self.blocked, fill)
+            zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self._additive = zeros.masked_fill_(~allowed, fill)
         return self._additive
-
-    def sdpa_mask(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        return None if self.causal_only else self.additive(dtype)
 
 
 MASKED_SCORE = -1e5  # what masked attention scores become (finite: see AttentionMask)

@@ -119,7 +119,8 @@ def reference_forward(model: HookedTransformer, x: torch.Tensor):
         k = torch.einsum("bpm,hmd->bphd", x1, a.W_K) + a.b_K
         v = torch.einsum("bpm,hmd->bphd", x1, a.W_V) + a.b_V
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.d_head)
-        scores = torch.where(allowed[:, None], scores, scores + MASKED_SCORE)  # finite: no NaN rows
+        opened = allowed | ~allowed.any(-1, keepdim=True)  # fully masked rows attend everywhere
+        scores = torch.where(opened[:, None], scores, scores + MASKED_SCORE)
         pattern = torch.softmax(scores, dim=-1)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         result = torch.einsum("bphd,hdm->bphm", z, a.W_O)
