@@ -126,15 +126,20 @@ class LoadedModel:
 
     def info(self) -> dict:
         """What the report records about this model."""
-        return {
-            "name": self.entry.name,
-            "seed": self.seed,
-            "key": self.card.get("key"),
-            "content_hash": self.card.get("content_hash"),
-            "source": self.source,
-            "metrics": {**(self.card.get("metrics") or {}), "history": self.card.get("history") or []},
-            "wall_time": self.card.get("wall_time"),
-        }
+        return model_info(self.entry.name, self.seed, self.card, self.source)
+
+
+def model_info(name: str, seed: int, card: dict, source: str) -> dict:
+    """The report's record of a model (`circuits.pytest_plugin.note_model`), from its card."""
+    return {
+        "name": name,
+        "seed": seed,
+        "key": card.get("key"),
+        "content_hash": card.get("content_hash"),
+        "source": source,
+        "metrics": {**(card.get("metrics") or {}), "history": card.get("history") or []},
+        "wall_time": card.get("wall_time"),
+    }
 
 
 def load(name: str, seed: Optional[int] = None, *, retrain: bool = False, force: bool = False,

@@ -236,11 +236,6 @@ class TestOurModel(OursSubject, BracketHypotheses):
             "agreeing resamples recover 0.49 of the loss",
     }
 
-    def test_role_binding(self, subject, claim):
-        count, negative = subject.head("count_head"), subject.head("negative_head")
-        claim.holds("count and negative roles bound to distinct heads", count != negative,
-                    detail=f"{subject.role_label('count_head')}, {subject.role_label('negative_head')}")
-
     @pytest.mark.controls("zero_ablate_mlp:L2", "untrained")
     def test_last_mlp_carries_the_unbalanced_direction(self, subject, claim):
         an = analyse(subject.model, subject.data)

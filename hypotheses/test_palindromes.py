@@ -367,10 +367,9 @@ def test_reference_binding_is_pinned(roles, zoo_seed, claim):
     """On the reference checkpoint the search must find the pinned roles; on --seeds models it names them."""
     found = {"carriers": tuple(roles["carriers"]), "mirror_head": tuple(roles["mirror_head"])}
     detail = f"carriers {'+'.join(found['carriers'])}, mirror head {A.head_label(*found['mirror_head'])}"
-    if zoo_seed is None:
-        claim.holds("search finds the pinned roles", found == REFERENCE_ROLES, detail=detail)
-    else:
-        claim.holds("search binds roles", bool(found["carriers"]), detail=detail)
+    if zoo_seed is not None:  # nothing is pinned for other seeds: the binding is reported, not claimed
+        pytest.skip(f"roles bound by search on seed {zoo_seed}: {detail}")
+    claim.holds("search finds the pinned roles", found == REFERENCE_ROLES, detail=detail)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

@@ -641,10 +641,9 @@ class LoadedAssoc:
 
     def info(self) -> dict:
         """What the report records about this model (circuits.pytest_plugin.note_model)."""
-        return {"name": self.experiment.name, "seed": self.seed, "key": self.card.get("key"),
-                "content_hash": self.card.get("content_hash"), "source": self.source,
-                "metrics": {**(self.card.get("metrics") or {}), "history": self.card.get("history") or []},
-                "wall_time": self.card.get("wall_time")}
+        from ..zoo import model_info
+
+        return model_info(self.experiment.name, self.seed, self.card, self.source)
 
 
 def _load_or_build(spec: dict, ref_name: str, build, *, retrain: bool, store, reference_dir: Path):
