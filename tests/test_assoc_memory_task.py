@@ -315,6 +315,36 @@ def test_law_errors():
         A.make_law({"kind": "zipf"})
 
 
+def test_empirical_law_is_the_sample_frequencies():
+    base = {"kind": "power_unif", "alphas": [1.0, 0.5, 0.5], "nb_tokens": [3, 3, 3], "N": 3, "seed": 0,
+            "version": A.DATA_VERSION}
+    law = A.empirical_law(base, 500, seed=7)
+    toks = A.make_law(base).sample(500, seed=7)
+    counts = torch.zeros(3, 3, 3, dtype=A.DTYPE).index_put_(tuple(toks.t()), torch.ones(500, dtype=A.DTYPE),
+                                                            accumulate=True)
+    joint = law.context_probs().reshape(3, 3)[..., None] * law.conditionals[2]
+    assert torch.allclose(joint, counts / 500, atol=1e-12)
+    assert A.make_law(law.spec).conditionals[2].equal(law.conditionals[2])  # rebuilt from its spec
+
+
+def test_empirical_law_of_associations_keeps_the_table_and_weights_pairs_by_count():
+    table = {"kind": "associations", "N": 6, "S": 2, "seed": 0, "version": A.DATA_VERSION}
+    law = A.empirical_law(table, 50, seed=1)
+    full = A.make_law(table)
+    seen = law.support()
+    assert law.is_deterministic and 0 < len(seen) < 36
+    assert torch.equal(law.targets()[seen], full.targets()[seen])
+    # a predictor right on exactly the most frequent pair scores that pair's frequency, not 1/|seen|
+    w = law.context_probs()
+    best = int(w.argmax())
+    logits = torch.zeros(36, 6, dtype=A.DTYPE)
+    logits[:, :] = torch.nn.functional.one_hot((full.targets() + 1) % 6, 6)  # wrong everywhere
+    logits[best] = torch.nn.functional.one_hot(full.targets()[best], 6)
+    assert law.accuracy(logits) == pytest.approx(float(w[best]))
+    with pytest.raises(InputError, match="n must be"):
+        A.empirical_law(table, 0)
+
+
 def test_capacity_bound():
     assert A.capacity_bound(50, 1, 10, 10) == pytest.approx(0.02 + 0.98 * 20 / 2500)
     assert A.capacity_bound(50, 26, 10, 10) == pytest.approx(0.02 + 0.98 * 270 / 2500)
@@ -394,6 +424,23 @@ def test_recipe_errors():
         A.AssocRecipe(loss="mse")
     with pytest.raises(InputError, match="steps"):
         A.AssocRecipe(steps=0)
+    with pytest.raises(InputError, match="schedule"):
+        A.AssocRecipe(schedule="step")
+    with pytest.raises(InputError, match="final_lr_frac"):
+        A.AssocRecipe(schedule="linear", final_lr_frac=0.0)
+
+
+def test_schedules_start_at_lr_and_end_at_the_final_fraction():
+    for schedule in ("linear", "cosine"):
+        r = A.AssocRecipe(steps=100, lr=1e-2, schedule=schedule, final_lr_frac=0.05)
+        lrs = [A.scheduled_lr(r, s) for s in range(101)]
+        assert lrs[0] == pytest.approx(1e-2) and lrs[100] == pytest.approx(5e-4)
+        assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert A.scheduled_lr(A.AssocRecipe(steps=100, lr=1e-2, schedule="linear"), 50) == pytest.approx(1e-2 * 0.525)
+    assert A.scheduled_lr(A.AssocRecipe(steps=100, lr=3e-3), 70) == 3e-3
+    # a constant schedule has no end point, so its store key does not carry one
+    assert "final_lr_frac" not in A.AssocRecipe().to_dict()
+    assert A.AssocRecipe(schedule="linear").to_dict()["final_lr_frac"] == 0.05
 
 
 def _tiny_experiment(steps: int = 30) -> A.Experiment:
