@@ -1,10 +1,12 @@
 """`python -m circuits`: list the zoo, train a model, print a card, show the latest report.
 
-  list                              zoo entries with their reference / cache status
+  list                              zoo entries with their reference / cache status, then the
+                                    associative-memory experiments of seed 004 (own trainer)
   train NAME [--seed S] [--device D] [--update-reference]
                                     train from scratch (progress bar) into the model store;
                                     --update-reference also writes fixtures/models/NAME.* (default seed)
   card NAME [--seed S]              print the JSON card of the reference (default seed) or cached model
+  (NAME: a zoo entry, or an assoc_* experiment; its seed-0 reference is fixtures/models/NAME_s0.*)
   report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
                                     the HTML path
 """
@@ -15,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import zoo
 from .errors import CircuitsError
@@ -37,11 +40,50 @@ def _status(name: str) -> tuple[str, str]:
     return ref, f"cached seeds {sorted(s for s in cached if s is not None)}" if cached else "not cached"
 
 
+def _reference_status(load) -> str:
+    try:
+        load()
+        return "reference ok"
+    except CircuitsError as e:
+        return f"reference {type(e).__name__.replace('CheckpointError', '').lower() or 'error'}"
+
+
+def _assoc_experiment(name: str):
+    """The seed-004 experiment called `name`, or None for anything that is not an assoc_* name."""
+    if not name.startswith("assoc_"):
+        return None
+    from .tasks import assoc_memory as A
+
+    return A.get_experiment(name)
+
+
 def cmd_list(args) -> int:
     for name in zoo.names():
         entry = zoo.get_entry(name)
         ref, cache = _status(name)
         print(f"{name:18s} {ref:22s} {cache:24s} {entry.description}")
+    from .store import load_reference
+    from .tasks import assoc_memory as A
+
+    print("\nassociative memory (seed 004; python -m circuits.tasks.assoc_memory rewrites all references):")
+    for name, exp in A.named_experiments().items():
+        ref = _reference_status(lambda: load_reference(A.REFERENCE_DIR, exp.reference_name(0), exp.spec(0)))
+        print(f"{name:26s} {ref:22s} {exp.description}")
+    return 0
+
+
+def _train_assoc(args, exp) -> int:
+    from .store import ModelStore, save_reference
+    from .tasks import assoc_memory as A
+    from .train import TerminalProgress
+
+    seed = 0 if args.seed is None else zoo.check_seed(args.seed)
+    progress = TerminalProgress(f"training {exp.name} (seed {seed})")
+    loaded = A.load_experiment(exp, seed, retrain=True, store=ModelStore(), progress=progress)
+    progress.done(json.dumps({k: v for k, v in loaded.card["metrics"].items() if isinstance(v, float)}))
+    if args.update_reference:
+        card = save_reference(A.REFERENCE_DIR, exp.reference_name(seed), loaded.model.state_dict(), loaded.card)
+        print(f"wrote reference {A.REFERENCE_DIR / exp.reference_name(seed)}.* (key {card['key'][:16]})")
     return 0
 
 
@@ -49,6 +91,9 @@ def cmd_train(args) -> int:
     from .store import ModelStore, save_reference
     from .train import TerminalProgress
 
+    exp = _assoc_experiment(args.name)
+    if exp is not None:
+        return _train_assoc(args, exp)
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
     progress = TerminalProgress(f"training {args.name} (seed {seed})")
@@ -66,7 +111,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _assoc_card(exp, seed: int) -> Optional[dict]:
+    from .store import MissingCheckpointError, ModelStore, load_reference, spec_key
+    from .tasks import assoc_memory as A
+
+    try:
+        return load_reference(A.REFERENCE_DIR, exp.reference_name(seed), exp.spec(seed))[1]
+    except MissingCheckpointError:
+        found = ModelStore().load(spec_key(exp.spec(seed)))
+        return None if found is None else found[1]
+
+
 def cmd_card(args) -> int:
+    exp = _assoc_experiment(args.name)
+    if exp is not None:
+        seed = 0 if args.seed is None else zoo.check_seed(args.seed)
+        card = _assoc_card(exp, seed)
+        if card is None:
+            print(f"{args.name} seed {seed} has no reference and is not in the model store; run `python -m "
+                  f"circuits train {args.name} --seed {seed}`", file=sys.stderr)
+            return 1
+        return _print_card(card)
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
     if seed == entry.default_seed:
@@ -82,6 +147,10 @@ def cmd_card(args) -> int:
                   f"{args.name} --seed {seed}`", file=sys.stderr)
             return 1
         card = found[1]
+    return _print_card(card)
+
+
+def _print_card(card: dict) -> int:
     card = dict(card)
     if "history" in card:
         card["history"] = f"<{len(card['history'])} rows>"

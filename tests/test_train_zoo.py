@@ -200,3 +200,19 @@ def test_cli_clear_errors_for_unknown_names_and_bad_seeds(tmp_path):
     assert out.returncode == 2 and "seed must be a non-negative integer" in out.stderr
     out = run_cli("card", "brackets", "--seed", "7", env={"CIRCUITS_CACHE": str(tmp_path)})
     assert out.returncode == 1 and "not in the model store" in out.stderr
+
+
+def test_cli_lists_trains_and_prints_the_assoc_experiments(tmp_path):
+    out = run_cli("list")
+    assert "assoc_exp1_d10_H06         reference ok" in out.stdout and "assoc_skip_no_residual" in out.stdout
+    card = run_cli("card", "assoc_freeze_none")
+    assert card.returncode == 0, card.stderr
+    assert json.loads(card.stdout)["spec"]["name"] == "assoc_freeze_none"
+    out = run_cli("card", "assoc_exp1_d10_H6")
+    assert out.returncode == 2 and "did you mean" in out.stderr and "assoc_exp1_d10_H06" in out.stderr
+    out = run_cli("card", "assoc_freeze_none", "--seed", "3", env={"CIRCUITS_CACHE": str(tmp_path)})
+    assert out.returncode == 1 and "not in the model store" in out.stderr
+    out = run_cli("train", "assoc_freeze_all", "--seed", "3", env={"CIRCUITS_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr  # everything frozen: evaluates, trains nothing (fast)
+    card = run_cli("card", "assoc_freeze_all", "--seed", "3", env={"CIRCUITS_CACHE": str(tmp_path)})
+    assert card.returncode == 0 and json.loads(card.stdout)["spec"]["seed"] == 3

@@ -818,6 +818,24 @@ def reference_experiments() -> list[tuple[Experiment, int]]:
     return out
 
 
+def named_experiments() -> dict[str, Experiment]:
+    """Every experiment with a committed reference, by name (what `python -m circuits` lists)."""
+    return {exp.name: exp for exp, _ in reference_experiments()}
+
+
+def get_experiment(name: str) -> Experiment:
+    exps = named_experiments()
+    if name not in exps:
+        import difflib
+
+        from ..errors import UnknownModelError
+
+        close = difflib.get_close_matches(name, list(exps), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownModelError(f"unknown associative-memory experiment {name!r}{hint}")
+    return exps[name]
+
+
 def write_references(pairs: Optional[Sequence[tuple[Experiment, int]]] = None, reference_dir: Path = REFERENCE_DIR,
                      log=print) -> None:
     """Train (or take from the store) and write the committed reference checkpoints."""
