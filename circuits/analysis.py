@@ -5,10 +5,12 @@ Each is tested against a slow obvious version in tests/test_analysis.py.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import hashlib
+from typing import Any, Callable, Hashable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LinearRegression
 
 from .cache import ActivationCache, decomposition_hook_names, project
@@ -16,21 +18,84 @@ from .errors import CircuitsError, InputError
 from .model import HookedTransformer
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """Identity of the function a model computes: its weights, and any permanent hooks (a mean
+    ablation is a hook). Controls build new model objects; a deterministic one (e.g. `untrained`
+    with its fixed seed) gets the same digest each time, so its results can be shared."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for hp in getattr(model, "hook_dict", {}).values():
+        h.update(repr([id(f) for f in hp.fns]).encode())
+    return h.hexdigest()
+
+
+class ModelMemo:
+    """Results computed once per (model function, key) for a session: claims on one model, and
+    controls that leave the model alone (data controls) or rebuild the same one, share them."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, Hashable], Any] = {}
+
+    def get(self, model: torch.nn.Module, key: Hashable, compute: Callable[[], Any]) -> Any:
+        k = (weights_digest(model), key)
+        if k not in self._values:
+            self._values[k] = compute()
+        return self._values[k]
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
 def run_in_batches(model: HookedTransformer, inputs: torch.Tensor, names=None, batch_size: int = 2000,
-                   keep: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> ActivationCache:
+                   keep: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+                   lengths: Optional[torch.Tensor] = None) -> ActivationCache:
     """run_with_cache over a large input in chunks (no grad), concatenated along the batch.
 
     Every chunk keeps the full width of `inputs` so positions line up across chunks. `keep(name,
-    activation)` may cut each activation down before it is stored (e.g. `query_position(0)`), which
+    activation)` may cut each activation down before it is stored (e.g. `at_position(0)`), which
     saves most of the memory and time when a claim reads only one position.
+
+    With `lengths` (meaningful positions per row, the rest right-padding masked from attention),
+    rows run in length order, each chunk cut to its longest row, as `predict` does. Only positions
+    every row has may then be kept (`keep` is required), and attention patterns come back padded
+    to the full key width with zeros, which is what the full-width run gives a masked key.
     """
-    stores: dict[str, list[torch.Tensor]] = {}
+    if lengths is None:
+        stores: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for i in range(0, inputs.shape[0], batch_size):
+                _, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
+                for k, v in cache.items():
+                    stores.setdefault(k, []).append(keep(k, v) if keep else v)
+        return ActivationCache({k: torch.cat(v) for k, v in stores.items()}, model)
+    if keep is None:
+        raise InputError("run_in_batches(lengths=...) needs keep= selecting positions every row has, "
+                         "e.g. at_position(0): the other positions' widths differ between chunks")
+    if lengths.shape != inputs.shape[:1]:
+        raise InputError(f"lengths must be [{inputs.shape[0]}], got {tuple(lengths.shape)}")
+    full = inputs.shape[1]
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for i in range(0, inputs.shape[0], batch_size):
-            _, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
+        for chunk in torch.argsort(lengths).split(batch_size):
+            width = int(lengths[chunk].max())
+            _, cache = model.run_with_cache(inputs[chunk, :width], names=names)
             for k, v in cache.items():
-                stores.setdefault(k, []).append(keep(k, v) if keep else v)
-    return ActivationCache({k: torch.cat(v) for k, v in stores.items()}, model)
+                if k.endswith("hook_attn_scores"):
+                    raise InputError(f"{k} holds masked scores that depend on the padded width; "
+                                     "cache it without lengths=")
+                v = keep(k, v)
+                if k.endswith("hook_pattern") and width < full:
+                    v = F.pad(v, (0, full - width))  # [batch, head, query, key_pos]: masked keys get 0
+                if k not in out:
+                    out[k] = v.new_empty((inputs.shape[0], *v.shape[1:]))
+                elif v.shape[1:] != out[k].shape[1:]:
+                    raise InputError(f"keep() left {k} with width-dependent shape {tuple(v.shape)}; with "
+                                     "lengths= it must select positions every row has")
+                out[k][chunk] = v
+    return ActivationCache(out, model)
 
 
 def at_position(pos: int) -> Callable[[str, torch.Tensor], torch.Tensor]:

@@ -276,10 +276,13 @@ class AssocTransformer(HookedTransformer):
             p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                readout: Optional[str] = None) -> torch.Tensor:
+                readout: Optional[str] = None, *, start_at_layer: int = 0,
+                resid: Optional[torch.Tensor] = None) -> torch.Tensor:
         a = self.acfg
         if a.is_plain:
-            return super().forward(x, key_padding_mask, readout)
+            return super().forward(x, key_padding_mask, readout, start_at_layer=start_at_layer, resid=resid)
+        if start_at_layer:
+            raise InputError("start_at_layer needs the plain member of the family (no switches)")
         if key_padding_mask is not None:
             raise InputError("AssocTransformer with switches takes no key_padding_mask (sequences are not padded)")
         self._check_input(x)

@@ -146,3 +146,56 @@ def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inp
 
     with torch.no_grad():
         return model.run_with_hooks(inputs, fwd_hooks=[(n, make(n, idx)) for n, idx in patches])
+
+
+def _patch_layer(model: HookedTransformer, names: Sequence[str]) -> int:
+    """The first block a set of hook names can change (0 when any lies outside the blocks)."""
+    layers = []
+    for n in names:
+        parts = n.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            return 0
+        layers.append(int(parts[1]))
+    return min(layers) if layers else 0
+
+
+def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
+                         source_rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Resampling ablation for several resamplings of one batch: for each index tensor `rows` in
+    `source_rows`, the output of `patch_activations(model, inputs, inputs[rows], patches)`.
+
+    Faster than calling that once per resampling: the clean run is done once (the patched
+    activations of row rows[i] are the clean ones of that row), and each patched run starts at the
+    first patched block from the clean residual there (the blocks before it cannot see the patch).
+    Tested equal to patch_activations.
+    """
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    layer = _patch_layer(model, names)
+    resume = [f"blocks.{layer}.hook_resid_pre"] if layer else []
+    with torch.no_grad():
+        _, clean = model.run_with_cache(inputs, names=names + resume)
+    outputs = []
+    for rows in source_rows:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.shape != (inputs.shape[0],):
+            raise InputError(f"source rows must be a [{inputs.shape[0]}] index tensor, got {tuple(rows.shape)}")
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= inputs.shape[0]):
+            raise InputError(f"source rows must index the batch 0..{inputs.shape[0] - 1}")
+
+        def make(name: str, index: tuple, rows=rows):
+            def patch(act: torch.Tensor, hook) -> torch.Tensor:
+                act = act.clone()
+                act[(slice(None), *index)] = clean[name][rows][(slice(None), *index)].to(act.dtype)
+                return act
+            return patch
+
+        hooks = [(n, make(n, idx)) for n, idx in patches]
+        with torch.no_grad():
+            if layer:
+                outputs.append(model.run_with_hooks(inputs, fwd_hooks=hooks, start_at_layer=layer,
+                                                    resid=clean[resume[0]]))
+            else:
+                outputs.append(model.run_with_hooks(inputs, fwd_hooks=hooks))
+    return outputs
+

@@ -271,6 +271,22 @@ class Attention(nn.Module):
             return result.sum(2) + self.b_O  # [batch, pos, d_model]
         return F.linear(z.reshape(B, P, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
 
+    def forward_at(self, x: torch.Tensor, mask: "AttentionMask", index: torch.Tensor) -> torch.Tensor:
+        """forward's output at one query position per row (index: [batch]) -> [batch, 1, d_model],
+        projecting that position's query only (keys and values need every position). No hooks."""
+        B, P, _ = x.shape
+        h, d = self.n_heads, self.d_head
+        W, b = self.W_QKV.view(3, h * d, -1), self.b_QKV.view(3, h * d)
+        x_q = x[torch.arange(B, device=x.device), index][:, None]  # [batch, 1, d_model]
+        q = F.linear(x_q, W[0], b[0]).view(B, 1, h, d)  # [batch, 1, head, d_head]
+        kv = F.linear(x, W[1:].reshape(2 * h * d, -1), b[1:].reshape(-1))  # [batch, pos, 2*head*d_head]
+        k, v = kv.view(B, P, 2, h, d).unbind(2)  # each [batch, pos, head, d_head]
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, 1 or pos, d_head]
+            attn_mask=mask.query_rows(index),
+        ).transpose(1, 2)  # [batch, 1, head, d_head]
+        return F.linear(z.reshape(B, 1, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, 1, d_model]
+
     def _explicit_attention(self, q, k, v, mask: "AttentionMask") -> torch.Tensor:
         """Attention with every intermediate exposed. q, k, v: [batch, pos, head, d_head] views."""
         B, P, h, d = q.shape
@@ -315,6 +331,16 @@ class AttentionMask:
             allowed = ~self.blocked
             self._allowed = allowed | ~allowed.any(-1, keepdim=True)
         return self._allowed
+
+    def query_rows(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        """`allowed()` for one query position per row (index: [batch]): [batch or 1, 1, 1, key_pos]."""
+        allowed = self.allowed()  # [query_pos, key_pos] (causal only) or [batch or 1, 1, query_pos or 1, key_pos]
+        if allowed is not None and allowed.ndim == 2:
+            allowed = allowed[None, None]  # [1, 1, query_pos, key_pos]
+        if allowed is None or allowed.shape[2] == 1:
+            return allowed
+        rows = allowed.expand(index.shape[0], -1, -1, -1)[torch.arange(index.shape[0], device=index.device), :, index]
+        return rows[:, :, None, :]  # [batch, 1, 1, key_pos]
 
     def sdpa_mask(self) -> Optional[torch.Tensor]:
         """SDPA's bool mask (its float-mask kernels are ~20% slower on CPU); None when only a causal
@@ -376,6 +402,18 @@ class TransformerBlock(nn.Module):
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [batch, pos, d_model]
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))  # [batch, pos, d_model]
         return self.hook_resid_post(resid_mid + mlp_out)  # [batch, pos, d_model]
+
+    def forward_at(self, resid_pre: torch.Tensor, mask: AttentionMask, index: torch.Tensor) -> torch.Tensor:
+        """forward's output at one position per row (index: [batch]) -> [batch, 1, d_model]. What
+        the last block of a first/last read-out needs: only that position's query, attention output
+        and MLP (a third of a 3-layer model's compute is the other positions of its last block).
+        Call only with no hook of this block active: they would see one position."""
+        rows = torch.arange(resid_pre.shape[0], device=resid_pre.device)
+        attn_out = self.attn.forward_at(self.ln1(resid_pre), mask, index)  # [batch, 1, d_model]
+        resid_mid = resid_pre[rows, index][:, None] + attn_out  # [batch, 1, d_model]
+        if not self.has_mlp:
+            return resid_mid
+        return resid_mid + self.mlp(self.ln2(resid_mid))  # [batch, 1, d_model]
 
 
 class Unembed(nn.Module):
@@ -458,7 +496,10 @@ class HookedTransformer(HookedRootModule):
         return tokens == self.cfg.pad_token  # [batch, pos]
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                readout: Optional[str] = None) -> torch.Tensor:
+                readout: Optional[str] = None, *, start_at_layer: int = 0,
+                resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
+        gives the padding mask and read-out positions): what a patch at layer l needs to recompute."""
         self._check_input(x)
         if key_padding_mask is None:
             key_padding_mask = self.key_padding_mask(x)
@@ -467,19 +508,39 @@ class HookedTransformer(HookedRootModule):
                              f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         if key_padding_mask is not None and not bool(key_padding_mask.any()):
             key_padding_mask = None  # nothing to mask: let attention take its unmasked fast kernel
-        resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
         mask = self._attention_mask(key_padding_mask, x.shape[1], x.device)
-        if self.cfg.positional != "none":
-            pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
-            resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
-        for block in self.blocks:
-            resid = block(resid, mask)  # [batch, pos, d_model]
+        if start_at_layer:
+            resid = self._check_resume(x, start_at_layer, resid)  # [batch, pos, d_model]
+        else:
+            resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
+            if self.cfg.positional != "none":
+                pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
+                resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
         readout = readout or self.cfg.readout
-        resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
+        if readout != "all" and not self.training and not any(hp.fns for hp in self._last_block_hooks):
+            # inference with a single read-out position: the last block computes only that position
+            for block in self.blocks[start_at_layer:-1]:
+                resid = block(resid, mask)  # [batch, pos, d_model]
+            index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
+            resid = self.blocks[-1].forward_at(resid, mask, index)  # [batch, 1, d_model]
+        else:
+            for block in self.blocks[start_at_layer:]:
+                resid = block(resid, mask)  # [batch, pos, d_model]
+            resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
         if self.cfg.normalization == "LN":
             resid = self.ln_final(resid)
         logits = self.unembed(resid)  # [batch, pos or 1, d_vocab_out]
         return logits if readout == "all" else logits[:, 0]  # [batch, (pos,) d_vocab_out]
+
+    def _check_resume(self, x: torch.Tensor, layer, resid) -> torch.Tensor:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer < self.cfg.n_layers:
+            raise InputError(f"start_at_layer must be an int in 1..{self.cfg.n_layers - 1}, got {layer!r}")
+        want = (x.shape[0], x.shape[1], self.cfg.d_model)
+        if not isinstance(resid, torch.Tensor) or tuple(resid.shape) != want:
+            got = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+            raise InputError(f"start_at_layer={layer} needs resid = blocks.{layer}.hook_resid_pre of shape "
+                             f"{list(want)}, got {got}")
+        return resid
 
     def _attention_mask(self, key_pad: Optional[torch.Tensor], P: int, device) -> AttentionMask:
         blocked = None if key_pad is None else key_pad[:, None, None, :]  # [batch, 1, 1, key_pos]
@@ -490,6 +551,22 @@ class HookedTransformer(HookedRootModule):
             blocked = future if blocked is None else blocked | future  # [batch or 1, 1, q, k]
         return AttentionMask(blocked, causal_only)
 
+    def setup_hooks(self) -> None:
+        super().setup_hooks()
+        last = f"blocks.{self.cfg.n_layers - 1}."
+        # a plain list in __dict__ (not a registered module list): checked on every inference forward
+        self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)]
+
+    def _readout_index(self, key_pad, readout: str, B: int, P: int, device) -> torch.Tensor:
+        """The read-out position of every row: [batch]."""
+        if readout == "first":
+            return torch.zeros(B, dtype=torch.long, device=device)
+        if readout == "last":
+            if key_pad is None:
+                return torch.full((B,), P - 1, dtype=torch.long, device=device)
+            return (~key_pad).long().cumsum(1).argmax(1)  # index of the last non-pad position
+        raise InputError(f"readout={readout!r} is not one of ('first', 'last', 'all')")
+
     def _select_readout(self, resid, key_pad, readout: str) -> torch.Tensor:
         # LN and unembed act per position, so selecting before them gives the same logits and only
         # computes what is read; ln_final's hooks then see [batch, 1, ...] for first/last read-outs.
@@ -497,9 +574,7 @@ class HookedTransformer(HookedRootModule):
             return resid
         if readout == "first":
             return resid[:, :1]  # [batch, 1, d_model]
-        if readout == "last":
-            if key_pad is None:
-                return resid[:, -1:]  # [batch, 1, d_model]
-            last = (~key_pad).long().cumsum(1).argmax(1)  # [batch] index of the last non-pad position
-            return resid[torch.arange(resid.shape[0], device=resid.device), last][:, None]
-        raise InputError(f"readout={readout!r} is not one of ('first', 'last', 'all')")
+        if readout == "last" and key_pad is None:
+            return resid[:, -1:]  # [batch, 1, d_model]
+        index = self._readout_index(key_pad, readout, resid.shape[0], resid.shape[1], resid.device)
+        return resid[torch.arange(resid.shape[0], device=resid.device), index][:, None]  # [batch, 1, d_model]

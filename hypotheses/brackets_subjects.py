@@ -8,7 +8,6 @@ uncontrolled model so that a control cannot move the binding it is meant to test
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -51,7 +50,8 @@ class Analysis:
         names = A.decomposition_names(self.model) + [
             f"blocks.{l}.attn.hook_pattern" for l in range(self.model.cfg.n_layers)]
         # every claim here reads position 0 (the read-out) or attention from query 0
-        return A.run_in_batches(self.model, self.data.toks, names=names, keep=A.at_position(0))
+        return A.run_in_batches(self.model, self.data.toks, names=names, keep=A.at_position(0),
+                                lengths=self.data.lengths + 2)
 
     @cached_property
     def _fit(self):
@@ -82,42 +82,23 @@ class Analysis:
         return self._contributions[1]
 
 
-_ANALYSES: dict[str, Analysis] = {}
-
-
-def weights_digest(model: HookedTransformer) -> str:
-    """Identity of a model's weights: controls build new model objects, and a deterministic control
-    (e.g. `untrained` with its fixed seed) should not be analysed twice."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    for hp in model.hook_dict.values():  # a permanent hook (mean ablation) changes the function too
-        h.update(repr([id(f) for f in hp.fns]).encode())
-    return h.hexdigest()
+_MEMO = A.ModelMemo()  # per model function: the analyses and the 100k predictions
 
 
 def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
-    key = weights_digest(model) + f"/{len(data)}"
-    if key not in _ANALYSES:
-        _ANALYSES[key] = Analysis(model, data)
-    return _ANALYSES[key]
-
-
-_PREDICTIONS: dict[str, tuple] = {}
+    return _MEMO.get(model, ("analysis", id(data), len(data)), lambda: Analysis(model, data))
 
 
 def predictions_on_all(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(predicted is-balanced, label, count) per distinct string of the full 100k file: half the
     file repeats earlier rows, so each distinct string is classified once and weighted by its count."""
-    key = weights_digest(model)
-    if key not in _PREDICTIONS:
+    def compute():
         strs, labels, counts = distinct_reference_strings()
         toks = B.tokenize(strs)
         lengths = torch.tensor([len(s) + 2 for s in strs])
-        predicted = A.predict(model, toks, lengths=lengths).argmax(-1).bool()
-        _PREDICTIONS[key] = (predicted, labels, counts)
-    return _PREDICTIONS[key]
+        return A.predict(model, toks, lengths=lengths).argmax(-1).bool(), labels, counts
+
+    return _MEMO.get(model, "predictions_on_all", compute)
 
 
 @lru_cache(maxsize=1)

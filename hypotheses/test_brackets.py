@@ -34,7 +34,7 @@ import torch
 from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
 from circuits import analysis as A
 from circuits.controls import register_control
-from circuits.interventions import patch_activations
+from circuits.interventions import resample_activations
 from circuits.stats import auroc, cohens_d, spearman
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
@@ -189,15 +189,13 @@ class BracketHypotheses:
         layer, head = subject.head("count_head")
         patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
         gen = torch.Generator().manual_seed(0)
-
-        def loss(source_rows: torch.Tensor) -> float:
-            logits = patch_activations(subject.model, toks, toks[source_rows], patches)
-            return float(A.cross_entropy_per_example(logits, labels).mean())
-
-        clean = float(A.cross_entropy_per_example(A.predict(subject.model, toks), labels).mean())
-        baseline = loss(torch.randint(len(rows), (len(rows),), generator=gen))
-        agree = loss(_resample(groups.labels, agree=True, gen=gen))
-        disagree = loss(_resample(groups.labels, agree=False, gen=gen))
+        sources = [torch.arange(len(rows)),  # every row from itself: the clean run
+                   torch.randint(len(rows), (len(rows),), generator=gen),
+                   _resample(groups.labels, agree=True, gen=gen),
+                   _resample(groups.labels, agree=False, gen=gen)]
+        clean, baseline, agree, disagree = (
+            float(A.cross_entropy_per_example(logits, labels).mean())
+            for logits in resample_activations(subject.model, toks, patches, sources))
         claim.at_least("loss_recovered(resample agreeing on the count test)",
                        A.loss_recovered(agree, clean, baseline), 0.8,
                        note=f"clean {clean:.4g}, random resample {baseline:.4g}, agreeing {agree:.4g}")

@@ -25,7 +25,6 @@ room for retrained seeds, and above what every control reaches.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import matplotlib
@@ -92,15 +91,20 @@ class ClusterData:
     labels: np.ndarray  # [n] cluster of the sequence's last-position attention row (shuffle_labels permutes)
 
 
-_PREDICTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_CLUSTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MEMO = A.ModelMemo()  # per model function (the untrained control rebuilds the same model each time)
+
+
+def last_position_run(model, data: icl.ICLData) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [n], last-position residuals [n_layers + 1, n, d_model]) of one run over `data`."""
+    def compute():
+        resid, out = icl.last_position_residuals(model, data.inputs, with_outputs=True)
+        return out[:, 0].double(), resid
+
+    return _MEMO.get(model, ("last_position_run", id(data)), compute)
 
 
 def predictions(model, data: icl.ICLData) -> Predictions:
-    if model not in _PREDICTIONS:
-        values = A.predict(model, data.inputs, batch_size=4096)[:, 0].double()
-        _PREDICTIONS[model] = Predictions(values, data.ys[:, -1])
-    return _PREDICTIONS[model]
+    return Predictions(last_position_run(model, data)[0], data.ys[:, -1])
 
 
 def _gain(real, shuffled, axis=-1):
@@ -142,8 +146,10 @@ def _shuffle_rows(x: np.ndarray) -> np.ndarray:
 
 def head_clusters(model, data: icl.ICLData) -> list[HeadClusters]:
     """The seed's attention clustering for every head, on the last position's attention rows."""
-    if model in _CLUSTERS:
-        return _CLUSTERS[model]
+    return _MEMO.get(model, ("head_clusters", id(data)), lambda: _head_clusters(model, data))
+
+
+def _head_clusters(model, data: icl.ICLData) -> list[HeadClusters]:
     sub = data.subset(slice(0, N_CLUSTER))
     features = _flat_inputs(sub)
     shuffled = _shuffle_rows(features)
@@ -158,7 +164,6 @@ def head_clusters(model, data: icl.ICLData) -> list[HeadClusters]:
             correct_shuffled, _ = icl.cluster_probe(shuffled, labels)
             out.append(HeadClusters(A.head_label(l, h), rows, pattern[:, h].mean(0).numpy(), labels, k,
                                     scores[k], correct, correct_shuffled, majority))
-    _CLUSTERS[model] = out
     return out
 
 
@@ -199,7 +204,7 @@ def test_running_error_difference_is_linearly_decodable(icl_model, icl_eval, cla
     rows; the claim probes it clipped to its 1st-99th percentiles (still the same linear quantity),
     and the note gives the unclipped r^2 by depth too."""
     sub = icl_eval.subset(slice(0, N_PROBE))
-    resid = icl.last_position_residuals(icl_model, sub.inputs)  # [layer + 1, n, d_model]
+    resid = last_position_run(icl_model, icl_eval)[1][:, :N_PROBE]  # [layer + 1, n, d_model]
     raw = sub.running_error_difference().numpy()
     target = torch.from_numpy(np.clip(raw, *np.percentile(raw, WINSOR)))
     per_layer = [icl.probe_r2(resid[l], target) for l in range(resid.shape[0])]

@@ -29,7 +29,6 @@ checkpoint shows, and above what every negative control reaches.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import matplotlib
@@ -119,7 +118,7 @@ class Analysis:
     logit_diff: torch.Tensor  # [batch] logit[palindrome] - logit[not]
 
 
-_ANALYSES: "weakref.WeakKeyDictionary[HookedTransformer, Analysis]" = weakref.WeakKeyDictionary()
+_MEMO = A.ModelMemo()
 
 
 def fresh_data(n: int = N_ANALYSIS) -> P.PalindromeData:
@@ -127,16 +126,16 @@ def fresh_data(n: int = N_ANALYSIS) -> P.PalindromeData:
 
 
 def analyse(model: HookedTransformer) -> Analysis:
-    if model in _ANALYSES:
-        return _ANALYSES[model]
+    return _MEMO.get(model, "analysis", lambda: _analyse(model))
+
+
+def _analyse(model: HookedTransformer) -> Analysis:
     data = fresh_data()
     names = A.decomposition_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
     cache = A.run_in_batches(model, data.toks, names=names)
     values, labels = A.component_contributions(cache, A.logit_direction(model, 1, 0), pos=0)
     logits = A.predict(model, data.toks).double()
-    an = Analysis(data, cache, values, labels, logits[:, 1] - logits[:, 0])
-    _ANALYSES[model] = an
-    return an
+    return Analysis(data, cache, values, labels, logits[:, 1] - logits[:, 0])
 
 
 def separations(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,25 @@ def test_run_in_batches_equals_one_run(model, data):
         torch.testing.assert_close(chunked[n], whole[n], atol=1e-5, rtol=1e-5)
 
 
+def test_run_in_batches_with_length_buckets_equals_full_width_at_the_kept_position(model, data):
+    names = A.decomposition_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    full = A.run_in_batches(model, data.toks, names=names, batch_size=64, keep=A.at_position(0))
+    bucketed = A.run_in_batches(model, data.toks, names=names, batch_size=64, keep=A.at_position(0),
+                                lengths=data.lengths + 2)
+    assert int((data.lengths + 2).min()) < data.toks.shape[1]  # some chunks really are narrower
+    for n in names:
+        assert bucketed[n].shape == full[n].shape, n
+        torch.testing.assert_close(bucketed[n], full[n], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="needs keep"):
+        A.run_in_batches(model, data.toks, names=names, lengths=data.lengths + 2)
+    with pytest.raises(InputError, match="width-dependent"):
+        A.run_in_batches(model, data.toks, names=["blocks.0.hook_resid_pre"], batch_size=64,
+                         keep=lambda n, a: a, lengths=data.lengths + 2)
+    with pytest.raises(InputError, match="hook_attn_scores"):
+        A.run_in_batches(model, data.toks, names=["blocks.0.attn.hook_attn_scores"], keep=A.at_position(0),
+                         lengths=data.lengths + 2)
+
+
 def test_linear_fit_recovers_an_affine_map_and_pull_back_is_its_transpose():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=g)
@@ -176,6 +195,47 @@ def test_patch_activations_from_itself_is_the_clean_run_and_from_others_matches_
     assert width > 1
     with pytest.raises(InputError, match="source batch"):
         I.patch_activations(model, x, src[:3], patches)
+
+
+@pytest.mark.parametrize("patches", [
+    [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))],  # resumes at block 1
+    [("blocks.0.hook_resid_post", (2,)), ("blocks.1.attn.hook_z", (0, 1))],  # resumes at block 0: full run
+    [("hook_embed", (3,))],  # outside the blocks: full run
+])
+def test_resample_activations_equals_patching_from_the_resampled_rows(model, data, patches):
+    x = data.toks[:60]
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(60, (60,), generator=g), torch.arange(60), torch.randperm(60, generator=g)]
+    outputs = I.resample_activations(model, x, patches, rows)
+    for r, out in zip(rows, outputs):
+        torch.testing.assert_close(out, I.patch_activations(model, x, x[r], patches), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[1], model(x), atol=1e-5, rtol=1e-5)  # every row from itself
+
+
+def test_resample_activations_rejects_bad_rows_and_names(model, data):
+    x = data.toks[:10]
+    patches = [("blocks.1.attn.hook_v", (1, 0))]
+    with pytest.raises(InputError, match="index tensor"):
+        I.resample_activations(model, x, patches, [torch.arange(5)])
+    with pytest.raises(InputError, match="index the batch"):
+        I.resample_activations(model, x, patches, [torch.arange(10) + 1])
+    with pytest.raises(Exception, match="hook_vv"):
+        I.resample_activations(model, x, [("blocks.1.attn.hook_vv", (1, 0))], [torch.arange(10)])
+
+
+def test_start_at_layer_from_the_cached_residual_is_the_forward(model, data):
+    x = data.toks[:40]
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(1, model.cfg.n_layers)]
+    out, cache = model.run_with_cache(x, names=names)
+    for l in range(1, model.cfg.n_layers):
+        torch.testing.assert_close(model(x, start_at_layer=l, resid=cache[f"blocks.{l}.hook_resid_pre"]), out,
+                                   atol=1e-6, rtol=1e-6)
+    with pytest.raises(InputError, match="start_at_layer must be"):
+        model(x, start_at_layer=model.cfg.n_layers, resid=cache[names[0]])
+    with pytest.raises(InputError, match="needs resid"):
+        model(x, start_at_layer=1, resid=cache[names[0]][:, :3])
+    with pytest.raises(InputError, match="needs resid"):
+        model(x, start_at_layer=1)
 
 
 def test_zero_ablate_mlp_removes_its_output(model, data):

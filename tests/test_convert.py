@@ -205,14 +205,14 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
 
 
 def test_checkpoint_round_trip_through_files(tmp_path):
-    source = make_model(BRACKETS)
+    source = make_model(BRACKETS).eval()  # both in eval mode: the same (pruned read-out) path
     torch.save(to_tl_state_dict(source), tmp_path / "model.pt")
-    loaded = load_tl_checkpoint(tmp_path / "model.pt", TransformerConfig(**BRACKETS))
+    loaded = load_tl_checkpoint(tmp_path / "model.pt", TransformerConfig(**BRACKETS)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(bracket_tokens()), source(bracket_tokens()), atol=0, rtol=0)
     safetensors = pytest.importorskip("safetensors.torch")
     safetensors.save_file(to_tl_state_dict(source), str(tmp_path / "model.safetensors"))
-    loaded = load_tl_checkpoint(tmp_path / "model.safetensors", TransformerConfig(**BRACKETS))
+    loaded = load_tl_checkpoint(tmp_path / "model.safetensors", TransformerConfig(**BRACKETS)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(bracket_tokens()), source(bracket_tokens()), atol=0, rtol=0)
 

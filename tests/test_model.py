@@ -520,3 +520,38 @@ def test_fully_masked_rows_do_not_poison_the_output(hooked):
     with torch.no_grad():
         logits = model.run_with_hooks(x, fwd_hooks=hooks, readout="all")
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("readout", ["first", "last"])
+def test_inference_read_out_pruning_matches_the_full_last_block(name, dtype, readout):
+    """In eval mode a first/last read-out computes only the read-out position of the last block
+    (Attention/TransformerBlock.forward_at); in train mode, or with a hook in the last block, the
+    whole block runs. All three agree, padding and causal masks included."""
+    model = make_model(name, dtype)
+    x = make_input(model)
+    last = f"blocks.{model.cfg.n_layers - 1}"
+    with torch.no_grad():
+        full = model.train()(x, readout=readout)
+        pruned = model.eval()(x, readout=readout)
+        seen = {}
+        hooked = model.run_with_hooks(x, readout=readout, fwd_hooks=[
+            (f"{last}.hook_resid_post", lambda a, hook: seen.setdefault("shape", tuple(a.shape)) and None)])
+    model.train()
+    torch.testing.assert_close(pruned, full, **TOL[dtype])
+    torch.testing.assert_close(hooked, full, **TOL[dtype])
+    assert seen["shape"][1] == x.shape[1], "a hook in the last block must see every position"
+
+
+def test_read_out_pruning_keeps_each_rows_last_real_position():
+    """Rows of different lengths (right padding): each row's read-out is its own last token."""
+    model = make_model("causal_padded").eval()
+    x = make_input(model, batch=6)
+    lengths = [2, 3, 5, 7, 10, 10]
+    for i, n in enumerate(lengths):
+        x[i, n:] = model.cfg.pad_token
+    with torch.no_grad():
+        pruned = model(x)
+        singles = torch.cat([model(x[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    torch.testing.assert_close(pruned, singles, **TOL[torch.float32])

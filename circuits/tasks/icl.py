@@ -288,17 +288,21 @@ def predict_with_context(model, inputs: torch.Tensor, n_context: int, batch_size
     return torch.cat(outs) if outs else inputs.new_zeros(0)
 
 
-def last_position_residuals(model, inputs: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+def last_position_residuals(model, inputs: torch.Tensor, batch_size: int = 4096,
+                            with_outputs: bool = False):
     """Residual stream at the last position entering each block and after the last one:
-    [n_layers + 1, n, d_model] (index l = ``blocks.l.hook_resid_pre``, last = final LN's input)."""
+    [n_layers + 1, n, d_model] (index l = ``blocks.l.hook_resid_pre``, last = final LN's input).
+    With ``with_outputs``, also the model's outputs from the same run: ([n_layers + 1, n, d_model], [n, ...])."""
     L = model.cfg.n_layers
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
-    parts = []
+    parts, outs = [], []
     with torch.no_grad():
         for i in range(0, inputs.shape[0], batch_size):
-            _, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
+            out, cache = model.run_with_cache(inputs[i:i + batch_size], names=names)
             parts.append(torch.stack([cache[n][:, -1] for n in names]))
-    return torch.cat(parts, 1)
+            outs.append(out)
+    resid = torch.cat(parts, 1)
+    return (resid, torch.cat(outs)) if with_outputs else resid
 
 
 def probe_heldout(features, targets, train_fraction: float = 0.5, alpha: float = 1e-2, seed: int = 0):
