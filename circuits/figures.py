@@ -63,23 +63,35 @@ class Figures:
     """Collects a test's figures. Returned by the ``figures`` fixture.
 
     ``sink(name, png_bytes, caption)`` receives each rendered figure (the plugin writes it into
-    the run directory and attaches it to the test's section of the report).
+    the run directory and attaches it to the test's section of the report). A ``Figures`` made with
+    ``render=False`` (negative-control runs, ``--no-report``) checks names and closes figures
+    without rendering them: drawing a PNG costs ~0.1-1 s, and nothing would show it.
+    ``fig`` may also be a zero-argument callable returning the figure, built only when rendered.
     """
 
-    def __init__(self, sink: Callable[[str, bytes, str], None] | None = None) -> None:
+    def __init__(self, sink: Callable[[str, bytes, str], None] | None = None, render: bool = True) -> None:
         self._sink = sink
+        self.render = render
         self.names: list[str] = []
 
     def add(self, name: str, fig: Any, caption: str = "") -> None:
-        """Render ``fig`` (a matplotlib Figure) to PNG under ``name``, close it, attach it."""
+        """Render ``fig`` (a matplotlib Figure, or a callable making one) to PNG under ``name``,
+        close it, attach it."""
         __tracebackhide__ = True
         if not isinstance(name, str) or not name.strip():
             raise FigureNameError(f"a figure name must be a non-empty string, got {name!r}")
         if name in self.names:
             raise FigureNameError(f"figure name {name!r} is used twice in this test")
+        self.names.append(name)
+        if not self.render:
+            if not callable(fig):
+                _check_figure(name, fig)
+                _close(fig)
+            return
+        if callable(fig) and not hasattr(fig, "savefig"):
+            fig = fig()
         _check_figure(name, fig)
         png = render_png(fig)
-        self.names.append(name)
         if self._sink is not None:
             self._sink(name, png, str(caption or ""))
 

@@ -273,7 +273,8 @@ class Attention(nn.Module):
 
     def forward_at(self, x: torch.Tensor, mask: "AttentionMask", index: torch.Tensor) -> torch.Tensor:
         """forward's output at one query position per row (index: [batch]) -> [batch, 1, d_model],
-        projecting that position's query only (keys and values need every position). No hooks."""
+        projecting that position's query only (keys and values need every position). Of the hooks,
+        only hook_k and hook_v run (on every position)."""
         B, P, _ = x.shape
         h, d = self.n_heads, self.d_head
         W, b = self.W_QKV.view(3, h * d, -1), self.b_QKV.view(3, h * d)
@@ -281,6 +282,7 @@ class Attention(nn.Module):
         q = F.linear(x_q, W[0], b[0]).view(B, 1, h, d)  # [batch, 1, head, d_head]
         kv = F.linear(x, W[1:].reshape(2 * h * d, -1), b[1:].reshape(-1))  # [batch, pos, 2*head*d_head]
         k, v = kv.view(B, P, 2, h, d).unbind(2)  # each [batch, pos, head, d_head]
+        k, v = self.hook_k(k), self.hook_v(v)  # every position, as on the full path
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, 1 or pos, d_head]
             attn_mask=mask.query_rows(index),
@@ -407,7 +409,8 @@ class TransformerBlock(nn.Module):
         """forward's output at one position per row (index: [batch]) -> [batch, 1, d_model]. What
         the last block of a first/last read-out needs: only that position's query, attention output
         and MLP (a third of a 3-layer model's compute is the other positions of its last block).
-        Call only with no hook of this block active: they would see one position."""
+        Hooks that would see one position must be inactive (see FULL_POSITION_HOOKS)."""
+        resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
         rows = torch.arange(resid_pre.shape[0], device=resid_pre.device)
         attn_out = self.attn.forward_at(self.ln1(resid_pre), mask, index)  # [batch, 1, d_model]
         resid_mid = resid_pre[rows, index][:, None] + attn_out  # [batch, 1, d_model]
@@ -428,6 +431,11 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.W_U.t(), self.b_U)  # [..., d_vocab_out]
+
+
+# Hooks of the last block that TransformerBlock.forward_at still runs on every position (a key/value
+# patch at the last layer keeps the fast read-out path)
+FULL_POSITION_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_k", "attn.hook_v")
 
 
 class HookedTransformer(HookedRootModule):
@@ -518,6 +526,7 @@ class HookedTransformer(HookedRootModule):
                 resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
         readout = readout or self.cfg.readout
         if readout != "all" and not self.training and not any(hp.fns for hp in self._last_block_hooks):
+            # (hooks that see every position on this path too - resid_pre, ln1, k, v - may be active)
             # inference with a single read-out position: the last block computes only that position
             for block in self.blocks[start_at_layer:-1]:
                 resid = block(resid, mask)  # [batch, pos, d_model]
@@ -554,8 +563,11 @@ class HookedTransformer(HookedRootModule):
     def setup_hooks(self) -> None:
         super().setup_hooks()
         last = f"blocks.{self.cfg.n_layers - 1}."
-        # a plain list in __dict__ (not a registered module list): checked on every inference forward
-        self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)]
+        # the last block's hooks that would see one position on the read-out path (forward_at); the
+        # others (FULL_POSITION_HOOKS) see every position there too. A plain list in __dict__ (not a
+        # registered module list): checked on every inference forward
+        self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)
+                                              and n[len(last):] not in FULL_POSITION_HOOKS]
 
     def _readout_index(self, key_pad, readout: str, B: int, P: int, device) -> torch.Tensor:
         """The read-out position of every row: [batch]."""

@@ -451,8 +451,9 @@ def claim(request: pytest.FixtureRequest, control: Control) -> Claims:
 
 
 @pytest.fixture
-def figures(request: pytest.FixtureRequest) -> Figures:
-    """``figures.add(name, fig, caption=...)``: render a matplotlib Figure into the report."""
+def figures(request: pytest.FixtureRequest, control: Control) -> Figures:
+    """``figures.add(name, fig, caption=...)``: render a matplotlib Figure into the report (main runs
+    with a report only: a negative control's figures, and figures under --no-report, are not drawn)."""
     plugin = get_plugin(request.config)
     item = request.node
 
@@ -467,7 +468,7 @@ def figures(request: pytest.FixtureRequest) -> Figures:
         item.user_properties.append(("circuits_figure", {"name": name, "caption": caption, "path": rel,
                                                          "bytes": len(png), "error": error}))
 
-    return Figures(sink)
+    return Figures(sink, render=plugin.reporting and control.is_main)
 
 
 @pytest.fixture(scope="session")

@@ -215,7 +215,7 @@ def test_trained_model_approaches_the_low_rank_optimum(assoc, request, claim, co
                   note=f"{divergence:.5f} / {baseline.divergence:.5f}")
     if control.is_main:
         small = assoc.get(request, A.superposition_model(5))
-        figures.add("learning dynamics", _learning_dynamics(law, baseline, [small, loaded]),
+        figures.add("learning dynamics", lambda: _learning_dynamics(law, baseline, [small, loaded]),
                     caption="divergence during training against the random baseline log N - H(pi) and the "
                             "optimal rank-5 baseline (the seed's first figure)")
 
@@ -310,7 +310,7 @@ def test_exp1_accuracy_grows_linearly_with_heads(assoc, request, claim, control,
                    note=f"ours {slope:.4f} on {n} points, paper {p_slope:.4f} on {p_n} points")
     claim.at_least("r^2 of the linear fit", r2, 0.95, note=f"paper's points: r^2 = {p_r2:.3f}")
     if control.is_main:
-        figures.add("accuracy against heads", _scaling_figure(heads, ours, paper, slope, intercept, n, seeds),
+        figures.add("accuracy against heads", lambda: _scaling_figure(heads, ours, paper, slope, intercept, n, seeds),
                     caption="experiment 1 (N = 50, d = d_h = 10): our accuracy per H (dots: seeds) against the "
                             "paper's points, its +-0.05 band, the linear fit before saturation and Corollary 2's "
                             "lower bound")
@@ -367,7 +367,7 @@ def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures):
     claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.99)
     if control.is_main:
         loaded = {f: assoc.get(request, A.freezing_model(f)) for f in A.FREEZERS}
-        figures.add("freezing", _freezing_figure(loaded, law),
+        figures.add("freezing", lambda: _freezing_figure(loaded, law),
                     caption="the seed's freezing cell: N = 10 bigrams, d = d_h = 5, 20 heads; which weights train")
 
 
@@ -424,7 +424,7 @@ def test_low_rank_context_embeddings_point_at_their_target(assoc, claim, control
     claim.at_least("mean cos(w_E(z), w_U(g(z)))", claim.sample(cos.numpy(), method="percentile", n_resamples=400),
                    0.85, note="measured 0.92 on the rank-5 optimum; a random direction scores ~0")
     if control.is_main:
-        figures.add("low-rank geometry", _geometry_figure(tv, cos, "rank-5 optimum: W_E rows"),
+        figures.add("low-rank geometry", lambda: _geometry_figure(tv, cos, "rank-5 optimum: W_E rows"),
                     caption="the seed's superposition cell on the rank-5 optimum of the last-position law: "
                             "W_U W_U^T, the context embeddings' Gram (grouped by target) and cos(w_E(z), w_U(g(z)))")
 
@@ -436,7 +436,7 @@ def test_transformer_residual_points_at_its_target(assoc, request, claim, contro
     claim.at_least("mean cos(resid(z), w_U(g(z)))", claim.sample(cos.numpy(), method="percentile", n_resamples=400),
                    0.55, note="measured 0.63 on the 5-head model (0.98 with 20 heads)")
     if control.is_main:
-        figures.add("transformer geometry", _geometry_figure(tv, cos, "5-head AoT: final residual"),
+        figures.add("transformer geometry", lambda: _geometry_figure(tv, cos, "5-head AoT: final residual"),
                     caption="the same for the seed's 5-head transformer: its final residual at the last position "
                             "(what W_U reads) in place of the context embedding")
 

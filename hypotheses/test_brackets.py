@@ -135,7 +135,7 @@ class BracketHypotheses:
         others = max(abs(v) for label, v in ranked if label not in roles)
         claim.at_least("min(role heads) / max |other components| (mean difference)",
                        min(difference[r] for r in roles) / max(others, 1e-9), 2.0)
-        figures.add("component histograms", _component_histograms(an, subject),
+        figures.add("component histograms", lambda: _component_histograms(an, subject),
                     caption=f"{subject.name}: contribution along the unbalanced direction, balanced mean subtracted")
 
     @pytest.mark.controls("swap_roles")
@@ -153,7 +153,7 @@ class BracketHypotheses:
                        cohens_d(count[elev], count[~elev]) - cohens_d(negh[elev], negh[~elev]), 1.0)
         claim.at_least("d(negative, negative) - d(count, negative)",
                        cohens_d(negh[neg], negh[~neg]) - cohens_d(count[neg], count[~neg]), 2.0)
-        figures.add("count vs negative head", _failure_scatter(count, negh, elev, neg, subject),
+        figures.add("count vs negative head", lambda: _failure_scatter(count, negh, elev, neg, subject),
                     caption=f"{subject.name}: strings starting with '(' coloured by failure type")
 
     @pytest.mark.controls("swap_roles", "shuffle_labels")
@@ -165,7 +165,7 @@ class BracketHypotheses:
         estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=spearman,
                                 paired=True, method="percentile", n_resamples=400)
         claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65)
-        figures.add("count head vs open proportion", _open_proportion_scatter(contribution, subject),
+        figures.add("count head vs open proportion", lambda: _open_proportion_scatter(contribution, subject),
                     caption=f"{subject.name}: count-head contribution against the proportion of '('")
 
     @pytest.mark.controls("swap_roles", "untrained")
@@ -177,7 +177,7 @@ class BracketHypotheses:
         others = torch.cat([attention[:1], attention[2:]])
         claim.at_least("count_head.attention(k=1) / max attention(other keys)",
                        float(attention[1] / others.max()), 4.0)
-        figures.add("count head attention from position 0", _attention_bar(attention, subject),
+        figures.add("count head attention from position 0", lambda: _attention_bar(attention, subject),
                     caption=f"{subject.name}: mean over strings starting with '('")
 
     @pytest.mark.controls("shuffle_labels")

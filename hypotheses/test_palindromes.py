@@ -302,7 +302,7 @@ def test_palindrome_direction_is_carried_by_named_components(palindromes_model, 
     claim.at_least("AUROC(carriers' contribution, palindrome)", auroc(c[pal], c[~pal]), 0.99,
                    note=f"carriers {named}: Cohen's d {cohens_d(c[pal], c[~pal]):.2f}")
     if control.is_main:  # figures of the main run only
-        figures.add("component histograms", _component_histograms(contrib, an),
+        figures.add("component histograms", lambda: _component_histograms(contrib, an),
                     caption="contribution of each component at [CLS] along W_U[:,1] - W_U[:,0], by class "
                             f"(carriers: {named})")
 
@@ -327,7 +327,7 @@ def test_a_head_attends_to_mirror_positions(palindromes_model, roles, claim, con
     claim.at_least("mirror_head: letter positions whose most-attended other position is the partner (of 10)", hits, 6,
                    note=f"mirror head {label}")
     if control.is_main:  # figures of the main run only
-        figures.add("mirror head attention", _attention_map(pattern.mean(0), label),
+        figures.add("mirror head attention", lambda: _attention_map(pattern.mean(0), label),
                     caption=f"{label}: mean attention pattern over {len(pattern)} fresh strings; boxes mark mirror pairs")
 
 
@@ -343,7 +343,7 @@ def test_logit_difference_falls_with_palindrome_distance(palindromes_model, clai
     claim.holds("mean logit diff strictly falls over distance 1..5", all(a > b for a, b in zip(means, means[1:])),
                 detail="means " + ", ".join(f"{m:.1f}" for m in means))
     if control.is_main:  # figures of the main run only
-        figures.add("logit diff by distance", _distance_boxes(an), caption="logit difference at [CLS] by palindrome distance")
+        figures.add("logit diff by distance", lambda: _distance_boxes(an), caption="logit difference at [CLS] by palindrome distance")
 
 
 @pytest.mark.controls("swap_carriers")
@@ -358,7 +358,7 @@ def test_ablating_the_carriers_direct_path_destroys_accuracy(palindromes_model, 
     claim.at_least("accuracy, every other component's direct path mean-ablated (jointly)",
                    direct_ablation_accuracy(an, binding.others), 0.99, note=f"others {'+'.join(binding.others)}")
     if control.is_main:  # figures of the main run only
-        figures.add("ablations at CLS", _ablation_bars(palindromes_model, an, _varying(an)),
+        figures.add("ablations at CLS", lambda: _ablation_bars(palindromes_model, an, _varying(an)),
                     caption="accuracy after mean-ablating one component at [CLS]: direct path only vs total effect")
 
 

@@ -173,7 +173,7 @@ def test_signal_attends_to_positions_0_and_2(skip_trigrams_model, claim, control
     excess = claim.sample(tuple(gaps), _min_of_mean_gaps, method="percentile", n_resamples=1000)
     claim.at_least("min over heads of signal minus noise mean attention(last -> a, b positions)", excess, 0.3)
     if control.is_main:  # figures of the main run only
-        figures.add("attention from the last position", _attention_bars(pattern, d),
+        figures.add("attention from the last position", lambda: _attention_bars(pattern, d),
                     caption="mean attention from the last position, signal vs noise sequences, per head")
 
 
@@ -204,7 +204,7 @@ def test_pair_classes_spread_across_heads(skip_trigrams_model, claim, control, f
                    note="; ".join(f"L0H{h} serves {x}" for h, x in enumerate(served))
                         + f"; median over classes of the top head's share of the margin {float(top_share.median()):.2f}")
     if control.is_main:  # figures of the main run only
-        figures.add("per-head direct logit contributions", _margin_map(margins),
+        figures.add("per-head direct logit contributions", lambda: _margin_map(margins),
                     caption="get_head_to_logits: each head's mean contribution to the correct pair logit minus the "
                             "other pair logits, per pair class (signal sequences)")
 
@@ -256,7 +256,7 @@ def test_head_sweep_figure(zoo_models, zoo_seed, request, control, claim, figure
     claim.at_most("fewest heads reaching 99% signal accuracy", fewest, 2,
                   note="; ".join(f"{n} heads: signal {s:.4f}, acc {a:.4f}, CE {l:.4f}" for n, s, a, l in rows))
     if control.is_main:  # figures of the main run only
-        figures.add("head sweep", _sweep_plot(rows),
+        figures.add("head sweep", lambda: _sweep_plot(rows),
                     caption="1-layer attention-only models with 1..6 heads of d_head 1: accuracy and loss vs the Bayes optimum")
 
 

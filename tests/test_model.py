@@ -555,3 +555,27 @@ def test_read_out_pruning_keeps_each_rows_last_real_position():
         pruned = model(x)
         singles = torch.cat([model(x[i:i + 1, :n]) for i, n in enumerate(lengths)])
     torch.testing.assert_close(pruned, singles, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("hook", ["hook_resid_pre", "ln1.hook_normalized", "attn.hook_k", "attn.hook_v",
+                                  "attn.hook_q", "attn.hook_pattern", "mlp.hook_pre", "hook_resid_post"])
+def test_last_block_hooks_see_every_position_and_edits_take_effect(hook):
+    """Whether or not a hook keeps the read-out path (FULL_POSITION_HOOKS do), it sees the activation
+    of every position, and an edit through it gives what the full path gives."""
+    model = make_model("brackets", torch.float64)
+    x = make_input(model)
+    name = f"blocks.{model.cfg.n_layers - 1}.{hook}"
+    shapes = []
+
+    def scale(a, hook):  # not a pure rescaling: the final LayerNorm would undo that
+        shapes.append(tuple(a.shape))
+        return a * 1.5 + 0.1 * torch.arange(a.shape[-1], dtype=a.dtype)
+
+    with torch.no_grad():
+        full = model.train().run_with_hooks(x, fwd_hooks=[(name, scale)])
+        pruned = model.eval().run_with_hooks(x, fwd_hooks=[(name, scale)])
+        plain = model(x)
+    model.train()
+    torch.testing.assert_close(pruned, full, **TOL[torch.float64])
+    assert shapes[0] == shapes[1] and x.shape[1] in shapes[0]
+    assert not torch.allclose(pruned, plain), "the edit must change the output"

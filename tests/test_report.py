@@ -177,6 +177,24 @@ def test_figures_object_and_training_curves():
         figs.add("b", np.zeros((2, 2)))
     with pytest.raises(TypeError, match=r"got matplotlib.axes._axes.Axes \(pass its .figure\)"):
         figs.add("c", Figure().add_subplot())
+    built = []
+
+    def make():
+        built.append(1)
+        f = Figure()
+        f.add_subplot().plot([3, 4])
+        return f
+
+    figs.add("lazy", make)
+    assert built == [1] and got[-1][0] == "lazy"  # a callable is built when rendered
+    quiet = Figures(lambda name, png, cap: got.append(name), render=False)
+    quiet.add("skipped", make)
+    quiet.add("skipped too", Figure())
+    assert built == [1] and got[-1][0] == "lazy"  # not rendered: nothing built, nothing attached
+    with pytest.raises(FigureNameError, match="used twice"):
+        quiet.add("skipped", Figure())
+    with pytest.raises(TypeError, match="needs a matplotlib.figure.Figure"):
+        quiet.add("bad", [1, 2])
     assert training_curves_png({"name": "m"}) is None
     png = training_curves_png({"name": "m", "metrics": {"history": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]}})
     assert png.startswith(b"\x89PNG")
