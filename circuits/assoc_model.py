@@ -277,10 +277,11 @@ class AssocTransformer(HookedTransformer):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 readout: Optional[str] = None, *, start_at_layer: int = 0,
-                resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                resid: Optional[torch.Tensor] = None, readout_only: Optional[bool] = None) -> torch.Tensor:
         a = self.acfg
         if a.is_plain:
-            return super().forward(x, key_padding_mask, readout, start_at_layer=start_at_layer, resid=resid)
+            return super().forward(x, key_padding_mask, readout, start_at_layer=start_at_layer, resid=resid,
+                                   readout_only=readout_only)
         if start_at_layer:
             raise InputError("start_at_layer needs the plain member of the family (no switches)")
         if key_padding_mask is not None:

@@ -505,9 +505,13 @@ class HookedTransformer(HookedRootModule):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 readout: Optional[str] = None, *, start_at_layer: int = 0,
-                resid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                resid: Optional[torch.Tensor] = None, readout_only: Optional[bool] = None) -> torch.Tensor:
         """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
-        gives the padding mask and read-out positions): what a patch at layer l needs to recompute."""
+        gives the padding mask and read-out positions): what a patch at layer l needs to recompute.
+
+        readout_only: whether the last block computes only the read-out position (first/last
+        read-outs; the outputs and their gradients are the same up to float rounding). None = in eval
+        mode. Either way a hook in the last block that would see one position turns it off."""
         self._check_input(x)
         if key_padding_mask is None:
             key_padding_mask = self.key_padding_mask(x)
@@ -525,7 +529,9 @@ class HookedTransformer(HookedRootModule):
                 pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
                 resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
         readout = readout or self.cfg.readout
-        if readout != "all" and not self.training and not any(hp.fns for hp in self._last_block_hooks):
+        if readout_only is None:
+            readout_only = not self.training
+        if readout_only and readout != "all" and not any(hp.fns for hp in self._last_block_hooks):
             # (hooks that see every position on this path too - resid_pre, ln1, k, v - may be active)
             # inference with a single read-out position: the last block computes only that position
             for block in self.blocks[start_at_layer:-1]:

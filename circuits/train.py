@@ -68,10 +68,17 @@ class TrainRecipe:
     target_metric: Optional[float] = None  # stop at an eval point once held-out acc >= (or mse <=) it
     bucket_by_length: bool = True
     threads: int = 2  # torch threads during training (fixed, so results do not depend on the machine's default)
+    # the last block computes only the read-out position while training (first/last read-outs): the
+    # same gradients up to float rounding, ~20% less compute for a 3-layer model
+    readout_only: bool = False
+    fused_adamw: bool = False  # torch's fused AdamW kernel (~6% faster steps here; other rounding)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        for late in ("readout_only", "fused_adamw"):  # added later: recorded only when on, so the
+            if not d[late]:                            # keys of models trained before stay valid
+                del d[late]
         return d
 
 
@@ -110,9 +117,10 @@ def batches(split: Split, batch_size: int, gen: torch.Generator, bucket: bool):
         yield chunks[i]
 
 
-def compute_loss(model: HookedTransformer, b: Split, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_loss(model: HookedTransformer, b: Split, loss: str,
+                 readout_only: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, per-example 'correct' or squared error) for a batch."""
-    out = model(b.inputs)
+    out = model(b.inputs, readout_only=readout_only)
     if loss == "ce":
         if b.targets.ndim == 2:  # per-position classification: [batch, pos, classes]
             logits = out.reshape(-1, out.shape[-1])
@@ -175,7 +183,7 @@ def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResul
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, betas=tuple(recipe.betas), foreach=True,
+        lr=recipe.lr, betas=tuple(recipe.betas), **({"fused": True} if recipe.fused_adamw else {"foreach": True}),
     )
     result = TrainResult()
     start = last_report = time.perf_counter()
@@ -190,7 +198,7 @@ def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResul
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        value, _ = compute_loss(model, train_split.batch(idx), recipe.loss)
+        value, _ = compute_loss(model, train_split.batch(idx), recipe.loss, recipe.readout_only or None)
         opt.zero_grad(set_to_none=True)
         value.backward()
         if recipe.grad_clip:

@@ -579,3 +579,20 @@ def test_last_block_hooks_see_every_position_and_edits_take_effect(hook):
     torch.testing.assert_close(pruned, full, **TOL[torch.float64])
     assert shapes[0] == shapes[1] and x.shape[1] in shapes[0]
     assert not torch.allclose(pruned, plain), "the edit must change the output"
+
+
+@pytest.mark.parametrize("name", ["brackets", "attn_only", "read_in", "causal_padded"])
+def test_training_with_the_read_out_path_gives_the_same_gradients(name):
+    """TrainRecipe(readout_only=True): the last block computes only the read-out position in train
+    mode too; the loss and every parameter's gradient match the full block (float64, 1e-10)."""
+    model = make_model(name, torch.float64).train()
+    x = make_input(model)
+    grads = []
+    for readout_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(x, readout_only=readout_only)
+        (out.square().sum() + out.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], **TOL[torch.float64], msg=n)

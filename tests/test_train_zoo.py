@@ -28,8 +28,9 @@ TINY_RECIPE = TrainRecipe(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, n_tr
                           eval_every=20, threads=1)
 
 
-def tiny_entry(name: str = "tiny_brackets") -> zoo.ZooEntry:
-    return zoo.ZooEntry(name=name, description="tiny bracket model for tests", config=TINY, recipe=TINY_RECIPE,
+def tiny_entry(name: str = "tiny_brackets", fast: bool = False) -> zoo.ZooEntry:
+    recipe = replace(TINY_RECIPE, readout_only=fast, fused_adamw=fast)  # fast: the bracket recipe's options
+    return zoo.ZooEntry(name=name, description="tiny bracket model for tests", config=TINY, recipe=recipe,
                         make_split=B.make_split, data_recipe={"generator": "brackets", "version": "test"})
 
 
@@ -54,17 +55,18 @@ import hashlib, sys
 sys.path.insert(0, {tests!r})
 from test_train_zoo import tiny_entry, _weights_digest
 from circuits import zoo
-model, card = zoo.train_entry(tiny_entry(), seed=3)
+model, card = zoo.train_entry(tiny_entry(fast={fast!r}), seed=3)
 print(_weights_digest(model))
 """
 
 
-def test_training_is_bitwise_deterministic_across_processes():
-    script = DIGEST_SCRIPT.format(tests=str(Path(__file__).parent))
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "readout_only+fused_adamw"])
+def test_training_is_bitwise_deterministic_across_processes(fast):
+    script = DIGEST_SCRIPT.format(tests=str(Path(__file__).parent), fast=fast)
     digests = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               cwd=REPO).stdout.strip() for _ in range(2)]
     assert digests[0] == digests[1] and len(digests[0]) == 64
-    model, _ = zoo.train_entry(tiny_entry(), seed=4)
+    model, _ = zoo.train_entry(tiny_entry(fast=fast), seed=4)
     assert _weights_digest(model) != digests[0], "a different seed must give different weights"
 
 
@@ -216,3 +218,13 @@ def test_cli_lists_trains_and_prints_the_assoc_experiments(tmp_path):
     assert out.returncode == 0, out.stderr  # everything frozen: evaluates, trains nothing (fast)
     card = run_cli("card", "assoc_freeze_all", "--seed", "3", env={"CIRCUITS_CACHE": str(tmp_path)})
     assert card.returncode == 0 and json.loads(card.stdout)["spec"]["seed"] == 3
+
+
+def test_options_added_later_enter_the_spec_only_when_on():
+    """readout_only / fused_adamw came after models were committed: off, they leave the recipe's
+    dict (and so every store key) as it was; on, they are part of it."""
+    plain = TrainRecipe().to_dict()
+    assert "readout_only" not in plain and "fused_adamw" not in plain
+    fast = TrainRecipe(readout_only=True, fused_adamw=True).to_dict()
+    assert fast["readout_only"] is True and fast["fused_adamw"] is True
+    assert zoo.get_entry("brackets").recipe.to_dict()["readout_only"] is True
