@@ -4,7 +4,9 @@ The bracket classifier's architecture (3 layers, d_model 56, 2 heads, d_mlp 56, 
 the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one group comparing:
 
   plain       benchmarks/plain_model.py: idiomatic PyTorch, no hook points, the same weights
-  ours        HookedTransformer.forward with no hooks attached (the fast paths)
+  ours        HookedTransformer.forward with no hooks attached (the fast paths; in eval mode the last
+              block computes only the read-out position)
+  ours_full   the same with readout_only=False: the whole last block, as `plain` computes it
   cache_all   run_with_cache of every hook point (every sublayer on its explicit path)
   cache2      run_with_cache of `blocks.2.hook_resid_post` and `blocks.1.attn.hook_pattern`
   tl, tl_cache2   TransformerLens's HookedTransformer of the same config, when `transformer_lens` is
@@ -41,7 +43,7 @@ from circuits.tasks.brackets import tokenize  # noqa: E402
 BATCHES = (1, 64, 1000)
 N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42
 CACHE2 = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_pattern"]
-VARIANTS = ("plain", "ours", "cache_all", "cache2", "tl", "tl_cache2")
+VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache2", "tl", "tl_cache2")
 BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
                 pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
 
@@ -79,6 +81,7 @@ def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None) ->
     variants: dict[str, Callable] = {
         "plain": plain,
         "ours": model,
+        "ours_full": lambda x: model(x, readout_only=False),
         "cache_all": lambda x: model.run_with_cache(x),
         "cache2": lambda x: model.run_with_cache(x, names=CACHE2),
     }
