@@ -1,5 +1,6 @@
 """Resampling ablation: `resample_activations` (one clean run, each resampling resumes at the patched
-block) against one `patch_activations` call per resampling (a source run and a full patched run each).
+block; `ours_lengths`: also in length-bucketed chunks) against one `patch_activations` call per
+resampling (a source run and a full patched run each).
 
 The bracket model's architecture, 2,000 strings, a key/value patch at layer 2 (the seed's causal
 claim), four resamplings (clean, random, agreeing, disagreeing in the claim).
@@ -27,26 +28,31 @@ def setup():
     cfg = TransformerConfig(n_layers=3, d_model=56, n_ctx=B.N_CTX, n_heads=2, d_mlp=56, d_vocab=B.VOCAB,
                             d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first", seed=0)
     model = HookedTransformer(cfg).eval()
-    toks = B.generate(N, 5).toks
+    data = B.generate(N, 5)
     g = torch.Generator().manual_seed(0)
     sources = [torch.arange(N)] + [torch.randint(N, (N,), generator=g) for _ in range(3)]
-    return model, toks, sources
+    return model, data.toks, sources, data.lengths + 2
 
 
 def test_variants_agree(setup):
-    model, toks, sources = setup
+    model, toks, sources, lengths = setup
     fast = I.resample_activations(model, toks, PATCHES, sources)
-    for rows, out in zip(sources, fast):
+    bucketed = I.resample_activations(model, toks, PATCHES, sources, lengths=lengths)
+    for rows, out, out2 in zip(sources, fast, bucketed):
+        torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out, I.patch_activations(model, toks, toks[rows], PATCHES), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["ours", "patch_each"])
+@pytest.mark.parametrize("variant", ["ours", "ours_lengths", "patch_each"])
 def test_four_resamplings(benchmark, setup, variant):
-    model, toks, sources = setup
+    model, toks, sources, lengths = setup
     benchmark.group = "resampling x4, 2000 strings"
     benchmark.extra_info["variant"] = variant
     if variant == "ours":
         benchmark.pedantic(lambda: I.resample_activations(model, toks, PATCHES, sources), rounds=5, warmup_rounds=1)
+    elif variant == "ours_lengths":  # length-bucketed chunks
+        benchmark.pedantic(lambda: I.resample_activations(model, toks, PATCHES, sources, lengths=lengths),
+                           rounds=5, warmup_rounds=1)
     else:
         benchmark.pedantic(lambda: [I.patch_activations(model, toks, toks[r], PATCHES) for r in sources],
                            rounds=5, warmup_rounds=1)

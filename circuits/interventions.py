@@ -160,42 +160,81 @@ def _patch_layer(model: HookedTransformer, names: Sequence[str]) -> int:
 
 
 def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
-                         source_rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                         source_rows: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None,
+                         batch_size: int = 2000) -> list[torch.Tensor]:
     """Resampling ablation for several resamplings of one batch: for each index tensor `rows` in
     `source_rows`, the output of `patch_activations(model, inputs, inputs[rows], patches)`.
 
     Faster than calling that once per resampling: the clean run is done once (the patched
-    activations of row rows[i] are the clean ones of that row), and each patched run starts at the
-    first patched block from the clean residual there (the blocks before it cannot see the patch).
-    Tested equal to patch_activations.
+    activations of row rows[i] are the clean ones of that row, and only the patched slices are
+    kept), and each patched run starts at the first patched block from the clean residual there
+    (the blocks before it cannot see the patch). With `lengths` (meaningful positions per row, the
+    rest right-padding), rows run in length-sorted chunks cut to their longest row, as
+    `analysis.predict` does; the patched positions must exist in every row's chunk, and the read-out
+    must be first/last. Tested equal to patch_activations.
     """
     names = [n for n, _ in patches]
     model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    n = inputs.shape[0]
+    rows_list = [_check_rows(r, n) for r in source_rows]
+    if lengths is None:
+        chunks = [(torch.arange(n), inputs.shape[1])]
+    else:
+        if model.cfg.readout == "all":
+            raise InputError("resample_activations(lengths=...) needs a first/last read-out: an 'all' "
+                             "read-out's width would differ between chunks")
+        if lengths.shape != (n,):
+            raise InputError(f"lengths must be [{n}], got {tuple(lengths.shape)}")
+        chunks = [(c, int(lengths[c].max())) for c in torch.argsort(lengths).split(batch_size)]
     layer = _patch_layer(model, names)
-    resume = [f"blocks.{layer}.hook_resid_pre"] if layer else []
+    resume = f"blocks.{layer}.hook_resid_pre"
+    clean: dict[str, torch.Tensor] = {}  # name -> [n, ...]: the clean activation at the patched index
+    resid: list[torch.Tensor] = []  # per chunk: the clean residual where the patched runs resume
     with torch.no_grad():
-        _, clean = model.run_with_cache(inputs, names=names + resume)
-    outputs = []
-    for rows in source_rows:
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        if rows.shape != (inputs.shape[0],):
-            raise InputError(f"source rows must be a [{inputs.shape[0]}] index tensor, got {tuple(rows.shape)}")
-        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= inputs.shape[0]):
-            raise InputError(f"source rows must index the batch 0..{inputs.shape[0] - 1}")
-
-        def make(name: str, index: tuple, rows=rows):
-            def patch(act: torch.Tensor, hook) -> torch.Tensor:
-                act = act.clone()
-                act[(slice(None), *index)] = clean[name][rows][(slice(None), *index)].to(act.dtype)
-                return act
-            return patch
-
-        hooks = [(n, make(n, idx)) for n, idx in patches]
-        with torch.no_grad():
+        for chunk, width in chunks:
+            _, cache = model.run_with_cache(inputs[chunk, :width], names=names + ([resume] if layer else []))
+            for name, index in patches:
+                try:
+                    value = cache[name][(slice(None), *index)]
+                except IndexError as exc:
+                    raise InputError(f"patch index {index} does not exist in {name} of shape "
+                                     f"{tuple(cache[name].shape)} (rows cut to {width} positions)") from exc
+                if name not in clean:
+                    clean[name] = value.new_empty((n, *value.shape[1:]))
+                clean[name][chunk] = value
             if layer:
-                outputs.append(model.run_with_hooks(inputs, fwd_hooks=hooks, start_at_layer=layer,
-                                                    resid=clean[resume[0]]))
+                resid.append(cache[resume])
+    outputs = []
+    for rows in rows_list:
+        out = None
+        for i, (chunk, width) in enumerate(chunks):
+            hooks = [(name, _overwrite(index, clean[name][rows[chunk]])) for name, index in patches]
+            with torch.no_grad():
+                x = inputs[chunk, :width]
+                part = (model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid[i]) if layer
+                        else model.run_with_hooks(x, fwd_hooks=hooks))
+            if lengths is None:  # one chunk, rows in their own order
+                out = part
             else:
-                outputs.append(model.run_with_hooks(inputs, fwd_hooks=hooks))
+                out = part.new_empty((n, *part.shape[1:])) if out is None else out
+                out[chunk] = part
+        outputs.append(out)
     return outputs
 
+
+def _check_rows(rows, n: int) -> torch.Tensor:
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if rows.shape != (n,):
+        raise InputError(f"source rows must be a [{n}] index tensor, got {tuple(rows.shape)}")
+    if n and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise InputError(f"source rows must index the batch 0..{n - 1}")
+    return rows
+
+
+def _overwrite(index: tuple, value: torch.Tensor):
+    """A hook setting act[:, *index] = value (a copy: the hooked activation may be a view)."""
+    def patch(act: torch.Tensor, hook) -> torch.Tensor:
+        act = act.clone()
+        act[(slice(None), *index)] = value.to(act.dtype)
+        return act
+    return patch

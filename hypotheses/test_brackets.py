@@ -195,7 +195,7 @@ class BracketHypotheses:
                    _resample(groups.labels, agree=False, gen=gen)]
         clean, baseline, agree, disagree = (
             float(A.cross_entropy_per_example(logits, labels).mean())
-            for logits in resample_activations(subject.model, toks, patches, sources))
+            for logits in resample_activations(subject.model, toks, patches, sources, lengths=data.lengths[rows] + 2))
         claim.at_least("loss_recovered(resample agreeing on the count test)",
                        A.loss_recovered(agree, clean, baseline), 0.8,
                        note=f"clean {clean:.4g}, random resample {baseline:.4g}, agreeing {agree:.4g}")

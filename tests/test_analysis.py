@@ -210,6 +210,11 @@ def test_resample_activations_equals_patching_from_the_resampled_rows(model, dat
     for r, out in zip(rows, outputs):
         torch.testing.assert_close(out, I.patch_activations(model, x, x[r], patches), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(outputs[1], model(x), atol=1e-5, rtol=1e-5)  # every row from itself
+    for batch_size in (16, 60):  # several length buckets; one bucket (rows still reordered by length)
+        bucketed = I.resample_activations(model, x, patches, rows, lengths=data.lengths[:60] + 2,
+                                          batch_size=batch_size)
+        for a, b in zip(bucketed, outputs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_resample_activations_rejects_bad_rows_and_names(model, data):
@@ -221,6 +226,11 @@ def test_resample_activations_rejects_bad_rows_and_names(model, data):
         I.resample_activations(model, x, patches, [torch.arange(10) + 1])
     with pytest.raises(Exception, match="hook_vv"):
         I.resample_activations(model, x, [("blocks.1.attn.hook_vv", (1, 0))], [torch.arange(10)])
+    with pytest.raises(InputError, match="does not exist"):  # position 30 is past these rows' chunks
+        I.resample_activations(model, x, [("blocks.1.attn.hook_v", (30, 0))], [torch.arange(10)],
+                               lengths=torch.full((10,), 4))
+    with pytest.raises(InputError, match="lengths must be"):
+        I.resample_activations(model, x, patches, [torch.arange(10)], lengths=torch.full((3,), 4))
 
 
 def test_start_at_layer_from_the_cached_residual_is_the_forward(model, data):
