@@ -532,8 +532,8 @@ class HookedTransformer(HookedRootModule):
         if readout_only is None:
             readout_only = not self.training
         if readout_only and readout != "all" and not any(hp.fns for hp in self._last_block_hooks):
-            # (hooks that see every position on this path too - resid_pre, ln1, k, v - may be active)
-            # inference with a single read-out position: the last block computes only that position
+            # one read-out position: the last block computes only that position (its hooks that see
+            # every position on this path too - resid_pre, ln1, k, v - may be active)
             for block in self.blocks[start_at_layer:-1]:
                 resid = block(resid, mask)  # [batch, pos, d_model]
             index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
