@@ -86,7 +86,10 @@ register_control("drop_component", kind="data", fn=_drop_component, replace=True
 
 
 class BracketHypotheses:
-    """The claims, written once; `subject` is provided by the ARENA and our-model subclasses."""
+    """The claims, written once; `subject` is provided by the ARENA and our-model subclasses.
+
+    Figures are added before the claims: a refuted claim raises, and the report should still show
+    what was measured on that model."""
 
     # thresholds that differ between a published checkpoint and our retrained models
     MIN_CORRECT_FIRST_5000 = 5000
@@ -129,14 +132,14 @@ class BracketHypotheses:
         ranked = A.heads_by_mean_difference(an.contributions, an.labels, ~subject.data.isbal)
         top2 = {ranked[0][0], ranked[1][0]}
         roles = {A.head_label(*subject.head("count_head")), A.head_label(*subject.head("negative_head"))}
+        figures.add("component histograms", lambda: _component_histograms(an, subject),
+                    caption=f"{subject.name}: contribution along the unbalanced direction, balanced mean subtracted")
         claim.holds("top2_components_are_the_role_heads", top2 == roles,
                     detail=f"top components {ranked[:3]}; roles {sorted(roles)}")
         difference = dict(ranked)
         others = max(abs(v) for label, v in ranked if label not in roles)
         claim.at_least("min(role heads) / max |other components| (mean difference)",
                        min(difference[r] for r in roles) / max(others, 1e-9), 2.0)
-        figures.add("component histograms", lambda: _component_histograms(an, subject),
-                    caption=f"{subject.name}: contribution along the unbalanced direction, balanced mean subtracted")
 
     @pytest.mark.controls("swap_roles")
     def test_failure_types_are_read_by_separate_heads(self, subject, claim, figures):
@@ -146,6 +149,8 @@ class BracketHypotheses:
         negh = head_contribution(an, subject.head("negative_head"))[so].numpy()
         elev = subject.data.total_elevation_failure[so].numpy()
         neg = subject.data.negative_failure[so].numpy()
+        figures.add("count vs negative head", lambda: _failure_scatter(count, negh, elev, neg, subject),
+                    caption=f"{subject.name}: strings starting with '(' coloured by failure type")
         claim.at_least("count_head.auroc(elevation failure)", auroc(count[elev], count[~elev]), 0.95)
         claim.at_least("negative_head.auroc(negative failure)", auroc(negh[neg], negh[~neg]), 0.98)
         # both ways round: each head separates its own failure type better than the other head does
@@ -153,8 +158,6 @@ class BracketHypotheses:
                        cohens_d(count[elev], count[~elev]) - cohens_d(negh[elev], negh[~elev]), 1.0)
         claim.at_least("d(negative, negative) - d(count, negative)",
                        cohens_d(negh[neg], negh[~neg]) - cohens_d(count[neg], count[~neg]), 2.0)
-        figures.add("count vs negative head", lambda: _failure_scatter(count, negh, elev, neg, subject),
-                    caption=f"{subject.name}: strings starting with '(' coloured by failure type")
 
     @pytest.mark.controls("swap_roles", "shuffle_labels")
     def test_count_head_tracks_open_proportion(self, subject, claim, control, figures):
@@ -162,23 +165,23 @@ class BracketHypotheses:
         contribution = head_contribution(an, subject.head("count_head"))
         distance = (subject.data.open_proportion - 0.5).abs()
         pairs = control.apply_data(FeaturePairs(contribution, distance))
+        figures.add("count head vs open proportion", lambda: _open_proportion_scatter(contribution, subject),
+                    caption=f"{subject.name}: count-head contribution against the proportion of '('")
         estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=spearman,
                                 paired=True, method="percentile", n_resamples=400)
         claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65)
-        figures.add("count head vs open proportion", lambda: _open_proportion_scatter(contribution, subject),
-                    caption=f"{subject.name}: count-head contribution against the proportion of '('")
 
     @pytest.mark.controls("swap_roles", "untrained")
     def test_count_head_attends_to_position_1_from_position_0(self, subject, claim, figures):
         an = analyse(subject.model, subject.data)
         layer, head = subject.head("count_head")
         attention = A.attention_from(an.cache, layer, head, query=0)[subject.data.starts_open].mean(0)
+        figures.add("count head attention from position 0", lambda: _attention_bar(attention, subject),
+                    caption=f"{subject.name}: mean over strings starting with '('")
         claim.at_least("count_head.attention(q=0 -> k=1)", float(attention[1]), 0.5)
         others = torch.cat([attention[:1], attention[2:]])
         claim.at_least("count_head.attention(k=1) / max attention(other keys)",
                        float(attention[1] / others.max()), 4.0)
-        figures.add("count head attention from position 0", lambda: _attention_bar(attention, subject),
-                    caption=f"{subject.name}: mean over strings starting with '('")
 
     @pytest.mark.controls("shuffle_labels")
     def test_resampling_the_count_heads_input_keeps_the_loss_only_when_counts_agree(self, subject, claim, control):
