@@ -49,6 +49,15 @@ class ModelMemo:
         self._values.clear()
 
 
+def length_buckets(lengths: torch.Tensor, n: int, batch_size: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows in length order cut into chunks of `batch_size`, each with its longest row's length:
+    running a chunk cut to that width skips the right-padding's compute. [(rows, width), ...]"""
+    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (n,):
+        got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise InputError(f"lengths must be a [{n}] tensor (one length per row), got {got}")
+    return [(rows, int(lengths[rows].max())) for rows in torch.argsort(lengths).split(batch_size)]
+
+
 def run_in_batches(model: HookedTransformer, inputs: torch.Tensor, names=None, batch_size: int = 2000,
                    keep: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
                    lengths: Optional[torch.Tensor] = None) -> ActivationCache:
@@ -74,13 +83,10 @@ def run_in_batches(model: HookedTransformer, inputs: torch.Tensor, names=None, b
     if keep is None:
         raise InputError("run_in_batches(lengths=...) needs keep= selecting positions every row has, "
                          "e.g. at_position(0): the other positions' widths differ between chunks")
-    if lengths.shape != inputs.shape[:1]:
-        raise InputError(f"lengths must be [{inputs.shape[0]}], got {tuple(lengths.shape)}")
     full = inputs.shape[1]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for chunk in torch.argsort(lengths).split(batch_size):
-            width = int(lengths[chunk].max())
+        for chunk, width in length_buckets(lengths, inputs.shape[0], batch_size):
             _, cache = model.run_with_cache(inputs[chunk, :width], names=names)
             for k, v in cache.items():
                 if k.endswith("hook_attn_scores"):
@@ -118,10 +124,8 @@ def predict(model: HookedTransformer, inputs: torch.Tensor, batch_size: int = 20
     with torch.no_grad():
         if lengths is None:
             return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)])
-        order = torch.argsort(lengths)
         out = None
-        for chunk in order.split(batch_size):
-            width = int(lengths[chunk].max())
+        for chunk, width in length_buckets(lengths, inputs.shape[0], batch_size):
             part = model(inputs[chunk, :width])
             if out is None:
                 out = part.new_empty((inputs.shape[0], *part.shape[1:]))

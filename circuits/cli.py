@@ -28,16 +28,15 @@ def _status(name: str) -> tuple[str, str]:
 
     entry = zoo.get_entry(name)
     spec = entry.spec(entry.default_seed)
-    try:
-        load_reference(zoo.REFERENCE_DIR, name, spec)
-        ref = "reference ok"
-    except CircuitsError as e:
-        ref = type(e).__name__.replace("CheckpointError", "").lower() or "error"
-        ref = f"reference {ref}"
-    store = ModelStore()
-    cached = [c.get("spec", {}).get("seed") for _, c in store.entries() if c.get("spec", {}).get("name") == name
-              and c.get("key") == spec_key(c.get("spec", {}))]
-    return ref, f"cached seeds {sorted(s for s in cached if s is not None)}" if cached else "not cached"
+    ref = _reference_status(lambda: load_reference(zoo.REFERENCE_DIR, name, spec))
+    cached = set()
+    for _, card in ModelStore().entries():
+        seed = card.get("spec", {}).get("seed")
+        # only entries this code would load: trained from the entry's current spec for that seed
+        if card.get("spec", {}).get("name") == name and isinstance(seed, int) and seed >= 0 \
+                and card.get("key") == spec_key(entry.spec(seed)):
+            cached.add(seed)
+    return ref, f"cached seeds {sorted(cached)}" if cached else "not cached"
 
 
 def _reference_status(load) -> str:
@@ -198,6 +197,9 @@ def main(argv=None) -> int:
     except CircuitsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `python -m circuits list | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,14 @@
 """Errors the library raises on bad input. Each names the problem; none is a deep torch traceback."""
 
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.4) -> str:
+    """'; did you mean 'a', 'b'?' for the closest choices to a mistyped name, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=cutoff)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
 
 class CircuitsError(Exception):
     """Base class for every error `circuits` raises on purpose."""

@@ -12,13 +12,12 @@ return value replaces the activation downstream.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .errors import HookNameError
+from .errors import HookNameError, did_you_mean
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -95,8 +94,7 @@ class HookedRootModule(nn.Module):
         out = []
         for n in names:
             if n not in self.hook_dict:
-                close = difflib.get_close_matches(n, list(self.hook_dict), n=3, cutoff=0.5)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                hint = did_you_mean(n, self.hook_dict, cutoff=0.5)
                 raise HookNameError(
                     f"unknown hook name {n!r}{hint} (this model has {len(self.hook_dict)} hook points; "
                     f"see model.hook_dict)"

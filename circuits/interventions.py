@@ -183,9 +183,9 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
         if model.cfg.readout == "all":
             raise InputError("resample_activations(lengths=...) needs a first/last read-out: an 'all' "
                              "read-out's width would differ between chunks")
-        if lengths.shape != (n,):
-            raise InputError(f"lengths must be [{n}], got {tuple(lengths.shape)}")
-        chunks = [(c, int(lengths[c].max())) for c in torch.argsort(lengths).split(batch_size)]
+        from .analysis import length_buckets  # analysis imports sklearn: only when needed
+
+        chunks = length_buckets(lengths, n, batch_size)
     layer = _patch_layer(model, names)
     resume = f"blocks.{layer}.hook_resid_pre"
     clean: dict[str, torch.Tensor] = {}  # name -> [n, ...]: the clean activation at the patched index

@@ -11,7 +11,6 @@ Adding a model is one `register(ZooEntry(...))` call in the task's module (see c
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import time
@@ -21,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import InputError, UnknownModelError
+from .errors import InputError, UnknownModelError, did_you_mean
 from .model import HookedTransformer, TransformerConfig
 from .train import TRAIN_CODE_VERSION, Split, TrainRecipe, data_seeds, train
 
@@ -76,9 +75,8 @@ def _load_tasks() -> None:
 def get_entry(name: str) -> ZooEntry:
     _load_tasks()
     if name not in ZOO:
-        close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise UnknownModelError(f"unknown model {name!r}{hint} (the zoo has: {', '.join(sorted(ZOO))})")
+        raise UnknownModelError(f"unknown model {name!r}{did_you_mean(name, ZOO)} "
+                                f"(the zoo has: {', '.join(sorted(ZOO))})")
     return ZOO[name]
 
 

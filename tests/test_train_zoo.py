@@ -228,3 +228,14 @@ def test_options_added_later_enter_the_spec_only_when_on():
     fast = TrainRecipe(readout_only=True, fused_adamw=True).to_dict()
     assert fast["readout_only"] is True and fast["fused_adamw"] is True
     assert zoo.get_entry("brackets").recipe.to_dict()["readout_only"] is True
+
+
+def test_cli_lists_only_cached_models_the_current_spec_would_load(registered_tiny, tmp_path, monkeypatch):
+    """A store entry trained under an older recipe is not 'cached' for the entry any more."""
+    from circuits import cli
+
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
+    zoo.load("tiny_brackets", seed=2, store=ModelStore(tmp_path))
+    assert cli._status("tiny_brackets")[1] == "cached seeds [2]"
+    zoo.ZOO["tiny_brackets"] = replace(registered_tiny, recipe=replace(TINY_RECIPE, steps=30))
+    assert cli._status("tiny_brackets")[1] == "not cached"

@@ -826,13 +826,9 @@ def named_experiments() -> dict[str, Experiment]:
 def get_experiment(name: str) -> Experiment:
     exps = named_experiments()
     if name not in exps:
-        import difflib
+        from ..errors import UnknownModelError, did_you_mean
 
-        from ..errors import UnknownModelError
-
-        close = difflib.get_close_matches(name, list(exps), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise UnknownModelError(f"unknown associative-memory experiment {name!r}{hint}")
+        raise UnknownModelError(f"unknown associative-memory experiment {name!r}{did_you_mean(name, exps)}")
     return exps[name]
 
 
