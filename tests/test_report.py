@@ -198,6 +198,9 @@ def test_figures_object_and_training_curves():
     assert training_curves_png({"name": "m"}) is None
     png = training_curves_png({"name": "m", "metrics": {"history": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]}})
     assert png.startswith(b"\x89PNG")
+    # the trainer's held-out metrics (eval_*) are drawn too: a history with nothing else still plots
+    held_out = [{"step": 0, "eval_acc": 0.5, "eval_loss": 0.7}, {"step": 1, "eval_acc": 0.9, "eval_loss": 0.3}]
+    assert training_curves_png({"name": "m", "metrics": {"history": held_out}}).startswith(b"\x89PNG")
 
 
 def test_html_renders_a_minimal_report(tmp_path):
