@@ -147,8 +147,9 @@ def training_curves_png(model: dict) -> bytes | None:
         a.tick_params(labelsize=7)
         for side in ("top",):
             a.spines[side].set_visible(False)
-    fig.subplots_adjust(left=0.13, right=0.87, bottom=0.17, top=0.89)  # fixed margins: tight_layout
-    return render_png(fig)  # cost ~40% of the render, and render_png crops to the drawn area anyway
+    # fixed margins: tight_layout cost ~40% of the render, and render_png crops to the drawn area anyway
+    fig.subplots_adjust(left=0.13, right=0.87, bottom=0.17, top=0.89)
+    return render_png(fig)
 
 
 def _num(x: Any) -> float | None:

@@ -137,15 +137,9 @@ def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inp
     with torch.no_grad():
         _, src = model.run_with_cache(source_inputs, names=names)
 
-    def make(name: str, index: tuple):
-        def patch(act: torch.Tensor, hook) -> torch.Tensor:
-            act = act.clone()
-            act[(slice(None), *index)] = src[name][(slice(None), *index)].to(act.dtype)
-            return act
-        return patch
-
+    hooks = [(n, _overwrite(idx, src[n][(slice(None), *idx)])) for n, idx in patches]
     with torch.no_grad():
-        return model.run_with_hooks(inputs, fwd_hooks=[(n, make(n, idx)) for n, idx in patches])
+        return model.run_with_hooks(inputs, fwd_hooks=hooks)
 
 
 def _patch_layer(model: HookedTransformer, names: Sequence[str]) -> int:
