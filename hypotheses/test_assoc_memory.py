@@ -421,28 +421,37 @@ def _transformer_targets(assoc, request) -> tuple:
     return law, loaded, TargetVectors(resid, W_U, law.targets())
 
 
+def _claim_vectors_point_at_targets(claim, control, figures, tv: TargetVectors, name: str, threshold: float,
+                                    note: str, figure: tuple) -> None:
+    """The superposition claim: the mean cosine between each context's vector and the unembedding
+    of its target (bootstrap interval) is at least `threshold`; `figure` = (name, title, caption)."""
+    cos = _cosines(control.apply_data(tv))
+    claim.at_least(name, claim.sample(cos.numpy(), method="percentile", n_resamples=400), threshold, note=note)
+    if control.is_main:
+        fig_name, title, caption = figure
+        figures.add(fig_name, lambda: _geometry_figure(tv, cos, title), caption=caption)
+
+
 @pytest.mark.controls("shuffle_labels")
 def test_low_rank_context_embeddings_point_at_their_target(assoc, claim, control, figures):
     law, model, tv = _low_rank_targets(assoc)
-    cos = _cosines(control.apply_data(tv))
-    claim.at_least("mean cos(w_E(z), w_U(g(z)))", claim.sample(cos.numpy(), method="percentile", n_resamples=400),
-                   0.85, note="measured 0.92 on the rank-5 optimum; a random direction scores ~0")
-    if control.is_main:
-        figures.add("low-rank geometry", lambda: _geometry_figure(tv, cos, "rank-5 optimum: W_E rows"),
-                    caption="the seed's superposition cell on the rank-5 optimum of the last-position law: "
-                            "W_U W_U^T, the context embeddings' Gram (grouped by target) and cos(w_E(z), w_U(g(z)))")
+    _claim_vectors_point_at_targets(
+        claim, control, figures, tv, "mean cos(w_E(z), w_U(g(z)))", 0.85,
+        note="measured 0.92 on the rank-5 optimum; a random direction scores ~0",
+        figure=("low-rank geometry", "rank-5 optimum: W_E rows",
+                "the seed's superposition cell on the rank-5 optimum of the last-position law: "
+                "W_U W_U^T, the context embeddings' Gram (grouped by target) and cos(w_E(z), w_U(g(z)))"))
 
 
 @pytest.mark.controls("shuffle_labels")
 def test_transformer_residual_points_at_its_target(assoc, request, claim, control, figures):
     law, loaded, tv = _transformer_targets(assoc, request)
-    cos = _cosines(control.apply_data(tv))
-    claim.at_least("mean cos(resid(z), w_U(g(z)))", claim.sample(cos.numpy(), method="percentile", n_resamples=400),
-                   0.55, note="measured 0.63 on the 5-head model (0.98 with 20 heads)")
-    if control.is_main:
-        figures.add("transformer geometry", lambda: _geometry_figure(tv, cos, "5-head AoT: final residual"),
-                    caption="the same for the seed's 5-head transformer: its final residual at the last position "
-                            "(what W_U reads) in place of the context embedding")
+    _claim_vectors_point_at_targets(
+        claim, control, figures, tv, "mean cos(resid(z), w_U(g(z)))", 0.55,
+        note="measured 0.63 on the 5-head model (0.98 with 20 heads)",
+        figure=("transformer geometry", "5-head AoT: final residual",
+                "the same for the seed's 5-head transformer: its final residual at the last position "
+                "(what W_U reads) in place of the context embedding"))
 
 
 # --- figures --------------------------------------------------------------------------------------
