@@ -315,7 +315,7 @@ def _models(report: dict) -> str:
     models = report.get("models", [])
     if not models:
         return ""
-    from .figures import training_curves_png
+    from .figures import training_curves_svg
 
     out = ["<section><h2>Models</h2><table><thead><tr><th>model</th><th>seed</th><th>source</th><th>key</th>"
            "<th>final metrics</th><th style='text-align:right'>time</th></tr></thead><tbody>"]
@@ -329,11 +329,11 @@ def _models(report: dict) -> str:
                    f'<td>{_e(m.get("source"))}</td><td class="m">{_e(key)}</td><td class="sub">{_e(mtext)}</td>'
                    f'<td class="num">{f"{wt:.1f} s" if isinstance(wt, (int, float)) else "—"}</td></tr>')
         try:
-            png = training_curves_png(m)
+            svg = training_curves_svg(m)
         except Exception:  # a malformed history must not cost the report
-            png = None
-        if png:
-            curves.append(f'<figure>{_img(png, "training curve " + str(m.get("name")))}'
+            svg = None
+        if svg:
+            curves.append(f'<figure>{svg}'
                           f'<figcaption><b>{_e(m.get("name"))}</b> training curve ({_e(m.get("source"))})'
                           f'</figcaption></figure>')
     out.append("</tbody></table>")

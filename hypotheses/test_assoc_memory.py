@@ -567,6 +567,6 @@ def test_dropping_the_residual_connection_does_not_change_memorisation(assoc, re
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
-        ax.set_title("with and without the residual connection (N=100, 1600 pairs, 10 heads)")
+        ax.set_title("with and without the residual connection (N=100, 1600 pairs, 10 heads)", fontsize=10)
         fig.tight_layout()
         figures.add("skip connection", fig, caption="accuracy during training, seeds 0 and 1")

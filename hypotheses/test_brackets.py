@@ -34,6 +34,7 @@ import torch
 from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
 from circuits import analysis as A
 from circuits.controls import register_control
+from circuits.figures import overlaid_histograms
 from circuits.interventions import resample_activations
 from circuits.stats import auroc, cohens_d, spearman
 
@@ -268,8 +269,8 @@ def _component_histograms(an, subject):
     for ax, label in zip(axes.flat, an.labels):
         v = an.contributions[an.labels.index(label)].numpy()
         bins = np.linspace(-10, 20, 61)
-        ax.hist(v[bal.numpy()], bins=bins, alpha=0.55, color="tab:blue", label="balanced")
-        ax.hist(v[~bal.numpy()], bins=bins, alpha=0.55, color="tab:red", label="unbalanced")
+        overlaid_histograms(ax, {"balanced": (v[bal.numpy()], "tab:blue"),
+                                 "unbalanced": (v[~bal.numpy()], "tab:red")}, bins)
         ax.set_title(label, fontsize=9)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{subject.name}: component contributions along the unbalanced direction")

@@ -41,6 +41,7 @@ import torch
 
 from circuits import analysis as A
 from circuits.controls import register_control
+from circuits.figures import overlaid_histograms
 from circuits.model import HookedTransformer
 from circuits.stats import auroc, cohens_d
 from circuits.tasks import palindromes as P
@@ -390,8 +391,8 @@ def _component_histograms(contrib: Contributions, an: Analysis):
     for ax, (name, v) in zip(axes.flat, shown):
         lo, hi = np.percentile(v, [0.5, 99.5])
         bins = np.linspace(lo, hi + 1e-9, 50)
-        ax.hist(np.clip(v[pal], lo, hi), bins=bins, alpha=0.55, color="tab:blue", label="palindrome")
-        ax.hist(np.clip(v[~pal], lo, hi), bins=bins, alpha=0.55, color="tab:red", label="not")
+        overlaid_histograms(ax, {"palindrome": (np.clip(v[pal], lo, hi), "tab:blue"),
+                                 "not": (np.clip(v[~pal], lo, hi), "tab:red")}, bins)
         ax.set_title(name, fontsize=9)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")

@@ -7,7 +7,7 @@ import pytest
 
 from circuits import report as rp
 from circuits.claims import Claims
-from circuits.figures import Figures, FigureNameError, render_png, training_curves_png
+from circuits.figures import Figures, FigureNameError, render_png, training_curves_svg
 from circuits.report_html import render_html
 
 
@@ -121,7 +121,7 @@ def test_write_run_is_strict_json_and_self_contained_html(tmp_path):
     assert (tmp_path / "reports" / "latest").read_text().strip() == "r1"
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left behind
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 2  # the figure + the training curve
+    assert html.count("data:image/png;base64,") == 1 and html.count("<svg") == 1  # the figure + the training curve
     assert "pattern &lt;b&gt;" in html and "http://" not in html and "https://" not in html
     assert "<link" not in html and "<script" not in html
     md = paths["md"].read_text()
@@ -195,12 +195,27 @@ def test_figures_object_and_training_curves():
         quiet.add("skipped", Figure())
     with pytest.raises(TypeError, match="needs a matplotlib.figure.Figure"):
         quiet.add("bad", [1, 2])
-    assert training_curves_png({"name": "m"}) is None
-    png = training_curves_png({"name": "m", "metrics": {"history": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]}})
-    assert png.startswith(b"\x89PNG")
-    # the trainer's held-out metrics (eval_*) are drawn too: a history with nothing else still plots
+
+
+def test_training_curves_svg():
+    import xml.etree.ElementTree as ET
+
+    assert training_curves_svg({"name": "m"}) is None
+    assert training_curves_svg({"name": "m", "metrics": {"history": [{"step": 0, "loss": float("nan")}]}}) is None
+    svg = training_curves_svg({"name": "m<&>", "seed": 3, "metrics": {"history": [
+        {"step": 0, "loss": 1.0}, {"step": 100, "loss": 0.5}, {"step": 200, "loss": float("inf")}]}})
+    root = ET.fromstring(svg)  # well-formed XML: the title is escaped
+    assert "m<&> (seed 3)" in "".join(root.itertext())
+    (line,) = root.iter("polyline")
+    assert len(line.get("points").split()) == 2  # the non-finite point is left out
+    ys = [float(p.split(",")[1]) for p in line.get("points").split()]
+    assert ys[0] < ys[1]  # SVG y grows downwards: the higher loss is drawn higher
+    # the trainer's held-out metrics (eval_*) are drawn too, accuracy dashed on its own axis
     held_out = [{"step": 0, "eval_acc": 0.5, "eval_loss": 0.7}, {"step": 1, "eval_acc": 0.9, "eval_loss": 0.3}]
-    assert training_curves_png({"name": "m", "metrics": {"history": held_out}}).startswith(b"\x89PNG")
+    root = ET.fromstring(training_curves_svg({"name": "m", "metrics": {"history": held_out}}))
+    lines = list(root.iter("polyline"))
+    assert [l.get("stroke-dasharray") is not None for l in lines] == [False, True]
+    assert {"loss", "accuracy", "eval_loss", "eval_acc"} <= set(root.itertext())
 
 
 def test_html_renders_a_minimal_report(tmp_path):
