@@ -325,7 +325,7 @@ def test_xdist_one_complete_report_with_figures_and_models(project):
     for f in report["figures"]:
         assert (run_dir / f["path"]).stat().st_size > 1000
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 + 2  # figures + training curves
+    assert html.count("data:image/png;base64,") == 2 and html.count("<svg") == 2  # figures + training curves
     assert "http://" not in html and "https://" not in html and "<script" not in html
     assert report["pass_rates"] and {r["name"]: r["n"] for r in report["pass_rates"]}["acc"] == 2
 
