@@ -505,13 +505,18 @@ class HookedTransformer(HookedRootModule):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 readout: Optional[str] = None, *, start_at_layer: int = 0,
-                resid: Optional[torch.Tensor] = None, readout_only: Optional[bool] = None) -> torch.Tensor:
+                resid: Optional[torch.Tensor] = None, readout_only: Optional[bool] = None,
+                return_resid: bool = False):
         """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
         gives the padding mask and read-out positions): what a patch at layer l needs to recompute.
 
         readout_only: whether the last block computes only the read-out position (first/last
         read-outs; the outputs and their gradients are the same up to float rounding). None = in eval
-        mode. Either way a hook in the last block that would see one position turns it off."""
+        mode. Either way a hook in the last block that would see one position turns it off.
+
+        return_resid: also return the final residual stream (ln_final's input) at the read-out
+        position(s), [batch, (pos,) d_model], as (logits, resid). It is what a hook on the last
+        block's hook_resid_post would give there, without switching the read-out path off."""
         self._check_input(x)
         if key_padding_mask is None:
             key_padding_mask = self.key_padding_mask(x)
@@ -542,10 +547,13 @@ class HookedTransformer(HookedRootModule):
             for block in self.blocks[start_at_layer:]:
                 resid = block(resid, mask)  # [batch, pos, d_model]
             resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
+        resid_final = resid  # [batch, pos or 1, d_model]
         if self.cfg.normalization == "LN":
             resid = self.ln_final(resid)
         logits = self.unembed(resid)  # [batch, pos or 1, d_vocab_out]
-        return logits if readout == "all" else logits[:, 0]  # [batch, (pos,) d_vocab_out]
+        if readout != "all":
+            logits, resid_final = logits[:, 0], resid_final[:, 0]  # [batch, d_vocab_out], [batch, d_model]
+        return (logits, resid_final) if return_resid else logits
 
     def _check_resume(self, x: torch.Tensor, layer, resid) -> torch.Tensor:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer < self.cfg.n_layers:

@@ -120,7 +120,11 @@ def head_contribution(analysis: Analysis, head: tuple[int, int]) -> torch.Tensor
 def find_roles(model: HookedTransformer, data: B.BracketData) -> dict:
     """Bind roles by search: the count head is the head whose contribution best separates
     total-elevation failures (AUROC among strings starting with "("); the negative head is the other
-    head that best separates negative failures."""
+    head that best separates negative failures. Searched once per model (every test asks)."""
+    return dict(_MEMO.get(model, ("roles", id(data), len(data)), lambda: _search_roles(model, data)))
+
+
+def _search_roles(model: HookedTransformer, data: B.BracketData) -> dict:
     an = analyse(model, data)
     so = data.starts_open
     scores = {}

@@ -544,6 +544,28 @@ def test_inference_read_out_pruning_matches_the_full_last_block(name, dtype, rea
     assert seen["shape"][1] == x.shape[1], "a hook in the last block must see every position"
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("readout", ["first", "last", "all"])
+def test_return_resid_is_the_final_residual_at_the_read_out(name, readout):
+    """model(x, return_resid=True) hands back ln_final's input at the read-out position(s): equal to
+    the last block's hook_resid_post there (the hook forces the full block; return_resid does not)."""
+    model = make_model(name, torch.float64).eval()
+    x = make_input(model)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    with torch.no_grad():
+        logits, resid = model(x, readout=readout, return_resid=True)
+        full_logits, cache = model.run_with_cache(x, readout=readout, names=[last])
+    torch.testing.assert_close(logits, full_logits, **TOL[torch.float64])
+    post = cache[last]  # [batch, pos, d_model]
+    if readout == "all":
+        expected = post
+    else:
+        pad = model.key_padding_mask(x)
+        index = model._readout_index(pad if pad is not None and pad.any() else None, readout, *x.shape[:2], x.device)
+        expected = post[torch.arange(x.shape[0]), index]
+    torch.testing.assert_close(resid, expected, **TOL[torch.float64])
+
+
 def test_read_out_pruning_keeps_each_rows_last_real_position():
     """Rows of different lengths (right padding): each row's read-out is its own last token."""
     model = make_model("causal_padded").eval()
