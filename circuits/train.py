@@ -72,12 +72,15 @@ class TrainRecipe:
     # same gradients up to float rounding, ~20% less compute for a 3-layer model
     readout_only: bool = False
     fused_adamw: bool = False  # torch's fused AdamW kernel (~6% faster steps here; other rounding)
+    # a final test set (its own seed), scored once after training: the early stop watched the eval
+    # set, so its last reading is biased upwards; this one is not. 0 = none
+    n_test: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
-        for late in ("readout_only", "fused_adamw"):  # added later: recorded only when on, so the
-            if not d[late]:                            # keys of models trained before stay valid
+        for late in ("readout_only", "fused_adamw", "n_test"):  # added later: recorded only when on,
+            if not d[late]:                                      # so earlier models' keys stay valid
                 del d[late]
         return d
 
@@ -93,6 +96,11 @@ class TrainResult:
 def data_seeds(seed: int) -> tuple[int, int]:
     """(train data seed, held-out data seed) for a model seed: disjoint streams by construction."""
     return 1_000_003 * (seed + 1), 2_000_003 * (seed + 1) + 7
+
+
+def final_test_seed(seed: int) -> int:
+    """The final test set's data seed for a model seed (TrainRecipe.n_test): apart from both above."""
+    return 3_000_017 * (seed + 1) + 11
 
 
 def lr_at(step: int, recipe: TrainRecipe) -> float:

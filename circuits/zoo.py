@@ -22,7 +22,7 @@ import torch
 
 from .errors import InputError, UnknownModelError, did_you_mean
 from .model import HookedTransformer, TransformerConfig
-from .train import TRAIN_CODE_VERSION, Split, TrainRecipe, data_seeds, train
+from .train import TRAIN_CODE_VERSION, Split, TrainRecipe, data_seeds, evaluate, final_test_seed, train
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 # Modules whose import registers zoo entries (one per seed notebook).
@@ -108,9 +108,14 @@ def train_entry(entry: ZooEntry, seed: int, progress=None, recipe: Optional[Trai
         "metrics": result.final,
         "history": result.history,
         "steps": result.steps,
-        "wall_time": round(result.wall_time + data_time, 3),
+        "wall_time": round(result.wall_time + data_time, 3),  # data generation + training
         "data_seeds": {"train": train_seed, "eval": eval_seed},
     }
+    if entry.recipe.n_test:
+        seed_test = final_test_seed(seed)
+        test = evaluate(model, entry.make_split(entry.recipe.n_test, seed_test), entry.recipe.loss)
+        card["metrics"] = {**result.final, **{k.replace("eval_", "test_"): v for k, v in test.items()}}
+        card["data_seeds"]["test"] = seed_test
     return model, card
 
 

@@ -18,7 +18,7 @@ from circuits.errors import InputError, UnknownModelError
 from circuits.model import TransformerConfig
 from circuits.store import ModelStore, StaleCheckpointError, MissingCheckpointError, save_reference
 from circuits.tasks import brackets as B
-from circuits.train import Split, TrainRecipe, batches, data_seeds, lr_at, train
+from circuits.train import Split, TrainRecipe, batches, data_seeds, evaluate, lr_at, final_test_seed, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,13 +87,28 @@ def test_early_stop_at_target_metric():
     assert card["steps"] == TINY_RECIPE.eval_every  # stopped at the first evaluation
 
 
-def test_data_seeds_are_disjoint_streams():
+def final_test_seeds_are_disjoint_streams():
     seen = set()
     for s in range(50):
         tr, ev = data_seeds(s)
         assert tr != ev
-        seen.update((tr, ev))
-    assert len(seen) == 100
+        seen.update((tr, ev, final_test_seed(s)))
+    assert len(seen) == 150
+
+
+def test_final_test_set_is_scored_once_on_its_own_seed():
+    """n_test: after training (early stop included) the model is scored on a fresh test set; the card
+    says so (test_* metrics, its seed), and the recipe records n_test only when it is on."""
+    assert "n_test" not in TINY_RECIPE.to_dict()
+    entry = replace(tiny_entry(), recipe=replace(TINY_RECIPE, n_test=300))
+    assert entry.recipe.to_dict()["n_test"] == 300
+    model, card = zoo.train_entry(entry, seed=0)
+    m = card["metrics"]
+    assert {"eval_acc", "eval_loss", "test_acc", "test_loss"} <= set(m)
+    assert card["data_seeds"]["test"] == final_test_seed(0)
+    expected = evaluate(model, entry.make_split(300, final_test_seed(0)), "ce")
+    assert m["test_acc"] == expected["eval_acc"] and m["test_loss"] == expected["eval_loss"]
+    assert m["test_acc"] != m["eval_acc"] or m["test_loss"] != m["eval_loss"]  # another sample
 
 
 def test_lr_schedule_warmup_then_cosine():
