@@ -320,3 +320,27 @@ def test_large_samples_use_the_percentile_interval_which_agrees_with_bca():
     bca = bootstrap_ci(x[:BCA_MAX_N], np.mean, n_resamples=500)
     assert large.method == "percentile" and bca.method == "BCa"
     assert abs(large.lo - bca.lo) < 0.02 and abs(large.hi - bca.hi) < 0.02
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("n", [50, 3000])
+def test_own_percentile_bootstrap_equals_scipys(paired, n):
+    """bootstrap_ci draws percentile intervals itself (faster): the same resamples as
+    scipy.stats.bootstrap, so its interval to float rounding, for one and two samples, paired or
+    not, across batches."""
+    import numpy as np
+    from scipy import stats as st
+
+    from circuits.stats import _percentile_interval, pearson
+
+    g = np.random.default_rng(3)
+    x = g.normal(size=n)
+    y = x + g.normal(size=n) if paired else g.normal(size=n + 7)
+    for data, stat in [((x,), np.mean), ((x, y[:n]) if paired else (x, y), (pearson if paired else
+                                                                            lambda a, b, axis=-1: np.mean(a, axis=axis) - np.mean(b, axis=axis)))]:
+        ref = st.bootstrap(data, stat, paired=paired, method="percentile", n_resamples=300, batch=64,
+                           rng=np.random.default_rng(5))
+        lo, hi, dist = _percentile_interval(list(data), stat, paired, 0.95, 300, 5, 64)
+        np.testing.assert_array_equal(dist, ref.bootstrap_distribution)  # the very same resamples
+        np.testing.assert_allclose([lo, hi], [ref.confidence_interval.low, ref.confidence_interval.high],
+                                   rtol=1e-12, atol=1e-15)  # scipy interpolates its percentiles itself
