@@ -583,6 +583,13 @@ class HookedTransformer(HookedRootModule):
         self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)
                                               and n[len(last):] not in FULL_POSITION_HOOKS]
 
+    def readout_positions(self, x: torch.Tensor, readout: Optional[str] = None) -> torch.Tensor:
+        """The position each row's first/last read-out reads (the last non-pad token for "last"): [batch]."""
+        self._check_input(x)
+        pad = self.key_padding_mask(x)
+        pad = pad if pad is not None and bool(pad.any()) else None
+        return self._readout_index(pad, readout or self.cfg.readout, x.shape[0], x.shape[1], x.device)
+
     def _readout_index(self, key_pad, readout: str, B: int, P: int, device) -> torch.Tensor:
         """The read-out position of every row: [batch]."""
         if readout == "first":

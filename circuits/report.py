@@ -259,7 +259,9 @@ def _attach_controls(report: dict) -> None:
                             "margin": cc.get("margin"), "message": cc.get("message"), "nodeid": t["nodeid"]})
             else:
                 why = run.get("message") or tests.get(t["nodeid"], {}).get("message") or "claim not recorded"
-                out.append({"control": t["control"], "outcome": "missing", "value_text": None, "margin": None,
+                # a control run skipped on purpose (e.g. of a claim refuted on this model) is no error
+                outcome = "skipped" if t["outcome"] == "skipped" else "missing"
+                out.append({"control": t["control"], "outcome": outcome, "value_text": None, "margin": None,
                             "message": why, "nodeid": t["nodeid"], "test_outcome": t["outcome"]})
         c["controls"] = out
 
@@ -524,7 +526,7 @@ def op_text(c: dict) -> tuple[str, str]:
 def control_text(c: dict, compact: bool = False) -> str:
     parts = []
     for x in c.get("controls", []):
-        mark = {"failed": "✓", "held": "✗ held", "missing": "! error"}.get(x["outcome"], x["outcome"])
+        mark = {"failed": "✓", "held": "✗ held", "missing": "! error", "skipped": "– skipped"}.get(x["outcome"], x["outcome"])
         val = f" {x['value_text']}" if x.get("value_text") and not compact else ""
         parts.append(f"{x['control']} {mark}{val}")
     return "; ".join(parts)
@@ -669,10 +671,11 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             marks.append({"green": True} if c["status"] == "PASS" else
                          {"yellow": True} if c["status"] == "XFAIL" else {"red": True})
             for x in c.get("controls", []):
-                res = {"failed": "OK (failed)", "held": "NO TEETH", "missing": "ERROR"}[x["outcome"]]
+                res = {"failed": "OK (failed)", "held": "NO TEETH", "missing": "ERROR", "skipped": "skipped"}[x["outcome"]]
                 table.append(("", f"  ↳ control {_clip(x['control'], 24)}", _clip(x.get("value_text") or "-", 30),
                               "", "", fmt_margin(x.get("margin")), res))
-                marks.append({"green": True} if x["outcome"] == "failed" else {"red": True})
+                marks.append({"green": True} if x["outcome"] == "failed" else
+                             {"yellow": True} if x["outcome"] == "skipped" else {"red": True})
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for r, m in zip(table, marks):
             cells = [r[i].rjust(widths[i]) if i == 5 else r[i].ljust(widths[i]) for i in range(len(r))]

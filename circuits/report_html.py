@@ -161,6 +161,8 @@ def _controls(c: dict) -> str:
             cls, label = "ok", f'{_e(x["control"])}: fails ✓ <span class="muted">{_e(x.get("value_text"))}</span>'
         elif x["outcome"] == "held":
             cls, label = "bad", f'{_e(x["control"])}: also holds ✗ ({_e(x.get("value_text"))})'
+        elif x["outcome"] == "skipped":
+            cls, label = "muted", f'{_e(x["control"])}: skipped'
         else:
             cls, label = "bad", f'{_e(x["control"])}: error'
         chips.append(f'<span class="chip {cls}" title="{_e(x.get("message"))}">{label}</span>')

@@ -12,10 +12,13 @@ machine (tests/test_train.py checks it in two fresh processes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -75,12 +78,17 @@ class TrainRecipe:
     # a final test set (its own seed), scored once after training: the early stop watched the eval
     # set, so its last reading is biased upwards; this one is not. 0 = none
     n_test: int = 0
+    # weight of auxiliary per-position targets: with a first/last read-out and [n, pos] training
+    # targets, the loss is cross-entropy at the read-out position plus aux_weight x the mean
+    # cross-entropy over the other labelled positions (label < 0 = none), all positions scored by the
+    # same unembedding. 0 = off (then [n, pos] targets mean a per-position task)
+    aux_weight: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
-        for late in ("readout_only", "fused_adamw", "n_test"):  # added later: recorded only when on,
-            if not d[late]:                                      # so earlier models' keys stay valid
+        for late in ("readout_only", "fused_adamw", "n_test", "aux_weight"):  # added later: recorded
+            if not d[late]:                                # only when on, so earlier models' keys stay valid
                 del d[late]
         return d
 
@@ -125,9 +133,11 @@ def batches(split: Split, batch_size: int, gen: torch.Generator, bucket: bool):
         yield chunks[i]
 
 
-def compute_loss(model: HookedTransformer, b: Split, loss: str,
-                 readout_only: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_loss(model: HookedTransformer, b: Split, loss: str, readout_only: Optional[bool] = None,
+                 aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, per-example 'correct' or squared error) for a batch."""
+    if aux_weight and b.targets.ndim == 2:
+        return _loss_with_aux_targets(model, b, loss, aux_weight)
     out = model(b.inputs, readout_only=readout_only)
     if loss == "ce":
         if b.targets.ndim == 2:  # per-position classification: [batch, pos, classes]
@@ -142,6 +152,27 @@ def compute_loss(model: HookedTransformer, b: Split, loss: str,
         err = (pred - b.targets).pow(2)
         return err.mean(), err
     raise InputError(f"unknown loss {loss!r}; use 'ce' or 'mse'")
+
+
+def _loss_with_aux_targets(model: HookedTransformer, b: Split, loss: str, weight: float):
+    """TrainRecipe.aux_weight: the read-out position's label is the task; the other positions'
+    labels are auxiliary targets. Correctness is the read-out position's only."""
+    if loss != "ce" or model.cfg.readout not in ("first", "last"):
+        raise InputError(f"auxiliary targets need loss='ce' and a first/last read-out, got loss={loss!r}, "
+                         f"readout={model.cfg.readout!r}")
+    out = model(b.inputs, readout="all")  # [batch, pos, classes]
+    if b.targets.shape != out.shape[:2]:
+        raise InputError(f"auxiliary targets must be [batch, pos] = {list(out.shape[:2])}, got {list(b.targets.shape)}")
+    rows = torch.arange(out.shape[0], device=out.device)
+    at = model.readout_positions(b.inputs)  # [batch]
+    main_logits, main_targets = out[rows, at], b.targets[rows, at]  # [batch, classes], [batch]
+    aux = b.targets.clone()
+    aux[rows, at] = -1  # [batch, pos], -1 = no auxiliary label
+    keep = aux >= 0
+    value = F.cross_entropy(main_logits, main_targets)
+    if keep.any():
+        value = value + weight * F.cross_entropy(out[keep], aux[keep])
+    return value, (main_logits.argmax(-1) == main_targets).float()
 
 
 @torch.no_grad()
@@ -159,7 +190,7 @@ def evaluate(model: HookedTransformer, split: Split, loss: str, batch_size: int 
     per = torch.cat(parts)
     out = {"eval_loss": total / len(split)}
     if loss == "ce":
-        out["eval_acc"] = float(per.mean())
+        out["eval_acc"] = float(per.double().mean())  # float32 would make 9995/10000 < 0.9995
     else:
         out["eval_mse"] = float(per.mean())
     return out
@@ -177,11 +208,41 @@ def train(model: HookedTransformer, train_split: Split, eval_split: Split, recip
           seed: int, progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainResult:
     """Train `model` in place. `progress(step, total_steps, metrics)` is called ~once a second."""
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads or old_threads)
+    threads = recipe.threads or old_threads
+    with training_slot(threads, progress):
+        torch.set_num_threads(threads)
+        try:
+            return _train(model, train_split, eval_split, recipe, seed, progress)
+        finally:
+            torch.set_num_threads(old_threads)
+
+
+def training_slot_path() -> Path:
+    return Path(tempfile.gettempdir()) / "circuits-multithreaded-training.lock"
+
+
+@contextlib.contextmanager
+def training_slot(threads: int, progress=None):
+    """A training on more than one thread holds the machine's multi-threaded training slot (a file
+    lock), so two of them (e.g. in two xdist workers) run one after the other: at once they
+    oversubscribe the cores, and two 2-thread bracket trainings on 2 cores ran 5x slower side by side
+    (92 s each for 2,000 steps) than one after the other (18 s). One-thread trainings run freely."""
+    if threads <= 1:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(training_slot_path()))
     try:
-        return _train(model, train_split, eval_split, recipe, seed, progress)
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress is not None:
+            progress(0, 1, {"waiting": "for another multi-threaded training to finish"})
+        lock.acquire()
+    try:
+        yield
     finally:
-        torch.set_num_threads(old_threads)
+        lock.release()
 
 
 def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResult:
@@ -206,7 +267,8 @@ def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResul
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        value, _ = compute_loss(model, train_split.batch(idx), recipe.loss, recipe.readout_only or None)
+        value, _ = compute_loss(model, train_split.batch(idx), recipe.loss, recipe.readout_only or None,
+                                recipe.aux_weight)
         opt.zero_grad(set_to_none=True)
         value.backward()
         if recipe.grad_clip:
@@ -248,6 +310,8 @@ class TerminalProgress:
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                          if k in ("loss", "eval_acc", "eval_mse", "eval_loss") and isinstance(v, float))
+        if isinstance(metrics.get("waiting"), str):
+            shown = "waiting " + metrics["waiting"]
         elapsed = time.perf_counter() - self.start
         self.stream.write(f"\r{self.label} [{bar}] {step}/{total} {elapsed:5.1f}s {shown}   ")
         self.stream.flush()

@@ -518,3 +518,27 @@ def test_training_mix_is_seeded_and_adds_equal_count_negatives():
     # them 17%: the strings our models got wrong
     assert hard(plain) < hard(ref) < hard(mix)
     assert (mix.lengths <= B.MAX_LEN).all() and (mix.lengths % 2 == 0).all()
+
+
+def test_suffix_targets_define_balance():
+    """suffix_targets: the label at position 0; at each bracket whether the suffix from there has at
+    least as many ")" as "("; -1 at [end] and padding. Balanced <=> equal counts and every bracket 1."""
+    strs = random_strings(400, seed=9) + ["()", ")(", "(()", "())(()"]
+    data = B.BracketData.from_strings(strs)
+    t = B.suffix_targets(data)
+    assert t.shape == data.toks.shape
+    for i, s in enumerate(strs):
+        row = t[i].tolist()
+        assert row[0] == int(B.is_balanced(s))
+        expect = [int(s[j:].count(")") >= s[j:].count("(")) for j in range(len(s))]
+        assert row[1:len(s) + 1] == expect
+        assert set(row[len(s) + 1:]) <= {-1}
+        assert (row[0] == 1) == (s.count("(") == s.count(")") and all(expect))
+
+
+def test_training_split_carries_suffix_targets():
+    split = B.make_train_split(300, 5)
+    assert split.targets.shape == split.inputs.shape
+    data = B.BracketData.from_tokens(split.inputs)
+    assert torch.equal(split.targets[:, 0], data.isbal.long())
+    assert torch.equal(split.targets, B.suffix_targets(data))

@@ -560,9 +560,7 @@ def test_return_resid_is_the_final_residual_at_the_read_out(name, readout):
     if readout == "all":
         expected = post
     else:
-        pad = model.key_padding_mask(x)
-        index = model._readout_index(pad if pad is not None and pad.any() else None, readout, *x.shape[:2], x.device)
-        expected = post[torch.arange(x.shape[0]), index]
+        expected = post[torch.arange(x.shape[0]), model.readout_positions(x, readout)]
     torch.testing.assert_close(resid, expected, **TOL[torch.float64])
 
 

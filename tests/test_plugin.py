@@ -124,6 +124,23 @@ def test_records_survive_failures_crashes_and_interrupts(project):
         assert (project.path / "reports" / "crashy" / name).is_file()
 
 
+def test_a_skipped_control_run_is_shown_as_skipped_not_as_an_error(project):
+    project.makepyfile(test_skipctl='''
+        import pytest
+
+        @pytest.mark.controls("scramble")
+        def test_refuted_here(model, claim, control):
+            if not control.is_main:
+                pytest.skip("refuted on this model: its control has nothing to test")
+            claim.at_least("acc", model.acc, 0.5)
+    ''')
+    result = project.runpytest("--run-id", "skipctl")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*control scramble*skipped*"])
+    main = claims_of(load(project, "skipctl"))[("test_refuted_here[main]", "acc")]
+    assert [x["outcome"] for x in main["controls"]] == ["skipped"]
+
+
 def test_controls_invert_and_no_teeth_fails(project):
     project.makepyfile(test_ctl='''
         import pytest

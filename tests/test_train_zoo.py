@@ -236,13 +236,15 @@ def test_cli_lists_trains_and_prints_the_assoc_experiments(tmp_path):
 
 
 def test_options_added_later_enter_the_spec_only_when_on():
-    """readout_only / fused_adamw came after models were committed: off, they leave the recipe's
-    dict (and so every store key) as it was; on, they are part of it."""
+    """readout_only / fused_adamw / n_test / aux_weight came after models were committed: off, they
+    leave the recipe's dict (and so every store key) as it was; on, they are part of it."""
+    late = {"readout_only": True, "fused_adamw": True, "n_test": 1000, "aux_weight": 0.3}
     plain = TrainRecipe().to_dict()
-    assert "readout_only" not in plain and "fused_adamw" not in plain
-    fast = TrainRecipe(readout_only=True, fused_adamw=True).to_dict()
-    assert fast["readout_only"] is True and fast["fused_adamw"] is True
-    assert zoo.get_entry("brackets").recipe.to_dict()["readout_only"] is True
+    assert not set(late) & set(plain)
+    on = TrainRecipe(**late).to_dict()
+    assert {k: on[k] for k in late} == late
+    brackets = zoo.get_entry("brackets").recipe.to_dict()
+    assert brackets["aux_weight"] == 0.3 and brackets["n_test"] == 100_000 and brackets["fused_adamw"] is True
 
 
 def test_cli_lists_only_cached_models_the_current_spec_would_load(registered_tiny, tmp_path, monkeypatch):
@@ -254,3 +256,76 @@ def test_cli_lists_only_cached_models_the_current_spec_would_load(registered_tin
     assert cli._status("tiny_brackets")[1] == "cached seeds [2]"
     zoo.ZOO["tiny_brackets"] = replace(registered_tiny, recipe=replace(TINY_RECIPE, steps=30))
     assert cli._status("tiny_brackets")[1] == "not cached"
+
+
+def test_auxiliary_targets_loss():
+    """aux_weight: cross-entropy at the read-out position + weight x mean cross-entropy over the other
+    labelled positions (all scored by the unembedding); 'correct' is the read-out position's only."""
+    import torch.nn.functional as F
+
+    from circuits.train import compute_loss
+
+    model = zoo.build_model(tiny_entry(), 0).double()
+    data = B.generate(64, 1)
+    b = Split(data.toks, B.suffix_targets(data), data.lengths + 2).batch(torch.arange(64))
+    value, correct = compute_loss(model, b, "ce", aux_weight=0.3)
+    out = model(b.inputs, readout="all")  # [batch, pos, 2]
+    aux = b.targets[:, 1:]
+    keep = aux >= 0
+    expected = F.cross_entropy(out[:, 0], b.targets[:, 0]) + 0.3 * F.cross_entropy(out[:, 1:][keep], aux[keep])
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(correct, (out[:, 0].argmax(-1) == b.targets[:, 0]).double())
+    assert "aux_weight" not in TINY_RECIPE.to_dict() and replace(TINY_RECIPE, aux_weight=0.3).to_dict()["aux_weight"] == 0.3
+    with pytest.raises(InputError, match=r"auxiliary targets must be \[batch, pos\]"):
+        compute_loss(model, Split(b.inputs, b.targets[:, :3]), "ce", aux_weight=0.3)
+    per_position = zoo.HookedTransformer(replace(TINY, readout="all"))
+    with pytest.raises(InputError, match="first/last read-out"):
+        compute_loss(per_position, b, "ce", aux_weight=0.3)
+
+
+def test_training_with_auxiliary_targets_learns():
+    entry = replace(tiny_entry(), recipe=replace(TINY_RECIPE, aux_weight=0.3),
+                    make_train_split=B.make_train_split)
+    _, card = zoo.train_entry(entry, seed=0)
+    assert card["metrics"]["eval_loss"] < 0.69  # held out on the plain task (1-D labels)
+
+
+SLOT_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+from dataclasses import replace
+from test_train_zoo import tiny_entry
+from circuits import train as T, zoo
+entry = tiny_entry()
+entry = replace(entry, recipe=replace(entry.recipe, threads=2, steps=80))
+inner = T._train
+def timed(*args, **kwargs):
+    start = time.time()
+    result = inner(*args, **kwargs)
+    print(json.dumps([start, time.time()]))
+    return result
+T._train = timed
+zoo.train_entry(entry, seed=0)
+"""
+
+
+def test_multithreaded_trainings_take_turns(tmp_path):
+    """Two processes training on 2 threads each hold the training slot in turn (real processes)."""
+    script = SLOT_SCRIPT.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a slot of this test's own
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+             for _ in range(2)]
+    spans = sorted(json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert spans[0][1] <= spans[1][0], f"the two trainings overlapped: {spans}"
+
+
+def test_one_thread_trainings_do_not_wait_for_the_slot(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from circuits import train as T
+
+    monkeypatch.setattr(T, "training_slot_path", lambda: tmp_path / "slot.lock")
+    with FileLock(str(tmp_path / "slot.lock")):  # another training holds the slot
+        with T.training_slot(1):
+            pass  # entered at once: one thread does not oversubscribe

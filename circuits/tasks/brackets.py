@@ -594,7 +594,7 @@ def generate_training_mix(n: int, seed: int, equal_count_fraction: float = 0.125
 
 # --- zoo entry -----------------------------------------------------------------------------------------
 
-DATA_VERSION = "brackets-data-2"  # bump when generate() or the training mix changes what a seed produces
+DATA_VERSION = "brackets-data-3"  # bump when generate(), the training mix or its targets change
 
 
 def to_split(data: BracketData):
@@ -604,12 +604,32 @@ def to_split(data: BracketData):
     return Split(data.toks, data.isbal.long(), data.lengths + 2)
 
 
+def suffix_targets(data: BracketData) -> torch.Tensor:
+    """Per-position training targets [n, pos]: at the read-out position 0 the label (1 = balanced);
+    at each bracket, 1 if the suffix starting there has at least as many ")" as "(" (a string is
+    balanced iff its counts agree and this holds at every bracket); -1 (no label) elsewhere.
+
+    It is the quantity the seed's mechanism computes at every position (the elevation read from the
+    right, as a 0/1 "not negative"): as auxiliary targets (TrainRecipe.aux_weight) it took our models
+    from ~99.8% to above 99.9% on fresh strings in the same number of steps.
+    """
+    steps = _steps_of(data.toks).to(torch.int16)  # [n, pos] +1 "(", -1 ")", 0 otherwise
+    from_here = steps.flip(-1).cumsum(-1).flip(-1)  # [n, pos] sum of steps from each position on
+    is_bracket = steps != 0
+    targets = torch.where(is_bracket, (from_here <= 0).long(), torch.full_like(data.toks, -1))
+    targets[:, 0] = data.isbal.long()
+    return targets  # [n, pos]
+
+
 def make_split(n: int, seed: int):
     return to_split(generate(n, seed))
 
 
 def make_train_split(n: int, seed: int):
-    return to_split(generate_training_mix(n, seed))
+    from ..train import Split
+
+    data = generate_training_mix(n, seed)
+    return Split(data.toks, suffix_targets(data), data.lengths + 2)
 
 
 def _register() -> None:
@@ -625,20 +645,22 @@ def _register() -> None:
         config=TransformerConfig(n_layers=3, d_model=56, n_ctx=N_CTX, n_heads=2, d_mlp=56, d_vocab=VOCAB,
                                  d_vocab_out=2, act_fn="relu", normalization="LN", pad_token=PAD,
                                  positional="sinusoidal", readout="first"),
-        # Small batches, many steps: measured to reach the 99.9% held-out target sooner on 2 cores
-        # than batches of 64-256 (which stall at 99.6-99.8% in the same wall time); one thread
-        # because 2 threads stall when the machine is busy. The read-out path (the last block at
-        # position 0 only) and the fused AdamW kernel take a step from 6.5 to 4.7 ms. lr 5e-4: 99.79%
-        # on the published 100k where 1e-3 gave 99.6-99.7% and 7e-4 99.70% (one seed each).
-        # The early stop reads the 10k eval set (its 95% interval at 99.9% is about +-0.06%), so the
-        # card's honest held-out number is test_acc, on 100k fresh strings scored once at the end.
-        recipe=TrainRecipe(steps=24_000, batch_size=32, lr=5e-4, min_lr_frac=0.02, warmup_steps=300,
-                           n_train=100_000, n_eval=10_000, eval_every=2000, target_metric=0.999, threads=1,
-                           readout_only=True, fused_adamw=True, n_test=100_000),
+        # Small batches, many steps: measured to reach the held-out target sooner on 2 cores than
+        # batches of 48-256. lr 5e-4 (1e-3 and 7e-4 were worse). The per-position suffix targets
+        # (suffix_targets, weight 0.3) are what crosses 99.9%: without them every knob tried (lr,
+        # batch, mixes, clipping, weight averaging, unbucketed batches, 32k steps) plateaued at
+        # 99.75-99.86% on fresh strings. They need the whole last block (~5.7-6.4 ms a step on one
+        # thread: 20k steps took 118-128 s), so the recipe uses both cores (1.25x faster); two such
+        # trainings take turns (train.training_slot: side by side they ran 5x slower). The early
+        # stop reads the 10k eval set at 99.95% (at 99.9% it could stop on a model 0.06% worse);
+        # test_acc (100k fresh strings, scored once at the end) is the honest number.
+        recipe=TrainRecipe(steps=20_000, batch_size=32, lr=5e-4, min_lr_frac=0.02, warmup_steps=300,
+                           n_train=100_000, n_eval=10_000, eval_every=4000, target_metric=0.9995, threads=2,
+                           fused_adamw=True, n_test=100_000, aux_weight=0.3),
         make_split=make_split,
         make_train_split=make_train_split,
         data_recipe={"eval": "circuits.tasks.brackets.generate", "train": "generate_training_mix",
-                     "version": DATA_VERSION,
+                     "train_targets": "suffix_targets", "version": DATA_VERSION,
                      "random_fraction": RANDOM_FRACTION, "max_len": MAX_LEN},
     ))
 
