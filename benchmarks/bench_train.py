@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from circuits import zoo
-from circuits.train import batches, compute_loss
+from circuits.train import Split, batches, compute_loss
 
 torch.set_num_threads(1)
 
@@ -20,16 +20,20 @@ def _grad_enabled():  # benchmarks/conftest.py runs everything under inference_m
 
 
 @pytest.mark.usefixtures("_grad_enabled")
-@pytest.mark.parametrize("variant", ["ours", "full_block_foreach"])
+@pytest.mark.parametrize("variant", ["aux_targets", "label_readout_path", "label_full_block_foreach"])
 def test_bracket_training_step(benchmark, variant):
-    """ours: the zoo recipe (the last block at the read-out position only, fused AdamW);
-    full_block_foreach: the whole last block and the foreach AdamW, as before those options."""
+    """aux_targets: the zoo recipe (the label plus per-position suffix targets, so the whole last
+    block; fused AdamW); label_readout_path: the label only, the last block at the read-out position
+    only, fused AdamW (the recipe before the suffix targets); label_full_block_foreach: the label
+    only, the whole last block and the foreach AdamW, as before those options."""
     entry = zoo.get_entry("brackets")
-    split = entry.make_train_split(20_000, 1)
+    split = entry.make_train_split(20_000, 1)  # targets [n, pos]: the label at position 0
+    if variant != "aux_targets":
+        split = Split(split.inputs, split.targets[:, 0], split.lengths)
     model = zoo.build_model(entry, 0).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    fast = variant == "ours"
-    opt = torch.optim.AdamW(params, lr=entry.recipe.lr, **({"fused": True} if fast else {"foreach": True}))
+    fused = variant != "label_full_block_foreach"
+    opt = torch.optim.AdamW(params, lr=entry.recipe.lr, **({"fused": True} if fused else {"foreach": True}))
     gen = torch.Generator().manual_seed(0)
     stream = iter(())
 
@@ -39,7 +43,8 @@ def test_bracket_training_step(benchmark, variant):
         if idx is None:
             stream = batches(split, entry.recipe.batch_size, gen, bucket=True)
             idx = next(stream)
-        loss, _ = compute_loss(model, split.batch(idx), "ce", readout_only=fast)
+        loss, _ = compute_loss(model, split.batch(idx), "ce", readout_only=variant == "label_readout_path",
+                               aux_weight=entry.recipe.aux_weight if variant == "aux_targets" else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
