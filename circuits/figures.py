@@ -114,9 +114,9 @@ def overlaid_histograms(ax: Any, samples: dict, bins: Any, alpha: float = 0.55) 
 
 def training_curves_svg(model: dict, width: int = 420, height: int = 260) -> str | None:
     """Loss (and accuracy, if present) against step for a model's ``metrics.history``, as an inline
-    SVG string for an HTML page (None without a history). Written by hand rather than with matplotlib: a report draws
-    one per model (26 on the default run), and matplotlib spent ~0.1 s on each (~3 s per run) for
-    four polylines; the SVG takes about a millisecond and stays sharp at any zoom."""
+    SVG string for an HTML page (None without a history). Written by hand rather than with
+    matplotlib: a report draws one per model (26 on the default run), and matplotlib spent ~0.1 s
+    on each for four polylines; the SVG takes about a millisecond and stays sharp at any zoom."""
     hist = (model.get("metrics") or {}).get("history") or []
     rows = [h for h in hist if isinstance(h, dict) and _num(h.get("step")) is not None]
     # the trainer's held-out metrics are eval_loss / eval_acc (val_* kept for hand-made cards)
@@ -141,8 +141,9 @@ def training_curves_svg(model: dict, width: int = 420, height: int = 260) -> str
            f'fill="none" stroke="#bbb"/>']
     for t in x_axis.tick_values():
         px = x_axis.px(t)
-        out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{height - bottom}" y2="{height - bottom + 3}" stroke="#555"/>'
-                   f'<text x="{px:.1f}" y="{height - bottom + 13}" text-anchor="middle">{_tick_text(t)}</text>')
+        y = height - bottom
+        out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{y}" y2="{y + 3}" stroke="#555"/>'
+                   f'<text x="{px:.1f}" y="{y + 13}" text-anchor="middle">{_tick_text(t)}</text>')
     out.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 6}" text-anchor="middle">step</text>')
     for name, ax in axes.items():
         on_left = name == "loss" or not losses

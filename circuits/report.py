@@ -526,7 +526,8 @@ def op_text(c: dict) -> tuple[str, str]:
 def control_text(c: dict, compact: bool = False) -> str:
     parts = []
     for x in c.get("controls", []):
-        mark = {"failed": "✓", "held": "✗ held", "missing": "! error", "skipped": "– skipped"}.get(x["outcome"], x["outcome"])
+        marks = {"failed": "✓", "held": "✗ held", "missing": "! error", "skipped": "– skipped"}
+        mark = marks.get(x["outcome"], x["outcome"])
         val = f" {x['value_text']}" if x.get("value_text") and not compact else ""
         parts.append(f"{x['control']} {mark}{val}")
     return "; ".join(parts)
@@ -671,7 +672,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             marks.append({"green": True} if c["status"] == "PASS" else
                          {"yellow": True} if c["status"] == "XFAIL" else {"red": True})
             for x in c.get("controls", []):
-                res = {"failed": "OK (failed)", "held": "NO TEETH", "missing": "ERROR", "skipped": "skipped"}[x["outcome"]]
+                res = {"failed": "OK (failed)", "held": "NO TEETH", "missing": "ERROR",
+                       "skipped": "skipped"}[x["outcome"]]
                 table.append(("", f"  ↳ control {_clip(x['control'], 24)}", _clip(x.get("value_text") or "-", 30),
                               "", "", fmt_margin(x.get("margin")), res))
                 marks.append({"green": True} if x["outcome"] == "failed" else

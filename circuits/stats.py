@@ -210,8 +210,9 @@ def _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed
 
 def _percentile_interval(samples, statistic, paired, level, n_resamples, seed, batch):
     """scipy.stats.bootstrap's percentile interval, drawing the same indices from the same generator
-    (the same resamples, so its interval to float rounding; tested), without its per-batch overhead: 1.3-2x faster for the claims'
-    samples of 5,000-20,000 rows. Returns (low, high, bootstrap distribution)."""
+    (the same resamples, so its interval to float rounding; tested), without its per-batch
+    overhead: 1.3-2x faster for the claims' samples of 5,000-20,000 rows.
+    Returns (low, high, bootstrap distribution)."""
     rng = np.random.default_rng(seed)
     parts = []
     for start in range(0, n_resamples, batch):
