@@ -179,7 +179,7 @@ def pull_back(fit: LinearRegression, direction: torch.Tensor) -> torch.Tensor:
 def component_contributions(cache: ActivationCache, direction: torch.Tensor, pos: int = 0,
                             layer: Optional[int] = None) -> tuple[torch.Tensor, list[str]]:
     """Each residual component's projection on `direction` at `pos`: ([n_components, batch], labels)."""
-    stack, labels = cache.decompose_resid(layer, pos=pos)  # [component, batch, 1, d_model]
+    stack, labels = cache.head_decomposition(layer, pos=pos)  # [component, batch, 1, d_model]
     return project(stack[:, :, 0].double(), direction.double()), labels
 
 

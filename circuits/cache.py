@@ -1,28 +1,50 @@
 """Activation cache with exact decompositions of the residual stream.
 
-Stacks are tensors [component, batch, pos, d_model] with a list of labels, TransformerLens style:
-"embed", "pos_embed", "L{l}H{h}" (one per head, W_O bias kept apart), "L{l}.mlp", and "biases" (the
-summed b_O of the included layers). Their sum equals the cached residual exactly (up to float addition
+Stacks are tensors [component, batch, pos, d_model] with a list of labels, TransformerLens style.
+`head_decomposition` splits the residual into "embed", "pos_embed", "L{l}H{h}" (one per head, W_O bias
+kept apart), "L{l}.mlp", and "biases" (the summed b_O of the included layers); TransformerLens's own
+spellings are here too: `decompose_resid` (per sublayer: "{l}_attn_out", "{l}_mlp_out") and
+`stack_head_results` (per head). Each sums to the cached residual exactly (up to float addition
 order), which `tests/test_cache.py` checks for every layer in float32 and float64.
 
+Keys: a hook name, or TransformerLens's shorthand resolved as its `utils.get_act_name` does
+(`cache["pattern", 0]` is `blocks.0.attn.hook_pattern`, `cache["resid_pre", -1]` the last block's,
+`cache["scale", 1, "ln2"]` `blocks.1.ln2.hook_scale`, `cache["embed"]` `hook_embed`).
+
 Layer indices: `layer=l` is the residual entering block l (`blocks.l.hook_resid_pre`); `layer=None` or
-`layer=n_layers` is the residual after the last block (the final LayerNorm's input).
+`layer=n_layers` (or -1 in the TransformerLens-named methods) is the residual after the last block
+(the final LayerNorm's input).
+
+Import order: this module imports neither `model` nor `hooks` (the model imports it); it reads what it
+needs from the model object it is given (`cfg`, `hook_dict`, `blocks[l].attn.W_O / b_O`).
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .errors import CircuitsError, HookNameError, InputError
-from .model import head_results
-
-if TYPE_CHECKING:
-    from .model import HookedTransformer
+from .errors import CircuitsError, HookNameError, InputError, did_you_mean
 
 PosSel = Union[None, int, slice]
+# TransformerLens's pos_slice: an int drops the position axis, a slice / index list keeps it
+PosSlice = Union[None, int, slice, Sequence[int], torch.Tensor]
+
+
+def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """Per-head outputs z[b,p,h,:] @ W_O[h]: [batch, pos, head, d_model].
+
+    A broadcast matmul has less per-call overhead than einsum for small inputs; einsum's single GEMM
+    wins once the batch is large. (Here rather than in `model`, which uses it too, so the cache needs
+    nothing above it in the import order.)
+    """
+    if z.shape[0] * z.shape[1] <= 512:
+        return (z.transpose(1, 2) @ W_O).transpose(1, 2)
+    return torch.einsum("bphd,hdm->bphm", z, W_O)
 
 
 def _sel(x: torch.Tensor, pos: PosSel, dim: int) -> torch.Tensor:
@@ -34,8 +56,54 @@ def _sel(x: torch.Tensor, pos: PosSel, dim: int) -> torch.Tensor:
     return x[(slice(None),) * dim + (pos,)]
 
 
-def decomposition_hook_names(model: "HookedTransformer", layer: Optional[int] = None) -> list[str]:
-    """Hook names a cache needs for `decompose_resid(layer)` (plus the final LN scale when it exists)."""
+def _pos_slice(x: torch.Tensor, pos_slice: PosSlice, dim: int) -> torch.Tensor:
+    """TransformerLens's Slice.apply along `dim`: None = all, int = that position (axis dropped),
+    slice, or a list/tensor of positions (axis kept)."""
+    if pos_slice is None:
+        return x
+    if isinstance(pos_slice, (int, slice)):
+        return x[(slice(None),) * dim + (pos_slice,)]
+    index = torch.as_tensor(pos_slice, dtype=torch.long, device=x.device)
+    return x.index_select(dim, index)
+
+
+# TransformerLens's shorthand for hook names (its utils.get_act_name), re-implemented from its docs
+_LAYER_TYPE_ALIAS = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_ACT_ALIAS = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+              "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_ATTN_ACTS = {"q", "k", "v", "z", "rot_q", "rot_k", "result", "pattern", "attn_scores"}
+_MLP_ACTS = {"pre", "post", "mid", "pre_linear"}
+_LN_ACTS = {"scale", "normalized"}
+
+
+def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] = None) -> str:
+    """The full hook name for TransformerLens's shorthand: ("pattern", 0) -> blocks.0.attn.hook_pattern,
+    ("resid_pre", 1) -> blocks.1.hook_resid_pre, ("scale", 0, "ln1") -> blocks.0.ln1.hook_scale,
+    "embed" -> hook_embed, "scale" -> ln_final.hook_scale, "k6a" -> blocks.6.attn.hook_k. A full name
+    comes back unchanged."""
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    m = re.fullmatch(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if m is not None:  # "k6a", "pattern0": name, layer, layer type in one word
+        name, layer, layer_type = m.group(1), int(m.group(2)), m.group(3) or None
+    name = _ACT_ALIAS.get(name, name)
+    if name in _ATTN_ACTS:
+        layer_type = "attn"
+    elif name in _MLP_ACTS:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIAS:
+        layer_type = _LAYER_TYPE_ALIAS[layer_type]
+    full = "" if layer is None else f"blocks.{layer}."
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in _LN_ACTS and layer is None:
+        full = f"ln_final.{full}"
+    return full
+
+
+def decomposition_hook_names(model: Any, layer: Optional[int] = None) -> list[str]:
+    """Hook names a cache needs for `head_decomposition(layer)` (plus the final LN scale when it exists)."""
     n = model.cfg.n_layers if layer is None else layer
     names = ["hook_embed"] + (["hook_pos_embed"] if model.cfg.positional != "none" else [])
     for l in range(n):
@@ -50,24 +118,49 @@ def decomposition_hook_names(model: "HookedTransformer", layer: Optional[int] = 
 
 
 class ActivationCache(Mapping):
-    """Read-only mapping hook name -> activation, with decomposition helpers that need the model."""
+    """Read-only mapping hook name -> activation, with decomposition helpers that need the model.
 
-    def __init__(self, store: dict[str, torch.Tensor], model: "HookedTransformer"):
+    `model` is any hooked model with `cfg`, `hook_dict` and TransformerLens-named blocks (duck-typed,
+    so this module needs nothing from `model`)."""
+
+    def __init__(self, store: dict[str, torch.Tensor], model: Any):
         self._store = store
         self.model = model
 
     # --- mapping ---------------------------------------------------------------------------------
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, key: Union[str, tuple]) -> torch.Tensor:
         try:
+            return self._store[key]  # a full hook name: the common case, one dict lookup
+        except (KeyError, TypeError):  # TypeError: an unhashable key (a list)
+            pass
+        name = self._resolve(key)
+        if name in self._store:
             return self._store[name]
-        except KeyError:
-            if name in self.model.hook_dict:
-                raise HookNameError(
-                    f"{name!r} is a hook point but was not cached; pass it in run_with_cache(names=...) "
-                    f"(cached: {len(self._store)} names)"
-                ) from None
-            self.model.resolve_hook_names([name])  # raises with closest-name suggestions
-            raise
+        shown = repr(key) if name == key else f"{key!r} (= {name!r})"
+        if name in self.model.hook_dict:
+            raise HookNameError(
+                f"{shown} is a hook point but was not cached; pass it in run_with_cache(names=...) "
+                f"(cached: {len(self._store)} names)"
+            )
+        hint = did_you_mean(name, self.model.hook_dict, cutoff=0.5)
+        raise HookNameError(f"unknown hook name {shown}{hint} (this model has {len(self.model.hook_dict)} "
+                            f"hook points; see model.hook_dict)")
+
+    def _resolve(self, key: Union[str, tuple]) -> str:
+        """A hook name, or TransformerLens's (name, layer[, layer_type]) with negative layers counted
+        from the end, as its ActivationCache does."""
+        if isinstance(key, str):
+            return key if key in self.model.hook_dict else act_name(key)
+        if isinstance(key, tuple) and 1 <= len(key) <= 3 and isinstance(key[0], str):
+            name, layer, layer_type = (*key, None, None)[:3]
+            if layer is not None:
+                if isinstance(layer, bool) or not isinstance(layer, int):
+                    raise HookNameError(f"cache key {key!r}: the layer must be an int, got {layer!r}")
+                if layer < 0:
+                    layer += self.model.cfg.n_layers
+            return act_name(name, layer, layer_type)
+        raise HookNameError(f"cache keys are hook names or TransformerLens-style (name, layer[, layer_type]) "
+                            f"tuples such as ('pattern', 0); got {key!r}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._store)
@@ -81,20 +174,26 @@ class ActivationCache(Mapping):
         name = f"blocks.{layer}.attn.hook_result"
         if name in self._store:
             return self._store[name]
-        W_O = self.model.blocks[layer].attn.W_O  # [head, d_head, d_model]
         z = self[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
+        W_O = self.model.blocks[layer].attn.W_O  # [head, d_head, d_model]
         return head_results(z, W_O.detach().to(z.dtype))
 
     # --- residual decomposition --------------------------------------------------------------------
-    def _check_layer(self, layer: Optional[int]) -> int:
+    def _check_layer(self, layer: Optional[int], tl: bool = False) -> int:
+        """None (or, TransformerLens style, -1) = after the last block; else 0..n_layers."""
         n = self.model.cfg.n_layers
-        layer = n if layer is None else layer
-        if not isinstance(layer, int) or not 0 <= layer <= n:
-            raise InputError(f"layer must be an int in [0, {n}] or None (= after the last block), got {layer!r}")
+        if layer is None or (tl and layer == -1):
+            return n
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
+            also = ", -1" if tl else ""
+            raise InputError(f"layer must be an int in [0, {n}]{also} or None (= after the last block), "
+                             f"got {layer!r}")
         return layer
 
-    def decompose_resid(self, layer: Optional[int] = None, pos: PosSel = None) -> tuple[torch.Tensor, list[str]]:
-        """Components [n_components, batch, pos, d_model] and labels that sum to the residual at `layer`."""
+    def head_decomposition(self, layer: Optional[int] = None, pos: PosSel = None) -> tuple[torch.Tensor, list[str]]:
+        """Components [n_components, batch, pos, d_model] and labels that sum to the residual at
+        `layer`: embed, pos_embed, one per head ("L{l}H{h}"), one per MLP ("L{l}.mlp"), and "biases"
+        (the summed b_O). `pos` selects positions and keeps the axis."""
         layer = self._check_layer(layer)
         cfg = self.model.cfg
         embed = _sel(self["hook_embed"], pos, 1)  # [batch, pos, d_model]
@@ -114,6 +213,90 @@ class ActivationCache(Mapping):
         parts.append(bias.expand_as(embed))
         labels.append("biases")
         return torch.stack(parts), labels
+
+    def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False, mode: str = "all",
+                        apply_ln: bool = False, pos_slice: PosSlice = None, incl_embeds: bool = True,
+                        return_labels: bool = False, *, pos: PosSel = None):
+        """TransformerLens's decompose_resid: the residual entering block `layer` (with mlp_input,
+        entering its MLP) as one component per sublayer: [n_components, batch, pos, d_model], labels
+        "embed", "pos_embed", "{l}_attn_out", "{l}_mlp_out". mode "attn" / "mlp" keeps only that
+        sublayer kind; incl_embeds=False drops the embeddings. With every part it sums to the residual.
+        apply_ln divides by the LayerNorm scale that reads this residual (centred, as
+        `apply_ln_to_stack`). Returns the stack, or (stack, labels) with return_labels.
+
+        (The older call `decompose_resid(layer, pos=p)` returning per-head components and labels is
+        `head_decomposition`; it still works here, with a DeprecationWarning.)
+        """
+        if pos is not None:
+            warnings.warn("decompose_resid(layer, pos=...) is the per-head decomposition: call "
+                          "head_decomposition(layer, pos=...) (decompose_resid now has TransformerLens's "
+                          "per-sublayer semantics)", DeprecationWarning, stacklevel=2)
+            return self.head_decomposition(layer, pos)
+        if mode not in ("all", "attn", "mlp"):
+            raise InputError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+        layer = self._check_layer(layer, tl=True)
+        n = self.model.cfg.n_layers
+        if mlp_input and layer >= n:
+            raise InputError(f"mlp_input=True needs a block's MLP: layer must be in [0, {n - 1}], got {layer}")
+        parts, labels = [], []
+        if incl_embeds:
+            parts.append(self["hook_embed"])
+            labels.append("embed")
+            if self.model.cfg.positional != "none":
+                parts.append(self["hook_pos_embed"])
+                labels.append("pos_embed")
+        has_mlp = bool(self.model.cfg.d_mlp)
+        for l in range(layer + (1 if mlp_input else 0)):
+            if mode != "mlp":
+                parts.append(self[f"blocks.{l}.hook_attn_out"])
+                labels.append(f"{l}_attn_out")
+            if mode != "attn" and has_mlp and l < layer:
+                parts.append(self[f"blocks.{l}.hook_mlp_out"])
+                labels.append(f"{l}_mlp_out")
+        if not parts:
+            raise InputError(f"decompose_resid(layer={layer}, mode={mode!r}, incl_embeds={incl_embeds}) "
+                             "selects no component")
+        shape = torch.broadcast_shapes(*(p.shape for p in parts))  # pos_embed may be [1, pos, d_model]
+        stack = torch.stack([_pos_slice(p.expand(shape), pos_slice, 1) for p in parts])
+        if apply_ln:
+            stack = self._apply_tl_ln(stack, layer, mlp_input, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def stack_head_results(self, layer: Optional[int] = -1, return_labels: bool = False,
+                           incl_remainder: bool = False, pos_slice: PosSlice = None, apply_ln: bool = False):
+        """TransformerLens's stack_head_results: every head's output (without b_O) in the blocks before
+        `layer` (-1 / None / n_layers = all), [layer * n_heads, batch, pos, d_model] in (layer, head)
+        order, labels "L{l}H{h}". incl_remainder appends "remainder" = the residual minus the heads,
+        so the stack sums to the residual entering block `layer`. apply_ln as in decompose_resid.
+        Computed from hook_z and W_O when hook_result was not cached."""
+        layer = self._check_layer(layer, tl=True)
+        if layer == 0:
+            raise InputError("stack_head_results(layer=0) has no heads before it: layer must be in "
+                             f"[1, {self.model.cfg.n_layers}], -1 or None")
+        heads = [self.head_results(l).movedim(2, 0) for l in range(layer)]  # each [head, batch, pos, d_model]
+        stack = _pos_slice(torch.cat(heads), pos_slice, 2)  # [layer*head, batch, pos, d_model]
+        labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.model.cfg.n_heads)]
+        if incl_remainder:
+            resid = _pos_slice(self.residual(layer), pos_slice, 1)
+            stack = torch.cat([stack, (resid - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self._apply_tl_ln(stack, layer, False, pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def _apply_tl_ln(self, stack: torch.Tensor, layer: int, mlp_input: bool, pos_slice: PosSlice) -> torch.Tensor:
+        """Centre each component and divide by the cached scale of the LayerNorm that reads the
+        residual at `layer` (ln2 with mlp_input, ln1, or ln_final after the last block)."""
+        if self.model.cfg.normalization != "LN":
+            raise CircuitsError("this model has no LayerNorm (normalization=None): nothing to apply")
+        n = self.model.cfg.n_layers
+        ln = "ln_final" if layer == n else f"blocks.{layer}.ln{2 if mlp_input else 1}"
+        scale = self[f"{ln}.hook_scale"]  # [batch, pos, 1]
+        if ln == "ln_final" and scale.shape[1] != self.residual(None).shape[1]:
+            raise InputError("the final LayerNorm was cached at the read-out position only; use "
+                             "apply_ln_to_stack(stack at that position, pos=...) instead of apply_ln=True")
+        scale = _pos_slice(scale, pos_slice, 1)
+        return (stack - stack.mean(-1, keepdim=True)) / scale
 
     def residual(self, layer: Optional[int] = None, pos: PosSel = None) -> torch.Tensor:
         """The cached residual the decomposition at `layer` must sum to: [batch, pos, d_model]."""

@@ -25,6 +25,11 @@ class HookNameError(CircuitsError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class HookOutputError(CircuitsError, TypeError):
+    """A hook function returned something other than None or a tensor of its activation's shape,
+    dtype and device; the message names the hook point, what was expected and what came back."""
+
+
 class InputError(CircuitsError, ValueError):
     """Model input of the wrong dtype, shape, token range or length."""
 

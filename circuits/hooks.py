@@ -6,7 +6,13 @@ A `HookPoint` is placed on every activation a researcher may want to read or edi
 stays as fast as a model without hook points (see `benchmarks/bench_forward.py`).
 
 Hook functions follow TransformerLens's signature `fn(activation, hook) -> Tensor | None`; a non-None
-return value replaces the activation downstream.
+return value replaces the activation downstream and must be a tensor of the activation's shape, dtype
+and device (anything else raises `HookOutputError` naming the hook point: a broadcastable shape would
+otherwise flow on silently, e.g. a batch of 5 becoming 1).
+
+Import order: this module sits below `model` and `cache` (errors -> hooks -> cache -> model), so the
+generic `run_with_cache` here returns a plain dict; `HookedTransformer.run_with_cache` wraps it in an
+`ActivationCache`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import HookNameError, did_you_mean
+from .errors import HookNameError, HookOutputError, InputError, did_you_mean
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
@@ -35,6 +41,11 @@ class HookPoint(nn.Module):
         for fn in self.fns:
             out = fn(x, self)
             if out is not None:
+                # checked only when a hook returns something (caching hooks return None): a few
+                # attribute compares, nothing on the unhooked path
+                if (not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype
+                        or out.device != x.device):
+                    raise HookOutputError(_describe_bad_output(self.name, fn, x, out))
                 x = out
         return x
 
@@ -43,6 +54,17 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, active={len(self.fns)}"
+
+
+def _describe_bad_output(name: str, fn: HookFn, x: torch.Tensor, out: object) -> str:
+    fn_name = getattr(fn, "__qualname__", type(fn).__name__)
+    want = f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    if isinstance(out, torch.Tensor):
+        got = f"shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
+    else:
+        got = f"a {type(out).__module__}.{type(out).__qualname__}".replace("builtins.", "")
+    return (f"hook {fn_name} on {name!r} returned {got}; expected {want} "
+            f"(or None to leave the activation unchanged)")
 
 
 class HookedRootModule(nn.Module):
@@ -131,17 +153,26 @@ class HookedRootModule(nn.Module):
         with self.hooks(fwd_hooks):
             return self(*args, **kwargs)
 
-    def run_with_cache(self, *args, names: NamesFilter = None, detach: bool = True, **kwargs):
-        """Forward once and return (output, ActivationCache) holding only the hook points asked for.
+    def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,
+                       detach: bool = True, **kwargs) -> tuple[object, dict[str, torch.Tensor]]:
+        """Forward once and return (output, {hook name: activation}) for the hook points asked for.
 
-        names: None (every hook point), a name, a list of names, or a predicate on names.
+        names (or TransformerLens's spelling, names_filter): None (every hook point), a name, a list
+        of names, or a predicate on names. Subclasses wrap the dict in their own cache type.
         """
-        from .cache import ActivationCache  # cache imports model helpers; avoid an import cycle
-
+        if names_filter is not None:
+            if names is not None:
+                raise InputError("pass either names= or names_filter= (the same thing, TransformerLens's "
+                                 "spelling), not both")
+            names = names_filter
         store: dict[str, torch.Tensor] = {}
 
-        def save(x: torch.Tensor, hook: HookPoint) -> None:
-            store[hook.name] = x.detach() if detach and x.requires_grad else x
+        if detach:
+            def save(x: torch.Tensor, hook: HookPoint) -> None:
+                store[hook.name] = x.detach() if x.requires_grad else x
+        else:
+            def save(x: torch.Tensor, hook: HookPoint) -> None:
+                store[hook.name] = x
 
         points = [self.hook_dict[n] for n in self.resolve_hook_names(names)]
         # attach directly rather than through hooks(): resolving each name again costs ~1 us a hook
@@ -155,4 +186,5 @@ class HookedRootModule(nn.Module):
                     hp.fns.pop()
                 elif save in hp.fns:
                     hp.fns.remove(save)
-        return out, ActivationCache({hp.name: store[hp.name] for hp in points if hp.name in store}, self)
+        # in hook-point order (the order of `names`), whatever order the forward reached them in
+        return out, {hp.name: store[hp.name] for hp in points if hp.name in store}

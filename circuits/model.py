@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import ActivationCache, head_results
 from .errors import ConfigError, InputError
-from .hooks import HookedRootModule, HookPoint
+from .hooks import HookedRootModule, HookPoint, NamesFilter
 
 
 @dataclass
@@ -172,17 +173,6 @@ class LayerNorm(nn.Module):
             normalized = (x - x.mean(-1, keepdim=True)) / hooked_scale
         normalized = self.hook_normalized(normalized)
         return torch.addcmul(self.b, normalized, self.w)  # [batch, pos, d_model]
-
-
-def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
-    """Per-head outputs z[b,p,h,:] @ W_O[h]: [batch, pos, head, d_model].
-
-    A broadcast matmul has less per-call overhead than einsum for small inputs; einsum's single GEMM
-    wins once the batch is large.
-    """
-    if z.shape[0] * z.shape[1] <= 512:
-        return (z.transpose(1, 2) @ W_O).transpose(1, 2)
-    return torch.einsum("bphd,hdm->bphm", z, W_O)
 
 
 class Attention(nn.Module):
@@ -497,6 +487,15 @@ class HookedTransformer(HookedRootModule):
             raise InputError(f"sequence length {x.shape[1]} exceeds n_ctx={cfg.n_ctx}")
         if x.shape[1] == 0:
             raise InputError("empty sequence (pos = 0)")
+
+    def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,
+                       detach: bool = True, **kwargs) -> tuple[object, ActivationCache]:
+        """Forward once and return (output, ActivationCache) holding only the hook points asked for.
+
+        names (or TransformerLens's names_filter): None (every hook point), a name, a list of names,
+        or a predicate on names. Other keyword arguments go to forward()."""
+        out, store = super().run_with_cache(*args, names=names, names_filter=names_filter, detach=detach, **kwargs)
+        return out, ActivationCache(store, self)
 
     def key_padding_mask(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         if self.cfg.pad_token is None or self.cfg.d_input:

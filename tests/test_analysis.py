@@ -262,7 +262,7 @@ def test_run_in_batches_keeping_one_position_equals_slicing_the_full_cache(model
     full = A.run_in_batches(model, data.toks, names=names, batch_size=70)
     cut = A.run_in_batches(model, data.toks, names=names, batch_size=70, keep=A.at_position(0))
     torch.testing.assert_close(cut["blocks.1.attn.hook_pattern"], full["blocks.1.attn.hook_pattern"][:, :, :1])
-    stack_full, labels = full.decompose_resid(None, pos=0)
-    stack_cut, labels_cut = cut.decompose_resid(None, pos=0)
+    stack_full, labels = full.head_decomposition(None, pos=0)
+    stack_cut, labels_cut = cut.head_decomposition(None, pos=0)
     assert labels == labels_cut
     torch.testing.assert_close(stack_cut, stack_full)

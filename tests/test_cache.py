@@ -58,7 +58,7 @@ def test_decomposition_sums_to_residual_at_every_layer(name, dtype):
     model, x, _, cache = run(name, dtype)
     n = model.cfg.n_layers
     for layer in list(range(n + 1)) + [None]:
-        stack, labels = cache.decompose_resid(layer)
+        stack, labels = cache.head_decomposition(layer)
         assert stack.shape[0] == len(labels) and stack.dtype == dtype
         L = n if layer is None else layer
         n_expected = 1 + (model.cfg.positional != "none") + L * (model.cfg.n_heads + (model.cfg.d_mlp > 0)) + 1
@@ -69,15 +69,15 @@ def test_decomposition_sums_to_residual_at_every_layer(name, dtype):
         torch.testing.assert_close(cache.residual(layer), expected, atol=0, rtol=0)
         # one position at a time too
         for pos in (0, -1, slice(1, 3)):
-            s, _ = cache.decompose_resid(layer, pos=pos)
+            s, _ = cache.head_decomposition(layer, pos=pos)
             torch.testing.assert_close(s.sum(0), cache.residual(layer, pos=pos), **TOL[dtype])
 
 
 def test_decomposition_labels():
     model, _, _, cache = run("brackets", torch.float64)
-    _, labels = cache.decompose_resid(2)
+    _, labels = cache.head_decomposition(2)
     assert labels == ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "biases"]
-    _, labels = run("attn_only", torch.float64)[3].decompose_resid(None)
+    _, labels = run("attn_only", torch.float64)[3].head_decomposition(None)
     assert labels == ["embed", "L0H0", "L0H1", "L0H2", "biases"]
 
 
@@ -93,8 +93,8 @@ def test_decomposition_needs_only_its_hook_names(name, dtype):
         _, full = model.run_with_cache(x)
     assert set(small) == set(names)
     for layer in range(model.cfg.n_layers + 1):
-        torch.testing.assert_close(small.decompose_resid(layer)[0], full.decompose_resid(layer)[0], **TOL[dtype])
-        torch.testing.assert_close(small.decompose_resid(layer)[0].sum(0), small.residual(layer), **TOL[dtype])
+        torch.testing.assert_close(small.head_decomposition(layer)[0], full.head_decomposition(layer)[0], **TOL[dtype])
+        torch.testing.assert_close(small.head_decomposition(layer)[0].sum(0), small.residual(layer), **TOL[dtype])
 
 
 def test_accumulated_resid():
@@ -111,7 +111,7 @@ def test_accumulated_resid():
 def test_bad_layer(layer):
     _, _, _, cache = run("brackets", torch.float32)
     with pytest.raises(InputError, match=r"layer must be an int in \[0, 3\]"):
-        cache.decompose_resid(layer)
+        cache.head_decomposition(layer)
 
 
 # --- per-head results -----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_ln_scale_reproduces_normalized(name, dtype):
 def test_apply_ln_to_stack_of_final_decomposition_sums_to_normalized(name, dtype):
     model, x, _, cache = run(name, dtype)
     pos = 0 if model.cfg.readout == "first" else -1
-    stack, labels = cache.decompose_resid(None, pos=pos)  # [component, batch, 1, d_model]
+    stack, labels = cache.head_decomposition(None, pos=pos)  # [component, batch, 1, d_model]
     normed = cache.apply_ln_to_stack(stack, "ln_final")
     assert normed.shape == stack.shape
     torch.testing.assert_close(normed.sum(0), cache["ln_final.hook_normalized"], **TOL[dtype])
@@ -200,29 +200,29 @@ def test_apply_ln_to_stack_of_final_decomposition_sums_to_normalized(name, dtype
 def test_apply_ln_to_stack_of_block_layernorms(dtype):
     model, x, _, cache = run("brackets", dtype)
     for l in range(model.cfg.n_layers):
-        stack, _ = cache.decompose_resid(l)
+        stack, _ = cache.head_decomposition(l)
         torch.testing.assert_close(cache.apply_ln_to_stack(stack, f"blocks.{l}.ln1").sum(0),
                                    cache[f"blocks.{l}.ln1.hook_normalized"], **TOL[dtype])
-        s, _ = cache.decompose_resid(l, pos=3)
+        s, _ = cache.head_decomposition(l, pos=3)
         torch.testing.assert_close(cache.apply_ln_to_stack(s, f"blocks.{l}.ln1", pos=3).sum(0),
                                    cache[f"blocks.{l}.ln1.hook_normalized"][:, 3:4], **TOL[dtype])
 
 
 def test_apply_ln_to_stack_errors():
     _, _, _, cache = run("brackets", torch.float32)
-    stack, _ = cache.decompose_resid(None)  # every position, but ln_final saw only position 0
+    stack, _ = cache.head_decomposition(None)  # every position, but ln_final saw only position 0
     with pytest.raises(InputError, match=r"stack positions \(5, 42\) do not match the cached ln_final scale"):
         cache.apply_ln_to_stack(stack, "ln_final")
     _, _, _, no_ln = run("palindrome", torch.float32)
     with pytest.raises(CircuitsError, match=r"no LayerNorm"):
-        no_ln.apply_ln_to_stack(no_ln.decompose_resid(None)[0])
+        no_ln.apply_ln_to_stack(no_ln.head_decomposition(None)[0])
 
 
 def test_direct_logit_attribution_through_frozen_ln_reproduces_logits():
     """Components through the frozen final LN, times w, projected on W_U[:, c], plus the constant
     terms, give the logit: the identity logit attributions rest on."""
     model, _, logits, cache = run("brackets", torch.float64)
-    stack, _ = cache.decompose_resid(None, pos=0)
+    stack, _ = cache.head_decomposition(None, pos=0)
     normed = cache.apply_ln_to_stack(stack, "ln_final")[:, :, 0]  # [component, batch, d_model]
     lnf, U = model.ln_final, model.unembed
     for c in range(2):
@@ -294,7 +294,7 @@ def test_uncached_valid_name_says_it_was_not_cached():
     with pytest.raises(HookNameError, match=r"'blocks.1.attn.hook_z' is a hook point but was not cached"):
         cache["blocks.1.attn.hook_z"]
     with pytest.raises(HookNameError, match=r"was not cached"):
-        cache.decompose_resid(1)  # needs hook_embed, which was not asked for
+        cache.head_decomposition(1)  # needs hook_embed, which was not asked for
     assert "blocks.1.attn.hook_z" not in cache  # Mapping's __contains__ does not raise
 
 
