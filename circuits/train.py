@@ -101,14 +101,30 @@ class TrainResult:
     steps: int = 0
 
 
+# Data seeds stay below 2**62: torch.Generator takes 64-bit seeds, and task code adds small offsets.
+_DATA_SEED_LIMIT = 2**62
+
+
+def _fit(value: int, stream: str) -> int:
+    """``value`` itself when it fits (every seed below ~1.5e12: the keys and data of every model
+    trained so far are unchanged); else a 62-bit hash of it and its stream. Model seeds go up to
+    2**63-1 (circuits.seeds), where the products below overflow torch's seed type."""
+    if value < _DATA_SEED_LIMIT:
+        return value
+    import hashlib
+
+    digest = hashlib.sha256(f"{stream}:{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % _DATA_SEED_LIMIT
+
+
 def data_seeds(seed: int) -> tuple[int, int]:
     """(train data seed, held-out data seed) for a model seed: disjoint streams by construction."""
-    return 1_000_003 * (seed + 1), 2_000_003 * (seed + 1) + 7
+    return _fit(1_000_003 * (seed + 1), "train"), _fit(2_000_003 * (seed + 1) + 7, "eval")
 
 
 def final_test_seed(seed: int) -> int:
     """The final test set's data seed for a model seed (TrainRecipe.n_test): apart from both above."""
-    return 3_000_017 * (seed + 1) + 11
+    return _fit(3_000_017 * (seed + 1) + 11, "test")
 
 
 def lr_at(step: int, recipe: TrainRecipe) -> float:
