@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.errors import HookNameError, InputError
+from circuits.errors import HookNameError, HookOutputError, InputError
 from circuits.hooks import HookPoint
 from circuits.model import HookedTransformer
 from circuits.tasks.brackets import tokenize
@@ -301,3 +301,100 @@ def test_attention_only_model_has_no_mlp_hooks():
     model = make_model(ATTN_ONLY)
     with pytest.raises(HookNameError, match=r"unknown hook name 'blocks.0.mlp.hook_pre'"):
         model.run_with_cache(torch.zeros(1, 3, dtype=torch.long), names=["blocks.0.mlp.hook_pre"])
+
+
+# --- hook outputs are checked ---------------------------------------------------------------------
+# Each returns something other than None or a tensor of the activation's shape, dtype and device.
+# Several are broadcastable against the activation (x[:1], x[:, :1], x[0], x.mean(0)), which torch
+# would otherwise carry on with silently (a batch of 5 becoming 1).
+BAD_OUTPUTS = {
+    "fewer rows": lambda x: x[:1],
+    "more rows": lambda x: torch.cat([x, x]),
+    "one position (broadcastable)": lambda x: x[:, :1],
+    "batch axis dropped (broadcastable)": lambda x: x[0],
+    "mean over batch, axis dropped": lambda x: x.mean(0),
+    "extra leading axis": lambda x: x[None],
+    "extra trailing axis": lambda x: x[..., None],
+    "scalar tensor": lambda x: x.sum(),
+    "wrong dtype (float32 in a float64 model)": lambda x: x.float(),
+    "wrong dtype (int)": lambda x: x.long(),
+    "wrong dtype (bool)": lambda x: x > 0,
+    "a list": lambda x: x.tolist(),
+    "a numpy array": lambda x: x.numpy(),
+    "an int": lambda x: 0,
+    "a float": lambda x: 1.0,
+    "a tuple holding the tensor": lambda x: (x,),
+}
+
+
+@pytest.mark.parametrize("point", ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern", "blocks.2.attn.hook_z",
+                                   "blocks.0.ln1.hook_scale", "hook_embed", "blocks.2.mlp.hook_post"])
+@pytest.mark.parametrize("what", list(BAD_OUTPUTS))
+def test_hook_returning_a_wrong_output_is_a_clear_error(what, point):
+    model = make_model(BRACKETS)
+    x = bracket_tokens()
+    with torch.no_grad():
+        act = model.run_with_cache(x, names=[point])[1][point]
+        with pytest.raises(HookOutputError) as e:
+            model.run_with_hooks(x, fwd_hooks=[(point, lambda a, hook: BAD_OUTPUTS[what](a))])
+    msg = str(e.value)
+    assert repr(point) in msg, msg
+    assert f"expected a tensor of shape {tuple(act.shape)}, dtype {act.dtype}, device {act.device}" in msg, msg
+    assert "\n" not in msg
+    assert_no_hooks(model)
+
+
+@torch.no_grad()
+def test_hook_output_error_says_what_came_back():
+    model = make_model(BRACKETS)
+    with pytest.raises(HookOutputError, match=r"returned shape \(1, 42, 56\), dtype torch.float64, device cpu; "
+                                              r"expected a tensor of shape \(5, 42, 56\)"):
+        model.run_with_hooks(bracket_tokens(), fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x[:1])])
+    with pytest.raises(HookOutputError, match=r"returned a list; expected"):
+        model.run_with_hooks(bracket_tokens(), fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.tolist())])
+    with pytest.raises(HookOutputError, match=r"returned a numpy.ndarray; expected"):
+        model.run_with_hooks(bracket_tokens(), fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.numpy())])
+
+
+def test_hook_output_error_is_a_circuits_error_and_a_type_error():
+    from circuits.errors import CircuitsError
+
+    assert issubclass(HookOutputError, CircuitsError) and issubclass(HookOutputError, TypeError)
+
+
+def test_device_mismatch_in_a_hook_output_is_named():
+    model = make_model(BRACKETS)
+    with pytest.raises(HookOutputError, match=r"device meta; expected a tensor of shape .* device cpu"):
+        model.run_with_hooks(bracket_tokens(), fwd_hooks=[("blocks.0.hook_resid_post",
+                                                           lambda x, hook: torch.empty_like(x, device="meta"))])
+
+
+@pytest.mark.parametrize("style", ["in place, returns None", "in place, returns it", "new tensor", "None"])
+def test_valid_hook_outputs_still_work(style):
+    model = make_model(BRACKETS)
+    x = bracket_tokens()
+    name = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(x, names=[name])
+        expected = clean if style == "None" else model(x, start_at_layer=2, resid=cache[name] * 2)
+        def double_in_place(r, hook):
+            r.mul_(2)
+
+        fns = {"in place, returns None": double_in_place,
+               "in place, returns it": lambda r, hook: r.mul_(2),
+               "new tensor": lambda r, hook: r * 2,
+               "None": lambda r, hook: None}
+        got = model.run_with_hooks(x, fwd_hooks=[(name, fns[style])])
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_a_bad_output_from_a_later_hook_on_the_same_point_names_it():
+    model = make_model(BRACKETS)
+
+    def widen(x, hook):
+        return x[..., :3]
+
+    with pytest.raises(HookOutputError, match=r"hook .*widen on 'blocks.0.hook_mlp_out' returned shape \(5, 42, 3\)"):
+        model.run_with_hooks(bracket_tokens(), fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: x + 1),
+                                                          ("blocks.0.hook_mlp_out", widen)])
+    assert_no_hooks(model)
