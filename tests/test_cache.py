@@ -308,3 +308,188 @@ def test_unknown_name_in_cache_suggests_closest():
     with pytest.raises(HookNameError, match=r"unknown hook name 'blocks.1.attn.hook_patern'.*"
                                             r"'blocks.1.attn.hook_pattern'"):
         cache["blocks.1.attn.hook_patern"]
+
+
+# --- TransformerLens spellings ------------------------------------------------------------------
+@pytest.mark.parametrize("spelling", ["names_filter", "names"])
+def test_names_filter_accepts_a_string_a_list_or_a_predicate(spelling):
+    model = make_model("brackets")
+    x = make_input(model)
+    for flt, want in [("blocks.0.hook_resid_pre", {"blocks.0.hook_resid_pre"}),
+                      (["hook_embed", "blocks.1.attn.hook_pattern"], {"hook_embed", "blocks.1.attn.hook_pattern"}),
+                      (lambda n: n.endswith("hook_z"), {f"blocks.{l}.attn.hook_z" for l in range(3)})]:
+        _, cache = model.run_with_cache(x, **{spelling: flt})
+        assert set(cache) == want
+
+
+def test_names_filter_and_names_together_is_an_error():
+    model = make_model("brackets")
+    with pytest.raises(InputError, match="either names= or names_filter="):
+        model.run_with_cache(make_input(model), names=["hook_embed"], names_filter=["hook_embed"])
+    assert all(not hp.fns for hp in model.hook_dict.values())
+
+
+def test_names_filter_with_an_unknown_name_suggests_the_closest():
+    model = make_model("brackets")
+    with pytest.raises(HookNameError, match=r"did you mean 'blocks.0.attn.hook_pattern'"):
+        model.run_with_cache(make_input(model), names_filter="blocks.0.attn.hook_patern")
+
+
+# (key, hook name) as TransformerLens's get_act_name / ActivationCache.__getitem__ resolve them
+TL_KEYS = [
+    (("pattern", 0), "blocks.0.attn.hook_pattern"),
+    (("attn", 1), "blocks.1.attn.hook_pattern"),
+    (("attn_scores", 2), "blocks.2.attn.hook_attn_scores"),
+    (("attn_logits", 2), "blocks.2.attn.hook_attn_scores"),
+    (("q", 0, "attn"), "blocks.0.attn.hook_q"),
+    (("query", 0), "blocks.0.attn.hook_q"),
+    (("key", 1), "blocks.1.attn.hook_k"),
+    (("v", 2, "a"), "blocks.2.attn.hook_v"),
+    (("z", -1), "blocks.2.attn.hook_z"),
+    (("result", 1), "blocks.1.attn.hook_result"),
+    (("resid_pre", 1), "blocks.1.hook_resid_pre"),
+    (("resid_pre", -1), "blocks.2.hook_resid_pre"),
+    (("resid_mid", 0), "blocks.0.hook_resid_mid"),
+    (("resid_post", 2), "blocks.2.hook_resid_post"),
+    (("attn_out", 0), "blocks.0.hook_attn_out"),
+    (("mlp_out", 1), "blocks.1.hook_mlp_out"),
+    (("pre", 1), "blocks.1.mlp.hook_pre"),
+    (("mlp_post", 0), "blocks.0.mlp.hook_post"),
+    (("post", 2, "mlp"), "blocks.2.mlp.hook_post"),
+    (("scale", 0, "ln1"), "blocks.0.ln1.hook_scale"),
+    (("normalized", 1, "ln2"), "blocks.1.ln2.hook_normalized"),
+    (("scale",), "ln_final.hook_scale"),
+    ("scale", "ln_final.hook_scale"),
+    ("normalized", "ln_final.hook_normalized"),
+    ("embed", "hook_embed"),
+    ("pos_embed", "hook_pos_embed"),
+    ("k1a", "blocks.1.attn.hook_k"),
+    ("pattern0", "blocks.0.attn.hook_pattern"),
+    ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre"),
+]
+
+
+@pytest.mark.parametrize("key, name", TL_KEYS, ids=[repr(k) for k, _ in TL_KEYS])
+def test_transformerlens_keys_resolve_to_hook_names(key, name):
+    from circuits.cache import act_name
+
+    _, _, _, cache = run("brackets", torch.float32)
+    assert cache[key] is cache[name]
+    if isinstance(key, str):
+        assert act_name(key) == name
+
+
+def test_unknown_transformerlens_key_suggests_the_closest_name():
+    _, _, _, cache = run("brackets", torch.float32)
+    with pytest.raises(HookNameError, match=r"\('patern', 0\) \(= 'blocks.0.hook_patern'\); did you mean "
+                                            r"'blocks.0.attn.hook_pattern'"):
+        cache["patern", 0]
+    with pytest.raises(HookNameError, match=r"unknown hook name \('pattern', 7\) \(= 'blocks.7.attn.hook_pattern'\)"):
+        cache["pattern", 7]
+    with pytest.raises(HookNameError, match="the layer must be an int"):
+        cache["pattern", "0"]
+    with pytest.raises(HookNameError, match="cache keys are hook names or TransformerLens-style"):
+        cache[0]
+    _, _, _, small = run("brackets", torch.float32, names=["hook_embed"])
+    with pytest.raises(HookNameError, match=r"\('pattern', 0\) \(= 'blocks.0.attn.hook_pattern'\) is a hook "
+                                            r"point but was not cached"):
+        small["pattern", 0]
+    assert ("pattern", 0) not in small and ("embed",) in small and "embed" in small
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_stack_head_results_plus_biases_is_the_attention_output(name, dtype):
+    model, _, _, cache = run(name, dtype, names=lambda n: n.endswith(("hook_z", "hook_attn_out", "resid_pre",
+                                                                      "resid_post", "hook_result")))
+    n, h = model.cfg.n_layers, model.cfg.n_heads
+    stack, labels = cache.stack_head_results(-1, return_labels=True)  # every layer
+    assert labels == [f"L{l}H{i}" for l in range(n) for i in range(h)]
+    assert stack.shape[0] == n * h
+    for l, block in enumerate(model.blocks):
+        # hook_result was cached; the stack of heads before layer l+1 must agree with it and with attn_out
+        heads = stack[l * h:(l + 1) * h]  # [head, batch, pos, d_model]
+        torch.testing.assert_close(heads.sum(0) + block.attn.b_O.detach(), cache["attn_out", l], **TOL[dtype])
+        torch.testing.assert_close(heads, cache["result", l].movedim(2, 0), **TOL[dtype])
+    assert torch.equal(cache.stack_head_results(), stack) and torch.equal(cache.stack_head_results(None), stack)
+    assert torch.equal(cache.stack_head_results(n), stack)
+    assert cache.stack_head_results(1).shape[0] == h
+    # without hook_result, computed from z and W_O
+    _, _, _, z_only = run(name, dtype, names=lambda n: n.endswith(("hook_z", "resid_pre", "resid_post")))
+    torch.testing.assert_close(z_only.stack_head_results(), stack, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_stack_head_results_with_remainder_sums_to_the_residual(name, dtype):
+    model, _, _, cache = run(name, dtype)
+    for layer in range(1, model.cfg.n_layers + 1):
+        stack, labels = cache.stack_head_results(layer, return_labels=True, incl_remainder=True)
+        assert labels[-1] == "remainder" and len(labels) == layer * model.cfg.n_heads + 1
+        torch.testing.assert_close(stack.sum(0), cache.residual(layer), **TOL[dtype])
+        # pos_slice as TransformerLens: an int drops the position axis, a slice keeps it
+        one = cache.stack_head_results(layer, incl_remainder=True, pos_slice=3)
+        torch.testing.assert_close(one, stack[:, :, 3], **TOL[dtype])
+        torch.testing.assert_close(cache.stack_head_results(layer, pos_slice=slice(1, 4)), stack[:-1, :, 1:4])
+        torch.testing.assert_close(cache.stack_head_results(layer, pos_slice=[0, 2]), stack[:-1, :, [0, 2]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decompose_resid_sums_to_the_residual(name, dtype):
+    model, _, _, cache = run(name, dtype)
+    n, has_mlp = model.cfg.n_layers, bool(model.cfg.d_mlp)
+    for layer in range(n + 1):
+        stack, labels = cache.decompose_resid(layer, return_labels=True)
+        embeds = ["embed"] + (["pos_embed"] if model.cfg.positional != "none" else [])
+        sub = [f"{l}_{k}_out" for l in range(layer) for k in (("attn", "mlp") if has_mlp else ("attn",))]
+        assert labels == embeds + sub
+        torch.testing.assert_close(stack.sum(0), cache.residual(layer), **TOL[dtype])
+        assert torch.equal(cache.decompose_resid(layer), stack)  # the tensor alone by default
+        if layer < n and has_mlp:  # the residual entering block `layer`'s MLP
+            mid, mid_labels = cache.decompose_resid(layer, mlp_input=True, return_labels=True)
+            assert mid_labels == labels + [f"{layer}_attn_out"]
+            torch.testing.assert_close(mid.sum(0), cache["resid_mid", layer], **TOL[dtype])
+    full = cache.decompose_resid(-1)
+    assert torch.equal(full, cache.decompose_resid(None))
+    attn, attn_labels = cache.decompose_resid(mode="attn", incl_embeds=False, return_labels=True)
+    assert attn_labels == [f"{l}_attn_out" for l in range(n)]
+    torch.testing.assert_close(attn.sum(0), sum(cache["attn_out", l] for l in range(n)), **TOL[dtype])
+    torch.testing.assert_close(cache.decompose_resid(pos_slice=2), full[:, :, 2])
+
+
+def test_decompose_resid_apply_ln_sums_to_the_normalized_input_of_the_next_layernorm():
+    model, _, _, cache = run("brackets", torch.float64)
+    for layer in range(model.cfg.n_layers):
+        stack = cache.decompose_resid(layer, apply_ln=True)
+        torch.testing.assert_close(stack.sum(0), cache["normalized", layer, "ln1"], **TOL[torch.float64])
+        mid = cache.decompose_resid(layer, mlp_input=True, apply_ln=True)
+        torch.testing.assert_close(mid.sum(0), cache["normalized", layer, "ln2"], **TOL[torch.float64])
+        heads = cache.stack_head_results(layer or 1, incl_remainder=True, apply_ln=True)
+        torch.testing.assert_close(heads.sum(0), cache["normalized", layer or 1, "ln1"], **TOL[torch.float64])
+    with pytest.raises(InputError, match="read-out position only"):  # brackets read out position 0
+        cache.decompose_resid(apply_ln=True)
+
+
+def test_decompose_resid_and_stack_head_results_errors():
+    model, _, _, cache = run("brackets", torch.float32)
+    with pytest.raises(InputError, match="mode must be"):
+        cache.decompose_resid(mode="heads")
+    with pytest.raises(InputError, match="mlp_input=True needs a block's MLP"):
+        cache.decompose_resid(None, mlp_input=True)
+    with pytest.raises(InputError, match=r"layer must be an int in \[0, 3\], -1 or None"):
+        cache.decompose_resid(5)
+    with pytest.raises(InputError, match="selects no component"):
+        cache.decompose_resid(0, incl_embeds=False)
+    with pytest.raises(InputError, match="no heads before it"):
+        cache.stack_head_results(0)
+    with pytest.raises(InputError, match=r"layer must be an int in \[0, 3\], -1 or None"):
+        cache.stack_head_results(-2)
+
+
+def test_old_decompose_resid_call_with_pos_still_gives_the_head_decomposition():
+    _, _, _, cache = run("brackets", torch.float32)
+    with pytest.warns(DeprecationWarning, match="head_decomposition"):
+        stack, labels = cache.decompose_resid(None, pos=0)
+    new_stack, new_labels = cache.head_decomposition(None, pos=0)
+    assert labels == new_labels and torch.equal(stack, new_stack)
