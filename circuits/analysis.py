@@ -171,9 +171,12 @@ def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[LinearRegression, floa
 
 
 def pull_back(fit: LinearRegression, direction: torch.Tensor) -> torch.Tensor:
-    """A direction in the fit's output space pulled back to its input space: coef^T @ direction."""
-    coef = torch.as_tensor(fit.coef_, dtype=torch.float64)  # [out, in]
-    return coef.T @ direction.double().cpu()  # [in]
+    """A direction in the fit's output space pulled back to its input space: coef^T @ direction,
+    float64 on the direction's device (the fit itself lives in numpy on the CPU)."""
+    coef = torch.as_tensor(fit.coef_, dtype=torch.float64, device=direction.device)  # [out, in]
+    if direction.ndim != 1 or (coef.ndim == 2 and direction.shape[0] != coef.shape[0]):
+        raise InputError(f"direction must be [{coef.shape[0]}] (the fit's output width), got {tuple(direction.shape)}")
+    return coef.T @ direction.double()  # [in]
 
 
 def component_contributions(cache: ActivationCache, direction: torch.Tensor, pos: int = 0,

@@ -94,6 +94,9 @@ class HookedRootModule(nn.Module):
         for module in self.modules():
             module.__dict__.update(module._modules)
             module.__dict__.update(module._parameters)
+        # the device inputs must be on, kept here so the per-forward input check is one compare
+        first = next(self.parameters(), None)
+        self.__dict__["param_device"] = first.device if first is not None else torch.device("cpu")
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

@@ -91,7 +91,7 @@ def permute_heads(model: HookedTransformer, layer: int, perm: Optional[Sequence[
             raise InputError("permute_heads needs at least 2 heads")
         gen = torch.Generator().manual_seed(seed)
         while True:
-            perm = torch.randperm(n, generator=gen).tolist()
+            perm = torch.randperm(n, generator=gen, device="cpu").tolist()
             if all(p != i for i, p in enumerate(perm)):
                 break
     perm = list(perm)
@@ -118,7 +118,9 @@ def shuffle_labels(data: Any, seed: int = 0) -> Any:
         raise InputError(f"{type(data).__name__} has none of the label fields {LABEL_FIELDS}")
     labels = getattr(data, field)
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(labels), generator=gen)
+    perm = torch.randperm(len(labels), generator=gen, device="cpu")  # the same order on every device
+    if isinstance(labels, torch.Tensor):
+        perm = perm.to(labels.device)
     return dataclasses.replace(data, **{field: labels[perm]})
 
 
@@ -170,9 +172,9 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
     names = [n for n, _ in patches]
     model.resolve_hook_names(names)  # unknown names fail here, naming the hook
     n = inputs.shape[0]
-    rows_list = [_check_rows(r, n) for r in source_rows]
+    rows_list = [_check_rows(r, n, inputs.device) for r in source_rows]
     if lengths is None:
-        chunks = [(torch.arange(n), inputs.shape[1])]
+        chunks = [(torch.arange(n, device=inputs.device), inputs.shape[1])]
     else:
         if model.cfg.readout == "all":
             raise InputError("resample_activations(lengths=...) needs a first/last read-out: an 'all' "
@@ -216,8 +218,8 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
     return outputs
 
 
-def _check_rows(rows, n: int) -> torch.Tensor:
-    rows = torch.as_tensor(rows, dtype=torch.long)
+def _check_rows(rows, n: int, device: torch.device) -> torch.Tensor:
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
     if rows.shape != (n,):
         raise InputError(f"source rows must be a [{n}] index tensor, got {tuple(rows.shape)}")
     if n and (int(rows.min()) < 0 or int(rows.max()) >= n):

@@ -483,6 +483,9 @@ class HookedTransformer(HookedRootModule):
                 raise InputError(f"token input must be an integer tensor [batch, pos], got dtype {x.dtype}")
             if x.ndim != 2:
                 raise InputError(f"token input must have shape [batch, pos], got {tuple(x.shape)}")
+        if x.device != self.param_device:
+            raise InputError(f"model input is on device {x.device} but the model is on {self.param_device}; "
+                             f"move the input with .to({str(self.param_device)!r}) (or the model with .to())")
         if x.shape[1] > cfg.n_ctx:
             raise InputError(f"sequence length {x.shape[1]} exceeds n_ctx={cfg.n_ctx}")
         if x.shape[1] == 0:
@@ -519,9 +522,10 @@ class HookedTransformer(HookedRootModule):
         self._check_input(x)
         if key_padding_mask is None:
             key_padding_mask = self.key_padding_mask(x)
-        elif key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool:
-            raise InputError(f"key_padding_mask must be bool {tuple(x.shape[:2])}, "
-                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        elif (key_padding_mask.shape != x.shape[:2] or key_padding_mask.dtype != torch.bool
+              or key_padding_mask.device != x.device):
+            raise InputError(f"key_padding_mask must be bool {tuple(x.shape[:2])} on {x.device}, got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
         if key_padding_mask is not None and not bool(key_padding_mask.any()):
             key_padding_mask = None  # nothing to mask: let attention take its unmasked fast kernel
         mask = self._attention_mask(key_padding_mask, x.shape[1], x.device)
@@ -558,10 +562,11 @@ class HookedTransformer(HookedRootModule):
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer < self.cfg.n_layers:
             raise InputError(f"start_at_layer must be an int in 1..{self.cfg.n_layers - 1}, got {layer!r}")
         want = (x.shape[0], x.shape[1], self.cfg.d_model)
-        if not isinstance(resid, torch.Tensor) or tuple(resid.shape) != want:
-            got = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+        if not isinstance(resid, torch.Tensor) or tuple(resid.shape) != want or resid.device != x.device:
+            got = (f"{tuple(resid.shape)} on {resid.device}" if isinstance(resid, torch.Tensor)
+                   else type(resid).__name__)
             raise InputError(f"start_at_layer={layer} needs resid = blocks.{layer}.hook_resid_pre of shape "
-                             f"{list(want)}, got {got}")
+                             f"{list(want)} on {x.device}, got {got}")
         return resid
 
     def _attention_mask(self, key_pad: Optional[torch.Tensor], P: int, device) -> AttentionMask:

@@ -266,3 +266,88 @@ def test_run_in_batches_keeping_one_position_equals_slicing_the_full_cache(model
     stack_cut, labels_cut = cut.head_decomposition(None, pos=0)
     assert labels == labels_cut
     torch.testing.assert_close(stack_cut, stack_full)
+
+
+# --- devices --------------------------------------------------------------------------------------
+# No GPU here, so two checks stand in for one. (1) The helpers run with the *default* device set to
+# `meta` while the model and data stay on the CPU: any tensor a helper creates without naming a device
+# lands on meta and either fails against the CPU tensors or comes back on the wrong device. Every
+# returned tensor must be on the model's device. (2) A model/data device mismatch is an InputError
+# naming both devices (the model on meta, the data on the CPU).
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict) or hasattr(x, "items"):
+        for v in x.values():
+            yield from _tensors(v)
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            yield from _tensors(getattr(x, f.name))
+
+
+def test_helpers_put_every_output_on_the_models_device(model, data):
+    device = next(model.parameters()).device
+    toks, lengths = data.toks[:40], data.lengths[:40]
+    direction = A.logit_direction(model, 0, 1)
+    rows = torch.arange(40).roll(1)
+    patches = [("blocks.1.attn.hook_z", (0, 1)), ("blocks.0.hook_mlp_out", (0,))]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks, names=A.decomposition_names(model))
+        fit, _ = A.linear_fit(*A.ln_final_io(cache, pos=0))
+    outputs = {}
+    with torch.no_grad(), torch.device("meta"):
+        outputs["forward"] = model(toks)
+        outputs["run_with_cache"] = model.run_with_cache(toks)
+        _, cache = outputs["run_with_cache"]
+        outputs["predict"] = A.predict(model, toks, batch_size=16)
+        outputs["predict lengths"] = A.predict(model, toks, batch_size=16, lengths=lengths)
+        outputs["run_in_batches"] = A.run_in_batches(model, toks, names=["blocks.0.hook_resid_post"], batch_size=16)
+        outputs["run_in_batches lengths"] = A.run_in_batches(
+            model, toks, names=["blocks.0.attn.hook_pattern"], batch_size=16, keep=A.at_position(0), lengths=lengths)
+        outputs["ln_final_io"] = A.ln_final_io(cache, pos=0)
+        outputs["pull_back"] = A.pull_back(fit, direction)
+        outputs["component_contributions"] = A.component_contributions(cache, direction, pos=0)[0]
+        outputs["head_decomposition"] = cache.head_decomposition(None, pos=0)[0]
+        outputs["decompose_resid"] = cache.decompose_resid(1, pos_slice=[0, 2])
+        outputs["stack_head_results"] = cache.stack_head_results(incl_remainder=True, pos_slice=[0, 1])
+        outputs["attention_from"] = A.attention_from(cache, 0, 1)
+        outputs["patch_activations"] = I.patch_activations(model, toks, toks[rows], patches)
+        outputs["resample_activations"] = I.resample_activations(model, toks, patches, [rows])
+        outputs["resample_activations lengths"] = I.resample_activations(model, toks, patches, [rows],
+                                                                         lengths=lengths, batch_size=16)
+        outputs["mean_ablate_head"] = I.mean_ablate_head(model, 1, 0, toks)(toks)
+        outputs["permute_heads"] = I.permute_heads(model, 0)(toks)
+        outputs["shuffle_labels"] = I.shuffle_labels(data)
+    for what, out in outputs.items():
+        found = list(_tensors(out))
+        assert found, what
+        for t in found:
+            assert t.device == device, f"{what} returned a tensor on {t.device}, the model is on {device}"
+
+
+def test_model_and_data_on_different_devices_is_a_clear_error(data):
+    meta = HookedTransformer(CFG).to("meta")
+    with pytest.raises(InputError, match=r"model input is on device cpu but the model is on meta"):
+        meta(data.toks[:4])
+    cpu = HookedTransformer(CFG)
+    with pytest.raises(InputError, match=r"model input is on device meta but the model is on cpu"):
+        cpu(data.toks[:4].to("meta"))
+    with pytest.raises(InputError, match=r"key_padding_mask must be bool \(4, \d+\) on cpu, got torch.bool .* on meta"):
+        cpu(data.toks[:4], key_padding_mask=torch.zeros(data.toks[:4].shape, dtype=torch.bool, device="meta"))
+    with pytest.raises(InputError, match=r"model input is on device cpu but the model is on meta"):
+        I.patch_activations(meta, data.toks[:4], data.toks[:4], [("blocks.0.hook_resid_post", (0,))])
+    # the device the check uses follows .to()
+    assert meta.param_device == torch.device("meta") and cpu.param_device == torch.device("cpu")
+    assert cpu.to("meta").param_device == torch.device("meta")
+
+
+def test_pull_back_checks_the_direction():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g)
+    fit, _ = A.linear_fit(x, x @ torch.randn(6, 4, generator=g))
+    with pytest.raises(InputError, match=r"direction must be \[4\]"):
+        A.pull_back(fit, torch.ones(5))
+    assert A.pull_back(fit, torch.ones(4, device="meta")).device == torch.device("meta")
