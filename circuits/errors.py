@@ -43,3 +43,13 @@ class UnknownModelError(CircuitsError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class SettingError(CircuitsError, ValueError):
+    """An environment setting (CIRCUITS_CACHE, CIRCUITS_LOCK_TIMEOUT) or a command-line value
+    (--device, --workers) that cannot be used; the message names the setting and the fix."""
+
+
+class StoreError(CircuitsError, OSError):
+    """The model store cannot be read or written: a cache path that is a file, a lock path that is a
+    folder, a full disk. Nothing half-written is left behind; the message names the path."""

@@ -12,28 +12,38 @@ Cache location
 --------------
 :func:`default_root` is where :class:`ModelStore` keeps its entries when no ``root`` is given:
 
+:func:`default_cache_dir` ``(root)`` is where a :class:`ModelStore` keeps its entries:
+
 * ``$CIRCUITS_CACHE`` if that environment variable is set and non-empty (``~`` is expanded);
-* otherwise ``<repo root>/.circuits-cache``, where the repo root is the parent of the ``circuits``
-  package directory.
+* otherwise ``<root>/.circuits-cache``, where ``root`` is the caller's project folder (the pytest
+  plugin passes its rootdir, the CLI the current directory) -- never the package's own folder, so an
+  installed wheel does not write next to itself. ``ModelStore()`` without a root uses the current
+  directory.
 
 ``$CIRCUITS_LOCK_TIMEOUT`` (seconds, default 7200) bounds how long a process waits for another one
-that is building the same model.
+that is building the same model (and for the machine's multi-threaded training slot,
+:func:`circuits.train.training_slot`). Bad values of either are a :class:`SettingError`;
+:func:`check_environment` checks both up front (the CLI calls it before any training).
 
 Layout
 ------
 ::
 
-    <root>/<key>/weights.safetensors   the tensors (safetensors format; never pickle)
-    <root>/<key>/card.json             metadata; written last, so its presence marks a complete entry
+    <root>/<key>/weights.safetensors   the tensors (safetensors format; never pickle); a replacement
+                                       of an existing entry is written as weights-<sha16>.safetensors
+    <root>/<key>/card.json             metadata naming its weights file; written last, so its presence
+                                       marks a complete entry, and replacing it is the one atomic step
+                                       that switches an entry from the old weights to the new ones
     <root>/<key>.lock                  inter-process lock (filelock), left in place on purpose
     <root>/<key>.owner.json            who holds the lock right now (for the timeout message)
 
 The card adds ``key``, ``content_hash`` (sha256 of the weights file bytes), ``created`` (UTC,
-ISO 8601), ``format_version``, ``weights_file`` and ``size_bytes`` to the caller's fields;
+ISO 8601), ``format_version``, ``weights_file``, ``size_bytes`` and ``card_hash`` (sha256 of the
+card's own canonical JSON without that field: an edited metric is detected) to the caller's fields;
 :meth:`ModelStore.get_or_create` also records the ``spec``.  Every file is written to a temporary
 file in the same directory and moved into place with :func:`os.replace`.
 
-A damaged entry (unparseable card, key mismatch, missing/truncated/modified weights, bad
+A damaged entry (unparseable or edited card, key mismatch, missing/truncated/modified weights, bad
 safetensors) is reported with a :class:`CorruptCheckpointWarning`, removed, and treated as absent,
 so the caller simply retrains.
 
@@ -48,7 +58,9 @@ Small checkpoints committed to the repository (``fixtures/models/``) are stored 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -70,7 +82,7 @@ import safetensors.torch
 import torch
 
 from circuits.atomic import write_bytes_atomic
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, SettingError, StoreError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -84,7 +96,10 @@ __all__ = [
     "SpecError",
     "StaleCheckpointError",
     "canonical_json",
+    "check_environment",
+    "default_cache_dir",
     "default_root",
+    "lock_timeout_from_env",
     "load_reference",
     "reference_paths",
     "save_reference",
@@ -94,7 +109,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the card carries card_hash (required from this version on; version-1 cards, e.g. committed
+# references written before it, still load)
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 CACHE_ENV = "CIRCUITS_CACHE"
@@ -102,7 +119,8 @@ LOCK_TIMEOUT_ENV = "CIRCUITS_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 7200.0
 #: How often a waiting process logs who holds the lock it waits for.
 _LOCK_POLL = 15.0
-_RESERVED = ("key", "content_hash", "created", "format_version", "weights_file", "size_bytes")
+_RESERVED = ("key", "content_hash", "created", "format_version", "weights_file", "size_bytes", "card_hash")
+_WEIGHTS_RE = re.compile(r"weights(-[0-9a-f]{16})?\.safetensors")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -235,12 +253,76 @@ def spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # file helpers
 
 
-def default_root() -> Path:
-    """``$CIRCUITS_CACHE`` if set (and non-empty), else ``<repo root>/.circuits-cache``."""
+def default_cache_dir(root: str | os.PathLike[str]) -> Path:
+    """``$CIRCUITS_CACHE`` if set (and non-empty), else ``<root>/.circuits-cache``."""
     env = os.environ.get(CACHE_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / ".circuits-cache"
+    return Path(root).expanduser() / ".circuits-cache"
+
+
+def default_root() -> Path:
+    """:func:`default_cache_dir` of the current directory (what ``ModelStore()`` uses)."""
+    return default_cache_dir(Path.cwd())
+
+
+def lock_timeout_from_env() -> float:
+    """``$CIRCUITS_LOCK_TIMEOUT`` in seconds (default 7200); :class:`SettingError` unless a number >= 0."""
+    env = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not env:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(env)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise SettingError(f"${LOCK_TIMEOUT_ENV}={env!r} is not a number of seconds >= 0 "
+                           f"(e.g. {LOCK_TIMEOUT_ENV}=600; unset it for the default {DEFAULT_LOCK_TIMEOUT:g})")
+    return value
+
+
+def check_cache_dir(path: Path) -> Path:
+    """``path`` if it can hold a model store: a folder, or not there yet below a folder we may write
+    to. :class:`StoreError` naming the path otherwise (nothing is created here)."""
+    hint = f"point ${CACHE_ENV} at a folder" if os.environ.get(CACHE_ENV, "").strip() else f"set ${CACHE_ENV}"
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        if probe.is_symlink():  # a dangling link: mkdir would fail on it
+            raise StoreError(f"model store {path}: {probe} is a broken symbolic link; {hint}")
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "the model store" if probe == path else f"model store {path}: its parent {probe}"
+        raise StoreError(f"{what} ({probe}) is a file, not a folder; {hint}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StoreError(f"model store {path}: {probe} is not writable by this user; {hint}")
+    return path
+
+
+def check_environment(root: str | os.PathLike[str] | None = None) -> tuple[Path, float]:
+    """Validate ``$CIRCUITS_CACHE`` (through the store folder it selects) and ``$CIRCUITS_LOCK_TIMEOUT``
+    before any work starts: ``(store folder, lock timeout)``, or the first problem as a one-line error."""
+    folder = Path(root).expanduser() if root is not None else default_root()
+    return check_cache_dir(folder), lock_timeout_from_env()
+
+
+def _os_error(e: OSError, doing: str, then: str = "") -> StoreError:
+    """One clear line for an OSError of the store (full disk, permissions, a folder in a file's place)."""
+    if e.errno == errno.ENOSPC:
+        why = "no space left on the device"
+    elif e.errno == errno.EDQUOT:
+        why = "disk quota exceeded"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied (or a read-only file system)"
+    elif e.errno == errno.EISDIR:
+        why = "a folder is where a file should be; remove it"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        why = "a file is where a folder should be; remove it or move the store"
+    else:
+        why = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    return StoreError(f"{doing}: {why}{where}{then}")
 
 
 def _check_name(name: Any, what: str) -> str:
@@ -288,6 +370,7 @@ def _full_card(
         got = spec_key(plain["spec"])
         if got != key:
             raise CardError(f"card['spec'] hashes to {got}, not to the key {key!r} it is being saved under")
+    plain.pop("card_hash", None)  # a card read back from a store: recomputed below
     plain.update(
         key=key,
         content_hash=hashlib.sha256(data).hexdigest(),
@@ -296,8 +379,17 @@ def _full_card(
         weights_file=weights_name,
         size_bytes=len(data),
     )
+    plain["card_hash"] = _card_hash(plain)
     text = json.dumps(plain, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     return plain, text.encode("utf-8")
+
+
+def _card_hash(card: Mapping[str, Any]) -> str:
+    """sha256 of the card's canonical JSON without ``card_hash`` itself (NaN metrics allowed): the
+    weights are covered by ``content_hash``, everything else the card says (metrics, history) by this."""
+    rest = {k: v for k, v in card.items() if k != "card_hash"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _write_pair(
@@ -335,6 +427,10 @@ def _read_card(card_path: Path, key: str | None) -> dict[str, Any]:
         raise _Problem(card_path, f"the card has no key (got {card.get('key')!r})")
     if key is not None and card["key"] != key:
         raise _Problem(card_path, f"the card's key {card['key']!r} does not match the entry's key {key!r}")
+    if version >= 2 or "card_hash" in card:
+        if card.get("card_hash") != _card_hash(card):
+            raise _Problem(card_path, "the card was edited after it was written (its card_hash does not match its "
+                                      "contents: metrics or other fields changed)")
     if "spec" in card:
         try:
             got = spec_key(card["spec"])
@@ -370,6 +466,17 @@ def _read_weights(weights_path: Path, card: Mapping[str, Any]) -> dict[str, torc
         raise _Problem(weights_path, f"not a valid safetensors file ({type(e).__name__}: {e})") from None
 
 
+def owner_record(action: str, **extra: Any) -> dict[str, Any]:
+    """Who is doing what: the sidecar written next to a lock, read back by :func:`describe_owner`."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "action": action, "since": _now(),
+            "command": " ".join(sys.argv)[:300], **extra}
+
+
+def describe_owner(owner_path: Path) -> str:
+    """One phrase naming the holder recorded in ``owner_path`` (for lock-timeout messages)."""
+    return _describe_owner(owner_path)
+
+
 def _describe_owner(owner_path: Path) -> str:
     try:
         info = json.loads(owner_path.read_text())
@@ -394,18 +501,58 @@ def _describe_owner(owner_path: Path) -> str:
 # the store
 
 
+class _BuiltMeanwhile(Exception):
+    """Internal: while this build waited with its lock released, another process stored the entry."""
+
+
+class _Build:
+    """The build :meth:`ModelStore.get_or_create` is running in this thread (a context variable), so
+    code deep inside ``build()`` (the trainer's training slot) can name the model it trains and let go
+    of the entry's lock while it waits for something else."""
+
+    def __init__(self, store: "ModelStore", key: str, label: str, before: str | None) -> None:
+        self.store, self.key, self.label, self.before = store, key, label, before
+
+
+_BUILD: contextvars.ContextVar[_Build | None] = contextvars.ContextVar("circuits_store_build", default=None)
+
+
+def current_build_label() -> str | None:
+    """``"<name> seed <seed> (key <16 hex>)"`` of the store build running in this thread, else None."""
+    b = _BUILD.get()
+    return None if b is None else b.label
+
+
+@contextlib.contextmanager
+def build_lock_released() -> Iterator[None]:
+    """Inside a store build: release the entry's lock for the body (a long wait for something else,
+    e.g. the machine's training slot), take it back afterwards, and if another process stored the entry
+    meanwhile, abandon this build (get_or_create then loads that entry). Waiting while holding the
+    entry's lock would block everyone wanting this model, and two locks taken in opposite orders by two
+    processes deadlock. Outside a build (or when the caller holds the lock itself too) a no-op."""
+    b = _BUILD.get()
+    released = b is not None and b.store._release_for_wait(b.key)
+    if not released:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        b.store._retake_after_wait(b.key)
+        raise
+    b.store._retake_after_wait(b.key)
+    if b.store._card_digest(b.key) != b.before and b.store._readable(b.key):
+        raise _BuiltMeanwhile(b.key)
+
+
 class ModelStore:
     """Content-addressed cache of trained weights under ``root`` (default: :func:`default_root`)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, lock_timeout: float | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
-        if lock_timeout is None:
-            env = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-            try:
-                lock_timeout = float(env) if env else DEFAULT_LOCK_TIMEOUT
-            except ValueError:
-                raise ValueError(f"${LOCK_TIMEOUT_ENV}={env!r} is not a number of seconds") from None
-        self.lock_timeout = float(lock_timeout)
+        if self.root.exists() and not self.root.is_dir():  # checked here, before any training starts
+            check_cache_dir(self.root)
+        self.lock_timeout = float(lock_timeout_from_env() if lock_timeout is None else lock_timeout)
         self._locks: dict[str, filelock.FileLock] = {}
         self._locks_guard = threading.Lock()
         self._local = threading.local()
@@ -418,7 +565,13 @@ class ModelStore:
         return self.root / _check_name(key, "key")
 
     def weights_path(self, key: str) -> Path:
-        return self.entry_dir(key) / WEIGHTS_FILE
+        """The weights file the entry's card names (``weights.safetensors`` when there is no card)."""
+        name = WEIGHTS_FILE
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            named = json.loads(self.card_path(key).read_text()).get("weights_file")
+            if isinstance(named, str) and _WEIGHTS_RE.fullmatch(named):
+                name = named
+        return self.entry_dir(key) / name
 
     def card_path(self, key: str) -> Path:
         return self.entry_dir(key) / CARD_FILE
@@ -437,6 +590,18 @@ class ModelStore:
                 lock = self._locks[key] = filelock.FileLock(str(self.lock_path(key)))
             return lock
 
+    def _mkdir_root(self) -> None:
+        check_cache_dir(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(e, f"cannot create the model store folder {self.root}") from None
+
+    def _write_owner(self, key: str, action: str) -> None:
+        self._local.__dict__.setdefault("actions", {})[key] = action
+        with contextlib.suppress(OSError):
+            write_bytes_atomic(self._owner_path(key), json.dumps(owner_record(action, key=key)).encode())
+
     @contextlib.contextmanager
     def lock(self, key: str, action: str = "lock") -> Iterator[None]:
         """Hold the inter-process lock of ``key`` (re-entrant within a thread of this store object)."""
@@ -445,18 +610,9 @@ class ModelStore:
         lock = self._lock_for(key)
         outermost = depths.get(key, 0) == 0
         if outermost:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._mkdir_root()
             self._acquire(lock, key)
-            with contextlib.suppress(OSError):
-                record = {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "action": action,
-                    "since": _now(),
-                    "command": " ".join(sys.argv)[:300],
-                    "key": key,
-                }
-                write_bytes_atomic(self._owner_path(key), json.dumps(record).encode())
+            self._write_owner(key, action)
         else:
             lock.acquire()  # re-entrant: returns at once
         depths[key] = depths.get(key, 0) + 1
@@ -468,7 +624,24 @@ class ModelStore:
                 del depths[key]
                 with contextlib.suppress(OSError):
                     self._owner_path(key).unlink()
-            lock.release()
+            if lock.is_locked:  # (released and not retaken only if retaking failed: nothing to release)
+                lock.release()
+
+    def _release_for_wait(self, key: str) -> bool:
+        """Let go of ``key``'s lock for a wait inside a build; False (nothing done) unless this thread
+        holds it exactly once (a caller holding it around get_or_create keeps it)."""
+        depths = self._local.__dict__.get("depths", {})
+        lock = self._lock_for(key)
+        if depths.get(key) != 1 or lock.lock_counter != 1:
+            return False
+        with contextlib.suppress(OSError):
+            self._owner_path(key).unlink()
+        lock.release()
+        return True
+
+    def _retake_after_wait(self, key: str) -> None:
+        self._acquire(self._lock_for(key), key)
+        self._write_owner(key, self._local.__dict__.get("actions", {}).get(key, "build"))
 
     def _acquire(self, lock: filelock.FileLock, key: str) -> None:
         start = time.monotonic()
@@ -489,27 +662,87 @@ class ModelStore:
                         "when its holder exits."
                     ) from None
                 log.info("waiting %.0f s for the lock of %s: %s", waited, key, holder)
+            except OSError as e:  # e.g. the .lock path is a folder, or the store is read-only
+                raise _os_error(e, f"cannot lock model store entry {key} ({self.lock_path(key)})") from None
+
+    def holder(self, key: str) -> str | None:
+        """Who holds ``key``'s lock right now (another process, or another store object), else None."""
+        if not self.lock_path(key).exists():
+            return None
+        probe = filelock.FileLock(str(self.lock_path(key)), thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except filelock.Timeout:
+            return _describe_owner(self._owner_path(key))
+        except OSError as e:
+            raise _os_error(e, f"cannot lock model store entry {key} ({self.lock_path(key)})") from None
+        probe.release()
+        return None
 
     # core operations ----------------------------------------------------------------------------
     def save(self, key: str, state_dict: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> dict[str, Any]:
-        """Atomically write ``state_dict`` and ``card`` under ``key``; returns the full card."""
+        """Atomically write ``state_dict`` and ``card`` under ``key``; returns the full card.
+
+        An existing entry stays loadable until the new one is complete: the new weights go to a file
+        of their own, and replacing the card is the single step that switches to them."""
         return self._save(key, _prepare_tensors(state_dict), card)
 
     def _save(self, key: str, tensors: dict[str, torch.Tensor], card: Mapping[str, Any]) -> dict[str, Any]:
+        data = safetensors.torch.save(tensors, metadata={"format": "pt"})
         with self.lock(key, "save"):
             entry = self.entry_dir(key)
-            if entry.is_dir():  # leftovers of writers that were killed mid-write (safe: we hold the lock)
-                for tmp in entry.glob(".*.tmp"):
+            old = None
+            if self.card_path(key).exists():
+                old = self.weights_path(key).name
+            name = WEIGHTS_FILE if old is None else f"weights-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+            full, card_bytes = _full_card(key, card, name, data)  # validate before touching disk
+            try:
+                if entry.is_dir():  # leftovers of writers killed mid-write (safe: we hold the lock)
+                    for tmp in entry.glob(".*.tmp"):
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
+                entry.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(entry / name, data)
+                write_bytes_atomic(entry / CARD_FILE, card_bytes)  # the commit point
+            except OSError as e:
+                kept = "; the entry it was replacing is kept" if old is not None else "; nothing was stored"
+                raise _os_error(e, f"cannot write model store entry {key} ({len(data)} bytes of weights)",
+                                kept) from None
+            for stale in entry.glob("weights*.safetensors"):  # the replaced weights, no card names them now
+                if stale.name != name:
                     with contextlib.suppress(OSError):
-                        tmp.unlink()
-            return _write_pair(entry / WEIGHTS_FILE, entry / CARD_FILE, key, tensors, card)
+                        stale.unlink()
+            return full
 
     def _read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         card_path = self.card_path(key)
         if not card_path.exists():
             return None  # absent, or a write that never finished (no card = not an entry)
         card = _read_card(card_path, key)
-        return _read_weights(self.weights_path(key), card), card
+        name = card.get("weights_file", WEIGHTS_FILE)
+        if not isinstance(name, str) or not _WEIGHTS_RE.fullmatch(name):
+            raise _Problem(card_path, f"the card names no valid weights file (weights_file={name!r})")
+        return _read_weights(self.entry_dir(key) / name, card), card
+
+    def _card_digest(self, key: str) -> str | None:
+        try:
+            return hashlib.sha256(self.card_path(key).read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def _readable(self, key: str) -> bool:
+        try:
+            return self._read(key) is not None
+        except _Problem:
+            return False
+
+    def verify(self, key: str) -> tuple[str, str]:
+        """``("ok" | "absent" | "corrupt", detail)``: the whole entry checked (card, hashes, safetensors),
+        read-only (a corrupt entry is not removed; :meth:`load` removes it)."""
+        try:
+            return ("ok", "") if self._read(key) is not None else ("absent", "")
+        except _Problem as p:
+            return "corrupt", f"{p.path.name}: {p.problem}"
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """``(state_dict, card)``, or None if absent.  A corrupt entry is warned about, removed, and None returned."""
@@ -542,7 +775,9 @@ class ModelStore:
         """Load the entry for ``spec`` or build it (exactly once across processes); ``(state_dict, card, created)``.
 
         ``build()`` returns ``(state_dict, extra_card_fields)``; the saved card holds those fields, the spec,
-        ``build_seconds`` (unless given) and the store's own fields.  ``force=True`` rebuilds even if present.
+        ``build_seconds`` (unless given) and the store's own fields.  ``force=True`` rebuilds even if present
+        (unless another process stores a fresh one while this build waits, see :func:`build_lock_released`);
+        the old entry stays loadable until the rebuilt one is complete.
         """
         key = spec_key(spec)
         plain_spec = json.loads(canonical_json(spec))
@@ -555,8 +790,18 @@ class ModelStore:
                 got = self.load(key)  # someone may have built it while we waited
                 if got is not None:
                     return got[0], got[1], False
+            label = f"{plain_spec.get('name', 'model')} seed {plain_spec.get('seed', '?')} (key {key[:16]})"
+            token = _BUILD.set(_Build(self, key, label, self._card_digest(key)))
             t0 = time.perf_counter()
-            result = build()
+            try:
+                result = build()
+            except _BuiltMeanwhile:
+                got = self.load(key)
+                if got is not None:
+                    return got[0], got[1], False
+                raise StoreError(f"model store entry {key} was stored by another process and then vanished") from None
+            finally:
+                _BUILD.reset(token)
             seconds = time.perf_counter() - t0
             if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[1], Mapping)):
                 raise TypeError(
@@ -572,19 +817,54 @@ class ModelStore:
             full = self._save(key, tensors, card)
             return tensors, full, True
 
-    def entries(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(key, card)`` of every complete entry whose card parses, sorted by key (weights are not verified)."""
+    def put(self, spec: Mapping[str, Any], weights: bytes, card: Mapping[str, Any]) -> dict[str, Any]:
+        """Store weights built elsewhere (e.g. a Ray worker): safetensors ``weights`` bytes and the card's
+        fields; the spec is recorded and checked like :meth:`get_or_create`'s. Returns the full card."""
+        try:
+            tensors = safetensors.torch.load(weights)  # parses, never unpickles
+        except Exception as e:  # noqa: BLE001 - any parse failure means bad bytes
+            raise CardError(f"the weights sent for {spec_key(spec)[:16]} are not safetensors ({e})") from None
+        key = spec_key(spec)
+        plain_spec = json.loads(canonical_json(spec))
+        fields = {k: v for k, v in card.items() if k not in _RESERVED}
+        if "spec" in fields and fields["spec"] != plain_spec:
+            raise CardError("the card's 'spec' differs from the spec it is stored under")
+        fields["spec"] = plain_spec
+        return self._save(key, tensors, fields)
+
+    def entries(self, verify: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """``(key, card)`` of every complete entry whose card parses, sorted by key; with ``verify``,
+        only entries whose weights also check out (see :meth:`damaged` for the others)."""
         out = []
+        for key, card, problem in self._scan(verify):
+            if problem is None:
+                out.append((key, card))
+        return out
+
+    def damaged(self) -> list[tuple[str, dict[str, Any] | None, str]]:
+        """``(key, card or None, problem)`` of every entry that would not load (fully verified)."""
+        return [(k, c, p) for k, c, p in self._scan(True) if p is not None]
+
+    def _scan(self, verify: bool) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
         if not self.root.is_dir():
-            return out
+            return
         for entry in sorted(self.root.iterdir()):
             if not entry.is_dir() or not _NAME_RE.fullmatch(entry.name):
                 continue
+            card_path = entry / CARD_FILE
+            if not card_path.exists():
+                continue  # a write in progress or one that never finished: not an entry
             try:
-                out.append((entry.name, _read_card(entry / CARD_FILE, entry.name)))
-            except _Problem:
+                card = _read_card(card_path, entry.name)
+            except _Problem as p:
+                yield entry.name, None, f"{p.path.name}: {p.problem}"
                 continue
-        return out
+            if verify:
+                status, detail = self.verify(entry.name)
+                if status != "ok":
+                    yield entry.name, card, detail or status
+                    continue
+            yield entry.name, card, None
 
     def remove(self, key: str) -> bool:
         """Delete the entry; True if there was one."""

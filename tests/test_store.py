@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -17,8 +18,9 @@ import pytest
 import torch
 
 from circuits import store as store_mod
-from circuits.errors import CircuitsError
+from circuits.errors import CircuitsError, SettingError, StoreError
 from circuits.store import (
+    CardError,
     CorruptCheckpointError,
     CorruptCheckpointWarning,
     LockTimeoutError,
@@ -26,8 +28,11 @@ from circuits.store import (
     ModelStore,
     SpecError,
     StaleCheckpointError,
+    check_environment,
+    default_cache_dir,
     default_root,
     load_reference,
+    lock_timeout_from_env,
     save_reference,
     spec_key,
 )
@@ -209,8 +214,10 @@ def test_crash_between_weights_and_card_leaves_no_entry(tmp_path, monkeypatch):
     assert created and s.load(key) is not None
 
 
-def test_overwrite_crash_does_not_expose_old_card_with_new_weights(tmp_path, monkeypatch):
-    s, key, _ = saved_entry(tmp_path)
+def test_overwrite_crash_keeps_the_old_entry(tmp_path, monkeypatch):
+    """A retrain that dies before its card lands leaves the old, good entry loadable (it used to
+    delete the old card first, so a crash mid-way destroyed the entry it was replacing)."""
+    s, key, sd = saved_entry(tmp_path)
     real_replace = os.replace
 
     def replace(src, dst):
@@ -224,7 +231,12 @@ def test_overwrite_crash_does_not_expose_old_card_with_new_weights(tmp_path, mon
     monkeypatch.undo()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert s.load(key) is None
+        got = s.load(key)
+    assert got is not None and got[1]["metrics"] == {"loss": 0.5}
+    assert_same(got[0], {k: v.contiguous() for k, v in sd.items()})
+    s.save(key, make_state(seed=1), {"spec": SPEC})  # a retrain that completes replaces it
+    assert_same(s.load(key)[0], {k: v.contiguous() for k, v in make_state(seed=1).items()})
+    assert len(list(s.entry_dir(key).glob("weights*.safetensors"))) == 1, "the replaced weights are removed"
 
 
 def test_killed_writer_temp_files_are_swept(tmp_path):
@@ -286,6 +298,7 @@ def test_valid_hash_but_not_safetensors(tmp_path):
     c = s.card_path(key)
     card = json.loads(c.read_text())
     card.update(content_hash=__import__("hashlib").sha256(garbage).hexdigest(), size_bytes=len(garbage))
+    card["card_hash"] = store_mod._card_hash(card)  # a consistent card: only the weights are bad
     c.write_text(json.dumps(card))
     expect_corrupt_then_rebuild(s, key, "not a valid safetensors file")
 
@@ -322,10 +335,20 @@ def test_env_var_overrides_root(tmp_path, monkeypatch):
     assert s.root == tmp_path / "elsewhere"
     s.get_or_create(SPEC, lambda: (make_state(), {}))
     assert (tmp_path / "elsewhere" / spec_key(SPEC) / "card.json").is_file()
+    assert default_cache_dir(tmp_path / "project") == tmp_path / "elsewhere"
     monkeypatch.delenv("CIRCUITS_CACHE")
-    repo_root = Path(store_mod.__file__).resolve().parent.parent
-    assert default_root() == repo_root / ".circuits-cache"
+    assert default_cache_dir(tmp_path / "project") == tmp_path / "project" / ".circuits-cache"
+    monkeypatch.chdir(tmp_path)
+    assert default_root() == tmp_path / ".circuits-cache" == ModelStore().root
     assert ModelStore(tmp_path / "x").root == tmp_path / "x"
+
+
+def test_default_location_is_never_the_package_folder(tmp_path, monkeypatch):
+    """Issue 16: an installed wheel must not write next to itself; the caller names the project root."""
+    monkeypatch.delenv("CIRCUITS_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    package = Path(store_mod.__file__).resolve().parent
+    assert package not in ModelStore().root.parents and ModelStore().root.parent == tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- locking
@@ -465,3 +488,181 @@ def test_reference_corruption_raises_and_keeps_files(tmp_path):
 def test_save_reference_requires_spec(tmp_path):
     with pytest.raises(CircuitsError, match="spec"):
         save_reference(tmp_path, "ref", make_state(), {"metrics": {}})
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+def test_cache_path_that_is_a_file_is_one_clear_error(tmp_path, monkeypatch):
+    """It was a raw FileExistsError from mkdir, after training."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("CIRCUITS_CACHE", str(afile))
+    with pytest.raises(StoreError, match="is a file, not a folder; point \\$CIRCUITS_CACHE at a folder"):
+        check_environment()
+    with pytest.raises(StoreError, match="is a file"):
+        ModelStore()
+    monkeypatch.setenv("CIRCUITS_CACHE", str(afile / "below"))
+    with pytest.raises(StoreError, match="its parent"):
+        ModelStore().get_or_create(SPEC, lambda: pytest.fail("must not build"))
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
+def test_bad_lock_timeout_is_a_setting_error(value, monkeypatch):
+    """It was a bare ValueError (a traceback in the CLI)."""
+    monkeypatch.setenv("CIRCUITS_LOCK_TIMEOUT", value)
+    with pytest.raises(SettingError, match="CIRCUITS_LOCK_TIMEOUT=.* is not a number of seconds") as exc:
+        ModelStore("unused")
+    assert isinstance(exc.value, CircuitsError)
+    monkeypatch.setenv("CIRCUITS_LOCK_TIMEOUT", " 2.5 ")
+    assert lock_timeout_from_env() == 2.5 == ModelStore("unused").lock_timeout
+
+
+def test_lock_path_that_is_a_folder_is_one_clear_error(tmp_path):
+    """It was a raw IsADirectoryError from filelock."""
+    s = ModelStore(tmp_path)
+    s.lock_path(spec_key(SPEC)).mkdir()
+    with pytest.raises(StoreError, match=r"cannot lock model store entry .*a folder is where a file should be"):
+        s.get_or_create(SPEC, lambda: pytest.fail("must not build"))
+
+
+def test_full_disk_after_training_is_one_clear_error_and_no_half_entry(tmp_path, monkeypatch):
+    """ENOSPC while writing the weights: a StoreError naming it; no entry (none was there), and
+    over an existing entry the old one stays."""
+    real_write = os.write
+    import builtins
+
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def full_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return FullFile(fh) if "x" in mode and str(path).endswith(".tmp") else fh
+
+    s = ModelStore(tmp_path / "a")
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(StoreError, match="no space left on the device.*nothing was stored"):
+        s.get_or_create(SPEC, lambda: (make_state(), {}))
+    monkeypatch.undo()
+    key = spec_key(SPEC)
+    assert s.load(key) is None and _visible_files(s.entry_dir(key)) == []
+    s2, key, sd = saved_entry(tmp_path / "b")
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(StoreError, match="the entry it was replacing is kept"):
+        s2.get_or_create(SPEC, lambda: (make_state(seed=1), {}), force=True)
+    monkeypatch.undo()
+    assert_same(s2.load(key)[0], {k: v.contiguous() for k, v in sd.items()})
+    assert real_write is os.write
+
+
+def test_edited_card_metric_is_detected_as_tampered(tmp_path):
+    """Card metrics were covered by no hash: an edited eval_acc reached the report."""
+    s, key, _ = saved_entry(tmp_path)
+    card = json.loads(s.card_path(key).read_text())
+    card["metrics"]["loss"] = 0.01
+    s.card_path(key).write_text(json.dumps(card))
+    assert s.verify(key)[0] == "corrupt" and "edited" in s.verify(key)[1]
+    expect_corrupt_then_rebuild(s, key, "edited after it was written")
+
+
+def test_version_1_cards_without_card_hash_still_load(tmp_path):
+    """Committed references (and caches) written before card_hash keep loading."""
+    s, key, sd = saved_entry(tmp_path)
+    card = json.loads(s.card_path(key).read_text())
+    del card["card_hash"]
+    card["format_version"] = 1
+    s.card_path(key).write_text(json.dumps(card))
+    assert s.load(key) is not None
+
+
+def test_entries_verify_reports_a_truncated_entry_as_damaged(tmp_path):
+    """`list` showed a truncated entry as cached (entries() read the cards only)."""
+    s, key, _ = saved_entry(tmp_path)
+    w = s.weights_path(key)
+    w.write_bytes(w.read_bytes()[:100])
+    assert [k for k, _ in s.entries()] == [key]  # card only: still listed
+    assert s.entries(verify=True) == []
+    [(k, card, problem)] = s.damaged()
+    assert k == key and "truncated" in problem and card["key"] == key
+    assert s.verify(key)[0] == "corrupt" and s.card_path(key).exists(), "verify never removes"
+
+
+_KILLED_RETRAIN = textwrap.dedent(
+    """
+    import os, sys, signal, torch
+    from circuits import atomic
+    from circuits.store import ModelStore
+    real = atomic.write_bytes_atomic
+    def write(path, data):
+        real(path, data)
+        if str(path).endswith(".safetensors"):
+            os.kill(os.getpid(), signal.SIGKILL)  # killed between the new weights and the new card
+    import circuits.store as st
+    st.write_bytes_atomic = write
+    ModelStore(sys.argv[1]).get_or_create({"model": "killed"}, lambda: ({"w": torch.ones(4)}, {}), force=True)
+    """
+)
+
+
+def test_retrain_killed_midway_keeps_the_old_entry(tmp_path):
+    s = ModelStore(tmp_path)
+    spec = {"model": "killed"}
+    s.get_or_create(spec, lambda: ({"w": torch.zeros(4)}, {"metrics": {"acc": 0.5}}))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RETRAIN, str(tmp_path)], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd, card = s.load(spec_key(spec))
+    assert torch.equal(sd["w"], torch.zeros(4)) and card["metrics"] == {"acc": 0.5}
+
+
+def test_put_stores_bytes_built_elsewhere(tmp_path):
+    import safetensors.torch
+
+    s = ModelStore(tmp_path)
+    data = safetensors.torch.save({"w": torch.arange(3.0)})
+    card = s.put(SPEC, data, {"metrics": {"acc": 1.0}, "content_hash": "ignored"})
+    sd, loaded = s.load(spec_key(SPEC))
+    assert torch.equal(sd["w"], torch.arange(3.0)) and loaded == card and loaded["spec"] == SPEC
+    with pytest.raises(CardError, match="not safetensors"):
+        s.put(SPEC, b"garbage", {})
+
+
+def test_waiting_build_lets_go_of_the_entry_lock(tmp_path):
+    """Inside a build, build_lock_released() frees the entry's lock for a long wait (the training slot)
+    and, if another process stored the entry meanwhile, the build is abandoned and that entry loaded."""
+    from circuits.store import build_lock_released, current_build_label
+
+    s = ModelStore(tmp_path, lock_timeout=5)
+    other = ModelStore(tmp_path, lock_timeout=0.2)
+    key = spec_key(SPEC)
+
+    def build():
+        assert current_build_label().startswith("model seed 0 (key ")
+        assert other.holder(key) is not None  # held while building
+        with build_lock_released():
+            assert other.holder(key) is None  # free while waiting
+            other.save(key, make_state(seed=5), {"spec": SPEC})  # another process finishes first
+        pytest.fail("the build must be abandoned")
+
+    sd, card, created = s.get_or_create(SPEC, build)
+    assert not created
+    assert_same(sd, {k: v.contiguous() for k, v in make_state(seed=5).items()})
+    assert current_build_label() is None
+    with build_lock_released():  # outside a build: nothing to release
+        pass
