@@ -32,6 +32,7 @@ __all__ = [
     "ClaimRecord",
     "Claims",
     "ClaimError",
+    "ClaimFailure",
     "ClaimValueError",
     "ClaimDefinitionError",
     "DuplicateClaimError",
@@ -43,6 +44,11 @@ OPS = ("at_least", "at_most", "close_to", "between", "holds")
 
 class ClaimError(CircuitsError):
     """Base class for claims used wrongly (as opposed to claims that fail)."""
+
+
+class ClaimFailure(AssertionError):
+    """A claim that was measured and did not hold (the only failure a known failure may expect:
+    any other exception inside a refuted claim is a crash, reported as an error)."""
 
 
 class ClaimValueError(ClaimError, TypeError):
@@ -252,8 +258,10 @@ class Claims:
         raise_on_failure: bool = True,
         control: str | None = None,
         seed: int | None = None,
+        draws_seed: int = DEFAULT_SEED,
     ) -> None:
         self._sink = sink
+        self.draws_seed = draws_seed  # the default seed of this test's bootstrap draws (--draws-seed)
         self.raise_on_failure = raise_on_failure
         self.control = control
         self.seed = seed
@@ -269,15 +277,16 @@ class Claims:
         level: float = 0.95,
         method: str = "BCa",
         n_resamples: int = DEFAULT_RESAMPLES,
-        seed: int = DEFAULT_SEED,
+        seed: int | None = None,
     ) -> Estimate:
         """``statistic`` over a sample with a bootstrap CI; pass the result to any claim method.
 
         ``data`` is one sample, or a tuple of samples (``paired=True`` for row-aligned samples such
         as ``(x, y)`` with ``statistic=stats.spearman``). See :func:`circuits.stats.bootstrap_ci`.
+        The resampling seed defaults to the test's draws seed (``--draws-seed``).
         """
         return bootstrap_ci(data, statistic, paired=paired, level=level, method=method,
-                            n_resamples=n_resamples, seed=seed)
+                            n_resamples=n_resamples, seed=self.draws_seed if seed is None else seed)
 
     # -- claims --
     def at_least(self, name: str, value: Any, threshold: Any, *, units: str | None = None,
@@ -373,7 +382,7 @@ class Claims:
         if wrong_kind:
             raise ClaimValueError(rec.message)
         if not rec.passed and self.raise_on_failure:
-            raise AssertionError(rec.message)
+            raise ClaimFailure(rec.message)
         return rec
 
     @property

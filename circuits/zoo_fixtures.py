@@ -1,40 +1,46 @@
-"""pytest fixtures for the zoo: `<name>_model` per zoo entry, plus `zoo_models` (the session loader).
+"""Fixtures for zoo models: one ``<name>_model`` per registered zoo entry, and the session loader.
 
-`<name>_model` is function-scoped so the test's negative control can transform it: it returns
-`control.apply_model(model)`, the trained model itself on the main run. The trained model is loaded
-(or trained) once per session and seed by `zoo_models`. With `--seeds`, `zoo_seed` is parametrised
-and each seed gets its own model; with `--retrain`, models are trained into the run's report dir
-(`reports/<run-id>/models/`), once per run even under pytest-xdist (the store's file lock).
+``<name>_model`` is function-scoped so the test's control or mutation can transform it: it returns
+``control.apply_model(model)``, the trained model itself on the main run. The trained model is
+loaded (or trained) once per session and seed by :class:`ZooSession`. With ``--seeds``, ``zoo_seed``
+is parametrised and each seed gets its own model; with ``--retrain``, models are trained into the
+run's report dir (``reports/<run-id>/models/``), once per run even under pytest-xdist (the store's
+file lock).
+
+The plugin registers these fixtures lazily (:func:`fixture_module`), when a test module that uses
+circuits is collected, so an unrelated project never imports torch; entries registered later (from
+a ``conftest.py``) get their fixture before the modules below that conftest are collected.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+import types
+from typing import Any, Optional
 
 import pytest
 
-from . import zoo
-from .zoo import LoadedModel
+from .session import RunOptions, note_model
+
+__all__ = ["ZooSession", "fixture_module"]
 
 
 class ZooSession:
     """Loads each (name, seed) once per session and notes it for the report."""
 
-    def __init__(self, request: pytest.FixtureRequest):
-        from .pytest_plugin import get_plugin
-
-        self.config = request.config
-        self.options = get_plugin(request.config).options
-        self._loaded: dict[tuple[str, Optional[int]], LoadedModel] = {}
+    def __init__(self, config: pytest.Config, options: RunOptions):
+        self.config = config
+        self.options = options
+        self._loaded: dict[tuple[str, Optional[int]], Any] = {}
 
     def store(self):
         from .store import ModelStore
 
-        return ModelStore(self.options.run_dir / "models") if self.options.retrain else ModelStore()
+        if self.options.retrain:
+            return ModelStore(self.options.run_dir / "models")
+        return ModelStore(_cache_dir(self.config))
 
-    def get(self, request: pytest.FixtureRequest, name: str, seed: Optional[int]) -> LoadedModel:
-        from .pytest_plugin import note_model
+    def get(self, request: pytest.FixtureRequest, name: str, seed: Optional[int]):
         from .train import TerminalProgress
 
         key = (name, seed)
@@ -52,26 +58,48 @@ class ZooSession:
             note_model(request, loaded.info())
         return self._loaded[key]
 
-    def _load(self, name, seed, progress) -> LoadedModel:
+    def _load(self, name, seed, progress):
+        from . import zoo
+
         return zoo.load(name, seed, retrain=self.options.retrain, device=self.options.device,
                         store=self.store(), progress=progress)
 
 
-@pytest.fixture(scope="session")
-def zoo_models(request: pytest.FixtureRequest) -> ZooSession:
-    return ZooSession(request)
+def _cache_dir(config: pytest.Config):
+    """The model store of this project: CIRCUITS_CACHE, else the ini option circuits_cache_dir,
+    else <rootdir>/.circuits-cache — never the installed package's folder."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("CIRCUITS_CACHE")
+    if env:
+        return Path(env)
+    ini = config.getini("circuits_cache_dir")
+    if ini:
+        return Path(config.rootpath) / ini
+    return Path(config.rootpath) / ".circuits-cache"
 
 
 def _model_fixture(name: str):
     def fixture(request: pytest.FixtureRequest, zoo_models: ZooSession, zoo_seed, control):
         return control.apply_model(zoo_models.get(request, name, zoo_seed).model)
 
-    fixture.__name__ = f"{name}_model"
+    fixture.__name__ = fixture_name(name)
     fixture.__doc__ = f"The zoo model {name!r} (reference checkpoint, or the --seeds model), after the test's control."
-    return pytest.fixture(name=f"{name}_model")(fixture)
+    return pytest.fixture(name=fixture_name(name))(fixture)
 
 
-__all__ = ["zoo_models"]
-for _name in zoo.names():
-    globals()[f"{_name}_model_fixture"] = _model_fixture(_name)
-    __all__.append(f"{_name}_model_fixture")
+def fixture_name(entry_name: str) -> str:
+    """``brackets`` -> ``brackets_model``; a recipe variant ``brackets@arena_like`` ->
+    ``brackets_at_arena_like_model`` (fixture names must be identifiers)."""
+    return entry_name.replace("@", "_at_").replace("-", "_").replace(".", "_") + "_model"
+
+
+def fixture_module(names: list[str]) -> types.ModuleType:
+    """A module-like object holding the ``<name>_model`` fixtures of ``names``, to be registered as
+    a pytest plugin (pytest parses the fixtures of every registered plugin)."""
+    mod = types.ModuleType(f"circuits_zoo_fixtures_{len(names)}")
+    for name in names:
+        fx = _model_fixture(name)
+        setattr(mod, fixture_name(name).removesuffix("_model") + "_model_fixture", fx)
+    return mod

@@ -1,0 +1,301 @@
+"""The run's state: parsed options and the session object the pytest plugin keeps (as
+pytest-benchmark keeps its session in a module of its own).
+
+:class:`RunOptions` is parsed once from the command line; :class:`CircuitsSession` holds what a run
+collects (records, models, the report once written) and judges control / mutation runs. The pytest
+hooks and fixtures that drive it live in :mod:`circuits.pytest_plugin`; this module imports nothing
+heavy (no torch, no numpy) so that loading the plugin in an unrelated project costs nothing.
+
+One source of truth for the seed: ``RunOptions.seeds`` is the run's list, and a test's own seed is
+the ``zoo_seed`` parameter of its callspec, read by :func:`item_seed` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errors import CircuitsError
+
+__all__ = ["CircuitsSession", "RunOptions", "get_plugin", "note_model", "item_seed", "strip_params",
+           "draws_seed_for", "PLUGIN_NAME", "GENERIC_CONTROLS", "MUTATION_PREFIX"]
+
+PLUGIN_NAME = "circuits-plugin"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# controls that fail for almost any broken model: they show teeth, not that the named part matters
+GENERIC_CONTROLS = frozenset({"untrained", "shuffle_labels"})
+MUTATION_PREFIX = "mutate:"
+_MAX_HISTORY = 1000
+
+
+def _check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device or ""):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return device
+    raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The parsed ``circuits`` options of this run (also available on workers)."""
+
+    seeds: tuple[int, ...] | None  # None: the reference checkpoint / default seed
+    retrain: bool
+    device: str
+    compare: str | None  # as given on the command line
+    compare_path: Path | None  # the report.json it names (controller only)
+    report_dir: Path
+    run_id: str
+    run_dir: Path
+    no_report: bool
+    full_sweep: bool
+    draws_seed: int = 0  # changes every random draw a claim makes (resampling, bootstrap, fresh data)
+    rootdir: Path = Path(".")
+
+    @property
+    def asked_for_models(self) -> bool:
+        """Whether an option only the zoo can serve was given (then the zoo loads eagerly)."""
+        return bool(self.seeds or self.retrain or self.full_sweep or self.device != "cpu")
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "RunOptions":
+        """Parse and validate; raises ``pytest.UsageError`` with a clear message on bad values."""
+        opt = config.getoption
+        winput = getattr(config, "workerinput", None)
+        try:
+            seeds = parse_seeds_option(opt("seeds")) if opt("seeds") is not None else None
+            device = _check_device(opt("device"))
+            draws_seed = _parse_draws_seed(opt("draws_seed"))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        given_dir = opt("report_dir") or config.getini("circuits_report_dir") or None
+        base = Path(config.invocation_params.dir)
+        report_dir = (base / given_dir) if given_dir else Path(config.rootpath) / "reports"
+        if winput and "circuits_run_id" in winput:  # an xdist worker: the controller chose these
+            run_id, run_dir = winput["circuits_run_id"], Path(winput["circuits_run_dir"])
+        else:
+            run_id = opt("run_id") or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+            if not _RUN_ID_RE.match(run_id) or run_id in ("latest", "baseline"):
+                raise pytest.UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' "
+                                        "(not 'latest' or 'baseline')")
+            run_dir = report_dir.resolve() / run_id
+        compare_path = None
+        if opt("compare") is not None and not winput:
+            from . import report as _report
+
+            try:
+                compare_path = _report.resolve_report(opt("compare"), report_dir)
+            except _report.ReportNotFoundError as exc:
+                raise pytest.UsageError(f"--compare: {exc}") from None
+        return cls(seeds=seeds, retrain=bool(opt("retrain")), device=device, compare=opt("compare"),
+                   compare_path=compare_path, report_dir=report_dir.resolve(), run_id=run_id, run_dir=run_dir,
+                   no_report=bool(opt("no_report")), full_sweep=bool(opt("full_sweep")), draws_seed=draws_seed,
+                   rootdir=Path(config.rootpath))
+
+
+def parse_seeds_option(spec: str) -> tuple[int, ...]:
+    """:func:`circuits.seeds.parse_seeds`, its errors naming the ``--seeds`` option."""
+    from .seeds import parse_seeds
+
+    try:
+        return parse_seeds(spec)
+    except ValueError as exc:
+        text = str(exc)
+        raise ValueError(f"--{text}" if text.startswith("seeds") else f"--seeds: {text}") from None
+
+
+def _parse_draws_seed(value: Any) -> int:
+    if value is None:
+        return 0
+    text = str(value).strip()
+    if not text.isdigit() or int(text) >= 2**63:
+        raise ValueError(f"--draws-seed {value!r}: expected an integer in [0, 2**63)")
+    return int(text)
+
+
+def draws_seed_for(draws_seed: int, group: str) -> int:
+    """The seed of one test's random draws: a hash of the run's ``--draws-seed`` and the test's id
+    without its control/seed parameters, so a test's main run and its control runs draw alike."""
+    digest = hashlib.sha256(f"{draws_seed}\x00{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def get_plugin(config: pytest.Config) -> "CircuitsSession":
+    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    if plugin is None:
+        raise CircuitsError("the circuits pytest plugin is not active (was it disabled with -p no:circuits?)")
+    return plugin
+
+
+def item_seed(node: Any) -> int | None:
+    """The zoo seed of a test (its ``zoo_seed`` parameter under ``--seeds``), else None: the one
+    place a test's seed is read from."""
+    seed = getattr(getattr(node, "callspec", None), "params", {}).get("zoo_seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def strip_params(nodeid: str, tokens: list[str]) -> str:
+    """Remove the given parameter ids from a nodeid's ``[...]`` part (the seed / control ids)."""
+    if not tokens or not nodeid.endswith("]") or "[" not in nodeid:
+        return nodeid
+    head, _, inner = nodeid[:-1].partition("[")
+    for tok in tokens:
+        if inner == tok:
+            inner = ""
+        elif inner.endswith("-" + tok):
+            inner = inner[: -len(tok) - 1]
+        elif inner.startswith(tok + "-"):
+            inner = inner[len(tok) + 1:]
+        elif ("-" + tok + "-") in inner:
+            inner = inner.replace("-" + tok + "-", "-", 1)
+    return f"{head}[{inner}]" if inner else head
+
+
+def param_tokens(item: Any) -> list[str]:
+    """The ids this plugin added to a test's name (control / mutation, seed)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    tokens = []
+    if "control" in params:
+        spec = params["control"]
+        tokens.append("main" if spec == "main" else control_id(spec))
+    if "zoo_seed" in params:
+        tokens.append(f"seed={params['zoo_seed']}")
+    return tokens
+
+
+def control_id(spec: str) -> str:
+    if spec.startswith(MUTATION_PREFIX):
+        return f"mutation={spec[len(MUTATION_PREFIX):]}"
+    return f"control={spec}"
+
+
+def group_of(item: Any) -> str:
+    """A test's id without the plugin's parameters: its main run and controls share it."""
+    return strip_params(item.nodeid, param_tokens(item))
+
+
+class CircuitsSession:
+    """Holds a run's state: options, the records seen so far, and the report once written."""
+
+    def __init__(self, config: pytest.Config, options: RunOptions, previous: dict | None = None) -> None:
+        from . import report as _report
+
+        self.config = config
+        self.options = options
+        self.previous = previous
+        self.is_worker = hasattr(config, "workerinput")
+        self.collector = _report.RunCollector()
+        self.started = time.time()
+        self.created = _report.now_iso()
+        self.current_item: pytest.Item | None = None
+        self.pending_models: list[dict] = []
+        self.report: dict | None = None
+        self.paths: dict[str, Path] | None = None
+        self.write_error: str | None = None
+        self.zoo_fixture_names: set[str] = set()
+
+    # convenient read-only views of the options
+    seeds = property(lambda self: self.options.seeds)
+    retrain = property(lambda self: self.options.retrain)
+    device = property(lambda self: self.options.device)
+    full_sweep = property(lambda self: self.options.full_sweep)
+    run_id = property(lambda self: self.options.run_id)
+    run_dir = property(lambda self: self.options.run_dir)
+    report_dir = property(lambda self: self.options.report_dir)
+
+    @property
+    def reporting(self) -> bool:
+        return not self.options.no_report
+
+    def build_report(self, exitstatus: int) -> dict:
+        from . import report as _report
+        from .claims import _jsonable
+
+        o = self.options
+        finished = time.time()
+        report = self.collector.build(
+            run_id=o.run_id,
+            created=self.created,
+            duration_s=round(finished - self.started, 3),
+            exitstatus=exitstatus,
+            interrupted=exitstatus == int(pytest.ExitCode.INTERRUPTED),
+            machine=_report.machine_info(o.device),
+            git=_report.git_info(self.config.rootpath),
+            command={"args": list(self.config.invocation_params.args), "cwd": str(self.config.invocation_params.dir)},
+            options={"seeds": list(o.seeds) if o.seeds else None, "retrain": o.retrain, "device": o.device,
+                     "compare": o.compare, "full_sweep": o.full_sweep, "report_dir": str(o.report_dir),
+                     "draws_seed": o.draws_seed},
+        )
+        if self.previous is not None:
+            report["compare"] = _jsonable(_report.compare_reports(report, self.previous))
+        return report
+
+
+def judge_control(records: list, ctl: Any) -> tuple[str, str]:
+    """Outcome and message of a control or mutation run from the claims it recorded.
+
+    A control (hand-written) whose claims still hold shows the claim has "no teeth"; a mutation
+    (derived from what the claim is about) whose claims still hold shows it has "no power": the part
+    it names was broken and the claim did not notice."""
+    mutation = ctl.spec.startswith(MUTATION_PREFIX)
+    what = "mutation" if mutation else "control"
+    name = f"mutation {ctl.spec[len(MUTATION_PREFIX):]!r}" if mutation else f"control {ctl.spec!r}"
+    if not ctl.applied:
+        return "error", (f"{name} was never applied: no fixture called control.apply_{ctl.kind}(...), "
+                         f"so this run measured the unmodified {ctl.kind}")
+    if not records:
+        return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
+    held = [r for r in records if r.passed]
+    if held:
+        label = "no power" if mutation else "no teeth"
+        return ("no_power" if mutation else "no_teeth"), "; ".join(
+            f"{label}: claim {r.name!r} = {r.value_text} also holds on {name} (needs {r.requirement})" for r in held)
+    return "ok", f"{what} OK: " + "; ".join(
+        f"claim {r.name!r} failed on {name} as required ({r.value_text}, needs {r.requirement})" for r in records)
+
+
+def note_model(request: pytest.FixtureRequest, info: dict) -> None:
+    """Tell the report about a model a fixture provides.
+
+    ``info``: name, seed, key, content_hash, source ("reference" | "cache" | "trained" | anything
+    that says where it came from, e.g. "user"), metrics (a dict; ``metrics["history"]`` a list of
+    ``{"step", "loss", "acc", ...}`` for training curves), wall_time (seconds), provenance (free
+    text: where the weights come from). Callable from fixtures of any scope.
+    """
+    from .claims import _jsonable
+
+    if not isinstance(info, dict):
+        raise TypeError(f"note_model needs a dict, got {type(info).__name__}")
+    if not isinstance(info.get("name"), str) or not info["name"]:
+        raise ValueError("note_model: info needs a 'name'")
+    entry = dict(info)
+    metrics = dict(entry.get("metrics") or {})
+    hist = metrics.get("history")
+    if isinstance(hist, list) and len(hist) > _MAX_HISTORY:  # keep curves, not every step
+        step = -(-len(hist) // _MAX_HISTORY)
+        metrics["history"] = hist[::step] + ([hist[-1]] if (len(hist) - 1) % step else [])
+    if metrics:
+        entry["metrics"] = metrics
+    entry = _jsonable(entry)
+    plugin = get_plugin(request.config)
+    node = request.node
+    item = node if isinstance(node, pytest.Item) else plugin.current_item
+    if item is not None:
+        item.user_properties.append(("circuits_model", entry))
+    else:
+        plugin.pending_models.append(entry)
