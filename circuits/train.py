@@ -13,9 +13,12 @@ machine (tests/test_train.py checks it in two fresh processes).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import CircuitsError, InputError
 from .model import HookedTransformer
 
 # Bumped whenever a change here alters what training produces: part of every model-store key, so a
@@ -237,28 +240,98 @@ def training_slot_path() -> Path:
     return Path(tempfile.gettempdir()) / "circuits-multithreaded-training.lock"
 
 
+def _slot_owner_path() -> Path:
+    return training_slot_path().with_name("circuits-multithreaded-training.owner.json")
+
+
+_slot_depth = threading.local()
+
+
 @contextlib.contextmanager
-def training_slot(threads: int, progress=None):
+def training_slot(threads: int, progress=None, timeout: Optional[float] = None):
     """A training on more than one thread holds the machine's multi-threaded training slot (a file
     lock), so two of them (e.g. in two xdist workers) run one after the other: at once they
     oversubscribe the cores, and two 2-thread bracket trainings on 2 cores ran 5x slower side by side
-    (92 s each for 2,000 steps) than one after the other (18 s). One-thread trainings run freely."""
-    if threads <= 1:
+    (92 s each for 2,000 steps) than one after the other (18 s). One-thread trainings run freely.
+
+    The holder writes who it is (pid, host, model) next to the lock; a waiter gives up after
+    ``timeout`` seconds (default ``$CIRCUITS_LOCK_TIMEOUT``) with a LockTimeoutError naming it. Inside
+    a model-store build the waiter lets go of that model's lock while it waits (store.
+    build_lock_released), so nobody holds one lock while waiting for the other, and if another
+    process stores the model meanwhile this build is dropped and theirs reused. Re-entrant per thread."""
+    if threads <= 1 or getattr(_slot_depth, "n", 0):
         yield
         return
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(training_slot_path()))
+    from .store import (LOCK_TIMEOUT_ENV, LockTimeoutError, _os_error, build_lock_released, current_build_label,
+                        describe_owner, lock_timeout_from_env, owner_record)
+    from .atomic import write_bytes_atomic
+
+    timeout = lock_timeout_from_env() if timeout is None else float(timeout)
+    path, owner = training_slot_path(), _slot_owner_path()
+    lock = FileLock(str(path))
+    held = False
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if progress is not None:
-            progress(0, 1, {"waiting": "for another multi-threaded training to finish"})
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+            held = True
+        except Timeout:
+            holder = describe_owner(owner)
+            if progress is not None:
+                progress(0, 1, {"waiting": f"for the multi-threaded training slot: {holder}"})
+            with build_lock_released():
+                try:
+                    lock.acquire(timeout=timeout)
+                    held = True
+                except Timeout:
+                    raise LockTimeoutError(
+                        f"waited {timeout:g} s for the machine's multi-threaded training slot ({path}): "
+                        f"{describe_owner(owner)}. Wait for that training, train on one thread, or raise "
+                        f"${LOCK_TIMEOUT_ENV} (seconds)."
+                    ) from None
+    except BaseException as e:
+        if held:
+            lock.release()
+        if isinstance(e, OSError) and not isinstance(e, CircuitsError):  # e.g. the lock path is a folder
+            raise _os_error(e, f"cannot take the multi-threaded training slot {path}") from None
+        raise
+    action = f"training {current_build_label() or 'a model'} on {threads} threads"
+    with contextlib.suppress(OSError):
+        write_bytes_atomic(owner, json.dumps(owner_record(action, model=current_build_label())).encode())
+    _slot_depth.n = 1
     try:
         yield
     finally:
+        _slot_depth.n = 0
+        with contextlib.suppress(OSError):
+            owner.unlink()
         lock.release()
+
+
+_DEVICE_RE = re.compile(r"(cpu|cuda|mps)(:\d+)?")
+
+
+def check_device(device) -> str:
+    """``device`` if torch can use it here ("cpu", "cuda", "cuda:N", "mps"), else a SettingError
+    saying why -- checked before any training, so a typo does not cost a trained model."""
+    from .errors import SettingError
+
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device.strip()):
+        raise SettingError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or mps")
+    device = device.strip()
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(f"device {device!r}: CUDA is not available on this machine (use --device cpu)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise SettingError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SettingError(f"device {device!r}: MPS is not available on this machine (use --device cpu)")
+    elif kind == "cpu" and index not in ("", "0"):
+        raise SettingError(f"device {device!r}: use cpu")
+    return device
 
 
 def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResult:

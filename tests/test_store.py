@@ -666,3 +666,117 @@ def test_waiting_build_lets_go_of_the_entry_lock(tmp_path):
     assert current_build_label() is None
     with build_lock_released():  # outside a build: nothing to release
         pass
+
+
+# ---------------------------------------------------------------------------------------------- training slot
+
+
+@pytest.fixture
+def slot_path(tmp_path, monkeypatch):
+    from circuits import train as T
+
+    path = tmp_path / "slot" / "circuits-multithreaded-training.lock"
+    path.parent.mkdir()
+    monkeypatch.setattr(T, "training_slot_path", lambda: path)
+    return path
+
+
+def _hold_slot_in_thread(release: "threading.Event", during=None):
+    """Another 'training' holding the slot (a thread: flock locks are per open file, so it conflicts)."""
+    import threading
+
+    from circuits import train as T
+
+    entered = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            with T.training_slot(2):
+                entered.set()
+                if during is not None:
+                    during()
+                release.wait(30)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+            entered.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(30)
+    return t, errors
+
+
+def test_training_slot_honours_the_lock_timeout_and_names_its_holder(slot_path, monkeypatch):
+    """The slot used to wait forever, ignore CIRCUITS_LOCK_TIMEOUT and never say who held it."""
+    import threading
+
+    from circuits import train as T
+
+    release = threading.Event()
+    t, errors = _hold_slot_in_thread(release)
+    try:
+        owner = json.loads(slot_path.with_name("circuits-multithreaded-training.owner.json").read_text())
+        assert owner["pid"] == os.getpid() and "on 2 threads" in owner["action"]
+        monkeypatch.setenv("CIRCUITS_LOCK_TIMEOUT", "0.2")
+        seen = []
+        with pytest.raises(LockTimeoutError) as exc:
+            with T.training_slot(2, progress=lambda *a: seen.append(a[2])):
+                pass
+        msg = str(exc.value)
+        assert "0.2 s" in msg and f"pid {os.getpid()}" in msg and "CIRCUITS_LOCK_TIMEOUT" in msg
+        assert "waiting" in seen[0] and f"pid {os.getpid()}" in seen[0]["waiting"]
+        with T.training_slot(1):  # one thread: never waits
+            pass
+    finally:
+        release.set()
+        t.join()
+    assert not errors
+    with T.training_slot(2, timeout=0):  # free again, and the sidecar is gone
+        assert T._slot_owner_path().exists()
+    assert not T._slot_owner_path().exists()
+
+
+def test_training_slot_waiter_lets_go_of_its_model_lock(slot_path, tmp_path):
+    """While a build waits for the slot, the entry's lock is free (no lock-order deadlock); when the
+    other process stores the model meanwhile, the waiter reuses it instead of training again."""
+    import threading
+
+    from circuits import train as T
+
+    waiting = threading.Event()
+    release = threading.Event()
+    s = ModelStore(tmp_path / "store", lock_timeout=30)
+    other = ModelStore(tmp_path / "store", lock_timeout=0.5)
+    key = spec_key(SPEC)
+    checks = []
+
+    def meanwhile():
+        assert waiting.wait(30)
+        deadline = time.monotonic() + 30
+        while other.holder(key) is not None:  # the waiter let go of the model lock
+            assert time.monotonic() < deadline, "the waiter kept its model lock"
+            time.sleep(0.02)
+        checks.append("free")
+        other.save(key, make_state(seed=7), {"spec": SPEC})  # trained by the slot's holder meanwhile
+        release.set()
+
+    t, errors = _hold_slot_in_thread(release, during=meanwhile)
+
+    def build():
+        with T.training_slot(2, progress=lambda *a: waiting.set(), timeout=30):
+            pytest.fail("the build must be dropped: the model was stored while it waited")
+
+    sd, card, created = s.get_or_create(SPEC, build)
+    t.join()
+    assert not errors and checks == ["free"] and not created
+    assert_same(sd, {k: v.contiguous() for k, v in make_state(seed=7).items()})
+
+
+def test_training_slot_lock_path_that_is_a_folder(slot_path):
+    from circuits import train as T
+
+    slot_path.mkdir()
+    with pytest.raises(StoreError, match="cannot take the multi-threaded training slot .*a folder"):
+        with T.training_slot(2):
+            pass
