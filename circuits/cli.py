@@ -9,6 +9,7 @@
   (NAME: a zoo entry, or an assoc_* experiment; its seed-0 reference is fixtures/models/NAME_s0.*)
   report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
                                     the HTML path
+  report [RUN] --promote-baseline   copy the run to reports/baseline/ (what --compare baseline reads)
 """
 
 from __future__ import annotations
@@ -158,10 +159,14 @@ def _print_card(card: dict) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import resolve_report
+    from .report import resolve_report, set_baseline
 
     path = resolve_report(args.run or "latest", Path(args.report_dir))
     run_dir = Path(path).parent
+    if args.promote_baseline:
+        dest = set_baseline(run_dir, Path(args.report_dir))
+        print(f"baseline <- {run_dir.name}: {dest}")
+        return 0
     if args.open:
         print(run_dir / "report.html")
         return 0
@@ -190,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("run", nargs="?", default=None, help="run id, path, 'latest' or 'baseline'")
     p.add_argument("--report-dir", default=str(Path(__file__).resolve().parent.parent / "reports"))
     p.add_argument("--open", action="store_true", help="print the HTML report's path")
+    p.add_argument("--promote-baseline", action="store_true",
+                   help="copy the run (default: latest) to <report-dir>/baseline/, what --compare baseline reads")
     p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     try:

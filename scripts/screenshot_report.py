@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Screenshot an HTML report with headless Chromium: ``python scripts/screenshot_report.py PATH.html OUT.png``.
 
+``--full`` captures a window tall enough for the whole page (``--max-height``), measures the page's
+height (the last row that is not background) and saves it cut into ``--tile``-pixel tiles next to OUT
+(``OUT-01.png``, ...), small enough to look at. ``--fragment fig-3`` opens ``PATH.html#fig-3`` (e.g.
+to see a figure's click-to-enlarge view).
+
 Needs a Chromium binary (Debian: ``apt-get install -y chromium``); set ``CHROMIUM`` to use another.
 The page is self-contained, so no network is needed; background networking is switched off anyway.
 """
@@ -29,17 +34,19 @@ def find_chromium() -> str:
     raise SystemExit("no Chromium found (apt-get install -y chromium, or set CHROMIUM=/path/to/chrome)")
 
 
-def screenshot(html: Path, out: Path, width: int = 1280, height: int = 2400, timeout: float = 120.0) -> Path:
+def screenshot(html: Path, out: Path, width: int = 1400, height: int = 3000, timeout: float = 180.0,
+               fragment: str | None = None) -> Path:
     html, out = Path(html).resolve(), Path(out).resolve()
     if not html.is_file():
         raise SystemExit(f"no such file: {html}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    url = html.as_uri() + (f"#{fragment}" if fragment else "")
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         cmd = [
             find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out}",
-            f"--window-size={width},{height}", html.as_uri(),
+            f"--window-size={width},{height}", url,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if not out.is_file():
@@ -47,14 +54,48 @@ def screenshot(html: Path, out: Path, width: int = 1280, height: int = 2400, tim
     return out
 
 
+def content_height(png: Path) -> int:
+    """Rows down to the last one that differs from the background (the top-left pixel's colour)."""
+    from PIL import Image, ImageChops
+
+    im = Image.open(png).convert("RGB")
+    bg = Image.new("RGB", im.size, im.getpixel((0, 0)))
+    box = ImageChops.difference(im, bg).getbbox()
+    return 0 if box is None else box[3]
+
+
+def tiles(png: Path, height: int, tile: int) -> list[Path]:
+    from PIL import Image
+
+    im = Image.open(png)
+    out = []
+    for i, top in enumerate(range(0, height, tile), start=1):
+        p = png.with_name(f"{png.stem}-{i:02d}.png")
+        im.crop((0, top, im.width, min(height, top + tile))).save(p)
+        out.append(p)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("html", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=2400)
+    ap.add_argument("--width", type=int, default=1400)
+    ap.add_argument("--height", type=int, default=3000)
+    ap.add_argument("--fragment", default=None, help="open PATH.html#FRAGMENT")
+    ap.add_argument("--full", action="store_true", help="capture the whole page, print its height, cut it in tiles")
+    ap.add_argument("--max-height", type=int, default=16000, help="window height for --full")
+    ap.add_argument("--tile", type=int, default=3000)
     args = ap.parse_args(argv)
-    print(screenshot(args.html, args.out, args.width, args.height))
+    if not args.full:
+        print(screenshot(args.html, args.out, args.width, args.height, fragment=args.fragment))
+        return 0
+    shot = screenshot(args.html, args.out, args.width, args.max_height, fragment=args.fragment)
+    h = content_height(shot)
+    clipped = " (at least: the page reaches --max-height)" if h >= args.max_height - 1 else ""
+    print(f"page height: {h} px{clipped}")
+    for p in tiles(shot, h, args.tile):
+        print(p)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""report.py / report_html.py / figures.py without pytest-in-pytest: collector, writing, compare, baseline."""
+"""circuits/report/ and figures.py without pytest-in-pytest: collector, writing, compare, baseline, the views."""
 
 import json
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import pytest
 from circuits import report as rp
 from circuits.claims import Claims
 from circuits.figures import Figures, FigureNameError, render_png, training_curves_svg
-from circuits.report_html import render_html
+from circuits.report import render_html
 
 
 def rep(nodeid, when, outcome, props=(), duration=0.01, longrepr=None, **kw):
@@ -90,11 +90,11 @@ def test_compare_reports_flips_moves_added_removed():
     assert cmp_["against"]["run_id"] == "old"
     assert [(r["name"], r["control"], r["before"], r["after"]) for r in cmp_["flipped"]] == [
         ("a", None, True, False), ("a", "u", False, True)]
-    assert cmp_["counts"] == {"matched": 3, "flipped": 2, "to_fail": 1, "to_pass": 1}
+    assert cmp_["counts"] == {"matched": 3, "flipped": 2, "to_fail": 1, "to_pass": 1, "moved": 1, "not_run": 0}
     assert [r["name"] for r in cmp_["moved"]][0] == "a" and cmp_["moved"][0]["delta"] == pytest.approx(0.5)
     assert [c["name"] for c in cmp_["added"]] == ["new"] and [c["name"] for c in cmp_["removed"]] == ["gone"]
-    md = rp._compare_md(cmp_)
-    assert any("⇄" in line for line in md)
+    md = rp.render_markdown({"run_id": "x", "claims": [], "compare": cmp_})
+    assert "⇄ flipped" in md and "1 gone" in md
 
 
 def test_write_run_is_strict_json_and_self_contained_html(tmp_path):
@@ -125,8 +125,9 @@ def test_write_run_is_strict_json_and_self_contained_html(tmp_path):
     assert "pattern &lt;b&gt;" in html and "http://" not in html and "https://" not in html
     assert "<link" not in html and "<script" not in html
     md = paths["md"].read_text()
-    assert "| test | claim | measured | op | threshold | margin | result | controls |" in md
-    assert "`r`" in md and "❌ **FAIL**" in md and "untrained ✗ held" in md
+    assert "| test | claim | measured | op | threshold | margin | result | controls (value, margin) |" in md
+    assert "| r ⚠ generic controls only |" in md and "❌ **FAIL**" in md
+    assert "untrained ✗ held 0.95 (needs &gt;= 0.90, margin +0.05)" in md
 
 
 def test_resolve_load_baseline_and_cli(tmp_path, capsys):
@@ -146,8 +147,12 @@ def test_resolve_load_baseline_and_cli(tmp_path, capsys):
     assert dest == reports / "baseline" / "report.json"
     assert json.loads(dest.read_text())["baseline_of"] == "r1"
     assert rp.load_report("baseline", reports)["run_id"] == "r1"
-    assert rp.main(["baseline", "r1", "--report-dir", str(reports)]) == 0
-    assert rp.main(["baseline", "zzz", "--report-dir", str(reports)]) == 2
+    from circuits.cli import main as cli
+
+    (reports / "baseline" / "report.json").unlink()
+    assert cli(["report", "r1", "--promote-baseline", "--report-dir", str(reports)]) == 0
+    assert json.loads(dest.read_text())["baseline_of"] == "r1"
+    assert cli(["report", "zzz", "--promote-baseline", "--report-dir", str(reports)]) == 2
     assert "no report for 'zzz'" in capsys.readouterr().err
 
 
@@ -156,7 +161,8 @@ def test_terminal_lines_and_margins():
     lines = [text for text, _ in rp.terminal_lines(report)]
     assert lines[0].split() == ["test", "claim", "measured", "op", "threshold", "margin", "result"]
     assert any("↳ control untrained" in ln and "NO TEETH" in ln for ln in lines)
-    assert any(ln.startswith("test_acc") and ln.rstrip().endswith("FAIL") and "−0.28" in ln for ln in lines)
+    assert any(ln.startswith("test_acc") and ln.rstrip().endswith("FAIL (generic controls only)") and "−0.28" in ln
+               for ln in lines)
     assert rp.fmt_margin(0.05) == "+0.05" and rp.fmt_margin(None) == "—"
 
 
@@ -235,3 +241,210 @@ def test_screenshot_script_renders_a_report(tmp_path):
     subprocess.run([sys.executable, str(script), str(paths["html"]), str(out), "--height", "600"], check=True,
                    capture_output=True, timeout=120)
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+# --- issue 14: escaping, noise floor, subsets, models table, one-line summary, page layout -------------------
+
+
+def test_markdown_escapes_html_and_table_syntax_from_tests():
+    col = rp.RunCollector()
+    nodeid = "hyp/test_m.py::test_x"
+    props = [meta(nodeid, nodeid), ("circuits_claim", {"name": "<script>alert(1)</script>", "op": "at_least",
+                                                       "value": 1.0, "passed": True, "requirement": ">= 0.5",
+                                                       "value_text": "1", "margin": 0.5, "detail": "a|b <img src=x>"}),
+             ("circuits_claim", {"name": "x|y *bold* [l](u)", "op": "holds", "value": None, "passed": False,
+                                 "requirement": "holds", "value_text": "False", "message": "no <b>"})]
+    col.add_test_report(rep(nodeid, "call", "failed", props, longrepr="E   AssertionError: <b>x</b> | y"))
+    md = rp.render_markdown(col.build(run_id="r`1"))
+    assert "<script>" not in md and "<img" not in md and "<b>" not in md
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert "x\\|y \\*bold\\* \\[l\\](u)" in md  # the table keeps its columns, no emphasis or link
+    for line in md.splitlines():
+        if line.startswith("| test_x"):  # every claim row has exactly the header's 9 separators
+            assert line.replace("\\|", "").count("|") == 9, line
+    assert rp.md_escape("a\nb") == "a b"
+
+
+def test_compare_noise_floor_and_subset_runs():
+    before = {"run_id": "old", "claims": [_claim("noise", True, 0.1, "0.9"), _claim("real", True, 0.1, "0.9"),
+                                          _claim("other", True, 0.1, "1", group="m::t2"),
+                                          _claim("dropped", True, 0.1, "1")]}
+    before["claims"][0]["value"] = before["claims"][1]["value"] = 0.9
+    after = {"claims": [{**_claim("noise", True, 0.1 + 6e-10, "0.9"), "value": 0.9 + 6e-10},
+                        {**_claim("real", True, 0.1 - 0.002, "0.898"), "value": 0.898}],
+             "tests": [{"nodeid": "m::t", "group": "m::t", "control": None, "seed": None, "outcome": "passed"}]}
+    cmp_ = rp.compare_reports(after, before)
+    moved = {r["name"]: r["moved"] for r in cmp_["moved"]}
+    assert moved == {"noise": False, "real": True}  # 6e-10 is float noise; 0.002 on 0.9 is not
+    assert [r["name"] for r in rp.compare_display_rows(cmp_)] == ["real"]
+    # m::t2 did not run in this run: "not run", never "gone"; m::t ran without "dropped": gone
+    assert [c["name"] for c in cmp_["removed"]] == ["dropped"] and cmp_["counts"]["not_run"] == 1
+    md = rp.render_markdown({"run_id": "x", "claims": [], "compare": cmp_})
+    assert "1 gone, 1 not run in this run" in md and "\\|Δ\\| &gt; 1e-06 and &gt; 0.0001 × \\|value\\|" in md
+    assert rp.ABS_TOL == 1e-6 and rp.REL_TOL == 1e-4
+
+
+def test_models_table_puts_held_out_metrics_first():
+    metrics = {"acc": 0.9, "elapsed": 3.0, "eval_loss": 0.3, "eval_acc": 0.91, "history": [], "loss": 0.2,
+               "lr": 1e-3, "step": 10, "test_loss": 0.25, "test_acc": 0.899}
+    assert [k for k, _ in rp.ordered_metrics(metrics)][:4] == ["test_acc", "test_loss", "eval_acc", "eval_loss"]
+    html = render_html({"run_id": "x", "claims": [], "tests": [], "models": [
+        {"name": "m", "seed": 0, "source": "reference", "metrics": metrics}]}, ".")
+    assert "test_acc 0.899, test_loss 0.25, eval_acc 0.91, eval_loss 0.3" in html
+
+
+def test_one_line_summary_and_terminal_end():
+    report = sample_collector().build(run_id="r1")
+    line = rp.one_line_summary(report)
+    assert line == "circuits: 1 claims held, 1 known failures, 1 no-teeth, 3 failed, 2 with generic controls only"
+    lines = rp.terminal_lines({**report, "_html_path": "reports/r1/report.html"})
+    assert lines[-1][0] == line + " — report: reports/r1/report.html"
+
+
+def test_page_rollup_toc_and_figures_next_to_their_claims(tmp_path):
+    from matplotlib.figure import Figure
+
+    col = sample_collector()
+    run_dir = tmp_path / "r1"
+    (run_dir / "figures").mkdir(parents=True)
+    fig = Figure(figsize=(5, 3))
+    fig.add_subplot().plot([0, 1])
+    (run_dir / "figures" / "f.png").write_bytes(render_png(fig))
+    col.add_properties("hyp/test_m.py::test_acc[main]",
+                       [("circuits_figure", {"name": "curve", "path": "figures/f.png"})])
+    html = render_html(col.build(run_id="r1"), run_dir)
+    assert '<a href="#m-hyp-test_m-py">' in html and 'id="m-hyp-test_m-py"' in html  # roll-up links to the module
+    # the figure comes right after its own test's claims table, before the next test's heading
+    i_claims, i_fig, i_next = html.index("<code>r</code>"), html.index('id="fig-1"'), html.index(">test_refuted<")
+    assert i_claims < i_fig < i_next
+    # click to enlarge: a :target lightbox on the figure itself (the PNG is embedded once), no script
+    assert 'href="#fig-1"' in html and "figure.fig:target" in html and html.count("data:image/png") == 1
+    assert 'style="width:68.0%"' in html  # a 500 px figure at 1.6x, in a 1176 px column
+    assert "<script" not in html
+
+
+def test_parametrized_cases_share_one_heading():
+    col = rp.RunCollector()
+    for k in (1, 2):
+        nodeid = f"hyp/test_m.py::test_sweep[{k}]"
+        props = [meta(nodeid, nodeid), *claim_props(**{f"k{k}": (1.0, 0.5)})]
+        col.add_test_report(rep(nodeid, "call", "passed", props))
+    (g,) = rp.views.test_groups(col.build(run_id="r"), "hyp/test_m.py")
+    assert g["group"] == "hyp/test_m.py::test_sweep" and [c["name"] for c in g["claims"]] == ["k1", "k2"]
+
+
+# --- issue 15 item 2: control values and the power matrix ----------------------------------------------------
+
+
+def power_collector():
+    """One test with a generic control, a hand-written control and a targeted mutation that the claim survives."""
+    col = rp.RunCollector()
+    g = "hyp/test_m.py::test_head"
+    runs = [(None, dict(score=(0.8, 0.5), other=(0.9, 0.5))),
+            ("untrained", dict(score=(0.1, 0.5), other=(0.2, 0.5))),
+            ("mutate:zero:L0H1", dict(score=(0.7, 0.5), other=(0.3, 0.5)))]
+    for spec, values in runs:
+        nodeid = g + ("[main]" if spec is None else f"[control={spec}]")
+        props = [meta(nodeid, g, control=spec), *claim_props(control=spec, **values)]
+        if spec:
+            outcome = "no_power" if spec.startswith("mutate:") else "ok"
+            props.append(("circuits_control", {"control": spec, "kind": "mutation" if spec.startswith("mutate:")
+                                               else "model", "outcome": outcome, "message": "m"}))
+        col.add_test_report(rep(nodeid, "call", "passed", props))
+    g2 = "hyp/test_m.py::test_generic"
+    for spec, v in ((None, 0.9), ("untrained", 0.1), ("shuffle_labels", 0.2)):
+        nodeid = g2 + ("[main]" if spec is None else f"[control={spec}]")
+        col.add_test_report(rep(nodeid, "call", "passed", [meta(nodeid, g2, control=spec),
+                                                           *claim_props(control=spec, acc=(v, 0.5))]))
+    return col.build(run_id="p")
+
+
+def test_controls_carry_value_requirement_margin_and_kind():
+    report = power_collector()
+    main = {c["name"]: c for c in report["claims"] if not c.get("control")}
+    (untrained, mutation) = main["score"]["controls"]
+    assert untrained == {**untrained, "control": "untrained", "kind": "control", "outcome": "failed", "value": 0.1,
+                         "value_text": "0.1", "requirement": ">= 0.5"}
+    assert untrained["margin"] == pytest.approx(-0.4)
+    assert mutation["kind"] == "mutation" and mutation["outcome"] == "held" and mutation["margin"] == pytest.approx(0.2)
+    assert not main["score"]["generic_only"] and main["acc"]["generic_only"]  # untrained + shuffle_labels only
+    assert report["summary"]["generic_only"] == 1 and report["summary"]["controls_no_power"] == 1
+    md = rp.render_markdown(report)
+    assert "untrained ✓ 0.1 (needs &gt;= 0.5, margin −0.4)" in md and "generic controls only" in md
+    lines = [t for t, _ in rp.terminal_lines(report)]
+    assert any("↳ mutation mutate:zero:L0H1" in ln and ">=" in ln and "+0.2" in ln and "NO POWER" in ln
+               for ln in lines)
+    assert any("↳ control untrained" in ln and "0.5" in ln and "−0.4" in ln and "OK (failed)" in ln for ln in lines)
+
+
+def test_power_matrix_cells():
+    report = power_collector()
+    pm = rp.power_matrix(report, "hyp/test_m.py")
+    assert pm["columns"] == [("shuffle_labels", "control"), ("untrained", "control"), ("mutate:zero:L0H1", "mutation")]
+    rows = {r["claim"]["name"]: r["cells"] for r in pm["rows"]}
+    assert set(rows) == {"score", "other", "acc"}
+    assert rp.views.cell_verdict(rows["score"]["mutate:zero:L0H1"]) == ("bad", "no power")
+    assert rp.views.cell_verdict(rows["other"]["mutate:zero:L0H1"]) == ("ok", "fails ✓")
+    assert rp.views.cell_verdict(rows["score"].get("shuffle_labels")) == ("na", "")
+    html = render_html(report, ".")
+    assert '<th class="grp" colspan="2">controls</th><th class="grp" colspan="1">mutations</th>' in html
+    assert '<td class="cell bad" title="' in html and "no power<br><span class=\"m\">0.7</span> (+0.2)" in html
+    assert "generic controls only" in html
+
+
+# --- issue 17 item 1: the robustness view ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [(0, 10, 0.0, 0.27753), (5, 10, 0.23659, 0.76341), (10, 10, 0.72247, 1.0),
+                                          (1, 2, 0.09453, 0.90547), (2, 3, 0.20765, 0.93851), (0, 0, 0.0, 1.0)])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    got = rp.wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+
+
+def seeds_report():
+    col = rp.RunCollector()
+    g = "hyp/test_m.py::test_acc"
+    for seed, acc, bind in ((None, 0.95, None), (0, 0.85, "L0H0"), (1, 0.93, "L1H0")):
+        nodeid = g + ("[main]" if seed is None else f"[seed={seed}]")
+        props = [meta(nodeid, g, seed=seed), *claim_props(seed=seed, acc=(acc, 0.9))]
+        if bind:
+            props[-1][1]["extra"] = {"binding": {"mirror_head": bind}}
+        col.add_test_report(rep(nodeid, "call", "passed" if acc >= 0.9 else "failed", props))
+    g2 = "hyp/test_m.py::test_refuted"
+    for seed in (0, 1):
+        nodeid = f"{g2}[seed={seed}]"
+        props = [meta(nodeid, g2, seed=seed), *claim_props(seed=seed, copy=(0.2, 0.8))]
+        col.add_test_report(rep(nodeid, "call", "skipped", props, wasxfail="refuted"))
+    return col.build(run_id="s")
+
+
+def test_robustness_view_groups_by_claim_with_reference_flips_and_expected_failures(tmp_path):
+    report = seeds_report()
+    acc, copy = rp.robustness(report)
+    assert acc["reference"]["passed"] and acc["reference"]["source"] == "this run"
+    assert [(s["seed"], s["passed"], s["flip"], s["binding"]) for s in acc["seeds"]] == [
+        (0, False, True, "mirror_head=L0H0"), (1, True, False, "mirror_head=L1H0")]
+    assert (acc["passed"], acc["n"]) == (1, 2) and acc["lo"] == pytest.approx(0.0945, abs=1e-4)
+    assert copy["expected_failure"] and copy["reference"] is None and copy["passed"] == 0
+    md = rp.render_markdown(report)
+    assert "seed 0: **fail** 0.85 (−0.05, mirror\\_head=L0H0) ⇄ flipped" in md
+    assert "known failure: expected to fail" in md and "seed 1: expected fail 0.2" in md
+    paths = rp.write_run(report, tmp_path / "s")
+    html = paths["html"].read_text()
+    assert "Robustness across seeds" in html and 'class="chip warn">seed 0: expected' in html
+    lines = [t for t, _ in rp.terminal_lines(report)]
+    assert any("test_acc acc: 1/2 (50%) Wilson 95% [9%, 91%]" in ln and "ref P 0.95; 0:F⇄ 1:P" in ln for ln in lines)
+    # the view comes before any figure in all outputs: it precedes the module sections
+    assert html.index('id="robustness"') < html.index('id="m-hyp-test_m-py"')
+    assert md.index("Pass rate across seeds") < md.index("### `hyp/test_m.py`")
+
+
+def test_robustness_reference_from_compare():
+    report = seeds_report()
+    report["claims"] = [c for c in report["claims"] if c.get("seed") is not None]
+    ref = {"run_id": "base", "claims": [{"group": "hyp/test_m.py::test_acc", "name": "acc", "seed": None,
+                                         "control": None, "passed": False, "value_text": "0.5", "margin": -0.4}]}
+    report["compare"] = rp.compare_reports(report, ref)
+    acc = rp.robustness(report)[0]
+    assert acc["reference"]["source"] == "base" and [s["flip"] for s in acc["seeds"]] == [False, True]

@@ -1,0 +1,528 @@
+"""report.html: one self-contained page (inline CSS, PNGs as data URIs, no script, no external resource).
+
+Reading order: the run's headline and a roll-up per system (hypotheses module) that is also the table
+of contents; problems; the comparison; the robustness view across seeds; then each module, test by
+test, with the test's claims (each control's value and margin beside them) directly followed by the
+figures that test drew; the module's power matrix; models; tests; the run's machine and commit.
+
+Figures are shown at the content column's width (small ones at 1.6x their pixels); clicking one
+enlarges it with a CSS ``:target`` lightbox (the figure element itself goes full screen, so the image
+is embedded once).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import struct
+from pathlib import Path
+from typing import Any
+
+from .compare import NOISE_FLOOR_TEXT, compare_display_rows
+from .machine import commit_text, versions_text
+from .views import (anchor, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
+                    modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness,
+                    test_groups, where)
+
+__all__ = ["render_html"]
+
+COLUMN_PX = 1176  # the content column: main's max-width minus its padding
+SMALL_FIGURE_SCALE = 1.6
+
+CSS = """
+:root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --pass:#1a7f37; --pass-bg:#dafbe1;
+  --fail:#cf222e; --fail-bg:#ffebe9; --warn:#9a6700; --warn-bg:#fff8c5; --accent:#0969da; }
+* { box-sizing: border-box; }
+html { scroll-behavior:smooth; }
+body { margin:0; font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+  color:var(--ink); background:#fff; }
+main { max-width:1240px; margin:0 auto; padding:28px 32px 60px; }
+a { color:var(--accent); text-decoration:none; } a:hover { text-decoration:underline; }
+h1 { font-size:26px; margin:0 0 4px; font-weight:650; letter-spacing:-.01em; }
+h2 { font-size:20px; margin:44px 0 6px; padding-bottom:6px; border-bottom:2px solid var(--line); font-weight:650; }
+h2 code { font-size:18px; }
+h3 { font-size:16px; margin:26px 0 6px; font-weight:620; }
+h3 .sub { font-weight:400; }
+code, .mono { font-family: ui-monospace,SFMono-Regular,"SF Mono",Menlo,Consolas,monospace; font-size:13px; }
+.sub { color:var(--muted); font-size:13.5px; }
+.lead { color:#3d444d; margin:4px 0 14px; max-width:960px; font-style:italic; }
+.oneline { font-weight:600; margin:10px 0 0; }
+.pills { display:flex; flex-wrap:wrap; gap:8px; margin:14px 0 6px; }
+.pill { border-radius:999px; padding:3px 12px; font-size:13.5px; font-weight:600; background:var(--bg);
+  border:1px solid var(--line); }
+.pill.pass { background:var(--pass-bg); color:var(--pass); border-color:#aceebb; }
+.pill.fail { background:var(--fail-bg); color:var(--fail); border-color:#ffcecb; }
+.pill.warn { background:var(--warn-bg); color:var(--warn); border-color:#eed888; }
+nav.toc { margin:8px 0 0; font-size:13.5px; }
+nav.toc a { margin-right:14px; }
+table { border-collapse:collapse; width:100%; margin:6px 0 4px; font-size:14px; }
+table.claims { table-layout:fixed; }
+th { text-align:left; font-weight:600; color:var(--muted); font-size:12px; text-transform:uppercase;
+  letter-spacing:.04em; padding:6px 8px; border-bottom:2px solid var(--line); }
+td { padding:6px 8px; border-bottom:1px solid var(--line); vertical-align:top; overflow-wrap:anywhere; }
+tr.fail td { background:#fff8f7; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.m { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; }
+.ok { color:var(--pass); } .bad { color:var(--fail); } .muted { color:var(--muted); } .warn { color:var(--warn); }
+.res { display:inline-block; min-width:52px; text-align:center; border-radius:6px; padding:1px 8px;
+  font-weight:700; font-size:12px; letter-spacing:.03em; }
+.res.PASS { background:var(--pass-bg); color:var(--pass); }
+.res.FAIL { background:var(--fail-bg); color:var(--fail); }
+.res.XFAIL { background:var(--warn-bg); color:var(--warn); }
+.badge { display:inline-block; margin-left:6px; padding:0 6px; border-radius:4px; font-size:11px; font-weight:600;
+  background:var(--warn-bg); color:var(--warn); border:1px solid #eed888; white-space:nowrap; }
+.badge.bad { background:var(--fail-bg); color:var(--fail); border-color:#ffcecb; }
+.note { color:var(--muted); font-size:12.5px; margin-top:2px; }
+.ctl { font-size:12.5px; line-height:1.45; margin:0 0 2px; padding-left:6px; border-left:3px solid var(--line); }
+.ctl.ok { border-color:#4ac26b; color:var(--ink); } .ctl.bad { border-color:var(--fail); background:var(--fail-bg); }
+.ctl.muted { color:var(--muted); }
+.ctl .k { font-weight:600; }
+.chip { display:inline-block; margin:1px 4px 2px 0; padding:0 7px; border-radius:5px; font-size:12.5px;
+  border:1px solid var(--line); }
+.chip.ok { background:var(--pass-bg); border-color:#aceebb; }
+.chip.bad { background:var(--fail-bg); border-color:#ffcecb; }
+.chip.warn { background:var(--warn-bg); border-color:#eed888; }
+.test { margin:0 0 10px; }
+.figs { display:flex; flex-direction:column; gap:14px; margin:12px 0 8px; }
+figure.fig { margin:0; border:1px solid var(--line); border-radius:8px; padding:10px; background:#fff; }
+figure.fig a.zoom { display:block; cursor:zoom-in; }
+figure.fig img { display:block; max-width:100%; height:auto; margin:0 auto; }
+figure.fig a.close { display:none; }
+figure.fig:target { position:fixed; inset:0; z-index:10; margin:0; border:0; border-radius:0; padding:28px 20px 12px;
+  background:rgba(24,26,30,.94); display:flex; flex-direction:column; align-items:center; justify-content:center; }
+figure.fig:target a.zoom { cursor:default; }
+figure.fig:target img { width:auto !important; max-width:96vw; max-height:86vh; background:#fff; border-radius:4px; }
+figure.fig:target figcaption { color:#e6e6e6; }
+figure.fig:target figcaption b { color:#fff; }
+figure.fig:target a.close { display:block; position:absolute; top:8px; right:20px; color:#fff; font-size:15px; }
+figcaption { font-size:13.5px; color:var(--muted); margin-top:6px; }
+figcaption b { color:var(--ink); font-weight:600; }
+.tag { display:inline-block; padding:0 6px; border-radius:4px; background:#ddf4ff; color:#0550ae; font-size:12px; }
+.scroll { overflow-x:auto; }
+table.pm td, table.pm th { font-size:12.5px; padding:4px 6px; }
+table.pm th { text-transform:none; letter-spacing:0; color:var(--ink); }
+table.pm th.grp { text-align:center; border-bottom:1px solid var(--line); }
+table.pm td.cell.ok { background:var(--pass-bg); }
+table.pm td.cell.bad { background:var(--fail-bg); color:var(--fail); }
+table.pm td.cell.muted { color:var(--muted); background:var(--bg); }
+.box { border:1px solid var(--line); border-radius:8px; padding:12px 16px; background:var(--bg); margin:10px 0; }
+.box.bad { background:var(--fail-bg); border-color:#ffcecb; }
+details summary { cursor:pointer; color:var(--accent); margin:8px 0; }
+dl.kv { display:grid; grid-template-columns:max-content 1fr; gap:2px 16px; font-size:13.5px; margin:6px 0; }
+dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; }
+.grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(360px,1fr)); gap:14px; margin:10px 0 8px; }
+.grid figure { margin:0; border:1px solid var(--line); border-radius:8px; padding:8px; }
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x if x is not None else ""))
+
+
+def render_html(report: dict, run_dir: Path | str) -> str:
+    run_dir = Path(run_dir)
+    counter = iter(range(1, 1 << 30))
+    parts = [_header(report), _rollup(report), _problems(report)]
+    if report.get("compare"):
+        parts.append(_compare(report["compare"]))
+    parts.append(_robustness(report))  # before any figure: it is what a seeds run is for
+    for module in modules_in_order(report):
+        parts.append(_module(report, module, run_dir, counter))
+    parts += [_models(report), _tests(report), _footer(report)]
+    title = f"circuits · {report.get('run_id')}"
+    body = "\n".join(p for p in parts if p)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+
+
+# --- top of the page ---------------------------------------------------------------------------------------
+
+
+def _header(report: dict) -> str:
+    s = report.get("summary", {})
+    pills = []
+    n, p = s.get("claims", 0), s.get("passed", 0)
+    pills.append(f'<span class="pill {"pass" if s.get("failed", 0) == 0 else "fail"}">{p}/{n} claims held</span>')
+    if s.get("failed"):
+        pills.append(f'<span class="pill fail">{s["failed"]} failed</span>')
+    if s.get("xfailed"):
+        pills.append(f'<span class="pill warn">{s["xfailed"]} known failures</span>')
+    if s.get("control_runs"):
+        bad = s["control_runs"] - s.get("controls_ok", 0)
+        pills.append(f'<span class="pill {"fail" if bad else "pass"}">controls {s.get("controls_ok", 0)}/'
+                     f'{s["control_runs"]} ok</span>')
+    if s.get("generic_only"):
+        pills.append(f'<span class="pill warn">{s["generic_only"]} with generic controls only</span>')
+    t = s.get("tests", {})
+    tb = t.get("failed", 0) + t.get("error", 0)
+    pills.append(f'<span class="pill {"fail" if tb else ""}">{sum(t.values())} tests'
+                 f'{f", {tb} failed/errored" if tb else ""}</span>')
+    if report.get("interrupted"):
+        pills.append('<span class="pill warn">interrupted: partial results</span>')
+    m = report.get("machine") or {}
+    created = str(report.get("created") or "").replace("T", " ")
+    commit = commit_text(report, " · dirty")
+    sub = (f'{_e(created)} · {report.get("duration_s", 0) or 0:.1f} s · commit <code>{_e(commit)}</code>'
+           f' · {_e(m.get("device"))} · python {_e(m.get("python"))} · torch {_e(m.get("torch"))}')
+    opts = report.get("options") or {}
+    extra = []
+    if opts.get("seeds"):
+        extra.append(f"seeds {', '.join(map(str, opts['seeds']))}")
+    if opts.get("retrain"):
+        extra.append("retrained")
+    if extra:
+        sub += " · " + _e(" · ".join(extra))
+    toc = [("#rollup", "systems")]
+    if _problem_items(report):
+        toc.append(("#problems", "problems"))
+    if report.get("compare"):
+        toc.append(("#compare", "comparison"))
+    if robustness(report):
+        toc.append(("#robustness", "robustness across seeds"))
+    if report.get("models"):
+        toc.append(("#models", "models"))
+    toc += [("#tests", "tests"), ("#run", "run")]
+    nav = "".join(f'<a href="{h}">{_e(t)}</a>' for h, t in toc)
+    one = one_line_summary({**report, "_html_path": None})
+    return (f'<header><h1>circuits run <span class="mono" style="font-size:22px">{_e(report.get("run_id"))}</span>'
+            f'</h1><div class="sub">{sub}</div><div class="pills">{"".join(pills)}</div>'
+            f'<div class="oneline">{_e(one)}</div><nav class="toc">{nav}</nav></header>')
+
+
+def _rollup(report: dict) -> str:
+    rows = module_rollup(report)
+    if not rows:
+        return ""
+    out = ['<section id="rollup"><h2>Systems</h2><table><thead><tr>'
+           '<th style="width:40%">system (hypotheses module)</th>'
+           '<th class="num">claims</th><th class="num">held</th><th class="num">known failures</th>'
+           '<th class="num">failed</th><th class="num" title="control / mutation cells where the claim failed as '
+           'required, of all">controls failed as required</th><th class="num">generic controls only</th>'
+           '<th class="num">figures</th><th class="num">time</th></tr></thead><tbody>']
+    for r in rows:
+        doc = r["doc"] if len(r["doc"]) <= 160 else r["doc"][:159] + "…"
+        failed = r["failed"] + r["errors"]
+        ctl_cls = "bad" if r["controls_held"] else ("ok" if r["controls_total"] else "muted")
+        out.append(
+            f'<tr class="{"fail" if failed else ""}"><td><a href="#{r["anchor"]}"><code>{_e(r["module"])}</code></a>'
+            f'<div class="note">{_e(doc)}</div></td><td class="num">{r["claims"]}</td>'
+            f'<td class="num ok">{r["held"]}</td><td class="num warn">{r["known"] or ""}</td>'
+            f'<td class="num {"bad" if failed else "muted"}">{failed}</td>'
+            f'<td class="num {ctl_cls}">{r["controls_failed"]}/{r["controls_total"]}</td>'
+            f'<td class="num {"warn" if r["generic_only"] else "muted"}">{r["generic_only"]}</td>'
+            f'<td class="num">{r["figures"]}</td><td class="num">{r["duration"]:.1f} s</td></tr>')
+    out.append("</tbody></table></section>")
+    return "\n".join(out)
+
+
+def _problem_items(report: dict) -> list[str]:
+    items = [f"<li>collection error in <code>{_e(e['nodeid'])}</code>: {_e(e.get('message'))}</li>"
+             for e in report.get("collection_errors", [])]
+    for r in report.get("control_runs", []):
+        if r.get("outcome") != "ok":
+            items.append(f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))}</li>")
+    for t in problem_tests(report):
+        items.append(f"<li><code>{_e(t['nodeid'])}</code> <b>{_e(t['outcome'])}</b>: {_e(t.get('message'))}</li>")
+    return items
+
+
+def _problems(report: dict) -> str:
+    items = _problem_items(report)
+    if not items:
+        return ""
+    return f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
+
+
+def _result(status: str) -> str:
+    label = {"XFAIL": "KNOWN FAILURE"}.get(status, status)
+    return f'<span class="res {_e(status)}">{_e(label)}</span>'
+
+
+def _compare(cmp_: dict) -> str:
+    a = cmp_["against"]
+    n = cmp_["counts"]
+    who = a.get("run_id") or a.get("path")
+    not_run = f' · {n["not_run"]} not run in this run' if n.get("not_run") else ""
+    out = [f'<section id="compare"><h2>Compared with <code>{_e(who)}</code></h2>',
+           f'<p class="sub">{n["matched"]} claims matched · <b class="{"bad" if n["to_fail"] else ""}">'
+           f'{n["to_fail"]} now failing</b> · <b class="ok">{n["to_pass"]} now passing</b> · '
+           f'{n.get("moved", 0)} moved · {len(cmp_["added"])} new · {len(cmp_["removed"])} gone{_e(not_run)}'
+           f'<br>{_e(NOISE_FLOOR_TEXT)}</p>']
+    rows = compare_display_rows(cmp_, limit=15)
+    if rows:
+        out.append("<table><thead><tr><th>test</th><th>claim</th><th>before</th><th>after</th>"
+                   "<th class='num'>margin moved</th></tr></thead><tbody>")
+        for r in rows:
+            flip = r["before"] != r["after"]
+            b = f'{_result("PASS" if r["before"] else "FAIL")} <span class="m">{_e(r["value_before"])}</span>'
+            af = f'{_result("PASS" if r["after"] else "FAIL")} <span class="m">{_e(r["value_after"])}</span>'
+            d = r.get("delta")
+            dcls = "" if not isinstance(d, (int, float)) else ("ok" if d >= 0 else "bad")
+            out.append(f'<tr class="{"fail" if flip and not r["after"] else ""}"><td class="sub">{_e(where(r))}</td>'
+                       f'<td><code>{_e(r["name"])}</code>{" <b>⇄ flipped</b>" if flip else ""}</td>'
+                       f'<td>{b}</td><td>{af}</td><td class="num {dcls}">{_e(fmt_margin(d))}</td></tr>')
+        out.append("</tbody></table>")
+    else:
+        out.append('<p class="sub">No claim flipped and no margin moved beyond the noise floor.</p>')
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _robustness(report: dict) -> str:
+    rows = robustness(report)
+    if not rows:
+        return ""
+    out = ['<section id="robustness"><h2>Robustness across seeds</h2>'
+           '<p class="sub">Each claim on every seed: value, margin and binding; the pass rate with its Wilson 95% '
+           'interval; ⇄ marks a seed whose verdict differs from the reference model\'s.</p>'
+           '<table><thead><tr><th style="width:22%">test · claim</th><th style="width:16%">reference</th>'
+           '<th>seeds</th><th style="width:17%">passed</th></tr></thead><tbody>']
+    for r in rows:
+        ref = r["reference"]
+        if ref is None:
+            ref_html = '<span class="muted">—</span>'
+        else:
+            ref_html = (f'{_result(ref.get("status") or ("PASS" if ref["passed"] else "FAIL"))} '
+                        f'<span class="m">{_e(ref["value_text"])}</span> '
+                        f'<span class="note">({_e(ref["source"])})</span>')
+        chips = []
+        for s in r["seeds"]:
+            if s["passed"]:
+                cls, verdict = "ok", "pass"
+            elif s["status"] == "XFAIL":
+                cls, verdict = "warn", "expected"
+            elif not s["reached"]:
+                cls, verdict = "bad", "not reached"
+            else:
+                cls, verdict = "bad", "fail"
+            binding = f' · {_e(s["binding"])}' if s["binding"] else ""
+            flip = ' <b title="differs from the reference">⇄</b>' if s["flip"] else ""
+            chips.append(f'<span class="chip {cls}">seed {_e(s["seed"])}: {verdict} <span class="m">'
+                         f'{_e(s["value_text"])}</span> ({_e(fmt_margin(s["margin"]))}){binding}{flip}</span>')
+        cls = "warn" if r["expected_failure"] else ("ok" if r["rate"] == 1 else "bad")
+        out.append(f'<tr><td><span class="sub">{_e(r["test"])}</span><br><code>{_e(r["name"])}</code></td>'
+                   f'<td>{ref_html}</td><td>{"".join(chips)}</td><td class="{cls}">{_e(rate_text(r))}</td></tr>')
+    out.append("</tbody></table></section>")
+    return "\n".join(out)
+
+
+# --- a module: tests, claims, figures, power matrix ---------------------------------------------------------
+
+
+def _module(report: dict, module: str, run_dir: Path, counter) -> str:
+    out = [f'<section id="{anchor(module)}"><h2><code>{_e(module)}</code></h2>']
+    doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
+    if doc:
+        out.append(f'<p class="lead">{_e(doc)}</p>')
+    for g in test_groups(report, module):
+        tdoc = f' <span class="sub">— {_e(g["doc"])}</span>' if g["doc"] else ""
+        out.append(f'<div class="test"><h3 id="{g["anchor"]}">{_e(g["group"].split("::", 1)[-1])}{tdoc}</h3>')
+        if g["claims"]:
+            out.append(_claims_table(g["claims"]))
+        main = [tf for tf in g["figures"] if not tf[0].get("control")]
+        ctl = [tf for tf in g["figures"] if tf[0].get("control")]
+        if main:
+            out.append(_figures(main, run_dir, counter, g["anchor"]))
+        if ctl:
+            out.append(f'<details><summary>figures on controls ({len(ctl)})</summary>'
+                       f'{_figures(ctl, run_dir, counter, g["anchor"])}</details>')
+        out.append("</div>")
+    out.append(_power_matrix(report, module))
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _claims_table(claims: list[dict]) -> str:
+    out = ['<table class="claims"><colgroup><col style="width:23%"><col style="width:13%"><col style="width:5%">'
+           '<col style="width:10%"><col style="width:8%"><col style="width:10%"><col></colgroup>'
+           "<thead><tr><th>claim</th><th>measured</th><th>op</th><th>threshold</th><th class='num'>margin</th>"
+           "<th>result</th><th>controls: value (needs, margin)</th></tr></thead><tbody>"]
+    for c in claims:
+        op, thr = op_text(c)
+        sub = " · ".join(_e(x) for x in (c.get("note"), c.get("detail"), c.get("problem")) if x)
+        sub = f'<div class="note">{sub}</div>' if sub else ""
+        case = case_label(c.get("group") or "")
+        seed = f' <span class="tag">[{_e(case)}]</span>' if case else ""
+        seed += f' <span class="tag">seed {_e(c["seed"])}</span>' if c.get("seed") is not None else ""
+        badge = ('<span class="badge" title="every control of this claim is generic (untrained / shuffled labels):'
+                 ' none targets the part it names">generic controls only</span>' if c.get("generic_only") else "")
+        m = c.get("margin")
+        mcell = (f'<td class="num {"ok" if m >= 0 else "bad"}">{_e(fmt_margin(m))}</td>'
+                 if isinstance(m, (int, float)) else '<td class="num muted">—</td>')
+        out.append(f'<tr class="{"fail" if c["status"] == "FAIL" else ""}" title="{_e(c.get("message"))}">'
+                   f'<td><code>{_e(c["name"])}</code>{seed}{badge}{_test_flag(c)}{sub}</td>'
+                   f'<td class="m">{_e(measured_text(c))}</td><td class="m">{_e(op)}</td><td class="m">{_e(thr)}</td>'
+                   f'{mcell}<td>{_result(c["status"])}</td><td>{_controls(c)}</td></tr>')
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _test_flag(c: dict) -> str:
+    out = c.get("test_outcome")
+    if out in ("failed", "error", "not finished", "interrupted") and c.get("passed"):
+        return (f'<span class="badge bad" title="the test itself {_e(out)} after recording this claim">'
+                f'test {_e(out)}</span>')
+    return ""
+
+
+def _controls(c: dict) -> str:
+    lines = []
+    for x in c.get("controls", []):
+        kind = "mutation " if x.get("kind") == "mutation" else ""
+        if x["outcome"] in ("failed", "held"):
+            cls = "ok" if x["outcome"] == "failed" else "bad"
+            verdict = ("fails ✓" if x["outcome"] == "failed" else
+                       "HOLDS ✗ no power" if kind else "HOLDS ✗ no teeth")
+            need = ("" if x.get("op") == "holds" else
+                    f'<span class="muted">(needs {_e(x.get("requirement"))}, margin {_e(fmt_margin(x.get("margin")))})'
+                    "</span>")
+            lines.append(f'<div class="ctl {cls}" title="{_e(x.get("message"))}"><span class="k">{kind}'
+                         f'{_e(x["control"])}</span> {verdict}: <span class="m">{_e(x.get("value_text"))}</span> '
+                         f'{need}</div>')
+        else:
+            word = "skipped" if x["outcome"] == "skipped" else "error"
+            lines.append(f'<div class="ctl {"muted" if word == "skipped" else "bad"}" title="{_e(x.get("message"))}">'
+                         f'<span class="k">{kind}{_e(x["control"])}</span> {word}</div>')
+    return "".join(lines) or '<span class="muted">—</span>'
+
+
+def _png_size(png: bytes) -> tuple[int, int] | None:
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return None
+    return struct.unpack(">II", png[16:24])
+
+
+def _figures(items: list[tuple[dict, dict]], run_dir: Path, counter, back: str) -> str:
+    cells = []
+    for t, f in items:
+        fid = f"fig-{next(counter)}"
+        png = _read(run_dir, f.get("path"))
+        variant = " · ".join(x for x in (case_label(t.get("group") or ""),
+                                         f"control {t['control']}" if t.get("control") else "",
+                                         f"seed {t['seed']}" if t.get("seed") is not None else "") if x)
+        cap = f'<b>{_e(f["name"])}</b>' + (f' <span class="tag">{_e(variant)}</span>' if variant else "")
+        cap += f" — {_e(f.get('caption'))}" if f.get("caption") else ""
+        if not png:
+            cells.append(f'<figure class="fig"><div class="muted">(figure file missing)</div>'
+                         f'<figcaption>{cap}</figcaption></figure>')
+            continue
+        size = _png_size(png)
+        style = ""
+        if size:
+            # legible without zooming: the column's width; small figures at 1.6x rather than blown up
+            shown = COLUMN_PX if size[0] >= COLUMN_PX / SMALL_FIGURE_SCALE else size[0] * SMALL_FIGURE_SCALE
+            style = f' style="width:{min(100.0, 100.0 * shown / COLUMN_PX):.1f}%"'
+        dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+        img = (f'<img alt="{_e(f["name"])}"{dims}{style} '
+               f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        cells.append(f'<figure class="fig" id="{fid}"><a class="zoom" href="#{fid}" title="click to enlarge">{img}</a>'
+                     f'<a class="close" href="#{back}">close ✕</a><figcaption>{cap}</figcaption></figure>')
+    return f'<div class="figs">{"".join(cells)}</div>'
+
+
+def _read(run_dir: Path, rel: str | None) -> bytes | None:
+    if not rel:
+        return None
+    try:
+        return (run_dir / rel).read_bytes()
+    except OSError:
+        return None
+
+
+def _power_matrix(report: dict, module: str) -> str:
+    pm = power_matrix(report, module)
+    if not pm or not pm["rows"]:
+        return ""
+    kinds = [k for _, k in pm["columns"]]
+    n_ctl, n_mut = kinds.count("control"), kinds.count("mutation")
+    groups = ""
+    if n_mut:
+        groups = ('<tr><th></th>' + (f'<th class="grp" colspan="{n_ctl}">controls</th>' if n_ctl else "") +
+                  f'<th class="grp" colspan="{n_mut}">mutations</th></tr>')
+    head = "".join(f"<th>{_e(spec)}</th>" for spec, _ in pm["columns"])
+    out = [f'<h3>Power matrix <span class="sub">— each claim on each control / mutation: green = failed as required, '
+           f'red = held (no teeth / no power)</span></h3><div class="scroll"><table class="pm"><thead>{groups}'
+           f'<tr><th>test · claim</th>{head}</tr></thead><tbody>']
+    for row in pm["rows"]:
+        c = row["claim"]
+        cells = []
+        for spec, _ in pm["columns"]:
+            x = row["cells"].get(spec)
+            cls, verdict = cell_verdict(x)
+            if x is None:
+                cells.append('<td class="cell"></td>')
+                continue
+            val = (f'<br><span class="m">{_e(x["value_text"])}</span> ({_e(fmt_margin(x.get("margin")))})'
+                   if x.get("value_text") else "")
+            cells.append(f'<td class="cell {cls}" title="{_e(x.get("message"))}">{_e(verdict)}{val}</td>')
+        seed = f" (seed {c['seed']})" if c.get("seed") is not None else ""
+        badge = '<span class="badge">generic only</span>' if c.get("generic_only") else ""
+        out.append(f'<tr><td><span class="sub">{_e((c.get("group") or "").split("::", 1)[-1])}{_e(seed)}</span><br>'
+                   f'<code>{_e(c["name"])}</code>{badge}</td>{"".join(cells)}</tr>')
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
+# --- the rest ----------------------------------------------------------------------------------------------
+
+
+def _models(report: dict) -> str:
+    models = report.get("models", [])
+    if not models:
+        return ""
+    from ..figures import training_curves_svg
+
+    out = ['<section id="models"><h2>Models</h2><table><thead><tr><th>model</th><th>seed</th><th>source</th>'
+           "<th>key</th><th>final metrics (held-out first)</th><th class='num'>time</th></tr></thead><tbody>"]
+    curves = []
+    for m in models:
+        key = (m.get("content_hash") or m.get("key") or "")[:12]
+        wt = m.get("wall_time")
+        out.append(f'<tr><td><code>{_e(m.get("name"))}</code></td><td>{_e(m.get("seed"))}</td>'
+                   f'<td>{_e(m.get("source"))}</td><td class="m">{_e(key)}</td>'
+                   f'<td class="sub">{_e(metrics_text(m.get("metrics")))}</td>'
+                   f'<td class="num">{f"{wt:.1f} s" if isinstance(wt, (int, float)) else "—"}</td></tr>')
+        try:
+            svg = training_curves_svg(m)
+        except Exception:  # a malformed history must not cost the report
+            svg = None
+        if svg:
+            curves.append(f'<figure>{svg}<figcaption><b>{_e(m.get("name"))}</b> training curve '
+                          f'({_e(m.get("source"))})</figcaption></figure>')
+    out.append("</tbody></table>")
+    if curves:
+        out.append(f'<details><summary>training curves ({len(curves)})</summary><div class="grid">{"".join(curves)}'
+                   "</div></details>")
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _tests(report: dict) -> str:
+    tests = report.get("tests", [])
+    if not tests:
+        return ""
+    cls = {"passed": "ok", "failed": "bad", "error": "bad", "xpassed": "bad", "not finished": "bad",
+           "interrupted": "bad"}
+    out = [f'<section id="tests"><h2>Tests</h2><details><summary>{len(tests)} tests, '
+           f"{sum(t.get('duration') or 0 for t in tests):.1f} s in total</summary>"
+           "<table><thead><tr><th>test</th><th>outcome</th><th class='num'>duration</th><th>message</th>"
+           "</tr></thead><tbody>"]
+    for t in sorted(tests, key=lambda t: t["nodeid"]):
+        out.append(f'<tr><td class="m">{_e(t["nodeid"])}</td><td class="{cls.get(t["outcome"], "muted")}">'
+                   f'{_e(t["outcome"])}</td><td class="num">{(t.get("duration") or 0):.2f} s</td>'
+                   f'<td class="sub">{_e(t.get("message") or t.get("xfail_reason") or "")}</td></tr>')
+    out.append("</tbody></table></details></section>")
+    return "\n".join(out)
+
+
+def _footer(report: dict) -> str:
+    m = report.get("machine") or {}
+    g = report.get("git") or {}
+    cmd = " ".join((report.get("command") or {}).get("args") or [])
+    kv = [("run", report.get("run_id")), ("summary", headline(report)), ("commit", g.get("commit") or "no git"),
+          ("branch", g.get("branch")), ("command", f"pytest {cmd}"), ("platform", m.get("platform")),
+          ("cpus", f'{m.get("cpus_usable")} usable of {m.get("cpu_count")}'),
+          ("versions", versions_text(report)), ("exit status", report.get("exitstatus"))]
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in kv if v is not None)
+    return f'<section id="run"><h2>Run</h2><dl class="kv">{rows}</dl></section>'

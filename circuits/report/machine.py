@@ -1,0 +1,75 @@
+"""Where and from what a run ran: machine, library versions, git commit. The one place that asks.
+
+A leaf module: the collector stores what these return, and the renderers show it through
+:func:`commit_text` / :func:`versions_text`, so a change of wording happens here once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+__all__ = ["machine_info", "git_info", "now_iso", "commit_text", "versions_text"]
+
+
+def machine_info(device: str = "cpu") -> dict:
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "numpy": version("numpy"),
+        "pytest": version("pytest"),
+        "circuits": version("pytest-circuits"),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "device": device,
+    }
+
+
+def git_info(cwd: Path | str) -> dict:
+    """Commit, dirty flag and branch via ``git``; all None where there is no git or no repo."""
+    def run(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = run("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "branch": None}
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None,
+            "branch": run("rev-parse", "--abbrev-ref", "HEAD")}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def commit_text(report: dict, dirty_mark: str = " (dirty)") -> str:
+    """``1a2b3c4d5e (dirty)``, or ``no git``."""
+    g = report.get("git") or {}
+    return (g.get("commit") or "no git")[:10] + (dirty_mark if g.get("dirty") else "")
+
+
+def versions_text(report: dict) -> str:
+    m = report.get("machine") or {}
+    return (f'python {m.get("python")}, torch {m.get("torch")}, numpy {m.get("numpy")}, '
+            f'pytest {m.get("pytest")}, circuits {m.get("circuits")}')

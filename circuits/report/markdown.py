@@ -1,0 +1,166 @@
+"""report.md: the run as GitHub-flavoured Markdown (the CI job summary).
+
+Everything that comes from a test (claim names, details, reasons, messages) is escaped: a job summary
+renders HTML, so a claim named ``<script>`` or containing ``|`` must come out as text, not markup.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+from .compare import NOISE_FLOOR_TEXT, compare_display_rows
+from .machine import commit_text
+from .views import (cell_verdict, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
+                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, test_label, where)
+
+__all__ = ["render_markdown", "md_escape", "md_code"]
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~!{}])")
+
+
+def md_escape(text: Any) -> str:
+    """Text that renders as itself in a GFM table cell: HTML entities, markdown punctuation escaped."""
+    s = html.escape(str(text if text is not None else ""), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", s).replace("\r", " ").replace("\n", " ")
+
+
+def md_code(text: Any) -> str:
+    """A code span, when the text can be one safely (no backtick, no HTML); escaped text otherwise."""
+    s = str(text if text is not None else "").replace("\n", " ")
+    if "`" in s or re.search(r"[<>&]", s):
+        return md_escape(s)
+    return "`" + s.replace("|", "\\|") + "`"
+
+
+RESULT = {"PASS": "✅ pass", "FAIL": "❌ **FAIL**", "XFAIL": "➖ known failure"}
+
+
+def render_markdown(report: dict) -> str:
+    """Summary, roll-up per module, robustness, claims per module with control values, power matrices."""
+    lines = [f"## circuits run {md_code(report.get('run_id'))}", "",
+             f"**{md_escape(headline(report))}** · commit {md_code(commit_text(report))} · "
+             f"{md_escape((report.get('machine') or {}).get('device', 'cpu'))} · "
+             f"{report.get('duration_s', 0) or 0:.1f} s", "",
+             md_escape(one_line_summary({**report, "_html_path": None})), ""]
+    if report.get("interrupted"):
+        lines += ["> **Run interrupted**: results below are partial.", ""]
+    lines += _rollup(report)
+    lines += _problems(report)
+    if report.get("compare"):
+        lines += _compare_md(report["compare"])
+    lines += _robustness(report)
+    for module, rows in claim_rows(report).items():
+        lines += [f"### {md_code(module)}", ""]
+        doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
+        if doc:
+            lines += [f"> {md_escape(doc.splitlines()[0])}", ""]
+        lines += ["| test | claim | measured | op | threshold | margin | result | controls (value, margin) |",
+                  "|---|---|---|---|---|---:|---|---|"]
+        for c in rows:
+            op, thr = op_text(c)
+            badge = " ⚠ generic controls only" if c.get("generic_only") else ""
+            ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])) or "—"
+            lines.append(f"| {md_escape(test_label(c))} | {md_escape(c['name'])}{badge} | "
+                         f"{md_escape(measured_text(c))} | {md_escape(op)} | {md_escape(thr)} | "
+                         f"{fmt_margin(c.get('margin'))} | {RESULT.get(c['status'], c['status'])} | {ctl} |")
+        lines.append("")
+        lines += _power(report, module)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _rollup(report: dict) -> list[str]:
+    rows = module_rollup(report)
+    if not rows:
+        return []
+    lines = ["| system (module) | claims | held | known failures | failed | controls failed as required | "
+             "generic only | figures |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {md_code(r['module'])} | {r['claims']} | {r['held']} | {r['known']} | "
+                     f"{r['failed'] + r['errors']} | {r['controls_failed']}/{r['controls_total']} | "
+                     f"{r['generic_only']} | {r['figures']} |")
+    return lines + [""]
+
+
+def _problems(report: dict) -> list[str]:
+    no_teeth = [r for r in report.get("control_runs", []) if r.get("outcome") != "ok"]
+    probs = problem_tests(report)
+    coll = report.get("collection_errors", [])
+    if not (no_teeth or probs or coll):
+        return []
+    lines = ["### Problems", ""]
+    for e in coll:
+        lines.append(f"- collection error in {md_code(e['nodeid'])}: {md_escape(e.get('message'))}")
+    for r in no_teeth:
+        lines.append(f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))}")
+    for t in probs:
+        lines.append(f"- {md_code(t['nodeid'])} {md_escape(t['outcome'])}: {md_escape(t.get('message'))}")
+    return lines + [""]
+
+
+def _robustness(report: dict) -> list[str]:
+    rows = robustness(report)
+    if not rows:
+        return []
+    lines = ["### Pass rate across seeds (robustness per claim)", "",
+             "| test | claim | reference | seeds (value, margin, binding) | passed |", "|---|---|---|---|---|"]
+    for r in rows:
+        ref = r["reference"]
+        ref_t = "—" if ref is None else (f"{'pass' if ref['passed'] else 'fail'} {md_escape(ref['value_text'])} "
+                                        f"({md_escape(ref['source'])})")
+        cells = []
+        for s in r["seeds"]:
+            verdict = ("pass" if s["passed"] else "expected fail" if s["status"] == "XFAIL" else
+                       "not reached" if not s["reached"] else "**fail**")
+            extra = f", {md_escape(s['binding'])}" if s["binding"] else ""
+            flip = " ⇄ flipped" if s["flip"] else ""
+            cells.append(f"seed {md_escape(s['seed'])}: {verdict} {md_escape(s['value_text'])} "
+                         f"({fmt_margin(s['margin'])}{extra}){flip}")
+        lines.append(f"| {md_escape(r['test'])} | {md_escape(r['name'])} | {ref_t} | {'<br>'.join(cells)} | "
+                     f"{md_escape(rate_text(r))} |")
+    return lines + [""]
+
+
+def _power(report: dict, module: str) -> list[str]:
+    pm = power_matrix(report, module)
+    if not pm or not pm["rows"]:
+        return []
+    head = [f"{md_escape(spec)}{' (mutation)' if kind == 'mutation' else ''}" for spec, kind in pm["columns"]]
+    lines = ["<details><summary>power matrix: each claim on each control / mutation</summary>", "",
+             "| claim | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for row in pm["rows"]:
+        c = row["claim"]
+        cells = []
+        for spec, _ in pm["columns"]:
+            x = row["cells"].get(spec)
+            cls, verdict = cell_verdict(x)
+            if x is None:
+                cells.append("")
+            else:
+                val = f" {md_escape(x['value_text'])} ({fmt_margin(x.get('margin'))})" if x.get("value_text") else ""
+                cells.append(("**" + verdict + "**" if cls == "bad" else verdict) + val)
+        lines.append(f"| {md_escape(test_label(c))} {md_escape(c['name'])} | " + " | ".join(cells) + " |")
+    return lines + ["", "</details>", ""]
+
+
+def _compare_md(cmp_: dict) -> list[str]:
+    who = cmp_["against"].get("run_id") or cmp_["against"].get("path")
+    n = cmp_["counts"]
+    text = (f"{n['matched']} claims matched, {n['flipped']} flipped "
+            f"({n['to_fail']} now failing, {n['to_pass']} now passing), {n.get('moved', 0)} moved, "
+            f"{len(cmp_['added'])} new, {len(cmp_['removed'])} gone")
+    if n.get("not_run"):
+        text += f", {n['not_run']} not run in this run"
+    lines = [f"### Compared with {md_code(who)}", "", text + f" ({md_escape(NOISE_FLOOR_TEXT)}).", ""]
+    rows = compare_display_rows(cmp_)
+    if rows:
+        lines += ["| test | claim | before | after | margin moved |", "|---|---|---|---|---:|"]
+        for r in rows:
+            b = ("pass" if r["before"] else "fail") + f" ({md_escape(r['value_before'])})"
+            a = ("pass" if r["after"] else "**fail**") + f" ({md_escape(r['value_after'])})"
+            flip = " ⇄ flipped" if r["before"] != r["after"] else ""
+            lines.append(f"| {md_escape(where(r))} | {md_escape(r['name'])}{flip} | {b} | {a} | "
+                         f"{fmt_margin(r['delta'])} |")
+        lines.append("")
+    return lines

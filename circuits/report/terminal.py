@@ -1,0 +1,93 @@
+"""The terminal summary after the tests: a row per claim and per control (value, requirement, margin),
+the robustness view across seeds, problems, the comparison, and a one-line summary last."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .compare import NOISE_FLOOR_TEXT, compare_display_rows
+from .views import (claim_rows, fmt_margin, measured_text, one_line_summary, op_text, rate_text, robustness,
+                    test_label, where)
+
+__all__ = ["terminal_lines"]
+
+CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "skipped": "skipped"}
+
+
+def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
+    """Rows for the terminal summary: (text, markup) with markup like {"green": True}."""
+    out: list[tuple[str, dict]] = []
+    rows = [c for cs in claim_rows(report).values() for c in cs]
+    if rows:
+        table = [("test", "claim", "measured", "op", "threshold", "margin", "result")]
+        marks = [{}]
+        for c in rows:
+            op, thr = op_text(c)
+            status = c["status"] + (" (generic controls only)" if c.get("generic_only") else "")
+            table.append((_clip(test_label(c), 40), _clip(c["name"], 36), _clip(measured_text(c), 30), op,
+                          _clip(thr, 20), fmt_margin(c.get("margin")), status))
+            marks.append({"green": True} if c["status"] == "PASS" else
+                         {"yellow": True} if c["status"] == "XFAIL" else {"red": True})
+            for x in c.get("controls", []):
+                held = "NO POWER" if x.get("kind") == "mutation" else "NO TEETH"
+                res = CONTROL_RESULT.get(x["outcome"], held)
+                xop, xthr = op_text(x) if x.get("requirement") else ("", "")
+                table.append(("", f"  ↳ {x.get('kind', 'control')} {_clip(x['control'], 22)}",
+                              _clip(x.get("value_text") or "-", 30), xop, _clip(xthr, 20),
+                              fmt_margin(x.get("margin")), res))
+                marks.append({"green": True} if x["outcome"] == "failed" else
+                             {"yellow": True} if x["outcome"] == "skipped" else {"red": True})
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r, m in zip(table, marks):
+            cells = [r[i].rjust(widths[i]) if i == 5 else r[i].ljust(widths[i]) for i in range(len(r))]
+            out.append(("  ".join(cells).rstrip(), m if r is not table[0] else {"bold": True}))
+    rob = robustness(report)
+    if rob:
+        out.append(("", {}))
+        out.append(("pass rate across seeds (per claim; reference first):", {"bold": True}))
+        for r in rob:
+            ref = r["reference"]
+            ref_t = "" if ref is None else f"ref {'P' if ref['passed'] else 'F'} {ref['value_text']}; "
+            seeds = " ".join(f"{s['seed']}:{_seed_mark(s)}{'⇄' if s['flip'] else ''}" for s in r["seeds"])
+            ok = r["expected_failure"] or r["rate"] == 1.0
+            out.append((f"  {r['test']} {r['name']}: {rate_text(r)}  [{ref_t}{seeds}]",
+                        {"green": ok, "red": not ok}))
+    for r in report.get("control_runs", []):
+        if r.get("outcome") != "ok":
+            out.append((f"{r['nodeid']}: {r.get('message')}", {"red": True}))
+    for e in report.get("collection_errors", []):
+        out.append((f"collection error in {e['nodeid']}: {e.get('message')}", {"red": True}))
+    cmp_ = report.get("compare")
+    if cmp_:
+        n = cmp_["counts"]
+        who = cmp_["against"].get("run_id") or cmp_["against"].get("path")
+        not_run = f", {n['not_run']} not run in this run" if n.get("not_run") else ""
+        out.append(("", {}))
+        out.append((f"compared with {who}: {n['matched']} matched, {n['flipped']} flipped, {n.get('moved', 0)} moved, "
+                    f"{len(cmp_['added'])} new, {len(cmp_['removed'])} gone{not_run} ({NOISE_FLOOR_TEXT})",
+                    {"bold": True}))
+        for r in compare_display_rows(cmp_, limit=5):
+            flip = r["before"] != r["after"]
+            verdict = f"{'pass' if r['before'] else 'fail'} -> {'pass' if r['after'] else 'fail'}, " if flip else ""
+            out.append((f"  {'FLIPPED' if flip else 'moved  '} {where(r)} {r['name']}: {verdict}"
+                        f"{r['value_before']} -> {r['value_after']} (margin {fmt_margin(r['delta'])})",
+                        {"green": r["after"], "red": not r["after"]} if flip else {}))
+    if rows or report.get("tests"):
+        out.append(("", {}))
+        bad = report.get("summary", {}).get("failed") or report.get("summary", {}).get("controls_no_teeth")
+        out.append((one_line_summary(report), {"bold": True, "red": bool(bad), "green": not bad}))
+    return out
+
+
+def _seed_mark(s: dict) -> str:
+    """P passed, F failed, x failed as a known failure expects, - stopped before the claim."""
+    if s["passed"]:
+        return "P"
+    if s["status"] == "XFAIL":
+        return "x"
+    return "F" if s["reached"] else "-"
+
+
+def _clip(s: Any, n: int) -> str:
+    s = str(s if s is not None else "")
+    return s if len(s) <= n else s[: n - 1] + "…"

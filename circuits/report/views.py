@@ -1,0 +1,386 @@
+"""What the three outputs show, as data: per-module roll-up, claims grouped by test, each control's
+value, the power matrix, the per-claim robustness view across seeds, the model metrics in reading
+order, the one-line summary. Markdown, HTML and terminal only format these, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+from ..claims import format_numbers
+from .collect import GENERIC_CONTROLS, control_kind
+from .machine import commit_text
+
+__all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
+           "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
+           "test_groups", "power_matrix", "robustness", "wilson_interval", "ordered_metrics", "binding_text",
+           "commit_text"]
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+# --- numbers and claim cells ------------------------------------------------------------------------------
+
+
+def fmt_margin(m: Any) -> str:
+    if not isinstance(m, (int, float)) or not math.isfinite(m):
+        return "—"
+    return ("+" if m >= 0 else "−") + format_numbers([abs(m)], [])[0]
+
+
+def measured_text(c: dict) -> str:
+    """``0.81 [0.74, 0.87]`` (point and CI) or the value alone."""
+    v = c.get("value_text") or "—"
+    ci = c.get("ci")
+    if ci and ci.get("lo") is not None and ci.get("hi") is not None and c.get("value") is not None:
+        lo, hi, _ = format_numbers([ci["lo"], ci["hi"], c["value"]], [])
+        v += f" [{lo}, {hi}]"
+    if c.get("units") and c.get("op") != "holds" and c.get("value") is not None:
+        v += f" {c['units']}"
+    return v
+
+
+def op_text(c: dict) -> tuple[str, str]:
+    """(operator, threshold) columns: (">=", "0.9"), ("≈", "1.0 ± 0.1"), ("in", "[0.2, 0.8]")."""
+    req = c.get("requirement") or ""
+    if c.get("op") == "holds":
+        return "holds", ""
+    if c.get("op") == "close_to":
+        return "≈", req
+    if c.get("op") == "between":
+        return "in", req[3:] if req.startswith("in ") else req
+    op, _, rest = req.partition(" ")
+    return op, rest
+
+
+CONTROL_MARKS = {"failed": "✓", "held": "✗ held", "missing": "! error", "skipped": "– skipped"}
+
+
+def control_text(x: dict) -> str:
+    """One control of a claim: ``untrained ✓ 2716 (needs >= 5000, margin −2284)``."""
+    text = f"{x['control']} {CONTROL_MARKS.get(x['outcome'], x['outcome'])}"
+    if x.get("value_text"):
+        text += f" {x['value_text']}"
+        if x.get("requirement") and x.get("op") != "holds":
+            text += f" (needs {x['requirement']}, margin {fmt_margin(x.get('margin'))})"
+    return text
+
+
+def binding_text(c: dict) -> str:
+    """A claim's binding (which component a role resolved to), where the claim records one."""
+    b = c.get("binding")
+    for holder in ("extra", "details"):
+        if b is None and isinstance(c.get(holder), dict):
+            b = c[holder].get("binding")
+    if not b:
+        return ""
+    if isinstance(b, dict):
+        return ", ".join(f"{k}={v}" for k, v in b.items())
+    return str(b)
+
+
+# --- grouping ----------------------------------------------------------------------------------------------
+
+
+def claim_rows(report: dict) -> dict[str, list[dict]]:
+    """Main-run claims grouped by module, in report order."""
+    mods: dict[str, list[dict]] = defaultdict(list)
+    for c in report.get("claims", []):
+        if not c.get("control"):
+            mods[c.get("module") or "?"].append(c)
+    return dict(mods)
+
+
+def where(r: dict) -> str:
+    """``test_acc[x] (seed 1) on control untrained``: a claim's place, for messages and tables."""
+    text = (r.get("group") or r.get("nodeid") or "").split("::", 1)[-1]
+    if r.get("seed") is not None:
+        text += f" (seed {r['seed']})"
+    if r.get("control"):
+        text += f" on control {r['control']}"
+    return text
+
+
+def test_label(c: dict) -> str:
+    """The test part of a nodeid (after the module path), with the seed if any."""
+    return where({**c, "control": None})
+
+
+def anchor(text: str) -> str:
+    """An HTML id for a module or test."""
+    return "m-" + re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
+
+
+def modules_in_order(report: dict) -> list[str]:
+    """Modules with claims first (report order), then modules that only drew figures."""
+    mods = list(claim_rows(report))
+    tests = {t["nodeid"]: t for t in report.get("tests", [])}
+    for f in report.get("figures", []):
+        m = tests.get(f.get("nodeid"), {}).get("module") or (f.get("nodeid") or "").split("::")[0]
+        if m not in mods:
+            mods.append(m)
+    return mods
+
+
+def test_function(group: str) -> str:
+    """``m.py::test_sweep[3]`` -> ``m.py::test_sweep``: parametrized cases share one heading."""
+    return group.split("[", 1)[0] if group.endswith("]") else group
+
+
+def case_label(group: str) -> str:
+    """The parametrization of a test group (``3`` for ``test_sweep[3]``), or ""."""
+    return group[group.index("[") + 1:-1] if group.endswith("]") and "[" in group else ""
+
+
+def test_groups(report: dict, module: str) -> list[dict]:
+    """The module's test functions in order (parametrized cases together), each with its main-run
+    claims and the figures its cases drew (main runs first, controls last)."""
+    tests = {t["nodeid"]: t for t in report.get("tests", [])}
+    groups: dict[str, dict] = {}
+
+    def group(key: str, t: dict) -> dict:
+        fn = test_function(key)
+        if fn not in groups:
+            groups[fn] = {"group": fn, "doc": "", "claims": [], "figures": [], "anchor": anchor(fn)}
+        if t.get("doc") and not groups[fn]["doc"]:
+            groups[fn]["doc"] = t["doc"]
+        return groups[fn]
+
+    for c in claim_rows(report).get(module, []):
+        group(c.get("group") or c["nodeid"], tests.get(c["nodeid"], {}))["claims"].append(c)
+    for f in report.get("figures", []):
+        t = tests.get(f.get("nodeid"), {})
+        if (t.get("module") or (f.get("nodeid") or "").split("::")[0]) != module:
+            continue
+        group(t.get("group") or f.get("nodeid"), t)["figures"].append((t, f))
+    order = lambda tf: (tf[0].get("control") is not None,  # noqa: E731
+                        tf[0].get("seed") if isinstance(tf[0].get("seed"), int) else -1, tf[0].get("control") or "")
+    for g in groups.values():
+        g["figures"].sort(key=order)
+    return list(groups.values())
+
+
+def problem_tests(report: dict) -> list[dict]:
+    """Tests that failed / errored / did not finish, other than by a failing claim."""
+    failing_claims = {c["nodeid"] for c in report.get("claims", []) if not c.get("passed") and not c.get("control")}
+    failing_claims |= {r["nodeid"] for r in report.get("control_runs", []) if r.get("outcome") != "ok"}
+    out = []
+    for t in report.get("tests", []):
+        if t["outcome"] in ("failed", "error", "not finished", "interrupted") and t["nodeid"] not in failing_claims:
+            out.append(t)
+    return out
+
+
+# --- summaries ---------------------------------------------------------------------------------------------
+
+
+def summary_counts(report: dict) -> dict[str, int]:
+    """held / known failures / no teeth / failed / generic-only, the numbers of the one-line summary."""
+    s = report.get("summary", {})
+    t = s.get("tests", {})
+    return {"held": s.get("passed", 0), "known": s.get("xfailed", 0),
+            "no_teeth": s.get("controls_no_teeth", 0) + s.get("controls_no_power", 0),
+            "failed": s.get("failed", 0) + len(problem_tests(report)) + len(report.get("collection_errors", [])),
+            "generic_only": s.get("generic_only", 0), "claims": s.get("claims", 0),
+            "tests": sum(t.values())}
+
+
+def one_line_summary(report: dict) -> str:
+    """``circuits: 177 claims held, 7 known failures, 0 no-teeth, 0 failed — report: PATH``."""
+    n = summary_counts(report)
+    text = (f"circuits: {n['held']} claims held, {n['known']} known failures, {n['no_teeth']} no-teeth, "
+            f"{n['failed']} failed")
+    if n["generic_only"]:
+        text += f", {n['generic_only']} with generic controls only"
+    if report.get("interrupted"):
+        text += " (interrupted: partial)"
+    if report.get("_html_path"):
+        text += f" — report: {report['_html_path']}"
+    return text
+
+
+def headline(report: dict) -> str:
+    s = report.get("summary", {})
+    parts = [f"{s.get('passed', 0)}/{s.get('claims', 0)} claims passed"]
+    if s.get("failed"):
+        parts.append(f"{s['failed']} failed")
+    if s.get("xfailed"):
+        parts.append(f"{s['xfailed']} known failures")
+    if s.get("control_runs"):
+        parts.append(f"controls {s.get('controls_ok', 0)}/{s['control_runs']} ok")
+        if s.get("controls_no_teeth"):
+            parts.append(f"{s['controls_no_teeth']} without teeth")
+        if s.get("controls_no_power"):
+            parts.append(f"{s['controls_no_power']} without power")
+    if s.get("generic_only"):
+        parts.append(f"{s['generic_only']} with generic controls only")
+    t = s.get("tests", {})
+    bad = t.get("failed", 0) + t.get("error", 0)
+    parts.append(f"{sum(t.values())} tests" + (f" ({bad} failed/errored)" if bad else ""))
+    return ", ".join(parts)
+
+
+def module_rollup(report: dict) -> list[dict]:
+    """One row per hypotheses module (system): claim counts, control cells, figures, time."""
+    rows = []
+    by_mod = claim_rows(report)
+    tests = report.get("tests", [])
+    problems = {t["nodeid"] for t in problem_tests(report)}
+    for module in modules_in_order(report):
+        cs = by_mod.get(module, [])
+        cells = [x for c in cs for x in c.get("controls", [])]
+        mod_tests = [t for t in tests if t.get("module") == module]
+        doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
+        rows.append({
+            "module": module, "anchor": anchor(module), "doc": doc.split("\n\n")[0].replace("\n", " "),
+            "claims": len(cs), "held": sum(c["status"] == "PASS" for c in cs),
+            "known": sum(c["status"] == "XFAIL" for c in cs), "failed": sum(c["status"] == "FAIL" for c in cs),
+            "errors": sum(t["nodeid"] in problems for t in mod_tests),
+            "controls_failed": sum(x["outcome"] == "failed" for x in cells),
+            "controls_held": sum(x["outcome"] == "held" for x in cells),
+            "controls_total": sum(x["outcome"] in ("failed", "held", "missing") for x in cells),
+            "generic_only": sum(bool(c.get("generic_only")) for c in cs),
+            "figures": sum(1 for f in report.get("figures", [])
+                           if (f.get("nodeid") or "").split("::")[0] == module),
+            "duration": sum(t.get("duration") or 0.0 for t in mod_tests),
+        })
+    return rows
+
+
+# --- power matrix ------------------------------------------------------------------------------------------
+
+
+def power_matrix(report: dict, module: str) -> dict | None:
+    """Claims x every control / mutation spec that ran in ``module``.
+
+    ``columns``: [(spec, kind)] with kind "control" or "mutation" (controls first); ``rows``: one per
+    main-run claim that has any control, with ``cells`` {spec: the claim's control entry}. A cell failed
+    as required is the claim's power; one that held is "no teeth" (a control) or "no power" (a mutation).
+    """
+    runs = {r["nodeid"]: r for r in report.get("control_runs", [])}
+    specs: dict[str, str] = {}
+    for t in report.get("tests", []):
+        if t.get("module") == module and t.get("control"):
+            specs.setdefault(t["control"], control_kind(t["control"], runs.get(t["nodeid"])))
+    if not specs:
+        return None
+    columns = sorted(specs.items(), key=lambda kv: (kv[1] == "mutation", kv[0] not in GENERIC_CONTROLS, kv[0]))
+    rows = []
+    for c in claim_rows(report).get(module, []):
+        cells = {x["control"]: x for x in c.get("controls", [])}
+        if cells:
+            rows.append({"claim": c, "cells": cells})
+    return {"columns": columns, "rows": rows}
+
+
+def cell_verdict(x: dict | None) -> tuple[str, str]:
+    """(css class, short verdict) of one power-matrix cell."""
+    if x is None:
+        return "na", ""
+    if x["outcome"] == "failed":
+        return "ok", "fails ✓"
+    if x["outcome"] == "held":
+        return "bad", "no power" if x.get("kind") == "mutation" else "no teeth"
+    if x["outcome"] == "skipped":
+        return "muted", "skipped"
+    return "bad", "error"
+
+
+# --- robustness across seeds -------------------------------------------------------------------------------
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default); (0, 1) when n == 0.
+
+    centre = (p + z²/2n) / (1 + z²/n), half width = z / (1 + z²/n) * sqrt(p(1-p)/n + z²/4n²).
+    Unlike p ± z*sqrt(p(1-p)/n) it stays inside [0, 1] and is not zero-width at 0/n or n/n.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def robustness(report: dict) -> list[dict]:
+    """Per claim across seeds: the reference, each seed (value, margin, binding, flip), the pass rate
+    with a Wilson 95% interval. Empty unless some main-run claim carries a seed."""
+    main = [c for c in report.get("claims", []) if not c.get("control")]
+    if not any(c.get("seed") is not None for c in main):
+        return []
+    refs = {(r.get("group"), r.get("name")): {**r, "source": "compare"}
+            for r in (report.get("compare") or {}).get("reference", [])}
+    who = ((report.get("compare") or {}).get("against") or {}).get("run_id")
+    for c in main:  # a reference run inside this report wins over the compared one
+        if c.get("seed") is None:
+            refs[(c["group"], c["name"])] = {**c, "source": "this run"}
+    rates = {(r["group"], r["name"]): r for r in report.get("pass_rates", [])}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in main:
+        if c.get("seed") is not None:
+            groups[(c["group"], c["name"])].append(c)
+    rows = []
+    for (group, name), cs in groups.items():
+        ref = refs.get((group, name))
+        seeds = []
+        for c in sorted(cs, key=lambda c: (str(type(c["seed"])), c["seed"])):
+            flip = ref is not None and bool(ref.get("passed")) != bool(c.get("passed"))
+            seeds.append({"seed": c["seed"], "reached": True, "passed": bool(c.get("passed")), "status": c["status"],
+                          "value_text": measured_text(c), "margin": c.get("margin"), "binding": binding_text(c),
+                          "flip": flip})
+        rate = rates.get((group, name))
+        for s, ok in (rate or {}).get("seeds", {}).items():
+            if ok is None:  # the test ran on this seed but stopped before the claim
+                seeds.append({"seed": s, "reached": False, "passed": False, "status": "NOT REACHED",
+                              "value_text": "—", "margin": None, "binding": "", "flip": False})
+        n, k = len(seeds), sum(s["passed"] for s in seeds)
+        lo, hi = wilson_interval(k, n)
+        rows.append({"group": group, "module": cs[0].get("module"), "name": name, "test": group.split("::", 1)[-1],
+                     "reference": None if ref is None else {
+                         "value_text": ref.get("value_text"), "passed": bool(ref.get("passed")),
+                         "margin": ref.get("margin"), "status": ref.get("status"),
+                         "source": ref["source"] if ref["source"] == "this run" else f"{who or 'compared run'}"},
+                     "seeds": seeds, "n": n, "passed": k, "rate": k / n if n else 0.0, "lo": lo, "hi": hi,
+                     "expected_failure": any(c["status"] == "XFAIL" for c in cs),
+                     "flips": sum(s["flip"] for s in seeds)})
+    return rows
+
+
+def rate_text(r: dict) -> str:
+    """``2/3 (67%) Wilson 95% [21%, 94%]``; a known failure says so."""
+    text = f"{r['passed']}/{r['n']} ({r['rate']:.0%}) Wilson 95% [{r['lo']:.0%}, {r['hi']:.0%}]"
+    if r.get("expected_failure"):
+        text += " — known failure: expected to fail"
+    return text
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+def _metric_rank(key: str) -> tuple:
+    if key == "test_acc":
+        return (0, "")
+    if key == "test_loss":
+        return (1, "")
+    if key.startswith("test_"):
+        return (2, key)
+    if key.startswith("eval_"):
+        return (3, key)
+    return (4, "")  # the rest keep the card's order (sorted() is stable)
+
+
+def ordered_metrics(metrics: dict | None) -> list[tuple[str, Any]]:
+    """Scalar metrics, held-out first: test_acc, test_loss, other test_*, eval_*, then the rest."""
+    items = [(k, v) for k, v in (metrics or {}).items() if k != "history" and not isinstance(v, (dict, list))]
+    return sorted(items, key=lambda kv: _metric_rank(kv[0]))
+
+
+def metrics_text(metrics: dict | None, limit: int = 6) -> str:
+    items = ordered_metrics(metrics)[:limit]
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
