@@ -168,7 +168,12 @@ class Control:
         if entry.accepts is not None and not entry.accepts(target):
             return target
         args = self._resolved_args(entry)
-        out = entry.fn(target, *args, seed=self.seed)
+        try:
+            out = entry.fn(target, *args, seed=self.seed)
+        except AttributeError as exc:  # a model without the parts this control edits: one line, not a traceback
+            raise ControlError(f"control {self.spec!r} cannot be applied to a {_type_name(target)} "
+                               f"({exc}); it needs a circuits HookedTransformer or a model with the same "
+                               "parameter names") from None
         if out is target:
             raise ControlError(f"control {self.spec!r} returned its input; a control must return a new object")
         self.applied += 1
@@ -214,9 +219,33 @@ def make_control(spec: str, *, seed: int = 0, roles: Callable[[], Mapping[str, A
 
 
 def _untrained(model: Any, seed: int = 0) -> Any:
+    """A circuits model re-initialised with its own scheme; any other ``nn.Module`` through the
+    ``reset_parameters()`` of its submodules (torch's own layers have one), under a fixed seed."""
     from . import interventions
 
-    return interventions.reinitialize(model, seed=seed)
+    if hasattr(model, "init_weights") and hasattr(model, "cfg"):
+        return interventions.reinitialize(model, seed=seed)
+    import copy
+
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ControlError(f"control 'untrained' needs a torch.nn.Module, got a {_type_name(model)}")
+    new = copy.deepcopy(model)
+    resettable = [m for m in new.modules() if callable(getattr(m, "reset_parameters", None))]
+    if not resettable:
+        raise ControlError(f"control 'untrained' cannot re-initialise a {_type_name(model)}: it needs "
+                           "init_weights(seed) or submodules with reset_parameters()")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in resettable:
+            m.reset_parameters()
+    return new
+
+
+def _type_name(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}".replace("builtins.", "")
 
 
 def _zero_ablate(model: Any, *heads: tuple[int, int], seed: int = 0) -> Any:

@@ -1,0 +1,275 @@
+"""Targeted mutations and claim power: each mutation breaks exactly what it says (and nothing when it
+should change nothing), and the plugin fails a claim that survives the mutation of what it names."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from circuits import mutations as M
+from circuits.controls import ControlError, make_control
+from circuits.interventions import zero_ablate_head
+from model_configs import perturbed_model
+
+TOKS = torch.randint(2, 5, (16, 10), generator=torch.Generator().manual_seed(0))  # no padding
+TOKS[:, 0] = 0
+
+
+def _bracket_model():
+    return perturbed_model("brackets", dtype=torch.float64)
+
+
+def _toks_with_pad(model):
+    toks = torch.randint(2, 5, (12, 9), generator=torch.Generator().manual_seed(3))
+    toks[:, 0] = 0
+    toks[:4, 6:] = model.cfg.pad_token
+    return toks
+
+
+def test_swap_head_leaves_the_function_unchanged_and_moves_the_circuit():
+    model = _bracket_model()
+    toks = _toks_with_pad(model)
+    swapped = M.swap_heads(model, 2, 0)
+    torch.testing.assert_close(swapped(toks), model(toks), atol=1e-10, rtol=0)
+    a, b = model.blocks[2].attn, swapped.blocks[2].attn
+    torch.testing.assert_close(b.W_O[0], a.W_O[1], atol=0, rtol=0)
+    torch.testing.assert_close(b.W_Q[1], a.W_Q[0], atol=0, rtol=0)
+    assert not torch.equal(model.blocks[2].attn.W_O[0], swapped.blocks[2].attn.W_O[0])  # input untouched below
+    torch.testing.assert_close(model.blocks[2].attn.W_O[0], a.W_O[0])
+
+
+def test_zero_ov_head_contributes_nothing():
+    model = _bracket_model()
+    toks = _toks_with_pad(model)
+    ablated = zero_ablate_head(model, 1, 1)
+    _, cache = ablated.run_with_cache(toks, names=["blocks.1.attn.hook_z"])
+    z = cache["blocks.1.attn.hook_z"][:, :, 1]  # [batch, pos, d_head]
+    contribution = torch.einsum("bpd,dm->bpm", z, ablated.blocks[1].attn.W_O[1])
+    assert float(contribution.detach().abs().max()) == 0.0
+    assert not torch.allclose(ablated(toks), model(toks))
+
+
+def test_uniform_attention_attends_uniformly_over_allowed_keys():
+    model = _bracket_model()
+    toks = _toks_with_pad(model)
+    mutated = M.uniform_attention(model, 0, 1)
+    _, cache = mutated.run_with_cache(toks, names=["blocks.0.attn.hook_pattern"])
+    pattern = cache["blocks.0.attn.hook_pattern"][:, 1]  # [batch, q, k]
+    allowed = (toks != model.cfg.pad_token)[:, None, :].expand_as(pattern).to(pattern.dtype)
+    expected = allowed / allowed.sum(-1, keepdim=True)
+    torch.testing.assert_close(pattern, expected, atol=1e-12, rtol=0)
+    # the other head is untouched
+    _, ref = model.run_with_cache(toks, names=["blocks.0.attn.hook_pattern"])
+    torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"][:, 0], ref["blocks.0.attn.hook_pattern"][:, 0])
+
+
+def test_mean_ablate_replaces_the_head_output_by_its_batch_mean_over_real_rows():
+    model = _bracket_model()
+    toks = _toks_with_pad(model)
+    mutated = M.mean_ablate_head(model, 2, 1)
+    _, cache = mutated.run_with_cache(toks, names=["blocks.2.attn.hook_z"])
+    z = cache["blocks.2.attn.hook_z"][:, :, 1]
+    _, clean = model.run_with_cache(toks, names=["blocks.2.attn.hook_z"])
+    zc = clean["blocks.2.attn.hook_z"][:, :, 1]
+    real = (toks != model.cfg.pad_token).double()[..., None]
+    expected = (zc * real).sum(0) / real.sum(0)
+    torch.testing.assert_close(z, expected.expand_as(z), atol=1e-12, rtol=0)
+    # head 0 of that layer keeps its per-example output
+    torch.testing.assert_close(cache["blocks.2.attn.hook_z"][:, :, 0], clean["blocks.2.attn.hook_z"][:, :, 0])
+
+
+def test_mean_ablate_mlp_is_the_batch_mean():
+    model = _bracket_model()
+    toks = TOKS
+    mutated = M.mean_ablate_mlp(model, 1)
+    _, cache = mutated.run_with_cache(toks, names=["blocks.1.hook_mlp_out"])
+    _, clean = model.run_with_cache(toks, names=["blocks.1.hook_mlp_out"])
+    out = cache["blocks.1.hook_mlp_out"]
+    torch.testing.assert_close(out, clean["blocks.1.hook_mlp_out"].mean(0, keepdim=True).expand_as(out),
+                               atol=1e-12, rtol=0)
+
+
+def test_permute_positions_is_a_derangement_of_the_range_only():
+    model = perturbed_model("palindrome")
+    mutated = M.permute_positions(model, 1, 10, seed=4)
+    old, new = model.pos_embed.W_pos, mutated.pos_embed.W_pos
+    torch.testing.assert_close(new[0], old[0]) and torch.testing.assert_close(new[11], old[11])
+    moved = [int(torch.nonzero((old[1:11] == new[i]).all(-1))[0]) + 1 for i in range(1, 11)]
+    assert sorted(moved) == list(range(1, 11)) and all(m != i for m, i in zip(moved, range(1, 11)))
+
+
+def test_randomise_read_in_changes_only_the_read_in():
+    model = perturbed_model("read_in")
+    mutated = M.randomise_read_in(model, seed=0)
+    assert not torch.equal(mutated.embed.W_in, model.embed.W_in)
+    for (name, p), (_, q) in zip(model.named_parameters(), mutated.named_parameters()):
+        if not name.startswith("embed."):
+            assert torch.equal(p, q), name
+    with pytest.raises(ControlError, match="fixed"):
+        M.randomise_read_in(perturbed_model("attn_only"))
+
+
+def test_mutations_are_derived_from_targets_and_bad_targets_are_clear():
+    assert M.derive_mutations(["head:count_head"]) == ["zero_ablate:count_head", "mean_ablate:count_head",
+                                                        "swap_head:count_head"]
+    assert M.derive_mutations(["qk:L0H0", "ov:L0H0"]) == ["uniform_attention:L0H0", "swap_head:L0H0",
+                                                          "zero_ablate:L0H0", "mean_ablate:L0H0"]
+    assert M.derive_mutations(["positions:1-10", "read_in", "mlp:L2", "model"]) == [
+        "permute_positions:1-10", "randomise_read_in", "zero_ablate_mlp:L2", "mean_ablate_mlp:L2", "untrained"]
+    for bad, words in [("neuron:3", "unknown target kind"), ("head", "needs a part"), ("positions:x", "range"),
+                       ("mlp:2", "not a layer"), ("read_in:L0", "takes no argument")]:
+        with pytest.raises(ControlError, match=words):
+            M.derive_mutations([bad])
+
+
+def test_mutations_on_a_foreign_model_fail_in_one_line():
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    for spec in ("zero_ablate:L0H0", "mean_ablate:L0H0", "swap_head:L0H0", "uniform_attention:L0H0",
+                 "mean_ablate_mlp:L0", "permute_positions", "randomise_read_in"):
+        ctl = make_control(spec)
+        with pytest.raises(ControlError) as info:
+            ctl.apply_model(seq)
+        assert "torch.nn.modules.container.Sequential" in str(info.value) and "\n" not in str(info.value), spec
+
+
+def test_untrained_control_works_on_a_plain_module():
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fresh = make_control("untrained", seed=3).apply_model(seq)
+    assert not torch.equal(fresh[0].weight, seq[0].weight) and fresh is not seq
+    with pytest.raises(ControlError, match="reset_parameters"):
+        make_control("untrained").apply_model(torch.nn.ReLU())
+
+
+# --- the plugin: power, known failures, draws ---------------------------------------------------------
+
+POWER_CONFTEST = '''
+import pytest
+import torch
+from circuits.model import HookedTransformer, TransformerConfig
+
+CFG = TransformerConfig(n_layers=1, d_model=8, n_ctx=4, n_heads=2, d_mlp=8, d_vocab=4, d_vocab_out=2,
+                        readout="first", seed=0)
+
+
+@pytest.fixture(scope="session")
+def base():
+    return HookedTransformer(CFG).eval()
+
+
+@pytest.fixture
+def model(base, control):
+    return control.apply_model(base)
+
+
+@pytest.fixture(scope="session")
+def head_roles():
+    return {"reader": (0, 1)}
+
+
+TOKS = torch.tensor([[0, 1, 2, 3], [0, 2, 2, 1], [0, 3, 1, 1]])
+'''
+
+
+@pytest.fixture
+def power_project(pytester):
+    pytester.makeconftest(POWER_CONFTEST)
+    return pytester
+
+
+def test_a_claim_that_survives_the_mutation_of_its_head_fails_as_no_power(power_project):
+    power_project.makepyfile(test_power='''
+        import pytest
+        import torch
+        from conftest import TOKS
+
+        def head_out(model, layer, head):
+            _, cache = model.run_with_cache(TOKS, names=[f"blocks.{layer}.attn.hook_z"])
+            z = cache[f"blocks.{layer}.attn.hook_z"][:, :, head]
+            return float(torch.einsum("bpd,dm->bpm", z, model.blocks[layer].attn.W_O[head]).detach().norm())
+
+        REF = {}
+
+        @pytest.mark.about("head:reader")
+        def test_names_its_head(model, base, claim):
+            ref = head_out(base, 0, 1)   # what the bound head writes on the trained model
+            claim.close_to("reader_output_norm", head_out(model, 0, 1), ref, rtol=1e-6)
+
+        @pytest.mark.about("head:reader")
+        def test_measures_something_else(model, claim):
+            claim.at_least("embedding_norm", float(model.embed.W_E.norm()), 0.0)
+    ''')
+    result = power_project.runpytest("-v", "--run-id", "power")
+    result.stdout.re_match_lines([re.escape(f"test_power.py::test_names_its_head[mutation={m}:reader] PASSED")
+                                  for m in ("zero_ablate", "mean_ablate", "swap_head")])
+    result.stdout.fnmatch_lines(["*no power: claim 'embedding_norm'*also holds on mutation 'zero_ablate:reader'*"])
+    result.assert_outcomes(passed=5, failed=3)
+    import json
+    report = json.loads((power_project.path / "reports" / "power" / "report.json").read_text())
+    runs = {r["nodeid"].split("::")[1]: r for r in report["control_runs"]}
+    assert runs["test_measures_something_else[mutation=swap_head:reader]"]["outcome"] == "no_power"
+    assert runs["test_names_its_head[mutation=swap_head:reader]"]["outcome"] == "ok"
+
+
+def test_known_failures_expect_only_failed_claims_and_carry_the_measurement(power_project):
+    power_project.makepyfile(test_known='''
+        import pytest
+
+        KNOWN_FAILURES = {"test_refuted": "the hypothesis says >= 0.9", "test_crashes": "refuted"}
+
+        @pytest.mark.controls("untrained")
+        def test_refuted(model, claim):
+            claim.at_least("acc", 0.5, 0.9)
+
+        def test_crashes(claim):
+            {}["missing"]
+    ''')
+    result = power_project.runpytest("-rxXs", "-v", "--no-report")
+    out = result.stdout.str()
+    assert ("known failure: the hypothesis says >= 0.9 | measured now: acc = 0.5, claim needs >= 0.9 (short by 0.4)"
+            in out), out
+    result.stdout.re_match_lines([re.escape("test_known.py::test_refuted[control=untrained] SKIPPED"),
+                                  re.escape("test_known.py::test_crashes FAILED")])
+    result.assert_outcomes(xfailed=1, skipped=1, failed=1)
+
+
+def test_a_known_failure_that_passes_is_strict_and_a_stale_entry_is_an_error(power_project):
+    power_project.makepyfile(test_strict='''
+        KNOWN_FAILURES = {"test_holds": "said to fail"}
+
+        def test_holds(claim):
+            claim.at_least("acc", 0.95, 0.9)
+    ''')
+    power_project.runpytest("--no-report").assert_outcomes(failed=1)
+    power_project.makepyfile(test_strict='''
+        KNOWN_FAILURES = {"test_gone": "a test that was renamed"}
+
+        def test_holds(claim):
+            claim.at_least("acc", 0.95, 0.9)
+    ''')
+    result = power_project.runpytest("--no-report")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR or "stale" in result.stdout.str() + result.stderr.str()
+
+
+def test_draws_seed_changes_the_draws_and_only_them(power_project):
+    power_project.makepyfile(test_draws='''
+        import pytest
+
+        @pytest.mark.controls("untrained")
+        def test_draw(draws, claim, model, control):
+            with open("draws.txt", "a") as f:
+                f.write(f"{control.spec} {draws.seed} {draws.torch().initial_seed()}\\n")
+            claim.at_least("x", 1.0 if control.is_main else 0.0, 0.5)
+    ''')
+    seen = {}
+    for s in ("0", "0", "3"):
+        log = power_project.path / "draws.txt"
+        log.unlink(missing_ok=True)
+        power_project.runpytest("--no-report", "--draws-seed", s).assert_outcomes(passed=2)
+        lines = log.read_text().split("\n")[:-1]
+        assert len(lines) == 2 and lines[0].split()[1] == lines[1].split()[1]  # main and control draw alike
+        seen.setdefault(s, set()).add(lines[0].split()[1])
+    assert len(seen["0"]) == 1 and seen["0"] != seen["3"]
+    result = power_project.runpytest("--no-report", "--draws-seed", "-1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
