@@ -301,9 +301,10 @@ def check_cache_dir(path: Path) -> Path:
 
 
 def check_environment(root: str | os.PathLike[str] | None = None) -> tuple[Path, float]:
-    """Validate ``$CIRCUITS_CACHE`` (through the store folder it selects) and ``$CIRCUITS_LOCK_TIMEOUT``
-    before any work starts: ``(store folder, lock timeout)``, or the first problem as a one-line error."""
-    folder = Path(root).expanduser() if root is not None else default_root()
+    """Validate ``$CIRCUITS_CACHE`` (through the store folder it selects: :func:`default_cache_dir` of
+    ``root``, default the current directory) and ``$CIRCUITS_LOCK_TIMEOUT`` before any work starts:
+    ``(store folder, lock timeout)``, or the first problem as a one-line error."""
+    folder = default_cache_dir(root) if root is not None else default_root()
     return check_cache_dir(folder), lock_timeout_from_env()
 
 

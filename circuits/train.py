@@ -13,6 +13,7 @@ machine (tests/test_train.py checks it in two fresh processes).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import re
@@ -144,7 +145,7 @@ def batches(split: Split, batch_size: int, gen: torch.Generator, bucket: bool):
     n = len(split)
     if bucket and split.lengths is not None:
         jitter = torch.rand(n, generator=gen)
-        order = torch.argsort(split.lengths.double() + jitter)
+        order = torch.argsort(split.lengths.double().cpu() + jitter)  # (.cpu(): no-op on the CPU)
     else:
         order = torch.randperm(n, generator=gen)
     chunks = list(order.split(batch_size))
@@ -223,17 +224,43 @@ def _reached(metrics: dict, recipe: TrainRecipe) -> bool:
     return metrics["eval_mse"] <= recipe.target_metric
 
 
+_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("circuits_train_device", default="cpu")
+
+
+@contextlib.contextmanager
+def on_device(device: str):
+    """Trainings started inside run on ``device`` (checked with check_device); the trained model is
+    handed back on the CPU, as callers (evaluation, the store) expect. A context, not a parameter, so
+    every family's training function gets it without a signature change."""
+    token = _DEVICE.set(check_device(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
+def _to(split: Split, device: str) -> Split:
+    lengths = None if split.lengths is None else split.lengths.to(device)
+    return Split(split.inputs.to(device), split.targets.to(device), lengths)
+
+
 def train(model: HookedTransformer, train_split: Split, eval_split: Split, recipe: TrainRecipe,
           seed: int, progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainResult:
     """Train `model` in place. `progress(step, total_steps, metrics)` is called ~once a second."""
     old_threads = torch.get_num_threads()
     threads = recipe.threads or old_threads
+    device = _DEVICE.get()
+    if device != "cpu":  # batches are drawn with CPU generators either way: same order on any device
+        model.to(device)
+        train_split, eval_split = _to(train_split, device), _to(eval_split, device)
     with training_slot(threads, progress):
         torch.set_num_threads(threads)
         try:
             return _train(model, train_split, eval_split, recipe, seed, progress)
         finally:
             torch.set_num_threads(old_threads)
+            if device != "cpu":
+                model.to("cpu")
 
 
 def training_slot_path() -> Path:

@@ -1,0 +1,279 @@
+"""Training many seeds of one zoo model in parallel: a local process pool, or Ray tasks on a cluster.
+
+`run_sweep(name, seeds, backend=...)` trains what the model store lacks and reuses what it has:
+
+* ``local``: a pool of spawned processes (at most one per core), one torch thread each outside
+  training, so the pool never oversubscribes the cores; a recipe that trains on more than one thread
+  takes the machine-wide training slot (`circuits.train.training_slot`) as every training does. Each
+  worker trains through `ModelStore.get_or_create`, so a model another process is training right now
+  is waited for and reused, never trained twice.
+* ``ray``: one Ray task per model (``num_cpus=1``, plus ``num_gpus=1`` for a CUDA device) on the
+  cluster at ``address``, or on a local Ray started on 127.0.0.1; each task returns the weights as
+  safetensors bytes and the card, and the driver writes them into its store (no shared filesystem
+  needed). A failed task is retried once, then reported by name.
+
+The same (entry, seed) gives bitwise-identical weights on either backend (the trainer is
+deterministic for a seed and a thread count, and the recipe fixes the thread count). Models are
+sent to workers as their `ZooEntry` (configuration and data functions, pickled by reference; never
+weights), so entries registered at run time (tests, a user's conftest) work in fresh processes too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import SettingError
+
+__all__ = ["SweepResult", "default_workers", "run_sweep", "train_or_reuse", "check_run_settings"]
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SweepResult:
+    name: str
+    trained: list = field(default_factory=list)  # seeds trained by this sweep
+    reused: list = field(default_factory=list)  # seeds the store already had (or another process made)
+    failed: dict = field(default_factory=dict)  # seed -> one-line reason
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def default_workers() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_run_settings(device: str = "cpu", root: Optional[Path] = None):
+    """Device, CIRCUITS_CACHE and CIRCUITS_LOCK_TIMEOUT checked before any training starts;
+    returns ``(device, store folder, lock timeout)`` or raises one clear CircuitsError."""
+    from .store import check_environment
+    from .train import check_device
+
+    device = check_device(device)
+    folder, timeout = check_environment(root if root is not None else Path.cwd())
+    return device, folder, timeout
+
+
+def _store(root):
+    from .store import ModelStore
+
+    return ModelStore(root)
+
+
+def _portable(entry):
+    """The entry itself when it pickles (by reference to its module's functions), else its name."""
+    try:
+        pickle.dumps(entry)
+        return entry
+    except Exception:  # noqa: BLE001 - a lambda or a closure: the worker looks the name up instead
+        return entry.name
+
+
+def _resolve(entry_or_name):
+    from . import zoo
+
+    return zoo.get_entry(entry_or_name) if isinstance(entry_or_name, str) else entry_or_name
+
+
+def _train_entry(entry, seed: int, device: str):
+    from . import zoo
+    from .train import on_device
+
+    with on_device(device):
+        return zoo.train_entry(entry, seed)
+
+
+# ---------------------------------------------------------------------------------------------- one model
+
+
+def train_or_reuse(entry_or_name, seed: int, *, root=None, force: bool = False, device: str = "cpu",
+                   progress=None, on_wait: Optional[Callable[[str], None]] = None):
+    """Train ``(entry, seed)`` into the store at ``root``, or reuse it: ``(state_dict, card, how)`` with
+    ``how`` one of "trained", "reused" (in the store already) or "waited" (another process was
+    training it; this one waited, bounded by the lock timeout, and reused its result)."""
+    from .store import spec_key
+
+    entry = _resolve(entry_or_name)
+    store = _store(root)
+    spec = entry.spec(seed)
+    key = spec_key(spec)
+    if not force:
+        got = store.load(key)
+        if got is not None:
+            return got[0], got[1], "reused"
+    holder = store.holder(key)
+    if holder is not None and on_wait is not None:
+        on_wait(holder)
+
+    def build():
+        model, card = _train_entry(entry, seed, device)
+        return model.state_dict(), card
+
+    state, card, created = store.get_or_create(spec, build, force=force and holder is None)
+    return state, card, "trained" if created else ("waited" if holder is not None else "reused")
+
+
+def _local_worker(entry_or_name, seed: int, root: str, device: str):
+    import torch
+
+    torch.set_num_threads(1)  # data generation and evaluation outside the recipe's training threads
+    t0 = time.perf_counter()
+    _, card, how = train_or_reuse(entry_or_name, seed, root=root, device=device)
+    return how, _summary(card), time.perf_counter() - t0
+
+
+def _ray_task(entry_or_name, seed: int, device: str):
+    """One model on a Ray worker: (safetensors bytes, card fields, seconds). Nothing touches a store."""
+    import safetensors.torch
+    import torch
+
+    from .store import _prepare_tensors
+
+    torch.set_num_threads(1)
+    entry = _resolve(entry_or_name)
+    t0 = time.perf_counter()
+    model, card = _train_entry(entry, seed, device)
+    seconds = time.perf_counter() - t0
+    card = {**card, "build_seconds": round(seconds, 3)}
+    data = safetensors.torch.save(_prepare_tensors(model.state_dict()), metadata={"format": "pt"})
+    return data, card, seconds
+
+
+def _summary(card: dict) -> str:
+    metrics = card.get("metrics") or {}
+    shown = [f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+             if isinstance(v, float) and k in ("eval_acc", "test_acc", "eval_mse", "test_mse", "eval_loss")]
+    return " ".join(shown)
+
+
+class _Progress:
+    """One line per finished model and a running counter (plain lines: readable in CI logs too)."""
+
+    def __init__(self, name: str, total: int, stream=None):
+        self.name, self.total, self.done = name, total, 0
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+
+    def line(self, seed, status: str, detail: str = "") -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"[{self.done}/{self.total} {elapsed:6.1f}s] {self.name} seed {seed}: {status}"
+                          f"{'  ' + detail if detail else ''}\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+def run_sweep(name_or_entry, seeds: Sequence[int], *, backend: str = "local", root=None, device: str = "cpu",
+              workers: Optional[int] = None, address: Optional[str] = None, stream=None,
+              retries: int = 1) -> SweepResult:
+    """Train every seed of ``name_or_entry`` (a zoo name, ``name@recipe``, or a ZooEntry) that the store
+    at ``root`` (default: $CIRCUITS_CACHE or ./.circuits-cache) lacks; reuse the others."""
+    from .seeds import check_seed
+    from .store import default_root, spec_key
+
+    if backend not in BACKENDS:
+        raise SettingError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SettingError(f"workers must be a positive integer, got {workers!r}")
+    device, folder, _ = check_run_settings(device, None)
+    root = Path(root) if root is not None else folder
+    entry = _resolve(name_or_entry)
+    seeds = [check_seed(s) for s in seeds]
+    store = _store(root)
+    result = SweepResult(entry.name)
+    progress = _Progress(entry.name, len(seeds), stream)
+    todo = []
+    for seed in seeds:
+        if store.verify(spec_key(entry.spec(seed)))[0] == "ok":
+            result.reused.append(seed)
+            progress.line(seed, "in the store, reused")
+        else:
+            todo.append(seed)
+    if todo:
+        portable = _portable(entry)
+        runner = _run_local if backend == "local" else _run_ray
+        runner(portable, todo, root, device, workers, address, retries, result, progress)
+    return result
+
+
+def _run_local(entry, seeds, root, device, workers, address, retries, result, progress):
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    if address is not None:
+        raise SettingError("--address is for the ray backend (the local backend runs on this machine)")
+    n = min(workers or default_workers(), len(seeds))
+    # spawn, not fork: a forked child inherits torch's thread pools mid-state (and can hang in them)
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        attempts = {seed: 0 for seed in seeds}
+        futures = {pool.submit(_local_worker, entry, seed, str(root), device): seed for seed in seeds}
+        while futures:
+            finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                seed = futures.pop(fut)
+                try:
+                    how, summary, seconds = fut.result()
+                except Exception as e:  # noqa: BLE001 - retried, then reported by name
+                    attempts[seed] += 1
+                    if attempts[seed] <= retries:
+                        futures[pool.submit(_local_worker, entry, seed, str(root), device)] = seed
+                    else:
+                        result.failed[seed] = f"{type(e).__name__}: {e}".splitlines()[0]
+                        progress.line(seed, f"FAILED after {retries + 1} tries", result.failed[seed])
+                    continue
+                (result.trained if how == "trained" else result.reused).append(seed)
+                label = {"trained": f"trained in {seconds:.1f}s", "reused": "in the store, reused",
+                         "waited": "trained by another process, reused"}[how]
+                progress.line(seed, label, summary)
+
+
+def _run_ray(entry, seeds, root, device, workers, address, retries, result, progress):
+    try:
+        import ray
+    except ImportError:
+        raise SettingError("the ray backend needs Ray: pip install 'pytest-circuits[ray]' (or pip install ray)") from None
+    store = _store(root)
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:  # a private local Ray on the loopback interface only
+            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+    try:
+        resources = {"num_cpus": 1}
+        if device.startswith("cuda"):
+            resources["num_gpus"] = 1
+        task = ray.remote(max_retries=retries, retry_exceptions=True, **resources)(_ray_task)
+        pending = {task.remote(entry, seed, device): seed for seed in seeds}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            seed = pending.pop(ref)
+            try:
+                data, card, seconds = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - already retried by Ray
+                cause = getattr(e, "cause", None) or e
+                result.failed[seed] = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                progress.line(seed, f"FAILED after {retries + 1} tries", result.failed[seed])
+                continue
+            entry_obj = _resolve(entry)
+            store.put(entry_obj.spec(seed), data, card)
+            result.trained.append(seed)
+            progress.line(seed, f"trained in {seconds:.1f}s (ray)", _summary(card))
+    finally:
+        if started_here:
+            ray.shutdown()
