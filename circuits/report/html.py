@@ -61,7 +61,9 @@ th { text-align:left; font-weight:600; color:var(--muted); font-size:12px; text-
   letter-spacing:.04em; padding:6px 8px; border-bottom:2px solid var(--line); }
 td { padding:6px 8px; border-bottom:1px solid var(--line); vertical-align:top; overflow-wrap:anywhere; }
 tr.fail td { background:#fff8f7; }
-td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+code.nw { white-space:nowrap; }
+td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+th.num { text-align:right; }
 td.m { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; }
 .ok { color:var(--pass); } .bad { color:var(--fail); } .muted { color:var(--muted); } .warn { color:var(--warn); }
 .res { display:inline-block; min-width:52px; text-align:center; border-radius:6px; padding:1px 8px;
@@ -205,7 +207,8 @@ def _rollup(report: dict) -> str:
         failed = r["failed"] + r["errors"]
         ctl_cls = "bad" if r["controls_held"] else ("ok" if r["controls_total"] else "muted")
         out.append(
-            f'<tr class="{"fail" if failed else ""}"><td><a href="#{r["anchor"]}"><code>{_e(r["module"])}</code></a>'
+            f'<tr class="{"fail" if failed else ""}"><td><a href="#{r["anchor"]}">'
+            f'<code class="nw">{_e(r["module"])}</code></a>'
             f'<div class="note">{_e(doc)}</div></td><td class="num">{r["claims"]}</td>'
             f'<td class="num ok">{r["held"]}</td><td class="num warn">{r["known"] or ""}</td>'
             f'<td class="num {"bad" if failed else "muted"}">{failed}</td>'

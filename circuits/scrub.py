@@ -1,0 +1,489 @@
+"""Causal scrubbing: path-specific resampling hypotheses, scored by the fraction of loss recovered.
+
+A hypothesis (Redwood Research, "Causal Scrubbing: Results on a Paren Balance Checker", 2022) says
+which paths of the model compute which feature of the input. Scrubbing evaluates the model on a
+"treeified" copy in which every path the hypothesis names reads an input that *agrees with the input
+of its parent on the named feature*, and every path it does not name reads a random input. If the
+hypothesis is right, the loss barely moves.
+
+Writing one down::
+
+    from circuits.scrub import Path, Hypothesis, scrub
+
+    hyp = Hypothesis("1b", {                       # direct paths to the logits at the read-out
+        "1.0": Path(count_open), "2.0": Path(count_open),
+        "2.1": Path(horizon),
+    })
+    result = scrub(model, toks, labels, [hyp])[0]  # ScrubResult: losses, fraction recovered (CIs)
+
+A :class:`Path` names a feature (a tensor of per-example values: two inputs *agree* when their values
+are equal; or :data:`EXACT` = the parent's own input; or :data:`RANDOM` = unconditionally resampled)
+and optionally what that path's *inputs* must agree on, recursively. For an attention head the inputs
+are keyed by position (``{1: Path(...)}``: the head's input residual at position 1) and by ``"mask"``
+(the key padding mask); a position's inputs are keyed by the components of the residual there
+(``{"0.0": Path(...), "embed": Path(...)}``), each of which may recurse again if it is a head. A
+component may be replaced by a function of the input (``Path(f, approx=Approx(phi, g))``: the
+component's output is written as ``phi + (output - phi)``; ``phi`` reads an input agreeing on ``g``,
+the remainder is unnamed, so random) - the write-up's experiment 2b.
+
+Semantics (where the write-up leaves a detail open, the choice is ours and said here):
+
+* The root reads the real input x, and the loss is scored against x's label.
+* Every node of the hypothesis draws its own input agreeing with its parent's input on its feature
+  (from the evaluated data set: sampling includes the example itself, as the write-up's samplers
+  draw from the data set conditioned on the feature). Every node with named inputs draws ONE
+  further random input for all of its unnamed parts (per example, per node; the root's is "the one
+  random input" that every unnamed direct path reads).
+* A head's key padding mask comes with its unnamed parts (the node's random input) unless the
+  hypothesis names ``"mask"`` (experiment 3 names it: agree on the input length).
+* The random-logit baseline scores each x with the model's output on the root's random input: the
+  same draw the unnamed paths read (common random numbers), so a hypothesis that names nothing
+  recovers exactly 0 and the baseline's noise cancels in the ratio.
+* Fraction recovered = ``1 - scrubbed / baseline`` (how the write-up reports it) and, beside it,
+  ``(baseline - scrubbed) / (baseline - clean)``. Intervals are percentile bootstraps over the
+  resampling draws (``n_draws`` of them, each over the whole data set): they show the resampling
+  noise, not the noise of the data set itself.
+
+Implementation: the model runs ONCE per data set (``ScrubData``): the final residual's decomposition
+at the read-out, and the residual entering every block with each component's output at every
+position. A hypothesis is then evaluated by gathering rows of those tensors by source index
+(vectorised over examples) and recomputing only what a recursive node needs: a head's output from a
+patched input (its LayerNorm, query at one position, keys and values at all positions), then
+``ln_final`` and the unembedding. The recomposed clean logits equal the model's to float rounding
+(tests/test_scrub.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .analysis import run_in_batches
+from .errors import ScrubError, did_you_mean
+from .model import HookedTransformer
+from .stats import Estimate, bootstrap_ci
+
+__all__ = ["EXACT", "RANDOM", "Approx", "Path", "Hypothesis", "ScrubData", "ScrubResult", "scrub",
+           "sample_agreeing", "scrub_claim", "component_label"]
+
+EXACT = "exact"  # the parent's own input
+RANDOM = "random"  # an unconditionally resampled input
+
+Feature = Union[str, torch.Tensor, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Approx:
+    """Replace a component's output by ``values`` (a function of the input, [n, d_model]) plus the
+    remainder ``output - values``: ``values`` reads an input agreeing on ``feature``, the remainder is
+    left unnamed (it reads the node's random input)."""
+
+    values: torch.Tensor
+    feature: Feature
+
+
+@dataclass(frozen=True)
+class Path:
+    """One node of a hypothesis: the feature its input must agree on (with its parent's input) and,
+    optionally, what its own inputs must agree on (see the module docstring for the keys)."""
+
+    feature: Feature
+    inputs: Mapping[Any, "Path"] = field(default_factory=dict)
+    approx: Optional[Approx] = None
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """Named direct paths to the logits (component -> Path); everything else is unnamed (random)."""
+
+    name: str
+    paths: Mapping[str, Path]
+
+    @staticmethod
+    def identity(model: HookedTransformer, name: str = "identity") -> "Hypothesis":
+        """Every direct path from the input itself: scrubbing is then the clean run."""
+        return Hypothesis(name, {label: Path(EXACT) for label in final_labels(model)})
+
+
+def final_labels(model: HookedTransformer, layer: Optional[int] = None) -> list[str]:
+    """Labels of the residual's components entering block ``layer`` (None = the final residual), in
+    the order of ``ActivationCache.decompose_resid``."""
+    cfg = model.cfg
+    n = cfg.n_layers if layer is None else layer
+    labels = ["embed"] + (["pos_embed"] if cfg.positional != "none" else [])
+    for l in range(n):
+        labels += [f"L{l}H{h}" for h in range(cfg.n_heads)] + ([f"L{l}.mlp"] if cfg.d_mlp else [])
+    return labels + ["biases"]
+
+
+_HEAD = re.compile(r"^(?:L(\d+)H(\d+)|(\d+)\.(\d+)|a(\d+)\.h(\d+))$")
+_MLP = re.compile(r"^(?:L(\d+)\.mlp|m(\d+)|mlp(\d+))$")
+
+
+def component_label(name: str, choices: Sequence[str]) -> str:
+    """'1.0' / 'a1.h0' / 'L1H0' -> 'L1H0'; 'm2' / 'mlp2' / 'L2.mlp' -> 'L2.mlp'; checked against
+    ``choices`` (ScrubError naming the closest ones otherwise)."""
+    label = name
+    if isinstance(name, str):
+        m = _HEAD.match(name)
+        if m:
+            l, h = [g for g in m.groups() if g is not None]
+            label = f"L{l}H{h}"
+        m = _MLP.match(name)
+        if m:
+            label = f"L{[g for g in m.groups() if g is not None][0]}.mlp"
+    if label not in choices:
+        raise ScrubError(f"unknown component {name!r} here (components: {', '.join(choices)})"
+                         + (did_you_mean(str(name), choices) if isinstance(name, str) else ""))
+    return label
+
+
+# --- samplers ---------------------------------------------------------------------------------------
+
+
+def _classes(feature: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """Class id per example [n] of a feature array [n] or [n, k] (equal rows = one class)."""
+    values = torch.as_tensor(feature)
+    if values.ndim not in (1, 2) or values.shape[0] != n:
+        raise ScrubError(f"feature {what} has shape {tuple(values.shape)}; need [{n}] or [{n}, k], one "
+                         f"value per example of the data ({n} examples)")
+    if values.is_floating_point() and bool(torch.isnan(values).any()):
+        raise ScrubError(f"feature {what} has NaN values (NaN never equals NaN: no example would agree)")
+    return torch.unique(values, dim=0, return_inverse=True)[1] if values.ndim == 2 else \
+        torch.unique(values, return_inverse=True)[1]
+
+
+class _Sampler:
+    """Draws, for each example, a random example of the same class (vectorised)."""
+
+    def __init__(self, classes: torch.Tensor):
+        self.classes = classes  # [n]
+        self.order = torch.argsort(classes, stable=True)  # examples grouped by class
+        counts = torch.bincount(classes)
+        self.counts = counts
+        self.starts = torch.cumsum(counts, 0) - counts
+
+    def __call__(self, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        k = self.classes[like]  # [n] class of each parent input
+        u = torch.rand(like.shape[0], generator=gen, dtype=torch.float64)
+        offset = (u * self.counts[k]).long().clamp_max_(self.counts[k] - 1)
+        return self.order[self.starts[k] + offset]
+
+
+def sample_agreeing(feature: Feature, gen: torch.Generator, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """For each example i, the index of a random example j with ``feature[j] == feature[like[i]]``
+    (like = every example itself by default): [n] LongTensor. ``feature`` is an array [n] or [n, k];
+    the draw includes i itself (sampling from the data conditioned on the feature)."""
+    if isinstance(feature, str):
+        raise ScrubError(f"sample_agreeing needs a feature array, got {feature!r}")
+    values = torch.as_tensor(feature)
+    n = values.shape[0] if values.ndim else 0
+    like = torch.arange(n) if like is None else like
+    return _Sampler(_classes(values, n, "array"))(like, gen)
+
+
+# --- the data a hypothesis is evaluated on ---------------------------------------------------------
+
+
+class ScrubData:
+    """One run of the model on the data, keeping what scrubbing gathers from.
+
+    toks: [n, pos] token ids; labels: [n] class ids. The model must read out at the first position
+    (every input's read-out is then the same position, so rows from different inputs line up)."""
+
+    def __init__(self, model: HookedTransformer, toks: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
+        cfg = model.cfg
+        if cfg.readout != "first":  # "last" would put sources' read-outs at different positions
+            raise ScrubError(f"scrubbing supports models that read out at the first position, this one reads {cfg.readout!r}")
+        if not isinstance(toks, torch.Tensor) or toks.ndim != 2:
+            raise ScrubError(f"toks must be a [n, pos] token tensor, got {type(toks).__name__} "
+                             f"{tuple(getattr(toks, 'shape', ()))}")
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (toks.shape[0],):
+            raise ScrubError(f"labels must be [{toks.shape[0]}] (one per example), got {tuple(labels.shape)}")
+        self.model, self.toks, self.labels = model, toks, labels
+        self.n, self.width = toks.shape
+        names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional != "none" else [])
+        for l in range(cfg.n_layers):
+            names += [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_z"]
+            names += [f"blocks.{l}.hook_mlp_out"] if cfg.d_mlp else []
+        names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+        cache = run_in_batches(model, toks, names=names, batch_size=batch_size)
+        self._cache = cache
+        self.readout = model.readout_positions(toks)  # [n]
+        self.rows = torch.arange(self.n)
+        pad = model.key_padding_mask(toks)
+        self.pad = pad if pad is not None else torch.zeros_like(toks, dtype=torch.bool)  # [n, pos]
+        self.final_labels = final_labels(model)
+        self.final_resid = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"][self.rows, self.readout]  # [n, d]
+        self._outputs: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            self.clean_logits = self.logits(self.final_resid)
+        self._samplers: dict[int, tuple[Any, _Sampler]] = {}
+
+    # components' outputs at every position, computed on first use
+    def output(self, label: str) -> torch.Tensor:
+        """A component's output [n, pos, d_model] (heads without b_O; "biases" = every b_O)."""
+        if label not in self._outputs:
+            self._outputs[label] = self._compute_output(label)
+        return self._outputs[label]
+
+    def _compute_output(self, label: str) -> torch.Tensor:
+        c, cfg = self._cache, self.model.cfg
+        if label == "embed":
+            return c["hook_embed"]
+        if label == "pos_embed":
+            return c["hook_pos_embed"].expand(self.n, -1, -1)
+        if label == "biases":  # summed over every layer: per layer, see resid_in
+            b = sum(blk.attn.b_O.detach() for blk in self.model.blocks)
+            return b.expand(self.n, self.width, -1)
+        m = re.match(r"^L(\d+)H(\d+)$", label)
+        if m:
+            l, h = int(m.group(1)), int(m.group(2))
+            z = c[f"blocks.{l}.attn.hook_z"][:, :, h]  # [n, pos, d_head]
+            return z @ self.model.blocks[l].attn.W_O[h].detach()
+        l = int(label[1:].split(".")[0])
+        return c[f"blocks.{l}.hook_mlp_out"]
+
+    def component(self, label: str, layer: Optional[int]) -> torch.Tensor:
+        """A component's contribution [n, pos, d] to the residual entering ``layer`` (None = final):
+        the same as ``output`` except "biases", which sums the b_O of the layers before it."""
+        if label != "biases":
+            return self.output(label)
+        n_layers = self.model.cfg.n_layers if layer is None else layer
+        b = torch.zeros(self.model.cfg.d_model)
+        for blk in self.model.blocks[:n_layers]:
+            b = b + blk.attn.b_O.detach()
+        return b.expand(self.n, self.width, -1)
+
+    def resid_in(self, layer: int) -> torch.Tensor:
+        return self._cache[f"blocks.{layer}.hook_resid_pre"]  # [n, pos, d]
+
+    def logits(self, resid: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.ln_final(resid) if m.cfg.normalization == "LN" else resid
+        return m.unembed(x)  # [n, d_vocab_out]
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.double(), self.labels, reduction="none")  # [n]
+
+    def sampler(self, feature: torch.Tensor, what: str) -> _Sampler:
+        key = id(feature)
+        hit = self._samplers.get(key)
+        if hit is None or hit[0] is not feature:  # keep the tensor alive so its id stays unique
+            hit = (feature, _Sampler(_classes(feature, self.n, what)))
+            self._samplers[key] = hit
+        return hit[1]
+
+
+# --- evaluating one hypothesis for one draw ----------------------------------------------------------
+
+
+class _Draw:
+    def __init__(self, data: ScrubData, gen: torch.Generator):
+        self.d, self.gen = data, gen
+
+    def random(self) -> torch.Tensor:
+        return torch.randint(self.d.n, (self.d.n,), generator=self.gen)
+
+    def source(self, feature: Feature, like: torch.Tensor, where: str) -> torch.Tensor:
+        if isinstance(feature, str):
+            if feature == EXACT:
+                return like
+            if feature == RANDOM:
+                return self.random()
+            raise ScrubError(f"{where}: feature {feature!r} is neither an array nor EXACT / RANDOM")
+        return self.d.sampler(torch.as_tensor(feature), where)(like, self.gen)
+
+    def final_resid(self, hyp: Hypothesis, rest: torch.Tensor) -> torch.Tensor:
+        d = self.d
+        resid = d.final_resid[rest].clone()  # every unnamed path: the root's one random input
+        seen = set()
+        for name, node in hyp.paths.items():
+            label = component_label(name, d.final_labels)
+            if label in seen:
+                raise ScrubError(f"hypothesis {hyp.name!r} names {label} twice")
+            seen.add(label)
+            where = f"hypothesis {hyp.name!r}, {label}"
+            src = self.source(node.feature, d.rows, where)
+            out = self.component_at(label, None, d.readout, node, src, where)
+            # the named path's row replaces the random input's row of the same component
+            resid += out - d.component(label, None)[rest, d.readout]
+        return resid
+
+    def component_at(self, label: str, layer: Optional[int], pos: torch.Tensor, node: Path,
+                     src: torch.Tensor, where: str) -> torch.Tensor:
+        """The output [n, d] of component ``label`` at positions ``pos`` [n] for the node ``node``
+        whose input is ``src``, as read by the residual entering ``layer``."""
+        d = self.d
+        table = d.component(label, layer)  # [n, pos, d]
+        if node.approx is not None:
+            if node.inputs:
+                raise ScrubError(f"{where}: a Path has either inputs or approx, not both")
+            phi = torch.as_tensor(node.approx.values)
+            if phi.shape != (d.n, table.shape[-1]):
+                raise ScrubError(f"{where}: approx values have shape {tuple(phi.shape)}, need [{d.n}, {table.shape[-1]}]")
+            rest = self.random()
+            s_phi = self.source(node.approx.feature, src, where + " approx")
+            return phi[s_phi] + table[rest, pos] - phi[rest]
+        if not node.inputs:
+            return table[src, pos]
+        m = re.match(r"^L(\d+)H(\d+)$", label)
+        if not m:
+            raise ScrubError(f"{where}: only attention heads' inputs can be named, not {label}'s")
+        return self.head_output(int(m.group(1)), int(m.group(2)), pos, node, src, where)
+
+    def head_output(self, layer: int, head: int, qpos: torch.Tensor, node: Path, src: torch.Tensor,
+                    where: str) -> torch.Tensor:
+        """Head (layer, head)'s output [n, d] at query positions ``qpos`` [n], its input residual
+        built per position from the sources ``node`` names (the rest from one random input)."""
+        d, model = self.d, self.d.model
+        rest = self.random()
+        resid = d.resid_in(layer)
+        x = resid[rest].clone()  # [n, pos, d]
+        mask_src = rest
+        labels = final_labels(model, layer)
+        for key, child in node.inputs.items():
+            w = f"{where} <- {key!r}"
+            if key == "mask":
+                if child.inputs or child.approx is not None:
+                    raise ScrubError(f"{w}: the mask has no inputs to name")
+                mask_src = self.source(child.feature, src, w)
+                continue
+            if isinstance(key, bool) or not isinstance(key, int) or not -d.width <= key < d.width:
+                raise ScrubError(f"{w}: a head's inputs are keyed by position (an int in [0, {d.width})) "
+                                 f"or 'mask', got {key!r}")
+            p = key % d.width
+            s_p = self.source(child.feature, src, w)
+            if child.approx is not None:
+                raise ScrubError(f"{w}: approx applies to a component, not to a position")
+            if not child.inputs:
+                x[:, p] = resid[s_p, p]
+                continue
+            r_p = self.random()
+            x_p = resid[r_p, p].clone()
+            at = torch.full((d.n,), p, dtype=torch.long)
+            seen = set()
+            for name, grand in child.inputs.items():
+                label = component_label(name, labels)
+                if label in seen:
+                    raise ScrubError(f"{w}: {label} named twice")
+                seen.add(label)
+                wc = f"{w} <- {label}"
+                s_c = self.source(grand.feature, s_p, wc)
+                x_p += self.component_at(label, layer, at, grand, s_c, wc) - d.component(label, layer)[r_p, p]
+            x[:, p] = x_p
+        return self._attend(layer, head, x, qpos, d.pad[mask_src])
+
+    def _attend(self, layer: int, head: int, x: torch.Tensor, qpos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """One head on input residuals x [n, pos, d] (LayerNorm included), query at qpos [n]."""
+        block, cfg = self.d.model.blocks[layer], self.d.model.cfg
+        attn = block.attn
+        h = block.ln1(x)  # [n, pos, d]
+        q = h[self.d.rows, qpos] @ attn.W_Q[head] + attn.b_Q[head]  # [n, d_head]
+        k = h @ attn.W_K[head] + attn.b_K[head]  # [n, pos, d_head]
+        v = h @ attn.W_V[head] + attn.b_V[head]  # [n, pos, d_head]
+        scores = torch.einsum("nd,npd->np", q, k) / math.sqrt(attn.d_head)  # [n, pos]
+        blocked = pad.clone()
+        if cfg.attention == "causal":
+            blocked |= torch.arange(x.shape[1])[None, :] > qpos[:, None]
+        blocked &= ~blocked.all(-1, keepdim=True)  # as the model: a fully masked row attends everywhere
+        pattern = scores.masked_fill(blocked, float("-inf")).softmax(-1)  # [n, pos]
+        z = torch.einsum("np,npd->nd", pattern, v)
+        return z @ attn.W_O[head]  # [n, d]
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScrubResult:
+    name: str
+    clean: float  # mean loss of the model
+    scrubbed: Estimate  # mean loss of the scrubbed model (over draws)
+    baseline: Estimate  # mean loss with each input scored by the model's output on a random input
+    recovered: Estimate  # 1 - scrubbed / baseline (the write-up's "loss recovered")
+    normalised: Estimate  # (baseline - scrubbed) / (baseline - clean)
+    scrubbed_draws: np.ndarray = field(repr=False, default=None)
+    baseline_draws: np.ndarray = field(repr=False, default=None)
+    n_examples: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.name}: loss {self.scrubbed.point:.4g} (clean {self.clean:.4g}, random-logit baseline "
+                f"{self.baseline.point:.4g}); recovered {self.recovered.point:.3f} "
+                f"[{self.recovered.lo:.3f}, {self.recovered.hi:.3f}], normalised {self.normalised.point:.3f} "
+                f"({len(self.scrubbed_draws)} draws x {self.n_examples} examples)")
+
+
+def _recovered(s, b, axis=-1):
+    return 1 - np.mean(s, axis=axis) / np.mean(b, axis=axis)
+
+
+def _ratio_estimate(statistic, samples: tuple, name: str) -> Estimate:
+    if len(samples[0]) < 2:
+        v = float(statistic(*samples))
+        return Estimate(v, v, v, n=len(samples[0]), method="single draw", statistic=name)
+    return bootstrap_ci(samples, statistic, paired=True, method="percentile", n_resamples=1000)
+
+
+def scrub(model: HookedTransformer, toks_or_data: Union[torch.Tensor, ScrubData], labels=None,
+          hypotheses: Sequence[Hypothesis] = (), *, n_draws: int = 8, seed: int = 0) -> list[ScrubResult]:
+    """Scrub each hypothesis on the data (``n_draws`` resampling draws each, generator seeded with
+    ``(seed, draw)``: every hypothesis sees the same root random inputs in a draw)."""
+    data = toks_or_data if isinstance(toks_or_data, ScrubData) else ScrubData(model, toks_or_data, labels)
+    if data.model is not model:
+        raise ScrubError("the ScrubData was built for another model")
+    if isinstance(hypotheses, Hypothesis):
+        hypotheses = [hypotheses]
+    if not isinstance(n_draws, int) or n_draws < 1:
+        raise ScrubError(f"n_draws must be a positive int, got {n_draws!r}")
+    clean = float(data.loss(data.clean_logits).mean())
+    results = []
+    with torch.no_grad():
+        for hyp in hypotheses:
+            if not isinstance(hyp, Hypothesis):
+                raise ScrubError(f"expected a Hypothesis, got {type(hyp).__name__}")
+            s_draws, b_draws = [], []
+            for k in range(n_draws):
+                gen = torch.Generator().manual_seed(1_000_003 * seed + k)
+                draw = _Draw(data, gen)
+                rest = draw.random()  # the root's random input: unnamed paths and the baseline
+                s_draws.append(float(data.loss(data.logits(draw.final_resid(hyp, rest))).mean()))
+                b_draws.append(float(data.loss(data.clean_logits[rest]).mean()))
+            s, b = np.array(s_draws), np.array(b_draws)
+            results.append(ScrubResult(
+                name=hyp.name, clean=clean,
+                scrubbed=_ratio_estimate(lambda x, axis=-1: np.mean(x, axis=axis), (s,), "mean loss"),
+                baseline=_ratio_estimate(lambda x, axis=-1: np.mean(x, axis=axis), (b,), "mean loss"),
+                recovered=_ratio_estimate(_recovered, (s, b), "1 - scrubbed/baseline"),
+                normalised=_ratio_estimate(
+                    lambda s_, b_, axis=-1: (np.mean(b_, axis=axis) - np.mean(s_, axis=axis))
+                    / (np.mean(b_, axis=axis) - clean), (s, b), "(baseline - scrubbed)/(baseline - clean)"),
+                scrubbed_draws=s, baseline_draws=b, n_examples=data.n))
+    return results
+
+
+def scrub_claim(claim, name: str, result: ScrubResult, at_least: float):
+    """Claim that ``result`` recovers at least ``at_least`` of the loss (``1 - scrubbed/baseline``,
+    decided on the bootstrap interval's lower bound), with the losses in the claim's note."""
+    __tracebackhide__ = True
+    return claim.at_least(f"{name}: fraction of loss recovered", result.recovered, at_least,
+                          note=_note(result))
+
+
+def scrub_control_claim(claim, name: str, result: ScrubResult, at_most: float):
+    """Claim that a control hypothesis recovers at most ``at_most`` (on the interval's upper bound)."""
+    __tracebackhide__ = True
+    return claim.at_most(f"{name}: fraction of loss recovered", result.recovered, at_most, note=_note(result))
+
+
+def _note(r: ScrubResult) -> str:
+    return (f"scrubbed loss {r.scrubbed.point:.4g}, clean {r.clean:.4g}, random-logit baseline "
+            f"{r.baseline.point:.4g}; normalised (baseline - scrubbed)/(baseline - clean) = "
+            f"{r.normalised.point:.4f}; {len(r.scrubbed_draws)} draws x {r.n_examples} examples")

@@ -1,0 +1,186 @@
+"""Identities of circuits.scrub on a perturbed random bracket-architecture model (no checkpoint)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from circuits import scrub as S
+from circuits.claims import Claims
+from circuits.errors import ScrubError
+from circuits.tasks import brackets as B
+from model_configs import perturbed_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return B.generate(600, seed=3)
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def setup(request, data):
+    model = perturbed_model("brackets", dtype=request.param)
+    return model, S.ScrubData(model, data.toks, data.isbal.long())
+
+
+def _every_position(width):
+    return {**{p: S.Path(S.EXACT) for p in range(width)}, "mask": S.Path(S.EXACT)}
+
+
+def test_recomposed_clean_logits_equal_the_model(setup, data):
+    model, sd = setup
+    with torch.no_grad():
+        direct = model(data.toks)
+    tol = 1e-5 if sd.final_resid.dtype == torch.float32 else 1e-10
+    assert float((sd.clean_logits - direct).abs().max()) <= tol * max(1.0, float(direct.abs().max()))
+
+
+def test_identity_hypothesis_recovers_exactly_all(setup):
+    model, sd = setup
+    r = S.scrub(model, sd, hypotheses=[S.Hypothesis.identity(model)], n_draws=3)[0]
+    assert abs(r.scrubbed.point - r.clean) <= 1e-6
+    assert abs(r.normalised.point - 1) <= 1e-5 and abs(r.recovered.point - (1 - r.clean / r.baseline.point)) <= 1e-6
+
+
+def test_identity_through_recursive_head_inputs(setup):
+    """Every head's input rebuilt position by position (and component by component) from the input
+    itself gives the clean run: the head recomputation equals the model's."""
+    model, sd = setup
+    width = sd.width
+    comp = {p: S.Path(S.EXACT, {c: S.Path(S.EXACT) for c in S.final_labels(model, 2)}) for p in range(width)}
+    paths = {label: S.Path(S.EXACT) for label in S.final_labels(model)}
+    paths["L2H0"] = S.Path(S.EXACT, _every_position(width))
+    paths["L2H1"] = S.Path(S.EXACT, {**comp, "mask": S.Path(S.EXACT)})
+    paths["L1H0"] = S.Path(S.EXACT, {**_every_position(width),
+                                     1: S.Path(S.EXACT, {"L0H0": S.Path(S.EXACT, _every_position(width)),
+                                                         "embed": S.Path(S.EXACT), "pos_embed": S.Path(S.EXACT),
+                                                         "L0H1": S.Path(S.EXACT), "L0.mlp": S.Path(S.EXACT),
+                                                         "biases": S.Path(S.EXACT)})})
+    r = S.scrub(model, sd, hypotheses=[S.Hypothesis("deep identity", paths)], n_draws=2)[0]
+    tol = 1e-6 if sd.final_resid.dtype == torch.float32 else 1e-12
+    assert abs(r.scrubbed.point - r.clean) <= tol
+
+
+def test_resampling_everything_recovers_exactly_nothing(setup):
+    """Naming no path: every path reads the root's one random input, which is the input the
+    random-logit baseline scores, so scrubbed loss == baseline loss in every draw: recovered 0."""
+    model, sd = setup
+    r = S.scrub(model, sd, hypotheses=[S.Hypothesis("nothing", {})], n_draws=4)[0]
+    np.testing.assert_allclose(r.scrubbed_draws, r.baseline_draws, rtol=1e-5, atol=1e-6)
+    assert abs(r.recovered.point) <= 1e-5 and abs(r.normalised.point) <= 1e-5
+    assert r.baseline.point > r.clean  # a random input's logits are worse than the input's own
+
+
+def test_unconditional_paths_match_the_baseline_in_expectation(setup):
+    """Every component from its own random input: not the same draw as the baseline, but the same
+    distribution only if nothing were shared; here it must be far from the clean loss."""
+    model, sd = setup
+    hyp = S.Hypothesis("all random", {label: S.Path(S.RANDOM) for label in S.final_labels(model)})
+    r = S.scrub(model, sd, hypotheses=[hyp], n_draws=3)[0]
+    assert r.normalised.point < 0.5
+
+
+def test_samplers_return_agreeing_examples(data):
+    gen = torch.Generator().manual_seed(0)
+    for feature in (data.isbal, data.lengths, B.horizon_features(data.toks)[:, 5], torch.stack(
+            [data.isbal, data.starts_open], 1)):
+        src = S.sample_agreeing(feature, gen)
+        assert torch.equal(feature[src], feature)
+        like = torch.randint(len(data), (len(data),), generator=gen)
+        assert torch.equal(feature[S.sample_agreeing(feature, gen, like)], feature[like])
+    # not just the example itself: classes with many members are sampled across
+    src = S.sample_agreeing(data.isbal, gen)
+    assert float((src != torch.arange(len(data))).float().mean()) > 0.9
+
+
+def test_samplers_are_seeded():
+    f = torch.tensor([0, 1, 0, 1, 2, 2, 0])
+    a = S.sample_agreeing(f, torch.Generator().manual_seed(5))
+    b = S.sample_agreeing(f, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_approx_equal_to_the_component_leaves_no_remainder(setup):
+    """phi + (output - phi): with phi = the component's own output the unnamed remainder (read from
+    a random input) is exactly zero, so the result is the component read on phi's source."""
+    model, sd = setup
+    phi = sd.output("L0H0")[:, 1].clone()  # [n, d_model]
+    paths = {label: S.Path(S.EXACT) for label in S.final_labels(model)}
+    at_1 = {c: S.Path(S.EXACT) for c in S.final_labels(model, 2)}  # a position's unnamed parts are random
+    at_1["L0H0"] = S.Path(S.EXACT, approx=S.Approx(phi, S.EXACT))
+    paths["L2H0"] = S.Path(S.EXACT, {**_every_position(sd.width), 1: S.Path(S.EXACT, at_1)})
+    r = S.scrub(model, sd, hypotheses=[S.Hypothesis("phi = output", paths)], n_draws=2)[0]
+    tol = 1e-6 if sd.final_resid.dtype == torch.float32 else 1e-12
+    assert abs(r.scrubbed.point - r.clean) <= tol
+    wrong = S.Approx(torch.zeros_like(phi), S.EXACT)  # phi = 0: the whole output is the random remainder
+    at_1["L0H0"] = S.Path(S.EXACT, approx=wrong)
+    paths["L2H0"] = S.Path(S.EXACT, {**_every_position(sd.width), 1: S.Path(S.EXACT, at_1)})
+    r = S.scrub(model, sd, hypotheses=[S.Hypothesis("phi = 0", paths)], n_draws=2)[0]
+    assert abs(r.scrubbed.point - r.clean) > tol
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"L9H0": S.Path(S.EXACT)}, "unknown component 'L9H0'"),
+    ({"2.O": S.Path(S.EXACT)}, "unknown component"),
+    ({"L2H0": S.Path(torch.zeros(5))}, "one value per example"),
+    ({"L2H0": S.Path("sometimes")}, "neither an array nor EXACT"),
+    ({"L2H0": S.Path(S.EXACT, {99: S.Path(S.EXACT)})}, "keyed by position"),
+    ({"L2.mlp": S.Path(S.EXACT, {1: S.Path(S.EXACT)})}, "only attention heads' inputs"),
+    ({"L2H0": S.Path(S.EXACT, {1: S.Path(S.EXACT, {"L2H1": S.Path(S.EXACT)})})}, "unknown component 'L2H1'"),
+    ({"L2H0": S.Path(torch.full((600,), float("nan")))}, "NaN"),
+])
+def test_bad_hypotheses_raise_clear_errors(setup, bad, message):
+    model, sd = setup
+    with pytest.raises(ScrubError, match=message):
+        S.scrub(model, sd, hypotheses=[S.Hypothesis("bad", bad)], n_draws=1)
+
+
+def test_bad_data_raise_clear_errors(data):
+    model = perturbed_model("brackets")
+    with pytest.raises(ScrubError, match="labels must be"):
+        S.ScrubData(model, data.toks, data.isbal[:-1].long())
+    with pytest.raises(ScrubError, match="n_draws"):
+        S.scrub(model, data.toks, data.isbal.long(), [S.Hypothesis("x", {})], n_draws=0)
+    last = perturbed_model("causal_padded")
+    with pytest.raises(ScrubError, match="first position"):
+        S.ScrubData(last, torch.ones(3, 4, dtype=torch.long), torch.zeros(3))
+
+
+def test_component_names():
+    labels = S.final_labels(perturbed_model("brackets"))
+    assert S.component_label("2.1", labels) == "L2H1"
+    assert S.component_label("a1.h0", labels) == "L1H0"
+    assert S.component_label("m2", labels) == "L2.mlp"
+    with pytest.raises(ScrubError, match="did you mean"):
+        S.component_label("L2.mpl", labels)
+
+
+def test_scrub_claim_records_losses_and_fails_below_threshold(setup):
+    model, sd = setup
+    r = S.scrub(model, sd, hypotheses=[S.Hypothesis("nothing", {})], n_draws=3)[0]
+    claims = Claims(raise_on_failure=False)
+    rec = S.scrub_claim(claims, "nothing", r, 0.5)
+    assert not rec.passed and "random-logit baseline" in rec.note and rec.ci is not None
+    rec = S.scrub_control_claim(claims, "nothing as control", r, 0.5)
+    assert rec.passed
+
+
+def test_originators_style_distribution():
+    d = B.generate_originators_style(20_000, seed=0)
+    assert abs(float(d.isbal.float().mean()) - 0.26) < 0.01
+    unbalanced = ~d.isbal
+    assert abs(float((~d.starts_open[unbalanced]).float().mean()) - 0.5) < 0.03
+    assert bool((d.lengths % 2 == 0).all()) and int(d.lengths.min()) == 2 and int(d.lengths.max()) == 40
+    assert torch.equal(d.toks, B.generate_originators_style(20_000, seed=0).toks)
+
+
+def test_bracket_scrubbing_features():
+    d = B.BracketData.from_strings(["()", ")(", "(()", "(())()"])
+    assert B.count_test(d.toks).tolist() == [True, True, False, True]
+    assert B.horizon_test(d.toks).tolist() == (~d.negative_failure).tolist()
+    feats = B.horizon_features(d.toks)
+    # "(()": position 1 suffix "(()" has 2/3 open -> -2; position 2 "()" -> 2; end after ")" -> 1
+    assert feats[2, :5].tolist() == [-2, -2, 2, 2, 1]
+    assert feats[0, 4:].tolist() == [0] * (d.toks.shape[1] - 4)  # padding
+    assert feats[1, 3].item() == -1  # the end token after "("
