@@ -45,6 +45,11 @@ class UnknownModelError(CircuitsError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ScrubError(CircuitsError, ValueError):
+    """A causal-scrubbing hypothesis that cannot be evaluated as written (an unknown component or
+    position, a feature with the wrong number of values, recursion into a part that has no inputs)."""
+
+
 class SettingError(CircuitsError, ValueError):
     """An environment setting (CIRCUITS_CACHE, CIRCUITS_LOCK_TIMEOUT) or a command-line value
     (--device, --workers) that cannot be used; the message names the setting and the fix."""

@@ -324,6 +324,46 @@ def goes_negative_ltr(x: StringsOrTokens) -> torch.Tensor:
     return _ltr_goes_negative(_steps(x))
 
 
+# The causal-scrubbing write-up's names (Redwood Research, "Causal Scrubbing: Results on a Paren
+# Balance Checker", 2022): the count test and the right-to-left "horizon" test, and per-position
+# features its hypotheses 3a/3b condition on.
+
+
+def count_test(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: the count test passes (as many "(" as ")")."""
+    return _steps(x).sum(-1) == 0
+
+
+def horizon_test(x: StringsOrTokens) -> torch.Tensor:
+    """BoolTensor [batch]: the horizon test passes (no suffix has more "(" than ")"; ~negative_failure)."""
+    return ~_rtl_goes_negative(_steps(x))
+
+
+def suffix_open_proportion(x: StringsOrTokens) -> torch.Tensor:
+    """FloatTensor [batch, seq]: at each position, the proportion of "(" among the brackets from there
+    to the end (the write-up's p_open_after); NaN where no bracket follows (the end token, padding)."""
+    steps = _steps(x)
+    opens = (steps > 0).flip(-1).cumsum(-1).flip(-1).float()
+    brackets = (steps != 0).flip(-1).cumsum(-1).flip(-1).float()
+    return opens / brackets
+
+
+def horizon_features(x: StringsOrTokens, proportion: torch.Tensor | None = None) -> torch.Tensor:
+    """LongTensor [batch, seq]: the write-up's per-position horizon classes, which a position's input
+    to the horizon head must agree on: 0 padding; -1 / 1 the end token after "(" / ")"; -2 where the
+    (suffix) open proportion at that position is above 1/2 (evidence of imbalance), 2 where it is at
+    most 1/2. ``proportion`` [batch, seq] replaces ``suffix_open_proportion`` (e.g. an adjusted one)."""
+    tokens = x if isinstance(x, torch.Tensor) else tokenize(x)
+    _check_tokens(tokens)
+    p = suffix_open_proportion(tokens) if proportion is None else proportion
+    if p.shape != tokens.shape:
+        raise InputError(f"proportion has shape {tuple(p.shape)}, the tokens {tuple(tokens.shape)}")
+    prev = torch.cat([torch.full_like(tokens[:, :1], PAD), tokens[:, :-1]], 1)
+    out = torch.where(p > 0.5, -2, 2)
+    out = torch.where(tokens == END, torch.where(prev == OPEN, -1, 1), out)
+    return torch.where(tokens == PAD, 0, out)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
@@ -590,6 +630,36 @@ def generate_training_mix(n: int, seed: int, equal_count_fraction: float = 0.125
     all_len = torch.cat([ref.lengths, lengths])
     order = torch.randperm(n, generator=g)
     return BracketData._from_valid(toks[order], all_len[order], None)
+
+
+def generate_originators_style(n: int, seed: int, balanced_fraction: float = 0.26) -> BracketData:
+    """A distribution like the one the published checkpoint's originators trained and scrubbed on
+    (what is public of it, see issue 17): ``balanced_fraction`` balanced strings (uniform among the
+    balanced strings of their length, lengths as in ``generate``: many of length 2), the rest
+    uniformly random *unbalanced* strings of uniform even length 2..40. Its exact recipe is not
+    public; this matches the stated shares (about a quarter balanced, about half of the unbalanced
+    strings start with ")"). Vectorised; deterministic for a seed."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InputError(f"n must be a non-negative int, got {n!r}")
+    if not 0.0 <= balanced_fraction <= 1.0:
+        raise InputError(f"balanced_fraction must be in [0, 1], got {balanced_fraction!r}")
+    g = torch.Generator().manual_seed(seed)
+    n_bal = int(round(n * balanced_fraction))
+    dyck_body, dyck_len = _dyck_bodies(n_bal, g)
+    bodies, lens, have = [], [], 0
+    while have < n - n_bal:  # random strings, the balanced ones dropped (~6% of a draw)
+        body, length = _random_bodies(2 * (n - n_bal - have) + 16, g)
+        steps = ((body == OPEN).to(torch.int8) - (body == CLOSE).to(torch.int8))
+        steps = steps.masked_fill(torch.arange(MAX_LEN)[None, :] >= length[:, None], 0)
+        balanced = (steps.sum(-1) == 0) & ~(steps.cumsum(-1, dtype=torch.int16) < 0).any(-1)
+        bodies.append(body[~balanced])
+        lens.append(length[~balanced])
+        have += int((~balanced).sum())
+    body = torch.cat([dyck_body] + bodies)[:n]
+    lengths = torch.cat([dyck_len] + lens)[:n]
+    order = torch.randperm(n, generator=g)
+    toks = _assemble(body[order], lengths[order], MAX_LEN + 2)
+    return BracketData._from_valid(toks, lengths[order], None)
 
 
 # --- zoo entry -----------------------------------------------------------------------------------------
