@@ -1,0 +1,69 @@
+"""circuits.sweep: the local pool fills the store and reuses it; Ray gives the same bytes; failures by name."""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train_zoo import tiny_entry  # noqa: E402
+
+from circuits.store import ModelStore, spec_key  # noqa: E402
+from circuits.sweep import run_sweep  # noqa: E402
+from circuits.tasks import brackets as B  # noqa: E402
+
+
+def failing_split(n, seed):
+    """A task whose data generation fails (module level: workers import it by reference)."""
+    raise RuntimeError(f"no data for seed {seed}")
+
+
+def _hashes(root, entry, seeds):
+    store = ModelStore(root)
+    out = {}
+    for s in seeds:
+        got = store.load(spec_key(entry.spec(s)))
+        assert got is not None, f"seed {s} missing from {root}"
+        out[s] = got[1]["content_hash"]
+    return out
+
+
+def test_local_sweep_fills_the_store_then_reuses_it(tmp_path):
+    entry = tiny_entry()
+    log = io.StringIO()
+    result = run_sweep(entry, [0, 1, 2], root=tmp_path, workers=2, stream=log)
+    assert result.ok and sorted(result.trained) == [0, 1, 2] and result.reused == []
+    lines = log.getvalue().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["[1/3", "[2/3", "[3/3"] and all("trained in" in ln for ln in lines)
+    hashes = _hashes(tmp_path, entry, [0, 1, 2])
+    assert len(set(hashes.values())) == 3
+    again = run_sweep(entry, [0, 1, 2, 3], root=tmp_path, workers=2, stream=io.StringIO())
+    assert sorted(again.reused) == [0, 1, 2] and again.trained == [3]
+    assert _hashes(tmp_path, entry, [0, 1, 2]) == hashes, "reused, not retrained"
+
+
+def test_failed_trainings_are_retried_then_reported_by_seed(tmp_path):
+    entry = replace(tiny_entry("tiny_failing"), make_split=failing_split)
+    log = io.StringIO()
+    result = run_sweep(entry, [4], root=tmp_path, workers=1, stream=log)
+    assert not result.ok and list(result.failed) == [4]
+    assert "no data for seed" in result.failed[4] and "FAILED after 2 tries" in log.getvalue()
+
+
+def test_ray_backend_gives_the_local_backends_bytes(tmp_path):
+    pytest.importorskip("ray", reason="ray is an optional extra: pip install 'pytest-circuits[ray]'")
+    entry = tiny_entry()
+    local = run_sweep(entry, [0, 1], root=tmp_path / "local", workers=2, stream=io.StringIO())
+    log = io.StringIO()
+    remote = run_sweep(entry, [0, 1], root=tmp_path / "ray", backend="ray", workers=2, stream=log)
+    assert local.ok and remote.ok, (local.failed, remote.failed, log.getvalue())
+    assert sorted(remote.trained) == [0, 1] and "(ray)" in log.getvalue()
+    assert _hashes(tmp_path / "ray", entry, [0, 1]) == _hashes(tmp_path / "local", entry, [0, 1])
+    for s in (0, 1):  # the weight files themselves, byte for byte
+        a = ModelStore(tmp_path / "local").weights_path(spec_key(entry.spec(s))).read_bytes()
+        b = ModelStore(tmp_path / "ray").weights_path(spec_key(entry.spec(s))).read_bytes()
+        assert a == b
