@@ -58,3 +58,8 @@ class SettingError(CircuitsError, ValueError):
 class StoreError(CircuitsError, OSError):
     """The model store cannot be read or written: a cache path that is a file, a lock path that is a
     folder, a full disk. Nothing half-written is left behind; the message names the path."""
+
+
+class ShippedFileError(CircuitsError, ValueError):
+    """A file the package ships (the ARENA reference checkpoint or data) is missing, unreadable, or
+    does not match its recorded sha256; the message names the file and how to restore it."""

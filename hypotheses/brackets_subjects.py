@@ -2,36 +2,29 @@
 
 A subject bundles a model (after the test's negative control), the heads bound to the roles the
 hypotheses talk about, and the evaluation strings. Role bindings are pinned on the ARENA checkpoint
-(the seed's heads 2.0 and 2.1) and found by search on our models (`find_roles`), always on the
-uncontrolled model so that a control cannot move the binding it is meant to test.
+(the seed's heads 2.0 and 2.1) and found by search on our models (`find_roles`, through
+`circuits.roles.search`), always on the uncontrolled model so that a control cannot move the binding
+it is meant to test. The ARENA checkpoint and strings come from `circuits.reference`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 
 from circuits import analysis as A
+from circuits import roles as R
 from circuits.model import HookedTransformer
-from circuits.stats import auroc
+from circuits.reference import ARENA_ROLES, N_EVAL, arena_data
 from circuits.tasks import brackets as B
 
-REPO = Path(__file__).resolve().parents[1]
-ARENA_DIR = REPO.parent / "shared" / "reference" / "arena-brackets"
-ARENA_WEIGHTS = ARENA_DIR / "brackets_model_state_dict.pt"
-ARENA_DATA = ARENA_DIR / "brackets_data.json"
-N_EVAL = 5000  # the seed analyses the first 5,000 strings of the published data
-ARENA_ROLES = {"count_head": (2, 0), "negative_head": (2, 1)}  # the seed's heads 2.0 and 2.1
 
-
-@lru_cache(maxsize=None)
 def reference_data(n: Optional[int] = N_EVAL) -> B.BracketData:
-    return B.BracketData.from_reference(ARENA_DATA, n=n)
+    return arena_data(n)
 
 
 class Analysis:
@@ -118,25 +111,18 @@ def head_contribution(analysis: Analysis, head: tuple[int, int]) -> torch.Tensor
 
 
 def find_roles(model: HookedTransformer, data: B.BracketData) -> dict:
-    """Bind roles by search: the count head is the head whose contribution best separates
+    """Bind roles by search on `data`: the count head is the head whose contribution best separates
     total-elevation failures (AUROC among strings starting with "("); the negative head is the other
     head that best separates negative failures. Searched once per model (every test asks)."""
-    return dict(_MEMO.get(model, ("roles", id(data), len(data)), lambda: _search_roles(model, data)))
+    return R.search(model, data, bracket_role_scores)
 
 
-def _search_roles(model: HookedTransformer, data: B.BracketData) -> dict:
+def bracket_role_scores(model: HookedTransformer, data: B.BracketData) -> dict:
+    """role -> head -> AUROC of the head's contribution along the unbalanced direction."""
     an = analyse(model, data)
-    so = data.starts_open
-    scores = {}
-    for l in range(model.cfg.n_layers):
-        for h in range(model.cfg.n_heads):
-            c = head_contribution(an, (l, h))[so].numpy()
-            elev = data.total_elevation_failure[so].numpy()
-            neg = data.negative_failure[so].numpy()
-            scores[(l, h)] = (auroc(c[elev], c[~elev]), auroc(c[neg], c[~neg]))
-    count = max(scores, key=lambda k: scores[k][0])
-    negative = max((k for k in scores if k != count), key=lambda k: scores[k][1])
-    return {"count_head": count, "negative_head": negative}
+    values = {hd: head_contribution(an, hd) for hd in R.heads(model)}
+    targets = {"count_head": data.total_elevation_failure, "negative_head": data.negative_failure}
+    return R.separation_scores(values, targets, where=data.starts_open)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Fixtures shared by the hypothesis modules: the ARENA checkpoint and bracket subjects."""
+"""Fixtures shared by the hypothesis modules: the ARENA checkpoint and its strings (shipped with the
+package: `circuits.reference`), and the role-swap control for bracket subjects."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import os
 import pytest
 import torch
 
-from brackets_subjects import ARENA_DIR, ARENA_WEIGHTS, reference_data
+from circuits import reference
 from circuits.controls import register_control
-from circuits.convert import load_tl_checkpoint
-from circuits.zoo import get_entry
 
 
 def analysis_threads() -> int:
@@ -37,18 +36,16 @@ def _analysis_threads():
 
 
 @pytest.fixture(scope="session")
-def arena_model():
-    """The published ARENA bracket classifier (a TransformerLens state dict), loaded into our model."""
-    if not ARENA_DIR.is_dir():
-        pytest.skip(f"the ARENA reference folder {ARENA_DIR} is absent (it lives in ../shared beside the repo)")
-    return load_tl_checkpoint(ARENA_WEIGHTS, get_entry("brackets").config).eval()
+def arena_model(circuits_options):
+    """The published ARENA bracket classifier (shipped with the package, checksum-verified), in our
+    model on the run's device."""
+    return reference.arena_model(device=circuits_options.device)
 
 
 @pytest.fixture(scope="session")
 def bracket_data():
-    if not ARENA_DIR.is_dir():
-        pytest.skip(f"the ARENA reference folder {ARENA_DIR} is absent")
-    return reference_data()
+    """The first 5,000 published bracket strings (the seed's evaluation set)."""
+    return reference.arena_data(reference.N_EVAL)
 
 
 def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:

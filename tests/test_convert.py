@@ -1,27 +1,23 @@
 """TransformerLens state dicts both ways, bad state dicts and files, and the published ARENA bracket
-checkpoint's facts (accuracy, confidence on "()", the final LayerNorm's linear fit)."""
+checkpoint as the package ships it (checksums, the loaders' file access, its published facts)."""
 
 from __future__ import annotations
 
-import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from circuits import reference
 from circuits.convert import check_state_dict, load_tl_checkpoint, load_tl_state_dict, to_tl_state_dict
-from circuits.errors import StateDictError
+from circuits.errors import ShippedFileError, StateDictError
 from circuits.model import HookedTransformer, TransformerConfig, sinusoidal_positions
+from circuits.paths import arena_dir
 from circuits.tasks.brackets import tokenize
 from model_configs import ATTN_ONLY, BRACKETS, READ_IN, perturbed_model
-
-ARENA = Path(__file__).resolve().parents[1].parent / "shared/reference/arena-brackets"
-needs_arena = pytest.mark.skipif(
-    not (ARENA / "brackets_model_state_dict.pt").exists(),
-    reason=f"the published ARENA bracket checkpoint is not at {ARENA} (../shared relative to the repo root)",
-)
-
-
 
 
 def make_model(cfg: dict, seed: int = 0, dtype=torch.float32) -> HookedTransformer:
@@ -237,22 +233,18 @@ def test_checkpoint_with_wrong_keys_names_them(tmp_path):
         load_tl_checkpoint(tmp_path / "short.pt", TransformerConfig(**BRACKETS))
 
 
-# --- the published ARENA bracket checkpoint ------------------------------------------------------
+# --- the published ARENA bracket checkpoint, as shipped -------------------------------------------
 @pytest.fixture(scope="module")
 def arena():
     """The checkpoint, the first 5000 rows (tokens, labels), and one forward over them with the final
     LayerNorm's input and output cached."""
-    model = load_tl_checkpoint(ARENA / "brackets_model_state_dict.pt", TransformerConfig(**BRACKETS)).eval()
-    with open(ARENA / "brackets_data.json") as f:
-        rows = json.load(f)[:5000]
-    toks = tokenize([s for s, _ in rows])
-    labels = torch.tensor([bool(b) for _, b in rows])
+    model = reference.arena_model()
+    data = reference.arena_data(5000)
     with torch.inference_mode():
-        logits, cache = model.run_with_cache(toks, names=["blocks.2.hook_resid_post", "ln_final.hook_normalized"])
-    return model, toks, labels, logits, cache
+        logits, cache = model.run_with_cache(data.toks, names=["blocks.2.hook_resid_post", "ln_final.hook_normalized"])
+    return model, data.toks, data.isbal, logits, cache
 
 
-@needs_arena
 def test_arena_checkpoint_classifies_first_5000_correctly(arena):
     model, toks, labels, logits, _ = arena
     assert toks.shape == (5000, 42)
@@ -263,7 +255,6 @@ def test_arena_checkpoint_classifies_first_5000_correctly(arena):
         torch.testing.assert_close(model(toks), logits, atol=1e-5, rtol=1e-5)
 
 
-@needs_arena
 def test_arena_checkpoint_confidence_on_empty_pair(arena):
     model = arena[0]
     with torch.inference_mode():
@@ -271,7 +262,6 @@ def test_arena_checkpoint_confidence_on_empty_pair(arena):
     assert round(100 * p_balanced, 4) == 99.9987
 
 
-@needs_arena
 def test_arena_final_layernorm_is_linear_at_position_0(arena):
     from sklearn.linear_model import LinearRegression
 
@@ -282,8 +272,97 @@ def test_arena_final_layernorm_is_linear_at_position_0(arena):
     assert round(r2, 3) == 0.982
 
 
-@needs_arena
-def test_arena_checkpoint_positions_are_our_sinusoids(arena):
-    sd = torch.load(ARENA / "brackets_model_state_dict.pt", map_location="cpu", weights_only=True)
+def test_arena_checkpoint_positions_are_our_sinusoids():
+    sd = reference.arena_state_dict()
     torch.testing.assert_close(sd["pos_embed.W_pos"], sinusoidal_positions(42, 56), atol=1e-5, rtol=0)
     assert {k for k in sd if not k.endswith((".attn.mask", ".attn.IGNORE"))} == set(tl_keys(3))
+
+
+def test_arena_config_is_the_brackets_zoo_config():
+    """Claims compare the ARENA checkpoint with our `brackets` model: same architecture, same read-out."""
+    from circuits.zoo import get_entry
+
+    assert reference.arena_config() == get_entry("brackets").config
+
+
+def test_arena_data_is_all_100k_rows_with_checked_labels():
+    data = reference.arena_data(None)
+    assert len(data) == 100_000 and int(data.lengths.max()) == 40
+    first = reference.arena_data(5000)
+    assert first.strs == data.strs[:5000] and torch.equal(first.isbal, data.isbal[:5000])
+    with pytest.raises(ValueError, match="non-negative int"):
+        reference.arena_data(-1)
+
+
+def test_shipped_files_carry_provenance_and_checksums():
+    folder = arena_dir()
+    source = (folder / "SOURCE.md").read_text()
+    for fact in ("callummcdougall/ARENA_2.0", "part4_interp_on_algorithmic_model", "Licence", "sha256"):
+        assert fact in source
+    sums = __import__("json").loads((folder / "checksums.json").read_text())
+    assert set(sums["shipped"]) == {reference.WEIGHTS, reference.DATA}
+    assert set(sums["original"]) == {"brackets_model_state_dict.pt", "brackets_data.json"}
+    assert all(len(h) == 64 for part in sums.values() for h in part.values())
+
+
+def _copy_arena(tmp_path: Path, monkeypatch) -> Path:
+    folder = tmp_path / "arena"
+    shutil.copytree(arena_dir(), folder)
+    monkeypatch.setattr(reference, "arena_dir", lambda: folder)
+    reference._arena_data.cache_clear()
+    return folder
+
+
+@pytest.mark.parametrize("name", [reference.WEIGHTS, reference.DATA])
+def test_corrupt_shipped_file_is_a_clear_error_naming_it(tmp_path, monkeypatch, name):
+    folder = _copy_arena(tmp_path, monkeypatch)
+    raw = bytearray((folder / name).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+    (folder / name).write_bytes(bytes(raw))
+    load = reference.arena_model if name == reference.WEIGHTS else reference.arena_data
+    with pytest.raises(ShippedFileError, match=rf"{name}: sha256 [0-9a-f]{{16}}\.\.\. does not match the recorded"):
+        load()
+
+
+def test_missing_shipped_file_and_checksums(tmp_path, monkeypatch):
+    folder = _copy_arena(tmp_path, monkeypatch)
+    (folder / reference.DATA).unlink()
+    with pytest.raises(ShippedFileError, match=rf"{reference.DATA}: cannot read the shipped file"):
+        reference.arena_data()
+    (folder / "checksums.json").write_text("{not json")
+    reference._recorded.cache_clear()
+    with pytest.raises(ShippedFileError, match=r"checksums.json: cannot read the recorded checksums"):
+        reference.arena_model()
+    reference._recorded.cache_clear()
+
+
+ACCESS_PROBE = """
+import json, sys
+import circuits.reference as R, circuits.convert, safetensors.torch  # every import done up front
+opened = []
+def hook(event, args):
+    if recording and event in ("open", "os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)) or (
+            recording and event == "open" and hasattr(args[0], "__fspath__")):
+        opened.append(args[0].decode() if isinstance(args[0], bytes) else str(args[0]))
+recording = False
+sys.addaudithook(hook)
+recording = True
+R.arena_model(); R.arena_data(None)
+recording = False
+print(json.dumps(opened))
+"""
+
+
+def test_arena_loaders_read_only_the_shipped_files():
+    """In a fresh interpreter (nothing patched), every data file the loaders open, as Python's audit
+    hooks see it, lies in the package's shipped ARENA folder: they never read ../shared or anything
+    else (modules imported lazily on the way are code, and are left out)."""
+    out = subprocess.run([sys.executable, "-c", ACCESS_PROBE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    opened = [Path(p).resolve() for p in __import__("json").loads(out.stdout.strip().splitlines()[-1])]
+    opened = [p for p in opened if p.suffix not in (".py", ".pyc", ".so")]  # lazy imports of code, not data
+    assert opened, "the probe saw no file access at all"
+    folder = arena_dir().resolve()
+    outside = [str(p) for p in opened if folder not in p.parents]
+    assert not outside, f"the ARENA loaders touched files outside {folder}: {outside}"
+    assert {p.name for p in opened} >= {reference.WEIGHTS, reference.DATA, "checksums.json"}
