@@ -268,8 +268,6 @@ class CircuitsPlugin(CircuitsSession):
                 tr.write_line(text, **markup)
         if self.write_error:
             tr.write_line(f"circuits: could not write the report: {self.write_error}", red=True)
-        elif self.paths:
-            tr.write_line(f"circuits report: {self.paths['html']}  (json, md alongside)")
 
 
 class ControlCollectError(pytest.Collector.CollectError):

@@ -304,7 +304,14 @@ def test_builtin_controls_call_interventions(monkeypatch):
     import circuits
 
     monkeypatch.setattr(circuits, "interventions", fake, raising=False)
-    assert ctl.make_control("untrained", seed=4).apply_model("m") == "fresh"
+
+    class Ours:  # what 'untrained' re-initialises with the model's own scheme
+        cfg = None
+
+        def init_weights(self, seed):
+            pass
+
+    assert ctl.make_control("untrained", seed=4).apply_model(Ours()) == "fresh"
     assert ctl.make_control("zero_ablate:L2H0,L1H1").apply_model("m") == "m+z20+z11"
     assert ctl.make_control("permute_heads:L2", seed=1).apply_model("m") == "permuted"
     assert ctl.make_control("shuffle_labels", seed=2).apply_data(Labelled([1, 2])) == "shuffled"

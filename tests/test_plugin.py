@@ -104,7 +104,7 @@ def test_records_survive_failures_crashes_and_interrupts(project):
     ''')
     result = project.runpytest("--run-id", "crashy", no_reraise_ctrlc=True)
     result.stdout.fnmatch_lines(["*L2H0.open_prop_r = 0.62, claim needs >= 0.90 (short by 0.28)*",
-                                 "*circuits claims*", "*circuits report:*report.html*"])
+                                 "*circuits claims*", "*circuits: *report.html*"])
     report = load(project, "crashy")
     claims = claims_of(report)
     assert {k[1] for k in claims} == {"first", "second", "L2H0.open_prop_r", "nan", "empty", "before_interrupt"}
