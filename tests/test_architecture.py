@@ -108,3 +108,12 @@ def test_the_plugin_loads_without_torch():
             "print('torch' in sys.modules, 'circuits.zoo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
+
+
+def test_the_readme_claim_example_is_the_committed_file():
+    """README's "Adding a claim" example is true as pasted: it is hypotheses/test_example.py, which
+    the main job runs (with its mutations)."""
+    readme = (ROOT.parent / "README.md").read_text()
+    section = readme.split("### Adding a claim", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == (ROOT.parent / "hypotheses" / "test_example.py").read_text()

@@ -372,7 +372,7 @@ def test_controls_carry_value_requirement_margin_and_kind():
     md = rp.render_markdown(report)
     assert "untrained ✓ 0.1 (needs &gt;= 0.5, margin −0.4)" in md and "generic controls only" in md
     lines = [t for t, _ in rp.terminal_lines(report)]
-    assert any("↳ mutation mutate:zero:L0H1" in ln and ">=" in ln and "+0.2" in ln and "NO POWER" in ln
+    assert any("↳ mutation zero:L0H1" in ln and ">=" in ln and "+0.2" in ln and "NO POWER" in ln
                for ln in lines)
     assert any("↳ control untrained" in ln and "0.5" in ln and "−0.4" in ln and "OK (failed)" in ln for ln in lines)
 

@@ -32,7 +32,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
                 held = "NO POWER" if x.get("kind") == "mutation" else "NO TEETH"
                 res = CONTROL_RESULT.get(x["outcome"], held)
                 xop, xthr = op_text(x) if x.get("requirement") else ("", "")
-                table.append(("", f"  ↳ {x.get('kind', 'control')} {_clip(x['control'], 22)}",
+                spec = x["control"].removeprefix("mutate:")  # the kind says it is a mutation
+                table.append(("", f"  ↳ {x.get('kind', 'control')} {_clip(spec, 26)}",
                               _clip(x.get("value_text") or "-", 30), xop, _clip(xthr, 20),
                               fmt_margin(x.get("margin")), res))
                 marks.append({"green": True} if x["outcome"] == "failed" else
