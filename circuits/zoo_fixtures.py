@@ -66,18 +66,17 @@ class ZooSession:
 
 
 def _cache_dir(config: pytest.Config):
-    """The model store of this project: CIRCUITS_CACHE, else the ini option circuits_cache_dir,
-    else <rootdir>/.circuits-cache — never the installed package's folder."""
+    """The model store of this project: $CIRCUITS_CACHE, else the ini option circuits_cache_dir
+    (relative to the rootdir), else <rootdir>/.circuits-cache — never the installed package's folder."""
     import os
     from pathlib import Path
 
-    env = os.environ.get("CIRCUITS_CACHE")
-    if env:
-        return Path(env)
+    from .store import CACHE_ENV, default_cache_dir
+
     ini = config.getini("circuits_cache_dir")
-    if ini:
+    if ini and not os.environ.get(CACHE_ENV, "").strip():
         return Path(config.rootpath) / ini
-    return Path(config.rootpath) / ".circuits-cache"
+    return default_cache_dir(config.rootpath)
 
 
 def _model_fixture(name: str):
