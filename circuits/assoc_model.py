@@ -10,6 +10,28 @@ MLP after the heads. The seed's code adds switches: drop the residual connection
 feed the query/key or the value side with the position embedding only or the token stream only, and
 freeze the embedding, the Q/K/V weights, W_O or the unembedding during training.
 
+The authors' architecture (their repository leodana2000/Transformer_Attentional_Memory, `models.py`,
+class `Transformer`, which `experiments.ipynb` builds for every experiment through `AoT(d, N, 1, H,
+d_h, 1, 3, pi)`), ``head_maps="shared"`` (the default):
+
+* ``__init__``: `word_emb` Linear(d, N) and `unemb` Linear(d, N) (bias-free, PyTorch's default
+  uniform +-1/sqrt(d)); `pos_emb` Linear(d_h, context) -- positions have the *head* width d_h; H
+  `nn.MultiheadAttention(d_h, 1, bias=False)` in parallel (Xavier in_proj [3 d_h, d_h], out_proj
+  d_h -> d_h, +-1/sqrt(d_h)); one `linear_compress` Linear(d, d_h) and one `linear_decompress`
+  Linear(d_h, d) shared by all heads; the MLP is Linear(d, W, bias) -> GELU -> Linear(W, d, no bias).
+* ``forward``: compressed = compress(res) + pos when d != d_h, else res + pos (positions never enter
+  the residual: ``pos_in_residual=False``); the H modules' outputs are summed in the d_h space and
+  decompressed once; res = decompressed + res; then the MLP (residual); logits = unemb(res).
+
+So for d = d_h there are no maps and each head owns its d_h -> d output map: exactly our
+HookedTransformer layout (the experiment-1 references are unchanged). For d != d_h the heads share a
+d_h-dimensional bottleneck: the attention's total contribution has rank <= d_h, not min(H d_h, d).
+Here that is `W_compress` [d, d_h] and `W_decompress` [d_h, d] on the model, the attention of width
+d_h (W_Q/K/V [H, d_h, d_h], W_O [H, d_h, d_h]) and W_pos [S, d_h].
+``head_maps="per_head"`` keeps our earlier form under its own name: each head maps d -> d_h -> d
+itself (W_Q [H, d, d_h], W_O [H, d_h, d]) and positions have width d. The two coincide when d = d_h,
+so `to_dict` leaves the field out there (the store keys of d = d_h models are unchanged).
+
 `AssocTransformer` is our `HookedTransformer` (same hook names, weight names and layouts, same state
 dict) plus those switches. With the default switches its forward *is* the parent's (tested: identical
 logits); a switch only changes what the attention reads or whether the residual is kept:
@@ -33,7 +55,7 @@ logits); a switch only changes what the attention reads or whether the residual 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Optional
 
 import torch
@@ -42,7 +64,7 @@ from torch import nn
 
 from .errors import ConfigError, InputError
 from .hooks import HookPoint
-from .model import MLP, Attention, AttentionMask, HookedTransformer, TransformerBlock, TransformerConfig
+from .model import MLP, Attention, AttentionMask, HookedTransformer, PosEmbed, TransformerBlock, TransformerConfig
 
 Source = Literal["both", "token", "position"]
 FREEZABLE = ("E", "pos", "QKV", "O", "U")
@@ -73,6 +95,9 @@ class AssocConfig:
     init: Literal["torch", "normal"] = "torch"
     init_range: float = 0.02  # std of init="normal"
     seed: Optional[int] = None
+    # "shared": the authors' one d -> d_h compression and one d_h -> d decompression around all heads
+    # (models.py); "per_head": each head owns its maps (our earlier form). Same model when d = d_h.
+    head_maps: Literal["shared", "per_head"] = "shared"
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,14 +121,30 @@ class AssocConfig:
             problems.append(f"freeze={self.freeze!r}: {bad} not in {FREEZABLE}")
         if self.init not in ("torch", "normal"):
             problems.append(f"init={self.init!r} is not 'torch' or 'normal'")
+        if self.head_maps not in ("shared", "per_head"):
+            problems.append(f"head_maps={self.head_maps!r} is not 'shared' or 'per_head'")
+        elif self.compressed and not problems:
+            # the authors' forward adds positions after compression and reads the whole residual
+            if self.pos_in_residual:
+                problems.append("head_maps='shared' with d_model != d_head adds positions (width d_head) to the "
+                                "compressed residual only: set pos_in_residual=False, or head_maps='per_head'")
+            if self.qk_input != "both" or self.ov_input != "both":
+                problems.append("head_maps='shared' with d_model != d_head has no qk_input/ov_input switches")
+            if self.init != "torch":
+                problems.append("head_maps='shared' with d_model != d_head uses init='torch' (the authors')")
         if problems:
             raise ConfigError("inconsistent AssocConfig: " + "; ".join(problems))
+
+    @property
+    def compressed(self) -> bool:
+        """The authors' shared d -> d_h -> d maps are in the model (head_maps="shared", d != d_h)."""
+        return self.head_maps == "shared" and self.d_model != self.d_head
 
     @property
     def is_plain(self) -> bool:
         """True when the forward is exactly HookedTransformer's (no switch changes the data flow)."""
         return (self.residual and self.qk_input == "both" and self.ov_input == "both" and self.pos_in_residual
-                and self.mlp_depth == 1)
+                and self.mlp_depth == 1 and not self.compressed)
 
     def transformer_config(self) -> TransformerConfig:
         """The parent's config: the architecture without the switches."""
@@ -119,6 +160,8 @@ class AssocConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["freeze"] = list(self.freeze)
+        if self.d_model == self.d_head:  # both forms are one model: keys of d = d_h models unchanged
+            del d["head_maps"]
         return d
 
     @classmethod
@@ -186,7 +229,8 @@ class AssocBlock(TransformerBlock):
 
     def __init__(self, cfg: TransformerConfig, acfg: AssocConfig):
         super().__init__(cfg)
-        self.attn = SplitAttention(cfg)
+        # compressed: the heads read and write the d_h-wide compressed stream (the authors' modules)
+        self.attn = SplitAttention(replace(cfg, d_model=acfg.d_head) if acfg.compressed else cfg)
         if acfg.mlp_depth > 1:
             self.mlp = DeepMLP(cfg, acfg.mlp_depth)
         self.acfg = acfg
@@ -199,16 +243,22 @@ class AssocBlock(TransformerBlock):
             return self.ln1(resid_pre - pos if a.pos_in_residual else resid_pre)
         return self.ln1(resid_pre) if a.pos_in_residual else self.ln1(resid_pre) + pos
 
-    def forward(self, resid_pre: torch.Tensor, mask: AttentionMask, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, resid_pre: torch.Tensor, mask: AttentionMask, pos: Optional[torch.Tensor] = None,
+                maps: Optional[tuple] = None) -> torch.Tensor:
         a = self.acfg
         if a.is_plain or pos is None:
             return super().forward(resid_pre, mask)
         resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
-        x_qk = self._input(a.qk_input, resid_pre, pos)
-        x_v = x_qk if a.ov_input == a.qk_input else self._input(a.ov_input, resid_pre, pos)
-        if x_qk.shape[0] != resid_pre.shape[0] and x_v is x_qk:  # both position-only
-            x_qk = x_v = x_qk.expand(resid_pre.shape[0], -1, -1)
-        attn_out = self.hook_attn_out(self.attn(x_qk, mask, x_v))  # [batch, pos, d_model]
+        if a.compressed:  # models.py forward: compress(res) + pos -> sum of heads -> decompress
+            W_compress, W_decompress = maps
+            x = self.ln1(resid_pre) @ W_compress + pos  # [batch, pos, d_head]
+            attn_out = self.hook_attn_out(self.attn(x, mask) @ W_decompress)  # [batch, pos, d_model]
+        else:
+            x_qk = self._input(a.qk_input, resid_pre, pos)
+            x_v = x_qk if a.ov_input == a.qk_input else self._input(a.ov_input, resid_pre, pos)
+            if x_qk.shape[0] != resid_pre.shape[0] and x_v is x_qk:  # both position-only
+                x_qk = x_v = x_qk.expand(resid_pre.shape[0], -1, -1)
+            attn_out = self.hook_attn_out(self.attn(x_qk, mask, x_v))  # [batch, pos, d_model]
         resid_mid = resid_pre + attn_out if a.residual else attn_out
         if not self.has_mlp:
             return self.hook_resid_post(resid_mid)
@@ -224,9 +274,13 @@ class AssocTransformer(HookedTransformer):
         self.acfg = acfg  # a plain attribute may precede nn.Module.__init__; init_weights reads it
         super().__init__(acfg.transformer_config())
         self.blocks = nn.ModuleList(AssocBlock(self.cfg, acfg) for _ in range(self.cfg.n_layers))
-        if not acfg.biases:
+        if acfg.compressed:  # the authors' shared maps (one pair for all heads and layers) and d_h-wide positions
+            self.pos_embed = PosEmbed(replace(self.cfg, d_model=acfg.d_head))  # [n_ctx, d_head]
+            self.W_compress = nn.Parameter(torch.empty(acfg.d_model, acfg.d_head))  # [d_model, d_head]
+            self.W_decompress = nn.Parameter(torch.empty(acfg.d_head, acfg.d_model))  # [d_head, d_model]
+        if not acfg.biases:  # the authors' modules are bias-free except the MLP's first layer
             for name, p in self.named_parameters():
-                if name.endswith(("attn.b_QKV", "attn.b_O")) or name == "unembed.b_U":
+                if name.endswith(("attn.b_QKV", "attn.b_O", "mlp.b_out")) or name == "unembed.b_U":
                     p.requires_grad_(False)
         self.init_weights(acfg.seed)  # again: the blocks are new
         self._apply_freeze()
@@ -255,16 +309,25 @@ class AssocTransformer(HookedTransformer):
             return HookedTransformer.init_weights(self, seed)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         a = self.acfg
+        d_in = a.d_head if a.compressed else a.d_model  # width the heads read
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if name == "embed.W_E" or name == "pos_embed.W_pos" or name == "unembed.W_U":
+            if name == "embed.W_E" or name == "unembed.W_U":
                 bound = 1 / math.sqrt(a.d_model)  # nn.Linear(d, N).weight
+            elif name == "pos_embed.W_pos":
+                bound = 1 / math.sqrt(d_in)  # nn.Linear(d, N) ours; the authors' Linear(d_h, context)
+            elif name == "W_compress":
+                bound = 1 / math.sqrt(a.d_model)  # linear_compress = nn.Linear(d, d_h)
+            elif name == "W_decompress":
+                bound = 1 / math.sqrt(a.d_head)  # linear_decompress = nn.Linear(d_h, d)
             elif leaf == "W_QKV":
-                bound = math.sqrt(6 / (a.d_model + 3 * a.d_head))  # Xavier on the stacked [3 d_h, d] in_proj
+                bound = math.sqrt(6 / (d_in + 3 * a.d_head))  # Xavier on the stacked [3 d_h, d_in] in_proj
             elif leaf == "W_O":
                 bound = 1 / math.sqrt(a.d_head)  # out_proj nn.Linear(d_h, d)
+            elif leaf == "b_in":
+                bound = 1 / math.sqrt(a.d_model)  # the MLP's first nn.Linear(d, W) keeps its bias
             elif p.ndim >= 2 and not leaf.startswith("b_"):
                 bound = 1 / math.sqrt(p.shape[0])  # MLP nn.Linear(fan_in, fan_out): [fan_in, fan_out] here
             elif name.endswith(".w"):
@@ -292,9 +355,10 @@ class AssocTransformer(HookedTransformer):
         if a.pos_in_residual:
             resid = resid + pos
         mask = self._attention_mask(None, x.shape[1], x.device)
-        pos1 = pos[:1]  # [1, pos, d_model]
+        pos1 = pos[:1]  # [1, pos, d_model or d_head]
+        maps = (self.W_compress, self.W_decompress) if a.compressed else None
         for block in self.blocks:
-            resid = block(resid, mask, pos1)
+            resid = block(resid, mask, pos1, maps)
         readout = readout or self.cfg.readout
         resid = self._select_readout(resid, None, readout)
         if self.cfg.normalization == "LN":
@@ -337,10 +401,12 @@ def table_logits(model: AssocTransformer) -> torch.Tensor:
     block = model.blocks[0]
     attn = block.attn
     E = model.embed.W_E  # [N, d]
-    P = model.pos_embed.W_pos[:S]  # [S, d]
+    P = model.pos_embed.W_pos[:S]  # [S, d] ([S, d_h] compressed)
     R = E[None] + P[:, None] if a.pos_in_residual else E[None].expand(S, -1, -1)  # resid_pre [S, N, d]
 
     def source(kind: str) -> torch.Tensor:  # the attention input, [S, N or 1, d]
+        if a.compressed:  # the authors' compress(res) + pos: [S, N, d_h]
+            return block.ln1(R) @ model.W_compress + P[:, None]
         if kind == "position":
             return P[:, None]
         if kind == "token":
@@ -350,10 +416,12 @@ def table_logits(model: AssocTransformer) -> torch.Tensor:
     X_qk = source(a.qk_input)
     X_v = X_qk if a.ov_input == a.qk_input else source(a.ov_input)
     W_Q, W_K, W_V = attn.W_Q, attn.W_K, attn.W_V  # [H, d, dh]
+    W_O = attn.W_O @ model.W_decompress if a.compressed else attn.W_O  # [H, dh, d]: decompression is linear
+    b_O = attn.b_O @ model.W_decompress if a.compressed else attn.b_O  # [d]
     q = torch.einsum("nd,hde->nhe", X_qk[S - 1], W_Q) + attn.b_Q  # [N or 1, H, dh] (last token)
     k = torch.einsum("snd,hde->snhe", X_qk, W_K) + attn.b_K  # [S, N or 1, H, dh]
-    vo = torch.einsum("snd,hde,hem->snhm", X_v, W_V, attn.W_O) + torch.einsum(
-        "he,hem->hm", attn.b_V, attn.W_O)  # [S, N or 1, H, d]: each value already through its head's W_O
+    vo = torch.einsum("snd,hde,hem->snhm", X_v, W_V, W_O) + torch.einsum(
+        "he,hem->hm", attn.b_V, W_O)  # [S, N or 1, H, d]: each value already through its head's W_O
 
     def on_axes(t: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
         """View a [n_a, (n_b,) ...rest] tensor on the S grid axes `axes` (others singleton)."""
@@ -372,7 +440,7 @@ def table_logits(model: AssocTransformer) -> torch.Tensor:
     pattern = (scores - scores.amax(0, keepdim=True)).exp()  # softmax over key positions (a size-S
     pattern = pattern / pattern.sum(0, keepdim=True)  # softmax on a non-last axis is slow on CPU)
     letters = "abcdefg"[:S]
-    out = attn.b_O
+    out = b_O
     for p in range(S):  # sum_h pattern[.., h, p] * vo_p[t_p, h, :] without materialising [N.., H, d]
         if vo[p].shape[0] == 1:
             term = torch.einsum(f"{letters}h,hm->{letters}m", pattern[p], vo[p][0])

@@ -1,12 +1,12 @@
 """`python -m circuits`: list the zoo, train a model, print a card, show the latest report.
 
-  list                              zoo entries with their reference / cache status, then the
-                                    associative-memory experiments of seed 004 (own trainer)
+  list                              every zoo entry (all model families, one registry) with its
+                                    reference / cache status
   train NAME [--seed S] [--device D] [--update-reference]
                                     train from scratch (progress bar) into the model store;
-                                    --update-reference also writes fixtures/models/NAME.* (default seed)
-  card NAME [--seed S]              print the JSON card of the reference (default seed) or cached model
-  (NAME: a zoo entry, or an assoc_* experiment; its seed-0 reference is fixtures/models/NAME_s0.*)
+                                    --update-reference also writes fixtures/models/NAME.* (a reference seed)
+  card NAME [--seed S]              print the JSON card of the reference (reference seeds) or cached model
+  (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
   report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
                                     the HTML path
   report [RUN] --promote-baseline   copy the run to reports/baseline/ (what --compare baseline reads)
@@ -24,14 +24,18 @@ from . import zoo
 from .errors import CircuitsError
 
 
-def _status(name: str) -> tuple[str, str]:
+def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
     from .store import ModelStore, load_reference, spec_key
 
     entry = zoo.get_entry(name)
-    spec = entry.spec(entry.default_seed)
-    ref = _reference_status(lambda: load_reference(zoo.REFERENCE_DIR, name, spec))
+    if entry.ref_seeds():
+        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s))
+                                         for s in entry.ref_seeds()])
+    else:
+        ref = "no reference"
     cached = set()
-    for _, card in ModelStore().entries():
+    cards = store_cards if store_cards is not None else [card for _, card in ModelStore().entries()]
+    for card in cards:
         seed = card.get("spec", {}).get("seed")
         # only entries this code would load: trained from the entry's current spec for that seed
         if card.get("spec", {}).get("name") == name and isinstance(seed, int) and seed >= 0 \
@@ -48,105 +52,47 @@ def _reference_status(load) -> str:
         return f"reference {type(e).__name__.replace('CheckpointError', '').lower() or 'error'}"
 
 
-def _assoc_experiment(name: str):
-    """The seed-004 experiment called `name`, or None for anything that is not an assoc_* name."""
-    if not name.startswith("assoc_"):
-        return None
-    from .tasks import assoc_memory as A
-
-    return A.get_experiment(name)
-
-
 def cmd_list(args) -> int:
-    for name in zoo.names():
+    from .store import ModelStore
+
+    cards = [card for _, card in ModelStore().entries()]  # read the store once for every entry
+    names = zoo.names()
+    width = max(map(len, names), default=18)
+    for name in names:
         entry = zoo.get_entry(name)
-        ref, cache = _status(name)
-        print(f"{name:18s} {ref:22s} {cache:24s} {entry.description}")
-    from .store import load_reference
-    from .tasks import assoc_memory as A
-
-    print("\nassociative memory (seed 004; python -m circuits.tasks.assoc_memory rewrites all references):")
-    for name, exp in A.named_experiments().items():
-        ref = _reference_status(lambda: load_reference(A.REFERENCE_DIR, exp.reference_name(0), exp.spec(0)))
-        print(f"{name:26s} {ref:22s} {exp.description}")
-    return 0
-
-
-def _train_assoc(args, exp) -> int:
-    from .store import ModelStore, save_reference
-    from .tasks import assoc_memory as A
-    from .train import TerminalProgress
-
-    seed = 0 if args.seed is None else zoo.check_seed(args.seed)
-    progress = TerminalProgress(f"training {exp.name} (seed {seed})")
-    loaded = A.load_experiment(exp, seed, retrain=True, store=ModelStore(), progress=progress)
-    progress.done(json.dumps({k: v for k, v in loaded.card["metrics"].items() if isinstance(v, float)}))
-    if args.update_reference:
-        card = save_reference(A.REFERENCE_DIR, exp.reference_name(seed), loaded.model.state_dict(), loaded.card)
-        print(f"wrote reference {A.REFERENCE_DIR / exp.reference_name(seed)}.* (key {card['key'][:16]})")
+        ref, cache = _status(name, cards)
+        print(f"{name:{width}s} {entry.family:14s} {ref:22s} {cache:24s} {entry.description}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .store import ModelStore, save_reference
+    from .store import ModelStore
     from .train import TerminalProgress
 
-    exp = _assoc_experiment(args.name)
-    if exp is not None:
-        return _train_assoc(args, exp)
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
     progress = TerminalProgress(f"training {args.name} (seed {seed})")
     loaded = zoo.load(args.name, seed, retrain=True, force=True, device=args.device, store=ModelStore(),
                       progress=progress)
-    progress.done(json.dumps(loaded.card.get("metrics", {})))
+    progress.done(json.dumps({k: v for k, v in (loaded.card.get("metrics") or {}).items() if isinstance(v, float)}))
     if args.update_reference:
-        if seed != entry.default_seed:
-            print(f"--update-reference needs the default seed {entry.default_seed}", file=sys.stderr)
+        if seed not in entry.ref_seeds():
+            print(f"--update-reference needs a reference seed of {args.name} ({list(entry.ref_seeds())})",
+                  file=sys.stderr)
             return 2
-        from .convert import to_tl_state_dict
-
-        card = save_reference(zoo.REFERENCE_DIR, args.name, to_tl_state_dict(loaded.model.cpu()), loaded.card)
-        print(f"wrote reference {zoo.REFERENCE_DIR / args.name}.* (key {card['key'][:16]})")
+        card = zoo.save_reference(loaded)
+        print(f"wrote reference {zoo.REFERENCE_DIR / entry.reference_name(seed)}.* (key {card['key'][:16]})")
     return 0
 
 
-def _assoc_card(exp, seed: int) -> Optional[dict]:
-    from .store import MissingCheckpointError, ModelStore, load_reference, spec_key
-    from .tasks import assoc_memory as A
-
-    try:
-        return load_reference(A.REFERENCE_DIR, exp.reference_name(seed), exp.spec(seed))[1]
-    except MissingCheckpointError:
-        found = ModelStore().load(spec_key(exp.spec(seed)))
-        return None if found is None else found[1]
-
-
 def cmd_card(args) -> int:
-    exp = _assoc_experiment(args.name)
-    if exp is not None:
-        seed = 0 if args.seed is None else zoo.check_seed(args.seed)
-        card = _assoc_card(exp, seed)
-        if card is None:
-            print(f"{args.name} seed {seed} has no reference and is not in the model store; run `python -m "
-                  f"circuits train {args.name} --seed {seed}`", file=sys.stderr)
-            return 1
-        return _print_card(card)
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
-    if seed == entry.default_seed:
-        from .store import load_reference
-
-        _, card = load_reference(zoo.REFERENCE_DIR, args.name, entry.spec(seed))
-    else:
-        from .store import ModelStore, spec_key
-
-        found = ModelStore().load(spec_key(entry.spec(seed)))
-        if found is None:
-            print(f"{args.name} seed {seed} is not in the model store; run `python -m circuits train "
-                  f"{args.name} --seed {seed}`", file=sys.stderr)
-            return 1
-        card = found[1]
+    card = zoo.find_card(args.name, seed)
+    if card is None:
+        print(f"{args.name} seed {seed} is not in the model store; run `python -m circuits train "
+              f"{args.name} --seed {seed}`", file=sys.stderr)
+        return 1
     return _print_card(card)
 
 

@@ -38,16 +38,16 @@ contexts, not a sample estimate.
   transformer's final residual; the ten unembeddings share five dimensions (figures: W_U W_U^T, the
   context Grams, the cosines).
 
-Models are committed references (`fixtures/models/assoc_*`, `python -m circuits.tasks.assoc_memory`
-rewrites them); `--retrain` trains them afresh into the run directory; `--full-sweep` adds experiment
-1's repetitions (seeds 1-4; the paper averaged five), trained into the model store once.
+Every model is an ordinary zoo entry (`circuits.tasks.assoc.experiments`; `python -m circuits list`),
+loaded through the zoo's session loader: committed references (`fixtures/models/assoc_*`, `python -m
+circuits.tasks.assoc` rewrites them) for a few points per experiment; `--retrain` trains them afresh
+into the run directory; `--full-sweep` trains every grid point with seeds 0-4 (the paper averaged five)
+into the model store once and compares the means with the paper's curves.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 
 import matplotlib
@@ -60,8 +60,9 @@ import torch
 
 from circuits.assoc_model import table_logits
 from circuits.controls import register_control
-from circuits.pytest_plugin import get_plugin, note_model
-from circuits.tasks import assoc_memory as A
+from circuits.pytest_plugin import get_plugin
+from circuits.tasks import assoc as A
+from circuits.zoo import LoadedModel
 
 PROP1_TOLERANCE = 0.02  # relative: restarts of the rank-d fit land within ~5%, the best two within ~0.5%
 PAPER_TOLERANCE = 0.05  # the issue's +-0.05 per point
@@ -72,58 +73,25 @@ SKIP_TOLERANCE = 0.05  # |accuracy(no residual) - accuracy(residual)|, mean over
 # --- models ---------------------------------------------------------------------------------------
 
 
-class AssocSession:
-    """Loads each (experiment, seed) once per session (reference, store, or trained) and notes it."""
+class Models:
+    """The zoo's session loader (`zoo_models`: each (name, seed) loaded once per run, from its reference,
+    the store, or trained, and noted for the report), addressed by zoo entry."""
 
-    def __init__(self, config: pytest.Config):
-        self.config = config
-        self.options = get_plugin(config).options
-        self._models: dict = {}
-        self._low_rank: dict = {}
-        self.load_seconds: dict = {}
+    def __init__(self, zoo_models):
+        self.zoo_models = zoo_models
 
-    def _store(self):
-        from circuits.store import ModelStore
+    def get(self, request: pytest.FixtureRequest, entry, seed: int = 0) -> LoadedModel:
+        return self.zoo_models.get(request, entry.name, seed)
 
-        return ModelStore(self.options.run_dir / "models") if self.options.retrain else ModelStore()
-
-    def get(self, request: pytest.FixtureRequest, exp: A.Experiment, seed: int = 0) -> A.LoadedAssoc:
-        key = (exp.name, seed)
-        if key not in self._models:
-            t0 = time.perf_counter()
-            capman = self.config.pluginmanager.getplugin("capturemanager")
-            if capman is not None:
-                with capman.global_and_fixture_disabled():
-                    loaded = self._load(exp, seed)
-            else:
-                loaded = self._load(exp, seed)
-            self.load_seconds[key] = time.perf_counter() - t0
-            self._models[key] = loaded
-            note_model(request, loaded.info())
-        return self._models[key]
-
-    def _load(self, exp: A.Experiment, seed: int) -> A.LoadedAssoc:
-        def progress(step, total, row):
-            sys.__stderr__.write(f"\rtraining {exp.reference_name(seed)}: {step}/{total} "
-                                 f"acc={row.get('accuracy', float('nan')):.3f}   ")
-            sys.__stderr__.flush()
-
-        loaded = A.load_experiment(exp, seed, retrain=self.options.retrain, store=self._store(), progress=progress)
-        if loaded.source == "trained":
-            sys.__stderr__.write("\n")
-        return loaded
-
-    def low_rank(self, law_spec: dict, d: int) -> tuple:
-        key = (repr(sorted(law_spec.items())), d)
-        if key not in self._low_rank:
-            self._low_rank[key] = A.load_low_rank_optimum(law_spec, d, retrain=self.options.retrain,
-                                                          store=self._store())
-        return self._low_rank[key]
+    def low_rank(self, request: pytest.FixtureRequest, law_spec: dict, d: int) -> tuple:
+        """(the rank-d optimum of the law, its card with `divergence`)."""
+        loaded = self.zoo_models.get(request, A.low_rank_name(law_spec, d), 0)
+        return loaded.model, loaded.card
 
 
-@pytest.fixture(scope="session")
-def assoc(request: pytest.FixtureRequest) -> AssocSession:
-    return AssocSession(request.config)
+@pytest.fixture
+def assoc(zoo_models) -> Models:
+    return Models(zoo_models)
 
 
 def exp1_seeds(config: pytest.Config, full: bool) -> tuple:
@@ -187,10 +155,10 @@ register_control("rank_below", kind="data", fn=_rank_below, replace=True, accept
 def _prop1_inputs(assoc, request, H: int):
     exp = A.superposition_model(H)
     loaded = assoc.get(request, exp)
-    law = exp.build_law()
+    law = A.build_law(exp)
     d = exp.config.d_model
-    _, top = assoc.low_rank(A.SUPER_LAW, d)
-    _, below = assoc.low_rank(A.SUPER_LAW, d - 1)
+    _, top = assoc.low_rank(request, A.SUPER_LAW, d)
+    _, below = assoc.low_rank(request, A.SUPER_LAW, d - 1)
     return loaded, law, Baseline(top["divergence"], d, below["divergence"])
 
 
@@ -249,7 +217,7 @@ def _exp1_accuracies(assoc, request, H: int, seeds) -> list:
 
 def _exp1_accuracy(assoc, request, control, H: int, seeds) -> tuple[float, list]:
     accs = []
-    law = A.exp1(H).build_law()
+    law = A.build_law(A.exp1(H))
     for s in seeds:
         model = control.apply_model(assoc.get(request, A.exp1(H), s).model)
         accs.append(law.accuracy(logits_of(model)))
@@ -341,7 +309,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.mark.controls("untrained")
 def test_capacity_lower_bound(exp, seed, assoc, request, claim, control):
-    law = exp.build_law()
+    law = A.build_law(exp)
     assert law.is_deterministic
     cfg = exp.config
     n_assoc = len(law.support())
@@ -366,7 +334,7 @@ FREEZE_O_ONLY_REASON = ("refuted under the seed's recipe (Adam 1e-3, 5,000 batch
 @pytest.mark.controls("untrained")
 def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures):
     exp = A.freezing_model("freeze_O")
-    law = exp.build_law()
+    law = A.build_law(exp)
     model = control.apply_model(assoc.get(request, exp).model)
     claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.99)
     if control.is_main:
@@ -378,7 +346,7 @@ def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures):
 @pytest.mark.controls("untrained")
 def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control):
     exp = A.freezing_model("train_O_only")
-    law = exp.build_law()
+    law = A.build_law(exp)
     model = control.apply_model(assoc.get(request, exp).model)
     claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.15, note="chance is 1/N = 0.10")
 
@@ -387,7 +355,7 @@ def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control):
 @pytest.mark.controls("untrained")
 def test_training_W_O_alone_memorises(assoc, request, claim, control):
     exp = A.freezing_model("train_O_only")
-    law = exp.build_law()
+    law = A.build_law(exp)
     model = control.apply_model(assoc.get(request, exp).model)
     claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.95,
                    note="H d_h + d = 105 >= N^2 = 100: the construction has enough W_O parameters")
@@ -402,9 +370,9 @@ def _cosines(tv: TargetVectors) -> torch.Tensor:
     return (v * u[tv.targets]).sum(-1)
 
 
-def _low_rank_targets(assoc) -> tuple:
+def _low_rank_targets(assoc, request) -> tuple:
     law = A.make_law(A.SUPER_LAW)
-    model, card = assoc.low_rank(A.SUPER_LAW, 5)
+    model, card = assoc.low_rank(request, A.SUPER_LAW, 5)
     supp = law.support()
     return law, model, TargetVectors(model.W_E.detach()[supp], model.W_U.detach(), law.targets()[supp])
 
@@ -412,7 +380,7 @@ def _low_rank_targets(assoc) -> tuple:
 def _transformer_targets(assoc, request) -> tuple:
     exp = A.superposition_model(5)
     loaded = assoc.get(request, exp)
-    law = exp.build_law()
+    law = A.build_law(exp)
     x = law.contexts()
     with torch.no_grad():
         _, cache = loaded.model.run_with_cache(x, names=["blocks.0.hook_resid_post"])
@@ -433,8 +401,8 @@ def _claim_vectors_point_at_targets(claim, control, figures, tv: TargetVectors, 
 
 
 @pytest.mark.controls("shuffle_labels")
-def test_low_rank_context_embeddings_point_at_their_target(assoc, claim, control, figures):
-    law, model, tv = _low_rank_targets(assoc)
+def test_low_rank_context_embeddings_point_at_their_target(assoc, request, claim, control, figures):
+    law, model, tv = _low_rank_targets(assoc, request)
     _claim_vectors_point_at_targets(
         claim, control, figures, tv, "mean cos(w_E(z), w_U(g(z)))", 0.85,
         note="measured 0.92 on the rank-5 optimum; a random direction scores ~0",
@@ -462,7 +430,7 @@ def _learning_dynamics(law, baseline, loaded_models):
     for l in loaded_models:
         hist = l.card.get("history") or []
         ax.plot([h["step"] for h in hist], [h["divergence"] for h in hist],
-                label=f"AoT H={l.experiment.config.n_heads}")
+                label=f"AoT H={l.entry.config.n_heads}")
     ax.axhline(law.random_baseline(), color="red", ls="--", label="random baseline log N - H")
     ax.axhline(baseline.divergence, color="green", ls="--", label=f"optimal rank-{baseline.d} baseline")
     ax.set_yscale("log")
@@ -547,7 +515,7 @@ def test_dropping_the_residual_connection_does_not_change_memorisation(assoc, re
     heads memorise about as many pairs. Measured: no residual 0.738 / 0.618, residual 0.689 / 0.658
     (seeds 0 / 1): the seeds disagree on the sign, the mean difference is +0.004. Claimed: the mean
     difference is within +-0.05. The control re-initialises the no-residual model only."""
-    law = A.skip_model(True).build_law()
+    law = A.build_law(A.skip_model(True))
     with_res, without = [], []
     for s in A.SKIP_SEEDS:
         with_res.append(law.accuracy(logits_of(assoc.get(request, A.skip_model(True), s).model)))

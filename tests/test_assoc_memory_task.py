@@ -12,8 +12,9 @@ import torch
 from circuits.assoc_model import AssocConfig, all_contexts, build_model, table_logits
 from circuits.errors import ConfigError, InputError
 from circuits.model import HookedTransformer
-from circuits.store import ModelStore, StaleCheckpointError, save_reference, spec_key
-from circuits.tasks import assoc_memory as A
+from circuits.store import MissingCheckpointError, ModelStore, StaleCheckpointError, save_reference, spec_key
+from circuits import zoo
+from circuits.tasks import assoc as A
 
 SWITCHES = [
     {},
@@ -32,7 +33,8 @@ SWITCHES = [
 
 
 def small(**kw) -> AssocConfig:
-    base = dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=3, d_head=4, seed=1)
+    # d != d_h: the switches are ours, on our per-head form (the authors' shared maps are tested below)
+    base = dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=3, d_head=4, seed=1, head_maps="per_head")
     base.update(kw)
     return AssocConfig(**base)
 
@@ -443,37 +445,112 @@ def test_schedules_start_at_lr_and_end_at_the_final_fraction():
     assert A.AssocRecipe(schedule="linear").to_dict()["final_lr_frac"] == 0.05
 
 
-def _tiny_experiment(steps: int = 30) -> A.Experiment:
-    cfg = AssocConfig(d_vocab=5, n_ctx=2, d_model=4, n_heads=2, d_head=3)
+def _tiny_entry(steps: int = 30, name: str = "assoc_test_tiny"):
+    cfg = AssocConfig(d_vocab=5, n_ctx=2, d_model=4, n_heads=2, d_head=3, pos_in_residual=False)
     law = {"kind": "associations", "N": 5, "S": 2, "seed": 0, "version": A.DATA_VERSION}
-    return A.Experiment.make("assoc_test_tiny", cfg, law, A.AssocRecipe(steps=steps, lr=1e-2, eval_every=10))
+    return A.assoc_entry(name, cfg, law, A.AssocRecipe(steps=steps, lr=1e-2, eval_every=10), reference_seeds=(0,))
 
 
-def test_experiment_store_and_reference_round_trip(tmp_path):
-    exp = _tiny_experiment()
-    spec_key(exp.spec(0))  # JSON-able
-    store = ModelStore(tmp_path / "store")
-    first = A.load_experiment(exp, 0, store=store, reference_dir=tmp_path / "refs")
-    again = A.load_experiment(exp, 0, store=store, reference_dir=tmp_path / "refs")
+@pytest.fixture
+def tiny_assoc():
+    entry = zoo.register(_tiny_entry())
+    yield entry
+    zoo.ZOO.pop(entry.name, None)
+
+
+def test_assoc_entry_store_and_reference_round_trip_through_the_one_zoo(tiny_assoc, tmp_path):
+    entry = tiny_assoc
+    spec_key(entry.spec(0))  # JSON-able
+    store, refs = ModelStore(tmp_path / "store"), tmp_path / "refs"
+    with pytest.raises(MissingCheckpointError, match="no reference"):
+        zoo.load(entry.name, 0, store=store, reference_dir=refs)  # a declared reference seed must have its file
+    first = zoo.load(entry.name, 0, store=store, reference_dir=refs, retrain=True)
+    again = zoo.load(entry.name, 0, store=store, reference_dir=refs, retrain=True)
     assert (first.source, again.source) == ("trained", "cache")
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
-    save_reference(tmp_path / "refs", exp.reference_name(0), first.model.state_dict(), first.card)
-    ref = A.load_experiment(exp, 0, store=store, reference_dir=tmp_path / "refs")
+    zoo.save_reference(first, refs)
+    ref = zoo.load(entry.name, 0, store=store, reference_dir=refs)
     assert ref.source == "reference" and ref.card["metrics"]["accuracy"] == first.card["metrics"]["accuracy"]
     assert ref.info()["name"] == "assoc_test_tiny"
-    changed = _tiny_experiment(steps=40)
+    assert zoo.find_card(entry.name, 0, store=store, reference_dir=refs)["key"] == spec_key(entry.spec(0))
+    other = zoo.load(entry.name, 1, store=store, reference_dir=refs)  # not a reference seed: the store
+    assert other.source == "trained"
+    zoo.ZOO[entry.name] = _tiny_entry(steps=40)
     with pytest.raises(StaleCheckpointError, match="train.steps"):
-        A.load_experiment(changed, 0, store=store, reference_dir=tmp_path / "refs")
-    retrained = A.load_experiment(changed, 0, store=store, reference_dir=tmp_path / "refs", retrain=True)
-    assert retrained.source == "trained"
+        zoo.load(entry.name, 0, store=store, reference_dir=refs)
 
 
-def test_the_seed_experiments_are_well_formed():
-    pairs = A.reference_experiments()
-    names = [e.reference_name(s) for e, s in pairs]
-    assert len(names) == len(set(names))
-    assert all(n.startswith("assoc_") for n in names)
-    for exp, _ in pairs:
-        law = exp.build_law()
-        assert (law.N, law.S) == (exp.config.d_vocab, exp.config.n_ctx)
+def test_the_experiments_are_well_formed_zoo_entries():
+    entries = A.zoo_entries()
+    names = [e.name for e in entries]
+    assert len(names) == len(set(names)) and all(n.startswith("assoc_") for n in names)
+    assert set(names) <= set(zoo.names())  # found by the zoo's discovery, not registered on import
+    for entry in entries:
+        if entry.family != "assoc":
+            continue
+        law = A.build_law(entry)
+        assert (law.N, law.S) == (entry.config.d_vocab, entry.config.n_ctx)
+    expected = ([f"assoc_exp2_dh{i:02d}" for i in range(1, 11)] + [f"assoc_exp3_d{i:02d}" for i in range(5, 16)]
+                + [f"assoc_exp5_{k}_H{h:02d}" for k in ("attn", "mlp") for h in range(1, 32, 5)]
+                + [f"assoc_exp6_H{h:02d}" for h in range(1, 22, 4)])
+    assert set(expected) <= set(names)
+    e2 = zoo.get_entry("assoc_exp2_dh03").config
+    assert (e2.d_vocab, e2.d_model, e2.n_heads, e2.d_head, e2.compressed) == (50, 10, 20, 3, True)
+    e3 = zoo.get_entry("assoc_exp3_d07").config
+    assert (e3.d_model, e3.n_heads, e3.d_head) == (7, 20, 10)
+    e6 = zoo.get_entry("assoc_exp6_H13").config
+    assert (e6.d_vocab, e6.d_model, e6.d_head, e6.n_heads) == (10, 2, 2, 13)
+
+
+def test_exp5_pairs_attention_and_mlp_at_equal_parameter_count():
+    """The notebook's pairing (width 2 d (H - 1) for H heads) matches parameter counts within 10%."""
+    for H in A.EXP5_HEADS:
+        attn, mlp = A.n_params(A.exp5("attn", H)), A.n_params(A.exp5("mlp", H))
+        assert abs(mlp - attn) / attn < 0.10, (H, attn, mlp)
+        assert A.exp5("mlp", H).config.n_heads == 1 and A.exp5("mlp", H).config.d_mlp == 20 * (H - 1)
+
+
+def test_the_authors_shared_maps_for_d_ne_d_head():
+    """models.py: one d -> d_h compression, H heads of width d_h, one d_h -> d decompression; positions
+    of width d_h added after compression; so the attention's contribution has rank <= d_h."""
+    cfg = AssocConfig(d_vocab=12, n_ctx=2, d_model=10, n_heads=6, d_head=2, pos_in_residual=False, seed=0)
+    model = build_model(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["W_compress"] == (10, 2) and shapes["W_decompress"] == (2, 10)
+    assert shapes["blocks.0.attn.W_Q"] == (6, 2, 2) and shapes["blocks.0.attn.W_O"] == (6, 2, 2)
+    assert shapes["pos_embed.W_pos"] == (2, 2)
+    x = all_contexts(12, 2)
+    torch.testing.assert_close(table_logits(model), model(x), rtol=1e-5, atol=1e-5)
+    _, cache = model.run_with_cache(x, names=["blocks.0.hook_attn_out"])
+    attn_out = cache["blocks.0.hook_attn_out"][:, -1].double()
+    assert torch.linalg.matrix_rank(attn_out, atol=1e-5) <= 2
+    # the same forward by hand, the authors' way
+    with torch.no_grad():
+        E, P = model.embed.W_E, model.pos_embed.W_pos
+        comp = E[x] @ model.W_compress + P  # [n, 2, d_h]
+        a = model.blocks[0].attn
+        out = 0
+        for h in range(6):
+            q, k, v = comp @ a.W_Q[h], comp @ a.W_K[h], comp @ a.W_V[h]
+            pat = torch.softmax(q[:, -1:] @ k.transpose(1, 2) / math.sqrt(2), -1)  # last position reads both
+            out = out + (pat @ v)[:, 0] @ a.W_O[h]
+        resid = E[x[:, -1]] + out @ model.W_decompress
+        torch.testing.assert_close(model(x), resid @ model.unembed.W_U, rtol=1e-5, atol=1e-5)
+    # our earlier form stays available under its own name, and d = d_h is one model either way
+    per_head = build_model(replace(cfg, head_maps="per_head"))
+    assert tuple(per_head.blocks[0].attn.W_O.shape) == (6, 2, 10) and not hasattr(per_head, "W_compress")
+    assert "head_maps" not in replace(cfg, d_head=10).to_dict()  # d = d_h keys unchanged
+    assert replace(cfg, head_maps="per_head").to_dict() != cfg.to_dict()
+    with pytest.raises(ConfigError, match="pos_in_residual"):
+        AssocConfig(d_vocab=12, n_ctx=2, d_model=10, n_heads=6, d_head=2)
+    with pytest.raises(ConfigError, match="head_maps"):
+        AssocConfig(d_vocab=12, n_ctx=2, d_model=10, n_heads=6, d_head=2, head_maps="both")
+
+
+def test_experiment_one_points_keep_their_reference_keys():
+    """d = d_h: the authors' form is our plain layout, so the committed experiment-1 references load."""
+    loaded = zoo.load("assoc_exp1_d10_H06")
+    assert loaded.source == "reference" and not loaded.entry.config.compressed
+
+
     assert A.exp1(26).config.n_heads == 26 and A.EXP1_HEADS == (1, 6, 11, 16, 21, 26, 31)

@@ -190,8 +190,140 @@ def test_reference_checkpoint_round_trip_and_staleness(registered_tiny, tmp_path
 def test_every_registered_zoo_entry_has_a_current_reference():
     """The committed references must match the current code (else `pytest hypotheses/` fails)."""
     for name in zoo.names():
-        loaded = zoo.load(name)
-        assert loaded.source == "reference"
+        entry = zoo.get_entry(name)
+        for seed in entry.ref_seeds():
+            loaded = zoo.load(name, seed)
+            assert loaded.source == "reference", (name, seed)
+
+
+# --- discovery: built-in modules, entry points, register() --------------------------------------------
+
+
+def test_every_model_family_is_in_the_one_registry():
+    names = zoo.names()
+    families = {zoo.get_entry(n).family for n in names}
+    assert {"transformer", "assoc"} <= families
+    assert {"brackets", "palindromes", "icl", "skip_trigrams", "assoc_exp1_d10_H01", "assoc_exp2_dh01",
+            "assoc_exp6_H01"} <= set(names)
+
+
+def test_task_modules_register_nothing_on_import():
+    """Discovery calls `zoo_entries()`; importing a task module has no side effect on the registry."""
+    import importlib
+
+    for mod in zoo.builtin_task_modules():
+        m = importlib.import_module(mod)
+        assert not hasattr(m, "_register"), mod
+    before = dict(zoo.ZOO)
+    importlib.reload(importlib.import_module("circuits.tasks.palindromes"))
+    assert zoo.ZOO == before
+
+
+def test_a_new_task_module_appears_with_no_other_change(tmp_path, monkeypatch):
+    """A file in circuits/tasks/ exposing zoo_entries() is found by pkgutil (here: a temporary folder
+    added to the package's search path, as a new file there would be)."""
+    import circuits.tasks
+
+    (tmp_path / "x_tiny_task.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_train_zoo import tiny_entry\n"
+        "def zoo_entries():\n    return [tiny_entry('x_tiny')]\n" % str(Path(__file__).parent))
+    monkeypatch.setattr(circuits.tasks, "__path__", list(circuits.tasks.__path__) + [str(tmp_path)])
+    zoo.rediscover()
+    try:
+        assert "circuits.tasks.x_tiny_task" in zoo.builtin_task_modules()
+        assert "x_tiny" in zoo.names() and zoo.get_entry("x_tiny").description.startswith("tiny")
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("circuits.tasks.x_tiny_task", None)
+        zoo.rediscover()
+    assert "x_tiny" not in zoo.names()
+
+
+class _FakeEntryPoint:
+    def __init__(self, name, fn):
+        self.name, self.value, self._fn = name, f"fake_pkg:{name}", fn
+
+    def load(self):
+        if isinstance(self._fn, Exception):
+            raise self._fn
+        return self._fn
+
+
+def test_entry_point_group_adds_third_party_entries(monkeypatch):
+    import importlib.metadata
+
+    def fake_entry_points(group=None, **kw):
+        assert group == zoo.ENTRY_POINT_GROUP
+        return [_FakeEntryPoint("plugin", lambda: [tiny_entry("plugin_tiny")])]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    zoo.rediscover()
+    try:
+        assert "plugin_tiny" in zoo.names()
+        assert "brackets" in zoo.names()  # built-ins still there
+    finally:
+        monkeypatch.undo()
+        zoo.rediscover()
+    assert "plugin_tiny" not in zoo.names()
+
+
+def test_a_broken_entry_point_is_a_clear_error(monkeypatch):
+    import importlib.metadata
+
+    from circuits.errors import ConfigError
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None, **kw: [_FakeEntryPoint("broken", ImportError("no module named x"))])
+    zoo.rediscover()
+    try:
+        with pytest.raises(ConfigError, match="entry point 'broken'.*failed to load: ImportError"):
+            zoo.names()
+    finally:
+        monkeypatch.undo()
+        zoo.rediscover()
+
+
+def test_register_from_a_conftest_at_any_time():
+    entry = tiny_entry("conftest_tiny")
+    zoo.names()  # after discovery
+    try:
+        zoo.register(entry)
+        assert zoo.get_entry("conftest_tiny") is entry
+        zoo.register(entry)  # the same object again: fine
+        from circuits.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="registered twice"):
+            zoo.register(tiny_entry("conftest_tiny"))
+    finally:
+        zoo.ZOO.pop("conftest_tiny", None)
+    with pytest.raises(InputError, match="ZooEntry"):
+        zoo.register({"name": "x"})
+
+
+# --- recipe variants ----------------------------------------------------------------------------------
+
+
+def test_recipe_variant_has_its_own_name_and_store_key(tmp_path):
+    base = replace(tiny_entry("variant_tiny"), variants={
+        "fast_lr": {"recipe": {"lr": 1e-2}},
+        "renamed": lambda e: replace(e, description="made by a function"),
+    })
+    zoo.register(base)
+    try:
+        v = zoo.get_entry("variant_tiny@fast_lr")
+        assert v.name == "variant_tiny@fast_lr" and v.recipe.lr == 1e-2 and base.recipe.lr == TINY_RECIPE.lr
+        assert v.spec(0)["name"] == "variant_tiny@fast_lr" and v.spec(0) != base.spec(0)
+        assert v.ref_seeds() == ()  # a variant is never the committed reference
+        assert zoo.get_entry("variant_tiny@renamed").description == "made by a function"
+        assert "variant_tiny@fast_lr" in zoo.names(include_variants=True)
+        with pytest.raises(UnknownModelError, match="unknown variant 'fast'.*fast_lr"):
+            zoo.get_entry("variant_tiny@fast")
+        with pytest.raises(UnknownModelError, match="unknown variant .arena_like_typo. of .brackets."):
+            zoo.get_entry("brackets@arena_like_typo")
+        loaded = zoo.load("variant_tiny@fast_lr", 0, store=ModelStore(tmp_path))
+        assert loaded.source == "trained" and loaded.info()["name"] == "variant_tiny@fast_lr"
+    finally:
+        zoo.ZOO.pop("variant_tiny", None)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------
@@ -221,7 +353,10 @@ def test_cli_clear_errors_for_unknown_names_and_bad_seeds(tmp_path):
 
 def test_cli_lists_trains_and_prints_the_assoc_experiments(tmp_path):
     out = run_cli("list")
-    assert "assoc_exp1_d10_H06         reference ok" in out.stdout and "assoc_skip_no_residual" in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
+    assert rows["assoc_exp1_d10_H06"][1:4] == ["assoc", "reference", "ok"] and "assoc_skip_no_residual" in rows
+    assert rows["brackets"][1] == "transformer"  # one registry, one table for every family
+    assert rows["assoc_exp2_dh03"][2:4] == ["no", "reference"]  # a sweep point: trained into the store on demand
     card = run_cli("card", "assoc_freeze_none")
     assert card.returncode == 0, card.stderr
     assert json.loads(card.stdout)["spec"]["name"] == "assoc_freeze_none"

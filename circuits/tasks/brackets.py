@@ -702,12 +702,12 @@ def make_train_split(n: int, seed: int):
     return Split(data.toks, suffix_targets(data), data.lengths + 2)
 
 
-def _register() -> None:
+def zoo_entries() -> list:
     from ..model import TransformerConfig
     from ..train import TrainRecipe
-    from ..zoo import ZooEntry, register
+    from ..zoo import ZooEntry
 
-    register(ZooEntry(
+    return [ZooEntry(
         name="brackets",
         description="balanced-bracket classifier, ARENA architecture (seed 000)",
         # SOURCE.md's architecture: pre-LN, 3 layers x 2 heads, d_model 56, sinusoidal positions,
@@ -732,7 +732,4 @@ def _register() -> None:
         data_recipe={"eval": "circuits.tasks.brackets.generate", "train": "generate_training_mix",
                      "train_targets": "suffix_targets", "version": DATA_VERSION,
                      "random_fraction": RANDOM_FRACTION, "max_len": MAX_LEN},
-    ))
-
-
-_register()
+    )]

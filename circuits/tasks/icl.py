@@ -425,12 +425,12 @@ def make_split(n: int, seed: int):
     return generate(n, seed).to_split()
 
 
-def _register() -> None:
+def zoo_entries() -> list:
     from ..model import TransformerConfig
     from ..train import TrainRecipe
-    from ..zoo import ZooEntry, register
+    from ..zoo import ZooEntry
 
-    register(ZooEntry(
+    return [ZooEntry(
         name="icl",
         description="in-context selection between two ridge regressors, GPT-2 style (seed 003)",
         # the seed's model: GPT-2 backbone (pre-LN, GELU tanh, LN eps 1e-5, attention biases, learned
@@ -447,7 +447,4 @@ def _register() -> None:
         make_split=make_split,
         data_recipe={"eval": "circuits.tasks.icl.generate", "version": DATA_VERSION, "alphas": list(DATA_ALPHAS),
                      "n_points": N_POINTS, "d": D_X, "noise_scale": NOISE_SCALE, "ridge": "sklearn Ridge, intercept"},
-    ))
-
-
-_register()
+    )]

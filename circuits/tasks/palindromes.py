@@ -278,12 +278,12 @@ def make_train_split(n: int, seed: int):
     return to_split(generate_training_mix(n, seed))
 
 
-def _register() -> None:
+def zoo_entries() -> list:
     from ..model import TransformerConfig
     from ..train import TrainRecipe
-    from ..zoo import ZooEntry, register
+    from ..zoo import ZooEntry
 
-    register(ZooEntry(
+    return [ZooEntry(
         name="palindromes",
         description="palindrome classifier, 3 layers x 2 heads, no LayerNorm (seed 001)",
         # the seed's EasyTransformerConfig: 3 layers, d_model 32, 2 heads of 16, d_mlp 64, ReLU, no
@@ -301,7 +301,4 @@ def _register() -> None:
         data_recipe={"eval": "circuits.tasks.palindromes.generate", "train": "generate_training_mix",
                      "version": DATA_VERSION, "k": K, "perturb_n_times": PERTURB_N_TIMES,
                      "p_perturb": P_PERTURB},
-    ))
-
-
-_register()
+    )]

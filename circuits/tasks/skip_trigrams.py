@@ -171,13 +171,13 @@ def make_split(n: int, seed: int):
     return Split(d.toks, d.labels)
 
 
-def _register() -> None:
+def zoo_entries() -> list:
     from ..model import TransformerConfig
     from ..train import TrainRecipe
-    from ..zoo import ZooEntry, register
+    from ..zoo import ZooEntry
 
-    for h in HEAD_COUNTS:
-        register(ZooEntry(
+    return [
+        ZooEntry(
             name=entry_name(h),
             description=(f"skip-trigram 1-layer attention-only model, {h} head{'s' if h > 1 else ''} of d_head 1"
                          + (" (seed 002)" if h == DEFAULT_HEADS else " (seed 002 head sweep)")),
@@ -194,7 +194,6 @@ def _register() -> None:
             data_recipe={"eval": "circuits.tasks.skip_trigrams.generate", "version": DATA_VERSION,
                          "p_signal": P_SIGNAL},
             extra={"n_heads": h},
-        ))
-
-
-_register()
+        )
+        for h in HEAD_COUNTS
+    ]
