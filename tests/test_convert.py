@@ -366,3 +366,74 @@ def test_arena_loaders_read_only_the_shipped_files():
     outside = [str(p) for p in opened if folder not in p.parents]
     assert not outside, f"the ARENA loaders touched files outside {folder}: {outside}"
     assert {p.name for p in opened} >= {reference.WEIGHTS, reference.DATA, "checksums.json"}
+
+
+# --- TransformerLens configs both ways (no TL needed; tests/test_tl_peer.py checks against real TL) ---
+from circuits.convert import as_config, from_tl_config, tl_extras, tl_key_mask_hooks, to_tl_config, to_transformer_lens  # noqa: E402
+from circuits.errors import ConfigError  # noqa: E402
+from model_configs import CONFIGS  # noqa: E402
+
+
+@pytest.mark.parametrize("name", [k for k in CONFIGS if k != "read_in"])
+def test_tl_config_round_trip(name):
+    cfg = TransformerConfig(**CONFIGS[name])
+    tl_cfg = to_tl_config(cfg)
+    assert from_tl_config(tl_cfg, **tl_extras(cfg)) == cfg
+    assert __import__("json").loads(__import__("json").dumps(tl_cfg)) == tl_cfg  # JSON-able
+    back = from_tl_config(tl_cfg)  # without our extras: TL's view (no pad masking, all positions)
+    assert back.pad_token is None and back.readout == "all" and back.d_mlp == cfg.d_mlp
+
+
+def test_tl_config_refuses_a_read_in_model_and_unsupported_tl_features():
+    with pytest.raises(ConfigError, match="TransformerLens has no linear read-in"):
+        to_tl_config(TransformerConfig(**READ_IN))
+    tl_cfg = to_tl_config(TransformerConfig(**BRACKETS))
+    with pytest.raises(ConfigError, match=r"positional_embedding_type='rotary', gated_mlp=True.*normalization_type='RMS'"):
+        from_tl_config({**tl_cfg, "positional_embedding_type": "rotary", "gated_mlp": True, "normalization_type": "RMS"})
+    with pytest.raises(ConfigError, match=r"from_tl_config takes only .* got \['n_heads'\]"):
+        from_tl_config(tl_cfg, n_heads=4)
+    with pytest.raises(ConfigError, match=r"TL config lacks \['d_head'\]"):
+        from_tl_config({k: v for k, v in tl_cfg.items() if k != "d_head"})
+
+
+def test_tl_config_defaults_follow_tl():
+    cfg = from_tl_config({"n_layers": 2, "d_model": 64, "n_ctx": 16, "d_head": 16, "act_fn": "gelu", "d_vocab": 10})
+    assert (cfg.n_heads, cfg.d_mlp, cfg.d_vocab_out, cfg.attention, cfg.normalization) == (4, 256, 10, "causal", "LN")
+    assert cfg.init_range == pytest.approx(0.1)  # 0.8 / sqrt(d_model)
+
+
+def test_as_config_reads_ours_or_tls():
+    cfg = TransformerConfig(**BRACKETS)
+    assert as_config(cfg) is cfg
+    assert as_config(cfg.to_dict()) == cfg
+    assert as_config(to_tl_config(cfg), **tl_extras(cfg)) == cfg
+    with pytest.raises(ConfigError, match="expected a TransformerConfig"):
+        as_config(42)
+
+
+def test_load_tl_checkpoint_with_a_tl_config_dict(tmp_path):
+    source = make_model(BRACKETS).eval()
+    tl_cfg, sd = to_transformer_lens(source)
+    assert {k for k in sd if k.endswith((".attn.mask", ".attn.IGNORE"))} == {
+        f"blocks.{l}.attn.{b}" for l in range(3) for b in ("mask", "IGNORE")}
+    torch.save(sd, tmp_path / "tl.pt")
+    loaded = load_tl_checkpoint(tmp_path / "tl.pt", tl_cfg, **tl_extras(source.cfg)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(bracket_tokens()), source(bracket_tokens()), atol=0, rtol=0)
+
+
+def test_to_transformer_lens_writes_what_tl_cannot_express_as_weights():
+    model = make_model(ATTN_ONLY)  # one-hot embed/unembed, no positions
+    _, sd = to_transformer_lens(model)
+    torch.testing.assert_close(sd["embed.W_E"], torch.eye(11), atol=0, rtol=0)
+    torch.testing.assert_close(sd["pos_embed.W_pos"], torch.zeros(8, 11), atol=0, rtol=0)
+
+
+def test_tl_key_mask_hooks_mask_only_blocked_keys():
+    keep = torch.tensor([[True, True, False]])
+    [(name_filter, hook)] = tl_key_mask_hooks(keep)
+    assert name_filter("blocks.1.attn.hook_attn_scores") and not name_filter("blocks.1.attn.hook_pattern")
+    out = hook(torch.zeros(1, 2, 3, 3))
+    assert (out[..., :2] == 0).all() and (out[..., 2] == -1e5).all()
+    with pytest.raises(ConfigError, match=r"keep must be a \[batch, pos\] tensor"):
+        tl_key_mask_hooks(torch.ones(3, dtype=torch.bool))

@@ -136,3 +136,22 @@ def test_arena_checkpoint_through_a_tl_config_dict(tmp_path):
         tl_model = into_tl(model)
         assert_agree(tl_model.run_with_hooks(toks, fwd_hooks=tl_key_mask_hooks(toks != B.PAD))[:, 0],
                      model(toks), "logits")
+
+
+@pytest.mark.parametrize("name", ["brackets", "attn_only", "palindrome", "causal_padded"])
+def test_every_tl_expressible_architecture_agrees_at_every_position(name):
+    """Causal and bidirectional, padded or not, LN or none, one-hot embeddings and no positions:
+    ours with read-out "all" against TL at every position (pad positions included)."""
+    from model_configs import CONFIGS, perturbed_model
+
+    ours = perturbed_model({**CONFIGS[name], "readout": "all"}, seed=0).eval()
+    tl_model = into_tl(ours)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, ours.cfg.d_vocab, (16, ours.cfg.n_ctx), generator=g)
+    if ours.cfg.pad_token is not None:  # right-pad rows to random lengths (at least one real token)
+        pad = ours.cfg.pad_token
+        toks = toks.masked_fill(toks == pad, (pad + 1) % ours.cfg.d_vocab)  # no pad among real tokens
+        lengths = torch.randint(1, ours.cfg.n_ctx + 1, (16,), generator=g)
+        toks = toks.masked_fill(torch.arange(ours.cfg.n_ctx)[None] >= lengths[:, None], pad)
+    with torch.no_grad():
+        assert_agree(tl_model.run_with_hooks(toks, fwd_hooks=tl_hooks(ours, toks)), ours(toks), "logits")
