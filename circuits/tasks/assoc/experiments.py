@@ -127,7 +127,7 @@ def exp1(H: int, d: int = 10, d_head: int = 10) -> ZooEntry:
 
 PAPER_EXP2 = {1: 0.081453125, 2: 0.1096484375, 3: 0.1554375, 4: 0.2094375, 5: 0.2878515625, 6: 0.35668750000000005,
               7: 0.4534453125, 8: 0.5456875, 9: 0.639140625, 10: 0.8044218749999998}  # Data_exp_2.csv
-EXP2_REFERENCE_POINTS = (1,)
+EXP2_REFERENCE_POINTS = (1, 5, 10)
 
 
 def exp2_name(d_head: int) -> str:
