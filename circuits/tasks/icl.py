@@ -215,6 +215,20 @@ class ICLData:
 
         return Split(self.inputs, self.targets)
 
+    def with_foreign_context(self, shift: int = 1) -> "ICLData":
+        """The same sequences with every context token (all but the last) taken from sequence
+        ``(i + shift) % n``. Sequences are i.i.d., so a fixed shift pairs each one with an unrelated
+        context without a random draw, and none keeps its own. Only ``inputs`` change: the query token,
+        the target, the ridge predictions and ys still describe each sequence's own data, so whatever
+        the model infers from the context is about another sequence."""
+        n = len(self)
+        if isinstance(shift, bool) or not isinstance(shift, int) or n < 2 or shift % n == 0:
+            raise InputError(f"a foreign context needs >= 2 sequences and a shift that is not a multiple of "
+                             f"their number, got n={n}, shift={shift!r}")
+        inputs = self.inputs.clone()
+        inputs[:, :-1] = self.inputs.roll(-shift, 0)[:, :-1]
+        return dataclasses.replace(self, inputs=inputs)
+
 
 def _check_generate_args(n, seed, alphas, n_points, d) -> tuple[float, ...]:
     for name, v, low in (("n", n, 0), ("seed", seed, 0), ("n_points", n_points, 2), ("d", d, 1)):
