@@ -237,3 +237,19 @@ def test_cluster_probe_accuracy_against_known_answers():
     assert abs(float(correct.mean()) - 0.5) < 0.08
     with pytest.raises(InputError, match="classes"):
         icl.cluster_probe(X, np.zeros(600))
+
+
+def test_foreign_context_moves_only_the_context(data):
+    sub = data.subset(slice(0, 50))
+    foreign = sub.with_foreign_context(1)
+    assert torch.equal(foreign.inputs[:, -1], sub.inputs[:, -1])  # the query token is each sequence's own
+    assert torch.equal(foreign.inputs[:, :-1], torch.cat([sub.inputs[1:, :-1], sub.inputs[:1, :-1]]))
+    assert all(not torch.equal(foreign.inputs[i, :-1], sub.inputs[i, :-1]) for i in range(len(sub)))
+    for name in ("targets", "alphas", "preds", "ys"):
+        assert torch.equal(getattr(foreign, name), getattr(sub, name))
+    assert torch.equal(sub.with_foreign_context(-1).inputs[1:, :-1], sub.inputs[:-1, :-1])
+    for bad in (0, 50, True, 1.0):
+        with pytest.raises(InputError, match="foreign context"):
+            sub.with_foreign_context(bad)
+    with pytest.raises(InputError, match="foreign context"):
+        sub.subset(slice(0, 1)).with_foreign_context(1)
