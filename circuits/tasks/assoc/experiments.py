@@ -146,7 +146,7 @@ def exp2(d_head: int) -> ZooEntry:
 PAPER_EXP3 = {5: 0.2639296875, 6: 0.36207031250000005, 7: 0.4599921875, 8: 0.5782421875, 9: 0.6972343750000001,
               10: 0.8087421875, 11: 0.7768984375, 12: 0.789015625, 13: 0.7855000000000001, 14: 0.8117656249999999,
               15: 0.8135859374999999}  # Data_exp_3.csv
-EXP3_REFERENCE_POINTS = ()
+EXP3_REFERENCE_POINTS = (5, 15)  # d = 10 is exp 2's d_h = 10 model (same config, law, recipe)
 
 
 def exp3_name(d: int) -> str:
