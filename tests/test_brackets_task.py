@@ -542,3 +542,15 @@ def test_training_split_carries_suffix_targets():
     data = B.BracketData.from_tokens(split.inputs)
     assert torch.equal(split.targets[:, 0], data.isbal.long())
     assert torch.equal(split.targets, B.suffix_targets(data))
+
+
+def test_distinct_rows_is_disjoint_by_string_and_keeps_order():
+    data = B.BracketData.from_strings(["()", "(", "()", ")(", "((", "(", "))"])
+    split = B.distinct_rows(data, exclude=["("], n=3)
+    assert split.strs == ["()", ")(", "(("]  # "(" excluded, the repeat of "()" skipped
+    assert torch.equal(split.isbal, torch.tensor([True, False, False]))
+    assert B.distinct_rows(data).strs == ["()", "(", ")(", "((", "))"]
+    with pytest.raises(InputError, match="only 4 distinct strings outside `exclude` in 7 rows, asked for 5"):
+        B.distinct_rows(data, exclude=["("], n=5)
+    with pytest.raises(InputError, match="n must be"):
+        B.distinct_rows(data, n=-1)

@@ -497,6 +497,26 @@ def _is_pair(row: object) -> bool:
     return isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and isinstance(row[1], bool)
 
 
+def distinct_rows(data: BracketData, exclude: Sequence[str] = (), n: int | None = None) -> BracketData:
+    """The first ``n`` rows of ``data`` (all, if None) whose string is neither in ``exclude`` nor a
+    repeat of an earlier row: a split disjoint from ``exclude`` by string, not just by row (the
+    published file repeats strings, so rows beyond an evaluation set's are not held out by
+    themselves). Fewer than ``n`` available is an InputError naming both numbers."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise InputError(f"n must be None or a non-negative int, got {n!r}")
+    seen = set(exclude)
+    index: list[int] = []
+    for i, s in enumerate(data.strs):
+        if n is not None and len(index) == n:
+            break
+        if s not in seen:
+            seen.add(s)
+            index.append(i)
+    if n is not None and len(index) < n:
+        raise InputError(f"only {len(index)} distinct strings outside `exclude` in {len(data)} rows, asked for {n}")
+    return data.subset(torch.tensor(index, dtype=torch.long))
+
+
 # --------------------------------------------------------------------------------------------------
 # Generator
 # --------------------------------------------------------------------------------------------------
