@@ -62,6 +62,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--run-id", metavar="ID", default=None, help="name of this run's directory (default: timestamp + random)")
     g.addoption("--no-report", action="store_true", default=False, help="write no report files")
     g.addoption("--full-sweep", action="store_true", default=False, help="run the full_sweep grids")
+    g.addoption("--variant", metavar="NAME@RECIPE", action="append", default=None,
+                help="serve the <NAME>_model fixture with a recipe variant (repeatable), e.g. brackets@arena_like")
     g.addoption("--draws-seed", metavar="N", default=None,
                 help="re-draw every random choice claims make (resampling, bootstrap, fresh data); default 0")
     parser.addini("circuits_report_dir", "where runs are written, relative to the rootdir (default: reports)")

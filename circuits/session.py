@@ -66,11 +66,16 @@ class RunOptions:
     full_sweep: bool
     draws_seed: int = 0  # changes every random draw a claim makes (resampling, bootstrap, fresh data)
     rootdir: Path = Path(".")
+    variants: tuple[tuple[str, str], ...] = ()  # (entry, "entry@recipe"): the recipe its fixture serves
+
+    def model_name(self, name: str) -> str:
+        """The zoo name a ``<name>_model`` fixture serves: ``name@recipe`` under ``--variant``."""
+        return dict(self.variants).get(name, name)
 
     @property
     def asked_for_models(self) -> bool:
         """Whether an option only the zoo can serve was given (then the zoo loads eagerly)."""
-        return bool(self.seeds or self.retrain or self.full_sweep or self.device != "cpu")
+        return bool(self.seeds or self.retrain or self.full_sweep or self.device != "cpu" or self.variants)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "RunOptions":
@@ -81,6 +86,7 @@ class RunOptions:
             seeds = parse_seeds_option(opt("seeds")) if opt("seeds") is not None else None
             device = _check_device(opt("device"))
             draws_seed = _parse_draws_seed(opt("draws_seed"))
+            variants = _parse_variants(opt("variant") or [])
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         given_dir = opt("report_dir") or config.getini("circuits_report_dir") or None
@@ -105,7 +111,7 @@ class RunOptions:
         return cls(seeds=seeds, retrain=bool(opt("retrain")), device=device, compare=opt("compare"),
                    compare_path=compare_path, report_dir=report_dir.resolve(), run_id=run_id, run_dir=run_dir,
                    no_report=bool(opt("no_report")), full_sweep=bool(opt("full_sweep")), draws_seed=draws_seed,
-                   rootdir=Path(config.rootpath))
+                   rootdir=Path(config.rootpath), variants=variants)
 
 
 def parse_seeds_option(spec: str) -> tuple[int, ...]:
@@ -117,6 +123,19 @@ def parse_seeds_option(spec: str) -> tuple[int, ...]:
     except ValueError as exc:
         text = str(exc)
         raise ValueError(f"--{text}" if text.startswith("seeds") else f"--seeds: {text}") from None
+
+
+def _parse_variants(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--variant brackets@arena_like`` (repeatable): each names an entry and one of its recipes."""
+    out: dict[str, str] = {}
+    for v in values:
+        base, sep, recipe = str(v).partition("@")
+        if not sep or not base or not recipe:
+            raise ValueError(f"--variant {v!r}: expected NAME@RECIPE, e.g. brackets@arena_like")
+        if base in out:
+            raise ValueError(f"--variant: {base!r} is given two recipes ({out[base]} and {v})")
+        out[base] = str(v)
+    return tuple(out.items())
 
 
 def _parse_draws_seed(value: Any) -> int:
@@ -239,7 +258,7 @@ class CircuitsSession:
             command={"args": list(self.config.invocation_params.args), "cwd": str(self.config.invocation_params.dir)},
             options={"seeds": list(o.seeds) if o.seeds else None, "retrain": o.retrain, "device": o.device,
                      "compare": o.compare, "full_sweep": o.full_sweep, "report_dir": str(o.report_dir),
-                     "draws_seed": o.draws_seed},
+                     "draws_seed": o.draws_seed, "variants": dict(o.variants)},
         )
         if self.previous is not None:
             report["compare"] = _jsonable(_report.compare_reports(report, self.previous))

@@ -43,7 +43,7 @@ class ZooSession:
     def get(self, request: pytest.FixtureRequest, name: str, seed: Optional[int]):
         from .train import TerminalProgress
 
-        key = (name, seed)
+        key = (self.options.model_name(name), seed)
         if key not in self._loaded:
             capman = self.config.pluginmanager.getplugin("capturemanager")
             progress = TerminalProgress(f"training {name} (seed {seed})", stream=sys.__stderr__)
@@ -61,8 +61,8 @@ class ZooSession:
     def _load(self, name, seed, progress):
         from . import zoo
 
-        return zoo.load(name, seed, retrain=self.options.retrain, device=self.options.device,
-                        store=self.store(), progress=progress)
+        return zoo.load(self.options.model_name(name), seed, retrain=self.options.retrain,
+                        device=self.options.device, store=self.store(), progress=progress)
 
 
 def _cache_dir(config: pytest.Config):

@@ -273,3 +273,40 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
     assert len(seen["0"]) == 1 and seen["0"] != seen["3"]
     result = power_project.runpytest("--no-report", "--draws-seed", "-1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+# --- zoo fixtures for entries registered from a conftest, and --variant -------------------------------
+
+ZOO_CONFTEST = '''
+from dataclasses import replace
+from circuits import zoo
+from circuits.model import TransformerConfig
+from circuits.tasks import brackets as B
+from circuits.train import TrainRecipe
+
+TINY = TransformerConfig(n_layers=1, d_model=8, n_ctx=B.N_CTX, n_heads=2, d_mlp=8, d_vocab=B.VOCAB,
+                         d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first")
+RECIPE = TrainRecipe(steps=6, batch_size=16, lr=3e-3, warmup_steps=1, n_train=200, n_eval=100, eval_every=3,
+                     threads=1)
+zoo.register(zoo.ZooEntry(name="mine", description="a user's model", config=TINY, recipe=RECIPE,
+                          make_split=B.make_split, data_recipe={"generator": "brackets", "version": "user"},
+                          reference_seeds=(), variants={"longer": {"recipe": replace(RECIPE, steps=9)}}))
+'''
+
+
+def test_an_entry_registered_in_a_conftest_gets_its_fixture_and_variants(pytester, monkeypatch):
+    monkeypatch.setenv("CIRCUITS_CACHE", str(pytester.path / "cache"))
+    pytester.makeconftest(ZOO_CONFTEST)
+    pytester.makepyfile(test_user='''
+        def test_steps(mine_model, claim, circuits_options):
+            claim.holds("a trained model of the entry", mine_model.cfg.d_model == 8)
+            with open("steps.txt", "w") as f:
+                f.write(circuits_options.model_name("mine"))
+    ''')
+    # subprocesses: a conftest is imported once per session, as in real use
+    pytester.runpytest_subprocess("--no-report", "--seeds", "0").assert_outcomes(passed=1)
+    assert (pytester.path / "steps.txt").read_text() == "mine"
+    pytester.runpytest_subprocess("--no-report", "--variant", "mine@longer").assert_outcomes(passed=1)
+    assert (pytester.path / "steps.txt").read_text() == "mine@longer"
+    result = pytester.runpytest_subprocess("--no-report", "--variant", "mine")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
