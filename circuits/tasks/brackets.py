@@ -722,6 +722,108 @@ def make_train_split(n: int, seed: int):
     return Split(data.toks, suffix_targets(data), data.lengths + 2)
 
 
+# --- training recipes (issue 17): variants of the zoo entry, each with its own store key ------------------
+
+
+def make_originators_split(n: int, seed: int):
+    """Label-only training split on the originators'-style distribution (generate_originators_style)."""
+    return to_split(generate_originators_style(n, seed))
+
+
+TUTORIAL_DROPOUT = 0.1  # nn.TransformerEncoder tutorial scaffold's default
+
+
+def _tutorial_training_hooks(model, p: float, embed_scale: float, gen: torch.Generator) -> list:
+    """Attach the tutorial scaffold's training-time extras to `model`'s hook points: token embeddings
+    times `embed_scale`, and dropout `p` where nn.TransformerEncoderLayer (and the tutorial's
+    PositionalEncoding) apply it: on embeddings + positions, on attention probabilities, on each
+    sublayer's output and after the MLP's activation. Dropout masks come from `gen` (deterministic for
+    a seed) and act only while `model.training`. Returns (hook point, fn) pairs to detach."""
+
+    def dropout(x, hook):
+        if not model.training or p == 0.0:
+            return None
+        keep = torch.empty(x.shape, dtype=x.dtype).bernoulli_(1.0 - p, generator=gen).to(x.device)
+        return x * keep / (1.0 - p)
+
+    attached = [(model.hook_embed, lambda x, hook: x * embed_scale)] if embed_scale != 1.0 else []
+    for block in model.blocks:
+        attached += [(block.hook_resid_pre, dropout)] if block is model.blocks[0] else []
+        attached += [(block.attn.hook_pattern, dropout), (block.hook_attn_out, dropout),
+                     (block.mlp.hook_post, dropout), (block.hook_mlp_out, dropout)]
+    for point, fn in attached:
+        point.fns.append(fn)
+    return attached
+
+
+def train_tutorial_style(entry, seed: int, progress=None):
+    """A zoo `train_fn`: `entry`'s recipe trained with the tutorial scaffold's dropout and
+    sqrt(d_model)-scaled token embeddings (entry.extra["dropout"], ["embed_scale"]). Both are
+    training-time only: the embedding scale is folded into W_E afterwards (exact: (W_E s)[t] =
+    s W_E[t]) and dropout is off at evaluation, so the stored model is a plain HookedTransformer
+    that every claim reads as it reads the others."""
+    import time
+
+    from ..train import data_seeds, evaluate, final_test_seed, train
+
+    p = float(entry.extra.get("dropout", TUTORIAL_DROPOUT))
+    scale = math.sqrt(entry.config.d_model) if entry.extra.get("embed_scale") == "sqrt_d_model" else 1.0
+    train_seed, eval_seed = data_seeds(seed)
+    t0 = time.perf_counter()
+    train_split = (entry.make_train_split or entry.make_split)(entry.recipe.n_train, train_seed)
+    eval_split = entry.make_split(entry.recipe.n_eval, eval_seed)
+    data_time = time.perf_counter() - t0
+    model = entry.new_model(seed)
+    gen = torch.Generator().manual_seed(seed + 424_242)
+    attached = _tutorial_training_hooks(model, p, scale, gen)
+    try:
+        result = train(model, train_split, eval_split, entry.recipe, seed=seed, progress=progress)
+    finally:
+        for point, fn in attached:
+            point.fns.remove(fn)
+    with torch.no_grad():
+        model.embed.W_E.mul_(scale)
+    card = {"metrics": result.final, "history": result.history, "steps": result.steps,
+            "wall_time": round(result.wall_time + data_time, 3),
+            "data_seeds": {"train": train_seed, "eval": eval_seed}}
+    if entry.recipe.n_test:
+        seed_test = final_test_seed(seed)
+        test = evaluate(model, entry.make_split(entry.recipe.n_test, seed_test), entry.recipe.loss)
+        card["metrics"] = {**result.final, **{k.replace("eval_", "test_"): v for k, v in test.items()}}
+        card["data_seeds"]["test"] = seed_test
+    return model, card
+
+
+def recipe_variants() -> dict:
+    """The census recipes (issue 17), as `brackets@<name>` variants; evaluation and the final test set
+    are the published distribution (`generate`) for every recipe, so their accuracies compare.
+
+    * ``label_only``: cross-entropy on the two class logits at position 0 only (no per-position
+      suffix targets), trained on the published distribution;
+    * ``originators``: the same loss on a distribution like the originators' (about a quarter
+      balanced, unbalanced strings uniformly random, even lengths 2..40 with many of length 2);
+    * ``arena_like``: ``originators`` plus the tutorial scaffold's dropout 0.1 and sqrt(d_model)-scaled
+      token embeddings (train_tutorial_style).
+    One thread each (no per-position loss: the last block computes position 0 only), so two
+    trainings share the machine's 2 cores instead of taking turns."""
+    # Half the default recipe's 20k steps: the census had to train 15 of these on 2 cores shared with
+    # other work (the default recipe early-stops at 16k on seed 0); otherwise the default's optimiser.
+    label = {"aux_weight": 0.0, "threads": 1, "readout_only": True, "fused_adamw": True,
+             "steps": 10_000, "eval_every": 2000}
+    base_data = {"eval": "circuits.tasks.brackets.generate", "train_targets": "label",
+                 "version": DATA_VERSION, "random_fraction": RANDOM_FRACTION, "max_len": MAX_LEN}
+    originators = {**base_data, "train": "generate_originators_style", "balanced_fraction": 0.26}
+    return {
+        "label_only": {"recipe": label, "make_train_split": make_split,
+                       "data_recipe": {**base_data, "train": "generate"}},
+        "originators": {"recipe": label, "make_train_split": make_originators_split, "data_recipe": originators},
+        "arena_like": {"recipe": label, "make_train_split": make_originators_split, "train_fn": train_tutorial_style,
+                       "extra": {"dropout": TUTORIAL_DROPOUT, "embed_scale": "sqrt_d_model"},
+                       "data_recipe": {**originators, "train_time": {"dropout": TUTORIAL_DROPOUT,
+                                                                     "embed_scale": "sqrt_d_model"}}},
+    }
+
+
 def zoo_entries() -> list:
     from ..model import TransformerConfig
     from ..train import TrainRecipe
@@ -752,4 +854,5 @@ def zoo_entries() -> list:
         data_recipe={"eval": "circuits.tasks.brackets.generate", "train": "generate_training_mix",
                      "train_targets": "suffix_targets", "version": DATA_VERSION,
                      "random_fraction": RANDOM_FRACTION, "max_len": MAX_LEN},
+        variants=recipe_variants(),
     )]
