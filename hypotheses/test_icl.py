@@ -31,13 +31,19 @@ Comparator seeds are never the mutations' own (the mutations use seed 0), so a m
 its own comparator. Every random choice a claim makes (probe split, KMeans/CV seeds, shuffled rows,
 bootstrap) comes from the ``draws`` fixture (the binding: from --draws-seed via ``draws_seed_for``).
 
-Mutations tried by hand (scripts in the lead's report; reference checkpoint, 10k-20k sequences):
-randomised read-in (seed 0): MSE 5.08 (oracle 0.265), probe r^2 0.094 (trained 0.263, other random
-read-ins 0.072 / 0.183), cluster gain of L0H1 0.194 held-out (trained 0.412, untrained 0.463); all
-performance / probe / offset claims fail. Positions permuted: MSE 0.999, offset pearson 0.09, probe
-r^2 0.216 (still below the best comparator). Context of another sequence (foreign_context): MSE
-0.307 (> both ridges 0.294 / 0.304), share -0.15, offset pearson -0.02. y column of the read-in
-zeroed: MSE 0.859, offset pearson 0.06. Untrained: MSE 5.17, probe 0.040, pearson 0.03.
+Mutations tried by hand (reference checkpoint; MSE on the 20k evaluation set, probe on its first 10k,
+point values): randomise_read_in: MSE - ridge 0.1 +4.79, share -54, offset pearson 0.02, probe gain
+-0.093 (all red). permute_positions (all 21): MSE - ridge +0.705, share -8.0, pearson 0.09 (red);
+probe gain +0.018 (r^2 0.137 vs best comparator 0.119: the read-in claim does not name positions).
+zero_ablate:L2H0: MSE - ridge 0.1 +0.004, oracle ratio 0.123 > 0.10, pearson 0.36 (red; "beats
+ridge 0.8" still holds, -0.006). zero_ablate / mean_ablate:L0H1 (the bound cluster head): MSE,
+share and pearson unchanged (0.124, 0.70) and probe gain +0.046/+0.049: the model's output does not
+use the cluster head, consistent with the refuted cluster reading. swap_head:L0H0: identical
+function, every value unchanged (as it must be: no claim here names an L0 head by index).
+foreign_context: MSE - ridges +0.013/+0.002, oracle ratio 0.156, share -0.145, pearson -0.006 (red).
+hide_context_answers: probe gain -0.17 (red). Untrained: MSE - ridge +4.87, share -55, pearson 0.03.
+Cluster claim (known failure): held-out gain of L0H1 over the comparators -0.077 [-0.129, -0.020]
+(model 0.41, untrained 0.46, random read-in 0.19-0.23); over --draws-seed 0..4, -0.065 .. -0.082.
 
 The reference checkpoint is trained for ~2 minutes on one CPU thread (4,000 steps of 64 sequences);
 the seed project's published numbers come from a long GPU run with alphas (0.1, 0.5), so they are
