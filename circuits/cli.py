@@ -2,9 +2,12 @@
 
   list                              every zoo entry (all model families, one registry) with its
                                     reference / cache status
-  train NAME [--seed S] [--device D] [--update-reference]
-                                    train from scratch (progress bar) into the model store;
+  train NAME [--seed S] [--device D] [--force] [--update-reference]
+                                    train into the model store, or reuse the model it has (or
+                                    wait for another process training it); --force retrains;
                                     --update-reference also writes fixtures/models/NAME.* (a reference seed)
+  sweep NAME --seeds 0-19 [--backend local|ray] [--address A] [--device D] [--workers N]
+                                    train the seeds the store lacks in parallel, reuse the rest
   card NAME [--seed S]              print the JSON card of the reference (reference seeds) or cached model
   (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
   report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import zoo
+from . import paths, zoo
 from .errors import CircuitsError
 
 
@@ -33,15 +36,25 @@ def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
                                          for s in entry.ref_seeds()])
     else:
         ref = "no reference"
-    cached = set()
-    cards = store_cards if store_cards is not None else [card for _, card in ModelStore().entries()]
+    cached, corrupt = set(), set()
+    store = ModelStore(_store_root())
+    cards = store_cards if store_cards is not None else [card for _, card in store.entries()]
     for card in cards:
         seed = card.get("spec", {}).get("seed")
         # only entries this code would load: trained from the entry's current spec for that seed
         if card.get("spec", {}).get("name") == name and isinstance(seed, int) and seed >= 0 \
                 and card.get("key") == spec_key(entry.spec(seed)):
-            cached.add(seed)
-    return ref, f"cached seeds {sorted(cached)}" if cached else "not cached"
+            # verified (weights hash, safetensors, card hash): a truncated entry is not "cached"
+            (cached if store.verify(card["key"])[0] == "ok" else corrupt).add(seed)
+    text = f"cached seeds {sorted(cached)}" if cached else "not cached"
+    return ref, text + (f", corrupt seeds {sorted(corrupt)} (retrained on use)" if corrupt else "")
+
+
+def _store_root():
+    """The CLI's model store: $CIRCUITS_CACHE, else ./.circuits-cache (never the package's folder)."""
+    from .store import default_cache_dir
+
+    return default_cache_dir(Path.cwd())
 
 
 def _reference_status(load) -> str:
@@ -55,7 +68,7 @@ def _reference_status(load) -> str:
 def cmd_list(args) -> int:
     from .store import ModelStore
 
-    cards = [card for _, card in ModelStore().entries()]  # read the store once for every entry
+    cards = [card for _, card in ModelStore(_store_root()).entries()]  # read the store once for every entry
     names = zoo.names()
     width = max(map(len, names), default=18)
     for name in names:
@@ -66,15 +79,17 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .sweep import check_run_settings
+    from .seeds import check_seed
     from .store import ModelStore
-    from .train import TerminalProgress
 
+    # everything a training needs is checked before it starts (a typo must not cost a trained model)
+    device, root, timeout = check_run_settings(args.device)
     entry = zoo.get_entry(args.name)
-    seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
-    progress = TerminalProgress(f"training {args.name} (seed {seed})")
-    loaded = zoo.load(args.name, seed, retrain=True, force=True, device=args.device, store=ModelStore(),
-                      progress=progress)
-    progress.done(json.dumps({k: v for k, v in (loaded.card.get("metrics") or {}).items() if isinstance(v, float)}))
+    seed = entry.default_seed if args.seed is None else check_seed(args.seed)
+    loaded = _train_or_reuse(args.name, seed, device=device, force=args.force, root=root, timeout=timeout)
+    if loaded is None:
+        return 1
     if args.update_reference:
         if seed not in entry.ref_seeds():
             print(f"--update-reference needs a reference seed of {args.name} ({list(entry.ref_seeds())})",
@@ -85,9 +100,50 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _train_or_reuse(name: str, seed: int, *, device: str, force: bool, root, timeout: float):
+    """`train`: reuse a stored model, wait for one another process is training, or train it (--force:
+    always train). Returns the LoadedModel."""
+    from .store import ModelStore, spec_key
+    from .train import TerminalProgress
+
+    store = ModelStore(root)
+    key = spec_key(zoo.get_entry(name).spec(seed))
+    if not force and store.verify(key)[0] == "ok":
+        print(f"{name} seed {seed} is already in the model store ({store.entry_dir(key)}); reusing it "
+              "(--force retrains)", file=sys.stderr)
+    else:
+        holder = store.holder(key)
+        if holder is not None:
+            print(f"{name} seed {seed} is being trained by another process ({holder}); waiting up to "
+                  f"{timeout:g} s for it, then reusing it", file=sys.stderr)
+    progress = TerminalProgress(f"training {name} (seed {seed})")
+    loaded = zoo.load(name, seed, retrain=True, force=force, device=device, store=store, progress=progress)
+    metrics = json.dumps({k: v for k, v in (loaded.card.get("metrics") or {}).items() if isinstance(v, float)})
+    if loaded.source == "trained":
+        progress.done(metrics)
+    else:
+        print(f"{name} seed {seed}: reused from the model store {metrics}", file=sys.stderr)
+    return loaded
+
+
+def cmd_sweep(args) -> int:
+    from .seeds import parse_seeds
+    from .sweep import check_run_settings, run_sweep
+
+    check_run_settings(args.device)  # before anything starts
+    seeds = parse_seeds(args.seeds)
+    result = run_sweep(args.name, seeds, backend=args.backend, address=args.address, device=args.device,
+                       workers=args.workers)
+    print(f"{result.name}: {len(result.trained)} trained, {len(result.reused)} reused, {len(result.failed)} failed"
+          + (f" (seeds {sorted(result.failed)})" if result.failed else ""), file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def cmd_card(args) -> int:
+    from .seeds import check_seed
+
     entry = zoo.get_entry(args.name)
-    seed = entry.default_seed if args.seed is None else zoo.check_seed(args.seed)
+    seed = entry.default_seed if args.seed is None else check_seed(args.seed)
     card = zoo.find_card(args.name, seed)
     if card is None:
         print(f"{args.name} seed {seed} is not in the model store; run `python -m circuits train "
@@ -107,10 +163,11 @@ def _print_card(card: dict) -> int:
 def cmd_report(args) -> int:
     from .report import resolve_report, set_baseline
 
-    path = resolve_report(args.run or "latest", Path(args.report_dir))
+    report_dir = Path(args.report_dir) if args.report_dir else paths.reports_dir(Path.cwd())
+    path = resolve_report(args.run or "latest", report_dir)
     run_dir = Path(path).parent
     if args.promote_baseline:
-        dest = set_baseline(run_dir, Path(args.report_dir))
+        dest = set_baseline(run_dir, report_dir)
         print(f"baseline <- {run_dir.name}: {dest}")
         return 0
     if args.open:
@@ -132,14 +189,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--update-reference", action="store_true", help="also write fixtures/models/NAME.*")
+    p.add_argument("--force", action="store_true", help="retrain even if the model store has the model")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("sweep", help="train many seeds in parallel (what the store lacks)")
+    p.add_argument("name", help="zoo name, or NAME@recipe")
+    p.add_argument("--seeds", required=True, help="e.g. 0-19, 1,3 or 2")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None, help="parallel trainings (default: the cores)")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("card", help="print a model card")
     p.add_argument("name")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(fn=cmd_card)
     p = sub.add_parser("report", help="print the latest report summary")
     p.add_argument("run", nargs="?", default=None, help="run id, path, 'latest' or 'baseline'")
-    p.add_argument("--report-dir", default=str(Path(__file__).resolve().parent.parent / "reports"))
+    p.add_argument("--report-dir", default=None,
+                   help="where runs are (default: $CIRCUITS_REPORTS, else ./reports of the current directory)")
     p.add_argument("--open", action="store_true", help="print the HTML report's path")
     p.add_argument("--promote-baseline", action="store_true",
                    help="copy the run (default: latest) to <report-dir>/baseline/, what --compare baseline reads")

@@ -89,9 +89,11 @@ class RunOptions:
             variants = _parse_variants(opt("variant") or [])
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
-        given_dir = opt("report_dir") or config.getini("circuits_report_dir") or None
+        from .paths import reports_dir
+
+        given_dir = opt("report_dir")
         base = Path(config.invocation_params.dir)
-        report_dir = (base / given_dir) if given_dir else Path(config.rootpath) / "reports"
+        report_dir = (base / given_dir) if given_dir else reports_dir(config.rootpath, config)
         if winput and "circuits_run_id" in winput:  # an xdist worker: the controller chose these
             run_id, run_dir = winput["circuits_run_id"], Path(winput["circuits_run_dir"])
         else:

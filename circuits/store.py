@@ -254,11 +254,11 @@ def spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def default_cache_dir(root: str | os.PathLike[str]) -> Path:
-    """``$CIRCUITS_CACHE`` if set (and non-empty), else ``<root>/.circuits-cache``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return Path(root).expanduser() / ".circuits-cache"
+    """``$CIRCUITS_CACHE`` if set (and non-empty), else ``<root>/.circuits-cache``
+    (:func:`circuits.paths.cache_dir`, the one rule)."""
+    from .paths import cache_dir
+
+    return cache_dir(Path(root).expanduser())
 
 
 def default_root() -> Path:

@@ -37,9 +37,10 @@ from torch import nn
 
 from .errors import ConfigError, InputError, UnknownModelError, did_you_mean
 from .model import HookedTransformer, TransformerConfig
+from .paths import reference_dir
 from .train import TRAIN_CODE_VERSION, Split, TrainRecipe, data_seeds, evaluate, final_test_seed, train
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "models"
+REFERENCE_DIR = reference_dir()  # shipped package data in a wheel, fixtures/models in a checkout
 TASK_PACKAGE = "circuits.tasks"
 ENTRY_POINT_GROUP = "circuits.zoo"
 VARIANT_SEP = "@"
@@ -238,9 +239,9 @@ def names(include_variants: bool = False) -> list[str]:
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    return seed
+    from .seeds import check_seed as check
+
+    return check(seed)
 
 
 def build_model(entry: ZooEntry, seed: int) -> nn.Module:

@@ -66,17 +66,11 @@ class ZooSession:
 
 
 def _cache_dir(config: pytest.Config):
-    """The model store of this project: $CIRCUITS_CACHE, else the ini option circuits_cache_dir
-    (relative to the rootdir), else <rootdir>/.circuits-cache — never the installed package's folder."""
-    import os
-    from pathlib import Path
+    """The model store of this project (:func:`circuits.paths.cache_dir`: $CIRCUITS_CACHE, else the
+    ini option circuits_cache_dir, else <rootdir>/.circuits-cache), never the package's folder."""
+    from .paths import cache_dir
 
-    from .store import CACHE_ENV, default_cache_dir
-
-    ini = config.getini("circuits_cache_dir")
-    if ini and not os.environ.get(CACHE_ENV, "").strip():
-        return Path(config.rootpath) / ini
-    return default_cache_dir(config.rootpath)
+    return cache_dir(config.rootpath, config)
 
 
 def _model_fixture(name: str):

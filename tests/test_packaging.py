@@ -112,9 +112,7 @@ def test_claims_run_in_a_temporary_project(installed):
     result = run([str(py), "-m", "pytest", "hypotheses", "-q", "-p", "no:cacheprovider", "-rA"], project, env)
     out = result.stdout + result.stderr
     assert "test_arena_reference PASSED" in out or re.search(r"test_arena_reference\b.*PASS", out), out[-4000:]
-    if wired.stdout.strip() != "True":
-        pytest.xfail("zoo.REFERENCE_DIR is not circuits.paths.reference_dir() yet: an installed zoo looks for "
-                     "its references beside site-packages (the zoo owner wires it)")
+    assert wired.stdout.strip() == "True", wired.stdout + wired.stderr
     assert result.returncode == 0, out[-4000:]
     # the run wrote into the user's project, never beside the installed package
     assert (project / "reports").is_dir()
