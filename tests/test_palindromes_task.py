@@ -209,6 +209,30 @@ def test_smaller_k_and_no_perturbation():
     assert bool((d.labels == 1).all())
 
 
+def test_generate_distinct_letters():
+    d = P.generate_distinct(3000, 4)
+    assert d.toks.shape == (3000, P.N_CTX) and bool((d.toks[:, 0] == P.CLS).all()) and bool((d.toks[:, -1] == P.SEP).all())
+    assert all(len(set(s)) == P.SEQ_LEN for s in d.strs)  # ten distinct letters each
+    assert bool((d.labels == 0).all()) and bool((d.distance == P.K).all())  # never a palindrome, every pair broken
+    assert torch.equal(d.toks, P.generate_distinct(3000, 4).toks)
+    assert not torch.equal(d.toks, P.generate_distinct(3000, 5).toks)
+    counts = Counter(d.toks[:, 1:-1].reshape(-1).tolist())  # every letter about equally often at every position
+    assert stats.chisquare([counts[i] for i in range(P.N_LETTERS)]).pvalue > 1e-4
+    first = Counter(d.toks[:, 1].tolist())
+    assert stats.chisquare([first[i] for i in range(P.N_LETTERS)]).pvalue > 1e-4
+    assert P.generate_distinct(5, 0, length=3).toks.shape == (5, 5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n": -1, "seed": 0}, "non-negative"),
+    ({"n": 3, "seed": 0, "length": 27}, "distinct"),
+    ({"n": 3, "seed": 0, "length": 1}, "distinct"),
+])
+def test_generate_distinct_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        P.generate_distinct(**kwargs)
+
+
 def test_subset_and_row_checks(big):
     sub = big.subset(torch.tensor([0, 5, 9]))
     assert sub.strs == [big.strs[i] for i in (0, 5, 9)]

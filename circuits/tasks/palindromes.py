@@ -40,7 +40,7 @@ from circuits.errors import InputError
 __all__ = [
     "ALPHABET", "N_LETTERS", "PAD", "CLS", "SEP", "VOCAB", "K", "SEQ_LEN", "N_CTX", "PERTURB_N_TIMES",
     "P_PERTURB", "is_palindrome", "palindrome_distance", "tokenize", "detokenize", "PalindromeData",
-    "generate", "generate_training_mix", "mirror_position",
+    "generate", "generate_training_mix", "mirror_position", "generate_distinct",
 ]
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -230,6 +230,19 @@ def generate(n: int, seed: int, k: int = K, perturb_n_times: int = PERTURB_N_TIM
     _perturb(letters, perturbed.nonzero().squeeze(-1), perturb_n_times, g)
     toks = torch.cat([torch.full((n, 1), CLS), letters, torch.full((n, 1), SEP)], dim=1)
     return PalindromeData.from_tokens(toks, perturbed)
+
+
+def generate_distinct(n: int, seed: int, length: int = SEQ_LEN) -> PalindromeData:
+    """n strings of ``length`` pairwise distinct letters (uniform over such strings; none is a
+    palindrome). On them no two positions share a letter, so a head's attention to a position
+    cannot come from attending to the same letter: what it prefers there is a position."""
+    _check_n(n)
+    if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= N_LETTERS:
+        raise InputError(f"length must be an int in 2..{N_LETTERS} (letters must be distinct), got {length!r}")
+    g = torch.Generator().manual_seed(seed)
+    letters = torch.rand(n, N_LETTERS, generator=g).argsort(-1)[:, :length]  # a random injection per row
+    toks = torch.cat([torch.full((n, 1), CLS), letters, torch.full((n, 1), SEP)], dim=1)
+    return PalindromeData.from_tokens(toks)
 
 
 def generate_training_mix(n: int, seed: int) -> PalindromeData:
