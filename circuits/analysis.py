@@ -6,6 +6,7 @@ Each is tested against a slow obvious version in tests/test_analysis.py.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from typing import Any, Callable, Hashable, Optional
 
 import numpy as np
@@ -27,9 +28,26 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for hp in getattr(model, "hook_dict", {}).values():
-        h.update(repr([id(f) for f in hp.fns]).encode())
+    for name, hp in getattr(model, "hook_dict", {}).items():
+        if hp.fns:
+            h.update(name.encode())
+            h.update(repr([_hook_token(f) for f in hp.fns]).encode())
     return h.hexdigest()
+
+
+def _hook_token(fn: Callable) -> str:
+    """What identifies a permanent hook in a digest: its ``circuits_key`` (set by the mutations, so
+    the same mutation rebuilt shares results), else a random token stored on the function. Never
+    ``id(fn)``: ids are reused once a function is freed, and a later mutant would then be served an
+    earlier one's results."""
+    token = getattr(fn, "circuits_key", None)
+    if token is None:
+        token = "uid:" + uuid.uuid4().hex
+        try:
+            fn.circuits_key = token
+        except AttributeError:  # a bound method or builtin: cannot carry a token
+            token = f"obj:{id(fn)}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return str(token)
 
 
 class ModelMemo:

@@ -159,6 +159,8 @@ def _with_pad_tracker(model: Any) -> dict:
         state["pad"] = (x == w_pad.to(x.dtype)).all(-1)
         return None
 
+    note.circuits_key = "pad_tracker"
+
     model.hook_dict["hook_embed"].fns.append(note)
     return state
 
@@ -175,6 +177,8 @@ def mean_ablate_head(model: Any, layer: int, head: int) -> Any:
         z[:, :, head] = _batch_mean(z[:, :, head], state["pad"])
         return z
 
+    replace.circuits_key = f"mean_ablate:L{layer}H{head}"
+
     new.hook_dict[f"blocks.{layer}.attn.hook_z"].fns.append(replace)
     return new
 
@@ -186,7 +190,11 @@ def mean_ablate_mlp(model: Any, layer: int) -> Any:
         raise ControlError(f"mean_ablate_mlp:L{layer}: the model has {model.cfg.n_layers} layers")
     new = copy.deepcopy(model)
     state = _with_pad_tracker(new)
-    new.hook_dict[f"blocks.{layer}.hook_mlp_out"].fns.append(lambda x, hook: _batch_mean(x, state["pad"]).clone())
+    def replace(x, hook):
+        return _batch_mean(x, state["pad"]).clone()
+
+    replace.circuits_key = f"mean_ablate_mlp:L{layer}"
+    new.hook_dict[f"blocks.{layer}.hook_mlp_out"].fns.append(replace)
     return new
 
 

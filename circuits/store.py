@@ -126,7 +126,12 @@ _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _refresh_hint(name: str) -> str:
-    return f"`python -m circuits train {name} --update-reference` or `pytest --retrain`"
+    """The command that rewrites a reference file stem ``name`` (``<entry>`` or ``<entry>_s<seed>``)."""
+    import re as _re
+
+    m = _re.fullmatch(r"(.+)_s(\d+)", name)
+    target = f"{m.group(1)} --seed {m.group(2)}" if m else name
+    return f"`python -m circuits train {target} --update-reference` or `pytest --retrain`"
 
 
 # --------------------------------------------------------------------------------------------------

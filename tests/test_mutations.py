@@ -310,3 +310,24 @@ def test_an_entry_registered_in_a_conftest_gets_its_fixture_and_variants(pyteste
     assert (pytester.path / "steps.txt").read_text() == "mine@longer"
     result = pytester.runpytest_subprocess("--no-report", "--variant", "mine")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_memoised_results_follow_the_mutation_not_the_weights():
+    """Mean ablations are hooks on unchanged weights: a session memo keyed on the model must still
+    tell them apart (and from the clean model), also after an earlier mutant is freed."""
+    import gc
+
+    from circuits.analysis import ModelMemo, weights_digest
+
+    model = _bracket_model()
+    memo = ModelMemo()
+    clean = memo.get(model, "logits", lambda: model(TOKS))
+    for head in (0, 1, 0):
+        mutant = M.mean_ablate_head(model, 2, head)
+        got = memo.get(mutant, "logits", lambda: mutant(TOKS))
+        torch.testing.assert_close(got, mutant(TOKS))
+        assert not torch.allclose(got, clean)
+        del mutant
+        gc.collect()
+    assert weights_digest(M.mean_ablate_head(model, 2, 0)) == weights_digest(M.mean_ablate_head(model, 2, 0))
+    assert weights_digest(M.mean_ablate_head(model, 2, 0)) != weights_digest(M.mean_ablate_head(model, 2, 1))
