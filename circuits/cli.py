@@ -179,6 +179,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_census(args) -> int:
+    from .census import run_census
+    from .seeds import parse_seeds
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
+               select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,
+               acc_target=args.acc_target, train=not args.no_train)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m circuits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,6 +210,20 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="parallel trainings (default: the cores)")
     p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("census", help="claims x recipes x seeds: which claims survive retraining")
+    p.add_argument("name", help="zoo name")
+    p.add_argument("--recipes", default="default", help="comma-separated: default (the entry's own) and variants")
+    p.add_argument("--seeds", required=True, help="e.g. 0-4")
+    p.add_argument("--module", default=None, help="hypothesis module (default: hypotheses/test_NAME.py)")
+    p.add_argument("--out", default="reports/census", help="census.json/md/png go to OUT/NAME/")
+    p.add_argument("--workers", type=int, default=1, help="parallel trainings for what the store lacks")
+    p.add_argument("--select", default="not control and not mutation",
+                   help="pytest -k of every run (default: main claims only, no controls or mutations)")
+    p.add_argument("--recipe-select", default=None, help="pytest -k of the recipe runs (default: --select)")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain run (reference rows)")
+    p.add_argument("--no-train", action="store_true", help="train nothing: each row covers the seeds stored")
+    p.add_argument("--acc-target", type=float, default=None, help="count seeds whose test_acc reaches this")
+    p.set_defaults(fn=cmd_census)
     p = sub.add_parser("card", help="print a model card")
     p.add_argument("name")
     p.add_argument("--seed", type=int, default=None)

@@ -1,0 +1,404 @@
+"""A census of claims across training recipes and seeds (issue 17): which claims survive retraining.
+
+`run_census(name, recipes, seeds, module)`:
+
+1. trains what the model store lacks, recipe by recipe, through the sweep runner (`circuits.sweep`;
+   a second census finds everything stored and trains nothing);
+2. runs the hypothesis module once per recipe in a pytest subprocess,
+   ``pytest MODULE [--variant NAME@RECIPE] --seeds S -k SELECT``, streaming its output to the screen
+   (the "default" recipe is the entry itself, without ``--variant``);
+3. optionally runs it once more without ``--seeds``: the rows of the fixed subjects (our reference
+   checkpoint, a published checkpoint...), one row per test class that ran there;
+4. reads each run's report.json and writes a table recipe x claim -> seeds passing, with each
+   model's held-out test accuracy and its Wilson 95% interval, as ``census.json``, ``census.md`` and
+   ``census.png`` under ``<out>/<name>/`` (the pytest runs' own reports go to ``<out>/<name>/runs/``).
+
+Claims are matched across rows by (test function, claim name), the test's class left out, so a claim
+written once for several subjects (the ARENA checkpoint and our models) is one column. In a recipe
+run only claims carrying a seed count (claims on a fixed subject belong to the reference run). A
+seed whose test ran but never reached a claim counts as not passed (the report's pass-rate rule).
+
+`select` (pytest ``-k``) defaults to MAIN_ONLY: the claims' main runs, without their controls and
+mutations (their ids carry ``control=`` / ``mutation=``); those check that a claim can fail, which the module's ordinary runs already establish,
+and they cost several times the claims themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .atomic import write_bytes_atomic
+from .errors import CircuitsError, InputError
+
+__all__ = ["DEFAULT_RECIPE", "CensusError", "Census", "run_census", "zoo_name", "build_table", "write_outputs"]
+
+DEFAULT_RECIPE = "default"  # the zoo entry's own recipe (no variant)
+MAIN_ONLY = "not control and not mutation"  # pytest -k: main runs only (ids [control=...], [mutation=...])
+Z95 = 1.959963984540054
+
+
+class CensusError(CircuitsError):
+    """A census step that cannot go on: a training failed, a pytest run wrote no report."""
+
+
+def zoo_name(name: str, recipe: str) -> str:
+    from .zoo import VARIANT_SEP
+
+    return name if recipe == DEFAULT_RECIPE else f"{name}{VARIANT_SEP}{recipe}"
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (the report's, `circuits.report.views`)."""
+    from .report.views import wilson_interval
+
+    return wilson_interval(k, n, z)
+
+
+@dataclass
+class Census:
+    name: str
+    module: str
+    seeds: list
+    recipes: list
+    rows: list = field(default_factory=list)  # [{label, kind, seeds, claims: {column: cell}, accuracy}]
+    columns: list = field(default_factory=list)  # claim columns, in first-seen order
+    timings: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)  # row label -> report.json path
+    recipe_seeds: dict = field(default_factory=dict)  # recipe -> the seeds its row covers
+    acc_target: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "module": self.module, "seeds": self.seeds, "recipes": self.recipes,
+                "acc_target": self.acc_target, "columns": self.columns, "rows": self.rows,
+                "timings": self.timings, "runs": self.runs, "recipe_seeds": self.recipe_seeds}
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def _check(name: str, recipes: Sequence[str], seeds: Sequence[int], module: str) -> None:
+    from . import zoo
+
+    if not recipes:
+        raise InputError("census: name at least one recipe (e.g. --recipes default,label_only)")
+    if not seeds:
+        raise InputError("census: name at least one seed (e.g. --seeds 0-4)")
+    for recipe in recipes:
+        zoo.get_entry(zoo_name(name, recipe))  # an unknown recipe fails here, before any training
+    if not Path(module).is_file():
+        raise InputError(f"census: hypothesis module {module!r} is not a file")
+
+
+def train_missing(name: str, recipes: Sequence[str], seeds: Sequence[int], *, root, workers: int = 1,
+                  stream=None) -> dict:
+    """Every (recipe, seed) the store at `root` lacks, trained through the sweep runner; the default
+    recipe's reference seeds are served by their committed checkpoints and never trained here.
+    Returns recipe -> seconds."""
+    from . import zoo
+    from .sweep import run_sweep
+
+    seconds = {}
+    for recipe in recipes:
+        zname = zoo_name(name, recipe)
+        entry = zoo.get_entry(zname)
+        todo = [s for s in seeds if s not in entry.ref_seeds()]
+        t0 = time.perf_counter()
+        if todo:
+            result = run_sweep(zname, todo, root=root, workers=workers, stream=stream)
+            if not result.ok:
+                raise CensusError(f"census: training {zname} failed for seeds {sorted(result.failed)}: "
+                                  + "; ".join(f"{s}: {m}" for s, m in sorted(result.failed.items())))
+        seconds[recipe] = round(time.perf_counter() - t0, 2)
+    return seconds
+
+
+def stored_seeds(name: str, recipe: str, seeds: Sequence[int], root) -> list:
+    """The seeds of `recipe` a census can run without training: committed references and stored models."""
+    from . import zoo
+    from .store import ModelStore
+
+    zname = zoo_name(name, recipe)
+    return [s for s in seeds if zoo.find_card(zname, s, store=ModelStore(root)) is not None]
+
+
+def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, *, root, stream=None,
+               label: str = "") -> Path:
+    """One pytest subprocess on `module`, its output streamed line by line (prefixed with `label`);
+    returns its report.json. The store at `root` is passed on as $CIRCUITS_CACHE."""
+    stream = stream or sys.stderr
+    run_dir = Path(report_dir) / run_id
+    if run_dir.exists():  # our own earlier census run of this row: replaced, not mixed in
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "pytest", module, *args, "--run-id", run_id, "--report-dir", str(report_dir),
+           "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    env = {**os.environ, "CIRCUITS_CACHE": str(root)}
+    stream.write(f"[census {label}] {' '.join(cmd[1:])}\n")
+    stream.flush()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        stream.write(f"[census {label}] {line}")
+        stream.flush()
+    rc = proc.wait()
+    report = run_dir / "report.json"
+    if not report.is_file():  # pytest exits 1 when claims fail: that is data; no report is not
+        raise CensusError(f"census: `pytest {module}` for {label} exited {rc} without writing {report}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------- table
+
+
+def _column(claim: dict) -> str:
+    test = (claim.get("group") or claim["nodeid"]).split("::")[-1]
+    return f"{test}: {claim['name']}"
+
+
+def _subject(claim: dict) -> str:
+    parts = (claim.get("group") or claim["nodeid"]).split("::")
+    return parts[1] if len(parts) >= 3 else "module"
+
+
+def _ran_seeds(report: dict) -> dict:
+    """group -> seeds whose main run ran (not skipped)."""
+    ran = defaultdict(set)
+    for t in report.get("tests", []):
+        if not t.get("control") and t.get("outcome") not in ("skipped", None):
+            ran[t.get("group") or t["nodeid"]].add(t.get("seed"))
+    return ran
+
+
+def cells(report: dict, seeded: bool) -> dict:
+    """subject -> column -> {seed: {passed, value}}: the main-run claims of one report, those with a
+    seed (seeded) or those without. A seed on which the test ran but never reached the claim is
+    {passed: None}."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    ran = _ran_seeds(report)
+    groups: dict = defaultdict(set)
+    for c in report.get("claims", []):
+        if c.get("control") or (c.get("seed") is not None) != seeded:
+            continue
+        out[_subject(c)][_column(c)][str(c.get("seed"))] = {"passed": bool(c["passed"]), "value": c.get("value"),
+                                                            "status": c.get("status")}
+        groups[(_subject(c), _column(c))].add(c.get("group"))
+    for (subject, column), gs in groups.items():
+        for g in gs:
+            for seed in ran.get(g, ()):
+                if (seed is not None) == seeded:
+                    out[subject][column].setdefault(str(seed), {"passed": None, "value": None, "status": "not reached"})
+    return out
+
+
+def _summarise(by_seed: dict) -> dict:
+    k = sum(v["passed"] is True for v in by_seed.values())
+    n = len(by_seed)
+    return {"passed": k, "n": n, "seeds": dict(sorted(by_seed.items()))}
+
+
+def accuracy(name: str, recipe: str, seeds: Sequence[int], root) -> dict:
+    """seed -> {test_acc, n_test, lo, hi}: each model's card test accuracy (the final held-out set,
+    scored once after training) with its Wilson 95% interval; None where the card has none."""
+    from . import zoo
+    from .store import ModelStore
+
+    zname = zoo_name(name, recipe)
+    entry = zoo.get_entry(zname)
+    n_test = int(getattr(entry.recipe, "n_test", 0) or 0)
+    out = {}
+    for seed in seeds:
+        card = zoo.find_card(zname, seed, store=ModelStore(root))
+        acc = None if card is None else (card.get("metrics") or {}).get("test_acc")
+        if acc is None or not n_test:
+            out[str(seed)] = None
+            continue
+        lo, hi = wilson(int(round(acc * n_test)), n_test)
+        out[str(seed)] = {"test_acc": acc, "n_test": n_test, "lo": lo, "hi": hi,
+                          "steps": card.get("steps"), "wall_time": card.get("wall_time")}
+    return out
+
+
+def build_table(census: Census, recipe_reports: dict, reference_report: Optional[dict], root) -> Census:
+    """Fill census.rows/columns from the reports (recipe -> report dict; the plain run's report)."""
+    columns: list = []
+
+    def add(row_claims):
+        for col in row_claims:
+            if col not in columns:
+                columns.append(col)
+
+    rows = []
+    if reference_report is not None:
+        for subject, claims in sorted(cells(reference_report, seeded=False).items()):
+            row = {"label": f"reference: {subject}", "kind": "reference", "seeds": [None],
+                   "claims": {col: _summarise(v) for col, v in claims.items()}, "accuracy": {}}
+            add(row["claims"])
+            rows.append(row)
+    for recipe, report in recipe_reports.items():
+        merged: dict = defaultdict(dict)
+        for subject, claims in cells(report, seeded=True).items():
+            for col, by_seed in claims.items():
+                merged[col].update(by_seed)
+        row_seeds = list(census.recipe_seeds.get(recipe, census.seeds))
+        row = {"label": recipe, "kind": "recipe", "seeds": row_seeds,
+               "claims": {col: _summarise(v) for col, v in merged.items()},
+               "accuracy": accuracy(census.name, recipe, row_seeds, root)}
+        add(row["claims"])
+        rows.append(row)
+    census.rows, census.columns = rows, columns
+    return census
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def _fmt_cell(cell: Optional[dict]) -> str:
+    if cell is None:
+        return "–"
+    if cell["n"] == 1 and "None" in cell["seeds"]:
+        return "pass" if cell["passed"] else "FAIL"
+    return f"{cell['passed']}/{cell['n']}"
+
+
+def accuracy_lines(census: Census) -> list[str]:
+    lines = []
+    target = census.acc_target
+    for row in census.rows:
+        if row["kind"] != "recipe":
+            continue
+        accs = row["accuracy"]
+        shown = []
+        hits = 0
+        for seed, a in accs.items():
+            if a is None:
+                shown.append(f"s{seed}: –")
+                continue
+            hits += target is not None and a["test_acc"] >= target
+            shown.append(f"s{seed}: {a['test_acc']:.3%} [{a['lo']:.3%}, {a['hi']:.3%}]")
+        tail = f" | {hits}/{len(accs)}" if target is not None else ""
+        lines.append(f"| {row['label']} | " + "; ".join(shown) + tail + " |")
+    return lines
+
+
+def markdown(census: Census) -> str:
+    out = [f"# Census: {census.name} ({census.module})", "",
+           f"Recipes {', '.join(census.recipes)}; seeds {census.seeds}. Cells: seeds on which the claim "
+           "passed / seeds on which its test ran (reference rows: the committed checkpoints, one model each).", ""]
+    idx = {col: i + 1 for i, col in enumerate(census.columns)}
+    out.append("| row | " + " | ".join(f"C{idx[c]}" for c in census.columns) + " |")
+    out.append("|---|" + "---|" * len(census.columns))
+    for row in census.rows:
+        out.append(f"| {row['label']} | " + " | ".join(_fmt_cell(row["claims"].get(c)) for c in census.columns) + " |")
+    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {c}" for c in census.columns]
+    target = census.acc_target
+    out += ["", "Held-out test accuracy per seed (each model's final test set, scored once after training) with "
+            "its Wilson 95% interval" + (f"; last column: seeds at or above {target:.1%}" if target is not None else ""),
+            "", "| recipe | test_acc per seed" + (" | seeds >= target" if target is not None else "") + " |",
+            "|---|---|" + ("---|" if target is not None else "")]
+    out += accuracy_lines(census)
+    if census.timings:
+        out += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in census.timings.items())]
+    return "\n".join(out) + "\n"
+
+
+def figure(census: Census, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, cols = census.rows, census.columns
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            cell = row["claims"].get(col)
+            if cell and cell["n"]:
+                grid[i, j] = cell["passed"] / cell["n"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * max(len(cols), 1), 1.2 + 0.45 * max(len(rows), 1)))
+    ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax.text(j, i, _fmt_cell(row["claims"].get(col)), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cols)), [f"C{j + 1}" for j in range(len(cols))], fontsize=7)
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+    ax.set_title(f"census {census.name}: seeds passing per claim (claims C1..: census.md)", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(census: Census, out_dir: Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "census.json", "md": out_dir / "census.md", "png": out_dir / "census.png"}
+    write_bytes_atomic(paths["json"], (json.dumps(census.to_dict(), indent=1, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(paths["md"], markdown(census).encode())
+    figure(census, paths["png"])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: Optional[str] = None, *,
+               out: Path = Path("reports/census"), root=None, workers: int = 1, select: str = MAIN_ONLY,
+               recipe_select: Optional[str] = None, reference: bool = True, acc_target: Optional[float] = None,
+               train: bool = True, stream=None) -> tuple[Census, dict]:
+    """The whole census; returns it and the written paths. `recipe_select` (default: `select`) is the
+    ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there. train=False trains
+    nothing: each recipe's row covers the seeds already stored (or committed), which it lists."""
+    from .sweep import check_run_settings
+
+    stream = stream or sys.stderr
+    module = module or f"hypotheses/test_{name}.py"
+    seeds = sorted(set(seeds))
+    _check(name, recipes, seeds, module)
+    _, folder, _ = check_run_settings("cpu", None)
+    root = Path(root) if root is not None else folder
+    out_dir = Path(out) / name
+    runs_dir = (out_dir / "runs").resolve()
+    census = Census(name=name, module=module, seeds=seeds, recipes=list(recipes), acc_target=acc_target)
+    t_all = time.perf_counter()
+    if train:
+        train_s = train_missing(name, recipes, seeds, root=root, workers=workers, stream=stream)
+        census.timings["train"] = round(sum(train_s.values()), 2)
+    reports, census.recipe_seeds = {}, {}
+    for recipe in recipes:
+        have = seeds if train else stored_seeds(name, recipe, seeds, root)
+        census.recipe_seeds[recipe] = have
+        if not have:
+            stream.write(f"[census {recipe}] no stored model among seeds {seeds}: row left out\n")
+            continue
+        args = ["--seeds", ",".join(str(s) for s in have), "-k", recipe_select or select]
+        if recipe != DEFAULT_RECIPE:
+            args = ["--variant", zoo_name(name, recipe)] + args
+        t0 = time.perf_counter()
+        path = run_pytest(module, args, f"census-{recipe}", runs_dir, root=root, stream=stream, label=recipe)
+        census.timings[f"claims {recipe}"] = round(time.perf_counter() - t0, 2)
+        census.runs[recipe] = str(path)
+        reports[recipe] = json.loads(path.read_text())
+    ref_report = None
+    if reference:
+        t0 = time.perf_counter()
+        path = run_pytest(module, ["-k", select], "census-reference", runs_dir, root=root, stream=stream,
+                          label="reference")
+        census.timings["claims reference"] = round(time.perf_counter() - t0, 2)
+        census.runs["reference"] = str(path)
+        ref_report = json.loads(path.read_text())
+    build_table(census, reports, ref_report, root)
+    census.timings["total"] = round(time.perf_counter() - t_all, 2)
+    paths = write_outputs(census, out_dir)
+    stream.write(markdown(census))
+    stream.write(f"census written: {', '.join(str(p) for p in paths.values())}\n")
+    return census, paths
+

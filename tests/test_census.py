@@ -1,0 +1,205 @@
+"""circuits.census: the recipe x claim table from pytest reports, and the whole census end to end on a
+tiny registered zoo entry and a tiny hypothesis module (trains once, then reproduces from the store)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from circuits import census as C
+from circuits import zoo
+from circuits.errors import InputError, UnknownModelError
+
+TESTS = Path(__file__).resolve().parent
+
+
+# --- the table from reports ----------------------------------------------------------------------------
+
+
+def _claim(group, name, seed, passed, value=1.0):
+    return {"nodeid": f"{group}[main]", "group": group, "name": name, "seed": seed, "passed": passed,
+            "value": value, "control": None, "status": "PASS" if passed else "FAIL"}
+
+
+def _test(group, seed, outcome="passed"):
+    return {"nodeid": f"{group}[main-seed={seed}]", "group": group, "seed": seed, "outcome": outcome, "control": None}
+
+
+def test_cells_count_seeds_and_unreached_claims_as_not_passed():
+    g = "m.py::TestOurs::test_a"
+    report = {"claims": [_claim(g, "x", 0, True), _claim(g, "x", 1, False),
+                         {**_claim(g, "x", 0, False), "control": "shuffle"},  # a control run: not a main claim
+                         _claim("m.py::TestFixed::test_a", "x", None, True)],
+              "tests": [_test(g, 0), _test(g, 1), _test(g, 2, "failed"), _test(g, 3, "skipped")]}
+    seeded = C.cells(report, seeded=True)
+    assert list(seeded) == ["TestOurs"]
+    by_seed = seeded["TestOurs"]["test_a: x"]
+    # seed 2 ran but never reached the claim: counted, not passed; seed 3 skipped: not counted
+    assert {s: v["passed"] for s, v in by_seed.items()} == {"0": True, "1": False, "2": None}
+    assert C._summarise(by_seed)["passed"] == 1 and C._summarise(by_seed)["n"] == 3
+    fixed = C.cells(report, seeded=False)
+    assert list(fixed) == ["TestFixed"] and fixed["TestFixed"]["test_a: x"]["None"]["passed"] is True
+
+
+def test_claims_of_different_subjects_share_a_column():
+    ref = {"claims": [_claim("m.py::TestArena::test_a", "x", None, True),
+                      _claim("m.py::TestOurs::test_a", "x", None, False),
+                      _claim("m.py::TestOurs::test_b", "y", None, True)], "tests": []}
+    census = C.Census(name="brackets", module="m.py", seeds=[], recipes=[])
+    C.build_table(census, {}, ref, root=None)
+    assert census.columns == ["test_a: x", "test_b: y"]
+    labels = {r["label"]: r for r in census.rows}
+    assert labels["reference: TestArena"]["claims"]["test_a: x"]["passed"] == 1
+    assert labels["reference: TestOurs"]["claims"]["test_a: x"]["passed"] == 0
+    assert "test_b: y" not in labels["reference: TestArena"]["claims"]
+    md = C.markdown(census)
+    assert "| reference: TestArena | pass | – |" in md and "| reference: TestOurs | FAIL | pass |" in md
+
+
+def test_wilson_interval_of_a_test_accuracy():
+    lo, hi = C.wilson(99_900, 100_000)
+    assert lo < 0.999 < hi and hi - lo == pytest.approx(0.000392, abs=2e-5)  # +-0.02% at 100k
+    lo10, hi10 = C.wilson(9_990, 10_000)
+    assert (hi10 - lo10) > 3 * (hi - lo)  # a 10k set cannot certify 99.9% (issue 17)
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    module = tmp_path / "test_m.py"
+    module.write_text("")
+    with pytest.raises(UnknownModelError, match="unknown variant 'nope'"):
+        C._check("brackets", ["default", "nope"], [0], str(module))
+    with pytest.raises(InputError, match="is not a file"):
+        C._check("brackets", ["default"], [0], str(tmp_path / "missing.py"))
+    with pytest.raises(InputError, match="at least one seed"):
+        C._check("brackets", ["default"], [], str(module))
+
+
+def test_brackets_recipes_have_their_own_store_keys():
+    from circuits.store import spec_key
+
+    keys = {r: spec_key(zoo.get_entry(C.zoo_name("brackets", r)).spec(1))
+            for r in ("default", "label_only", "originators", "arena_like")}
+    assert len(set(keys.values())) == 4
+    # adding the variants left the reference's spec alone: the committed checkpoints still load
+    for name in ("brackets", "palindromes", "icl"):
+        zoo.load(name)
+
+
+def test_arena_like_training_hooks_are_training_only_and_fold_into_the_embedding():
+    """Dropout acts only in training mode; the sqrt(d_model) embedding scale folded into W_E gives the
+    hooked model's outputs exactly."""
+    import math
+
+    import torch
+
+    from circuits.tasks import brackets as B
+
+    entry = zoo.get_entry("brackets@arena_like")
+    model = entry.new_model(0)
+    toks = B.generate(64, seed=1).toks
+    attached = B._tutorial_training_hooks(model, 0.1, math.sqrt(56), torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        hooked = model(toks)
+        model.train()
+        dropped = model(toks)
+        model.eval()
+        for point, fn in attached:
+            point.fns.remove(fn)
+        model.embed.W_E.mul_(math.sqrt(56))
+        folded = model(toks)
+    assert not torch.allclose(dropped, hooked)  # dropout on while training
+    torch.testing.assert_close(folded, hooked, rtol=1e-5, atol=1e-5)
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+
+TINY_ZOO = """
+import sys
+sys.path.insert(0, {tests!r})
+from dataclasses import replace
+from test_train_zoo import tiny_entry
+
+_BASE = tiny_entry("tiny_census")
+ENTRY = replace(_BASE, reference_seeds=(), recipe=replace(_BASE.recipe, n_test=500),
+                variants={{"slow": {{"recipe": {{"lr": 1e-5}}}}}})
+"""
+
+CONFTEST = """
+from circuits import zoo
+import tiny_zoo
+zoo.register(tiny_zoo.ENTRY, "conftest")
+"""
+
+MODULE = '''
+import torch
+from circuits import zoo
+
+
+class TestTiny:
+    def test_weights_moved(self, tiny_census_model, zoo_seed, claim):
+        # the default recipe (lr 3e-3) moves W_E from its initialisation; the "slow" one (lr 1e-5) cannot
+        init = zoo.get_entry("tiny_census").new_model(zoo_seed)
+        moved = float((tiny_census_model.embed.W_E - init.embed.W_E).abs().max())
+        claim.at_least("max |W_E - init|", moved, 0.01)
+
+    def test_seed_zero(self, tiny_census_model, zoo_seed, claim):
+        claim.at_least("seed is 0", float(zoo_seed == 0), 1.0)
+'''
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    (tmp_path / "tiny_zoo.py").write_text(TINY_ZOO.format(tests=str(TESTS)))
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_tiny_census.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path / "store"))
+    import tiny_zoo
+
+    zoo.register(tiny_zoo.ENTRY)
+    yield tmp_path
+    zoo.ZOO.pop("tiny_census", None)
+    zoo._SOURCES.pop("tiny_census", None)
+    sys.modules.pop("tiny_zoo", None)
+
+
+@pytest.mark.slow
+def test_census_end_to_end_then_from_the_store(tiny_project):
+    log = io.StringIO()
+    census, paths = C.run_census("tiny_census", ["default", "slow"], [0, 1], "test_tiny_census.py",
+                                 out=tiny_project / "out", root=tiny_project / "store", reference=False,
+                                 acc_target=0.6, stream=log)
+    text = log.getvalue()
+    assert text.count("trained in") == 4, text  # 2 recipes x 2 seeds
+    assert "[census slow]" in text and "--variant tiny_census@slow" in text
+    rows = {r["label"]: r for r in census.rows}
+    assert set(rows) == {"default", "slow"}
+    zero = rows["default"]["claims"]["test_seed_zero: seed is 0"]
+    assert (zero["passed"], zero["n"]) == (1, 2) and zero["seeds"]["0"]["passed"] and not zero["seeds"]["1"]["passed"]
+    assert rows["default"]["claims"]["test_weights_moved: max |W_E - init|"]["passed"] == 2
+    assert rows["slow"]["claims"]["test_weights_moved: max |W_E - init|"]["passed"] == 0
+    acc = rows["default"]["accuracy"]["0"]
+    assert acc["lo"] < acc["test_acc"] < acc["hi"] and acc["n_test"] == zoo.get_entry("tiny_census").recipe.n_test
+    saved = json.loads(paths["json"].read_text())
+    assert saved["columns"] == census.columns and paths["png"].stat().st_size > 0
+    assert "| default | 2/2 | 1/2 |" in paths["md"].read_text()
+
+    again = io.StringIO()
+    census2, _ = C.run_census("tiny_census", ["default", "slow"], [0, 1], "test_tiny_census.py",
+                              out=tiny_project / "out", root=tiny_project / "store", reference=False,
+                              acc_target=0.6, stream=again)
+    assert "trained in" not in again.getvalue() and again.getvalue().count("in the store, reused") == 4
+    assert [r["claims"] for r in census2.rows] == [r["claims"] for r in census.rows]
+
+    # train nothing: a recipe's row covers only its stored seeds (seed 5 was never trained)
+    partial, _ = C.run_census("tiny_census", ["slow"], [1, 5], "test_tiny_census.py", out=tiny_project / "out",
+                              root=tiny_project / "store", reference=False, train=False, stream=io.StringIO())
+    assert partial.recipe_seeds == {"slow": [1]} and partial.rows[0]["seeds"] == [1]
