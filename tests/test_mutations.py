@@ -331,3 +331,21 @@ def test_memoised_results_follow_the_mutation_not_the_weights():
         gc.collect()
     assert weights_digest(M.mean_ablate_head(model, 2, 0)) == weights_digest(M.mean_ablate_head(model, 2, 0))
     assert weights_digest(M.mean_ablate_head(model, 2, 0)) != weights_digest(M.mean_ablate_head(model, 2, 1))
+
+
+def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):
+    power_project.makepyfile(test_teeth='''
+        import pytest
+
+        KNOWN_FAILURES = {"test_weak[x] control=untrained": "an untrained model reaches it too"}
+
+        @pytest.mark.parametrize("p", ["x", "y"])
+        @pytest.mark.controls("untrained")
+        def test_weak(model, claim, p):
+            claim.at_least("acc", 0.9 if p == "x" else (0.9 if model is not None and hasattr(model, "cfg")
+                                                           and model.blocks[0].attn.W_O.abs().sum() > 0 else 0.1), 0.5)
+    ''')
+    result = power_project.runpytest("-v", "-rx", "--no-report")
+    result.stdout.re_match_lines([re.escape("test_teeth.py::test_weak[control=untrained-x] XFAIL")])
+    assert "measured now: acc = 0.9" in result.stdout.str()
+    result.assert_outcomes(passed=3, xfailed=1, failed=1)  # y's untrained control holds too: no teeth
