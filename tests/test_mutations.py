@@ -348,4 +348,4 @@ def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):
     result = power_project.runpytest("-v", "-rx", "--no-report")
     result.stdout.re_match_lines([re.escape("test_teeth.py::test_weak[control=untrained-x] XFAIL")])
     assert "measured now: acc = 0.9" in result.stdout.str()
-X
+    result.assert_outcomes(passed=2, xfailed=1, failed=1)  # y: its untrained control holds too (no teeth)
