@@ -47,6 +47,7 @@ into the model store once and compares the means with the paper's curves.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ from circuits.assoc_model import table_logits
 from circuits.controls import register_control
 from circuits.pytest_plugin import get_plugin
 from circuits.tasks import assoc as A
+from circuits.tasks.assoc import breaks as B
 from circuits.zoo import LoadedModel
 
 PROP1_TOLERANCE = 0.02  # relative: restarts of the rank-d fit land within ~5%, the best two within ~0.5%
@@ -143,6 +145,59 @@ def _rank_below(b: Baseline, seed: int = 0) -> Baseline:
     return Baseline(b.lower_divergence, b.d - 1, float("nan"))
 
 
+@dataclass
+class Scored:
+    """The law a claim scores a model on, and the seed (from `draws`) a data control re-draws it with."""
+
+    law: A.Law
+    seed: int
+
+
+def scored_law(control, draws, entry_or_law) -> A.Law:
+    """The law to score on: the entry's own, or under `reassign_table` another table of the same
+    statistics (next tokens renamed by a derangement drawn from `draws`)."""
+    law = entry_or_law if isinstance(entry_or_law, A.Law) else A.build_law(entry_or_law)
+    return control.apply_data(Scored(law, draws.child("reassign_table").int())).law
+
+
+def _reassign(s: Scored, seed: int = 0) -> Scored:
+    return Scored(B.reassign_table(s.law, torch.Generator().manual_seed(s.seed)), s.seed)
+
+
+def _random_vectors(tv: TargetVectors, seed: int = 0) -> TargetVectors:
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(tv.vectors.shape, generator=gen, dtype=tv.vectors.dtype)
+    return TargetVectors(r * (tv.vectors.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True)), tv.unembed,
+                         tv.targets)
+
+
+def _without_mlp(mode: str):
+    def apply(model, seed: int = 0):  # an attention-only model has no MLP to break: a copy, unchanged
+        return B.ablate_mlp(model, mode) if model.acfg.d_mlp else copy.deepcopy(model)
+    return apply
+
+
+register_control("reassign_table", kind="data", fn=_reassign, replace=True, accepts=lambda o: isinstance(o, Scored),
+                 description="scored on another association table of the same statistics (every next token renamed by "
+                             "a derangement of the vocabulary): every memorised pair replaced")
+register_control("ablate_half_heads", kind="model", replace=True,
+                 fn=lambda m, seed=0: B.ablate_heads(m, B.half_of_heads(m.acfg.n_heads), "zero"),
+                 description="the first ceil(H/2) heads' outputs removed (W_O zeroed)")
+register_control("mean_ablate_half_heads", kind="model", replace=True,
+                 fn=lambda m, seed=0: B.ablate_heads(m, B.half_of_heads(m.acfg.n_heads), "mean"),
+                 description="the first ceil(H/2) heads' outputs replaced by their mean over every context")
+register_control("randomise_ov", kind="model", replace=True, fn=lambda m, seed=0: B.randomise_ov(m, seed=seed),
+                 description="every head's W_V and W_O replaced by Gaussian matrices of the same shape and norm: "
+                             "the heads' storage removed")
+register_control("truncate_width", kind="model", replace=True, fn=lambda m, seed=0: B.truncate_width(m),
+                 description="the unembedding restricted to its top d-1 singular directions (logit rank <= d-1)")
+register_control("zero_mlp", kind="model", replace=True, fn=_without_mlp("zero"),
+                 description="the MLP's output removed (W_out, b_out zeroed); attention-only models unchanged")
+register_control("mean_mlp", kind="model", replace=True, fn=_without_mlp("mean"),
+                 description="the MLP's output replaced by its mean over every context")
+register_control("random_vectors", kind="data", replace=True, fn=_random_vectors,
+                 accepts=lambda o: isinstance(o, TargetVectors),
+                 description="each context's vector replaced by a random direction of the same norm")
 register_control("oracle_logits", kind="data", fn=_oracle, replace=True, accepts=lambda o: isinstance(o, Predictions),
                  description="the law's own log-probabilities instead of the model's logits (no rank limit)")
 register_control("rank_below", kind="data", fn=_rank_below, replace=True, accepts=lambda o: isinstance(o, Baseline),
@@ -174,11 +229,13 @@ def test_divergence_is_not_below_the_low_rank_optimum(assoc, request, claim, con
                         f"(allowed {PROP1_TOLERANCE:.0%} below it for the optimiser's error)")
 
 
-@pytest.mark.controls("untrained")
-def test_trained_model_approaches_the_low_rank_optimum(assoc, request, claim, control, figures):
+@pytest.mark.controls("randomise_ov", "ablate_half_heads", "mean_ablate_half_heads", "reassign_table")
+def test_trained_model_approaches_the_low_rank_optimum(assoc, request, claim, control, figures, draws):
+    """What gets the model near the optimum is what its heads stored: with their W_V/W_O randomised,
+    half of them removed or replaced by their mean, or scored on another table, it must not get there."""
     loaded, law, baseline = _prop1_inputs(assoc, request, 20)
     model = control.apply_model(loaded.model)
-    divergence = law.divergence(logits_of(model))
+    divergence = scored_law(control, draws, law).divergence(logits_of(model))
     claim.at_most("divergence / rank-d optimum", divergence / baseline.divergence, 1.10,
                   note=f"{divergence:.5f} / {baseline.divergence:.5f}")
     if control.is_main:
@@ -188,20 +245,22 @@ def test_trained_model_approaches_the_low_rank_optimum(assoc, request, claim, co
                             "optimal rank-5 baseline (the seed's first figure)")
 
 
-@pytest.mark.controls("untrained")
-def test_training_beats_the_random_baseline(assoc, request, claim, control):
+@pytest.mark.controls("randomise_ov", "ablate_half_heads", "mean_ablate_half_heads", "reassign_table")
+def test_training_beats_the_random_baseline(assoc, request, claim, control, draws):
     loaded, law, _ = _prop1_inputs(assoc, request, 20)
     model = control.apply_model(loaded.model)
-    divergence = law.divergence(logits_of(model))
+    divergence = scored_law(control, draws, law).divergence(logits_of(model))
     random = law.random_baseline()
     assert random == pytest.approx(math.log(law.N) - law.entropy())
     claim.at_most("divergence / (log N - H)", divergence / random, 0.05,
                   note=f"divergence {divergence:.4f}, random baseline log N - H = {random:.4f}")
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("truncate_width", "randomise_ov")
 def test_the_model_uses_its_whole_width(assoc, request, claim, control):
-    """Below the rank-(d-1) optimum: a width-d model that used fewer directions could not get there."""
+    """Below the rank-(d-1) optimum: a width-d model that used fewer directions could not get there.
+    The targeted control takes one direction away (W_U restricted to its top d-1 singular directions):
+    by Proposition 1 the truncated model cannot go below the rank-(d-1) optimum."""
     loaded, law, baseline = _prop1_inputs(assoc, request, 20)
     divergence = law.divergence(logits_of(control.apply_model(loaded.model)))
     claim.at_most("divergence / rank-(d-1) optimum", divergence / baseline.lower_divergence, 0.8,
@@ -215,9 +274,9 @@ def _exp1_accuracies(assoc, request, H: int, seeds) -> list:
     return [assoc.get(request, A.exp1(H), s).card["metrics"]["accuracy"] for s in seeds]
 
 
-def _exp1_accuracy(assoc, request, control, H: int, seeds) -> tuple[float, list]:
+def _exp1_accuracy(assoc, request, control, draws, H: int, seeds) -> tuple[float, list]:
     accs = []
-    law = A.build_law(A.exp1(H))
+    law = scored_law(control, draws, A.exp1(H))
     for s in seeds:
         model = control.apply_model(assoc.get(request, A.exp1(H), s).model)
         accs.append(law.accuracy(logits_of(model)))
@@ -231,24 +290,29 @@ def _exp1_note(assoc, request, H: int, seeds, accs: list) -> str:
             f"on the whole table of 2,500 pairs: {[round(a, 4) for a in on_table]}")
 
 
+HEAD_CONTROLS = ("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov", "reassign_table")
+
+
 @pytest.mark.parametrize("H", A.EXP1_HEADS)
-@pytest.mark.controls("untrained")
-def test_exp1_accuracy_matches_the_paper(H, assoc, request, claim, control):
+@pytest.mark.controls(*HEAD_CONTROLS)
+def test_exp1_accuracy_matches_the_paper(H, assoc, request, claim, control, draws):
+    """The accuracy the H heads reach: half of them removed (or replaced by their mean), their W_V/W_O
+    randomised, or the model scored on another table of the same statistics must miss the paper."""
     seeds = exp1_seeds(request.config, full=False)
-    acc, accs = _exp1_accuracy(assoc, request, control, H, seeds)
+    acc, accs = _exp1_accuracy(assoc, request, control, draws, H, seeds)
     claim.close_to("accuracy", acc, A.PAPER_EXP1[H], atol=PAPER_TOLERANCE,
                    note=_exp1_note(assoc, request, H, seeds, accs))
 
 
 @pytest.mark.full_sweep
 @pytest.mark.parametrize("H", A.EXP1_HEADS)
-@pytest.mark.controls("untrained")
-def test_exp1_accuracy_matches_the_paper_five_repetitions(H, assoc, request, claim, control):
+@pytest.mark.controls(*HEAD_CONTROLS)
+def test_exp1_accuracy_matches_the_paper_five_repetitions(H, assoc, request, claim, control, draws):
     """The paper's grid: every H, mean of five repetitions (seeds 0-4; the same training set)."""
     if not get_plugin(request.config).options.full_sweep:
         pytest.skip("the full sweep runs with --full-sweep")
     seeds = exp1_seeds(request.config, full=True)
-    acc, accs = _exp1_accuracy(assoc, request, control, H, seeds)
+    acc, accs = _exp1_accuracy(assoc, request, control, draws, H, seeds)
     claim.close_to("accuracy", acc, A.PAPER_EXP1[H], atol=PAPER_TOLERANCE,
                    note=_exp1_note(assoc, request, H, seeds, accs))
 
@@ -264,12 +328,15 @@ def linear_before_saturation(H: list, acc: list) -> tuple[float, float, float, i
     return float(slope), float(intercept), r2, n
 
 
-@pytest.mark.controls("untrained")
-def test_exp1_accuracy_grows_linearly_with_heads(assoc, request, claim, control, figures):
+@pytest.mark.controls(*HEAD_CONTROLS)
+def test_exp1_accuracy_grows_linearly_with_heads(assoc, request, claim, control, figures, draws):
+    """The slope per head is what each added head stores: with half of every model's heads removed
+    (or replaced by their mean), their W_V/W_O randomised or another table scored, the curve is flat
+    and neither the slope nor a good linear fit (r^2 of a flat, noisy curve) survives."""
     full = get_plugin(request.config).options.full_sweep
     seeds = exp1_seeds(request.config, full=full)
     heads = list(A.EXP1_HEADS)
-    ours = [_exp1_accuracy(assoc, request, control, H, seeds) for H in heads]
+    ours = [_exp1_accuracy(assoc, request, control, draws, H, seeds) for H in heads]
     means = [m for m, _ in ours]
     paper = [A.PAPER_EXP1[H] for H in heads]
     slope, intercept, r2, n = linear_before_saturation(heads, means)
@@ -314,15 +381,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("exp, seed", _bound_configs(full))
 
 
-@pytest.mark.controls("untrained")
-def test_capacity_lower_bound(exp, seed, assoc, request, claim, control):
+@pytest.mark.controls("reassign_table", "randomise_ov")
+def test_capacity_lower_bound(exp, seed, assoc, request, claim, control, draws):
+    """Corollary 2's bound counts what the heads (H d_h) and the residual (d) can store. Controls: the
+    heads' W_V/W_O randomised (their storage removed) and another table scored (the memorised pairs
+    replaced). Where H d_h is small the bound is below what the residual alone reaches from the last
+    token's statistics, so the randomised heads still clear it: those runs are KNOWN_FAILURES entries
+    (the bound there is too weak to show the heads' storage)."""
     law = A.build_law(exp)
     assert law.is_deterministic
     cfg = exp.config
     n_assoc = len(law.support())
     bound = A.capacity_bound(law.N, cfg.n_heads, cfg.d_head, cfg.d_model, n_assoc)
     model = control.apply_model(assoc.get(request, exp, seed).model)
-    acc = law.accuracy(logits_of(model))
+    acc = scored_law(control, draws, law).accuracy(logits_of(model))
     claim.at_least("accuracy", acc, bound,
                    note=f"bound 1/N + (1 - 1/N)(H d_h + d)/n with N={law.N}, H={cfg.n_heads}, d_h={cfg.d_head}, "
                         f"d={cfg.d_model}, n={n_assoc}")
@@ -359,18 +431,22 @@ def _sweep_seeds(config) -> tuple:
     return exp1_seeds(config, full=get_plugin(config).options.full_sweep)
 
 
-def _mean_accuracy(assoc, request, control, entry, seeds) -> tuple[float, list]:
-    law = A.build_law(entry)
+def _mean_accuracy(assoc, request, control, entry, seeds, draws=None) -> tuple[float, list]:
+    law = A.build_law(entry) if draws is None else scored_law(control, draws, entry)
     accs = [law.accuracy(logits_of(control.apply_model(assoc.get(request, entry, s).model))) for s in seeds]
     return float(np.mean(accs)), accs
 
 
-@pytest.mark.controls("untrained")
-def test_sweep_accuracy_matches_the_paper(sweep_point, assoc, request, claim, control):
-    """Each point of experiments 2, 3, 5, 6 against the paper's mean (training-set accuracy, as theirs)."""
+@pytest.mark.controls(*HEAD_CONTROLS)
+def test_sweep_accuracy_matches_the_paper(sweep_point, assoc, request, claim, control, draws):
+    """Each point of experiments 2, 3, 5, 6 against the paper's mean (training-set accuracy, as theirs),
+    with the head controls of experiment 1 (for experiment 5's MLP points "half the heads" is its one
+    head, which the MLP reads through). Where the paper's point is near what a model without working
+    heads scores (experiment 2 at d_h = 1: 0.08), the head controls stay inside the tolerance: those
+    runs are KNOWN_FAILURES entries; the reassigned table still fails there."""
     exp, x = sweep_point
     seeds = _sweep_seeds(request.config)
-    acc, accs = _mean_accuracy(assoc, request, control, _sweep_entry(exp, x), seeds)
+    acc, accs = _mean_accuracy(assoc, request, control, _sweep_entry(exp, x), seeds, draws)
     tol = EXP6_ONE_SEED_TOLERANCE if exp == "exp6" and len(seeds) < 5 else PAPER_TOLERANCE
     claim.close_to("accuracy", acc, PAPER[exp][x], atol=tol,
                    note=f"{_sweep_entry(exp, x).name}, seeds {list(seeds)}: {[round(a, 4) for a in accs]}")
@@ -385,10 +461,11 @@ def _points(request, exp: str) -> tuple:
     return SWEEPS[exp][0] if get_plugin(request.config).options.full_sweep else REFERENCE_POINTS[exp]
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")
 def test_exp2_accuracy_grows_with_head_width(assoc, request, claim, control):
     """Experiment 2 (N = 50, d = 10, H = 20): from the smallest to the largest d_h the accuracy gains
-    at least what Corollary 2's bound gains (H (d_h' - d_h) more associations memorised)."""
+    at least what Corollary 2's bound gains (H (d_h' - d_h) more associations memorised). Controls:
+    half the heads removed or replaced by their mean, or every head's W_V/W_O randomised, at every point."""
     xs = _points(request, "exp2")
     acc = _curve(assoc, request, control, "exp2", xs)
     gain_bound = A.capacity_bound(50, 20, xs[-1], 10) - A.capacity_bound(50, 20, xs[0], 10)
@@ -403,16 +480,18 @@ def _convexity(xs, ys) -> tuple[float, float]:
     x0, xm, x1 = xs[0], xs[len(xs) // 2], xs[-1]
     y0, ym, y1 = ys[0], ys[len(xs) // 2], ys[-1]
     t = (xm - x0) / (x1 - x0)
-    gap = (y0 + t * (y1 - y0) - ym) / max(y1 - y0, 1e-12)
+    gap = (y0 + t * (y1 - y0) - ym) / (y1 - y0) if y1 - y0 > 2 * PAPER_TOLERANCE else 0.0
     quad = (x0 ** 2 + t * (x1 ** 2 - x0 ** 2) - xm ** 2) / (x1 ** 2 - x0 ** 2)
     return gap, quad
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")
 def test_exp2_growth_is_roughly_quadratic(assoc, request, claim, control):
     """The paper: accuracy ~ a d_h^2 + b at this size (EXP_2.py's quadratic regression). Claimed: the
     middle point lies below the chord of the end points by at least half of what a parabola gives
-    (a straight line gives 0; the paper's own points: 0.16 of the rise for a parabola's 0.20)."""
+    (a straight line gives 0; the paper's own points: 0.16 of the rise for a parabola's 0.20). A curve
+    that rises by less than twice the per-point tolerance has no shape to judge and scores 0 (else the
+    ratio of two noise-sized differences decides): the head controls leave such curves."""
     xs = _points(request, "exp2")
     if len(xs) < 3:
         pytest.skip(f"needs three d_h points (references: {xs})")
@@ -428,7 +507,7 @@ def _exp3_points(request) -> tuple:
     return tuple(sorted(set(xs) | {10}))  # d = d_h is where the paper's curve bends
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")
 def test_exp3_accuracy_grows_with_d_up_to_d_head(assoc, request, claim, control):
     """Experiment 3 (N = 50, H = 20, d_h = 10): below d = d_h the residual width limits what the heads
     store. Claimed: from the smallest d to d = d_h = 10 the accuracy rises by more than twice the
@@ -441,26 +520,41 @@ def test_exp3_accuracy_grows_with_d_up_to_d_head(assoc, request, claim, control)
                    note=f"{dict(zip(xs, [round(a, 4) for a in acc]))}; paper { {x: round(A.PAPER_EXP3[x], 4) for x in xs} }")
 
 
-@pytest.mark.controls()
+def plateau_share(acc_low: float, acc_mid: float, acc_high: float) -> float:
+    """The share of the rise from the smallest to the largest d that is reached at d = d_h; 0 when the
+    curve rises by less than twice the per-point tolerance (no rise, so no plateau after one)."""
+    rise = acc_high - acc_low
+    return (acc_mid - acc_low) / rise if rise > 2 * PAPER_TOLERANCE else 0.0
+
+
+@pytest.mark.controls("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")
 def test_exp3_accuracy_plateaus_above_d_head(assoc, request, claim, control):
     """Above d = d_h the paper's curve is flat (0.81 at d = 10 ... 0.81 at d = 15): the heads' d_h-wide
-    bottleneck, not the residual, is the limit. Claimed: the change from d = 10 to the largest d is
-    within the per-point tolerance (0.05). (No negative control: an untrained model is flat too; the
-    rise claim above is what an untrained model fails.)"""
-    xs = [x for x in _exp3_points(request) if x >= 10]
-    if len(xs) < 2:
-        pytest.skip(f"needs a point above d = 10 (references: {xs})")
-    acc = _curve(assoc, request, control, "exp3", xs)
-    claim.close_to(f"accuracy(d={xs[-1]}) - accuracy(d=10)", acc[-1] - acc[0], 0.0, atol=PAPER_TOLERANCE,
-                   note=f"{dict(zip(xs, [round(a, 4) for a in acc]))}; paper { {x: round(A.PAPER_EXP3[x], 4) for x in xs} }")
+    bottleneck, not the residual, is the limit. The claim used to be "the change from d = 10 to the
+    largest d is within 0.05", which no control can refute: a model with broken heads is flat too (so
+    is an untrained one). Reconsidered as what the paper's figure shows, a rise that stops at d = d_h:
+    the share of the rise from the smallest to the largest d that is already reached at d = 10 is
+    within 0.9-1.1 (the paper's points: 0.99). Broken heads leave no rise, and the claim fails."""
+    xs = _exp3_points(request)
+    if xs[0] >= 10 or xs[-1] <= 10:
+        pytest.skip(f"needs points below and above d = 10 (references: {xs})")
+    lo, hi = xs[0], xs[-1]
+    acc = dict(zip([lo, 10, hi], _curve(assoc, request, control, "exp3", [lo, 10, hi])))
+    share = plateau_share(acc[lo], acc[10], acc[hi])
+    paper = plateau_share(A.PAPER_EXP3[lo], A.PAPER_EXP3[10], A.PAPER_EXP3[hi])
+    claim.between(f"share of the d={lo}..{hi} rise reached at d=10", share, 0.9, 1.1,
+                  note=f"{ {x: round(a, 4) for x, a in acc.items()} }; paper {paper:.3f} "
+                       f"({ {x: round(A.PAPER_EXP3[x], 4) for x in (lo, 10, hi)} })")
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("zero_mlp", "mean_mlp", "randomise_ov")
 def test_exp5_mlp_stores_more_per_parameter_than_attention(assoc, request, claim, control):
     """Experiment 5 (N = 70, d = 10): one head plus an MLP of width 2 d (H - 1) against H heads, about
     the same parameter count. The paper: the MLP-based model is more accurate per parameter (e.g.
     0.24 against 0.15 at H = 6). Claimed: the mean accuracy difference (MLP - attention) over the
-    points with H > 1 is positive."""
+    points with H > 1 is positive. Controls (applied to both models; an attention-only model has no
+    MLP and is unchanged by the MLP ones): the MLP's output removed or replaced by its mean (what the
+    claim credits), and the one head's W_V/W_O randomised (the MLP reads the first token through it)."""
     xs = [x for x in _points(request, "exp5_attn") if x > 1]
     if not xs:
         pytest.skip("experiment 5 has no committed reference points (16,384 steps on N = 70 each); "
@@ -472,12 +566,13 @@ def test_exp5_mlp_stores_more_per_parameter_than_attention(assoc, request, claim
                    note=f"H {xs}: attention {[round(a, 4) for a in attn]}, MLP {[round(a, 4) for a in mlp]}")
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")
 def test_exp6_capacity_grows_at_least_as_fast_as_H_d_head(assoc, request, claim, control):
     """Experiment 6 (N = 10, d = d_h = 2): memorised associations (acc - 1/N) / (1 - 1/N) * N^2 against
     H d_h. Corollary 2's construction stores one association per unit of H d_h; the paper measured
     about 1.5. Claimed: the least-squares slope over the points before saturation (accuracy <= 0.95)
-    is at least 1."""
+    is at least 1. Controls: half the heads removed or replaced by their mean, every head's W_V/W_O
+    randomised (the storage per unit of H d_h is gone)."""
     xs = _points(request, "exp6")
     acc = _curve(assoc, request, control, "exp6", xs)
     N = 10
@@ -497,34 +592,58 @@ def test_exp6_capacity_grows_at_least_as_fast_as_H_d_head(assoc, request, claim,
 
 
 FREEZE_O_ONLY_REASON = ("refuted under the seed's recipe (Adam 1e-3, 5,000 batches of 1,024): with E, Q/K/V "
-                        "and U frozen at their random initialisation, training W_O reaches accuracy 0.19 "
-                        "(divergence 2.12 nats, chance 0.10 / 2.30): the random attention is nearly uniform, so "
-                        "the heads' outputs are almost additive in the two tokens and W_O cannot separate the "
-                        "pairs")
+                        "and U frozen at their random initialisation, the hypothesis says training W_O alone "
+                        "memorises (>= 0.95; H d_h + d = 105 >= 100 pairs), but it stays near chance (0.10): "
+                        "the random attention is nearly uniform, so the heads' outputs are almost additive in "
+                        "the two tokens and W_O cannot separate the pairs. Exact (no sampling): one reference "
+                        "model, an exact sum over all 100 contexts")
 
 
-@pytest.mark.controls("untrained")
-def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures):
+_WEAK_BOUND = ("Corollary 2's bound is {bound} here (H d_h + d = {cap} of {n} pairs), below what the residual "
+               "alone reaches from the last token's statistics (all heads removed: {none}): with the heads' "
+               "W_V/W_O randomised the model still clears it, so at this point the bound cannot show the heads' "
+               "storage (the reassigned table still fails it). Deterministic: randomise_ov uses a fixed seed")
+_NEAR_NO_HEADS = ("the paper's point (0.081 at d_h = 1) is within the tolerance of what a model without working "
+                  "heads scores (all 20 heads removed: 0.062; the residual predicts from the last token alone), so "
+                  "a head control cannot take the accuracy outside 0.081 +- 0.05 at this point; the reassigned "
+                  "table does (0.02). Exact sums, no sampling")
+KNOWN_FAILURES = {
+    "test_training_W_O_alone_memorises": FREEZE_O_ONLY_REASON,
+    "test_capacity_lower_bound[exp1-H1-seed0] control=randomise_ov":
+        _WEAK_BOUND.format(bound=0.028, cap=20, n=2500, none=0.049),
+    "test_capacity_lower_bound[exp2-1-seed0] control=randomise_ov":
+        _WEAK_BOUND.format(bound=0.032, cap=30, n=2500, none=0.062),
+    "test_sweep_accuracy_matches_the_paper[exp2-1] control=ablate_half_heads": _NEAR_NO_HEADS,
+    "test_sweep_accuracy_matches_the_paper[exp2-1] control=mean_ablate_half_heads": _NEAR_NO_HEADS,
+    "test_sweep_accuracy_matches_the_paper[exp2-1] control=randomise_ov": _NEAR_NO_HEADS,
+}
+
+
+@pytest.mark.controls(*HEAD_CONTROLS)
+def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures, draws):
+    """With W_O frozen the rest (W_V above all) stores the pairs: broken heads or another table miss."""
     exp = A.freezing_model("freeze_O")
     law = A.build_law(exp)
     model = control.apply_model(assoc.get(request, exp).model)
-    claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.99)
+    claim.at_least("accuracy", scored_law(control, draws, law).accuracy(logits_of(model)), 0.99)
     if control.is_main:
         loaded = {f: assoc.get(request, A.freezing_model(f)) for f in A.FREEZERS}
         figures.add("freezing", lambda: _freezing_figure(loaded, law),
                     caption="the seed's freezing cell: N = 10 bigrams, d = d_h = 5, 20 heads; which weights train")
 
 
-@pytest.mark.controls("untrained")
-def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control):
+@pytest.mark.controls("randomise_ov", "reassign_table")
+def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control, draws):
+    """What W_O learned: with it (and the random W_V it reads) replaced by random matrices of the same
+    norms, or scored on another table, the model is at chance."""
     exp = A.freezing_model("train_O_only")
     law = A.build_law(exp)
     model = control.apply_model(assoc.get(request, exp).model)
-    claim.at_least("accuracy", law.accuracy(logits_of(model)), 0.15, note="chance is 1/N = 0.10")
+    claim.at_least("accuracy", scored_law(control, draws, law).accuracy(logits_of(model)), 0.15,
+                   note="chance is 1/N = 0.10")
 
 
-@pytest.mark.xfail(strict=True, reason=FREEZE_O_ONLY_REASON)
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("randomise_ov", "reassign_table")
 def test_training_W_O_alone_memorises(assoc, request, claim, control):
     exp = A.freezing_model("train_O_only")
     law = A.build_law(exp)
@@ -549,15 +668,16 @@ def _low_rank_targets(assoc, request) -> tuple:
     return law, model, TargetVectors(model.W_E.detach()[supp], model.W_U.detach(), law.targets()[supp])
 
 
-def _transformer_targets(assoc, request) -> tuple:
+def _transformer_targets(assoc, request, control) -> tuple:
     exp = A.superposition_model(5)
     loaded = assoc.get(request, exp)
+    model = control.apply_model(loaded.model)
     law = A.build_law(exp)
     x = law.contexts()
     with torch.no_grad():
-        _, cache = loaded.model.run_with_cache(x, names=["blocks.0.hook_resid_post"])
+        _, cache = model.run_with_cache(x, names=["blocks.0.hook_resid_post"])
     resid = cache["blocks.0.hook_resid_post"][:, -1].double()  # the vector W_U reads: [N^S, d]
-    W_U = loaded.model.unembed.W_U.detach().t().double()  # [N, d]
+    W_U = model.unembed.W_U.detach().t().double()  # [N, d]
     return law, loaded, TargetVectors(resid, W_U, law.targets())
 
 
@@ -572,8 +692,10 @@ def _claim_vectors_point_at_targets(claim, control, figures, tv: TargetVectors, 
         figures.add(fig_name, lambda: _geometry_figure(tv, cos, title), caption=caption)
 
 
-@pytest.mark.controls("shuffle_labels")
+@pytest.mark.controls("random_vectors", "shuffle_labels")
 def test_low_rank_context_embeddings_point_at_their_target(assoc, request, claim, control, figures):
+    """About the optimum's context embeddings: replaced by random directions of the same norms (the
+    embeddings the claim names, destroyed), or paired with other contexts' targets, they do not point."""
     law, model, tv = _low_rank_targets(assoc, request)
     _claim_vectors_point_at_targets(
         claim, control, figures, tv, "mean cos(w_E(z), w_U(g(z)))", 0.85,
@@ -583,9 +705,12 @@ def test_low_rank_context_embeddings_point_at_their_target(assoc, request, claim
                 "W_U W_U^T, the context embeddings' Gram (grouped by target) and cos(w_E(z), w_U(g(z)))"))
 
 
-@pytest.mark.controls("shuffle_labels")
+@pytest.mark.controls("randomise_ov", "ablate_half_heads", "mean_ablate_half_heads", "shuffle_labels")
 def test_transformer_residual_points_at_its_target(assoc, request, claim, control, figures):
-    law, loaded, tv = _transformer_targets(assoc, request)
+    """The final residual is e(t_S) + the heads' outputs; what turns it towards the target is the heads'
+    part: with their W_V/W_O randomised or half of them removed (or replaced by their mean), it must
+    not point at the target."""
+    law, loaded, tv = _transformer_targets(assoc, request, control)
     _claim_vectors_point_at_targets(
         claim, control, figures, tv, "mean cos(resid(z), w_U(g(z)))", 0.55,
         note="measured 0.63 on the 5-head model (0.98 with 20 heads)",
@@ -680,13 +805,14 @@ def _geometry_figure(tv: TargetVectors, cos: torch.Tensor, label: str):
 # --- the skip connection ----------------------------------------------------------------------------
 
 
-@pytest.mark.controls("untrained")
+@pytest.mark.controls("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")
 def test_dropping_the_residual_connection_does_not_change_memorisation(assoc, request, claim, control, figures):
     """The seed's skip-connection cell. Corollary 2 counts the residual embedding's d dimensions in the
     capacity (H d_h + d), but here they are a small part of it (10 of 110): without the residual the
     heads memorise about as many pairs. Measured: no residual 0.738 / 0.618, residual 0.689 / 0.658
     (seeds 0 / 1): the seeds disagree on the sign, the mean difference is +0.004. Claimed: the mean
-    difference is within +-0.05. The control re-initialises the no-residual model only."""
+    difference is within +-0.05. The controls break the no-residual model's heads only (half removed or
+    replaced by their mean, W_V/W_O randomised): its memorisation then differs, so the claim fails."""
     law = A.build_law(A.skip_model(True))
     with_res, without = [], []
     for s in A.SKIP_SEEDS:
