@@ -554,3 +554,98 @@ def test_experiment_one_points_keep_their_reference_keys():
 
 
     assert A.exp1(26).config.n_heads == 26 and A.EXP1_HEADS == (1, 6, 11, 16, 21, 26, 31)
+
+
+# --- the claims' controls (circuits.tasks.assoc.breaks) ----------------------------------------------------
+
+from circuits.mutations import mean_ablate_head  # noqa: E402
+from circuits.tasks.assoc import breaks as B  # noqa: E402
+
+BREAK_CONFIGS = [
+    pytest.param(dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=3, d_head=6, seed=2, pos_in_residual=False), id="d=d_h"),
+    pytest.param(dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=3, d_head=4, seed=2, pos_in_residual=False), id="shared"),
+    pytest.param(dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=3, d_head=4, seed=2, head_maps="per_head"), id="per_head"),
+    pytest.param(dict(d_vocab=7, n_ctx=2, d_model=6, n_heads=1, d_head=6, seed=2, d_mlp=8, pos_in_residual=False),
+                 id="mlp"),
+]
+
+
+def _logits(model):
+    x = all_contexts(model.acfg.d_vocab, model.acfg.n_ctx)
+    with torch.no_grad():
+        return table_logits(model).double(), model(x).double()
+
+
+@pytest.mark.parametrize("kw", BREAK_CONFIGS)
+def test_mean_ablated_heads_in_the_weights_equal_the_hook_mean_ablation(kw):
+    """b_O carries the head's mean output: the table (no hooks) and the forward agree with the plugin's
+    hook mutation run on every context at once."""
+    model = build_model(AssocConfig(**kw))
+    for h in range(model.acfg.n_heads):
+        ours = B.ablate_heads(model, [h], "mean")
+        table, forward = _logits(ours)
+        torch.testing.assert_close(table, forward, atol=1e-5, rtol=1e-5)
+        hooked = mean_ablate_head(model, 0, h)
+        with torch.no_grad():
+            ref = hooked(all_contexts(model.acfg.d_vocab, model.acfg.n_ctx)).double()
+        torch.testing.assert_close(forward, ref, atol=1e-5, rtol=1e-5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    B.ablate_heads(model, [0], "mean"), B.randomise_ov(model), B.truncate_width(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # inputs untouched
+
+
+@pytest.mark.parametrize("kw", BREAK_CONFIGS)
+def test_zero_ablating_every_head_leaves_the_residual_alone(kw):
+    model = build_model(AssocConfig(**kw))
+    gone = B.ablate_heads(model, range(model.acfg.n_heads))
+    table, forward = _logits(gone)
+    torch.testing.assert_close(table, forward, atol=1e-5, rtol=1e-5)
+    if not model.acfg.d_mlp:  # logits = W_U e(t_S): the first token no longer matters
+        grid = table.reshape(model.acfg.d_vocab, model.acfg.d_vocab, -1)
+        torch.testing.assert_close(grid, grid[:1].expand_as(grid))
+
+
+@pytest.mark.parametrize("kw", BREAK_CONFIGS)
+def test_randomised_ov_keeps_shapes_and_norms_and_changes_the_weights(kw):
+    model = build_model(AssocConfig(**kw))
+    new = B.randomise_ov(model, seed=3)
+    for W, V in ((model.blocks[0].attn.W_O, new.blocks[0].attn.W_O),
+                 (model.blocks[0].attn.W_QKV[2], new.blocks[0].attn.W_QKV[2])):
+        assert W.shape == V.shape and not torch.allclose(W, V)
+        torch.testing.assert_close(W.flatten(1).norm(dim=1), V.flatten(1).norm(dim=1))
+    torch.testing.assert_close(model.blocks[0].attn.W_QKV[:2], new.blocks[0].attn.W_QKV[:2])
+    torch.testing.assert_close(_logits(new)[0], _logits(new)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_width_gives_logits_of_rank_d_minus_one():
+    model = build_model(AssocConfig(d_vocab=9, n_ctx=2, d_model=5, n_heads=4, d_head=5, seed=0))
+    rank = lambda m: int((torch.linalg.svdvals(_logits(m)[0]) > 1e-4 * torch.linalg.svdvals(_logits(m)[0])[0]).sum())  # noqa: E731
+    assert rank(model) == 5 and rank(B.truncate_width(model)) == 4  # float32 logits: a relative tolerance
+
+
+def test_reassigned_table_replaces_every_pair_and_keeps_the_statistics():
+    law = A.make_law(A.EXP6_LAW)
+    new = B.reassign_table(law, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(new.context_probs(), law.context_probs())
+    supp = law.support()
+    assert (new.targets()[supp] != law.targets()[supp]).all()  # every memorised pair replaced
+    assert new.entropy() == pytest.approx(law.entropy())
+    counts = lambda l: sorted(torch.bincount(l.targets()[supp], minlength=l.N).tolist())  # noqa: E731
+    assert counts(new) == counts(law)
+    with pytest.raises(InputError, match="needs a Law"):
+        B.reassign_table("law", torch.Generator())
+
+
+def test_ablate_mlp_zero_and_mean():
+    model = build_model(AssocConfig(d_vocab=7, n_ctx=2, d_model=6, n_heads=1, d_head=6, seed=2, d_mlp=8,
+                                    pos_in_residual=False))
+    zero, mean = B.ablate_mlp(model, "zero"), B.ablate_mlp(model, "mean")
+    for m in (zero, mean):
+        torch.testing.assert_close(_logits(m)[0], _logits(m)[1], atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(mean.blocks[0].mlp.b_out) > 0
+    with pytest.raises(InputError, match="no MLP"):
+        B.ablate_mlp(build_model(small()), "zero")
+    with pytest.raises(InputError, match="mode"):
+        B.ablate_heads(model, [0], "half")
+    with pytest.raises(InputError, match="heads"):
+        B.ablate_heads(model, [5])
