@@ -18,14 +18,17 @@ written once for several subjects (the ARENA checkpoint and our models) is one c
 run only claims carrying a seed count (claims on a fixed subject belong to the reference run). A
 seed whose test ran but never reached a claim counts as not passed (the report's pass-rate rule).
 
-`select` (pytest ``-k``) defaults to MAIN_ONLY: the claims' main runs, without their controls and
-mutations (their ids carry ``control=`` / ``mutation=``); those check that a claim can fail, which the module's ordinary runs already establish,
+The runs keep only the claims' main runs (``main_only``), without their controls and mutations
+(whose ids carry ``control=`` / ``mutation=``; deselected by this module's pytest hook, loaded into
+each run with ``-p circuits.census``: ``-k`` cannot do it, as it also matches marker names such as
+``controls``); those check that a claim can fail, which the module's ordinary runs already establish,
 and they cost several times the claims themselves.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -42,7 +45,8 @@ from .errors import CircuitsError, InputError
 __all__ = ["DEFAULT_RECIPE", "CensusError", "Census", "run_census", "zoo_name", "build_table", "write_outputs"]
 
 DEFAULT_RECIPE = "default"  # the zoo entry's own recipe (no variant)
-MAIN_ONLY = "not control and not mutation"  # pytest -k: main runs only (ids [control=...], [mutation=...])
+MAIN_ONLY_ENV = "CIRCUITS_CENSUS_MAIN_ONLY"
+_NOT_MAIN = re.compile(r"[\[-](control|mutation)=")  # a test id's control / mutation parameter
 Z95 = 1.959963984540054
 
 
@@ -130,8 +134,19 @@ def stored_seeds(name: str, recipe: str, seeds: Sequence[int], root) -> list:
     return [s for s in seeds if zoo.find_card(zname, s, store=ModelStore(root)) is not None]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """In a census run (``-p circuits.census`` with $CIRCUITS_CENSUS_MAIN_ONLY=1): main runs only."""
+    if os.environ.get(MAIN_ONLY_ENV) != "1":
+        return
+    keep = [it for it in items if not _NOT_MAIN.search(it.name)]
+    dropped = [it for it in items if _NOT_MAIN.search(it.name)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, *, root, stream=None,
-               label: str = "") -> Path:
+               label: str = "", main_only: bool = True) -> Path:
     """One pytest subprocess on `module`, its output streamed line by line (prefixed with `label`);
     returns its report.json. The store at `root` is passed on as $CIRCUITS_CACHE."""
     stream = stream or sys.stderr
@@ -139,8 +154,8 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
     if run_dir.exists():  # our own earlier census run of this row: replaced, not mixed in
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "pytest", module, *args, "--run-id", run_id, "--report-dir", str(report_dir),
-           "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
-    env = {**os.environ, "CIRCUITS_CACHE": str(root)}
+           "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "circuits.census"]
+    env = {**os.environ, "CIRCUITS_CACHE": str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
     stream.write(f"[census {label}] {' '.join(cmd[1:])}\n")
     stream.flush()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
@@ -323,7 +338,7 @@ def figure(census: Census, path: Path) -> None:
             cell = row["claims"].get(col)
             if cell and cell["n"]:
                 grid[i, j] = cell["passed"] / cell["n"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * max(len(cols), 1), 1.2 + 0.45 * max(len(rows), 1)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.55 * len(cols)), 1.2 + 0.45 * max(len(rows), 1)))
     ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
@@ -351,11 +366,12 @@ def write_outputs(census: Census, out_dir: Path) -> dict:
 
 
 def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: Optional[str] = None, *,
-               out: Path = Path("reports/census"), root=None, workers: int = 1, select: str = MAIN_ONLY,
+               out: Path = Path("reports/census"), root=None, workers: int = 1, select: Optional[str] = None, main_only: bool = True,
                recipe_select: Optional[str] = None, reference: bool = True, acc_target: Optional[float] = None,
                train: bool = True, stream=None) -> tuple[Census, dict]:
     """The whole census; returns it and the written paths. `recipe_select` (default: `select`) is the
-    ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there. train=False trains
+    ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there; main_only=False keeps
+    the claims' controls and mutations. train=False trains
     nothing: each recipe's row covers the seeds already stored (or committed), which it lists."""
     from .sweep import check_run_settings
 
@@ -379,19 +395,22 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
         if not have:
             stream.write(f"[census {recipe}] no stored model among seeds {seeds}: row left out\n")
             continue
-        args = ["--seeds", ",".join(str(s) for s in have), "-k", recipe_select or select]
+        args = ["--seeds", ",".join(str(s) for s in have)]
+        if recipe_select or select:
+            args += ["-k", recipe_select or select]
         if recipe != DEFAULT_RECIPE:
             args = ["--variant", zoo_name(name, recipe)] + args
         t0 = time.perf_counter()
-        path = run_pytest(module, args, f"census-{recipe}", runs_dir, root=root, stream=stream, label=recipe)
+        path = run_pytest(module, args, f"census-{recipe}", runs_dir, root=root, stream=stream, label=recipe,
+                          main_only=main_only)
         census.timings[f"claims {recipe}"] = round(time.perf_counter() - t0, 2)
         census.runs[recipe] = str(path)
         reports[recipe] = json.loads(path.read_text())
     ref_report = None
     if reference:
         t0 = time.perf_counter()
-        path = run_pytest(module, ["-k", select], "census-reference", runs_dir, root=root, stream=stream,
-                          label="reference")
+        path = run_pytest(module, ["-k", select] if select else [], "census-reference", runs_dir, root=root,
+                          stream=stream, label="reference", main_only=main_only)
         census.timings["claims reference"] = round(time.perf_counter() - t0, 2)
         census.runs["reference"] = str(path)
         ref_report = json.loads(path.read_text())
