@@ -186,7 +186,8 @@ def cmd_census(args) -> int:
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,
-               acc_target=args.acc_target, train=not args.no_train)
+               acc_target=args.acc_target, train=not args.no_train,
+               main_only=not args.with_controls)
     return 0
 
 
@@ -217,8 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--module", default=None, help="hypothesis module (default: hypotheses/test_NAME.py)")
     p.add_argument("--out", default="reports/census", help="census.json/md/png go to OUT/NAME/")
     p.add_argument("--workers", type=int, default=1, help="parallel trainings for what the store lacks")
-    p.add_argument("--select", default="not control and not mutation",
-                   help="pytest -k of every run (default: main claims only, no controls or mutations)")
+    p.add_argument("--select", default=None, help="pytest -k of every run")
+    p.add_argument("--with-controls", action="store_true", help="also run the claims' controls and mutations")
     p.add_argument("--recipe-select", default=None, help="pytest -k of the recipe runs (default: --select)")
     p.add_argument("--no-reference", action="store_true", help="skip the plain run (reference rows)")
     p.add_argument("--no-train", action="store_true", help="train nothing: each row covers the seeds stored")
