@@ -6,17 +6,61 @@ its last attention layer that read the two failure conditions.
   residual stream as a sum of component contributions (embeddings, heads, MLPs, W_O biases).
 * Along that direction a "count head" and a "negative head" carry most of the difference between
   unbalanced and balanced strings. On strings starting with "(", the count head flags total-
-  elevation failures (#"(" != #")") and the negative head flags negative failures (a suffix with more
-  "(" than ")", the seed's right-to-left scan); the count head's contribution grows with the distance
-  of the open-proportion from 1/2; from position 0 it attends mostly to position 1.
-* Causally: resampling the count head's input at position 1 from strings that agree on the count
-  test keeps the loss; resampling from strings that disagree destroys it.
+  elevation failures (#"(" != #")") and the negative head flags negative failures (a suffix with
+  more "(" than ")", the seed's right-to-left scan); the count head's contribution grows with the
+  distance of the open-proportion from 1/2; from position 0 it attends mostly to position 1; each
+  head's output is used (mean-ablating it costs loss).
+* Causally: the count head's input at position 1 carries the count test, not the horizon test:
+  resampled from strings agreeing on the count test it keeps >= 80% of the loss a random source
+  loses, and more than sources agreeing on the horizon test; sources agreeing on the horizon test
+  but not the count test do no better than random ones.
 
-On the published ARENA checkpoint the roles are pinned to the seed's heads 2.0 (count) and 2.1
-(negative); on our own models they are bound by search (`find_roles`) and named in the report.
+What each test is about (`@pytest.mark.about`) and so which mutations must break it: whole role heads
+(`head:` zero / mean ablation and a swap with the other head of layer 2), their outputs (`ov:`), the
+count head's attention (`qk:` uniform attention, swap) and the positional embeddings, L2's MLP on our
+model, and the whole model for accuracy. Two tests are identities of the analysis that hold for any
+weights (LN linearity: an untrained model's final LN is linear too, r^2 1.00; the decomposition
+sums): they have no `about`, and their hand-written controls check the measurement instead.
+
+Bindings. ARENA: pinned to the seed's heads 2.0 (count) and 2.1 (negative), no search. Ours:
+`find_roles` searches on a SEARCH split (the first 5,000 distinct published strings outside the
+evaluation set) among 6 heads (count) then 5 (negative), and every claim scores the binding on the
+5,000 held-out evaluation strings; the separation claims decide on a Bonferroni-corrected bootstrap
+interval (level 1 - 0.05/k). Notes on each claim record the binding, both split sizes and k. The
+binding comes from the unmutated model (session memo), so a mutation run is scored under it.
+
+Random draws (resampling sources, bootstrap seeds) come from `draws` / `--draws-seed`; resampling
+pools 5 draws of sources and decides on a bootstrap interval over strings, so known failures do not
+turn on one draw (the old single-draw "0.796 < 0.80" ranged 0.768-0.821 over 20 generator seeds).
+
+Mutations tried by hand (values; "flips" = the claim turns red):
+* ARENA, heads 2.0 and 2.1 swapped (all weights): count-agreeing resampling of the pinned head's
+  input still recovers 0.999 (the old claim's defect, issue 15) -- but so do horizon-agreeing (0.999)
+  and horizon-only (0.999) sources, while the random-resample gap grows from 0.03 to 1.1 nats; so the
+  contrast (count - horizon: 0.19 -> 0.00) and the horizon-only claim (-2.48 -> +0.999) flip. The
+  count head's AUROC for elevation failures becomes the negative head's 0.939 < 0.95 (flips), its
+  d-contrast 4.23 - 2.44 -> 2.44 - 4.23 (flips); the negative head's AUROC 0.998 -> 0.910 (flips).
+* ARENA, count head (2.0) mean-ablated: accuracy on the 5,000 5000 -> 4987 (flips), loss 0.00016 ->
+  +0.0067 nats; negative head (2.1) mean-ablated: 5000 -> 4944 (flips); zero-ablation of
+  either: every contribution/AUROC/resampling claim on that head flips (constant contribution: AUROC
+  0.5; no loss gap to recover).
+* Count head attention made uniform: attention(0 -> 1) and the ratio flip on both models. Positions
+  permuted (all of W_pos): ARENA's attention claims flip, ours do not (ratio 14.1 -> 4.55 >= 4: our
+  count head finds the first bracket without the positional table), so `positions` is not among
+  that test's targets. Swapping 2.0/2.1: attention(0 -> 1) 0.573 -> 0.369 (ARENA), flips.
+* Mean-ablation here is over all 5,000 evaluation strings at once (one batch): over the length-
+  sorted chunks the analysis used before, the "mean" kept length, hence imbalance, and the pair
+  claim survived mean-ablating the negative head.
+* Ours, count head (L2H0) mean-ablated: loss +1.6 nats; negative head (L2H1): +0.012 nats (5x its
+  own loss); L2.mlp zero / mean ablated: the L2.mlp claim flips (5.34 -> -0.10). Ours' negative-bound
+  head separates negative failures with AUROC 0.942 while the count-bound head reaches 0.989 (a
+  known failure).
+* Ours: count-agreeing resampling recovers 0.793 [0.774, 0.811] pooled over 5 draws (per draw
+  0.78-0.82): a known failure decided on the interval; the contrast (0.79 - 0.50) and horizon-only
+  (-2.26) claims pass, and flip under the swap (horizon-only -0.49 [-1.19, 0.29]).
+
 Thresholds are the seed's where it gives numbers (r^2 >= 0.98, attention ~0.5 or more), otherwise
-set below what the ARENA checkpoint shows with room for retrained models, and above what every
-negative control reaches.
+from the hypothesis's wording (see each test), and above what every control reaches.
 """
 
 from __future__ import annotations
@@ -35,8 +79,10 @@ from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribut
 from circuits import analysis as A
 from circuits.controls import register_control
 from circuits.figures import overlaid_histograms
-from circuits.interventions import resample_activations
-from circuits.stats import auroc, cohens_d, spearman
+from circuits import mutations as M
+from circuits.draws import Draws
+from circuits.session import draws_seed_for
+from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, spearman
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -69,7 +115,8 @@ class FeaturePairs:
 
 @dataclass
 class ResampleGroups:
-    """Which strings count as 'agreeing' for resampling: `labels` = the count test's outcome."""
+    """Each string's cell for resampling: `labels` = 2 * (count test fails) + (horizon test fails)
+    (shuffled by the shuffle_labels control, which makes 'agreeing' sources random)."""
 
     labels: torch.Tensor
 
@@ -86,6 +133,27 @@ register_control("drop_component", kind="data", fn=_drop_component, replace=True
                  description="leave one component out of a residual decomposition")
 
 
+def _rescale_ln_inputs(pairs: LNPairs, seed: int = 0) -> LNPairs:
+    """Each row's LN input scaled by a random factor in [1/4, 4] (log-uniform), its output kept: a
+    LayerNorm's output does not change with its input's scale, so a linear fit must fail on these
+    pairs. It checks that the r^2 measurement can see the non-linearity a LayerNorm has."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.exp((torch.rand(len(pairs.features), 1, generator=gen) * 2 - 1) * np.log(4.0))
+    return LNPairs(pairs.features * scale.to(pairs.features.dtype), pairs.targets)
+
+
+register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs, replace=True,
+                 accepts=lambda obj: isinstance(obj, LNPairs),
+                 description="final-LN inputs rescaled row by row, outputs kept (a LayerNorm's non-linearity)")
+
+
+@pytest.fixture
+def resampling_draws(circuits_options):
+    """The resampling tests' draws of sources: one stream for both tests (they share the resampled
+    losses, computed once per model), derived from --draws-seed like every `draws` fixture."""
+    return Draws(draws_seed_for(circuits_options.draws_seed, "test_brackets.py: resampling sources"))
+
+
 class BracketHypotheses:
     """The claims, written once; `subject` is provided by the ARENA and our-model subclasses.
 
@@ -96,12 +164,14 @@ class BracketHypotheses:
     MIN_CORRECT_FIRST_5000 = 5000
     MIN_ACCURACY_ALL = 0.9999
 
-    @pytest.mark.controls("untrained")
+    @pytest.mark.about("model")
+    @pytest.mark.controls("mean_ablate:count_head", "mean_ablate:negative_head")
     def test_accuracy_on_the_seeds_5000(self, subject, claim):
         an = analyse(subject.model, subject.data)
         correct = int((an.logits.argmax(-1) == subject.data.isbal.long()).sum())
         claim.at_least("correct_of_first_5000", correct, self.MIN_CORRECT_FIRST_5000)
 
+    @pytest.mark.about("model")
     @pytest.mark.controls("shuffle_labels")
     def test_accuracy_on_all_100k(self, subject, claim, control):
         predicted, labels, counts = predictions_on_all(subject.model)
@@ -109,8 +179,12 @@ class BracketHypotheses:
         accuracy = float(((predicted == labelled.labels).double() * counts).sum() / counts.sum())
         claim.at_least("accuracy_all_100k", accuracy, self.MIN_ACCURACY_ALL)
 
-    @pytest.mark.controls("shuffle_labels")
+    @pytest.mark.controls("shuffle_labels", "rescale_ln_inputs")
     def test_final_layernorm_is_linear_at_position_0(self, subject, claim, control):
+        """A precondition of the direction analysis, not evidence for the mechanism: a randomly
+        initialised model's final LN is linear too (r^2 1.00), so this test has no `about` target
+        (no mutation of a part can be required to break it). Its controls check the measurement: the
+        rows' LN inputs rescaled (the non-linearity a LayerNorm has) must fail the fit."""
         an = analyse(subject.model, subject.data)
         x, y = A.ln_final_io(an.cache, pos=0)
         pairs = control.apply_data(LNPairs(x, y))
@@ -119,6 +193,7 @@ class BracketHypotheses:
 
     @pytest.mark.controls(*(f"drop_component:{c}" for c in COMPONENTS))
     def test_components_sum_to_pre_final_ln_residual(self, subject, claim, control):
+        """An identity of the decomposition (true of any model); each control leaves one component out."""
         an = analyse(subject.model, subject.data)
         stack, labels = an.cache.decompose_resid(None, pos=0)
         assert labels == COMPONENTS, labels
@@ -127,8 +202,11 @@ class BracketHypotheses:
         error = float((d.stack.sum(0) - resid).abs().max())
         claim.at_most("max_abs_error(sum(components) - resid)", error, 1e-4)
 
-    @pytest.mark.controls("zero_ablate:count_head", "zero_ablate:negative_head", "untrained")
+    @pytest.mark.about("ov:count_head", "ov:negative_head")
+    @pytest.mark.controls("untrained")
     def test_unbalanced_direction_carried_by_the_two_role_heads(self, subject, claim, figures):
+        """A claim about the two heads' outputs as a pair (a swap of the two leaves the pair, so it
+        is not one of its mutations: the role-specific tests below carry that)."""
         an = analyse(subject.model, subject.data)
         ranked = A.heads_by_mean_difference(an.contributions, an.labels, ~subject.data.isbal)
         top2 = {ranked[0][0], ranked[1][0]}
@@ -136,14 +214,16 @@ class BracketHypotheses:
         figures.add("component histograms", lambda: _component_histograms(an, subject),
                     caption=f"{subject.name}: contribution along the unbalanced direction, balanced mean subtracted")
         claim.holds("top2_components_are_the_role_heads", top2 == roles,
-                    detail=f"top components {ranked[:3]}; roles {sorted(roles)}")
+                    detail=f"top components {[(l, round(v, 2)) for l, v in ranked[:3]]}; roles {sorted(roles)}",
+                    note=subject.binding)
         difference = dict(ranked)
         others = max(abs(v) for label, v in ranked if label not in roles)
         claim.at_least("min(role heads) / max |other components| (mean difference)",
                        min(difference[r] for r in roles) / max(others, 1e-9), 2.0)
 
+    @pytest.mark.about("head:count_head")
     @pytest.mark.controls("swap_roles")
-    def test_failure_types_are_read_by_separate_heads(self, subject, claim, figures):
+    def test_count_head_separates_elevation_failures(self, subject, claim, figures, draws):
         an = analyse(subject.model, subject.data)
         so = subject.data.starts_open
         count = head_contribution(an, subject.head("count_head"))[so].numpy()
@@ -152,14 +232,34 @@ class BracketHypotheses:
         neg = subject.data.negative_failure[so].numpy()
         figures.add("count vs negative head", lambda: _failure_scatter(count, negh, elev, neg, subject),
                     caption=f"{subject.name}: strings starting with '(' coloured by failure type")
-        claim.at_least("count_head.auroc(elevation failure)", auroc(count[elev], count[~elev]), 0.95)
-        claim.at_least("negative_head.auroc(negative failure)", auroc(negh[neg], negh[~neg]), 0.98)
-        # both ways round: each head separates its own failure type better than the other head does
+        level = subject.level("count_head")
+        estimate = auroc_ci(count[elev], count[~elev], level=level, method="percentile", n_resamples=400,
+                            seed=draws.child("auroc").int())
+        claim.at_least("count_head.auroc(elevation failure)", estimate, 0.95,
+                       note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "
+                            f"{subject.candidates['count_head']} candidate heads)")
+        # each head separates its own failure type better than the other head does
         claim.at_least("d(count, elevation) - d(negative, elevation)",
                        cohens_d(count[elev], count[~elev]) - cohens_d(negh[elev], negh[~elev]), 1.0)
+
+    @pytest.mark.about("head:negative_head")
+    @pytest.mark.controls("swap_roles")
+    def test_negative_head_separates_negative_failures(self, subject, claim, draws):
+        an = analyse(subject.model, subject.data)
+        so = subject.data.starts_open
+        count = head_contribution(an, subject.head("count_head"))[so].numpy()
+        negh = head_contribution(an, subject.head("negative_head"))[so].numpy()
+        neg = subject.data.negative_failure[so].numpy()
+        level = subject.level("negative_head")
+        estimate = auroc_ci(negh[neg], negh[~neg], level=level, method="percentile", n_resamples=400,
+                            seed=draws.child("auroc").int())
+        claim.at_least("negative_head.auroc(negative failure)", estimate, 0.98,
+                       note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "
+                            f"{subject.candidates['negative_head']} candidate heads)")
         claim.at_least("d(negative, negative) - d(count, negative)",
                        cohens_d(negh[neg], negh[~neg]) - cohens_d(count[neg], count[~neg]), 2.0)
 
+    @pytest.mark.about("head:count_head")
     @pytest.mark.controls("swap_roles", "shuffle_labels")
     def test_count_head_tracks_open_proportion(self, subject, claim, control, figures):
         an = analyse(subject.model, subject.data)
@@ -170,42 +270,79 @@ class BracketHypotheses:
                     caption=f"{subject.name}: count-head contribution against the proportion of '('")
         estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=spearman,
                                 paired=True, method="percentile", n_resamples=400)
-        claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65)
+        claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65, note=subject.binding)
 
-    @pytest.mark.controls("swap_roles", "untrained")
+    @pytest.mark.about("qk:count_head")
+    @pytest.mark.controls("swap_roles")
     def test_count_head_attends_to_position_1_from_position_0(self, subject, claim, figures):
+        """Where the count head looks; its effect is test_mean_ablating_the_count_heads_output_costs_loss."""
         an = analyse(subject.model, subject.data)
         layer, head = subject.head("count_head")
         attention = A.attention_from(an.cache, layer, head, query=0)[subject.data.starts_open].mean(0)
         figures.add("count head attention from position 0", lambda: _attention_bar(attention, subject),
                     caption=f"{subject.name}: mean over strings starting with '('")
-        claim.at_least("count_head.attention(q=0 -> k=1)", float(attention[1]), 0.5)
+        claim.at_least("count_head.attention(q=0 -> k=1)", float(attention[1]), 0.5, note=subject.binding)
         others = torch.cat([attention[:1], attention[2:]])
         claim.at_least("count_head.attention(k=1) / max attention(other keys)",
                        float(attention[1] / others.max()), 4.0)
 
+    @pytest.mark.about("ov:count_head")
+    def test_mean_ablating_the_count_heads_output_costs_loss(self, subject, claim, draws):
+        """The effect paired with the attention claim: the count head's output is used. With it
+        replaced by its mean over the evaluation strings, the loss rises by more than the model's own
+        loss (ablation at least doubles it), on the bootstrap lower bound. (On the ARENA checkpoint
+        the rise is small, 0.0067 nats, 13 of 5,000 strings flip: other paths flag most of what the
+        count head flags; a first threshold of 0.02 nats, from "each head decides >= 4% of the
+        strings", failed there.)"""
+        cost, clean = _ablation_cost(subject, "count_head")
+        claim.at_least("loss increase, count head mean-ablated (nats) - the model's own loss",
+                       claim.sample(cost - clean, statistic=np.mean, method="percentile", n_resamples=1000), 0.0,
+                       note=f"own loss {clean.mean():.4g} nats on {len(cost)} held-out strings; {subject.binding}")
+
+    @pytest.mark.about("ov:negative_head")
+    def test_mean_ablating_the_negative_heads_output_costs_loss(self, subject, claim, draws):
+        """As above, for the negative head."""
+        cost, clean = _ablation_cost(subject, "negative_head")
+        claim.at_least("loss increase, negative head mean-ablated (nats) - the model's own loss",
+                       claim.sample(cost - clean, statistic=np.mean, method="percentile", n_resamples=1000), 0.0,
+                       note=f"own loss {clean.mean():.4g} nats on {len(cost)} held-out strings; {subject.binding}")
+
+    @pytest.mark.about("head:count_head")
+    @pytest.mark.controls("shuffle_labels", "swap_roles")
+    def test_resampling_the_count_heads_input_needs_the_count_not_the_horizon(self, subject, claim, control,
+                                                                              resampling_draws):
+        """Resampling ablation of the count head's key and value at position 1 (strings starting with
+        "("), against a random-resample baseline. Which head reads which feature matters: sources that
+        agree on the count test must keep more of the loss than sources that agree on the horizon
+        test (the negative head's feature), and sources that agree on the horizon test but not on the
+        count test must do worse than random ones (by half the gap: the seed's "disagreeing" claim). (With heads 2.0 and 2.1 swapped, the pinned
+        head reads the horizon feature and both claims fail; "count-agreeing sources keep >= 80%"
+        alone holds there, see the next test.) Pooled over N_RESAMPLE_DRAWS draws of sources (from
+        `draws`), decided on bootstrap intervals over strings."""
+        r = _resampling(subject, control, resampling_draws)
+        claim.at_least("loss_recovered(agree on count) - loss_recovered(agree on horizon)", r["count - horizon"],
+                       MIN_FEATURE_CONTRAST, note=f"{r['note']}; {subject.binding}")
+        claim.at_most("loss_recovered(agree on horizon, disagree on count)", r["horizon only"], -0.5,
+                      note="worse than a random source (which agrees on the count test ~2/3 of the time): "
+                           "the count head's input carries the count")
+
+    @pytest.mark.about("ov:count_head")
     @pytest.mark.controls("shuffle_labels")
-    def test_resampling_the_count_heads_input_keeps_the_loss_only_when_counts_agree(self, subject, claim, control):
-        data = subject.data
-        rows = torch.nonzero(data.starts_open).squeeze(1)
-        toks, labels = data.toks[rows], data.isbal[rows].long()
-        groups = control.apply_data(ResampleGroups(data.total_elevation_failure[rows]))
-        layer, head = subject.head("count_head")
-        patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
-        gen = torch.Generator().manual_seed(0)
-        sources = [torch.arange(len(rows)),  # every row from itself: the clean run
-                   torch.randint(len(rows), (len(rows),), generator=gen),
-                   _resample(groups.labels, agree=True, gen=gen),
-                   _resample(groups.labels, agree=False, gen=gen)]
-        clean, baseline, agree, disagree = (
-            float(A.cross_entropy_per_example(logits, labels).mean())
-            for logits in resample_activations(subject.model, toks, patches, sources, lengths=data.lengths[rows] + 2))
-        claim.at_least("loss_recovered(resample agreeing on the count test)",
-                       A.loss_recovered(agree, clean, baseline), 0.8,
-                       note=f"clean {clean:.4g}, random resample {baseline:.4g}, agreeing {agree:.4g}")
-        claim.at_most("loss_recovered(resample disagreeing on the count test)",
-                      A.loss_recovered(disagree, clean, baseline), -0.5,
-                      note=f"disagreeing {disagree:.4g} (worse than a random resample)")
+    def test_resampling_the_count_heads_input_from_count_agreeing_strings_keeps_the_loss(self, subject, claim,
+                                                                                         control, resampling_draws):
+        """The seed's resampling claim: sources agreeing on the count test keep >= 80% of the loss a
+        random source loses. On its own not specific to the head (the negative head's input, resampled
+        the same way, keeps it too), hence about the head's output only: with the output ablated the
+        input cannot matter (no loss gap); the previous test carries the head-swap power."""
+        r = _resampling(subject, control, resampling_draws)
+        claim.at_least("loss_recovered(resample agreeing on the count test)", r["count"], 0.8,
+                       note=f"{r['note']}; {subject.binding}")
+
+
+N_RESAMPLE_DRAWS = 5
+# count-agreeing sources must keep at least this much more of the loss gap than horizon-agreeing ones:
+# "more", with a margin the 5-draw pooled interval resolves (its half-width is ~0.05-0.1 here)
+MIN_FEATURE_CONTRAST = 0.05
 
 
 class TestArenaCheckpoint(ArenaSubject, BracketHypotheses):
@@ -213,31 +350,19 @@ class TestArenaCheckpoint(ArenaSubject, BracketHypotheses):
 
 
 class TestOurModel(OursSubject, BracketHypotheses):
-    """The hypotheses on our brackets zoo model; roles found by search, named in the report.
+    """The hypotheses on our brackets zoo model; roles found by search on the search split, scored on
+    the held-out strings, named in the report.
 
     Our reference model reaches the accuracy but does not implement the seed's two-head mechanism:
-    its last MLP carries the unbalanced direction (test_last_mlp_carries_the_unbalanced_direction),
-    and the head-level hypotheses are refuted on it, each with the measurement as its reason.
+    its last MLP carries the unbalanced direction (test_last_mlp_carries_the_unbalanced_direction);
+    the head-level hypotheses refuted on it are in KNOWN_FAILURES.
     """
 
     MIN_CORRECT_FIRST_5000 = 4995  # the zoo's training target, 99.9%, on the seed's 5,000
     MIN_ACCURACY_ALL = 0.999
-    REFUTED_ON_REFERENCE = {
-        # roles bound by search on the reference: count head L2H0 (the seed's count head), negative
-        # head L2H1; its accuracy claims pass (99.955% on the published 100k, 99.965% on 100k fresh)
-        "test_unbalanced_direction_carried_by_the_two_role_heads":
-            "L2.mlp carries 21.4 of the mean unbalanced-minus-balanced difference; the role heads 4.0 "
-            "(L2H0) and 1.6 (L2H1)",
-        "test_failure_types_are_read_by_separate_heads":
-            "the bound count head (L2H0) separates elevation failures with AUROC 0.940 < 0.95",
-        "test_count_head_tracks_open_proportion":
-            "Spearman(L2H0 contribution, |p - 1/2|) = 0.631, CI [0.614, 0.647] < 0.65",
-        "test_resampling_the_count_heads_input_keeps_the_loss_only_when_counts_agree":
-            "resampling the count head's (L2H0) input from strings agreeing on the count test recovers "
-            "0.796 of the loss (clean 0.0034, random resample 2.344, agreeing 0.481) < 0.80",
-    }
 
-    @pytest.mark.controls("zero_ablate_mlp:L2", "untrained")
+    @pytest.mark.about("mlp:L2")
+    @pytest.mark.controls("untrained")
     def test_last_mlp_carries_the_unbalanced_direction(self, subject, claim):
         an = analyse(subject.model, subject.data)
         ranked = A.heads_by_mean_difference(an.contributions, an.labels, ~subject.data.isbal)
@@ -248,17 +373,156 @@ class TestOurModel(OursSubject, BracketHypotheses):
         claim.at_least("L2.mlp / max |other components| (mean difference)", difference["L2.mlp"] / max(others, 1e-9), 3.0)
 
 
+# Hypotheses measured false on our reference model: strict expected failures there (they must keep
+# failing, and only as a failed claim), lenient under --seeds. The plugin appends what was measured
+# now; each reason says what the hypothesis says against what is measured, and what it is decided on.
+KNOWN_FAILURES = {
+    "TestOurModel::test_unbalanced_direction_carried_by_the_two_role_heads":
+        "the hypothesis says the two role heads carry the unbalanced direction; on our model L2.mlp "
+        "carries most of the mean unbalanced-minus-balanced difference (deterministic: no draws)",
+    "TestOurModel::test_count_head_separates_elevation_failures":
+        "the hypothesis says the bound count head separates elevation failures with AUROC >= 0.95; "
+        "decided on the Bonferroni-corrected bootstrap lower bound on the held-out strings",
+    "TestOurModel::test_count_head_tracks_open_proportion":
+        "the hypothesis says the count head's contribution tracks |p - 1/2| (Spearman >= 0.65); "
+        "decided on the bootstrap lower bound",
+    "TestOurModel::test_negative_head_separates_negative_failures":
+        "the hypothesis says the bound negative head separates negative failures with AUROC >= 0.98; on "
+        "our model the head bound as negative (L2H1) reaches ~0.94 while the count-bound head L2H0 "
+        "separates them better (0.989): one head does both; decided on the Bonferroni-corrected lower bound",
+    "TestOurModel::test_mean_ablating_the_negative_heads_output_costs_loss":
+        "the hypothesis gives the negative head failures of its own, so mean-ablating its output must at "
+        "least double the loss; on our model it adds ~0.003 nats to an own loss of 0.0025 (L2.mlp "
+        "decides); decided on the bootstrap lower bound",
+    "TestOurModel::test_resampling_the_count_heads_input_from_count_agreeing_strings_keeps_the_loss":
+        "the hypothesis says resampling the count head's position-1 input from count-agreeing "
+        "strings keeps >= 80% of the loss; decided on the bootstrap lower bound over strings, pooled "
+        "over 5 draws of sources",
+}
+
+
 # --- helpers -------------------------------------------------------------------------------------------
 
 
-def _resample(groups: torch.Tensor, agree: bool, gen: torch.Generator) -> torch.Tensor:
-    """For each row, a random source row whose group equals (agree) or differs from (not agree) its own."""
+def _sources_in(groups: torch.Tensor, wanted: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each row i, a random source row j with groups[j] == wanted[i] (a cell with no row: error)."""
     source = torch.empty(len(groups), dtype=torch.long)
-    for value in groups.unique():
-        targets = torch.nonzero(groups == value).squeeze(1)
-        pool = torch.nonzero((groups == value) if agree else (groups != value)).squeeze(1)
+    for value in wanted.unique():
+        targets = torch.nonzero(wanted == value).squeeze(1)
+        pool = torch.nonzero(groups == value).squeeze(1)
+        if not len(pool):
+            raise ValueError(f"no source string in cell {int(value)}")
         source[targets] = pool[torch.randint(len(pool), (len(targets),), generator=gen)]
     return source
+
+
+def _recovered(baseline, clean, patched, axis=-1):
+    """Fraction of the random-resample loss gap kept: (baseline - patched) / (baseline - clean), on
+    the mean losses over strings (vectorised for the bootstrap; NaN unless the gap exceeds the clean
+    loss)."""
+    b, c, p = baseline.mean(axis), clean.mean(axis), patched.mean(axis)
+    with np.errstate(all="ignore"):
+        return np.where(np.abs(b - c) > 1e-12, (b - p) / (b - c), np.nan)
+
+
+_recovered.__name__ = "loss_recovered"
+
+
+def _resampling(subject, control, draws) -> dict:
+    """Resample the count head's key and value at position 1 (strings starting with "(") from: the
+    string itself (clean), a random string (baseline), a string agreeing on the count test
+    ("count"), one agreeing on the horizon test ("horizon"), and one agreeing on the horizon test but
+    not on the count test ("horizon only"). Per-string losses are averaged over N_RESAMPLE_DRAWS
+    draws of sources (streams of `draws`; computed once per model function, head, draws and data
+    control: the two resampling tests share them); fractions of the random-resample loss gap come with a bootstrap interval over strings."""
+    data = subject.data
+    rows = torch.nonzero(data.starts_open).squeeze(1)
+    toks, labels = data.toks[rows], data.isbal[rows].long()
+    count_fails = data.total_elevation_failure[rows].long()
+    horizon_fails = data.negative_failure[rows].long()
+    own = 2 * count_fails + horizon_fails  # the string's cell
+    cells = control.apply_data(ResampleGroups(own)).labels  # the cells sources are drawn by
+    layer, head = subject.head("count_head")
+    patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
+    kinds = ("clean", "random", "count", "horizon", "horizon only")
+
+    def compute():
+        model = subject.model
+        with torch.no_grad():  # each string's own key/value at the patched slice: what sources give
+            _, cache = model.run_with_cache(toks, names=[n for n, _ in patches])
+        values = {n: cache[n][(slice(None), *index)] for n, index in patches}
+
+        def run(sources: list) -> list:
+            # every source set of a draw in ONE forward (the strings repeated once per set): a
+            # mean-ablation mutation's batch mean is then the same for all of them, so a mean that
+            # moves with the sources cannot pass for the head's input mattering
+            source = torch.cat(sources)
+            hooks = [(n, _set_slice(index, values[n][source])) for n, index in patches]
+            with torch.no_grad():
+                out = model.run_with_hooks(toks.repeat(len(sources), 1), fwd_hooks=hooks)
+            return list(out.split(len(rows)))
+
+        losses = {k: [] for k in kinds}
+        for i in range(N_RESAMPLE_DRAWS):
+            gen = draws.child(f"sources {i}").torch()
+            sources = [torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
+                       _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
+                       _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
+                       _sources_in(cells, own ^ 2, gen)]  # same horizon outcome, other count outcome
+            for kind, logits in zip(kinds, run(sources)):
+                losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
+        return losses
+
+    key = (A.weights_digest(subject.model), (layer, head), draws.seed, control.spec if control.kind == "data" else "",
+           id(data))
+    if key not in _RESAMPLED:
+        _RESAMPLED[key] = compute()
+    losses = _RESAMPLED[key]
+    per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
+    mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
+    seed = draws.child("bootstrap").int()
+    out, spread = {}, {}
+    for kind in ("count", "horizon", "horizon only"):
+        out[kind] = bootstrap_ci((mean["random"], mean["clean"], mean[kind]), _recovered, paired=True,
+                                 method="percentile", n_resamples=1000, seed=seed)
+        each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
+        spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
+    out["count - horizon"] = bootstrap_ci((mean["random"], mean["clean"], mean["count"], mean["horizon"]),
+                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed)
+    out["note"] = (f"{len(rows)} strings x {N_RESAMPLE_DRAWS} draws of sources; clean loss "
+                   f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
+                   f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
+                   f"horizon-only {spread['horizon only']}")
+    return out
+
+
+_RESAMPLED: dict = {}  # (model function, head, draws, data control, data) -> per-draw losses
+
+
+def _set_slice(index: tuple, value: torch.Tensor):
+    """A hook setting act[:, *index] = value (on a copy: the hooked activation may be a view)."""
+    def patch(act: torch.Tensor, hook) -> torch.Tensor:
+        act = act.clone()
+        act[(slice(None), *index)] = value.to(act.dtype)
+        return act
+    return patch
+
+
+def _contrast(baseline, clean, count, horizon, axis=-1):
+    return _recovered(baseline, clean, count, axis=axis) - _recovered(baseline, clean, horizon, axis=axis)
+
+
+_contrast.__name__ = "recovered(count) - recovered(horizon)"
+
+
+def _ablation_cost(subject, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per evaluation string: (cross-entropy with `role`'s head mean-ablated, its output replaced by
+    the mean over all evaluation strings at each position, minus the model's own; the model's own)."""
+    data = subject.data
+    clean = A.cross_entropy_per_example(analyse(subject.model, data).logits, data.isbal.long())
+    ablated_model = M.mean_ablate_head(subject.model, *subject.head(role))
+    logits = A.predict(ablated_model, data.toks, lengths=data.lengths + 2, batch_size=len(data))
+    return (A.cross_entropy_per_example(logits, data.isbal.long()) - clean).double().numpy(), clean.double().numpy()
 
 
 def _component_histograms(an, subject):
