@@ -621,6 +621,11 @@ KNOWN_FAILURES = {
         _WEAK_BOUND.format(bound=0.028, cap=20, n=2500, none=0.049),
     "test_capacity_lower_bound[exp2-1-seed0] control=randomise_ov":
         _WEAK_BOUND.format(bound=0.032, cap=30, n=2500, none=0.062),
+    # one head + an MLP: the bound counts the one head only (H d_h + d = 20 of 4,900 pairs: 0.018, chance
+    # 0.014), and the MLP still reads the last token through the residual (randomised head: 0.0186; at H = 6
+    # 0.0160, failing by 0.002 only)
+    "test_capacity_lower_bound[exp5_mlp-11-seed0] control=randomise_ov":
+        _WEAK_BOUND.format(bound=0.018, cap=20, n=4900, none="about chance, 0.014-0.019"),
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=ablate_half_heads": _NEAR_NO_HEADS,
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=mean_ablate_half_heads": _NEAR_NO_HEADS,
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=randomise_ov": _NEAR_NO_HEADS,
