@@ -24,6 +24,7 @@ with the variant's overrides applied, its own name and so its own store key.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import pkgutil
@@ -248,9 +249,14 @@ def build_model(entry: ZooEntry, seed: int) -> nn.Module:
     return entry.new_model(seed)
 
 
-def train_entry(entry: ZooEntry, seed: int, progress=None, recipe: Optional[TrainRecipe] = None) -> tuple[nn.Module, dict]:
-    """Train a zoo model from scratch: returns the model and card fields (metrics, history, time)."""
-    if entry.train_fn is not None:
+def train_entry(entry: ZooEntry, seed: int, progress=None, recipe: Optional[TrainRecipe] = None, *,
+                during: Optional[Callable[[nn.Module], Any]] = None) -> tuple[nn.Module, dict]:
+    """Train a zoo model from scratch: returns the model and card fields (metrics, history, time).
+
+    ``during(model)``: a context manager active only while the model trains (training-time extras
+    such as dropout hooks; its exit may fold them into the weights), so a family's `train_fn` can
+    reuse this whole path (data seeds, held-out test set, card) instead of copying it."""
+    if entry.train_fn is not None and during is None:
         return entry.train_fn(entry, seed, progress)
     if entry.make_split is None:
         raise ConfigError(f"zoo entry {entry.name!r} has neither make_split nor train_fn: nothing trains it")
@@ -260,7 +266,8 @@ def train_entry(entry: ZooEntry, seed: int, progress=None, recipe: Optional[Trai
     eval_split = entry.make_split(entry.recipe.n_eval, eval_seed)
     data_time = time.perf_counter() - t0
     model = build_model(entry, seed)
-    result = train(model, train_split, eval_split, entry.recipe, seed=seed, progress=progress)
+    with (during(model) if during is not None else contextlib.nullcontext()):
+        result = train(model, train_split, eval_split, entry.recipe, seed=seed, progress=progress)
     card = {
         "metrics": result.final,
         "history": result.history,

@@ -762,36 +762,26 @@ def train_tutorial_style(entry, seed: int, progress=None):
     training-time only: the embedding scale is folded into W_E afterwards (exact: (W_E s)[t] =
     s W_E[t]) and dropout is off at evaluation, so the stored model is a plain HookedTransformer
     that every claim reads as it reads the others."""
-    import time
+    import contextlib
 
-    from ..train import data_seeds, evaluate, final_test_seed, train
+    from ..zoo import train_entry
 
     p = float(entry.extra.get("dropout", TUTORIAL_DROPOUT))
     scale = math.sqrt(entry.config.d_model) if entry.extra.get("embed_scale") == "sqrt_d_model" else 1.0
-    train_seed, eval_seed = data_seeds(seed)
-    t0 = time.perf_counter()
-    train_split = (entry.make_train_split or entry.make_split)(entry.recipe.n_train, train_seed)
-    eval_split = entry.make_split(entry.recipe.n_eval, eval_seed)
-    data_time = time.perf_counter() - t0
-    model = entry.new_model(seed)
-    gen = torch.Generator().manual_seed(seed + 424_242)
-    attached = _tutorial_training_hooks(model, p, scale, gen)
-    try:
-        result = train(model, train_split, eval_split, entry.recipe, seed=seed, progress=progress)
-    finally:
-        for point, fn in attached:
-            point.fns.remove(fn)
-    with torch.no_grad():
-        model.embed.W_E.mul_(scale)
-    card = {"metrics": result.final, "history": result.history, "steps": result.steps,
-            "wall_time": round(result.wall_time + data_time, 3),
-            "data_seeds": {"train": train_seed, "eval": eval_seed}}
-    if entry.recipe.n_test:
-        seed_test = final_test_seed(seed)
-        test = evaluate(model, entry.make_split(entry.recipe.n_test, seed_test), entry.recipe.loss)
-        card["metrics"] = {**result.final, **{k.replace("eval_", "test_"): v for k, v in test.items()}}
-        card["data_seeds"]["test"] = seed_test
-    return model, card
+
+    @contextlib.contextmanager
+    def tutorial_extras(model):
+        gen = torch.Generator().manual_seed(seed + 424_242)
+        attached = _tutorial_training_hooks(model, p, scale, gen)
+        try:
+            yield
+        finally:
+            for point, fn in attached:
+                point.fns.remove(fn)
+        with torch.no_grad():
+            model.embed.W_E.mul_(scale)
+
+    return train_entry(entry, seed, progress, during=tutorial_extras)
 
 
 def recipe_variants() -> dict:
