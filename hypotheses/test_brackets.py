@@ -232,15 +232,9 @@ class BracketHypotheses:
         neg = subject.data.negative_failure[so].numpy()
         figures.add("count vs negative head", lambda: _failure_scatter(count, negh, elev, neg, subject),
                     caption=f"{subject.name}: strings starting with '(' coloured by failure type")
-        level = subject.level("count_head")
-        estimate = auroc_ci(count[elev], count[~elev], level=level, method="percentile", n_resamples=400,
-                            seed=draws.child("auroc").int())
-        claim.at_least("count_head.auroc(elevation failure)", estimate, 0.95,
-                       note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "
-                            f"{subject.candidates['count_head']} candidate heads)")
-        # each head separates its own failure type better than the other head does
-        claim.at_least("d(count, elevation) - d(negative, elevation)",
-                       cohens_d(count[elev], count[~elev]) - cohens_d(negh[elev], negh[~elev]), 1.0)
+        # each head separates its own failure type, and better than the other head does
+        _separation_claims(claim, subject, draws, "count_head", count, negh, elev, "count", "negative",
+                           "elevation", min_auroc=0.95, min_gap=1.0)
 
     @pytest.mark.about("head:negative_head")
     @pytest.mark.controls("swap_roles")
@@ -250,14 +244,8 @@ class BracketHypotheses:
         count = head_contribution(an, subject.head("count_head"))[so].numpy()
         negh = head_contribution(an, subject.head("negative_head"))[so].numpy()
         neg = subject.data.negative_failure[so].numpy()
-        level = subject.level("negative_head")
-        estimate = auroc_ci(negh[neg], negh[~neg], level=level, method="percentile", n_resamples=400,
-                            seed=draws.child("auroc").int())
-        claim.at_least("negative_head.auroc(negative failure)", estimate, 0.98,
-                       note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "
-                            f"{subject.candidates['negative_head']} candidate heads)")
-        claim.at_least("d(negative, negative) - d(count, negative)",
-                       cohens_d(negh[neg], negh[~neg]) - cohens_d(count[neg], count[~neg]), 2.0)
+        _separation_claims(claim, subject, draws, "negative_head", negh, count, neg, "negative", "count",
+                           "negative", min_auroc=0.98, min_gap=2.0)
 
     @pytest.mark.about("head:count_head")
     @pytest.mark.controls("swap_roles", "shuffle_labels")
@@ -571,3 +559,17 @@ def _attention_bar(attention, subject):
     ax.set_title(f"{subject.role_label('count_head')} from query 0")
     fig.tight_layout()
     return fig
+
+
+def _separation_claims(claim, subject, draws, role, own, other, failed, own_short, other_short, failure,
+                       min_auroc, min_gap):
+    """`role`'s contribution separates `failure` strings (AUROC on a Bonferroni-widened interval over
+    the heads its search scanned), and by Cohen's d better than the other role head's does."""
+    level = subject.level(role)
+    estimate = auroc_ci(own[failed], own[~failed], level=level, method="percentile", n_resamples=400,
+                        seed=draws.child("auroc").int())
+    claim.at_least(f"{role}.auroc({failure} failure)", estimate, min_auroc,
+                   note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "
+                        f"{subject.candidates[role]} candidate heads)")
+    claim.at_least(f"d({own_short}, {failure}) - d({other_short}, {failure})",
+                   cohens_d(own[failed], own[~failed]) - cohens_d(other[failed], other[~failed]), min_gap)
