@@ -27,9 +27,10 @@ and they cost several times the claims themselves.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,12 +146,65 @@ def pytest_collection_modifyitems(config, items) -> None:
         items[:] = keep
 
 
+INPUTS_FILE = "census-inputs.json"
+
+
+def _digest_files(paths) -> str:
+    h = hashlib.sha256()
+    for path in sorted(set(paths)):
+        h.update(str(path).encode() + b"\0")
+        h.update(Path(path).read_bytes() if Path(path).is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+def run_inputs(module: str, args: Sequence[str], models: Sequence[dict], main_only: bool) -> dict:
+    """Everything a census row's claims depend on: the hypothesis module and the conftests beside and
+    above it, every source file of the circuits package, the pytest arguments, and the content hash of
+    each model the run reads. A stored run whose inputs are equal is reused instead of rerun (the
+    claims are deterministic given these: draws are seeded), so a second census takes seconds."""
+    module_path = Path(module).resolve()
+    conftests = [d / "conftest.py" for d in [module_path.parent, *module_path.parent.parents][:3]]
+    package = Path(__file__).resolve().parent
+    return {"module": _digest_files([module_path, *[c for c in conftests if c.is_file()]]),
+            "package": _digest_files(package.rglob("*.py")), "args": list(args), "main_only": main_only,
+            "models": list(models)}
+
+
+def _model_hashes(zname: str, seeds: Sequence[int], root) -> list:
+    """(name, seed, content hash) of each model a row reads: its committed reference or stored card."""
+    from . import zoo
+    from .store import ModelStore
+
+    out = []
+    for seed in seeds:
+        card = zoo.find_card(zname, seed, store=ModelStore(root))
+        out.append({"name": zname, "seed": seed, "content_hash": None if card is None else card.get("content_hash")})
+    return out
+
+
+def stored_run(run_dir: Path, inputs: dict) -> Optional[Path]:
+    """The report of an earlier run of this row with the same inputs, else None."""
+    report, saved = run_dir / "report.json", run_dir / INPUTS_FILE
+    try:
+        same = json.loads(saved.read_text()) == json.loads(json.dumps(inputs))
+    except (OSError, ValueError):
+        return None
+    return report if same and report.is_file() else None
+
+
 def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, *, root, stream=None,
-               label: str = "", main_only: bool = True) -> Path:
+               label: str = "", main_only: bool = True, inputs: Optional[dict] = None,
+               rerun: bool = False) -> Path:
     """One pytest subprocess on `module`, its output streamed line by line (prefixed with `label`);
-    returns its report.json. The store at `root` is passed on as $CIRCUITS_CACHE."""
+    returns its report.json. The store at `root` is passed on as $CIRCUITS_CACHE. With `inputs`
+    (run_inputs), an earlier run of this row with the same inputs is reused unless `rerun`."""
     stream = stream or sys.stderr
     run_dir = Path(report_dir) / run_id
+    if inputs is not None and not rerun:
+        found = stored_run(run_dir, inputs)
+        if found is not None:
+            stream.write(f"[census {label}] reused {found}: module, package, arguments and models unchanged\n")
+            return found
     if run_dir.exists():  # our own earlier census run of this row: replaced, not mixed in
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "pytest", module, *args, "--run-id", run_id, "--report-dir", str(report_dir),
@@ -167,6 +221,8 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
     report = run_dir / "report.json"
     if not report.is_file():  # pytest exits 1 when claims fail: that is data; no report is not
         raise CensusError(f"census: `pytest {module}` for {label} exited {rc} without writing {report}")
+    if inputs is not None and rc in (0, 1):  # an interrupted or crashed run is never reused
+        write_bytes_atomic(run_dir / INPUTS_FILE, (json.dumps(inputs, indent=1) + "\n").encode())
     return report
 
 
@@ -368,7 +424,7 @@ def write_outputs(census: Census, out_dir: Path) -> dict:
 def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: Optional[str] = None, *,
                out: Path = Path("reports/census"), root=None, workers: int = 1, select: Optional[str] = None, main_only: bool = True,
                recipe_select: Optional[str] = None, reference: bool = True, acc_target: Optional[float] = None,
-               train: bool = True, stream=None) -> tuple[Census, dict]:
+               train: bool = True, rerun: bool = False, stream=None) -> tuple[Census, dict]:
     """The whole census; returns it and the written paths. `recipe_select` (default: `select`) is the
     ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there; main_only=False keeps
     the claims' controls and mutations. train=False trains
@@ -401,16 +457,22 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
         if recipe != DEFAULT_RECIPE:
             args = ["--variant", zoo_name(name, recipe)] + args
         t0 = time.perf_counter()
+        inputs = run_inputs(module, args, _model_hashes(zoo_name(name, recipe), have, root), main_only)
         path = run_pytest(module, args, f"census-{recipe}", runs_dir, root=root, stream=stream, label=recipe,
-                          main_only=main_only)
+                          main_only=main_only, inputs=inputs, rerun=rerun)
         census.timings[f"claims {recipe}"] = round(time.perf_counter() - t0, 2)
         census.runs[recipe] = str(path)
         reports[recipe] = json.loads(path.read_text())
     ref_report = None
     if reference:
         t0 = time.perf_counter()
-        path = run_pytest(module, ["-k", select] if select else [], "census-reference", runs_dir, root=root,
-                          stream=stream, label="reference", main_only=main_only)
+        ref_args = ["-k", select] if select else []
+        from . import zoo
+
+        entry = zoo.get_entry(name)
+        inputs = run_inputs(module, ref_args, _model_hashes(name, entry.ref_seeds(), root), main_only)
+        path = run_pytest(module, ref_args, "census-reference", runs_dir, root=root, stream=stream,
+                          label="reference", main_only=main_only, inputs=inputs, rerun=rerun)
         census.timings["claims reference"] = round(time.perf_counter() - t0, 2)
         census.runs["reference"] = str(path)
         ref_report = json.loads(path.read_text())

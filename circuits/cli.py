@@ -186,7 +186,7 @@ def cmd_census(args) -> int:
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,
-               acc_target=args.acc_target, train=not args.no_train,
+               acc_target=args.acc_target, train=not args.no_train, rerun=args.rerun,
                main_only=not args.with_controls)
     return 0
 
@@ -224,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the plain run (reference rows)")
     p.add_argument("--no-train", action="store_true", help="train nothing: each row covers the seeds stored")
     p.add_argument("--acc-target", type=float, default=None, help="count seeds whose test_acc reaches this")
+    p.add_argument("--rerun", action="store_true",
+                   help="rerun every row's claims (default: reuse a stored run whose module, package, "
+                        "arguments and models are unchanged)")
     p.set_defaults(fn=cmd_census)
     p = sub.add_parser("card", help="print a model card")
     p.add_argument("name")

@@ -87,12 +87,19 @@ def _resolve(entry_or_name):
     return zoo.get_entry(entry_or_name) if isinstance(entry_or_name, str) else entry_or_name
 
 
-def _train_entry(entry, seed: int, device: str):
+def _has_reference(entry, seed: int) -> bool:
+    from .store import reference_paths
+    from .zoo import REFERENCE_DIR
+
+    return all(p.is_file() for p in reference_paths(REFERENCE_DIR, entry.reference_name(seed)))
+
+
+def _train_entry(entry, seed: int, device: str, progress=None):
     from . import zoo
     from .train import on_device
 
     with on_device(device):
-        return zoo.train_entry(entry, seed)
+        return zoo.train_entry(entry, seed, progress)
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -118,7 +125,7 @@ def train_or_reuse(entry_or_name, seed: int, *, root=None, force: bool = False, 
         on_wait(holder)
 
     def build():
-        model, card = _train_entry(entry, seed, device)
+        model, card = _train_entry(entry, seed, device, progress)
         return model.state_dict(), card
 
     state, card, created = store.get_or_create(spec, build, force=force and holder is None)
@@ -129,9 +136,50 @@ def _local_worker(entry_or_name, seed: int, root: str, device: str):
     import torch
 
     torch.set_num_threads(1)  # data generation and evaluation outside the recipe's training threads
+    _exit_with_parent()
     t0 = time.perf_counter()
-    _, card, how = train_or_reuse(entry_or_name, seed, root=root, device=device)
+    name = entry_or_name if isinstance(entry_or_name, str) else entry_or_name.name
+    _, card, how = train_or_reuse(entry_or_name, seed, root=root, device=device,
+                                  progress=_EvalLines(f"{name} seed {seed}", t0))
     return how, _summary(card), time.perf_counter() - t0
+
+
+_WATCHING = False
+
+
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """A pool worker outlives a killed sweep (nothing tells a spawned child its parent is gone) and
+    would train on for minutes: a daemon thread ends it once it has been re-parented."""
+    import threading
+
+    global _WATCHING
+    if _WATCHING:  # a pool process runs several trainings: one watcher is enough
+        return
+    _WATCHING = True
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="circuits-exit-with-parent", daemon=True).start()
+
+
+class _EvalLines:
+    """A worker's progress: one plain line per evaluation (and when it waits for the training slot), so
+    a long sweep shows every running model's step and held-out accuracy, not only finished ones."""
+
+    def __init__(self, label: str, t0: float, stream=None):
+        self.label, self.t0, self.stream = label, t0, stream or sys.stderr
+
+    def __call__(self, step: int, total: int, metrics: dict) -> None:
+        shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in sorted(metrics.items())
+                 if k.startswith(("eval_", "waiting"))]
+        if shown:
+            self.stream.write(f"    {self.label}: step {step}/{total} {time.perf_counter() - self.t0:6.1f}s "
+                              f"{' '.join(shown)}\n")
+            self.stream.flush()
 
 
 def _ray_task(entry_or_name, seed: int, device: str):
@@ -197,8 +245,12 @@ def run_sweep(name_or_entry, seeds: Sequence[int], *, backend: str = "local", ro
     result = SweepResult(entry.name)
     progress = _Progress(entry.name, len(seeds), stream)
     todo = []
+    committed = {s for s in entry.ref_seeds() if _has_reference(entry, s)}
     for seed in seeds:
-        if store.verify(spec_key(entry.spec(seed)))[0] == "ok":
+        if seed in committed:  # every loader serves a reference seed from its committed checkpoint
+            result.reused.append(seed)
+            progress.line(seed, "a committed reference checkpoint, not trained")
+        elif store.verify(spec_key(entry.spec(seed)))[0] == "ok":
             result.reused.append(seed)
             progress.line(seed, "in the store, reused")
         else:

@@ -198,8 +198,39 @@ def test_census_end_to_end_then_from_the_store(tiny_project):
                               acc_target=0.6, stream=again)
     assert "trained in" not in again.getvalue() and again.getvalue().count("in the store, reused") == 4
     assert [r["claims"] for r in census2.rows] == [r["claims"] for r in census.rows]
+    # the claims were not rerun either: both rows' runs are reused, no pytest process started
+    assert again.getvalue().count("reused") >= 6 and " -m pytest " not in again.getvalue()
+    assert again.getvalue().count("module, package, arguments and models unchanged") == 2
 
     # train nothing: a recipe's row covers only its stored seeds (seed 5 was never trained)
     partial, _ = C.run_census("tiny_census", ["slow"], [1, 5], "test_tiny_census.py", out=tiny_project / "out",
                               root=tiny_project / "store", reference=False, train=False, stream=io.StringIO())
     assert partial.recipe_seeds == {"slow": [1]} and partial.rows[0]["seeds"] == [1]
+
+    # a changed hypothesis module (or --rerun) runs the claims again
+    module = tiny_project / "test_tiny_census.py"
+    module.write_text(module.read_text() + "\n# edited\n")
+    third = io.StringIO()
+    C.run_census("tiny_census", ["default"], [0, 1], "test_tiny_census.py", out=tiny_project / "out",
+                 root=tiny_project / "store", reference=False, stream=third)
+    assert " -m pytest " in third.getvalue() and "unchanged" not in third.getvalue()
+    forced = io.StringIO()
+    C.run_census("tiny_census", ["default"], [0, 1], "test_tiny_census.py", out=tiny_project / "out",
+                 root=tiny_project / "store", reference=False, rerun=True, stream=forced)
+    assert " -m pytest " in forced.getvalue()
+
+
+def test_a_run_is_reused_only_when_its_inputs_are_equal(tmp_path):
+    run_dir = tmp_path / "census-x"
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text("{}")
+    inputs = {"module": "a", "package": "b", "args": ["--seeds", "0"], "main_only": True,
+              "models": [{"name": "m", "seed": 0, "content_hash": "h"}]}
+    assert C.stored_run(run_dir, inputs) is None  # never recorded: an interrupted run
+    (run_dir / C.INPUTS_FILE).write_text(json.dumps(inputs))
+    assert C.stored_run(run_dir, inputs) == run_dir / "report.json"
+    for changed in ({"module": "a2"}, {"package": "b2"}, {"args": ["--seeds", "1"]},
+                    {"models": [{"name": "m", "seed": 0, "content_hash": "retrained"}]}):
+        assert C.stored_run(run_dir, {**inputs, **changed}) is None, changed
+    (run_dir / C.INPUTS_FILE).write_text("{not json")
+    assert C.stored_run(run_dir, inputs) is None

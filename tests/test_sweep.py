@@ -67,3 +67,50 @@ def test_ray_backend_gives_the_local_backends_bytes(tmp_path):
         a = ModelStore(tmp_path / "local").weights_path(spec_key(entry.spec(s))).read_bytes()
         b = ModelStore(tmp_path / "ray").weights_path(spec_key(entry.spec(s))).read_bytes()
         assert a == b
+
+
+def test_a_committed_reference_seed_is_never_trained(tmp_path):
+    """Every loader serves a reference seed from fixtures/models, so a sweep that trained it would
+    spend minutes on a model nobody reads: it is listed as committed and left alone."""
+    from circuits import zoo
+
+    entry = zoo.get_entry("brackets")
+    log = io.StringIO()
+    result = run_sweep(entry, list(entry.ref_seeds()), root=tmp_path, workers=1, stream=log)
+    assert result.ok and result.trained == [] and sorted(result.reused) == sorted(entry.ref_seeds())
+    assert "committed reference checkpoint, not trained" in log.getvalue()
+    assert not any(tmp_path.iterdir()), "nothing written to the store"
+
+
+def test_a_pool_worker_ends_when_its_sweep_is_killed(tmp_path):
+    """Killing `python -m circuits sweep` used to leave its spawned workers training for minutes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, time, sys; from circuits.sweep import _exit_with_parent; "
+             "_exit_with_parent(poll_s=0.1); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = ("import subprocess, sys, time; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}, sys.argv[1]]); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent, str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        child_pid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent by 30 s")
+    finally:
+        proc.kill()
