@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -117,25 +117,45 @@ def decomposition_hook_names(model: Any, layer: Optional[int] = None) -> list[st
     return names
 
 
+class Deferred:
+    """A cache entry computed on first read from values fixed when the cache was made (the model's
+    run_with_cache stores per-head results this way when it also caches hook_z: see
+    `HookedTransformer.run_with_cache`). `fn()` must return what the forward's hook would have seen."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.fn = fn
+
+
 class ActivationCache(Mapping):
     """Read-only mapping hook name -> activation, with decomposition helpers that need the model.
 
     `model` is any hooked model with `cfg`, `hook_dict` and TransformerLens-named blocks (duck-typed,
-    so this module needs nothing from `model`)."""
+    so this module needs nothing from `model`). A `Deferred` value in `store` is computed on first
+    read and kept; iteration, `len` and `in` do not compute it."""
 
-    def __init__(self, store: dict[str, torch.Tensor], model: Any):
+    def __init__(self, store: dict[str, Any], model: Any):
         self._store = store
         self.model = model
 
     # --- mapping ---------------------------------------------------------------------------------
+    def _value(self, name: str) -> torch.Tensor:
+        value = self._store[name]
+        if type(value) is Deferred:
+            value = self._store[name] = value.fn()
+        return value
+
     def __getitem__(self, key: Union[str, tuple]) -> torch.Tensor:
         try:
-            return self._store[key]  # a full hook name: the common case, one dict lookup
+            value = self._store[key]  # a full hook name: the common case, one dict lookup
         except (KeyError, TypeError):  # TypeError: an unhashable key (a list)
             pass
+        else:
+            return value if type(value) is not Deferred else self._value(key)
         name = self._resolve(key)
         if name in self._store:
-            return self._store[name]
+            return self._value(name)
         shown = repr(key) if name == key else f"{key!r} (= {name!r})"
         if name in self.model.hook_dict:
             raise HookNameError(
@@ -162,6 +182,14 @@ class ActivationCache(Mapping):
         raise HookNameError(f"cache keys are hook names or TransformerLens-style (name, layer[, layer_type]) "
                             f"tuples such as ('pattern', 0); got {key!r}")
 
+    def __contains__(self, key: object) -> bool:
+        try:
+            if key in self._store:  # without computing a deferred entry
+                return True
+            return self._resolve(key) in self._store
+        except (HookNameError, TypeError):
+            return False
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._store)
 
@@ -173,7 +201,7 @@ class ActivationCache(Mapping):
         """Per-head outputs [batch, pos, head, d_model] of block `layer`, without b_O (hook_result)."""
         name = f"blocks.{layer}.attn.hook_result"
         if name in self._store:
-            return self._store[name]
+            return self._value(name)
         z = self[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
         W_O = self.model.blocks[layer].attn.W_O  # [head, d_head, d_model]
         return head_results(z, W_O.detach().to(z.dtype))

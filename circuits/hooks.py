@@ -163,11 +163,21 @@ class HookedRootModule(nn.Module):
         names (or TransformerLens's spelling, names_filter): None (every hook point), a name, a list
         of names, or a predicate on names. Subclasses wrap the dict in their own cache type.
         """
+        return self._run_caching(self._cache_points(names, names_filter), detach, args, kwargs)
+
+    def _cache_points(self, names: NamesFilter, names_filter: NamesFilter) -> list[HookPoint]:
+        """The hook points run_with_cache's names / names_filter select (a list keeps its order)."""
         if names_filter is not None:
             if names is not None:
                 raise InputError("pass either names= or names_filter= (the same thing, TransformerLens's "
                                  "spelling), not both")
             names = names_filter
+        if names is None:  # every hook point: the common case, no per-name lookups
+            return list(self.hook_dict.values())
+        return [self.hook_dict[n] for n in self.resolve_hook_names(names)]
+
+    def _run_caching(self, points: list[HookPoint], detach: bool, args, kwargs) -> tuple[object, dict[str, torch.Tensor]]:
+        """Forward once with a saving hook on each of `points`; returns (output, {name: activation})."""
         store: dict[str, torch.Tensor] = {}
 
         if detach:
@@ -177,7 +187,6 @@ class HookedRootModule(nn.Module):
             def save(x: torch.Tensor, hook: HookPoint) -> None:
                 store[hook.name] = x
 
-        points = [self.hook_dict[n] for n in self.resolve_hook_names(names)]
         # attach directly rather than through hooks(): resolving each name again costs ~1 us a hook
         try:
             for hp in points:

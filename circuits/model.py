@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ActivationCache, head_results
+from .cache import ActivationCache, Deferred, head_results
 from .errors import ConfigError, InputError
 from .hooks import HookedRootModule, HookPoint, NamesFilter
 
@@ -165,14 +166,28 @@ class LayerNorm(nn.Module):
         if not (self.hook_scale.fns or self.hook_normalized.fns):
             return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
         # one kernel for both: native_layer_norm returns (normalized, mean, 1/scale); aten::var is
-        # ~10x slower than it on CPU for these shapes
-        normalized, _, rstd = torch.native_layer_norm(x, self.w.shape, None, None, self.eps)
+        # ~10x slower than it on CPU for these shapes. Given weight=1, bias=0 rather than None: its
+        # no-weight branch is a scalar loop on CPU, 1.8x slower at [1000, 42, 56] (x*1+0 is exact)
+        normalized, _, rstd = torch.native_layer_norm(x, self.w.shape, *self._identity_affine(), self.eps)
         scale = rstd.reciprocal()  # [batch, pos, 1]
         hooked_scale = self.hook_scale(scale)
         if hooked_scale is not scale:  # a hook edited the scale: normalise with the edited one
             normalized = (x - x.mean(-1, keepdim=True)) / hooked_scale
         normalized = self.hook_normalized(normalized)
         return torch.addcmul(self.b, normalized, self.w)  # [batch, pos, d_model]
+
+    def _identity_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ones, zeros) like w, made once per dtype/device and kept out of the state dict."""
+        unit = self.__dict__.get("_unit")
+        w = self.w
+        if unit is None or unit[0].dtype != w.dtype or unit[0].device != w.device:
+            # ordinary tensors even when first made under inference_mode: native_layer_norm saves its
+            # weight for backward, which an inference tensor cannot be in a later training step
+            with torch.inference_mode(False):
+                unit = (torch.ones(w.shape, dtype=w.dtype, device=w.device),
+                        torch.zeros(w.shape, dtype=w.dtype, device=w.device))
+            self.__dict__["_unit"] = unit
+        return unit
 
 
 class Attention(nn.Module):
@@ -503,8 +518,40 @@ class HookedTransformer(HookedRootModule):
 
         names (or TransformerLens's names_filter): None (every hook point), a name, a list of names,
         or a predicate on names. Other keyword arguments go to forward()."""
-        out, store = super().run_with_cache(*args, names=names, names_filter=names_filter, detach=detach, **kwargs)
-        return out, ActivationCache(store, self)
+        points = self._cache_points(names, names_filter)
+        deferred = self._deferrable_results(points) if detach else None
+        if not deferred:
+            out, store = self._run_caching(points, detach, args, kwargs)
+            return out, ActivationCache(store, self)
+        out, store = self._run_caching([hp for hp in points if hp not in deferred], detach, args, kwargs)
+        entries: dict[str, object] = {}
+        for hp in points:  # hook-point order, as the eager cache has
+            if hp in deferred:
+                attn, z_name = deferred[hp]
+                if z_name in store:  # else the forward never reached this block (start_at_layer)
+                    entries[hp.name] = Deferred(partial(head_results, store[z_name], attn.W_O.detach().clone()))
+            elif hp.name in store:
+                entries[hp.name] = store[hp.name]
+        return out, ActivationCache(entries, self)
+
+    def _deferrable_results(self, points: list[HookPoint]) -> dict[HookPoint, tuple["Attention", str]]:
+        """The hook_result points among `points` that the cache can compute on first read instead of
+        in the forward: no function attached and their block's hook_z cached too. Their value is then
+        head_results(z, W_O) of that cached z (the last hook on hook_z sees the z that flows on) and
+        a copy of W_O taken now, the same function of the same tensors as in the forward, so equal;
+        meanwhile the forward projects z with one fused GEMM and skips [batch, pos, head, d_model].
+        (Not with detach=False: a gradient must reach W_O through the value.)"""
+        found: dict[HookPoint, tuple[Attention, str]] = {}
+        point_set = None
+        for hp in points:
+            entry = self._result_points.get(hp)
+            if entry is not None and not hp.fns:
+                if point_set is None:
+                    point_set = set(points)
+                attn, z_point = entry
+                if z_point in point_set:
+                    found[hp] = (attn, z_point.name)
+        return found
 
     def key_padding_mask(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         if self.cfg.pad_token is None or self.cfg.d_input:
@@ -592,6 +639,9 @@ class HookedTransformer(HookedRootModule):
         # registered module list): checked on every inference forward
         self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)
                                               and n[len(last):] not in FULL_POSITION_HOOKS]
+        # hook_result point -> (its attention module, its hook_z point), for _deferrable_results
+        self.__dict__["_result_points"] = {block.attn.hook_result: (block.attn, block.attn.hook_z)
+                                           for block in self.blocks}
 
     def readout_positions(self, x: torch.Tensor, readout: Optional[str] = None) -> torch.Tensor:
         """The position each row's first/last read-out reads (the last non-pad token for "last"): [batch]."""

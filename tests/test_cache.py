@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.cache import ActivationCache, decomposition_hook_names, project
+from circuits.cache import ActivationCache, Deferred, decomposition_hook_names, project
 from circuits.errors import CircuitsError, HookNameError, InputError
 from circuits.model import HookedTransformer
 from circuits.tasks.brackets import tokenize
@@ -154,6 +154,88 @@ def test_head_results_large_batch_path():
     torch.testing.assert_close(cache["blocks.1.attn.hook_result"], by_hand, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(ActivationCache({"blocks.1.attn.hook_z": z}, model).head_results(1), by_hand,
                                atol=1e-12, rtol=1e-12)
+
+
+
+# --- per-head results computed on first read (run_with_cache caching hook_z and hook_result) ----------
+def _deferred_names(cache) -> list[str]:
+    return [n for n, v in cache._store.items() if type(v) is Deferred]
+
+
+@pytest.mark.parametrize("batch", [5, 20], ids=["small", "large"])  # 20 x 42 > 512: head_results' einsum
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_deferred_hook_result_equals_the_eager_one(name, dtype, batch):
+    """Caching hook_z with hook_result defers the per-head results; read, they equal what the forward
+    computes when hook_result is eager (detach=False keeps it eager: a gradient must reach W_O)."""
+    model = make_model(name, dtype)
+    x = make_input(model) if batch == 5 else torch.cat([make_input(model)] * 4)
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        logits, lazy = model.run_with_cache(x)
+        eager_logits, eager = model.run_with_cache(x, detach=False)
+    results = [f"blocks.{l}.attn.hook_result" for l in range(n)]
+    assert _deferred_names(lazy) == results and _deferred_names(eager) == []
+    assert list(lazy) == list(eager) and len(lazy) == len(eager)  # same names, same order
+    assert all(r in lazy for r in results) and _deferred_names(lazy) == results  # `in` computes nothing
+    tight = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}[dtype]
+    # block 0 sees the same input in both runs: the deferred value is the eager one
+    torch.testing.assert_close(lazy[results[0]], eager[results[0]], **tight)
+    for l, r in enumerate(results):  # and each is its block's cached z through W_O
+        by_hand = torch.einsum("bphd,hdm->bphm", lazy[f"blocks.{l}.attn.hook_z"], model.blocks[l].attn.W_O)
+        torch.testing.assert_close(lazy[r], by_hand, **tight)
+        assert lazy[r].dtype == dtype
+    assert _deferred_names(lazy) == []  # computed once and kept
+    assert lazy[results[0]] is lazy[results[0]]
+    # later blocks differ by rounding only (eager attn_out sums the heads, deferred projects z at once)
+    torch.testing.assert_close(logits, eager_logits, **TOL[dtype])
+    for k in lazy:
+        torch.testing.assert_close(lazy[k], eager[k], **TOL[dtype])
+
+
+def test_deferred_hook_result_is_the_value_at_caching_time():
+    """W_O edited after run_with_cache (an optimiser step, an ablation) does not reach the cached
+    per-head results: they are of the weights the forward used."""
+    model = make_model("brackets", torch.float64)
+    x = make_input(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x)
+        expected = torch.einsum("bphd,hdm->bphm", cache["blocks.1.attn.hook_z"], model.blocks[1].attn.W_O)
+        model.blocks[1].attn.W_O.mul_(0.5)
+    assert "blocks.1.attn.hook_result" in _deferred_names(cache)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_result"], expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cache.head_results(1), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_hook_result_with_a_function_attached_stays_eager_and_sees_the_edit_of_z():
+    """A user hook on hook_result runs in the forward (eager); an edit of hook_z by a user hook is
+    what both the forward and a deferred hook_result see."""
+    model = make_model("brackets", torch.float64)
+    x = make_input(model)
+    seen = []
+    with torch.no_grad(), model.hooks([("blocks.0.attn.hook_result", lambda r, hook: seen.append(r))]):
+        _, cache = model.run_with_cache(x)
+    assert len(seen) == 1 and "blocks.0.attn.hook_result" not in _deferred_names(cache)
+    assert cache["blocks.0.attn.hook_result"] is seen[0]
+
+    def halve_z(z, hook):
+        return z * 0.5
+
+    with torch.no_grad(), model.hooks([("blocks.1.attn.hook_z", halve_z)]):
+        _, lazy = model.run_with_cache(x)
+        _, eager = model.run_with_cache(x, detach=False)
+    assert "blocks.1.attn.hook_result" in _deferred_names(lazy)
+    torch.testing.assert_close(lazy["blocks.1.attn.hook_result"], eager["blocks.1.attn.hook_result"],
+                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lazy["blocks.1.attn.hook_result"].sum(2) + model.blocks[1].attn.b_O,
+                               lazy["blocks.1.hook_attn_out"], atol=1e-12, rtol=1e-12)
+
+
+def test_hook_result_without_hook_z_is_eager():
+    model = make_model("brackets", torch.float64)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(make_input(model), names=lambda n: n.endswith("hook_result"))
+    assert len(cache) == 3 and _deferred_names(cache) == []
 
 
 # --- LayerNorm ------------------------------------------------------------------------------------

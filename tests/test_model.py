@@ -383,6 +383,26 @@ def test_gradient_flows_to_fused_qkv_in_training_mode(name):
     torch.testing.assert_close(model.blocks[0].attn.W_QKV.grad, grad_fast, atol=1e-5, rtol=1e-4)
 
 
+
+def test_ln_hooks_in_training_after_an_inference_mode_run():
+    """The explicit LayerNorm path keeps (ones, zeros) for the fused kernel; made first under
+    inference_mode they must still serve a later training step (and follow a dtype move)."""
+    model = make_model("brackets")
+    x = make_input(model)
+    with torch.inference_mode():
+        model.run_with_cache(x, names=lambda n: "ln" in n)
+    model.train()
+    fast_grads = torch.autograd.grad(model(x).pow(2).sum(), model.blocks[0].ln1.w)
+    hooked = model.run_with_hooks(x, fwd_hooks=[(lambda n: "ln" in n, lambda a, hook: None)])
+    hooked_grads = torch.autograd.grad(hooked.pow(2).sum(), model.blocks[0].ln1.w)
+    torch.testing.assert_close(hooked_grads, fast_grads, atol=1e-5, rtol=1e-4)
+    model.double().eval()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x.clone(), names=["blocks.0.ln1.hook_normalized"])
+        assert cache["blocks.0.ln1.hook_normalized"].dtype == torch.float64
+        torch.testing.assert_close(model.run_with_hooks(x, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda a, hook: None)]),
+                                   model(x), atol=1e-12, rtol=1e-12)
+
 def test_frozen_one_hot_and_sinusoidal_weights_get_no_gradient():
     model = make_model("attn_only").train()
     model(make_input(model)).sum().backward()
