@@ -81,6 +81,52 @@ def test_unconditional_paths_match_the_baseline_in_expectation(setup):
     assert r.normalised.point < 0.5
 
 
+def _attend_reference(model, layer, head, x, qpos, pad):
+    """One head run on an assembled input residual x [n, pos, d]: LayerNorm and projections at
+    every position (what scrub computed before it gathered the clean rows' keys and values)."""
+    block, attn = model.blocks[layer], model.blocks[layer].attn
+    h = block.ln1(x)
+    q = h[torch.arange(len(x)), qpos] @ attn.W_Q[head] + attn.b_Q[head]
+    k = h @ attn.W_K[head] + attn.b_K[head]
+    v = h @ attn.W_V[head] + attn.b_V[head]
+    scores = torch.einsum("nd,npd->np", q, k) / attn.d_head ** 0.5
+    blocked = pad.clone()
+    blocked &= ~blocked.all(-1, keepdim=True)
+    pattern = scores.masked_fill(blocked, float("-inf")).softmax(-1)
+    return torch.einsum("np,npd->nd", pattern, v) @ attn.W_O[head]
+
+
+@pytest.mark.parametrize("moved", [[3], [0, 5], "all"])
+def test_head_from_gathered_clean_rows_equals_the_head_on_the_assembled_residual(setup, moved):
+    """A scrubbed head's keys and values are gathered from the clean rows' (ScrubData.head_inputs)
+    and recomputed only at composed positions: the same as running the head on the residual
+    assembled from those rows, at every query position, with few or all positions moved."""
+    model, sd = setup
+    n, width = sd.n, sd.width
+    g = torch.Generator().manual_seed(4)
+    rest = torch.randint(n, (n,), generator=g)
+    moved = list(range(width)) if moved == "all" else moved
+    source = rest[:, None].repeat(1, width)
+    for p in moved:
+        source[:, p] = torch.randint(n, (n,), generator=g)
+    resid = sd.resid_in(2)
+    x_1 = resid[torch.randint(n, (n,), generator=g), 1] + 0.3 * torch.randn(n, resid.shape[-1], generator=g,
+                                                                               dtype=resid.dtype)
+    qpos = torch.randint(width, (n,), generator=g)
+    qpos[:50] = 1  # some queries at the composed position
+    pad = sd.pad[torch.randint(n, (n,), generator=g)]
+    x = resid[source, torch.arange(width)[None, :]]
+    x[:, 1] = x_1
+    tol = dict(atol=1e-6, rtol=1e-5) if resid.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    draw = S._Draw(sd, g)
+    with torch.no_grad():
+        for head in (0, 1):
+            want = _attend_reference(model, 2, head, x, qpos, pad)
+            got = draw._attend(2, head, source, {1: x_1}, qpos, pad, (rest, set(moved)))
+            torch.testing.assert_close(got, want, **tol)
+            torch.testing.assert_close(draw._attend(2, head, source, {1: x_1}, qpos, pad), want, **tol)
+
+
 def test_samplers_return_agreeing_examples(data):
     gen = torch.Generator().manual_seed(0)
     for feature in (data.isbal, data.lengths, B.horizon_features(data.toks)[:, 5], torch.stack(
