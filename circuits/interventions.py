@@ -182,7 +182,7 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
         from .analysis import length_buckets  # analysis imports sklearn: only when needed
 
         chunks = length_buckets(lengths, n, batch_size)
-    layer = _patch_layer(model, names)
+    layer = _resume_layer(model, names)
     resume = f"blocks.{layer}.hook_resid_pre"
     clean: dict[str, torch.Tensor] = {}  # name -> [n, ...]: the clean activation at the patched index
     resid: list[torch.Tensor] = []  # per chunk: the clean residual where the patched runs resume
@@ -215,6 +215,64 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
                 out = part.new_empty((n, *part.shape[1:])) if out is None else out
                 out[chunk] = part
         outputs.append(out)
+    return outputs
+
+
+def _resume_layer(model: HookedTransformer, names: Sequence[str]) -> int:
+    """The block a patched run may resume at from the clean residual: the first block the patches
+    can change, or 0 (a full run) when the model has permanent hooks. A permanent hook may depend
+    on the batch it sees or keep state from it (a mean ablation's batch mean, the padding rows it
+    noted at hook_embed): a resumed run skips the hooks before the resume point, and with them
+    whatever they would have noted about the patched batch."""
+    if any(hp.fns for hp in model.hook_dict.values()):
+        return 0
+    return _patch_layer(model, names)
+
+
+def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
+                      groups: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Resampling ablation where each group of resamplings must share ONE forward: for each group
+    (a list of index tensors `rows`), the outputs of `patch_activations(model, inputs,
+    inputs[rows], patches)`, computed as one forward of `inputs` repeated once per `rows`. A model
+    whose output depends on its batch (a mean-ablation mutation: the batch mean at run time) then
+    sees the same batch for every resampling of a group, so a mean that moves with the sources
+    cannot pass for the patched activation mattering.
+
+    The clean run is done once for all groups (the patched slices of row rows[i] are the clean
+    ones of that row), and each group's forward resumes at the first patched block from the clean
+    residual, repeated (the blocks before it cannot see the patch); on a model with permanent hooks
+    every group runs the full model instead (see `_resume_layer`). Returns [group][set] outputs,
+    each [n, ...]; tested equal to patch_activations and to the full forward.
+    """
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    n = inputs.shape[0]
+    groups = [[_check_rows(r, n, inputs.device) for r in group] for group in groups]
+    if any(not group for group in groups):
+        raise InputError("resample_together: every group needs at least one set of source rows")
+    layer = _resume_layer(model, names)
+    resume = f"blocks.{layer}.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=names + ([resume] if layer else []))
+    clean = {}
+    for name, index in patches:
+        try:
+            clean[name] = cache[name][(slice(None), *index)]
+        except IndexError as exc:
+            raise InputError(f"patch index {index} does not exist in {name} of shape "
+                             f"{tuple(cache[name].shape)}") from exc
+    outputs = []
+    for group in groups:
+        source = torch.cat(group)
+        hooks = [(name, _overwrite(index, clean[name][source])) for name, index in patches]
+        x = inputs.repeat(len(group), *([1] * (inputs.ndim - 1)))
+        with torch.no_grad():
+            if layer:
+                resid = cache[resume].repeat(len(group), 1, 1)
+                out = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
+            else:
+                out = model.run_with_hooks(x, fwd_hooks=hooks)
+        outputs.append(list(out.split(n)))
     return outputs
 
 

@@ -77,6 +77,7 @@ import torch
 
 from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
 from circuits import analysis as A
+from circuits import interventions as I
 from circuits.controls import register_control
 from circuits.figures import overlaid_histograms
 from circuits import mutations as M
@@ -435,37 +436,25 @@ def _resampling(subject, control, draws) -> dict:
     kinds = ("clean", "random", "count", "horizon", "horizon only")
 
     def compute():
-        model = subject.model
-        with torch.no_grad():  # each string's own key/value at the patched slice: what sources give
-            _, cache = model.run_with_cache(toks, names=[n for n, _ in patches])
-        values = {n: cache[n][(slice(None), *index)] for n, index in patches}
-
-        def run(sources: list) -> list:
-            # every source set of a draw in ONE forward (the strings repeated once per set): a
-            # mean-ablation mutation's batch mean is then the same for all of them, so a mean that
-            # moves with the sources cannot pass for the head's input mattering
-            source = torch.cat(sources)
-            hooks = [(n, _set_slice(index, values[n][source])) for n, index in patches]
-            with torch.no_grad():
-                out = model.run_with_hooks(toks.repeat(len(sources), 1), fwd_hooks=hooks)
-            return list(out.split(len(rows)))
-
-        losses = {k: [] for k in kinds}
+        # every source set of a draw in ONE forward (the strings repeated once per set): a
+        # mean-ablation mutation's batch mean is then the same for all of them, so a mean that moves
+        # with the sources cannot pass for the head's input mattering. The clean run is shared by the
+        # draws, and each draw's forward resumes at the patched layer (unless the model has hooks)
+        groups = []
         for i in range(N_RESAMPLE_DRAWS):
             gen = draws.child(f"sources {i}").torch()
-            sources = [torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
-                       _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
-                       _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
-                       _sources_in(cells, own ^ 2, gen)]  # same horizon outcome, other count outcome
-            for kind, logits in zip(kinds, run(sources)):
+            groups.append([torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
+                           _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
+                           _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
+                           _sources_in(cells, own ^ 2, gen)])  # same horizon outcome, other count outcome
+        losses = {k: [] for k in kinds}
+        for outputs in I.resample_together(subject.model, toks, patches, groups):
+            for kind, logits in zip(kinds, outputs):
                 losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
         return losses
 
-    key = (A.weights_digest(subject.model), (layer, head), draws.seed, control.spec if control.kind == "data" else "",
-           id(data))
-    if key not in _RESAMPLED:
-        _RESAMPLED[key] = compute()
-    losses = _RESAMPLED[key]
+    key = ("resampled", (layer, head), draws.seed, control.spec if control.kind == "data" else "", id(data))
+    losses = _RESAMPLED.get(subject.model, key, compute)  # per model function: a mutant is another model
     per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
     mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
     seed = draws.child("bootstrap").int()
@@ -484,16 +473,7 @@ def _resampling(subject, control, draws) -> dict:
     return out
 
 
-_RESAMPLED: dict = {}  # (model function, head, draws, data control, data) -> per-draw losses
-
-
-def _set_slice(index: tuple, value: torch.Tensor):
-    """A hook setting act[:, *index] = value (on a copy: the hooked activation may be a view)."""
-    def patch(act: torch.Tensor, hook) -> torch.Tensor:
-        act = act.clone()
-        act[(slice(None), *index)] = value.to(act.dtype)
-        return act
-    return patch
+_RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
 
 
 def _contrast(baseline, clean, count, horizon, axis=-1):

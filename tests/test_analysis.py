@@ -233,6 +233,60 @@ def test_resample_activations_rejects_bad_rows_and_names(model, data):
         I.resample_activations(model, x, patches, [torch.arange(10)], lengths=torch.full((3,), 4))
 
 
+@pytest.mark.parametrize("patches", [
+    [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))],  # resumes at block 1
+    [("hook_embed", (3,))],  # outside the blocks: full run
+])
+def test_resample_together_equals_patching_from_the_resampled_rows(model, data, patches):
+    x = data.toks[:60]
+    g = torch.Generator().manual_seed(5)
+    groups = [[torch.arange(60), torch.randint(60, (60,), generator=g)], [torch.randperm(60, generator=g)]]
+    outputs = I.resample_together(model, x, patches, groups)
+    assert [len(o) for o in outputs] == [2, 1]
+    for group, outs in zip(groups, outputs):
+        for r, out in zip(group, outs):
+            torch.testing.assert_close(out, I.patch_activations(model, x, x[r], patches), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[0][0], model(x), atol=1e-6, rtol=1e-6)  # every row from itself
+    with pytest.raises(InputError, match="at least one set"):
+        I.resample_together(model, x, patches, [[]])
+    with pytest.raises(InputError, match="index the batch"):
+        I.resample_together(model, x, patches, [[torch.arange(60) + 1]])
+
+
+def _full_forward_of_the_group(model, x, patches, group):
+    """The group's sets in one forward of the whole model on the repeated inputs (no resume)."""
+    _, cache = model.run_with_cache(x, names=[n for n, _ in patches])
+    source = torch.cat(group)
+    hooks = [(n, I._overwrite(index, cache[n][(slice(None), *index)][source])) for n, index in patches]
+    with torch.no_grad():
+        return list(model.run_with_hooks(x.repeat(len(group), 1), fwd_hooks=hooks).split(len(x)))
+
+
+def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_full_batch(model, data):
+    """A mean ablation's batch mean (and the padding rows its tracker notes at hook_embed) depend on
+    the batch: a model with permanent hooks is never resumed mid-way, and each group's sets share one
+    batch. Its results are the mutant's own (not the clean model's), also when memoised."""
+    from circuits import mutations as M
+
+    x = data.toks[:60]
+    patches = [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))]
+    g = torch.Generator().manual_seed(6)
+    groups = [[torch.arange(60), torch.randint(60, (60,), generator=g)]]
+    mutant = M.mean_ablate_head(model, 1, 0)
+    assert I._resume_layer(mutant, [n for n, _ in patches]) == 0
+    assert I._resume_layer(model, [n for n, _ in patches]) == 1
+    got = I.resample_together(mutant, x, patches, groups)[0]
+    for a, b in zip(got, _full_forward_of_the_group(mutant, x, patches, groups[0])):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same computation
+    memo = A.ModelMemo()
+    key = ("resampled", 1, 0)
+    clean = memo.get(model, key, lambda: I.resample_together(model, x, patches, groups))
+    for mutated in (mutant, M.mean_ablate_head(model, 1, 0), I.zero_ablate_head(model, 1, 0)):
+        served = memo.get(mutated, key, lambda: I.resample_together(mutated, x, patches, groups))
+        torch.testing.assert_close(served[0][1], I.resample_together(mutated, x, patches, groups)[0][1])
+        assert not torch.allclose(served[0][1], clean[0][1]), "a mutant was served the clean model's result"
+
+
 def test_start_at_layer_from_the_cached_residual_is_the_forward(model, data):
     x = data.toks[:40]
     names = [f"blocks.{l}.hook_resid_pre" for l in range(1, model.cfg.n_layers)]
