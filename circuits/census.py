@@ -279,6 +279,7 @@ def accuracy(name: str, recipe: str, seeds: Sequence[int], root) -> dict:
     """seed -> {test_acc, n_test, lo, hi}: each model's card test accuracy (the final held-out set,
     scored once after training) with its Wilson 95% interval; None where the card has none."""
     from . import zoo
+    from .report.views import held_out
     from .store import ModelStore
 
     zname = zoo_name(name, recipe)
@@ -287,13 +288,8 @@ def accuracy(name: str, recipe: str, seeds: Sequence[int], root) -> dict:
     out = {}
     for seed in seeds:
         card = zoo.find_card(zname, seed, store=ModelStore(root))
-        acc = None if card is None else (card.get("metrics") or {}).get("test_acc")
-        if acc is None or not n_test:
-            out[str(seed)] = None
-            continue
-        lo, hi = wilson(int(round(acc * n_test)), n_test)
-        out[str(seed)] = {"test_acc": acc, "n_test": n_test, "lo": lo, "hi": hi,
-                          "steps": card.get("steps"), "wall_time": card.get("wall_time")}
+        h = None if card is None else held_out(card.get("metrics"), n_test)
+        out[str(seed)] = None if h is None else {**h, "steps": card.get("steps"), "wall_time": card.get("wall_time")}
     return out
 
 

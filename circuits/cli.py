@@ -153,7 +153,13 @@ def cmd_card(args) -> int:
 
 
 def _print_card(card: dict) -> int:
+    from .report.views import held_out
+
     card = dict(card)
+    interval = held_out(card.get("metrics"), zoo.card_n_test(card))
+    if interval is not None:  # derived here, not stored: the stored card stays what training wrote
+        card["test_acc_wilson95"] = {"n_test": interval["n_test"], "lo": round(interval["lo"], 6),
+                                     "hi": round(interval["hi"], 6)}
     if "history" in card:
         card["history"] = f"<{len(card['history'])} rows>"
     print(json.dumps(card, indent=2, sort_keys=True))

@@ -296,9 +296,16 @@ class LoadedModel:
         return model_info(self.entry.name, self.seed, self.card, self.source)
 
 
+def card_n_test(card: dict) -> int:
+    """The size of the card's final held-out test set (its spec's recipe; 0 without one)."""
+    train = ((card.get("spec") or {}).get("train") or {}) if isinstance(card, dict) else {}
+    return int(train.get("n_test") or 0)
+
+
 def model_info(name: str, seed: int, card: dict, source: str) -> dict:
     """The report's record of a model (`circuits.pytest_plugin.note_model`), from its card."""
     return {
+        "n_test": card_n_test(card),
         "name": name,
         "seed": seed,
         "key": card.get("key"),

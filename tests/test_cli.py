@@ -141,3 +141,13 @@ def test_sweep_bad_settings_are_one_line(tmp_path):
     one_line_error(out, "workers must be a positive integer")
     out = cli("sweep", "nope", "--seeds", "0", env={"CIRCUITS_CACHE": str(tmp_path)})
     one_line_error(out, "unknown model 'nope'")
+
+
+def test_card_shows_the_test_accuracys_interval(capsys):
+    """The bracket reference's card: its 100k-string test accuracy and the Wilson 95% interval."""
+    from circuits.cli import main
+
+    assert main(["card", "brackets"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    acc, wil = card["metrics"]["test_acc"], card["test_acc_wilson95"]
+    assert wil["n_test"] == 100_000 and wil["lo"] < acc < wil["hi"] and wil["hi"] - wil["lo"] < 0.0005

@@ -293,6 +293,21 @@ def test_models_table_puts_held_out_metrics_first():
     assert "test_acc 0.899, test_loss 0.25, eval_acc 0.91, eval_loss 0.3" in html
 
 
+def test_held_out_accuracy_carries_its_test_sets_interval_in_html_and_markdown():
+    """Issue 17: a test accuracy is shown with its Wilson 95% interval over the test set's size."""
+    from circuits.report.views import held_out
+
+    h = held_out({"test_acc": 0.999}, 100_000)
+    assert h["lo"] < 0.999 < h["hi"] and h["hi"] - h["lo"] == pytest.approx(0.000392, abs=2e-5)
+    assert held_out({"test_acc": 0.999}, 0) is None and held_out({"eval_acc": 0.9}, 1000) is None
+    models = [{"name": "m", "seed": 3, "source": "cache", "n_test": 100_000, "metrics": {"test_acc": 0.999, "eval_acc": 0.95}},
+              {"name": "no_test", "seed": 0, "source": "reference", "n_test": 0, "metrics": {"eval_acc": 0.5}}]
+    html = render_html({"run_id": "x", "claims": [], "tests": [], "models": models}, ".")
+    assert "test_acc 99.900% [99.878%, 99.918%] (Wilson 95%, 100,000 held out); eval_acc 0.95" in html
+    md = rp.render_markdown({"run_id": "x", "claims": [], "models": models})
+    assert "| `m` | 3 | cache | 99.900% [99.878%, 99.918%] | 100,000 |" in md and "no_test" not in md
+
+
 def test_one_line_summary_and_terminal_end():
     report = sample_collector().build(run_id="r1")
     line = rp.one_line_summary(report)

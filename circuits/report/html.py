@@ -20,7 +20,7 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
-from .views import (anchor, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
+from .views import (anchor, held_out, held_out_text, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
                     modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness,
                     test_groups, where)
 
@@ -470,6 +470,13 @@ def _power_matrix(report: dict, module: str) -> str:
 # --- the rest ----------------------------------------------------------------------------------------------
 
 
+def _metrics_cell(m: dict) -> str:
+    """Held-out accuracy with its interval first (when the model has a test set), then the rest."""
+    h = held_out(m.get("metrics"), m.get("n_test"))
+    rest = metrics_text({k: v for k, v in (m.get("metrics") or {}).items() if not (h and k == "test_acc")})
+    return "; ".join(t for t in (held_out_text(h), rest) if t)
+
+
 def _models(report: dict) -> str:
     models = report.get("models", [])
     if not models:
@@ -484,7 +491,7 @@ def _models(report: dict) -> str:
         wt = m.get("wall_time")
         out.append(f'<tr><td><code>{_e(m.get("name"))}</code></td><td>{_e(m.get("seed"))}</td>'
                    f'<td>{_e(m.get("source"))}</td><td class="m">{_e(key)}</td>'
-                   f'<td class="sub">{_e(metrics_text(m.get("metrics")))}</td>'
+                   f'<td class="sub">{_e(_metrics_cell(m))}</td>'
                    f'<td class="num">{f"{wt:.1f} s" if isinstance(wt, (int, float)) else "—"}</td></tr>')
         try:
             svg = training_curves_svg(m)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
-from .views import (cell_verdict, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
+from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
                     one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, test_label, where)
 
 __all__ = ["render_markdown", "md_escape", "md_code"]
@@ -67,7 +67,22 @@ def render_markdown(report: dict) -> str:
                          f"{fmt_margin(c.get('margin'))} | {RESULT.get(c['status'], c['status'])} | {ctl} |")
         lines.append("")
         lines += _power(report, module)
+    lines += _held_out(report)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _held_out(report: dict) -> list[str]:
+    """Each model's held-out test accuracy with its Wilson 95% interval (models with a test set)."""
+    rows = [(m, held_out(m.get("metrics"), m.get("n_test"))) for m in report.get("models", [])]
+    rows = [(m, h) for m, h in rows if h]
+    if not rows:
+        return []
+    lines = ["### Models: held-out accuracy", "", "| model | seed | source | test accuracy [Wilson 95%] | test set |",
+             "|---|---|---|---|---:|"]
+    for m, h in rows:
+        lines.append(f"| {md_code(m.get('name'))} | {md_escape(m.get('seed'))} | {md_escape(m.get('source'))} | "
+                     f"{h['test_acc']:.3%} [{h['lo']:.3%}, {h['hi']:.3%}] | {h['n_test']:,} |")
+    return lines + [""]
 
 
 def _rollup(report: dict) -> list[str]:

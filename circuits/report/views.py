@@ -16,7 +16,7 @@ from .machine import commit_text
 
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
-           "test_groups", "power_matrix", "robustness", "wilson_interval", "ordered_metrics", "binding_text",
+           "test_groups", "power_matrix", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics", "binding_text",
            "commit_text"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -306,6 +306,23 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def held_out(metrics: dict | None, n_test: int | None) -> dict | None:
+    """A model's held-out test accuracy with its Wilson 95% interval over the test set's size
+    (issue 17: a 10k set cannot certify 99.9%, a 100k one can to about +-0.02%); None without both."""
+    acc = (metrics or {}).get("test_acc")
+    if not isinstance(acc, (int, float)) or not n_test:
+        return None
+    lo, hi = wilson_interval(int(round(acc * n_test)), int(n_test))
+    return {"test_acc": float(acc), "n_test": int(n_test), "lo": lo, "hi": hi}
+
+
+def held_out_text(h: dict | None) -> str:
+    """``test_acc 99.965% [99.951%, 99.975%] on 100,000 fresh`` (empty without a test set)."""
+    if not h:
+        return ""
+    return f"test_acc {h['test_acc']:.3%} [{h['lo']:.3%}, {h['hi']:.3%}] (Wilson 95%, {h['n_test']:,} held out)"
 
 
 def robustness(report: dict) -> list[dict]:
