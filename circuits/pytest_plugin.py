@@ -173,6 +173,15 @@ class CircuitsPlugin(CircuitsSession):
             if any(f in names for f in CIRCUITS_FIXTURES):
                 item.user_properties.append(("circuits_test", _test_meta(item)))
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """``--seeds``: the models the collected tests need, trained up front by the sweep runner (in
+        parallel); under xdist one worker does it while the others' fixtures wait on the store's lock."""
+        worker = getattr(session.config, "workerinput", {}).get("workerid")
+        if self.options.seeds and worker in (None, "gw0") and not session.config.option.collectonly:
+            from .zoo_fixtures import pretrain
+
+            pretrain(session.config, self.options, session.items)
+
     # -- running --
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: Any) -> Iterator[None]:

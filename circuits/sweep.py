@@ -227,9 +227,10 @@ class _Progress:
 
 def run_sweep(name_or_entry, seeds: Sequence[int], *, backend: str = "local", root=None, device: str = "cpu",
               workers: Optional[int] = None, address: Optional[str] = None, stream=None,
-              retries: int = 1) -> SweepResult:
+              retries: int = 1, train_references: bool = False) -> SweepResult:
     """Train every seed of ``name_or_entry`` (a zoo name, ``name@recipe``, or a ZooEntry) that the store
-    at ``root`` (default: $CIRCUITS_CACHE or ./.circuits-cache) lacks; reuse the others."""
+    at ``root`` (default: $CIRCUITS_CACHE or ./.circuits-cache) lacks; reuse the others. A seed with a
+    committed reference checkpoint is left alone unless ``train_references`` (``pytest --retrain``)."""
     from .seeds import check_seed
     from .store import default_root, spec_key
 
@@ -245,7 +246,7 @@ def run_sweep(name_or_entry, seeds: Sequence[int], *, backend: str = "local", ro
     result = SweepResult(entry.name)
     progress = _Progress(entry.name, len(seeds), stream)
     todo = []
-    committed = {s for s in entry.ref_seeds() if _has_reference(entry, s)}
+    committed = set() if train_references else {s for s in entry.ref_seeds() if _has_reference(entry, s)}
     for seed in seeds:
         if seed in committed:  # every loader serves a reference seed from its committed checkpoint
             result.reused.append(seed)

@@ -22,7 +22,7 @@ import pytest
 
 from .session import RunOptions, note_model
 
-__all__ = ["ZooSession", "fixture_module"]
+__all__ = ["ZooSession", "fixture_module", "pretrain"]
 
 
 class ZooSession:
@@ -63,6 +63,38 @@ class ZooSession:
 
         return zoo.load(self.options.model_name(name), seed, retrain=self.options.retrain,
                         device=self.options.device, store=self.store(), progress=progress)
+
+
+def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=None) -> dict:
+    """``--seeds``: train every (model, seed) the collected tests will ask for and the store lacks,
+    before the first test, through the sweep runner (in parallel, one progress view), instead of one
+    after another inside fixtures. Returns zoo name -> SweepResult; a failed training is left to the
+    test that needs it, which then fails with the training's own error."""
+    from . import zoo
+    from .sweep import run_sweep
+
+    if not options.seeds:
+        return {}
+    by_fixture = {fixture_name(n): n for n in zoo.names()}
+    wanted = []
+    for item in items:
+        for f in getattr(item, "fixturenames", ()):
+            name = options.model_name(by_fixture[f]) if f in by_fixture else None
+            if name is not None and name not in wanted:
+                wanted.append(name)
+    root = options.run_dir / "models" if options.retrain else _cache_dir(config)
+    out = {}
+    capman = config.pluginmanager.getplugin("capturemanager")
+    for name in wanted:
+        def sweep():
+            return run_sweep(name, list(options.seeds), root=root, device=options.device,
+                             stream=stream or sys.__stderr__, train_references=options.retrain)
+        if capman is not None:  # progress on the screen, not swallowed by capture
+            with capman.global_and_fixture_disabled():
+                out[name] = sweep()
+        else:
+            out[name] = sweep()
+    return out
 
 
 def _cache_dir(config: pytest.Config):

@@ -114,3 +114,26 @@ def test_a_pool_worker_ends_when_its_sweep_is_killed(tmp_path):
         pytest.fail("the worker outlived its killed parent by 30 s")
     finally:
         proc.kill()
+
+
+def test_pytest_seeds_trains_what_the_tests_need_up_front_through_the_sweep(pytester, monkeypatch):
+    """`pytest --seeds 0-1`: the collected tests' models are trained before the first test by the
+    sweep runner (parallel, one progress view), and read from the store on the next run."""
+    from test_mutations import ZOO_CONFTEST
+
+    monkeypatch.setenv("CIRCUITS_CACHE", str(pytester.path / "cache"))
+    pytester.makeconftest(ZOO_CONFTEST)
+    pytester.makepyfile(test_user='''
+        def test_width(mine_model, claim):
+            claim.holds("a trained model of the entry", mine_model.cfg.d_model == 8)
+    ''')
+    first = pytester.runpytest_subprocess("--no-report", "--seeds", "0-1")
+    first.assert_outcomes(passed=2)
+    err = first.stderr.str()
+    assert "mine seed 0: trained in" in err and "mine seed 1: trained in" in err, err
+    again = pytester.runpytest_subprocess("--no-report", "--seeds", "0-1")
+    again.assert_outcomes(passed=2)
+    assert again.stderr.str().count("in the store, reused") == 2 and "trained in" not in again.stderr.str()
+    # --collect-only trains nothing
+    collected = pytester.runpytest_subprocess("--no-report", "--seeds", "2", "--collect-only")
+    assert "mine seed 2" not in collected.stderr.str()
