@@ -6,7 +6,7 @@
                                     train into the model store, or reuse the model it has (or
                                     wait for another process training it); --force retrains;
                                     --update-reference also writes fixtures/models/NAME.* (a reference seed)
-  sweep NAME --seeds 0-19 [--backend local|ray] [--address A] [--device D] [--workers N]
+  sweep NAME|'PATTERN' --seeds 0-19 [--backend local|ray] [--address A] [--device D] [--workers N]
                                     train the seeds the store lacks in parallel, reuse the rest
   card NAME [--seed S]              print the JSON card of the reference (reference seeds) or cached model
   (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paths, zoo
-from .errors import CircuitsError
+from .errors import CircuitsError, InputError
 
 
 def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
@@ -128,15 +128,30 @@ def _train_or_reuse(name: str, seed: int, *, device: str, force: bool, root, tim
 
 def cmd_sweep(args) -> int:
     from .seeds import parse_seeds
-    from .sweep import check_run_settings, run_sweep
+    from .sweep import check_run_settings, run_sweeps
 
     check_run_settings(args.device)  # before anything starts
     seeds = parse_seeds(args.seeds)
-    result = run_sweep(args.name, seeds, backend=args.backend, address=args.address, device=args.device,
-                       workers=args.workers)
-    print(f"{result.name}: {len(result.trained)} trained, {len(result.reused)} reused, {len(result.failed)} failed"
-          + (f" (seeds {sorted(result.failed)})" if result.failed else ""), file=sys.stderr)
-    return 0 if result.ok else 1
+    results = run_sweeps(sweep_names(args.name), seeds, backend=args.backend, address=args.address,
+                         device=args.device, workers=args.workers)
+    for result in results.values():
+        print(f"{result.name}: {len(result.trained)} trained, {len(result.reused)} reused, {len(result.failed)} failed"
+              + (f" (seeds {sorted(result.failed)})" if result.failed else ""), file=sys.stderr)
+    return 0 if all(r.ok for r in results.values()) else 1
+
+
+def sweep_names(pattern: str) -> list[str]:
+    """A zoo name (``brackets``, ``brackets@label_only``) or a shell pattern over the zoo's names and
+    variants (``'assoc_exp2_*'``: a whole grid in one pool); a pattern matching nothing is an error."""
+    import fnmatch
+
+    if not any(c in pattern for c in "*?["):
+        zoo.get_entry(pattern)  # an unknown name: the zoo's own one-line error
+        return [pattern]
+    found = [n for n in zoo.names(include_variants=True) if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        raise InputError(f"sweep: no zoo entry matches {pattern!r} (python -m circuits list shows them)")
+    return found
 
 
 def cmd_card(args) -> int:
@@ -210,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even if the model store has the model")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("sweep", help="train many seeds in parallel (what the store lacks)")
-    p.add_argument("name", help="zoo name, or NAME@recipe")
+    p.add_argument("name", help="zoo name, NAME@recipe, or a quoted pattern such as 'assoc_exp2_*'")
     p.add_argument("--seeds", required=True, help="e.g. 0-19, 1,3 or 2")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")

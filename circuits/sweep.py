@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import SettingError
 
-__all__ = ["SweepResult", "default_workers", "run_sweep", "train_or_reuse", "check_run_settings"]
+__all__ = ["SweepResult", "default_workers", "run_sweep", "run_sweeps", "train_or_reuse", "check_run_settings"]
 
 BACKENDS = ("local", "ray")
 
@@ -209,15 +209,15 @@ def _summary(card: dict) -> str:
 class _Progress:
     """One line per finished model and a running counter (plain lines: readable in CI logs too)."""
 
-    def __init__(self, name: str, total: int, stream=None):
-        self.name, self.total, self.done = name, total, 0
+    def __init__(self, total: int, stream=None):
+        self.total, self.done = total, 0
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
 
-    def line(self, seed, status: str, detail: str = "") -> None:
+    def line(self, name: str, seed, status: str, detail: str = "") -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.start
-        self.stream.write(f"[{self.done}/{self.total} {elapsed:6.1f}s] {self.name} seed {seed}: {status}"
+        self.stream.write(f"[{self.done}/{self.total} {elapsed:6.1f}s] {name} seed {seed}: {status}"
                           f"{'  ' + detail if detail else ''}\n")
         self.stream.flush()
 
@@ -225,14 +225,21 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------- sweeps
 
 
-def run_sweep(name_or_entry, seeds: Sequence[int], *, backend: str = "local", root=None, device: str = "cpu",
-              workers: Optional[int] = None, address: Optional[str] = None, stream=None,
-              retries: int = 1, train_references: bool = False) -> SweepResult:
+def run_sweep(name_or_entry, seeds: Sequence[int], **options) -> SweepResult:
     """Train every seed of ``name_or_entry`` (a zoo name, ``name@recipe``, or a ZooEntry) that the store
     at ``root`` (default: $CIRCUITS_CACHE or ./.circuits-cache) lacks; reuse the others. A seed with a
-    committed reference checkpoint is left alone unless ``train_references`` (``pytest --retrain``)."""
+    committed reference checkpoint is left alone unless ``train_references`` (``pytest --retrain``).
+    Options as `run_sweeps`."""
+    return next(iter(run_sweeps([name_or_entry], seeds, **options).values()))
+
+
+def run_sweeps(names_or_entries: Sequence, seeds: Sequence[int], *, backend: str = "local", root=None,
+               device: str = "cpu", workers: Optional[int] = None, address: Optional[str] = None, stream=None,
+               retries: int = 1, train_references: bool = False) -> dict:
+    """`run_sweep` over several entries at once (a grid: ``assoc_exp2_*``), all their trainings in one
+    pool so the cores stay busy across entries; returns entry name -> SweepResult, in the given order."""
     from .seeds import check_seed
-    from .store import default_root, spec_key
+    from .store import spec_key
 
     if backend not in BACKENDS:
         raise SettingError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -240,61 +247,65 @@ def run_sweep(name_or_entry, seeds: Sequence[int], *, backend: str = "local", ro
         raise SettingError(f"workers must be a positive integer, got {workers!r}")
     device, folder, _ = check_run_settings(device, None)
     root = Path(root) if root is not None else folder
-    entry = _resolve(name_or_entry)
+    entries = [_resolve(e) for e in names_or_entries]
     seeds = [check_seed(s) for s in seeds]
     store = _store(root)
-    result = SweepResult(entry.name)
-    progress = _Progress(entry.name, len(seeds), stream)
-    todo = []
-    committed = set() if train_references else {s for s in entry.ref_seeds() if _has_reference(entry, s)}
-    for seed in seeds:
-        if seed in committed:  # every loader serves a reference seed from its committed checkpoint
-            result.reused.append(seed)
-            progress.line(seed, "a committed reference checkpoint, not trained")
-        elif store.verify(spec_key(entry.spec(seed)))[0] == "ok":
-            result.reused.append(seed)
-            progress.line(seed, "in the store, reused")
-        else:
-            todo.append(seed)
-    if todo:
-        portable = _portable(entry)
+    results = {e.name: SweepResult(e.name) for e in entries}
+    progress = _Progress(len(entries) * len(seeds), stream)
+    jobs = []  # (portable entry, name, seed)
+    for entry in entries:
+        committed = set() if train_references else {s for s in entry.ref_seeds() if _has_reference(entry, s)}
+        portable = None
+        for seed in seeds:
+            if seed in committed:  # every loader serves a reference seed from its committed checkpoint
+                results[entry.name].reused.append(seed)
+                progress.line(entry.name, seed, "a committed reference checkpoint, not trained")
+            elif store.verify(spec_key(entry.spec(seed)))[0] == "ok":
+                results[entry.name].reused.append(seed)
+                progress.line(entry.name, seed, "in the store, reused")
+            else:
+                portable = _portable(entry) if portable is None else portable
+                jobs.append((portable, entry.name, seed))
+    if jobs:
         runner = _run_local if backend == "local" else _run_ray
-        runner(portable, todo, root, device, workers, address, retries, result, progress)
-    return result
+        runner(jobs, root, device, workers, address, retries, results, progress)
+    return results
 
 
-def _run_local(entry, seeds, root, device, workers, address, retries, result, progress):
+def _run_local(jobs, root, device, workers, address, retries, results, progress):
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     if address is not None:
         raise SettingError("--address is for the ray backend (the local backend runs on this machine)")
-    n = min(workers or default_workers(), len(seeds))
+    n = min(workers or default_workers(), len(jobs))
     # spawn, not fork: a forked child inherits torch's thread pools mid-state (and can hang in them)
     with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        attempts = {seed: 0 for seed in seeds}
-        futures = {pool.submit(_local_worker, entry, seed, str(root), device): seed for seed in seeds}
+        attempts = {job[1:]: 0 for job in jobs}
+        futures = {pool.submit(_local_worker, entry, seed, str(root), device): (entry, name, seed)
+                   for entry, name, seed in jobs}
         while futures:
             finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
             for fut in finished:
-                seed = futures.pop(fut)
+                entry, name, seed = futures.pop(fut)
+                result = results[name]
                 try:
                     how, summary, seconds = fut.result()
                 except Exception as e:  # noqa: BLE001 - retried, then reported by name
-                    attempts[seed] += 1
-                    if attempts[seed] <= retries:
-                        futures[pool.submit(_local_worker, entry, seed, str(root), device)] = seed
+                    attempts[name, seed] += 1
+                    if attempts[name, seed] <= retries:
+                        futures[pool.submit(_local_worker, entry, seed, str(root), device)] = (entry, name, seed)
                     else:
                         result.failed[seed] = f"{type(e).__name__}: {e}".splitlines()[0]
-                        progress.line(seed, f"FAILED after {retries + 1} tries", result.failed[seed])
+                        progress.line(name, seed, f"FAILED after {retries + 1} tries", result.failed[seed])
                     continue
                 (result.trained if how == "trained" else result.reused).append(seed)
                 label = {"trained": f"trained in {seconds:.1f}s", "reused": "in the store, reused",
                          "waited": "trained by another process, reused"}[how]
-                progress.line(seed, label, summary)
+                progress.line(name, seed, label, summary)
 
 
-def _run_ray(entry, seeds, root, device, workers, address, retries, result, progress):
+def _run_ray(jobs, root, device, workers, address, retries, results, progress):
     try:
         import ray
     except ImportError:
@@ -312,21 +323,21 @@ def _run_ray(entry, seeds, root, device, workers, address, retries, result, prog
         if device.startswith("cuda"):
             resources["num_gpus"] = 1
         task = ray.remote(max_retries=retries, retry_exceptions=True, **resources)(_ray_task)
-        pending = {task.remote(entry, seed, device): seed for seed in seeds}
+        pending = {task.remote(entry, seed, device): (entry, name, seed) for entry, name, seed in jobs}
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            seed = pending.pop(ref)
+            entry, name, seed = pending.pop(ref)
+            result = results[name]
             try:
                 data, card, seconds = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - already retried by Ray
                 cause = getattr(e, "cause", None) or e
                 result.failed[seed] = f"{type(cause).__name__}: {cause}".splitlines()[0]
-                progress.line(seed, f"FAILED after {retries + 1} tries", result.failed[seed])
+                progress.line(name, seed, f"FAILED after {retries + 1} tries", result.failed[seed])
                 continue
-            entry_obj = _resolve(entry)
-            store.put(entry_obj.spec(seed), data, card)
+            store.put(_resolve(entry).spec(seed), data, card)
             result.trained.append(seed)
-            progress.line(seed, f"trained in {seconds:.1f}s (ray)", _summary(card))
+            progress.line(name, seed, f"trained in {seconds:.1f}s (ray)", _summary(card))
     finally:
         if started_here:
             ray.shutdown()

@@ -137,3 +137,32 @@ def test_pytest_seeds_trains_what_the_tests_need_up_front_through_the_sweep(pyte
     # --collect-only trains nothing
     collected = pytester.runpytest_subprocess("--no-report", "--seeds", "2", "--collect-only")
     assert "mine seed 2" not in collected.stderr.str()
+
+
+def test_one_pool_over_several_entries_and_patterns(tmp_path, capsys):
+    """`sweep 'pattern'`: a grid of entries in one pool; unknown names and empty patterns are one line."""
+    from circuits import cli, zoo
+    from circuits.errors import InputError, UnknownModelError
+    from circuits.sweep import run_sweeps
+
+    a, b = tiny_entry("tiny_grid_a"), tiny_entry("tiny_grid_b")
+    log = io.StringIO()
+    results = run_sweeps([a, b], [1, 2], root=tmp_path, workers=2, stream=log)
+    assert list(results) == ["tiny_grid_a", "tiny_grid_b"]
+    assert all(r.ok and sorted(r.trained) == [1, 2] for r in results.values())
+    lines = log.getvalue().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    _hashes(tmp_path, a, [1, 2]), _hashes(tmp_path, b, [1, 2])  # both entries' seeds are in the store
+    zoo.register(a)
+    zoo.register(b)
+    try:
+        assert cli.sweep_names("tiny_grid_*") == ["tiny_grid_a", "tiny_grid_b"]
+        assert cli.sweep_names("brackets@label_o?ly") == ["brackets@label_only"]
+        with pytest.raises(InputError, match=r"no zoo entry matches 'nothing_\*'"):
+            cli.sweep_names("nothing_*")
+        with pytest.raises(UnknownModelError):
+            cli.sweep_names("nothing")
+    finally:
+        for e in (a, b):
+            zoo.ZOO.pop(e.name, None)
+            zoo._SOURCES.pop(e.name, None)
