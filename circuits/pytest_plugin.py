@@ -174,10 +174,12 @@ class CircuitsPlugin(CircuitsSession):
                 item.user_properties.append(("circuits_test", _test_meta(item)))
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """``--seeds``: the models the collected tests need, trained up front by the sweep runner (in
-        parallel); under xdist one worker does it while the others' fixtures wait on the store's lock."""
+        """``--seeds`` / ``--full-sweep``: the models the collected tests need (zoo_fixtures.sweep_plan),
+        trained up front by the sweep runner (in parallel); under xdist one worker does it while the
+        others' fixtures wait on the store's lock."""
         worker = getattr(session.config, "workerinput", {}).get("workerid")
-        if self.options.seeds and worker in (None, "gw0") and not session.config.option.collectonly:
+        wanted = self.options.seeds or self.options.full_sweep
+        if wanted and worker in (None, "gw0") and not session.config.option.collectonly:
             from .zoo_fixtures import pretrain
 
             pretrain(session.config, self.options, session.items)

@@ -22,7 +22,7 @@ import pytest
 
 from .session import RunOptions, note_model
 
-__all__ = ["ZooSession", "fixture_module", "pretrain"]
+__all__ = ["ZooSession", "fixture_module", "pretrain", "sweep_plan", "SWEEP_PLAN"]
 
 
 class ZooSession:
@@ -65,35 +65,61 @@ class ZooSession:
                         device=self.options.device, store=self.store(), progress=progress)
 
 
-def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=None) -> dict:
-    """``--seeds``: train every (model, seed) the collected tests will ask for and the store lacks,
-    before the first test, through the sweep runner (in parallel, one progress view), instead of one
-    after another inside fixtures. Returns zoo name -> SweepResult; a failed training is left to the
-    test that needs it, which then fails with the training's own error."""
-    from . import zoo
-    from .sweep import run_sweep
+SWEEP_PLAN = "circuits_sweep_plan"  # a hypothesis module's fn(RunOptions) -> [(zoo name, seeds), ...]
 
-    if not options.seeds:
-        return {}
+
+def sweep_plan(options: RunOptions, items: list) -> dict:
+    """seeds -> the zoo names to train for them before the first test: with ``--seeds``, the model
+    fixtures the collected tests use; and what each collected module's ``circuits_sweep_plan(options)``
+    asks for (models a test loads by name, e.g. a paper's grid under ``--full-sweep``)."""
+    from . import zoo
+
+    plan: dict = {}
+
+    def want(name: str, seeds) -> None:
+        names = plan.setdefault(tuple(seeds), [])
+        if name not in names:
+            names.append(name)
+
     by_fixture = {fixture_name(n): n for n in zoo.names()}
-    wanted = []
+    modules = []
     for item in items:
-        for f in getattr(item, "fixturenames", ()):
-            name = options.model_name(by_fixture[f]) if f in by_fixture else None
-            if name is not None and name not in wanted:
-                wanted.append(name)
+        if options.seeds:
+            for f in getattr(item, "fixturenames", ()):
+                if f in by_fixture:
+                    want(options.model_name(by_fixture[f]), options.seeds)
+        module = getattr(item, "module", None)
+        if module is not None and module not in modules:
+            modules.append(module)
+    for module in modules:
+        fn = getattr(module, SWEEP_PLAN, None)
+        for name, seeds in (fn(options) if callable(fn) else ()):
+            want(name, seeds)
+    return plan
+
+
+def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=None) -> dict:
+    """Train every (model, seed) of `sweep_plan` that the store lacks before the first test, through
+    the sweep runner (in parallel, one progress view) instead of one after another inside fixtures.
+    Returns zoo name -> SweepResult; a failed training is left to the test that needs it, which then
+    fails with the training's own error."""
+    from .sweep import run_sweeps
+
+    plan = sweep_plan(options, items)
+    if not plan:
+        return {}
     root = options.run_dir / "models" if options.retrain else _cache_dir(config)
     out = {}
     capman = config.pluginmanager.getplugin("capturemanager")
-    for name in wanted:
+    for seeds, names in plan.items():
         def sweep():
-            return run_sweep(name, list(options.seeds), root=root, device=options.device,
-                             stream=stream or sys.__stderr__, train_references=options.retrain)
+            return run_sweeps(names, list(seeds), root=root, device=options.device,
+                              stream=stream or sys.__stderr__, train_references=options.retrain)
         if capman is not None:  # progress on the screen, not swallowed by capture
             with capman.global_and_fixture_disabled():
-                out[name] = sweep()
+                out.update(sweep())
         else:
-            out[name] = sweep()
+            out.update(sweep())
     return out
 
 

@@ -427,6 +427,17 @@ REFERENCE_POINTS = {"exp2": A.EXP2_REFERENCE_POINTS, "exp3": A.EXP3_REFERENCE_PO
 EXP6_ONE_SEED_TOLERANCE = 0.10
 
 
+def circuits_sweep_plan(options) -> list:
+    """``--full-sweep``: every grid point of experiments 1, 2, 3, 5 and 6 with its seeds, trained in
+    parallel by the sweep runner before the first test (the plugin calls this after collection)."""
+    if not options.full_sweep:
+        return []
+    seeds = tuple(options.seeds) or A.EXP1_FULL_SEEDS
+    names = [A.exp1(H).name for H in A.EXP1_HEADS]
+    names += [_sweep_entry(exp, x).name for exp, (grid, _) in SWEEPS.items() for x in grid]
+    return [(name, seeds) for name in dict.fromkeys(names)]
+
+
 def _sweep_entry(exp: str, x: int):
     if exp == "exp3" and x == 10 and x not in A.EXP3_REFERENCE_POINTS:
         return A.exp2(10)

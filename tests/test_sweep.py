@@ -166,3 +166,29 @@ def test_one_pool_over_several_entries_and_patterns(tmp_path, capsys):
         for e in (a, b):
             zoo.ZOO.pop(e.name, None)
             zoo._SOURCES.pop(e.name, None)
+
+
+def test_the_sweep_plan_reads_fixtures_under_seeds_and_each_modules_plan():
+    """What `pytest --seeds` / `--full-sweep` trains up front: the zoo fixtures the tests use (under
+    --seeds, through --variant) and each module's circuits_sweep_plan(options), once per name."""
+    from types import ModuleType, SimpleNamespace
+
+    from circuits.session import RunOptions
+    from circuits.zoo_fixtures import SWEEP_PLAN, sweep_plan
+
+    grid = ModuleType("grid_module")
+    setattr(grid, SWEEP_PLAN, lambda o: [("assoc_exp6_H01", (0, 1)), ("assoc_exp6_H05", (0, 1))] if o.full_sweep else [])
+    items = [SimpleNamespace(fixturenames=["brackets_model", "claim"], module=grid),
+             SimpleNamespace(fixturenames=["brackets_model", "palindromes_model"], module=grid)]
+
+    def options(**kw):
+        return SimpleNamespace(seeds=kw.get("seeds", ()), full_sweep=kw.get("full_sweep", False),
+                               model_name=lambda n: dict(kw.get("variants", ())).get(n, n))
+
+    assert sweep_plan(options(), items) == {}
+    assert sweep_plan(options(seeds=(1, 2)), items) == {(1, 2): ["brackets", "palindromes"]}
+    assert sweep_plan(options(seeds=(3,), variants=[("brackets", "brackets@arena_like")]), items) == {
+        (3,): ["brackets@arena_like", "palindromes"]}
+    assert sweep_plan(options(full_sweep=True), items) == {(0, 1): ["assoc_exp6_H01", "assoc_exp6_H05"]}
+    # the real options carry the fields the plan reads
+    assert {"seeds", "full_sweep"} <= set(RunOptions.__dataclass_fields__) and hasattr(RunOptions, "model_name")
