@@ -118,14 +118,14 @@ def decomposition_hook_names(model: Any, layer: Optional[int] = None) -> list[st
 
 
 class Deferred:
-    """A cache entry computed on first read from values fixed when the cache was made (the model's
-    run_with_cache stores per-head results this way when it also caches hook_z: see
-    `HookedTransformer.run_with_cache`). `fn()` must return what the forward's hook would have seen."""
+    """A cache entry computed on first read, as fn(*args), from values fixed when the cache was made
+    (the model's run_with_cache stores what its forward does not need this way: see
+    `HookedTransformer.run_with_cache`). It must return what the forward's hook would have seen."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "args")
 
-    def __init__(self, fn: Callable[[], torch.Tensor]):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., torch.Tensor], *args: Any):
+        self.fn, self.args = fn, args
 
 
 class ActivationCache(Mapping):
@@ -143,7 +143,7 @@ class ActivationCache(Mapping):
     def _value(self, name: str) -> torch.Tensor:
         value = self._store[name]
         if type(value) is Deferred:
-            value = self._store[name] = value.fn()
+            value = self._store[name] = value.fn(*value.args)
         return value
 
     def __getitem__(self, key: Union[str, tuple]) -> torch.Tensor:

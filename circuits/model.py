@@ -165,11 +165,7 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.hook_scale.fns or self.hook_normalized.fns):
             return F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
-        # one kernel for both: native_layer_norm returns (normalized, mean, 1/scale); aten::var is
-        # ~10x slower than it on CPU for these shapes. Given weight=1, bias=0 rather than None: its
-        # no-weight branch is a scalar loop on CPU, 1.8x slower at [1000, 42, 56] (x*1+0 is exact)
-        normalized, _, rstd = torch.native_layer_norm(x, self.w.shape, *self._identity_affine(), self.eps)
-        scale = rstd.reciprocal()  # [batch, pos, 1]
+        scale, normalized = layer_norm_parts(x, self.eps, self._identity_affine())
         hooked_scale = self.hook_scale(scale)
         if hooked_scale is not scale:  # a hook edited the scale: normalise with the edited one
             normalized = (x - x.mean(-1, keepdim=True)) / hooked_scale
@@ -188,6 +184,18 @@ class LayerNorm(nn.Module):
                         torch.zeros(w.shape, dtype=w.dtype, device=w.device))
             self.__dict__["_unit"] = unit
         return unit
+
+
+def layer_norm_parts(x: torch.Tensor, eps: float, unit: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hook_scale [..., 1], hook_normalized [..., d_model]) of a LayerNorm's input x; `unit` is its
+    (ones, zeros). A function of its arguments only, so a cache can compute it later from the cached
+    input (see HookedTransformer.run_with_cache).
+
+    One kernel for both: native_layer_norm returns (normalized, mean, 1/scale); aten::var is ~10x
+    slower on CPU for these shapes. Given weight 1 and bias 0 rather than None: its no-weight branch
+    is a scalar loop on CPU, 1.8x slower at [1000, 42, 56] (x * 1 + 0 is exact)."""
+    normalized, _, rstd = torch.native_layer_norm(x, unit[0].shape, unit[0], unit[1], eps)
+    return rstd.reciprocal(), normalized
 
 
 class Attention(nn.Module):
@@ -263,14 +271,17 @@ class Attention(nn.Module):
         h, d = self.n_heads, self.d_head
         qkv = F.linear(x, self.W_QKV.view(3 * h * d, -1), self.b_QKV.view(-1))  # [batch, pos, 3*head*d_head]
         q, k, v = qkv.view(B, P, 3, h, d).unbind(2)  # each [batch, pos, head, d_head]
-        if (self.hook_q.fns or self.hook_k.fns or self.hook_v.fns or self.hook_attn_scores.fns
-                or self.hook_pattern.fns or self.hook_z.fns):
+        if self.hook_q.fns or self.hook_k.fns or self.hook_v.fns:
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
+        if self.hook_attn_scores.fns or self.hook_pattern.fns:  # only these need the explicit path
             z = self._explicit_attention(q, k, v, mask)  # [batch, pos, head, d_head]
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
                 attn_mask=mask.sdpa_mask(), is_causal=self.causal and mask.causal_only,
             ).transpose(1, 2)  # [batch, pos, head, d_head]
+        if self.hook_z.fns:
+            z = self.hook_z(z)  # [batch, pos, head, d_head]
         if self.hook_result.fns:
             result = self.hook_result(head_results(z, self.W_O))  # [batch, pos, head, d_model]
             return result.sum(2) + self.b_O  # [batch, pos, d_model]
@@ -295,23 +306,30 @@ class Attention(nn.Module):
         return F.linear(z.reshape(B, 1, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, 1, d_model]
 
     def _explicit_attention(self, q, k, v, mask: "AttentionMask") -> torch.Tensor:
-        """Attention with every intermediate exposed. q, k, v: [batch, pos, head, d_head] views."""
+        """Attention with its scores and pattern exposed. q, k, v: [batch, pos, head, d_head]."""
         B, P, h, d = q.shape
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
-        q = q.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
-        k = k.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
-        v = v.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
-        scale = 1.0 / math.sqrt(d)
-        additive = mask.additive(q.dtype)
-        if additive is None:
-            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [batch*head, query_pos, key_pos]
-        else:  # one kernel for matmul, scale and mask: scores = mask + scale * q k^T
-            additive = additive.expand(B, h, -1, -1).reshape(B * h, -1, P)  # [batch*head, 1 or q, k]
-            scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=scale)
-        scores = self.hook_attn_scores(scores.view(B, h, P, P))  # [batch, head, query_pos, key_pos]
+        scores = self.hook_attn_scores(attention_scores(q, k, mask))  # [batch, head, query_pos, key_pos]
         pattern = self.hook_pattern(scores.softmax(-1))  # [batch, head, query_pos, key_pos]
+        v = v.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
         z = torch.bmm(pattern.reshape(B * h, P, P), v)  # [batch*head, pos, d_head]
-        return self.hook_z(z.view(B, h, P, d).transpose(1, 2))  # [batch, pos, head, d_head]
+        return z.view(B, h, P, d).transpose(1, 2)  # [batch, pos, head, d_head]
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
+    """hook_attn_scores: q k^T / sqrt(d_head) with masked entries shifted by MASKED_SCORE.
+    q, k: [batch, pos, head, d_head] -> [batch, head, query_pos, key_pos]. (A function of its
+    arguments only, so a cache can compute it later from the cached q and k: see run_with_cache.)"""
+    B, P, h, d = q.shape
+    q = q.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
+    k = k.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
+    scale = 1.0 / math.sqrt(d)
+    additive = mask.additive(q.dtype)
+    if additive is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [batch*head, query_pos, key_pos]
+    else:  # one kernel for matmul, scale and mask: scores = mask + scale * q k^T
+        additive = additive.expand(B, h, -1, -1).reshape(B * h, -1, P)  # [batch*head, 1 or q, k]
+        scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=scale)
+    return scores.view(B, h, P, P)  # [batch, head, query_pos, key_pos]
 
 
 class AttentionMask:
@@ -449,6 +467,60 @@ FULL_POSITION_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"
 READOUT_ONLY_MIN_BATCH = 2
 
 
+class _Deferral:
+    """Hook points (`outputs`, in the order of fn's results) whose values one function computes from
+    the values of the hook points `sources` (after every hook on them: what the forward computes
+    from), plus the forward's attention mask when `needs_mask`, plus `fixed()`: what of `owner` it
+    needs, taken when caching starts (a weight copy, so a later edit does not reach the cache). Built
+    once per model (deepcopy maps owner and hook points to the copy's); see _plan_deferred."""
+
+    __slots__ = ("outputs", "sources", "fn", "owner", "needs_mask")
+
+    def __init__(self, outputs, sources, fn, owner=None, needs_mask=False):
+        self.outputs, self.sources, self.fn, self.owner, self.needs_mask = outputs, sources, fn, owner, needs_mask
+
+    def fixed(self) -> tuple:
+        owner = self.owner
+        if owner is None:
+            return ()
+        if type(owner) is LayerNorm:
+            return (owner.eps,)
+        return (_weight_copy(owner.W_O),)  # an Attention
+
+
+class _Shared:
+    """One deferral's results, computed on the first read of any of them; then its inputs are let go."""
+
+    __slots__ = ("fn", "args", "values")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.values = fn, args, None
+
+    def value(self, j: int) -> torch.Tensor:
+        if self.values is None:
+            self.values, self.args = self.fn(*self.args), None
+        return self.values[j]
+
+
+def _head_results_of(z: torch.Tensor, W_O: torch.Tensor) -> tuple[torch.Tensor]:
+    return (head_results(z, W_O),)  # [batch, pos, head, d_model]
+
+
+def _scores_and_pattern(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> tuple[torch.Tensor, torch.Tensor]:
+    scores = attention_scores(q, k, mask)  # [batch, head, query_pos, key_pos]
+    return scores, scores.softmax(-1)  # as Attention._explicit_attention computes them
+
+
+def _layer_norm_parts_of(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    unit = (torch.ones(x.shape[-1], dtype=x.dtype, device=x.device),
+            torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
+    return layer_norm_parts(x, eps, unit)  # (scale, normalized), as LayerNorm.forward computes them
+
+
+def _weight_copy(w: torch.Tensor) -> torch.Tensor:
+    return w.clone() if not torch.is_grad_enabled() else w.detach().clone()
+
+
 class HookedTransformer(HookedRootModule):
     """Token (or vector) inputs -> logits at the configured read-out position(s).
 
@@ -458,6 +530,8 @@ class HookedTransformer(HookedRootModule):
       readout: override cfg.readout ("first" -> [batch, d_vocab_out], "last" -> [batch, d_vocab_out]
         at each row's last non-pad position, "all" -> [batch, pos, d_vocab_out]).
     """
+
+    _mask_sink: Optional[list] = None  # set by run_with_cache: deferred attention scores need the mask
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -517,41 +591,73 @@ class HookedTransformer(HookedRootModule):
         """Forward once and return (output, ActivationCache) holding only the hook points asked for.
 
         names (or TransformerLens's names_filter): None (every hook point), a name, a list of names,
-        or a predicate on names. Other keyword arguments go to forward()."""
+        or a predicate on names. Other keyword arguments go to forward().
+
+        Values the forward does not need are computed on first read instead (`Deferred`, see
+        _plan_deferred): attention scores and pattern (the forward then runs fused attention),
+        LayerNorm scale and normalized (fused LayerNorm), per-head results. Each is the same function
+        of the same tensors as in the forward that exposes it, so the cache holds the same values."""
         points = self._cache_points(names, names_filter)
-        deferred = self._deferrable_results(points) if detach else None
-        if not deferred:
+        plan = self._plan_deferred(points) if detach else None
+        if plan is None:
             out, store = self._run_caching(points, detach, args, kwargs)
             return out, ActivationCache(store, self)
-        out, store = self._run_caching([hp for hp in points if hp not in deferred], detach, args, kwargs)
+        wanted, deferrals, run = plan
+        masks: list[AttentionMask] = []
+        self.__dict__["_mask_sink"] = masks
+        try:
+            out, store = self._run_caching(run, detach, args, kwargs)
+        finally:
+            self.__dict__.pop("_mask_sink", None)
+        late: dict[str, Deferred] = {}
+        for d, fixed in deferrals:
+            try:
+                inputs = [store[hp.name] for hp in d.sources]
+            except KeyError:  # the forward never reached this block (start_at_layer): nothing to cache
+                continue
+            if d.needs_mask:
+                if not masks:  # forward() hands it over before running any block
+                    continue
+                inputs.append(masks[0])
+            shared = _Shared(d.fn, (*inputs, *fixed))
+            for j, hp in enumerate(d.outputs):
+                if hp in wanted:
+                    late[hp.name] = Deferred(shared.value, j)
         entries: dict[str, object] = {}
         for hp in points:  # hook-point order, as the eager cache has
-            if hp in deferred:
-                attn, z_name = deferred[hp]
-                if z_name in store:  # else the forward never reached this block (start_at_layer)
-                    entries[hp.name] = Deferred(partial(head_results, store[z_name], attn.W_O.detach().clone()))
-            elif hp.name in store:
-                entries[hp.name] = store[hp.name]
+            name = hp.name
+            value = store.get(name)
+            if value is None:
+                value = late.get(name)
+                if value is None:
+                    continue
+            entries[name] = value
         return out, ActivationCache(entries, self)
 
-    def _deferrable_results(self, points: list[HookPoint]) -> dict[HookPoint, tuple["Attention", str]]:
-        """The hook_result points among `points` that the cache can compute on first read instead of
-        in the forward: no function attached and their block's hook_z cached too. Their value is then
-        head_results(z, W_O) of that cached z (the last hook on hook_z sees the z that flows on) and
-        a copy of W_O taken now, the same function of the same tensors as in the forward, so equal;
-        meanwhile the forward projects z with one fused GEMM and skips [batch, pos, head, d_model].
-        (Not with detach=False: a gradient must reach W_O through the value.)"""
-        found: dict[HookPoint, tuple[Attention, str]] = {}
-        point_set = None
-        for hp in points:
-            entry = self._result_points.get(hp)
-            if entry is not None and not hp.fns:
-                if point_set is None:
-                    point_set = set(points)
-                attn, z_point = entry
-                if z_point in point_set:
-                    found[hp] = (attn, z_point.name)
-        return found
+    def _plan_deferred(self, points: list[HookPoint]):
+        """(set of points, [(deferral, its fixed arguments)], hook points to run with a saving hook) for
+        the requested hook points the cache computes on first read rather than the forward, or None
+        when there are none.
+
+        A deferral applies when none of its hook points has a function attached (a user hook must
+        see the value in the forward, and an edit must flow on). Its sources are captured when not
+        asked for; they cost nothing (q, k, z, resid_pre and resid_mid exist on the fast paths).
+        (Not with detach=False: a gradient must reach the weights through the value.)"""
+        wanted = set(points)
+        found = []
+        skip: set[HookPoint] = set()
+        capture: dict[HookPoint, None] = {}
+        for d in self._deferrals:
+            first, last = d.outputs[0], d.outputs[-1]
+            if (first in wanted or last in wanted) and not (first.fns or last.fns):
+                found.append((d, d.fixed()))
+                skip.update(d.outputs)
+                for hp in d.sources:
+                    if hp not in wanted:
+                        capture[hp] = None
+        if not found:
+            return None
+        return wanted, found, [hp for hp in points if hp not in skip] + list(capture)
 
     def key_padding_mask(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         if self.cfg.pad_token is None or self.cfg.d_input:
@@ -582,6 +688,8 @@ class HookedTransformer(HookedRootModule):
         if key_padding_mask is not None and not bool(key_padding_mask.any()):
             key_padding_mask = None  # nothing to mask: let attention take its unmasked fast kernel
         mask = self._attention_mask(key_padding_mask, x.shape[1], x.device)
+        if self._mask_sink is not None and not self._mask_sink:  # for run_with_cache (not a nested forward)
+            self._mask_sink.append(mask)
         if start_at_layer:
             resid = self._check_resume(x, start_at_layer, resid)  # [batch, pos, d_model]
         else:
@@ -639,9 +747,19 @@ class HookedTransformer(HookedRootModule):
         # registered module list): checked on every inference forward
         self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)
                                               and n[len(last):] not in FULL_POSITION_HOOKS]
-        # hook_result point -> (its attention module, its hook_z point), for _deferrable_results
-        self.__dict__["_result_points"] = {block.attn.hook_result: (block.attn, block.attn.hook_z)
-                                           for block in self.blocks}
+        # what run_with_cache may compute on first read (see _plan_deferred), built once
+        deferrals = []
+        for block in self.blocks:
+            attn = block.attn
+            lns = [(block.ln1, block.hook_resid_pre)] + ([(block.ln2, block.hook_resid_mid)] if block.has_mlp else [])
+            for ln, source in lns:
+                if isinstance(ln, LayerNorm):
+                    deferrals.append(_Deferral((ln.hook_scale, ln.hook_normalized), (source,),
+                                               _layer_norm_parts_of, owner=ln))
+            deferrals.append(_Deferral((attn.hook_attn_scores, attn.hook_pattern), (attn.hook_q, attn.hook_k),
+                                       _scores_and_pattern, needs_mask=True))
+            deferrals.append(_Deferral((attn.hook_result,), (attn.hook_z,), _head_results_of, owner=attn))
+        self.__dict__["_deferrals"] = deferrals
 
     def readout_positions(self, x: torch.Tensor, readout: Optional[str] = None) -> torch.Tensor:
         """The position each row's first/last read-out reads (the last non-pad token for "last"): [batch]."""

@@ -7,12 +7,14 @@ their init so every bias term matters), float32 and float64.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from circuits.cache import ActivationCache, Deferred, decomposition_hook_names, project
 from circuits.errors import CircuitsError, HookNameError, InputError
-from circuits.model import HookedTransformer
+from circuits.model import MASKED_SCORE, HookedTransformer
 from circuits.tasks.brackets import tokenize
 from model_configs import CONFIGS, perturbed_model
 
@@ -157,85 +159,167 @@ def test_head_results_large_batch_path():
 
 
 
-# --- per-head results computed on first read (run_with_cache caching hook_z and hook_result) ----------
+# --- values computed on first read (run_with_cache defers what the forward does not need) -----------
 def _deferred_names(cache) -> list[str]:
     return [n for n, v in cache._store.items() if type(v) is Deferred]
+
+
+def _expected_deferred(model) -> list[str]:
+    """Per block, in hook-point order: LayerNorm parts, scores, pattern, results (not ln_final's)."""
+    names = []
+    for l, block in enumerate(model.blocks):
+        b = f"blocks.{l}."
+        ln = model.cfg.normalization == "LN"
+        names += [b + "ln1.hook_scale", b + "ln1.hook_normalized"] if ln else []
+        names += [b + "attn.hook_attn_scores", b + "attn.hook_pattern", b + "attn.hook_result"]
+        names += [b + "ln2.hook_scale", b + "ln2.hook_normalized"] if ln and model.cfg.d_mlp else []
+    return [n for n in model.hook_dict if n in names]
+
+
+def _allowed(model, x) -> torch.Tensor:
+    """[batch, query, key] True = may attend, fully masked rows opened (as AttentionMask)."""
+    B, P = x.shape[:2]
+    allowed = torch.ones(B, P, P, dtype=torch.bool)
+    if model.cfg.pad_token is not None and not model.cfg.d_input:
+        allowed &= (x != model.cfg.pad_token)[:, None, :]
+    if model.cfg.attention == "causal":
+        allowed &= torch.ones(P, P, dtype=torch.bool).tril()
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+TIGHT = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 
 
 @pytest.mark.parametrize("batch", [5, 20], ids=["small", "large"])  # 20 x 42 > 512: head_results' einsum
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_deferred_hook_result_equals_the_eager_one(name, dtype, batch):
-    """Caching hook_z with hook_result defers the per-head results; read, they equal what the forward
-    computes when hook_result is eager (detach=False keeps it eager: a gradient must reach W_O)."""
+def test_deferred_entries_are_their_functions_of_the_cached_tensors(name, dtype, batch):
+    """Caching everything defers scores, pattern, LayerNorm parts and per-head results. Read, each is
+    (to 1e-6 in float32, 1e-12 in float64) its formula applied to the same cache's q, k, z and
+    LayerNorm inputs, and (to the usual tolerance: the forward's other paths differ by rounding) the
+    value the eager explicit path caches (detach=False keeps every value eager)."""
     model = make_model(name, dtype)
     x = make_input(model) if batch == 5 else torch.cat([make_input(model)] * 4)
-    n = model.cfg.n_layers
     with torch.no_grad():
         logits, lazy = model.run_with_cache(x)
         eager_logits, eager = model.run_with_cache(x, detach=False)
-    results = [f"blocks.{l}.attn.hook_result" for l in range(n)]
-    assert _deferred_names(lazy) == results and _deferred_names(eager) == []
+    expected = _expected_deferred(model)
+    assert _deferred_names(lazy) == expected and _deferred_names(eager) == []
     assert list(lazy) == list(eager) and len(lazy) == len(eager)  # same names, same order
-    assert all(r in lazy for r in results) and _deferred_names(lazy) == results  # `in` computes nothing
-    tight = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}[dtype]
-    # block 0 sees the same input in both runs: the deferred value is the eager one
-    torch.testing.assert_close(lazy[results[0]], eager[results[0]], **tight)
-    for l, r in enumerate(results):  # and each is its block's cached z through W_O
-        by_hand = torch.einsum("bphd,hdm->bphm", lazy[f"blocks.{l}.attn.hook_z"], model.blocks[l].attn.W_O)
-        torch.testing.assert_close(lazy[r], by_hand, **tight)
-        assert lazy[r].dtype == dtype
+    assert all(n in lazy for n in expected) and _deferred_names(lazy) == expected  # `in` computes nothing
+    tight = TIGHT[dtype]
+    allowed = _allowed(model, x)[:, None]  # [batch, 1, query, key]
+    for l, block in enumerate(model.blocks):
+        b = f"blocks.{l}."
+        a = block.attn
+        q, k, z = lazy[b + "attn.hook_q"], lazy[b + "attn.hook_k"], lazy[b + "attn.hook_z"]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(model.cfg.d_head)
+        scores = torch.where(allowed, scores, scores + MASKED_SCORE)
+        torch.testing.assert_close(lazy[b + "attn.hook_attn_scores"], scores, **tight)
+        torch.testing.assert_close(lazy[b + "attn.hook_pattern"], scores.softmax(-1), **tight)
+        torch.testing.assert_close(lazy[b + "attn.hook_result"], torch.einsum("bphd,hdm->bphm", z, a.W_O), **tight)
+        lns = [("ln1", "hook_resid_pre")] + ([("ln2", "hook_resid_mid")] if model.cfg.d_mlp else [])
+        for ln, source in lns if model.cfg.normalization == "LN" else []:
+            inp = lazy[b + source]
+            centred = inp - inp.mean(-1, keepdim=True)
+            scale = (centred.pow(2).mean(-1, keepdim=True) + model.cfg.ln_eps).sqrt()
+            torch.testing.assert_close(lazy[f"{b}{ln}.hook_scale"], scale, **tight)
+            torch.testing.assert_close(lazy[f"{b}{ln}.hook_normalized"], centred / scale, **tight)
+    for n in expected:
+        assert lazy[n].dtype == dtype
     assert _deferred_names(lazy) == []  # computed once and kept
-    assert lazy[results[0]] is lazy[results[0]]
-    # later blocks differ by rounding only (eager attn_out sums the heads, deferred projects z at once)
+    assert lazy[expected[0]] is lazy[expected[0]]
     torch.testing.assert_close(logits, eager_logits, **TOL[dtype])
-    for k in lazy:
-        torch.testing.assert_close(lazy[k], eager[k], **TOL[dtype])
+    for n in lazy:
+        torch.testing.assert_close(lazy[n], eager[n], **TOL[dtype], msg=lambda m: f"{n}: {m}")
+    if model.cfg.normalization == "LN":  # the first LayerNorm reads the same input in both runs
+        for n in ("blocks.0.ln1.hook_scale", "blocks.0.ln1.hook_normalized"):
+            torch.testing.assert_close(lazy[n], eager[n], **tight)
 
 
-def test_deferred_hook_result_is_the_value_at_caching_time():
-    """W_O edited after run_with_cache (an optimiser step, an ablation) does not reach the cached
-    per-head results: they are of the weights the forward used."""
+def test_a_deferred_entry_alone_equals_the_eager_one():
+    """Asked for alone, a pattern / scale is computed from q, k / resid_pre captured for it (and not
+    kept): the same value as the eager explicit sublayer, whose inputs are the same here."""
+    model = make_model("causal_padded", torch.float64)
+    x = make_input(model)
+    for name in ("blocks.1.attn.hook_pattern", "blocks.1.ln2.hook_normalized", "blocks.0.attn.hook_result"):
+        with torch.no_grad():
+            _, lazy = model.run_with_cache(x, names=[name])
+            _, eager = model.run_with_cache(x, names=[name], detach=False)
+        assert list(lazy) == [name] and _deferred_names(lazy) == [name] and _deferred_names(eager) == []
+        torch.testing.assert_close(lazy[name], eager[name], atol=1e-12, rtol=1e-12)
+
+
+def test_deferred_entries_are_the_values_at_caching_time():
+    """Weights edited after run_with_cache (an optimiser step, an ablation) do not reach the cached
+    values: they are of the weights the forward used."""
     model = make_model("brackets", torch.float64)
     x = make_input(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(x)
         expected = torch.einsum("bphd,hdm->bphm", cache["blocks.1.attn.hook_z"], model.blocks[1].attn.W_O)
         model.blocks[1].attn.W_O.mul_(0.5)
+        model.blocks[1].ln1.eps = 1.0
     assert "blocks.1.attn.hook_result" in _deferred_names(cache)
     torch.testing.assert_close(cache["blocks.1.attn.hook_result"], expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(cache.head_results(1), expected, atol=1e-12, rtol=1e-12)
+    inp = cache["blocks.1.hook_resid_pre"]
+    scale = (inp - inp.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    torch.testing.assert_close(cache["blocks.1.ln1.hook_scale"], scale, atol=1e-12, rtol=1e-12)
 
 
-def test_hook_result_with_a_function_attached_stays_eager_and_sees_the_edit_of_z():
-    """A user hook on hook_result runs in the forward (eager); an edit of hook_z by a user hook is
-    what both the forward and a deferred hook_result see."""
+
+def test_deferred_entries_of_a_deep_copy_read_the_copy():
+    """The deferral table is built once per model; a deep copy's must point at the copy's weights."""
+    import copy
+    model = make_model("brackets", torch.float64)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.blocks[0].attn.W_O.mul_(2.0)
+        _, cache = twin.run_with_cache(make_input(model), names=["blocks.0.attn.hook_z", "blocks.0.attn.hook_result"])
+    assert _deferred_names(cache) == ["blocks.0.attn.hook_result"]
+    expected = torch.einsum("bphd,hdm->bphm", cache["blocks.0.attn.hook_z"], twin.blocks[0].attn.W_O)
+    torch.testing.assert_close(cache["blocks.0.attn.hook_result"], expected, atol=1e-12, rtol=1e-12)
+
+def test_hook_points_with_a_function_attached_stay_eager_and_edits_flow_into_deferred_ones():
+    """A user hook runs in the forward (its group is eager); an edit of q or z by a user hook is what
+    both the forward and the deferred pattern / per-head results see."""
     model = make_model("brackets", torch.float64)
     x = make_input(model)
     seen = []
-    with torch.no_grad(), model.hooks([("blocks.0.attn.hook_result", lambda r, hook: seen.append(r))]):
+    with torch.no_grad(), model.hooks([("blocks.0.attn.hook_result", lambda r, hook: seen.append(r)),
+                                       ("blocks.1.attn.hook_pattern", lambda p, hook: seen.append(p)),
+                                       ("blocks.2.ln1.hook_scale", lambda p, hook: seen.append(p))]):
         _, cache = model.run_with_cache(x)
-    assert len(seen) == 1 and "blocks.0.attn.hook_result" not in _deferred_names(cache)
-    assert cache["blocks.0.attn.hook_result"] is seen[0]
+    eager = {"blocks.0.attn.hook_result", "blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern",
+             "blocks.2.ln1.hook_scale", "blocks.2.ln1.hook_normalized"}
+    assert len(seen) == 3 and not eager & set(_deferred_names(cache))
+    assert set(_deferred_names(cache)) == set(_expected_deferred(model)) - eager
+    assert cache["blocks.0.attn.hook_result"] is seen[0] and cache["blocks.1.attn.hook_pattern"] is seen[1]
 
-    def halve_z(z, hook):
-        return z * 0.5
+    def halve(t, hook):
+        return t * 0.5
 
-    with torch.no_grad(), model.hooks([("blocks.1.attn.hook_z", halve_z)]):
+    with torch.no_grad(), model.hooks([("blocks.1.attn.hook_z", halve), ("blocks.1.attn.hook_q", halve)]):
         _, lazy = model.run_with_cache(x)
-        _, eager = model.run_with_cache(x, detach=False)
-    assert "blocks.1.attn.hook_result" in _deferred_names(lazy)
-    torch.testing.assert_close(lazy["blocks.1.attn.hook_result"], eager["blocks.1.attn.hook_result"],
-                               atol=1e-12, rtol=1e-12)
+        _, eager_cache = model.run_with_cache(x, detach=False)
+    for n in ("blocks.1.attn.hook_result", "blocks.1.attn.hook_pattern"):
+        assert n in _deferred_names(lazy)
+        torch.testing.assert_close(lazy[n], eager_cache[n], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lazy["blocks.1.attn.hook_result"].sum(2) + model.blocks[1].attn.b_O,
                                lazy["blocks.1.hook_attn_out"], atol=1e-12, rtol=1e-12)
 
 
-def test_hook_result_without_hook_z_is_eager():
+def test_deferred_entries_of_blocks_the_forward_skips_are_absent():
     model = make_model("brackets", torch.float64)
+    x = make_input(model)
     with torch.no_grad():
-        _, cache = model.run_with_cache(make_input(model), names=lambda n: n.endswith("hook_result"))
-    assert len(cache) == 3 and _deferred_names(cache) == []
+        _, full = model.run_with_cache(x)
+        _, lazy = model.run_with_cache(x, start_at_layer=2, resid=full["blocks.2.hook_resid_pre"])
+        _, eager = model.run_with_cache(x, start_at_layer=2, resid=full["blocks.2.hook_resid_pre"], detach=False)
+    assert list(lazy) == list(eager) and not any(n.startswith(("blocks.0.", "blocks.1.")) for n in lazy)
+    for n in lazy:
+        torch.testing.assert_close(lazy[n], eager[n], atol=1e-10, rtol=1e-10)
 
 
 # --- LayerNorm ------------------------------------------------------------------------------------
