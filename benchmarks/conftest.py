@@ -46,14 +46,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for b in benches:
         groups.setdefault(b.group or "", {})[b.extra_info["variant"]] = b.stats.min
     tr = terminalreporter
-    tr.write_sep("-", "min time per call; ratios to our forward and to the plain PyTorch model (same run)")
-    tr.write_line(f"{'group':<24}{'variant':<18}{'min ms':>10}{'/ ours':>9}{'/ plain':>9}")
+    tr.write_sep("-", "min time per call; ratios to our forward, to our forward with the whole last block "
+                      "(ours_full) and to the plain PyTorch model (same run)")
+    tr.write_line(f"{'group':<24}{'variant':<18}{'min ms':>10}{'/ ours':>9}{'/ full':>9}{'/ plain':>9}")
     for group in sorted(groups, key=_batch_of):
         times = groups[group]
         for variant, t in sorted(times.items(), key=lambda kv: kv[1]):
-            ours = f"{t / times['ours']:.2f}" if "ours" in times else "-"
-            plain = f"{t / times['plain']:.2f}" if "plain" in times else "-"
-            tr.write_line(f"{group:<24}{variant:<18}{t * 1e3:>10.3f}{ours:>9}{plain:>9}")
+            ratios = [f"{t / times[base]:.2f}" if base in times else "-" for base in ("ours", "ours_full", "plain")]
+            tr.write_line(f"{group:<24}{variant:<18}{t * 1e3:>10.3f}" + "".join(f"{r:>9}" for r in ratios))
 
 
 def _batch_of(group: str):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -287,14 +287,14 @@ class Attention(nn.Module):
             return result.sum(2) + self.b_O  # [batch, pos, d_model]
         return F.linear(z.reshape(B, P, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
 
-    def forward_at(self, x: torch.Tensor, mask: "AttentionMask", index: torch.Tensor) -> torch.Tensor:
-        """forward's output at one query position per row (index: [batch]) -> [batch, 1, d_model],
-        projecting that position's query only (keys and values need every position). Of the hooks,
-        only hook_k and hook_v run (on every position)."""
+    def forward_at(self, x: torch.Tensor, mask: "AttentionMask", index: Union[int, torch.Tensor]) -> torch.Tensor:
+        """forward's output at one query position per row (index: [batch], or an int for the same
+        position in every row) -> [batch, 1, d_model], projecting that position's query only (keys
+        and values need every position). Of the hooks, only hook_k and hook_v run (on every position)."""
         B, P, _ = x.shape
         h, d = self.n_heads, self.d_head
         W, b = self.W_QKV.view(3, h * d, -1), self.b_QKV.view(3, h * d)
-        x_q = x[torch.arange(B, device=x.device), index][:, None]  # [batch, 1, d_model]
+        x_q = _at(x, index)  # [batch, 1, d_model]
         q = F.linear(x_q, W[0], b[0]).view(B, 1, h, d)  # [batch, 1, head, d_head]
         kv = F.linear(x, W[1:].reshape(2 * h * d, -1), b[1:].reshape(-1))  # [batch, pos, 2*head*d_head]
         k, v = kv.view(B, P, 2, h, d).unbind(2)  # each [batch, pos, head, d_head]
@@ -357,13 +357,16 @@ class AttentionMask:
             self._allowed = allowed | ~allowed.any(-1, keepdim=True)
         return self._allowed
 
-    def query_rows(self, index: torch.Tensor) -> Optional[torch.Tensor]:
-        """`allowed()` for one query position per row (index: [batch]): [batch or 1, 1, 1, key_pos]."""
+    def query_rows(self, index: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+        """`allowed()` for one query position per row (index: [batch], or an int for the same in
+        every row): [batch or 1, 1, 1, key_pos]."""
         allowed = self.allowed()  # [query_pos, key_pos] (causal only) or [batch or 1, 1, query_pos or 1, key_pos]
         if allowed is not None and allowed.ndim == 2:
             allowed = allowed[None, None]  # [1, 1, query_pos, key_pos]
         if allowed is None or allowed.shape[2] == 1:
             return allowed
+        if isinstance(index, int):
+            return allowed[:, :, index:index + 1]  # [batch or 1, 1, 1, key_pos]
         rows = allowed.expand(index.shape[0], -1, -1, -1)[torch.arange(index.shape[0], device=index.device), :, index]
         return rows[:, :, None, :]  # [batch, 1, 1, key_pos]
 
@@ -428,18 +431,24 @@ class TransformerBlock(nn.Module):
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))  # [batch, pos, d_model]
         return self.hook_resid_post(resid_mid + mlp_out)  # [batch, pos, d_model]
 
-    def forward_at(self, resid_pre: torch.Tensor, mask: AttentionMask, index: torch.Tensor) -> torch.Tensor:
-        """forward's output at one position per row (index: [batch]) -> [batch, 1, d_model]. What
+    def forward_at(self, resid_pre: torch.Tensor, mask: AttentionMask, index: Union[int, torch.Tensor]) -> torch.Tensor:
+        """forward's output at one position per row (index: [batch] or an int) -> [batch, 1, d_model]. What
         the last block of a first/last read-out needs: only that position's query, attention output
         and MLP (a third of a 3-layer model's compute is the other positions of its last block).
         Hooks that would see one position must be inactive (see FULL_POSITION_HOOKS)."""
         resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
-        rows = torch.arange(resid_pre.shape[0], device=resid_pre.device)
         attn_out = self.attn.forward_at(self.ln1(resid_pre), mask, index)  # [batch, 1, d_model]
-        resid_mid = resid_pre[rows, index][:, None] + attn_out  # [batch, 1, d_model]
+        resid_mid = _at(resid_pre, index) + attn_out  # [batch, 1, d_model]
         if not self.has_mlp:
             return resid_mid
         return resid_mid + self.mlp(self.ln2(resid_mid))  # [batch, 1, d_model]
+
+
+def _at(x: torch.Tensor, index: Union[int, torch.Tensor]) -> torch.Tensor:
+    """x [batch, pos, ...] at one position per row (index: [batch], or an int) -> [batch, 1, ...]."""
+    if isinstance(index, int):
+        return x[:, index:index + 1]  # a view
+    return x[torch.arange(x.shape[0], device=x.device), index][:, None]
 
 
 class Unembed(nn.Module):
@@ -462,8 +471,9 @@ FULL_POSITION_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"
 
 
 # The read-out path (TransformerBlock.forward_at) saves the other positions' compute of the last block
-# but launches a few more kernels (gathers, a separate query projection); for one row that overhead
-# matched the saving (bracket model, 1 thread: 0.772 vs 0.767 ms, interleaved), from 4 rows it wins.
+# but launches a few more kernels (a separate query projection; a gather for "last" with padding, a
+# slice otherwise); for one row that overhead matches the saving (bracket model, 1 thread, CPU time,
+# interleaved: 0.771 vs 0.762 ms), from 2 rows it wins (0.896 vs 0.929 ms; 4 rows 1.23 vs 1.31).
 READOUT_ONLY_MIN_BATCH = 2
 
 
@@ -705,7 +715,10 @@ class HookedTransformer(HookedRootModule):
             # every position on this path too - resid_pre, ln1, k, v - may be active)
             for block in self.blocks[start_at_layer:-1]:
                 resid = block(resid, mask)  # [batch, pos, d_model]
-            index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
+            if readout == "first" or (readout == "last" and key_padding_mask is None):
+                index = 0 if readout == "first" else x.shape[1] - 1  # the same in every row: a slice, no gather
+            else:
+                index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
             resid = self.blocks[-1].forward_at(resid, mask, index)  # [batch, 1, d_model]
         else:
             for block in self.blocks[start_at_layer:]:
