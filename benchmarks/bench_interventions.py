@@ -56,3 +56,40 @@ def test_four_resamplings(benchmark, setup, variant):
     else:
         benchmark.pedantic(lambda: [I.patch_activations(model, toks, toks[r], PATCHES) for r in sources],
                            rounds=5, warmup_rounds=1)
+
+
+def _groups():
+    g = torch.Generator().manual_seed(1)
+    return [[torch.arange(N)] + [torch.randint(N, (N,), generator=g) for _ in range(4)] for _ in range(5)]
+
+
+def _full_forward_per_group(model, toks, groups):
+    """What the bracket resampling claim ran before resample_together: per group, the whole model on
+    the strings repeated once per source set (the patched slices taken from one clean run)."""
+    _, cache = model.run_with_cache(toks, names=[n for n, _ in PATCHES])
+    out = []
+    for group in groups:
+        source = torch.cat(group)
+        hooks = [(n, I._overwrite(index, cache[n][(slice(None), *index)][source])) for n, index in PATCHES]
+        out.append(list(model.run_with_hooks(toks.repeat(len(group), 1), fwd_hooks=hooks).split(len(toks))))
+    return out
+
+
+def test_together_variants_agree(setup):
+    model, toks, _, _ = setup
+    groups = _groups()
+    for a, b in zip(I.resample_together(model, toks, PATCHES, groups), _full_forward_per_group(model, toks, groups)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["ours", "full_forward"])
+def test_five_draws_of_five_source_sets_in_one_batch(benchmark, setup, variant):
+    """The bracket resampling claim's shape: 5 draws, each 5 source sets sharing one forward."""
+    model, toks, _, _ = setup
+    groups = _groups()
+    benchmark.group = "together 5x5, 2000 strings"
+    benchmark.extra_info["variant"] = variant
+    fn = ((lambda: I.resample_together(model, toks, PATCHES, groups)) if variant == "ours"
+          else (lambda: _full_forward_per_group(model, toks, groups)))
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
