@@ -11,6 +11,8 @@ the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one grou
               pattern, LayerNorm scale and normalized, per-head results) the cache computes on first
               read, so this is the cost of caching; `cache_all_read` is the cost of reading it all
   cache_all_read  cache_all, then every entry read (the deferred ones computed): the whole bill
+  cache_all_eager run_with_cache(defer=False) of every hook point, every entry read: all computed in
+              the forward (every sublayer on its explicit path), the alternative for reading it all
   cache2      run_with_cache of `blocks.2.hook_resid_post` and `blocks.1.attn.hook_pattern`
   tl, tl_cache2   TransformerLens's HookedTransformer of the same config, when `transformer_lens` is
               installed (the optional `peers` extra); skipped otherwise
@@ -46,7 +48,8 @@ from circuits.tasks.brackets import tokenize  # noqa: E402
 BATCHES = (1, 64, 1000)
 N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42
 CACHE2 = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_pattern"]
-VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache_all_read", "cache2", "tl", "tl_cache2")
+VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache_all_read", "cache_all_eager", "cache2", "tl",
+            "tl_cache2")
 BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
                 pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
 
@@ -87,6 +90,7 @@ def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None) ->
         "ours_full": lambda x: model(x, readout_only=False),
         "cache_all": lambda x: model.run_with_cache(x),
         "cache_all_read": lambda x: _read_all(*model.run_with_cache(x)),
+        "cache_all_eager": lambda x: _read_all(*model.run_with_cache(x, defer=False)),
         "cache2": lambda x: model.run_with_cache(x, names=CACHE2),
     }
     if tl is not None:
@@ -120,7 +124,7 @@ if pytest is not None:
         with torch.inference_mode():
             ours = variants["ours"](x)
             torch.testing.assert_close(variants["plain"](x), ours, atol=1e-5, rtol=1e-5)
-            for name in ("cache_all", "cache_all_read", "cache2"):
+            for name in ("cache_all", "cache_all_read", "cache_all_eager", "cache2"):
                 logits, cache = variants[name](x)
                 torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)
             assert sorted(variants["cache2"](x)[1]) == sorted(CACHE2)

@@ -597,18 +597,20 @@ class HookedTransformer(HookedRootModule):
             raise InputError("empty sequence (pos = 0)")
 
     def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,
-                       detach: bool = True, **kwargs) -> tuple[object, ActivationCache]:
+                       detach: bool = True, defer: bool = True, **kwargs) -> tuple[object, ActivationCache]:
         """Forward once and return (output, ActivationCache) holding only the hook points asked for.
 
         names (or TransformerLens's names_filter): None (every hook point), a name, a list of names,
         or a predicate on names. Other keyword arguments go to forward().
 
-        Values the forward does not need are computed on first read instead (`Deferred`, see
+        defer: values the forward does not need are computed on first read instead (`Deferred`, see
         _plan_deferred): attention scores and pattern (the forward then runs fused attention),
         LayerNorm scale and normalized (fused LayerNorm), per-head results. Each is the same function
-        of the same tensors as in the forward that exposes it, so the cache holds the same values."""
+        of the same tensors as in the forward that exposes it, so the cache holds the same values.
+        defer=False computes every value in the forward (explicit sublayers), a little cheaper when
+        every entry will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager)."""
         points = self._cache_points(names, names_filter)
-        plan = self._plan_deferred(points) if detach else None
+        plan = self._plan_deferred(points) if detach and defer else None
         if plan is None:
             out, store = self._run_caching(points, detach, args, kwargs)
             return out, ActivationCache(store, self)

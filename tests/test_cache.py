@@ -203,8 +203,11 @@ def test_deferred_entries_are_their_functions_of_the_cached_tensors(name, dtype,
     with torch.no_grad():
         logits, lazy = model.run_with_cache(x)
         eager_logits, eager = model.run_with_cache(x, detach=False)
+        _, not_deferred = model.run_with_cache(x, defer=False)
     expected = _expected_deferred(model)
-    assert _deferred_names(lazy) == expected and _deferred_names(eager) == []
+    assert _deferred_names(lazy) == expected and _deferred_names(eager) == _deferred_names(not_deferred) == []
+    for n in not_deferred:  # defer=False is the eager explicit path too
+        torch.testing.assert_close(not_deferred[n], eager[n], atol=0, rtol=0)
     assert list(lazy) == list(eager) and len(lazy) == len(eager)  # same names, same order
     assert all(n in lazy for n in expected) and _deferred_names(lazy) == expected  # `in` computes nothing
     tight = TIGHT[dtype]
