@@ -17,9 +17,10 @@ the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one grou
   tl, tl_cache2   TransformerLens's HookedTransformer of the same config, when `transformer_lens` is
               installed (the optional `peers` extra); skipped otherwise
 
-pytest (one variant after another, min over rounds; see benchmarks/conftest.py for the ratio summary):
+pytest (test_forward: one variant after another, min over rounds; test_forward_interleaved: all of
+them round-robin in one run, as the script; benchmarks/conftest.py prints both ratio summaries):
 
-    pytest benchmarks/bench_forward.py --benchmark-only --benchmark-min-rounds=20
+    pytest benchmarks/bench_forward.py --benchmark-only --benchmark-min-rounds=20 [--interleaved-reps 20]
 
 script (variants interleaved round-robin, so machine load hits them alike; ratios from the same run):
 
@@ -128,6 +129,18 @@ if pytest is not None:
                 logits, cache = variants[name](x)
                 torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)
             assert sorted(variants["cache2"](x)[1]) == sorted(CACHE2)
+
+    @pytest.mark.parametrize("batch", BATCHES)
+    def test_forward_interleaved(benchmark, variants, batch, request):
+        """Every variant round-robin in one measurement (as script mode), so load on a shared machine
+        hits them alike: the ratios benchmarks/conftest.py prints under "interleaved" come from here
+        (test_forward below times one variant after another; its ratios drift with the load)."""
+        x = bracket_tokens(batch)
+        best: dict[str, float] = {}
+        reps = request.config.getoption("--interleaved-reps", default=15)  # conftest may load late
+        benchmark.group = f"interleaved batch={batch}"  # before the run: pytest-benchmark reads it then
+        benchmark.extra_info.update(interleaved=best, batch=batch)  # filled in by the run
+        benchmark.pedantic(lambda: best.update(interleaved(variants, x, reps)), rounds=1, iterations=1)
 
     @pytest.mark.parametrize("batch", BATCHES)
     @pytest.mark.parametrize("variant", VARIANTS)
