@@ -65,13 +65,14 @@ class ZooSession:
                         device=self.options.device, store=self.store(), progress=progress)
 
 
-SWEEP_PLAN = "circuits_sweep_plan"  # a hypothesis module's fn(RunOptions) -> [(zoo name, seeds), ...]
+SWEEP_PLAN = "circuits_sweep_plan"  # a module's fn(RunOptions, its selected items) -> [(zoo name, seeds), ...]
 
 
 def sweep_plan(options: RunOptions, items: list) -> dict:
     """seeds -> the zoo names to train for them before the first test: with ``--seeds``, the model
-    fixtures the collected tests use; and what each collected module's ``circuits_sweep_plan(options)``
-    asks for (models a test loads by name, e.g. a paper's grid under ``--full-sweep``)."""
+    fixtures the collected tests use; and what each collected module's ``circuits_sweep_plan(options,
+    items)`` asks for, given its selected items (models a test loads by name, e.g. a paper's grid under
+    ``--full-sweep``, for the experiments that ``-k`` kept)."""
     from . import zoo
 
     plan: dict = {}
@@ -82,18 +83,18 @@ def sweep_plan(options: RunOptions, items: list) -> dict:
             names.append(name)
 
     by_fixture = {fixture_name(n): n for n in zoo.names()}
-    modules = []
+    modules: dict = {}  # id(module) -> (module, its selected items), in collection order
     for item in items:
         if options.seeds:
             for f in getattr(item, "fixturenames", ()):
                 if f in by_fixture:
                     want(options.model_name(by_fixture[f]), options.seeds)
         module = getattr(item, "module", None)
-        if module is not None and module not in modules:
-            modules.append(module)
-    for module in modules:
+        if module is not None:
+            modules.setdefault(id(module), (module, []))[1].append(item)
+    for module, its in modules.values():
         fn = getattr(module, SWEEP_PLAN, None)
-        for name, seeds in (fn(options) if callable(fn) else ()):
+        for name, seeds in (fn(options, its) if callable(fn) else ()):
             want(name, seeds)
     return plan
 

@@ -427,14 +427,16 @@ REFERENCE_POINTS = {"exp2": A.EXP2_REFERENCE_POINTS, "exp3": A.EXP3_REFERENCE_PO
 EXP6_ONE_SEED_TOLERANCE = 0.10
 
 
-def circuits_sweep_plan(options) -> list:
-    """``--full-sweep``: every grid point of experiments 1, 2, 3, 5 and 6 with its seeds, trained in
-    parallel by the sweep runner before the first test (the plugin calls this after collection)."""
+def circuits_sweep_plan(options, items) -> list:
+    """``--full-sweep``: every grid point of the experiments the selected tests name (``exp1`` ...
+    ``exp6`` in a test's name or id) with its seeds, trained in parallel by the sweep runner before the
+    first test (the plugin calls this after collection); ``-k exp6`` trains experiment 6's grid only."""
     if not options.full_sweep:
         return []
     seeds = tuple(options.seeds) or A.EXP1_FULL_SEEDS
-    names = [A.exp1(H).name for H in A.EXP1_HEADS]
-    names += [_sweep_entry(exp, x).name for exp, (grid, _) in SWEEPS.items() for x in grid]
+    named = {e for e in ("exp1", "exp2", "exp3", "exp5", "exp6") if any(e in item.name for item in items)}
+    names = [A.exp1(H).name for H in A.EXP1_HEADS] if "exp1" in named else []
+    names += [_sweep_entry(exp, x).name for exp, (grid, _) in SWEEPS.items() if exp[:4] in named for x in grid]
     return [(name, seeds) for name in dict.fromkeys(names)]
 
 

@@ -177,7 +177,8 @@ def test_the_sweep_plan_reads_fixtures_under_seeds_and_each_modules_plan():
     from circuits.zoo_fixtures import SWEEP_PLAN, sweep_plan
 
     grid = ModuleType("grid_module")
-    setattr(grid, SWEEP_PLAN, lambda o: [("assoc_exp6_H01", (0, 1)), ("assoc_exp6_H05", (0, 1))] if o.full_sweep else [])
+    setattr(grid, SWEEP_PLAN, lambda o, its: [("assoc_exp6_H01", (0, 1)), ("assoc_exp6_H05", (0, 1))]
+            if o.full_sweep and len(its) == 2 else [])
     items = [SimpleNamespace(fixturenames=["brackets_model", "claim"], module=grid),
              SimpleNamespace(fixturenames=["brackets_model", "palindromes_model"], module=grid)]
 
@@ -192,3 +193,23 @@ def test_the_sweep_plan_reads_fixtures_under_seeds_and_each_modules_plan():
     assert sweep_plan(options(full_sweep=True), items) == {(0, 1): ["assoc_exp6_H01", "assoc_exp6_H05"]}
     # the real options carry the fields the plan reads
     assert {"seeds", "full_sweep"} <= set(RunOptions.__dataclass_fields__) and hasattr(RunOptions, "model_name")
+
+
+def test_the_assoc_full_sweep_plans_the_experiments_its_selected_tests_name(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "hypotheses"))
+    import test_assoc_memory as T
+
+    def plan(full, *names):
+        return T.circuits_sweep_plan(SimpleNamespace(full_sweep=full, seeds=()),
+                                     [SimpleNamespace(name=n) for n in names])
+
+    assert plan(False, "test_exp1_accuracy_matches_the_paper[main-1]") == []
+    exp6 = plan(True, "test_sweep_accuracy_matches_the_paper[main-exp6-5]")
+    assert [n for n, _ in exp6] == [f"assoc_exp6_H{h:02d}" for h in (1, 5, 9, 13, 17, 21)]
+    assert all(seeds == (0, 1, 2, 3, 4) for _, seeds in exp6)
+    both = [n for n, _ in plan(True, "test_exp1_accuracy_grows_linearly_with_heads[main]",
+                               "test_exp5_mlp_stores_more_per_parameter_than_attention[main]")]
+    assert both[:7] == [f"assoc_exp1_d10_H{h:02d}" for h in (1, 6, 11, 16, 21, 26, 31)]
+    assert {n.split("_H")[0] for n in both[7:]} == {"assoc_exp5_attn", "assoc_exp5_mlp"}
