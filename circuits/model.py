@@ -274,7 +274,7 @@ class Attention(nn.Module):
         if self.hook_q.fns or self.hook_k.fns or self.hook_v.fns:
             q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
         if self.hook_attn_scores.fns or self.hook_pattern.fns:  # only these need the explicit path
-            z = self._explicit_attention(q, k, v, mask)  # [batch, pos, head, d_head]
+            z = self._scores_pattern_z(q, k, v, mask)  # [batch, pos, head, d_head]
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
@@ -306,6 +306,12 @@ class Attention(nn.Module):
         return F.linear(z.reshape(B, 1, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, 1, d_model]
 
     def _explicit_attention(self, q, k, v, mask: "AttentionMask") -> torch.Tensor:
+        """Attention with every intermediate exposed (q, k, v, scores, pattern, z hooks), for
+        subclasses computing q, k, v their own way. q, k, v: [batch, pos, head, d_head] views."""
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
+        return self.hook_z(self._scores_pattern_z(q, k, v, mask))  # [batch, pos, head, d_head]
+
+    def _scores_pattern_z(self, q, k, v, mask: "AttentionMask") -> torch.Tensor:
         """Attention with its scores and pattern exposed. q, k, v: [batch, pos, head, d_head]."""
         B, P, h, d = q.shape
         scores = self.hook_attn_scores(attention_scores(q, k, mask))  # [batch, head, query_pos, key_pos]
@@ -762,9 +768,14 @@ class HookedTransformer(HookedRootModule):
         # registered module list): checked on every inference forward
         self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)
                                               and n[len(last):] not in FULL_POSITION_HOOKS]
-        # what run_with_cache may compute on first read (see _plan_deferred), built once
+        # what run_with_cache may compute on first read (see _plan_deferred), built once; only for
+        # this class's own forward and blocks, whose data flow the deferrals restate (a subclass
+        # overriding them, as assoc_model's, caches every value in its forward)
         deferrals = []
-        for block in self.blocks:
+        own = type(self).forward is HookedTransformer.forward
+        for block in self.blocks if own else ():
+            if type(block) is not TransformerBlock or type(block.attn) is not Attention:
+                continue
             attn = block.attn
             lns = [(block.ln1, block.hook_resid_pre)] + ([(block.ln2, block.hook_resid_mid)] if block.has_mlp else [])
             for ln, source in lns:
