@@ -194,7 +194,7 @@ def stored_run(run_dir: Path, inputs: dict) -> Optional[Path]:
 
 def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, *, root, stream=None,
                label: str = "", main_only: bool = True, inputs: Optional[dict] = None,
-               rerun: bool = False) -> Path:
+               rerun: bool = False, threads: Optional[int] = None) -> Path:
     """One pytest subprocess on `module`, its output streamed line by line (prefixed with `label`);
     returns its report.json. The store at `root` is passed on as $CIRCUITS_CACHE. With `inputs`
     (run_inputs), an earlier run of this row with the same inputs is reused unless `rerun`."""
@@ -210,6 +210,8 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
     cmd = [sys.executable, "-m", "pytest", module, *args, "--run-id", run_id, "--report-dir", str(report_dir),
            "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "circuits.census"]
     env = {**os.environ, "CIRCUITS_CACHE": str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
+    if threads is not None:  # rows run side by side: their torch threads share the cores
+        env["CIRCUITS_THREADS"] = str(threads)
     stream.write(f"[census {label}] {' '.join(cmd[1:])}\n")
     stream.flush()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
@@ -417,10 +419,16 @@ def write_outputs(census: Census, out_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------- driver
 
 
+def _cores() -> int:
+    from .sweep import default_workers
+
+    return default_workers()
+
+
 def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: Optional[str] = None, *,
                out: Path = Path("reports/census"), root=None, workers: int = 1, select: Optional[str] = None, main_only: bool = True,
                recipe_select: Optional[str] = None, reference: bool = True, acc_target: Optional[float] = None,
-               train: bool = True, rerun: bool = False, stream=None) -> tuple[Census, dict]:
+               train: bool = True, rerun: bool = False, jobs: int = 1, stream=None) -> tuple[Census, dict]:
     """The whole census; returns it and the written paths. `recipe_select` (default: `select`) is the
     ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there; main_only=False keeps
     the claims' controls and mutations. train=False trains
@@ -430,6 +438,8 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
     stream = stream or sys.stderr
     module = module or f"hypotheses/test_{name}.py"
     seeds = sorted(set(seeds))
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"census: --jobs must be a positive integer, got {jobs!r}")
     _check(name, recipes, seeds, module)
     _, folder, _ = check_run_settings("cpu", None)
     root = Path(root) if root is not None else folder
@@ -441,6 +451,7 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
         train_s = train_missing(name, recipes, seeds, root=root, workers=workers, stream=stream)
         census.timings["train"] = round(sum(train_s.values()), 2)
     reports, census.recipe_seeds = {}, {}
+    rows = []  # (label, run id, args, model hashes)
     for recipe in recipes:
         have = seeds if train else stored_seeds(name, recipe, seeds, root)
         census.recipe_seeds[recipe] = have
@@ -452,26 +463,34 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
             args += ["-k", recipe_select or select]
         if recipe != DEFAULT_RECIPE:
             args = ["--variant", zoo_name(name, recipe)] + args
-        t0 = time.perf_counter()
-        inputs = run_inputs(module, args, _model_hashes(zoo_name(name, recipe), have, root), main_only)
-        path = run_pytest(module, args, f"census-{recipe}", runs_dir, root=root, stream=stream, label=recipe,
-                          main_only=main_only, inputs=inputs, rerun=rerun)
-        census.timings[f"claims {recipe}"] = round(time.perf_counter() - t0, 2)
-        census.runs[recipe] = str(path)
-        reports[recipe] = json.loads(path.read_text())
-    ref_report = None
+        rows.append((recipe, f"census-{recipe}", args, _model_hashes(zoo_name(name, recipe), have, root)))
     if reference:
-        t0 = time.perf_counter()
-        ref_args = ["-k", select] if select else []
         from . import zoo
 
-        entry = zoo.get_entry(name)
-        inputs = run_inputs(module, ref_args, _model_hashes(name, entry.ref_seeds(), root), main_only)
-        path = run_pytest(module, ref_args, "census-reference", runs_dir, root=root, stream=stream,
-                          label="reference", main_only=main_only, inputs=inputs, rerun=rerun)
-        census.timings["claims reference"] = round(time.perf_counter() - t0, 2)
-        census.runs["reference"] = str(path)
-        ref_report = json.loads(path.read_text())
+        rows.append(("reference", "census-reference", ["-k", select] if select else [],
+                     _model_hashes(name, zoo.get_entry(name).ref_seeds(), root)))
+    threads = max(1, _cores() // jobs) if jobs > 1 else None
+
+    def run_row(row):
+        label, run_id, args, models = row
+        t0 = time.perf_counter()
+        path = run_pytest(module, args, run_id, runs_dir, root=root, stream=stream, label=label,
+                          main_only=main_only, inputs=run_inputs(module, args, models, main_only),
+                          rerun=rerun, threads=threads)
+        return label, path, round(time.perf_counter() - t0, 2)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # each row is its own pytest process
+        done = list(pool.map(run_row, rows))
+    ref_report = None
+    for label, path, seconds in done:
+        census.timings[f"claims {label}"] = seconds
+        census.runs[label] = str(path)
+        if label == "reference":
+            ref_report = json.loads(path.read_text())
+        else:
+            reports[label] = json.loads(path.read_text())
     build_table(census, reports, ref_report, root)
     census.timings["total"] = round(time.perf_counter() - t_all, 2)
     paths = write_outputs(census, out_dir)

@@ -207,7 +207,7 @@ def cmd_census(args) -> int:
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,
-               acc_target=args.acc_target, train=not args.no_train, rerun=args.rerun,
+               acc_target=args.acc_target, train=not args.no_train, rerun=args.rerun, jobs=args.jobs,
                main_only=not args.with_controls)
     return 0
 
@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the plain run (reference rows)")
     p.add_argument("--no-train", action="store_true", help="train nothing: each row covers the seeds stored")
     p.add_argument("--acc-target", type=float, default=None, help="count seeds whose test_acc reaches this")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows whose claims run side by side (each its own pytest, the cores shared between them)")
     p.add_argument("--rerun", action="store_true",
                    help="rerun every row's claims (default: reuse a stored run whose module, package, "
                         "arguments and models are unchanged)")

@@ -77,6 +77,8 @@ def test_bad_input_is_one_clear_error(tmp_path):
         C._check("brackets", ["default"], [0], str(tmp_path / "missing.py"))
     with pytest.raises(InputError, match="at least one seed"):
         C._check("brackets", ["default"], [], str(module))
+    with pytest.raises(InputError, match="--jobs must be a positive integer, got 0"):
+        C.run_census("brackets", ["default"], [0], str(module), jobs=0, train=False)
 
 
 def test_brackets_recipes_have_their_own_store_keys():
@@ -176,7 +178,7 @@ def test_census_end_to_end_then_from_the_store(tiny_project):
     log = io.StringIO()
     census, paths = C.run_census("tiny_census", ["default", "slow"], [0, 1], "test_tiny_census.py",
                                  out=tiny_project / "out", root=tiny_project / "store", reference=False,
-                                 acc_target=0.6, stream=log)
+                                 acc_target=0.6, jobs=2, stream=log)  # both rows side by side
     text = log.getvalue()
     assert text.count("trained in") == 4, text  # 2 recipes x 2 seeds
     assert "[census slow]" in text and "--variant tiny_census@slow" in text
