@@ -94,7 +94,13 @@ def sweep_plan(options: RunOptions, items: list) -> dict:
             modules.setdefault(id(module), (module, []))[1].append(item)
     for module, its in modules.values():
         fn = getattr(module, SWEEP_PLAN, None)
-        for name, seeds in (fn(options, its) if callable(fn) else ()):
+        if not callable(fn):
+            continue
+        try:
+            asked = list(fn(options, its))
+        except Exception as e:  # a user's plan: one line naming it, not an INTERNALERROR
+            raise pytest.UsageError(f"{module.__name__}.{SWEEP_PLAN}: {type(e).__name__}: {e}") from None
+        for name, seeds in asked:
             want(name, seeds)
     return plan
 

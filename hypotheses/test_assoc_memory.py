@@ -433,7 +433,7 @@ def circuits_sweep_plan(options, items) -> list:
     first test (the plugin calls this after collection); ``-k exp6`` trains experiment 6's grid only."""
     if not options.full_sweep:
         return []
-    seeds = tuple(options.seeds) or A.EXP1_FULL_SEEDS
+    seeds = tuple(options.seeds or ()) or A.EXP1_FULL_SEEDS  # no --seeds: None
     named = {e for e in ("exp1", "exp2", "exp3", "exp5", "exp6") if any(e in item.name for item in items)}
     names = [A.exp1(H).name for H in A.EXP1_HEADS] if "exp1" in named else []
     names += [_sweep_entry(exp, x).name for exp, (grid, _) in SWEEPS.items() if exp[:4] in named for x in grid]

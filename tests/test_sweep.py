@@ -191,6 +191,10 @@ def test_the_sweep_plan_reads_fixtures_under_seeds_and_each_modules_plan():
     assert sweep_plan(options(seeds=(3,), variants=[("brackets", "brackets@arena_like")]), items) == {
         (3,): ["brackets@arena_like", "palindromes"]}
     assert sweep_plan(options(full_sweep=True), items) == {(0, 1): ["assoc_exp6_H01", "assoc_exp6_H05"]}
+    broken = ModuleType("broken_module")
+    setattr(broken, SWEEP_PLAN, lambda o, its: 1 / 0)
+    with pytest.raises(pytest.UsageError, match="broken_module.circuits_sweep_plan: ZeroDivisionError"):
+        sweep_plan(options(full_sweep=True), [SimpleNamespace(fixturenames=[], module=broken)])
     # the real options carry the fields the plan reads
     assert {"seeds", "full_sweep"} <= set(RunOptions.__dataclass_fields__) and hasattr(RunOptions, "model_name")
 
@@ -206,6 +210,8 @@ def test_the_assoc_full_sweep_plans_the_experiments_its_selected_tests_name(monk
                                      [SimpleNamespace(name=n) for n in names])
 
     assert plan(False, "test_exp1_accuracy_matches_the_paper[main-1]") == []
+    no_seeds = T.circuits_sweep_plan(SimpleNamespace(full_sweep=True, seeds=None), [SimpleNamespace(name="exp6")])
+    assert len(no_seeds) == 6 and no_seeds[0][1] == (0, 1, 2, 3, 4)  # without --seeds, options.seeds is None
     exp6 = plan(True, "test_sweep_accuracy_matches_the_paper[main-exp6-5]")
     assert [n for n, _ in exp6] == [f"assoc_exp6_H{h:02d}" for h in (1, 5, 9, 13, 17, 21)]
     assert all(seeds == (0, 1, 2, 3, 4) for _, seeds in exp6)
