@@ -36,21 +36,15 @@ class ZooSession:
     def store(self):
         from .store import ModelStore
 
-        if self.options.retrain:
-            return ModelStore(self.options.run_dir / "models")
-        return ModelStore(_cache_dir(self.config))
+        return ModelStore(_store_root(self.config, self.options))
 
     def get(self, request: pytest.FixtureRequest, name: str, seed: Optional[int]):
         from .train import TerminalProgress
 
         key = (self.options.model_name(name), seed)
         if key not in self._loaded:
-            capman = self.config.pluginmanager.getplugin("capturemanager")
             progress = TerminalProgress(f"training {name} (seed {seed})", stream=sys.__stderr__)
-            if capman is not None:  # show training progress live, not swallowed by capture
-                with capman.global_and_fixture_disabled():
-                    loaded = self._load(name, seed, progress)
-            else:
+            with _uncaptured(self.config):
                 loaded = self._load(name, seed, progress)
             if loaded.source == "trained":
                 progress.done(f"{loaded.card.get('metrics')}")
@@ -115,19 +109,25 @@ def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=Non
     plan = sweep_plan(options, items)
     if not plan:
         return {}
-    root = options.run_dir / "models" if options.retrain else _cache_dir(config)
     out = {}
-    capman = config.pluginmanager.getplugin("capturemanager")
     for seeds, names in plan.items():
-        def sweep():
-            return run_sweeps(names, list(seeds), root=root, device=options.device,
-                              stream=stream or sys.__stderr__, train_references=options.retrain)
-        if capman is not None:  # progress on the screen, not swallowed by capture
-            with capman.global_and_fixture_disabled():
-                out.update(sweep())
-        else:
-            out.update(sweep())
+        with _uncaptured(config):
+            out.update(run_sweeps(names, list(seeds), root=_store_root(config, options), device=options.device,
+                                  stream=stream or sys.__stderr__, train_references=options.retrain))
     return out
+
+
+def _uncaptured(config: pytest.Config):
+    """Training progress goes to the screen live, not into pytest's capture."""
+    import contextlib
+
+    capman = config.pluginmanager.getplugin("capturemanager")
+    return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+
+
+def _store_root(config: pytest.Config, options: RunOptions):
+    """Where this run's models live: the run's own folder under --retrain, else the project's store."""
+    return options.run_dir / "models" if options.retrain else _cache_dir(config)
 
 
 def _cache_dir(config: pytest.Config):
