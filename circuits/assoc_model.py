@@ -382,8 +382,9 @@ def all_contexts(n_vocab: int, n_ctx: int) -> torch.Tensor:
 MAX_GRID = 2_000_000  # N^S * H above this: table_logits refuses (use the model's forward in batches)
 
 
-def table_logits(model: AssocTransformer) -> torch.Tensor:
-    """The model's logits on every context at once: [N^S, N], rows in `all_contexts` order.
+def table_logits(model: AssocTransformer, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The model's logits on every context at once: [N^S, N], rows in `all_contexts` order; with
+    `rows` (context indices into that order, [B], repeats allowed) only those contexts: [B, N].
 
     Exactly `model(all_contexts(N, S))` (tested to float tolerance for every switch), computed from
     per-token tables instead of per-sequence activations: with one layer, a query depends only on the
@@ -396,6 +397,8 @@ def table_logits(model: AssocTransformer) -> torch.Tensor:
     if a.n_layers != 1:
         raise InputError(f"table_logits needs a one-layer model (got n_layers={a.n_layers}); use model(x)")
     N, S, H, dh = a.d_vocab, a.n_ctx, a.n_heads, a.d_head
+    if rows is not None:
+        rows = _check_rows(rows, N ** S)
     if N ** S * H > MAX_GRID:
         raise InputError(f"table_logits: N^S * H = {N ** S * H} exceeds {MAX_GRID}; evaluate model(x) in batches")
     block = model.blocks[0]
@@ -448,13 +451,28 @@ def table_logits(model: AssocTransformer) -> torch.Tensor:
             term = torch.einsum(f"{letters}h,{letters[p]}hm->{letters}m", pattern[p], vo[p])
         out = out + term  # [N.., d]
     last = on_axes(R[S - 1], (S - 1,))  # [1.., N, d]
+    if rows is not None:  # the attention above costs O(N^S H); what follows costs O(rows d d_mlp + rows N)
+        out = out.expand(*([N] * S), -1).reshape(N ** S, -1)[rows]  # [B, d]
+        last = R[S - 1][rows % N]  # [B, d]
     resid = last + out if a.residual else out
     if a.d_mlp:
         resid = resid + block.mlp(block.ln2(resid))
     if a.normalization == "LN":
         resid = model.ln_final(resid)
-    logits = model.unembed(resid)  # [N.., N] (broadcast up to the full grid)
+    logits = model.unembed(resid)  # [N.., N] (broadcast up to the full grid), or [B, N] on rows
+    if rows is not None:
+        return logits
     return logits.expand(*([N] * S), -1).reshape(N ** S, -1)
+
+
+def _check_rows(rows, n_contexts: int) -> torch.Tensor:
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"rows must be a 1-D integer tensor of context indices, got "
+                         f"{getattr(rows, 'shape', type(rows).__name__)} {getattr(rows, 'dtype', '')}".rstrip())
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_contexts):
+        raise InputError(f"rows must index the {n_contexts} contexts (0..{n_contexts - 1}), got "
+                         f"{int(rows.min())}..{int(rows.max())}")
+    return rows.long()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -88,10 +88,20 @@ def _resolve(entry_or_name):
 
 
 def _has_reference(entry, seed: int) -> bool:
-    from .store import reference_paths
+    """A committed reference checkpoint of the current spec (a stale one is trained like any seed, so
+    that `--update-reference` then finds it in the store)."""
+    import json
+
+    from .store import reference_paths, spec_key
     from .zoo import REFERENCE_DIR
 
-    return all(p.is_file() for p in reference_paths(REFERENCE_DIR, entry.reference_name(seed)))
+    weights, card = reference_paths(REFERENCE_DIR, entry.reference_name(seed))
+    if not (weights.is_file() and card.is_file()):
+        return False
+    try:
+        return json.loads(card.read_text()).get("key") == spec_key(entry.spec(seed))
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: loading it reports the problem; the sweep trains the seed
 
 
 def _train_entry(entry, seed: int, device: str, progress=None):
@@ -175,7 +185,7 @@ class _EvalLines:
 
     def __call__(self, step: int, total: int, metrics: dict) -> None:
         shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in sorted(metrics.items())
-                 if k.startswith(("eval_", "waiting"))]
+                 if k.startswith(("eval_", "waiting")) or k == "accuracy"]  # accuracy: the assoc family's
         if shown:
             self.stream.write(f"    {self.label}: step {step}/{total} {time.perf_counter() - self.t0:6.1f}s "
                               f"{' '.join(shown)}\n")

@@ -82,6 +82,29 @@ def test_a_committed_reference_seed_is_never_trained(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing written to the store"
 
 
+def test_a_stale_or_damaged_reference_is_not_counted_as_committed(tmp_path, monkeypatch):
+    """A committed file of an older spec would fail every loader: the sweep must train that seed."""
+    import json
+    import shutil
+
+    from circuits import zoo
+    from circuits.store import reference_paths
+    from circuits.sweep import _has_reference
+
+    entry = zoo.get_entry("brackets")
+    seed = entry.ref_seeds()[0]
+    for path in reference_paths(zoo.REFERENCE_DIR, entry.reference_name(seed)):
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.setattr(zoo, "REFERENCE_DIR", tmp_path)
+    assert _has_reference(entry, seed)
+    _, card_path = reference_paths(tmp_path, entry.reference_name(seed))
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "key": "0" * 64}))
+    assert not _has_reference(entry, seed)
+    card_path.write_text("{not json")
+    assert not _has_reference(entry, seed)
+
+
 def test_a_pool_worker_ends_when_its_sweep_is_killed(tmp_path):
     """Killing `python -m circuits sweep` used to leave its spawned workers training for minutes."""
     import os
@@ -219,3 +242,16 @@ def test_the_assoc_full_sweep_plans_the_experiments_its_selected_tests_name(monk
                                "test_exp5_mlp_stores_more_per_parameter_than_attention[main]")]
     assert both[:7] == [f"assoc_exp1_d10_H{h:02d}" for h in (1, 6, 11, 16, 21, 26, 31)]
     assert {n.split("_H")[0] for n in both[7:]} == {"assoc_exp5_attn", "assoc_exp5_mlp"}
+
+
+def test_eval_lines_show_held_out_metrics_and_the_assoc_familys_accuracy():
+    from circuits.sweep import _EvalLines
+
+    out = io.StringIO()
+    lines = _EvalLines("m seed 0", 0.0, out)
+    lines(10, 100, {"eval_acc": 0.5, "loss": 1.0})
+    lines(20, 100, {"accuracy": 0.25, "loss": 1.0, "lr": 0.1})
+    lines(30, 100, {"loss": 1.0})  # nothing worth a line
+    text = out.getvalue().splitlines()
+    assert len(text) == 2 and "eval_acc=0.5" in text[0] and "accuracy=0.25" in text[1]
+    assert "loss" not in out.getvalue() and "lr" not in out.getvalue()

@@ -41,6 +41,9 @@ class AssocRecipe:
     final_lr_frac: float = 0.05
     eval_every: int = 100
     threads: int = 1
+    rows: str = "all"  # with batch_size > 0, which contexts' logits a step computes: "all" (every context,
+    #                    then the batch is picked from them) or "batch" (only the sampled ones, as the
+    #                    authors' train.py; the same loss, N^S / batch_size times fewer rows, other bits)
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps)
@@ -54,12 +57,18 @@ class AssocRecipe:
             raise InputError(f"schedule must be 'constant', 'cosine' or 'linear', got {self.schedule!r}")
         if not (isinstance(self.final_lr_frac, (int, float)) and 0 < self.final_lr_frac <= 1):
             raise InputError(f"final_lr_frac must be in (0, 1], got {self.final_lr_frac!r}")
+        if self.rows not in ("all", "batch"):
+            raise InputError(f"rows must be 'all' or 'batch', got {self.rows!r}")
+        if self.rows == "batch" and not self.batch_size:
+            raise InputError("rows='batch' needs sampled batches (batch_size > 0); full batch computes every context")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
         if self.schedule == "constant":  # no end point: keeps the keys of constant-rate models unchanged
             del d["final_lr_frac"]
+        if self.rows == "all":  # the original behaviour: keeps the keys of existing models unchanged
+            del d["rows"]
         return d
 
 
@@ -73,16 +82,18 @@ def scheduled_lr(recipe: AssocRecipe, step: int) -> float:
     return recipe.lr
 
 
-def context_logits(model: nn.Module, law: Law) -> torch.Tensor:
-    """The model's logits on every context of the law: [N^S, N] (with gradients)."""
+def context_logits(model: nn.Module, law: Law, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The model's logits on every context of the law: [N^S, N] (with gradients); with `rows`
+    (context indices, [B]) on those contexts only: [B, N]."""
     if isinstance(model, LowRank):
-        return model.all_logits()
+        logits = model.all_logits()
+        return logits if rows is None else logits[rows]
     if isinstance(model, AssocTransformer) and model.acfg.n_layers == 1:
         try:
-            return table_logits(model)
+            return table_logits(model, rows)
         except InputError:
             pass
-    return model(law.contexts())
+    return model(law.contexts() if rows is None else law.contexts()[rows])
 
 
 @torch.no_grad()
@@ -132,17 +143,19 @@ def _train(model, law, recipe, seed, progress) -> TrainResult:
         lr = scheduled_lr(recipe, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        logits = context_logits(model, law)  # [N^S, N]
         if recipe.batch_size:  # sampled contexts, as the seed's data loader (with replacement)
             idx = torch.multinomial(w, recipe.batch_size, replacement=True, generator=gen)
-            logp = torch.log_softmax(logits[idx], -1)
+            if recipe.rows == "batch":
+                logp = torch.log_softmax(context_logits(model, law, idx), -1)  # [B, N]
+            else:
+                logp = torch.log_softmax(context_logits(model, law)[idx], -1)  # [N^S, N] -> [B, N]
             if recipe.loss == "next_token":
                 y = torch.multinomial(pi[idx], 1, generator=gen).squeeze(1)
                 loss = F.nll_loss(logp, y)
             else:
                 loss = -(pi[idx] * logp).sum(-1).mean()
         else:
-            logp = torch.log_softmax(logits[keep], -1)
+            logp = torch.log_softmax(context_logits(model, law)[keep], -1)
             loss = -(w[keep, None] * pi[keep] * logp).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
