@@ -702,3 +702,13 @@ def test_ablate_mlp_zero_and_mean():
         B.ablate_heads(model, [0], "half")
     with pytest.raises(InputError, match="heads"):
         B.ablate_heads(model, [5])
+
+
+def test_empirical_laws_are_counted_once_and_handed_out_as_copies():
+    spec = {"kind": "empirical", "base": {"kind": "associations", "N": 6, "S": 2, "seed": 1}, "n": 500, "seed": 2}
+    a, b = A.make_law(spec), A.make_law(dict(spec))
+    assert all(torch.equal(x, y) for x, y in zip(a.conditionals, b.conditionals))
+    a.conditionals[1].zero_()  # a caller's in-place edit must not reach the next caller
+    c = A.make_law(spec)
+    assert all(torch.equal(x, y) for x, y in zip(b.conditionals, c.conditionals))
+    assert A.make_law({**spec, "seed": 3}).conditionals[1].ne(c.conditionals[1]).any()  # other samples

@@ -14,6 +14,8 @@ E_c pi_c(argmax logits_c). ``capacity_bound`` is Corollary 2's accuracy lower bo
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -258,6 +260,16 @@ def empirical_law(base: dict, n: int, seed: int = 0) -> Law:
     Prefixes that were never sampled get uniform continuations (they have probability 0)."""
     _check_int("n", n)
     law = make_law(base)
+    conds = _empirical_conditionals(json.dumps(base, sort_keys=True), n, seed)
+    spec = {"kind": "empirical", "base": dict(base), "n": n, "seed": seed, "version": DATA_VERSION}
+    return Law(tuple(c.clone() for c in conds), f"empirical({n} samples of {law.name}, seed {seed})", spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _empirical_conditionals(base_json: str, n: int, seed: int) -> tuple:
+    """The counting behind `empirical_law`, once per (base, n, seed) and process: sampling 262,144
+    sequences of N = 70 takes ~3 s, and every entry of a grid shares one law (callers get clones)."""
+    law = make_law(json.loads(base_json))
     toks = law.sample(n, seed)  # [n, S + 1]
     N, conds = law.N, []
     for i in range(law.S + 1):
@@ -270,8 +282,7 @@ def empirical_law(base: dict, n: int, seed: int = 0) -> Law:
         totals = counts.sum(-1, keepdim=True)
         rows = torch.where(totals > 0, counts / totals.clamp_min(1), torch.full_like(counts, 1.0 / N))
         conds.append(rows.reshape((N,) * (i + 1)))
-    spec = {"kind": "empirical", "base": dict(base), "n": n, "seed": seed, "version": DATA_VERSION}
-    return Law(tuple(conds), f"empirical({n} samples of {law.name}, seed {seed})", spec)
+    return tuple(conds)
 
 
 LAWS: dict[str, Callable[..., Law]] = {
