@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-# the CLI with the tiny test model registered (real processes; a go-file lines them up)
+# the CLI with the tiny test model registered, in real processes racing for the store's lock (a go-file
+# lines them up)
 CLI_WITH_TINY = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
@@ -36,9 +39,8 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def cli(*args, env=None, tiny=False, cwd=None):
-    cmd = [sys.executable, "-c", CLI_WITH_TINY.format(tests=str(TESTS))] if tiny else [sys.executable, "-m", "circuits"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd or REPO,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    """The CLI in this process (tests/cli_run.py); the racing test below uses real processes."""
+    return run_cli(*args, env=env, tiny=tiny, cwd=cwd)
 
 
 def one_line_error(out, fragment):

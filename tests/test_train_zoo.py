@@ -20,6 +20,8 @@ from circuits.store import ModelStore, StaleCheckpointError, MissingCheckpointEr
 from circuits.tasks import brackets as B
 from circuits.train import Split, TrainRecipe, batches, data_seeds, evaluate, lr_at, final_test_seed, train
 
+from cli_run import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = TransformerConfig(n_layers=1, d_model=16, n_ctx=B.N_CTX, n_heads=2, d_mlp=16, d_vocab=B.VOCAB,
@@ -329,13 +331,9 @@ def test_recipe_variant_has_its_own_name_and_store_key(tmp_path):
 # --- CLI -----------------------------------------------------------------------------------------------
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "circuits", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})})
-
-
 def test_cli_list_and_card():
-    out = run_cli("list")
+    """`python -m circuits` itself, in a real process (the other CLI tests call cli.main in-process)."""
+    out = subprocess.run([sys.executable, "-m", "circuits", "list"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "brackets" in out.stdout
     card = run_cli("card", "brackets")
     assert card.returncode == 0, card.stderr
