@@ -3,6 +3,7 @@ should change nothing), and the plugin fails a claim that survives the mutation 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -349,3 +350,9 @@ def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):
     result.stdout.re_match_lines([re.escape("test_teeth.py::test_weak[control=untrained-x] XFAIL")])
     assert "measured now: acc = 0.9" in result.stdout.str()
     result.assert_outcomes(passed=2, xfailed=1, failed=1)  # y: its untrained control holds too (no teeth)
+    power_project.runpytest("--run-id", "known").assert_outcomes(passed=2, xfailed=1, failed=1)
+    report = json.loads((power_project.path / "reports" / "known" / "report.json").read_text())
+    runs = {r["nodeid"].split("::")[1]: r for r in report["control_runs"]}
+    assert runs["test_weak[control=untrained-x]"]["known"] == "an untrained model reaches it too"
+    assert runs["test_weak[control=untrained-y]"]["known"] is None  # undocumented: still a problem
+    assert (report["summary"]["controls_no_teeth"], report["summary"]["controls_known"]) == (1, 1)

@@ -463,3 +463,31 @@ def test_robustness_reference_from_compare():
     report["compare"] = rp.compare_reports(report, ref)
     acc = rp.robustness(report)[0]
     assert acc["reference"]["source"] == "base" and [s["flip"] for s in acc["seeds"]] == [False, True]
+
+
+def test_a_control_run_that_known_failures_documents_is_listed_apart_not_as_a_problem():
+    """The main job's summary said "8 no-teeth" and printed them red although every one was a
+    KNOWN_FAILURES entry with its reason; a documented run is counted and listed apart, an undocumented
+    one stays a problem."""
+    col = sample_collector()
+    g = "hyp/test_m.py::test_bound"
+    ctl = g + "[control=randomise]"
+    props = [meta(ctl, g, control="randomise"), *claim_props(control="randomise", acc=(0.95, 0.9)),
+             ("circuits_control", {"control": "randomise", "outcome": "no_teeth", "message": "no teeth: acc",
+                                   "known": "the bound is below what the residual alone reaches"})]
+    col.add_test_report(rep(ctl, "call", "skipped", props, wasxfail="known failure of this control run"))
+    report = col.build(run_id="r1")
+    s = report["summary"]
+    assert (s["controls_no_teeth"], s["controls_known"]) == (1, 1)  # the sample's undocumented one stays
+    assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 no-teeth (+1 known), "
+                                           "3 failed, 2 with generic controls only")
+    md = rp.render_markdown(report)
+    known_at, problems_at = md.index("### Control runs known to pass"), md.index("### Problems")
+    assert "the bound is below what the residual alone reaches" in md[known_at:problems_at]
+    assert ctl not in md[problems_at:] and "test_acc[control=untrained]" in md[problems_at:]
+    html = render_html(report, ".")
+    assert 'id="known-controls"' in html and html.index(ctl) > html.index('id="known-controls"')
+    lines = rp.terminal_lines(report)
+    red = [text for text, style in lines if style.get("red")]
+    assert any("test_acc[control=untrained]" in t for t in red) and not any(ctl in t for t in red)
+    assert any(ctl in text and "known" in text for text, _ in lines)

@@ -22,7 +22,7 @@ from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
 from .views import (anchor, held_out, held_out_text, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
                     modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness,
-                    test_groups, where)
+                    test_groups, unexpected_control_runs, known_control_runs, where)
 
 __all__ = ["render_html"]
 
@@ -151,7 +151,7 @@ def _header(report: dict) -> str:
     if s.get("xfailed"):
         pills.append(f'<span class="pill warn">{s["xfailed"]} known failures</span>')
     if s.get("control_runs"):
-        bad = s["control_runs"] - s.get("controls_ok", 0)
+        bad = s["control_runs"] - s.get("controls_ok", 0) - s.get("controls_known", 0)
         pills.append(f'<span class="pill {"fail" if bad else "pass"}">controls {s.get("controls_ok", 0)}/'
                      f'{s["control_runs"]} ok</span>')
     if s.get("generic_only"):
@@ -222,9 +222,8 @@ def _rollup(report: dict) -> str:
 def _problem_items(report: dict) -> list[str]:
     items = [f"<li>collection error in <code>{_e(e['nodeid'])}</code>: {_e(e.get('message'))}</li>"
              for e in report.get("collection_errors", [])]
-    for r in report.get("control_runs", []):
-        if r.get("outcome") != "ok":
-            items.append(f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))}</li>")
+    for r in unexpected_control_runs(report):
+        items.append(f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))}</li>")
     for t in problem_tests(report):
         items.append(f"<li><code>{_e(t['nodeid'])}</code> <b>{_e(t['outcome'])}</b>: {_e(t.get('message'))}</li>")
     return items
@@ -232,9 +231,15 @@ def _problem_items(report: dict) -> list[str]:
 
 def _problems(report: dict) -> str:
     items = _problem_items(report)
-    if not items:
-        return ""
-    return f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
+    known = [f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))} <i>Known: {_e(r.get('known'))}</i></li>"
+             for r in known_control_runs(report)]
+    out = ""
+    if items:
+        out += f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
+    if known:
+        out += (f'<div class="box" id="known-controls"><b>Control runs known to pass</b> (the module\'s '
+                f'KNOWN_FAILURES, with reasons)<ul style="margin:6px 0 0">{"".join(known)}</ul></div>')
+    return out
 
 
 def _result(status: str) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
 from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
-                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, test_label, where)
+                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, test_label,
+                    unexpected_control_runs, known_control_runs, where)
 
 __all__ = ["render_markdown", "md_escape", "md_code"]
 
@@ -99,12 +100,18 @@ def _rollup(report: dict) -> list[str]:
 
 
 def _problems(report: dict) -> list[str]:
-    no_teeth = [r for r in report.get("control_runs", []) if r.get("outcome") != "ok"]
+    no_teeth = unexpected_control_runs(report)
     probs = problem_tests(report)
     coll = report.get("collection_errors", [])
+    known = known_control_runs(report)
+    lines = []
+    if known:
+        lines += ["### Control runs known to pass (the module's KNOWN_FAILURES, with reasons)", ""]
+        lines += [f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))} *Known:* {md_escape(r.get('known'))}"
+                  for r in known] + [""]
     if not (no_teeth or probs or coll):
-        return []
-    lines = ["### Problems", ""]
+        return lines
+    lines += ["### Problems", ""]
     for e in coll:
         lines.append(f"- collection error in {md_code(e['nodeid'])}: {md_escape(e.get('message'))}")
     for r in no_teeth:

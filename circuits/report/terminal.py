@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .views import (claim_rows, fmt_margin, measured_text, one_line_summary, op_text, rate_text, robustness,
-                    test_label, where)
+from .views import (claim_rows, fmt_margin, known_control_runs, measured_text, one_line_summary, op_text, rate_text,
+                    robustness, test_label, unexpected_control_runs, where)
 
 __all__ = ["terminal_lines"]
 
@@ -53,9 +53,10 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             ok = r["expected_failure"] or r["rate"] == 1.0
             out.append((f"  {r['test']} {r['name']}: {rate_text(r)}  [{ref_t}{seeds}]",
                         {"green": ok, "red": not ok}))
-    for r in report.get("control_runs", []):
-        if r.get("outcome") != "ok":
-            out.append((f"{r['nodeid']}: {r.get('message')}", {"red": True}))
+    for r in known_control_runs(report):
+        out.append((f"{r['nodeid']}: known ({r.get('message')})", {}))
+    for r in unexpected_control_runs(report):
+        out.append((f"{r['nodeid']}: {r.get('message')}", {"red": True}))
     for e in report.get("collection_errors", []):
         out.append((f"collection error in {e['nodeid']}: {e.get('message')}", {"red": True}))
     cmp_ = report.get("compare")
@@ -75,7 +76,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
                         {"green": r["after"], "red": not r["after"]} if flip else {}))
     if rows or report.get("tests"):
         out.append(("", {}))
-        bad = report.get("summary", {}).get("failed") or report.get("summary", {}).get("controls_no_teeth")
+        s = report.get("summary", {})
+        bad = s.get("failed") or s.get("controls_no_teeth") or s.get("controls_no_power") or unexpected_control_runs(report)
         out.append((one_line_summary(report), {"bold": True, "red": bool(bad), "green": not bad}))
     return out
 

@@ -163,6 +163,17 @@ def test_groups(report: dict, module: str) -> list[dict]:
     return list(groups.values())
 
 
+def unexpected_control_runs(report: dict) -> list[dict]:
+    """Control / mutation runs whose claims held (no teeth, no power) or that errored, other than those
+    the module's KNOWN_FAILURES documents."""
+    return [r for r in report.get("control_runs", []) if r.get("outcome") != "ok" and not r.get("known")]
+
+
+def known_control_runs(report: dict) -> list[dict]:
+    """Control / mutation runs whose claims held, as the module's KNOWN_FAILURES says (with its reason)."""
+    return [r for r in report.get("control_runs", []) if r.get("outcome") != "ok" and r.get("known")]
+
+
 def problem_tests(report: dict) -> list[dict]:
     """Tests that failed / errored / did not finish, other than by a failing claim."""
     failing_claims = {c["nodeid"] for c in report.get("claims", []) if not c.get("passed") and not c.get("control")}
@@ -183,6 +194,7 @@ def summary_counts(report: dict) -> dict[str, int]:
     t = s.get("tests", {})
     return {"held": s.get("passed", 0), "known": s.get("xfailed", 0),
             "no_teeth": s.get("controls_no_teeth", 0) + s.get("controls_no_power", 0),
+            "known_controls": s.get("controls_known", 0),
             "failed": s.get("failed", 0) + len(problem_tests(report)) + len(report.get("collection_errors", [])),
             "generic_only": s.get("generic_only", 0), "claims": s.get("claims", 0),
             "tests": sum(t.values())}
@@ -191,7 +203,8 @@ def summary_counts(report: dict) -> dict[str, int]:
 def one_line_summary(report: dict) -> str:
     """``circuits: 177 claims held, 7 known failures, 0 no-teeth, 0 failed — report: PATH``."""
     n = summary_counts(report)
-    text = (f"circuits: {n['held']} claims held, {n['known']} known failures, {n['no_teeth']} no-teeth, "
+    known = f" (+{n['known_controls']} known)" if n["known_controls"] else ""
+    text = (f"circuits: {n['held']} claims held, {n['known']} known failures, {n['no_teeth']} no-teeth{known}, "
             f"{n['failed']} failed")
     if n["generic_only"]:
         text += f", {n['generic_only']} with generic controls only"
@@ -215,6 +228,8 @@ def headline(report: dict) -> str:
             parts.append(f"{s['controls_no_teeth']} without teeth")
         if s.get("controls_no_power"):
             parts.append(f"{s['controls_no_power']} without power")
+        if s.get("controls_known"):
+            parts.append(f"{s['controls_known']} known to pass (documented)")
     if s.get("generic_only"):
         parts.append(f"{s['generic_only']} with generic controls only")
     t = s.get("tests", {})
