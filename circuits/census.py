@@ -48,7 +48,6 @@ __all__ = ["DEFAULT_RECIPE", "CensusError", "Census", "run_census", "zoo_name", 
 DEFAULT_RECIPE = "default"  # the zoo entry's own recipe (no variant)
 MAIN_ONLY_ENV = "CIRCUITS_CENSUS_MAIN_ONLY"
 _NOT_MAIN = re.compile(r"[\[-](control|mutation)=")  # a test id's control / mutation parameter
-Z95 = 1.959963984540054
 
 
 class CensusError(CircuitsError):
@@ -59,13 +58,6 @@ def zoo_name(name: str, recipe: str) -> str:
     from .zoo import VARIANT_SEP
 
     return name if recipe == DEFAULT_RECIPE else f"{name}{VARIANT_SEP}{recipe}"
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (the report's, `circuits.report.views`)."""
-    from .report.views import wilson_interval
-
-    return wilson_interval(k, n, z)
 
 
 @dataclass
