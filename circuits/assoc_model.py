@@ -398,7 +398,7 @@ def table_logits(model: AssocTransformer, rows: Optional[torch.Tensor] = None) -
         raise InputError(f"table_logits needs a one-layer model (got n_layers={a.n_layers}); use model(x)")
     N, S, H, dh = a.d_vocab, a.n_ctx, a.n_heads, a.d_head
     if rows is not None:
-        rows = _check_rows(rows, N ** S)
+        rows = check_rows(rows, N ** S)
     if N ** S * H > MAX_GRID:
         raise InputError(f"table_logits: N^S * H = {N ** S * H} exceeds {MAX_GRID}; evaluate model(x) in batches")
     block = model.blocks[0]
@@ -465,7 +465,9 @@ def table_logits(model: AssocTransformer, rows: Optional[torch.Tensor] = None) -
     return logits.expand(*([N] * S), -1).reshape(N ** S, -1)
 
 
-def _check_rows(rows, n_contexts: int) -> torch.Tensor:
+def check_rows(rows, n_contexts: int) -> torch.Tensor:
+    """`rows` as context indices into the `all_contexts` order (a 1-D integer tensor in range), or one
+    clear InputError."""
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
         raise InputError(f"rows must be a 1-D integer tensor of context indices, got "
                          f"{getattr(rows, 'shape', type(rows).__name__)} {getattr(rows, 'dtype', '')}".rstrip())
@@ -479,5 +481,5 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-__all__ = ["AssocConfig", "AssocTransformer", "SplitAttention", "DeepMLP", "AssocBlock", "build_model", "all_contexts", "table_logits",
+__all__ = ["AssocConfig", "AssocTransformer", "SplitAttention", "DeepMLP", "AssocBlock", "build_model", "all_contexts", "table_logits", "check_rows",
            "FREEZABLE", "trainable_parameters"]

@@ -234,11 +234,13 @@ class CircuitsPlugin(CircuitsSession):
             "control": ctl.spec, "kind": "mutation" if ctl.spec.startswith(MUTATION_PREFIX) else ctl.kind,
             "outcome": outcome, "message": msg,
             # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
-            "known": _known_failure(item, control_id(ctl.spec)) if outcome != "ok" else None,
+            "known": _known_failure(item, control_id(ctl.spec)) if outcome in ("no_teeth", "no_power") else None,
             "held": [r.name for r in records if r.passed], "failed": [r.name for r in records if not r.passed],
             "values": {r.name: {"value": r.value, "value_text": r.value_text, "requirement": r.requirement,
                                 "margin": r.margin, "passed": r.passed} for r in records},
         }))
+        if outcome == "error":  # not pytest.fail: a known-failure xfail (raises=fail.Exception) must not absorb it
+            raise ControlRunError(msg)
         if outcome != "ok":
             pytest.fail(msg, pytrace=False)
 
@@ -285,6 +287,11 @@ class CircuitsPlugin(CircuitsSession):
                 tr.write_line(text, **markup)
         if self.write_error:
             tr.write_line(f"circuits: could not write the report: {self.write_error}", red=True)
+
+
+class ControlRunError(Exception):
+    """A control or mutation run that measured nothing (never applied, no claims recorded): an error of
+    the test, never a known failure."""
 
 
 class ControlCollectError(pytest.Collector.CollectError):

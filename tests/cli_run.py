@@ -5,7 +5,7 @@ store's lock, bitwise determinism across processes, the `python -m circuits` ent
 using subprocesses.
 
 An exception escaping `cli.main` propagates, so a test that once checked "no Traceback in stderr" still
-fails on one. Environment variables, the working directory, torch's thread count and the zoo's
+fails on one. What goes through `warnings` or `logging` reaches pytest's capture, not `stderr` here. Environment variables, the working directory, torch's thread count and the zoo's
 registry are restored afterwards.
 """
 

@@ -107,6 +107,10 @@ def test_table_logits_on_rows_gradients_match_the_forward():
 def test_table_logits_rejects_bad_rows(rows, message):
     with pytest.raises(InputError, match=message):
         table_logits(build_model(small()), rows)
+    law = A.associations(7, 2)  # and so does context_logits on every path (the forward's, the low-rank one)
+    for model in (build_model(small()), build_model(small(n_layers=2)), A.LowRank(7, 2, 3, seed=0)):
+        with pytest.raises(InputError, match=message):
+            A.context_logits(model, law, rows)
 
 
 def test_table_logits_gradients_match_the_forward():

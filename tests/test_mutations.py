@@ -313,6 +313,26 @@ def test_an_entry_registered_in_a_conftest_gets_its_fixture_and_variants(pyteste
     assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
+def test_a_known_control_run_that_measured_nothing_is_an_error_not_a_known_failure(power_project):
+    """KNOWN_FAILURES excuses a claim that holds under a control, not a control run that recorded no claim."""
+    power_project.makepyfile(test_empty="""
+        import pytest
+
+        KNOWN_FAILURES = {"test_quiet control=untrained": "said to hold on an untrained model"}
+
+        @pytest.mark.controls("untrained")
+        def test_quiet(model, claim, control):
+            if control.is_main:
+                claim.at_least("acc", 0.9, 0.5)
+    """)
+    result = power_project.runpytest("-rfx", "--run-id", "empty")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*ControlRunError*the control run recorded no claims*"])
+    report = json.loads((power_project.path / "reports" / "empty" / "report.json").read_text())
+    (run,) = report["control_runs"]
+    assert run["outcome"] == "error" and run["known"] is None
+
+
 def test_memoised_results_follow_the_mutation_not_the_weights():
     """Mean ablations are hooks on unchanged weights: a session memo keyed on the model must still
     tell them apart (and from the clean model), also after an earlier mutant is freed."""

@@ -482,7 +482,7 @@ def test_a_control_run_that_known_failures_documents_is_listed_apart_not_as_a_pr
     assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 no-teeth (+1 known), "
                                            "3 failed, 2 with generic controls only")
     md = rp.render_markdown(report)
-    known_at, problems_at = md.index("### Control runs known to pass"), md.index("### Problems")
+    known_at, problems_at = md.index("### Claims known to hold under a control"), md.index("### Problems")
     assert "the bound is below what the residual alone reaches" in md[known_at:problems_at]
     assert ctl not in md[problems_at:] and "test_acc[control=untrained]" in md[problems_at:]
     html = render_html(report, ".")

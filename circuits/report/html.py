@@ -152,8 +152,9 @@ def _header(report: dict) -> str:
         pills.append(f'<span class="pill warn">{s["xfailed"]} known failures</span>')
     if s.get("control_runs"):
         bad = s["control_runs"] - s.get("controls_ok", 0) - s.get("controls_known", 0)
+        known = f' (+{s["controls_known"]} known)' if s.get("controls_known") else ""
         pills.append(f'<span class="pill {"fail" if bad else "pass"}">controls {s.get("controls_ok", 0)}/'
-                     f'{s["control_runs"]} ok</span>')
+                     f'{s["control_runs"]} ok{known}</span>')
     if s.get("generic_only"):
         pills.append(f'<span class="pill warn">{s["generic_only"]} with generic controls only</span>')
     t = s.get("tests", {})
@@ -237,8 +238,8 @@ def _problems(report: dict) -> str:
     if items:
         out += f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
     if known:
-        out += (f'<div class="box" id="known-controls"><b>Control runs known to pass</b> (the module\'s '
-                f'KNOWN_FAILURES, with reasons)<ul style="margin:6px 0 0">{"".join(known)}</ul></div>')
+        out += (f'<div class="box" id="known-controls"><b>Claims known to hold under a control</b> (the '
+                f'module\'s KNOWN_FAILURES, with reasons)<ul style="margin:6px 0 0">{"".join(known)}</ul></div>')
     return out
 
 

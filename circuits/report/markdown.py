@@ -106,7 +106,7 @@ def _problems(report: dict) -> list[str]:
     known = known_control_runs(report)
     lines = []
     if known:
-        lines += ["### Control runs known to pass (the module's KNOWN_FAILURES, with reasons)", ""]
+        lines += ["### Claims known to hold under a control (the module's KNOWN_FAILURES, with reasons)", ""]
         lines += [f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))} *Known:* {md_escape(r.get('known'))}"
                   for r in known] + [""]
     if not (no_teeth or probs or coll):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...assoc_model import AssocTransformer, table_logits
+from ...assoc_model import AssocTransformer, check_rows, table_logits
 from ...errors import InputError
 from ...train import TrainResult
 from .laws import DTYPE, Law, _check_int
@@ -85,6 +85,8 @@ def scheduled_lr(recipe: AssocRecipe, step: int) -> float:
 def context_logits(model: nn.Module, law: Law, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The model's logits on every context of the law: [N^S, N] (with gradients); with `rows`
     (context indices, [B]) on those contexts only: [B, N]."""
+    if rows is not None:  # checked here: the fallbacks below would index silently (negative) or deep in torch
+        rows = check_rows(rows, law.N ** law.S)
     if isinstance(model, LowRank):
         logits = model.all_logits()
         return logits if rows is None else logits[rows]
