@@ -211,13 +211,15 @@ def test_census_end_to_end_then_from_the_store(tiny_project):
                               root=tiny_project / "store", reference=False, train=False, stream=io.StringIO())
     assert partial.recipe_seeds == {"slow": [1]} and partial.rows[0]["seeds"] == [1]
 
-    # a changed hypothesis module (or --rerun) runs the claims again
+    # a changed hypothesis module is another input (no stored run matches it), and --rerun runs the
+    # claims again whatever is stored (one real pytest process for both: each costs seconds)
     module = tiny_project / "test_tiny_census.py"
+    row_dir = next(p.parent for p in (tiny_project / "out").rglob(C.INPUTS_FILE))
+    saved = json.loads((row_dir / C.INPUTS_FILE).read_text())
+    assert C.stored_run(row_dir, saved) is not None
     module.write_text(module.read_text() + "\n# edited\n")
-    third = io.StringIO()
-    C.run_census("tiny_census", ["default"], [0, 1], "test_tiny_census.py", out=tiny_project / "out",
-                 root=tiny_project / "store", reference=False, stream=third)
-    assert " -m pytest " in third.getvalue() and "unchanged" not in third.getvalue()
+    edited = C.run_inputs(str(module), saved["args"], saved["models"], saved["main_only"])
+    assert edited["module"] != saved["module"] and C.stored_run(row_dir, edited) is None
     forced = io.StringIO()
     C.run_census("tiny_census", ["default"], [0, 1], "test_tiny_census.py", out=tiny_project / "out",
                  root=tiny_project / "store", reference=False, rerun=True, stream=forced)
