@@ -628,6 +628,10 @@ _NEAR_NO_HEADS = ("the paper's point (0.081 at d_h = 1) is within the tolerance 
                   "heads scores (all 20 heads removed: 0.062; the residual predicts from the last token alone), so "
                   "a head control cannot take the accuracy outside 0.081 +- 0.05 at this point; the reassigned "
                   "table does (0.02). Exact sums, no sampling")
+_NEAR_NO_HEADS_FULL = ("the paper's point (0.110 at d_h = 2) is within the tolerance of what the model scores with "
+                       "half its heads removed (0.061 zeroed, 0.064 mean-ablated: five-seed means), so those "
+                       "controls cannot take the accuracy outside 0.110 +- 0.05 here; the randomised heads (0.051) "
+                       "and the reassigned table do")
 KNOWN_FAILURES = {
     "test_training_W_O_alone_memorises": FREEZE_O_ONLY_REASON,
     "test_capacity_lower_bound[exp1-H1-seed0] control=randomise_ov":
@@ -643,6 +647,20 @@ KNOWN_FAILURES = {
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=mean_ablate_half_heads": _NEAR_NO_HEADS,
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=randomise_ov": _NEAR_NO_HEADS,
 }
+# --full-sweep (every grid point, seeds 0-4; lenient there, as under --seeds): the same two limits at the
+# narrowest heads, measured on 2026-12-01 (`pytest hypotheses/test_assoc_memory.py --full-sweep -k "exp2 or
+# exp3"`: 130 claims held, these 10 control runs held too). Listed as measured: seed 4 at d_h = 2 and the
+# randomised heads at d_h = 2 do fail as required.
+KNOWN_FAILURES.update({
+    **{f"test_capacity_lower_bound[exp2-1-seed{s}] control=randomise_ov":
+       _WEAK_BOUND.format(bound=0.032, cap=30, n=2500, none="randomised heads 0.049-0.069 on seeds 1-4")
+       for s in (1, 2, 3, 4)},
+    **{f"test_capacity_lower_bound[exp2-2-seed{s}] control=randomise_ov":
+       _WEAK_BOUND.format(bound=0.040, cap=50, n=2500, none="randomised heads 0.046-0.071 on seeds 0-3")
+       for s in (0, 1, 2, 3)},
+    **{f"test_sweep_accuracy_matches_the_paper[exp2-2] control={c}": _NEAR_NO_HEADS_FULL
+       for c in ("ablate_half_heads", "mean_ablate_half_heads")},
+})
 
 
 @pytest.mark.controls(*HEAD_CONTROLS)
