@@ -573,9 +573,10 @@ def test_exp5_mlp_stores_more_per_parameter_than_attention(assoc, request, claim
     0.24 against 0.15 at H = 6). Claimed: the mean accuracy difference (MLP - attention) over the
     points with H > 1 is positive. Controls (applied to both models; an attention-only model has no
     MLP and is unchanged by them): the MLP's output removed or replaced by its mean, what the claim
-    credits (difference -0.13 at H = 6). Tried and left out: every head's W_V/W_O randomised in both
-    models, which breaks both alike (0.015 / 0.016) and leaves a difference of +0.001 that the claim's
-    threshold 0 cannot tell from a real one."""
+    credits (mean difference -0.166 over H = 6, 11 on the references; the claim 0.118). Tried and left
+    out (on the earlier references): every head's W_V/W_O randomised in both models, which breaks both
+    alike (0.015 / 0.016) and leaves a difference of +0.001 that the claim's threshold 0 cannot tell from a
+    real one."""
     xs = [x for x in _points(request, "exp5_attn") if x > 1]
     if not xs:
         pytest.skip("experiment 5 has no committed reference points (16,384 steps on N = 70 each); "
@@ -638,11 +639,11 @@ KNOWN_FAILURES = {
         _WEAK_BOUND.format(bound=0.028, cap=20, n=2500, none=0.049),
     "test_capacity_lower_bound[exp2-1-seed0] control=randomise_ov":
         _WEAK_BOUND.format(bound=0.032, cap=30, n=2500, none=0.062),
-    # one head + an MLP: the bound counts the one head only (H d_h + d = 20 of 4,900 pairs: 0.018, chance
-    # 0.014), and the MLP still reads the last token through the residual (randomised head: 0.0186; at H = 6
-    # 0.0160, failing by 0.002 only)
-    "test_capacity_lower_bound[exp5_mlp-11-seed0] control=randomise_ov":
-        _WEAK_BOUND.format(bound=0.018, cap=20, n=4900, none="about chance, 0.014-0.019"),
+    # one head + an MLP: the bound counts the one head only (H d_h + d = 20 of 4,900 pairs: 0.0183, chance
+    # 0.014), and the MLP still reads the last token through the residual (randomised head: 0.0217 at H = 11,
+    # 0.0185 at H = 6 on the references trained with rows="batch")
+    **{f"test_capacity_lower_bound[exp5_mlp-{H}-seed0] control=randomise_ov":
+       _WEAK_BOUND.format(bound=0.018, cap=20, n=4900, none="about chance, 0.014-0.022") for H in (6, 11)},
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=ablate_half_heads": _NEAR_NO_HEADS,
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=mean_ablate_half_heads": _NEAR_NO_HEADS,
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=randomise_ov": _NEAR_NO_HEADS,
