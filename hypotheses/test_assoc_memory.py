@@ -364,8 +364,8 @@ def test_exp1_accuracy_grows_linearly_with_heads(assoc, request, claim, control,
 # --- Corollary 2: the capacity lower bound ----------------------------------------------------------
 
 
-def _bound_configs(full: bool) -> list:
-    seeds = A.EXP1_FULL_SEEDS if full else A.EXP1_DEFAULT_SEEDS
+def _bound_configs(config: pytest.Config, full: bool) -> list:
+    seeds = exp1_seeds(config, full)  # --seeds picks them, as for experiment 1 and the sweep plan
     configs = [pytest.param(A.exp1(H), s, id=f"exp1-H{H}-seed{s}") for H in A.EXP1_HEADS for s in seeds]
     # fully trained models only: the bound says what a trained AoT reaches, not a partly frozen one
     # (W_O alone stays far below it: see test_training_W_O_alone_memorises)
@@ -384,7 +384,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         points = [(exp, x) for exp, (grid, _) in SWEEPS.items() for x in (grid if full else REFERENCE_POINTS[exp])]
         metafunc.parametrize("sweep_point", points, ids=[f"{e}-{x}" for e, x in points])
     if metafunc.function.__name__ == "test_capacity_lower_bound":
-        metafunc.parametrize("exp, seed", _bound_configs(full))
+        metafunc.parametrize("exp, seed", _bound_configs(metafunc.config, full))
 
 
 @pytest.mark.controls("reassign_table", "randomise_ov")

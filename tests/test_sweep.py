@@ -244,6 +244,25 @@ def test_the_assoc_full_sweep_plans_the_experiments_its_selected_tests_name(monk
     assert {n.split("_H")[0] for n in both[7:]} == {"assoc_exp5_attn", "assoc_exp5_mlp"}
 
 
+def test_the_assoc_capacity_bound_runs_on_the_seeds_asked_for(monkeypatch):
+    """`--full-sweep --seeds 3-4` checks the bound on seeds 3 and 4 only, the seeds the sweep plan trains
+    (it once took seeds 0-4 regardless, and waited on models nobody had asked to train)."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "hypotheses"))
+    import test_assoc_memory as T
+
+    def seeds_of(full, seeds):
+        opts = SimpleNamespace(full_sweep=full, seeds=seeds)
+        monkeypatch.setattr(T, "get_plugin", lambda config: SimpleNamespace(options=opts))
+        ids = [p.id for p in T._bound_configs(None, full)]
+        return {i.rsplit("-seed", 1)[1] for i in ids if i.startswith(("exp1-", "exp5_"))}
+
+    assert seeds_of(True, (3, 4)) == {"3", "4"}
+    assert seeds_of(True, None) == {"0", "1", "2", "3", "4"}
+    assert seeds_of(False, None) == {str(s) for s in T.A.EXP1_DEFAULT_SEEDS}
+
+
 def test_eval_lines_show_held_out_metrics_and_the_assoc_familys_accuracy():
     from circuits.sweep import _EvalLines
 
