@@ -662,6 +662,27 @@ KNOWN_FAILURES.update({
     **{f"test_sweep_accuracy_matches_the_paper[exp2-2] control={c}": _NEAR_NO_HEADS_FULL
        for c in ("ablate_half_heads", "mean_ablate_half_heads")},
 })
+# Experiment 5 under --full-sweep, measured on 2026-12-02 (`pytest hypotheses/test_assoc_memory.py --full-sweep
+# -k exp5`: 256 passed, these 25 control runs held too). With one head (every MLP point, and H = 1) the bound
+# counts H d_h + d = 20 of 4,900 pairs, 0.0183 against chance 0.0143, and the residual and the MLP still read
+# the last token with the head's W_V/W_O randomised: 0.0184-0.0295 on these 19 runs (and the two reference
+# runs above); the other 19 of the 40 one-head runs fall below the bound, as required. At H = 1 the paper's point (0.068 / 0.070) is within 0.05 of what
+# the model scores with its head broken (0.022-0.031, five-seed means); the reassigned table fails there.
+_EXP5_WEAK_BOUND = _WEAK_BOUND.format(bound=0.018, cap=20, n=4900,
+                                      none="randomised head 0.0184-0.0295 on the runs listed, chance 0.0143")
+_EXP5_NEAR_NO_HEADS = ("the paper's point at H = 1 (0.068 attention only, 0.070 one head + no MLP) is within the "
+                       "tolerance of what the five seeds score with their one head zeroed (0.029 / 0.030), "
+                       "mean-ablated (0.031 / 0.030) or randomised (0.022 / 0.022), so no head control can take "
+                       "the mean outside +-0.05 of it; the reassigned table does")
+KNOWN_FAILURES.update({
+    **{f"test_capacity_lower_bound[{point}-seed{s}] control=randomise_ov": _EXP5_WEAK_BOUND
+       for point, seeds in (("exp5_attn-1", (0, 1, 4)), ("exp5_mlp-1", (0, 1, 4)), ("exp5_mlp-6", (1, 3, 4)),
+                            ("exp5_mlp-11", (1, 3)), ("exp5_mlp-21", (0, 1, 3)), ("exp5_mlp-26", (0, 3)),
+                            ("exp5_mlp-31", (0, 2, 4)))
+       for s in seeds},
+    **{f"test_sweep_accuracy_matches_the_paper[{point}] control={c}": _EXP5_NEAR_NO_HEADS
+       for point in ("exp5_attn-1", "exp5_mlp-1") for c in ("ablate_half_heads", "mean_ablate_half_heads", "randomise_ov")},
+})
 
 
 @pytest.mark.controls(*HEAD_CONTROLS)
