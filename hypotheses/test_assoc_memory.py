@@ -666,8 +666,8 @@ KNOWN_FAILURES.update({
 # -k exp5`: 256 passed, these 25 control runs held too). With one head (every MLP point, and H = 1) the bound
 # counts H d_h + d = 20 of 4,900 pairs, 0.0183 against chance 0.0143, and the residual and the MLP still read
 # the last token with the head's W_V/W_O randomised: 0.0184-0.0295 on these 19 runs (and the two reference
-# runs above); the other 19 of the 40 one-head runs fall below the bound, as required. At H = 1 the paper's point (0.068 / 0.070) is within 0.05 of what
-# the model scores with its head broken (0.022-0.031, five-seed means); the reassigned table fails there.
+# runs above); the other 19 of the 40 one-head runs fall below the bound, as required. At H = 1 the paper's
+# point is within 0.05 of what a broken head scores (_EXP5_NEAR_NO_HEADS); the reassigned table fails there.
 _EXP5_WEAK_BOUND = _WEAK_BOUND.format(bound=0.018, cap=20, n=4900,
                                       none="randomised head 0.0184-0.0295 on the runs listed, chance 0.0143")
 _EXP5_NEAR_NO_HEADS = ("the paper's point at H = 1 (0.068 attention only, 0.070 one head + no MLP) is within the "
