@@ -66,6 +66,24 @@ def load_tl_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Ten
     return model
 
 
+def flush_subnormals_(model: torch.nn.Module) -> int:
+    """Set every subnormal floating-point parameter (0 < |w| < finfo.tiny: weight decay's leftovers) to
+    zero, in place; returns how many there were. x86 CPUs run a matmul that meets subnormal operands
+    several times slower (the ARENA checkpoint's 2,470 of them made a full pass through its last block
+    ~5x slower), and such a weight changes no float32 sum it joins (1e-38 is far below an ulp of the
+    values it is added to): the ARENA logits stay bitwise equal (tests/test_convert.py)."""
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                sub = (p != 0) & (p.abs() < torch.finfo(p.dtype).tiny)
+                k = int(sub.sum())
+                if k:
+                    p.masked_fill_(sub, 0.0)
+                    n += k
+    return n
+
+
 def to_tl_state_dict(model: HookedTransformer) -> dict[str, torch.Tensor]:
     """The model's weights as a TL state dict (detached, contiguous CPU copies: W_Q etc. are views
     of the fused W_QKV, and safetensors refuses non-contiguous tensors)."""

@@ -77,10 +77,12 @@ def arena_state_dict() -> dict[str, torch.Tensor]:
 
 
 def arena_model(device: str | torch.device = "cpu") -> HookedTransformer:
-    """The published checkpoint in our model, in eval mode, on `device`."""
-    from .convert import load_tl_state_dict
+    """The published checkpoint in our model, in eval mode, on `device`, its subnormal weights set
+    to zero (`flush_subnormals_`: the same logits, bit for bit, at a fraction of the CPU time)."""
+    from .convert import flush_subnormals_, load_tl_state_dict
 
     model = load_tl_state_dict(HookedTransformer(arena_config()), arena_state_dict())
+    flush_subnormals_(model)
     return model.to(device).eval()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from circuits import reference
-from circuits.convert import check_state_dict, load_tl_checkpoint, load_tl_state_dict, to_tl_state_dict
+from circuits.convert import check_state_dict, flush_subnormals_, load_tl_checkpoint, load_tl_state_dict, to_tl_state_dict
 from circuits.errors import ShippedFileError, StateDictError
 from circuits.model import HookedTransformer, TransformerConfig, sinusoidal_positions
 from circuits.paths import arena_dir
@@ -253,6 +253,26 @@ def test_arena_checkpoint_classifies_first_5000_correctly(arena):
     assert int((pred == labels).sum()) == 5000
     with torch.inference_mode():  # the plain forward (no hooks, fast paths) agrees
         torch.testing.assert_close(model(toks), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_flushing_the_arena_checkpoints_subnormal_weights_changes_no_logit(arena):
+    """arena_model() zeroes the checkpoint's 2,470 subnormal weights (a CPU speed fix): the logits of the
+    file's weights as they are must equal the shipped model's bit for bit, and every activation may
+    differ by at most a subnormal."""
+    model, toks = arena[:2]
+    raw = load_tl_state_dict(HookedTransformer(reference.arena_config()), reference.arena_state_dict()).eval()
+    tiny = torch.finfo(torch.float32).tiny
+    n_sub = sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in raw.parameters())
+    assert n_sub == 2470 and flush_subnormals_(model) == 0, "the shipped model holds no subnormal weight"
+    with torch.inference_mode():
+        assert torch.equal(raw(toks[:2000]), model(toks[:2000]))  # the read-out path
+        want_logits, want = raw.run_with_cache(toks[:500])  # every position of every block
+        got_logits, got = model.run_with_cache(toks[:500])
+    assert torch.equal(got_logits, want_logits) and list(got.keys()) == list(want.keys())
+    for name in want.keys():
+        torch.testing.assert_close(got[name], want[name], atol=tiny, rtol=0, msg=name)
+    copy = load_tl_state_dict(HookedTransformer(reference.arena_config()), reference.arena_state_dict())
+    assert flush_subnormals_(copy) == 2470 and flush_subnormals_(copy) == 0
 
 
 def test_arena_checkpoint_confidence_on_empty_pair(arena):
