@@ -297,7 +297,8 @@ zoo.register(zoo.ZooEntry(name="mine", description="a user's model", config=TINY
 '''
 
 
-def test_an_entry_registered_in_a_conftest_gets_its_fixture_and_variants(pytester, monkeypatch):
+def test_an_entry_registered_in_a_conftest_gets_its_variants(pytester, monkeypatch):
+    """(Its fixture under --seeds: tests/test_sweep.py, on the same conftest.)"""
     monkeypatch.setenv("CIRCUITS_CACHE", str(pytester.path / "cache"))
     pytester.makeconftest(ZOO_CONFTEST)
     pytester.makepyfile(test_user='''
@@ -307,8 +308,6 @@ def test_an_entry_registered_in_a_conftest_gets_its_fixture_and_variants(pyteste
                 f.write(circuits_options.model_name("mine"))
     ''')
     # subprocesses: a conftest is imported once per session, as in real use
-    pytester.runpytest_subprocess("--no-report", "--seeds", "0").assert_outcomes(passed=1)
-    assert (pytester.path / "steps.txt").read_text() == "mine"
     pytester.runpytest_subprocess("--no-report", "--variant", "mine@longer").assert_outcomes(passed=1)
     assert (pytester.path / "steps.txt").read_text() == "mine@longer"
     result = pytester.runpytest_subprocess("--no-report", "--variant", "mine")

@@ -141,17 +141,22 @@ def test_a_pool_worker_ends_when_its_sweep_is_killed(tmp_path):
 
 def test_pytest_seeds_trains_what_the_tests_need_up_front_through_the_sweep(pytester, monkeypatch):
     """`pytest --seeds 0-1`: the collected tests' models are trained before the first test by the
-    sweep runner (parallel, one progress view), and read from the store on the next run."""
+    sweep runner (parallel, one progress view), and read from the store on the next run. The entry is
+    registered in the project's conftest (test_mutations.py runs its variants)."""
     from test_mutations import ZOO_CONFTEST
 
     monkeypatch.setenv("CIRCUITS_CACHE", str(pytester.path / "cache"))
     pytester.makeconftest(ZOO_CONFTEST)
     pytester.makepyfile(test_user='''
-        def test_width(mine_model, claim):
+        def test_width(mine_model, claim, circuits_options):
             claim.holds("a trained model of the entry", mine_model.cfg.d_model == 8)
+            with open("name.txt", "w") as f:
+                f.write(circuits_options.model_name("mine"))
     ''')
+    # subprocesses: a conftest is imported once per session, as in real use
     first = pytester.runpytest_subprocess("--no-report", "--seeds", "0-1")
     first.assert_outcomes(passed=2)
+    assert (pytester.path / "name.txt").read_text() == "mine"
     err = first.stderr.str()
     assert "mine seed 0: trained in" in err and "mine seed 1: trained in" in err, err
     again = pytester.runpytest_subprocess("--no-report", "--seeds", "0-1")
