@@ -91,11 +91,13 @@ def to_tl_state_dict(model: HookedTransformer) -> dict[str, torch.Tensor]:
 
 
 def load_tl_checkpoint(path: Union[str, Path], cfg: Union[TransformerConfig, Mapping[str, Any], Any],
-                       **ours: Any) -> HookedTransformer:
+                       flush_subnormals: bool = False, **ours: Any) -> HookedTransformer:
     """Build a model from `cfg` and load a TL checkpoint file: safetensors, or a torch file read with
     `weights_only=True` (never unpickled). `cfg` is our `TransformerConfig`, a dict of its fields,
     or a TL `HookedTransformerConfig` (or its `to_dict()`); `ours` sets what TL has no word for
-    (`pad_token=`, `readout=`, see `from_tl_config`)."""
+    (`pad_token=`, `readout=`, see `from_tl_config`). `flush_subnormals=True` zeroes the file's
+    subnormal weights (`flush_subnormals_`): much faster on x86 CPUs when weight decay left some, but
+    an edit of the weights, so it is asked for, never done behind the caller's back."""
     cfg = as_config(cfg, **ours)
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -109,7 +111,10 @@ def load_tl_checkpoint(path: Union[str, Path], cfg: Union[TransformerConfig, Map
             raise StateDictError(f"could not read {path} as a weights-only torch file: {e}") from None
     if not isinstance(sd, dict):
         raise StateDictError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return load_tl_state_dict(HookedTransformer(cfg), sd)
+    model = load_tl_state_dict(HookedTransformer(cfg), sd)
+    if flush_subnormals:
+        flush_subnormals_(model)
+    return model
 
 
 # --- configs both ways -------------------------------------------------------------------------------

@@ -442,6 +442,19 @@ def test_load_tl_checkpoint_with_a_tl_config_dict(tmp_path):
         torch.testing.assert_close(loaded(bracket_tokens()), source(bracket_tokens()), atol=0, rtol=0)
 
 
+def test_load_tl_checkpoint_flushes_subnormals_only_when_asked(tmp_path):
+    source = make_model(BRACKETS).eval()
+    sd = to_tl_state_dict(source)
+    sd["blocks.2.mlp.W_in"][:5, :3] = 1e-40  # weight decay's leftovers
+    torch.save(sd, tmp_path / "sub.pt")
+    as_is = load_tl_checkpoint(tmp_path / "sub.pt", source.cfg)
+    flushed = load_tl_checkpoint(tmp_path / "sub.pt", source.cfg, flush_subnormals=True)
+    assert int((as_is.blocks[2].mlp.W_in == 0).sum()) == 0
+    assert int((flushed.blocks[2].mlp.W_in == 0).sum()) == 15
+    with torch.no_grad():
+        torch.testing.assert_close(flushed(bracket_tokens()), as_is(bracket_tokens()), atol=1e-6, rtol=0)
+
+
 def test_to_transformer_lens_writes_what_tl_cannot_express_as_weights():
     model = make_model(ATTN_ONLY)  # one-hot embed/unembed, no positions
     _, sd = to_transformer_lens(model)
