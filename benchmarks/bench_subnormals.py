@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import interleaved  # noqa: E402
 
 from circuits import reference  # noqa: E402
-from circuits.convert import load_tl_state_dict  # noqa: E402
-from circuits.model import HookedTransformer  # noqa: E402
 
 BATCHES = (64, 1000)
 
@@ -32,7 +30,7 @@ BATCHES = (64, 1000)
 @pytest.fixture(scope="module")
 def variants():
     ours = reference.arena_model()
-    raw = load_tl_state_dict(HookedTransformer(reference.arena_config()), reference.arena_state_dict()).eval()
+    raw = reference.arena_model(flush_subnormals=False)
     names = ["blocks.2.hook_resid_post"]
     return {"ours": ours, "raw": raw,
             "ours_cache": lambda x: ours.run_with_cache(x, names=names),

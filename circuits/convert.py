@@ -70,8 +70,8 @@ def flush_subnormals_(model: torch.nn.Module) -> int:
     """Set every subnormal floating-point parameter (0 < |w| < finfo.tiny: weight decay's leftovers) to
     zero, in place; returns how many there were. x86 CPUs run a matmul that meets subnormal operands
     several times slower (the ARENA checkpoint's 2,470 of them made a full pass through its last block
-    ~5x slower), and such a weight changes no float32 sum it joins (1e-38 is far below an ulp of the
-    values it is added to): the ARENA logits stay bitwise equal (tests/test_convert.py)."""
+    4x slower), and such a weight moves a float32 sum only when every other term is that small too:
+    the ARENA logits stay bitwise equal (tests/test_convert.py)."""
     n = 0
     with torch.no_grad():
         for p in model.parameters():

@@ -76,13 +76,15 @@ def arena_state_dict() -> dict[str, torch.Tensor]:
     return load_file(str(verified_path(WEIGHTS)))
 
 
-def arena_model(device: str | torch.device = "cpu") -> HookedTransformer:
+def arena_model(device: str | torch.device = "cpu", flush_subnormals: bool = True) -> HookedTransformer:
     """The published checkpoint in our model, in eval mode, on `device`, its subnormal weights set
-    to zero (`flush_subnormals_`: the same logits, bit for bit, at a fraction of the CPU time)."""
+    to zero (`flush_subnormals_`: the same logits, bit for bit, at a fraction of the CPU time);
+    `flush_subnormals=False`: the file's weights as published."""
     from .convert import flush_subnormals_, load_tl_state_dict
 
     model = load_tl_state_dict(HookedTransformer(arena_config()), arena_state_dict())
-    flush_subnormals_(model)
+    if flush_subnormals:
+        flush_subnormals_(model)
     return model.to(device).eval()
 
 
