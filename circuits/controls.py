@@ -80,7 +80,8 @@ def register_control(
     ``L{l}H{h}`` or from a role name in the ``head_roles`` fixture. Registering a name twice is an
     error unless it is the same function again (a re-imported conftest) or ``replace=True``.
     ``accepts(target)``, for data controls, says which objects the control transforms: a test may
-    pass several objects through ``apply_data`` and only the accepted ones are changed.
+    pass several objects through ``apply_data`` and only the accepted ones are changed (with an
+    attribute ``takes_args = True`` it is called as ``accepts(target, *args)``).
     """
     if not isinstance(name, str) or not _NAME_RE.match(name) or name == MAIN:
         raise ControlError(f"control name must be an identifier other than {MAIN!r}, got {name!r}")
@@ -165,9 +166,10 @@ class Control:
         if self.is_main or self.kind != kind:
             return target
         entry = _REGISTRY[self.name]
-        if entry.accepts is not None and not entry.accepts(target):
-            return target
         args = self._resolved_args(entry)
+        if entry.accepts is not None and not (entry.accepts(target, *args) if getattr(entry.accepts, "takes_args", False)
+                                              else entry.accepts(target)):
+            return target
         try:
             out = entry.fn(target, *args, seed=self.seed)
         except AttributeError as exc:  # a model without the parts this control edits: one line, not a traceback

@@ -34,8 +34,9 @@ from typing import Any
 
 from .controls import ControlError, parse_layer, register_control
 
-__all__ = ["TARGETS", "derive_mutations", "parse_target", "swap_heads", "uniform_attention", "mean_ablate_head",
-           "mean_ablate_mlp", "permute_positions", "randomise_read_in"]
+__all__ = ["TARGETS", "derive_mutations", "derive_alternatives", "parse_target", "swap_heads", "uniform_attention",
+           "mean_ablate_head", "mean_ablate_mlp", "permute_positions", "randomise_read_in", "rebind",
+           "register_model_shape", "model_shape", "SameBindingError"]
 
 TARGETS = {
     "head": ("zero_ablate:{}", "mean_ablate:{}", "swap_head:{}"),
@@ -84,6 +85,124 @@ def derive_mutations(targets: list[str]) -> list[str]:
             if spec not in out:
                 out.append(spec)
     return out
+
+
+# --- specificity: the same claim pointed at each alternative of the part it names ---------------------
+#
+# A claim about head X must fail when X is replaced by another head: otherwise the named part is not
+# distinguishable from its alternatives and the claim is "unspecific". The alternatives reuse the
+# binding the claims already read: a role (``head:count_head``) is re-pointed by the ``rebind`` data
+# control (``rebind:count_head,L0H1``: the test's role binding, passed through ``control.apply_data``,
+# now names L0H1); a head named by index (``ov:L0H2``) by exchanging the weights of X and Y
+# (``swap_with:L0H2,L0H0``: the same function, index X now names Y's circuit). Alternatives are every
+# other head of the model for a role (the binding is known only at run time, so a run whose
+# alternative IS the bound head skips itself), every other head of X's layer for an index (weights
+# cannot move across layers without changing the function).
+
+_SHAPES: dict[str, tuple[int, int]] = {}
+
+
+def register_model_shape(fixture: str, n_layers: int, n_heads: int) -> None:
+    """Tell the plugin the shape of the model a fixture that is no zoo entry serves (a checkpoint
+    loaded in a conftest), so that claims on it get their alternatives at collection."""
+    _SHAPES[fixture] = (int(n_layers), int(n_heads))
+
+
+def model_shape(fixtures) -> tuple[int, int] | None:
+    """(n_layers, n_heads) of the first model fixture among ``fixtures`` whose shape is known: one
+    registered with :func:`register_model_shape`, or a zoo entry's config (``<name>_model``)."""
+    for name in fixtures:
+        if name in _SHAPES:
+            return _SHAPES[name]
+    for name in fixtures:
+        if not name.endswith("_model"):
+            continue
+        from . import zoo
+
+        try:
+            cfg = zoo.get_entry(name[: -len("_model")]).config
+        except Exception:  # not a zoo entry: no shape from it
+            continue
+        if hasattr(cfg, "n_layers") and hasattr(cfg, "n_heads"):
+            return int(cfg.n_layers), int(cfg.n_heads)
+    return None
+
+
+def derive_alternatives(targets: list[str], shape: tuple[int, int] | None) -> list[str]:
+    """The specificity variants (registered control specs) of a test's ``about`` targets on a model of
+    ``shape`` = (n_layers, n_heads): ``rebind:ROLE,LlHh`` for every head of the model (a role), or
+    ``swap_with:LlHh,LlHk`` for every other head of the layer (an index). Other targets (MLPs named by
+    layer, positions, read-in, the whole model) get none here."""
+    from .controls import _HEAD_RE
+
+    out: list[str] = []
+    if shape is None:
+        return out
+    n_layers, n_heads = shape
+    for target in targets:
+        kind, arg = parse_target(target)
+        if kind not in ("head", "ov", "qk") or arg is None:
+            continue
+        m = _HEAD_RE.match(arg)
+        if m:
+            layer, head = int(m.group(1)), int(m.group(2))
+            specs = [f"swap_with:{arg},L{layer}H{h}" for h in range(n_heads) if h != head]
+        else:
+            specs = [f"rebind:{arg},L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+        out += [s for s in specs if s not in out]
+    return out
+
+
+class SameBindingError(ControlError):
+    """A rebind whose alternative is the head the role is bound to: that run is the main run again."""
+
+
+def rebind(binding: Any, role: str, head: str, seed: int = 0) -> Any:
+    """A copy of a role binding with ``role`` pointed at ``head`` (``"L0H1"``): a dict role -> (layer,
+    head), or a dataclass with a field named ``role``. The alternative run of a specificity check."""
+    import dataclasses
+
+    from .controls import parse_head
+
+    new = parse_head(head)
+    old = binding.get(role) if isinstance(binding, dict) else getattr(binding, role)
+    if tuple(old) == new:
+        raise SameBindingError(f"rebind:{role},{head}: {role} is bound to {head}; no alternative")
+    if isinstance(binding, dict):
+        return {**binding, role: new}
+    return dataclasses.replace(binding, **{role: new})
+
+
+def _binds(obj: Any, role: str) -> bool:
+    import dataclasses
+
+    if isinstance(obj, dict):
+        return role in obj
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type) and role in {
+        f.name for f in dataclasses.fields(obj)}
+
+
+def _rebind_control(binding: Any, role: str, head: str, seed: int = 0) -> Any:
+    try:
+        return rebind(binding, role, head, seed=seed)
+    except SameBindingError as exc:  # this alternative is the bound head: the main run, not a variant
+        import pytest
+
+        pytest.skip(f"not an alternative: {exc}")
+
+
+def _binds_role(obj: Any, role: str = "", head: str = "") -> bool:
+    return _binds(obj, role)
+
+
+_binds_role.takes_args = True  # type: ignore[attr-defined]
+
+
+def _swap_with(model: Any, first: tuple[int, int], second: tuple[int, int], seed: int = 0) -> Any:
+    if first[0] != second[0]:
+        raise ControlError(f"swap_with:L{first[0]}H{first[1]},L{second[0]}H{second[1]}: the heads must share a "
+                           "layer (weights moved across layers change the function)")
+    return swap_heads(model, first[0], first[1], second[1])
 
 
 # --- the mutations -----------------------------------------------------------------------------------
@@ -293,3 +412,7 @@ register_control("permute_positions", kind="model", fn=_positions,
 register_control("randomise_read_in", kind="model", fn=lambda m, seed=0: randomise_read_in(m, seed=seed),
                  description="the token embedding / vector read-in freshly initialised")
 
+register_control("swap_with", kind="model", fn=_swap_with, head_args=True,
+                 description="all weights of two heads of a layer exchanged (a specificity alternative)")
+register_control("rebind", kind="data", fn=_rebind_control, accepts=_binds_role,
+                 description="a role binding re-pointed at another head (a specificity alternative)")

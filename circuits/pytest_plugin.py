@@ -26,8 +26,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from .session import (GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession, RunOptions, control_id,
-                      draws_seed_for, get_plugin, group_of, item_seed, judge_control, note_model, strip_params)
+from .session import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession, RunOptions,
+                      control_id, draws_seed_for, get_plugin, group_of, item_seed, judge_control, note_model, run_kind,
+                      strip_params)
 
 __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_seeds", "strip_params", "PLUGIN_NAME"]
 
@@ -232,10 +233,11 @@ class CircuitsPlugin(CircuitsSession):
         records = claims.records if claims is not None else []
         outcome, msg = judge_control(records, ctl)
         item.user_properties.append(("circuits_control", {
-            "control": ctl.spec, "kind": "mutation" if ctl.spec.startswith(MUTATION_PREFIX) else ctl.kind,
+            "control": ctl.spec, "kind": run_kind(ctl.spec) if run_kind(ctl.spec) != "control" else ctl.kind,
             "outcome": outcome, "message": msg,
             # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
-            "known": _known_failure(item, control_id(ctl.spec)) if outcome in ("no_teeth", "no_power") else None,
+            "known": (_known_failure(item, control_id(ctl.spec)) or _known_unspecific(item, ctl.spec)
+                      if outcome in ("no_teeth", "no_power", "unspecific") else None),
             "held": [r.name for r in records if r.passed], "failed": [r.name for r in records if not r.passed],
             "values": {r.name: {"value": r.value, "value_text": r.value_text, "requirement": r.requirement,
                                 "margin": r.margin, "passed": r.passed} for r in records},
@@ -317,7 +319,10 @@ def _run_specs(controls: list, targets: list, metafunc: pytest.Metafunc) -> list
     derived = mutations.derive_mutations(targets)
     for s in derived:
         parse_spec(s)
-    return [c for c in controls if c not in derived] + [MUTATION_PREFIX + m for m in derived]
+    # specificity: the claim pointed at each alternative of the part it names (model shape permitting)
+    alternatives = mutations.derive_alternatives(targets, mutations.model_shape(metafunc.fixturenames))
+    return ([c for c in controls if c not in derived] + [MUTATION_PREFIX + m for m in derived]
+            + [ALTERNATIVE_PREFIX + a for a in alternatives])
 
 
 # --- known failures -----------------------------------------------------------------------------------
@@ -345,6 +350,14 @@ def _known_failure(item: pytest.Item, run: str | None = None) -> str | None:
         if key in table:
             return table[key]
     return None
+
+
+def _known_unspecific(item: pytest.Item, spec: str) -> str | None:
+    """A ``"test_x unspecific"`` key covers every alternative run of the test: its claim is known not
+    to tell the named part from (some of) its alternatives; the reason states the measured ones."""
+    if not spec.startswith(ALTERNATIVE_PREFIX):
+        return None
+    return _known_failure(item, "unspecific")
 
 
 _CHECKED: set[int] = set()
@@ -375,9 +388,11 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
     from .claims import ClaimFailure
 
     if spec != MAIN:
-        run_reason = _known_failure(item, control_id(spec))
+        run_reason = _known_failure(item, control_id(spec)) or _known_unspecific(item, spec)
         if run_reason is not None:  # a claim that holds, known to have no teeth on this control
-            item.add_marker(pytest.mark.xfail(strict=reference, raises=pytest.fail.Exception,
+            # (a test-wide "unspecific" key covers alternatives that hold and ones that fail: not strict)
+            per_run = _known_failure(item, control_id(spec)) is not None
+            item.add_marker(pytest.mark.xfail(strict=reference and per_run, raises=pytest.fail.Exception,
                                               reason=f"known failure of this control run: {run_reason}"))
             return
     reason = _known_failure(item)
@@ -410,7 +425,7 @@ def _test_meta(item: pytest.Item) -> dict:
         "group": group_of(item),
         "test": item.nodeid.split("::", 1)[-1],
         "control": None if spec == MAIN else spec,
-        "control_kind": None if spec == MAIN else ("mutation" if spec.startswith(MUTATION_PREFIX) else "control"),
+        "control_kind": None if spec == MAIN else run_kind(spec),
         "seed": seed,
         "module_doc": _first_paragraph(getattr(mod, "__doc__", None), 1000),
         "doc": _first_paragraph(getattr(fn, "__doc__", None), 300),
@@ -440,7 +455,8 @@ def control(request: pytest.FixtureRequest):
         ctl = main_control()
     else:
         seed = item_seed(request.node)
-        ctl = make_control(spec.removeprefix(MUTATION_PREFIX), seed=seed if seed is not None else 0,
+        ctl = make_control(spec.removeprefix(MUTATION_PREFIX).removeprefix(ALTERNATIVE_PREFIX),
+                           seed=seed if seed is not None else 0,
                            roles=lambda: request.getfixturevalue("head_roles"))
         ctl.spec = spec
     request.node.stash[CONTROL_KEY] = ctl

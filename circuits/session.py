@@ -25,13 +25,14 @@ import pytest
 from .errors import CircuitsError
 
 __all__ = ["CircuitsSession", "RunOptions", "get_plugin", "note_model", "item_seed", "strip_params",
-           "draws_seed_for", "PLUGIN_NAME", "GENERIC_CONTROLS", "MUTATION_PREFIX"]
+           "draws_seed_for", "PLUGIN_NAME", "GENERIC_CONTROLS", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX"]
 
 PLUGIN_NAME = "circuits-plugin"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # controls that fail for almost any broken model: they show teeth, not that the named part matters
 GENERIC_CONTROLS = frozenset({"untrained", "shuffle_labels"})
 MUTATION_PREFIX = "mutate:"
+ALTERNATIVE_PREFIX = "alt:"  # a specificity variant: the claim pointed at another part of the named kind
 _MAX_HISTORY = 1000
 
 
@@ -202,7 +203,15 @@ def param_tokens(item: Any) -> list[str]:
 def control_id(spec: str) -> str:
     if spec.startswith(MUTATION_PREFIX):
         return f"mutation={spec[len(MUTATION_PREFIX):]}"
+    if spec.startswith(ALTERNATIVE_PREFIX):
+        return f"alternative={spec[len(ALTERNATIVE_PREFIX):]}"
     return f"control={spec}"
+
+
+def run_kind(spec: str) -> str:
+    """"mutation", "alternative" (specificity) or "control" for a control run's spec."""
+    return ("mutation" if spec.startswith(MUTATION_PREFIX) else
+            "alternative" if spec.startswith(ALTERNATIVE_PREFIX) else "control")
 
 
 def group_of(item: Any) -> str:
@@ -272,16 +281,22 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
 
     A control (hand-written) whose claims still hold shows the claim has "no teeth"; a mutation
     (derived from what the claim is about) whose claims still hold shows it has "no power": the part
-    it names was broken and the claim did not notice."""
-    mutation = ctl.spec.startswith(MUTATION_PREFIX)
-    what = "mutation" if mutation else "control"
-    name = f"mutation {ctl.spec[len(MUTATION_PREFIX):]!r}" if mutation else f"control {ctl.spec!r}"
+    it names was broken and the claim did not notice. An alternative (the claim pointed at another
+    part of its kind) whose claims hold shows it is "unspecific": the named part is not
+    distinguishable from that alternative."""
+    what = run_kind(ctl.spec)
+    mutation = what == "mutation"
+    name = (f"mutation {ctl.spec[len(MUTATION_PREFIX):]!r}" if mutation else
+            f"alternative {ctl.spec[len(ALTERNATIVE_PREFIX):]!r}" if what == "alternative" else f"control {ctl.spec!r}")
     if not ctl.applied:
         return "error", (f"{name} was never applied: no fixture called control.apply_{ctl.kind}(...), "
                          f"so this run measured the unmodified {ctl.kind}")
     if not records:
         return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
     held = [r for r in records if r.passed]
+    if held and what == "alternative":  # the claim pointed at another part holds too: not specific to its part
+        return "unspecific", "; ".join(
+            f"unspecific: claim {r.name!r} = {r.value_text} also holds on {name} (needs {r.requirement})" for r in held)
     if held:
         label = "no power" if mutation else "no teeth"
         return ("no_power" if mutation else "no_teeth"), "; ".join(

@@ -10,6 +10,10 @@ import torch
 
 from circuits import reference
 from circuits.controls import register_control
+from circuits.mutations import register_model_shape
+
+# claims on the ARENA checkpoint get their specificity alternatives (every other head) at collection
+register_model_shape("arena_model", reference.ARENA_CONFIG["n_layers"], reference.ARENA_CONFIG["n_heads"])
 
 
 def analysis_threads() -> int:

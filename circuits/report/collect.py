@@ -26,6 +26,8 @@ def control_kind(spec: str | None, run: dict | None = None) -> str:
     """"mutation" for the targeted mutations the plugin derives (``mutate:<what>``), else "control"."""
     if (spec or "").startswith("mutate:") or (run or {}).get("kind") == "mutation":
         return "mutation"
+    if (spec or "").startswith("alt:") or (run or {}).get("kind") == "alternative":
+        return "alternative"  # a specificity variant: the claim pointed at another part of its kind
     return "control"
 
 
@@ -286,6 +288,7 @@ def _summary(report: dict) -> dict:
         # a run its module's KNOWN_FAILURES documents (with a reason) is counted apart: not a new problem
         "controls_no_teeth": sum(r.get("outcome") == "no_teeth" and not r.get("known") for r in runs),
         "controls_no_power": sum(r.get("outcome") == "no_power" and not r.get("known") for r in runs),
+        "controls_unspecific": sum(r.get("outcome") == "unspecific" and not r.get("known") for r in runs),
         "controls_known": sum(r.get("outcome") != "ok" and bool(r.get("known")) for r in runs),
         "generic_only": sum(bool(c.get("generic_only")) for c in main),
         "controls_error": sum(r.get("outcome") == "error" for r in runs),

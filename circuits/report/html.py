@@ -21,7 +21,7 @@ from typing import Any
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
 from .views import (anchor, held_out, held_out_text, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
-                    modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness,
+                    modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, specificity, specificity_text,
                     test_groups, unexpected_control_runs, known_control_runs, where)
 
 __all__ = ["render_html"]
@@ -338,6 +338,7 @@ def _module(report: dict, module: str, run_dir: Path, counter) -> str:
                        f'{_figures(ctl, run_dir, counter, g["anchor"])}</details>')
         out.append("</div>")
     out.append(_power_matrix(report, module))
+    out.append(_specificity(report, module))
     out.append("</section>")
     return "\n".join(out)
 
@@ -378,6 +379,8 @@ def _test_flag(c: dict) -> str:
 def _controls(c: dict) -> str:
     lines = []
     for x in c.get("controls", []):
+        if x.get("kind") == "alternative":
+            continue  # the module's specificity table shows them
         kind = "mutation " if x.get("kind") == "mutation" else ""
         if x["outcome"] in ("failed", "held"):
             cls = "ok" if x["outcome"] == "failed" else "bad"
@@ -469,6 +472,25 @@ def _power_matrix(report: dict, module: str) -> str:
         badge = '<span class="badge">generic only</span>' if c.get("generic_only") else ""
         out.append(f'<tr><td><span class="sub">{_e((c.get("group") or "").split("::", 1)[-1])}{_e(seed)}</span><br>'
                    f'<code>{_e(c["name"])}</code>{badge}</td>{"".join(cells)}</tr>')
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
+def _specificity(report: dict, module: str) -> str:
+    rows = specificity(report, module)
+    if not rows:
+        return ""
+    out = ['<h3>Specificity <span class="sub">— each claim pointed at every alternative of the part it names '
+           '(another head for a role or index): k of n alternatives also hold</span></h3>'
+           '<div class="scroll"><table class="pm"><thead><tr><th>test · claim</th><th>alternatives</th>'
+           '<th>verdict</th></tr></thead><tbody>']
+    for r in rows:
+        c = r["claim"]
+        cls = "ok" if not r["held"] else "muted" if r["known"] else "bad"
+        verdict = "specific" if not r["held"] else f"unspecific (known: {r['known']})" if r["known"] else "unspecific"
+        out.append(f'<tr><td><span class="sub">{_e((c.get("group") or "").split("::", 1)[-1])}</span><br>'
+                   f'<code>{_e(c["name"])}</code></td><td>{_e(specificity_text(r))}</td>'
+                   f'<td class="cell {cls}">{_e(verdict)}</td></tr>')
     out.append("</tbody></table></div>")
     return "\n".join(out)
 

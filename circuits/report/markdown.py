@@ -13,8 +13,8 @@ from typing import Any
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
 from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
-                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, test_label,
-                    unexpected_control_runs, known_control_runs, where)
+                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, specificity,
+                    specificity_text, test_label, unexpected_control_runs, known_control_runs, where)
 
 __all__ = ["render_markdown", "md_escape", "md_code"]
 
@@ -62,12 +62,14 @@ def render_markdown(report: dict) -> str:
         for c in rows:
             op, thr = op_text(c)
             badge = " ⚠ generic controls only" if c.get("generic_only") else ""
-            ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])) or "—"
+            ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])
+                             if x.get("kind") != "alternative") or "—"  # alternatives: the specificity table
             lines.append(f"| {md_escape(test_label(c))} | {md_escape(c['name'])}{badge} | "
                          f"{md_escape(measured_text(c))} | {md_escape(op)} | {md_escape(thr)} | "
                          f"{fmt_margin(c.get('margin'))} | {RESULT.get(c['status'], c['status'])} | {ctl} |")
         lines.append("")
         lines += _power(report, module)
+        lines += _specificity(report, module)
     lines += _held_out(report)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -164,6 +166,21 @@ def _power(report: dict, module: str) -> list[str]:
                 cells.append(("**" + verdict + "**" if cls == "bad" else verdict) + val)
         lines.append(f"| {md_escape(test_label(c))} {md_escape(c['name'])} | " + " | ".join(cells) + " |")
     return lines + ["", "</details>", ""]
+
+
+def _specificity(report: dict, module: str) -> list[str]:
+    rows = specificity(report, module)
+    if not rows:
+        return []
+    lines = ["Specificity: each claim pointed at every alternative of the part it names", "",
+             "| claim | alternatives that also hold | verdict |", "|---|---|---|"]
+    for r in rows:
+        c = r["claim"]
+        verdict = ("specific" if not r["held"] else "unspecific (known: " + md_escape(r["known"]) + ")"
+                   if r["known"] else "**unspecific**")
+        lines.append(f"| {md_escape(test_label(c))} {md_escape(c['name'])} | {md_escape(specificity_text(r))} | "
+                     f"{verdict} |")
+    return lines + [""]
 
 
 def _compare_md(cmp_: dict) -> list[str]:

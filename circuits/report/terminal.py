@@ -7,7 +7,7 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .views import (claim_rows, fmt_margin, known_control_runs, measured_text, one_line_summary, op_text, rate_text,
-                    robustness, test_label, unexpected_control_runs, where)
+                    robustness, specificity, specificity_text, test_label, unexpected_control_runs, where)
 
 __all__ = ["terminal_lines"]
 
@@ -29,6 +29,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             marks.append({"green": True} if c["status"] == "PASS" else
                          {"yellow": True} if c["status"] == "XFAIL" else {"red": True})
             for x in c.get("controls", []):
+                if x.get("kind") == "alternative":
+                    continue  # one specificity row per claim below, not one per alternative
                 held = "NO POWER" if x.get("kind") == "mutation" else "NO TEETH"
                 res = CONTROL_RESULT.get(x["outcome"], held)
                 xop, xthr = op_text(x) if x.get("requirement") else ("", "")
@@ -38,6 +40,12 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
                               fmt_margin(x.get("margin")), res))
                 marks.append({"green": True} if x["outcome"] == "failed" else
                              {"yellow": True} if x["outcome"] == "skipped" else {"red": True})
+            spec_row = next((r for r in specificity({**report, "claims": [c]}) ), None)
+            if spec_row is not None:
+                k = len(spec_row["held"])
+                table.append(("", "  ↳ specificity", _clip(f"{k} of {spec_row['n']} alternatives hold", 30), "", "",
+                              "", "OK (specific)" if not k else "known" if spec_row["known"] else "UNSPECIFIC"))
+                marks.append({"green": True} if not k else {"yellow": True} if spec_row["known"] else {"red": True})
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for r, m in zip(table, marks):
             cells = [r[i].rjust(widths[i]) if i == 5 else r[i].ljust(widths[i]) for i in range(len(r))]
@@ -77,7 +85,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
     if rows or report.get("tests"):
         out.append(("", {}))
         s = report.get("summary", {})
-        bad = s.get("failed") or s.get("controls_no_teeth") or s.get("controls_no_power") or unexpected_control_runs(report)
+        bad = (s.get("failed") or s.get("controls_no_teeth") or s.get("controls_no_power") or s.get("controls_unspecific")
+               or unexpected_control_runs(report))
         out.append((one_line_summary(report), {"bold": True, "red": bool(bad), "green": not bad}))
     return out
 

@@ -16,7 +16,7 @@ from .machine import commit_text
 
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
-           "test_groups", "power_matrix", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics", "binding_text",
+           "test_groups", "power_matrix", "specificity", "specificity_text", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics", "binding_text",
            "commit_text"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -194,6 +194,7 @@ def summary_counts(report: dict) -> dict[str, int]:
     t = s.get("tests", {})
     return {"held": s.get("passed", 0), "known": s.get("xfailed", 0),
             "no_teeth": s.get("controls_no_teeth", 0) + s.get("controls_no_power", 0),
+            "unspecific": s.get("controls_unspecific", 0),
             "known_controls": s.get("controls_known", 0),
             "failed": s.get("failed", 0) + len(problem_tests(report)) + len(report.get("collection_errors", [])),
             "generic_only": s.get("generic_only", 0), "claims": s.get("claims", 0),
@@ -205,7 +206,7 @@ def one_line_summary(report: dict) -> str:
     n = summary_counts(report)
     known = f" (+{n['known_controls']} known)" if n["known_controls"] else ""
     text = (f"circuits: {n['held']} claims held, {n['known']} known failures, {n['no_teeth']} no-teeth{known}, "
-            f"{n['failed']} failed")
+            + (f"{n['unspecific']} unspecific, " if n["unspecific"] else "") + f"{n['failed']} failed")
     if n["generic_only"]:
         text += f", {n['generic_only']} with generic controls only"
     if report.get("interrupted"):
@@ -228,6 +229,8 @@ def headline(report: dict) -> str:
             parts.append(f"{s['controls_no_teeth']} without teeth")
         if s.get("controls_no_power"):
             parts.append(f"{s['controls_no_power']} without power")
+        if s.get("controls_unspecific"):
+            parts.append(f"{s['controls_unspecific']} unspecific")
         if s.get("controls_known"):
             parts.append(f"{s['controls_known']} known to pass (documented)")
     if s.get("generic_only"):
@@ -280,12 +283,13 @@ def power_matrix(report: dict, module: str) -> dict | None:
     for t in report.get("tests", []):
         if t.get("module") == module and t.get("control"):
             specs.setdefault(t["control"], control_kind(t["control"], runs.get(t["nodeid"])))
+    specs = {k: v for k, v in specs.items() if v != "alternative"}  # those have their own view: specificity()
     if not specs:
         return None
     columns = sorted(specs.items(), key=lambda kv: (kv[1] == "mutation", kv[0] not in GENERIC_CONTROLS, kv[0]))
     rows = []
     for c in claim_rows(report).get(module, []):
-        cells = {x["control"]: x for x in c.get("controls", [])}
+        cells = {x["control"]: x for x in c.get("controls", []) if x.get("kind") != "alternative"}
         if cells:
             rows.append({"claim": c, "cells": cells})
     return {"columns": columns, "rows": rows}
@@ -298,10 +302,54 @@ def cell_verdict(x: dict | None) -> tuple[str, str]:
     if x["outcome"] == "failed":
         return "ok", "fails ✓"
     if x["outcome"] == "held":
-        return "bad", "no power" if x.get("kind") == "mutation" else "no teeth"
+        return "bad", {"mutation": "no power", "alternative": "unspecific"}.get(x.get("kind"), "no teeth")
     if x["outcome"] == "skipped":
         return "muted", "skipped"
     return "bad", "error"
+
+
+# --- specificity ---------------------------------------------------------------------------------------------
+
+
+def specificity(report: dict, module: str | None = None) -> list[dict]:
+    """Per main-run claim with specificity variants (the claim pointed at each alternative of the part
+    it names): ``n`` alternatives that ran, ``held`` those on which the claim also holds (each with its
+    value), ``best`` the alternative whose margin came closest to (or past) the requirement, and
+    ``known`` (the module's KNOWN_FAILURES reason) where the claim is known to be unspecific."""
+    runs = {r["nodeid"]: r for r in report.get("control_runs", [])}
+    rows = []
+    for mod, cs in claim_rows(report).items():
+        if module is not None and mod != module:
+            continue
+        for c in cs:
+            alts = [x for x in c.get("controls", []) if x.get("kind") == "alternative"
+                    and x["outcome"] in ("held", "failed")]
+            if not alts:
+                continue
+            held = [x for x in alts if x["outcome"] == "held"]
+            scored = [x for x in alts if isinstance(x.get("margin"), (int, float))]
+            best = max(scored, key=lambda x: x["margin"]) if scored else None
+            known = next((runs.get(x["nodeid"], {}).get("known") for x in held
+                          if runs.get(x["nodeid"], {}).get("known")), None)
+            rows.append({"claim": c, "module": mod, "n": len(alts), "held": held, "best": best, "known": known})
+    return rows
+
+
+def specificity_text(row: dict) -> str:
+    """``"0 of 5 alternatives also hold (best: rebind:count_head,L2H1 0.0065, margin -0.01)"``."""
+    def name(x: dict) -> str:
+        return x["control"].removeprefix("alt:")
+
+    held = ", ".join(f"{name(x)} {x.get('value_text')}" for x in row["held"])
+    text = f"{len(row['held'])} of {row['n']} alternatives also hold"
+    if held:
+        text += f": {held}"
+    elif row["best"] is not None:
+        b = row["best"]
+        text += f" (closest: {name(b)} {b.get('value_text')}, margin {fmt_margin(b.get('margin'))})"
+    if row["held"] and row.get("known"):
+        text += " [known]"
+    return text
 
 
 # --- robustness across seeds -------------------------------------------------------------------------------
