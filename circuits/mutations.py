@@ -13,6 +13,7 @@ What a target names, and the mutations it gets (``X`` is a head ``L2H0`` or a ro
 ``ov:X``            the head's output: ``zero_ablate:X``, ``mean_ablate:X``
 ``qk:X``            the head's attention pattern: ``uniform_attention:X``, ``swap_head:X``
 ``mlp:L``           an MLP: ``zero_ablate_mlp:L``, ``mean_ablate_mlp:L``
+``path:X``          head X's path in a causal-scrubbing hypothesis: ``zero_ablate:X``, ``swap_head:X``
 ``positions[:a-b]`` the positional embeddings (of positions a..b): ``permute_positions[:a-b]``
 ``read_in``         the token embedding / vector read-in: ``randomise_read_in``
 ``model``           the whole model: ``untrained``
@@ -43,6 +44,9 @@ TARGETS = {
     "ov": ("zero_ablate:{}", "mean_ablate:{}"),
     "qk": ("uniform_attention:{}", "swap_head:{}"),
     "mlp": ("zero_ablate_mlp:{}", "mean_ablate_mlp:{}"),
+    # a head's path in a causal-scrubbing hypothesis: dead (its output zeroed in the weights) or swapped
+    # with its sibling; weight edits only, so a scrub's cached activations describe the mutant exactly
+    "path": ("zero_ablate:{}", "swap_head:{}"),
     "positions": ("permute_positions{}",),
     "read_in": ("randomise_read_in",),
     "model": ("untrained",),
@@ -128,13 +132,20 @@ def model_shape(fixtures) -> tuple[int, int] | None:
     return None
 
 
-def derive_alternatives(targets: list[str], shape: tuple[int, int] | None) -> list[str]:
+SCOPES = ("model", "layer")
+
+
+def derive_alternatives(targets: list[str], shape: tuple[int, int] | None, scope: str = "model") -> list[str]:
     """The specificity variants (registered control specs) of a test's ``about`` targets on a model of
-    ``shape`` = (n_layers, n_heads): ``rebind:ROLE,LlHh`` for every head of the model (a role), or
-    ``swap_with:LlHh,LlHk`` for every other head of the layer (an index). Other targets (MLPs named by
-    layer, positions, read-in, the whole model) get none here."""
+    ``shape`` = (n_layers, n_heads): ``rebind:ROLE,LlHh`` for every head of the model (a role; with
+    ``scope="layer"``, ``@pytest.mark.about(..., alternatives="layer")``, where the hypothesis names
+    the layer, the runs outside the bound head's layer skip themselves), or ``swap_with:LlHh,LlHk``
+    for every other head of the layer (an index). Other targets (MLPs named by layer, positions,
+    read-in, the whole model) get none here."""
     from .controls import _HEAD_RE
 
+    if scope not in SCOPES:
+        raise ControlError(f"about(..., alternatives={scope!r}): expected one of {', '.join(SCOPES)}")
     out: list[str] = []
     if shape is None:
         return out
@@ -148,7 +159,8 @@ def derive_alternatives(targets: list[str], shape: tuple[int, int] | None) -> li
             layer, head = int(m.group(1)), int(m.group(2))
             specs = [f"swap_with:{arg},L{layer}H{h}" for h in range(n_heads) if h != head]
         else:
-            specs = [f"rebind:{arg},L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+            specs = [f"rebind:{arg},L{l}H{h}" + (",layer" if scope == "layer" else "")
+                     for l in range(n_layers) for h in range(n_heads)]
         out += [s for s in specs if s not in out]
     return out
 
@@ -157,9 +169,10 @@ class SameBindingError(ControlError):
     """A rebind whose alternative is the head the role is bound to: that run is the main run again."""
 
 
-def rebind(binding: Any, role: str, head: str, seed: int = 0) -> Any:
+def rebind(binding: Any, role: str, head: str, scope: str = "model", seed: int = 0) -> Any:
     """A copy of a role binding with ``role`` pointed at ``head`` (``"L0H1"``): a dict role -> (layer,
-    head), or a dataclass with a field named ``role``. The alternative run of a specificity check."""
+    head), or a dataclass with a field named ``role``. The alternative run of a specificity check.
+    With ``scope="layer"`` a head outside the bound head's layer is no alternative either."""
     import dataclasses
 
     from .controls import parse_head
@@ -168,6 +181,8 @@ def rebind(binding: Any, role: str, head: str, seed: int = 0) -> Any:
     old = binding.get(role) if isinstance(binding, dict) else getattr(binding, role)
     if tuple(old) == new:
         raise SameBindingError(f"rebind:{role},{head}: {role} is bound to {head}; no alternative")
+    if scope == "layer" and int(old[0]) != new[0]:
+        raise SameBindingError(f"rebind:{role},{head}: outside layer {int(old[0])}, the layer the hypothesis names")
     if isinstance(binding, dict):
         return {**binding, role: new}
     return dataclasses.replace(binding, **{role: new})
@@ -182,16 +197,16 @@ def _binds(obj: Any, role: str) -> bool:
         f.name for f in dataclasses.fields(obj)}
 
 
-def _rebind_control(binding: Any, role: str, head: str, seed: int = 0) -> Any:
+def _rebind_control(binding: Any, role: str, head: str, scope: str = "model", seed: int = 0) -> Any:
     try:
-        return rebind(binding, role, head, seed=seed)
+        return rebind(binding, role, head, scope, seed=seed)
     except SameBindingError as exc:  # this alternative is the bound head: the main run, not a variant
         import pytest
 
         pytest.skip(f"not an alternative: {exc}")
 
 
-def _binds_role(obj: Any, role: str = "", head: str = "") -> bool:
+def _binds_role(obj: Any, role: str = "", *rest: str) -> bool:
     return _binds(obj, role)
 
 

@@ -74,8 +74,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 _MARKERS = (
     ("controls", "controls(*specs): negative controls on which every claim of the test must fail"),
-    ("about", "about(*targets): what the test's claims are about ('head:L2H0', 'ov:count_head', 'qk:L0H0', "
-              "'mlp:L2', 'positions[:a-b]', 'read_in', 'model'); each target's mutations must make them fail"),
+    ("about", "about(*targets, alternatives='model'|'layer'): what the test's claims are about ('head:L2H0', "
+              "'ov:count_head', 'qk:L0H0', 'mlp:L2', 'path:L2H0', 'positions[:a-b]', 'read_in', 'model'); each "
+              "target's mutations must make them fail, and so must pointing a head at each alternative"),
     ("full_sweep", "full_sweep: the paper's full grid; run with --full-sweep"),
 )
 
@@ -320,7 +321,11 @@ def _run_specs(controls: list, targets: list, metafunc: pytest.Metafunc) -> list
     for s in derived:
         parse_spec(s)
     # specificity: the claim pointed at each alternative of the part it names (model shape permitting)
-    alternatives = mutations.derive_alternatives(targets, mutations.model_shape(metafunc.fixturenames))
+    scopes = {m.kwargs["alternatives"] for m in metafunc.definition.iter_markers("about") if "alternatives" in m.kwargs}
+    if len(scopes) > 1:
+        raise ControlError(f"@pytest.mark.about markers disagree on alternatives=: {sorted(scopes)}")
+    alternatives = mutations.derive_alternatives(targets, mutations.model_shape(metafunc.fixturenames),
+                                                 scopes.pop() if scopes else "model")
     return ([c for c in controls if c not in derived] + [MUTATION_PREFIX + m for m in derived]
             + [ALTERNATIVE_PREFIX + a for a in alternatives])
 

@@ -70,7 +70,8 @@ from .model import HookedTransformer
 from .stats import Estimate, bootstrap_ci
 
 __all__ = ["EXACT", "RANDOM", "Approx", "Path", "Hypothesis", "ScrubData", "ScrubResult", "scrub",
-           "sample_agreeing", "scrub_claim", "component_label"]
+           "sample_agreeing", "scrub_claim", "component_label", "Variant", "wrong_variants", "independent_feature",
+           "margin_over", "scrub_beats_variants_claim", "named_heads"]
 
 EXACT = "exact"  # the parent's own input
 RANDOM = "random"  # an unconditionally resampled input
@@ -541,3 +542,156 @@ def _note(r: ScrubResult) -> str:
     return (f"scrubbed loss {r.scrubbed.point:.4g}, clean {r.clean:.4g}, random-logit baseline "
             f"{r.baseline.point:.4g}; normalised (baseline - scrubbed)/(baseline - clean) = "
             f"{r.normalised.point:.4f}; {len(r.scrubbed_draws)} draws x {r.n_examples} examples")
+
+
+# --- wrong variants: power and specificity of a hypothesis ---------------------------------------------
+#
+# A hypothesis that recovers the loss says little if a wrong story recovers as much. Its wrong
+# variants: each named path's feature replaced by an INDEPENDENT feature of the same distribution (its
+# values permuted across examples: the same classes and class sizes, unrelated to the input), and each
+# named head replaced by a head the hypothesis does not name (the same feature, read by another head).
+# A hypothesis holds when it recovers what it should AND beats its best wrong variant by a stated
+# margin, with separated intervals (scrub_beats_variants_claim).
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A wrong variant of a hypothesis, with the named heads whose story it changes (a mutation of one
+    of those heads is judged against the variants that touch it)."""
+
+    hypothesis: Hypothesis
+    touches: frozenset
+
+
+def independent_feature(feature: Feature, gen: torch.Generator) -> torch.Tensor:
+    """The feature's values permuted across examples: the same marginal distribution and cardinality,
+    independent of each example's input."""
+    values = torch.as_tensor(feature)
+    return values[torch.randperm(values.shape[0], generator=gen)]
+
+
+def named_heads(hyp: Hypothesis) -> set:
+    """Every head label the hypothesis names, at any depth ("L1H0")."""
+    out: set = set()
+
+    def walk(key, node: Path) -> None:
+        if isinstance(key, str) and _HEAD.match(key):
+            out.add(component_label(key, [key]) if key.startswith("L") else _as_label(key))
+        for k, child in node.inputs.items():
+            if isinstance(child, Path):
+                walk(k, child)
+            elif isinstance(child, Mapping):  # a position's components
+                for k2, c2 in child.items():
+                    walk(k2, c2)
+
+    for key, node in hyp.paths.items():
+        walk(key, node)
+    return out
+
+
+def _as_label(name: str) -> str:
+    m = _HEAD.match(name)
+    l, h = [g for g in m.groups() if g is not None]
+    return f"L{l}H{h}"
+
+
+def _min_layer(node: Path) -> int:
+    """The lowest layer a head can sit in and still read this node's named inputs (a component of
+    layer l is an input of layers > l only)."""
+    need = 0
+    for child in node.inputs.values():
+        parts = child.inputs if isinstance(child, Path) else child
+        for k in (parts or {}):
+            m = _HEAD.match(k) if isinstance(k, str) else None
+            mm = _MLP.match(k) if isinstance(k, str) else None
+            if m:
+                need = max(need, int([g for g in m.groups() if g is not None][0]) + 1)
+            elif mm:
+                need = max(need, int([g for g in mm.groups() if g is not None][0]) + 1)
+    return need
+
+
+def wrong_variants(hyp: Hypothesis, model: HookedTransformer, seed: int = 0, replace_heads: str | None = "all",
+                   nested: bool = True) -> list[Variant]:
+    """The hypothesis's wrong variants: for each named direct path (and, with ``nested``, each named
+    input of one), the same hypothesis with that path's feature replaced by an independent copy; for
+    each named direct-path head, the same hypothesis with that head replaced by each head it does not
+    name that can read the named inputs (``replace_heads="all"``), or only by those of the nearest
+    layer at or below its own that has such a head (``"nearest"``: its unnamed siblings, else the
+    layer below), or by none (None)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Variant] = []
+    for key, node in hyp.paths.items():
+        label = _as_label(key) if isinstance(key, str) and _HEAD.match(key) else key
+        if isinstance(node.feature, str):
+            continue  # EXACT / RANDOM: nothing to replace
+        paths = dict(hyp.paths)
+        paths[key] = Path(independent_feature(node.feature, gen), node.inputs, node.approx)
+        out.append(Variant(Hypothesis(f"{hyp.name} | {label} reads an independent feature", paths),
+                           frozenset({label})))
+        if nested:
+            for pos, child in node.inputs.items():
+                parts = child.inputs if isinstance(child, Path) else {}
+                for comp, sub in parts.items():
+                    if isinstance(sub.feature, str):
+                        continue
+                    fresh = independent_feature(sub.feature, gen)
+                    approx = None if sub.approx is None else Approx(sub.approx.values, fresh)  # phi reads it too
+                    new_parts = {**parts, comp: Path(fresh, sub.inputs, approx)}
+                    new_inputs = {**node.inputs, pos: Path(child.feature, new_parts, child.approx)}
+                    paths = dict(hyp.paths)
+                    paths[key] = Path(node.feature, new_inputs, node.approx)
+                    sub_label = _as_label(comp) if _HEAD.match(comp) else comp
+                    out.append(Variant(Hypothesis(f"{hyp.name} | {label}'s input {pos}: {sub_label} reads an "
+                                                  "independent feature", paths),
+                                       frozenset({label} | ({sub_label} if _HEAD.match(comp) else set()))))
+    if replace_heads not in (None, "all", "nearest"):
+        raise ScrubError(f"replace_heads must be 'all', 'nearest' or None, got {replace_heads!r}")
+    if replace_heads:
+        top = {(_as_label(k) if isinstance(k, str) and _HEAD.match(k) else k) for k in hyp.paths}
+        heads = [f"L{l}H{h}" for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+        for key, node in hyp.paths.items():
+            if not (isinstance(key, str) and _HEAD.match(key)):
+                continue
+            label = _as_label(key)
+            layer_of = lambda h: int(h[1:h.index("H")])  # noqa: E731
+            free = [h for h in heads if h not in top and layer_of(h) >= _min_layer(node)]
+            if replace_heads == "nearest":
+                below = [layer_of(h) for h in free if layer_of(h) <= layer_of(label)]
+                free = [h for h in free if below and layer_of(h) == max(below)]
+            for other in free:
+                paths = {(other if k == key else k): v for k, v in hyp.paths.items()}
+                out.append(Variant(Hypothesis(f"{hyp.name} | {label} replaced by {other}", paths),
+                                   frozenset({label})))
+    return out
+
+
+def margin_over(result: ScrubResult, others: Sequence[ScrubResult]) -> tuple[Estimate, ScrubResult]:
+    """(recovered(result) - recovered(best of ``others``), paired over the resampling draws, which
+    share their root random inputs; the best other). All must come from one ``scrub`` seed."""
+    best = max(others, key=lambda r: r.recovered.point)
+    if len(best.scrubbed_draws) != len(result.scrubbed_draws) or not np.array_equal(best.baseline_draws,
+                                                                                      result.baseline_draws):
+        raise ScrubError(f"{best.name!r} and {result.name!r} were not scrubbed on the same draws")
+
+    def gap(s_h, s_v, b, axis=-1):
+        return (np.mean(s_v, axis=axis) - np.mean(s_h, axis=axis)) / np.mean(b, axis=axis)
+
+    gap.__name__ = "recovered(hypothesis) - recovered(best wrong variant)"
+    est = _ratio_estimate(gap, (result.scrubbed_draws, best.scrubbed_draws, result.baseline_draws), gap.__name__)
+    return est, best
+
+
+def scrub_beats_variants_claim(claim, name: str, result: ScrubResult, variants: Sequence[ScrubResult],
+                               margin: float):
+    """Claim that ``result`` recovers at least ``margin`` more than its best wrong variant (paired
+    bootstrap over draws, on the lower bound), and that their intervals are separated."""
+    __tracebackhide__ = True
+    est, best = margin_over(result, variants)
+    listing = "; ".join(f"{v.name.split(' | ', 1)[-1]} {v.recovered.point:.3f}"
+                        for v in sorted(variants, key=lambda v: -v.recovered.point))
+    claim.at_least(f"{name}: recovered - recovered(best wrong variant)", est, margin,
+                   note=f"best wrong variant: {best.name.split(' | ', 1)[-1]} {best.recovered.point:.3f} "
+                        f"[{best.recovered.lo:.3f}, {best.recovered.hi:.3f}]; all {len(variants)}: {listing}")
+    return claim.at_least(f"{name}: lower bound - best wrong variant's upper bound", result.recovered.lo - best.recovered.hi,
+                          0.0, note=f"{result.recovered.lo:.3f} vs {best.recovered.hi:.3f}")

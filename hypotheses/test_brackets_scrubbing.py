@@ -64,6 +64,13 @@ from circuits.tasks import brackets as B
 
 N_DRAWS = 5
 HIGH_LEVEL, DETAILED, DETAILED_GAP = 0.85, 0.6, 0.05
+# a hypothesis must recover at least this much more than its best wrong variant: the write-up's own
+# resolution (it tells its hypotheses apart in steps of ~5 points: 88-93% against 72%), as DETAILED_GAP
+MARGIN = 0.05
+# each named head is replaced by the unnamed heads of the nearest layer at or below its own (1.1 for every
+# named head here): over every unnamed head, on the published data, the nearest was the best replacement
+# for each named head of 1a, 1b, 2a and 2b (README), at a quarter of the scrubs
+REPLACE_HEADS = "nearest"
 HYPOTHESES = ["1a", "1b", "2a", "2b", "3a", "3b"]
 
 
@@ -129,17 +136,60 @@ def build(model, data: B.BracketData, count_heads: list, horizon_head: str, seed
     return out
 
 
+_DATA: dict = {}
 _RESULTS: dict = {}
 
 
-def results(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0) -> dict:
-    """Every hypothesis and control scrubbed once per (model, data, seed) in a session."""
+def _scrub_data(model, data: B.BracketData) -> S.ScrubData:
+    """One ScrubData (the model's run on the data, which every scrub gathers from) per (model function,
+    data): the six hypotheses' tests, their controls and their wrong variants share it, and so do the
+    tests that mutate the same head the same way (a head swap is one mutant for both heads)."""
+    key = (A.weights_digest(model), id(data))
+    if key not in _DATA:
+        _DATA[key] = S.ScrubData(model, data.toks, data.isbal.long())
+    return _DATA[key]
+
+
+def scrubbed(model, data: B.BracketData, hyps: dict, seed: int) -> dict:
+    """name -> ScrubResult for each hypothesis in ``hyps`` (name -> Hypothesis), each scrubbed once per
+    (model function, data, seed) in a session; every name with the same seed sees the same draws."""
+    digest = A.weights_digest(model)
+    todo = [h for n, h in hyps.items() if (digest, id(data), n, seed) not in _RESULTS]
+    if todo:
+        for r in S.scrub(model, _scrub_data(model, data), None, todo, n_draws=N_DRAWS, seed=seed):
+            _RESULTS[(digest, id(data), r.name, seed)] = r
+    return {n: _RESULTS[(digest, id(data), n, seed)] for n in hyps}
+
+
+_BUILT: dict = {}
+
+
+def built(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0) -> dict:
+    """`build`, once per (model function, data, heads, seed): its feature tensors stay the same objects,
+    so the samplers built on them are shared."""
     key = (A.weights_digest(model), id(data), tuple(count_heads), horizon_head, seed)
-    if key not in _RESULTS:
-        hyps = build(model, data, count_heads, horizon_head, seed)
-        scrubbed = S.scrub(model, data.toks, data.isbal.long(), list(hyps.values()), n_draws=N_DRAWS, seed=seed)
-        _RESULTS[key] = {r.name: r for r in scrubbed}
-    return _RESULTS[key]
+    if key not in _BUILT:
+        _BUILT[key] = build(model, data, count_heads, horizon_head, seed)
+    return _BUILT[key]
+
+
+def results(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0,
+            only: str | None = None) -> dict:
+    """Every hypothesis and control (or ``only`` that hypothesis) scrubbed once per (model, data, seed)."""
+    hyps = built(model, data, count_heads, horizon_head, seed)
+    return scrubbed(model, data, hyps if only is None else {only: hyps[only]}, seed)
+
+
+def variants(model, data: B.BracketData, name: str, count_heads: list, horizon_head: str, seed: int,
+             touching: set | None = None) -> dict:
+    """The wrong variants of hypothesis ``name`` (scrub.wrong_variants: each named path's feature, and
+    each named input's, replaced by an independent copy; each named direct-path head replaced by every
+    head the hypothesis does not name, where it can read the named inputs), scrubbed on the same draws.
+    ``touching``: only the variants that change the story of one of these heads (a mutation run)."""
+    hyp = built(model, data, count_heads, horizon_head, seed)[name]
+    chosen = [v for v in S.wrong_variants(hyp, model, seed=seed, replace_heads=REPLACE_HEADS)
+              if touching is None or v.touches & touching]
+    return scrubbed(model, data, {v.hypothesis.name: v.hypothesis for v in chosen}, seed)
 
 
 @dataclass(frozen=True)
@@ -158,30 +208,45 @@ register_control("shuffle_feature", kind="data", replace=True, accepts=lambda o:
                  description="the count heads' feature replaced by a shuffled copy")
 
 
-def _check(claim, control, res: dict, name: str, where: str):
+def _check(claim, control, res: dict, name: str, where: str, wrong=None):
+    """The hypothesis recovers what the write-up says it should; then (where ``wrong`` gives its wrong
+    variants' results) it beats the best of them by MARGIN with separated intervals."""
     which = control.apply_data(Which(name))
     threshold = DETAILED if name.startswith("3") else HIGH_LEVEL
     S.scrub_claim(claim, f"{name} on {where}", res[which.key], threshold)
     if name.startswith("3") and control.is_main:  # how much less than 1b: a property of 3a/3b themselves
         claim.at_least(f"{name} on {where}: recovered(1b) - recovered({name})",
                        res["1b"].recovered.point - res[name].recovered.point, DETAILED_GAP)
+    if wrong is not None and control.kind != "data":  # the data controls relabel the hypothesis itself
+        S.scrub_beats_variants_claim(claim, f"{name} on {where}", res[which.key], list(wrong().values()), MARGIN)
+
+
+def _mutated_heads(control) -> set | None:
+    """The heads a path mutation changes (None on the main run: every variant counts). A swap moves
+    both heads of the pair."""
+    if control.kind != "model" or control.is_main:
+        return None
+    heads = {a for a in control.args if a.startswith("L")}
+    if control.name == "swap_head":
+        heads |= {f"L{a[1:a.index('H')]}H{(int(a[a.index('H') + 1:]) + 1) % 2}" for a in heads}
+    return heads
 
 
 # Measured on the published checkpoint (5 draws x 5,000 strings): the claims that do not hold there.
 # The plugin appends this run's measurement to each reason. 3a holds on its own but not against its
 # feature-swap control (no teeth): those control runs are the known failures.
 KNOWN_FAILURES = {
-    "test_arena_scrubbing[2a-originators]": "2a needs >= 0.85 (write-up: 87%); on the originators'-style data it "
-                                            "recovers a little less (0.868 on the published data)",
-    "test_arena_scrubbing[2b-originators]": "2b needs >= 0.85 (write-up: 88%); on the originators'-style data it "
-                                            "recovers a little less (0.868 on the published data)",
-    "test_arena_scrubbing[3a-published] control=swap_features": "no teeth: with the count and horizon features "
-                                                                 "swapped, 3a still recovers >= 0.6",
-    "test_arena_scrubbing[3a-originators] control=swap_features": "no teeth: with the features swapped 3a still "
-                                                                   "recovers >= 0.6",
-    "test_arena_scrubbing[3b-published]": "3b needs >= 0.6 (write-up: 72% for its detailed hypotheses) with our "
+    "test_arena_scrubbing_originators_pos1[2a]": "2a needs >= 0.85 (write-up: 87%); on the originators'-style "
+                                                 "data it recovers a little less (0.868 on the published data)",
+    "test_arena_scrubbing_originators_pos1[2b]": "2b needs >= 0.85 (write-up: 88%); on the originators'-style "
+                                                 "data it recovers a little less (0.868 on the published data)",
+    "test_arena_scrubbing_published[3a] control=swap_features": "no teeth: with the count and horizon features "
+                                                                "swapped, 3a still recovers >= 0.6",
+    "test_arena_scrubbing_originators[3a] control=swap_features": "no teeth: with the features swapped 3a still "
+                                                                  "recovers >= 0.6",
+    "test_arena_scrubbing_published[3b]": "3b needs >= 0.6 (write-up: 72% for its detailed hypotheses) with our "
                                           "substitute for the write-up's adjusted proportion (head 0.0's attention)",
-    "test_arena_scrubbing[3b-originators]": "3b needs >= 0.6, with our substitute adjusted proportion",
+    "test_arena_scrubbing_originators[3b]": "3b needs >= 0.6, with our substitute adjusted proportion",
     # our reference model (roles bound on the search split: count head L2H0 with 1.0, negative head L2H1):
     # every hypothesis refuted, as the head-level bracket claims are (its last MLP carries the decision)
     **{f"test_ours_scrubbing[{name}-{where}]": f"{name} on our model: its last MLP carries the decision, not "
@@ -200,15 +265,36 @@ def scrub_seed(circuits_options):
     return draws_seed_for(circuits_options.draws_seed, __name__) % 2**31
 
 
-@pytest.mark.controls("swap_features", "shuffle_feature")
-@pytest.mark.parametrize("where", ["published", "originators"])
-@pytest.mark.parametrize("name", HYPOTHESES)
-def test_arena_scrubbing(arena_model, bracket_data, claim, control, scrub_seed, name, where):
-    """The write-up's hypothesis on the published checkpoint. Its power: the two controls break
-    exactly what it names (which head reads which feature); for direct paths, swapping the features
-    of heads 2.0 and 2.1 is the head-swap mutation of those two heads."""
-    res = results(arena_model, _data(bracket_data, where), ["L1H0", "L2H0"], "L2H1", scrub_seed)
-    _check(claim, control, res, name, where)
+ARENA_HEADS = (["L1H0", "L2H0"], "L2H1")  # the write-up's count heads 1.0 and 2.0, horizon head 2.1
+
+
+def _arena_test(names: list, where: str, paths: tuple):
+    """A test of the write-up's hypotheses ``names`` on the published checkpoint and data set
+    ``where``, about the heads whose paths they name: each must fail with a named head dead or
+    swapped with its sibling (the derived mutations), against the wrong variants that touch it."""
+    @pytest.mark.about(*(f"path:{h}" for h in paths))
+    @pytest.mark.controls("swap_features", "shuffle_feature")
+    @pytest.mark.parametrize("name", names)
+    def test(arena_model, bracket_data, claim, control, scrub_seed, name):
+        model, data = control.apply_model(arena_model), _data(bracket_data, where)
+        touching = _mutated_heads(control)
+        # a mutant scrubs only this hypothesis (and the variants touching the mutated heads)
+        res = results(model, data, *ARENA_HEADS, scrub_seed, only=name if touching else None)
+        _check(claim, control, res, name, where,
+               lambda: variants(model, data, name, *ARENA_HEADS, scrub_seed, touching))
+
+    test.__doc__ = (f"The write-up's hypotheses {', '.join(names)} on the published checkpoint, {where} data: "
+                    f"recovered >= the write-up's bar, and >= {MARGIN} above the best wrong variant, intervals "
+                    f"separated. About the paths of {', '.join(paths)}.")
+    return test
+
+
+# 1a, 1b, 3a, 3b name the direct paths of 1.0, 2.0 and 2.1; 2a and 2b also head 0.0's output at position 1
+test_arena_scrubbing_published = _arena_test(["1a", "1b", "3a", "3b"], "published", ("L1H0", "L2H0", "L2H1"))
+test_arena_scrubbing_published_pos1 = _arena_test(["2a", "2b"], "published", ("L0H0", "L1H0", "L2H0", "L2H1"))
+test_arena_scrubbing_originators = _arena_test(["1a", "1b", "3a", "3b"], "originators", ("L1H0", "L2H0", "L2H1"))
+test_arena_scrubbing_originators_pos1 = _arena_test(["2a", "2b"], "originators",
+                                                    ("L0H0", "L1H0", "L2H0", "L2H1"))
 
 
 @pytest.mark.controls("swap_features", "shuffle_feature")
@@ -219,6 +305,8 @@ def test_ours_scrubbing(brackets_model, bracket_data, claim, control, scrub_seed
     roles = find_roles(brackets_model)
     count = A.head_label(*roles["count_head"])
     heads = ["L1H0"] + ([count] if count != "L1H0" else [])
-    res = results(brackets_model, _data(bracket_data, where), heads, A.head_label(*roles["negative_head"]),
-                  scrub_seed)
-    _check(claim, control, res, name, where)
+    horizon = A.head_label(*roles["negative_head"])
+    data = _data(bracket_data, where)
+    res = results(brackets_model, data, heads, horizon, scrub_seed)
+    _check(claim, control, res, name, where,
+           lambda: variants(brackets_model, data, name, heads, horizon, scrub_seed))

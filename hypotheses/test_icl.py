@@ -268,7 +268,12 @@ def _by_alpha(p: Predictions, data: icl.ICLData) -> str:
 
 
 # --- mechanism: about the read-in -------------------------------------------------------------------------
-@pytest.mark.about("read_in")
+# the probe's r^2 gain must exceed what the best wrong model measured by hand reaches: the trained network
+# with its positional embeddings permuted (+0.018; a gain of 0, the old bar, let that mutant pass)
+MIN_PROBE_GAIN = 0.02
+
+
+@pytest.mark.about("read_in", "positions")
 @pytest.mark.controls("hide_context_answers", "shuffle_labels")
 def test_running_error_difference_is_decodable_beyond_random_features(icl_model, icl_eval, claim, control,
                                                                       draws, figures):
@@ -294,7 +299,7 @@ def test_running_error_difference_is_decodable_beyond_random_features(icl_model,
     gain = claim.sample((*preds, y), _r2_over_comparators, paired=True, method="percentile", n_resamples=RESAMPLES)
     per_layer = [icl.probe_r2(resid[l], data.targets, seed=split) for l in range(resid.shape[0])]
     claim.at_least("probe r2(running error difference | final residual) - best r2 of untrained / random read-ins",
-                   gain, 0.0,
+                   gain, MIN_PROBE_GAIN,
                    note=f"held-out r^2 (n={len(y)} of {N_PROBE}): model {scores[0]:.3f}; "
                         + ", ".join(f"{name} {v:.3f}" for (name, _), v in zip(COMPARATORS, scores[1:]))
                         + "; model by depth (resid_pre 0, 1, 2, final) " + ", ".join(f"{v:.3f}" for v in per_layer))
@@ -394,7 +399,11 @@ class ClusterData:
 def test_attention_clusters_are_a_product_of_training(icl_model, cluster_binding, claim, control, draws, figures):
     _, heldout = _cluster_splits()
     seed = draws.child("clusters").int()
-    hd = cluster_binding.head
+    # the binding goes through the control: a specificity variant (rebind) points the role at another head
+    hd = control.apply_data({"cluster_head": cluster_binding.head})["cluster_head"]
+    if hd != cluster_binding.head:
+        cluster_binding = ClusterBinding(hd, A.head_label(*hd), f"REBOUND to {A.head_label(*hd)} (specificity "
+                                         f"variant); {cluster_binding.note}")
     own = head_clusters(icl_model, heldout, [hd], seed)[hd]
     # shuffle_labels permutes the bound head's cluster labels: the inputs can no longer explain them
     clusters = control.apply_data(ClusterData(own.clusters))

@@ -369,8 +369,10 @@ def base_model(zoo_models, zoo_seed, request):
 
 
 @pytest.fixture
-def roles(base_model, splits) -> Roles:
-    return bind_roles(base_model, splits)
+def roles(base_model, splits, control) -> Roles:
+    """Bound on the unmutated model; through the control, so that a specificity variant (rebind) can
+    point the mirror head at another head."""
+    return control.apply_data(bind_roles(base_model, splits))
 
 
 @pytest.fixture
@@ -444,7 +446,7 @@ def test_palindrome_direction_is_carried_by_named_components(palindromes_model, 
                             f"split (carriers: {named})")
 
 
-@pytest.mark.about("qk:mirror_head", "positions:1-10")
+@pytest.mark.about("qk:mirror_head", "positions:1-10", alternatives="layer")
 @pytest.mark.controls("shuffle_mirror_positions")
 def test_a_head_attends_to_mirror_positions(palindromes_model, roles, splits, claim, control, figures):
     """Mirroring where same-letter attention cannot produce it: held-out strings of distinct letters."""
@@ -476,7 +478,7 @@ def test_a_head_attends_to_mirror_positions(palindromes_model, roles, splits, cl
                             "boxes mark mirror pairs")
 
 
-@pytest.mark.about("head:mirror_head")
+@pytest.mark.about("head:mirror_head", alternatives="layer")
 def test_ablating_the_mirror_head_destroys_accuracy(palindromes_model, roles, splits, claim):
     """The effect claim paired with the attention claim: the head's output matters to the prediction."""
     layer, head = roles.mirror_head

@@ -256,7 +256,7 @@ test_l0h2_serves_pair_classes = _spread_test(2)
 
 
 @pytest.mark.about("model")
-@pytest.mark.controls("signal_rows")
+@pytest.mark.controls("signal_rows", "mean_ablate:L0H0")
 def test_noise_sequences_get_a_near_uniform_output(skip_trigrams_model, d, claim, control):
     rows = control.apply_data(RowSelection(~d.signal)).noise
     logp = logits_of(skip_trigrams_model, d.toks[rows]).log_softmax(-1)
@@ -264,6 +264,15 @@ def test_noise_sequences_get_a_near_uniform_output(skip_trigrams_model, d, claim
     claim.at_most("KL(output || uniform), nats, on noise sequences",
                   claim.sample(kl.numpy(), np.mean, method="percentile", n_resamples=1000), 0.05,
                   note=f"mean max probability {float(logp.exp().max(-1).values.mean()):.3f} (uniform 1/11 = 0.091)")
+    # near-uniform on noise is what a broken model gives too (signal accuracy 0.498, KL <= 0.05 held):
+    # the hypothesis is the Bayes split, uniform on noise AND certain on signal (KL = ln 11 there)
+    sig = control.apply_data(RowSelection(d.signal)).noise
+    logp_sig = logits_of(skip_trigrams_model, d.toks[sig]).log_softmax(-1)
+    kl_sig = (logp_sig.exp() * (logp_sig + math.log(S.N_CLASSES))).sum(-1)
+    claim.at_least("KL(output || uniform) on signal minus on noise, nats (Bayes: ln 11 = 2.398)",
+                   claim.sample((kl_sig.numpy(), kl.numpy()), _mean_gap, method="percentile", n_resamples=1000),
+                   SWEEP_BOUND * math.log(S.N_CLASSES),
+                   note="99% of the Bayes split, as the signal-accuracy claims")
 
 
 # --- the head sweep ----------------------------------------------------------------------------------------

@@ -377,3 +377,117 @@ def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):
     assert runs["test_weak[control=untrained-x]"]["known"] == "an untrained model reaches it too"
     assert runs["test_weak[control=untrained-y]"]["known"] is None  # undocumented: still a problem
     assert (report["summary"]["controls_no_teeth"], report["summary"]["controls_known"]) == (1, 1)
+
+
+# --- specificity: the claim pointed at each alternative of the part it names ---------------------------
+
+
+def test_alternatives_are_derived_from_targets_by_kind_and_scope():
+    assert M.derive_alternatives(["head:reader"], (2, 2)) == [
+        "rebind:reader,L0H0", "rebind:reader,L0H1", "rebind:reader,L1H0", "rebind:reader,L1H1"]
+    assert M.derive_alternatives(["qk:reader"], (1, 2), scope="layer") == [
+        "rebind:reader,L0H0,layer", "rebind:reader,L0H1,layer"]
+    assert M.derive_alternatives(["ov:L1H2"], (2, 4)) == ["swap_with:L1H2,L1H0", "swap_with:L1H2,L1H1",
+                                                          "swap_with:L1H2,L1H3"]
+    assert M.derive_alternatives(["mlp:L1", "model", "positions", "path:L0H1"], (2, 2)) == []
+    assert M.derive_alternatives(["head:reader"], None) == []
+    with pytest.raises(ControlError, match="alternatives='heads'"):
+        M.derive_alternatives(["head:reader"], (1, 2), scope="heads")
+
+
+def test_rebind_points_a_role_elsewhere_and_skips_the_bound_head_and_other_layers():
+    import dataclasses
+
+    roles = {"count": (2, 0), "negative": (2, 1)}
+    assert M.rebind(roles, "count", "L1H1") == {"count": (1, 1), "negative": (2, 1)}
+    assert roles["count"] == (2, 0)  # a copy
+    with pytest.raises(M.SameBindingError, match="bound to L2H0"):
+        M.rebind(roles, "count", "L2H0")
+    with pytest.raises(M.SameBindingError, match="outside layer 2"):
+        M.rebind(roles, "count", "L1H1", "layer")
+
+    @dataclasses.dataclass(frozen=True)
+    class Roles:
+        mirror: tuple
+        other: int = 3
+
+    assert M.rebind(Roles((0, 0)), "mirror", "L0H1") == Roles((0, 1))
+    ctl = make_control("rebind:count,L0H1")
+    assert ctl.apply_data(roles)["count"] == (0, 1) and ctl.applied == 1
+    assert ctl.apply_data(Roles((0, 0))) == Roles((0, 0))  # binds no role 'count': left alone
+    with pytest.raises(pytest.skip.Exception, match="not an alternative"):
+        make_control("rebind:count,L2H0").apply_data(roles)
+
+
+def test_swap_with_moves_the_circuit_to_the_other_index_within_a_layer():
+    model = _bracket_model()
+    toks = _toks_with_pad(model)
+    other = make_control("swap_with:L2H1,L2H0").apply_model(model)
+    torch.testing.assert_close(other(toks), model(toks), atol=1e-10, rtol=0)
+    torch.testing.assert_close(other.blocks[2].attn.W_O[1], model.blocks[2].attn.W_O[0], atol=0, rtol=0)
+    with pytest.raises(ControlError, match="share a layer"):
+        make_control("swap_with:L2H1,L1H0").apply_model(model)
+
+
+def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
+    power_project.makepyfile(test_spec='''
+        import pytest
+        import torch
+        from circuits import mutations as M
+        from conftest import TOKS
+
+        M.register_model_shape("model", 1, 2)
+
+        def head_norm(model, head):
+            _, cache = model.run_with_cache(TOKS, names=["blocks.0.attn.hook_z"])
+            return float(cache["blocks.0.attn.hook_z"][:, :, head].norm())
+
+        @pytest.fixture
+        def roles(head_roles, control):
+            return control.apply_data(dict(head_roles))
+
+        @pytest.mark.about("ov:reader")
+        def test_specific(model, base, roles, claim):
+            head = roles["reader"][1]
+            claim.close_to("reader's z norm is the bound head's", head_norm(model, head), head_norm(base, 1),
+                           rtol=1e-6)
+
+        @pytest.mark.about("ov:reader")
+        def test_any_head_will_do(model, roles, claim):
+            claim.at_least("z norm", head_norm(model, roles["reader"][1]), 0.0)
+
+        KNOWN_FAILURES = {"test_known_unspecific unspecific": "every head has a z norm >= 0 (measured: both)"}
+
+        @pytest.mark.about("ov:reader")
+        def test_known_unspecific(model, roles, claim):
+            claim.at_least("z norm", head_norm(model, roles["reader"][1]), 0.0)
+
+        @pytest.mark.about("ov:reader")
+        def test_reads_no_binding(model, claim):
+            claim.at_least("z norm of head 1", head_norm(model, 1), 0.0)
+    ''')
+    result = power_project.runpytest("-v", "-rA", "--run-id", "spec")
+    result.stdout.re_match_lines([
+        re.escape("test_spec.py::test_specific[alternative=rebind:reader,L0H0] PASSED"),
+        re.escape("test_spec.py::test_specific[alternative=rebind:reader,L0H1] SKIPPED"),
+        re.escape("test_spec.py::test_any_head_will_do[alternative=rebind:reader,L0H0] FAILED"),
+        re.escape("test_spec.py::test_known_unspecific[alternative=rebind:reader,L0H0] XFAIL"),
+        re.escape("test_spec.py::test_reads_no_binding[alternative=rebind:reader,L0H0] FAILED")])
+    result.stdout.fnmatch_lines(["*unspecific: claim 'z norm' = * also holds on alternative 'rebind:reader,L0H0'*",
+                                 "*alternative 'rebind:reader,L0H0' was never applied*",
+                                 "circuits: *1 unspecific*"])
+    report = json.loads((power_project.path / "reports" / "spec" / "report.json").read_text())
+    runs = {r["nodeid"].split("::")[1]: r for r in report["control_runs"]}
+    assert runs["test_any_head_will_do[alternative=rebind:reader,L0H0]"]["outcome"] == "unspecific"
+    assert runs["test_known_unspecific[alternative=rebind:reader,L0H0]"]["known"].startswith("every head")
+    assert runs["test_specific[alternative=rebind:reader,L0H0]"]["outcome"] == "ok"
+    assert report["summary"]["controls_unspecific"] == 1
+    from circuits.report import views
+
+    rows = {r["claim"]["name"]: r for r in views.specificity(report)}
+    assert rows["z norm"]["n"] == 1 and len(rows["z norm"]["held"]) == 1
+    assert views.specificity_text(rows["reader's z norm is the bound head's"]).startswith("0 of 1 alternatives")
+    md = (power_project.path / "reports" / "spec" / "report.md").read_text()
+    html = (power_project.path / "reports" / "spec" / "report.html").read_text()
+    assert "alternatives that also hold" in md and "**unspecific**" in md
+    assert "Specificity" in html and "0 of 1 alternatives also hold" in html

@@ -230,3 +230,39 @@ def test_bracket_scrubbing_features():
     assert feats[2, :5].tolist() == [-2, -2, 2, 2, 1]
     assert feats[0, 4:].tolist() == [0] * (d.toks.shape[1] - 4)  # padding
     assert feats[1, 3].item() == -1  # the end token after "("
+
+
+def test_wrong_variants_replace_each_feature_and_each_head(setup, data):
+    model, sd = setup
+    count, horizon = B.count_test(data.toks), B.horizon_test(data.toks)
+    hyp = S.Hypothesis("1b", {"1.0": S.Path(count, {1: S.Path(count, {"0.0": S.Path(data.starts_open)})}),
+                              "2.1": S.Path(horizon)})
+    variants = S.wrong_variants(hyp, model, seed=1)
+    names = [v.hypothesis.name for v in variants]
+    assert names[:3] == ["1b | L1H0 reads an independent feature",
+                         "1b | L1H0's input 1: L0H0 reads an independent feature",
+                         "1b | L2H1 reads an independent feature"]
+    # 1.0 reads a layer-0 component: only heads of layer >= 1 may replace it; 2.1 reads nothing named
+    assert [n for n in names if "L1H0 replaced" in n] == ["1b | L1H0 replaced by L1H1", "1b | L1H0 replaced by L2H0"]
+    nearest = [v.hypothesis.name for v in S.wrong_variants(hyp, model, replace_heads="nearest") if "replaced" in v.hypothesis.name]
+    assert nearest == ["1b | L1H0 replaced by L1H1", "1b | L2H1 replaced by L2H0"]
+    assert sum("L2H1 replaced" in n for n in names) == 4
+    shuffled = variants[0].hypothesis.paths["1.0"].feature
+    assert sorted(shuffled.tolist()) == sorted(count.tolist()) and not torch.equal(shuffled, count)
+    assert variants[1].touches == frozenset({"L1H0", "L0H0"})
+
+
+def test_margin_over_variants_is_paired_over_draws(setup, data):
+    model, sd = setup
+    ident = S.Hypothesis.identity(model)
+    results = S.scrub(model, sd, hypotheses=[ident, S.Hypothesis("nothing", {})], n_draws=4, seed=2)
+    est, best = S.margin_over(results[0], results[1:])
+    # naming nothing recovers exactly 0, so the margin over it is the identity's own recovery
+    assert best.name == "nothing" and best.recovered.point == pytest.approx(0.0, abs=1e-12)
+    assert est.point == pytest.approx(results[0].recovered.point, abs=1e-12)
+    claims = Claims(raise_on_failure=False)
+    rec = S.scrub_beats_variants_claim(claims, "identity", results[0], results[1:], 0.05)
+    assert rec.passed and all(r.passed for r in claims.records)
+    other_seed = S.scrub(model, sd, hypotheses=[S.Hypothesis("nothing", {})], n_draws=4, seed=3)
+    with pytest.raises(ScrubError, match="same draws"):
+        S.margin_over(results[0], other_seed)
