@@ -32,12 +32,21 @@ logits at position 0 (the write-up's binary cross-entropy on their difference).
 Thresholds come from the write-up's words: its high-level hypotheses (1a-2b) "held up well (88-93%
 loss recovered)", so each must recover at least 0.85 (the low end less an allowance for a different
 data set); the detailed ones (3a/3b) "did not hold up as well (72%)": at least 0.6, and noticeably
-less than 1b (by 0.05 or more). Controls, measured beside each hypothesis: the features of the count
-heads and the horizon head swapped, and the count heads' feature replaced by a shuffled copy; the
-hypothesis's own claim must FAIL on each (they are the module's `@pytest.mark.controls`, shown in the
-power matrix). For direct paths, swapping the two heads' features is the same test as swapping the
-heads' weights (the head-swap mutation), so the controls are targeted, not generic; the derived
-mutations themselves would rebuild the scrubbing data per mutant (14 s each), so they are not run here.
+less than 1b (by 0.05 or more).
+
+Specificity and power (issue 30). Recovering the loss is not enough: with 2.0 reading a random
+40-class feature a 1b-like story recovered 0.866, above the 0.85 bar. So a hypothesis holds only when
+it also beats its best WRONG VARIANT by MARGIN = 0.05 (the write-up's own resolution) on the paired
+bootstrap over draws, with separated intervals. Its wrong variants (`scrub.wrong_variants`): each named
+path's feature, and each named input's (2a/2b: 0.0 and the embedding at position 1), replaced by an
+independent copy of the same distribution (its values permuted across strings), and each named head
+replaced by the unnamed heads of the nearest layer at or below it (1.1 here). Each test declares the
+paths it is about (`@pytest.mark.about("path:L1H0", ...)`), whose derived mutations (the head dead:
+`zero_ablate`; swapped with its sibling: `swap_head`) must fail it: a mutant scrubs only its own
+hypothesis and the wrong variants that touch the mutated heads (a subset of the variants, so a mutant
+can only look better than with all of them), and each mutant's ScrubData is built once and shared by
+the hypotheses that mutate the same head. Hand-written controls as before: the count heads' and the
+horizon head's features swapped, and the count heads' feature shuffled.
 Known failures: the module's KNOWN_FAILURES table. Resampling draws come from --draws-seed.
 
 Data: the published 5,000 strings (`bracket_data`, 46% balanced) and 5,000 strings of an
@@ -217,7 +226,7 @@ def _check(claim, control, res: dict, name: str, where: str, wrong=None):
     if name.startswith("3") and control.is_main:  # how much less than 1b: a property of 3a/3b themselves
         claim.at_least(f"{name} on {where}: recovered(1b) - recovered({name})",
                        res["1b"].recovered.point - res[name].recovered.point, DETAILED_GAP)
-    if wrong is not None and control.kind != "data":  # the data controls relabel the hypothesis itself
+    if wrong is not None:  # under a data control: the relabelled hypothesis against the true one's variants
         S.scrub_beats_variants_claim(claim, f"{name} on {where}", res[which.key], list(wrong().values()), MARGIN)
 
 
@@ -235,17 +244,39 @@ def _mutated_heads(control) -> set | None:
 # Measured on the published checkpoint (5 draws x 5,000 strings): the claims that do not hold there.
 # The plugin appends this run's measurement to each reason. 3a holds on its own but not against its
 # feature-swap control (no teeth): those control runs are the known failures.
+def _weak(name: str, where: str, value: str, best: str, margin: str) -> str:
+    return (f"{name} recovers {value} on the {where} data, but beats its best wrong variant ({best}) by only "
+            f"{margin} < {MARGIN}: that path's story is not told apart from an independent feature of the same "
+            "distribution (or another head) at the write-up's resolution")
+
+
 KNOWN_FAILURES = {
+    # the wrong variants (seed of this module's draws, 5 draws x 5,000 strings; README has every variant)
+    "test_arena_scrubbing_published[1a]": _weak("1a", "published", "0.921 [0.918, 0.924]",
+                                                "1.0 reads an independent feature, 0.876", "0.045 [0.044, 0.047]"),
+    "test_arena_scrubbing_published[3a]": _weak("3a", "published", "0.738 [0.732, 0.744]",
+                                                "1.0 replaced by 1.1, 0.696", "0.042 [0.040, 0.044]"),
+    "test_arena_scrubbing_published_pos1[2a]": _weak("2a", "published", "0.868 [0.864, 0.872]",
+                                                     "0.0 read by 2.0 at position 1 is an independent feature, 0.862",
+                                                     "0.006 [0.005, 0.006]"),
+    "test_arena_scrubbing_published_pos1[2b]": _weak("2b", "published", "0.870 [0.868, 0.874]",
+                                                     "0.0 read by 2.0 at position 1 is an independent feature, 0.863",
+                                                     "0.007 [0.006, 0.008]"),
+    "test_arena_scrubbing_originators[1a]": _weak("1a", "originators'-style", "0.884 [0.881, 0.888]",
+                                                  "1.0 replaced by 1.1, 0.851", "0.033 [0.031, 0.036]"),
+    "test_arena_scrubbing_originators[1b]": _weak("1b", "originators'-style", "0.931 [0.928, 0.934]",
+                                                  "1.0 reads an independent feature, 0.883", "0.048 [0.046, 0.050]"),
+    "test_arena_scrubbing_originators[3a]": _weak("3a", "originators'-style", "0.740 [0.737, 0.743]",
+                                                  "1.0 replaced by 1.1, 0.705", "0.035 [0.033, 0.037]"),
     "test_arena_scrubbing_originators_pos1[2a]": "2a needs >= 0.85 (write-up: 87%); on the originators'-style "
-                                                 "data it recovers a little less (0.868 on the published data)",
+                                                 "data it recovers a little less (0.837 [0.833, 0.839]), and its best "
+                                                 "wrong variant 0.832",
     "test_arena_scrubbing_originators_pos1[2b]": "2b needs >= 0.85 (write-up: 88%); on the originators'-style "
-                                                 "data it recovers a little less (0.868 on the published data)",
-    "test_arena_scrubbing_published[3a] control=swap_features": "no teeth: with the count and horizon features "
-                                                                "swapped, 3a still recovers >= 0.6",
-    "test_arena_scrubbing_originators[3a] control=swap_features": "no teeth: with the features swapped 3a still "
-                                                                  "recovers >= 0.6",
+                                                 "data it recovers a little less (0.840 [0.838, 0.842]), and its best "
+                                                 "wrong variant 0.835",
     "test_arena_scrubbing_published[3b]": "3b needs >= 0.6 (write-up: 72% for its detailed hypotheses) with our "
-                                          "substitute for the write-up's adjusted proportion (head 0.0's attention)",
+                                          "substitute for the write-up's adjusted proportion (head 0.0's attention): "
+                                          "0.391 [0.383, 0.399], below its own wrong variant 2.1 replaced by 1.1 (0.579)",
     "test_arena_scrubbing_originators[3b]": "3b needs >= 0.6, with our substitute adjusted proportion",
     # our reference model (roles bound on the search split: count head L2H0 with 1.0, negative head L2H1):
     # every hypothesis refuted, as the head-level bracket claims are (its last MLP carries the decision)

@@ -67,7 +67,19 @@ from circuits.tasks import skip_trigrams as S
 N_EVAL = 20_000
 SIGNAL_OPTIMUM = 1.0  # Bayes-optimal accuracy on signal sequences
 SWEEP_BOUND = 0.99  # "reaches the optimum": signal accuracy >= 99% of SIGNAL_OPTIMUM
+# Per-head claims are the same claim for every head (the hypothesis: EVERY head is needed and serves >= 3
+# classes), so each also holds when its index names another head (specificity alternatives swap_with): known
+# to be unspecific by the hypothesis's own symmetry, with what the other heads measured (draws-seed 0).
+_EVERY_HEAD = ("the hypothesis says every head is needed, so the claim holds for the other heads too (by design, "
+               "not evidence about this head in particular): ")
 KNOWN_FAILURES = {
+    "test_l0h0_is_needed unspecific": _EVERY_HEAD + "signal-accuracy drop 0.625 / 0.628 and 6 / 6 broken classes "
+                                                    "with L0H1 / L0H2 in its place",
+    "test_l0h1_is_needed unspecific": _EVERY_HEAD + "drop 0.557 / 0.628, 6 / 6 broken classes with L0H0 / L0H2",
+    "test_l0h2_is_needed unspecific": _EVERY_HEAD + "drop 0.557 / 0.625, 6 / 6 broken classes with L0H0 / L0H1",
+    "test_l0h0_serves_pair_classes unspecific": _EVERY_HEAD + "L0H1 / L0H2 serve 7 / 6 classes",
+    "test_l0h1_serves_pair_classes unspecific": _EVERY_HEAD + "L0H0 / L0H2 serve 8 / 6 classes",
+    "test_l0h2_serves_pair_classes unspecific": _EVERY_HEAD + "L0H0 / L0H1 serve 8 / 7 classes",
     "test_head_sweep_signal_accuracy[1]":
         "the hypothesis: one head of d_head 1 reaches >= 99% signal accuracy; under this recipe it stops in a local "
         "optimum (4 of 10 pair classes on the reference, 0.57 for seed 1, 0.33-0.50 across other inits), far "
@@ -258,21 +270,26 @@ test_l0h2_serves_pair_classes = _spread_test(2)
 @pytest.mark.about("model")
 @pytest.mark.controls("signal_rows", "mean_ablate:L0H0")
 def test_noise_sequences_get_a_near_uniform_output(skip_trigrams_model, d, claim, control):
+    """Near-uniform output on noise is what a broken model gives too (with L0H0 mean-ablated, signal
+    accuracy ~0.44, KL on noise 0.035 <= 0.05 held: the old claim had no teeth). The hypothesis is the
+    Bayes split: uniform on noise AND certain on signal, KL to uniform 0 and ln 11. The claim is that
+    split, KL(signal) - KL(noise) >= ln 11 - 0.1: the 0.05 nats the optimum claim allows its
+    cross-entropy, on each of the two halves."""
     rows = control.apply_data(RowSelection(~d.signal)).noise
-    logp = logits_of(skip_trigrams_model, d.toks[rows]).log_softmax(-1)
-    kl = (logp.exp() * (logp + math.log(S.N_CLASSES))).sum(-1)  # KL(p || uniform) per sequence
-    claim.at_most("KL(output || uniform), nats, on noise sequences",
-                  claim.sample(kl.numpy(), np.mean, method="percentile", n_resamples=1000), 0.05,
-                  note=f"mean max probability {float(logp.exp().max(-1).values.mean()):.3f} (uniform 1/11 = 0.091)")
-    # near-uniform on noise is what a broken model gives too (signal accuracy 0.498, KL <= 0.05 held):
-    # the hypothesis is the Bayes split, uniform on noise AND certain on signal (KL = ln 11 there)
-    sig = control.apply_data(RowSelection(d.signal)).noise
-    logp_sig = logits_of(skip_trigrams_model, d.toks[sig]).log_softmax(-1)
-    kl_sig = (logp_sig.exp() * (logp_sig + math.log(S.N_CLASSES))).sum(-1)
+    model = skip_trigrams_model
+
+    def kl_to_uniform(sel):
+        logp = logits_of(model, d.toks[sel]).log_softmax(-1)
+        return (logp.exp() * (logp + math.log(S.N_CLASSES))).sum(-1), logp  # KL(p || uniform) per sequence
+
+    kl_noise, logp = kl_to_uniform(rows)
+    kl_signal, _ = kl_to_uniform(~rows)
     claim.at_least("KL(output || uniform) on signal minus on noise, nats (Bayes: ln 11 = 2.398)",
-                   claim.sample((kl_sig.numpy(), kl.numpy()), _mean_gap, method="percentile", n_resamples=1000),
-                   SWEEP_BOUND * math.log(S.N_CLASSES),
-                   note="99% of the Bayes split, as the signal-accuracy claims")
+                   claim.sample((kl_signal.numpy(), kl_noise.numpy()), _mean_gap, method="percentile",
+                                n_resamples=1000), math.log(S.N_CLASSES) - 0.1,
+                   note=f"KL on noise {float(kl_noise.mean()):.4f} nats (the hypothesis: <= 0.05), on signal "
+                        f"{float(kl_signal.mean()):.4f}; mean max probability on noise "
+                        f"{float(logp.exp().max(-1).values.mean()):.3f} (uniform 1/11 = 0.091)")
 
 
 # --- the head sweep ----------------------------------------------------------------------------------------
