@@ -71,7 +71,7 @@ from .stats import Estimate, bootstrap_ci
 
 __all__ = ["EXACT", "RANDOM", "Approx", "Path", "Hypothesis", "ScrubData", "ScrubResult", "scrub",
            "sample_agreeing", "scrub_claim", "component_label", "Variant", "wrong_variants", "independent_feature",
-           "margin_over", "scrub_beats_variants_claim", "named_heads"]
+           "margin_over", "scrub_beats_variants_claim", "scrub_holds_claim", "named_heads"]
 
 EXACT = "exact"  # the parent's own input
 RANDOM = "random"  # an unconditionally resampled input
@@ -615,6 +615,7 @@ def wrong_variants(hyp: Hypothesis, model: HookedTransformer, seed: int = 0, rep
                    nested: bool = True) -> list[Variant]:
     """The hypothesis's wrong variants: for each named direct path (and, with ``nested``, each named
     input of one), the same hypothesis with that path's feature replaced by an independent copy; for
+    each pair of named direct paths reading different features, the two features exchanged; for
     each named direct-path head, the same hypothesis with that head replaced by each head it does not
     name that can read the named inputs (``replace_heads="all"``), or only by those of the nearest
     layer at or below its own that has such a head (``"nearest"``: its unnamed siblings, else the
@@ -645,6 +646,18 @@ def wrong_variants(hyp: Hypothesis, model: HookedTransformer, seed: int = 0, rep
                     out.append(Variant(Hypothesis(f"{hyp.name} | {label}'s input {pos}: {sub_label} reads an "
                                                   "independent feature", paths),
                                        frozenset({label} | ({sub_label} if _HEAD.match(comp) else set()))))
+    named = [k for k, node in hyp.paths.items() if not isinstance(node.feature, str)]
+    for i, a in enumerate(named):  # two named paths' features exchanged: a head swap makes this one right
+        for b in named[i + 1:]:
+            fa, fb = hyp.paths[a].feature, hyp.paths[b].feature
+            if torch.equal(torch.as_tensor(fa), torch.as_tensor(fb)):
+                continue
+            la, lb = (_as_label(k) if isinstance(k, str) and _HEAD.match(k) else k for k in (a, b))
+            paths = dict(hyp.paths)
+            paths[a] = Path(fb, hyp.paths[a].inputs, hyp.paths[a].approx)
+            paths[b] = Path(fa, hyp.paths[b].inputs, hyp.paths[b].approx)
+            out.append(Variant(Hypothesis(f"{hyp.name} | {la} and {lb} exchange features", paths),
+                               frozenset({la, lb})))
     if replace_heads not in (None, "all", "nearest"):
         raise ScrubError(f"replace_heads must be 'all', 'nearest' or None, got {replace_heads!r}")
     if replace_heads:
@@ -680,6 +693,36 @@ def margin_over(result: ScrubResult, others: Sequence[ScrubResult]) -> tuple[Est
     gap.__name__ = "recovered(hypothesis) - recovered(best wrong variant)"
     est = _ratio_estimate(gap, (result.scrubbed_draws, best.scrubbed_draws, result.baseline_draws), gap.__name__)
     return est, best
+
+
+def scrub_holds_claim(claim, name: str, result: ScrubResult, at_least: float, variants: Sequence[ScrubResult],
+                      margin: float):
+    """A scrubbing hypothesis holds: it recovers at least ``at_least`` AND at least ``margin`` more than
+    its best wrong variant. One claim on the smaller of the two excesses (bootstrapped together over
+    the paired draws, decided on the lower bound: each alone can survive a mutation the other
+    catches), then the intervals' separation from the best variant's."""
+    __tracebackhide__ = True
+    est, best = margin_over(result, variants)
+
+    def holds(s_h, s_v, b, axis=-1):
+        rec = 1 - np.mean(s_h, axis=axis) / np.mean(b, axis=axis)
+        gap = (np.mean(s_v, axis=axis) - np.mean(s_h, axis=axis)) / np.mean(b, axis=axis)
+        return np.minimum(rec - at_least, gap - margin)
+
+    holds.__name__ = "min(recovered - bar, recovered - best wrong variant - margin)"
+    value = _ratio_estimate(holds, (result.scrubbed_draws, best.scrubbed_draws, result.baseline_draws),
+                            holds.__name__)
+    listing = "; ".join(f"{v.name.split(' | ', 1)[-1]} {v.recovered.point:.3f}"
+                        for v in sorted(variants, key=lambda v: -v.recovered.point))
+    claim.at_least(f"{name}: min(recovered - {at_least:g}, recovered - best wrong variant - {margin:g})", value, 0.0,
+                   note=f"recovered {result.recovered.point:.3f} [{result.recovered.lo:.3f}, {result.recovered.hi:.3f}]"
+                        f" (bar {at_least:g}); best wrong variant {best.name.split(' | ', 1)[-1]} "
+                        f"{best.recovered.point:.3f} [{best.recovered.lo:.3f}, {best.recovered.hi:.3f}], margin "
+                        f"{est.point:.3f} [{est.lo:.3f}, {est.hi:.3f}] (needs {margin:g}); all {len(variants)}: "
+                        f"{listing}; {_note(result)}")
+    return claim.at_least(f"{name}: lower bound - best wrong variant's upper bound",
+                          result.recovered.lo - best.recovered.hi, 0.0,
+                          note=f"{result.recovered.lo:.3f} vs {best.recovered.hi:.3f}")
 
 
 def scrub_beats_variants_claim(claim, name: str, result: ScrubResult, variants: Sequence[ScrubResult],

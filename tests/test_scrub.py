@@ -247,6 +247,7 @@ def test_wrong_variants_replace_each_feature_and_each_head(setup, data):
     nearest = [v.hypothesis.name for v in S.wrong_variants(hyp, model, replace_heads="nearest") if "replaced" in v.hypothesis.name]
     assert nearest == ["1b | L1H0 replaced by L1H1", "1b | L2H1 replaced by L2H0"]
     assert sum("L2H1 replaced" in n for n in names) == 4
+    assert "1b | L1H0 and L2H1 exchange features" in names
     shuffled = variants[0].hypothesis.paths["1.0"].feature
     assert sorted(shuffled.tolist()) == sorted(count.tolist()) and not torch.equal(shuffled, count)
     assert variants[1].touches == frozenset({"L1H0", "L0H0"})
@@ -266,3 +267,18 @@ def test_margin_over_variants_is_paired_over_draws(setup, data):
     other_seed = S.scrub(model, sd, hypotheses=[S.Hypothesis("nothing", {})], n_draws=4, seed=3)
     with pytest.raises(ScrubError, match="same draws"):
         S.margin_over(results[0], other_seed)
+
+
+def test_a_hypothesis_holds_only_above_its_bar_and_its_wrong_variants(setup):
+    model, sd = setup
+    ident, nothing = S.scrub(model, sd, hypotheses=[S.Hypothesis.identity(model), S.Hypothesis("nothing", {})],
+                             n_draws=4, seed=2)
+    claims = Claims(raise_on_failure=False)
+    S.scrub_holds_claim(claims, "identity", ident, 0.0, [nothing], 0.05)
+    assert all(r.passed for r in claims.records) and "best wrong variant nothing" in claims.records[0].note
+    claims = Claims(raise_on_failure=False)
+    S.scrub_holds_claim(claims, "identity", ident, ident.recovered.point + 0.01, [nothing], 0.05)  # bar too high
+    assert not claims.records[0].passed
+    claims = Claims(raise_on_failure=False)
+    S.scrub_holds_claim(claims, "nothing", nothing, 0.0, [ident], 0.0)  # a wrong variant does better
+    assert not any(r.passed for r in claims.records)
