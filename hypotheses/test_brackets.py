@@ -40,7 +40,7 @@ names. The old "mean-ablating the count head's output costs loss" held for 5 of 
 should flag. "Count-agreeing resampling keeps >= 80%" holds for the negative head too (0.999): a known
 unspecific claim (its head-specific form is the count-not-horizon contrast).
 
-Random draws (resampling sources, bootstrap seeds) come from `draws` / `--draws-seed`; resampling
+Random draws (resampling sources, bootstrap seeds) come from `draws` / `--circuits-draws-seed`; resampling
 pools 5 draws of sources and decides on a bootstrap interval over strings, so known failures do not
 turn on one draw (the old single-draw "0.796 < 0.80" ranged 0.768-0.821 over 20 generator seeds).
 
@@ -74,7 +74,7 @@ Thresholds are the seed's where it gives numbers (r^2 >= 0.98, attention ~0.5 or
 from the hypothesis's wording (see each test), and above what every control reaches.
 
 Census decision (issue 17; `python -m circuits census brackets --recipes
-default,label_only,originators,arena_like --seeds 0-4 --recipe-select TestOurModel --acc-target 0.999`,
+default,label_only,originators,arena_like --circuits-seeds 0-4 --recipe-select TestOurModel --acc-target 0.999`,
 table in reports/census/brackets/census.md and the README): 20 models, 4 recipes x seeds 0-4 (ours with
 per-position suffix targets; label-only cross-entropy at position 0 on the published distribution; the
 same on an originators'-like distribution; that plus dropout 0.1 and sqrt(d_model)-scaled embeddings).
@@ -174,7 +174,7 @@ register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs, replac
 @pytest.fixture
 def resampling_draws(circuits_options):
     """The resampling tests' draws of sources: one stream for both tests (they share the resampled
-    losses, computed once per model), derived from --draws-seed like every `draws` fixture."""
+    losses, computed once per model), derived from --circuits-draws-seed like every `draws` fixture."""
     return Draws(draws_seed_for(circuits_options.draws_seed, "test_brackets.py: resampling sources"))
 
 
@@ -380,7 +380,7 @@ class TestOurModel(OursSubject, BracketHypotheses):
 
 
 # Hypotheses measured false on our reference model: strict expected failures there (they must keep
-# failing, and only as a failed claim), lenient under --seeds. The plugin appends what was measured
+# failing, and only as a failed claim), lenient under --circuits-seeds. The plugin appends what was measured
 # now; each reason says what the hypothesis says against what is measured, and what it is decided on.
 KNOWN_FAILURES = {
     "TestArenaCheckpoint::test_resampling_the_count_heads_input_from_count_agreeing_strings_keeps_the_loss unspecific":

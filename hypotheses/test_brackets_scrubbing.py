@@ -47,7 +47,7 @@ hypothesis and the wrong variants that touch the mutated heads (a subset of the 
 can only look better than with all of them), and each mutant's ScrubData is built once and shared by
 the hypotheses that mutate the same head. Hand-written controls as before: the count heads' and the
 horizon head's features swapped, and the count heads' feature shuffled.
-Known failures: the module's KNOWN_FAILURES table. Resampling draws come from --draws-seed.
+Known failures: the module's KNOWN_FAILURES table. Resampling draws come from --circuits-draws-seed.
 
 Data: the published 5,000 strings (`bracket_data`, 46% balanced) and 5,000 strings of an
 originators'-style distribution (`brackets.generate_originators_style`: 26% balanced, unbalanced
@@ -291,7 +291,7 @@ def _data(bracket_data, where):
 
 @pytest.fixture(scope="module")
 def scrub_seed(circuits_options):
-    """The resampling seed of this module's scrubs: one per run, changed by --draws-seed."""
+    """The resampling seed of this module's scrubs: one per run, changed by --circuits-draws-seed."""
     return draws_seed_for(circuits_options.draws_seed, __name__) % 2**31
 
 
