@@ -695,13 +695,23 @@ def margin_over(result: ScrubResult, others: Sequence[ScrubResult]) -> tuple[Est
     return est, best
 
 
-def scrub_holds_claim(claim, name: str, result: ScrubResult, at_least: float, variants: Sequence[ScrubResult],
-                      margin: float):
+def scrub_holds_claim(claim, name: str, result: ScrubResult, at_least: float, variants, margin: float):
     """A scrubbing hypothesis holds: it recovers at least ``at_least`` AND at least ``margin`` more than
     its best wrong variant. One claim on the smaller of the two excesses (bootstrapped together over
     the paired draws, decided on the lower bound: each alone can survive a mutation the other
-    catches), then the intervals' separation from the best variant's."""
+    catches), then the intervals' separation from the best variant's. ``variants``: their results, or
+    a callable returning them, not called when the recovery's whole interval is below the bar (the
+    claim fails whatever they give: the recovery's excess is recorded, its note says so)."""
     __tracebackhide__ = True
+    if result.recovered.hi < at_least:
+        rec = result.recovered
+        below = Estimate(rec.point - at_least, rec.lo - at_least, rec.hi - at_least, level=rec.level, n=rec.n,
+                         method=rec.method, statistic="recovered - bar")
+        return claim.at_least(f"{name}: min(recovered - {at_least:g}, recovered - best wrong variant - {margin:g})",
+                              below, 0.0, note=f"recovered {rec.point:.3f} [{rec.lo:.3f}, {rec.hi:.3f}] is below the "
+                              f"bar {at_least:g} over its whole interval, so the wrong variants were not scrubbed "
+                              f"(the smaller excess is at most this one); {_note(result)}")
+    variants = list(variants() if callable(variants) else variants)
     est, best = margin_over(result, variants)
 
     def holds(s_h, s_v, b, axis=-1):

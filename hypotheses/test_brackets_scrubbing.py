@@ -223,7 +223,8 @@ def _check(claim, control, res: dict, name: str, where: str, wrong):
     which = control.apply_data(Which(name))
     threshold = DETAILED if name.startswith("3") else HIGH_LEVEL
     # under a data control: the relabelled hypothesis, against the true one's wrong variants
-    S.scrub_holds_claim(claim, f"{name} on {where}", res[which.key], threshold, list(wrong().values()), MARGIN)
+    S.scrub_holds_claim(claim, f"{name} on {where}", res[which.key], threshold, lambda: list(wrong().values()),
+                        MARGIN)
     if name.startswith("3") and control.is_main:  # how much less than 1b: a property of 3a/3b themselves
         claim.at_least(f"{name} on {where}: recovered(1b) - recovered({name})",
                        res["1b"].recovered.point - res[name].recovered.point, DETAILED_GAP)

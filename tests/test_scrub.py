@@ -282,3 +282,7 @@ def test_a_hypothesis_holds_only_above_its_bar_and_its_wrong_variants(setup):
     claims = Claims(raise_on_failure=False)
     S.scrub_holds_claim(claims, "nothing", nothing, 0.0, [ident], 0.0)  # a wrong variant does better
     assert not any(r.passed for r in claims.records)
+    claims = Claims(raise_on_failure=False)
+    never = lambda: pytest.fail("variants scrubbed although the recovery is below the bar")  # noqa: E731
+    rec = S.scrub_holds_claim(claims, "identity", ident, ident.recovered.hi + 0.01, never, 0.05)
+    assert not rec.passed and "not scrubbed" in rec.note
