@@ -32,7 +32,7 @@ def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
 
     entry = zoo.get_entry(name)
     if entry.ref_seeds():
-        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s))
+        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s, "single"))
                                          for s in entry.ref_seeds()])
     else:
         ref = "no reference"

@@ -99,7 +99,7 @@ def _has_reference(entry, seed: int) -> bool:
     if not (weights.is_file() and card.is_file()):
         return False
     try:
-        return json.loads(card.read_text()).get("key") == spec_key(entry.spec(seed))
+        return json.loads(card.read_text()).get("key") == spec_key(entry.spec(seed, "single"))
     except (OSError, ValueError, AttributeError):
         return False  # unreadable: loading it reports the problem; the sweep trains the seed
 
@@ -109,7 +109,7 @@ def _train_entry(entry, seed: int, device: str, progress=None):
     from .train import on_device
 
     with on_device(device):
-        return zoo.train_entry(entry, seed, progress)
+        return zoo.train_for_store(entry, seed, progress)
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -140,6 +140,55 @@ def train_or_reuse(entry_or_name, seed: int, *, root=None, force: bool = False, 
 
     state, card, created = store.get_or_create(spec, build, force=force and holder is None)
     return state, card, "trained" if created else ("waited" if holder is not None else "reused")
+
+
+def train_stacks(entry_or_name, seeds: Sequence[int], *, root=None, device: str = "cpu", ensemble: Optional[int] = None,
+                 stream=None) -> dict:
+    """The seeds of an entry that the store at `root` lacks, trained by the stacked trainer
+    (circuits.ensemble) in stacks of at most `ensemble` seeds, each stored under its own key (the spec
+    names the backend) the moment it finishes, so an interrupted run resumes with what is missing.
+    Progress: one line per seed per evaluation. Returns seed -> "trained" / "reused"."""
+    import safetensors.torch
+
+    from .ensemble import BACKEND_ENV, stackable, train_many
+    from .store import _prepare_tensors, spec_key
+
+    entry = _resolve(entry_or_name)
+    stream = stream or sys.stderr
+    store = _store(root)
+    old = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = "ensemble"  # the keys name the stacked trainer
+    try:
+        todo, out = [], {}
+        for seed in seeds:
+            if store.verify(spec_key(entry.spec(seed)))[0] == "ok":
+                out[seed] = "reused"
+            else:
+                todo.append(seed)
+        if not todo:
+            return out
+        if stackable(entry) is not None:
+            stream.write(f"    {entry.name}: {stackable(entry)}; trained one seed at a time\n")
+        t0 = time.perf_counter()
+
+        def progress(seed, step, total, metrics):
+            _EvalLines(f"{entry.name} seed {seed}", t0, stream)(step, total, metrics)
+
+        def on_done(seed, model, card):
+            data = safetensors.torch.save(_prepare_tensors(model.state_dict()), metadata={"format": "pt"})
+            store.put(entry.spec(seed), data, card)
+            out[seed] = "trained"
+            stream.write(f"    {entry.name} seed {seed}: stored after {card.get('steps')} steps, "
+                         f"{time.perf_counter() - t0:.1f}s  {_summary(card)}\n")
+            stream.flush()
+
+        train_many(entry, todo, device=device, progress=progress, on_done=on_done, ensemble=ensemble)
+        return out
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
 
 
 def _local_worker(entry_or_name, seed: int, root: str, device: str):
