@@ -72,9 +72,11 @@ class Census:
     runs: dict = field(default_factory=dict)  # row label -> report.json path
     recipe_seeds: dict = field(default_factory=dict)  # recipe -> the seeds its row covers
     acc_target: Optional[float] = None
+    backend: str = "single"  # the trainer the models came from (circuits.ensemble.backend)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "seeds": self.seeds, "recipes": self.recipes,
+                "backend": self.backend,
                 "acc_target": self.acc_target, "columns": self.columns, "rows": self.rows,
                 "timings": self.timings, "runs": self.runs, "recipe_seeds": self.recipe_seeds}
 
@@ -96,7 +98,7 @@ def _check(name: str, recipes: Sequence[str], seeds: Sequence[int], module: str)
 
 
 def train_missing(name: str, recipes: Sequence[str], seeds: Sequence[int], *, root, workers: int = 1,
-                  stream=None) -> dict:
+                  stream=None, ensemble: Optional[int] = None) -> dict:
     """Every (recipe, seed) the store at `root` lacks, trained through the sweep runner; the default
     recipe's reference seeds are served by their committed checkpoints and never trained here.
     Returns recipe -> seconds."""
@@ -110,7 +112,7 @@ def train_missing(name: str, recipes: Sequence[str], seeds: Sequence[int], *, ro
         todo = [s for s in seeds if s not in entry.ref_seeds()]
         t0 = time.perf_counter()
         if todo:
-            result = run_sweep(zname, todo, root=root, workers=workers, stream=stream)
+            result = run_sweep(zname, todo, root=root, workers=workers, stream=stream, ensemble=ensemble)
             if not result.ok:
                 raise CensusError(f"census: training {zname} failed for seeds {sorted(result.failed)}: "
                                   + "; ".join(f"{s}: {m}" for s, m in sorted(result.failed.items())))
@@ -420,11 +422,38 @@ def _cores() -> int:
 def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: Optional[str] = None, *,
                out: Path = Path("reports/census"), root=None, workers: int = 1, select: Optional[str] = None, main_only: bool = True,
                recipe_select: Optional[str] = None, reference: bool = True, acc_target: Optional[float] = None,
-               train: bool = True, rerun: bool = False, jobs: int = 1, stream=None) -> tuple[Census, dict]:
+               train: bool = True, rerun: bool = False, jobs: int = 1, stream=None,
+               ensemble: Optional[int] = None) -> tuple[Census, dict]:
     """The whole census; returns it and the written paths. `recipe_select` (default: `select`) is the
     ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there; main_only=False keeps
     the claims' controls and mutations. train=False trains
-    nothing: each recipe's row covers the seeds already stored (or committed), which it lists."""
+    nothing: each recipe's row covers the seeds already stored (or committed), which it lists.
+
+    ensemble: the models come from the stacked trainer (circuits.ensemble; K seeds per stack, 0 =
+    automatic): trained by it, found under its store keys, and read by the pytest runs under
+    $CIRCUITS_TRAIN_BACKEND=ensemble. None: as $CIRCUITS_TRAIN_BACKEND says (default: single)."""
+    if ensemble is not None:
+        from .ensemble import BACKEND_ENV
+
+        old_env = os.environ.get(BACKEND_ENV)
+        os.environ[BACKEND_ENV] = "ensemble"
+        try:
+            return _run_census(name, recipes, seeds, module, out=out, root=root, workers=workers, select=select,
+                               main_only=main_only, recipe_select=recipe_select, reference=reference,
+                               acc_target=acc_target, train=train, rerun=rerun, jobs=jobs, stream=stream,
+                               ensemble=ensemble)
+        finally:
+            if old_env is None:
+                os.environ.pop(BACKEND_ENV, None)
+            else:
+                os.environ[BACKEND_ENV] = old_env
+    return _run_census(name, recipes, seeds, module, out=out, root=root, workers=workers, select=select,
+                       main_only=main_only, recipe_select=recipe_select, reference=reference, acc_target=acc_target,
+                       train=train, rerun=rerun, jobs=jobs, stream=stream, ensemble=None)
+
+
+def _run_census(name, recipes, seeds, module, *, out, root, workers, select, main_only, recipe_select, reference,
+                acc_target, train, rerun, jobs, stream, ensemble) -> tuple[Census, dict]:
     from .sweep import check_run_settings
 
     stream = stream or sys.stderr
@@ -438,9 +467,12 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
     out_dir = Path(out) / name
     runs_dir = (out_dir / "runs").resolve()
     census = Census(name=name, module=module, seeds=seeds, recipes=list(recipes), acc_target=acc_target)
+    from .ensemble import backend as train_backend
+
+    census.backend = train_backend()
     t_all = time.perf_counter()
     if train:
-        train_s = train_missing(name, recipes, seeds, root=root, workers=workers, stream=stream)
+        train_s = train_missing(name, recipes, seeds, root=root, workers=workers, stream=stream, ensemble=ensemble)
         census.timings["train"] = round(sum(train_s.values()), 2)
     reports, census.recipe_seeds = {}, {}
     rows = []  # (label, run id, args, model hashes)

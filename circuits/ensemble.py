@@ -22,8 +22,8 @@ padding depends on the group); the card records the group.
 
 Supported: the HookedTransformer family on token inputs (every built-in transformer task), with
 training-time extras given by the entry's `train_fn.ensemble_extras(entry)` (the bracket census's
-tutorial-style dropout and embedding scale). Anything else raises NotStackable; `train_many` then
-trains those seeds one by one with the single trainer.
+tutorial-style dropout and embedding scale). Anything else raises NotStackable; the sweep
+(`circuits.sweep.train_stacks`) then trains those seeds one by one with the single trainer.
 """
 
 from __future__ import annotations
@@ -259,22 +259,23 @@ class Extras:
         return Extras(self.embed_scale, self.p, [self.gens[i] for i in rows], self.training)
 
     def dropout(self, x: torch.Tensor, widths: Optional[list], square: bool = False) -> torch.Tensor:
-        """x: [K, batch, pos, ...] or, square, [K, batch, head, pos, pos]; widths: each seed's own pos."""
+        """x: [K, batch, pos, ...] or, square, [K, batch, head, pos, pos]; widths: each seed's own
+        (rows, pos) of its batch before padding (its masks have that shape, as when it trains alone)."""
         if not self.training or self.p == 0.0:
             return x
         masks = []
         for k, gen in enumerate(self.gens):
-            w = x.shape[2 if not square else 3] if widths is None else widths[k]
+            n, w = (x.shape[1], x.shape[3 if square else 2]) if widths is None else widths[k]
             if square:
-                shape = (x.shape[1], x.shape[2], w, w)
+                shape = (n, x.shape[2], w, w)
             else:
-                shape = (x.shape[1], min(w, x.shape[2])) + tuple(x.shape[3:])
+                shape = (n, min(w, x.shape[2])) + tuple(x.shape[3:])
             keep = torch.empty(shape, dtype=x.dtype).bernoulli_(1.0 - self.p, generator=gen)
             full = torch.ones(x.shape[1:], dtype=x.dtype)
             if square:
-                full[:, :, :w, :w] = keep
+                full[:n, :, :w, :w] = keep
             else:
-                full[:, :shape[1]] = keep
+                full[:n, :shape[1]] = keep
             masks.append(full)
         return x * torch.stack(masks).to(x.device) / (1.0 - self.p)
 
@@ -286,7 +287,7 @@ def _stack_batches(parts: list, pad_token: Optional[int], batch_size: int):
     """Each seed's batch (a Split) -> (inputs [K, batch, pos], targets [K, batch(, pos)], row weights
     [K, batch], widths): rows padded to `batch_size` (weight 0), positions to the longest batch."""
     width = max(b.inputs.shape[1] for b in parts)
-    widths = [b.inputs.shape[1] for b in parts]
+    widths = [(b.inputs.shape[0], b.inputs.shape[1]) for b in parts]  # each seed's own (rows, pos)
     rows = max(batch_size, max(len(b) for b in parts))
     inputs, targets, weights = [], [], []
     for b in parts:
@@ -555,25 +556,15 @@ def _finish(entry, r: SeedRun, model, extras, start, group, on_done, out) -> Non
 
 def train_many(entry, seeds: Sequence[int], *, device: str = "cpu", progress=None, on_done=None,
                ensemble: Optional[int] = None) -> dict:
-    """`seeds` of `entry` in stacks of at most `ensemble` seeds (None: all at once); an entry the
-    stacked trainer cannot take is trained seed by seed by the single trainer (its cards then name
-    no backend). Returns seed -> (model, card)."""
+    """`seeds` of `entry` in stacks of at most `ensemble` seeds (None or 0: all at once), one stack after
+    another. Returns seed -> (model, card). NotStackable for an entry outside the stacked trainer."""
     seeds = list(seeds)
-    if stackable(entry) is not None:
-        from .train import on_device
-        from .zoo import train_entry
-
-        out = {}
-        for s in seeds:
-            with on_device(device):
-                model, card = train_entry(entry, s, (lambda st, tot, m, s=s: progress(s, st, tot, m)) if progress else None)
-            out[s] = (model, card)
-            if on_done:
-                on_done(s, model, card)
-        return out
-    size = len(seeds) if not ensemble else int(ensemble)
-    if size < 1:
-        raise SettingError(f"--ensemble must be a positive integer, got {ensemble!r}")
+    why = stackable(entry)
+    if why:
+        raise NotStackable(why)
+    if ensemble is not None and (isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 0):
+        raise SettingError(f"--ensemble must be a non-negative integer (0 = automatic), got {ensemble!r}")
+    size = ensemble or len(seeds)
     out = {}
     for i in range(0, len(seeds), size):
         out.update(train_stack(entry, seeds[i:i + size], device=device, progress=progress, on_done=on_done))

@@ -167,8 +167,11 @@ def train_stacks(entry_or_name, seeds: Sequence[int], *, root=None, device: str 
                 todo.append(seed)
         if not todo:
             return out
-        if stackable(entry) is not None:
+        if stackable(entry) is not None:  # another family: its own trainer, its own (unchanged) keys
             stream.write(f"    {entry.name}: {stackable(entry)}; trained one seed at a time\n")
+            for seed in todo:
+                out[seed] = train_or_reuse(entry, seed, root=root, device=device)[2]
+            return out
         t0 = time.perf_counter()
 
         def progress(seed, step, total, metrics):
@@ -294,9 +297,40 @@ def run_sweep(name_or_entry, seeds: Sequence[int], **options) -> SweepResult:
 
 def run_sweeps(names_or_entries: Sequence, seeds: Sequence[int], *, backend: str = "local", root=None,
                device: str = "cpu", workers: Optional[int] = None, address: Optional[str] = None, stream=None,
-               retries: int = 1, train_references: bool = False) -> dict:
+               retries: int = 1, train_references: bool = False, ensemble: Optional[int] = None) -> dict:
     """`run_sweep` over several entries at once (a grid: ``assoc_exp2_*``), all their trainings in one
-    pool so the cores stay busy across entries; returns entry name -> SweepResult, in the given order."""
+    pool so the cores stay busy across entries; returns entry name -> SweepResult, in the given order.
+
+    ``ensemble``: train with the stacked trainer (circuits.ensemble), at most that many seeds of an
+    entry per stack, one stack per pool task (0: automatic, the seeds split evenly over the workers).
+    None: the stacked trainer when $CIRCUITS_TRAIN_BACKEND is "ensemble" (automatic stacks), else one
+    training per seed. Stacked models are stored under the stacked trainer's keys (the spec names it),
+    which is what zoo.load finds under $CIRCUITS_TRAIN_BACKEND=ensemble."""
+    if ensemble is None:
+        from .ensemble import backend as train_backend
+
+        ensemble = 0 if train_backend() == "ensemble" else None
+    if ensemble is None:
+        return _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address, stream, retries,
+                           train_references, None)
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 0:
+        raise SettingError(f"--ensemble must be a non-negative integer (0 = automatic), got {ensemble!r}")
+    from .ensemble import BACKEND_ENV
+
+    old_env = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = "ensemble"  # keys (the store checks below, the workers) name the stacked trainer
+    try:
+        return _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address, stream, retries,
+                           train_references, ensemble)
+    finally:
+        if old_env is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old_env
+
+
+def _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address, stream, retries,
+                train_references, ensemble) -> dict:
     from .seeds import check_seed
     from .store import spec_key
 
@@ -325,10 +359,66 @@ def run_sweeps(names_or_entries: Sequence, seeds: Sequence[int], *, backend: str
             else:
                 portable = _portable(entry) if portable is None else portable
                 jobs.append((portable, entry.name, seed))
-    if jobs:
+    if jobs and ensemble is not None:
+        _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend)
+    elif jobs:
         runner = _run_local if backend == "local" else _run_ray
         runner(jobs, root, device, workers, address, retries, results, progress)
     return results
+
+
+def stack_plan(seeds: Sequence[int], workers: int, ensemble: int) -> list:
+    """The seeds of one entry in stacks: at most `ensemble` seeds each (0: split evenly over `workers`)."""
+    seeds = list(seeds)
+    size = ensemble or max(1, -(-len(seeds) // max(1, workers)))
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def _stack_worker(entry_or_name, seeds, root: str, device: str):
+    import torch
+
+    torch.set_num_threads(1)
+    _exit_with_parent()
+    t0 = time.perf_counter()
+    out = train_stacks(entry_or_name, seeds, root=root, device=device)
+    return out, time.perf_counter() - t0
+
+
+def _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend):
+    """Stacked trainings, one stack per task of a local process pool."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    if backend == "ray" or address is not None:
+        raise SettingError("--ensemble trains on the local backend (one stack is one process); "
+                           "leave out --backend ray / --address")
+    by_entry: dict = {}
+    for entry, name, seed in jobs:
+        by_entry.setdefault(name, (entry, []))[1].append(seed)
+    n = workers or default_workers()
+    tasks = [(entry, name, stack) for name, (entry, seeds) in by_entry.items()
+             for stack in stack_plan(seeds, n, ensemble)]
+    with ProcessPoolExecutor(max_workers=min(n, len(tasks)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_stack_worker, entry, stack, str(root), device): (name, stack)
+                   for entry, name, stack in tasks}
+        while futures:
+            finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name, stack = futures.pop(fut)
+                result = results[name]
+                try:
+                    how, seconds = fut.result()
+                except Exception as e:  # noqa: BLE001 - seeds stored before the failure stay stored
+                    reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                    for seed in stack:
+                        result.failed[seed] = reason
+                        progress.line(name, seed, "FAILED (its stack)", reason)
+                    continue
+                for seed in stack:
+                    (result.trained if how.get(seed) == "trained" else result.reused).append(seed)
+                    progress.line(name, seed, f"{how.get(seed, '?')} in a stack of {len(stack)} "
+                                              f"({seconds:.1f}s for the stack)")
 
 
 def _run_local(jobs, root, device, workers, address, retries, results, progress):
