@@ -351,6 +351,89 @@ def accuracy_lines(census: Census) -> list[str]:
     return lines
 
 
+def survival(census: Census) -> list:
+    """Per recipe row and claim: seeds passing k of n, the rate, its Wilson 95% interval, the
+    reference rows' verdicts on the same claim, and a flag where a reference verdict differs from
+    what most seeds of the recipe did (a claim the reference passes that most retrained seeds fail,
+    or the other way round: what holds on one checkpoint is then not what retraining gives)."""
+    from .report.views import wilson_interval
+
+    refs = [r for r in census.rows if r["kind"] == "reference"]
+    out = []
+    for row in census.rows:
+        if row["kind"] != "recipe":
+            continue
+        for col in census.columns:
+            cell = row["claims"].get(col)
+            if not cell or not cell["n"]:
+                continue
+            k, n = cell["passed"], cell["n"]
+            lo, hi = wilson_interval(k, n)
+            most = k * 2 > n  # most seeds pass (a tie is not "most")
+            verdicts, flags = {}, []
+            for ref in refs:
+                rc = ref["claims"].get(col)
+                if not rc or not rc["n"]:
+                    continue
+                passed = rc["passed"] == rc["n"]
+                verdicts[ref["label"]] = passed
+                if passed != most and not (k * 2 == n):
+                    flags.append(f"{ref['label']} {'passes' if passed else 'fails'}, "
+                                 f"{'most seeds fail' if passed else 'most seeds pass'} ({k}/{n})")
+            out.append({"recipe": row["label"], "claim": col, "passed": k, "n": n, "rate": k / n,
+                        "lo": lo, "hi": hi, "reference": verdicts, "flags": flags})
+    return out
+
+
+def survival_markdown(census: Census) -> str:
+    """The per-claim survival table (one line per recipe x claim) with intervals and flags."""
+    idx = {col: i + 1 for i, col in enumerate(census.columns)}
+    lines = ["| recipe | claim | seeds passing | rate | Wilson 95% | reference | flag |", "|---|---|---|---|---|---|---|"]
+    for r in survival(census):
+        ref = ", ".join(f"{label.replace('reference: ', '')} {'pass' if v else 'FAIL'}"
+                        for label, v in r["reference"].items()) or "–"
+        flag = "**differs**: " + "; ".join(r["flags"]) if r["flags"] else ""
+        lines.append(f"| {r['recipe']} | C{idx[r['claim']]} {r['claim']} | {r['passed']}/{r['n']} | {r['rate']:.0%} | "
+                     f"[{r['lo']:.0%}, {r['hi']:.0%}] | {ref} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def html(census: Census) -> str:
+    """One self-contained page: the survival table (rates with Wilson intervals drawn as bars, flagged
+    rows marked) and the held-out accuracy per seed."""
+    import html as _h
+
+    rows = []
+    for r in survival(census):
+        bar = (f'<div style="position:relative;width:160px;height:12px;background:#eee">'
+               f'<div style="position:absolute;left:{r["lo"] * 160:.0f}px;width:{max(1.0, (r["hi"] - r["lo"]) * 160):.0f}px;'
+               f'height:12px;background:#9cf"></div><div style="position:absolute;left:{r["rate"] * 160 - 1:.0f}px;'
+               f'width:2px;height:12px;background:#036"></div></div>')
+        ref = ", ".join(f"{_h.escape(k.replace('reference: ', ''))} {'pass' if v else 'FAIL'}" for k, v in r["reference"].items())
+        style = ' style="background:#fde"' if r["flags"] else ""
+        rows.append(f"<tr{style}><td>{_h.escape(r['recipe'])}</td><td>{_h.escape(r['claim'])}</td>"
+                    f"<td>{r['passed']}/{r['n']}</td><td>{r['rate']:.0%}</td><td>[{r['lo']:.0%}, {r['hi']:.0%}]</td>"
+                    f"<td>{bar}</td><td>{ref or '–'}</td><td>{_h.escape('; '.join(r['flags']))}</td></tr>")
+    acc = []
+    for row in census.rows:
+        if row["kind"] != "recipe":
+            continue
+        vals = [a["test_acc"] for a in row["accuracy"].values() if a]
+        if vals:
+            acc.append(f"<tr><td>{_h.escape(row['label'])}</td><td>{len(vals)}</td><td>{min(vals):.3%}</td>"
+                       f"<td>{sorted(vals)[len(vals) // 2]:.3%}</td><td>{max(vals):.3%}</td></tr>")
+    return ("<!doctype html><meta charset='utf-8'><title>census " + _h.escape(census.name) + "</title>"
+            "<style>body{font:13px sans-serif}td,th{padding:2px 6px;border-bottom:1px solid #ddd}</style>"
+            f"<h1>Census: {_h.escape(census.name)}</h1><p>{_h.escape(census.module)}; recipes "
+            f"{_h.escape(', '.join(census.recipes))}; seeds {len(census.seeds)}; trainer {_h.escape(census.backend)}. "
+            "Rate = seeds on which the claim passed / seeds on which its test ran; the bar is the Wilson 95% "
+            "interval; rows in red: a reference checkpoint's verdict differs from most seeds.</p>"
+            "<table><tr><th>recipe</th><th>claim</th><th>passing</th><th>rate</th><th>Wilson 95%</th><th></th>"
+            "<th>reference</th><th>flag</th></tr>" + "".join(rows) + "</table>"
+            "<h2>Held-out test accuracy</h2><table><tr><th>recipe</th><th>models</th><th>min</th><th>median</th>"
+            "<th>max</th></tr>" + "".join(acc) + "</table>\n")
+
+
 def markdown(census: Census) -> str:
     out = [f"# Census: {census.name} ({census.module})", "",
            f"Recipes {', '.join(census.recipes)}; seeds {census.seeds}. Cells: seeds on which the claim "
@@ -361,6 +444,8 @@ def markdown(census: Census) -> str:
     for row in census.rows:
         out.append(f"| {row['label']} | " + " | ".join(_fmt_cell(row["claims"].get(c)) for c in census.columns) + " |")
     out += ["", "Claims:", ""] + [f"- C{idx[c]}: {c}" for c in census.columns]
+    out += ["", "Per-claim survival (rate with its Wilson 95% interval; flag: a reference checkpoint's verdict "
+            "differs from most seeds):", "", survival_markdown(census).rstrip("\n")]
     target = census.acc_target
     out += ["", "Held-out test accuracy per seed (each model's final test set, scored once after training) with "
             "its Wilson 95% interval" + (f"; last column: seeds at or above {target:.1%}" if target is not None else ""),
@@ -403,9 +488,12 @@ def figure(census: Census, path: Path) -> None:
 
 def write_outputs(census: Census, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "census.json", "md": out_dir / "census.md", "png": out_dir / "census.png"}
-    write_bytes_atomic(paths["json"], (json.dumps(census.to_dict(), indent=1, sort_keys=True, default=str) + "\n").encode())
+    paths = {"json": out_dir / "census.json", "md": out_dir / "census.md", "png": out_dir / "census.png",
+             "html": out_dir / "census.html"}
+    data = {**census.to_dict(), "survival": survival(census)}
+    write_bytes_atomic(paths["json"], (json.dumps(data, indent=1, sort_keys=True, default=str) + "\n").encode())
     write_bytes_atomic(paths["md"], markdown(census).encode())
+    write_bytes_atomic(paths["html"], html(census).encode())
     figure(census, paths["png"])
     return paths
 

@@ -455,6 +455,33 @@ def train_stack(entry, seeds: Sequence[int], *, device: str = "cpu", progress: O
     return out
 
 
+def stack_step(stack: StackedTransformer, opt, parts: list, recipe, extras, device: str, lr: float) -> list:
+    """One optimiser step of every stacked seed on its own batch (parts[k], a Split): the seeds in
+    width groups (width_groups), each group one stacked forward; one backward, per-seed clipping, one
+    AdamW step. Returns each seed's loss."""
+    for group_ in opt.param_groups:
+        group_["lr"] = lr
+    values = [0.0] * len(parts)
+    total = None
+    for members in width_groups([b.inputs.shape[1] for b in parts]):
+        inputs, targets, weights, widths = _stack_batches([parts[j] for j in members], stack.cfg.pad_token,
+                                                          recipe.batch_size)
+        inputs, targets, weights = inputs.to(device), targets.to(device), weights.to(device)
+        whole = len(members) == len(parts)
+        sub = stack if whole else stack.subset(torch.tensor(members, device=device))
+        sub_extras = extras if extras is None or whole else extras.subset(members)
+        losses = _per_seed_loss(sub, inputs, targets, weights, recipe, sub_extras, widths)  # [group]
+        total = losses.sum() if total is None else total + losses.sum()
+        for j, v in zip(members, losses.detach().cpu().tolist()):
+            values[j] = v
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    if recipe.grad_clip:
+        _clip_per_seed([stack.params[n] for n in stack.names if n in stack.trainable], recipe.grad_clip)
+    opt.step()
+    return values
+
+
 def _loop(entry, stack, runs, models, extras, device, progress, on_done, out) -> None:
     recipe = entry.recipe
     cfg = stack.cfg
@@ -475,34 +502,14 @@ def _loop(entry, stack, runs, models, extras, device, progress, on_done, out) ->
 
                 r.epoch = batches(r.train_split, recipe.batch_size, r.gen, recipe.bucket_by_length)
             parts.append(r.train_split.batch(idx))
-        lr = lr_at(step, recipe)
-        for group_ in opt.param_groups:
-            group_["lr"] = lr
-        values = [0.0] * len(parts)
-        total = None
-        for members in width_groups([b.inputs.shape[1] for b in parts]):
-            inputs, targets, weights, widths = _stack_batches([parts[j] for j in members], cfg.pad_token,
-                                                              recipe.batch_size)
-            inputs, targets, weights = inputs.to(device), targets.to(device), weights.to(device)
-            whole = len(members) == len(parts)
-            sub = stack if whole else stack.subset(torch.tensor(members, device=device))
-            sub_extras = extras if extras is None or whole else extras.subset(members)
-            losses = _per_seed_loss(sub, inputs, targets, weights, recipe, sub_extras, widths)  # [group]
-            total = losses.sum() if total is None else total + losses.sum()
-            for j, v in zip(members, losses.detach().cpu().tolist()):
-                values[j] = v
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        trainable = [stack.params[n] for n in stack.names if n in stack.trainable]
-        if recipe.grad_clip:
-            _clip_per_seed(trainable, recipe.grad_clip)
-        opt.step()
+        values = stack_step(stack, opt, parts, recipe, extras, device, lr_at(step, recipe))
         step += 1
         for j, i in enumerate(active):
             runs[i].running += values[j]
             runs[i].n_running += 1
         last = step == recipe.steps
         if step % recipe.eval_every == 0 or last:
+            lr = lr_at(step - 1, recipe)
             finished = []
             for j, i in enumerate(active):
                 r = runs[i]
