@@ -389,15 +389,16 @@ def _run_stacks(jobs, root, device, workers, address, results, progress, ensembl
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    if backend == "ray" or address is not None:
-        raise SettingError("--ensemble trains on the local backend (one stack is one process); "
-                           "leave out --backend ray / --address")
     by_entry: dict = {}
     for entry, name, seed in jobs:
         by_entry.setdefault(name, (entry, []))[1].append(seed)
     n = workers or default_workers()
     tasks = [(entry, name, stack) for name, (entry, seeds) in by_entry.items()
              for stack in stack_plan(seeds, n, ensemble)]
+    if backend == "ray":
+        return _run_ray_stacks(tasks, root, device, workers, address, results, progress)
+    if address is not None:
+        raise SettingError("--address is for the ray backend (the local backend runs on this machine)")
     with ProcessPoolExecutor(max_workers=min(n, len(tasks)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_stack_worker, entry, stack, str(root), device): (name, stack)
@@ -452,6 +453,63 @@ def _run_local(jobs, root, device, workers, address, retries, results, progress)
                 label = {"trained": f"trained in {seconds:.1f}s", "reused": "in the store, reused",
                          "waited": "trained by another process, reused"}[how]
                 progress.line(name, seed, label, summary)
+
+
+def _ray_stack_task(entry_or_name, seeds, device: str):
+    """One stack on a Ray worker: [(seed, safetensors bytes, card)] and seconds. Nothing touches a store."""
+    import safetensors.torch
+    import torch
+
+    from .ensemble import train_many
+    from .store import _prepare_tensors
+
+    torch.set_num_threads(1)
+    entry = _resolve(entry_or_name)
+    t0 = time.perf_counter()
+    out = train_many(entry, seeds, device=device)
+    return [(s, safetensors.torch.save(_prepare_tensors(m.state_dict()), metadata={"format": "pt"}), c)
+            for s, (m, c) in out.items()], time.perf_counter() - t0
+
+
+def _run_ray_stacks(tasks, root, device, workers, address, results, progress):
+    """One Ray task per stack (1 CPU, plus 1 GPU with a CUDA device); the driver stores each seed
+    under the stacked trainer's key ($CIRCUITS_TRAIN_BACKEND is "ensemble" here)."""
+    try:
+        import ray
+    except ImportError:
+        raise SettingError("the ray backend needs Ray: pip install 'pytest-circuits[ray]' (or pip install ray)") from None
+    store = _store(root)
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False,
+                     runtime_env={"env_vars": {"CIRCUITS_TRAIN_BACKEND": "ensemble"}})
+        else:
+            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"CIRCUITS_TRAIN_BACKEND": "ensemble"}})
+    try:
+        resources = {"num_cpus": 1, **({"num_gpus": 1} if device.startswith("cuda") else {})}
+        task = ray.remote(max_retries=1, retry_exceptions=True, **resources)(_ray_stack_task)
+        pending = {task.remote(entry, stack, device): (entry, name, stack) for entry, name, stack in tasks}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            entry, name, stack = pending.pop(ref)
+            result = results[name]
+            try:
+                trained, seconds = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - already retried by Ray
+                cause = getattr(e, "cause", None) or e
+                for seed in stack:
+                    result.failed[seed] = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                    progress.line(name, seed, "FAILED (its stack, ray)", result.failed[seed])
+                continue
+            for seed, data, card in trained:
+                store.put(_resolve(entry).spec(seed), data, card)
+                result.trained.append(seed)
+                progress.line(name, seed, f"trained in a stack of {len(stack)} ({seconds:.1f}s, ray)", _summary(card))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _run_ray(jobs, root, device, workers, address, retries, results, progress):

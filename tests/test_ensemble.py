@@ -231,3 +231,22 @@ def test_stacked_seeds_are_store_entries_that_zoo_load_finds(tmp_path, monkeypat
         assert store.load(spec_key(entry.spec(1))) is None, "a single-trainer key never finds a stacked model"
     finally:
         zoo.ZOO.pop(entry.name, None)
+
+
+def test_ray_stacks_store_the_local_stacks_bytes(tmp_path):
+    pytest.importorskip("ray", reason="ray is an optional extra: pip install 'pytest-circuits[ray]'")
+    from circuits.sweep import run_sweep
+
+    entry = tiny_entry("tiny_stacked_ray")
+    local = run_sweep(entry, [0, 1], root=tmp_path / "local", workers=1, stream=io.StringIO(), ensemble=2)
+    remote = run_sweep(entry, [0, 1], root=tmp_path / "ray", workers=1, stream=io.StringIO(), ensemble=2,
+                       backend="ray")
+    assert local.ok and remote.ok and sorted(remote.trained) == [0, 1]
+    os.environ[BACKEND_ENV] = "ensemble"
+    try:
+        for s in (0, 1):
+            key = spec_key(entry.spec(s))
+            a, b = ModelStore(tmp_path / "local").load(key), ModelStore(tmp_path / "ray").load(key)
+            assert a[1]["content_hash"] == b[1]["content_hash"], f"seed {s}: ray stored other bytes"
+    finally:
+        os.environ.pop(BACKEND_ENV, None)
