@@ -263,21 +263,18 @@ class Extras:
         (rows, pos) of its batch before padding (its masks have that shape, as when it trains alone)."""
         if not self.training or self.p == 0.0:
             return x
-        masks = []
+        masks = torch.ones(x.shape, dtype=x.dtype)  # padded rows / positions keep 1 (they carry no loss)
         for k, gen in enumerate(self.gens):
             n, w = (x.shape[1], x.shape[3 if square else 2]) if widths is None else widths[k]
             if square:
-                shape = (n, x.shape[2], w, w)
+                target = masks[k, :n, :, :w, :w]
             else:
-                shape = (n, min(w, x.shape[2])) + tuple(x.shape[3:])
-            keep = torch.empty(shape, dtype=x.dtype).bernoulli_(1.0 - self.p, generator=gen)
-            full = torch.ones(x.shape[1:], dtype=x.dtype)
-            if square:
-                full[:n, :, :w, :w] = keep
+                target = masks[k, :n, :min(w, x.shape[2])]
+            if target.is_contiguous():  # the seed's whole slot: drawn in place, the same numbers as below
+                target.bernoulli_(1.0 - self.p, generator=gen)
             else:
-                full[:n, :shape[1]] = keep
-            masks.append(full)
-        return x * torch.stack(masks).to(x.device) / (1.0 - self.p)
+                target.copy_(torch.empty(target.shape, dtype=x.dtype).bernoulli_(1.0 - self.p, generator=gen))
+        return x * masks.to(x.device) / (1.0 - self.p)
 
 
 # ------------------------------------------------------------------------------------------- training
