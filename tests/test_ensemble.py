@@ -250,3 +250,16 @@ def test_ray_stacks_store_the_local_stacks_bytes(tmp_path):
             assert a[1]["content_hash"] == b[1]["content_hash"], f"seed {s}: ray stored other bytes"
     finally:
         os.environ.pop(BACKEND_ENV, None)
+
+
+def test_the_plugin_option_selects_the_stacked_trainers_keys(pytester):
+    pytester.makepyfile(test_env="""
+        import os
+        def test_backend():
+            assert os.environ.get("CIRCUITS_TRAIN_BACKEND") == "ensemble"
+    """)
+    env_before = os.environ.get(BACKEND_ENV)
+    assert pytester.runpytest_subprocess("--circuits-ensemble", "0", "-q").ret == 0
+    bad = pytester.runpytest_subprocess("--circuits-ensemble", "-1", "-q")
+    assert bad.ret != 0 and "--circuits-ensemble must be >= 0" in bad.stderr.str()
+    assert os.environ.get(BACKEND_ENV) == env_before
