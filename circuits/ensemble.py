@@ -31,14 +31,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CircuitsError, InputError, SettingError
-from .train import Split, TrainResult, _reached, check_device, data_seeds, evaluate, final_test_seed, lr_at
+from .train import (Split, TrainResult, _reached, batches, check_device, data_seeds, evaluate, final_test_seed,
+                    lr_at)
 
 __all__ = ["BACKEND", "BACKEND_ENV", "NotStackable", "StackedTransformer", "backend", "stackable", "train_stack",
            "train_many", "check_backend"]
@@ -481,7 +482,6 @@ def stack_step(stack: StackedTransformer, opt, parts: list, recipe, extras, devi
 
 def _loop(entry, stack, runs, models, extras, device, progress, on_done, out) -> None:
     recipe = entry.recipe
-    cfg = stack.cfg
     group = [r.seed for r in runs]
     opt = _make_optimizer(stack, recipe)
     start = time.perf_counter()
@@ -495,8 +495,6 @@ def _loop(entry, stack, runs, models, extras, device, progress, on_done, out) ->
                 idx = next(r.epoch, None) if r.epoch is not None else None
                 if idx is not None:
                     break
-                from .train import batches
-
                 r.epoch = batches(r.train_split, recipe.batch_size, r.gen, recipe.bucket_by_length)
             parts.append(r.train_split.batch(idx))
         values = stack_step(stack, opt, parts, recipe, extras, device, lr_at(step, recipe))
