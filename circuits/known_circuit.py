@@ -3,14 +3,14 @@
 Two attention-only layers of two heads, no LayerNorm, uniform attention everywhere (W_Q = W_K = 0),
 read-out at position 0. The residual has six named dimensions::
 
-    0 token value t     1 constant 1     2 mean t (L0H0)     3 L0H1's output (read by nobody)
+    0 token value t     1 constant 1     2 mean t - THRESHOLD (L0H0)     3 L0H1's output (read by nobody)
     4 mean of dim 2 (L1H0)               5 L1H1's output (read by nobody)
 
 * ``tok`` writes (t, 1) into dims 0, 1; positions are embedded as zeros;
-* ``L0H0`` averages dim 0 into dim 2; ``L0H1`` copies dim 1 into dim 3;
+* ``L0H0`` averages t - THRESHOLD (dims 0, 1) into dim 2; ``L0H1`` copies dim 1 into dim 3;
 * ``L1H0`` averages dim 2 into dim 4; ``L1H1`` averages dim 0 into dim 5;
 * the logits read dim 4 only: ``logit_1 - logit_0 = 2 (mean t - THRESHOLD)``; the label is 1 when
-  the mean token exceeds THRESHOLD.
+  the mean token exceeds THRESHOLD. No biases: under zero ablation the empty circuit's logits are 0.
 
 So the task's only path is ``tok -> L0H0.v -> L0H0 -> L1H0.v -> L1H0 -> logits`` (3 edges); every
 other edge has exactly zero effect under any ablation, and the model is linear in every edge (uniform
@@ -44,7 +44,8 @@ def build(dtype: torch.dtype = torch.float32) -> HookedTransformer:
     a0, a1 = model.blocks[0].attn, model.blocks[1].attn
     # W_QKV [q|k|v, head, d_head, d_model]; W_O [head, d_head, d_model]
     a0.W_QKV[2, 0, 0, 0] = 1.0
-    a0.W_O[0, 0, 2] = 1.0  # L0H0: dim 0 -> dim 2
+    a0.W_QKV[2, 0, 0, 1] = -THRESHOLD
+    a0.W_O[0, 0, 2] = 1.0  # L0H0: dim 0 - THRESHOLD * dim 1 -> dim 2
     a0.W_QKV[2, 1, 0, 1] = 1.0
     a0.W_O[1, 0, 3] = 1.0  # L0H1: dim 1 -> dim 3
     a1.W_QKV[2, 0, 0, 2] = 1.0
@@ -53,8 +54,6 @@ def build(dtype: torch.dtype = torch.float32) -> HookedTransformer:
     a1.W_O[1, 0, 5] = 1.0  # L1H1: dim 0 -> dim 5
     model.unembed.W_U[4, 0] = -1.0
     model.unembed.W_U[4, 1] = 1.0
-    model.unembed.b_U[0] = THRESHOLD
-    model.unembed.b_U[1] = -THRESHOLD
     return model.to(dtype).eval()
 
 
