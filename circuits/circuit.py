@@ -218,6 +218,19 @@ class Circuit:
         return cls(graph, frozenset(out), name)
 
     @classmethod
+    def induced(cls, model_or_graph, nodes: Sequence[str], name: str = "circuit") -> "Circuit":
+        """Every edge among the named components (``tok``, ``pos``, heads, MLPs; ``logits`` is always
+        included): a component-level hypothesis written as an edge set."""
+        graph = _graph(model_or_graph)
+        if isinstance(nodes, str):
+            raise CircuitError("induced takes a list of components like ['L0H0', 'MLP0'], got one string")
+        keep = {"logits"}
+        for n in nodes:
+            keep.update(graph.node(n, "sender") if n.strip().lower() not in ("logits", "output", "unembed") else [])
+        edges = frozenset((s, r) for s, r in graph.edges if s in keep and r.split(".")[0] in keep)
+        return cls(graph, edges, name)
+
+    @classmethod
     def full(cls, model_or_graph, name: str = "full") -> "Circuit":
         graph = _graph(model_or_graph)
         return cls(graph, frozenset(graph.edges), name)
@@ -452,11 +465,26 @@ def _forward(model: HookedTransformer, graph: Graph, x: torch.Tensor, mask: Opti
     if ablated is not None:  # abl_cum[n] = sum of the first n senders' ablated outputs
         abl_cum = torch.cat([torch.zeros_like(ablated[:1]), ablated.cumsum(0)])  # [senders + 1, batch or 1, pos, d_model]
 
-    def inputs(receivers: list[str]) -> torch.Tensor:
-        """Inputs of receivers sharing one upstream set: [n_receivers, batch, pos, d_model]."""
+    read = readout or cfg.readout
+    if read == "all":
+        at_readout = None
+    elif read == "first" or key_pad is None:
+        cut = slice(0, 1) if read == "first" else slice(P - 1, P)
+        at_readout = lambda t: t[..., cut, :]  # [..., batch, 1, d_model]
+    else:
+        rows = torch.arange(B, device=x.device)
+        index = model._readout_index(key_pad, read, B, P, x.device)  # [batch]
+        at_readout = lambda t: t.expand(*t.shape[:-3], B, P, t.shape[-1])[..., rows, index, :].unsqueeze(-2)
+
+    clean_cum: list[torch.Tensor] = []  # clean_cum[n] = sum of the first n senders' outputs
+
+    def inputs(receivers: list[str], at=None) -> tuple[torch.Tensor, list[int]]:
+        """Distinct inputs of receivers sharing one upstream set, [n_distinct, batch, pos, d_model]
+        (pos = 1 when `at` selects the read-out position), and which one each receiver reads."""
         n_up = graph.upstream[receivers[0]]
+        at = at or (lambda t: t)
         if mask is None:  # the model itself: every sender upstream
-            return (torch.stack(outs[:n_up]).sum(0) + bias).expand(len(receivers), -1, -1, -1)
+            return at(torch.stack(outs[:n_up])).sum(0)[None] + bias, [0] * len(receivers)
         while len(deltas) < n_up:
             i = len(deltas)
             if buffer is not None:  # no graph to keep: write in place, stack for free
@@ -465,28 +493,57 @@ def _forward(model: HookedTransformer, graph: Graph, x: torch.Tensor, mask: Opti
                 deltas.append(outs[i] - ablated[i])
         cols = [graph.receiver_index[r] for r in receivers]
         m = mask[:n_up][:, cols]  # [up, n_receivers]
-        if buffer is not None:
-            stack = buffer[:n_up].flatten(1)  # [up, batch*pos*d_model]
-        else:
-            stack = torch.stack(deltas[:n_up]).flatten(1)  # [up, batch*pos*d_model]
+        if buffer is not None and bool(((m == 0) | (m == 1)).all()):
+            return _sparse_inputs(m, n_up, at)
+        stack = at(buffer[:n_up] if buffer is not None else torch.stack(deltas[:n_up]))  # [up, batch, pos, d_model]
+        shape = stack.shape[1:]
+        stack = stack.flatten(1)  # [up, batch*pos*d_model]
         if grad_basis is not None:
             # the value at mask 1 (every edge on), with d/d mask[s, r] = basis_s . d/d input_r
-            mixed = stack.sum(0, keepdim=True) + (m - 1).t() @ grad_basis[:n_up].flatten(1)
+            mixed = stack.sum(0, keepdim=True) + (m - 1).t() @ at(grad_basis[:n_up]).flatten(1)
         else:
             mixed = m.t() @ stack  # [n_receivers, batch*pos*d_model]
-        mixed = mixed.view(len(receivers), *deltas[0].shape)
-        return mixed + (abl_cum[n_up] + bias)
+        return mixed.view(len(receivers), *shape) + (at(abl_cum[n_up]) + bias), list(range(len(receivers)))
+
+    def _sparse_inputs(m: torch.Tensor, n_up: int, at) -> tuple[torch.Tensor, list[int]]:
+        """A 0/1 mask without gradients: each distinct column as the fewer of (ablated + the edges
+        on) or (clean - the edges off); identical columns computed once."""
+        while len(clean_cum) <= n_up:
+            n = len(clean_cum)
+            clean_cum.append(torch.zeros_like(outs[0]) if n == 0 else clean_cum[-1] + outs[n - 1])
+        distinct: dict[tuple, int] = {}
+        values, index = [], []
+        for j in range(m.shape[1]):
+            key = tuple(int(v) for v in m[:, j].tolist())
+            if key not in distinct:
+                on = [i for i, v in enumerate(key) if v]
+                off = [i for i, v in enumerate(key) if not v]
+                if len(off) <= len(on):
+                    value = at(clean_cum[n_up]) + bias
+                    for i in off:
+                        value = value - at(deltas[i])
+                else:
+                    value = at(abl_cum[n_up]) + bias
+                    for i in on:
+                        value = value + at(deltas[i])
+                distinct[key] = len(values)
+                values.append(value.expand(B, *value.shape[1:]))  # a mean ablation's rows are one row
+            index.append(distinct[key])
+        return torch.stack(values), index
 
     for l, block in enumerate(model.blocks):
         attn = block.attn
-        H = cfg.n_heads
-        recv = [f"L{l}H{h}.{p}" for h in range(H) for p in "qkv"]
-        xin = inputs(recv).view(H, 3, B, P, cfg.d_model)  # [head, q|k|v, batch, pos, d_model]
+        H, dh = cfg.n_heads, cfg.d_head
+        recv = [f"L{l}H{h}.{p}" for p in "qkv" for h in range(H)]  # q|k|v-major, as W_QKV
+        xin, which = inputs(recv)  # [distinct, batch, pos, d_model]
         normed = _ln(block.ln1, xin)
-        W = attn.W_QKV  # [q|k|v, head, d_head, d_model]
-        normed = normed.transpose(0, 1).reshape(3, H, B * P, cfg.d_model)  # [q|k|v, head, batch*pos, d_model]
-        qkv = torch.matmul(normed, W.transpose(-1, -2)) + attn.b_QKV[:, :, None]  # [q|k|v, head, batch*pos, d_head]
-        qkv = qkv.view(3, H, B, P, -1).permute(0, 2, 3, 1, 4)  # [q|k|v, batch, pos, head, d_head]
+        if len(xin) == 1:  # every input alike: the model's fused projection
+            qkv = F.linear(normed[0], attn.W_QKV.view(3 * H * dh, -1), attn.b_QKV.view(-1))  # [batch, pos, 3*head*d_head]
+            qkv = qkv.view(B, P, 3, H, dh).permute(2, 0, 1, 3, 4)  # [q|k|v, batch, pos, head, d_head]
+        else:
+            per = normed[torch.tensor(which, device=x.device)].view(3, H, B * P, cfg.d_model)  # [q|k|v, head, batch*pos, d_model]
+            qkv = torch.matmul(per, attn.W_QKV.transpose(-1, -2)) + attn.b_QKV[:, :, None]  # [q|k|v, head, batch*pos, d_head]
+            qkv = qkv.view(3, H, B, P, dh).permute(0, 2, 3, 1, 4)  # [q|k|v, batch, pos, head, d_head]
         q, k, v = attn.hook_q(qkv[0]), attn.hook_k(qkv[1]), attn.hook_v(qkv[2])
         z = attn.hook_z(attn._scores_pattern_z(q, k, v, att_mask))  # [batch, pos, head, d_head]
         result = head_results(z, attn.W_O)  # [batch, pos, head, d_model]
@@ -495,13 +552,12 @@ def _forward(model: HookedTransformer, graph: Graph, x: torch.Tensor, mask: Opti
         outs += list(result.unbind(2))
         bias = bias + attn.b_O
         if block.has_mlp:
-            mlp_in = inputs([f"MLP{l}"])[0]  # [batch, pos, d_model]
+            mlp_in = inputs([f"MLP{l}"])[0][0]  # [batch, pos, d_model]
             outs.append(block.hook_mlp_out(block.mlp(_ln(block.ln2, mlp_in))))  # [batch, pos, d_model]
-    resid = inputs(["logits"])[0]  # [batch, pos, d_model]
-    resid = model._select_readout(resid, key_pad, readout or cfg.readout)  # [batch, pos or 1, d_model]
+    resid = inputs(["logits"], at_readout)[0][0]  # [batch, pos or 1, d_model]: only the read-out is read
     if cfg.normalization == "LN":
         resid = _ln(model.ln_final, resid)
     logits = model.unembed(resid)
-    if (readout or cfg.readout) != "all":
+    if read != "all":
         logits = logits[:, 0]  # [batch, d_vocab_out]
     return logits, (torch.stack(outs) if keep_outputs else None)

@@ -49,35 +49,30 @@ from .stats import DEFAULT_RESAMPLES, Estimate, bootstrap_ci
 __all__ = ["MIB_PERCENTS", "Metric", "logit_margin", "log_prob", "Evaluator", "faithfulness", "faithfulness_stat", "cpr_stat",
            "cmd_stat", "MIBCurve", "mib_curve", "holm", "MinimalityResult", "minimality", "SufficiencyResult",
            "sufficiency", "claim_faithfulness", "claim_completeness", "claim_equivalence", "claim_minimality",
-           "claim_sufficiency", "claim_cpr_cmd", "curve_figure", "about"]
+           "claim_sufficiency", "claim_cpr_cmd", "curve_figure", "about", "circuit_without"]
 
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
-Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, vocab] -> per-example metric [batch]
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [batch, vocab], labels [batch]) -> [batch]
 
 
-def logit_margin(labels: torch.Tensor) -> Metric:
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """m_i = logit of the right class minus the largest other logit (the logit difference for two
-    classes)."""
-    labels = labels.long()
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        right = logits.gather(-1, labels[:, None])[:, 0]  # [batch]
-        other = logits.scatter(-1, labels[:, None], float("-inf")).amax(-1)  # [batch]
-        return right - other
-
-    metric.__name__ = "logit margin"
-    return metric
+    classes): [batch]."""
+    labels = labels.long()[:, None]
+    right = logits.gather(-1, labels)[:, 0]  # [batch]
+    other = logits.scatter(-1, labels, float("-inf")).amax(-1)  # [batch]
+    return right - other
 
 
-def log_prob(labels: torch.Tensor) -> Metric:
-    """m_i = log-probability of the right class (minus the cross-entropy)."""
-    labels = labels.long()
+logit_margin.__name__ = "logit margin"
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
 
-    metric.__name__ = "log-prob of the label"
-    return metric
+def log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """m_i = log-probability of the right class (minus the cross-entropy): [batch]."""
+    return logits.log_softmax(-1).gather(-1, labels.long()[:, None])[:, 0]
+
+
+log_prob.__name__ = "log-prob of the label"
 
 
 def about(edges: Sequence[str]) -> list[str]:
@@ -108,25 +103,49 @@ class Evaluator:
     """Per-example metric values of circuits on one data set, one ablation and one metric; the
     ablated sender outputs are computed once, and each circuit's values are kept (by edge set)."""
 
-    def __init__(self, model, x: torch.Tensor, ablation: Ablation, metric: Metric, batch_size: int = 2000):
-        self.model, self.x, self.ablation, self.metric = model, x, ablation, metric
+    def __init__(self, model, x: torch.Tensor, labels: torch.Tensor, ablation: Ablation, metric: Metric = logit_margin,
+                 batch_size: int = 1000):
+        if not isinstance(labels, torch.Tensor) or labels.shape[:1] != x.shape[:1]:
+            got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise CircuitError(f"labels must be a tensor with one row per input ({x.shape[0]}), got {got}")
+        self.model, self.x, self.labels, self.ablation, self.metric = model, x, labels, ablation, metric
         self.graph = Graph.of(model)
         self.batch_size = batch_size
         with torch.no_grad():
             self.ablated = ablated_outputs(model, x, ablation)  # [senders, batch or 1, pos, d_model]
         self._memo: dict[frozenset, np.ndarray] = {}
 
+    def batches(self):
+        """(rows, inputs, labels, ablated outputs) per batch, rows sorted by length and trailing
+        columns that are padding in every row of the batch cut off. Exact: padding is masked out of
+        every attention row, so a real position never reads a pad position (and resampled rows keep
+        their corrupted input's length too)."""
+        pad = self.model.cfg.pad_token if not self.model.cfg.d_input else None
+        n, P = self.x.shape[0], self.x.shape[1]
+        if pad is None:
+            order, lengths = torch.arange(n), torch.full((n,), P)
+        else:
+            real = self.x != pad  # [batch, pos]
+            if self.ablated.shape[1] > 1 and self.ablation.reference is not None:
+                real = real | (self.ablation.reference != pad)
+            lengths = torch.where(real.any(1), P - real.flip(1).long().argmax(1), torch.ones(n, dtype=torch.long))
+            order = torch.argsort(lengths, stable=True)
+        for s in range(0, n, self.batch_size):
+            rows = order[s: s + self.batch_size]
+            width = int(lengths[rows].max())
+            abl = self.ablated[..., :width, :]
+            abl = abl if abl.shape[1] == 1 else abl[:, rows]
+            yield rows, self.x[rows, :width], self.labels[rows], abl
+
     def values(self, circuit: Circuit) -> np.ndarray:
         """m_i(C) for every example: [n] float64."""
         key = circuit.edges
         if key not in self._memo:
-            parts = []
+            out = torch.empty(self.x.shape[0], dtype=torch.float64)
             with torch.no_grad():
-                for s in range(0, self.x.shape[0], self.batch_size):
-                    abl = self.ablated if self.ablated.shape[1] == 1 else self.ablated[:, s: s + self.batch_size]
-                    logits = run_circuit(self.model, self.x[s: s + self.batch_size], circuit, abl)
-                    parts.append(self.metric(logits).double().cpu())
-            self._memo[key] = torch.cat(parts).numpy()
+                for rows, x, labels, abl in self.batches():
+                    out[rows] = self.metric(run_circuit(self.model, x, circuit, abl), labels).double().cpu()
+            self._memo[key] = out.numpy()
         return self._memo[key]
 
     def full(self) -> np.ndarray:
@@ -429,3 +448,28 @@ def claim_cpr_cmd(claim, curve: MIBCurve, cpr_at_least: Optional[float] = None, 
         claim.at_least(f"CPR of {what}", curve.cpr, cpr_at_least, note=note)
     if cmd_at_most is not None:
         claim.at_most(f"CMD of {what}", curve.cmd, cmd_at_most, note=note)
+
+
+# --- a specificity control: the claim pointed at a circuit that lacks a part ------------------------------
+
+
+def circuit_without(circuit: Circuit, *nodes: str, seed: int = 0) -> Circuit:
+    """The circuit with every edge from or into the named components removed."""
+    if not nodes:
+        raise CircuitError("circuit_without needs components, e.g. 'circuit_without:L2H1'")
+    drop = set()
+    for n in nodes:
+        drop.update(circuit.graph.node(n, "sender"))
+    edges = frozenset(e for e in circuit.edges if e[0] not in drop and e[1].split(".")[0] not in drop)
+    # the same name: a control run's claims must carry the main run's names to be compared with them
+    return Circuit(circuit.graph, edges, circuit.name)
+
+
+def _register() -> None:
+    from .controls import register_control
+
+    register_control("circuit_without", kind="data", fn=circuit_without, accepts=lambda obj: isinstance(obj, Circuit),
+                     description="the circuit a claim names, with every edge of the given components removed")
+
+
+_register()

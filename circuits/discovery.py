@@ -41,7 +41,7 @@ class Discovery:
     forwards: int  # model forwards spent (a backward counted as one more)
 
 
-def _attribution(evaluator: Evaluator, steps: Optional[int], batch_size: int) -> torch.Tensor:
+def _attribution(evaluator: Evaluator, steps: Optional[int]) -> torch.Tensor:
     model, x, graph = evaluator.model, evaluator.x, evaluator.graph
     total = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64)
     n = x.shape[0]
@@ -49,20 +49,19 @@ def _attribution(evaluator: Evaluator, steps: Optional[int], batch_size: int) ->
     for p in params:
         p.requires_grad_(False)  # gradients to the mask only
     try:
-        for s in range(0, n, batch_size):
-            xb = x[s: s + batch_size]
-            abl = evaluator.ablated if evaluator.ablated.shape[1] == 1 else evaluator.ablated[:, s: s + batch_size]
+        for _, xb, yb, abl in evaluator.batches():
             mask = torch.ones(len(graph.senders), len(graph.receivers), dtype=abl.dtype, device=x.device,
                               requires_grad=True)
             if steps is None:
-                m = evaluator.metric(run_masked(model, xb, mask, abl)).sum()
+                m = evaluator.metric(run_masked(model, xb, mask, abl), yb).sum()
                 (g,) = torch.autograd.grad(m, mask)
                 total += g.double().cpu()
                 continue
             with torch.no_grad():
                 basis = sender_outputs(model, xb) - abl  # [senders, batch, pos, d_model]
             for k in range(1, steps + 1):
-                m = evaluator.metric(run_masked(model, xb, mask, abl, embed_alpha=k / steps, grad_basis=basis)).sum()
+                logits = run_masked(model, xb, mask, abl, embed_alpha=k / steps, grad_basis=basis)
+                m = evaluator.metric(logits, yb).sum()
                 (g,) = torch.autograd.grad(m, mask)
                 total += g.double().cpu() / steps
     finally:
@@ -71,19 +70,19 @@ def _attribution(evaluator: Evaluator, steps: Optional[int], batch_size: int) ->
     return graph.edge_values(total / n)  # [n_edges]: d mean m / d mask
 
 
-def eap(evaluator: Evaluator, k: Optional[int] = None, batch_size: int = 500) -> Discovery:
+def eap(evaluator: Evaluator, k: Optional[int] = None) -> Discovery:
     """Edge attribution patching; the circuit is the top ``k`` edges (default: 10% of the graph)."""
-    scores = _attribution(evaluator, None, batch_size).abs()
-    n_batches = -(-evaluator.x.shape[0] // batch_size)
+    scores = _attribution(evaluator, None).abs()
+    n_batches = -(-evaluator.x.shape[0] // evaluator.batch_size)
     return Discovery("EAP", scores, _top(evaluator, scores, k, "EAP"), 2 * n_batches)
 
 
-def eap_ig(evaluator: Evaluator, steps: int = 5, k: Optional[int] = None, batch_size: int = 500) -> Discovery:
+def eap_ig(evaluator: Evaluator, steps: int = 5, k: Optional[int] = None) -> Discovery:
     """EAP-IG with ``steps`` interpolation points (Hanna et al. use 5 to 20)."""
     if not isinstance(steps, int) or steps < 1:
         raise CircuitError(f"eap_ig needs steps >= 1, got {steps!r}")
-    scores = _attribution(evaluator, steps, batch_size).abs()
-    n_batches = -(-evaluator.x.shape[0] // batch_size)
+    scores = _attribution(evaluator, steps).abs()
+    n_batches = -(-evaluator.x.shape[0] // evaluator.batch_size)
     return Discovery("EAP-IG", scores, _top(evaluator, scores, k, "EAP-IG"), (2 * steps + 1) * n_batches)
 
 

@@ -20,7 +20,7 @@ ABLATIONS = {"zero": lambda ref: Ablation.zero(), "mean": Ablation.mean, "resamp
 def setup(request):
     model = K.build(torch.float64)
     x, ref = K.make_inputs(300, 0), K.make_inputs(300, 1)
-    ev = CC.Evaluator(model, x, ABLATIONS[request.param](ref), CC.logit_margin(K.labels(x)))
+    ev = CC.Evaluator(model, x, K.labels(x), ABLATIONS[request.param](ref))
     return model, x, ev, Circuit.from_names(model, K.TRUE_EDGES, "true path")
 
 
@@ -43,7 +43,7 @@ def test_faithfulness_is_the_ratio_on_a_known_mix(setup):
     halved = K.build(torch.float64)
     with torch.no_grad():
         halved.unembed.W_U.mul_(0.5)
-    ev_half = CC.Evaluator(halved, x, ev.ablation, ev.metric)
+    ev_half = CC.Evaluator(halved, x, ev.labels, ev.ablation)
     est = CC.faithfulness(ev_half, true, reference=ev)
     want = (ev_half.values(true).mean() - ev.empty().mean()) / (ev.full().mean() - ev.empty().mean())
     assert est.point == pytest.approx(want, abs=1e-12)
@@ -142,7 +142,7 @@ def test_edge_auroc_by_hand():
 def test_metric_without_signal_is_an_error():
     model = K.build(torch.float64)
     x = K.make_inputs(50, 0)
-    ev = CC.Evaluator(model, x, Ablation.mean(x), lambda logits: torch.zeros(logits.shape[0], dtype=logits.dtype))
+    ev = CC.Evaluator(model, x, K.labels(x), Ablation.mean(x), lambda logits, labels: torch.zeros(logits.shape[0], dtype=logits.dtype))
     with pytest.raises(CircuitError, match="faithfulness is undefined"):
         CC.faithfulness(ev, Circuit.full(model))
 
