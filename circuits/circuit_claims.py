@@ -459,7 +459,7 @@ def circuit_without(circuit: Circuit, *nodes: str, seed: int = 0) -> Circuit:
         raise CircuitError("circuit_without needs components, e.g. 'circuit_without:L2H1'")
     drop = set()
     for n in nodes:
-        drop.update(circuit.graph.node(n, "sender"))
+        drop.update(["logits"] if n.strip().lower() == "logits" else circuit.graph.node(n, "sender"))
     edges = frozenset(e for e in circuit.edges if e[0] not in drop and e[1].split(".")[0] not in drop)
     # the same name: a control run's claims must carry the main run's names to be compared with them
     return Circuit(circuit.graph, edges, circuit.name)
