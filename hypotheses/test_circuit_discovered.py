@@ -28,11 +28,20 @@ import torch
 from circuits import circuit_claims as CC
 from circuits import discovery as D
 from circuits.circuit import Ablation, Circuit
+from circuits.draws import Draws
+from circuits.session import draws_seed_for
 from circuits.tasks import palindromes as P
 from circuits.tasks import skip_trigrams as S
 
 N_SPLIT = 400
 TARGET_ON_DISCOVERY = 0.95
+
+
+@pytest.fixture
+def module_draws(circuits_options) -> Draws:
+    """The module's strings: one draw shared by its tests (the circuit found once serves them all;
+    --circuits-draws-seed changes them)."""
+    return Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_circuit_discovered.py"))
 
 
 def _splits(task: str, draws):
@@ -69,9 +78,13 @@ def _smallest_faithful(ev: CC.Evaluator, scores: torch.Tensor, target: float) ->
 _FOUND: dict = {}
 
 
+def draws_key(splits) -> int:
+    return hash(splits["discovery"].toks.numpy().tobytes())
+
+
 def _found(task: str, model, splits) -> Circuit:
     """The circuit found on the discovery split of the UNMUTATED model (cached per task and draw)."""
-    key = (task, id(model))
+    key = (task, id(model), draws_key(splits))
     if key not in _FOUND:
         ev = _evaluator(model, splits["discovery"], splits["reference"])
         scores = D.eap_ig(ev, steps=5).scores
@@ -80,6 +93,8 @@ def _found(task: str, model, splits) -> Circuit:
 
 
 def _setup(task: str, zoo_models, zoo_seed, request, control, draws):
+    """(the found circuit, possibly edited by a control; the evaluator of the model under test on the
+    held-out split; the unmutated model's, whose m(N) and m(∅) every f is scaled by)"""
     base = zoo_models.get(request, task, zoo_seed).model
     splits = _splits(task, draws)
     circuit = control.apply_data(_found(task, base, splits))
@@ -91,23 +106,23 @@ def _setup(task: str, zoo_models, zoo_seed, request, control, draws):
 
 @pytest.mark.about("model", "ov:L0H0")
 @pytest.mark.controls("circuit_without:L0H0")
-def test_skip_trigram_circuit_found_by_eap_ig_holds_out(zoo_models, zoo_seed, request, control, claim, draws):
-    circuit, ev, ref = _setup("skip_trigrams", zoo_models, zoo_seed, request, control, draws)
+def test_skip_trigram_circuit_found_by_eap_ig_holds_out(zoo_models, zoo_seed, request, control, claim, module_draws):
+    circuit, ev, ref = _setup("skip_trigrams", zoo_models, zoo_seed, request, control, module_draws)
     CC.claim_faithfulness(claim, ev, circuit, at_least=0.85, reference=ref, name="faithfulness of the found circuit")
 
 
 @pytest.mark.about("model", "mlp:L2")
 @pytest.mark.controls("circuit_without:MLP2")
-def test_palindrome_circuit_found_by_eap_ig_holds_out(zoo_models, zoo_seed, request, control, claim, draws):
-    circuit, ev, ref = _setup("palindromes", zoo_models, zoo_seed, request, control, draws)
+def test_palindrome_circuit_found_by_eap_ig_holds_out(zoo_models, zoo_seed, request, control, claim, module_draws):
+    circuit, ev, ref = _setup("palindromes", zoo_models, zoo_seed, request, control, module_draws)
     CC.claim_faithfulness(claim, ev, circuit, at_least=0.85, reference=ref, name="faithfulness of the found circuit")
 
 
 @pytest.mark.about("model")
 @pytest.mark.parametrize("task", ["skip_trigrams", "palindromes"])
-def test_found_circuit_beats_random_circuits_of_its_size(task, zoo_models, zoo_seed, request, control, claim, draws):
+def test_found_circuit_beats_random_circuits_of_its_size(task, zoo_models, zoo_seed, request, control, claim, module_draws):
     """Sufficiency: a mutation of one component lowers every circuit alike, so only the untrained
     model (where no circuit carries the task) is its targeted failure."""
-    circuit, ev, ref = _setup(task, zoo_models, zoo_seed, request, control, draws)
+    circuit, ev, ref = _setup(task, zoo_models, zoo_seed, request, control, module_draws)
     CC.claim_sufficiency(claim, ev, circuit, at_least=0.8, n_random=20, reference=ref,
                          name="share of random circuits of its size the found circuit beats")
