@@ -14,15 +14,15 @@ mean-ablated over a fixed reference set (the published strings 4,000-4,499); cla
 strings 0-299 (the circuit was written down, not searched); discovery runs on strings 1,000-1,299.
 
 * Faithfulness f(C) = (m(C) - m(∅)) / (m(N) - m(∅)) >= 0.95 on the bootstrap lower bound. The bar
-  sits between the hypothesis and its best wrong variant, measured by hand on strings 0-399: the
-  circuit 0.987 [0.977, 0.994]; 1.0 replaced by 1.1 0.936 [0.915, 0.953]; without 1.0 0.91; without
-  2.1 0.40; 0.0 replaced by 0.1 (and 1.0 by 1.1) 0.53. m(N) and m(∅) are the unmutated model's, so a
-  mutation of a part the circuit names lowers f. 2.0 and 2.1 are both in the circuit, so swapping
+  sits between the hypothesis and its best wrong variant (scripts/circuit_tables.py, strings 0-299):
+  the circuit 0.986 [0.974, 0.995]; 1.0 replaced by 1.1 0.935 [0.912, 0.956]; without 1.0 0.908
+  [0.886, 0.928]; 0.0 replaced by 0.1 0.653; without 2.1 0.349. m(N) and m(∅) are the unmutated
+  model's, so a  mutation of a part the circuit names lowers f. 2.0 and 2.1 are both in the circuit, so swapping
   them keeps its function: they are ``ov:`` targets (zero / mean ablation), 0.0 and 1.0 ``head:``
   targets (their siblings are outside). The ``circuit_without:X`` controls point the claim at the
   circuit without a part.
 * Completeness: the complement (the 67 other edges) keeps f <= 0.25; pointed at the circuit without
-  2.1, the complement keeps the horizon path and f rises (0.32 [0.23, 0.40] by hand).
+  2.1, the complement keeps the horizon path and f rises (0.318 [0.222, 0.405]).
 * Sufficiency: the circuit beats >= 80% of random 55-edge circuits (Clopper-Pearson lower bound
   over 20 draws: 0.83 when it beats all of them).
 * MIB: EAP and EAP-IG rankings found on the discovery split give CPR above and CMD below the best
