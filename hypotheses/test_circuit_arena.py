@@ -17,8 +17,8 @@ strings 0-299 (the circuit was written down, not searched); discovery runs on st
   sits between the hypothesis and its best wrong variant (scripts/circuit_tables.py, strings 0-299):
   the circuit 0.986 [0.974, 0.995]; 1.0 replaced by 1.1 0.935 [0.912, 0.956]; without 1.0 0.908
   [0.886, 0.928]; 0.0 replaced by 0.1 0.653; without 2.1 0.349. m(N) and m(∅) are the unmutated
-  model's, so a  mutation of a part the circuit names lowers f. 2.0 and 2.1 are both in the circuit, so swapping
-  them keeps its function: they are ``ov:`` targets (zero / mean ablation), 0.0 and 1.0 ``head:``
+  model's, so a mutation of a part the circuit names lowers f. 2.0 and 2.1 are both in the circuit,
+  so swapping them keeps its function: they are ``ov:`` targets (zero / mean ablation), 0.0 and 1.0 ``head:``
   targets (their siblings are outside). The ``circuit_without:X`` controls point the claim at the
   circuit without a part.
 * Completeness: the complement (the 67 other edges) keeps f <= 0.25; pointed at the circuit without
