@@ -12,7 +12,8 @@ circuit carries nothing). Mean or resampling ablation cannot see edges whose var
 every input of one length (positions, BOS, ``one``): a patched edge then carries what it carried.
 
 TRUE (must pass) for each program: the compiled circuit's faithfulness >= 0.99 (lower bound), its
-complement's <= 0.05 (upper bound), it beats >= 80% of random circuits of its size; every compiled
+complement's <= 0.05 (upper bound), its interval lies in 1 +- 0.01 (equivalence), it beats >= 80%
+of random circuits of its size; every compiled
 edge is necessary (Holm-corrected minimality) on hist. FALSE (must fail; each test asserts the
 claim fails and records what it measured): the compiled circuit without its output edge, with its
 output edge moved to a wrong sender, and a random circuit of its size, each claimed faithful.
@@ -146,6 +147,12 @@ def test_compiled_circuit_is_complete(program, claim):
     test_corrupted_circuit_is_not_faithful.)"""
     CC.claim_completeness(claim, _reference(program), program.truth, at_most=0.05,
                           name="faithfulness of the complement of the compiled circuit")
+
+
+def test_compiled_circuit_is_equivalent_to_the_model(program, claim):
+    """circuitry's equivalence: the whole 95% interval of f within 1 +- 0.01."""
+    CC.claim_equivalence(claim, _reference(program), program.truth, eps=0.01,
+                         name="the compiled circuit is equivalent to the model")
 
 
 def test_compiled_circuit_beats_random_circuits(program, claim):
