@@ -13,8 +13,7 @@ every input of one length (positions, BOS, ``one``): a patched edge then carries
 
 TRUE (must pass) for each program: the compiled circuit's faithfulness >= 0.99 (lower bound), its
 complement's <= 0.05 (upper bound), its interval lies in 1 +- 0.01 (equivalence), it beats >= 80%
-of random circuits of its size; every compiled
-edge is necessary (Holm-corrected minimality) on hist. FALSE (must fail; each test asserts the
+of random circuits of its size; every compiled edge is necessary (Holm-corrected minimality) on hist. FALSE (must fail; each test asserts the
 claim fails and records what it measured): the compiled circuit without its output edge, with its
 output edge moved to a wrong sender, and a random circuit of its size, each claimed faithful.
 Discovery (EAP, EAP-IG, ACDC at tau 0.01) ranks the compiled edges above the others better than
