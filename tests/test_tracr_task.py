@@ -173,3 +173,24 @@ def test_regeneration_is_bit_for_bit():
                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("unchanged") == len(PROGRAMS), run.stdout
+
+
+def test_ground_truth_matrix_counts_verdicts():
+    """The report's matrix: a TRUE claim's record passing is a right verdict; a FALSE claim's record
+    ("... is refuted") passing means the false claim failed, also right; control runs are ignored."""
+    from circuits.report.views import ground_truth_matrix, ground_truth_table
+
+    claims = [
+        {"name": "TRUE attention: L4H0 to last", "passed": True},
+        {"name": "TRUE probe: opens", "passed": False},
+        {"name": "FALSE attention (wrong head): L4H1 to last is refuted", "passed": True},
+        {"name": "FALSE attention (wrong head): L4H1 to last is refuted", "passed": True, "control": "x"},
+        {"name": "FALSE probe (wrong layer): opens before is refuted", "passed": False},
+        {"name": "an ordinary claim", "passed": True},
+    ]
+    gt = ground_truth_matrix({"claims": claims})
+    assert gt["types"] == {"attention": {"true_pass": 1, "true_fail": 0, "false_pass": 0, "false_fail": 1},
+                           "probe": {"true_pass": 0, "true_fail": 1, "false_pass": 1, "false_fail": 0}}
+    assert gt["wrong"] == ["TRUE probe: opens", "FALSE probe (wrong layer): opens before is refuted"]
+    assert ground_truth_table({"claims": claims})[-1] == "| **all** | 1 | 1 | 1 | 1 | 2 / 4 |"
+    assert ground_truth_matrix({"claims": claims[-1:]}) is None and ground_truth_table({"claims": []}) == []
