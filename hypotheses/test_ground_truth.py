@@ -30,7 +30,7 @@ are exhaustive, so the measured values are exact (no sampling interval) and the 
 from the program's semantics: attention a selector makes exact (>= 0.99 where it is 1 up to
 Tracr's softmax leakage, ~1e-7 here), numerical variables equal up to 1e-3 (distinct values differ
 by >= 1/30), effect sizes at half of what the program implies. The search split of the role claims
-and the patching sources are the module's draws (`--draws-seed` changes them).
+and the patching sources are the module's draws (`--circuits-draws-seed` changes them).
 """
 
 from __future__ import annotations
