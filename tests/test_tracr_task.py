@@ -194,3 +194,23 @@ def test_ground_truth_matrix_counts_verdicts():
     assert gt["wrong"] == ["TRUE probe: opens", "FALSE probe (wrong layer): opens before is refuted"]
     assert ground_truth_table({"claims": claims})[-1] == "| **all** | 1 | 1 | 1 | 1 | 2 / 4 |"
     assert ground_truth_matrix({"claims": claims[-1:]}) is None and ground_truth_table({"claims": []}) == []
+
+
+def test_ground_truth_edges_match_the_model(loaded):
+    """The card's graph: the shuffle_dyck chain is there, and every head it leaves out is unused
+    (zero-ablating it changes no output on any input of the set)."""
+    from circuits.interventions import zero_ablate_head
+
+    edges = {(a, b) for a, b, _ in T.ground_truth_edges(loaded["shuffle_dyck"].card["tracr"])}
+    for step in [("L0.mlp", "L1H0"), ("L1H0", "L2.mlp"), ("L1H1", "L2.mlp"), ("L2.mlp", "L3.mlp"),
+                 ("L3.mlp", "L4H0"), ("L3.mlp", "L4H1"), ("L1.mlp", "L4H0"), ("L4H0", "L5.mlp"),
+                 ("L4H1", "L4.mlp"), ("L4.mlp", "L5.mlp"), ("L5.mlp", "logits")]:
+        assert step in edges, step
+    for program in PROGRAMS:
+        model, tracr = loaded[program].model, loaded[program].card["tracr"]
+        used = {c for e in T.ground_truth_edges(tracr) for c in e[:2]}
+        clean = _outputs(model, tracr)
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                if f"L{layer}H{head}" not in used:
+                    assert _outputs(zero_ablate_head(model, layer, head), tracr) == clean, (program, layer, head)
