@@ -251,18 +251,26 @@ def resid_dim(model, program: str, name: str, d: int) -> torch.Tensor:
     return cache[name][:, 1:, d].double()  # [n, len]
 
 
+def head_output_on(model, program: str, layer: int, head: int, d: int) -> torch.Tensor:
+    """The head's own output (hook_z @ W_O) along residual dimension d at the token positions: [n, len]."""
+    _, cache = run(model, strings(program)[1], [f"blocks.{layer}.attn.hook_z"])
+    return cache.head_results(layer)[:, 1:, head, d].double()
+
+
 @pytest.mark.about("ov:L1H0")
-def test_sd_opens_direction_tracks_the_open_proportion(tracr_shuffle_dyck_model, claim):
+@pytest.mark.controls("swap_head:L1H0")  # L1H1 in its place: specific to L1H0
+def test_sd_l1h0_tracks_the_open_proportion(tracr_shuffle_dyck_model, claim):
+    """The compiled twin of "head 2.0 tracks the open proportion": read from L1H0's own output, so a
+    head written in L1H0's place (L1H1: closes = 1 - opens) does not pass for it."""
     seqs, _ = strings("shuffle_dyck")
-    got = resid_dim(tracr_shuffle_dyck_model, "shuffle_dyck", "blocks.1.hook_resid_post", sop_dim("shuffle_dyck", "opens"))
-    claim.at_most("TRUE probe: max gap of the 'opens' direction after layer 1 from the open proportion",
+    got = head_output_on(tracr_shuffle_dyck_model, "shuffle_dyck", 1, 0, sop_dim("shuffle_dyck", "opens"))
+    claim.at_most("TRUE probe: max gap of L1H0's output along 'opens' from the open proportion",
                   max_dev(got, prefix_fraction(seqs, "(")), EXACT)
 
 
 def test_sd_l1h1_tracks_the_open_proportion_is_false(tracr_shuffle_dyck_model, claim):
-    seqs, toks = strings("shuffle_dyck")
-    _, cache = run(tracr_shuffle_dyck_model, toks, ["blocks.1.attn.hook_z"])
-    out = cache.head_results(1)[:, 1:, 1, sop_dim("shuffle_dyck", "closes")].double()  # L1H1's output on its dim
+    seqs, _ = strings("shuffle_dyck")
+    out = head_output_on(tracr_shuffle_dyck_model, "shuffle_dyck", 1, 1, sop_dim("shuffle_dyck", "closes"))
     refute(claim, "probe", "wrong head", lambda c: c.at_most(
         "max gap of L1H1's output from the open proportion", max_dev(out, prefix_fraction(seqs, "(")), EXACT))
 
@@ -339,6 +347,7 @@ def balanced_accuracy(model) -> float:
 
 
 @pytest.mark.about("ov:L1H0")
+@pytest.mark.controls("swap_head:L1H0")  # L1H1 in its place: specific to L1H0
 def test_sd_ablating_l1h0_removes_the_opens_from_the_balance(tracr_shuffle_dyck_model, claim):
     seqs, _ = strings("shuffle_dyck")
     shift = balance(zero_ablate_head(tracr_shuffle_dyck_model, 1, 0)) - balance(tracr_shuffle_dyck_model)
@@ -440,12 +449,15 @@ def patched(model, program: str, draws, patches):
 
 
 @pytest.mark.about("ov:L1H0")
+@pytest.mark.controls("swap_head:L1H0")  # L1H1 in its place: specific to L1H0
 def test_sd_patching_l1h0_carries_the_source_opens(tracr_shuffle_dyck_model, claim, draws):
+    """Patching L1H0 from a source string puts the source's open proportion into `opens` and so makes
+    the balance source opens - own closes. (The balance alone would not tell L1H0 from L1H1: in every
+    prefix closes = 1 - opens, so patching L1H1 moves it the same way; `opens` does.)"""
     seqs, toks = strings("shuffle_dyck")
     src = pairs(draws, len(seqs))
-    name = "blocks.2.hook_resid_post"
     got = {}
-    hook = lambda act, hook: got.__setitem__("bal", act[:, 1:, sop_dim("shuffle_dyck", "balance_()")].double())
+    keep = lambda act, hook: got.__setitem__(hook.name, act[:, 1:].double())
     with torch.no_grad():
         _, cache = tracr_shuffle_dyck_model.run_with_cache(toks[src], names=["blocks.1.attn.hook_z"])
         z_src = cache["blocks.1.attn.hook_z"][:, :, 0]
@@ -454,10 +466,15 @@ def test_sd_patching_l1h0_carries_the_source_opens(tracr_shuffle_dyck_model, cla
             z = z.clone()
             z[:, :, 0] = z_src
             return z
-        tracr_shuffle_dyck_model.run_with_hooks(toks, fwd_hooks=[("blocks.1.attn.hook_z", put), (name, hook)])
-    want = prefix_fraction([seqs[i] for i in src], "(") - prefix_fraction(seqs, ")")
-    claim.at_most("TRUE patching: max gap of the balance with L1H0 patched from a source from "
-                  "(source opens - own closes)", max_dev(got["bal"], want), EXACT)
+        tracr_shuffle_dyck_model.run_with_hooks(toks, fwd_hooks=[("blocks.1.attn.hook_z", put),
+                                                                 ("blocks.1.hook_resid_post", keep),
+                                                                 ("blocks.2.hook_resid_post", keep)])
+    source_opens = prefix_fraction([seqs[i] for i in src], "(")
+    gap = max(max_dev(got["blocks.1.hook_resid_post"][..., sop_dim("shuffle_dyck", "opens")], source_opens),
+              max_dev(got["blocks.2.hook_resid_post"][..., sop_dim("shuffle_dyck", "balance_()")],
+                      source_opens - prefix_fraction(seqs, ")")))
+    claim.at_most("TRUE patching: max gap of 'opens' from the source's and of the balance from (source opens - "
+                  "own closes), L1H0 patched from a source", gap, EXACT)
 
 
 def test_sd_patching_l0h0_carries_the_source_opens_is_false(tracr_shuffle_dyck_model, claim, draws):
