@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -64,14 +65,9 @@ def card(program: str) -> dict:
     return T.read_card(program)["tracr"]
 
 
-def dim(program: str, label: str) -> int:
-    """The residual dimension Tracr labelled `label` (a numerical SOp, or "sop:value")."""
-    return card(program)["residual_labels"].index(label)
-
-
 def sop_dim(program: str, sop: str) -> int:
-    """The dimension of the numerical SOp whose label starts with `sop` (labels carry a RASP id)."""
-    found = [i for i, l in enumerate(card(program)["residual_labels"]) if l.rsplit("_", 1)[0] == sop]
+    """The dimension of the numerical SOp `sop`: its label without the RASP id Tracr appends ("opens_12")."""
+    found = [i for i, l in enumerate(card(program)["residual_labels"]) if re.sub(r"_\d+(?=_|$)", "", l) == sop]
     assert len(found) == 1, f"{program}: no single residual dimension for {sop!r}"
     return found[0]
 
@@ -317,14 +313,14 @@ def test_fp_fraction_before_layer_1_is_false(tracr_frac_prevs_model, claim):
 @pytest.mark.about("ov:L0H0")
 def test_hist_selector_width_direction_is_one_over_count(tracr_hist_model, claim):
     seqs, _ = strings("hist")
-    got = resid_dim(tracr_hist_model, "hist", "blocks.0.hook_resid_mid", dim("hist", "hist_22_selector_width_attn_output"))
+    got = resid_dim(tracr_hist_model, "hist", "blocks.0.hook_resid_mid", sop_dim("hist", "hist_selector_width_attn_output"))
     claim.at_most("TRUE probe: max gap of the selector-width direction from 1/(count + 1)",
                   max_dev(got, 1 / (counts(seqs) + 1)), EXACT)
 
 
 def test_hist_selector_width_is_one_over_position_is_false(tracr_hist_model, claim):
     seqs, _ = strings("hist")
-    got = resid_dim(tracr_hist_model, "hist", "blocks.0.hook_resid_mid", dim("hist", "hist_22_selector_width_attn_output"))
+    got = resid_dim(tracr_hist_model, "hist", "blocks.0.hook_resid_mid", sop_dim("hist", "hist_selector_width_attn_output"))
     position = torch.arange(1, len(seqs[0]) + 1, dtype=torch.float64).expand(len(seqs), -1)
     refute(claim, "probe", "wrong feature", lambda c: c.at_most(
         "max gap of the selector-width direction from 1/(position + 1) (a running count)", max_dev(got, 1 / (position + 1)), EXACT))
