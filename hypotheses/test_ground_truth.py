@@ -165,7 +165,10 @@ def test_sd_l4h0_attends_to_the_last_position(tracr_shuffle_dyck_model, claim):
                    to_last(tracr_shuffle_dyck_model, 4, 0), ATTENDS)
 
 
+@pytest.mark.controls("swap_head:L4H1")
 def test_sd_l4h1_attends_to_the_last_position_is_false(tracr_shuffle_dyck_model, claim):
+    """With L4H0 swapped into L4H1's place the false claim comes true, so its refutation must fail
+    there: the refutation is about L4H1, not about any head."""
     refute(claim, "attention", "wrong head", lambda c: c.at_least(
         "L4H1 min attention to the last position", to_last(tracr_shuffle_dyck_model, 4, 1), ATTENDS))
 
@@ -264,11 +267,14 @@ def test_sd_l1h0_tracks_the_open_proportion(tracr_shuffle_dyck_model, claim):
                   max_dev(got, prefix_fraction(seqs, "(")), EXACT)
 
 
+@pytest.mark.controls("swap_head:L1H1")
 def test_sd_l1h1_tracks_the_open_proportion_is_false(tracr_shuffle_dyck_model, claim):
+    """The true claim pointed at L1H1 (it writes `closes`, nothing along `opens`); with L1H0 swapped
+    into its place it comes true, and the refutation must fail there."""
     seqs, _ = strings("shuffle_dyck")
-    out = head_output_on(tracr_shuffle_dyck_model, "shuffle_dyck", 1, 1, sop_dim("shuffle_dyck", "closes"))
+    out = head_output_on(tracr_shuffle_dyck_model, "shuffle_dyck", 1, 1, sop_dim("shuffle_dyck", "opens"))
     refute(claim, "probe", "wrong head", lambda c: c.at_most(
-        "max gap of L1H1's output from the open proportion", max_dev(out, prefix_fraction(seqs, "(")), EXACT))
+        "max gap of L1H1's output along 'opens' from the open proportion", max_dev(out, prefix_fraction(seqs, "(")), EXACT))
 
 
 def test_sd_opens_before_layer_1_is_false(tracr_shuffle_dyck_model, claim):
