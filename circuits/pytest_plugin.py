@@ -26,8 +26,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from .session import (CONTROL_PARAM, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession, RunOptions, control_id,
-                      draws_seed_for, get_plugin, group_of, item_seed, judge_control, note_model, strip_params)
+from .errors import CircuitsError
+from .session import (CONTROL_PARAM, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession, RunOptions,
+                      control_error_kind, control_id, draws_seed_for, get_plugin, group_of, item_seed, judge_control,
+                      note_model, strip_params)
 
 __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_seeds", "strip_params", "PLUGIN_NAME"]
 
@@ -222,6 +224,14 @@ class CircuitsPlugin(CircuitsSession):
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Iterator[Any]:
         rep = yield
+        excinfo = getattr(call, "excinfo", None)
+        if rep.failed and excinfo is not None and excinfo.errisinstance((ControlRunError, CircuitsError)):
+            # one line naming the problem (our errors are written to be read alone), never the plugin's
+            # or the library's traceback
+            where = "" if rep.when == "call" else f" (in {rep.when})"
+            name = "error" if isinstance(excinfo.value, ControlRunError) else type(excinfo.value).__name__
+            at = _user_frame(excinfo, item.config.rootpath)
+            rep.longrepr = f"{item.nodeid}{where}: {name}: {excinfo.value}" + (f" (at {at})" if at else "")
         if rep.when == "call" and rep.skipped and getattr(rep, "wasxfail", None) is not None:
             # a known failure: its reason carries what was measured now, not a hand-copied number
             claims = item.stash.get(CLAIMS_KEY, None)
@@ -243,6 +253,7 @@ class CircuitsPlugin(CircuitsSession):
         item.user_properties.append(("circuits_control", {
             "control": ctl.spec, "kind": "mutation" if ctl.spec.startswith(MUTATION_PREFIX) else ctl.kind,
             "outcome": outcome, "message": msg,
+            "error_kind": control_error_kind(records, ctl) if outcome == "error" else None,
             # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
             "known": _known_failure(item, control_id(ctl.spec)) if outcome in ("no_teeth", "no_power") else None,
             "held": [r.name for r in records if r.passed], "failed": [r.name for r in records if not r.passed],
@@ -297,6 +308,25 @@ class CircuitsPlugin(CircuitsSession):
                 tr.write_line(text, **markup)
         if self.write_error:
             tr.write_line(f"circuits: could not write the report: {self.write_error}", red=True)
+
+
+def _user_frame(excinfo: Any, root: Any) -> str | None:
+    """``path:line`` of the innermost frame outside this package, pytest and pluggy: where the user's
+    code called the library (None for errors the plugin raised itself)."""
+    import os
+    from pathlib import Path
+
+    pkg = str(Path(__file__).resolve().parent)
+    for entry in reversed(excinfo.traceback):
+        path = str(entry.path)
+        if path.startswith(pkg) or os.sep + "_pytest" + os.sep in path or os.sep + "pluggy" + os.sep in path:
+            continue
+        try:
+            path = os.path.relpath(path, root)
+        except ValueError:
+            pass
+        return f"{path}:{entry.lineno + 1}"
+    return None
 
 
 class ControlRunError(Exception):
@@ -427,7 +457,8 @@ def _test_meta(item: pytest.Item) -> dict:
         "about": targets,
         "controls_declared": controls,
         # no mutation and nothing but controls that fail for any broken model: teeth, not power
-        "generic_only": bool(not targets and set(controls) <= GENERIC_CONTROLS),
+        "generic_only": bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
+        "no_controls": not targets and not controls,  # flagged apart: nothing checks this claim's teeth
         "known_failure": _known_failure(item),
         "circuits": True,
     }

@@ -286,6 +286,10 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
                          f"so this run measured the unmodified {ctl.kind}")
     if not records:
         return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
+    unmeasured = [r for r in records if getattr(r, "problem", None)]
+    if unmeasured:  # a NaN / inf / empty value fails every claim: that is no evidence the claim has teeth
+        return "error", "; ".join(f"{name}: claim {r.name!r} measured {r.value_text or 'nothing'} ({r.problem}), "
+                                  f"so the {what} run shows nothing" for r in unmeasured)
     held = [r for r in records if r.passed]
     if held:
         label = "no power" if mutation else "no teeth"
@@ -293,6 +297,17 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
             f"{label}: claim {r.name!r} = {r.value_text} also holds on {name} (needs {r.requirement})" for r in held)
     return "ok", f"{what} OK: " + "; ".join(
         f"claim {r.name!r} failed on {name} as required ({r.value_text}, needs {r.requirement})" for r in records)
+
+
+def control_error_kind(records: list, ctl: Any) -> str | None:
+    """Which error :func:`judge_control` found (a ``circuits.report.collect.ERROR_KINDS`` key), or None."""
+    if not ctl.applied:
+        return "never_applied"
+    if not records:
+        return "no_claims"
+    if any(getattr(r, "problem", None) for r in records):
+        return "nonfinite"
+    return None
 
 
 def note_model(request: pytest.FixtureRequest, info: dict) -> None:

@@ -328,7 +328,10 @@ def test_a_known_control_run_that_measured_nothing_is_an_error_not_a_known_failu
     """)
     result = power_project.runpytest("-rfx", "--circuits-run-id", "empty")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*ControlRunError*the control run recorded no claims*"])
+    # one line naming the problem, no traceback from the plugin
+    result.stdout.fnmatch_lines(["*test_quiet[[]control=untrained[]]: error: control 'untrained': the control run "
+                                 "recorded no claims*"])
+    assert "pytest_plugin.py" not in result.stdout.str() and "Traceback" not in result.stdout.str()
     report = json.loads((power_project.path / "reports" / "empty" / "report.json").read_text())
     (run,) = report["control_runs"]
     assert run["outcome"] == "error" and run["known"] is None

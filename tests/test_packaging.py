@@ -203,8 +203,7 @@ from circuits.reference import arena_data
 
 
 @pytest.mark.controls("untrained")
-def test_brackets_reference(brackets_model, claim, draws):
-    assert type(draws).__name__ == "Draws"  # the plugin's, not the conftest's list
+def test_brackets_reference(brackets_model, claim):  # the conftest's `control` / `draws` do not reach it
     data = arena_data(500)
     pred = A.predict(brackets_model, data.toks, lengths=data.lengths + 2).argmax(-1)
     claim.at_least("brackets_acc_first_500", float((pred == data.isbal.long()).float().mean()), 0.99)

@@ -115,7 +115,14 @@ def test_records_survive_failures_crashes_and_interrupts(project):
     nan = claims[("test_bad_values", "nan")]
     assert nan["passed"] is False and nan["value"] is None and nan["value_text"] == "nan" and nan["problem"] == "value is NaN"
     assert claims[("test_empty", "empty")]["problem"] == "empty sample"
-    assert report["interrupted"] is True and report["summary"]["failed"] == 3
+    # by kind: one failed claim; NaN and an empty sample are errors (nothing was measured), as are the
+    # crash after recording and the interrupted test: never folded into "failed"
+    assert report["interrupted"] is True and report["summary"]["failed"] == 1
+    assert report["summary"]["outcomes"]["error"] == 4
+    assert sorted((e["kind"], e["nodeid"].split("::")[1]) for e in report["errors"]) == [
+        ("crash", "test_two_then_raise"), ("interrupted", "test_interrupted"), ("nonfinite", "test_bad_values"),
+        ("nonfinite", "test_empty")]
+    assert claims[("test_bad_values", "nan")]["status"] == "ERROR"
     outcomes = {t["test"]: t["outcome"] for t in report["tests"]}
     assert outcomes["test_two_then_raise"] == "failed" and "test_never_runs" not in outcomes
     assert outcomes["test_interrupted"] == "interrupted"

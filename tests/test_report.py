@@ -311,7 +311,11 @@ def test_held_out_accuracy_carries_its_test_sets_interval_in_html_and_markdown()
 def test_one_line_summary_and_terminal_end():
     report = sample_collector().build(run_id="r1")
     line = rp.one_line_summary(report)
-    assert line == "circuits: 1 claims held, 1 known failures, 1 no-teeth, 3 failed, 2 with generic controls only"
+    # every kind counted apart: the failed claim (r), the no-teeth control run, two fixture errors
+    assert line == ("circuits: 1 claims held, 1 known failures, 1 failed claims, 1 no-teeth, 0 no-power, 2 errors, "
+                    "2 with generic controls only, 1 without controls")
+    assert [(e["kind"], e["nodeid"].split("::")[1]) for e in report["errors"]] == [
+        ("fixture", "test_setup_err"), ("fixture", "test_td")]
     lines = rp.terminal_lines({**report, "_html_path": "reports/r1/report.html"})
     assert lines[-1][0] == line + " — report: reports/r1/report.html"
 
@@ -479,12 +483,14 @@ def test_a_control_run_that_known_failures_documents_is_listed_apart_not_as_a_pr
     report = col.build(run_id="r1")
     s = report["summary"]
     assert (s["controls_no_teeth"], s["controls_known"]) == (1, 1)  # the sample's undocumented one stays
-    assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 no-teeth (+1 known), "
-                                           "3 failed, 2 with generic controls only")
+    assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 failed claims, "
+                                           "1 no-teeth (+1 known), 0 no-power, 2 errors, 2 with generic controls "
+                                           "only, 1 without controls")
     md = rp.render_markdown(report)
     known_at, problems_at = md.index("### Claims known to hold under a control"), md.index("### Problems")
-    assert "the bound is below what the residual alone reaches" in md[known_at:problems_at]
-    assert ctl not in md[problems_at:] and "test_acc[control=untrained]" in md[problems_at:]
+    assert problems_at < known_at  # what a reader must look at first
+    assert "the bound is below what the residual alone reaches" in md[known_at:]
+    assert ctl not in md[problems_at:known_at] and "test_acc[control=untrained]" in md[problems_at:known_at]
     html = render_html(report, ".")
     assert 'id="known-controls"' in html and html.index(ctl) > html.index('id="known-controls"')
     lines = rp.terminal_lines(report)

@@ -20,9 +20,9 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
-from .views import (anchor, held_out, held_out_text, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
-                    modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness,
-                    test_groups, unexpected_control_runs, known_control_runs, where)
+from .views import (anchor, case_label, cell_verdict, fmt_margin, headline, held_out, held_out_text,
+                    known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
+                    op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness, test_groups, where)
 
 __all__ = ["render_html"]
 
@@ -71,12 +71,14 @@ td.m { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-si
 .res.PASS { background:var(--pass-bg); color:var(--pass); }
 .res.FAIL { background:var(--fail-bg); color:var(--fail); }
 .res.XFAIL { background:var(--warn-bg); color:var(--warn); }
+.res.ERROR { background:var(--fail-bg); color:var(--fail); }
 .badge { display:inline-block; margin-left:6px; padding:0 6px; border-radius:4px; font-size:11px; font-weight:600;
   background:var(--warn-bg); color:var(--warn); border:1px solid #eed888; white-space:nowrap; }
 .badge.bad { background:var(--fail-bg); color:var(--fail); border-color:#ffcecb; }
 .note { color:var(--muted); font-size:12.5px; margin-top:2px; }
 .ctl { font-size:12.5px; line-height:1.45; margin:0 0 2px; padding-left:6px; border-left:3px solid var(--line); }
 .ctl.ok { border-color:#4ac26b; color:var(--ink); } .ctl.bad { border-color:var(--fail); background:var(--fail-bg); }
+.ctl.warn { border-color:#d4a72c; background:var(--warn-bg); }
 .ctl.muted { color:var(--muted); }
 .ctl .k { font-weight:600; }
 .chip { display:inline-block; margin:1px 4px 2px 0; padding:0 7px; border-radius:5px; font-size:12.5px;
@@ -106,6 +108,7 @@ table.pm th { text-transform:none; letter-spacing:0; color:var(--ink); }
 table.pm th.grp { text-align:center; border-bottom:1px solid var(--line); }
 table.pm td.cell.ok { background:var(--pass-bg); }
 table.pm td.cell.bad { background:var(--fail-bg); color:var(--fail); }
+table.pm td.cell.known { background:var(--warn-bg); color:var(--warn); }
 table.pm td.cell.muted { color:var(--muted); background:var(--bg); }
 .box { border:1px solid var(--line); border-radius:8px; padding:12px 16px; background:var(--bg); margin:10px 0; }
 .box.bad { background:var(--fail-bg); border-color:#ffcecb; }
@@ -144,19 +147,15 @@ def render_html(report: dict, run_dir: Path | str) -> str:
 def _header(report: dict) -> str:
     s = report.get("summary", {})
     pills = []
-    n, p = s.get("claims", 0), s.get("passed", 0)
-    pills.append(f'<span class="pill {"pass" if s.get("failed", 0) == 0 else "fail"}">{p}/{n} claims held</span>')
-    if s.get("failed"):
-        pills.append(f'<span class="pill fail">{s["failed"]} failed</span>')
-    if s.get("xfailed"):
-        pills.append(f'<span class="pill warn">{s["xfailed"]} known failures</span>')
-    if s.get("control_runs"):
-        bad = s["control_runs"] - s.get("controls_ok", 0) - s.get("controls_known", 0)
-        known = f' (+{s["controls_known"]} known)' if s.get("controls_known") else ""
-        pills.append(f'<span class="pill {"fail" if bad else "pass"}">controls {s.get("controls_ok", 0)}/'
-                     f'{s["control_runs"]} ok{known}</span>')
+    for i in outcome_items(report):  # one pill per outcome kind, never folded into another
+        cls = ("fail" if i["n"] else "pass") if i["problem"] else ("warn" if i["key"] == "known" else "pass")
+        known = f' <span title="documented in the module\'s KNOWN_FAILURES">(+{i["known"]} known)</span>' \
+            if i["known"] else ""
+        pills.append(f'<span class="pill {cls}">{i["n"]} {_e(i["label"])}{known}</span>')
     if s.get("generic_only"):
         pills.append(f'<span class="pill warn">{s["generic_only"]} with generic controls only</span>')
+    if s.get("no_controls"):
+        pills.append(f'<span class="pill warn">{s["no_controls"]} without controls</span>')
     t = s.get("tests", {})
     tb = t.get("failed", 0) + t.get("error", 0)
     pills.append(f'<span class="pill {"fail" if tb else ""}">{sum(t.values())} tests'
@@ -200,34 +199,35 @@ def _rollup(report: dict) -> str:
     out = ['<section id="rollup"><h2>Systems</h2><table><thead><tr>'
            '<th style="width:40%">system (hypotheses module)</th>'
            '<th class="num">claims</th><th class="num">held</th><th class="num">known failures</th>'
-           '<th class="num">failed</th><th class="num" title="control / mutation cells where the claim failed as '
-           'required, of all">controls failed as required</th><th class="num">generic controls only</th>'
+           '<th class="num">failed</th><th class="num">errors</th><th class="num" title="control / mutation cells '
+           'where the claim failed as required, of all (+ misses the module\'s KNOWN_FAILURES documents)">controls '
+           'failed as required</th><th class="num">generic controls only</th><th class="num">no controls</th>'
            '<th class="num">figures</th><th class="num">time</th></tr></thead><tbody>']
     for r in rows:
         doc = r["doc"] if len(r["doc"]) <= 160 else r["doc"][:159] + "…"
         failed = r["failed"] + r["errors"]
-        ctl_cls = "bad" if r["controls_held"] else ("ok" if r["controls_total"] else "muted")
+        # known misses are coloured as known (warn), never as a problem
+        ctl_cls = "bad" if r["controls_held"] else ("warn" if r.get("controls_known") else
+                                                     "ok" if r["controls_total"] else "muted")
+        known = f' <span class="warn">(+{r["controls_known"]} known)</span>' if r.get("controls_known") else ""
         out.append(
             f'<tr class="{"fail" if failed else ""}"><td><a href="#{r["anchor"]}">'
             f'<code class="nw">{_e(r["module"])}</code></a>'
             f'<div class="note">{_e(doc)}</div></td><td class="num">{r["claims"]}</td>'
             f'<td class="num ok">{r["held"]}</td><td class="num warn">{r["known"] or ""}</td>'
-            f'<td class="num {"bad" if failed else "muted"}">{failed}</td>'
-            f'<td class="num {ctl_cls}">{r["controls_failed"]}/{r["controls_total"]}</td>'
+            f'<td class="num {"bad" if r["failed"] else "muted"}">{r["failed"]}</td>'
+            f'<td class="num {"bad" if r["errors"] else "muted"}">{r["errors"]}</td>'
+            f'<td class="num {ctl_cls}">{r["controls_failed"]}/{r["controls_total"]}{known}</td>'
             f'<td class="num {"warn" if r["generic_only"] else "muted"}">{r["generic_only"]}</td>'
+            f'<td class="num {"warn" if r["no_controls"] else "muted"}">{r["no_controls"]}</td>'
             f'<td class="num">{r["figures"]}</td><td class="num">{r["duration"]:.1f} s</td></tr>')
     out.append("</tbody></table></section>")
     return "\n".join(out)
 
 
 def _problem_items(report: dict) -> list[str]:
-    items = [f"<li>collection error in <code>{_e(e['nodeid'])}</code>: {_e(e.get('message'))}</li>"
-             for e in report.get("collection_errors", [])]
-    for r in unexpected_control_runs(report):
-        items.append(f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))}</li>")
-    for t in problem_tests(report):
-        items.append(f"<li><code>{_e(t['nodeid'])}</code> <b>{_e(t['outcome'])}</b>: {_e(t.get('message'))}</li>")
-    return items
+    return [f"<li><b>{_e(p['kind'])}</b> <code>{_e(p['nodeid'])}</code>: {_e(p.get('message'))}</li>"
+            for p in problem_lines(report)]
 
 
 def _problems(report: dict) -> str:
@@ -359,7 +359,7 @@ def _claims_table(claims: list[dict]) -> str:
         m = c.get("margin")
         mcell = (f'<td class="num {"ok" if m >= 0 else "bad"}">{_e(fmt_margin(m))}</td>'
                  if isinstance(m, (int, float)) else '<td class="num muted">—</td>')
-        out.append(f'<tr class="{"fail" if c["status"] == "FAIL" else ""}" title="{_e(c.get("message"))}">'
+        out.append(f'<tr class="{"fail" if c["status"] in ("FAIL", "ERROR") else ""}" title="{_e(c.get("message"))}">'
                    f'<td><code>{_e(c["name"])}</code>{seed}{badge}{_test_flag(c)}{sub}</td>'
                    f'<td class="m">{_e(measured_text(c))}</td><td class="m">{_e(op)}</td><td class="m">{_e(thr)}</td>'
                    f'{mcell}<td>{_result(c["status"])}</td><td>{_controls(c)}</td></tr>')
@@ -380,8 +380,9 @@ def _controls(c: dict) -> str:
     for x in c.get("controls", []):
         kind = "mutation " if x.get("kind") == "mutation" else ""
         if x["outcome"] in ("failed", "held"):
-            cls = "ok" if x["outcome"] == "failed" else "bad"
+            cls = "ok" if x["outcome"] == "failed" else "warn" if x.get("known") else "bad"
             verdict = ("fails ✓" if x["outcome"] == "failed" else
+                       "HOLDS (known miss)" if x.get("known") else
                        "HOLDS ✗ no power" if kind else "HOLDS ✗ no teeth")
             need = ("" if x.get("op") == "holds" else
                     f'<span class="muted">(needs {_e(x.get("requirement"))}, margin {_e(fmt_margin(x.get("margin")))})'
