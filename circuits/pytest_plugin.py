@@ -168,7 +168,20 @@ class CircuitsPlugin(CircuitsSession):
         self.collector.set_order(ids)
 
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        kept, not_run = [], []
+        for item in items:
+            why = self._not_run(item)
+            if why is None:
+                kept.append(item)
+            else:
+                not_run.append(item)
+                self.not_run.append({"nodeid": item.nodeid, **why})
+        if not_run:  # deselected, not skipped: a first run shows what it ran; the report lists the rest
+            config.hook.pytest_deselected(items=not_run)
+            items[:] = kept
+            if self.is_worker and hasattr(config, "workeroutput"):
+                config.workeroutput["circuits_not_run"] = self.not_run
         self.collector.set_order([i.nodeid for i in items])
         for item in items:
             names = getattr(item, "fixturenames", ())
@@ -183,6 +196,31 @@ class CircuitsPlugin(CircuitsSession):
             # may well pass
             _apply_known_failures(item, spec, reference=item_seed(item) is None and not self.options.full_sweep)
             item.user_properties.append(("circuits_test", _test_meta(item)))
+
+    def _not_run(self, item: pytest.Item) -> dict | None:
+        """Why a collected test is left out of this run ({"reason", "option"}: the option that runs it),
+        or None. Full-sweep grids run only with --circuits-full-sweep; the control and mutation runs of a
+        known failure on the reference models test a claim that does not hold, so they run only where it
+        may (--circuits-seeds, --circuits-full-sweep)."""
+        if item.get_closest_marker("full_sweep") is not None and not self.options.full_sweep:
+            return {"reason": "full-sweep grid tests", "option": "--circuits-full-sweep"}
+        names = getattr(item, "fixturenames", ())
+        if not any(f in names for f in CIRCUITS_FIXTURES):
+            return None
+        spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
+        reference = item_seed(item) is None and not self.options.full_sweep
+        if spec != MAIN and reference and _known_failure(item) is not None \
+                and _known_failure(item, control_id(spec)) is None:
+            return {"reason": "control / mutation runs of known failures (their claims do not hold on the "
+                              "reference models)", "option": "--circuits-seeds"}
+        return None
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist: what a worker deselected (every worker collects the same, so the first one's list)."""
+        listed = getattr(node, "workeroutput", {}).get("circuits_not_run")
+        if listed and not self.not_run:
+            self.not_run.extend(listed)
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """``--circuits-seeds`` / ``--circuits-full-sweep``: the models the collected tests need
@@ -410,8 +448,8 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
     """A known failure is an expected failure of its main run, expecting only a failed claim (a
     crash is an error, never an XFAIL), strict on the reference models (it must keep failing) and
     lenient under --circuits-seeds and --circuits-full-sweep (a retrained model may well pass: the report
-    shows it as a flip). Its
-    control and mutation runs on the reference are skipped: they test a claim that does not hold."""
+    shows it as a flip). Its control and mutation runs on the reference are deselected at collection
+    (listed in the report as not run): they test a claim that does not hold."""
     from .claims import ClaimFailure
 
     if spec != MAIN:
@@ -429,9 +467,7 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
         return
     if spec == MAIN:
         item.add_marker(pytest.mark.xfail(strict=reference, raises=ClaimFailure, reason=f"known failure: {reason}"))
-    elif reference:
-        item.add_marker(pytest.mark.skip(reason=f"known failure on this model ({reason}): its controls and "
-                                                "mutations test a claim that holds"))
+    # (its control and mutation runs on the reference are deselected at collection: CircuitsPlugin._not_run)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------

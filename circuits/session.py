@@ -234,6 +234,7 @@ class CircuitsSession:
         self.paths: dict[str, Path] | None = None
         self.write_error: str | None = None
         self.zoo_fixture_names: set[str] = set()
+        self.not_run: list[dict] = []  # deselected at collection: {"nodeid", "reason", "option"}
 
     # convenient read-only views of the options
     seeds = property(lambda self: self.options.seeds)
@@ -255,6 +256,7 @@ class CircuitsSession:
         o = self.options
         finished = time.time()
         report = self.collector.build(
+            not_run=list(self.not_run),
             run_id=o.run_id,
             created=self.created,
             duration_s=round(finished - self.started, 3),

@@ -375,3 +375,48 @@ def test_parse_seeds_and_strip_params():
     assert strip_params("m.py::t[x1-control=zero_ablate:L2H0-seed=0]", ["control=zero_ablate:L2H0", "seed=0"]) == "m.py::t[x1]"
     assert strip_params("m.py::t[a-main-b]", ["main"]) == "m.py::t[a-b]"
     assert strip_params("m.py::t", ["main"]) == "m.py::t"
+
+
+# --- first-run hygiene: deselected, not skipped; the cache provider on -----------------------------------
+
+HYGIENE_TESTS = '''
+import pytest
+
+@pytest.mark.full_sweep
+def test_grid(claim):
+    claim.holds("grid", True)
+
+def test_ok(claim):
+    claim.holds("ok", True)
+
+def test_bad(claim):
+    claim.at_least("x", 0.1, 0.5)
+'''
+
+
+def test_full_sweep_tests_are_deselected_listed_and_lf_works(pytester):
+    pytester.makepyfile(test_h=HYGIENE_TESTS)
+    first = pytester.runpytest("--circuits-run-id", "one")
+    first.assert_outcomes(passed=1, failed=1, deselected=1)  # deselected, never a wall of skips
+    first.stdout.fnmatch_lines(["not run: 1 full-sweep grid tests (run with --circuits-full-sweep)"])
+    report = load(pytester, "one")
+    assert report["not_run"] == [{"nodeid": "test_h.py::test_grid", "reason": "full-sweep grid tests",
+                                  "option": "--circuits-full-sweep"}]
+    # --lf reruns the failed test only (the plugin leaves pytest's cache provider alone)
+    lf = pytester.runpytest("--lf", "--circuits-no-report")
+    lf.assert_outcomes(failed=1)
+    lf.stdout.fnmatch_lines(["*rerun previous 1 failure*"])
+    pytester.runpytest("--circuits-full-sweep", "--circuits-no-report").assert_outcomes(passed=2, failed=1)
+    # under xdist the controller's report lists what the workers deselected
+    par = pytester.runpytest_subprocess("-n", "2", "--circuits-run-id", "par")
+    par.assert_outcomes(passed=1, failed=1)
+    assert [r["nodeid"] for r in load(pytester, "par")["not_run"]] == ["test_h.py::test_grid"]
+
+
+def test_the_repository_leaves_the_cache_provider_on():
+    import tomllib
+    from pathlib import Path
+
+    ini = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    addopts = ini["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "cacheprovider" not in addopts, addopts  # --lf / --ff need it

@@ -410,6 +410,7 @@ def rederive(report: dict) -> dict:
     report.setdefault("tests", [])
     report.setdefault("models", [])
     report.setdefault("figures", [])
+    report.setdefault("not_run", [])
     _attach_controls(report)
     for c in report["claims"]:
         c["status"] = _status(c)

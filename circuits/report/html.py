@@ -22,7 +22,7 @@ from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
 from .views import (anchor, case_label, cell_verdict, fmt_margin, headline, held_out, held_out_text,
                     known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
-                    op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness, test_groups, where)
+                    not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness, test_groups, where)
 
 __all__ = ["render_html"]
 
@@ -237,6 +237,10 @@ def _problems(report: dict) -> str:
     out = ""
     if items:
         out += f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
+    for g in not_run_groups(report):
+        ids = "".join(f"<li><code>{_e(n)}</code></li>" for n in g["nodeids"])
+        out += (f'<details class="box not-run"><summary>Not run: {g["n"]} {_e(g["reason"])} (run with '
+                f'<code>{_e(g["option"])}</code>)</summary><ul>{ids}</ul></details>')
     if known:
         out += (f'<div class="box" id="known-controls"><b>Claims known to hold under a control</b> (the '
                 f'module\'s KNOWN_FAILURES, with reasons)<ul style="margin:6px 0 0">{"".join(known)}</ul></div>')

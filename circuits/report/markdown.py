@@ -14,7 +14,7 @@ from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
 from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
                     one_line_summary, op_text, power_matrix, problem_lines, rate_text, robustness, test_label,
-                    known_control_runs, where)
+                    known_control_runs, not_run_groups, where)
 
 __all__ = ["render_markdown", "md_escape", "md_code"]
 
@@ -109,6 +109,8 @@ def _problems(report: dict) -> list[str]:
         lines += ["### Problems", ""]
         lines += [f"- **{md_escape(p['kind'])}** {md_code(p['nodeid'])}: {md_escape(p.get('message'))}"
                   for p in probs] + [""]
+    for g in not_run_groups(report):
+        lines += [f"*Not run:* {g['n']} {md_escape(g['reason'])} (run with {md_code(g['option'])})", ""]
     if known:
         lines += ["### Claims known to hold under a control (the module's KNOWN_FAILURES, with reasons)", ""]
         lines += [f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))} *Known:* {md_escape(r.get('known'))}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, one_line_summary, op_text,
-                    problem_lines, rate_text, robustness, test_label, where)
+from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
+                    one_line_summary, op_text, problem_lines, rate_text, robustness, test_label, where)
 
 __all__ = ["terminal_lines"]
 
@@ -77,6 +77,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
                         {"green": r["after"], "red": not r["after"]} if flip else {}))
     if rows or report.get("tests"):
         out.append(("", {}))
+        if not_run_text(report):
+            out.append((not_run_text(report), {}))
         bad = has_problems(report)
         out.append((one_line_summary(report), {"bold": True, "red": bad, "green": not bad}))
     return out

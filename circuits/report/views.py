@@ -17,7 +17,7 @@ from .machine import commit_text
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
            "test_groups", "power_matrix", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics",
-           "binding_text", "commit_text", "outcome_items", "problem_lines", "has_problems", "run_errors", "OUTCOME_KINDS"]
+           "binding_text", "commit_text", "outcome_items", "problem_lines", "not_run_groups", "not_run_text", "has_problems", "run_errors", "OUTCOME_KINDS"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -183,6 +183,23 @@ def problem_lines(report: dict) -> list[dict]:
             out.append({"kind": r.get("outcome", "").replace("_", " "), "nodeid": r.get("nodeid"),
                         "message": r.get("message")})
     return out
+
+
+def not_run_groups(report: dict) -> list[dict]:
+    """Tests deselected at collection, by why: {"reason", "option" (what runs them), "n", "nodeids"}."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for r in report.get("not_run") or []:
+        groups[(r.get("reason") or "", r.get("option") or "")].append(r.get("nodeid") or "")
+    return [{"reason": reason, "option": option, "n": len(ids), "nodeids": ids}
+            for (reason, option), ids in groups.items()]
+
+
+def not_run_text(report: dict) -> str:
+    """``not run: 35 full-sweep grid tests (run with --circuits-full-sweep), ...`` or ""."""
+    groups = not_run_groups(report)
+    if not groups:
+        return ""
+    return "not run: " + ", ".join(f"{g['n']} {g['reason']} (run with {g['option']})" for g in groups)
 
 
 def known_control_runs(report: dict) -> list[dict]:
