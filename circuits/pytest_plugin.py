@@ -616,3 +616,23 @@ def zoo_models(request: pytest.FixtureRequest):
 
     return ZooSession(request.config, get_plugin(request.config).options)
 
+
+# --- data and reference models the README's examples use (shipped with the package) ------------------
+
+
+@pytest.fixture(scope="session")
+def arena_model(circuits_options):
+    """The published ARENA bracket classifier (shipped with the package, checksum-verified), in our
+    model on the run's device."""
+    from . import reference
+
+    return reference.arena_model(device=circuits_options.device)
+
+
+@pytest.fixture(scope="session")
+def bracket_data():
+    """The first 5,000 published bracket strings (the seed's evaluation set, shipped with the package)."""
+    from . import reference
+
+    return reference.arena_data(reference.N_EVAL)
+

@@ -155,3 +155,20 @@ def test_every_tl_expressible_architecture_agrees_at_every_position(name):
         toks = toks.masked_fill(torch.arange(ours.cfg.n_ctx)[None] >= lengths[:, None], pad)
     with torch.no_grad():
         assert_agree(tl_model.run_with_hooks(toks, fwd_hooks=tl_hooks(ours, toks)), ours(toks), "logits")
+
+
+def test_the_readme_transformerlens_example_runs_as_written():
+    """The README's TransformerLens block, pasted after the three names it leaves to the reader (`model`,
+    `toks`, `PAD`): it runs and its read-out equals ours."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from transformer_lens" in b]
+    model = arena_model()
+    data = arena_data(64)
+    names = {"model": model, "toks": data.toks, "PAD": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TL 3.9's deprecation notice for HookedTransformer
+        exec(compile(block, "README.md", "exec"), names)
+    assert_agree(names["logits"], model(data.toks).detach(), "the README's TL read-out")
