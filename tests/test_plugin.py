@@ -67,7 +67,7 @@ def project(pytester):
 
 def load(pytester, run_id=None):
     reports = pytester.path / "reports"
-    run_id = run_id or (reports / "latest").read_text().strip()
+    run_id = run_id or (reports / "latest.txt").read_text().strip()
     text = (reports / run_id / "report.json").read_text()
     return json.loads(text)  # strict JSON: no NaN
 
@@ -126,7 +126,8 @@ def test_records_survive_failures_crashes_and_interrupts(project):
     outcomes = {t["test"]: t["outcome"] for t in report["tests"]}
     assert outcomes["test_two_then_raise"] == "failed" and "test_never_runs" not in outcomes
     assert outcomes["test_interrupted"] == "interrupted"
-    assert (project.path / "reports" / "latest").read_text().strip() == "crashy"
+    assert (project.path / "reports" / "latest.txt").read_text().strip() == "crashy"
+    assert (project.path / "reports" / "latest" / "report.html").is_file()  # a symlink to the run
     for name in ("report.md", "report.html"):
         assert (project.path / "reports" / "crashy" / name).is_file()
 

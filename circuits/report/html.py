@@ -20,7 +20,7 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
-from .views import (anchor, case_label, cell_verdict, fmt_margin, headline, held_out, held_out_text,
+from .views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
                     known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
                     not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness, test_groups, where)
 
@@ -103,9 +103,28 @@ figcaption { font-size:13.5px; color:var(--muted); margin-top:6px; }
 figcaption b { color:var(--ink); font-weight:600; }
 .tag { display:inline-block; padding:0 6px; border-radius:4px; background:#ddf4ff; color:#0550ae; font-size:12px; }
 .scroll { overflow-x:auto; }
-table.pm td, table.pm th { font-size:12.5px; padding:4px 6px; }
+a.anchor { margin-left:6px; color:var(--line); font-weight:400; font-size:.85em; visibility:hidden; }
+h2:hover a.anchor, h3:hover a.anchor, summary:hover a.anchor { visibility:visible; }
+details.test { border:1px solid var(--line); border-radius:6px; margin:4px 0; padding:0 10px; }
+details.test > summary { color:var(--ink); margin:6px 0; }
+details.test.bad { border-color:#ffcecb; }
+details.test .res { min-width:0; padding:0 5px; font-size:10.5px; margin-left:2px; }
+.tname { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; font-weight:600; }
+.tdoc { margin:-2px 0 4px; }
+.pmbox { overflow:auto; max-height:34em; border:1px solid var(--line); border-radius:6px; margin:6px 0 10px; }
+table.pm { width:auto; margin:0; border-collapse:separate; border-spacing:0; }
+table.pm td.cell { width:22px; min-width:22px; text-align:center; padding:2px 0; font-size:12px; cursor:default; }
+table.pm th.spec { position:sticky; top:0; z-index:2; background:#fff; vertical-align:bottom; padding:4px 1px;
+  width:22px; min-width:22px; }
+table.pm th.spec span { writing-mode:vertical-rl; transform:rotate(180deg); white-space:nowrap; font-size:11.5px;
+  font-weight:500; max-height:15em; overflow:hidden; text-overflow:ellipsis; display:inline-block; }
+table.pm th.spec.mutation { background:#f6f8fa; }
+table.pm th.claim { position:sticky; left:0; z-index:1; background:#fff; text-align:left; white-space:nowrap;
+  font-weight:400; padding:2px 8px; border-right:1px solid var(--line); max-width:26em; overflow:hidden;
+  text-overflow:ellipsis; }
+table.pm thead th.claim { top:0; z-index:3; vertical-align:bottom; }
+table.pm td, table.pm th { font-size:12.5px; }
 table.pm th { text-transform:none; letter-spacing:0; color:var(--ink); }
-table.pm th.grp { text-align:center; border-bottom:1px solid var(--line); }
 table.pm td.cell.ok { background:var(--pass-bg); }
 table.pm td.cell.bad { background:var(--fail-bg); color:var(--fail); }
 table.pm td.cell.known { background:var(--warn-bg); color:var(--warn); }
@@ -196,7 +215,7 @@ def _rollup(report: dict) -> str:
     rows = module_rollup(report)
     if not rows:
         return ""
-    out = ['<section id="rollup"><h2>Systems</h2><table><thead><tr>'
+    out = ['<section id="rollup">' + _heading("h2", "systems", "Systems") + '<table><thead><tr>'
            '<th style="width:40%">system (hypotheses module)</th>'
            '<th class="num">claims</th><th class="num">held</th><th class="num">known failures</th>'
            '<th class="num">failed</th><th class="num">errors</th><th class="num" title="control / mutation cells '
@@ -242,8 +261,9 @@ def _problems(report: dict) -> str:
         out += (f'<details class="box not-run"><summary>Not run: {g["n"]} {_e(g["reason"])} (run with '
                 f'<code>{_e(g["option"])}</code>)</summary><ul>{ids}</ul></details>')
     if known:
-        out += (f'<div class="box" id="known-controls"><b>Claims known to hold under a control</b> (the '
-                f'module\'s KNOWN_FAILURES, with reasons)<ul style="margin:6px 0 0">{"".join(known)}</ul></div>')
+        out += (f'<details class="box" id="known-controls"><summary><b>Claims known to hold under a control</b> '
+                f'({len(known)}: the modules\' KNOWN_FAILURES, with reasons)</summary>'
+                f'<ul style="margin:6px 0 0">{"".join(known)}</ul></details>')
     return out
 
 
@@ -257,7 +277,7 @@ def _compare(cmp_: dict) -> str:
     n = cmp_["counts"]
     who = a.get("run_id") or a.get("path")
     not_run = f' · {n["not_run"]} not run in this run' if n.get("not_run") else ""
-    out = [f'<section id="compare"><h2>Compared with <code>{_e(who)}</code></h2>',
+    out = [f'<section id="compare">' + _heading("h2", "compared", f"Compared with <code>{_e(who)}</code>"),
            f'<p class="sub">{n["matched"]} claims matched · <b class="{"bad" if n["to_fail"] else ""}">'
            f'{n["to_fail"]} now failing</b> · <b class="ok">{n["to_pass"]} now passing</b> · '
            f'{n.get("moved", 0)} moved · {len(cmp_["added"])} new · {len(cmp_["removed"])} gone{_e(not_run)}'
@@ -286,7 +306,7 @@ def _robustness(report: dict) -> str:
     rows = robustness(report)
     if not rows:
         return ""
-    out = ['<section id="robustness"><h2>Robustness across seeds</h2>'
+    out = ['<section id="robustness">' + _heading("h2", "robustness-across-seeds", "Robustness across seeds") +
            '<p class="sub">Each claim on every seed: value, margin and binding; the pass rate with its Wilson 95% '
            'interval; ⇄ marks a seed whose verdict differs from the reference model\'s.</p>'
            '<table><thead><tr><th style="width:22%">test · claim</th><th style="width:16%">reference</th>'
@@ -324,13 +344,31 @@ def _robustness(report: dict) -> str:
 
 
 def _module(report: dict, module: str, run_dir: Path, counter) -> str:
-    out = [f'<section id="{anchor(module)}"><h2><code>{_e(module)}</code></h2>']
+    """A module: its hypothesis, its power matrix (one row per claim), then each test in a ``<details>``
+    that is open only where something is wrong (a failed claim, an error, a claim that held on a control
+    or mutation no KNOWN_FAILURES documents): the page a reader opens shows the problems, the rest a click away."""
+    mid = anchor(module)
+    out = [f'<section id="{mid}">{_heading("h2", mid, f"<code>{_e(module)}</code>")}']
     doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
     if doc:
         out.append(f'<p class="lead">{_e(doc)}</p>')
-    for g in test_groups(report, module):
+    out.append(_power_matrix(report, module))
+    groups = test_groups(report, module)
+    bad = [g for g in groups if _group_has_problem(g)]
+    if groups:
+        out.append(_heading("h3", f"{mid}--tests", f'Tests <span class="sub">— {len(groups)}, '
+                                                     f'{len(bad)} with a problem (open)</span>'))
+    for g in groups:
         tdoc = f' <span class="sub">— {_e(g["doc"])}</span>' if g["doc"] else ""
-        out.append(f'<div class="test"><h3 id="{g["anchor"]}">{_e(g["group"].split("::", 1)[-1])}{tdoc}</h3>')
+        n_claims, n_figs = len(g["claims"]), len(g["figures"])
+        counts = f'<span class="sub"> · {n_claims} claim{"s" * (n_claims != 1)}' + \
+            (f', {n_figs} figure{"s" * (n_figs != 1)}' if n_figs else "") + "</span>"
+        verdicts = "".join(_result(c["status"]) for c in g["claims"][:12])
+        is_bad = g in bad
+        out.append(f'<details class="test{" bad" if is_bad else ""}" id="{g["anchor"]}"{" open" if is_bad else ""}>'
+                   f'<summary><span class="tname">{_e(g["group"].split("::", 1)[-1])}</span> {verdicts}{counts}'
+                   f'<a class="anchor" href="#{g["anchor"]}" title="link to this test">#</a></summary>'
+                   f'<div class="tdoc">{tdoc}</div>')
         if g["claims"]:
             out.append(_claims_table(g["claims"]))
         main = [tf for tf in g["figures"] if not tf[0].get("control")]
@@ -340,10 +378,25 @@ def _module(report: dict, module: str, run_dir: Path, counter) -> str:
         if ctl:
             out.append(f'<details><summary>figures on controls ({len(ctl)})</summary>'
                        f'{_figures(ctl, run_dir, counter, g["anchor"])}</details>')
-        out.append("</div>")
-    out.append(_power_matrix(report, module))
+        out.append("</details>")
     out.append("</section>")
     return "\n".join(out)
+
+
+def _group_has_problem(g: dict) -> bool:
+    """A failed or errored claim, a control / mutation cell that held (undocumented) or errored."""
+    for c in g["claims"]:
+        if c["status"] in ("FAIL", "ERROR") or c.get("test_outcome") in ("error", "not finished", "interrupted"):
+            return True
+        if any(x["outcome"] in ("error", "missing") or (x["outcome"] == "held" and not x.get("known"))
+               for x in c.get("controls", [])):
+            return True
+    return False
+
+
+def _heading(tag: str, hid: str, inner: str) -> str:
+    """A heading with an id and a visible anchor link (every heading can be linked to)."""
+    return f'<{tag} id="{_e(hid)}">{inner}<a class="anchor" href="#{_e(hid)}" title="link to this heading">#</a></{tag}>'
 
 
 def _claims_table(claims: list[dict]) -> str:
@@ -444,38 +497,59 @@ def _read(run_dir: Path, rel: str | None) -> bytes | None:
         return None
 
 
+PM_SYMBOL = {"ok": "✓", "bad": "✗", "known": "k", "muted": "–", "na": ""}
+
+
 def _power_matrix(report: dict, module: str) -> str:
+    """One row per claim, one narrow column per control / mutation (its name written upwards), a
+    symbol per cell with the value, requirement and margin in its tooltip; the header row and the
+    claim column stay in view while the box scrolls."""
     pm = power_matrix(report, module)
     if not pm or not pm["rows"]:
         return ""
     kinds = [k for _, k in pm["columns"]]
     n_ctl, n_mut = kinds.count("control"), kinds.count("mutation")
-    groups = ""
-    if n_mut:
-        groups = ('<tr><th></th>' + (f'<th class="grp" colspan="{n_ctl}">controls</th>' if n_ctl else "") +
-                  f'<th class="grp" colspan="{n_mut}">mutations</th></tr>')
-    head = "".join(f"<th>{_e(spec)}</th>" for spec, _ in pm["columns"])
-    out = [f'<h3>Power matrix <span class="sub">— each claim on each control / mutation: green = failed as required, '
-           f'red = held (no teeth / no power)</span></h3><div class="scroll"><table class="pm"><thead>{groups}'
-           f'<tr><th>test · claim</th>{head}</tr></thead><tbody>']
+    head = "".join(f'<th class="spec {k}" title="{_e(k)} {_e(spec)}"><span>{_e(spec.removeprefix("mutate:"))}</span></th>'
+                   for spec, k in pm["columns"])
+    hid = f"{anchor(module)}--power"
+    legend = ('each claim (row) on each control / mutation (column): <b class="ok">✓</b> failed as required · '
+              '<b class="bad">✗</b> held: no teeth (control) / no power (mutation) · <b class="warn">k</b> held, '
+              'a known miss (KNOWN_FAILURES) · <b class="bad">!</b> error · – skipped; hover a cell for its value, '
+              'requirement and margin')
+    out = [_heading("h3", hid, f'Power matrix <span class="sub">— {len(pm["rows"])} claims × {n_ctl} controls, '
+                               f'{n_mut} mutations</span>'),
+           f'<p class="note">{legend}</p><div class="pmbox"><table class="pm"><thead>'
+           f'<tr><th class="claim">claim <span class="sub">(test)</span></th>{head}</tr></thead><tbody>']
     for row in pm["rows"]:
         c = row["claim"]
         cells = []
-        for spec, _ in pm["columns"]:
+        for spec, kind in pm["columns"]:
             x = row["cells"].get(spec)
             cls, verdict = cell_verdict(x)
             if x is None:
                 cells.append('<td class="cell"></td>')
                 continue
-            val = (f'<br><span class="m">{_e(x["value_text"])}</span> ({_e(fmt_margin(x.get("margin")))})'
-                   if x.get("value_text") else "")
-            cells.append(f'<td class="cell {cls}" title="{_e(x.get("message"))}">{_e(verdict)}{val}</td>')
+            symbol = "!" if verdict == "error" else PM_SYMBOL.get(cls, "?")
+            tip = f'{c["name"]} on {kind} {spec.removeprefix("mutate:")}: {verdict}'
+            if x.get("value_text"):
+                tip += f' — {x["value_text"]}'
+                if x.get("requirement"):
+                    tip += f' (needs {x["requirement"]}, margin {fmt_margin(x.get("margin"))})'
+            elif x.get("message"):
+                tip += f" — {x['message']}"
+            cells.append(f'<td class="cell {cls}" title="{_e(tip)}">{symbol}</td>')
         seed = f" (seed {c['seed']})" if c.get("seed") is not None else ""
+        test = (c.get("group") or "").split("::", 1)[-1]
         badge = '<span class="badge">generic only</span>' if c.get("generic_only") else ""
-        out.append(f'<tr><td><span class="sub">{_e((c.get("group") or "").split("::", 1)[-1])}{_e(seed)}</span><br>'
-                   f'<code>{_e(c["name"])}</code>{badge}</td>{"".join(cells)}</tr>')
+        out.append(f'<tr><th class="claim" title="{_e(test + seed)}: {_e(c.get("message"))}">'
+                   f'<a href="#{anchor(test_function(c.get("group") or ""))}"><code>{_e(c["name"])}</code></a>'
+                   f'{badge} <span class="sub">{_e(_short(test, 40))}{_e(seed)}</span></th>{"".join(cells)}</tr>')
     out.append("</tbody></table></div>")
     return "\n".join(out)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # --- the rest ----------------------------------------------------------------------------------------------
@@ -494,7 +568,9 @@ def _models(report: dict) -> str:
         return ""
     from ..figures import training_curves_svg
 
-    out = ['<section id="models"><h2>Models</h2><table><thead><tr><th>model</th><th>seed</th><th>source</th>'
+    out = ['<section id="models">' + _heading("h2", "models-list", "Models") +
+           f'<details><summary>{len(models)} models (held-out accuracy, source, training time)</summary>'
+           '<table><thead><tr><th>model</th><th>seed</th><th>source</th>'
            "<th>key</th><th>final metrics (held-out first)</th><th class='num'>time</th></tr></thead><tbody>"]
     curves = []
     for m in models:
@@ -511,7 +587,7 @@ def _models(report: dict) -> str:
         if svg:
             curves.append(f'<figure>{svg}<figcaption><b>{_e(m.get("name"))}</b> training curve '
                           f'({_e(m.get("source"))})</figcaption></figure>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></details>")
     if curves:
         out.append(f'<details><summary>training curves ({len(curves)})</summary><div class="grid">{"".join(curves)}'
                    "</div></details>")
@@ -525,7 +601,7 @@ def _tests(report: dict) -> str:
         return ""
     cls = {"passed": "ok", "failed": "bad", "error": "bad", "xpassed": "bad", "not finished": "bad",
            "interrupted": "bad"}
-    out = [f'<section id="tests"><h2>Tests</h2><details><summary>{len(tests)} tests, '
+    out = ['<section id="tests">' + _heading("h2", "tests-list", "Tests") + f'<details><summary>{len(tests)} tests, '
            f"{sum(t.get('duration') or 0 for t in tests):.1f} s in total</summary>"
            "<table><thead><tr><th>test</th><th>outcome</th><th class='num'>duration</th><th>message</th>"
            "</tr></thead><tbody>"]
@@ -546,4 +622,4 @@ def _footer(report: dict) -> str:
           ("cpus", f'{m.get("cpus_usable")} usable of {m.get("cpu_count")}'),
           ("versions", versions_text(report)), ("exit status", report.get("exitstatus"))]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in kv if v is not None)
-    return f'<section id="run"><h2>Run</h2><dl class="kv">{rows}</dl></section>'
+    return f'<section id="run">{_heading("h2", "run-details", "Run")}<dl class="kv">{rows}</dl></section>'
