@@ -219,15 +219,17 @@ class CircuitsSession:
     """Holds a run's state: options, the records seen so far, and the report once written."""
 
     def __init__(self, config: pytest.Config, options: RunOptions, previous: dict | None = None) -> None:
-        from . import report as _report
+        # the collector and the clock only: the outputs (numpy) load when a report is built
+        from .report.collect import RunCollector
+        from .report.machine import now_iso
 
         self.config = config
         self.options = options
         self.previous = previous
         self.is_worker = hasattr(config, "workerinput")
-        self.collector = _report.RunCollector()
+        self.collector = RunCollector()
         self.started = time.time()
-        self.created = _report.now_iso()
+        self.created = now_iso()
         self.current_item: pytest.Item | None = None
         self.pending_models: list[dict] = []
         self.report: dict | None = None

@@ -134,6 +134,13 @@ def test_plugin_does_not_import_torch_in_an_unrelated_project(installed):
     assert "circuits.pytest_plugin" in plugins  # the plugin is installed and auto-loaded: its import is what's measured
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "torch" not in imported, "loading the circuits plugin imported torch in a project that does not use it"
+    # nothing heavy at all: the plugin's start-up is its own few small modules (issue 32: numpy through
+    # circuits.report cost ~0.35 s of every pytest start in projects that never use it)
+    heavy = {"numpy", "torch", "scipy", "matplotlib", "sklearn", "safetensors", "filelock"} & set(imported)
+    assert not heavy, f"loading the circuits plugin imported {sorted(heavy)}"
+    ours = sorted(m for m in imported if m == "circuits" or m.startswith("circuits."))
+    assert set(ours) <= {"circuits", "circuits.errors", "circuits.session", "circuits.paths", "circuits.pytest_plugin",
+                         "circuits.report", "circuits.report.collect", "circuits.report.machine"}, ours
 
 
 # Another project's conftest, as people write them: options and fixtures with the words a claims

@@ -421,3 +421,27 @@ def test_the_repository_leaves_the_cache_provider_on():
     ini = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     addopts = ini["tool"]["pytest"]["ini_options"]["addopts"]
     assert "cacheprovider" not in addopts, addopts  # --lf / --ff need it
+
+
+def test_plugin_start_up_imports_nothing_heavy(tmp_path):
+    """In a project that never uses circuits, loading the plugin (and configuring it) imports its own
+    few small modules only: no numpy, torch, scipy, matplotlib (with every other plugin's autoload off,
+    so what `-X importtime` lists is pytest's and ours). The wheel-installed variant of this check is
+    in tests/test_packaging.py."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    assert True\n")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PYTEST_ADDOPTS", None)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pytest", "-p", "circuits.pytest_plugin",
+                             "-q", "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in result.stderr.splitlines() if ln.startswith("import time:")}
+    assert "circuits.session" in imported  # (the plugin module itself is imported through pytest's rewrite hook)
+    heavy = {"numpy", "torch", "scipy", "matplotlib", "sklearn", "safetensors"} & imported
+    assert not heavy, f"the plugin's start-up imported {sorted(heavy)}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable
 
-from ..claims import _jsonable
 
 __all__ = ["SCHEMA", "PROPS", "GENERIC_CONTROLS", "OUTCOME_KINDS", "RunCollector", "pass_rates", "rederive",
            "control_kind", "is_generic", "problem_tests", "run_errors", "outcome_counts"]
@@ -164,6 +163,8 @@ class RunCollector:
         report["pass_rates"] = pass_rates(claims, tests)
         report["errors"] = run_errors(report)
         report["summary"] = _summary(report)
+        from ..claims import _jsonable  # (numpy: imported when a report is built, not at plugin load)
+
         return _jsonable(report)
 
     def _finish_test(self, t: dict) -> dict:
