@@ -167,7 +167,8 @@ def _ground_truth(report: dict) -> str:
     gt = ground_truth_matrix(report)
     if gt is None:
         return ""
-    out = ['<section id="ground-truth"><h2>Ground truth: verdicts on compiled models</h2>'
+    out = ['<section id="ground-truth">' +
+           _heading("h2", "ground-truth-verdicts", "Ground truth: verdicts on compiled models") +
            '<p class="sub">Claims about Tracr-compiled models, stated TRUE as compiled and FALSE in several ways: '
            'a right verdict is a TRUE claim passing or a FALSE claim failing.</p>'
            '<table><thead><tr><th>claim type</th><th>TRUE, passed</th><th>TRUE, failed</th><th>FALSE, passed</th>'
