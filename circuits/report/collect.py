@@ -320,7 +320,7 @@ def _test_error_kind(t: dict) -> str:
     if t["outcome"] in ("not finished", "interrupted"):
         return "interrupted"
     phases = t.get("phases") or {}
-    if (phases.get("setup") or {}).get("outcome") == "failed" or (phases.get("teardown") or {}).get("outcome") == "failed":
+    if any((phases.get(when) or {}).get("outcome") == "failed" for when in ("setup", "teardown")):
         return "fixture"
     return "crash"
 

@@ -22,7 +22,8 @@ from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
 from .views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
                     known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
-                    not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness, test_groups, where)
+                    not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness,
+                    test_groups, where)
 
 __all__ = ["render_html"]
 
@@ -532,8 +533,8 @@ def _power_matrix(report: dict, module: str) -> str:
         return ""
     kinds = [k for _, k in pm["columns"]]
     n_ctl, n_mut = kinds.count("control"), kinds.count("mutation")
-    head = "".join(f'<th class="spec {k}" title="{_e(k)} {_e(spec)}"><span>{_e(spec.removeprefix("mutate:"))}</span></th>'
-                   for spec, k in pm["columns"])
+    head = "".join(f'<th class="spec {k}" title="{_e(k)} {_e(spec)}"><span>{_e(spec.removeprefix("mutate:"))}'
+                   "</span></th>" for spec, k in pm["columns"])
     hid = f"{anchor(module)}--power"
     legend = ('each claim (row) on each control / mutation (column): <b class="ok">✓</b> failed as required · '
               '<b class="bad">✗</b> held: no teeth (control) / no power (mutation) · <b class="warn">k</b> held, '

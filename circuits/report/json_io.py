@@ -2,8 +2,8 @@
 load a run by id / path / "latest" / "baseline", and promote a run to the committed baseline.
 
 Layout of a run (``<report-dir>/<run-id>/``): ``report.json``, ``report.md``, ``report.html`` and
-``figures/``; ``<report-dir>/latest`` links to the newest run (``latest.txt`` holds its id); ``<report-dir>/baseline/`` is the
-committed baseline (``python -m circuits report --promote-baseline [RUN]``).
+``figures/``; ``<report-dir>/latest`` links to the newest run (``latest.txt`` holds its id);
+``<report-dir>/baseline/`` is the committed baseline (``python -m circuits report --promote-baseline [RUN]``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from .machine import commit_text
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
            "test_groups", "power_matrix", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics",
-           "binding_text", "commit_text", "outcome_items", "problem_lines", "not_run_groups", "not_run_text", "has_problems", "run_errors", "OUTCOME_KINDS"]
+           "binding_text", "commit_text", "outcome_items", "problem_lines", "not_run_groups", "not_run_text",
+           "has_problems", "run_errors", "OUTCOME_KINDS"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -61,7 +62,8 @@ CONTROL_MARKS = {"failed": "✓", "held": "✗ held", "missing": "! error", "err
 
 def control_text(x: dict) -> str:
     """One control of a claim: ``untrained ✓ 2716 (needs >= 5000, margin −2284)``."""
-    mark = "✗ held (known)" if x["outcome"] == "held" and x.get("known") else CONTROL_MARKS.get(x["outcome"], x["outcome"])
+    known = x["outcome"] == "held" and x.get("known")
+    mark = "✗ held (known)" if known else CONTROL_MARKS.get(x["outcome"], x["outcome"])
     text = f"{x['control']} {mark}"
     if x.get("value_text"):
         text += f" {x['value_text']}"
