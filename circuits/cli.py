@@ -235,9 +235,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="zoo entries and their status").set_defaults(fn=cmd_list)
-    p = sub.add_parser("train", help="train a zoo model into the model store, or reuse the model the store already "
-                                     "has for this name, seed and spec (or wait for another process training "
-                                     "it); --force retrains")
+    train_help = ("train a zoo model into the model store, or reuse the model the store already has for this "
+                  "name, seed and spec (or wait for another process training it); --force retrains")
+    p = sub.add_parser("train", help=train_help, description=train_help)
     p.add_argument("name", help="zoo entry, or NAME@VARIANT for one of its recipe variants (see `list`)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the entry's reference seed)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
