@@ -104,6 +104,11 @@ class HookedRootModule(nn.Module):
         return out
 
     # --- name resolution ---------------------------------------------------------------------------
+    def absent_hook_hint(self, name: str) -> str:
+        """Why `name` is not a hook point of this model, for the error message ('' = no reason known;
+        models override it, e.g. an attention-only model naming its missing MLP hooks)."""
+        return ""
+
     def resolve_hook_names(self, names: NamesFilter) -> list[str]:
         """Turn a filter (None = all, a name, a list of names, or a predicate) into hook names.
 
@@ -119,7 +124,7 @@ class HookedRootModule(nn.Module):
         out = []
         for n in names:
             if n not in self.hook_dict:
-                hint = did_you_mean(n, self.hook_dict, cutoff=0.5)
+                hint = self.absent_hook_hint(n) or did_you_mean(n, self.hook_dict, cutoff=0.5)
                 raise HookNameError(
                     f"unknown hook name {n!r}{hint} (this model has {len(self.hook_dict)} hook points; "
                     f"see model.hook_dict)"
