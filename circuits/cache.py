@@ -90,16 +90,23 @@ def _pos_slice(x: torch.Tensor, pos_slice: PosSlice, dim: int) -> torch.Tensor:
     if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):
         _check_position(pos_slice, size, "pos_slice")
         return x[(slice(None),) * dim + (pos_slice,)]
-    try:
-        index = torch.as_tensor(pos_slice)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"pos_slice must be None, an int, a slice or a list of ints, got {pos_slice!r}") from None
-    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex() or index.ndim != 1:
-        raise InputError(f"pos_slice must be a 1-D list of int positions, got dtype {index.dtype}, "
-                         f"shape {tuple(index.shape)} (float positions are not rounded)")
-    if index.numel() and (int(index.min()) < -size or int(index.max()) >= size):
-        raise InputError(f"pos_slice {index.tolist()} is out of range: the cached activations have {size} positions")
-    index = torch.where(index < 0, index + size, index).to(device=x.device, dtype=torch.long)
+    if isinstance(pos_slice, torch.Tensor):
+        if pos_slice.dtype == torch.bool or pos_slice.is_floating_point() or pos_slice.is_complex() or pos_slice.ndim != 1:
+            raise InputError(f"pos_slice must be a 1-D list of int positions, got dtype {pos_slice.dtype}, "
+                             f"shape {tuple(pos_slice.shape)} (float positions are not rounded)")
+        positions = pos_slice.tolist() if pos_slice.device.type != "meta" else None
+    else:
+        positions = list(pos_slice) if isinstance(pos_slice, (list, tuple, range)) else None
+        if positions is None or any(isinstance(p, bool) or not isinstance(p, int) for p in positions):
+            raise InputError(f"pos_slice must be None, an int, a slice or a list of int positions, got {pos_slice!r} "
+                             "(float positions are not rounded)")
+    if positions is not None:
+        bad = [p for p in positions if not -size <= p < size]
+        if bad:
+            raise InputError(f"pos_slice positions {bad} are out of range: the cached activations have {size} positions")
+        index = torch.tensor([p % size for p in positions], dtype=torch.long, device=x.device)
+    else:  # a meta tensor: nothing to check
+        index = pos_slice.to(device=x.device, dtype=torch.long)
     return x.index_select(dim, index)
 
 

@@ -200,10 +200,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def check_census_args(args) -> None:
+    """What a census would find wrong only after its runs: checked first (InputError, exit 2)."""
+    import math
+
+    from .paths import check_output_dir
+
+    if args.acc_target is not None and not (math.isfinite(args.acc_target) and 0 <= args.acc_target <= 1):
+        raise InputError(f"--acc-target {args.acc_target!r}: expected an accuracy in [0, 1]")
+    try:
+        check_output_dir(Path(args.out) / args.name, "--out", f"census.json goes to OUT/{args.name}/")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def cmd_census(args) -> int:
     from .census import run_census
     from .seeds import parse_seeds
 
+    check_census_args(args)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,

@@ -165,3 +165,144 @@ def test_dead_hook_names_raise_on_attention_only(name):
     _, cache = model.run_with_cache(x, names=["blocks.0.hook_resid_post"])
     with pytest.raises(HookNameError, match="attention-only"):
         cache[name]
+
+
+# --- a hook returning None; NaN / inf from a hook ----------------------------------------------------
+EXPLICIT_ATTENTION = ("attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_result")
+
+
+@pytest.mark.parametrize("config,dtype", [("brackets", torch.float32), ("palindrome", torch.float32),
+                                          ("attn_only", torch.float32), ("causal_padded", torch.float64)])
+def test_hook_returning_none_is_documented(config, dtype):
+    """README "Hooks": None leaves the activation unchanged. The output is bitwise the unhooked one
+    except where observing switches a sublayer to its explicit path (attention scores / pattern /
+    per-head results; any last-block hook that turns off the read-out-only path), and there it agrees
+    to float rounding."""
+    model = perturbed_model(config, dtype=dtype)
+    x = _inputs(model).repeat(22, 1)  # 66 rows: the read-out-only path is on (READOUT_ONLY_MIN_BATCH)
+    from circuits.model import FULL_POSITION_HOOKS
+    last = f"blocks.{model.cfg.n_layers - 1}."
+    with torch.no_grad():
+        base = model(x)
+        for name in model.hook_dict:
+            out = model.run_with_hooks(x, fwd_hooks=[(name, lambda a, hook: None)])
+            explicit = name.endswith(EXPLICIT_ATTENTION) or (
+                model.cfg.readout != "all" and name.startswith(last) and name[len(last):] not in FULL_POSITION_HOOKS)
+            if explicit:
+                tol = 1e-5 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(out, base, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+            else:
+                assert torch.equal(out, base), f"{name}: a hook returning None changed the output"
+
+
+def test_nan_from_a_hook_flows_on_unless_checked(model, toks):
+    def poison(x, hook):
+        x = x.clone()
+        x[0, 0, 0] = float("nan")
+        return x
+
+    hooks = [("blocks.0.hook_resid_pre", poison)]
+    with torch.no_grad():
+        out = model.run_with_hooks(toks, fwd_hooks=hooks)  # documented: flows on, as in TransformerLens
+        assert torch.isnan(out[0]).any() and not torch.isnan(out[1:]).any()
+        with pytest.raises(HookOutputError, match=r"poison on 'blocks.0.hook_resid_pre' returned 1 non-finite"):
+            model.run_with_hooks(toks, fwd_hooks=hooks, check_finite=True)
+        inf = [("blocks.1.attn.hook_z", lambda x, hook: x / 0)]
+        with pytest.raises(HookOutputError, match="non-finite"):
+            model.run_with_hooks(toks, fwd_hooks=inf, check_finite=True)
+        assert not any(hp.fns for hp in model.hook_dict.values())  # detached after the error
+        ok = model.run_with_hooks(toks, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x * 1)],
+                                  check_finite=True)
+        assert torch.equal(ok, model(toks))
+
+
+# --- options, environment and output paths: one usage error at start-up ------------------------------
+def _flag(name: str) -> str:
+    """The plugin's spelling of an option (`--NAME`, or `--circuits-NAME` once options are prefixed)."""
+    import inspect
+
+    from circuits import pytest_plugin
+
+    src = inspect.getsource(pytest_plugin.pytest_addoption)
+    return f"--circuits-{name}" if f'"--circuits-{name}"' in src else f"--{name}"
+
+
+ONE_TEST = "def test_x():\n    pass\n"
+
+
+@pytest.mark.parametrize("report, words", [
+    ({"claims": "x"}, "its 'claims' is a JSON str, not a list"),
+    ({"claims": [1]}, "claims[0] is a JSON int, not an object"),
+    ({"claims": [], "tests": {}}, "its 'tests' is a JSON dict"),
+    ([1, 2], "is not a circuits report (no 'claims')"),
+])
+def test_compare_with_a_malformed_report_is_a_usage_error(pytester, report, words):
+    import json
+
+    pytester.makepyfile(ONE_TEST)
+    bad = pytester.path / "bad.json"
+    bad.write_text(json.dumps(report))
+    result = pytester.runpytest(_flag("compare"), str(bad))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert words in result.stderr.str() and "1 passed" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_report_dir_that_is_a_file_is_a_usage_error(pytester, where):
+    pytester.makepyfile(ONE_TEST)
+    (pytester.path / "afile").write_text("x")
+    target = "afile" if where == "file" else "afile/reports"
+    result = pytester.runpytest(_flag("report-dir"), target)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "is not a folder" in result.stderr.str() and "1 passed" not in result.stdout.str()
+    assert pytester.runpytest(_flag("report-dir"), target, _flag("no-report")).ret == 0  # nothing is written
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "0", "-3", "abc", "1.5", "٣"])
+def test_bad_circuits_threads_is_one_usage_error(pytester, monkeypatch, value):
+    pytester.makepyfile(ONE_TEST)
+    monkeypatch.setenv("CIRCUITS_THREADS", value)
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "CIRCUITS_THREADS" in err and "expected a whole number of torch threads" in err
+    monkeypatch.setenv("CIRCUITS_THREADS", "2")
+    assert pytester.runpytest().ret == 0
+
+
+def test_threads_from_env_is_what_the_claims_use(monkeypatch):
+    from circuits.session import threads_from_env
+
+    monkeypatch.setenv("CIRCUITS_THREADS", "3")
+    assert threads_from_env() == 3
+    monkeypatch.delenv("CIRCUITS_THREADS")
+    assert threads_from_env() is None
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("skip_trigrams@nope", "--variant 'skip_trigrams@nope': unknown variant 'nope' of 'skip_trigrams'"),
+    ("nosuchmodel@x", "--variant 'nosuchmodel@x': unknown model 'nosuchmodel'"),
+])
+def test_unknown_variant_is_one_usage_error(pytester, variant, words):
+    pytester.makepyfile(ONE_TEST)
+    result = pytester.runpytest(_flag("variant"), variant, "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert words in result.stderr.str() and "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--acc-target", "nan"], "--acc-target nan: expected an accuracy in [0, 1]"),
+    (["--acc-target", "inf"], "--acc-target inf"),
+    (["--acc-target", "1.5"], "--acc-target 1.5"),
+    (["--out", "{file}"], "is not a folder"),
+])
+def test_census_bad_arguments_refused_up_front(tmp_path, monkeypatch, capsys, args, words):
+    from circuits import census, cli
+
+    monkeypatch.setattr(census, "run_census", lambda *a, **k: pytest.fail("the census started"))
+    (tmp_path / "afile").write_text("x")
+    args = [a.replace("{file}", str(tmp_path / "afile")) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "census")]
+    assert cli.main(["census", "brackets", "--seeds", "0", *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
