@@ -306,3 +306,148 @@ def test_census_bad_arguments_refused_up_front(tmp_path, monkeypatch, capsys, ar
     assert cli.main(["census", "brackets", "--seeds", "0", *out, *args]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+# --- the model store ------------------------------------------------------------------------------------
+STORE_SPEC = {"name": "m", "seed": 0, "train": {"steps": 1}}
+
+
+def _stored(root):
+    from circuits.store import ModelStore, spec_key
+
+    s = ModelStore(root)
+    key = spec_key(STORE_SPEC)
+    s.get_or_create(STORE_SPEC, lambda: ({"w": torch.ones(3)}, {"metrics": {"acc": 0.5}}))
+    return s, key
+
+
+def test_card_that_is_a_folder_is_corrupt_and_removed(tmp_path):
+    import shutil as sh
+
+    from circuits.store import CorruptCheckpointWarning
+
+    s, key = _stored(tmp_path)
+    card = s.card_path(key)
+    card.unlink()
+    card.mkdir()
+    (card / "inside").write_text("x")
+    assert s.verify(key) == ("corrupt", "card.json: the card is a folder, not a file")
+    assert s.unreadable() == {key: "card.json: the card is a folder, not a file"}
+    with pytest.warns(CorruptCheckpointWarning, match="the card is a folder.*removed it"):
+        assert s.load(key) is None
+    assert not s.entry_dir(key).exists()  # the warning's "removed it" is true
+    _, card_fields, created = s.get_or_create(STORE_SPEC, lambda: ({"w": torch.ones(3)}, {}))
+    assert created and card_fields["key"] == key
+
+
+def test_lowered_format_version_without_card_hash_is_refused(tmp_path):
+    import json
+
+    s, key = _stored(tmp_path)
+    card = json.loads(s.card_path(key).read_text())
+    del card["card_hash"]
+    card["format_version"] = 1
+    card["metrics"]["acc"] = 1.0
+    s.card_path(key).write_text(json.dumps(card))
+    status, problem = s.verify(key)
+    assert status == "corrupt" and "no card_hash (format_version 1)" in problem
+    assert s.entries(verify=True) == []  # `list` does not show it cached
+
+
+def test_free_space_checked_before_a_build(tmp_path, monkeypatch):
+    import collections
+    import shutil as sh
+
+    from circuits.errors import StoreError
+    from circuits.store import ModelStore
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10 << 20, (10 << 20) - (1 << 20), 1 << 20))
+    built = []
+
+    def build():
+        built.append(1)
+        return {"w": torch.ones(3)}, {}
+
+    s = ModelStore(tmp_path / "store")
+    with pytest.raises(StoreError, match=r"only 1.0 MiB free on its filesystem, a build needs about 6.0 MiB") as info:
+        s.get_or_create(STORE_SPEC, build, expected_bytes=1 << 20)
+    assert built == [] and "\n" not in str(info.value)
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 40))
+    assert s.get_or_create(STORE_SPEC, build, expected_bytes=1 << 20)[2] and built == [1]
+
+
+def test_zoo_training_checks_free_space_first(tmp_path, monkeypatch):
+    import collections
+    import shutil as sh
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_zoo import tiny_entry
+
+    from circuits import train, zoo
+    from circuits.errors import StoreError
+    from circuits.store import ModelStore
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(1 << 20, 1 << 20, 100))
+    monkeypatch.setattr(zoo, "train_entry", lambda *a, **k: pytest.fail("training started on a full disk"))
+    entry = tiny_entry()
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    with pytest.raises(StoreError, match="MiB free"):
+        zoo.load(entry.name, seed=3, store=ModelStore(tmp_path))
+
+
+def test_pickle_named_safetensors_is_a_clear_error(tmp_path):
+    from circuits.convert import load_tl_checkpoint
+    from circuits.errors import StateDictError
+
+    path = tmp_path / "model.safetensors"
+    torch.save({"embed.W_E": torch.zeros(2, 2)}, path)
+    with pytest.raises(StateDictError, match=r"could not read .*model.safetensors as safetensors .*must be one") as info:
+        load_tl_checkpoint(path, CONFIGS["brackets"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(StateDictError, match="no checkpoint file"):
+        load_tl_checkpoint(tmp_path / "missing.safetensors", CONFIGS["brackets"])
+
+
+@pytest.fixture
+def stored_tiny(tmp_path, monkeypatch):
+    """A trained tiny zoo entry (seed 2) in a store at tmp_path, the CLI pointed at it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_zoo import tiny_entry
+
+    from circuits import zoo
+    from circuits.store import ModelStore, spec_key
+
+    entry = tiny_entry()
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
+    zoo.load(entry.name, seed=2, store=ModelStore(tmp_path))
+    return entry, ModelStore(tmp_path), spec_key(entry.spec(2))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "folder"])
+def test_list_and_card_say_corrupt(stored_tiny, capsys, monkeypatch, damage):
+    from circuits import cli
+
+    entry, store, key = stored_tiny
+    card = store.card_path(key)
+    if damage == "garbage":
+        card.write_text("{not json")
+    else:
+        card.unlink()
+        card.mkdir()
+    assert cli._status(entry.name)[1] == "not cached, corrupt seeds [2] (retrained on use)"
+    monkeypatch.setattr(cli.zoo, "names", lambda: [entry.name])
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "corrupt seeds [2]" in out and f"corrupt model store entry {key}" in out
+    assert cli.main(["card", entry.name, "--seed", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{entry.name} seed 2: its model store entry is corrupt" in err and "not in the model store" not in err
+    assert store.card_path(key).exists(), "`card` is read-only: it leaves the entry for a rebuild to replace"
