@@ -145,8 +145,11 @@ def _inputs(model):
     return torch.randint(0, cfg.d_vocab, (3, cfg.n_ctx), generator=g) % (cfg.pad_token or cfg.d_vocab)
 
 
-@pytest.mark.parametrize("build", list(ATTN_ONLY_MODELS.values()) + [lambda c=c: perturbed_model(c) for c in CONFIGS],
-                         ids=list(ATTN_ONLY_MODELS) + list(CONFIGS))
+ASSOC = {k: v for k, v in ATTN_ONLY_MODELS.items() if k.startswith("assoc")}
+
+
+@pytest.mark.parametrize("build", list(ASSOC.values()) + [lambda c=c: perturbed_model(c) for c in CONFIGS],
+                         ids=list(ASSOC) + list(CONFIGS))
 def test_every_listed_hook_point_fires(build):
     model = build().eval()
     fired = set()
@@ -451,3 +454,49 @@ def test_list_and_card_say_corrupt(stored_tiny, capsys, monkeypatch, damage):
     err = capsys.readouterr().err
     assert f"{entry.name} seed 2: its model store entry is corrupt" in err and "not in the model store" not in err
     assert store.card_path(key).exists(), "`card` is read-only: it leaves the entry for a rebuild to replace"
+
+
+# --- terminal injection: names and messages shown through report.text.visible ----------------------------
+EVIL = "acc\x1b[2J\x1b]0;pwned\x07\x1b[32mFAKE ALL PASSED\x1b[0m\u202eDESSAP\nALL PASSED\x07"
+
+
+def test_visible_escapes_and_truncates():
+    from circuits.report.text import visible
+
+    shown = visible(EVIL)
+    assert shown == ("acc\\x1b[2J\\x1b]0;pwned\\x07\\x1b[32mFAKE ALL PASSED\\x1b[0m\\u202eDESSAP\\nALL PASSED\\x07")
+    assert shown.isprintable()
+    for c in "\u202a\u202b\u202c\u202d\u2066\u2067\u2068\u2069\u200e\u200f\u061c\x85\x9b\x7f\u2028":
+        assert visible(f"a{c}b") == f"a\\{'x' if ord(c) < 256 else 'u'}{ord(c):0{2 if ord(c) < 256 else 4}x}b"
+    assert visible("héllo ✓ 名前 ↳") == "héllo ✓ 名前 ↳"  # printable text is left alone
+    long = visible("x" * 60_153, 200)
+    assert len(long) == 200 and long.endswith(f"… (+{60_153 - long.index('…')} chars)")
+    assert visible("a\nb\u202e", None, keep_lines=True) == "a\nb\\u202e"
+
+
+def test_escapes_in_claim_names_reach_no_output_raw(pytester):
+    import json
+
+    long_name = "n" * 60_153
+    pytester.makepyfile(test_evil=f'''
+        def test_evil(claim):
+            claim.at_least({EVIL!r}, 0.5, 0.9)
+
+        def test_long(claim):
+            claim.at_least({long_name!r}, 1.0, 0.9)
+    ''')
+    result = pytester.runpytest("--run-id", "evil", "-rA")
+    assert result.ret == 1
+    out = result.stdout.str() + result.stderr.str()
+    for raw in ("\x1b[2J", "\x1b]0;", "\x07", "\u202e", "FAKE ALL PASSED\x1b"):
+        assert raw not in out, repr(raw)
+    assert "\\x1b[2J" in out and "\\u202e" in out
+    assert max(map(len, out.splitlines())) < 3000
+    run = pytester.path / "reports" / "evil"
+    md = (run / "report.md").read_text()
+    assert "\x1b" not in md and "\u202e" not in md and "\x07" not in md
+    assert max(map(len, md.splitlines())) < 3000  # the 60,153-character name is cut
+    html = (run / "report.html").read_text()
+    assert "\x1b" not in html and "\u202e" not in html
+    names = {c["name"] for c in json.loads((run / "report.json").read_text())["claims"]}
+    assert names == {EVIL, long_name}  # report.json keeps the full text
