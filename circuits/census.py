@@ -358,7 +358,10 @@ def markdown(census: Census) -> str:
     out.append("|---|" + "---|" * len(census.columns))
     for row in census.rows:
         out.append(f"| {row['label']} | " + " | ".join(_fmt_cell(row["claims"].get(c)) for c in census.columns) + " |")
-    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {c}" for c in census.columns]
+    from .report.markdown import md_escape
+    from .report.text import NAME_LIMIT
+
+    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {md_escape(c, NAME_LIMIT)}" for c in census.columns]  # names from tests
     target = census.acc_target
     out += ["", "Held-out test accuracy per seed (each model's final test set, scored once after training) with "
             "its Wilson 95% interval" + (f"; last column: seeds at or above {target:.1%}" if target is not None else ""),

@@ -500,3 +500,12 @@ def test_escapes_in_claim_names_reach_no_output_raw(pytester):
     assert "\x1b" not in html and "\u202e" not in html
     names = {c["name"] for c in json.loads((run / "report.json").read_text())["claims"]}
     assert names == {EVIL, long_name}  # report.json keeps the full text
+
+
+def test_census_markdown_shows_claim_names_escaped():
+    from circuits.census import Census, markdown
+
+    column = f"test_x::{EVIL}" + "n" * 5000
+    md = markdown(Census(name="brackets", module="m.py", seeds=[0], recipes=["default"], columns=[column]))
+    assert "\x1b" not in md and "\u202e" not in md and "\\\\x1b\\[2J" in md
+    assert max(map(len, md.splitlines())) < 300
