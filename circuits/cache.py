@@ -50,8 +50,9 @@ def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
 def _check_position(pos, size: int, what: str = "pos") -> None:
     """InputError unless `pos` is an int position that exists among `size` (negative counts from
     the end, down to -size): an out-of-range position must not select an empty tensor."""
-    if isinstance(pos, bool) or not isinstance(pos, int):
+    if isinstance(pos, (bool, float)) or not hasattr(pos, "__index__") or isinstance(pos, torch.Tensor):
         raise InputError(f"{what} must be an int position, a slice or None, got {type(pos).__name__} {pos!r}")
+    pos = pos.__index__()
     if not -size <= pos < size:
         raise InputError(f"{what}={pos} is out of range: the cached activations have {size} positions "
                          f"(valid: {-size}..{size - 1})")
@@ -74,6 +75,7 @@ def _sel(x: torch.Tensor, pos: PosSel, dim: int) -> torch.Tensor:
         _check_slice(pos, size)
     else:
         _check_position(pos, size)
+        pos = int(pos)
         pos = slice(pos, pos + 1 if pos != -1 else None)
     return x[(slice(None),) * dim + (pos,)]
 
@@ -87,9 +89,9 @@ def _pos_slice(x: torch.Tensor, pos_slice: PosSlice, dim: int) -> torch.Tensor:
     if isinstance(pos_slice, slice):
         _check_slice(pos_slice, size, "pos_slice")
         return x[(slice(None),) * dim + (pos_slice,)]
-    if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):
+    if not isinstance(pos_slice, (bool, float, torch.Tensor)) and hasattr(pos_slice, "__index__"):
         _check_position(pos_slice, size, "pos_slice")
-        return x[(slice(None),) * dim + (pos_slice,)]
+        return x[(slice(None),) * dim + (int(pos_slice),)]
     if isinstance(pos_slice, torch.Tensor):
         if pos_slice.dtype == torch.bool or pos_slice.is_floating_point() or pos_slice.is_complex() or pos_slice.ndim != 1:
             raise InputError(f"pos_slice must be a 1-D list of int positions, got dtype {pos_slice.dtype}, "

@@ -168,8 +168,8 @@ def _index_part_ok(part) -> bool:
         return True
     if isinstance(part, bool):
         return False
-    if isinstance(part, int):
-        return True
+    if isinstance(part, int) or (hasattr(part, "__index__") and not isinstance(part, torch.Tensor)):
+        return True  # numpy integers too
     if isinstance(part, slice):
         return all(b is None or (isinstance(b, int) and not isinstance(b, bool))
                    for b in (part.start, part.stop, part.step))
@@ -196,7 +196,7 @@ def check_patch_index(name: str, act: torch.Tensor, index: tuple, side: str = "t
     for axis, part in enumerate(index, start=1):
         if part is Ellipsis or part is None:
             break  # positions after these are not checked one by one; torch's IndexError is wrapped below
-        if isinstance(part, int) and not -act.shape[axis] <= part < act.shape[axis]:
+        if not isinstance(part, (slice, torch.Tensor, list, tuple)) and not -act.shape[axis] <= int(part) < act.shape[axis]:
             raise InputError(f"patch index {index!r} does not exist in {name!r}: {part} is out of range for "
                              f"axis {axis} of size {act.shape[axis]} ({side}: shape {tuple(act.shape)})")
     try:

@@ -509,3 +509,14 @@ def test_census_markdown_shows_claim_names_escaped():
     md = markdown(Census(name="brackets", module="m.py", seeds=[0], recipes=["default"], columns=[column]))
     assert "\x1b" not in md and "\u202e" not in md and "\\\\x1b\\[2J" in md
     assert max(map(len, md.splitlines())) < 300
+
+
+def test_numpy_integers_are_integers(model, toks, cache):
+    np = pytest.importorskip("numpy")
+    patches = [("blocks.0.attn.hook_z", (np.int64(3), 1))]
+    assert torch.equal(patch_activations(model, toks, toks.flip(0), patches),
+                       patch_activations(model, toks, toks.flip(0), [("blocks.0.attn.hook_z", (3, 1))]))
+    assert torch.equal(cache.residual(1, pos=np.int64(2)), cache.residual(1, pos=2))
+    assert torch.equal(cache.decompose_resid(1, pos_slice=np.int64(-1)), cache.decompose_resid(1, pos_slice=-1))
+    with pytest.raises(InputError, match="out of range"):
+        patch_activations(model, toks, toks, [("blocks.0.attn.hook_z", (np.int64(30),))])
