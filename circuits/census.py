@@ -453,7 +453,10 @@ def markdown(census: Census) -> str:
     out.append("|---|" + "---|" * len(census.columns))
     for row in census.rows:
         out.append(f"| {row['label']} | " + " | ".join(_fmt_cell(row["claims"].get(c)) for c in census.columns) + " |")
-    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {c}" for c in census.columns]
+    from .report.markdown import md_escape
+    from .report.text import NAME_LIMIT
+
+    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {md_escape(c, NAME_LIMIT)}" for c in census.columns]  # names from tests
     out += ["", "Per-claim survival (rate with its Wilson 95% interval; flag: a reference checkpoint's verdict "
             "differs from most seeds):", "", survival_markdown(census).rstrip("\n")]
     target = census.acc_target

@@ -29,7 +29,11 @@ from . import paths, zoo
 from .errors import CircuitsError, InputError
 
 
-def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
+# seeds whose store keys `list` checks against entries with an unreadable card (their card names no seed)
+_LIST_SEEDS = range(32)
+
+
+def _status(name: str, store_cards: Optional[list] = None, unreadable: Optional[dict] = None) -> tuple[str, str]:
     from .store import ModelStore, load_reference, spec_key
 
     entry = zoo.get_entry(name)
@@ -48,6 +52,11 @@ def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
                 and card.get("key") == spec_key(entry.spec(seed)):
             # verified (weights hash, safetensors, card hash): a truncated entry is not "cached"
             (cached if store.verify(card["key"])[0] == "ok" else corrupt).add(seed)
+    unreadable = store.unreadable() if unreadable is None else unreadable
+    if unreadable:  # a card that cannot be read names no seed: match the keys of the likely ones
+        for seed in {*_LIST_SEEDS, entry.default_seed, *entry.ref_seeds()}:
+            if spec_key(entry.spec(seed)) in unreadable:
+                corrupt.add(seed)
     text = f"cached seeds {sorted(cached)}" if cached else "not cached"
     return ref, text + (f", corrupt seeds {sorted(corrupt)} (retrained on use)" if corrupt else "")
 
@@ -70,13 +79,17 @@ def _reference_status(load) -> str:
 def cmd_list(args) -> int:
     from .store import ModelStore
 
-    cards = [card for _, card in ModelStore(_store_root()).entries()]  # read the store once for every entry
+    store = ModelStore(_store_root())
+    cards = [card for _, card in store.entries()]  # read the store once for every entry
+    unreadable = store.unreadable()
     names = zoo.names()
     width = max(map(len, names), default=18)
     for name in names:
         entry = zoo.get_entry(name)
-        ref, cache = _status(name, cards)
+        ref, cache = _status(name, cards, unreadable)
         print(f"{name:{width}s} {entry.family:14s} {ref:22s} {cache:24s} {entry.description}")
+    for key, problem in unreadable.items():  # every corrupt entry is shown, also one no zoo name matches
+        print(f"corrupt model store entry {key}: {problem} (removed and rebuilt when its model is next used)")
     return 0
 
 
@@ -159,9 +172,18 @@ def sweep_names(pattern: str) -> list[str]:
 def cmd_card(args) -> int:
     from .seeds import check_seed
 
+    from .store import ModelStore, spec_key
+
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else check_seed(args.seed)
-    card = zoo.find_card(args.name, seed)
+    store = ModelStore(_store_root())
+    if seed not in entry.ref_seeds():
+        status, problem = store.verify(spec_key(entry.spec(seed)))
+        if status == "corrupt":  # say so (read-only: `card` never deletes the entry)
+            print(f"{args.name} seed {seed}: its model store entry is corrupt ({problem}); `python -m circuits "
+                  f"train {args.name} --seed {seed}` rebuilds it", file=sys.stderr)
+            return 1
+    card = zoo.find_card(args.name, seed, store=store)
     if card is None:
         print(f"{args.name} seed {seed} is not in the model store; run `python -m circuits train "
               f"{args.name} --seed {seed}`", file=sys.stderr)
@@ -219,10 +241,25 @@ def _open_in_browser(html: Path) -> None:
     print(f"{'opened' if opened else 'no browser found here; open it yourself'}: {html}")
 
 
+def check_census_args(args) -> None:
+    """What a census would find wrong only after its runs: checked first (InputError, exit 2)."""
+    import math
+
+    from .paths import check_output_dir
+
+    if args.acc_target is not None and not (math.isfinite(args.acc_target) and 0 <= args.acc_target <= 1):
+        raise InputError(f"--acc-target {args.acc_target!r}: expected an accuracy in [0, 1]")
+    try:
+        check_output_dir(Path(args.out) / args.name, "--out", f"census.json goes to OUT/{args.name}/")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def cmd_census(args) -> int:
     from .census import run_census
     from .seeds import parse_seeds
 
+    check_census_args(args)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,

@@ -424,14 +424,15 @@ class TransformerBlock(nn.Module):
             self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
-        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        if self.has_mlp:  # attention-only blocks have neither (as in TransformerLens): they would never fire
+            self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+            self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, resid_pre: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask))  # [batch, pos, d_model]
-        if not self.has_mlp:  # attention-only: resid_mid is resid_post, TL names both
+        if not self.has_mlp:  # attention-only: resid_post is resid_pre + attn_out (no resid_mid hook)
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [batch, pos, d_model]
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))  # [batch, pos, d_model]
@@ -774,6 +775,16 @@ class HookedTransformer(HookedRootModule):
             causal_only = blocked is None  # SDPA then applies the causal mask itself (is_causal)
             blocked = future if blocked is None else blocked | future  # [batch or 1, 1, q, k]
         return AttentionMask(blocked, causal_only)
+
+    def absent_hook_hint(self, name: str) -> str:
+        """Why a hook name TransformerLens models may have is not on this one ('' when no reason)."""
+        import re
+
+        m = re.fullmatch(r"blocks\.(\d+)\.(hook_resid_mid|hook_mlp_out|hook_mlp_in|mlp\.\w+|ln2\.\w+)", name)
+        if m is None or self.cfg.d_mlp:
+            return ""
+        return (f"; this model is attention-only (d_mlp=0), so its blocks have no MLP hook points and no "
+                f"hook_resid_mid (the residual after attention is blocks.{m.group(1)}.hook_resid_post)")
 
     def setup_hooks(self) -> None:
         super().setup_hooks()

@@ -233,6 +233,12 @@ class CircuitsPlugin(CircuitsSession):
         (zoo_fixtures.sweep_plan),
         trained up front by the sweep runner (in parallel); under xdist one worker does it while the
         others' fixtures wait on the store's lock."""
+        from .session import check_variants_known
+
+        try:  # entries a conftest registers are known now
+            check_variants_known(self.options.variants, collected=True)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         worker = getattr(session.config, "workerinput", {}).get("workerid")
         wanted = self.options.seeds or self.options.full_sweep
         if wanted and worker in (None, "gw0") and not session.config.option.collectonly:

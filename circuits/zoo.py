@@ -371,7 +371,8 @@ def load(name: str, seed: Optional[int] = None, *, retrain: bool = False, force:
             trained, card = train_for_store(entry, seed, progress)
             return trained.state_dict(), card
 
-        state, card, created = store.get_or_create(spec, build, force=force)
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # sizes the free-space check
+        state, card, created = store.get_or_create(spec, build, force=force, expected_bytes=weights)
         source = "trained" if created else "cache"
     entry.load_state(model, state)
     return LoadedModel(model.to(device).eval(), card, source, entry, seed)

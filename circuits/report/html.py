@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from .text import visible
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
 from .views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
@@ -141,7 +142,8 @@ dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; }
 
 
 def _e(x: Any) -> str:
-    return html.escape(str(x if x is not None else ""))
+    # html.escape leaves bidi overrides (U+202E) and control characters: shown as escapes (report.text)
+    return html.escape(visible(x, None, keep_lines=True))
 
 
 def render_html(report: dict, run_dir: Path | str) -> str:

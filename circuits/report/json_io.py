@@ -110,10 +110,28 @@ def load_report(ref: str | os.PathLike, report_dir: Path | str = "reports") -> d
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read report {path}: {exc}") from None
-    if not isinstance(data, dict) or "claims" not in data:
-        raise ReportError(f"{path} is not a circuits report (no 'claims')")
+    check_report_shape(data, path)
     data.setdefault("_path", str(path))
     return data
+
+
+def check_report_shape(data: Any, path: Path | str) -> None:
+    """ReportError (one line) unless ``data`` has the shape comparing runs reads: an object whose
+    'claims' (and 'tests', when present) are lists of objects. A hand-edited or foreign report is
+    refused when it is loaded, not after the run it is compared with."""
+    if not isinstance(data, dict) or "claims" not in data:
+        raise ReportError(f"{path} is not a circuits report (no 'claims')")
+    for field in ("claims", "tests"):
+        if field not in data:
+            continue
+        rows = data[field]
+        if not isinstance(rows, list):
+            raise ReportError(f"{path} is not a circuits report: its {field!r} is a JSON {type(rows).__name__}, "
+                              "not a list")
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise ReportError(f"{path} is not a circuits report: {field}[{bad}] is a JSON "
+                              f"{type(rows[bad]).__name__}, not an object")
 
 
 def set_baseline(run_dir: Path | str, report_dir: Path | str | None = None) -> Path:

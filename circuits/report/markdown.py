@@ -12,6 +12,7 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
+from .text import NAME_LIMIT, TEXT_LIMIT, visible
 from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
                     one_line_summary, op_text, power_matrix, problem_lines, rate_text, robustness, test_label,
                     known_control_runs, not_run_groups, where)
@@ -21,15 +22,17 @@ __all__ = ["render_markdown", "md_escape", "md_code"]
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~!{}])")
 
 
-def md_escape(text: Any) -> str:
-    """Text that renders as itself in a GFM table cell: HTML entities, markdown punctuation escaped."""
-    s = html.escape(str(text if text is not None else ""), quote=False)
-    return _MD_SPECIAL.sub(r"\\\1", s).replace("\r", " ").replace("\n", " ")
+def md_escape(text: Any, limit: int = TEXT_LIMIT) -> str:
+    """Text that renders as itself in a GFM table cell: control / bidi characters shown as escapes and
+    cut to `limit` (`visible`), HTML entities, markdown punctuation escaped."""
+    s = html.escape(visible(str(text if text is not None else "").replace("\r", " ").replace("\n", " "), limit),
+                    quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", s)
 
 
 def md_code(text: Any) -> str:
     """A code span, when the text can be one safely (no backtick, no HTML); escaped text otherwise."""
-    s = str(text if text is not None else "").replace("\n", " ")
+    s = visible(str(text if text is not None else "").replace("\n", " "), NAME_LIMIT)
     if "`" in s or re.search(r"[<>&]", s):
         return md_escape(s)
     return "`" + s.replace("|", "\\|") + "`"
@@ -63,7 +66,7 @@ def render_markdown(report: dict) -> str:
             op, thr = op_text(c)
             badge = " ⚠ generic controls only" if c.get("generic_only") else ""
             ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])) or "—"
-            lines.append(f"| {md_escape(test_label(c))} | {md_escape(c['name'])}{badge} | "
+            lines.append(f"| {md_escape(test_label(c), NAME_LIMIT)} | {md_escape(c['name'], NAME_LIMIT)}{badge} | "
                          f"{md_escape(measured_text(c))} | {md_escape(op)} | {md_escape(thr)} | "
                          f"{fmt_margin(c.get('margin'))} | {RESULT.get(c['status'], c['status'])} | {ctl} |")
         lines.append("")
@@ -149,7 +152,7 @@ def _robustness(report: dict) -> list[str]:
             flip = " ⇄ flipped" if s["flip"] else ""
             cells.append(f"seed {md_escape(s['seed'])}: {verdict} {md_escape(s['value_text'])} "
                          f"({fmt_margin(s['margin'])}{extra}){flip}")
-        lines.append(f"| {md_escape(r['test'])} | {md_escape(r['name'])} | {ref_t} | {'<br>'.join(cells)} | "
+        lines.append(f"| {md_escape(r['test'], NAME_LIMIT)} | {md_escape(r['name'], NAME_LIMIT)} | {ref_t} | {'<br>'.join(cells)} | "
                      f"{md_escape(rate_text(r))} |")
     return lines + [""]
 
@@ -172,7 +175,7 @@ def _power(report: dict, module: str) -> list[str]:
             else:
                 val = f" {md_escape(x['value_text'])} ({fmt_margin(x.get('margin'))})" if x.get("value_text") else ""
                 cells.append(("**" + verdict + "**" if cls == "bad" else verdict) + val)
-        lines.append(f"| {md_escape(test_label(c))} {md_escape(c['name'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_escape(test_label(c), NAME_LIMIT)} {md_escape(c['name'], NAME_LIMIT)} | " + " | ".join(cells) + " |")
     return lines + ["", "</details>", ""]
 
 
@@ -192,7 +195,7 @@ def _compare_md(cmp_: dict) -> list[str]:
             b = ("pass" if r["before"] else "fail") + f" ({md_escape(r['value_before'])})"
             a = ("pass" if r["after"] else "**fail**") + f" ({md_escape(r['value_after'])})"
             flip = " ⇄ flipped" if r["before"] != r["after"] else ""
-            lines.append(f"| {md_escape(where(r))} | {md_escape(r['name'])}{flip} | {b} | {a} | "
+            lines.append(f"| {md_escape(where(r))} | {md_escape(r['name'], NAME_LIMIT)}{flip} | {b} | {a} | "
                          f"{fmt_margin(r['delta'])} |")
         lines.append("")
     return lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
+from .text import NAME_LIMIT, TEXT_LIMIT, visible
 from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
                     one_line_summary, op_text, problem_lines, rate_text, robustness, test_label, where)
 
@@ -15,7 +16,8 @@ CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "error": "ERROR",
 
 
 def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
-    """Rows for the terminal summary: (text, markup) with markup like {"green": True}."""
+    """Rows for the terminal summary: (text, markup) with markup like {"green": True}. Text from tests
+    is shown through `visible` (no escape sequence, newline or bidi override reaches the terminal)."""
     out: list[tuple[str, dict]] = []
     rows = [c for cs in claim_rows(report).values() for c in cs]
     if rows:
@@ -54,7 +56,7 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             ref_t = "" if ref is None else f"ref {'P' if ref['passed'] else 'F'} {ref['value_text']}; "
             seeds = " ".join(f"{s['seed']}:{_seed_mark(s)}{'⇄' if s['flip'] else ''}" for s in r["seeds"])
             ok = r["expected_failure"] or r["rate"] == 1.0
-            out.append((f"  {r['test']} {r['name']}: {rate_text(r)}  [{ref_t}{seeds}]",
+            out.append((f"  {_name(r['test'])} {_name(r['name'])}: {rate_text(r)}  [{ref_t}{seeds}]",
                         {"green": ok, "red": not ok}))
     for r in known_control_runs(report):
         out.append((f"{r['nodeid']}: known ({r.get('message')})", {"yellow": True}))
@@ -72,7 +74,7 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         for r in compare_display_rows(cmp_, limit=5):
             flip = r["before"] != r["after"]
             verdict = f"{'pass' if r['before'] else 'fail'} -> {'pass' if r['after'] else 'fail'}, " if flip else ""
-            out.append((f"  {'FLIPPED' if flip else 'moved  '} {where(r)} {r['name']}: {verdict}"
+            out.append((f"  {'FLIPPED' if flip else 'moved  '} {_name(where(r))} {_name(r['name'])}: {verdict}"
                         f"{r['value_before']} -> {r['value_after']} (margin {fmt_margin(r['delta'])})",
                         {"green": r["after"], "red": not r["after"]} if flip else {}))
     if rows or report.get("tests"):
@@ -81,7 +83,11 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             out.append((not_run_text(report), {}))
         bad = has_problems(report)
         out.append((one_line_summary(report), {"bold": True, "red": bad, "green": not bad}))
-    return out
+    return [(visible(text, TEXT_LIMIT), markup) for text, markup in out]  # what the parts above left raw
+
+
+def _name(s: Any) -> str:
+    return visible(s, NAME_LIMIT)
 
 
 def _seed_mark(s: dict) -> str:
@@ -94,5 +100,5 @@ def _seed_mark(s: dict) -> str:
 
 
 def _clip(s: Any, n: int) -> str:
-    s = str(s if s is not None else "")
+    s = visible(s, None)
     return s if len(s) <= n else s[: n - 1] + "…"
