@@ -131,7 +131,7 @@ def point_close_to(n: int) -> Rule:
                 trial)
 
 
-def auroc_at_least(n: int, threshold: float = 0.9, n_resamples: int = 400) -> Rule:
+def auroc_at_least(n: int, method: str = "BCa", threshold: float = 0.9, n_resamples: int = 400) -> Rule:
     """``claim.at_least(auroc_ci(pos, neg), t)``, pos ~ N(d, 1), neg ~ N(0, 1), AUROC = Phi(d/sqrt 2) = t."""
     from scipy.stats import norm
 
@@ -139,11 +139,10 @@ def auroc_at_least(n: int, threshold: float = 0.9, n_resamples: int = 400) -> Ru
 
     def trial(seed: int) -> bool:
         g = np.random.default_rng([seed, 5])
-        est = auroc_ci(d + g.normal(size=n), g.normal(size=n), method="percentile", n_resamples=n_resamples,
-                       seed=seed)
+        est = auroc_ci(d + g.normal(size=n), g.normal(size=n), method=method, n_resamples=n_resamples, seed=seed)
         return _claims(seed).at_least("auroc", est, threshold).passed
 
-    return Rule("at_least on auroc_ci (percentile, lower bound)", 0.025, f"{n} + {n}",
+    return Rule(f"at_least on auroc_ci ({method}, lower bound)", 0.025, f"{n} + {n}",
                 f"N(d, 1) vs N(0, 1), AUROC {threshold} = threshold", trial)
 
 
@@ -193,10 +192,11 @@ def rules(scale: int = 1) -> list[Rule]:
     out = [
         mean_at_least(20, "BCa"), mean_at_least(20, "percentile"), mean_at_least(20, "BCa", "skewed"),
         mean_at_most(30, "percentile"), mean_at_most(30, "BCa"),
-        close_to_interval(30), auroc_at_least(50), spearman_at_least(60, "BCa"),
+        close_to_interval(30), auroc_at_least(50, "BCa"), auroc_at_least(50, "percentile"),
+        spearman_at_least(60, "BCa"),
         spearman_at_least(60, "percentile"), scrub_at_least(500, 5),
     ]
     if scale > 1:
-        out += [mean_at_least(200, "BCa"), mean_at_most(300, "percentile"), auroc_at_least(300),
-                spearman_at_least(500, "percentile"), scrub_at_least(5000, 5)]
+        out += [mean_at_least(200, "BCa"), mean_at_most(300, "percentile"), auroc_at_least(300, "BCa"),
+                spearman_at_least(200, "percentile"), scrub_at_least(2000, 5)]
     return out

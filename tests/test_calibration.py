@@ -19,7 +19,7 @@ RULES = {
     "mean at_least (BCa)": lambda: C.mean_at_least(30, "BCa", n_resamples=1000),
     "mean at_most, skewed (percentile)": lambda: C.mean_at_most(300, "percentile"),
     "close_to on an interval": lambda: C.close_to_interval(40, "percentile"),
-    "auroc at_least (BCa)": lambda: C.auroc_at_least(50, n_resamples=400),
+    "auroc at_least (BCa)": lambda: C.auroc_at_least(50, "BCa", n_resamples=400),
     "spearman at_least (percentile)": lambda: C.spearman_at_least(60, "percentile", n_resamples=300),
     "scrub_claim": lambda: C.scrub_at_least(100, 5),
 }
