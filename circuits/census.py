@@ -5,9 +5,9 @@
 1. trains what the model store lacks, recipe by recipe, through the sweep runner (`circuits.sweep`;
    a second census finds everything stored and trains nothing);
 2. runs the hypothesis module once per recipe in a pytest subprocess,
-   ``pytest MODULE [--variant NAME@RECIPE] --seeds S -k SELECT``, streaming its output to the screen
-   (the "default" recipe is the entry itself, without ``--variant``);
-3. optionally runs it once more without ``--seeds``: the rows of the fixed subjects (our reference
+   ``pytest MODULE [--circuits-variant NAME@RECIPE] --circuits-seeds S -k SELECT``, streaming its output to the screen
+   (the "default" recipe is the entry itself, without ``--circuits-variant``);
+3. optionally runs it once more without ``--circuits-seeds``: the rows of the fixed subjects (our reference
    checkpoint, a published checkpoint...), one row per test class that ran there;
 4. reads each run's report.json and writes a table recipe x claim -> seeds passing, with each
    model's held-out test accuracy and its Wilson 95% interval, as ``census.json``, ``census.md`` and
@@ -199,7 +199,8 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
             return found
     if run_dir.exists():  # our own earlier census run of this row: replaced, not mixed in
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "pytest", module, *args, "--run-id", run_id, "--report-dir", str(report_dir),
+    cmd = [sys.executable, "-m", "pytest", module, *args, "--circuits-run-id", run_id,
+           "--circuits-report-dir", str(report_dir),
            "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "circuits.census"]
     env = {**os.environ, "CIRCUITS_CACHE": str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
     if threads is not None:  # rows run side by side: their torch threads share the cores
@@ -450,11 +451,11 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
         if not have:
             stream.write(f"[census {recipe}] no stored model among seeds {seeds}: row left out\n")
             continue
-        args = ["--seeds", ",".join(str(s) for s in have)]
+        args = ["--circuits-seeds", ",".join(str(s) for s in have)]
         if recipe_select or select:
             args += ["-k", recipe_select or select]
         if recipe != DEFAULT_RECIPE:
-            args = ["--variant", zoo_name(name, recipe)] + args
+            args = ["--circuits-variant", zoo_name(name, recipe)] + args
         rows.append((recipe, f"census-{recipe}", args, _model_hashes(zoo_name(name, recipe), have, root)))
     if reference:
         from . import zoo

@@ -261,7 +261,7 @@ class Claims:
         draws_seed: int = DEFAULT_SEED,
     ) -> None:
         self._sink = sink
-        self.draws_seed = draws_seed  # the default seed of this test's bootstrap draws (--draws-seed)
+        self.draws_seed = draws_seed  # the default seed of this test's bootstrap draws (--circuits-draws-seed)
         self.raise_on_failure = raise_on_failure
         self.control = control
         self.seed = seed
@@ -283,7 +283,7 @@ class Claims:
 
         ``data`` is one sample, or a tuple of samples (``paired=True`` for row-aligned samples such
         as ``(x, y)`` with ``statistic=stats.spearman``). See :func:`circuits.stats.bootstrap_ci`.
-        The resampling seed defaults to the test's draws seed (``--draws-seed``).
+        The resampling seed defaults to the test's draws seed (``--circuits-draws-seed``).
         """
         return bootstrap_ci(data, statistic, paired=paired, level=level, method=method,
                             n_resamples=n_resamples, seed=self.draws_seed if seed is None else seed)

@@ -12,7 +12,7 @@
   (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
   report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
                                     the HTML path
-  report [RUN] --promote-baseline   copy the run to reports/baseline/ (what --compare baseline reads)
+  report [RUN] --promote-baseline   copy the run to reports/baseline/ (what --circuits-compare baseline reads)
 """
 
 from __future__ import annotations
@@ -261,7 +261,8 @@ def main(argv=None) -> int:
                    help="where runs are (default: $CIRCUITS_REPORTS, else ./reports of the current directory)")
     p.add_argument("--open", action="store_true", help="print the HTML report's path")
     p.add_argument("--promote-baseline", action="store_true",
-                   help="copy the run (default: latest) to <report-dir>/baseline/, what --compare baseline reads")
+                   help="copy the run (default: latest) to <report-dir>/baseline/, what pytest's "
+                        "--circuits-compare baseline reads")
     p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     try:

@@ -1,8 +1,8 @@
-"""Random draws of one test, all from one seed that ``--draws-seed`` changes.
+"""Random draws of one test, all from one seed that ``--circuits-draws-seed`` changes.
 
 The ``draws`` fixture gives a test a :class:`Draws`: every random choice a claim makes (which
 strings to resample from, bootstrap resamples, fresh evaluation data) should come from it, so that
-``pytest hypotheses/ --draws-seed N`` re-draws all of them at once and a verdict that flips between
+``pytest hypotheses/ --circuits-draws-seed N`` re-draws all of them at once and a verdict that flips between
 draws shows up as unstable instead of passing on a lucky draw.
 """
 
@@ -17,7 +17,7 @@ __all__ = ["Draws"]
 
 @dataclass(frozen=True)
 class Draws:
-    seed: int  # a 63-bit seed derived from --draws-seed and the test's id
+    seed: int  # a 63-bit seed derived from --circuits-draws-seed and the test's id
 
     def child(self, label: str) -> "Draws":
         """An independent stream for one purpose (``draws.child("resample")``), stable by label."""

@@ -69,7 +69,7 @@ class Figures:
 
     ``sink(name, png_bytes, caption)`` receives each rendered figure (the plugin writes it into
     the run directory and attaches it to the test's section of the report). A ``Figures`` made with
-    ``render=False`` (negative-control runs, ``--no-report``) checks names and closes figures
+    ``render=False`` (negative-control runs, ``--circuits-no-report``) checks names and closes figures
     without rendering them: drawing a PNG costs ~0.1-1 s, and nothing would show it.
     ``fig`` may also be a zero-argument callable returning the figure, built only when rendered.
     """

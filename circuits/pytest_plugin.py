@@ -2,8 +2,8 @@
 
 Fixtures: ``claim`` (a :class:`~circuits.claims.Claims`), ``control`` (a
 :class:`~circuits.controls.Control`), ``figures`` (a :class:`~circuits.figures.Figures`), ``draws``
-(a :class:`~circuits.draws.Draws`: the test's random draws, changed by ``--draws-seed``), ``zoo_seed``
-(session; the seed under ``--seeds``, else None), ``circuits_options`` (session; the parsed
+(a :class:`~circuits.draws.Draws`: the test's random draws, changed by ``--circuits-draws-seed``), ``zoo_seed``
+(session; the seed under ``--circuits-seeds``, else None), ``circuits_options`` (session; the parsed
 :class:`~circuits.session.RunOptions`), ``head_roles`` (role name -> (layer, head); empty unless a
 conftest or module overrides it), ``zoo_models`` and one ``<name>_model`` per zoo entry.
 
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .session import (GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession, RunOptions, control_id,
+from .session import (CONTROL_PARAM, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession, RunOptions, control_id,
                       draws_seed_for, get_plugin, group_of, item_seed, judge_control, note_model, strip_params)
 
 __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_seeds", "strip_params", "PLUGIN_NAME"]
@@ -34,13 +34,13 @@ __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_se
 MAIN = "main"  # the main run's control spec (circuits.controls.MAIN, without importing it)
 CLAIMS_KEY = pytest.StashKey[Any]()
 CONTROL_KEY = pytest.StashKey[Any]()
-CIRCUITS_FIXTURES = ("claim", "control", "figures", "zoo_seed", "draws")
+CIRCUITS_FIXTURES = ("claim", CONTROL_PARAM, "control", "figures", "zoo_seed", "draws")
 # a test module uses circuits if it mentions the package, or takes a `<something>_model` argument
 _USES_CIRCUITS = re.compile(rb"circuits|def test\w*\s*\([^)]*\w_model\b")
 
 
 def parse_seeds(spec: str) -> tuple[int, ...]:
-    """``--seeds`` syntax (kept here for old imports; the parser is :func:`circuits.seeds.parse_seeds`)."""
+    """``--circuits-seeds`` syntax (kept here for old imports; the parser is :func:`circuits.seeds.parse_seeds`)."""
     from .session import parse_seeds_option
 
     return parse_seeds_option(spec)
@@ -50,21 +50,27 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    # Every option is --circuits-*, as pytest-benchmark's are --benchmark-*: the plugin auto-loads in any
+    # project that installs the wheel, whose own conftest may well define --device or --seeds.
     g = parser.getgroup("circuits", "circuits: mechanistic-interpretability claims")
-    g.addoption("--seeds", metavar="SPEC", default=None,
+    g.addoption("--circuits-seeds", metavar="SPEC", default=None,
                 help="run claims on models trained with these seeds: 0-4, 1,3 or 2 (default: the reference)")
-    g.addoption("--retrain", action="store_true", default=False,
+    g.addoption("--circuits-retrain", action="store_true", default=False,
                 help="train models from scratch, ignoring reference checkpoints and the model store")
-    g.addoption("--device", metavar="DEVICE", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
-    g.addoption("--compare", metavar="RUN_ID_OR_PATH", default=None,
+    g.addoption("--circuits-device", metavar="DEVICE", default="cpu",
+                help="torch device: cpu (default), cuda, cuda:N")
+    g.addoption("--circuits-compare", metavar="RUN_ID_OR_PATH", default=None,
                 help="compare claims with an earlier run (run id, path, 'latest' or 'baseline')")
-    g.addoption("--report-dir", metavar="DIR", default=None, help="where runs are written (default: <rootdir>/reports)")
-    g.addoption("--run-id", metavar="ID", default=None, help="name of this run's directory (default: timestamp + random)")
-    g.addoption("--no-report", action="store_true", default=False, help="write no report files")
-    g.addoption("--full-sweep", action="store_true", default=False, help="run the full_sweep grids")
-    g.addoption("--variant", metavar="NAME@RECIPE", action="append", default=None,
+    g.addoption("--circuits-report-dir", metavar="DIR", default=None,
+                help="where runs are written (default: <rootdir>/reports)")
+    g.addoption("--circuits-run-id", metavar="ID", default=None,
+                help="name of this run's directory (default: timestamp + random)")
+    g.addoption("--circuits-no-report", action="store_true", default=False, help="write no report files")
+    g.addoption("--circuits-full-sweep", action="store_true", default=False,
+                help="run the full_sweep grids (deselected otherwise)")
+    g.addoption("--circuits-variant", metavar="NAME@RECIPE", action="append", default=None,
                 help="serve the <NAME>_model fixture with a recipe variant (repeatable), e.g. brackets@arena_like")
-    g.addoption("--draws-seed", metavar="N", default=None,
+    g.addoption("--circuits-draws-seed", metavar="N", default=None,
                 help="re-draw every random choice claims make (resampling, bootstrap, fresh data); default 0")
     parser.addini("circuits_report_dir", "where runs are written, relative to the rootdir (default: reports)")
     parser.addini("circuits_cache_dir", "the model store, relative to the rootdir (default: .circuits-cache; "
@@ -75,7 +81,7 @@ _MARKERS = (
     ("controls", "controls(*specs): negative controls on which every claim of the test must fail"),
     ("about", "about(*targets): what the test's claims are about ('head:L2H0', 'ov:count_head', 'qk:L0H0', "
               "'mlp:L2', 'positions[:a-b]', 'read_in', 'model'); each target's mutations must make them fail"),
-    ("full_sweep", "full_sweep: the paper's full grid; run with --full-sweep"),
+    ("full_sweep", "full_sweep: the paper's full grid; run with --circuits-full-sweep"),
 )
 
 
@@ -92,7 +98,7 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             previous = _report.load_report(options.compare_path, options.report_dir)
         except _report.ReportError as exc:
-            raise pytest.UsageError(f"--compare: {exc}") from None
+            raise pytest.UsageError(f"--circuits-compare: {exc}") from None
     config.pluginmanager.register(CircuitsPlugin(config, options, previous), PLUGIN_NAME)
 
 
@@ -150,7 +156,7 @@ class CircuitsPlugin(CircuitsSession):
                 if not isinstance(exc, ControlError):
                     raise
                 raise ControlCollectError(f"{metafunc.definition.nodeid}: {exc}") from None
-            metafunc.parametrize("control", [MAIN, *specs], indirect=True, ids=["main", *map(control_id, specs)])
+            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True, ids=["main", *map(control_id, specs)])
         if self.options.seeds and "zoo_seed" in metafunc.fixturenames:
             metafunc.parametrize("zoo_seed", list(self.options.seeds), indirect=True,
                                  ids=[f"seed={s}" for s in self.options.seeds], scope="session")
@@ -163,19 +169,22 @@ class CircuitsPlugin(CircuitsSession):
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         self.collector.set_order([i.nodeid for i in items])
         for item in items:
-            spec = getattr(getattr(item, "callspec", None), "params", {}).get("control", MAIN)
+            names = getattr(item, "fixturenames", ())
+            if not any(f in names for f in CIRCUITS_FIXTURES):
+                continue  # another project's test (or a plain one): its markers and tables are not ours
+            spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
             if spec != MAIN:
                 # a refuted hypothesis is an expected failure on its main run only: its controls must
                 # still fail the claim, and are judged as for any claim
                 item.own_markers[:] = [m for m in item.own_markers if m.name != "xfail"]
-            # --seeds and --full-sweep score models trained here, where a known failure may well pass
+            # --circuits-seeds and --circuits-full-sweep score models trained here, where a known failure
+            # may well pass
             _apply_known_failures(item, spec, reference=item_seed(item) is None and not self.options.full_sweep)
-            names = getattr(item, "fixturenames", ())
-            if any(f in names for f in CIRCUITS_FIXTURES):
-                item.user_properties.append(("circuits_test", _test_meta(item)))
+            item.user_properties.append(("circuits_test", _test_meta(item)))
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """``--seeds`` / ``--full-sweep``: the models the collected tests need (zoo_fixtures.sweep_plan),
+        """``--circuits-seeds`` / ``--circuits-full-sweep``: the models the collected tests need
+        (zoo_fixtures.sweep_plan),
         trained up front by the sweep runner (in parallel); under xdist one worker does it while the
         others' fixtures wait on the store's lock."""
         worker = getattr(session.config, "workerinput", {}).get("workerid")
@@ -370,7 +379,8 @@ def _check_table(module: Any, table: Any) -> None:
 def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None:
     """A known failure is an expected failure of its main run, expecting only a failed claim (a
     crash is an error, never an XFAIL), strict on the reference models (it must keep failing) and
-    lenient under --seeds and --full-sweep (a retrained model may well pass: the report shows it as a flip). Its
+    lenient under --circuits-seeds and --circuits-full-sweep (a retrained model may well pass: the report
+    shows it as a flip). Its
     control and mutation runs on the reference are skipped: they test a claim that does not hold."""
     from .claims import ClaimFailure
 
@@ -399,7 +409,7 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
 
 def _test_meta(item: pytest.Item) -> dict:
     params = getattr(getattr(item, "callspec", None), "params", {})
-    spec = params.get("control", MAIN)
+    spec = params.get(CONTROL_PARAM, MAIN)
     seed = item_seed(item)
     mod = getattr(item, "module", None)
     fn = getattr(item, "function", None)
@@ -431,8 +441,9 @@ def _first_paragraph(doc: str | None, limit: int) -> str:
 
 
 @pytest.fixture
-def control(request: pytest.FixtureRequest):
-    """The negative control or mutation of this run: a null control (identity) on the main run."""
+def circuits_control(request: pytest.FixtureRequest):
+    """The negative control or mutation of this run: a null control (identity) on the main run (the
+    fixture the plugin's own fixtures use; ``control`` is its public name)."""
     from .controls import main_control, make_control
 
     spec = getattr(request, "param", MAIN)
@@ -448,8 +459,21 @@ def control(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def draws(request: pytest.FixtureRequest):
-    """This test's random draws (:class:`circuits.draws.Draws`), changed by ``--draws-seed``; the
+def control(circuits_control):
+    """The negative control or mutation of this run: a null control (identity) on the main run."""
+    return circuits_control
+
+
+@pytest.fixture
+def draws(circuits_draws):
+    """This test's random draws (:class:`circuits.draws.Draws`), changed by ``--circuits-draws-seed``; the
+    same for a test's main run and its control runs."""
+    return circuits_draws
+
+
+@pytest.fixture
+def circuits_draws(request: pytest.FixtureRequest):
+    """This test's random draws (:class:`circuits.draws.Draws`), changed by ``--circuits-draws-seed``; the
     same for a test's main run and its control runs."""
     from .draws import Draws
 
@@ -457,8 +481,9 @@ def draws(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def claim(request: pytest.FixtureRequest, control, draws):
+def claim(request: pytest.FixtureRequest, circuits_control, circuits_draws):
     """Record-then-assert claims: ``claim.at_least(name, value, threshold)`` etc."""
+    control, draws = circuits_control, circuits_draws
     from .claims import Claims
 
     item = request.node
@@ -473,9 +498,11 @@ def claim(request: pytest.FixtureRequest, control, draws):
 
 
 @pytest.fixture
-def figures(request: pytest.FixtureRequest, control):
+def figures(request: pytest.FixtureRequest, circuits_control):
     """``figures.add(name, fig, caption=...)``: render a matplotlib Figure into the report (main runs
-    with a report only: a negative control's figures, and figures under --no-report, are not drawn)."""
+    with a report only: a negative control's figures, and figures under --circuits-no-report, are not
+    drawn)."""
+    control = circuits_control
     from .figures import Figures, slug, write_png
 
     plugin = get_plugin(request.config)
@@ -498,7 +525,7 @@ def figures(request: pytest.FixtureRequest, control):
 
 @pytest.fixture(scope="session")
 def zoo_seed(request: pytest.FixtureRequest) -> int | None:
-    """The training seed under ``--seeds`` (one per parametrised run), else None (the reference)."""
+    """The training seed under ``--circuits-seeds`` (one per parametrised run), else None (the reference)."""
     return getattr(request, "param", None)
 
 

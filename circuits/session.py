@@ -32,6 +32,9 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # controls that fail for almost any broken model: they show teeth, not that the named part matters
 GENERIC_CONTROLS = frozenset({"untrained", "shuffle_labels"})
 MUTATION_PREFIX = "mutate:"
+# the parameter a test's control / mutation runs are parametrised on: a fixture name of our own, so a
+# project whose conftest defines `control` or `draws` (common words) keeps its fixtures and ours work
+CONTROL_PARAM = "circuits_control"
 _MAX_HISTORY = 1000
 
 
@@ -42,12 +45,13 @@ def _check_device(device: str) -> str:
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+            raise ValueError(f"--circuits-device {device}: CUDA is not available on this machine "
+                             "(use --circuits-device cpu)")
         idx = int(device.split(":")[1]) if ":" in device else 0
         if idx >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ValueError(f"--circuits-device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return device
-    raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    raise ValueError(f"--circuits-device {device!r}: expected cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class RunOptions:
     variants: tuple[tuple[str, str], ...] = ()  # (entry, "entry@recipe"): the recipe its fixture serves
 
     def model_name(self, name: str) -> str:
-        """The zoo name a ``<name>_model`` fixture serves: ``name@recipe`` under ``--variant``."""
+        """The zoo name a ``<name>_model`` fixture serves: ``name@recipe`` under ``--circuits-variant``."""
         return dict(self.variants).get(name, name)
 
     @property
@@ -83,59 +87,60 @@ class RunOptions:
         opt = config.getoption
         winput = getattr(config, "workerinput", None)
         try:
-            seeds = parse_seeds_option(opt("seeds")) if opt("seeds") is not None else None
-            device = _check_device(opt("device"))
-            draws_seed = _parse_draws_seed(opt("draws_seed"))
-            variants = _parse_variants(opt("variant") or [])
+            seeds = parse_seeds_option(opt("circuits_seeds")) if opt("circuits_seeds") is not None else None
+            device = _check_device(opt("circuits_device"))
+            draws_seed = _parse_draws_seed(opt("circuits_draws_seed"))
+            variants = _parse_variants(opt("circuits_variant") or [])
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         from .paths import reports_dir
 
-        given_dir = opt("report_dir")
+        given_dir = opt("circuits_report_dir")
         base = Path(config.invocation_params.dir)
         report_dir = (base / given_dir) if given_dir else reports_dir(config.rootpath, config)
         if winput and "circuits_run_id" in winput:  # an xdist worker: the controller chose these
             run_id, run_dir = winput["circuits_run_id"], Path(winput["circuits_run_dir"])
         else:
-            run_id = opt("run_id") or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+            run_id = opt("circuits_run_id") or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
             if not _RUN_ID_RE.match(run_id) or run_id in ("latest", "baseline"):
-                raise pytest.UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' "
+                raise pytest.UsageError(f"--circuits-run-id {run_id!r}: use letters, digits, '.', '_' and '-' "
                                         "(not 'latest' or 'baseline')")
             run_dir = report_dir.resolve() / run_id
         compare_path = None
-        if opt("compare") is not None and not winput:
+        if opt("circuits_compare") is not None and not winput:
             from . import report as _report
 
             try:
-                compare_path = _report.resolve_report(opt("compare"), report_dir)
+                compare_path = _report.resolve_report(opt("circuits_compare"), report_dir)
             except _report.ReportNotFoundError as exc:
-                raise pytest.UsageError(f"--compare: {exc}") from None
-        return cls(seeds=seeds, retrain=bool(opt("retrain")), device=device, compare=opt("compare"),
-                   compare_path=compare_path, report_dir=report_dir.resolve(), run_id=run_id, run_dir=run_dir,
-                   no_report=bool(opt("no_report")), full_sweep=bool(opt("full_sweep")), draws_seed=draws_seed,
+                raise pytest.UsageError(f"--circuits-compare: {exc}") from None
+        return cls(seeds=seeds, retrain=bool(opt("circuits_retrain")), device=device,
+                   compare=opt("circuits_compare"), compare_path=compare_path, report_dir=report_dir.resolve(),
+                   run_id=run_id, run_dir=run_dir, no_report=bool(opt("circuits_no_report")),
+                   full_sweep=bool(opt("circuits_full_sweep")), draws_seed=draws_seed,
                    rootdir=Path(config.rootpath), variants=variants)
 
 
 def parse_seeds_option(spec: str) -> tuple[int, ...]:
-    """:func:`circuits.seeds.parse_seeds`, its errors naming the ``--seeds`` option."""
+    """:func:`circuits.seeds.parse_seeds`, its errors naming the ``--circuits-seeds`` option."""
     from .seeds import parse_seeds
 
     try:
         return parse_seeds(spec)
     except ValueError as exc:
         text = str(exc)
-        raise ValueError(f"--{text}" if text.startswith("seeds") else f"--seeds: {text}") from None
+        raise ValueError(f"--circuits-{text}" if text.startswith("seeds") else f"--circuits-seeds: {text}") from None
 
 
 def _parse_variants(values: list[str]) -> tuple[tuple[str, str], ...]:
-    """``--variant brackets@arena_like`` (repeatable): each names an entry and one of its recipes."""
+    """``--circuits-variant brackets@arena_like`` (repeatable): each names an entry and one of its recipes."""
     out: dict[str, str] = {}
     for v in values:
         base, sep, recipe = str(v).partition("@")
         if not sep or not base or not recipe:
-            raise ValueError(f"--variant {v!r}: expected NAME@RECIPE, e.g. brackets@arena_like")
+            raise ValueError(f"--circuits-variant {v!r}: expected NAME@RECIPE, e.g. brackets@arena_like")
         if base in out:
-            raise ValueError(f"--variant: {base!r} is given two recipes ({out[base]} and {v})")
+            raise ValueError(f"--circuits-variant: {base!r} is given two recipes ({out[base]} and {v})")
         out[base] = str(v)
     return tuple(out.items())
 
@@ -145,12 +150,12 @@ def _parse_draws_seed(value: Any) -> int:
         return 0
     text = str(value).strip()
     if not text.isdigit() or int(text) >= 2**63:
-        raise ValueError(f"--draws-seed {value!r}: expected an integer in [0, 2**63)")
+        raise ValueError(f"--circuits-draws-seed {value!r}: expected an integer in [0, 2**63)")
     return int(text)
 
 
 def draws_seed_for(draws_seed: int, group: str) -> int:
-    """The seed of one test's random draws: a hash of the run's ``--draws-seed`` and the test's id
+    """The seed of one test's random draws: a hash of the run's ``--circuits-draws-seed`` and the test's id
     without its control/seed parameters, so a test's main run and its control runs draw alike."""
     digest = hashlib.sha256(f"{draws_seed}\x00{group}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -164,7 +169,7 @@ def get_plugin(config: pytest.Config) -> "CircuitsSession":
 
 
 def item_seed(node: Any) -> int | None:
-    """The zoo seed of a test (its ``zoo_seed`` parameter under ``--seeds``), else None: the one
+    """The zoo seed of a test (its ``zoo_seed`` parameter under ``--circuits-seeds``), else None: the one
     place a test's seed is read from."""
     seed = getattr(getattr(node, "callspec", None), "params", {}).get("zoo_seed")
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
@@ -191,8 +196,8 @@ def param_tokens(item: Any) -> list[str]:
     """The ids this plugin added to a test's name (control / mutation, seed)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     tokens = []
-    if "control" in params:
-        spec = params["control"]
+    if CONTROL_PARAM in params:
+        spec = params[CONTROL_PARAM]
         tokens.append("main" if spec == "main" else control_id(spec))
     if "zoo_seed" in params:
         tokens.append(f"seed={params['zoo_seed']}")

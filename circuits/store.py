@@ -131,7 +131,7 @@ def _refresh_hint(name: str) -> str:
 
     m = _re.fullmatch(r"(.+)_s(\d+)", name)
     target = f"{m.group(1)} --seed {m.group(2)}" if m else name
-    return f"`python -m circuits train {target} --update-reference` or `pytest --retrain`"
+    return f"`python -m circuits train {target} --update-reference` or `pytest --circuits-retrain`"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ class _Progress:
 def run_sweep(name_or_entry, seeds: Sequence[int], **options) -> SweepResult:
     """Train every seed of ``name_or_entry`` (a zoo name, ``name@recipe``, or a ZooEntry) that the store
     at ``root`` (default: $CIRCUITS_CACHE or ./.circuits-cache) lacks; reuse the others. A seed with a
-    committed reference checkpoint is left alone unless ``train_references`` (``pytest --retrain``).
+    committed reference checkpoint is left alone unless ``train_references`` (``pytest --circuits-retrain``).
     Options as `run_sweeps`."""
     return next(iter(run_sweeps([name_or_entry], seeds, **options).values()))
 

@@ -71,6 +71,9 @@ class ZooEntry:
     # recipe variants: name -> overrides ({field: value}; a dict value for `config`/`recipe` replaces
     # those fields inside it) or a function entry -> entry. `get_entry("name@variant")` applies one.
     variants: dict = field(default_factory=dict)
+    # compiled (e.g. by Tracr, circuits.tasks.tracr), not trained: its weights depend on no seed, so
+    # every seed, --seeds and --retrain load the shipped reference; train_fn only explains that
+    compiled: bool = False
 
     def spec(self, seed: int) -> dict:
         """Everything that determines the trained weights: the store key is its hash."""
@@ -325,6 +328,8 @@ def load(name: str, seed: Optional[int] = None, *, retrain: bool = False, force:
 
     entry = get_entry(name)
     seed = entry.default_seed if seed is None else check_seed(seed)
+    if entry.compiled:  # one model, whatever the seed: the shipped compiled weights
+        seed, retrain = entry.default_seed, False
     spec = entry.spec(seed)
     model = entry.new_model(seed)
     if seed in entry.ref_seeds() and not retrain:
@@ -351,6 +356,8 @@ def find_card(name: str, seed: Optional[int] = None, *, store=None,
 
     entry = get_entry(name)
     seed = entry.default_seed if seed is None else check_seed(seed)
+    if entry.compiled:
+        seed = entry.default_seed
     if seed in entry.ref_seeds():
         return load_reference(reference_dir, entry.reference_name(seed), entry.spec(seed))[1]
     found = (store or ModelStore()).load(spec_key(entry.spec(seed)))

@@ -2,8 +2,8 @@
 
 ``<name>_model`` is function-scoped so the test's control or mutation can transform it: it returns
 ``control.apply_model(model)``, the trained model itself on the main run. The trained model is
-loaded (or trained) once per session and seed by :class:`ZooSession`. With ``--seeds``, ``zoo_seed``
-is parametrised and each seed gets its own model; with ``--retrain``, models are trained into the
+loaded (or trained) once per session and seed by :class:`ZooSession`. With ``--circuits-seeds``, ``zoo_seed``
+is parametrised and each seed gets its own model; with ``--circuits-retrain``, models are trained into the
 run's report dir (``reports/<run-id>/models/``), once per run even under pytest-xdist (the store's
 file lock).
 
@@ -63,10 +63,10 @@ SWEEP_PLAN = "circuits_sweep_plan"  # a module's fn(RunOptions, its selected ite
 
 
 def sweep_plan(options: RunOptions, items: list) -> dict:
-    """seeds -> the zoo names to train for them before the first test: with ``--seeds``, the model
+    """seeds -> the zoo names to train for them before the first test: with ``--circuits-seeds``, the model
     fixtures the collected tests use; and what each collected module's ``circuits_sweep_plan(options,
     items)`` asks for, given its selected items (models a test loads by name, e.g. a paper's grid under
-    ``--full-sweep``, for the experiments that ``-k`` kept)."""
+    ``--circuits-full-sweep``, for the experiments that ``-k`` kept)."""
     from . import zoo
 
     plan: dict = {}
@@ -126,7 +126,7 @@ def _uncaptured(config: pytest.Config):
 
 
 def _store_root(config: pytest.Config, options: RunOptions):
-    """Where this run's models live: the run's own folder under --retrain, else the project's store."""
+    """Where this run's models live: the run's own folder under --circuits-retrain, else the project's store."""
     return options.run_dir / "models" if options.retrain else _cache_dir(config)
 
 
@@ -139,11 +139,12 @@ def _cache_dir(config: pytest.Config):
 
 
 def _model_fixture(name: str):
-    def fixture(request: pytest.FixtureRequest, zoo_models: ZooSession, zoo_seed, control):
-        return control.apply_model(zoo_models.get(request, name, zoo_seed).model)
+    def fixture(request: pytest.FixtureRequest, zoo_models: ZooSession, zoo_seed, circuits_control):
+        return circuits_control.apply_model(zoo_models.get(request, name, zoo_seed).model)
 
     fixture.__name__ = fixture_name(name)
-    fixture.__doc__ = f"The zoo model {name!r} (reference checkpoint, or the --seeds model), after the test's control."
+    fixture.__doc__ = (f"The zoo model {name!r} (reference checkpoint, or the --circuits-seeds model), "
+                       "after the test's control.")
     return pytest.fixture(name=fixture_name(name))(fixture)
 
 

@@ -189,7 +189,7 @@ class ArenaSubject:
 
 
 class OursSubject:
-    """Mixin: the same hypotheses on our own brackets zoo model (reference or --seeds), roles found
+    """Mixin: the same hypotheses on our own brackets zoo model (reference or --circuits-seeds), roles found
     by search on the search split of the uncontrolled model, scored on the held-out strings."""
 
     @pytest.fixture

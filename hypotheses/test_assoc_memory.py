@@ -18,7 +18,7 @@ contexts, not a sample estimate.
   batches of 256). The paper's numbers are training accuracies (accuracy under the training set's
   empirical law, each pair weighted by its count), and so are ours. Its accuracies (0.13 at H = 1 ...
   0.96 at H = 26, 0.997 at H = 31) are reproduced within +-0.05 at every H of the default grid (seed
-  0); `--full-sweep` averages five models per H as the paper did. The slope before saturation (the
+  0); `--circuits-full-sweep` averages five models per H as the paper did. The slope before saturation (the
   paper's fit: points up to the first accuracy above 0.95) matches the paper's 0.034 per head within
   0.005, and the fit is linear (r^2 >= 0.95). Found on the way: under the seed notebook's recipe
   (Adam 1e-3, fresh samples) and scored on the whole table, our curve ran 0.06-0.12 below the paper's
@@ -40,8 +40,8 @@ contexts, not a sample estimate.
 
 Every model is an ordinary zoo entry (`circuits.tasks.assoc.experiments`; `python -m circuits list`),
 loaded through the zoo's session loader: committed references (`fixtures/models/assoc_*`, `python -m
-circuits.tasks.assoc` rewrites them) for a few points per experiment; `--retrain` trains them afresh
-into the run directory; `--full-sweep` trains every grid point with seeds 0-4 (the paper averaged five)
+circuits.tasks.assoc` rewrites them) for a few points per experiment; `--circuits-retrain` trains them afresh
+into the run directory; `--circuits-full-sweep` trains every grid point with seeds 0-4 (the paper averaged five)
 into the model store once and compares the means with the paper's curves.
 """
 
@@ -313,7 +313,7 @@ def test_exp1_accuracy_matches_the_paper(H, assoc, request, claim, control, draw
 def test_exp1_accuracy_matches_the_paper_five_repetitions(H, assoc, request, claim, control, draws):
     """The paper's grid: every H, mean of five repetitions (seeds 0-4; the same training set)."""
     if not get_plugin(request.config).options.full_sweep:
-        pytest.skip("the full sweep runs with --full-sweep")
+        pytest.skip("the full sweep runs with --circuits-full-sweep")
     seeds = exp1_seeds(request.config, full=True)
     acc, accs = _exp1_accuracy(assoc, request, control, draws, H, seeds)
     claim.close_to("accuracy", acc, A.PAPER_EXP1[H], atol=PAPER_TOLERANCE,
@@ -365,13 +365,13 @@ def test_exp1_accuracy_grows_linearly_with_heads(assoc, request, claim, control,
 
 
 def _bound_configs(config: pytest.Config, full: bool) -> list:
-    seeds = exp1_seeds(config, full)  # --seeds picks them, as for experiment 1 and the sweep plan
+    seeds = exp1_seeds(config, full)  # --circuits-seeds picks them, as for experiment 1 and the sweep plan
     configs = [pytest.param(A.exp1(H), s, id=f"exp1-H{H}-seed{s}") for H in A.EXP1_HEADS for s in seeds]
     # fully trained models only: the bound says what a trained AoT reaches, not a partly frozen one
     # (W_O alone stays far below it: see test_training_W_O_alone_memorises)
     configs += [pytest.param(A.freezing_model(f), 0, id=f"freeze-{f}") for f in ("none", "freeze_O")]
     configs += [pytest.param(A.skip_model(r), 0, id=f"skip-residual={r}") for r in (True, False)]
-    # the paper's other sweeps: the reference points, or every grid point and seed with --full-sweep
+    # the paper's other sweeps: the reference points, or every grid point and seed with --circuits-full-sweep
     for exp, (grid, make) in SWEEPS.items():
         for x in (grid if full else REFERENCE_POINTS[exp]):
             configs += [pytest.param(make(x), s, id=f"{exp}-{x}-seed{s}") for s in seeds]
@@ -428,12 +428,12 @@ EXP6_ONE_SEED_TOLERANCE = 0.10
 
 
 def circuits_sweep_plan(options, items) -> list:
-    """``--full-sweep``: every grid point of the experiments the selected tests name (``exp1`` ...
+    """``--circuits-full-sweep``: every grid point of the experiments the selected tests name (``exp1`` ...
     ``exp6`` in a test's name or id) with its seeds, trained in parallel by the sweep runner before the
     first test (the plugin calls this after collection); ``-k exp6`` trains experiment 6's grid only."""
     if not options.full_sweep:
         return []
-    seeds = tuple(options.seeds or ()) or A.EXP1_FULL_SEEDS  # no --seeds: None
+    seeds = tuple(options.seeds or ()) or A.EXP1_FULL_SEEDS  # no --circuits-seeds: None
     named = {e for e in ("exp1", "exp2", "exp3", "exp5", "exp6") if any(e in item.name for item in items)}
     names = [A.exp1(H).name for H in A.EXP1_HEADS] if "exp1" in named else []
     names += [_sweep_entry(exp, x).name for exp, (grid, _) in SWEEPS.items() if exp[:4] in named for x in grid]
@@ -580,7 +580,7 @@ def test_exp5_mlp_stores_more_per_parameter_than_attention(assoc, request, claim
     xs = [x for x in _points(request, "exp5_attn") if x > 1]
     if not xs:
         pytest.skip("experiment 5 has no committed reference points (16,384 steps on N = 70 each); "
-                    "run with --full-sweep")
+                    "run with --circuits-full-sweep")
     attn = _curve(assoc, request, control, "exp5_attn", xs)
     mlp = _curve(assoc, request, control, "exp5_mlp", xs)
     diff = float(np.mean(np.subtract(mlp, attn)))
@@ -648,8 +648,8 @@ KNOWN_FAILURES = {
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=mean_ablate_half_heads": _NEAR_NO_HEADS,
     "test_sweep_accuracy_matches_the_paper[exp2-1] control=randomise_ov": _NEAR_NO_HEADS,
 }
-# --full-sweep (every grid point, seeds 0-4; lenient there, as under --seeds): the same two limits at the
-# narrowest heads, measured on 2026-12-01 (`pytest hypotheses/test_assoc_memory.py --full-sweep -k "exp2 or
+# --circuits-full-sweep (every grid point, seeds 0-4; lenient there, as under --circuits-seeds): the same two limits at the
+# narrowest heads, measured on 2026-12-01 (`pytest hypotheses/test_assoc_memory.py --circuits-full-sweep -k "exp2 or
 # exp3"`: 130 claims held, these 10 control runs held too). Listed as measured: seed 4 at d_h = 2 and the
 # randomised heads at d_h = 2 do fail as required.
 KNOWN_FAILURES.update({
@@ -662,7 +662,7 @@ KNOWN_FAILURES.update({
     **{f"test_sweep_accuracy_matches_the_paper[exp2-2] control={c}": _NEAR_NO_HEADS_FULL
        for c in ("ablate_half_heads", "mean_ablate_half_heads")},
 })
-# Experiment 5 under --full-sweep, measured on 2026-12-02 (`pytest hypotheses/test_assoc_memory.py --full-sweep
+# Experiment 5 under --circuits-full-sweep, measured on 2026-12-02 (`pytest hypotheses/test_assoc_memory.py --circuits-full-sweep
 # -k exp5`: 256 passed, these 25 control runs held too). With one head (every MLP point, and H = 1) the bound
 # counts H d_h + d = 20 of 4,900 pairs, 0.0183 against chance 0.0143, and the residual and the MLP still read
 # the last token with the head's W_V/W_O randomised: 0.0184-0.0295 on these 19 runs (and the two reference
@@ -704,7 +704,7 @@ def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control, 
     norms, or zeroed, the model is at chance (0.09 / 0.05). Tried and left out: half the heads removed
     or mean-ablated (0.16 / 0.18: what W_O learned is spread over all 20 heads and the claim's margin
     over chance is small), and the reassigned table, whose score varies with the derangement drawn
-    (0.02-0.16 over ten draws) and crosses 0.15 on some: a control that flips with --draws-seed."""
+    (0.02-0.16 over ten draws) and crosses 0.15 on some: a control that flips with --circuits-draws-seed."""
     exp = A.freezing_model("train_O_only")
     law = A.build_law(exp)
     model = control.apply_model(assoc.get(request, exp).model)

@@ -29,7 +29,7 @@ evaluation set) among 6 heads (count) then 5 (negative), and every claim scores 
 interval (level 1 - 0.05/k). Notes on each claim record the binding, both split sizes and k. The
 binding comes from the unmutated model (session memo), so a mutation run is scored under it.
 
-Random draws (resampling sources, bootstrap seeds) come from `draws` / `--draws-seed`; resampling
+Random draws (resampling sources, bootstrap seeds) come from `draws` / `--circuits-draws-seed`; resampling
 pools 5 draws of sources and decides on a bootstrap interval over strings, so known failures do not
 turn on one draw (the old single-draw "0.796 < 0.80" ranged 0.768-0.821 over 20 generator seeds).
 
@@ -63,7 +63,7 @@ Thresholds are the seed's where it gives numbers (r^2 >= 0.98, attention ~0.5 or
 from the hypothesis's wording (see each test), and above what every control reaches.
 
 Census decision (issue 17; `python -m circuits census brackets --recipes
-default,label_only,originators,arena_like --seeds 0-4 --recipe-select TestOurModel --acc-target 0.999`,
+default,label_only,originators,arena_like --circuits-seeds 0-4 --recipe-select TestOurModel --acc-target 0.999`,
 table in reports/census/brackets/census.md and the README): 20 models, 4 recipes x seeds 0-4 (ours with
 per-position suffix targets; label-only cross-entropy at position 0 on the published distribution; the
 same on an originators'-like distribution; that plus dropout 0.1 and sqrt(d_model)-scaled embeddings).
@@ -163,7 +163,7 @@ register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs, replac
 @pytest.fixture
 def resampling_draws(circuits_options):
     """The resampling tests' draws of sources: one stream for both tests (they share the resampled
-    losses, computed once per model), derived from --draws-seed like every `draws` fixture."""
+    losses, computed once per model), derived from --circuits-draws-seed like every `draws` fixture."""
     return Draws(draws_seed_for(circuits_options.draws_seed, "test_brackets.py: resampling sources"))
 
 
@@ -375,7 +375,7 @@ class TestOurModel(OursSubject, BracketHypotheses):
 
 
 # Hypotheses measured false on our reference model: strict expected failures there (they must keep
-# failing, and only as a failed claim), lenient under --seeds. The plugin appends what was measured
+# failing, and only as a failed claim), lenient under --circuits-seeds. The plugin appends what was measured
 # now; each reason says what the hypothesis says against what is measured, and what it is decided on.
 KNOWN_FAILURES = {
     "TestOurModel::test_unbalanced_direction_carried_by_the_two_role_heads":

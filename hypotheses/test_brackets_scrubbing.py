@@ -38,7 +38,7 @@ hypothesis's own claim must FAIL on each (they are the module's `@pytest.mark.co
 power matrix). For direct paths, swapping the two heads' features is the same test as swapping the
 heads' weights (the head-swap mutation), so the controls are targeted, not generic; the derived
 mutations themselves would rebuild the scrubbing data per mutant (14 s each), so they are not run here.
-Known failures: the module's KNOWN_FAILURES table. Resampling draws come from --draws-seed.
+Known failures: the module's KNOWN_FAILURES table. Resampling draws come from --circuits-draws-seed.
 
 Data: the published 5,000 strings (`bracket_data`, 46% balanced) and 5,000 strings of an
 originators'-style distribution (`brackets.generate_originators_style`: 26% balanced, unbalanced
@@ -196,7 +196,7 @@ def _data(bracket_data, where):
 
 @pytest.fixture(scope="module")
 def scrub_seed(circuits_options):
-    """The resampling seed of this module's scrubs: one per run, changed by --draws-seed."""
+    """The resampling seed of this module's scrubs: one per run, changed by --circuits-draws-seed."""
     return draws_seed_for(circuits_options.draws_seed, __name__) % 2**31
 
 

@@ -29,7 +29,7 @@ a Bonferroni-corrected CI (level 1 - 0.05/6). ``head_roles`` exposes it as ``clu
 
 Comparator seeds are never the mutations' own (the mutations use seed 0), so a mutant never ties with
 its own comparator. Every random choice a claim makes (probe split, KMeans/CV seeds, shuffled rows,
-bootstrap) comes from the ``draws`` fixture (the binding: from --draws-seed via ``draws_seed_for``).
+bootstrap) comes from the ``draws`` fixture (the binding: from --circuits-draws-seed via ``draws_seed_for``).
 
 Mutations tried by hand (reference checkpoint; MSE on the 20k evaluation set, probe on its first 10k,
 point values): randomise_read_in: MSE - ridge 0.1 +4.79, share -54, offset pearson 0.02, probe gain
@@ -43,7 +43,7 @@ function, every value unchanged (as it must be: no claim here names an L0 head b
 foreign_context: MSE - ridges +0.013/+0.002, oracle ratio 0.156, share -0.145, pearson -0.006 (red).
 hide_context_answers: probe gain -0.17 (red). Untrained: MSE - ridge +4.87, share -55, pearson 0.03.
 Cluster claim (known failure): held-out gain of L0H1 over the comparators -0.077 [-0.129, -0.020]
-(model 0.41, untrained 0.46, random read-in 0.19-0.23); over --draws-seed 0..4, -0.065 .. -0.082.
+(model 0.41, untrained 0.46, random read-in 0.19-0.23); over --circuits-draws-seed 0..4, -0.065 .. -0.082.
 
 The reference checkpoint is trained for ~2 minutes on one CPU thread (4,000 steps of 64 sequences);
 the seed project's published numbers come from a long GPU run with alphas (0.1, 0.5), so they are

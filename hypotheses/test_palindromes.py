@@ -23,7 +23,7 @@ through its last MLP, and a layer-0 head compares each letter with its mirror pa
   positions 1-10 permuted (accuracy 0.50) rho is -0.16 (trained -0.18; within strata of equal
   letter counts -0.13 vs -0.15) and the means still fall, so they are no evidence of mirroring.
 
-Bindings (held out). Every string comes from draws of one module stream (``--draws-seed`` changes
+Bindings (held out). Every string comes from draws of one module stream (``--circuits-draws-seed`` changes
 them): a SEARCH split and a disjoint HELD-OUT split of the seed's distribution (4,000 each), and a
 search / held-out pair of distinct-letter splits (2,000 each). Roles are bound once per model on the
 UNMUTATED model's search split, and every claim is scored on held-out strings, with its bootstrap
@@ -353,7 +353,7 @@ def direct_ablation_accuracy(an: Analysis, components) -> float:
 @pytest.fixture
 def module_draws(circuits_options) -> Draws:
     """The draws of the module's strings (shared by its tests so that one binding serves them all;
-    --draws-seed changes them)."""
+    --circuits-draws-seed changes them)."""
     return Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_palindromes.py"))
 
 

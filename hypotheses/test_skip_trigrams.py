@@ -26,7 +26,7 @@ whose zero_ablate:L0H0 control failed by construction, are gone. The output clai
 are about ``ov:L0HH`` (zero / mean ablation of that head); the attention claims are the same for every
 head (a head swap leaves them true by design), so their targeted mutation is the head's uniform
 attention, given as a hand-written control, with ``about("model")`` for the untrained model. The
-sequences are one draw of the module's stream (``--draws-seed`` changes them).
+sequences are one draw of the module's stream (``--circuits-draws-seed`` changes them).
 
 Mutations tried by hand on the 3-head reference (signal accuracy 1.000 on 10k signal sequences):
 zero-ablating L0H0 / L0H1 / L0H2 gives 0.305 / 0.248 / 0.312, mean-ablating 0.437 / 0.375 / 0.376,
@@ -158,7 +158,7 @@ def pair_margins(model: HookedTransformer, d: S.SkipTrigramData) -> torch.Tensor
 
 @pytest.fixture
 def d(circuits_options) -> S.SkipTrigramData:
-    """The module's fresh sequences: one draw per --draws-seed, shared by the module's tests."""
+    """The module's fresh sequences: one draw per --circuits-draws-seed, shared by the module's tests."""
     return data(Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_skip_trigrams.py")))
 
 

@@ -183,7 +183,7 @@ def test_census_end_to_end_then_from_the_store(tiny_project):
                                  acc_target=0.6, jobs=2, stream=log)  # both rows side by side
     text = log.getvalue()
     assert text.count("trained in") == 4, text  # 2 recipes x 2 seeds
-    assert "[census slow]" in text and "--variant tiny_census@slow" in text
+    assert "[census slow]" in text and "--circuits-variant tiny_census@slow" in text
     rows = {r["label"]: r for r in census.rows}
     assert set(rows) == {"default", "slow"}
     zero = rows["default"]["claims"]["test_seed_zero: seed is 0"]
@@ -230,12 +230,12 @@ def test_a_run_is_reused_only_when_its_inputs_are_equal(tmp_path):
     run_dir = tmp_path / "census-x"
     run_dir.mkdir()
     (run_dir / "report.json").write_text("{}")
-    inputs = {"module": "a", "package": "b", "args": ["--seeds", "0"], "main_only": True,
+    inputs = {"module": "a", "package": "b", "args": ["--circuits-seeds", "0"], "main_only": True,
               "models": [{"name": "m", "seed": 0, "content_hash": "h"}]}
     assert C.stored_run(run_dir, inputs) is None  # never recorded: an interrupted run
     (run_dir / C.INPUTS_FILE).write_text(json.dumps(inputs))
     assert C.stored_run(run_dir, inputs) == run_dir / "report.json"
-    for changed in ({"module": "a2"}, {"package": "b2"}, {"args": ["--seeds", "1"]},
+    for changed in ({"module": "a2"}, {"package": "b2"}, {"args": ["--circuits-seeds", "1"]},
                     {"models": [{"name": "m", "seed": 0, "content_hash": "retrained"}]}):
         assert C.stored_run(run_dir, {**inputs, **changed}) is None, changed
     (run_dir / C.INPUTS_FILE).write_text("{not json")

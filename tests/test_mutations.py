@@ -201,7 +201,7 @@ def test_a_claim_that_survives_the_mutation_of_its_head_fails_as_no_power(power_
         def test_measures_something_else(model, claim):
             claim.at_least("embedding_norm", float(model.embed.W_E.norm()), 0.0)
     ''')
-    result = power_project.runpytest("-v", "--run-id", "power")
+    result = power_project.runpytest("-v", "--circuits-run-id", "power")
     result.stdout.re_match_lines([re.escape(f"test_power.py::test_names_its_head[mutation={m}:reader] PASSED")
                                   for m in ("zero_ablate", "mean_ablate", "swap_head")])
     result.stdout.fnmatch_lines(["*no power: claim 'embedding_norm'*also holds on mutation 'zero_ablate:reader'*"])
@@ -226,7 +226,7 @@ def test_known_failures_expect_only_failed_claims_and_carry_the_measurement(powe
         def test_crashes(claim):
             {}["missing"]
     ''')
-    result = power_project.runpytest("-rxXs", "-v", "--no-report")
+    result = power_project.runpytest("-rxXs", "-v", "--circuits-no-report")
     out = result.stdout.str()
     assert ("known failure: the hypothesis says >= 0.9 | measured now: acc = 0.5, claim needs >= 0.9 (short by 0.4)"
             in out), out
@@ -242,16 +242,16 @@ def test_a_known_failure_that_passes_is_strict_and_a_stale_entry_is_an_error(pow
         def test_holds(claim):
             claim.at_least("acc", 0.95, 0.9)
     ''')
-    power_project.runpytest("--no-report").assert_outcomes(failed=1)
-    # --full-sweep scores models trained by the sweep, as --seeds does: a known failure may pass there
-    power_project.runpytest("--no-report", "--full-sweep").assert_outcomes(xpassed=1)
+    power_project.runpytest("--circuits-no-report").assert_outcomes(failed=1)
+    # --circuits-full-sweep scores models trained by the sweep, as --circuits-seeds does: a known failure may pass there
+    power_project.runpytest("--circuits-no-report", "--circuits-full-sweep").assert_outcomes(xpassed=1)
     power_project.makepyfile(test_strict='''
         KNOWN_FAILURES = {"test_gone": "a test that was renamed"}
 
         def test_holds(claim):
             claim.at_least("acc", 0.95, 0.9)
     ''')
-    result = power_project.runpytest("--no-report")
+    result = power_project.runpytest("--circuits-no-report")
     assert result.ret == pytest.ExitCode.USAGE_ERROR or "stale" in result.stdout.str() + result.stderr.str()
 
 
@@ -269,16 +269,16 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
     for s in ("0", "0", "3"):
         log = power_project.path / "draws.txt"
         log.unlink(missing_ok=True)
-        power_project.runpytest("--no-report", "--draws-seed", s).assert_outcomes(passed=2)
+        power_project.runpytest("--circuits-no-report", "--circuits-draws-seed", s).assert_outcomes(passed=2)
         lines = log.read_text().split("\n")[:-1]
         assert len(lines) == 2 and lines[0].split()[1] == lines[1].split()[1]  # main and control draw alike
         seen.setdefault(s, set()).add(lines[0].split()[1])
     assert len(seen["0"]) == 1 and seen["0"] != seen["3"]
-    result = power_project.runpytest("--no-report", "--draws-seed", "-1")
+    result = power_project.runpytest("--circuits-no-report", "--circuits-draws-seed", "-1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
-# --- zoo fixtures for entries registered from a conftest, and --variant -------------------------------
+# --- zoo fixtures for entries registered from a conftest, and --circuits-variant -------------------------------
 
 ZOO_CONFTEST = '''
 from dataclasses import replace
@@ -298,7 +298,7 @@ zoo.register(zoo.ZooEntry(name="mine", description="a user's model", config=TINY
 
 
 def test_an_entry_registered_in_a_conftest_gets_its_variants(pytester, monkeypatch):
-    """(Its fixture under --seeds: tests/test_sweep.py, on the same conftest.)"""
+    """(Its fixture under --circuits-seeds: tests/test_sweep.py, on the same conftest.)"""
     monkeypatch.setenv("CIRCUITS_CACHE", str(pytester.path / "cache"))
     pytester.makeconftest(ZOO_CONFTEST)
     pytester.makepyfile(test_user='''
@@ -308,9 +308,9 @@ def test_an_entry_registered_in_a_conftest_gets_its_variants(pytester, monkeypat
                 f.write(circuits_options.model_name("mine"))
     ''')
     # subprocesses: a conftest is imported once per session, as in real use
-    pytester.runpytest_subprocess("--no-report", "--variant", "mine@longer").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("--circuits-no-report", "--circuits-variant", "mine@longer").assert_outcomes(passed=1)
     assert (pytester.path / "steps.txt").read_text() == "mine@longer"
-    result = pytester.runpytest_subprocess("--no-report", "--variant", "mine")
+    result = pytester.runpytest_subprocess("--circuits-no-report", "--circuits-variant", "mine")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
@@ -326,7 +326,7 @@ def test_a_known_control_run_that_measured_nothing_is_an_error_not_a_known_failu
             if control.is_main:
                 claim.at_least("acc", 0.9, 0.5)
     """)
-    result = power_project.runpytest("-rfx", "--run-id", "empty")
+    result = power_project.runpytest("-rfx", "--circuits-run-id", "empty")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*ControlRunError*the control run recorded no claims*"])
     report = json.loads((power_project.path / "reports" / "empty" / "report.json").read_text())
@@ -367,11 +367,11 @@ def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):
             claim.at_least("acc", 0.9 if p == "x" else (0.9 if model is not None and hasattr(model, "cfg")
                                                            and model.blocks[0].attn.W_O.abs().sum() > 0 else 0.1), 0.5)
     ''')
-    result = power_project.runpytest("-v", "-rx", "--no-report")
+    result = power_project.runpytest("-v", "-rx", "--circuits-no-report")
     result.stdout.re_match_lines([re.escape("test_teeth.py::test_weak[control=untrained-x] XFAIL")])
     assert "measured now: acc = 0.9" in result.stdout.str()
     result.assert_outcomes(passed=2, xfailed=1, failed=1)  # y: its untrained control holds too (no teeth)
-    power_project.runpytest("--run-id", "known").assert_outcomes(passed=2, xfailed=1, failed=1)
+    power_project.runpytest("--circuits-run-id", "known").assert_outcomes(passed=2, xfailed=1, failed=1)
     report = json.loads((power_project.path / "reports" / "known" / "report.json").read_text())
     runs = {r["nodeid"].split("::")[1]: r for r in report["control_runs"]}
     assert runs["test_weak[control=untrained-x]"]["known"] == "an untrained model reaches it too"

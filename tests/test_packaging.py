@@ -3,12 +3,15 @@
 Builds the wheel from a copy of the sources, installs it with torch 2.13.0 (the CPU build; pip takes
 it from the machine's wheel folder where there is one) into a fresh venv (no system site-packages),
 then, in a temporary project with its own `hypotheses/`, runs claims on the shipped ARENA reference
-and on a shipped zoo reference (`brackets_model`), and checks that `pytest --co` in an unrelated
-folder does not import torch. Slow (a few minutes: a venv and its dependencies); CI runs it.
+and on a shipped zoo reference (`brackets_model`), runs another project's own suite beside a claim
+(its conftest defines `--device`, `--seeds` and fixtures with common names: the plugin's options are all
+`--circuits-*` and its own fixtures reach theirs by private names), and checks that `pytest --co` in an
+unrelated folder does not import torch. Slow (a few minutes: a venv and its dependencies); CI runs it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -131,3 +134,103 @@ def test_plugin_does_not_import_torch_in_an_unrelated_project(installed):
     assert "circuits.pytest_plugin" in plugins  # the plugin is installed and auto-loaded: its import is what's measured
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "torch" not in imported, "loading the circuits plugin imported torch in a project that does not use it"
+
+
+# Another project's conftest, as people write them: options and fixtures with the words a claims
+# plugin might also want. None may clash with the installed plugin, and its claims must still work.
+OTHER_CONFTEST = '''
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu")
+    parser.addoption("--seeds", default="0")
+    parser.addoption("--compare", default=None)
+    parser.addoption("--report-dir", default=None)
+
+
+@pytest.fixture
+def device(request):
+    return request.config.getoption("--device")
+
+
+@pytest.fixture
+def control():
+    return "their control"
+
+
+@pytest.fixture
+def draws():
+    return [1, 2, 3]
+
+
+@pytest.fixture
+def figures():
+    return "their figures"
+
+
+@pytest.fixture
+def model():
+    return "their model"
+'''
+
+OTHER_TESTS_CONFTEST = '''
+import pytest
+
+
+@pytest.fixture
+def claim():
+    return "their claim"
+'''
+
+OTHER_TEST = '''
+def test_their_options(request, device):
+    assert device == "banana"
+    assert request.config.getoption("--seeds") == "7"
+    assert request.config.getoption("--report-dir") == "elsewhere"
+
+
+def test_their_fixtures(claim, control, draws, figures, model):
+    assert (claim, control, draws, figures, model) == ("their claim", "their control", [1, 2, 3],
+                                                        "their figures", "their model")
+'''
+
+CLAIM_BESIDE_THEIRS = '''
+"""Hypothesis: the shipped bracket model classifies the published strings (beside another suite)."""
+import pytest
+from circuits import analysis as A
+from circuits.reference import arena_data
+
+
+@pytest.mark.controls("untrained")
+def test_brackets_reference(brackets_model, claim, draws):
+    assert type(draws).__name__ == "Draws"  # the plugin's, not the conftest's list
+    data = arena_data(500)
+    pred = A.predict(brackets_model, data.toks, lengths=data.lengths + 2).argmax(-1)
+    claim.at_least("brackets_acc_first_500", float((pred == data.isbal.long()).float().mean()), 0.99)
+'''
+
+
+def test_plugin_beside_a_project_that_defines_device_and_seeds(installed):
+    """The wheel in a project whose conftest defines --device, --seeds, --compare, --report-dir and
+    fixtures named control / draws / figures / model / claim: its own tests and a claim both run."""
+    py, env, _, tmp = installed
+    project = tmp / "theirs"
+    (project / "tests").mkdir(parents=True)
+    (project / "hypotheses").mkdir()
+    (project / "conftest.py").write_text(textwrap.dedent(OTHER_CONFTEST))
+    (project / "tests" / "conftest.py").write_text(textwrap.dedent(OTHER_TESTS_CONFTEST))
+    (project / "tests" / "test_theirs.py").write_text(textwrap.dedent(OTHER_TEST))
+    (project / "hypotheses" / "test_claim.py").write_text(textwrap.dedent(CLAIM_BESIDE_THEIRS))
+    result = run([str(py), "-m", "pytest", "tests", "hypotheses", "-rA", "--device", "banana", "--seeds", "7",
+                  "--report-dir", "elsewhere", "--circuits-device", "cpu", "--circuits-run-id", "beside"],
+                 project, env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    for test in ("test_their_options", "test_their_fixtures", "test_brackets_reference[main]",
+                 "test_brackets_reference[control=untrained]"):
+        assert re.search(rf"PASSED \S*{re.escape(test)}", out), (test, out[-4000:])
+    report = json.loads((project / "reports" / "beside" / "report.json").read_text())
+    main = [c for c in report["claims"] if not c.get("control")]
+    assert [(c["name"], c["passed"]) for c in main] == [("brackets_acc_first_500", True)], main
+    assert [r["outcome"] for r in report["control_runs"]] == ["ok"], report["control_runs"]

@@ -102,7 +102,7 @@ def test_records_survive_failures_crashes_and_interrupts(project):
         def test_never_runs(claim):
             claim.holds("x", True)
     ''')
-    result = project.runpytest("--run-id", "crashy", no_reraise_ctrlc=True)
+    result = project.runpytest("--circuits-run-id", "crashy", no_reraise_ctrlc=True)
     result.stdout.fnmatch_lines(["*L2H0.open_prop_r = 0.62, claim needs >= 0.90 (short by 0.28)*",
                                  "*circuits claims*", "*circuits: *report.html*"])
     report = load(project, "crashy")
@@ -134,7 +134,7 @@ def test_a_skipped_control_run_is_shown_as_skipped_not_as_an_error(project):
                 pytest.skip("refuted on this model: its control has nothing to test")
             claim.at_least("acc", model.acc, 0.5)
     ''')
-    result = project.runpytest("--run-id", "skipctl")
+    result = project.runpytest("--circuits-run-id", "skipctl")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*control scramble*skipped*"])
     main = claims_of(load(project, "skipctl"))[("test_refuted_here[main]", "acc")]
@@ -167,7 +167,7 @@ def test_controls_invert_and_no_teeth_fails(project):
         def control_is_main(model):
             return model.acc > 0.5
     ''')
-    result = project.runpytest("-v", "--run-id", "ctl")
+    result = project.runpytest("-v", "--circuits-run-id", "ctl")
     result.stdout.fnmatch_lines([
         "*test_accuracy[[]main[]] PASSED*",
         "*test_accuracy[[]control=scramble[]] PASSED*",
@@ -220,13 +220,13 @@ def test_bad_input_is_reported_clearly(project):
         def test_x(claim):
             claim.at_least("a", 1.0, 0.5)
     ''')
-    result = project.runpytest("--run-id", "badcoll")
+    result = project.runpytest("--circuits-run-id", "badcoll")
     result.stdout.fnmatch_lines([
         "*unknown control 'nosuch' in spec 'nosuch:L1H1'; known controls: ablate, *flip*untrained*",
     ])
     (err,) = load(project, "badcoll")["collection_errors"]  # the run still leaves a report saying why
     assert err["nodeid"] == "test_unknown_control.py" and "unknown control 'nosuch'" in err["message"]
-    result = project.runpytest("test_bad.py", "--run-id", "bad")
+    result = project.runpytest("test_bad.py", "--circuits-run-id", "bad")
     result.stdout.fnmatch_lines([
         "*DuplicateClaimError: claim name 'acc' is used twice in this test*",
         "*TypeError: figures.add('scatter', ...) needs a matplotlib.figure.Figure, got builtins.list*",
@@ -241,12 +241,12 @@ def test_bad_input_is_reported_clearly(project):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--seeds", "5-2"], "--seeds '5-2': range end 2 is before its start 5"),
-    (["--seeds=-1"], "'-1' is not a seed"),
-    (["--seeds", "zero"], "'zero' is not a seed"),
-    (["--compare", "missing"], "--compare: no report for 'missing'"),
-    (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
-    (["--run-id", "latest"], "--run-id 'latest'"),
+    (["--circuits-seeds", "5-2"], "--circuits-seeds '5-2': range end 2 is before its start 5"),
+    (["--circuits-seeds=-1"], "'-1' is not a seed"),
+    (["--circuits-seeds", "zero"], "'zero' is not a seed"),
+    (["--circuits-compare", "missing"], "--circuits-compare: no report for 'missing'"),
+    (["--circuits-device", "tpu"], "--circuits-device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--circuits-run-id", "latest"], "--circuits-run-id 'latest'"),
 ])
 def test_bad_options_are_usage_errors(pytester, args, words):
     pytester.makepyfile("def test_x():\n    pass\n")
@@ -263,7 +263,7 @@ def test_seeds_parametrise_and_pass_rate(project):
         def test_no_zoo(claim):
             claim.at_least("plain", 1.0, 0.5)
     ''')
-    result = project.runpytest("-v", "--seeds", "0-2", "--run-id", "seeds")
+    result = project.runpytest("-v", "--circuits-seeds", "0-2", "--circuits-run-id", "seeds")
     result.stdout.fnmatch_lines(["*test_acc[[]seed=0[]] FAILED*", "*test_acc[[]seed=1[]] PASSED*",
                                  "*test_acc[[]seed=2[]] PASSED*", "*test_no_zoo PASSED*",
                                  "*pass rate across seeds*", "*test_acc acc: 2/3 (67%)*"])
@@ -286,9 +286,9 @@ def test_compare_finds_flipped_claims(project, monkeypatch):
             claim.at_least("acc", float(os.environ["ACC"]), 0.9)
     ''')
     monkeypatch.setenv("ACC", "0.95")
-    project.runpytest("--run-id", "before").assert_outcomes(passed=1)
+    project.runpytest("--circuits-run-id", "before").assert_outcomes(passed=1)
     monkeypatch.setenv("ACC", "0.85")
-    result = project.runpytest("--run-id", "after", "--compare", "before")
+    result = project.runpytest("--circuits-run-id", "after", "--circuits-compare", "before")
     result.stdout.fnmatch_lines(["*compared with before: 2 matched, 1 flipped*",
                                  "*FLIPPED test_acc acc: pass -> fail, 0.95 -> 0.85 (margin −0.1*"])
     cmp_ = load(project, "after")["compare"]
@@ -303,7 +303,7 @@ def test_compare_finds_flipped_claims(project, monkeypatch):
     from circuits.report import set_baseline
 
     set_baseline(project.path / "reports" / "before")
-    result = project.runpytest("--run-id", "vs-base", "--compare", "baseline", "--no-report")
+    result = project.runpytest("--circuits-run-id", "vs-base", "--circuits-compare", "baseline", "--circuits-no-report")
     result.stdout.fnmatch_lines(["*compared with before: 2 matched, 1 flipped*"])
     assert not (project.path / "reports" / "vs-base").exists()
 
@@ -329,7 +329,8 @@ def test_xdist_one_complete_report_with_figures_and_models(project):
             if k == 3:
                 raise ValueError("worker-side crash")
     ''')
-    result = project.runpytest_subprocess("-n", "2", "--seeds", "1,2", "--run-id", "par", "-p", "no:cacheprovider")
+    result = project.runpytest_subprocess("-n", "2", "--circuits-seeds", "1,2", "--circuits-run-id", "par",
+                                          "-p", "no:cacheprovider")
     result.assert_outcomes(passed=7, failed=1)
     report = load(project, "par")
     main = [c for c in report["claims"] if not c.get("control")]
@@ -349,7 +350,7 @@ def test_xdist_one_complete_report_with_figures_and_models(project):
 
 def test_no_report_and_helpers(pytester):
     pytester.makepyfile("def test_x(claim):\n    claim.at_least('a', 1.0, 0.5)\n")
-    result = pytester.runpytest("--no-report")
+    result = pytester.runpytest("--circuits-no-report")
     result.stdout.fnmatch_lines(["*circuits claims*", "*a*1.0*>=*0.5*PASS*"])
     assert not (pytester.path / "reports").exists()
     pytester.makepyfile("def test_x():\n    pass\n")  # no circuits fixtures: no report directory
@@ -361,7 +362,7 @@ def test_parse_seeds_and_strip_params():
     assert parse_seeds("0-4") == (0, 1, 2, 3, 4) and parse_seeds("1,3") == (1, 3) and parse_seeds("2") == (2,)
     assert parse_seeds("0-1, 5") == (0, 1, 5)
     for bad in ("5-2", "-1", "", "a", "1,,2", "1.5"):
-        with pytest.raises(ValueError, match="--seeds"):
+        with pytest.raises(ValueError, match="--circuits-seeds"):
             parse_seeds(bad)
     assert strip_params("m.py::t[main-seed=3]", ["main", "seed=3"]) == "m.py::t"
     assert strip_params("m.py::t[x1-control=zero_ablate:L2H0-seed=0]", ["control=zero_ablate:L2H0", "seed=0"]) == "m.py::t[x1]"

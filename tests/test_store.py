@@ -467,7 +467,7 @@ def test_reference_stale_lists_field_diff(tmp_path):
     assert "model.d_model: 32 -> 64" in msg
     assert "train.warmup" in msg and "data.p" in msg
     assert "seed" not in msg.split("differ")[1].split("Refresh")[0]  # unchanged fields are not listed
-    assert "python -m circuits train ref --update-reference" in msg and "pytest --retrain" in msg
+    assert "python -m circuits train ref --update-reference" in msg and "pytest --circuits-retrain" in msg
     assert isinstance(exc.value, CircuitsError)
 
 

@@ -140,7 +140,7 @@ def test_a_pool_worker_ends_when_its_sweep_is_killed(tmp_path):
 
 
 def test_pytest_seeds_trains_what_the_tests_need_up_front_through_the_sweep(pytester, monkeypatch):
-    """`pytest --seeds 0-1`: the collected tests' models are trained before the first test by the
+    """`pytest --circuits-seeds 0-1`: the collected tests' models are trained before the first test by the
     sweep runner (parallel, one progress view), and read from the store on the next run. The entry is
     registered in the project's conftest (test_mutations.py runs its variants)."""
     from test_mutations import ZOO_CONFTEST
@@ -154,16 +154,16 @@ def test_pytest_seeds_trains_what_the_tests_need_up_front_through_the_sweep(pyte
                 f.write(circuits_options.model_name("mine"))
     ''')
     # subprocesses: a conftest is imported once per session, as in real use
-    first = pytester.runpytest_subprocess("--no-report", "--seeds", "0-1")
+    first = pytester.runpytest_subprocess("--circuits-no-report", "--circuits-seeds", "0-1")
     first.assert_outcomes(passed=2)
     assert (pytester.path / "name.txt").read_text() == "mine"
     err = first.stderr.str()
     assert "mine seed 0: trained in" in err and "mine seed 1: trained in" in err, err
-    again = pytester.runpytest_subprocess("--no-report", "--seeds", "0-1")
+    again = pytester.runpytest_subprocess("--circuits-no-report", "--circuits-seeds", "0-1")
     again.assert_outcomes(passed=2)
     assert again.stderr.str().count("in the store, reused") == 2 and "trained in" not in again.stderr.str()
     # --collect-only trains nothing
-    collected = pytester.runpytest_subprocess("--no-report", "--seeds", "2", "--collect-only")
+    collected = pytester.runpytest_subprocess("--circuits-no-report", "--circuits-seeds", "2", "--collect-only")
     assert "mine seed 2" not in collected.stderr.str()
 
 
@@ -197,8 +197,8 @@ def test_one_pool_over_several_entries_and_patterns(tmp_path, capsys):
 
 
 def test_the_sweep_plan_reads_fixtures_under_seeds_and_each_modules_plan():
-    """What `pytest --seeds` / `--full-sweep` trains up front: the zoo fixtures the tests use (under
-    --seeds, through --variant) and each module's circuits_sweep_plan(options), once per name."""
+    """What `pytest --circuits-seeds` / `--circuits-full-sweep` trains up front: the zoo fixtures the tests use (under
+    --circuits-seeds, through --circuits-variant) and each module's circuits_sweep_plan(options), once per name."""
     from types import ModuleType, SimpleNamespace
 
     from circuits.session import RunOptions
@@ -239,7 +239,7 @@ def test_the_assoc_full_sweep_plans_the_experiments_its_selected_tests_name(monk
 
     assert plan(False, "test_exp1_accuracy_matches_the_paper[main-1]") == []
     no_seeds = T.circuits_sweep_plan(SimpleNamespace(full_sweep=True, seeds=None), [SimpleNamespace(name="exp6")])
-    assert len(no_seeds) == 6 and no_seeds[0][1] == (0, 1, 2, 3, 4)  # without --seeds, options.seeds is None
+    assert len(no_seeds) == 6 and no_seeds[0][1] == (0, 1, 2, 3, 4)  # without --circuits-seeds, options.seeds is None
     exp6 = plan(True, "test_sweep_accuracy_matches_the_paper[main-exp6-5]")
     assert [n for n, _ in exp6] == [f"assoc_exp6_H{h:02d}" for h in (1, 5, 9, 13, 17, 21)]
     assert all(seeds == (0, 1, 2, 3, 4) for _, seeds in exp6)
@@ -250,7 +250,7 @@ def test_the_assoc_full_sweep_plans_the_experiments_its_selected_tests_name(monk
 
 
 def test_the_assoc_capacity_bound_runs_on_the_seeds_asked_for(monkeypatch):
-    """`--full-sweep --seeds 3-4` checks the bound on seeds 3 and 4 only, the seeds the sweep plan trains
+    """`--circuits-full-sweep --circuits-seeds 3-4` checks the bound on seeds 3 and 4 only, the seeds the sweep plan trains
     (it once took seeds 0-4 regardless, and waited on models nobody had asked to train)."""
     from types import SimpleNamespace
 

@@ -3,7 +3,7 @@
 A margin "moved" only when ``|Δ| > ABS_TOL`` and ``|Δ| > REL_TOL * scale`` (scale: the larger of the
 two measured values, or of the two margins when there is no value): recomputing the same claim on the
 same weights differs in the last float bits (a margin moving by 6e-10 is not news). When the current
-run is a subset of the previous one (``pytest hypotheses/test_x.py --compare baseline``), claims of
+run is a subset of the previous one (``pytest hypotheses/test_x.py --circuits-compare baseline``), claims of
 tests that did not run are counted as "not run in this run", never as gone.
 """
 
