@@ -187,6 +187,26 @@ def scrub_at_least(n: int, draws: int, threshold: float = 0.85) -> Rule:
                 f"simulated per-example losses, recovered {threshold} = threshold", trial)
 
 
+def scrub_on_losses(name: str, scrubbed: np.ndarray, baseline: np.ndarray, n: int, draws: int) -> Rule:
+    """``scrub.scrub_claim`` on losses measured on a real model, taken as the population: ``scrubbed``
+    and ``baseline`` [population draws, population examples]. Each trial draws ``n`` examples (with
+    replacement) and ``draws`` of the population's draws, and claims the population's own fraction
+    recovered ``1 - mean(scrubbed) / mean(baseline)`` as its threshold."""
+    threshold = float(1 - scrubbed.mean() / baseline.mean())
+
+    def trial(seed: int) -> bool:
+        from .scrub import scrub_claim, scrub_result
+
+        g = np.random.default_rng([seed, 8])
+        rows = g.choice(scrubbed.shape[0], draws, replace=False)
+        cols = g.integers(0, scrubbed.shape[1], n)
+        result = scrub_result("model", 0.0, scrubbed[np.ix_(rows, cols)], baseline[np.ix_(rows, cols)], seed=seed)
+        return scrub_claim(_claims(seed), "model", result, threshold).passed
+
+    return Rule("scrub_claim: fraction recovered (lower bound)", 0.025, f"{n} examples x {draws} draws",
+                f"{name}: recovered {threshold:.4f} = threshold", trial)
+
+
 def rules(scale: int = 1) -> list[Rule]:
     """The rules of the README's table (``scale`` > 1 adds larger samples)."""
     out = [
