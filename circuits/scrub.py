@@ -201,8 +201,10 @@ class ScrubData:
 
     def __init__(self, model: HookedTransformer, toks: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
         cfg = model.cfg
-        if cfg.readout != "first":  # "last" would put sources' read-outs at different positions
-            raise ScrubError(f"scrubbing supports models that read out at the first position, this one reads {cfg.readout!r}")
+        # sources' read-outs must line up: the first position, or the last when every row has the
+        # same length (no padding: Tracr-compiled models read their output at a token position)
+        if cfg.readout not in ("first", "last"):
+            raise ScrubError(f"scrubbing supports models that read out at the first or last position, this one reads {cfg.readout!r}")
         if not isinstance(toks, torch.Tensor) or toks.ndim != 2:
             raise ScrubError(f"toks must be a [n, pos] token tensor, got {type(toks).__name__} "
                              f"{tuple(getattr(toks, 'shape', ()))}")
@@ -219,6 +221,9 @@ class ScrubData:
         cache = run_in_batches(model, toks, names=names, batch_size=batch_size)
         self._cache = cache
         self.readout = model.readout_positions(toks)  # [n]
+        if bool((self.readout != self.readout[0]).any()):
+            raise ScrubError("a 'last' read-out must be the same position in every row to scrub (sequences of "
+                             f"one length, no padding); these rows read out at positions {sorted(set(self.readout.tolist()))}")
         self.rows = torch.arange(self.n)
         pad = model.key_padding_mask(toks)
         self.pad = pad if pad is not None else torch.zeros_like(toks, dtype=torch.bool)  # [n, pos]

@@ -130,12 +130,34 @@ def render_html(report: dict, run_dir: Path | str) -> str:
     parts.append(_robustness(report))  # before any figure: it is what a seeds run is for
     for module in modules_in_order(report):
         parts.append(_module(report, module, run_dir, counter))
-    parts += [_models(report), _tests(report), _footer(report)]
+    parts += [_ground_truth(report), _models(report), _tests(report), _footer(report)]
     title = f"circuits · {report.get('run_id')}"
     body = "\n".join(p for p in parts if p)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+
+
+def _ground_truth(report: dict) -> str:
+    """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
+    from .views import ground_truth_matrix
+
+    gt = ground_truth_matrix(report)
+    if gt is None:
+        return ""
+    out = ['<section id="ground-truth"><h2>Ground truth: verdicts on compiled models</h2>'
+           '<p class="sub">Claims about Tracr-compiled models, stated TRUE as compiled and FALSE in several ways: '
+           'a right verdict is a TRUE claim passing or a FALSE claim failing.</p>'
+           '<table><thead><tr><th>claim type</th><th>TRUE, passed</th><th>TRUE, failed</th><th>FALSE, passed</th>'
+           '<th>FALSE, failed</th><th>verdicts right</th></tr></thead><tbody>']
+    for kind, r in [*gt["types"].items(), ("all", gt["total"])]:
+        right, n = r["true_pass"] + r["false_fail"], sum(r.values())
+        out.append(f'<tr><td>{_e(kind)}</td><td>{r["true_pass"]}</td><td>{r["true_fail"]}</td>'
+                   f'<td>{r["false_pass"]}</td><td>{r["false_fail"]}</td><td>{right} / {n}</td></tr>')
+    out.append("</tbody></table>")
+    if gt["wrong"]:
+        out.append(f'<p>Wrong verdicts: {_e("; ".join(gt["wrong"]))}</p>')
+    return "".join(out) + "</section>"
 
 
 # --- top of the page ---------------------------------------------------------------------------------------

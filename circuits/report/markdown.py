@@ -69,7 +69,20 @@ def render_markdown(report: dict) -> str:
         lines.append("")
         lines += _power(report, module)
     lines += _held_out(report)
+    lines += _ground_truth(report)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _ground_truth(report: dict) -> list[str]:
+    """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
+    from .views import ground_truth_matrix, ground_truth_table
+
+    table = ground_truth_table(report)
+    if not table:
+        return []
+    wrong = ground_truth_matrix(report)["wrong"]
+    return ["### Ground truth: verdicts on compiled models", "", *table, "",
+            *([f"Wrong verdicts: {md_escape('; '.join(wrong))}", ""] if wrong else [])]
 
 
 def _held_out(report: dict) -> list[str]:

@@ -416,3 +416,47 @@ def ordered_metrics(metrics: dict | None) -> list[tuple[str, Any]]:
 def metrics_text(metrics: dict | None, limit: int = 6) -> str:
     items = ordered_metrics(metrics)[:limit]
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
+
+
+GROUND_TRUTH_CLAIM = re.compile(r"^(TRUE|FALSE) ([A-Za-z-]+)(?: \(([^)]*)\))?: ")
+
+
+def ground_truth_matrix(report: dict) -> dict | None:
+    """The confusion matrix of claims about models whose mechanism is known (Tracr-compiled: claim
+    names "TRUE <type>: ..." / "FALSE <type> (<how>): ... is refuted", hypotheses/test_ground_truth.py),
+    per claim type: {"types": {type: {"true_pass", "true_fail", "false_pass", "false_fail"}},
+    "total": the same summed, "wrong": [names of wrong verdicts]}. A FALSE claim's record holds when
+    the false claim failed, so its verdict "pass" is that record failing. None when no such claims ran."""
+    types: dict[str, dict[str, int]] = {}
+    wrong: list[str] = []
+    for c in report.get("claims", []):
+        m = GROUND_TRUTH_CLAIM.match(c.get("name") or "")
+        if c.get("control") or not m:
+            continue
+        truth, kind = m.group(1).lower(), m.group(2)
+        claim_passed = bool(c.get("passed")) if truth == "true" else not c.get("passed")
+        cell = f"{truth}_{'pass' if claim_passed else 'fail'}"
+        row = types.setdefault(kind, {"true_pass": 0, "true_fail": 0, "false_pass": 0, "false_fail": 0})
+        row[cell] += 1
+        if cell in ("true_fail", "false_pass"):
+            wrong.append(c["name"])
+    if not types:
+        return None
+    total = {k: sum(r[k] for r in types.values()) for k in ("true_pass", "true_fail", "false_pass", "false_fail")}
+    return {"types": dict(sorted(types.items())), "total": total, "wrong": wrong}
+
+
+def ground_truth_table(report: dict) -> list[str]:
+    """`ground_truth_matrix` as Markdown table lines (empty when no ground-truth claims ran)."""
+    gt = ground_truth_matrix(report)
+    if gt is None:
+        return []
+    lines = ["| claim type | TRUE, passed | TRUE, failed | FALSE, passed | FALSE, failed | verdicts right |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for kind, r in [*gt["types"].items(), ("all", gt["total"])]:
+        n = sum(r.values())
+        right = r["true_pass"] + r["false_fail"]
+        label = f"**{kind}**" if kind == "all" else kind
+        lines.append(f"| {label} | {r['true_pass']} | {r['true_fail']} | {r['false_pass']} | {r['false_fail']} | "
+                     f"{right} / {n} |")
+    return lines
