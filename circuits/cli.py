@@ -7,6 +7,7 @@
                                     wait for another process training it); --force retrains;
                                     --update-reference also writes fixtures/models/NAME.* (a reference seed)
   sweep NAME|'PATTERN' --seeds 0-19 [--backend local|ray] [--address A] [--device D] [--workers N]
+        [--ensemble K]
                                     train the seeds the store lacks in parallel, reuse the rest
   card NAME [--seed S]              print the JSON card of the reference (reference seeds) or cached model
   (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
@@ -32,7 +33,7 @@ def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
 
     entry = zoo.get_entry(name)
     if entry.ref_seeds():
-        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s))
+        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s, "single"))
                                          for s in entry.ref_seeds()])
     else:
         ref = "no reference"
@@ -133,7 +134,7 @@ def cmd_sweep(args) -> int:
     check_run_settings(args.device)  # before anything starts
     seeds = parse_seeds(args.seeds)
     results = run_sweeps(sweep_names(args.name), seeds, backend=args.backend, address=args.address,
-                         device=args.device, workers=args.workers)
+                         device=args.device, workers=args.workers, ensemble=args.ensemble)
     for result in results.values():
         print(f"{result.name}: {len(result.trained)} trained, {len(result.reused)} reused, {len(result.failed)} failed"
               + (f" (seeds {sorted(result.failed)})" if result.failed else ""), file=sys.stderr)
@@ -208,7 +209,7 @@ def cmd_census(args) -> int:
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,
                acc_target=args.acc_target, train=not args.no_train, rerun=args.rerun, jobs=args.jobs,
-               main_only=not args.with_controls)
+               main_only=not args.with_controls, ensemble=args.ensemble)
     return 0
 
 
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="parallel trainings (default: the cores)")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="stacked trainer: K seeds per stack, one stack per worker (0 = automatic)")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("census", help="claims x recipes x seeds: which claims survive retraining")
     p.add_argument("name", help="zoo name")
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the plain run (reference rows)")
     p.add_argument("--no-train", action="store_true", help="train nothing: each row covers the seeds stored")
     p.add_argument("--acc-target", type=float, default=None, help="count seeds whose test_acc reaches this")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="models from the stacked trainer, K seeds per stack (0 = automatic)")
     p.add_argument("--jobs", type=int, default=1,
                    help="rows whose claims run side by side (each its own pytest, the cores shared between them)")
     p.add_argument("--rerun", action="store_true",

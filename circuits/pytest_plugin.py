@@ -68,6 +68,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--circuits-no-report", action="store_true", default=False, help="write no report files")
     g.addoption("--circuits-full-sweep", action="store_true", default=False,
                 help="run the full_sweep grids (deselected otherwise)")
+    g.addoption("--circuits-ensemble", metavar="K", type=int, default=None,
+                help="train the models --circuits-seeds needs with the stacked trainer, K seeds per stack "
+                     "(0 = automatic); also $CIRCUITS_TRAIN_BACKEND=ensemble. Loads then use its store keys")
     g.addoption("--circuits-variant", metavar="NAME@RECIPE", action="append", default=None,
                 help="serve the <NAME>_model fixture with a recipe variant (repeatable), e.g. brackets@arena_like")
     g.addoption("--circuits-draws-seed", metavar="N", default=None,
@@ -90,6 +93,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in _MARKERS:
         if name not in declared:  # a project that installs the plugin need not declare them
             config.addinivalue_line("markers", text)
+    from .zoo_fixtures import apply_ensemble_option
+
+    apply_ensemble_option(config)
     options = RunOptions.from_config(config)
     previous = None
     if options.compare_path is not None:

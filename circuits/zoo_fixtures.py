@@ -14,6 +14,8 @@ a ``conftest.py``) get their fixture before the modules below that conftest are 
 
 from __future__ import annotations
 
+import os
+
 import sys
 import types
 from typing import Any, Optional
@@ -99,6 +101,20 @@ def sweep_plan(options: RunOptions, items: list) -> dict:
     return plan
 
 
+def apply_ensemble_option(config: pytest.Config) -> None:
+    """``--circuits-ensemble K``: this session's models come from the stacked trainer (issue 34): the
+    run's loads and pretraining use its store keys ($CIRCUITS_TRAIN_BACKEND=ensemble, inherited by
+    xdist workers and sweep processes)."""
+    k = config.getoption("circuits_ensemble", None)
+    if k is None:
+        return
+    if k < 0:
+        raise pytest.UsageError(f"--circuits-ensemble must be >= 0 (0 = automatic stacks), got {k}")
+    from .ensemble import BACKEND_ENV
+
+    os.environ[BACKEND_ENV] = "ensemble"
+
+
 def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=None) -> dict:
     """Train every (model, seed) of `sweep_plan` that the store lacks before the first test, through
     the sweep runner (in parallel, one progress view) instead of one after another inside fixtures.
@@ -113,7 +129,8 @@ def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=Non
     for seeds, names in plan.items():
         with _uncaptured(config):
             out.update(run_sweeps(names, list(seeds), root=_store_root(config, options), device=options.device,
-                                  stream=stream or sys.__stderr__, train_references=options.retrain))
+                                  stream=stream or sys.__stderr__, train_references=options.retrain,
+                                  ensemble=config.getoption("circuits_ensemble", None)))
     return out
 
 
