@@ -359,6 +359,33 @@ class ActivationCache(Mapping):
         centred = stack - stack.mean(-1, keepdim=True)  # [component, batch, pos, d_model]
         return centred / scale
 
+    def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None,
+                    ln: str = "ln_final", pos: PosSel = None) -> torch.Tensor:
+        """TransformerLens's ``cache.logit_attrs``: each component's share of the logit of `tokens` (minus
+        `incorrect_tokens`'s), the component through ln_final's centring and scale, dotted with W_U's column.
+
+        residual_stack [component, batch, pos, d_model] at the positions ln_final saw (a first/last
+        read-out: one, [.., 1, d_model]); tokens: an output index, or a tensor [batch] / [batch, pos].
+        Returns [component, batch, pos]. As TL's, the LayerNorm's w and b are not applied (TL folds them
+        into W_U by default; with an unfolded LayerNorm the attributions sum to the logit difference only
+        after w scales W_U)."""
+        model = self.model
+        W_U = model.unembed.W_U  # [d_model, d_vocab_out]
+
+        def directions(t) -> torch.Tensor:
+            t = torch.as_tensor(t, device=W_U.device)
+            if t.dtype not in (torch.int64, torch.int32) or ((t < 0) | (t >= W_U.shape[1])).any():
+                raise InputError(f"tokens must be output indices in [0, {W_U.shape[1]}), got {t.tolist()}")
+            d = W_U[:, t.long()]  # [d_model, *t.shape]
+            d = d.movedim(0, -1)  # [*t.shape, d_model]
+            return d[:, None, :] if t.ndim == 1 else d  # [batch, 1, d_model] for one token per row
+
+        direction = directions(tokens)
+        if incorrect_tokens is not None:
+            direction = direction - directions(incorrect_tokens)
+        scaled = self.apply_ln_to_stack(residual_stack, ln=ln, pos=pos)  # [component, batch, pos, d_model]
+        return (scaled * direction.to(scaled.dtype)).sum(-1)
+
 
 def project(stack: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Project a stack [..., d_model] onto `direction` [d_model]: returns [...]."""

@@ -186,6 +186,15 @@ def stored_run(run_dir: Path, inputs: dict) -> Optional[Path]:
     return report if same and report.is_file() else None
 
 
+def _repo_relative(path: Path) -> str:
+    """`path` relative to the current directory (the repository when run there), else as given."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, *, root, stream=None,
                label: str = "", main_only: bool = True, inputs: Optional[dict] = None,
                rerun: bool = False, threads: Optional[int] = None) -> Path:
@@ -599,7 +608,7 @@ def _run_census(name, recipes, seeds, module, *, out, root, workers, select, mai
     ref_report = None
     for label, path, seconds in done:
         census.timings[f"claims {label}"] = seconds
-        census.runs[label] = str(path)
+        census.runs[label] = _repo_relative(path)  # committed output: no machine's absolute paths
         if label == "reference":
             ref_report = json.loads(path.read_text())
         else:

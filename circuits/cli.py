@@ -11,8 +11,9 @@
                                     train the seeds the store lacks in parallel, reuse the rest
   card NAME [--seed S]              print the JSON card of the reference (reference seeds) or cached model
   (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
-  report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
-                                    the HTML path
+  report [RUN] [--markdown] [--open]
+                                    print the latest (or named) run as plain text (--markdown: its
+                                    report.md); --open also opens its HTML page in a browser
   report [RUN] --promote-baseline   copy the run to reports/baseline/ (what --circuits-compare baseline reads)
 """
 
@@ -183,7 +184,7 @@ def _print_card(card: dict) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import resolve_report, set_baseline
+    from .report import load_report, rederive, resolve_report, set_baseline, terminal_lines
 
     report_dir = Path(args.report_dir) if args.report_dir else paths.reports_dir(Path.cwd())
     path = resolve_report(args.run or "latest", report_dir)
@@ -192,13 +193,30 @@ def cmd_report(args) -> int:
         dest = set_baseline(run_dir, report_dir)
         print(f"baseline <- {run_dir.name}: {dest}")
         return 0
+    html = run_dir / "report.html"
+    if args.markdown:
+        md = run_dir / "report.md"
+        print(md.read_text() if md.exists() else f"(no report.md in {run_dir})")
+    else:  # the terminal summary pytest printed, as plain text
+        report = rederive(load_report(path, report_dir))
+        report["_html_path"] = str(html)
+        print("\n".join(text for text, _ in terminal_lines(report)))
     if args.open:
-        print(run_dir / "report.html")
-        return 0
-    md = run_dir / "report.md"
-    print(md.read_text() if md.exists() else f"(no report.md in {run_dir})")
-    print(f"\nHTML: {run_dir / 'report.html'}")
+        _open_in_browser(html)
+    elif args.markdown:  # (the plain text's last line already names the page)
+        print(f"\nHTML: {html}")
     return 0
+
+
+def _open_in_browser(html: Path) -> None:
+    """Open the page where a browser exists (webbrowser); say where it is either way."""
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(html.resolve().as_uri())
+    except webbrowser.Error:
+        opened = False
+    print(f"{'opened' if opened else 'no browser found here; open it yourself'}: {html}")
 
 
 def cmd_census(args) -> int:
@@ -218,19 +236,22 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="zoo entries and their status").set_defaults(fn=cmd_list)
-    p = sub.add_parser("train", help="train a zoo model from scratch")
-    p.add_argument("name")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    train_help = ("train a zoo model into the model store, or reuse the model the store already has for this "
+                  "name, seed and spec (or wait for another process training it); --force retrains")
+    p = sub.add_parser("train", help=train_help, description=train_help)
+    p.add_argument("name", help="zoo entry, or NAME@VARIANT for one of its recipe variants (see `list`)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the entry's reference seed)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--update-reference", action="store_true", help="also write fixtures/models/NAME.*")
     p.add_argument("--force", action="store_true", help="retrain even if the model store has the model")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("sweep", help="train many seeds in parallel (what the store lacks)")
     p.add_argument("name", help="zoo name, NAME@recipe, or a quoted pattern such as 'assoc_exp2_*'")
     p.add_argument("--seeds", required=True, help="e.g. 0-19, 1,3 or 2")
-    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: a process pool on this machine (default); ray: one task per model")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of every training: cpu (default), cuda, cuda:N")
     p.add_argument("--workers", type=int, default=None, help="parallel trainings (default: the cores)")
     p.add_argument("--ensemble", type=int, default=None, metavar="K",
                    help="stacked trainer: K seeds per stack, one stack per worker (0 = automatic)")
@@ -257,14 +278,15 @@ def main(argv=None) -> int:
                         "arguments and models are unchanged)")
     p.set_defaults(fn=cmd_census)
     p = sub.add_parser("card", help="print a model card")
-    p.add_argument("name")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("name", help="zoo entry, or NAME@VARIANT")
+    p.add_argument("--seed", type=int, default=None, help="the model's training seed (default: the reference seed)")
     p.set_defaults(fn=cmd_card)
-    p = sub.add_parser("report", help="print the latest report summary")
+    p = sub.add_parser("report", help="print a run's summary as plain text (or its Markdown), open its page")
     p.add_argument("run", nargs="?", default=None, help="run id, path, 'latest' or 'baseline'")
     p.add_argument("--report-dir", default=None,
                    help="where runs are (default: $CIRCUITS_REPORTS, else ./reports of the current directory)")
-    p.add_argument("--open", action="store_true", help="print the HTML report's path")
+    p.add_argument("--markdown", action="store_true", help="print the run's report.md instead of plain text")
+    p.add_argument("--open", action="store_true", help="open the run's report.html in a browser, where one exists")
     p.add_argument("--promote-baseline", action="store_true",
                    help="copy the run (default: latest) to <report-dir>/baseline/, what pytest's "
                         "--circuits-compare baseline reads")

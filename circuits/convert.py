@@ -171,7 +171,11 @@ def from_tl_config(tl_cfg: Union[Mapping[str, Any], Any], **ours: Any) -> Transf
         raise ConfigError(f"TL config lacks {missing} (HookedTransformerConfig needs them)")
     unsupported = [f"{k}={d[k]!r}" for k, off in _TL_OFF.items() if k in d and d[k] != off]
     norm = d.get("normalization_type", "LN")
-    if norm not in ("LN", None):
+    if norm == "LNPre":  # TL's folded LayerNorm: the same function once its w, b go back in
+        unsupported.append("normalization_type='LNPre' (LayerNorm with w and b folded into the next weights: "
+                           "load the checkpoint with fold_ln=False in TransformerLens, or export it unfolded, "
+                           "so that normalization_type='LN')")
+    elif norm not in ("LN", None):
         unsupported.append(f"normalization_type={norm!r} (only 'LN' or None)")
     n_heads = d.get("n_heads", -1)
     if n_heads in (-1, None):

@@ -219,21 +219,24 @@ class CircuitsSession:
     """Holds a run's state: options, the records seen so far, and the report once written."""
 
     def __init__(self, config: pytest.Config, options: RunOptions, previous: dict | None = None) -> None:
-        from . import report as _report
+        # the collector and the clock only: the outputs (numpy) load when a report is built
+        from .report.collect import RunCollector
+        from .report.machine import now_iso
 
         self.config = config
         self.options = options
         self.previous = previous
         self.is_worker = hasattr(config, "workerinput")
-        self.collector = _report.RunCollector()
+        self.collector = RunCollector()
         self.started = time.time()
-        self.created = _report.now_iso()
+        self.created = now_iso()
         self.current_item: pytest.Item | None = None
         self.pending_models: list[dict] = []
         self.report: dict | None = None
         self.paths: dict[str, Path] | None = None
         self.write_error: str | None = None
         self.zoo_fixture_names: set[str] = set()
+        self.not_run: list[dict] = []  # deselected at collection: {"nodeid", "reason", "option"}
 
     # convenient read-only views of the options
     seeds = property(lambda self: self.options.seeds)
@@ -255,6 +258,7 @@ class CircuitsSession:
         o = self.options
         finished = time.time()
         report = self.collector.build(
+            not_run=list(self.not_run),
             run_id=o.run_id,
             created=self.created,
             duration_s=round(finished - self.started, 3),
@@ -286,6 +290,10 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
                          f"so this run measured the unmodified {ctl.kind}")
     if not records:
         return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
+    unmeasured = [r for r in records if getattr(r, "problem", None)]
+    if unmeasured:  # a NaN / inf / empty value fails every claim: that is no evidence the claim has teeth
+        return "error", "; ".join(f"{name}: claim {r.name!r} measured {r.value_text or 'nothing'} ({r.problem}), "
+                                  f"so the {what} run shows nothing" for r in unmeasured)
     held = [r for r in records if r.passed]
     if held:
         label = "no power" if mutation else "no teeth"
@@ -293,6 +301,17 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
             f"{label}: claim {r.name!r} = {r.value_text} also holds on {name} (needs {r.requirement})" for r in held)
     return "ok", f"{what} OK: " + "; ".join(
         f"claim {r.name!r} failed on {name} as required ({r.value_text}, needs {r.requirement})" for r in records)
+
+
+def control_error_kind(records: list, ctl: Any) -> str | None:
+    """Which error :func:`judge_control` found (a ``circuits.report.collect.ERROR_KINDS`` key), or None."""
+    if not ctl.applied:
+        return "never_applied"
+    if not records:
+        return "no_claims"
+    if any(getattr(r, "problem", None) for r in records):
+        return "nonfinite"
+    return None
 
 
 def note_model(request: pytest.FixtureRequest, info: dict) -> None:

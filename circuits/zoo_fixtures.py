@@ -165,10 +165,30 @@ def _model_fixture(name: str):
     return pytest.fixture(name=fixture_name(name))(fixture)
 
 
+def _data_fixture(name: str):
+    def fixture(zoo_seed):
+        from . import zoo
+        from .train import final_test_seed
+
+        entry = zoo.get_entry(name)
+        return entry.make_split(entry.recipe.n_eval, final_test_seed(zoo_seed if zoo_seed is not None else 0))
+
+    fixture.__name__ = f"{name}_data"
+    fixture.__doc__ = (f"Held-out data of the zoo entry {name!r}: its make_split on the final-test seed of the "
+                       "model's seed (never seen in training), n_eval examples.")
+    return pytest.fixture(name=f"{name}_data", scope="session")(fixture)
+
+
 def fixture_name(entry_name: str) -> str:
     """``brackets`` -> ``brackets_model``; a recipe variant ``brackets@arena_like`` ->
     ``brackets_at_arena_like_model`` (fixture names must be identifiers)."""
     return entry_name.replace("@", "_at_").replace("-", "_").replace(".", "_") + "_model"
+
+
+def _has_split(name: str) -> bool:
+    from . import zoo
+
+    return getattr(zoo.get_entry(name), "make_split", None) is not None
 
 
 def fixture_module(names: list[str]) -> types.ModuleType:
@@ -178,4 +198,6 @@ def fixture_module(names: list[str]) -> types.ModuleType:
     for name in names:
         fx = _model_fixture(name)
         setattr(mod, fixture_name(name).removesuffix("_model") + "_model_fixture", fx)
+        if "@" not in name and name.isidentifier() and _has_split(name):
+            setattr(mod, f"{name}_data_fixture", _data_fixture(name))
     return mod

@@ -208,7 +208,7 @@ class BracketHypotheses:
     def test_components_sum_to_pre_final_ln_residual(self, subject, claim, control):
         """An identity of the decomposition (true of any model); each control leaves one component out."""
         an = analyse(subject.model, subject.data)
-        stack, labels = an.cache.decompose_resid(None, pos=0)
+        stack, labels = an.cache.head_decomposition(None, pos=0)
         assert labels == COMPONENTS, labels
         d = control.apply_data(Decomposition(stack[:, :, 0].double(), labels))
         resid = an.cache.residual(None, pos=0)[:, 0].double()

@@ -13,8 +13,8 @@ from typing import Any
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
 from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
-                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, test_label,
-                    unexpected_control_runs, known_control_runs, where)
+                    one_line_summary, op_text, power_matrix, problem_lines, rate_text, robustness, test_label,
+                    known_control_runs, not_run_groups, where)
 
 __all__ = ["render_markdown", "md_escape", "md_code"]
 
@@ -103,35 +103,32 @@ def _rollup(report: dict) -> list[str]:
     rows = module_rollup(report)
     if not rows:
         return []
-    lines = ["| system (module) | claims | held | known failures | failed | controls failed as required | "
-             "generic only | figures |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system (module) | claims | held | known failures | failed | errors | controls failed as required "
+             "(+ known misses) | generic only | no controls | figures |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {md_code(r['module'])} | {r['claims']} | {r['held']} | {r['known']} | "
-                     f"{r['failed'] + r['errors']} | {r['controls_failed']}/{r['controls_total']} | "
-                     f"{r['generic_only']} | {r['figures']} |")
+        known = f" (+{r['controls_known']} known)" if r.get("controls_known") else ""
+        lines.append(f"| {md_code(r['module'])} | {r['claims']} | {r['held']} | {r['known']} | {r['failed']} | "
+                     f"{r['errors']} | {r['controls_failed']}/{r['controls_total']}{known} | "
+                     f"{r['generic_only']} | {r['no_controls']} | {r['figures']} |")
     return lines + [""]
 
 
 def _problems(report: dict) -> list[str]:
-    no_teeth = unexpected_control_runs(report)
-    probs = problem_tests(report)
-    coll = report.get("collection_errors", [])
+    probs = problem_lines(report)
     known = known_control_runs(report)
     lines = []
+    if probs:  # first: what a reader must look at, one line each by kind
+        lines += ["### Problems", ""]
+        lines += [f"- **{md_escape(p['kind'])}** {md_code(p['nodeid'])}: {md_escape(p.get('message'))}"
+                  for p in probs] + [""]
+    for g in not_run_groups(report):
+        lines += [f"*Not run:* {g['n']} {md_escape(g['reason'])} (run with {md_code(g['option'])})", ""]
     if known:
         lines += ["### Claims known to hold under a control (the module's KNOWN_FAILURES, with reasons)", ""]
         lines += [f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))} *Known:* {md_escape(r.get('known'))}"
                   for r in known] + [""]
-    if not (no_teeth or probs or coll):
-        return lines
-    lines += ["### Problems", ""]
-    for e in coll:
-        lines.append(f"- collection error in {md_code(e['nodeid'])}: {md_escape(e.get('message'))}")
-    for r in no_teeth:
-        lines.append(f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))}")
-    for t in probs:
-        lines.append(f"- {md_code(t['nodeid'])} {md_escape(t['outcome'])}: {md_escape(t.get('message'))}")
-    return lines + [""]
+    return lines
 
 
 def _robustness(report: dict) -> list[str]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .views import (claim_rows, fmt_margin, known_control_runs, measured_text, one_line_summary, op_text, rate_text,
-                    robustness, test_label, unexpected_control_runs, where)
+from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
+                    one_line_summary, op_text, problem_lines, rate_text, robustness, test_label, where)
 
 __all__ = ["terminal_lines"]
 
-CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "skipped": "skipped"}
+CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "error": "ERROR", "skipped": "skipped"}
 
 
 def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
@@ -23,7 +23,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         marks = [{}]
         for c in rows:
             op, thr = op_text(c)
-            status = c["status"] + (" (generic controls only)" if c.get("generic_only") else "")
+            status = c["status"] + (" (generic controls only)" if c.get("generic_only") else
+                                    " (no controls)" if c.get("no_controls") else "")
             table.append((_clip(test_label(c), 40), _clip(c["name"], 36), _clip(measured_text(c), 30), op,
                           _clip(thr, 20), fmt_margin(c.get("margin")), status))
             marks.append({"green": True} if c["status"] == "PASS" else
@@ -31,13 +32,15 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             for x in c.get("controls", []):
                 held = "NO POWER" if x.get("kind") == "mutation" else "NO TEETH"
                 res = CONTROL_RESULT.get(x["outcome"], held)
+                if x["outcome"] == "held" and x.get("known"):
+                    res = f"{held} (known)"
                 xop, xthr = op_text(x) if x.get("requirement") else ("", "")
                 spec = x["control"].removeprefix("mutate:")  # the kind says it is a mutation
                 table.append(("", f"  ↳ {x.get('kind', 'control')} {_clip(spec, 26)}",
                               _clip(x.get("value_text") or "-", 30), xop, _clip(xthr, 20),
                               fmt_margin(x.get("margin")), res))
                 marks.append({"green": True} if x["outcome"] == "failed" else
-                             {"yellow": True} if x["outcome"] == "skipped" else {"red": True})
+                             {"yellow": True} if x["outcome"] == "skipped" or x.get("known") else {"red": True})
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for r, m in zip(table, marks):
             cells = [r[i].rjust(widths[i]) if i == 5 else r[i].ljust(widths[i]) for i in range(len(r))]
@@ -54,11 +57,9 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             out.append((f"  {r['test']} {r['name']}: {rate_text(r)}  [{ref_t}{seeds}]",
                         {"green": ok, "red": not ok}))
     for r in known_control_runs(report):
-        out.append((f"{r['nodeid']}: known ({r.get('message')})", {}))
-    for r in unexpected_control_runs(report):
-        out.append((f"{r['nodeid']}: {r.get('message')}", {"red": True}))
-    for e in report.get("collection_errors", []):
-        out.append((f"collection error in {e['nodeid']}: {e.get('message')}", {"red": True}))
+        out.append((f"{r['nodeid']}: known ({r.get('message')})", {"yellow": True}))
+    for p in problem_lines(report):  # one line each, by kind
+        out.append((f"{p['kind'].upper()} {p['nodeid']}: {p.get('message')}", {"red": True}))
     cmp_ = report.get("compare")
     if cmp_:
         n = cmp_["counts"]
@@ -76,9 +77,10 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
                         {"green": r["after"], "red": not r["after"]} if flip else {}))
     if rows or report.get("tests"):
         out.append(("", {}))
-        s = report.get("summary", {})
-        bad = s.get("failed") or s.get("controls_no_teeth") or s.get("controls_no_power") or unexpected_control_runs(report)
-        out.append((one_line_summary(report), {"bold": True, "red": bool(bad), "green": not bad}))
+        if not_run_text(report):
+            out.append((not_run_text(report), {}))
+        bad = has_problems(report)
+        out.append((one_line_summary(report), {"bold": True, "red": bad, "green": not bad}))
     return out
 
 
