@@ -558,7 +558,7 @@ def _separation_claims(claim, subject, draws, role, own, other, failed, own_shor
     """`role`'s contribution separates `failure` strings (AUROC on a Bonferroni-widened interval over
     the heads its search scanned), and by Cohen's d better than the other role head's does."""
     level = subject.level(role)
-    estimate = auroc_ci(own[failed], own[~failed], level=level, method="percentile", n_resamples=400,
+    estimate = auroc_ci(own[failed], own[~failed], level=level, n_resamples=400,
                         seed=draws.child("auroc").int())
     claim.at_least(f"{role}.auroc({failure} failure)", estimate, min_auroc,
                    note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "
