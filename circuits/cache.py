@@ -47,23 +47,68 @@ def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bphd,hdm->bphm", z, W_O)
 
 
+def _check_position(pos, size: int, what: str = "pos") -> None:
+    """InputError unless `pos` is an int position that exists among `size` (negative counts from
+    the end, down to -size): an out-of-range position must not select an empty tensor."""
+    if isinstance(pos, (bool, float)) or not hasattr(pos, "__index__") or isinstance(pos, torch.Tensor):
+        raise InputError(f"{what} must be an int position, a slice or None, got {type(pos).__name__} {pos!r}")
+    pos = pos.__index__()
+    if not -size <= pos < size:
+        raise InputError(f"{what}={pos} is out of range: the cached activations have {size} positions "
+                         f"(valid: {-size}..{size - 1})")
+
+
+def _check_slice(pos: slice, size: int, what: str = "pos") -> None:
+    if any(b is not None and (isinstance(b, bool) or not isinstance(b, int)) for b in (pos.start, pos.stop, pos.step)):
+        raise InputError(f"{what}={pos!r}: slice bounds must be ints or None")
+    if len(range(size)[pos]) == 0:
+        raise InputError(f"{what}={pos!r} selects no position of the {size} cached")
+
+
 def _sel(x: torch.Tensor, pos: PosSel, dim: int) -> torch.Tensor:
-    """Select positions along `dim`, keeping the axis (an int becomes a length-1 slice)."""
+    """Select positions along `dim`, keeping the axis (an int becomes a length-1 slice). A position
+    that does not exist raises InputError (an empty selection would sum to a silent zero)."""
     if pos is None:
         return x
-    if isinstance(pos, int):
+    size = x.shape[dim]
+    if isinstance(pos, slice):
+        _check_slice(pos, size)
+    else:
+        _check_position(pos, size)
+        pos = int(pos)
         pos = slice(pos, pos + 1 if pos != -1 else None)
     return x[(slice(None),) * dim + (pos,)]
 
 
 def _pos_slice(x: torch.Tensor, pos_slice: PosSlice, dim: int) -> torch.Tensor:
     """TransformerLens's Slice.apply along `dim`: None = all, int = that position (axis dropped),
-    slice, or a list/tensor of positions (axis kept)."""
+    slice, or a list/tensor of positions (axis kept). Positions that do not exist raise InputError."""
     if pos_slice is None:
         return x
-    if isinstance(pos_slice, (int, slice)):
+    size = x.shape[dim]
+    if isinstance(pos_slice, slice):
+        _check_slice(pos_slice, size, "pos_slice")
         return x[(slice(None),) * dim + (pos_slice,)]
-    index = torch.as_tensor(pos_slice, dtype=torch.long, device=x.device)
+    if not isinstance(pos_slice, (bool, float, torch.Tensor)) and hasattr(pos_slice, "__index__"):
+        _check_position(pos_slice, size, "pos_slice")
+        return x[(slice(None),) * dim + (int(pos_slice),)]
+    if isinstance(pos_slice, torch.Tensor):
+        if pos_slice.dtype == torch.bool or pos_slice.is_floating_point() or pos_slice.is_complex() or pos_slice.ndim != 1:
+            raise InputError(f"pos_slice must be a 1-D list of int positions, got dtype {pos_slice.dtype}, "
+                             f"shape {tuple(pos_slice.shape)} (float positions are not rounded)")
+        positions = pos_slice.tolist() if pos_slice.device.type != "meta" else None
+    else:
+        positions = list(pos_slice) if isinstance(pos_slice, (list, tuple, range)) else None
+        if positions is None or any(isinstance(p, bool) or not isinstance(p, int) for p in positions):
+            raise InputError(f"pos_slice must be None, an int, a slice or a list of int positions, got {pos_slice!r} "
+                             "(float positions are not rounded)")
+    if positions is not None:
+        bad = [p for p in positions if not -size <= p < size]
+        if bad:
+            raise InputError(f"pos_slice positions {bad} are out of range: the cached activations have {size} positions")
+        index = torch.tensor([p % size for p in positions], dtype=torch.long, device=x.device)
+    else:  # a meta tensor: nothing to check
+        index = pos_slice.to(device=x.device, dtype=torch.long)
     return x.index_select(dim, index)
 
 
@@ -162,7 +207,8 @@ class ActivationCache(Mapping):
                 f"{shown} is a hook point but was not cached; pass it in run_with_cache(names=...) "
                 f"(cached: {len(self._store)} names)"
             )
-        hint = did_you_mean(name, self.model.hook_dict, cutoff=0.5)
+        why = getattr(self.model, "absent_hook_hint", None)
+        hint = (why(name) if why is not None else "") or did_you_mean(name, self.model.hook_dict, cutoff=0.5)
         raise HookNameError(f"unknown hook name {shown}{hint} (this model has {len(self.model.hook_dict)} "
                             f"hook points; see model.hook_dict)")
 
@@ -358,6 +404,33 @@ class ActivationCache(Mapping):
             )
         centred = stack - stack.mean(-1, keepdim=True)  # [component, batch, pos, d_model]
         return centred / scale
+
+    def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None,
+                    ln: str = "ln_final", pos: PosSel = None) -> torch.Tensor:
+        """TransformerLens's ``cache.logit_attrs``: each component's share of the logit of `tokens` (minus
+        `incorrect_tokens`'s), the component through ln_final's centring and scale, dotted with W_U's column.
+
+        residual_stack [component, batch, pos, d_model] at the positions ln_final saw (a first/last
+        read-out: one, [.., 1, d_model]); tokens: an output index, or a tensor [batch] / [batch, pos].
+        Returns [component, batch, pos]. As TL's, the LayerNorm's w and b are not applied (TL folds them
+        into W_U by default; with an unfolded LayerNorm the attributions sum to the logit difference only
+        after w scales W_U)."""
+        model = self.model
+        W_U = model.unembed.W_U  # [d_model, d_vocab_out]
+
+        def directions(t) -> torch.Tensor:
+            t = torch.as_tensor(t, device=W_U.device)
+            if t.dtype not in (torch.int64, torch.int32) or ((t < 0) | (t >= W_U.shape[1])).any():
+                raise InputError(f"tokens must be output indices in [0, {W_U.shape[1]}), got {t.tolist()}")
+            d = W_U[:, t.long()]  # [d_model, *t.shape]
+            d = d.movedim(0, -1)  # [*t.shape, d_model]
+            return d[:, None, :] if t.ndim == 1 else d  # [batch, 1, d_model] for one token per row
+
+        direction = directions(tokens)
+        if incorrect_tokens is not None:
+            direction = direction - directions(incorrect_tokens)
+        scaled = self.apply_ln_to_stack(residual_stack, ln=ln, pos=pos)  # [component, batch, pos, d_model]
+        return (scaled * direction.to(scaled.dtype)).sum(-1)
 
 
 def project(stack: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

@@ -72,9 +72,11 @@ class Census:
     runs: dict = field(default_factory=dict)  # row label -> report.json path
     recipe_seeds: dict = field(default_factory=dict)  # recipe -> the seeds its row covers
     acc_target: Optional[float] = None
+    backend: str = "single"  # the trainer the models came from (circuits.ensemble.backend)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "seeds": self.seeds, "recipes": self.recipes,
+                "backend": self.backend,
                 "acc_target": self.acc_target, "columns": self.columns, "rows": self.rows,
                 "timings": self.timings, "runs": self.runs, "recipe_seeds": self.recipe_seeds}
 
@@ -96,7 +98,7 @@ def _check(name: str, recipes: Sequence[str], seeds: Sequence[int], module: str)
 
 
 def train_missing(name: str, recipes: Sequence[str], seeds: Sequence[int], *, root, workers: int = 1,
-                  stream=None) -> dict:
+                  stream=None, ensemble: Optional[int] = None) -> dict:
     """Every (recipe, seed) the store at `root` lacks, trained through the sweep runner; the default
     recipe's reference seeds are served by their committed checkpoints and never trained here.
     Returns recipe -> seconds."""
@@ -110,7 +112,7 @@ def train_missing(name: str, recipes: Sequence[str], seeds: Sequence[int], *, ro
         todo = [s for s in seeds if s not in entry.ref_seeds()]
         t0 = time.perf_counter()
         if todo:
-            result = run_sweep(zname, todo, root=root, workers=workers, stream=stream)
+            result = run_sweep(zname, todo, root=root, workers=workers, stream=stream, ensemble=ensemble)
             if not result.ok:
                 raise CensusError(f"census: training {zname} failed for seeds {sorted(result.failed)}: "
                                   + "; ".join(f"{s}: {m}" for s, m in sorted(result.failed.items())))
@@ -182,6 +184,15 @@ def stored_run(run_dir: Path, inputs: dict) -> Optional[Path]:
     except (OSError, ValueError):
         return None
     return report if same and report.is_file() else None
+
+
+def _repo_relative(path: Path) -> str:
+    """`path` relative to the current directory (the repository when run there), else as given."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, *, root, stream=None,
@@ -350,6 +361,89 @@ def accuracy_lines(census: Census) -> list[str]:
     return lines
 
 
+def survival(census: Census) -> list:
+    """Per recipe row and claim: seeds passing k of n, the rate, its Wilson 95% interval, the
+    reference rows' verdicts on the same claim, and a flag where a reference verdict differs from
+    what most seeds of the recipe did (a claim the reference passes that most retrained seeds fail,
+    or the other way round: what holds on one checkpoint is then not what retraining gives)."""
+    from .report.views import wilson_interval
+
+    refs = [r for r in census.rows if r["kind"] == "reference"]
+    out = []
+    for row in census.rows:
+        if row["kind"] != "recipe":
+            continue
+        for col in census.columns:
+            cell = row["claims"].get(col)
+            if not cell or not cell["n"]:
+                continue
+            k, n = cell["passed"], cell["n"]
+            lo, hi = wilson_interval(k, n)
+            most = k * 2 > n  # most seeds pass (a tie is not "most")
+            verdicts, flags = {}, []
+            for ref in refs:
+                rc = ref["claims"].get(col)
+                if not rc or not rc["n"]:
+                    continue
+                passed = rc["passed"] == rc["n"]
+                verdicts[ref["label"]] = passed
+                if passed != most and not (k * 2 == n):
+                    flags.append(f"{ref['label']} {'passes' if passed else 'fails'}, "
+                                 f"{'most seeds fail' if passed else 'most seeds pass'} ({k}/{n})")
+            out.append({"recipe": row["label"], "claim": col, "passed": k, "n": n, "rate": k / n,
+                        "lo": lo, "hi": hi, "reference": verdicts, "flags": flags})
+    return out
+
+
+def survival_markdown(census: Census) -> str:
+    """The per-claim survival table (one line per recipe x claim) with intervals and flags."""
+    idx = {col: i + 1 for i, col in enumerate(census.columns)}
+    lines = ["| recipe | claim | seeds passing | rate | Wilson 95% | reference | flag |", "|---|---|---|---|---|---|---|"]
+    for r in survival(census):
+        ref = ", ".join(f"{label.replace('reference: ', '')} {'pass' if v else 'FAIL'}"
+                        for label, v in r["reference"].items()) or "–"
+        flag = "**differs**: " + "; ".join(r["flags"]) if r["flags"] else ""
+        lines.append(f"| {r['recipe']} | C{idx[r['claim']]} {r['claim']} | {r['passed']}/{r['n']} | {r['rate']:.0%} | "
+                     f"[{r['lo']:.0%}, {r['hi']:.0%}] | {ref} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def html(census: Census) -> str:
+    """One self-contained page: the survival table (rates with Wilson intervals drawn as bars, flagged
+    rows marked) and the held-out accuracy per seed."""
+    import html as _h
+
+    rows = []
+    for r in survival(census):
+        bar = (f'<div style="position:relative;width:160px;height:12px;background:#eee">'
+               f'<div style="position:absolute;left:{r["lo"] * 160:.0f}px;width:{max(1.0, (r["hi"] - r["lo"]) * 160):.0f}px;'
+               f'height:12px;background:#9cf"></div><div style="position:absolute;left:{r["rate"] * 160 - 1:.0f}px;'
+               f'width:2px;height:12px;background:#036"></div></div>')
+        ref = ", ".join(f"{_h.escape(k.replace('reference: ', ''))} {'pass' if v else 'FAIL'}" for k, v in r["reference"].items())
+        style = ' style="background:#fde"' if r["flags"] else ""
+        rows.append(f"<tr{style}><td>{_h.escape(r['recipe'])}</td><td>{_h.escape(r['claim'])}</td>"
+                    f"<td>{r['passed']}/{r['n']}</td><td>{r['rate']:.0%}</td><td>[{r['lo']:.0%}, {r['hi']:.0%}]</td>"
+                    f"<td>{bar}</td><td>{ref or '–'}</td><td>{_h.escape('; '.join(r['flags']))}</td></tr>")
+    acc = []
+    for row in census.rows:
+        if row["kind"] != "recipe":
+            continue
+        vals = [a["test_acc"] for a in row["accuracy"].values() if a]
+        if vals:
+            acc.append(f"<tr><td>{_h.escape(row['label'])}</td><td>{len(vals)}</td><td>{min(vals):.3%}</td>"
+                       f"<td>{sorted(vals)[len(vals) // 2]:.3%}</td><td>{max(vals):.3%}</td></tr>")
+    return ("<!doctype html><meta charset='utf-8'><title>census " + _h.escape(census.name) + "</title>"
+            "<style>body{font:13px sans-serif}td,th{padding:2px 6px;border-bottom:1px solid #ddd}</style>"
+            f"<h1>Census: {_h.escape(census.name)}</h1><p>{_h.escape(census.module)}; recipes "
+            f"{_h.escape(', '.join(census.recipes))}; seeds {len(census.seeds)}; trainer {_h.escape(census.backend)}. "
+            "Rate = seeds on which the claim passed / seeds on which its test ran; the bar is the Wilson 95% "
+            "interval; rows in red: a reference checkpoint's verdict differs from most seeds.</p>"
+            "<table><tr><th>recipe</th><th>claim</th><th>passing</th><th>rate</th><th>Wilson 95%</th><th></th>"
+            "<th>reference</th><th>flag</th></tr>" + "".join(rows) + "</table>"
+            "<h2>Held-out test accuracy</h2><table><tr><th>recipe</th><th>models</th><th>min</th><th>median</th>"
+            "<th>max</th></tr>" + "".join(acc) + "</table>\n")
+
+
 def markdown(census: Census) -> str:
     out = [f"# Census: {census.name} ({census.module})", "",
            f"Recipes {', '.join(census.recipes)}; seeds {census.seeds}. Cells: seeds on which the claim "
@@ -359,7 +453,12 @@ def markdown(census: Census) -> str:
     out.append("|---|" + "---|" * len(census.columns))
     for row in census.rows:
         out.append(f"| {row['label']} | " + " | ".join(_fmt_cell(row["claims"].get(c)) for c in census.columns) + " |")
-    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {c}" for c in census.columns]
+    from .report.markdown import md_escape
+    from .report.text import NAME_LIMIT
+
+    out += ["", "Claims:", ""] + [f"- C{idx[c]}: {md_escape(c, NAME_LIMIT)}" for c in census.columns]  # names from tests
+    out += ["", "Per-claim survival (rate with its Wilson 95% interval; flag: a reference checkpoint's verdict "
+            "differs from most seeds):", "", survival_markdown(census).rstrip("\n")]
     target = census.acc_target
     out += ["", "Held-out test accuracy per seed (each model's final test set, scored once after training) with "
             "its Wilson 95% interval" + (f"; last column: seeds at or above {target:.1%}" if target is not None else ""),
@@ -402,9 +501,12 @@ def figure(census: Census, path: Path) -> None:
 
 def write_outputs(census: Census, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "census.json", "md": out_dir / "census.md", "png": out_dir / "census.png"}
-    write_bytes_atomic(paths["json"], (json.dumps(census.to_dict(), indent=1, sort_keys=True, default=str) + "\n").encode())
+    paths = {"json": out_dir / "census.json", "md": out_dir / "census.md", "png": out_dir / "census.png",
+             "html": out_dir / "census.html"}
+    data = {**census.to_dict(), "survival": survival(census)}
+    write_bytes_atomic(paths["json"], (json.dumps(data, indent=1, sort_keys=True, default=str) + "\n").encode())
     write_bytes_atomic(paths["md"], markdown(census).encode())
+    write_bytes_atomic(paths["html"], html(census).encode())
     figure(census, paths["png"])
     return paths
 
@@ -421,11 +523,38 @@ def _cores() -> int:
 def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: Optional[str] = None, *,
                out: Path = Path("reports/census"), root=None, workers: int = 1, select: Optional[str] = None, main_only: bool = True,
                recipe_select: Optional[str] = None, reference: bool = True, acc_target: Optional[float] = None,
-               train: bool = True, rerun: bool = False, jobs: int = 1, stream=None) -> tuple[Census, dict]:
+               train: bool = True, rerun: bool = False, jobs: int = 1, stream=None,
+               ensemble: Optional[int] = None) -> tuple[Census, dict]:
     """The whole census; returns it and the written paths. `recipe_select` (default: `select`) is the
     ``-k`` of the recipe runs, e.g. to leave out a fixed subject's claims there; main_only=False keeps
     the claims' controls and mutations. train=False trains
-    nothing: each recipe's row covers the seeds already stored (or committed), which it lists."""
+    nothing: each recipe's row covers the seeds already stored (or committed), which it lists.
+
+    ensemble: the models come from the stacked trainer (circuits.ensemble; K seeds per stack, 0 =
+    automatic): trained by it, found under its store keys, and read by the pytest runs under
+    $CIRCUITS_TRAIN_BACKEND=ensemble. None: as $CIRCUITS_TRAIN_BACKEND says (default: single)."""
+    if ensemble is not None:
+        from .ensemble import BACKEND_ENV
+
+        old_env = os.environ.get(BACKEND_ENV)
+        os.environ[BACKEND_ENV] = "ensemble"
+        try:
+            return _run_census(name, recipes, seeds, module, out=out, root=root, workers=workers, select=select,
+                               main_only=main_only, recipe_select=recipe_select, reference=reference,
+                               acc_target=acc_target, train=train, rerun=rerun, jobs=jobs, stream=stream,
+                               ensemble=ensemble)
+        finally:
+            if old_env is None:
+                os.environ.pop(BACKEND_ENV, None)
+            else:
+                os.environ[BACKEND_ENV] = old_env
+    return _run_census(name, recipes, seeds, module, out=out, root=root, workers=workers, select=select,
+                       main_only=main_only, recipe_select=recipe_select, reference=reference, acc_target=acc_target,
+                       train=train, rerun=rerun, jobs=jobs, stream=stream, ensemble=None)
+
+
+def _run_census(name, recipes, seeds, module, *, out, root, workers, select, main_only, recipe_select, reference,
+                acc_target, train, rerun, jobs, stream, ensemble) -> tuple[Census, dict]:
     from .sweep import check_run_settings
 
     stream = stream or sys.stderr
@@ -439,9 +568,12 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
     out_dir = Path(out) / name
     runs_dir = (out_dir / "runs").resolve()
     census = Census(name=name, module=module, seeds=seeds, recipes=list(recipes), acc_target=acc_target)
+    from .ensemble import backend as train_backend
+
+    census.backend = train_backend()
     t_all = time.perf_counter()
     if train:
-        train_s = train_missing(name, recipes, seeds, root=root, workers=workers, stream=stream)
+        train_s = train_missing(name, recipes, seeds, root=root, workers=workers, stream=stream, ensemble=ensemble)
         census.timings["train"] = round(sum(train_s.values()), 2)
     reports, census.recipe_seeds = {}, {}
     rows = []  # (label, run id, args, model hashes)
@@ -479,7 +611,7 @@ def run_census(name: str, recipes: Sequence[str], seeds: Sequence[int], module: 
     ref_report = None
     for label, path, seconds in done:
         census.timings[f"claims {label}"] = seconds
-        census.runs[label] = str(path)
+        census.runs[label] = _repo_relative(path)  # committed output: no machine's absolute paths
         if label == "reference":
             ref_report = json.loads(path.read_text())
         else:

@@ -46,6 +46,14 @@ class ClaimError(CircuitsError):
     """Base class for claims used wrongly (as opposed to claims that fail)."""
 
 
+def _shown(message: str) -> str:
+    """A failure message as pytest prints it: a claim name's escapes and bidi overrides made visible
+    (`report.text.visible`; the record keeps the full text for report.json)."""
+    from .report.text import NAME_LIMIT, visible  # the leaf module; report's package is loaded by now
+
+    return visible(message, 4 * NAME_LIMIT)
+
+
 class ClaimFailure(AssertionError):
     """A claim that was measured and did not hold (the only failure a known failure may expect:
     any other exception inside a refuted claim is a crash, reported as an error)."""
@@ -380,9 +388,9 @@ class Claims:
         if self._sink is not None:
             self._sink(rec)
         if wrong_kind:
-            raise ClaimValueError(rec.message)
+            raise ClaimValueError(_shown(rec.message))
         if not rec.passed and self.raise_on_failure:
-            raise ClaimFailure(rec.message)
+            raise ClaimFailure(_shown(rec.message))
         return rec
 
     @property

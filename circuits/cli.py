@@ -7,11 +7,13 @@
                                     wait for another process training it); --force retrains;
                                     --update-reference also writes fixtures/models/NAME.* (a reference seed)
   sweep NAME|'PATTERN' --seeds 0-19 [--backend local|ray] [--address A] [--device D] [--workers N]
+        [--ensemble K]
                                     train the seeds the store lacks in parallel, reuse the rest
   card NAME [--seed S]              print the JSON card of the reference (reference seeds) or cached model
   (NAME: a zoo entry, or NAME@VARIANT for one of its recipe variants)
-  report [RUN] [--open]             print the latest (or named) run's Markdown summary; --open prints
-                                    the HTML path
+  report [RUN] [--markdown] [--open]
+                                    print the latest (or named) run as plain text (--markdown: its
+                                    report.md); --open also opens its HTML page in a browser
   report [RUN] --promote-baseline   copy the run to reports/baseline/ (what --circuits-compare baseline reads)
 """
 
@@ -27,12 +29,16 @@ from . import paths, zoo
 from .errors import CircuitsError, InputError
 
 
-def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
+# seeds whose store keys `list` checks against entries with an unreadable card (their card names no seed)
+_LIST_SEEDS = range(32)
+
+
+def _status(name: str, store_cards: Optional[list] = None, unreadable: Optional[dict] = None) -> tuple[str, str]:
     from .store import ModelStore, load_reference, spec_key
 
     entry = zoo.get_entry(name)
     if entry.ref_seeds():
-        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s))
+        ref = _reference_status(lambda: [load_reference(zoo.REFERENCE_DIR, entry.reference_name(s), entry.spec(s, "single"))
                                          for s in entry.ref_seeds()])
     else:
         ref = "no reference"
@@ -46,6 +52,11 @@ def _status(name: str, store_cards: Optional[list] = None) -> tuple[str, str]:
                 and card.get("key") == spec_key(entry.spec(seed)):
             # verified (weights hash, safetensors, card hash): a truncated entry is not "cached"
             (cached if store.verify(card["key"])[0] == "ok" else corrupt).add(seed)
+    unreadable = store.unreadable() if unreadable is None else unreadable
+    if unreadable:  # a card that cannot be read names no seed: match the keys of the likely ones
+        for seed in {*_LIST_SEEDS, entry.default_seed, *entry.ref_seeds()}:
+            if spec_key(entry.spec(seed)) in unreadable:
+                corrupt.add(seed)
     text = f"cached seeds {sorted(cached)}" if cached else "not cached"
     return ref, text + (f", corrupt seeds {sorted(corrupt)} (retrained on use)" if corrupt else "")
 
@@ -68,13 +79,17 @@ def _reference_status(load) -> str:
 def cmd_list(args) -> int:
     from .store import ModelStore
 
-    cards = [card for _, card in ModelStore(_store_root()).entries()]  # read the store once for every entry
+    store = ModelStore(_store_root())
+    cards = [card for _, card in store.entries()]  # read the store once for every entry
+    unreadable = store.unreadable()
     names = zoo.names()
     width = max(map(len, names), default=18)
     for name in names:
         entry = zoo.get_entry(name)
-        ref, cache = _status(name, cards)
+        ref, cache = _status(name, cards, unreadable)
         print(f"{name:{width}s} {entry.family:14s} {ref:22s} {cache:24s} {entry.description}")
+    for key, problem in unreadable.items():  # every corrupt entry is shown, also one no zoo name matches
+        print(f"corrupt model store entry {key}: {problem} (removed and rebuilt when its model is next used)")
     return 0
 
 
@@ -133,7 +148,7 @@ def cmd_sweep(args) -> int:
     check_run_settings(args.device)  # before anything starts
     seeds = parse_seeds(args.seeds)
     results = run_sweeps(sweep_names(args.name), seeds, backend=args.backend, address=args.address,
-                         device=args.device, workers=args.workers)
+                         device=args.device, workers=args.workers, ensemble=args.ensemble)
     for result in results.values():
         print(f"{result.name}: {len(result.trained)} trained, {len(result.reused)} reused, {len(result.failed)} failed"
               + (f" (seeds {sorted(result.failed)})" if result.failed else ""), file=sys.stderr)
@@ -157,9 +172,18 @@ def sweep_names(pattern: str) -> list[str]:
 def cmd_card(args) -> int:
     from .seeds import check_seed
 
+    from .store import ModelStore, spec_key
+
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else check_seed(args.seed)
-    card = zoo.find_card(args.name, seed)
+    store = ModelStore(_store_root())
+    if seed not in entry.ref_seeds():
+        status, problem = store.verify(spec_key(entry.spec(seed)))
+        if status == "corrupt":  # say so (read-only: `card` never deletes the entry)
+            print(f"{args.name} seed {seed}: its model store entry is corrupt ({problem}); `python -m circuits "
+                  f"train {args.name} --seed {seed}` rebuilds it", file=sys.stderr)
+            return 1
+    card = zoo.find_card(args.name, seed, store=store)
     if card is None:
         print(f"{args.name} seed {seed} is not in the model store; run `python -m circuits train "
               f"{args.name} --seed {seed}`", file=sys.stderr)
@@ -182,7 +206,7 @@ def _print_card(card: dict) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import resolve_report, set_baseline
+    from .report import load_report, rederive, resolve_report, set_baseline, terminal_lines
 
     report_dir = Path(args.report_dir) if args.report_dir else paths.reports_dir(Path.cwd())
     path = resolve_report(args.run or "latest", report_dir)
@@ -191,24 +215,56 @@ def cmd_report(args) -> int:
         dest = set_baseline(run_dir, report_dir)
         print(f"baseline <- {run_dir.name}: {dest}")
         return 0
+    html = run_dir / "report.html"
+    if args.markdown:
+        md = run_dir / "report.md"
+        print(md.read_text() if md.exists() else f"(no report.md in {run_dir})")
+    else:  # the terminal summary pytest printed, as plain text
+        report = rederive(load_report(path, report_dir))
+        report["_html_path"] = str(html)
+        print("\n".join(text for text, _ in terminal_lines(report)))
     if args.open:
-        print(run_dir / "report.html")
-        return 0
-    md = run_dir / "report.md"
-    print(md.read_text() if md.exists() else f"(no report.md in {run_dir})")
-    print(f"\nHTML: {run_dir / 'report.html'}")
+        _open_in_browser(html)
+    elif args.markdown:  # (the plain text's last line already names the page)
+        print(f"\nHTML: {html}")
     return 0
+
+
+def _open_in_browser(html: Path) -> None:
+    """Open the page where a browser exists (webbrowser); say where it is either way."""
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(html.resolve().as_uri())
+    except webbrowser.Error:
+        opened = False
+    print(f"{'opened' if opened else 'no browser found here; open it yourself'}: {html}")
+
+
+def check_census_args(args) -> None:
+    """What a census would find wrong only after its runs: checked first (InputError, exit 2)."""
+    import math
+
+    from .paths import check_output_dir
+
+    if args.acc_target is not None and not (math.isfinite(args.acc_target) and 0 <= args.acc_target <= 1):
+        raise InputError(f"--acc-target {args.acc_target!r}: expected an accuracy in [0, 1]")
+    try:
+        check_output_dir(Path(args.out) / args.name, "--out", f"census.json goes to OUT/{args.name}/")
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def cmd_census(args) -> int:
     from .census import run_census
     from .seeds import parse_seeds
 
+    check_census_args(args)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     run_census(args.name, recipes, parse_seeds(args.seeds), args.module, out=Path(args.out), workers=args.workers,
                select=args.select, recipe_select=args.recipe_select, reference=not args.no_reference,
                acc_target=args.acc_target, train=not args.no_train, rerun=args.rerun, jobs=args.jobs,
-               main_only=not args.with_controls)
+               main_only=not args.with_controls, ensemble=args.ensemble)
     return 0
 
 
@@ -217,20 +273,25 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="zoo entries and their status").set_defaults(fn=cmd_list)
-    p = sub.add_parser("train", help="train a zoo model from scratch")
-    p.add_argument("name")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    train_help = ("train a zoo model into the model store, or reuse the model the store already has for this "
+                  "name, seed and spec (or wait for another process training it); --force retrains")
+    p = sub.add_parser("train", help=train_help, description=train_help)
+    p.add_argument("name", help="zoo entry, or NAME@VARIANT for one of its recipe variants (see `list`)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the entry's reference seed)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--update-reference", action="store_true", help="also write fixtures/models/NAME.*")
     p.add_argument("--force", action="store_true", help="retrain even if the model store has the model")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("sweep", help="train many seeds in parallel (what the store lacks)")
     p.add_argument("name", help="zoo name, NAME@recipe, or a quoted pattern such as 'assoc_exp2_*'")
     p.add_argument("--seeds", required=True, help="e.g. 0-19, 1,3 or 2")
-    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: a process pool on this machine (default); ray: one task per model")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of every training: cpu (default), cuda, cuda:N")
     p.add_argument("--workers", type=int, default=None, help="parallel trainings (default: the cores)")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="stacked trainer: K seeds per stack, one stack per worker (0 = automatic)")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("census", help="claims x recipes x seeds: which claims survive retraining")
     p.add_argument("name", help="zoo name")
@@ -245,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the plain run (reference rows)")
     p.add_argument("--no-train", action="store_true", help="train nothing: each row covers the seeds stored")
     p.add_argument("--acc-target", type=float, default=None, help="count seeds whose test_acc reaches this")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="models from the stacked trainer, K seeds per stack (0 = automatic)")
     p.add_argument("--jobs", type=int, default=1,
                    help="rows whose claims run side by side (each its own pytest, the cores shared between them)")
     p.add_argument("--rerun", action="store_true",
@@ -252,14 +315,15 @@ def main(argv=None) -> int:
                         "arguments and models are unchanged)")
     p.set_defaults(fn=cmd_census)
     p = sub.add_parser("card", help="print a model card")
-    p.add_argument("name")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("name", help="zoo entry, or NAME@VARIANT")
+    p.add_argument("--seed", type=int, default=None, help="the model's training seed (default: the reference seed)")
     p.set_defaults(fn=cmd_card)
-    p = sub.add_parser("report", help="print the latest report summary")
+    p = sub.add_parser("report", help="print a run's summary as plain text (or its Markdown), open its page")
     p.add_argument("run", nargs="?", default=None, help="run id, path, 'latest' or 'baseline'")
     p.add_argument("--report-dir", default=None,
                    help="where runs are (default: $CIRCUITS_REPORTS, else ./reports of the current directory)")
-    p.add_argument("--open", action="store_true", help="print the HTML report's path")
+    p.add_argument("--markdown", action="store_true", help="print the run's report.md instead of plain text")
+    p.add_argument("--open", action="store_true", help="open the run's report.html in a browser, where one exists")
     p.add_argument("--promote-baseline", action="store_true",
                    help="copy the run (default: latest) to <report-dir>/baseline/, what pytest's "
                         "--circuits-compare baseline reads")

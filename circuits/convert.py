@@ -100,15 +100,24 @@ def load_tl_checkpoint(path: Union[str, Path], cfg: Union[TransformerConfig, Map
     an edit of the weights, so it is asked for, never done behind the caller's back."""
     cfg = as_config(cfg, **ours)
     path = Path(path)
+    if not path.is_file():
+        raise StateDictError(f"no checkpoint file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a pickle, a truncated or foreign file: never unpickled
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StateDictError(f"could not read {path} as safetensors ({first}); a file named .safetensors "
+                                 "must be one (a torch file, read with weights_only=True, needs its own "
+                                 "suffix such as .pt)") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt or pickled-object file: say which and why
-            raise StateDictError(f"could not read {path} as a weights-only torch file: {e}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StateDictError(f"could not read {path} as a weights-only torch file: {first}") from None
     if not isinstance(sd, dict):
         raise StateDictError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     model = load_tl_state_dict(HookedTransformer(cfg), sd)
@@ -171,7 +180,11 @@ def from_tl_config(tl_cfg: Union[Mapping[str, Any], Any], **ours: Any) -> Transf
         raise ConfigError(f"TL config lacks {missing} (HookedTransformerConfig needs them)")
     unsupported = [f"{k}={d[k]!r}" for k, off in _TL_OFF.items() if k in d and d[k] != off]
     norm = d.get("normalization_type", "LN")
-    if norm not in ("LN", None):
+    if norm == "LNPre":  # TL's folded LayerNorm: the same function once its w, b go back in
+        unsupported.append("normalization_type='LNPre' (LayerNorm with w and b folded into the next weights: "
+                           "load the checkpoint with fold_ln=False in TransformerLens, or export it unfolded, "
+                           "so that normalization_type='LN')")
+    elif norm not in ("LN", None):
         unsupported.append(f"normalization_type={norm!r} (only 'LN' or None)")
     n_heads = d.get("n_heads", -1)
     if n_heads in (-1, None):

@@ -67,6 +67,21 @@ def _describe_bad_output(name: str, fn: HookFn, x: torch.Tensor, out: object) ->
             f"(or None to leave the activation unchanged)")
 
 
+def _finite_checked(fn: HookFn) -> HookFn:
+    """`fn`, refusing a returned tensor that holds NaN or inf (HookOutputError naming the hook point)."""
+    def checked(x: torch.Tensor, hook: HookPoint) -> Optional[torch.Tensor]:
+        out = fn(x, hook)
+        if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+            finite = torch.isfinite(out)
+            if not bool(finite.all()):
+                bad = int(finite.numel() - finite.sum())
+                fn_name = getattr(fn, "__qualname__", type(fn).__name__)
+                raise HookOutputError(f"hook {fn_name} on {hook.name!r} returned {bad} non-finite value(s) (NaN or "
+                                      f"inf) of {out.numel()} (check_finite=True refuses them)")
+        return out
+    return checked
+
+
 class HookedRootModule(nn.Module):
     """Mixin for a root model: finds its hook points by name and runs with hooks or a cache."""
 
@@ -104,6 +119,11 @@ class HookedRootModule(nn.Module):
         return out
 
     # --- name resolution ---------------------------------------------------------------------------
+    def absent_hook_hint(self, name: str) -> str:
+        """Why `name` is not a hook point of this model, for the error message ('' = no reason known;
+        models override it, e.g. an attention-only model naming its missing MLP hooks)."""
+        return ""
+
     def resolve_hook_names(self, names: NamesFilter) -> list[str]:
         """Turn a filter (None = all, a name, a list of names, or a predicate) into hook names.
 
@@ -119,7 +139,7 @@ class HookedRootModule(nn.Module):
         out = []
         for n in names:
             if n not in self.hook_dict:
-                hint = did_you_mean(n, self.hook_dict, cutoff=0.5)
+                hint = self.absent_hook_hint(n) or did_you_mean(n, self.hook_dict, cutoff=0.5)
                 raise HookNameError(
                     f"unknown hook name {n!r}{hint} (this model has {len(self.hook_dict)} hook points; "
                     f"see model.hook_dict)"
@@ -129,15 +149,20 @@ class HookedRootModule(nn.Module):
 
     # --- attaching hooks ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[Union[str, Callable[[str], bool]], HookFn]] = ()) -> Iterator["HookedRootModule"]:
+    def hooks(self, fwd_hooks: Iterable[tuple[Union[str, Callable[[str], bool]], HookFn]] = (),
+              check_finite: bool = False) -> Iterator["HookedRootModule"]:
         """Attach `(name_or_predicate, fn)` pairs for the duration of the block; always detached after,
-        also when the block raises."""
+        also when the block raises. check_finite: a hook returning a tensor with NaN or inf raises
+        `HookOutputError` naming the hook point (off by default: NaN / inf flow on as the hook's
+        value, as in TransformerLens, and checking costs a reduction per hook call)."""
         attached: list[tuple[HookPoint, HookFn]] = []
         try:
             for name, fn in fwd_hooks:
                 targets = self.resolve_hook_names(name)
                 if not targets:
                     raise HookNameError(f"hook filter {name!r} matches no hook point")
+                if check_finite:
+                    fn = _finite_checked(fn)
                 for t in targets:
                     hp = self.hook_dict[t]
                     hp.fns.append(fn)
@@ -151,9 +176,9 @@ class HookedRootModule(nn.Module):
         for hp in self.hook_dict.values():
             hp.fns.clear()
 
-    def run_with_hooks(self, *args, fwd_hooks=(), **kwargs):
-        """Forward with hooks attached only for this call."""
-        with self.hooks(fwd_hooks):
+    def run_with_hooks(self, *args, fwd_hooks=(), check_finite: bool = False, **kwargs):
+        """Forward with hooks attached only for this call (check_finite: see `hooks`)."""
+        with self.hooks(fwd_hooks, check_finite=check_finite):
             return self(*args, **kwargs)
 
     def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,

@@ -130,18 +130,83 @@ def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inp
     activation at `index` (an indexing tuple after the batch axis, e.g. `(1, 0)` = position 1, head
     0 of a [batch, pos, head, d_head] hook) by its value on `source_inputs` (row i from row i).
 
-    Returns the patched model output. Sources are padded/truncated to the target's length only when
-    the indexed positions exist in both.
+    Returns the patched model output. Source and target may differ in length only where `index`
+    picks positions that exist in both: the patched slice must have the same shape on both sides
+    (a length-1 source is never broadcast over the target's positions). Bad indices, positions,
+    heads and shapes raise `InputError` naming the hook (`check_patch_index`), as in
+    `resample_activations`.
     """
     if source_inputs.shape[0] != inputs.shape[0]:
         raise InputError(f"source batch {source_inputs.shape[0]} != target batch {inputs.shape[0]}")
+    patches = _check_patches(patches)
     names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
     with torch.no_grad():
         _, src = model.run_with_cache(source_inputs, names=names)
 
-    hooks = [(n, _overwrite(idx, src[n][(slice(None), *idx)])) for n, idx in patches]
+    hooks = [(n, _overwrite(idx, check_patch_index(n, src[n], idx, "the source"))) for n, idx in patches]
     with torch.no_grad():
         return model.run_with_hooks(inputs, fwd_hooks=hooks)
+
+
+def _check_patches(patches) -> list[tuple[str, tuple]]:
+    """`patches` as a list of (hook name, index tuple); InputError for anything else."""
+    out = []
+    for p in patches:
+        if not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str):
+            raise InputError(f"a patch is (hook name, index tuple), e.g. ('blocks.0.attn.hook_z', (1, 0)); got {p!r}")
+        name, index = p
+        if not isinstance(index, (tuple, list)):
+            raise InputError(f"patch {name!r}: the index must be a tuple (e.g. (1,) for position 1, () for "
+                             f"everything), got {type(index).__name__} {index!r}")
+        out.append((name, tuple(index)))
+    return out
+
+
+def _index_part_ok(part) -> bool:
+    if part is None or part is Ellipsis:
+        return True
+    if isinstance(part, bool):
+        return False
+    if isinstance(part, int) or (hasattr(part, "__index__") and not isinstance(part, torch.Tensor)):
+        return True  # numpy integers too
+    if isinstance(part, slice):
+        return all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                   for b in (part.start, part.stop, part.step))
+    if isinstance(part, torch.Tensor):
+        return part.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or part.dtype == torch.bool
+    if isinstance(part, (list, tuple)):
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in part)
+    return False
+
+
+def check_patch_index(name: str, act: torch.Tensor, index: tuple, side: str = "the activation") -> torch.Tensor:
+    """act[:, *index] (the slice a patch reads or writes), or InputError naming the hook, the index
+    and the activation's shape: a non-integer index (a string, a float, a bool), more indices than
+    the activation has axes, or a position / head / unit that does not exist (also negative ones
+    below -size). The one validation every patching helper uses."""
+    for part in index:
+        if not _index_part_ok(part):
+            raise InputError(f"patch index {index!r} for {name!r}: {part!r} is not an int, slice or integer "
+                             f"tensor (float indices are not rounded)")
+    dims = sum(1 for part in index if part is not None and part is not Ellipsis)
+    if dims > act.ndim - 1:
+        raise InputError(f"patch index {index!r} has {dims} indices but {name!r} has only {act.ndim - 1} axes "
+                         f"after the batch ({side}: shape {tuple(act.shape)})")
+    for axis, part in enumerate(index, start=1):
+        if part is Ellipsis or part is None:
+            break  # positions after these are not checked one by one; torch's IndexError is wrapped below
+        if not isinstance(part, (slice, torch.Tensor, list, tuple)) and not -act.shape[axis] <= int(part) < act.shape[axis]:
+            raise InputError(f"patch index {index!r} does not exist in {name!r}: {part} is out of range for "
+                             f"axis {axis} of size {act.shape[axis]} ({side}: shape {tuple(act.shape)})")
+    try:
+        value = act[(slice(None), *index)]
+    except (IndexError, TypeError, RuntimeError) as exc:
+        raise InputError(f"patch index {index!r} does not exist in {name!r} ({side}: shape "
+                         f"{tuple(act.shape)}): {exc}") from None
+    if value.numel() == 0 and act.numel():
+        raise InputError(f"patch index {index!r} selects nothing in {name!r} ({side}: shape {tuple(act.shape)})")
+    return value
 
 
 def _patch_layer(model: HookedTransformer, names: Sequence[str]) -> int:
@@ -169,6 +234,7 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
     `analysis.predict` does; the patched positions must exist in every row's chunk, and the read-out
     must be first/last. Tested equal to patch_activations.
     """
+    patches = _check_patches(patches)
     names = [n for n, _ in patches]
     model.resolve_hook_names(names)  # unknown names fail here, naming the hook
     n = inputs.shape[0]
@@ -190,11 +256,7 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
         for chunk, width in chunks:
             _, cache = model.run_with_cache(inputs[chunk, :width], names=names + ([resume] if layer else []))
             for name, index in patches:
-                try:
-                    value = cache[name][(slice(None), *index)]
-                except IndexError as exc:
-                    raise InputError(f"patch index {index} does not exist in {name} of shape "
-                                     f"{tuple(cache[name].shape)} (rows cut to {width} positions)") from exc
+                value = check_patch_index(name, cache[name], index, f"rows cut to {width} positions")
                 if name not in clean:
                     clean[name] = value.new_empty((n, *value.shape[1:]))
                 clean[name][chunk] = value
@@ -244,6 +306,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
     every group runs the full model instead (see `_resume_layer`). Returns [group][set] outputs,
     each [n, ...]; tested equal to patch_activations and to the full forward.
     """
+    patches = _check_patches(patches)
     names = [n for n, _ in patches]
     model.resolve_hook_names(names)  # unknown names fail here, naming the hook
     n = inputs.shape[0]
@@ -256,11 +319,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
         _, cache = model.run_with_cache(inputs, names=names + ([resume] if layer else []))
     clean = {}
     for name, index in patches:
-        try:
-            clean[name] = cache[name][(slice(None), *index)]
-        except IndexError as exc:
-            raise InputError(f"patch index {index} does not exist in {name} of shape "
-                             f"{tuple(cache[name].shape)}") from exc
+        clean[name] = check_patch_index(name, cache[name], index)
     outputs = []
     for group in groups:
         source = torch.cat(group)
@@ -277,7 +336,16 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
 
 
 def _check_rows(rows, n: int, device: torch.device) -> torch.Tensor:
-    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    if isinstance(rows, torch.Tensor):
+        given = rows
+    else:
+        try:
+            given = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"source rows must be a [{n}] integer index tensor, got {type(rows).__name__}: {exc}") from None
+    if given.dtype == torch.bool or given.is_floating_point() or given.is_complex():
+        raise InputError(f"source rows must be integers, got dtype {given.dtype} (float rows are not rounded)")
+    rows = given.to(device=device, dtype=torch.long)
     if rows.shape != (n,):
         raise InputError(f"source rows must be a [{n}] index tensor, got {tuple(rows.shape)}")
     if n and (int(rows.min()) < 0 or int(rows.max()) >= n):
@@ -286,8 +354,14 @@ def _check_rows(rows, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _overwrite(index: tuple, value: torch.Tensor):
-    """A hook setting act[:, *index] = value (a copy: the hooked activation may be a view)."""
+    """A hook setting act[:, *index] = value (a copy: the hooked activation may be a view). The
+    target slice must have value's shape exactly: no broadcasting of a shorter source."""
     def patch(act: torch.Tensor, hook) -> torch.Tensor:
+        target = check_patch_index(hook.name, act, index, "the patched run")
+        if target.shape != value.shape:
+            raise InputError(f"patch {index!r} on {hook.name!r}: the source slice has shape {tuple(value.shape)} "
+                             f"but the target's is {tuple(target.shape)}; source and target must agree at the "
+                             f"patched positions (a shorter source is not broadcast)")
         act = act.clone()
         act[(slice(None), *index)] = value.to(act.dtype)
         return act

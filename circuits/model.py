@@ -424,14 +424,15 @@ class TransformerBlock(nn.Module):
             self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
-        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        if self.has_mlp:  # attention-only blocks have neither (as in TransformerLens): they would never fire
+            self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+            self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, resid_pre: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask))  # [batch, pos, d_model]
-        if not self.has_mlp:  # attention-only: resid_mid is resid_post, TL names both
+        if not self.has_mlp:  # attention-only: resid_post is resid_pre + attn_out (no resid_mid hook)
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [batch, pos, d_model]
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))  # [batch, pos, d_model]
@@ -558,6 +559,7 @@ class HookedTransformer(HookedRootModule):
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()  # [batch, pos, d_model] (an expanded view, as TL)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        _warn_causal_first_readout(cfg)
         if cfg.normalization == "LN":
             self.ln_final = LayerNorm(cfg)
         self.unembed = Unembed(cfg)
@@ -603,7 +605,8 @@ class HookedTransformer(HookedRootModule):
             raise InputError("empty sequence (pos = 0)")
 
     def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,
-                       detach: bool = True, defer: bool = True, **kwargs) -> tuple[object, ActivationCache]:
+                       detach: bool = True, defer: bool = True, remove_batch_dim: bool = False,
+                       **kwargs) -> tuple[object, ActivationCache]:
         """Forward once and return (output, ActivationCache) holding only the hook points asked for.
 
         names (or TransformerLens's names_filter): None (every hook point), a name, a list of names,
@@ -614,7 +617,13 @@ class HookedTransformer(HookedRootModule):
         LayerNorm scale and normalized (fused LayerNorm), per-head results. Each is the same function
         of the same tensors as in the forward that exposes it, so the cache holds the same values.
         defer=False computes every value in the forward (explicit sublayers), a little cheaper when
-        every entry will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager)."""
+        every entry will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager).
+
+        remove_batch_dim (TransformerLens's): for a batch of one, every cached value without its batch
+        axis (the cache then holds plain tensors; its decompositions expect the batch axis)."""
+        if remove_batch_dim:
+            return self._run_with_cache_unbatched(args, kwargs, names=names, names_filter=names_filter,
+                                                  detach=detach, defer=defer)
         points = self._cache_points(names, names_filter)
         plan = self._plan_deferred(points) if detach and defer else None
         if plan is None:
@@ -685,7 +694,8 @@ class HookedTransformer(HookedRootModule):
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 readout: Optional[str] = None, *, start_at_layer: int = 0,
                 resid: Optional[torch.Tensor] = None, readout_only: Optional[bool] = None,
-                return_resid: bool = False):
+                return_resid: bool = False, return_type: Optional[str] = "logits",
+                targets: Optional[torch.Tensor] = None):
         """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
         gives the padding mask and read-out positions): what a patch at layer l needs to recompute.
 
@@ -695,7 +705,11 @@ class HookedTransformer(HookedRootModule):
 
         return_resid: also return the final residual stream (ln_final's input) at the read-out
         position(s), [batch, (pos,) d_model], as (logits, resid). It is what a hook on the last
-        block's hook_resid_post would give there, without switching the read-out path off."""
+        block's hook_resid_post would give there, without switching the read-out path off.
+
+        return_type (TransformerLens's): "logits" (default), "loss", "both" (logits, loss) or None;
+        see _tl_loss for the loss, `targets=` for a classifier's labels."""
+        self._check_return_type(return_type, targets, return_resid)
         self._check_input(x)
         if key_padding_mask is None:
             key_padding_mask = self.key_padding_mask(x)
@@ -738,6 +752,8 @@ class HookedTransformer(HookedRootModule):
         logits = self.unembed(resid)  # [batch, pos or 1, d_vocab_out]
         if readout != "all":
             logits, resid_final = logits[:, 0], resid_final[:, 0]  # [batch, d_vocab_out], [batch, d_model]
+        if return_type != "logits":
+            return self._tl_return(logits, x, return_type, targets, readout)
         return (logits, resid_final) if return_resid else logits
 
     def _check_resume(self, x: torch.Tensor, layer, resid) -> torch.Tensor:
@@ -759,6 +775,16 @@ class HookedTransformer(HookedRootModule):
             causal_only = blocked is None  # SDPA then applies the causal mask itself (is_causal)
             blocked = future if blocked is None else blocked | future  # [batch or 1, 1, q, k]
         return AttentionMask(blocked, causal_only)
+
+    def absent_hook_hint(self, name: str) -> str:
+        """Why a hook name TransformerLens models may have is not on this one ('' when no reason)."""
+        import re
+
+        m = re.fullmatch(r"blocks\.(\d+)\.(hook_resid_mid|hook_mlp_out|hook_mlp_in|mlp\.\w+|ln2\.\w+)", name)
+        if m is None or self.cfg.d_mlp:
+            return ""
+        return (f"; this model is attention-only (d_mlp=0), so its blocks have no MLP hook points and no "
+                f"hook_resid_mid (the residual after attention is blocks.{m.group(1)}.hook_resid_post)")
 
     def setup_hooks(self) -> None:
         super().setup_hooks()
@@ -815,3 +841,96 @@ class HookedTransformer(HookedRootModule):
             return resid[:, -1:]  # [batch, 1, d_model]
         index = self._readout_index(key_pad, readout, resid.shape[0], resid.shape[1], resid.device)
         return resid[torch.arange(resid.shape[0], device=resid.device), index][:, None]  # [batch, 1, d_model]
+
+    # --- TransformerLens conveniences: weights stacked over layers, return_type, remove_batch_dim ---------
+    # (as TL's HookedTransformer names and shapes them; read-only views of the parameters)
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """[d_vocab, d_model] token embedding."""
+        if not isinstance(self.embed, Embed):
+            raise ConfigError("this model reads vectors (d_input): its read-in is model.embed.W_in [d_input, d_model]")
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> torch.Tensor:
+        """[n_ctx, d_model] positional embedding."""
+        if self.cfg.positional == "none":
+            raise ConfigError("this model has no positional embedding (positional='none')")
+        return self.pos_embed.W_pos
+
+    W_U = property(lambda self: self.unembed.W_U)  # [d_model, d_vocab_out]
+    b_U = property(lambda self: self.unembed.b_U)  # [d_vocab_out]
+    W_Q = property(lambda self: self._stack_attn("W_Q"))  # [n_layers, n_heads, d_model, d_head]
+    W_K = property(lambda self: self._stack_attn("W_K"))  # [n_layers, n_heads, d_model, d_head]
+    W_V = property(lambda self: self._stack_attn("W_V"))  # [n_layers, n_heads, d_model, d_head]
+    W_O = property(lambda self: self._stack_attn("W_O"))  # [n_layers, n_heads, d_head, d_model]
+    b_Q = property(lambda self: self._stack_attn("b_Q"))  # [n_layers, n_heads, d_head]
+    b_K = property(lambda self: self._stack_attn("b_K"))  # [n_layers, n_heads, d_head]
+    b_V = property(lambda self: self._stack_attn("b_V"))  # [n_layers, n_heads, d_head]
+    b_O = property(lambda self: self._stack_attn("b_O"))  # [n_layers, d_model]
+    W_in = property(lambda self: self._stack_mlp("W_in"))  # [n_layers, d_model, d_mlp]
+    b_in = property(lambda self: self._stack_mlp("b_in"))  # [n_layers, d_mlp]
+    W_out = property(lambda self: self._stack_mlp("W_out"))  # [n_layers, d_mlp, d_model]
+    b_out = property(lambda self: self._stack_mlp("b_out"))  # [n_layers, d_model]
+
+    def _stack_attn(self, name: str) -> torch.Tensor:
+        return torch.stack([getattr(block.attn, name) for block in self.blocks])
+
+    def _stack_mlp(self, name: str) -> torch.Tensor:
+        if not self.cfg.d_mlp:
+            raise ConfigError(f"{name}: this model is attention-only (d_mlp = 0): it has no MLP weights")
+        return torch.stack([getattr(block.mlp, name) for block in self.blocks])
+
+    _RETURN_TYPES = ("logits", "loss", "both", None)
+
+    def _check_return_type(self, return_type, targets, return_resid: bool) -> None:
+        if return_type not in self._RETURN_TYPES:
+            raise InputError(f"return_type={return_type!r} is not one of {self._RETURN_TYPES}")
+        if return_type != "logits" and return_resid:
+            raise InputError("return_resid=True returns (logits, resid): use it with return_type='logits'")
+        if targets is not None and return_type not in ("loss", "both"):
+            raise InputError("targets= is the loss's labels: pass return_type='loss' or 'both' with it")
+
+    def _tl_return(self, logits: torch.Tensor, x: torch.Tensor, return_type, targets, readout: str):
+        if return_type is None:
+            return None
+        loss = self._tl_loss(logits, x, targets, readout)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _tl_loss(self, logits: torch.Tensor, x: torch.Tensor, targets, readout: str) -> torch.Tensor:
+        """Mean cross-entropy. With `targets` (a classifier's labels: [batch] for a first/last read-out,
+        [batch, pos] for "all"), against them; without, TransformerLens's next-token loss, which needs
+        token inputs, readout "all" and d_vocab_out == d_vocab (pad positions are not masked)."""
+        if targets is not None:
+            want = tuple(logits.shape[:-1])
+            if tuple(targets.shape) != want or targets.dtype != torch.long:
+                raise InputError(f"targets must be long {want} (one label per read-out), got "
+                                 f"{targets.dtype} {tuple(targets.shape)}")
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device))
+        if readout != "all" or self.cfg.d_input or self.cfg.d_vocab_out != self.cfg.d_vocab:
+            raise InputError("return_type='loss' without targets= is TransformerLens's next-token loss: it needs "
+                             "token inputs, readout='all' and d_vocab_out == d_vocab; for a classifier pass "
+                             "targets= (the labels)")
+        log_probs = logits[:, :-1].log_softmax(-1)  # [batch, pos - 1, d_vocab]
+        return -log_probs.gather(-1, x[:, 1:, None]).mean()
+
+    def _run_with_cache_unbatched(self, args, kwargs, **cache_kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != 1:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"remove_batch_dim=True needs a batch of one, got input {shape}")
+        out, cache = self.run_with_cache(*args, **cache_kwargs, **kwargs)
+        return out, ActivationCache({name: cache[name][0] for name in cache}, self)
+
+
+def _warn_causal_first_readout(cfg: TransformerConfig) -> None:
+    """Under causal attention position 0 attends only to itself, so a "first" read-out sees the first
+    token alone: a TL checkpoint (causal by default) read that way measures nothing of the rest."""
+    if cfg.attention == "causal" and cfg.readout == "first":
+        import warnings
+
+        warnings.warn("readout='first' with causal attention: position 0 sees only the first token, so the "
+                      "read-out ignores the rest of the sequence (read 'last', or use attention='bidirectional' "
+                      "if the model was trained that way)", UserWarning, stacklevel=3)
+

@@ -90,3 +90,24 @@ def cache_dir(root: PathLike, config: Optional[Any] = None) -> Path:
     """The model store: ``$CIRCUITS_CACHE``, else ini ``circuits_cache_dir``, else
     ``<root>/.circuits-cache``."""
     return _resolve(root, CACHE_ENV, CACHE_INI, ".circuits-cache", config)
+
+
+def check_output_dir(path: PathLike, what: str, fix: str = "") -> Path:
+    """``path`` if files can be written under it: a folder, or not there yet below a writable
+    folder (nothing is created here). ValueError naming the path otherwise, so a run that writes
+    there at its end is refused before it starts (``fix``: what to do instead, appended)."""
+    path = Path(path)
+    fix = f"; {fix}" if fix else ""
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ValueError(f"{what} {path}: {probe} is a broken symbolic link{fix}")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" (its parent {probe} is a file)"
+        raise ValueError(f"{what} {path} is not a folder{where}{fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {probe} is not writable by this user{fix}")
+    return path

@@ -26,9 +26,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from .errors import CircuitsError
 from .session import (ALTERNATIVE_PREFIX, CONTROL_PARAM, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession,
-                      RunOptions, control_id, draws_seed_for, get_plugin, group_of, item_seed, judge_control, note_model,
-                      run_kind, strip_params)
+                      RunOptions, control_error_kind, control_id, draws_seed_for, get_plugin, group_of, item_seed,
+                      judge_control, note_model, run_kind, strip_params)
 
 __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_seeds", "strip_params", "PLUGIN_NAME"]
 
@@ -69,6 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--circuits-no-report", action="store_true", default=False, help="write no report files")
     g.addoption("--circuits-full-sweep", action="store_true", default=False,
                 help="run the full_sweep grids (deselected otherwise)")
+    g.addoption("--circuits-ensemble", metavar="K", type=int, default=None,
+                help="train the models --circuits-seeds needs with the stacked trainer, K seeds per stack "
+                     "(0 = automatic); also $CIRCUITS_TRAIN_BACKEND=ensemble. Loads then use its store keys")
     g.addoption("--circuits-variant", metavar="NAME@RECIPE", action="append", default=None,
                 help="serve the <NAME>_model fixture with a recipe variant (repeatable), e.g. brackets@arena_like")
     g.addoption("--circuits-draws-seed", metavar="N", default=None,
@@ -92,6 +96,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in _MARKERS:
         if name not in declared:  # a project that installs the plugin need not declare them
             config.addinivalue_line("markers", text)
+    from .zoo_fixtures import apply_ensemble_option
+
+    apply_ensemble_option(config)
     options = RunOptions.from_config(config)
     previous = None
     if options.compare_path is not None:
@@ -168,7 +175,20 @@ class CircuitsPlugin(CircuitsSession):
         self.collector.set_order(ids)
 
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        kept, not_run = [], []
+        for item in items:
+            why = self._not_run(item)
+            if why is None:
+                kept.append(item)
+            else:
+                not_run.append(item)
+                self.not_run.append({"nodeid": item.nodeid, **why})
+        if not_run:  # deselected, not skipped: a first run shows what it ran; the report lists the rest
+            config.hook.pytest_deselected(items=not_run)
+            items[:] = kept
+            if self.is_worker and hasattr(config, "workeroutput"):
+                config.workeroutput["circuits_not_run"] = self.not_run
         self.collector.set_order([i.nodeid for i in items])
         for item in items:
             names = getattr(item, "fixturenames", ())
@@ -184,11 +204,42 @@ class CircuitsPlugin(CircuitsSession):
             _apply_known_failures(item, spec, reference=item_seed(item) is None and not self.options.full_sweep)
             item.user_properties.append(("circuits_test", _test_meta(item)))
 
+    def _not_run(self, item: pytest.Item) -> dict | None:
+        """Why a collected test is left out of this run ({"reason", "option"}: the option that runs it),
+        or None. Full-sweep grids run only with --circuits-full-sweep; the control and mutation runs of a
+        known failure on the reference models test a claim that does not hold, so they run only where it
+        may (--circuits-seeds, --circuits-full-sweep)."""
+        if item.get_closest_marker("full_sweep") is not None and not self.options.full_sweep:
+            return {"reason": "full-sweep grid tests", "option": "--circuits-full-sweep"}
+        names = getattr(item, "fixturenames", ())
+        if not any(f in names for f in CIRCUITS_FIXTURES):
+            return None
+        spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
+        reference = item_seed(item) is None and not self.options.full_sweep
+        if spec != MAIN and reference and _known_failure(item) is not None \
+                and _known_failure(item, control_id(spec)) is None:
+            return {"reason": "control / mutation runs of known failures (their claims do not hold on the "
+                              "reference models)", "option": "--circuits-seeds"}
+        return None
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist: what a worker deselected (every worker collects the same, so the first one's list)."""
+        listed = getattr(node, "workeroutput", {}).get("circuits_not_run")
+        if listed and not self.not_run:
+            self.not_run.extend(listed)
+
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """``--circuits-seeds`` / ``--circuits-full-sweep``: the models the collected tests need
         (zoo_fixtures.sweep_plan),
         trained up front by the sweep runner (in parallel); under xdist one worker does it while the
         others' fixtures wait on the store's lock."""
+        from .session import check_variants_known
+
+        try:  # entries a conftest registers are known now
+            check_variants_known(self.options.variants, collected=True)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         worker = getattr(session.config, "workerinput", {}).get("workerid")
         wanted = self.options.seeds or self.options.full_sweep
         if wanted and worker in (None, "gw0") and not session.config.option.collectonly:
@@ -224,6 +275,14 @@ class CircuitsPlugin(CircuitsSession):
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Iterator[Any]:
         rep = yield
+        excinfo = getattr(call, "excinfo", None)
+        if rep.failed and excinfo is not None and excinfo.errisinstance((ControlRunError, CircuitsError)):
+            # one line naming the problem (our errors are written to be read alone), never the plugin's
+            # or the library's traceback
+            where = "" if rep.when == "call" else f" (in {rep.when})"
+            name = "error" if isinstance(excinfo.value, ControlRunError) else type(excinfo.value).__name__
+            at = _user_frame(excinfo, item.config.rootpath)
+            rep.longrepr = f"{item.nodeid}{where}: {name}: {excinfo.value}" + (f" (at {at})" if at else "")
         if rep.when == "call" and rep.skipped and getattr(rep, "wasxfail", None) is not None:
             # a known failure: its reason carries what was measured now, not a hand-copied number
             claims = item.stash.get(CLAIMS_KEY, None)
@@ -245,6 +304,7 @@ class CircuitsPlugin(CircuitsSession):
         item.user_properties.append(("circuits_control", {
             "control": ctl.spec, "kind": run_kind(ctl.spec) if run_kind(ctl.spec) != "control" else ctl.kind,
             "outcome": outcome, "message": msg,
+            "error_kind": control_error_kind(records, ctl) if outcome == "error" else None,
             # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
             "known": (_known_failure(item, control_id(ctl.spec)) or _known_unspecific(item, ctl.spec)
                       if outcome in ("no_teeth", "no_power", "unspecific") else None),
@@ -300,6 +360,25 @@ class CircuitsPlugin(CircuitsSession):
                 tr.write_line(text, **markup)
         if self.write_error:
             tr.write_line(f"circuits: could not write the report: {self.write_error}", red=True)
+
+
+def _user_frame(excinfo: Any, root: Any) -> str | None:
+    """``path:line`` of the innermost frame outside this package, pytest and pluggy: where the user's
+    code called the library (None for errors the plugin raised itself)."""
+    import os
+    from pathlib import Path
+
+    pkg = str(Path(__file__).resolve().parent)
+    for entry in reversed(excinfo.traceback):
+        path = str(entry.path)
+        if path.startswith(pkg) or os.sep + "_pytest" + os.sep in path or os.sep + "pluggy" + os.sep in path:
+            continue
+        try:
+            path = os.path.relpath(path, root)
+        except ValueError:
+            pass
+        return f"{path}:{entry.lineno + 1}"
+    return None
 
 
 class ControlRunError(Exception):
@@ -398,8 +477,8 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
     """A known failure is an expected failure of its main run, expecting only a failed claim (a
     crash is an error, never an XFAIL), strict on the reference models (it must keep failing) and
     lenient under --circuits-seeds and --circuits-full-sweep (a retrained model may well pass: the report
-    shows it as a flip). Its
-    control and mutation runs on the reference are skipped: they test a claim that does not hold."""
+    shows it as a flip). Its control and mutation runs on the reference are deselected at collection
+    (listed in the report as not run): they test a claim that does not hold."""
     from .claims import ClaimFailure
 
     if spec != MAIN:
@@ -419,9 +498,7 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
         return
     if spec == MAIN:
         item.add_marker(pytest.mark.xfail(strict=reference, raises=ClaimFailure, reason=f"known failure: {reason}"))
-    elif reference:
-        item.add_marker(pytest.mark.skip(reason=f"known failure on this model ({reason}): its controls and "
-                                                "mutations test a claim that holds"))
+    # (its control and mutation runs on the reference are deselected at collection: CircuitsPlugin._not_run)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------
@@ -447,7 +524,8 @@ def _test_meta(item: pytest.Item) -> dict:
         "about": targets,
         "controls_declared": controls,
         # no mutation and nothing but controls that fail for any broken model: teeth, not power
-        "generic_only": bool(not targets and set(controls) <= GENERIC_CONTROLS),
+        "generic_only": bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
+        "no_controls": not targets and not controls,  # flagged apart: nothing checks this claim's teeth
         "known_failure": _known_failure(item),
         "circuits": True,
     }
@@ -569,4 +647,24 @@ def zoo_models(request: pytest.FixtureRequest):
     from .zoo_fixtures import ZooSession
 
     return ZooSession(request.config, get_plugin(request.config).options)
+
+
+# --- data and reference models the README's examples use (shipped with the package) ------------------
+
+
+@pytest.fixture(scope="session")
+def arena_model(circuits_options):
+    """The published ARENA bracket classifier (shipped with the package, checksum-verified), in our
+    model on the run's device."""
+    from . import reference
+
+    return reference.arena_model(device=circuits_options.device)
+
+
+@pytest.fixture(scope="session")
+def bracket_data():
+    """The first 5,000 published bracket strings (the seed's evaluation set, shipped with the package)."""
+    from . import reference
+
+    return reference.arena_data(reference.N_EVAL)
 

@@ -92,6 +92,8 @@ class RunOptions:
             device = _check_device(opt("circuits_device"))
             draws_seed = _parse_draws_seed(opt("circuits_draws_seed"))
             variants = _parse_variants(opt("circuits_variant") or [])
+            check_variants_known(variants)
+            threads_from_env()
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         from .paths import reports_dir
@@ -99,6 +101,11 @@ class RunOptions:
         given_dir = opt("circuits_report_dir")
         base = Path(config.invocation_params.dir)
         report_dir = (base / given_dir) if given_dir else reports_dir(config.rootpath, config)
+        if not opt("circuits_no_report"):
+            try:
+                check_report_dir(report_dir, "--circuits-report-dir" if given_dir else "the report folder")
+            except ValueError as exc:
+                raise pytest.UsageError(str(exc)) from None
         if winput and "circuits_run_id" in winput:  # an xdist worker: the controller chose these
             run_id, run_dir = winput["circuits_run_id"], Path(winput["circuits_run_dir"])
         else:
@@ -144,6 +151,52 @@ def _parse_variants(values: list[str]) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"--circuits-variant: {base!r} is given two recipes ({out[base]} and {v})")
         out[base] = str(v)
     return tuple(out.items())
+
+
+def check_variants_known(variants: tuple[tuple[str, str], ...], *, collected: bool = False) -> None:
+    """Every ``--circuits-variant NAME@RECIPE`` names a zoo entry and one of its recipes (ValueError, one line,
+    at start-up: not a traceback in every fixture that serves it). Imports the zoo only when given.
+    Before collection (``collected=False``) an entry the zoo does not know yet is let through: a
+    conftest may register it; after collection every name must resolve."""
+    if not variants:
+        return
+    from . import zoo
+
+    for base, spec in variants:
+        if not collected and base not in zoo.names():
+            continue
+        try:
+            zoo.get_entry(spec)
+        except (KeyError, ValueError) as exc:
+            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"--circuits-variant {spec!r}: {text}") from None
+
+
+THREADS_ENV = "CIRCUITS_THREADS"
+MAX_THREADS = 4096  # far above any machine's cores; torch.set_num_threads overflows on huge values
+
+
+def threads_from_env() -> int | None:
+    """``$CIRCUITS_THREADS`` as an int in 1..MAX_THREADS, None when unset or empty; ValueError (one
+    line) otherwise, so a bad value stops the run at start-up (exit 4), not every test."""
+    import os
+
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if not env:
+        return None
+    if not env.isascii() or not env.isdigit() or not 1 <= int(env) <= MAX_THREADS:
+        raise ValueError(f"${THREADS_ENV}={env[:40]!r}: expected a whole number of torch threads in 1..{MAX_THREADS} "
+                         f"(unset it for the default)")
+    return int(env)
+
+
+def check_report_dir(path: Path, what: str = "--circuits-report-dir") -> Path:
+    """``path`` if a run's report can be written under it (:func:`circuits.paths.check_output_dir`):
+    ValueError naming the path otherwise, checked before any test runs, so a run never ends with
+    "could not write the report"."""
+    from .paths import check_output_dir
+
+    return check_output_dir(path, what, "point it at a folder for the run reports, or pass --circuits-no-report")
 
 
 def _parse_draws_seed(value: Any) -> int:
@@ -228,21 +281,24 @@ class CircuitsSession:
     """Holds a run's state: options, the records seen so far, and the report once written."""
 
     def __init__(self, config: pytest.Config, options: RunOptions, previous: dict | None = None) -> None:
-        from . import report as _report
+        # the collector and the clock only: the outputs (numpy) load when a report is built
+        from .report.collect import RunCollector
+        from .report.machine import now_iso
 
         self.config = config
         self.options = options
         self.previous = previous
         self.is_worker = hasattr(config, "workerinput")
-        self.collector = _report.RunCollector()
+        self.collector = RunCollector()
         self.started = time.time()
-        self.created = _report.now_iso()
+        self.created = now_iso()
         self.current_item: pytest.Item | None = None
         self.pending_models: list[dict] = []
         self.report: dict | None = None
         self.paths: dict[str, Path] | None = None
         self.write_error: str | None = None
         self.zoo_fixture_names: set[str] = set()
+        self.not_run: list[dict] = []  # deselected at collection: {"nodeid", "reason", "option"}
 
     # convenient read-only views of the options
     seeds = property(lambda self: self.options.seeds)
@@ -264,6 +320,7 @@ class CircuitsSession:
         o = self.options
         finished = time.time()
         report = self.collector.build(
+            not_run=list(self.not_run),
             run_id=o.run_id,
             created=self.created,
             duration_s=round(finished - self.started, 3),
@@ -298,6 +355,10 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
                          f"so this run measured the unmodified {ctl.kind}")
     if not records:
         return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
+    unmeasured = [r for r in records if getattr(r, "problem", None)]
+    if unmeasured:  # a NaN / inf / empty value fails every claim: that is no evidence the claim has teeth
+        return "error", "; ".join(f"{name}: claim {r.name!r} measured {r.value_text or 'nothing'} ({r.problem}), "
+                                  f"so the {what} run shows nothing" for r in unmeasured)
     held = [r for r in records if r.passed]
     if held and what == "alternative":  # the claim pointed at another part holds too: not specific to its part
         return "unspecific", "; ".join(
@@ -308,6 +369,17 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
             f"{label}: claim {r.name!r} = {r.value_text} also holds on {name} (needs {r.requirement})" for r in held)
     return "ok", f"{what} OK: " + "; ".join(
         f"claim {r.name!r} failed on {name} as required ({r.value_text}, needs {r.requirement})" for r in records)
+
+
+def control_error_kind(records: list, ctl: Any) -> str | None:
+    """Which error :func:`judge_control` found (a ``circuits.report.collect.ERROR_KINDS`` key), or None."""
+    if not ctl.applied:
+        return "never_applied"
+    if not records:
+        return "no_claims"
+    if any(getattr(r, "problem", None) for r in records):
+        return "nonfinite"
+    return None
 
 
 def note_model(request: pytest.FixtureRequest, info: dict) -> None:

@@ -23,6 +23,7 @@ from .errors import CircuitsError
 __all__ = [
     "Estimate",
     "StatsInputError",
+    "expanded_level",
     "bootstrap_ci",
     "spearman_ci",
     "pearson_ci",
@@ -141,7 +142,8 @@ def bootstrap_ci(
     ``np.median``, the functions in this module) are evaluated vectorised. The seed is fixed, so the
     interval is reproducible. ``method`` is "BCa" (default) or "percentile"; if BCa is undefined
     (e.g. a degenerate jackknife), or the sample is larger than ``BCA_MAX_N``, the percentile interval
-    is used and ``method`` says so.
+    is used and ``method`` says so. Either is drawn at :func:`expanded_level` (wider than ``level``
+    at small n, so that it covers at ``level``); ``Estimate.level`` is the level asked for.
     """
     if not 0.0 < level < 1.0:
         raise StatsInputError(f"level must be in (0, 1), got {level!r}")
@@ -171,10 +173,29 @@ def bootstrap_ci(
         # BCa's jackknife evaluates the statistic n times (~2 s at n = 20,000); at this size its
         # skewness correction is negligible and the percentile interval agrees to the third digit
         method = "percentile"
-    lo, hi, used = _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed)
+    lo, hi, used = _scipy_interval(samples, statistic, paired, expanded_level(level, n), method, n_resamples, seed)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         problem = f"bootstrap interval of {name} is undefined"
     return Estimate(point, lo, hi, level, used, n, name, problem)
+
+
+def expanded_level(level: float, n: int) -> float:
+    """The level at which a bootstrap interval is drawn so that it reaches ``level`` at sample size n.
+
+    Percentile and BCa intervals are too narrow at small n: they spread by the plug-in standard
+    deviation (divisor n) and a normal quantile, so a 95% interval of a mean covers ~92% at n = 20
+    (one side misses 4.5% instead of 2.5%, measured in tests/test_calibration.py). The expanded
+    percentile interval (Hesterberg 2015, "What teachers should know about the bootstrap") draws
+    it at the level whose normal quantile is ``sqrt(n / (n - 1)) * t_{n-1}``: for a normal mean that
+    is exactly the t interval's width. 0.95 becomes 0.968 at n = 20, 0.953 at n = 200, 0.9500 at
+    n = 5,000 (the claims' usual samples: their verdicts do not move).
+    """
+    from scipy.stats import norm, t
+
+    if n < 3:
+        return level
+    z = math.sqrt(n / (n - 1)) * float(t.ppf(1 - (1 - level) / 2, n - 1))
+    return float(1 - 2 * norm.sf(z))
 
 
 def _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed):
@@ -321,9 +342,57 @@ def _auroc_ranks(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray
 _auroc_ranks.__name__ = "auroc"
 
 
-def auroc_ci(positive: Any, negative: Any, **kwargs: Any) -> Estimate:
-    """AUROC with a bootstrap CI (the two samples are resampled independently)."""
-    est = bootstrap_ci((positive, negative), _auroc_ranks, paired=False, **kwargs)
+def auroc_ci(positive: Any, negative: Any, *, level: float = 0.95, method: str = "BCa",
+             n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Estimate:
+    """AUROC with a bootstrap CI (the two samples are resampled independently).
+
+    BCa by default, with the jackknife in closed form (no n evaluations), so it costs what the
+    percentile interval costs. Near 1 the percentile interval is anti-conservative (AUROC 0.9 at
+    50 + 50: its lower bound passed 5.2% of the time instead of 2.5%; BCa 2.0%, see
+    tests/test_calibration.py)."""
+    est = bootstrap_ci((positive, negative), _auroc_ranks, paired=False, level=level,
+                       method="percentile" if method == "BCa" else method, n_resamples=n_resamples, seed=seed)
+    if est.problem is None and method == "BCa" and est.method == "percentile":
+        pos, neg = _as_1d(positive, "positive"), _as_1d(negative, "negative")
+        lo, hi = _auroc_bca(pos, neg, expanded_level(level, est.n), n_resamples, seed)
+        if math.isfinite(lo) and math.isfinite(hi):
+            est = replace(est, lo=lo, hi=hi, method="BCa")
     if est.problem is None:  # the point estimate from sklearn, which the interval must agree with
         est = replace(est, point=auroc(positive, negative))
     return est
+
+
+def _auroc_bca(pos: np.ndarray, neg: np.ndarray, level: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    """BCa interval of the AUROC (Efron 1987): the bootstrap distribution of the percentile interval
+    (same resamples), bias from where the estimate sits in it, acceleration from the jackknife,
+    which for the Mann-Whitney AUROC is closed-form: leaving out one positive removes its placement
+    (negatives below it, ties half), leaving out one negative removes the positives above it."""
+    from scipy.stats import norm
+
+    n1, n2 = len(pos), len(neg)
+    if n1 < 2 or n2 < 2:
+        return float("nan"), float("nan")
+    _, _, dist = _percentile_interval([pos, neg], _auroc_ranks, False, level, n_resamples, seed,
+                                      max(1, min(n_resamples, int(4_000_000 // (n1 + n2)))))
+    neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
+    below = np.searchsorted(neg_sorted, pos, "left") + 0.5 * (
+        np.searchsorted(neg_sorted, pos, "right") - np.searchsorted(neg_sorted, pos, "left"))  # [n1]
+    above = (n1 - np.searchsorted(pos_sorted, neg, "right")) + 0.5 * (
+        np.searchsorted(pos_sorted, neg, "right") - np.searchsorted(pos_sorted, neg, "left"))  # [n2]
+    u = below.sum()
+    theta = u / (n1 * n2)
+    jack = [(u - below) / ((n1 - 1) * n2), (u - above) / (n1 * (n2 - 1))]  # leave-one-out AUROCs
+    num = den = 0.0
+    for j, n in zip(jack, (n1, n2)):  # multi-sample acceleration: each sample's influence, summed
+        infl = (n - 1) * (j.mean() - j)
+        num += (infl**3).sum() / n**3
+        den += (infl**2).sum() / n**2
+    accel = num / (6 * den**1.5) if den > 0 else 0.0
+    frac = np.mean(dist < theta)
+    if not 0 < frac < 1:
+        return float("nan"), float("nan")
+    z0 = norm.ppf(frac)
+    z = norm.ppf([(1 - level) / 2, 1 - (1 - level) / 2])
+    adjusted = norm.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+    lo, hi = np.percentile(dist, 100 * adjusted)
+    return float(lo), float(hi)

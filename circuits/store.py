@@ -86,6 +86,8 @@ from circuits.errors import CircuitsError, SettingError, StoreError
 
 __all__ = [
     "FORMAT_VERSION",
+    "LEGACY_CARDS_FILE",
+    "MIN_FREE_BYTES",
     "CardError",
     "CheckpointError",
     "CorruptCheckpointError",
@@ -99,6 +101,7 @@ __all__ = [
     "check_environment",
     "default_cache_dir",
     "default_root",
+    "legacy_card_digests",
     "lock_timeout_from_env",
     "load_reference",
     "reference_paths",
@@ -117,6 +120,8 @@ CARD_FILE = "card.json"
 CACHE_ENV = "CIRCUITS_CACHE"
 LOCK_TIMEOUT_ENV = "CIRCUITS_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 7200.0
+#: Room a build needs beyond its weights (card, history, temporary files), see ModelStore.check_free_space.
+MIN_FREE_BYTES = 4 << 20
 #: How often a waiting process logs who holds the lock it waits for.
 _LOCK_POLL = 15.0
 _RESERVED = ("key", "content_hash", "created", "format_version", "weights_file", "size_bytes", "card_hash")
@@ -411,8 +416,27 @@ def _write_pair(
     return full
 
 
-def _read_card(card_path: Path, key: str | None) -> dict[str, Any]:
+LEGACY_CARDS_FILE = "legacy_cards.sha256"
+
+
+def legacy_card_digests(directory: Path) -> frozenset[str]:
+    """sha256 of each version-1 card (written before cards carried ``card_hash``) that a reference
+    folder vouches for, one per line in ``<directory>/legacy_cards.sha256`` (``<sha256>  <file>``)."""
     try:
+        text = (Path(directory) / LEGACY_CARDS_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return frozenset()
+    return frozenset(line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _read_card(card_path: Path, key: str | None, legacy: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The card at ``card_path``, checked: a valid object, a version this code reads, a key that
+    matches, and its ``card_hash``. A card without ``card_hash`` (format version 1) is accepted only
+    when ``legacy`` lists its file's sha256: otherwise lowering the version and deleting the hash
+    would pass an edited card off as valid."""
+    try:
+        if card_path.is_dir():
+            raise _Problem(card_path, "the card is a folder, not a file")
         raw = card_path.read_bytes()
     except OSError as e:
         raise _Problem(card_path, f"cannot read the card ({e})") from None
@@ -433,10 +457,14 @@ def _read_card(card_path: Path, key: str | None) -> dict[str, Any]:
         raise _Problem(card_path, f"the card has no key (got {card.get('key')!r})")
     if key is not None and card["key"] != key:
         raise _Problem(card_path, f"the card's key {card['key']!r} does not match the entry's key {key!r}")
-    if version >= 2 or "card_hash" in card:
+    if "card_hash" in card or version >= 2:
         if card.get("card_hash") != _card_hash(card):
             raise _Problem(card_path, "the card was edited after it was written (its card_hash does not match its "
                                       "contents: metrics or other fields changed)")
+    elif hashlib.sha256(raw).hexdigest() not in legacy:
+        raise _Problem(card_path, f"the card has no card_hash (format_version {version}) and is not a listed "
+                                  f"version-1 card ({LEGACY_CARDS_FILE}): an edited card with its integrity "
+                                  "hash removed is refused")
     if "spec" in card:
         try:
             got = spec_key(card["spec"])
@@ -762,14 +790,34 @@ class ModelStore:
             try:
                 return self._read(key)
             except _Problem as p:
+                self._rmtree(key)  # raises StoreError when it cannot: then nothing claims it was removed
                 warnings.warn(
                     CorruptCheckpointWarning(
                         f"corrupt model store entry {key}: {p.path}: {p.problem}; removed it, the model will be rebuilt"
                     ),
                     stacklevel=2,
                 )
-                self._rmtree(key)
                 return None
+
+    def check_free_space(self, expected_bytes: int | None = None) -> None:
+        """StoreError before a build when the store's filesystem has too little room left for its
+        result: twice ``expected_bytes`` (the weights, and the new file beside a replaced one) plus
+        MIN_FREE_BYTES for the card and temporary files. Found after a long training, a full disk
+        would waste it. A filesystem that cannot say (an OSError) is not checked."""
+        probe = self.root
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            return
+        needed = 2 * max(int(expected_bytes or 0), 0) + MIN_FREE_BYTES
+        if free < needed:
+            mib = 1 << 20
+            raise StoreError(f"model store {self.root}: only {free / mib:.1f} MiB free on its filesystem, a build "
+                             f"needs about {needed / mib:.1f} MiB (weights {int(expected_bytes or 0) / mib:.1f} MiB "
+                             f"x 2 + {MIN_FREE_BYTES / mib:.0f} MiB); free some space or point ${CACHE_ENV} at "
+                             "another disk (checked before training, so none is wasted)")
 
     def get_or_create(
         self,
@@ -777,11 +825,13 @@ class ModelStore:
         build: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
         *,
         force: bool = False,
+        expected_bytes: int | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
         """Load the entry for ``spec`` or build it (exactly once across processes); ``(state_dict, card, created)``.
 
         ``build()`` returns ``(state_dict, extra_card_fields)``; the saved card holds those fields, the spec,
-        ``build_seconds`` (unless given) and the store's own fields.  ``force=True`` rebuilds even if present
+        ``build_seconds`` (unless given) and the store's own fields; ``expected_bytes`` (the weights' size,
+        when known) sizes the free-space check made before ``build()`` runs.  ``force=True`` rebuilds even if present
         (unless another process stores a fresh one while this build waits, see :func:`build_lock_released`);
         the old entry stays loadable until the rebuilt one is complete.
         """
@@ -796,6 +846,7 @@ class ModelStore:
                 got = self.load(key)  # someone may have built it while we waited
                 if got is not None:
                     return got[0], got[1], False
+            self.check_free_space(expected_bytes)
             label = f"{plain_spec.get('name', 'model')} seed {plain_spec.get('seed', '?')} (key {key[:16]})"
             token = _BUILD.set(_Build(self, key, label, self._card_digest(key)))
             t0 = time.perf_counter()
@@ -851,6 +902,11 @@ class ModelStore:
         """``(key, card or None, problem)`` of every entry that would not load (fully verified)."""
         return [(k, c, p) for k, c, p in self._scan(True) if p is not None]
 
+    def unreadable(self) -> dict[str, str]:
+        """``{key: problem}`` of every entry whose card cannot be read at all (so :meth:`entries`
+        cannot say which model it held); read-only."""
+        return {k: p for k, c, p in self._scan(False) if c is None and p is not None}
+
     def _scan(self, verify: bool) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
         if not self.root.is_dir():
             return
@@ -881,9 +937,19 @@ class ModelStore:
         entry = self.entry_dir(key)
         if not entry.exists():
             return False
-        with contextlib.suppress(FileNotFoundError):
-            (entry / CARD_FILE).unlink()  # first, so a half-removed entry is never seen as complete
+        card = entry / CARD_FILE
+        try:  # first, so a half-removed entry is never seen as complete
+            if card.is_dir() and not card.is_symlink():
+                shutil.rmtree(card)
+            else:
+                card.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _os_error(e, f"cannot remove model store entry {key}") from None
         shutil.rmtree(entry, ignore_errors=True)
+        if card.exists() or card.is_symlink():
+            raise StoreError(f"cannot remove model store entry {key}: {card} is still there")
         return True
 
 
@@ -936,7 +1002,7 @@ def load_reference(
             f"{card_path.name}). Create it with {hint}."
         )
     try:
-        card = _read_card(card_path, None)
+        card = _read_card(card_path, None, legacy_card_digests(Path(directory)))
     except _Problem as p:
         raise CorruptCheckpointError(
             f"reference checkpoint {name!r} is corrupt: {p.path}: {p.problem}. "

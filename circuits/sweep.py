@@ -99,7 +99,7 @@ def _has_reference(entry, seed: int) -> bool:
     if not (weights.is_file() and card.is_file()):
         return False
     try:
-        return json.loads(card.read_text()).get("key") == spec_key(entry.spec(seed))
+        return json.loads(card.read_text()).get("key") == spec_key(entry.spec(seed, "single"))
     except (OSError, ValueError, AttributeError):
         return False  # unreadable: loading it reports the problem; the sweep trains the seed
 
@@ -109,7 +109,7 @@ def _train_entry(entry, seed: int, device: str, progress=None):
     from .train import on_device
 
     with on_device(device):
-        return zoo.train_entry(entry, seed, progress)
+        return zoo.train_for_store(entry, seed, progress)
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -140,6 +140,58 @@ def train_or_reuse(entry_or_name, seed: int, *, root=None, force: bool = False, 
 
     state, card, created = store.get_or_create(spec, build, force=force and holder is None)
     return state, card, "trained" if created else ("waited" if holder is not None else "reused")
+
+
+def train_stacks(entry_or_name, seeds: Sequence[int], *, root=None, device: str = "cpu", ensemble: Optional[int] = None,
+                 stream=None) -> dict:
+    """The seeds of an entry that the store at `root` lacks, trained by the stacked trainer
+    (circuits.ensemble) in stacks of at most `ensemble` seeds, each stored under its own key (the spec
+    names the backend) the moment it finishes, so an interrupted run resumes with what is missing.
+    Progress: one line per seed per evaluation. Returns seed -> "trained" / "reused"."""
+    import safetensors.torch
+
+    from .ensemble import BACKEND_ENV, stackable, train_many
+    from .store import _prepare_tensors, spec_key
+
+    entry = _resolve(entry_or_name)
+    stream = stream or sys.stderr
+    store = _store(root)
+    old = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = "ensemble"  # the keys name the stacked trainer
+    try:
+        todo, out = [], {}
+        for seed in seeds:
+            if store.verify(spec_key(entry.spec(seed)))[0] == "ok":
+                out[seed] = "reused"
+            else:
+                todo.append(seed)
+        if not todo:
+            return out
+        if stackable(entry) is not None:  # another family: its own trainer, its own (unchanged) keys
+            stream.write(f"    {entry.name}: {stackable(entry)}; trained one seed at a time\n")
+            for seed in todo:
+                out[seed] = train_or_reuse(entry, seed, root=root, device=device)[2]
+            return out
+        t0 = time.perf_counter()
+
+        def progress(seed, step, total, metrics):
+            _EvalLines(f"{entry.name} seed {seed}", t0, stream)(step, total, metrics)
+
+        def on_done(seed, model, card):
+            data = safetensors.torch.save(_prepare_tensors(model.state_dict()), metadata={"format": "pt"})
+            store.put(entry.spec(seed), data, card)
+            out[seed] = "trained"
+            stream.write(f"    {entry.name} seed {seed}: stored after {card.get('steps')} steps, "
+                         f"{time.perf_counter() - t0:.1f}s  {_summary(card)}\n")
+            stream.flush()
+
+        train_many(entry, todo, device=device, progress=progress, on_done=on_done, ensemble=ensemble)
+        return out
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
 
 
 def _local_worker(entry_or_name, seed: int, root: str, device: str):
@@ -245,9 +297,40 @@ def run_sweep(name_or_entry, seeds: Sequence[int], **options) -> SweepResult:
 
 def run_sweeps(names_or_entries: Sequence, seeds: Sequence[int], *, backend: str = "local", root=None,
                device: str = "cpu", workers: Optional[int] = None, address: Optional[str] = None, stream=None,
-               retries: int = 1, train_references: bool = False) -> dict:
+               retries: int = 1, train_references: bool = False, ensemble: Optional[int] = None) -> dict:
     """`run_sweep` over several entries at once (a grid: ``assoc_exp2_*``), all their trainings in one
-    pool so the cores stay busy across entries; returns entry name -> SweepResult, in the given order."""
+    pool so the cores stay busy across entries; returns entry name -> SweepResult, in the given order.
+
+    ``ensemble``: train with the stacked trainer (circuits.ensemble), at most that many seeds of an
+    entry per stack, one stack per pool task (0: automatic, the seeds split evenly over the workers).
+    None: the stacked trainer when $CIRCUITS_TRAIN_BACKEND is "ensemble" (automatic stacks), else one
+    training per seed. Stacked models are stored under the stacked trainer's keys (the spec names it),
+    which is what zoo.load finds under $CIRCUITS_TRAIN_BACKEND=ensemble."""
+    if ensemble is None:
+        from .ensemble import backend as train_backend
+
+        ensemble = 0 if train_backend() == "ensemble" else None
+    if ensemble is None:
+        return _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address, stream, retries,
+                           train_references, None)
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 0:
+        raise SettingError(f"--ensemble must be a non-negative integer (0 = automatic), got {ensemble!r}")
+    from .ensemble import BACKEND_ENV
+
+    old_env = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = "ensemble"  # keys (the store checks below, the workers) name the stacked trainer
+    try:
+        return _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address, stream, retries,
+                           train_references, ensemble)
+    finally:
+        if old_env is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old_env
+
+
+def _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address, stream, retries,
+                train_references, ensemble) -> dict:
     from .seeds import check_seed
     from .store import spec_key
 
@@ -276,10 +359,67 @@ def run_sweeps(names_or_entries: Sequence, seeds: Sequence[int], *, backend: str
             else:
                 portable = _portable(entry) if portable is None else portable
                 jobs.append((portable, entry.name, seed))
-    if jobs:
+    if jobs and ensemble is not None:
+        _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend)
+    elif jobs:
         runner = _run_local if backend == "local" else _run_ray
         runner(jobs, root, device, workers, address, retries, results, progress)
     return results
+
+
+def stack_plan(seeds: Sequence[int], workers: int, ensemble: int) -> list:
+    """The seeds of one entry in stacks: at most `ensemble` seeds each (0: split evenly over `workers`)."""
+    seeds = list(seeds)
+    size = ensemble or max(1, -(-len(seeds) // max(1, workers)))
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def _stack_worker(entry_or_name, seeds, root: str, device: str):
+    import torch
+
+    torch.set_num_threads(1)
+    _exit_with_parent()
+    t0 = time.perf_counter()
+    out = train_stacks(entry_or_name, seeds, root=root, device=device)
+    return out, time.perf_counter() - t0
+
+
+def _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend):
+    """Stacked trainings, one stack per task of a local process pool."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    by_entry: dict = {}
+    for entry, name, seed in jobs:
+        by_entry.setdefault(name, (entry, []))[1].append(seed)
+    n = workers or default_workers()
+    tasks = [(entry, name, stack) for name, (entry, seeds) in by_entry.items()
+             for stack in stack_plan(seeds, n, ensemble)]
+    if backend == "ray":
+        return _run_ray_stacks(tasks, root, device, workers, address, results, progress)
+    if address is not None:
+        raise SettingError("--address is for the ray backend (the local backend runs on this machine)")
+    with ProcessPoolExecutor(max_workers=min(n, len(tasks)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_stack_worker, entry, stack, str(root), device): (name, stack)
+                   for entry, name, stack in tasks}
+        while futures:
+            finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name, stack = futures.pop(fut)
+                result = results[name]
+                try:
+                    how, seconds = fut.result()
+                except Exception as e:  # noqa: BLE001 - seeds stored before the failure stay stored
+                    reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                    for seed in stack:
+                        result.failed[seed] = reason
+                        progress.line(name, seed, "FAILED (its stack)", reason)
+                    continue
+                for seed in stack:
+                    (result.trained if how.get(seed) == "trained" else result.reused).append(seed)
+                    progress.line(name, seed, f"{how.get(seed, '?')} in a stack of {len(stack)} "
+                                              f"({seconds:.1f}s for the stack)")
 
 
 def _run_local(jobs, root, device, workers, address, retries, results, progress):
@@ -313,6 +453,63 @@ def _run_local(jobs, root, device, workers, address, retries, results, progress)
                 label = {"trained": f"trained in {seconds:.1f}s", "reused": "in the store, reused",
                          "waited": "trained by another process, reused"}[how]
                 progress.line(name, seed, label, summary)
+
+
+def _ray_stack_task(entry_or_name, seeds, device: str):
+    """One stack on a Ray worker: [(seed, safetensors bytes, card)] and seconds. Nothing touches a store."""
+    import safetensors.torch
+    import torch
+
+    from .ensemble import train_many
+    from .store import _prepare_tensors
+
+    torch.set_num_threads(1)
+    entry = _resolve(entry_or_name)
+    t0 = time.perf_counter()
+    out = train_many(entry, seeds, device=device)
+    return [(s, safetensors.torch.save(_prepare_tensors(m.state_dict()), metadata={"format": "pt"}), c)
+            for s, (m, c) in out.items()], time.perf_counter() - t0
+
+
+def _run_ray_stacks(tasks, root, device, workers, address, results, progress):
+    """One Ray task per stack (1 CPU, plus 1 GPU with a CUDA device); the driver stores each seed
+    under the stacked trainer's key ($CIRCUITS_TRAIN_BACKEND is "ensemble" here)."""
+    try:
+        import ray
+    except ImportError:
+        raise SettingError("the ray backend needs Ray: pip install 'pytest-circuits[ray]' (or pip install ray)") from None
+    store = _store(root)
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False,
+                     runtime_env={"env_vars": {"CIRCUITS_TRAIN_BACKEND": "ensemble"}})
+        else:
+            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"CIRCUITS_TRAIN_BACKEND": "ensemble"}})
+    try:
+        resources = {"num_cpus": 1, **({"num_gpus": 1} if device.startswith("cuda") else {})}
+        task = ray.remote(max_retries=1, retry_exceptions=True, **resources)(_ray_stack_task)
+        pending = {task.remote(entry, stack, device): (entry, name, stack) for entry, name, stack in tasks}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            entry, name, stack = pending.pop(ref)
+            result = results[name]
+            try:
+                trained, seconds = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - already retried by Ray
+                cause = getattr(e, "cause", None) or e
+                for seed in stack:
+                    result.failed[seed] = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                    progress.line(name, seed, "FAILED (its stack, ray)", result.failed[seed])
+                continue
+            for seed, data, card in trained:
+                store.put(_resolve(entry).spec(seed), data, card)
+                result.trained.append(seed)
+                progress.line(name, seed, f"trained in a stack of {len(stack)} ({seconds:.1f}s, ray)", _summary(card))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _run_ray(jobs, root, device, workers, address, retries, results, progress):

@@ -75,10 +75,21 @@ class ZooEntry:
     # every seed, --seeds and --retrain load the shipped reference; train_fn only explains that
     compiled: bool = False
 
-    def spec(self, seed: int) -> dict:
-        """Everything that determines the trained weights: the store key is its hash."""
+    def spec(self, seed: int, backend: Optional[str] = None) -> dict:
+        """Everything that determines the trained weights: the store key is its hash. ``backend``
+        (default: $CIRCUITS_TRAIN_BACKEND, circuits.ensemble.backend()) "ensemble" names the stacked
+        trainer in the spec (its own key: its weights differ from a single training's by rounding);
+        "single" adds nothing, so the keys of every model trained before it stay valid."""
         if self.spec_fn is not None:
             return self.spec_fn(self, seed)
+        spec = self._base_spec(seed)
+        from . import ensemble
+
+        if (backend or ensemble.backend()) == "ensemble" and ensemble.stackable(self) is None:
+            spec["train_backend"] = ensemble.BACKEND
+        return spec
+
+    def _base_spec(self, seed: int) -> dict:
         return {
             "name": self.name,
             "config": replace(self.config, seed=seed).to_dict(),
@@ -286,6 +297,24 @@ def train_entry(entry: ZooEntry, seed: int, progress=None, recipe: Optional[Trai
     return model, card
 
 
+def train_for_store(entry: ZooEntry, seed: int, progress=None) -> tuple[nn.Module, dict]:
+    """Train (entry, seed) with the backend its spec names (`ZooEntry.spec`): the stacked trainer
+    (a stack of one) when the spec names it, else train_entry."""
+    spec = entry.spec(seed)
+    if "train_backend" in spec:
+        from .ensemble import train_stack
+
+        each = (lambda s, step, total, m: progress(step, total, m)) if progress else None
+        return train_stack(entry, [seed], device=_train_device(), progress=each)[seed]
+    return train_entry(entry, seed, progress)
+
+
+def _train_device() -> str:
+    from .train import _DEVICE
+
+    return _DEVICE.get()
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -332,17 +361,18 @@ def load(name: str, seed: Optional[int] = None, *, retrain: bool = False, force:
         seed, retrain = entry.default_seed, False
     spec = entry.spec(seed)
     model = entry.new_model(seed)
-    if seed in entry.ref_seeds() and not retrain:
-        state, card = load_reference(reference_dir, entry.reference_name(seed), spec)
+    if seed in entry.ref_seeds() and not retrain:  # committed references were trained by the single trainer
+        state, card = load_reference(reference_dir, entry.reference_name(seed), entry.spec(seed, "single"))
         source = "reference"
     else:
         store = store or ModelStore()
 
         def build():
-            trained, card = train_entry(entry, seed, progress)
+            trained, card = train_for_store(entry, seed, progress)
             return trained.state_dict(), card
 
-        state, card, created = store.get_or_create(spec, build, force=force)
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # sizes the free-space check
+        state, card, created = store.get_or_create(spec, build, force=force, expected_bytes=weights)
         source = "trained" if created else "cache"
     entry.load_state(model, state)
     return LoadedModel(model.to(device).eval(), card, source, entry, seed)
@@ -359,7 +389,7 @@ def find_card(name: str, seed: Optional[int] = None, *, store=None,
     if entry.compiled:
         seed = entry.default_seed
     if seed in entry.ref_seeds():
-        return load_reference(reference_dir, entry.reference_name(seed), entry.spec(seed))[1]
+        return load_reference(reference_dir, entry.reference_name(seed), entry.spec(seed, "single"))[1]
     found = (store or ModelStore()).load(spec_key(entry.spec(seed)))
     return None if found is None else found[1]
 
@@ -372,4 +402,4 @@ def save_reference(loaded: LoadedModel, reference_dir: Path = REFERENCE_DIR) -> 
     if seed not in entry.ref_seeds():
         raise InputError(f"{entry.name}: seed {seed} is not a reference seed (reference seeds: {list(entry.ref_seeds())})")
     return _save(reference_dir, entry.reference_name(seed), entry.reference_state(loaded.model.cpu()),
-                 {**loaded.card, "spec": entry.spec(seed)})
+                 {**loaded.card, "spec": entry.spec(seed, "single")})

@@ -14,6 +14,8 @@ a ``conftest.py``) get their fixture before the modules below that conftest are 
 
 from __future__ import annotations
 
+import os
+
 import sys
 import types
 from typing import Any, Optional
@@ -99,6 +101,20 @@ def sweep_plan(options: RunOptions, items: list) -> dict:
     return plan
 
 
+def apply_ensemble_option(config: pytest.Config) -> None:
+    """``--circuits-ensemble K``: this session's models come from the stacked trainer (issue 34): the
+    run's loads and pretraining use its store keys ($CIRCUITS_TRAIN_BACKEND=ensemble, inherited by
+    xdist workers and sweep processes)."""
+    k = config.getoption("circuits_ensemble", None)
+    if k is None:
+        return
+    if k < 0:
+        raise pytest.UsageError(f"--circuits-ensemble must be >= 0 (0 = automatic stacks), got {k}")
+    from .ensemble import BACKEND_ENV
+
+    os.environ[BACKEND_ENV] = "ensemble"
+
+
 def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=None) -> dict:
     """Train every (model, seed) of `sweep_plan` that the store lacks before the first test, through
     the sweep runner (in parallel, one progress view) instead of one after another inside fixtures.
@@ -113,7 +129,8 @@ def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=Non
     for seeds, names in plan.items():
         with _uncaptured(config):
             out.update(run_sweeps(names, list(seeds), root=_store_root(config, options), device=options.device,
-                                  stream=stream or sys.__stderr__, train_references=options.retrain))
+                                  stream=stream or sys.__stderr__, train_references=options.retrain,
+                                  ensemble=config.getoption("circuits_ensemble", None)))
     return out
 
 
@@ -148,10 +165,30 @@ def _model_fixture(name: str):
     return pytest.fixture(name=fixture_name(name))(fixture)
 
 
+def _data_fixture(name: str):
+    def fixture(zoo_seed):
+        from . import zoo
+        from .train import final_test_seed
+
+        entry = zoo.get_entry(name)
+        return entry.make_split(entry.recipe.n_eval, final_test_seed(zoo_seed if zoo_seed is not None else 0))
+
+    fixture.__name__ = f"{name}_data"
+    fixture.__doc__ = (f"Held-out data of the zoo entry {name!r}: its make_split on the final-test seed of the "
+                       "model's seed (never seen in training), n_eval examples.")
+    return pytest.fixture(name=f"{name}_data", scope="session")(fixture)
+
+
 def fixture_name(entry_name: str) -> str:
     """``brackets`` -> ``brackets_model``; a recipe variant ``brackets@arena_like`` ->
     ``brackets_at_arena_like_model`` (fixture names must be identifiers)."""
     return entry_name.replace("@", "_at_").replace("-", "_").replace(".", "_") + "_model"
+
+
+def _has_split(name: str) -> bool:
+    from . import zoo
+
+    return getattr(zoo.get_entry(name), "make_split", None) is not None
 
 
 def fixture_module(names: list[str]) -> types.ModuleType:
@@ -161,4 +198,6 @@ def fixture_module(names: list[str]) -> types.ModuleType:
     for name in names:
         fx = _model_fixture(name)
         setattr(mod, fixture_name(name).removesuffix("_model") + "_model_fixture", fx)
+        if "@" not in name and name.isidentifier() and _has_split(name):
+            setattr(mod, f"{name}_data_fixture", _data_fixture(name))
     return mod

@@ -1,5 +1,6 @@
-"""Fixtures shared by the hypothesis modules: the ARENA checkpoint and its strings (shipped with the
-package: `circuits.reference`), and the role-swap control for bracket subjects."""
+"""What the hypothesis modules share beyond the plugin's fixtures: the torch threads of the claims and
+the role-swap control for bracket subjects. (The ARENA checkpoint and its strings, `arena_model` and
+`bracket_data`, are fixtures of the plugin itself.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import pytest
 import torch
 
-from circuits import reference
 from circuits.controls import register_control
 from circuits.mutations import register_model_shape
 
@@ -39,17 +39,8 @@ def _analysis_threads():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="session")
-def arena_model(circuits_options):
-    """The published ARENA bracket classifier (shipped with the package, checksum-verified), in our
-    model on the run's device."""
-    return reference.arena_model(device=circuits_options.device)
-
-
-@pytest.fixture(scope="session")
-def bracket_data():
-    """The first 5,000 published bracket strings (the seed's evaluation set)."""
-    return reference.arena_data(reference.N_EVAL)
+# `arena_model` and `bracket_data` are the plugin's own fixtures (circuits.pytest_plugin): a project
+# with only the wheel has them too, as the README's examples need.
 
 
 def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:

@@ -219,7 +219,7 @@ class BracketHypotheses:
     def test_components_sum_to_pre_final_ln_residual(self, subject, claim, control):
         """An identity of the decomposition (true of any model); each control leaves one component out."""
         an = analyse(subject.model, subject.data)
-        stack, labels = an.cache.decompose_resid(None, pos=0)
+        stack, labels = an.cache.head_decomposition(None, pos=0)
         assert labels == COMPONENTS, labels
         d = control.apply_data(Decomposition(stack[:, :, 0].double(), labels))
         resid = an.cache.residual(None, pos=0)[:, 0].double()
@@ -612,7 +612,7 @@ def _separation_claims(claim, subject, draws, role, own, other, failed, own_shor
     """`role`'s contribution separates `failure` strings (AUROC on a Bonferroni-widened interval over
     the heads its search scanned), and by Cohen's d better than the other role head's does."""
     level = subject.level(role)
-    estimate = auroc_ci(own[failed], own[~failed], level=level, method="percentile", n_resamples=400,
+    estimate = auroc_ci(own[failed], own[~failed], level=level, n_resamples=400,
                         seed=draws.child("auroc").int())
     claim.at_least(f"{role}.auroc({failure} failure)", estimate, min_auroc,
                    note=f"{subject.binding}; decided on the {level:.2%} interval (Bonferroni over "

@@ -439,7 +439,7 @@ def test_palindrome_direction_is_carried_by_named_components(palindromes_model, 
     claim.at_least("share of the class separation carried by the carriers (held out)", share, CARRIER_SHARE,
                    note=f"{roles.carrier_note()}; scored: {named}; every component (held out): {table}")
     c = carried.numpy()
-    auc = auroc_ci(c[pal], c[~pal], method="percentile", n_resamples=300, level=level, seed=claim.draws_seed)
+    auc = auroc_ci(c[pal], c[~pal], n_resamples=300, level=level, seed=claim.draws_seed)
     claim.at_least("AUROC(carriers' contribution, palindrome) (held out)", auc, 0.99,
                    note=f"{named}: Cohen's d {cohens_d(c[pal], c[~pal]):.2f}")
     if control.is_main:  # figures of the main run only

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Screenshot an HTML report with headless Chromium: ``python scripts/screenshot_report.py PATH.html OUT.png``.
 
-``--full`` captures a window tall enough for the whole page (``--max-height``), measures the page's
+``--measure`` prints the page's height (CSS px at ``--width``) as Chromium lays it out. ``--full`` captures a window tall enough for the whole page (``--max-height``), measures the page's
 height (the last row that is not background) and saves it cut into ``--tile``-pixel tiles next to OUT
 (``OUT-01.png``, ...), small enough to look at. ``--fragment fig-3`` opens ``PATH.html#fig-3`` (e.g.
 to see a figure's click-to-enlarge view).
@@ -54,6 +54,31 @@ def screenshot(html: Path, out: Path, width: int = 1400, height: int = 3000, tim
     return out
 
 
+def page_height(html: Path, width: int = 1400, timeout: float = 180.0) -> int:
+    """The page's scroll height in CSS px at ``width``, as it opens (``<details>`` closed or open as
+    written), measured by Chromium itself: a copy of the page with a one-line script that writes
+    ``document.documentElement.scrollHeight`` into the DOM, read back with ``--dump-dom``."""
+    import re
+
+    html = Path(html).resolve()
+    text = html.read_text(encoding="utf-8")
+    probe = ("<script>window.addEventListener('load',()=>{const p=document.createElement('pre');"
+             "p.id='circuits-page-height';p.textContent=String(document.documentElement.scrollHeight);"
+             "document.body.appendChild(p);});</script>")
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as tmp:
+        page = Path(tmp) / "page.html"
+        page.write_text(text.replace("</body>", probe + "</body>", 1), encoding="utf-8")
+        cmd = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--hide-scrollbars", f"--user-data-dir={Path(tmp) / 'profile'}", f"--window-size={width},900",
+               "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    m = re.search(r'<pre id="circuits-page-height">(\d+)</pre>', proc.stdout)
+    if not m:
+        raise SystemExit(f"chromium measured nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return int(m.group(1))
+
+
 def content_height(png: Path) -> int:
     """Rows down to the last one that differs from the background (the top-left pixel's colour)."""
     from PIL import Image, ImageChops
@@ -86,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="capture the whole page, print its height, cut it in tiles")
     ap.add_argument("--max-height", type=int, default=16000, help="window height for --full")
     ap.add_argument("--tile", type=int, default=3000)
+    ap.add_argument("--measure", action="store_true", help="print the page's height at --width (no screenshot)")
     args = ap.parse_args(argv)
+    if args.measure:
+        print(f"page height: {page_height(args.html, args.width)} px at {args.width} px wide")
+        return 0
     if not args.full:
         print(screenshot(args.html, args.out, args.width, args.height, fragment=args.fragment))
         return 0

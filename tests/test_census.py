@@ -240,3 +240,25 @@ def test_a_run_is_reused_only_when_its_inputs_are_equal(tmp_path):
         assert C.stored_run(run_dir, {**inputs, **changed}) is None, changed
     (run_dir / C.INPUTS_FILE).write_text("{not json")
     assert C.stored_run(run_dir, inputs) is None
+
+
+def test_survival_gives_rates_with_intervals_and_flags_a_reference_that_most_seeds_contradict():
+    census = C.Census(name="x", module="m.py", seeds=list(range(10)), recipes=["default"])
+    census.columns = ["test_a: holds", "test_b: fails on most"]
+    census.rows = [
+        {"label": "reference: TestOurModel", "kind": "reference", "seeds": [None], "accuracy": {},
+         "claims": {"test_a: holds": {"passed": 1, "n": 1, "seeds": {}},
+                    "test_b: fails on most": {"passed": 1, "n": 1, "seeds": {}}}},
+        {"label": "default", "kind": "recipe", "seeds": list(range(10)), "accuracy": {},
+         "claims": {"test_a: holds": {"passed": 9, "n": 10, "seeds": {}},
+                    "test_b: fails on most": {"passed": 2, "n": 10, "seeds": {}}}},
+    ]
+    rows = {r["claim"]: r for r in C.survival(census)}
+    a, b = rows["test_a: holds"], rows["test_b: fails on most"]
+    assert (a["passed"], a["n"], a["flags"]) == (9, 10, [])
+    assert a["lo"] < 0.9 < a["hi"] and b["lo"] < 0.2 < b["hi"]
+    assert b["flags"] and "most seeds fail (2/10)" in b["flags"][0] and b["reference"] == {"reference: TestOurModel": True}
+    md = C.markdown(census)
+    assert "| default | C2 test_b: fails on most | 2/10 | 20% |" in md and "**differs**" in md
+    page = C.html(census)
+    assert "background:#fde" in page and page.count("<tr") == 1 + 2 + 1

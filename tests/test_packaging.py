@@ -134,6 +134,13 @@ def test_plugin_does_not_import_torch_in_an_unrelated_project(installed):
     assert "circuits.pytest_plugin" in plugins  # the plugin is installed and auto-loaded: its import is what's measured
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "torch" not in imported, "loading the circuits plugin imported torch in a project that does not use it"
+    # nothing heavy at all: the plugin's start-up is its own few small modules (issue 32: numpy through
+    # circuits.report cost ~0.35 s of every pytest start in projects that never use it)
+    heavy = {"numpy", "torch", "scipy", "matplotlib", "sklearn", "safetensors", "filelock"} & set(imported)
+    assert not heavy, f"loading the circuits plugin imported {sorted(heavy)}"
+    ours = sorted(m for m in imported if m == "circuits" or m.startswith("circuits."))
+    assert set(ours) <= {"circuits", "circuits.errors", "circuits.session", "circuits.paths", "circuits.pytest_plugin",
+                         "circuits.report", "circuits.report.collect", "circuits.report.machine"}, ours
 
 
 # Another project's conftest, as people write them: options and fixtures with the words a claims
@@ -203,8 +210,7 @@ from circuits.reference import arena_data
 
 
 @pytest.mark.controls("untrained")
-def test_brackets_reference(brackets_model, claim, draws):
-    assert type(draws).__name__ == "Draws"  # the plugin's, not the conftest's list
+def test_brackets_reference(brackets_model, claim):  # the conftest's `control` / `draws` do not reach it
     data = arena_data(500)
     pred = A.predict(brackets_model, data.toks, lengths=data.lengths + 2).argmax(-1)
     claim.at_least("brackets_acc_first_500", float((pred == data.isbal.long()).float().mean()), 0.99)
@@ -234,3 +240,52 @@ def test_plugin_beside_a_project_that_defines_device_and_seeds(installed):
     main = [c for c in report["claims"] if not c.get("control")]
     assert [(c["name"], c["passed"]) for c in main] == [("brackets_acc_first_500", True)], main
     assert [r["outcome"] for r in report["control_runs"]] == ["ok"], report["control_runs"]
+
+
+# --- every README example, pasted into an empty project with only the wheel ----------------------------
+
+MAKE_TL_CHECKPOINT = """
+import json, torch
+from circuits.convert import to_transformer_lens
+from circuits.reference import arena_model
+cfg, sd = to_transformer_lens(arena_model())  # the ARENA checkpoint is a TransformerLens checkpoint
+torch.save(sd, "my_model.pt")
+open("tl_cfg.json", "w").write(json.dumps(cfg))
+"""
+
+
+def readme_claim_examples() -> list[dict[str, str]]:
+    """The README's Python examples that are claims, as files: {relative path: text}. A block that
+    names its files in ``# hypotheses/...py`` comment lines is split there."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    out = []
+    for i, block in enumerate(b for b in blocks if "def test_" in b):
+        parts = re.split(r"^# (hypotheses/\S+\.py)\n", block, flags=re.M)
+        if len(parts) == 1:
+            out.append({f"hypotheses/test_readme_{i}.py": block})
+        else:
+            out.append(dict(zip(parts[1::2], parts[2::2])))
+    return out
+
+
+def test_every_readme_claim_example_runs_in_an_empty_project(installed):
+    py, env, _, tmp = installed
+    examples = readme_claim_examples()
+    assert len(examples) >= 3, examples
+    project = tmp / "empty"
+    (project / "hypotheses").mkdir(parents=True)
+    made = run([str(py), "-c", MAKE_TL_CHECKPOINT], project, env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    tests = []
+    for files in examples:
+        for rel, text in files.items():
+            if rel.endswith("conftest.py"):  # what the README leaves to the user: the checkpoint's config
+                text = "import json\nTL_CFG = json.loads(open('tl_cfg.json').read())\n" + text
+            (project / rel).write_text(text)
+            tests += [(rel, name) for name in re.findall(r"^def (test_\w+)", text, re.M)]
+    result = run([str(py), "-m", "pytest", "hypotheses", "-rA", "--circuits-run-id", "readme"], project, env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    for rel, name in tests:
+        assert re.search(rf"PASSED {re.escape(rel)}::{name}\b", out), (rel, name, out[-3000:])
+    assert "fixture '" not in out  # every fixture the examples use ships with the plugin

@@ -260,3 +260,19 @@ def test_zoo_entry_is_the_seed_architecture():
     assert out.shape == (4, 2)
     split = entry.make_split(100, 5)
     assert split.inputs.shape == (100, 12) and split.targets.dtype == torch.long
+
+
+def test_the_seed_recipe_is_the_notebooks():
+    """palindromes@seed (issue 34): the seed notebook's training cell: Adam lr 1e-4 (no weight decay,
+    default betas), batch 32, one epoch over 1M strings of the plain distribution, constant lr, no clipping."""
+    from circuits import zoo
+    from circuits.train import lr_at
+
+    entry = zoo.get_entry("palindromes@seed")
+    r = entry.recipe
+    assert (r.lr, r.batch_size, r.n_train, r.weight_decay, tuple(r.betas), r.grad_clip) == (1e-4, 32, 1_000_000, 0.0, (0.9, 0.999), 0.0)
+    assert r.steps * r.batch_size == r.n_train  # one epoch
+    assert {lr_at(s, r) for s in (0, 1, 5_000, r.steps - 1)} == {1e-4}
+    assert entry.make_train_split is P.make_split and entry.config == zoo.get_entry("palindromes").config
+    cfg = entry.config
+    assert (cfg.d_model, cfg.normalization, cfg.attention, cfg.n_layers, cfg.n_heads, cfg.d_mlp) == (32, None, "bidirectional", 3, 2, 64)

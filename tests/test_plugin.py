@@ -67,7 +67,7 @@ def project(pytester):
 
 def load(pytester, run_id=None):
     reports = pytester.path / "reports"
-    run_id = run_id or (reports / "latest").read_text().strip()
+    run_id = run_id or (reports / "latest.txt").read_text().strip()
     text = (reports / run_id / "report.json").read_text()
     return json.loads(text)  # strict JSON: no NaN
 
@@ -115,11 +115,19 @@ def test_records_survive_failures_crashes_and_interrupts(project):
     nan = claims[("test_bad_values", "nan")]
     assert nan["passed"] is False and nan["value"] is None and nan["value_text"] == "nan" and nan["problem"] == "value is NaN"
     assert claims[("test_empty", "empty")]["problem"] == "empty sample"
-    assert report["interrupted"] is True and report["summary"]["failed"] == 3
+    # by kind: one failed claim; NaN and an empty sample are errors (nothing was measured), as are the
+    # crash after recording and the interrupted test: never folded into "failed"
+    assert report["interrupted"] is True and report["summary"]["failed"] == 1
+    assert report["summary"]["outcomes"]["error"] == 4
+    assert sorted((e["kind"], e["nodeid"].split("::")[1]) for e in report["errors"]) == [
+        ("crash", "test_two_then_raise"), ("interrupted", "test_interrupted"), ("nonfinite", "test_bad_values"),
+        ("nonfinite", "test_empty")]
+    assert claims[("test_bad_values", "nan")]["status"] == "ERROR"
     outcomes = {t["test"]: t["outcome"] for t in report["tests"]}
     assert outcomes["test_two_then_raise"] == "failed" and "test_never_runs" not in outcomes
     assert outcomes["test_interrupted"] == "interrupted"
-    assert (project.path / "reports" / "latest").read_text().strip() == "crashy"
+    assert (project.path / "reports" / "latest.txt").read_text().strip() == "crashy"
+    assert (project.path / "reports" / "latest" / "report.html").is_file()  # a symlink to the run
     for name in ("report.md", "report.html"):
         assert (project.path / "reports" / "crashy" / name).is_file()
 
@@ -368,3 +376,72 @@ def test_parse_seeds_and_strip_params():
     assert strip_params("m.py::t[x1-control=zero_ablate:L2H0-seed=0]", ["control=zero_ablate:L2H0", "seed=0"]) == "m.py::t[x1]"
     assert strip_params("m.py::t[a-main-b]", ["main"]) == "m.py::t[a-b]"
     assert strip_params("m.py::t", ["main"]) == "m.py::t"
+
+
+# --- first-run hygiene: deselected, not skipped; the cache provider on -----------------------------------
+
+HYGIENE_TESTS = '''
+import pytest
+
+@pytest.mark.full_sweep
+def test_grid(claim):
+    claim.holds("grid", True)
+
+def test_ok(claim):
+    claim.holds("ok", True)
+
+def test_bad(claim):
+    claim.at_least("x", 0.1, 0.5)
+'''
+
+
+def test_full_sweep_tests_are_deselected_listed_and_lf_works(pytester):
+    pytester.makepyfile(test_h=HYGIENE_TESTS)
+    first = pytester.runpytest("--circuits-run-id", "one")
+    first.assert_outcomes(passed=1, failed=1, deselected=1)  # deselected, never a wall of skips
+    first.stdout.fnmatch_lines(["not run: 1 full-sweep grid tests (run with --circuits-full-sweep)"])
+    report = load(pytester, "one")
+    assert report["not_run"] == [{"nodeid": "test_h.py::test_grid", "reason": "full-sweep grid tests",
+                                  "option": "--circuits-full-sweep"}]
+    # --lf reruns the failed test only (the plugin leaves pytest's cache provider alone)
+    lf = pytester.runpytest("--lf", "--circuits-no-report")
+    lf.assert_outcomes(failed=1)
+    lf.stdout.fnmatch_lines(["*rerun previous 1 failure*"])
+    pytester.runpytest("--circuits-full-sweep", "--circuits-no-report").assert_outcomes(passed=2, failed=1)
+    # under xdist the controller's report lists what the workers deselected
+    par = pytester.runpytest_subprocess("-n", "2", "--circuits-run-id", "par")
+    par.assert_outcomes(passed=1, failed=1)
+    assert [r["nodeid"] for r in load(pytester, "par")["not_run"]] == ["test_h.py::test_grid"]
+
+
+def test_the_repository_leaves_the_cache_provider_on():
+    import tomllib
+    from pathlib import Path
+
+    ini = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    addopts = ini["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "cacheprovider" not in addopts, addopts  # --lf / --ff need it
+
+
+def test_plugin_start_up_imports_nothing_heavy(tmp_path):
+    """In a project that never uses circuits, loading the plugin (and configuring it) imports its own
+    few small modules only: no numpy, torch, scipy, matplotlib (with every other plugin's autoload off,
+    so what `-X importtime` lists is pytest's and ours). The wheel-installed variant of this check is
+    in tests/test_packaging.py."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    assert True\n")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PYTEST_ADDOPTS", None)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pytest", "-p", "circuits.pytest_plugin",
+                             "-q", "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in result.stderr.splitlines() if ln.startswith("import time:")}
+    assert "circuits.session" in imported  # (the plugin module itself is imported through pytest's rewrite hook)
+    heavy = {"numpy", "torch", "scipy", "matplotlib", "sklearn", "safetensors"} & imported
+    assert not heavy, f"the plugin's start-up imported {sorted(heavy)}"

@@ -1,6 +1,8 @@
 """circuits/report/ and figures.py without pytest-in-pytest: collector, writing, compare, baseline, the views."""
 
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -118,7 +120,8 @@ def test_write_run_is_strict_json_and_self_contained_html(tmp_path):
     paths = rp.write_run(report, run_dir)
     data = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
     assert data["run_id"] == "r1" and data["git"]["commit"] is None
-    assert (tmp_path / "reports" / "latest").read_text().strip() == "r1"
+    assert (tmp_path / "reports" / "latest.txt").read_text().strip() == "r1"
+    assert (tmp_path / "reports" / "latest").is_symlink() and (tmp_path / "reports" / "latest" / "report.json").is_file()
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left behind
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == 1 and html.count("<svg") == 1  # the figure + the training curve
@@ -311,7 +314,11 @@ def test_held_out_accuracy_carries_its_test_sets_interval_in_html_and_markdown()
 def test_one_line_summary_and_terminal_end():
     report = sample_collector().build(run_id="r1")
     line = rp.one_line_summary(report)
-    assert line == "circuits: 1 claims held, 1 known failures, 1 no-teeth, 3 failed, 2 with generic controls only"
+    # every kind counted apart: the failed claim (r), the no-teeth control run, two fixture errors
+    assert line == ("circuits: 1 claims held, 1 known failures, 1 failed claims, 1 no-teeth, 0 no-power, 2 errors, "
+                    "2 with generic controls only, 1 without controls")
+    assert [(e["kind"], e["nodeid"].split("::")[1]) for e in report["errors"]] == [
+        ("fixture", "test_setup_err"), ("fixture", "test_td")]
     lines = rp.terminal_lines({**report, "_html_path": "reports/r1/report.html"})
     assert lines[-1][0] == line + " — report: reports/r1/report.html"
 
@@ -402,8 +409,11 @@ def test_power_matrix_cells():
     assert rp.views.cell_verdict(rows["other"]["mutate:zero:L0H1"]) == ("ok", "fails ✓")
     assert rp.views.cell_verdict(rows["score"].get("shuffle_labels")) == ("na", "")
     html = render_html(report, ".")
-    assert '<th class="grp" colspan="2">controls</th><th class="grp" colspan="1">mutations</th>' in html
-    assert '<td class="cell bad" title="' in html and "no power<br><span class=\"m\">0.7</span> (+0.2)" in html
+    # one narrow column per control / mutation, a symbol per cell, value / requirement / margin in its tooltip
+    assert '<th class="spec mutation" title="mutation mutate:zero:L0H1"><span>zero:L0H1</span></th>' in html
+    assert re.search(r'<td class="cell bad" title="score on mutation zero:L0H1: no power — 0\.7 \(needs [^"]*'
+                     r'margin \+0\.2\)">✗</td>', html), html[html.index('class="pm"'):][:3000]
+    assert "Power matrix" in html and 'id="m-hyp-test_m-py--power"' in html  # an anchor on the heading
     assert "generic controls only" in html
 
 
@@ -479,15 +489,94 @@ def test_a_control_run_that_known_failures_documents_is_listed_apart_not_as_a_pr
     report = col.build(run_id="r1")
     s = report["summary"]
     assert (s["controls_no_teeth"], s["controls_known"]) == (1, 1)  # the sample's undocumented one stays
-    assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 no-teeth (+1 known), "
-                                           "3 failed, 2 with generic controls only")
+    assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 failed claims, "
+                                           "1 no-teeth (+1 known), 0 no-power, 2 errors, 2 with generic controls "
+                                           "only, 1 without controls")
     md = rp.render_markdown(report)
     known_at, problems_at = md.index("### Claims known to hold under a control"), md.index("### Problems")
-    assert "the bound is below what the residual alone reaches" in md[known_at:problems_at]
-    assert ctl not in md[problems_at:] and "test_acc[control=untrained]" in md[problems_at:]
+    assert problems_at < known_at  # what a reader must look at first
+    assert "the bound is below what the residual alone reaches" in md[known_at:]
+    assert ctl not in md[problems_at:known_at] and "test_acc[control=untrained]" in md[problems_at:known_at]
     html = render_html(report, ".")
     assert 'id="known-controls"' in html and html.index(ctl) > html.index('id="known-controls"')
     lines = rp.terminal_lines(report)
     red = [text for text, style in lines if style.get("red")]
     assert any("test_acc[control=untrained]" in t for t in red) and not any(ctl in t for t in red)
     assert any(ctl in text and "known" in text for text, _ in lines)
+
+
+def test_cli_report_prints_plain_text_markdown_on_request_and_opens_a_browser(tmp_path, capsys, monkeypatch):
+    from circuits.cli import main as cli
+
+    reports = tmp_path / "reports"
+    rp.write_run(sample_collector().build(run_id="r1"), reports / "r1")
+    assert cli(["report", "--report-dir", str(reports)]) == 0  # latest: the symlink
+    text = capsys.readouterr().out
+    assert text.rstrip().splitlines()[-1].startswith("circuits: 1 claims held")
+    assert "&gt;" not in text and "\\_" not in text and "|---|" not in text  # plain text, no Markdown
+    assert str(reports / "r1" / "report.html") in text
+    assert cli(["report", "r1", "--markdown", "--report-dir", str(reports)]) == 0
+    assert "|---|" in capsys.readouterr().out
+    opened = []
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url) or True)
+    assert cli(["report", "r1", "--open", "--report-dir", str(reports)]) == 0
+    assert opened == [(reports / "r1" / "report.html").resolve().as_uri()]
+    assert "opened: " in capsys.readouterr().out
+
+
+def test_every_cli_argument_has_help():
+    import argparse
+
+    from circuits import cli
+
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+    try:  # build the parser without running a command: stop at parse_args
+        def stop(self, *a, **k):
+            parsers.append(self)
+            raise SystemExit(0)
+        argparse.ArgumentParser.parse_args = stop
+        with pytest.raises(SystemExit):
+            cli.main([])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    (top,) = parsers
+    subs = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)][0].choices
+    missing = [f"{name} {a.dest}" for name, sp in subs.items() for a in sp._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing
+    helps = {c.dest: c.help for c in [a for a in top._actions if isinstance(a, argparse._SubParsersAction)][0]
+             ._choices_actions}
+    assert "reuse" in helps["train"] and "from scratch" not in helps["train"], helps["train"]
+
+
+# --- issue 32: the page a researcher reads first ----------------------------------------------------------------
+
+BASELINE = Path(__file__).resolve().parents[1] / "reports" / "baseline" / "report.json"
+
+
+def test_every_heading_of_the_page_has_an_anchor():
+    html = render_html(rp.rederive(json.loads(BASELINE.read_text())), BASELINE.parent)
+    headings = re.findall(r"<h[1-3][^>]*>", html)
+    assert len(headings) > 20
+    assert all(h.startswith("<h1") or " id=" in h for h in headings), [h for h in headings if " id=" not in h]
+    # problems open, the rest (tests without a problem, models, the test list) collapsed
+    assert html.count("<details") > 80
+    assert '<details class="test bad" id="m-hypotheses-test_assoc_memory-py-test_capacity_lower_bound" open>' in html
+    assert '<details class="test" id="m-hypotheses-test_example-py-test_head_2_0_reads_position_1">' in html
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_full_runs_page_fits_in_20000_px_at_1400_px_wide(tmp_path):
+    """The committed baseline is a full run (every module, 572 tests); its page as it opens, laid out by
+    headless Chromium at 1,400 px wide, is at most 20,000 px tall (it was 97,120 px before issue 32)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "screenshot_report", Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.py")
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+    page = tmp_path / "report.html"
+    page.write_text(render_html(rp.rederive(json.loads(BASELINE.read_text())), BASELINE.parent))
+    height = shot.page_height(page, width=1400)
+    assert 2000 < height <= 20_000, height

@@ -189,8 +189,10 @@ def test_bad_data_raise_clear_errors(data):
     with pytest.raises(ScrubError, match="n_draws"):
         S.scrub(model, data.toks, data.isbal.long(), [S.Hypothesis("x", {})], n_draws=0)
     last = perturbed_model("causal_padded")
-    with pytest.raises(ScrubError, match="first position"):
-        S.ScrubData(last, torch.ones(3, 4, dtype=torch.long), torch.zeros(3))
+    ragged = torch.tensor([[1, 2, 3, 4], [1, 2, 0, 0], [1, 2, 3, 0]])  # pad 0: rows read out at 3, 1, 2
+    with pytest.raises(ScrubError, match="same position in every row"):
+        S.ScrubData(last, ragged, torch.zeros(3))
+    S.ScrubData(last, torch.ones(3, 4, dtype=torch.long), torch.zeros(3))  # one length: the last position lines up
 
 
 def test_component_names():

@@ -580,14 +580,54 @@ def test_edited_card_metric_is_detected_as_tampered(tmp_path):
     expect_corrupt_then_rebuild(s, key, "edited after it was written")
 
 
-def test_version_1_cards_without_card_hash_still_load(tmp_path):
-    """Committed references (and caches) written before card_hash keep loading."""
+def test_version_1_card_in_the_store_is_refused(tmp_path):
+    """Issue 31: lowering format_version and deleting card_hash used to pass an edited card off as
+    valid. A store entry always has card_hash (the store writes version 2 only): one without it is
+    corrupt, and rebuilt."""
     s, key, sd = saved_entry(tmp_path)
     card = json.loads(s.card_path(key).read_text())
     del card["card_hash"]
     card["format_version"] = 1
+    card["metrics"]["loss"] = 0.01  # the edit the hash would have caught
     s.card_path(key).write_text(json.dumps(card))
-    assert s.load(key) is not None
+    assert s.verify(key)[0] == "corrupt" and "no card_hash" in s.verify(key)[1]
+    expect_corrupt_then_rebuild(s, key, "no card_hash")
+
+
+def test_version_1_reference_cards_load_only_when_listed(tmp_path):
+    """Committed references written before card_hash keep loading: each is listed by its sha256 in
+    the folder's legacy_cards.sha256; any edit of one (or a version-2 card with its hash dropped) is
+    refused."""
+    import hashlib
+
+    spec = {"name": "m", "seed": 0}
+    store_mod.save_reference(tmp_path, "m", {"w": torch.ones(2)}, {"spec": spec})
+    _, card_path = store_mod.reference_paths(tmp_path, "m")
+    card = json.loads(card_path.read_text())
+    del card["card_hash"]
+    card["format_version"] = 1
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(store_mod.CorruptCheckpointError, match="no card_hash"):
+        store_mod.load_reference(tmp_path, "m", spec)
+    digest = hashlib.sha256(card_path.read_bytes()).hexdigest()
+    (tmp_path / store_mod.LEGACY_CARDS_FILE).write_text(f"# listed\n{digest}  m.card.json\n")
+    assert store_mod.load_reference(tmp_path, "m", spec)[1]["format_version"] == 1
+    card["metrics"] = {"acc": 1.0}  # an edit of the listed card
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(store_mod.CorruptCheckpointError, match="no card_hash"):
+        store_mod.load_reference(tmp_path, "m", spec)
+
+
+def test_committed_version_1_cards_are_all_listed():
+    from circuits import zoo
+
+    legacy = store_mod.legacy_card_digests(zoo.REFERENCE_DIR)
+    for card_path in sorted(zoo.REFERENCE_DIR.glob("*.card.json")):
+        card = json.loads(card_path.read_text())
+        if "card_hash" not in card:
+            import hashlib
+
+            assert hashlib.sha256(card_path.read_bytes()).hexdigest() in legacy, card_path.name
 
 
 def test_entries_verify_reports_a_truncated_entry_as_damaged(tmp_path):

@@ -155,3 +155,123 @@ def test_every_tl_expressible_architecture_agrees_at_every_position(name):
         toks = toks.masked_fill(torch.arange(ours.cfg.n_ctx)[None] >= lengths[:, None], pad)
     with torch.no_grad():
         assert_agree(tl_model.run_with_hooks(toks, fwd_hooks=tl_hooks(ours, toks)), ours(toks), "logits")
+
+
+def test_the_readme_transformerlens_example_runs_as_written():
+    """The README's TransformerLens block, pasted after the three names it leaves to the reader (`model`,
+    `toks`, `PAD`): it runs and its read-out equals ours."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from transformer_lens" in b]
+    model = arena_model()
+    data = arena_data(64)
+    names = {"model": model, "toks": data.toks, "PAD": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TL 3.9's deprecation notice for HookedTransformer
+        exec(compile(block, "README.md", "exec"), names)
+    assert_agree(names["logits"], model(data.toks).detach(), "the README's TL read-out")
+
+
+# --- issue 32: TransformerLens habits that work on ours -------------------------------------------------------
+
+TL_WEIGHTS = ("W_E", "W_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O",
+              "W_in", "b_in", "W_out", "b_out")
+
+
+def lm_pair():
+    """A small next-token model (readout 'all', d_vocab_out == d_vocab, causal) and its TL twin."""
+    from circuits.model import TransformerConfig
+
+    cfg = TransformerConfig(n_layers=2, d_model=16, n_ctx=8, n_heads=2, d_mlp=32, d_vocab=10, readout="all",
+                            attention="causal", seed=3)
+    ours = HookedTransformer(cfg).eval()
+    return ours, into_tl(ours)
+
+
+def test_weight_properties_are_tl_s_stacked_over_layers():
+    ours = our_reference("brackets")
+    tl_model = into_tl(ours)
+    for name in TL_WEIGHTS:
+        got, want = getattr(ours, name), getattr(tl_model, name)
+        assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
+        torch.testing.assert_close(got.detach(), want.detach(), atol=1e-6, rtol=0, msg=lambda s: f"{name}: {s}")
+
+
+def test_return_type_logits_loss_both_and_none_as_tl():
+    ours, tl_model = lm_pair()
+    toks = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_loss = tl_model(toks, return_type="loss")
+        want_logits = tl_model(toks, return_type="logits")
+        assert_agree(ours(toks, return_type="logits"), want_logits, "logits")
+        torch.testing.assert_close(ours(toks, return_type="loss"), want_loss, atol=1e-5, rtol=0)
+        logits, loss = ours(toks, return_type="both")
+        assert_agree(logits, want_logits, "both: logits")
+        torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=0)
+        assert ours(toks, return_type=None) is None and tl_model(toks, return_type=None) is None
+    # a classifier's loss needs its labels (TL's next-token loss means nothing there)
+    clf = our_reference("brackets")
+    data = arena_data(32)
+    with torch.no_grad():
+        loss = clf(data.toks, return_type="loss", targets=data.isbal.long())
+        want = torch.nn.functional.cross_entropy(clf(data.toks), data.isbal.long())
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=0)
+    from circuits.errors import InputError
+
+    with pytest.raises(InputError, match="targets="):
+        clf(data.toks, return_type="loss")
+    with pytest.raises(InputError, match="return_type='bogus'"):
+        clf(data.toks, return_type="bogus")
+
+
+def test_run_with_cache_remove_batch_dim_as_tl():
+    ours, tl_model = lm_pair()
+    toks = torch.randint(0, 10, (1, 8), generator=torch.Generator().manual_seed(1))
+    _, cache = ours.run_with_cache(toks, remove_batch_dim=True)
+    _, tl_cache = tl_model.run_with_cache(toks, remove_batch_dim=True)
+    for name in ("blocks.0.attn.hook_pattern", "blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "hook_embed"):
+        assert cache[name].shape == tl_cache[name].shape, (name, cache[name].shape, tl_cache[name].shape)
+        assert_agree(cache[name], tl_cache[name], name)
+    from circuits.errors import InputError
+
+    with pytest.raises(InputError, match="batch of one"):
+        ours.run_with_cache(torch.cat([toks, toks]), remove_batch_dim=True)
+
+
+def test_cache_logit_attrs_as_tl():
+    ours = our_reference("brackets")
+    tl_model = into_tl(ours)
+    g = torch.Generator().manual_seed(2)
+    body = torch.randint(3, 5, (16, 20), generator=g)  # "(" and ")" only: no padding, which TL cannot mask here
+    toks = torch.cat([torch.zeros(16, 1, dtype=torch.long), body, torch.full((16, 1), 2)], 1)
+    answer, other = torch.randint(0, 2, (16,), generator=g), torch.ones(16, dtype=torch.long)
+    _, cache = ours.run_with_cache(toks)
+    _, tl_cache = tl_model.run_with_cache(toks)
+    stack, _ = cache.decompose_resid(return_labels=True)  # [component, batch, pos, d_model]
+    got = cache.logit_attrs(stack[:, :, :1], answer, incorrect_tokens=other)[:, :, 0].detach()  # read-out pos 0
+    tl_stack = tl_cache.decompose_resid(return_labels=False)[:, :, 0]  # [component, batch, d_model]
+    want = tl_cache.logit_attrs(tl_stack, answer, incorrect_tokens=other, pos_slice=0).detach()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert_agree(got, want, "logit_attrs")
+
+
+def test_lnpre_is_refused_with_the_fold_ln_hint():
+    from circuits.errors import ConfigError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, act_fn="relu", d_vocab=5,
+                                      normalization_type="LNPre")
+    with pytest.raises(ConfigError, match="fold_ln=False"):
+        from_tl_config(cfg)
+
+
+def test_first_readout_with_causal_attention_warns():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, act_fn="relu", d_vocab=5,
+                                      attention_dir="causal")
+    with pytest.warns(UserWarning, match="readout='first' with causal attention"):
+        HookedTransformer(from_tl_config(cfg, readout="first"))

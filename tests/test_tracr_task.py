@@ -173,3 +173,44 @@ def test_regeneration_is_bit_for_bit():
                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("unchanged") == len(PROGRAMS), run.stdout
+
+
+def test_ground_truth_matrix_counts_verdicts():
+    """The report's matrix: a TRUE claim's record passing is a right verdict; a FALSE claim's record
+    ("... is refuted") passing means the false claim failed, also right; control runs are ignored."""
+    from circuits.report.views import ground_truth_matrix, ground_truth_table
+
+    claims = [
+        {"name": "TRUE attention: L4H0 to last", "passed": True},
+        {"name": "TRUE probe: opens", "passed": False},
+        {"name": "FALSE attention (wrong head): L4H1 to last is refuted", "passed": True},
+        {"name": "FALSE attention (wrong head): L4H1 to last is refuted", "passed": True, "control": "x"},
+        {"name": "FALSE probe (wrong layer): opens before is refuted", "passed": False},
+        {"name": "an ordinary claim", "passed": True},
+    ]
+    gt = ground_truth_matrix({"claims": claims})
+    assert gt["types"] == {"attention": {"true_pass": 1, "true_fail": 0, "false_pass": 0, "false_fail": 1},
+                           "probe": {"true_pass": 0, "true_fail": 1, "false_pass": 1, "false_fail": 0}}
+    assert gt["wrong"] == ["TRUE probe: opens", "FALSE probe (wrong layer): opens before is refuted"]
+    assert ground_truth_table({"claims": claims})[-1] == "| **all** | 1 | 1 | 1 | 1 | 2 / 4 |"
+    assert ground_truth_matrix({"claims": claims[-1:]}) is None and ground_truth_table({"claims": []}) == []
+
+
+def test_ground_truth_edges_match_the_model(loaded):
+    """The card's graph: the shuffle_dyck chain is there, and every head it leaves out is unused
+    (zero-ablating it changes no output on any input of the set)."""
+    from circuits.interventions import zero_ablate_head
+
+    edges = {(a, b) for a, b, _ in T.ground_truth_edges(loaded["shuffle_dyck"].card["tracr"])}
+    for step in [("L0.mlp", "L1H0"), ("L1H0", "L2.mlp"), ("L1H1", "L2.mlp"), ("L2.mlp", "L3.mlp"),
+                 ("L3.mlp", "L4H0"), ("L3.mlp", "L4H1"), ("L1.mlp", "L4H0"), ("L4H0", "L5.mlp"),
+                 ("L4H1", "L4.mlp"), ("L4.mlp", "L5.mlp"), ("L5.mlp", "logits")]:
+        assert step in edges, step
+    for program in PROGRAMS:
+        model, tracr = loaded[program].model, loaded[program].card["tracr"]
+        used = {c for e in T.ground_truth_edges(tracr) for c in e[:2]}
+        clean = _outputs(model, tracr)
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                if f"L{layer}H{head}" not in used:
+                    assert _outputs(zero_ablate_head(model, layer, head), tracr) == clean, (program, layer, head)

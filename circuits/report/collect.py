@@ -10,16 +10,39 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable
 
-from ..claims import _jsonable
 
-__all__ = ["SCHEMA", "PROPS", "GENERIC_CONTROLS", "RunCollector", "pass_rates", "rederive", "control_kind",
-           "is_generic"]
+__all__ = ["SCHEMA", "PROPS", "GENERIC_CONTROLS", "OUTCOME_KINDS", "RunCollector", "pass_rates", "rederive",
+           "control_kind", "is_generic", "problem_tests", "run_errors", "outcome_counts"]
 
 SCHEMA = 1
 PROPS = ("circuits_test", "circuits_claim", "circuits_control", "circuits_model", "circuits_figure")
 # controls that break the whole model or the data, whatever the claim is about: they show a claim is
 # not trivially true, never that it is about the part it names (issue 15)
 GENERIC_CONTROLS = frozenset({"untrained", "shuffle_labels"})
+
+# The kinds of outcome a run counts, in the order the summary line, the page and the Markdown show them:
+# (key, label, a problem?). A control / mutation run's outcome (the plugin's judge_control) is counted
+# under its own key; a run its module's KNOWN_FAILURES documents is counted apart as "(+N known)". A new
+# kind is one line here (and an outcome of that name from the plugin).
+OUTCOME_KINDS: tuple[tuple[str, str, bool], ...] = (
+    ("held", "claims held", False),
+    ("known", "known failures", False),
+    ("failed", "failed claims", True),
+    ("no_teeth", "no-teeth", True),
+    ("no_power", "no-power", True),
+    ("unspecific", "unspecific", True),  # a claim that also holds pointed at another part of its kind
+    ("error", "errors", True),
+)
+# One line each: what went wrong when a test or run measured nothing (report["errors"][i]["kind"]).
+ERROR_KINDS = {
+    "collection": "collection error",
+    "fixture": "fixture error",
+    "never_applied": "control never applied",
+    "no_claims": "no claim recorded",
+    "nonfinite": "NaN/inf value",
+    "crash": "crash",
+    "interrupted": "did not finish",
+}
 
 
 def control_kind(spec: str | None, run: dict | None = None) -> str:
@@ -141,7 +164,10 @@ class RunCollector:
         report["modules"] = _modules(tests)
         _attach_controls(report)
         report["pass_rates"] = pass_rates(claims, tests)
+        report["errors"] = run_errors(report)
         report["summary"] = _summary(report)
+        from ..claims import _jsonable  # (numpy: imported when a report is built, not at plugin load)
+
         return _jsonable(report)
 
     def _finish_test(self, t: dict) -> dict:
@@ -188,6 +214,8 @@ def _status(c: dict) -> str:
     """PASS / FAIL / XFAIL for main claims; OK / HELD for claims measured on a control."""
     if c.get("control"):
         return "HELD" if c.get("passed") else "OK"
+    if c.get("problem") and not c.get("passed"):
+        return "ERROR"  # a NaN / inf / empty measurement: nothing was measured, so nothing failed
     if c.get("passed"):
         return "PASS"
     return "XFAIL" if c.get("test_outcome") == "xfailed" else "FAIL"
@@ -219,14 +247,19 @@ def _attach_controls(report: dict) -> None:
             run = runs.get(c["nodeid"], {})
             c["control_outcome"] = run.get("outcome")
             c["control_kind"] = control_kind(c["control"], run)
+            c["control_known"] = bool(run.get("known"))
             continue
         out = []
         for t in ctl_tests.get((c["group"], c.get("seed")), []):
             cc = ctl_claims.get((c["group"], c.get("seed"), t["control"], c["name"]))
             run = runs.get(t["nodeid"], {})
-            entry = {"control": t["control"], "kind": control_kind(t["control"], run), "nodeid": t["nodeid"]}
+            entry = {"control": t["control"], "kind": control_kind(t["control"], run), "nodeid": t["nodeid"],
+                     "known": bool(run.get("known"))}
             if cc is not None:
-                entry.update(outcome="held" if cc["passed"] else "failed", value=cc.get("value"),
+                # a run the plugin judged an error (never applied, a NaN value) showed nothing, whatever
+                # its claims say; otherwise the claim held (no teeth / power) or failed as required
+                held = "error" if run.get("outcome") == "error" else "held" if cc["passed"] else "failed"
+                entry.update(outcome=held, value=cc.get("value"),
                              value_text=cc.get("value_text"), requirement=cc.get("requirement"), op=cc.get("op"),
                              margin=cc.get("margin"), message=cc.get("message"))
             else:
@@ -242,6 +275,9 @@ def _attach_controls(report: dict) -> None:
         # built from records without it judges by the controls that ran
         flag = tests.get(c["nodeid"], {}).get("generic_only")
         c["generic_only"] = bool(flag) if flag is not None else bool(specs) and all(is_generic(s) for s in specs)
+        # no control and no `about` at all: flagged apart from "generic controls only"
+        none = tests.get(c["nodeid"], {}).get("no_controls")
+        c["no_controls"] = bool(none) if none is not None else not specs
 
 
 def pass_rates(claims: list[dict], tests: list[dict] | None = None) -> list[dict]:
@@ -272,12 +308,79 @@ def pass_rates(claims: list[dict], tests: list[dict] | None = None) -> list[dict
     return rows
 
 
+def problem_tests(report: dict) -> list[dict]:
+    """Tests that failed / errored / did not finish, other than by a failing claim or a judged control run."""
+    failing_claims = {c["nodeid"] for c in report.get("claims", []) if not c.get("passed") and not c.get("control")}
+    failing_claims |= {r["nodeid"] for r in report.get("control_runs", []) if r.get("outcome") != "ok"}
+    out = []
+    for t in report.get("tests", []):
+        if t["outcome"] in ("failed", "error", "not finished", "interrupted") and t["nodeid"] not in failing_claims:
+            out.append(t)
+    return out
+
+
+def _test_error_kind(t: dict) -> str:
+    if t["outcome"] in ("not finished", "interrupted"):
+        return "interrupted"
+    phases = t.get("phases") or {}
+    if any((phases.get(when) or {}).get("outcome") == "failed" for when in ("setup", "teardown")):
+        return "fixture"
+    return "crash"
+
+
+def run_errors(report: dict) -> list[dict]:
+    """Every error of the run, one line each: {"nodeid", "kind" (an ERROR_KINDS key), "label", "message"}.
+    Collection errors, fixture errors, crashes, control / mutation runs that measured nothing (never
+    applied, no claim, a NaN value) and main-run claims whose value is NaN / inf: none is a failed claim."""
+    out = [{"nodeid": e.get("nodeid"), "kind": "collection", "message": e.get("message")}
+           for e in report.get("collection_errors", [])]
+    for r in report.get("control_runs", []):
+        if r.get("outcome") == "error":
+            out.append({"nodeid": r.get("nodeid"), "kind": r.get("error_kind") or "never_applied",
+                        "message": r.get("message")})
+    for c in report.get("claims", []):
+        if not c.get("control") and c.get("status") == "ERROR":
+            out.append({"nodeid": c.get("nodeid"), "kind": "nonfinite", "message": c.get("message")})
+    for t in problem_tests(report):
+        out.append({"nodeid": t["nodeid"], "kind": _test_error_kind(t), "message": _first_line(t.get("message"))})
+    for e in out:
+        e["label"] = ERROR_KINDS.get(e["kind"], e["kind"])
+    return out
+
+
+def _first_line(text: str | None) -> str:
+    lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def outcome_counts(report: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """(counts, known): OUTCOME_KINDS key -> number. Main-run claims give held / known / failed; each
+    control or mutation run gives its outcome (``ok`` is not counted: that is the claim's power); the
+    errors come from :func:`run_errors`. ``known``: control runs KNOWN_FAILURES documents, by outcome."""
+    counts = {k: 0 for k, _, _ in OUTCOME_KINDS}
+    known = {k: 0 for k, _, _ in OUTCOME_KINDS}
+    for c in report.get("claims", []):
+        if not c.get("control"):
+            key = {"PASS": "held", "XFAIL": "known", "FAIL": "failed"}.get(c.get("status"))
+            if key:
+                counts[key] += 1
+    for r in report.get("control_runs", []):
+        outcome = r.get("outcome")
+        if outcome in (None, "ok", "error"):  # errors: counted once, below
+            continue
+        target = known if r.get("known") else counts
+        target[outcome] = target.get(outcome, 0) + 1
+    counts["error"] = len(run_errors(report))
+    return counts, known
+
+
 def _summary(report: dict) -> dict:
     main = [c for c in report["claims"] if not c.get("control")]
     outcomes: dict[str, int] = defaultdict(int)
     for t in report["tests"]:
         outcomes[t["outcome"]] += 1
     runs = report["control_runs"]
+    counts, known = outcome_counts(report)
     return {
         "claims": len(main),
         "passed": sum(c["status"] == "PASS" for c in main),
@@ -289,15 +392,17 @@ def _summary(report: dict) -> dict:
         "controls_no_teeth": sum(r.get("outcome") == "no_teeth" and not r.get("known") for r in runs),
         "controls_no_power": sum(r.get("outcome") == "no_power" and not r.get("known") for r in runs),
         "controls_unspecific": sum(r.get("outcome") == "unspecific" and not r.get("known") for r in runs),
-        "controls_known": sum(r.get("outcome") != "ok" and bool(r.get("known")) for r in runs),
+        "controls_known": sum(r.get("outcome") not in ("ok", "error") and bool(r.get("known")) for r in runs),
         "generic_only": sum(bool(c.get("generic_only")) for c in main),
+        "no_controls": sum(bool(c.get("no_controls")) for c in main),
         "controls_error": sum(r.get("outcome") == "error" for r in runs),
+        "outcomes": counts,  # by OUTCOME_KINDS key: what the summary line and the page count
+        "outcomes_known": {k: v for k, v in known.items() if v},
+        "errors": len(report.get("errors", [])),
         "tests": dict(outcomes),
         "models": len(report["models"]),
         "figures": len(report["figures"]),
     }
-
-
 
 
 def rederive(report: dict) -> dict:
@@ -310,7 +415,11 @@ def rederive(report: dict) -> dict:
     report.setdefault("tests", [])
     report.setdefault("models", [])
     report.setdefault("figures", [])
+    report.setdefault("not_run", [])
     _attach_controls(report)
+    for c in report["claims"]:
+        c["status"] = _status(c)
     report["pass_rates"] = pass_rates(report["claims"], report["tests"])
+    report["errors"] = run_errors(report)
     report["summary"] = _summary(report)
     return report

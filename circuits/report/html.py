@@ -18,11 +18,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from .text import visible
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text, versions_text
-from .views import (anchor, held_out, held_out_text, case_label, cell_verdict, fmt_margin, headline, measured_text, metrics_text, module_rollup,
-                    modules_in_order, one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, specificity, specificity_text,
-                    test_groups, unexpected_control_runs, known_control_runs, where)
+from .views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
+                    known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
+                    not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness,
+                    specificity, specificity_text, test_groups, where)
 
 __all__ = ["render_html"]
 
@@ -71,12 +73,14 @@ td.m { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-si
 .res.PASS { background:var(--pass-bg); color:var(--pass); }
 .res.FAIL { background:var(--fail-bg); color:var(--fail); }
 .res.XFAIL { background:var(--warn-bg); color:var(--warn); }
+.res.ERROR { background:var(--fail-bg); color:var(--fail); }
 .badge { display:inline-block; margin-left:6px; padding:0 6px; border-radius:4px; font-size:11px; font-weight:600;
   background:var(--warn-bg); color:var(--warn); border:1px solid #eed888; white-space:nowrap; }
 .badge.bad { background:var(--fail-bg); color:var(--fail); border-color:#ffcecb; }
 .note { color:var(--muted); font-size:12.5px; margin-top:2px; }
 .ctl { font-size:12.5px; line-height:1.45; margin:0 0 2px; padding-left:6px; border-left:3px solid var(--line); }
 .ctl.ok { border-color:#4ac26b; color:var(--ink); } .ctl.bad { border-color:var(--fail); background:var(--fail-bg); }
+.ctl.warn { border-color:#d4a72c; background:var(--warn-bg); }
 .ctl.muted { color:var(--muted); }
 .ctl .k { font-weight:600; }
 .chip { display:inline-block; margin:1px 4px 2px 0; padding:0 7px; border-radius:5px; font-size:12.5px;
@@ -101,11 +105,31 @@ figcaption { font-size:13.5px; color:var(--muted); margin-top:6px; }
 figcaption b { color:var(--ink); font-weight:600; }
 .tag { display:inline-block; padding:0 6px; border-radius:4px; background:#ddf4ff; color:#0550ae; font-size:12px; }
 .scroll { overflow-x:auto; }
-table.pm td, table.pm th { font-size:12.5px; padding:4px 6px; }
+a.anchor { margin-left:6px; color:var(--line); font-weight:400; font-size:.85em; visibility:hidden; }
+h2:hover a.anchor, h3:hover a.anchor, summary:hover a.anchor { visibility:visible; }
+details.test { border:1px solid var(--line); border-radius:6px; margin:4px 0; padding:0 10px; }
+details.test > summary { color:var(--ink); margin:6px 0; }
+details.test.bad { border-color:#ffcecb; }
+details.test .res { min-width:0; padding:0 5px; font-size:10.5px; margin-left:2px; }
+.tname { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; font-weight:600; }
+.tdoc { margin:-2px 0 4px; }
+.pmbox { overflow:auto; max-height:34em; border:1px solid var(--line); border-radius:6px; margin:6px 0 10px; }
+table.pm { width:auto; margin:0; border-collapse:separate; border-spacing:0; }
+table.pm td.cell { width:22px; min-width:22px; text-align:center; padding:2px 0; font-size:12px; cursor:default; }
+table.pm th.spec { position:sticky; top:0; z-index:2; background:#fff; vertical-align:bottom; padding:4px 1px;
+  width:22px; min-width:22px; }
+table.pm th.spec span { writing-mode:vertical-rl; transform:rotate(180deg); white-space:nowrap; font-size:11.5px;
+  font-weight:500; max-height:15em; overflow:hidden; text-overflow:ellipsis; display:inline-block; }
+table.pm th.spec.mutation { background:#f6f8fa; }
+table.pm th.claim { position:sticky; left:0; z-index:1; background:#fff; text-align:left; white-space:nowrap;
+  font-weight:400; padding:2px 8px; border-right:1px solid var(--line); max-width:26em; overflow:hidden;
+  text-overflow:ellipsis; }
+table.pm thead th.claim { top:0; z-index:3; vertical-align:bottom; }
+table.pm td, table.pm th { font-size:12.5px; }
 table.pm th { text-transform:none; letter-spacing:0; color:var(--ink); }
-table.pm th.grp { text-align:center; border-bottom:1px solid var(--line); }
 table.pm td.cell.ok { background:var(--pass-bg); }
 table.pm td.cell.bad { background:var(--fail-bg); color:var(--fail); }
+table.pm td.cell.known { background:var(--warn-bg); color:var(--warn); }
 table.pm td.cell.muted { color:var(--muted); background:var(--bg); }
 .box { border:1px solid var(--line); border-radius:8px; padding:12px 16px; background:var(--bg); margin:10px 0; }
 .box.bad { background:var(--fail-bg); border-color:#ffcecb; }
@@ -118,7 +142,8 @@ dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; }
 
 
 def _e(x: Any) -> str:
-    return html.escape(str(x if x is not None else ""))
+    # html.escape leaves bidi overrides (U+202E) and control characters: shown as escapes (report.text)
+    return html.escape(visible(x, None, keep_lines=True))
 
 
 def render_html(report: dict, run_dir: Path | str) -> str:
@@ -130,12 +155,35 @@ def render_html(report: dict, run_dir: Path | str) -> str:
     parts.append(_robustness(report))  # before any figure: it is what a seeds run is for
     for module in modules_in_order(report):
         parts.append(_module(report, module, run_dir, counter))
-    parts += [_models(report), _tests(report), _footer(report)]
+    parts += [_ground_truth(report), _models(report), _tests(report), _footer(report)]
     title = f"circuits · {report.get('run_id')}"
     body = "\n".join(p for p in parts if p)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+
+
+def _ground_truth(report: dict) -> str:
+    """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
+    from .views import ground_truth_matrix
+
+    gt = ground_truth_matrix(report)
+    if gt is None:
+        return ""
+    out = ['<section id="ground-truth">' +
+           _heading("h2", "ground-truth-verdicts", "Ground truth: verdicts on compiled models") +
+           '<p class="sub">Claims about Tracr-compiled models, stated TRUE as compiled and FALSE in several ways: '
+           'a right verdict is a TRUE claim passing or a FALSE claim failing.</p>'
+           '<table><thead><tr><th>claim type</th><th>TRUE, passed</th><th>TRUE, failed</th><th>FALSE, passed</th>'
+           '<th>FALSE, failed</th><th>verdicts right</th></tr></thead><tbody>']
+    for kind, r in [*gt["types"].items(), ("all", gt["total"])]:
+        right, n = r["true_pass"] + r["false_fail"], sum(r.values())
+        out.append(f'<tr><td>{_e(kind)}</td><td>{r["true_pass"]}</td><td>{r["true_fail"]}</td>'
+                   f'<td>{r["false_pass"]}</td><td>{r["false_fail"]}</td><td>{right} / {n}</td></tr>')
+    out.append("</tbody></table>")
+    if gt["wrong"]:
+        out.append(f'<p>Wrong verdicts: {_e("; ".join(gt["wrong"]))}</p>')
+    return "".join(out) + "</section>"
 
 
 # --- top of the page ---------------------------------------------------------------------------------------
@@ -144,19 +192,15 @@ def render_html(report: dict, run_dir: Path | str) -> str:
 def _header(report: dict) -> str:
     s = report.get("summary", {})
     pills = []
-    n, p = s.get("claims", 0), s.get("passed", 0)
-    pills.append(f'<span class="pill {"pass" if s.get("failed", 0) == 0 else "fail"}">{p}/{n} claims held</span>')
-    if s.get("failed"):
-        pills.append(f'<span class="pill fail">{s["failed"]} failed</span>')
-    if s.get("xfailed"):
-        pills.append(f'<span class="pill warn">{s["xfailed"]} known failures</span>')
-    if s.get("control_runs"):
-        bad = s["control_runs"] - s.get("controls_ok", 0) - s.get("controls_known", 0)
-        known = f' (+{s["controls_known"]} known)' if s.get("controls_known") else ""
-        pills.append(f'<span class="pill {"fail" if bad else "pass"}">controls {s.get("controls_ok", 0)}/'
-                     f'{s["control_runs"]} ok{known}</span>')
+    for i in outcome_items(report):  # one pill per outcome kind, never folded into another
+        cls = ("fail" if i["n"] else "pass") if i["problem"] else ("warn" if i["key"] == "known" else "pass")
+        known = f' <span title="documented in the module\'s KNOWN_FAILURES">(+{i["known"]} known)</span>' \
+            if i["known"] else ""
+        pills.append(f'<span class="pill {cls}">{i["n"]} {_e(i["label"])}{known}</span>')
     if s.get("generic_only"):
         pills.append(f'<span class="pill warn">{s["generic_only"]} with generic controls only</span>')
+    if s.get("no_controls"):
+        pills.append(f'<span class="pill warn">{s["no_controls"]} without controls</span>')
     t = s.get("tests", {})
     tb = t.get("failed", 0) + t.get("error", 0)
     pills.append(f'<span class="pill {"fail" if tb else ""}">{sum(t.values())} tests'
@@ -197,37 +241,38 @@ def _rollup(report: dict) -> str:
     rows = module_rollup(report)
     if not rows:
         return ""
-    out = ['<section id="rollup"><h2>Systems</h2><table><thead><tr>'
+    out = ['<section id="rollup">' + _heading("h2", "systems", "Systems") + '<table><thead><tr>'
            '<th style="width:40%">system (hypotheses module)</th>'
            '<th class="num">claims</th><th class="num">held</th><th class="num">known failures</th>'
-           '<th class="num">failed</th><th class="num" title="control / mutation cells where the claim failed as '
-           'required, of all">controls failed as required</th><th class="num">generic controls only</th>'
+           '<th class="num">failed</th><th class="num">errors</th><th class="num" title="control / mutation cells '
+           'where the claim failed as required, of all (+ misses the module\'s KNOWN_FAILURES documents)">controls '
+           'failed as required</th><th class="num">generic controls only</th><th class="num">no controls</th>'
            '<th class="num">figures</th><th class="num">time</th></tr></thead><tbody>']
     for r in rows:
         doc = r["doc"] if len(r["doc"]) <= 160 else r["doc"][:159] + "…"
         failed = r["failed"] + r["errors"]
-        ctl_cls = "bad" if r["controls_held"] else ("ok" if r["controls_total"] else "muted")
+        # known misses are coloured as known (warn), never as a problem
+        ctl_cls = "bad" if r["controls_held"] else ("warn" if r.get("controls_known") else
+                                                     "ok" if r["controls_total"] else "muted")
+        known = f' <span class="warn">(+{r["controls_known"]} known)</span>' if r.get("controls_known") else ""
         out.append(
             f'<tr class="{"fail" if failed else ""}"><td><a href="#{r["anchor"]}">'
             f'<code class="nw">{_e(r["module"])}</code></a>'
             f'<div class="note">{_e(doc)}</div></td><td class="num">{r["claims"]}</td>'
             f'<td class="num ok">{r["held"]}</td><td class="num warn">{r["known"] or ""}</td>'
-            f'<td class="num {"bad" if failed else "muted"}">{failed}</td>'
-            f'<td class="num {ctl_cls}">{r["controls_failed"]}/{r["controls_total"]}</td>'
+            f'<td class="num {"bad" if r["failed"] else "muted"}">{r["failed"]}</td>'
+            f'<td class="num {"bad" if r["errors"] else "muted"}">{r["errors"]}</td>'
+            f'<td class="num {ctl_cls}">{r["controls_failed"]}/{r["controls_total"]}{known}</td>'
             f'<td class="num {"warn" if r["generic_only"] else "muted"}">{r["generic_only"]}</td>'
+            f'<td class="num {"warn" if r["no_controls"] else "muted"}">{r["no_controls"]}</td>'
             f'<td class="num">{r["figures"]}</td><td class="num">{r["duration"]:.1f} s</td></tr>')
     out.append("</tbody></table></section>")
     return "\n".join(out)
 
 
 def _problem_items(report: dict) -> list[str]:
-    items = [f"<li>collection error in <code>{_e(e['nodeid'])}</code>: {_e(e.get('message'))}</li>"
-             for e in report.get("collection_errors", [])]
-    for r in unexpected_control_runs(report):
-        items.append(f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))}</li>")
-    for t in problem_tests(report):
-        items.append(f"<li><code>{_e(t['nodeid'])}</code> <b>{_e(t['outcome'])}</b>: {_e(t.get('message'))}</li>")
-    return items
+    return [f"<li><b>{_e(p['kind'])}</b> <code>{_e(p['nodeid'])}</code>: {_e(p.get('message'))}</li>"
+            for p in problem_lines(report)]
 
 
 def _problems(report: dict) -> str:
@@ -237,9 +282,14 @@ def _problems(report: dict) -> str:
     out = ""
     if items:
         out += f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
+    for g in not_run_groups(report):
+        ids = "".join(f"<li><code>{_e(n)}</code></li>" for n in g["nodeids"])
+        out += (f'<details class="box not-run"><summary>Not run: {g["n"]} {_e(g["reason"])} (run with '
+                f'<code>{_e(g["option"])}</code>)</summary><ul>{ids}</ul></details>')
     if known:
-        out += (f'<div class="box" id="known-controls"><b>Claims known to hold under a control</b> (the '
-                f'module\'s KNOWN_FAILURES, with reasons)<ul style="margin:6px 0 0">{"".join(known)}</ul></div>')
+        out += (f'<details class="box" id="known-controls"><summary><b>Claims known to hold under a control</b> '
+                f'({len(known)}: the modules\' KNOWN_FAILURES, with reasons)</summary>'
+                f'<ul style="margin:6px 0 0">{"".join(known)}</ul></details>')
     return out
 
 
@@ -253,7 +303,7 @@ def _compare(cmp_: dict) -> str:
     n = cmp_["counts"]
     who = a.get("run_id") or a.get("path")
     not_run = f' · {n["not_run"]} not run in this run' if n.get("not_run") else ""
-    out = [f'<section id="compare"><h2>Compared with <code>{_e(who)}</code></h2>',
+    out = [f'<section id="compare">' + _heading("h2", "compared", f"Compared with <code>{_e(who)}</code>"),
            f'<p class="sub">{n["matched"]} claims matched · <b class="{"bad" if n["to_fail"] else ""}">'
            f'{n["to_fail"]} now failing</b> · <b class="ok">{n["to_pass"]} now passing</b> · '
            f'{n.get("moved", 0)} moved · {len(cmp_["added"])} new · {len(cmp_["removed"])} gone{_e(not_run)}'
@@ -282,7 +332,7 @@ def _robustness(report: dict) -> str:
     rows = robustness(report)
     if not rows:
         return ""
-    out = ['<section id="robustness"><h2>Robustness across seeds</h2>'
+    out = ['<section id="robustness">' + _heading("h2", "robustness-across-seeds", "Robustness across seeds") +
            '<p class="sub">Each claim on every seed: value, margin and binding; the pass rate with its Wilson 95% '
            'interval; ⇄ marks a seed whose verdict differs from the reference model\'s.</p>'
            '<table><thead><tr><th style="width:22%">test · claim</th><th style="width:16%">reference</th>'
@@ -320,13 +370,32 @@ def _robustness(report: dict) -> str:
 
 
 def _module(report: dict, module: str, run_dir: Path, counter) -> str:
-    out = [f'<section id="{anchor(module)}"><h2><code>{_e(module)}</code></h2>']
+    """A module: its hypothesis, its power matrix (one row per claim), then each test in a ``<details>``
+    that is open only where something is wrong (a failed claim, an error, a claim that held on a control
+    or mutation no KNOWN_FAILURES documents): the page a reader opens shows the problems, the rest a click away."""
+    mid = anchor(module)
+    out = [f'<section id="{mid}">{_heading("h2", mid, f"<code>{_e(module)}</code>")}']
     doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
     if doc:
         out.append(f'<p class="lead">{_e(doc)}</p>')
-    for g in test_groups(report, module):
+    out.append(_power_matrix(report, module))
+    out.append(_specificity(report, module))
+    groups = test_groups(report, module)
+    bad = [g for g in groups if _group_has_problem(g)]
+    if groups:
+        out.append(_heading("h3", f"{mid}--tests", f'Tests <span class="sub">— {len(groups)}, '
+                                                     f'{len(bad)} with a problem (open)</span>'))
+    for g in groups:
         tdoc = f' <span class="sub">— {_e(g["doc"])}</span>' if g["doc"] else ""
-        out.append(f'<div class="test"><h3 id="{g["anchor"]}">{_e(g["group"].split("::", 1)[-1])}{tdoc}</h3>')
+        n_claims, n_figs = len(g["claims"]), len(g["figures"])
+        counts = f'<span class="sub"> · {n_claims} claim{"s" * (n_claims != 1)}' + \
+            (f', {n_figs} figure{"s" * (n_figs != 1)}' if n_figs else "") + "</span>"
+        verdicts = "".join(_result(c["status"]) for c in g["claims"][:12])
+        is_bad = g in bad
+        out.append(f'<details class="test{" bad" if is_bad else ""}" id="{g["anchor"]}"{" open" if is_bad else ""}>'
+                   f'<summary><span class="tname">{_e(g["group"].split("::", 1)[-1])}</span> {verdicts}{counts}'
+                   f'<a class="anchor" href="#{g["anchor"]}" title="link to this test">#</a></summary>'
+                   f'<div class="tdoc">{tdoc}</div>')
         if g["claims"]:
             out.append(_claims_table(g["claims"]))
         main = [tf for tf in g["figures"] if not tf[0].get("control")]
@@ -336,11 +405,25 @@ def _module(report: dict, module: str, run_dir: Path, counter) -> str:
         if ctl:
             out.append(f'<details><summary>figures on controls ({len(ctl)})</summary>'
                        f'{_figures(ctl, run_dir, counter, g["anchor"])}</details>')
-        out.append("</div>")
-    out.append(_power_matrix(report, module))
-    out.append(_specificity(report, module))
+        out.append("</details>")
     out.append("</section>")
     return "\n".join(out)
+
+
+def _group_has_problem(g: dict) -> bool:
+    """A failed or errored claim, a control / mutation cell that held (undocumented) or errored."""
+    for c in g["claims"]:
+        if c["status"] in ("FAIL", "ERROR") or c.get("test_outcome") in ("error", "not finished", "interrupted"):
+            return True
+        if any(x["outcome"] in ("error", "missing") or (x["outcome"] == "held" and not x.get("known"))
+               for x in c.get("controls", [])):
+            return True
+    return False
+
+
+def _heading(tag: str, hid: str, inner: str) -> str:
+    """A heading with an id and a visible anchor link (every heading can be linked to)."""
+    return f'<{tag} id="{_e(hid)}">{inner}<a class="anchor" href="#{_e(hid)}" title="link to this heading">#</a></{tag}>'
 
 
 def _claims_table(claims: list[dict]) -> str:
@@ -360,7 +443,7 @@ def _claims_table(claims: list[dict]) -> str:
         m = c.get("margin")
         mcell = (f'<td class="num {"ok" if m >= 0 else "bad"}">{_e(fmt_margin(m))}</td>'
                  if isinstance(m, (int, float)) else '<td class="num muted">—</td>')
-        out.append(f'<tr class="{"fail" if c["status"] == "FAIL" else ""}" title="{_e(c.get("message"))}">'
+        out.append(f'<tr class="{"fail" if c["status"] in ("FAIL", "ERROR") else ""}" title="{_e(c.get("message"))}">'
                    f'<td><code>{_e(c["name"])}</code>{seed}{badge}{_test_flag(c)}{sub}</td>'
                    f'<td class="m">{_e(measured_text(c))}</td><td class="m">{_e(op)}</td><td class="m">{_e(thr)}</td>'
                    f'{mcell}<td>{_result(c["status"])}</td><td>{_controls(c)}</td></tr>')
@@ -383,8 +466,9 @@ def _controls(c: dict) -> str:
             continue  # the module's specificity table shows them
         kind = "mutation " if x.get("kind") == "mutation" else ""
         if x["outcome"] in ("failed", "held"):
-            cls = "ok" if x["outcome"] == "failed" else "bad"
+            cls = "ok" if x["outcome"] == "failed" else "warn" if x.get("known") else "bad"
             verdict = ("fails ✓" if x["outcome"] == "failed" else
+                       "HOLDS (known miss)" if x.get("known") else
                        "HOLDS ✗ no power" if kind else "HOLDS ✗ no teeth")
             need = ("" if x.get("op") == "holds" else
                     f'<span class="muted">(needs {_e(x.get("requirement"))}, margin {_e(fmt_margin(x.get("margin")))})'
@@ -442,36 +526,53 @@ def _read(run_dir: Path, rel: str | None) -> bytes | None:
         return None
 
 
+PM_SYMBOL = {"ok": "✓", "bad": "✗", "known": "k", "muted": "–", "na": ""}
+
+
 def _power_matrix(report: dict, module: str) -> str:
+    """One row per claim, one narrow column per control / mutation (its name written upwards), a
+    symbol per cell with the value, requirement and margin in its tooltip; the header row and the
+    claim column stay in view while the box scrolls."""
     pm = power_matrix(report, module)
     if not pm or not pm["rows"]:
         return ""
     kinds = [k for _, k in pm["columns"]]
     n_ctl, n_mut = kinds.count("control"), kinds.count("mutation")
-    groups = ""
-    if n_mut:
-        groups = ('<tr><th></th>' + (f'<th class="grp" colspan="{n_ctl}">controls</th>' if n_ctl else "") +
-                  f'<th class="grp" colspan="{n_mut}">mutations</th></tr>')
-    head = "".join(f"<th>{_e(spec)}</th>" for spec, _ in pm["columns"])
-    out = [f'<h3>Power matrix <span class="sub">— each claim on each control / mutation: green = failed as required, '
-           f'red = held (no teeth / no power)</span></h3><div class="scroll"><table class="pm"><thead>{groups}'
-           f'<tr><th>test · claim</th>{head}</tr></thead><tbody>']
+    head = "".join(f'<th class="spec {k}" title="{_e(k)} {_e(spec)}"><span>{_e(spec.removeprefix("mutate:"))}'
+                   "</span></th>" for spec, k in pm["columns"])
+    hid = f"{anchor(module)}--power"
+    legend = ('each claim (row) on each control / mutation (column): <b class="ok">✓</b> failed as required · '
+              '<b class="bad">✗</b> held: no teeth (control) / no power (mutation) · <b class="warn">k</b> held, '
+              'a known miss (KNOWN_FAILURES) · <b class="bad">!</b> error · – skipped; hover a cell for its value, '
+              'requirement and margin')
+    out = [_heading("h3", hid, f'Power matrix <span class="sub">— {len(pm["rows"])} claims × {n_ctl} controls, '
+                               f'{n_mut} mutations</span>'),
+           f'<p class="note">{legend}</p><div class="pmbox"><table class="pm"><thead>'
+           f'<tr><th class="claim">claim <span class="sub">(test)</span></th>{head}</tr></thead><tbody>']
     for row in pm["rows"]:
         c = row["claim"]
         cells = []
-        for spec, _ in pm["columns"]:
+        for spec, kind in pm["columns"]:
             x = row["cells"].get(spec)
             cls, verdict = cell_verdict(x)
             if x is None:
                 cells.append('<td class="cell"></td>')
                 continue
-            val = (f'<br><span class="m">{_e(x["value_text"])}</span> ({_e(fmt_margin(x.get("margin")))})'
-                   if x.get("value_text") else "")
-            cells.append(f'<td class="cell {cls}" title="{_e(x.get("message"))}">{_e(verdict)}{val}</td>')
+            symbol = "!" if verdict == "error" else PM_SYMBOL.get(cls, "?")
+            tip = f'{c["name"]} on {kind} {spec.removeprefix("mutate:")}: {verdict}'
+            if x.get("value_text"):
+                tip += f' — {x["value_text"]}'
+                if x.get("requirement"):
+                    tip += f' (needs {x["requirement"]}, margin {fmt_margin(x.get("margin"))})'
+            elif x.get("message"):
+                tip += f" — {x['message']}"
+            cells.append(f'<td class="cell {cls}" title="{_e(tip)}">{symbol}</td>')
         seed = f" (seed {c['seed']})" if c.get("seed") is not None else ""
+        test = (c.get("group") or "").split("::", 1)[-1]
         badge = '<span class="badge">generic only</span>' if c.get("generic_only") else ""
-        out.append(f'<tr><td><span class="sub">{_e((c.get("group") or "").split("::", 1)[-1])}{_e(seed)}</span><br>'
-                   f'<code>{_e(c["name"])}</code>{badge}</td>{"".join(cells)}</tr>')
+        out.append(f'<tr><th class="claim" title="{_e(test + seed)}: {_e(c.get("message"))}">'
+                   f'<a href="#{anchor(test_function(c.get("group") or ""))}"><code>{_e(c["name"])}</code></a>'
+                   f'{badge} <span class="sub">{_e(_short(test, 40))}{_e(seed)}</span></th>{"".join(cells)}</tr>')
     out.append("</tbody></table></div>")
     return "\n".join(out)
 
@@ -495,6 +596,10 @@ def _specificity(report: dict, module: str) -> str:
     return "\n".join(out)
 
 
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 # --- the rest ----------------------------------------------------------------------------------------------
 
 
@@ -511,7 +616,9 @@ def _models(report: dict) -> str:
         return ""
     from ..figures import training_curves_svg
 
-    out = ['<section id="models"><h2>Models</h2><table><thead><tr><th>model</th><th>seed</th><th>source</th>'
+    out = ['<section id="models">' + _heading("h2", "models-list", "Models") +
+           f'<details><summary>{len(models)} models (held-out accuracy, source, training time)</summary>'
+           '<table><thead><tr><th>model</th><th>seed</th><th>source</th>'
            "<th>key</th><th>final metrics (held-out first)</th><th class='num'>time</th></tr></thead><tbody>"]
     curves = []
     for m in models:
@@ -528,7 +635,7 @@ def _models(report: dict) -> str:
         if svg:
             curves.append(f'<figure>{svg}<figcaption><b>{_e(m.get("name"))}</b> training curve '
                           f'({_e(m.get("source"))})</figcaption></figure>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></details>")
     if curves:
         out.append(f'<details><summary>training curves ({len(curves)})</summary><div class="grid">{"".join(curves)}'
                    "</div></details>")
@@ -542,7 +649,7 @@ def _tests(report: dict) -> str:
         return ""
     cls = {"passed": "ok", "failed": "bad", "error": "bad", "xpassed": "bad", "not finished": "bad",
            "interrupted": "bad"}
-    out = [f'<section id="tests"><h2>Tests</h2><details><summary>{len(tests)} tests, '
+    out = ['<section id="tests">' + _heading("h2", "tests-list", "Tests") + f'<details><summary>{len(tests)} tests, '
            f"{sum(t.get('duration') or 0 for t in tests):.1f} s in total</summary>"
            "<table><thead><tr><th>test</th><th>outcome</th><th class='num'>duration</th><th>message</th>"
            "</tr></thead><tbody>"]
@@ -563,4 +670,4 @@ def _footer(report: dict) -> str:
           ("cpus", f'{m.get("cpus_usable")} usable of {m.get("cpu_count")}'),
           ("versions", versions_text(report)), ("exit status", report.get("exitstatus"))]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in kv if v is not None)
-    return f'<section id="run"><h2>Run</h2><dl class="kv">{rows}</dl></section>'
+    return f'<section id="run">{_heading("h2", "run-details", "Run")}<dl class="kv">{rows}</dl></section>'

@@ -2,8 +2,8 @@
 load a run by id / path / "latest" / "baseline", and promote a run to the committed baseline.
 
 Layout of a run (``<report-dir>/<run-id>/``): ``report.json``, ``report.md``, ``report.html`` and
-``figures/``; ``<report-dir>/latest`` holds the newest run's id; ``<report-dir>/baseline/`` is the
-committed baseline (``python -m circuits report --promote-baseline [RUN]``).
+``figures/``; ``<report-dir>/latest`` links to the newest run (``latest.txt`` holds its id);
+``<report-dir>/baseline/`` is the committed baseline (``python -m circuits report --promote-baseline [RUN]``).
 """
 
 from __future__ import annotations
@@ -42,13 +42,36 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(Path(path), text.encode("utf-8"))
 
 
+def point_latest(report_dir: Path, run_id: str) -> None:
+    """``<report-dir>/latest`` -> the newest run: a relative symlink where the platform allows one (so
+    ``reports/latest/report.html`` opens), else a text file holding the run id; ``latest.txt`` holds
+    the id on every platform. Both are replaced atomically."""
+    report_dir = Path(report_dir)
+    write_text_atomic(report_dir / "latest.txt", run_id + "\n")
+    link = report_dir / "latest"
+    tmp = report_dir / f".latest.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(run_id, tmp, target_is_directory=True)
+        os.replace(tmp, link)  # (a symlink replaces the old text file or link in one step)
+    except OSError:  # no symlinks here (e.g. Windows without the privilege): the text file, as before
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if link.is_symlink():
+            link.unlink()
+        write_text_atomic(link, run_id + "\n")
+
+
 def write_run(report: dict, run_dir: Path, *, update_latest: bool = True) -> dict[str, Path]:
     """Write report.json first (the part that must survive), then report.md and report.html."""
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "html": run_dir / "report.html"}
     write_json_atomic(paths["json"], report)
     if update_latest:
-        write_text_atomic(run_dir.parent / "latest", report.get("run_id", run_dir.name) + "\n")
+        point_latest(run_dir.parent, run_dir.name)
     write_text_atomic(paths["md"], render_markdown(report))
     write_text_atomic(paths["html"], render_html(report, run_dir))
     # kept in memory only (not in report.json): the terminal's one-line summary names the page
@@ -63,8 +86,11 @@ def resolve_report(ref: str | os.PathLike, report_dir: Path | str) -> Path:
     tried: list[Path] = []
     p = Path(ref_s).expanduser()
     candidates = [p, p / "report.json"]
-    if ref_s == "latest" and (report_dir / "latest").is_file():
-        candidates.append(report_dir / (report_dir / "latest").read_text().strip() / "report.json")
+    if ref_s == "latest":
+        for pointer in ("latest", "latest.txt"):  # a symlink is found below as a run dir; a text file names one
+            f = report_dir / pointer
+            if f.is_file() and not f.is_symlink():
+                candidates.append(report_dir / f.read_text().strip() / "report.json")
     candidates.append(report_dir / ref_s / "report.json")
     for c in candidates:
         tried.append(c)
@@ -84,10 +110,28 @@ def load_report(ref: str | os.PathLike, report_dir: Path | str = "reports") -> d
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read report {path}: {exc}") from None
-    if not isinstance(data, dict) or "claims" not in data:
-        raise ReportError(f"{path} is not a circuits report (no 'claims')")
+    check_report_shape(data, path)
     data.setdefault("_path", str(path))
     return data
+
+
+def check_report_shape(data: Any, path: Path | str) -> None:
+    """ReportError (one line) unless ``data`` has the shape comparing runs reads: an object whose
+    'claims' (and 'tests', when present) are lists of objects. A hand-edited or foreign report is
+    refused when it is loaded, not after the run it is compared with."""
+    if not isinstance(data, dict) or "claims" not in data:
+        raise ReportError(f"{path} is not a circuits report (no 'claims')")
+    for field in ("claims", "tests"):
+        if field not in data:
+            continue
+        rows = data[field]
+        if not isinstance(rows, list):
+            raise ReportError(f"{path} is not a circuits report: its {field!r} is a JSON {type(rows).__name__}, "
+                              "not a list")
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise ReportError(f"{path} is not a circuits report: {field}[{bad}] is a JSON "
+                              f"{type(rows[bad]).__name__}, not an object")
 
 
 def set_baseline(run_dir: Path | str, report_dir: Path | str | None = None) -> Path:

@@ -12,24 +12,28 @@ from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
 from .machine import commit_text
+from .text import NAME_LIMIT, TEXT_LIMIT, visible
 from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
-                    one_line_summary, op_text, power_matrix, problem_tests, rate_text, robustness, specificity,
-                    specificity_text, test_label, unexpected_control_runs, known_control_runs, where)
+                    one_line_summary, op_text, power_matrix, problem_lines, rate_text, robustness, test_label,
+                    known_control_runs, not_run_groups, specificity,
+                    specificity_text, where)
 
 __all__ = ["render_markdown", "md_escape", "md_code"]
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~!{}])")
 
 
-def md_escape(text: Any) -> str:
-    """Text that renders as itself in a GFM table cell: HTML entities, markdown punctuation escaped."""
-    s = html.escape(str(text if text is not None else ""), quote=False)
-    return _MD_SPECIAL.sub(r"\\\1", s).replace("\r", " ").replace("\n", " ")
+def md_escape(text: Any, limit: int = TEXT_LIMIT) -> str:
+    """Text that renders as itself in a GFM table cell: control / bidi characters shown as escapes and
+    cut to `limit` (`visible`), HTML entities, markdown punctuation escaped."""
+    s = html.escape(visible(str(text if text is not None else "").replace("\r", " ").replace("\n", " "), limit),
+                    quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", s)
 
 
 def md_code(text: Any) -> str:
     """A code span, when the text can be one safely (no backtick, no HTML); escaped text otherwise."""
-    s = str(text if text is not None else "").replace("\n", " ")
+    s = visible(str(text if text is not None else "").replace("\n", " "), NAME_LIMIT)
     if "`" in s or re.search(r"[<>&]", s):
         return md_escape(s)
     return "`" + s.replace("|", "\\|") + "`"
@@ -64,14 +68,27 @@ def render_markdown(report: dict) -> str:
             badge = " ⚠ generic controls only" if c.get("generic_only") else ""
             ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])
                              if x.get("kind") != "alternative") or "—"  # alternatives: the specificity table
-            lines.append(f"| {md_escape(test_label(c))} | {md_escape(c['name'])}{badge} | "
+            lines.append(f"| {md_escape(test_label(c), NAME_LIMIT)} | {md_escape(c['name'], NAME_LIMIT)}{badge} | "
                          f"{md_escape(measured_text(c))} | {md_escape(op)} | {md_escape(thr)} | "
                          f"{fmt_margin(c.get('margin'))} | {RESULT.get(c['status'], c['status'])} | {ctl} |")
         lines.append("")
         lines += _power(report, module)
         lines += _specificity(report, module)
     lines += _held_out(report)
+    lines += _ground_truth(report)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _ground_truth(report: dict) -> list[str]:
+    """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
+    from .views import ground_truth_matrix, ground_truth_table
+
+    table = ground_truth_table(report)
+    if not table:
+        return []
+    wrong = ground_truth_matrix(report)["wrong"]
+    return ["### Ground truth: verdicts on compiled models", "", *table, "",
+            *([f"Wrong verdicts: {md_escape('; '.join(wrong))}", ""] if wrong else [])]
 
 
 def _held_out(report: dict) -> list[str]:
@@ -92,35 +109,32 @@ def _rollup(report: dict) -> list[str]:
     rows = module_rollup(report)
     if not rows:
         return []
-    lines = ["| system (module) | claims | held | known failures | failed | controls failed as required | "
-             "generic only | figures |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system (module) | claims | held | known failures | failed | errors | controls failed as required "
+             "(+ known misses) | generic only | no controls | figures |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {md_code(r['module'])} | {r['claims']} | {r['held']} | {r['known']} | "
-                     f"{r['failed'] + r['errors']} | {r['controls_failed']}/{r['controls_total']} | "
-                     f"{r['generic_only']} | {r['figures']} |")
+        known = f" (+{r['controls_known']} known)" if r.get("controls_known") else ""
+        lines.append(f"| {md_code(r['module'])} | {r['claims']} | {r['held']} | {r['known']} | {r['failed']} | "
+                     f"{r['errors']} | {r['controls_failed']}/{r['controls_total']}{known} | "
+                     f"{r['generic_only']} | {r['no_controls']} | {r['figures']} |")
     return lines + [""]
 
 
 def _problems(report: dict) -> list[str]:
-    no_teeth = unexpected_control_runs(report)
-    probs = problem_tests(report)
-    coll = report.get("collection_errors", [])
+    probs = problem_lines(report)
     known = known_control_runs(report)
     lines = []
+    if probs:  # first: what a reader must look at, one line each by kind
+        lines += ["### Problems", ""]
+        lines += [f"- **{md_escape(p['kind'])}** {md_code(p['nodeid'])}: {md_escape(p.get('message'))}"
+                  for p in probs] + [""]
+    for g in not_run_groups(report):
+        lines += [f"*Not run:* {g['n']} {md_escape(g['reason'])} (run with {md_code(g['option'])})", ""]
     if known:
         lines += ["### Claims known to hold under a control (the module's KNOWN_FAILURES, with reasons)", ""]
         lines += [f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))} *Known:* {md_escape(r.get('known'))}"
                   for r in known] + [""]
-    if not (no_teeth or probs or coll):
-        return lines
-    lines += ["### Problems", ""]
-    for e in coll:
-        lines.append(f"- collection error in {md_code(e['nodeid'])}: {md_escape(e.get('message'))}")
-    for r in no_teeth:
-        lines.append(f"- {md_code(r['nodeid'])}: {md_escape(r.get('message'))}")
-    for t in probs:
-        lines.append(f"- {md_code(t['nodeid'])} {md_escape(t['outcome'])}: {md_escape(t.get('message'))}")
-    return lines + [""]
+    return lines
 
 
 def _robustness(report: dict) -> list[str]:
@@ -141,7 +155,7 @@ def _robustness(report: dict) -> list[str]:
             flip = " ⇄ flipped" if s["flip"] else ""
             cells.append(f"seed {md_escape(s['seed'])}: {verdict} {md_escape(s['value_text'])} "
                          f"({fmt_margin(s['margin'])}{extra}){flip}")
-        lines.append(f"| {md_escape(r['test'])} | {md_escape(r['name'])} | {ref_t} | {'<br>'.join(cells)} | "
+        lines.append(f"| {md_escape(r['test'], NAME_LIMIT)} | {md_escape(r['name'], NAME_LIMIT)} | {ref_t} | {'<br>'.join(cells)} | "
                      f"{md_escape(rate_text(r))} |")
     return lines + [""]
 
@@ -164,7 +178,7 @@ def _power(report: dict, module: str) -> list[str]:
             else:
                 val = f" {md_escape(x['value_text'])} ({fmt_margin(x.get('margin'))})" if x.get("value_text") else ""
                 cells.append(("**" + verdict + "**" if cls == "bad" else verdict) + val)
-        lines.append(f"| {md_escape(test_label(c))} {md_escape(c['name'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_escape(test_label(c), NAME_LIMIT)} {md_escape(c['name'], NAME_LIMIT)} | " + " | ".join(cells) + " |")
     return lines + ["", "</details>", ""]
 
 
@@ -199,7 +213,7 @@ def _compare_md(cmp_: dict) -> list[str]:
             b = ("pass" if r["before"] else "fail") + f" ({md_escape(r['value_before'])})"
             a = ("pass" if r["after"] else "**fail**") + f" ({md_escape(r['value_after'])})"
             flip = " ⇄ flipped" if r["before"] != r["after"] else ""
-            lines.append(f"| {md_escape(where(r))} | {md_escape(r['name'])}{flip} | {b} | {a} | "
+            lines.append(f"| {md_escape(where(r))} | {md_escape(r['name'], NAME_LIMIT)}{flip} | {b} | {a} | "
                          f"{fmt_margin(r['delta'])} |")
         lines.append("")
     return lines

@@ -6,16 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .views import (claim_rows, fmt_margin, known_control_runs, measured_text, one_line_summary, op_text, rate_text,
-                    robustness, specificity, specificity_text, test_label, unexpected_control_runs, where)
+from .text import NAME_LIMIT, TEXT_LIMIT, visible
+from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
+                    one_line_summary, op_text, problem_lines, rate_text, robustness, specificity, specificity_text,
+                    test_label, where)
 
 __all__ = ["terminal_lines"]
 
-CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "skipped": "skipped"}
+CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "error": "ERROR", "skipped": "skipped"}
 
 
 def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
-    """Rows for the terminal summary: (text, markup) with markup like {"green": True}."""
+    """Rows for the terminal summary: (text, markup) with markup like {"green": True}. Text from tests
+    is shown through `visible` (no escape sequence, newline or bidi override reaches the terminal)."""
     out: list[tuple[str, dict]] = []
     rows = [c for cs in claim_rows(report).values() for c in cs]
     if rows:
@@ -23,7 +26,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         marks = [{}]
         for c in rows:
             op, thr = op_text(c)
-            status = c["status"] + (" (generic controls only)" if c.get("generic_only") else "")
+            status = c["status"] + (" (generic controls only)" if c.get("generic_only") else
+                                    " (no controls)" if c.get("no_controls") else "")
             table.append((_clip(test_label(c), 40), _clip(c["name"], 36), _clip(measured_text(c), 30), op,
                           _clip(thr, 20), fmt_margin(c.get("margin")), status))
             marks.append({"green": True} if c["status"] == "PASS" else
@@ -33,14 +37,16 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
                     continue  # one specificity row per claim below, not one per alternative
                 held = "NO POWER" if x.get("kind") == "mutation" else "NO TEETH"
                 res = CONTROL_RESULT.get(x["outcome"], held)
+                if x["outcome"] == "held" and x.get("known"):
+                    res = f"{held} (known)"
                 xop, xthr = op_text(x) if x.get("requirement") else ("", "")
                 spec = x["control"].removeprefix("mutate:")  # the kind says it is a mutation
                 table.append(("", f"  ↳ {x.get('kind', 'control')} {_clip(spec, 26)}",
                               _clip(x.get("value_text") or "-", 30), xop, _clip(xthr, 20),
                               fmt_margin(x.get("margin")), res))
                 marks.append({"green": True} if x["outcome"] == "failed" else
-                             {"yellow": True} if x["outcome"] == "skipped" else {"red": True})
-            spec_row = next((r for r in specificity({**report, "claims": [c]}) ), None)
+                             {"yellow": True} if x["outcome"] == "skipped" or x.get("known") else {"red": True})
+            spec_row = next((r for r in specificity({**report, "claims": [c]})), None)
             if spec_row is not None:
                 k = len(spec_row["held"])
                 table.append(("", "  ↳ specificity", _clip(f"{k} of {spec_row['n']} alternatives hold", 30), "", "",
@@ -59,14 +65,12 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
             ref_t = "" if ref is None else f"ref {'P' if ref['passed'] else 'F'} {ref['value_text']}; "
             seeds = " ".join(f"{s['seed']}:{_seed_mark(s)}{'⇄' if s['flip'] else ''}" for s in r["seeds"])
             ok = r["expected_failure"] or r["rate"] == 1.0
-            out.append((f"  {r['test']} {r['name']}: {rate_text(r)}  [{ref_t}{seeds}]",
+            out.append((f"  {_name(r['test'])} {_name(r['name'])}: {rate_text(r)}  [{ref_t}{seeds}]",
                         {"green": ok, "red": not ok}))
     for r in known_control_runs(report):
-        out.append((f"{r['nodeid']}: known ({r.get('message')})", {}))
-    for r in unexpected_control_runs(report):
-        out.append((f"{r['nodeid']}: {r.get('message')}", {"red": True}))
-    for e in report.get("collection_errors", []):
-        out.append((f"collection error in {e['nodeid']}: {e.get('message')}", {"red": True}))
+        out.append((f"{r['nodeid']}: known ({r.get('message')})", {"yellow": True}))
+    for p in problem_lines(report):  # one line each, by kind
+        out.append((f"{p['kind'].upper()} {p['nodeid']}: {p.get('message')}", {"red": True}))
     cmp_ = report.get("compare")
     if cmp_:
         n = cmp_["counts"]
@@ -79,16 +83,20 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         for r in compare_display_rows(cmp_, limit=5):
             flip = r["before"] != r["after"]
             verdict = f"{'pass' if r['before'] else 'fail'} -> {'pass' if r['after'] else 'fail'}, " if flip else ""
-            out.append((f"  {'FLIPPED' if flip else 'moved  '} {where(r)} {r['name']}: {verdict}"
+            out.append((f"  {'FLIPPED' if flip else 'moved  '} {_name(where(r))} {_name(r['name'])}: {verdict}"
                         f"{r['value_before']} -> {r['value_after']} (margin {fmt_margin(r['delta'])})",
                         {"green": r["after"], "red": not r["after"]} if flip else {}))
     if rows or report.get("tests"):
         out.append(("", {}))
-        s = report.get("summary", {})
-        bad = (s.get("failed") or s.get("controls_no_teeth") or s.get("controls_no_power") or s.get("controls_unspecific")
-               or unexpected_control_runs(report))
-        out.append((one_line_summary(report), {"bold": True, "red": bool(bad), "green": not bad}))
-    return out
+        if not_run_text(report):
+            out.append((not_run_text(report), {}))
+        bad = has_problems(report)
+        out.append((one_line_summary(report), {"bold": True, "red": bad, "green": not bad}))
+    return [(visible(text, TEXT_LIMIT), markup) for text, markup in out]  # what the parts above left raw
+
+
+def _name(s: Any) -> str:
+    return visible(s, NAME_LIMIT)
 
 
 def _seed_mark(s: dict) -> str:
@@ -101,5 +109,5 @@ def _seed_mark(s: dict) -> str:
 
 
 def _clip(s: Any, n: int) -> str:
-    s = str(s if s is not None else "")
+    s = visible(s, None)
     return s if len(s) <= n else s[: n - 1] + "…"

@@ -11,13 +11,14 @@ from collections import defaultdict
 from typing import Any
 
 from ..claims import format_numbers
-from .collect import GENERIC_CONTROLS, control_kind
+from .collect import GENERIC_CONTROLS, OUTCOME_KINDS, control_kind, outcome_counts, problem_tests, run_errors
 from .machine import commit_text
 
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
-           "test_groups", "power_matrix", "specificity", "specificity_text", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics", "binding_text",
-           "commit_text"]
+           "test_groups", "power_matrix", "robustness", "wilson_interval", "held_out", "held_out_text", "ordered_metrics",
+           "binding_text", "commit_text", "outcome_items", "problem_lines", "not_run_groups", "not_run_text",
+           "has_problems", "run_errors", "OUTCOME_KINDS", "specificity", "specificity_text"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -56,12 +57,14 @@ def op_text(c: dict) -> tuple[str, str]:
     return op, rest
 
 
-CONTROL_MARKS = {"failed": "✓", "held": "✗ held", "missing": "! error", "skipped": "– skipped"}
+CONTROL_MARKS = {"failed": "✓", "held": "✗ held", "missing": "! error", "error": "! error", "skipped": "– skipped"}
 
 
 def control_text(x: dict) -> str:
     """One control of a claim: ``untrained ✓ 2716 (needs >= 5000, margin −2284)``."""
-    text = f"{x['control']} {CONTROL_MARKS.get(x['outcome'], x['outcome'])}"
+    known = x["outcome"] == "held" and x.get("known")
+    mark = "✗ held (known)" if known else CONTROL_MARKS.get(x["outcome"], x["outcome"])
+    text = f"{x['control']} {mark}"
     if x.get("value_text"):
         text += f" {x['value_text']}"
         if x.get("requirement") and x.get("op") != "holds":
@@ -169,46 +172,84 @@ def unexpected_control_runs(report: dict) -> list[dict]:
     return [r for r in report.get("control_runs", []) if r.get("outcome") != "ok" and not r.get("known")]
 
 
+def problem_lines(report: dict) -> list[dict]:
+    """Everything a reader must look at, one line each: {"kind" (a label), "nodeid", "message"}:
+    errors by kind (collection, fixture, never-applied control, NaN/inf value, crash), failed claims,
+    then control / mutation runs whose claims held (no teeth / no power) that no KNOWN_FAILURES documents."""
+    out = [{"kind": e["label"], "nodeid": e["nodeid"], "message": e.get("message")} for e in run_errors(report)]
+    for c in report.get("claims", []):
+        if not c.get("control") and c.get("status") == "FAIL":
+            out.append({"kind": "failed claim", "nodeid": c.get("nodeid"), "message": c.get("message")})
+    for r in unexpected_control_runs(report):
+        if r.get("outcome") != "error":
+            out.append({"kind": r.get("outcome", "").replace("_", " "), "nodeid": r.get("nodeid"),
+                        "message": r.get("message")})
+    return out
+
+
+def not_run_groups(report: dict) -> list[dict]:
+    """Tests deselected at collection, by why: {"reason", "option" (what runs them), "n", "nodeids"}."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for r in report.get("not_run") or []:
+        groups[(r.get("reason") or "", r.get("option") or "")].append(r.get("nodeid") or "")
+    return [{"reason": reason, "option": option, "n": len(ids), "nodeids": ids}
+            for (reason, option), ids in groups.items()]
+
+
+def not_run_text(report: dict) -> str:
+    """``not run: 35 full-sweep grid tests (run with --circuits-full-sweep), ...`` or ""."""
+    groups = not_run_groups(report)
+    if not groups:
+        return ""
+    return "not run: " + ", ".join(f"{g['n']} {g['reason']} (run with {g['option']})" for g in groups)
+
+
 def known_control_runs(report: dict) -> list[dict]:
     """Control / mutation runs whose claims held, as the module's KNOWN_FAILURES says (with its reason)."""
     return [r for r in report.get("control_runs", []) if r.get("outcome") != "ok" and r.get("known")]
-
-
-def problem_tests(report: dict) -> list[dict]:
-    """Tests that failed / errored / did not finish, other than by a failing claim."""
-    failing_claims = {c["nodeid"] for c in report.get("claims", []) if not c.get("passed") and not c.get("control")}
-    failing_claims |= {r["nodeid"] for r in report.get("control_runs", []) if r.get("outcome") != "ok"}
-    out = []
-    for t in report.get("tests", []):
-        if t["outcome"] in ("failed", "error", "not finished", "interrupted") and t["nodeid"] not in failing_claims:
-            out.append(t)
-    return out
 
 
 # --- summaries ---------------------------------------------------------------------------------------------
 
 
 def summary_counts(report: dict) -> dict[str, int]:
-    """held / known failures / no teeth / failed / generic-only, the numbers of the one-line summary."""
+    """The one-line summary's numbers: one per OUTCOME_KINDS key, ``known_<key>`` for control runs the
+    modules' KNOWN_FAILURES document, and the flags ``generic_only`` / ``no_controls``."""
     s = report.get("summary", {})
-    t = s.get("tests", {})
-    return {"held": s.get("passed", 0), "known": s.get("xfailed", 0),
-            "no_teeth": s.get("controls_no_teeth", 0) + s.get("controls_no_power", 0),
-            "unspecific": s.get("controls_unspecific", 0),
-            "known_controls": s.get("controls_known", 0),
-            "failed": s.get("failed", 0) + len(problem_tests(report)) + len(report.get("collection_errors", [])),
-            "generic_only": s.get("generic_only", 0), "claims": s.get("claims", 0),
-            "tests": sum(t.values())}
+    counts, known = outcome_counts(report)
+    out = dict(counts)
+    out.update({f"known_{k}": v for k, v in known.items()})
+    out.update(generic_only=s.get("generic_only", 0), no_controls=s.get("no_controls", 0),
+               claims=s.get("claims", 0), tests=sum(s.get("tests", {}).values()))
+    return out
+
+
+def outcome_items(report: dict) -> list[dict]:
+    """The summary's counts in OUTCOME_KINDS order: {"key", "label", "n", "known", "problem", "text"}."""
+    n = summary_counts(report)
+    items = []
+    for key, label, problem in OUTCOME_KINDS:
+        known = n.get(f"known_{key}", 0)
+        text = f"{n.get(key, 0)} {label}" + (f" (+{known} known)" if known else "")
+        items.append({"key": key, "label": label, "n": n.get(key, 0), "known": known, "problem": problem,
+                      "text": text})
+    return items
+
+
+def has_problems(report: dict) -> bool:
+    """Whether any outcome counted as a problem is non-zero (the summary is red then)."""
+    return any(i["problem"] and i["n"] for i in outcome_items(report))
 
 
 def one_line_summary(report: dict) -> str:
-    """``circuits: 177 claims held, 7 known failures, 0 no-teeth, 0 failed — report: PATH``."""
+    """``circuits: 143 claims held, 26 known failures, 0 failed claims, 0 no-teeth (+7 known), 0 no-power,
+    0 errors — report: PATH``: every OUTCOME_KINDS count, never folded into another."""
     n = summary_counts(report)
-    known = f" (+{n['known_controls']} known)" if n["known_controls"] else ""
-    text = (f"circuits: {n['held']} claims held, {n['known']} known failures, {n['no_teeth']} no-teeth{known}, "
-            + (f"{n['unspecific']} unspecific, " if n["unspecific"] else "") + f"{n['failed']} failed")
+    text = "circuits: " + ", ".join(i["text"] for i in outcome_items(report))
     if n["generic_only"]:
         text += f", {n['generic_only']} with generic controls only"
+    if n["no_controls"]:
+        text += f", {n['no_controls']} without controls"
     if report.get("interrupted"):
         text += " (interrupted: partial)"
     if report.get("_html_path"):
@@ -246,21 +287,25 @@ def module_rollup(report: dict) -> list[dict]:
     rows = []
     by_mod = claim_rows(report)
     tests = report.get("tests", [])
-    problems = {t["nodeid"] for t in problem_tests(report)}
+    errors = run_errors(report)
     for module in modules_in_order(report):
         cs = by_mod.get(module, [])
         cells = [x for c in cs for x in c.get("controls", [])]
         mod_tests = [t for t in tests if t.get("module") == module]
+        mod_ids = {t["nodeid"] for t in mod_tests}
         doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
         rows.append({
             "module": module, "anchor": anchor(module), "doc": doc.split("\n\n")[0].replace("\n", " "),
             "claims": len(cs), "held": sum(c["status"] == "PASS" for c in cs),
             "known": sum(c["status"] == "XFAIL" for c in cs), "failed": sum(c["status"] == "FAIL" for c in cs),
-            "errors": sum(t["nodeid"] in problems for t in mod_tests),
+            "errors": sum(e["nodeid"] in mod_ids or (e["nodeid"] or "").split("::")[0] == module for e in errors),
             "controls_failed": sum(x["outcome"] == "failed" for x in cells),
-            "controls_held": sum(x["outcome"] == "held" for x in cells),
-            "controls_total": sum(x["outcome"] in ("failed", "held", "missing") for x in cells),
+            # a documented known miss is counted (and coloured) as known, not as a problem
+            "controls_held": sum(x["outcome"] == "held" and not x.get("known") for x in cells),
+            "controls_known": sum(x["outcome"] == "held" and bool(x.get("known")) for x in cells),
+            "controls_total": sum(x["outcome"] in ("failed", "held", "missing", "error") for x in cells),
             "generic_only": sum(bool(c.get("generic_only")) for c in cs),
+            "no_controls": sum(bool(c.get("no_controls")) for c in cs),
             "figures": sum(1 for f in report.get("figures", [])
                            if (f.get("nodeid") or "").split("::")[0] == module),
             "duration": sum(t.get("duration") or 0.0 for t in mod_tests),
@@ -302,6 +347,8 @@ def cell_verdict(x: dict | None) -> tuple[str, str]:
     if x["outcome"] == "failed":
         return "ok", "fails ✓"
     if x["outcome"] == "held":
+        if x.get("known"):  # documented in the module's KNOWN_FAILURES: known, not a new problem
+            return "known", "known"
         return "bad", {"mutation": "no power", "alternative": "unspecific"}.get(x.get("kind"), "no teeth")
     if x["outcome"] == "skipped":
         return "muted", "skipped"
@@ -464,3 +511,47 @@ def ordered_metrics(metrics: dict | None) -> list[tuple[str, Any]]:
 def metrics_text(metrics: dict | None, limit: int = 6) -> str:
     items = ordered_metrics(metrics)[:limit]
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
+
+
+GROUND_TRUTH_CLAIM = re.compile(r"^(TRUE|FALSE) ([A-Za-z-]+)(?: \(([^)]*)\))?: ")
+
+
+def ground_truth_matrix(report: dict) -> dict | None:
+    """The confusion matrix of claims about models whose mechanism is known (Tracr-compiled: claim
+    names "TRUE <type>: ..." / "FALSE <type> (<how>): ... is refuted", hypotheses/test_ground_truth.py),
+    per claim type: {"types": {type: {"true_pass", "true_fail", "false_pass", "false_fail"}},
+    "total": the same summed, "wrong": [names of wrong verdicts]}. A FALSE claim's record holds when
+    the false claim failed, so its verdict "pass" is that record failing. None when no such claims ran."""
+    types: dict[str, dict[str, int]] = {}
+    wrong: list[str] = []
+    for c in report.get("claims", []):
+        m = GROUND_TRUTH_CLAIM.match(c.get("name") or "")
+        if c.get("control") or not m:
+            continue
+        truth, kind = m.group(1).lower(), m.group(2)
+        claim_passed = bool(c.get("passed")) if truth == "true" else not c.get("passed")
+        cell = f"{truth}_{'pass' if claim_passed else 'fail'}"
+        row = types.setdefault(kind, {"true_pass": 0, "true_fail": 0, "false_pass": 0, "false_fail": 0})
+        row[cell] += 1
+        if cell in ("true_fail", "false_pass"):
+            wrong.append(c["name"])
+    if not types:
+        return None
+    total = {k: sum(r[k] for r in types.values()) for k in ("true_pass", "true_fail", "false_pass", "false_fail")}
+    return {"types": dict(sorted(types.items())), "total": total, "wrong": wrong}
+
+
+def ground_truth_table(report: dict) -> list[str]:
+    """`ground_truth_matrix` as Markdown table lines (empty when no ground-truth claims ran)."""
+    gt = ground_truth_matrix(report)
+    if gt is None:
+        return []
+    lines = ["| claim type | TRUE, passed | TRUE, failed | FALSE, passed | FALSE, failed | verdicts right |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for kind, r in [*gt["types"].items(), ("all", gt["total"])]:
+        n = sum(r.values())
+        right = r["true_pass"] + r["false_fail"]
+        label = f"**{kind}**" if kind == "all" else kind
+        lines.append(f"| {label} | {r['true_pass']} | {r['true_fail']} | {r['false_pass']} | {r['false_fail']} | "
+                     f"{right} / {n} |")
+    return lines

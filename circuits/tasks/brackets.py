@@ -784,6 +784,16 @@ def train_tutorial_style(entry, seed: int, progress=None):
     return train_entry(entry, seed, progress, during=tutorial_extras)
 
 
+def _tutorial_ensemble_extras(entry) -> dict:
+    """The same extras for the stacked trainer (circuits.ensemble.Extras): embedding scale, dropout,
+    and the dropout generator's seed offset (seed + 424_242, as above)."""
+    scale = math.sqrt(entry.config.d_model) if entry.extra.get("embed_scale") == "sqrt_d_model" else 1.0
+    return {"embed_scale": scale, "p": float(entry.extra.get("dropout", TUTORIAL_DROPOUT)), "seed_offset": 424_242}
+
+
+train_tutorial_style.ensemble_extras = _tutorial_ensemble_extras
+
+
 def recipe_variants() -> dict:
     """The census recipes (issue 17), as `brackets@<name>` variants; evaluation and the final test set
     are the published distribution (`generate`) for every recipe, so their accuracies compare.

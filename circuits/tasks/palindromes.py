@@ -314,4 +314,26 @@ def zoo_entries() -> list:
         data_recipe={"eval": "circuits.tasks.palindromes.generate", "train": "generate_training_mix",
                      "version": DATA_VERSION, "k": K, "perturb_n_times": PERTURB_N_TIMES,
                      "p_perturb": P_PERTURB},
+        variants=recipe_variants(),
     )]
+
+
+def recipe_variants() -> dict:
+    """``palindromes@seed``: the recipe the seed notebook (001) trained its own model with, for the
+    census (issue 34). From its training cell: ``PalindromeDataset(1_000_000, k=5, perturb_n_times=8,
+    alphabet=string.ascii_lowercase)`` (26 letters: our `generate`, not the over-sampling training
+    mix), ``DataLoader(batch_size=32, shuffle=True)`` for one epoch (31,250 steps),
+    ``torch.optim.Adam(lr=1e-4)`` (defaults: betas (0.9, 0.999), no weight decay), a constant learning
+    rate (no warm-up, no schedule), no gradient clipping; the model config (3 layers, d_model 32, no
+    LayerNorm, bidirectional, CLS read-out) is the entry's own. What we chose where the notebook does
+    not say or cannot be followed: its classifier head is an nn.Linear (PyTorch's uniform init); ours is
+    the unembed with the TL normal init (std 0.1414) like every other weight; its shuffle has no seed,
+    ours comes from the model seed; the held-out evaluation (10k strings every 5,000 steps) and a final
+    100k test set are ours (the notebook scored 1,000 test strings)."""
+    seed_recipe = {"steps": 31_250, "batch_size": 32, "lr": 1e-4, "warmup_steps": 0, "min_lr_frac": 1.0,
+                   "weight_decay": 0.0, "betas": (0.9, 0.999), "grad_clip": 0.0, "n_train": 1_000_000,
+                   "n_eval": 10_000, "eval_every": 5_000, "n_test": 100_000, "threads": 1}
+    return {"seed": {"recipe": seed_recipe, "make_train_split": make_split,
+                     "data_recipe": {"eval": "circuits.tasks.palindromes.generate", "train": "generate",
+                                     "version": DATA_VERSION, "k": K, "perturb_n_times": PERTURB_N_TIMES,
+                                     "p_perturb": P_PERTURB, "recipe_of": "seed 001 notebook"}}}

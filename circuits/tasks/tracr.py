@@ -41,7 +41,8 @@ import torch
 from circuits.errors import ConfigError, InputError
 
 __all__ = ["TracrProgram", "PROGRAMS", "TRACR_PINS", "FORMAT", "entry_name", "card_path", "read_card",
-           "config_from_card", "tl_state_from_tracr", "encode", "decode_outputs", "inputs_of", "zoo_entries"]
+           "config_from_card", "tl_state_from_tracr", "encode", "decode_outputs", "inputs_of", "component_of",
+           "ground_truth_edges", "zoo_entries"]
 
 # the compiler versions the shipped files come from (the `tracr` extra pins the same)
 TRACR_PINS = {"tracr-pypi": "1.0.0", "jax": "0.10.2", "dm-haiku": "0.0.17", "numpy": "2.4.6"}
@@ -186,6 +187,39 @@ def decode_outputs(tracr: Mapping[str, Any], logits: torch.Tensor) -> list[list]
         values = out["values"]
         return [[values[i] for i in row] for row in body.argmax(-1).tolist()]
     return body[..., 0].tolist()
+
+
+# --- the known circuit ----------------------------------------------------------------------------------
+
+def component_of(sublayer: Mapping[str, Any]) -> str:
+    """A card's sublayer as a component label: "L1H0" (attention head), "L2.mlp" (MLP)."""
+    if sublayer["kind"] == "attn":
+        return f"L{sublayer['layer']}H{sublayer['head']}"
+    return f"L{sublayer['layer']}.mlp"
+
+
+def ground_truth_edges(tracr: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    """The compiled model's computational graph, from its card: (writer, reader, SOp) for every SOp a
+    component reads that an earlier component (or the embeddings) wrote. Writers: "embed" (tokens and
+    the constant "one" direction), "pos_embed" (indices), heads "L<l>H<h>", MLPs "L<l>.mlp"; the
+    reader "logits" reads the output SOp. What Tracr compiled, so a circuit-discovery method can be
+    scored against it (a head or MLP absent from every edge is unused)."""
+    order = lambda sub: (sub["layer"], sub["kind"] == "mlp")  # attention, then the MLP, layer by layer
+    writers: list[tuple[tuple, str, set]] = [((-1, False), "embed", {"tokens", "one"}),
+                                             ((-1, False), "pos_embed", {"indices"})]
+    for sub in tracr["sublayers"]:
+        writers.append((order(sub), component_of(sub), set(sub["writes"])))
+    edges = set()
+    readers = [(order(sub), component_of(sub),
+                set(sub.get("reads", [])) | set(sub.get("query_reads", [])) | set(sub.get("key_reads", []))
+                | set(sub.get("value_reads", []))) for sub in tracr["sublayers"]]
+    readers.append(((1 << 30, True), "logits", {tracr["output"]["sop"]}))
+    for when, reader, reads in readers:
+        for sop in reads:
+            for w_when, writer, writes in writers:
+                if sop in writes and w_when < when and writer != reader:
+                    edges.add((writer, reader, sop))
+    return edges
 
 
 # --- zoo --------------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Calibration of the claims' decision rules (issue 30, item 5): a claim whose population value sits
+exactly at its threshold must pass at most as often as the rule's nominal level (2.5% for a bound
+of a two-sided 95% interval), up to Monte-Carlo error: the Wilson 95% interval of the measured rate
+over 200 seeds must reach down to the nominal level. Each rule runs the very code the claims run
+(circuits/calibration.py); the README's table comes from scripts/calibrate.py with more seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from circuits import calibration as C
+
+SEEDS = 200
+
+# fast configurations of each rule (sample sizes where a 200-seed run takes well under a second)
+RULES = {
+    "mean at_least (percentile)": lambda: C.mean_at_least(40, "percentile", n_resamples=1000),
+    "mean at_least (BCa)": lambda: C.mean_at_least(30, "BCa", n_resamples=1000),
+    "mean at_most, skewed (percentile)": lambda: C.mean_at_most(300, "percentile"),
+    "close_to on an interval": lambda: C.close_to_interval(40, "percentile"),
+    "auroc at_least (BCa)": lambda: C.auroc_at_least(50, "BCa", n_resamples=400),
+    "spearman at_least (percentile)": lambda: C.spearman_at_least(60, "percentile", n_resamples=300),
+    "scrub_claim": lambda: C.scrub_at_least(100, 5),
+}
+
+
+@pytest.mark.parametrize("key", list(RULES))
+def test_rule_passes_at_its_threshold_at_most_at_the_nominal_level(key):
+    rule = RULES[key]()
+    rate = C.pass_rate(rule, SEEDS)
+    assert rate.lo <= rule.nominal, (
+        f"{rule.name}, n={rule.n}, {rule.population}: passes at its threshold {rate} of {SEEDS} seeds; "
+        f"the nominal level is {rule.nominal:.1%}: {rate.lo - rule.nominal:.2%} above it even at the "
+        "Wilson interval's low end")
+
+
+def test_the_check_sees_an_anti_conservative_rule():
+    """A close_to on a bare sample mean has no interval: at the tolerance's edge it passes about half
+    the time, and the check above must say so (it is not a rule the claims may use on sampled data)."""
+    rule = C.point_close_to(40)
+    rate = C.pass_rate(rule, SEEDS)
+    assert rate.lo > rule.nominal and 0.35 <= rate.rate <= 0.65, rate
+
+
+def test_rules_pass_when_the_truth_is_clear_of_the_threshold():
+    """Power beside calibration: each rule passes a claim whose true value clears the threshold by
+    a few standard errors (a rule that never passes is calibrated too)."""
+    c = C._claims(0)
+    g = np.random.default_rng(0)
+    assert c.at_least("mean", c.sample(1.5 + g.normal(size=40), np.mean, method="percentile"), 1.0).passed
+    from circuits.stats import auroc_ci
+
+    assert c.at_least("auroc", auroc_ci(2.5 + g.normal(size=50), g.normal(size=50), n_resamples=400), 0.9).passed
+    from circuits.scrub import scrub_claim, scrub_result
+
+    s, b = C.scrub_losses(0, 200, 5, 0.95)
+    assert scrub_claim(c, "sim", scrub_result("sim", 0.05, s, b), 0.85).passed
+
+
+def test_wilson_interval():
+    lo, hi = C.wilson(5, 200)
+    assert abs(lo - 0.01073) < 1e-4 and abs(hi - 0.05721) < 1e-4  # textbook values
+    assert C.wilson(0, 200)[0] == 0.0 and abs(C.wilson(200, 200)[1] - 1.0) < 1e-12
+
+
+def test_expanded_level_widens_small_samples_only():
+    from circuits.stats import expanded_level
+
+    assert abs(expanded_level(0.95, 20) - 0.968) < 0.001
+    assert abs(expanded_level(0.95, 5000) - 0.95) < 1e-4
+    assert expanded_level(0.95, 2) == 0.95
+
+
+def test_auroc_bca_matches_scipys_bca():
+    """auroc_ci's closed-form-jackknife BCa interval equals scipy.stats.bootstrap's BCa (which
+    jackknifes by recomputing) on the same resamples, ties included."""
+    from scipy import stats as st
+
+    from circuits.stats import _auroc_bca, _auroc_ranks
+
+    g = np.random.default_rng(1)
+    pos, neg = np.round(g.normal(1.5, 1, 80), 1), np.round(g.normal(0, 1, 120), 1)
+    ref = st.bootstrap((pos, neg), _auroc_ranks, method="BCa", n_resamples=3000, batch=3000,
+                       rng=np.random.default_rng(3)).confidence_interval
+    np.testing.assert_allclose(_auroc_bca(pos, neg, 0.95, 3000, 3), [ref.low, ref.high], atol=1e-4)
