@@ -11,9 +11,10 @@ import torch
 
 from circuits.controls import register_control
 from circuits.mutations import register_model_shape
+from circuits.reference import ARENA_CONFIG
 
 # claims on the ARENA checkpoint get their specificity alternatives (every other head) at collection
-register_model_shape("arena_model", reference.ARENA_CONFIG["n_layers"], reference.ARENA_CONFIG["n_heads"])
+register_model_shape("arena_model", ARENA_CONFIG["n_layers"], ARENA_CONFIG["n_heads"])
 
 
 def analysis_threads() -> int:
