@@ -315,7 +315,7 @@ def test_one_line_summary_and_terminal_end():
     report = sample_collector().build(run_id="r1")
     line = rp.one_line_summary(report)
     # every kind counted apart: the failed claim (r), the no-teeth control run, two fixture errors
-    assert line == ("circuits: 1 claims held, 1 known failures, 1 failed claims, 1 no-teeth, 0 no-power, 2 errors, "
+    assert line == ("circuits: 1 claims held, 1 known failures, 1 failed claims, 1 no-teeth, 0 no-power, 0 unspecific, 2 errors, "
                     "2 with generic controls only, 1 without controls")
     assert [(e["kind"], e["nodeid"].split("::")[1]) for e in report["errors"]] == [
         ("fixture", "test_setup_err"), ("fixture", "test_td")]
@@ -490,7 +490,7 @@ def test_a_control_run_that_known_failures_documents_is_listed_apart_not_as_a_pr
     s = report["summary"]
     assert (s["controls_no_teeth"], s["controls_known"]) == (1, 1)  # the sample's undocumented one stays
     assert rp.one_line_summary(report) == ("circuits: 1 claims held, 1 known failures, 1 failed claims, "
-                                           "1 no-teeth (+1 known), 0 no-power, 2 errors, 2 with generic controls "
+                                           "1 no-teeth (+1 known), 0 no-power, 0 unspecific, 2 errors, 2 with generic controls "
                                            "only, 1 without controls")
     md = rp.render_markdown(report)
     known_at, problems_at = md.index("### Claims known to hold under a control"), md.index("### Problems")
