@@ -96,9 +96,10 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in _MARKERS:
         if name not in declared:  # a project that installs the plugin need not declare them
             config.addinivalue_line("markers", text)
-    from .zoo_fixtures import apply_ensemble_option
+    if config.getoption("circuits_ensemble", None) is not None:  # zoo_fixtures only when asked: start-up stays light
+        from .zoo_fixtures import apply_ensemble_option
 
-    apply_ensemble_option(config)
+        apply_ensemble_option(config)
     options = RunOptions.from_config(config)
     previous = None
     if options.compare_path is not None:

@@ -294,20 +294,13 @@ def lock_timeout_from_env() -> float:
 def check_cache_dir(path: Path) -> Path:
     """``path`` if it can hold a model store: a folder, or not there yet below a folder we may write
     to. :class:`StoreError` naming the path otherwise (nothing is created here)."""
+    from .paths import check_output_dir
+
     hint = f"point ${CACHE_ENV} at a folder" if os.environ.get(CACHE_ENV, "").strip() else f"set ${CACHE_ENV}"
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        if probe.is_symlink():  # a dangling link: mkdir would fail on it
-            raise StoreError(f"model store {path}: {probe} is a broken symbolic link; {hint}")
-        probe = probe.parent
-    if not probe.is_dir():
-        what = "the model store" if probe == path else f"model store {path}: its parent {probe}"
-        raise StoreError(f"{what} ({probe}) is a file, not a folder; {hint}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise StoreError(f"model store {path}: {probe} is not writable by this user; {hint}")
-    return path
+    try:
+        return check_output_dir(path, "the model store", hint)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
 
 
 def check_environment(root: str | os.PathLike[str] | None = None) -> tuple[Path, float]:

@@ -471,6 +471,20 @@ def _ray_stack_task(entry_or_name, seeds, device: str):
             for s, (m, c) in out.items()], time.perf_counter() - t0
 
 
+def _ray_start(ray, address, workers, env_vars=None) -> bool:
+    """Join the Ray cluster at `address`, or start a private local Ray on the loopback interface only,
+    unless this process already has one; True when started here (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    extra = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    if address:
+        ray.init(address=address, log_to_driver=False, **extra)
+    else:
+        ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", **extra)
+    return True
+
+
 def _run_ray_stacks(tasks, root, device, workers, address, results, progress):
     """One Ray task per stack (1 CPU, plus 1 GPU with a CUDA device); the driver stores each seed
     under the stacked trainer's key ($CIRCUITS_TRAIN_BACKEND is "ensemble" here)."""
@@ -479,14 +493,7 @@ def _run_ray_stacks(tasks, root, device, workers, address, results, progress):
     except ImportError:
         raise SettingError("the ray backend needs Ray: pip install 'pytest-circuits[ray]' (or pip install ray)") from None
     store = _store(root)
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False,
-                     runtime_env={"env_vars": {"CIRCUITS_TRAIN_BACKEND": "ensemble"}})
-        else:
-            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"CIRCUITS_TRAIN_BACKEND": "ensemble"}})
+    started_here = _ray_start(ray, address, workers, {"CIRCUITS_TRAIN_BACKEND": "ensemble"})
     try:
         resources = {"num_cpus": 1, **({"num_gpus": 1} if device.startswith("cuda") else {})}
         task = ray.remote(max_retries=1, retry_exceptions=True, **resources)(_ray_stack_task)
@@ -518,13 +525,7 @@ def _run_ray(jobs, root, device, workers, address, retries, results, progress):
     except ImportError:
         raise SettingError("the ray backend needs Ray: pip install 'pytest-circuits[ray]' (or pip install ray)") from None
     store = _store(root)
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:  # a private local Ray on the loopback interface only
-            ray.init(num_cpus=workers or default_workers(), include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+    started_here = _ray_start(ray, address, workers)
     try:
         resources = {"num_cpus": 1}
         if device.startswith("cuda"):

@@ -68,7 +68,7 @@ def test_train_bad_device_fails_before_training(device, fragment, tmp_path):
 
 @pytest.mark.parametrize("env, fragment", [
     ({"CIRCUITS_LOCK_TIMEOUT": "abc"}, "CIRCUITS_LOCK_TIMEOUT='abc' is not a number of seconds"),
-    ({"CIRCUITS_CACHE": "FILE"}, "is a file, not a folder"),
+    ({"CIRCUITS_CACHE": "FILE"}, "is not a folder"),
 ])
 def test_train_bad_environment_fails_before_training(env, fragment, tmp_path):
     afile = tmp_path / "afile"

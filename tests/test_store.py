@@ -498,9 +498,9 @@ def test_cache_path_that_is_a_file_is_one_clear_error(tmp_path, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("x")
     monkeypatch.setenv("CIRCUITS_CACHE", str(afile))
-    with pytest.raises(StoreError, match="is a file, not a folder; point \\$CIRCUITS_CACHE at a folder"):
+    with pytest.raises(StoreError, match="is not a folder; point \\$CIRCUITS_CACHE at a folder"):
         check_environment()
-    with pytest.raises(StoreError, match="is a file"):
+    with pytest.raises(StoreError, match="is not a folder"):
         ModelStore()
     monkeypatch.setenv("CIRCUITS_CACHE", str(afile / "below"))
     with pytest.raises(StoreError, match="its parent"):
