@@ -355,7 +355,7 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
                          f"so this run measured the unmodified {ctl.kind}")
     if not records:
         return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
-    unmeasured = [r for r in records if getattr(r, "problem", None)]
+    unmeasured = [] if _undefined_by_ablation(records, ctl) else [r for r in records if getattr(r, "problem", None)]
     if unmeasured:  # a NaN / inf / empty value fails every claim: that is no evidence the claim has teeth
         return "error", "; ".join(f"{name}: claim {r.name!r} measured {r.value_text or 'nothing'} ({r.problem}), "
                                   f"so the {what} run shows nothing" for r in unmeasured)
@@ -377,9 +377,24 @@ def control_error_kind(records: list, ctl: Any) -> str | None:
         return "never_applied"
     if not records:
         return "no_claims"
-    if any(getattr(r, "problem", None) for r in records):
+    if any(getattr(r, "problem", None) for r in records) and not _undefined_by_ablation(records, ctl):
         return "nonfinite"
     return None
+
+
+ABLATION_MUTATIONS = ("zero_ablate", "mean_ablate")  # zero_ablate:X, mean_ablate_mlp:L2, ...
+
+
+def _undefined_by_ablation(records: list, ctl: Any) -> bool:
+    """A derived ablation of the named part makes that part's output constant, so a statistic of it
+    (a correlation, a standardised difference, a loss ratio 0/0) is undefined: NaN there says the
+    part carries nothing, which is the failure the mutation asks for. Only for these mutations, and
+    only when no claim of the run held; a NaN on a main run, a hand-written control or any other
+    mutation stays an error (nothing was measured)."""
+    if run_kind(ctl.spec) != "mutation":
+        return False
+    kind = ctl.spec[len(MUTATION_PREFIX):].split(":", 1)[0]
+    return kind.startswith(ABLATION_MUTATIONS) and not any(r.passed for r in records)
 
 
 def note_model(request: pytest.FixtureRequest, info: dict) -> None:

@@ -47,6 +47,14 @@ KNOWN_FAILURES = {
         "(one gradient at the clean run) reaches CPR 0.689 [0.642, 0.730], level with EAP-IG on the untrained "
         "model (0.70: ties in edge order) - its first-order estimate misranks the edges of the saturated heads; "
         "EAP-IG passes (0.808)",
+    # the derived alternatives of a head in layer 2 swap 2.0 with 2.1, and Redwood's circuit holds both with
+    # the same edges: the swap maps the circuit onto itself (the same function), so it cannot tell them apart
+    "test_redwood_circuit_is_faithful unspecific":
+        "the alternatives swap_with:L2H0,L2H1 / L2H1,L2H0 exchange two heads that are both in the circuit: "
+        "faithfulness 0.986 there too (needs >= 0.95), as it must for the same circuit",
+    "test_redwood_circuit_beats_random_circuits unspecific":
+        "swap_with:L2H1,L2H0 exchanges two heads that are both in the circuit: it beats 1.000 of random "
+        "55-edge circuits there too (needs >= 0.80)",
 }
 REDWOOD_NODES = ("tok", "L0H0", "MLP0", "MLP1", "L1H0", "L2H0", "L2H1")
 REDWOOD_ABOUT = ["head:L0H0", "head:L1H0", "ov:L2H0", "ov:L2H1", "mlp:L0", "mlp:L1"]
