@@ -495,3 +495,22 @@ def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
     html = (power_project.path / "reports" / "spec" / "report.html").read_text()
     assert "alternatives that also hold" in md and "**unspecific**" in md
     assert "Specificity" in html and "0 of 1 alternatives also hold" in html
+
+
+@pytest.mark.parametrize("spec, outcome", [
+    ("mutate:zero_ablate:L2H0", "ok"),  # the ablated head's output is constant: its statistic is undefined
+    ("mutate:mean_ablate_mlp:L2", "ok"),
+    ("mutate:swap_head:L2H0", "error"),  # the head still computes something: NaN there is a broken measurement
+    ("zero_ablate:L2H0", "error"),  # a hand-written control measuring NaN shows nothing (issue 32)
+])
+def test_a_nan_is_a_failure_only_where_an_ablation_made_the_statistic_undefined(spec, outcome):
+    from types import SimpleNamespace
+
+    from circuits.session import control_error_kind, judge_control
+
+    nan = SimpleNamespace(name="r", passed=False, problem="value is NaN", value_text="nan", requirement=">= 0.5")
+    ctl = SimpleNamespace(spec=spec, applied=True, kind="model")
+    assert judge_control([nan], ctl)[0] == outcome
+    assert (control_error_kind([nan], ctl) is None) == (outcome == "ok")
+    held = SimpleNamespace(name="h", passed=True, problem=None, value_text="0.9", requirement=">= 0.5")
+    assert judge_control([nan, held], ctl)[0] != "ok"  # a claim that still holds is never excused
