@@ -27,13 +27,14 @@ from typing import Any, Iterator
 import pytest
 
 from .errors import CircuitsError
-from .session import (ALTERNATIVE_PREFIX, CONTROL_PARAM, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession,
-                      RunOptions, control_error_kind, control_id, draws_seed_for, get_plugin, group_of, item_seed,
-                      judge_control, note_model, run_kind, strip_params)
+from .records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MAIN, MUTATION_PREFIX, PROP_CLAIM, PROP_CONTROL,
+                      PROP_FIGURE, PROP_MODEL, PROP_TEST,
+                      FigureRecord, RunKind, TestMeta, control_id, run_kind, spec_name)
+from .session import (CONTROL_PARAM, PLUGIN_NAME, CircuitsSession, RunOptions, control_run_record, draws_seed_for,
+                      get_plugin, group_of, item_seed, item_spec, judge_control, note_model, strip_params)
 
 __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_seeds", "strip_params", "PLUGIN_NAME"]
 
-MAIN = "main"  # the main run's control spec (circuits.controls.MAIN, without importing it)
 CLAIMS_KEY = pytest.StashKey[Any]()
 CONTROL_KEY = pytest.StashKey[Any]()
 CIRCUITS_FIXTURES = ("claim", CONTROL_PARAM, "control", "figures", "zoo_seed", "draws")
@@ -195,7 +196,7 @@ class CircuitsPlugin(CircuitsSession):
             names = getattr(item, "fixturenames", ())
             if not any(f in names for f in CIRCUITS_FIXTURES):
                 continue  # another project's test (or a plain one): its markers and tables are not ours
-            spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
+            spec = item_spec(item)
             if spec != MAIN:
                 # a refuted hypothesis is an expected failure on its main run only: its controls must
                 # still fail the claim, and are judged as for any claim
@@ -203,7 +204,7 @@ class CircuitsPlugin(CircuitsSession):
             # --circuits-seeds and --circuits-full-sweep score models trained here, where a known failure
             # may well pass
             _apply_known_failures(item, spec, reference=item_seed(item) is None and not self.options.full_sweep)
-            item.user_properties.append(("circuits_test", _test_meta(item)))
+            item.user_properties.append((PROP_TEST, _test_meta(item).to_json()))
 
     def _not_run(self, item: pytest.Item) -> dict | None:
         """Why a collected test is left out of this run ({"reason", "option"}: the option that runs it),
@@ -215,7 +216,7 @@ class CircuitsPlugin(CircuitsSession):
         names = getattr(item, "fixturenames", ())
         if not any(f in names for f in CIRCUITS_FIXTURES):
             return None
-        spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
+        spec = item_spec(item)
         reference = item_seed(item) is None and not self.options.full_sweep
         if spec != MAIN and reference and _known_failure(item) is not None \
                 and _known_failure(item, control_id(spec)) is None:
@@ -296,23 +297,16 @@ class CircuitsPlugin(CircuitsSession):
 
     def _flush_models(self, item: pytest.Item) -> None:
         while self.pending_models:
-            item.user_properties.append(("circuits_model", self.pending_models.pop(0)))
+            item.user_properties.append((PROP_MODEL, self.pending_models.pop(0)))
 
     def _judge_control(self, item: pytest.Item, ctl: Any) -> None:
         claims = item.stash.get(CLAIMS_KEY, None)
         records = claims.records if claims is not None else []
         outcome, msg = judge_control(records, ctl)
-        item.user_properties.append(("circuits_control", {
-            "control": ctl.spec, "kind": run_kind(ctl.spec) if run_kind(ctl.spec) != "control" else ctl.kind,
-            "outcome": outcome, "message": msg,
-            "error_kind": control_error_kind(records, ctl) if outcome == "error" else None,
-            # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
-            "known": (_known_failure(item, control_id(ctl.spec)) or _known_unspecific(item, ctl.spec)
-                      if outcome in ("no_teeth", "no_power", "unspecific") else None),
-            "held": [r.name for r in records if r.passed], "failed": [r.name for r in records if not r.passed],
-            "values": {r.name: {"value": r.value, "value_text": r.value_text, "requirement": r.requirement,
-                                "margin": r.margin, "passed": r.passed} for r in records},
-        }))
+        # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
+        known = (_known_failure(item, control_id(ctl.spec)) or _known_unspecific(item, ctl.spec)
+                 if outcome in ("no_teeth", "no_power", "unspecific") else None)
+        item.user_properties.append((PROP_CONTROL, control_run_record(records, ctl, outcome, msg, known).to_json()))
         if outcome == "error":  # not pytest.fail: a known-failure xfail (raises=fail.Exception) must not absorb it
             raise ControlRunError(msg)
         if outcome != "ok":
@@ -332,7 +326,7 @@ class CircuitsPlugin(CircuitsSession):
         if self.is_worker:
             return
         if self.pending_models:
-            self.collector.add_properties("<session>", [("circuits_model", m) for m in self.pending_models])
+            self.collector.add_properties("<session>", [(PROP_MODEL, m) for m in self.pending_models])
         if self.collector.empty or self.config.getoption("collectonly", False):
             return
         from . import report as _report
@@ -449,7 +443,7 @@ def _known_failure(item: pytest.Item, run: str | None = None) -> str | None:
 def _known_unspecific(item: pytest.Item, spec: str) -> str | None:
     """A ``"test_x unspecific"`` key covers every alternative run of the test: its claim is known not
     to tell the named part from (some of) its alternatives; the reason states the measured ones."""
-    if not spec.startswith(ALTERNATIVE_PREFIX):
+    if run_kind(spec) is not RunKind.ALTERNATIVE:
         return None
     return _known_failure(item, "unspecific")
 
@@ -505,31 +499,28 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
 # --- fixtures ----------------------------------------------------------------------------------------
 
 
-def _test_meta(item: pytest.Item) -> dict:
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    spec = params.get(CONTROL_PARAM, MAIN)
-    seed = item_seed(item)
+def _test_meta(item: pytest.Item) -> TestMeta:
+    spec = item_spec(item)
     mod = getattr(item, "module", None)
     fn = getattr(item, "function", None)
     controls = [s for m in item.iter_markers("controls") for s in m.args]
     targets = [t for m in item.iter_markers("about") for t in m.args]
-    return {
-        "module": item.nodeid.split("::")[0],
-        "group": group_of(item),
-        "test": item.nodeid.split("::", 1)[-1],
-        "control": None if spec == MAIN else spec,
-        "control_kind": None if spec == MAIN else run_kind(spec),
-        "seed": seed,
-        "module_doc": _first_paragraph(getattr(mod, "__doc__", None), 1000),
-        "doc": _first_paragraph(getattr(fn, "__doc__", None), 300),
-        "about": targets,
-        "controls_declared": controls,
+    return TestMeta(
+        module=item.nodeid.split("::")[0],
+        group=group_of(item),
+        test=item.nodeid.split("::", 1)[-1],
+        control=None if spec == MAIN else spec,
+        control_kind=None if spec == MAIN else str(run_kind(spec)),
+        seed=item_seed(item),
+        module_doc=_first_paragraph(getattr(mod, "__doc__", None), 1000),
+        doc=_first_paragraph(getattr(fn, "__doc__", None), 300),
+        about=targets,
+        controls_declared=controls,
         # no mutation and nothing but controls that fail for any broken model: teeth, not power
-        "generic_only": bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
-        "no_controls": not targets and not controls,  # flagged apart: nothing checks this claim's teeth
-        "known_failure": _known_failure(item),
-        "circuits": True,
-    }
+        generic_only=bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
+        no_controls=not targets and not controls,  # flagged apart: nothing checks this claim's teeth
+        known_failure=_known_failure(item),
+    )
 
 
 def _first_paragraph(doc: str | None, limit: int) -> str:
@@ -550,7 +541,7 @@ def circuits_control(request: pytest.FixtureRequest):
         ctl = main_control()
     else:
         seed = item_seed(request.node)
-        ctl = make_control(spec.removeprefix(MUTATION_PREFIX).removeprefix(ALTERNATIVE_PREFIX),
+        ctl = make_control(spec_name(spec),
                            seed=seed if seed is not None else 0,
                            roles=lambda: request.getfixturevalue("head_roles"))
         ctl.spec = spec
@@ -589,7 +580,7 @@ def claim(request: pytest.FixtureRequest, circuits_control, circuits_draws):
     item = request.node
 
     def sink(rec) -> None:
-        item.user_properties.append(("circuits_claim", rec.to_dict()))
+        item.user_properties.append((PROP_CLAIM, rec.to_json()))
 
     claims = Claims(sink, raise_on_failure=control.is_main, control=None if control.is_main else control.spec,
                     seed=item_seed(item), draws_seed=draws.child("bootstrap").int(2**32))
@@ -616,9 +607,8 @@ def figures(request: pytest.FixtureRequest, circuits_control):
                 write_png(plugin.options.run_dir / rel, png)
             except OSError as exc:  # a full or read-only disk costs the figure, not the test
                 rel, error = None, f"could not write the PNG: {exc}"
-        item.user_properties.append(("circuits_figure", {"name": name, "caption": caption, "path": rel,
-                                                         "bytes": len(png), "error": error,
-                                                         "group": group_of(item)}))
+        item.user_properties.append((PROP_FIGURE, FigureRecord(name=name, caption=caption, path=rel, bytes=len(png),
+                                                               error=error, group=group_of(item)).to_json()))
 
     return Figures(sink, render=plugin.reporting and control.is_main)
 

@@ -1,6 +1,6 @@
 """Where and from what a run ran: machine, library versions, git commit. The one place that asks.
 
-A leaf module: the collector stores what these return, and the renderers show it through
+A leaf module (but for the records): the collector stores what these return, and the renderers show it through
 :func:`commit_text` / :func:`versions_text`, so a change of wording happens here once.
 """
 
@@ -11,6 +11,9 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from ..records import as_run
 
 __all__ = ["machine_info", "git_info", "now_iso", "commit_text", "versions_text"]
 
@@ -63,13 +66,13 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def commit_text(report: dict, dirty_mark: str = " (dirty)") -> str:
-    """``1a2b3c4d5e (dirty)``, or ``no git``."""
-    g = report.get("git") or {}
+def commit_text(report: Any, dirty_mark: str = " (dirty)") -> str:
+    """``1a2b3c4d5e (dirty)``, or ``no git`` (``report``: a :class:`~circuits.records.Run`)."""
+    g = as_run(report).git or {}
     return (g.get("commit") or "no git")[:10] + (dirty_mark if g.get("dirty") else "")
 
 
-def versions_text(report: dict) -> str:
-    m = report.get("machine") or {}
+def versions_text(report: Any) -> str:
+    m = as_run(report).machine or {}
     return (f'python {m.get("python")}, torch {m.get("torch")}, numpy {m.get("numpy")}, '
             f'pytest {m.get("pytest")}, circuits {m.get("circuits")}')
