@@ -25,7 +25,7 @@ __all__ = [
     "SCHEMA", "Record", "MAIN", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX", "GENERIC_CONTROLS", "RunKind", "OUTCOME_KINDS",
     "ERROR_KINDS", "PROP_TEST", "PROP_CLAIM", "PROP_CONTROL", "PROP_MODEL", "PROP_FIGURE", "PROPS", "RecordError",
     "run_kind", "control_id", "spec_name", "is_generic", "jsonable", "requirement_parts", "ClaimRecord", "TestMeta",
-    "ControlValue", "ControlRun", "ModelInfo", "FigureRecord", "CensusRow", "TestResult", "ControlCell",
+    "ControlValue", "ControlRun", "ModelInfo", "FigureRecord", "SeedVerdict", "CensusCell", "SeedAccuracy", "CensusRow", "TestResult", "ControlCell",
     "ClaimResult", "CompareRow", "ClaimBrief", "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run", "as_run",
 ]
 
@@ -204,7 +204,7 @@ class _Record:
             if isinstance(value, list):
                 known[name] = [rec.from_json(v) for v in value]
             elif isinstance(value, dict) and name in cls._NESTED_MAPS:
-                known[name] = {k: rec.from_json(v) for k, v in value.items()}
+                known[name] = {k: None if v is None else rec.from_json(v) for k, v in value.items()}
             elif isinstance(value, dict):
                 known[name] = rec.from_json(value)
         try:
@@ -398,18 +398,56 @@ class FigureRecord(_Record):
     nodeid: str | None = None
 
 
+@dataclass(frozen=True)
+class SeedVerdict(_Record):
+    """A census claim on one seed: passed (None: its test ran but never reached the claim)."""
+
+    passed: bool | None = None
+    value: float | None = None
+    status: str | None = None
+
+
+@dataclass(frozen=True)
+class CensusCell(_Record):
+    """A census claim on a row: ``passed`` seeds of ``n``, each seed's verdict."""
+
+    passed: int = 0
+    n: int = 0
+    seeds: dict = field(default_factory=dict)  # str(seed) -> SeedVerdict
+
+    _NESTED: ClassVar[dict] = {"seeds": SeedVerdict}
+    _NESTED_MAPS: ClassVar[frozenset] = frozenset({"seeds"})
+
+
+@dataclass(frozen=True)
+class SeedAccuracy(_Record):
+    """A census model's held-out accuracy with its Wilson 95% interval, its training steps and time."""
+
+    test_acc: float = 0.0
+    n_test: int = 0
+    lo: float = 0.0
+    hi: float = 1.0
+    steps: Any = None
+    wall_time: float | None = None
+
+
 @dataclass
 class CensusRow(_Record):
-    """One row of a census table: a recipe (seeds) or a fixed subject, claim column -> cell."""
+    """One row of a census table: a recipe (its seeds) or a fixed reference subject; claim column ->
+    :class:`CensusCell`; ``accuracy`` str(seed) -> :class:`SeedAccuracy` (None: no card)."""
 
     label: str = ""
-    kind: str = "recipe"  # "recipe" | "subject"
+    kind: str = "recipe"  # "recipe" | "reference"
     seeds: list = field(default_factory=list)
     claims: dict = field(default_factory=dict)
-    accuracy: Any = None
-    extra: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)
 
-    _EXTRA: ClassVar[bool] = True
+    _NESTED: ClassVar[dict] = {"claims": CensusCell, "accuracy": SeedAccuracy}
+    _NESTED_MAPS: ClassVar[frozenset] = frozenset({"claims", "accuracy"})
+
+    @classmethod
+    def _upgrade(cls, fields: dict) -> dict:
+        return fields
 
 
 # --- the run (report.json) ---------------------------------------------------------------------------
