@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 from .atomic import write_bytes_atomic
 from .errors import CircuitsError, InputError
+from .paths import CACHE_ENV
 from .records import (MAIN, CensusCell, CensusRow, ClaimResult, Record, Run, SeedAccuracy, SeedVerdict, as_run,
                       jsonable)
 
@@ -216,7 +217,7 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
     cmd = [sys.executable, "-m", "pytest", module, *args, "--circuits-run-id", run_id,
            "--circuits-report-dir", str(report_dir),
            "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "circuits.census"]
-    env = {**os.environ, "CIRCUITS_CACHE": str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
+    env = {**os.environ, CACHE_ENV: str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
     if threads is not None:  # rows run side by side: their torch threads share the cores
         env["CIRCUITS_THREADS"] = str(threads)
     stream.write(f"[census {label}] {' '.join(cmd[1:])}\n")

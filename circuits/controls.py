@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .errors import CircuitsError
+from .records import MAIN  # the main run's spec: defined once, in the records' schema
 
 __all__ = [
     "Control",
@@ -35,7 +36,6 @@ __all__ = [
     "main_control",
 ]
 
-MAIN = "main"
 KINDS = ("model", "data")
 _HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 _LAYER_RE = re.compile(r"^L(\d+)$")

@@ -10,7 +10,8 @@ conftest or module overrides it), ``zoo_models`` and one ``<name>_model`` per zo
 Markers: ``@pytest.mark.controls("untrained", ...)`` (hand-written negative controls) and
 ``@pytest.mark.about("head:count_head", ...)`` (what the test's claims are about; the plugin derives
 targeted mutations from it, see :mod:`circuits.mutations`). Known failures: a module-level
-``KNOWN_FAILURES = {"test_name": "reason"}`` table (see :func:`_apply_known_failures`).
+``KNOWN_FAILURES = {"test_name": "reason"}`` table (see :func:`_apply_known_failures`), or the
+declared hook ``pytest_circuits_known_failures`` (:mod:`circuits.hookspecs`) in a conftest.
 
 Loading this module is cheap: it imports pytest and :mod:`circuits.session` only. Torch, the zoo and
 the report load when a circuits fixture, marker or option is used. State lives on one
@@ -47,6 +48,29 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     from .session import parse_seeds_option
 
     return parse_seeds_option(spec)
+
+
+# --- declared hooks (circuits.hookspecs) and their default implementations -----------------------------
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_circuits_known_failures(module: Any) -> dict | None:
+    """The convention: a module's own ``KNOWN_FAILURES`` table."""
+    return getattr(module, "KNOWN_FAILURES", None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_circuits_sweep_plan(options: Any, module: Any, items: list) -> list | None:
+    """The convention: a module's own ``circuits_sweep_plan(options, items)``."""
+    from .zoo_fixtures import module_sweep_plan
+
+    return module_sweep_plan(options, module, items)
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -167,7 +191,7 @@ class CircuitsPlugin(CircuitsSession):
                 if not isinstance(exc, ControlError):
                     raise
                 raise ControlCollectError(f"{metafunc.definition.nodeid}: {exc}") from None
-            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True, ids=["main", *map(control_id, specs)])
+            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True, ids=[control_id(s) for s in (MAIN, *specs)])
         if self.options.seeds and "zoo_seed" in metafunc.fixturenames:
             metafunc.parametrize("zoo_seed", list(self.options.seeds), indirect=True,
                                  ids=[f"seed={s}" for s in self.options.seeds], scope="session")
@@ -423,11 +447,11 @@ def _known_failure(item: pytest.Item, run: str | None = None) -> str | None:
     ``"test_x[H06]"`` (the plugin's control / seed ids never count). A key with a suffix
     ``" control=SPEC"`` (or ``" mutation=SPEC"``) names one control run instead: a claim that holds
     but has no teeth on that control (``run`` is that suffix's id). A key that names no test of its
-    module is a collection error, so the table cannot go stale silently."""
-    table = getattr(getattr(item, "module", None), "KNOWN_FAILURES", None)
+    module is a collection error, so the table cannot go stale silently. The table is what the
+    ``pytest_circuits_known_failures`` hook gives (by default the module's ``KNOWN_FAILURES``)."""
+    table = _known_failures_table(item)
     if not table:
         return None
-    _check_table(item.module, table)
     test = group_of(item).split("::", 1)[-1]
     fn = getattr(item, "originalname", item.name)
     cls = getattr(getattr(item, "cls", None), "__name__", None)
@@ -448,12 +472,35 @@ def _known_unspecific(item: pytest.Item, spec: str) -> str | None:
     return _known_failure(item, "unspecific")
 
 
-_CHECKED: set[int] = set()
+_TABLES_KEY = pytest.StashKey[dict]()
+
+
+def _known_failures_table(item: pytest.Item) -> dict:
+    """The merged known-failures table of the item's module (every implementation of the hook, checked
+    once per module and session)."""
+    module = getattr(item, "module", None)
+    if module is None:
+        return {}
+    config = item.config
+    tables = config.stash.setdefault(_TABLES_KEY, {})
+    if id(module) not in tables:
+        hook = getattr(config.hook, "pytest_circuits_known_failures", None)
+        given = hook(module=module, config=config) if hook is not None else [getattr(module, "KNOWN_FAILURES", None)]
+        merged: dict = {}
+        for table in given:
+            if not table:
+                continue
+            _check_table(module, table)
+            for key, reason in table.items():
+                if merged.get(key, reason) != reason:
+                    raise pytest.UsageError(f"{module.__name__}: known failure {key!r} is given two reasons: "
+                                            f"{merged[key]!r} and {reason!r}")
+                merged[key] = reason
+        tables[id(module)] = merged
+    return tables[id(module)]
 
 
 def _check_table(module: Any, table: Any) -> None:
-    if id(module) in _CHECKED:
-        return
     if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
                                               for k, v in table.items()):
         raise pytest.UsageError(f"{module.__name__}.KNOWN_FAILURES must map test names to non-empty reasons")
@@ -465,7 +512,6 @@ def _check_table(module: Any, table: Any) -> None:
         if obj is None:
             raise pytest.UsageError(f"{module.__name__}.KNOWN_FAILURES names {key!r}, which is no test of the "
                                     "module (a stale entry?)")
-    _CHECKED.add(id(module))
 
 
 def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None:

@@ -692,7 +692,8 @@ class Run(_Record):
 
     def to_json(self) -> dict:
         out = super().to_json()
-        for k in ("_path", "_html_path", "schema_read", "baseline_of", "compare"):
+        out.pop("_path", None), out.pop("_html_path", None)  # in memory only
+        for k in ("schema_read", "baseline_of", "compare"):
             if out.get(k) is None:
                 out.pop(k, None)
         return out

@@ -83,6 +83,7 @@ import torch
 
 from circuits.atomic import write_bytes_atomic
 from circuits.errors import CircuitsError, SettingError, StoreError
+from circuits.paths import CACHE_ENV  # the model store's variable (defined once, in paths)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -117,7 +118,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
-CACHE_ENV = "CIRCUITS_CACHE"
 LOCK_TIMEOUT_ENV = "CIRCUITS_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 7200.0
 #: Room a build needs beyond its weights (card, history, temporary files), see ModelStore.check_free_space.
