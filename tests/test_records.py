@@ -107,11 +107,15 @@ def test_a_new_run_compares_with_a_schema_1_report(pytester):
     assert cmp_["counts"]["matched"] == 1 and cmp_["moved"][0]["margin_before"] == 0.01
 
 
-KNOWN_BY_HOOK = '''
-def pytest_circuits_known_failures(module, config):
-    if module.__name__.endswith("test_vendored"):
-        return {"test_refuted": "refuted, listed by the conftest"}
-'''
+def _readme_conftest() -> str:
+    """The README's declared-hooks example: the conftest this test runs is the one the README shows."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n# conftest.py \(declared hooks\)\n(.*?)```", text, re.S)
+    assert block, "the README's declared-hooks example is gone"
+    return block.group(1)
+
+
+KNOWN_BY_HOOK = _readme_conftest()
 
 
 def test_known_failures_come_from_the_declared_hook_and_from_a_module_table(pytester):

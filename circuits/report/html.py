@@ -632,7 +632,7 @@ def _models(report: Run) -> str:
                    f'<td class="sub">{_e(_metrics_cell(m))}</td>'
                    f'<td class="num">{f"{wt:.1f} s" if isinstance(wt, (int, float)) else "—"}</td></tr>')
         try:
-            svg = training_curves_svg(m)
+            svg = training_curves_svg(m.to_json())
         except Exception:  # a malformed history must not cost the report
             svg = None
         if svg:
