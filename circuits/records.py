@@ -26,7 +26,7 @@ __all__ = [
     "ERROR_KINDS", "PROP_TEST", "PROP_CLAIM", "PROP_CONTROL", "PROP_MODEL", "PROP_FIGURE", "PROPS", "RecordError",
     "run_kind", "control_id", "spec_name", "is_generic", "jsonable", "requirement_parts", "ClaimRecord", "TestMeta",
     "ControlValue", "ControlRun", "ModelInfo", "FigureRecord", "SeedVerdict", "CensusCell", "SeedAccuracy", "CensusRow", "TestResult", "ControlCell",
-    "ClaimResult", "CompareRow", "ClaimBrief", "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run", "as_run",
+    "ClaimResult", "MachineInfo", "GitInfo", "RunRef", "CompareCounts", "NoiseFloor", "CompareRow", "ClaimBrief", "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run", "as_run",
 ]
 
 # report.json's schema: 2 adds the claim's structured requirement (op_symbol, threshold_text) and the
@@ -588,6 +588,63 @@ class Summary(_Record):
 
 
 @dataclass(frozen=True)
+class MachineInfo(_Record):
+    """Where a run ran (:func:`circuits.report.machine.machine_info`)."""
+
+    _EXTRA: ClassVar[bool] = True
+
+    platform: str | None = None
+    machine: str | None = None
+    python: str | None = None
+    torch: str | None = None
+    numpy: str | None = None
+    pytest: str | None = None
+    circuits: str | None = None
+    cpu_count: int | None = None
+    cpus_usable: int | None = None
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GitInfo(_Record):
+    """The commit a run ran at (all None without git or a repository)."""
+
+    commit: str | None = None
+    dirty: bool | None = None
+    branch: str | None = None
+
+
+@dataclass(frozen=True)
+class RunRef(_Record):
+    """The earlier run a comparison is against."""
+
+    run_id: str | None = None
+    path: str | None = None
+    created: str | None = None
+    git: GitInfo | None = None
+
+    _NESTED: ClassVar[dict] = {"git": GitInfo}
+
+
+@dataclass(frozen=True)
+class CompareCounts(_Record):
+    matched: int = 0
+    flipped: int = 0
+    to_fail: int = 0
+    to_pass: int = 0
+    moved: int = 0  # margins moved beyond the noise floor without a flip
+    not_run: int = 0  # claims of the earlier run whose tests did not run in this one
+
+
+@dataclass(frozen=True)
+class NoiseFloor(_Record):
+    abs: float = 0.0
+    rel: float = 0.0
+    text: str = ""
+
+
+@dataclass(frozen=True)
 class CompareRow(_Record):
     """A claim found in both compared runs: before / after, and how far its margin moved."""
 
@@ -629,17 +686,18 @@ class Comparison(_Record):
     """Two runs compared (report.json's ``compare``): ``counts`` matched / flipped / to_fail / to_pass /
     moved / not_run; ``reference`` the reference run's claims (a seeds run against a reference)."""
 
-    against: dict = field(default_factory=dict)  # run_id, path, created, git of the earlier run
-    noise_floor: dict = field(default_factory=dict)  # abs, rel, text
+    against: RunRef = field(default_factory=RunRef)
+    noise_floor: NoiseFloor = field(default_factory=NoiseFloor)
     flipped: list = field(default_factory=list)
     moved: list = field(default_factory=list)
     added: list = field(default_factory=list)
     removed: list = field(default_factory=list)
-    counts: dict = field(default_factory=dict)
+    counts: CompareCounts = field(default_factory=CompareCounts)
     reference: list | None = None
 
     _NESTED: ClassVar[dict] = {"flipped": CompareRow, "moved": CompareRow, "added": ClaimBrief,
-                               "removed": ClaimBrief, "reference": ClaimBrief}
+                               "removed": ClaimBrief, "reference": ClaimBrief, "against": RunRef,
+                               "noise_floor": NoiseFloor, "counts": CompareCounts}
 
     def to_json(self) -> dict:
         out = super().to_json()
@@ -658,7 +716,7 @@ class Run(_Record):
                                "control_runs": ControlRun, "models": ModelInfo, "figures": FigureRecord,
                                "collection_errors": CollectionError, "modules": ModuleInfo,
                                "pass_rates": PassRate, "errors": ErrorLine, "summary": Summary,
-                               "compare": Comparison}
+                               "compare": Comparison, "machine": MachineInfo, "git": GitInfo}
     _NESTED_MAPS: ClassVar[frozenset] = frozenset({"modules"})
     _JSON_NAMES: ClassVar[dict] = {"path": "_path", "html_path": "_html_path"}
 
@@ -668,8 +726,8 @@ class Run(_Record):
     duration_s: float | None = None
     exitstatus: int | None = None
     interrupted: bool = False
-    machine: dict = field(default_factory=dict)
-    git: dict = field(default_factory=dict)
+    machine: MachineInfo = field(default_factory=MachineInfo)
+    git: GitInfo = field(default_factory=GitInfo)
     command: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     not_run: list = field(default_factory=list)
@@ -704,9 +762,10 @@ class Run(_Record):
         if isinstance(schema, int) and schema < SCHEMA:
             fields["schema_read"] = schema
         fields["schema"] = SCHEMA
-        if fields.get("machine") is None:
-            fields["machine"] = {}
-        for k in ("git", "command", "options"):
+        for k, default in (("machine", MachineInfo), ("git", GitInfo), ("summary", Summary)):
+            if fields.get(k) is None:
+                fields[k] = default()
+        for k in ("command", "options"):
             if not isinstance(fields.get(k), dict):
                 fields[k] = {}
         return fields

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..records import ClaimBrief, ClaimResult, CompareRow, Comparison, Run, as_run
+from ..records import (ClaimBrief, ClaimResult, CompareCounts, CompareRow, Comparison, NoiseFloor, Run, RunRef,
+                       as_run)
 
 __all__ = ["ABS_TOL", "REL_TOL", "NOISE_FLOOR_TEXT", "compare_reports", "compare_display_rows", "moved_beyond_noise"]
 
@@ -76,15 +77,14 @@ def compare_reports(current: Any, previous: Any) -> Comparison:
                                 value_text=c.value_text, margin=c.margin, status=c.status)
                      for k, c in prev.items() if k[1] is None and k[2] is None]
     return Comparison(
-        against={"run_id": previous.run_id, "path": previous.path, "created": previous.created,
-                 "git": previous.git or None},
-        noise_floor={"abs": ABS_TOL, "rel": REL_TOL, "text": NOISE_FLOOR_TEXT},
+        against=RunRef(run_id=previous.run_id, path=previous.path, created=previous.created, git=previous.git),
+        noise_floor=NoiseFloor(abs=ABS_TOL, rel=REL_TOL, text=NOISE_FLOOR_TEXT),
         flipped=flipped, moved=moved,
         added=[brief(cur[k]) for k in sorted(cur.keys() - prev.keys(), key=str)],
         removed=[brief(prev[k]) for k in removed],
-        counts={"matched": len(moved), "flipped": len(flipped), "to_fail": sum(not r.after for r in flipped),
-                "to_pass": sum(r.after for r in flipped), "moved": sum(r.moved and not r.flipped for r in moved),
-                "not_run": len(not_run)},
+        counts=CompareCounts(matched=len(moved), flipped=len(flipped), to_fail=sum(not r.after for r in flipped),
+                             to_pass=sum(r.after for r in flipped), moved=sum(r.moved and not r.flipped for r in moved),
+                             not_run=len(not_run)),
         reference=reference)
 
 

@@ -213,7 +213,7 @@ def _header(report: Run) -> str:
     created = str(report.created or "").replace("T", " ")
     commit = commit_text(report, " · dirty")
     sub = (f'{_e(created)} · {report.duration_s or 0:.1f} s · commit <code>{_e(commit)}</code>'
-           f' · {_e(m.get("device"))} · python {_e(m.get("python"))} · torch {_e(m.get("torch"))}')
+           f' · {_e(m.device)} · python {_e(m.python)} · torch {_e(m.torch)}')
     opts = report.options
     extra = []
     if opts.get("seeds"):
@@ -301,14 +301,13 @@ def _result(status: str) -> str:
 
 
 def _compare(cmp_: Comparison) -> str:
-    a = cmp_.against
-    n = {"matched": 0, "to_fail": 0, "to_pass": 0, "moved": 0, **cmp_.counts}
-    who = a.get("run_id") or a.get("path")
-    not_run = f' · {n["not_run"]} not run in this run' if n.get("not_run") else ""
+    n = cmp_.counts
+    who = cmp_.against.run_id or cmp_.against.path
+    not_run = f' · {n.not_run} not run in this run' if n.not_run else ""
     out = [f'<section id="compare">' + _heading("h2", "compared", f"Compared with <code>{_e(who)}</code>"),
-           f'<p class="sub">{n["matched"]} claims matched · <b class="{"bad" if n["to_fail"] else ""}">'
-           f'{n["to_fail"]} now failing</b> · <b class="ok">{n["to_pass"]} now passing</b> · '
-           f'{n["moved"]} moved · {len(cmp_.added)} new · {len(cmp_.removed)} gone{_e(not_run)}'
+           f'<p class="sub">{n.matched} claims matched · <b class="{"bad" if n.to_fail else ""}">'
+           f'{n.to_fail} now failing</b> · <b class="ok">{n.to_pass} now passing</b> · '
+           f'{n.moved} moved · {len(cmp_.added)} new · {len(cmp_.removed)} gone{_e(not_run)}'
            f'<br>{_e(NOISE_FLOOR_TEXT)}</p>']
     rows = compare_display_rows(cmp_, limit=15)
     if rows:
@@ -668,9 +667,9 @@ def _footer(report: Run) -> str:
     m = report.machine
     g = report.git
     cmd = " ".join(report.command.get("args") or [])
-    kv = [("run", report.run_id), ("summary", headline(report)), ("commit", g.get("commit") or "no git"),
-          ("branch", g.get("branch")), ("command", f"pytest {cmd}"), ("platform", m.get("platform")),
-          ("cpus", f'{m.get("cpus_usable")} usable of {m.get("cpu_count")}'),
+    kv = [("run", report.run_id), ("summary", headline(report)), ("commit", g.commit or "no git"),
+          ("branch", g.branch), ("command", f"pytest {cmd}"), ("platform", m.platform),
+          ("cpus", f'{m.cpus_usable} usable of {m.cpu_count}'),
           ("versions", versions_text(report)), ("exit status", report.exitstatus)]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in kv if v is not None)
     return f'<section id="run">{_heading("h2", "run-details", "Run")}<dl class="kv">{rows}</dl></section>'

@@ -48,7 +48,7 @@ def render_markdown(report: Run | dict) -> str:
     report = as_run(report)
     lines = [f"## circuits run {md_code(report.run_id)}", "",
              f"**{md_escape(headline(report))}** · commit {md_code(commit_text(report))} · "
-             f"{md_escape(report.machine.get('device', 'cpu'))} · "
+             f"{md_escape(report.machine.device)} · "
              f"{report.duration_s or 0:.1f} s", "",
              md_escape(one_line_summary(report, with_path=False)), ""]
     if report.interrupted:
@@ -201,13 +201,12 @@ def _specificity(report: Run, module: str) -> list[str]:
 
 
 def _compare_md(cmp_: Comparison) -> list[str]:
-    who = cmp_.against.get("run_id") or cmp_.against.get("path")
+    who = cmp_.against.run_id or cmp_.against.path
     n = cmp_.counts
-    text = (f"{n.get('matched', 0)} claims matched, {n.get('flipped', 0)} flipped "
-            f"({n.get('to_fail', 0)} now failing, {n.get('to_pass', 0)} now passing), {n.get('moved', 0)} moved, "
-            f"{len(cmp_.added)} new, {len(cmp_.removed)} gone")
-    if n.get("not_run"):
-        text += f", {n['not_run']} not run in this run"
+    text = (f"{n.matched} claims matched, {n.flipped} flipped ({n.to_fail} now failing, {n.to_pass} now passing), "
+            f"{n.moved} moved, {len(cmp_.added)} new, {len(cmp_.removed)} gone")
+    if n.not_run:
+        text += f", {n.not_run} not run in this run"
     lines = [f"### Compared with {md_code(who)}", "", text + f" ({md_escape(NOISE_FLOOR_TEXT)}).", ""]
     rows = compare_display_rows(cmp_)
     if rows:

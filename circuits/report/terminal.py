@@ -77,11 +77,11 @@ def terminal_lines(report: Run | dict, width: int = 120) -> list[tuple[str, dict
     cmp_ = report.compare
     if cmp_:
         n = cmp_.counts
-        who = cmp_.against.get("run_id") or cmp_.against.get("path")
-        not_run = f", {n['not_run']} not run in this run" if n.get("not_run") else ""
+        who = cmp_.against.run_id or cmp_.against.path
+        not_run = f", {n.not_run} not run in this run" if n.not_run else ""
         out.append(("", {}))
-        out.append((f"compared with {who}: {n.get('matched', 0)} matched, {n.get('flipped', 0)} flipped, "
-                    f"{n.get('moved', 0)} moved, {len(cmp_.added)} new, {len(cmp_.removed)} gone{not_run} "
+        out.append((f"compared with {who}: {n.matched} matched, {n.flipped} flipped, "
+                    f"{n.moved} moved, {len(cmp_.added)} new, {len(cmp_.removed)} gone{not_run} "
                     f"({NOISE_FLOOR_TEXT})", {"bold": True}))
         for r in compare_display_rows(cmp_, limit=5):
             verdict = f"{'pass' if r.before else 'fail'} -> {'pass' if r.after else 'fail'}, " if r.flipped else ""

@@ -592,7 +592,7 @@ def robustness(report: Run | dict) -> list[RobustnessRow]:
     if not any(c.seed is not None for c in main):
         return []
     cmp_ = run.compare
-    who = (cmp_.against.get("run_id") if cmp_ else None) or "compared run"
+    who = (cmp_.against.run_id if cmp_ else None) or "compared run"
     refs = {(r.group, r.name): Reference(value_text=r.value_text, passed=bool(r.passed), margin=r.margin,
                                          status=r.status, source=who)
             for r in ((cmp_.reference if cmp_ else None) or [])}
