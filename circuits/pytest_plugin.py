@@ -191,7 +191,8 @@ class CircuitsPlugin(CircuitsSession):
                 if not isinstance(exc, ControlError):
                     raise
                 raise ControlCollectError(f"{metafunc.definition.nodeid}: {exc}") from None
-            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True, ids=[control_id(s) for s in (MAIN, *specs)])
+            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True,
+                                 ids=[control_id(s) for s in (MAIN, *specs)])
         if self.options.seeds and "zoo_seed" in metafunc.fixturenames:
             metafunc.parametrize("zoo_seed", list(self.options.seeds), indirect=True,
                                  ids=[f"seed={s}" for s in self.options.seeds], scope="session")

@@ -22,11 +22,14 @@ from typing import Any, ClassVar, TypeVar
 from .errors import CircuitsError
 
 __all__ = [
-    "SCHEMA", "Record", "MAIN", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX", "GENERIC_CONTROLS", "RunKind", "OUTCOME_KINDS",
-    "ERROR_KINDS", "PROP_TEST", "PROP_CLAIM", "PROP_CONTROL", "PROP_MODEL", "PROP_FIGURE", "PROPS", "RecordError",
-    "run_kind", "control_id", "spec_name", "is_generic", "jsonable", "requirement_parts", "ClaimRecord", "TestMeta",
-    "ControlValue", "ControlRun", "ModelInfo", "FigureRecord", "SeedVerdict", "CensusCell", "SeedAccuracy", "CensusRow", "TestResult", "ControlCell",
-    "ClaimResult", "MachineInfo", "GitInfo", "RunRef", "CompareCounts", "NoiseFloor", "CompareRow", "ClaimBrief", "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run", "as_run",
+    "SCHEMA", "Record", "MAIN", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX", "GENERIC_CONTROLS", "RunKind",
+    "OUTCOME_KINDS", "ERROR_KINDS", "PROP_TEST", "PROP_CLAIM", "PROP_CONTROL", "PROP_MODEL", "PROP_FIGURE",
+    "PROPS", "RecordError", "run_kind", "control_id", "spec_name", "is_generic", "jsonable",
+    "requirement_parts", "ClaimRecord", "TestMeta", "ControlValue", "ControlRun", "ModelInfo", "FigureRecord",
+    "SeedVerdict", "CensusCell", "SeedAccuracy", "CensusRow", "TestResult", "ControlCell", "ClaimResult",
+    "MachineInfo", "GitInfo", "RunRef", "CompareCounts", "NoiseFloor", "CompareRow", "ClaimBrief",
+    "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run",
+    "as_run",
 ]
 
 # report.json's schema: 2 adds the claim's structured requirement (op_symbol, threshold_text) and the

@@ -149,7 +149,8 @@ class RunCollector:
         rank = lambda nodeid: self.order.get(nodeid, len(self.order))  # noqa: E731
         tests = sorted((self._finish_test(t) for t in self.tests.values()), key=lambda t: rank(t.nodeid))
         by_id = {t.nodeid: t for t in tests}
-        claims = sorted((self._claim(c, by_id.get(c.nodeid)) for c in self.claims.values()), key=lambda c: rank(c.nodeid))
+        claims = sorted((self._claim(c, by_id.get(c.nodeid)) for c in self.claims.values()),
+                        key=lambda c: rank(c.nodeid))
         run = Run.from_json(meta)
         run.schema = SCHEMA
         run.tests, run.claims = tests, claims

@@ -13,7 +13,7 @@ from typing import Any
 from dataclasses import dataclass, field
 
 from ..claims import format_numbers
-from ..records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MUTATION_PREFIX, OUTCOME_KINDS, ClaimResult, ControlCell,
+from ..records import (GENERIC_CONTROLS, OUTCOME_KINDS, ClaimResult, ControlCell,
                        Record, Run, RunKind, TestResult, as_run)
 from .collect import control_kind, outcome_counts, problem_tests, run_errors
 from .machine import commit_text
