@@ -188,7 +188,11 @@ class _Record:
 
     @classmethod
     def _field_names(cls) -> frozenset:
-        return frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        names = cls.__dict__.get("_names")  # per class (a subclass has its own): reports hold thousands
+        if names is None:
+            names = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+            setattr(cls, "_names", names)
+        return names
 
     @classmethod
     def from_json(cls: type[R], data: Any) -> R:
