@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import CircuitsError
-from .records import ClaimRecord, jsonable, requirement_parts
+from .records import ClaimRecord, Interval, jsonable, requirement_parts
 from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, bootstrap_ci
 
 __all__ = [
@@ -327,7 +327,7 @@ class Claims:
                           units=units, note=note, control=self.control, seed=self.seed, **req)
         rec.requirement = _requirement(rec, units)
         if v.ci is not None:
-            rec.ci = v.ci.to_dict()
+            rec.ci = Interval.from_json(v.ci.to_dict())
         if v.wrong_kind:
             rec.problem, rec.value_text = f"wrong kind: {v.wrong_kind}", "?"
             rec.message = (f"claim {name!r}: value is {v.wrong_kind}; a claim needs a real number "

@@ -25,7 +25,7 @@ __all__ = [
     "SCHEMA", "Record", "MAIN", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX", "GENERIC_CONTROLS", "RunKind",
     "OUTCOME_KINDS", "ERROR_KINDS", "PROP_TEST", "PROP_CLAIM", "PROP_CONTROL", "PROP_MODEL", "PROP_FIGURE",
     "PROPS", "RecordError", "run_kind", "control_id", "spec_name", "is_generic", "jsonable",
-    "requirement_parts", "ClaimRecord", "TestMeta", "ControlValue", "ControlRun", "ModelInfo", "FigureRecord",
+    "requirement_parts", "Interval", "ClaimRecord", "TestMeta", "ControlValue", "ControlRun", "ModelInfo", "FigureRecord",
     "SeedVerdict", "CensusCell", "SeedAccuracy", "CensusRow", "TestResult", "ControlCell", "ClaimResult",
     "MachineInfo", "GitInfo", "RunRef", "CompareCounts", "NoiseFloor", "CompareRow", "ClaimBrief",
     "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run",
@@ -243,6 +243,21 @@ def requirement_parts(op: str, threshold_text: str = "", tolerance_text: str = "
     return "holds", ""
 
 
+@dataclass(frozen=True)
+class Interval(_Record):
+    """A claim's confidence interval (:meth:`circuits.stats.Estimate.to_dict`): bounds, level, method."""
+
+    _EXTRA: ClassVar[bool] = True
+
+    lo: float | None = None
+    hi: float | None = None
+    level: float | None = None
+    method: str | None = None
+    n: int | None = None
+    statistic: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
 @dataclass
 class ClaimRecord(_Record):
     """Everything the report needs about one claim. ``margin`` > 0 means passed by that much.
@@ -262,7 +277,7 @@ class ClaimRecord(_Record):
     hi: float | None = None
     margin: float | None = None  # signed; on the CI's relevant bound when there is a CI
     bound: float | None = None  # the number the decision was made on (a CI bound, or the value)
-    ci: dict | None = None  # {"lo", "hi", "level", "method", "n", "statistic"}
+    ci: Interval | None = None  # the interval the decision was made on, if any
     problem: str | None = None  # "value is NaN", "empty sample", "wrong kind: str", ...
     units: str | None = None
     note: str | None = None
@@ -273,6 +288,8 @@ class ClaimRecord(_Record):
     extra: dict = field(default_factory=dict)
     op_symbol: str = ""  # ">=", "<=", "≈", "in", "holds"
     threshold_text: str = ""  # "0.9", "1.0 ± 0.1", "[0.2, 0.8]", ""
+
+    _NESTED: ClassVar[dict] = {"ci": Interval}
 
     def to_dict(self) -> dict[str, Any]:  # (the name claims' callers know)
         return self.to_json()
@@ -521,7 +538,7 @@ class ClaimResult(ClaimRecord):
     control_kind: str | None = None
     control_known: bool = False
 
-    _NESTED: ClassVar[dict] = {"controls": ControlCell}
+    _NESTED: ClassVar[dict] = {**ClaimRecord._NESTED, "controls": ControlCell}
 
 
 @dataclass(frozen=True)

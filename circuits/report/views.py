@@ -40,9 +40,9 @@ def measured_text(c: ClaimResult | dict) -> str:
     """``0.81 [0.74, 0.87]`` (point and CI) or the value alone."""
     c = ClaimResult.from_json(c)
     v = c.value_text or "—"
-    ci = c.ci or {}
-    if ci.get("lo") is not None and ci.get("hi") is not None and c.value is not None:
-        lo, hi, _ = format_numbers([ci["lo"], ci["hi"], c.value], [])
+    ci = c.ci
+    if ci is not None and ci.lo is not None and ci.hi is not None and c.value is not None:
+        lo, hi, _ = format_numbers([ci.lo, ci.hi, c.value], [])
         v += f" [{lo}, {hi}]"
     if c.units and c.op != "holds" and c.value is not None:
         v += f" {c.units}"
