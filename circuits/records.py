@@ -27,7 +27,7 @@ __all__ = [
     "PROPS", "RecordError", "run_kind", "control_id", "spec_name", "is_generic", "jsonable",
     "requirement_parts", "Interval", "ClaimRecord", "TestMeta", "ControlValue", "ControlRun", "ModelInfo", "FigureRecord",
     "SeedVerdict", "CensusCell", "SeedAccuracy", "CensusRow", "TestResult", "ControlCell", "ClaimResult",
-    "MachineInfo", "GitInfo", "RunRef", "CompareCounts", "NoiseFloor", "CompareRow", "ClaimBrief",
+    "MachineInfo", "GitInfo", "RunSettings", "Command", "RunRef", "CompareCounts", "NoiseFloor", "CompareRow", "ClaimBrief",
     "Comparison", "ErrorLine", "PassRate", "NotRun", "CollectionError", "ModuleInfo", "Summary", "Run",
     "as_run",
 ]
@@ -640,6 +640,31 @@ class GitInfo(_Record):
 
 
 @dataclass(frozen=True)
+class RunSettings(_Record):
+    """The options a run was started with (what report.json records of ``RunOptions``)."""
+
+    _EXTRA: ClassVar[bool] = True
+
+    seeds: list | None = None
+    retrain: bool = False
+    device: str = "cpu"
+    compare: str | None = None
+    full_sweep: bool = False
+    report_dir: str | None = None
+    draws_seed: int = 0
+    variants: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Command(_Record):
+    """How pytest was invoked: its arguments and folder."""
+
+    args: list = field(default_factory=list)
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
 class RunRef(_Record):
     """The earlier run a comparison is against."""
 
@@ -740,7 +765,8 @@ class Run(_Record):
                                "control_runs": ControlRun, "models": ModelInfo, "figures": FigureRecord,
                                "collection_errors": CollectionError, "modules": ModuleInfo,
                                "pass_rates": PassRate, "errors": ErrorLine, "summary": Summary,
-                               "compare": Comparison, "machine": MachineInfo, "git": GitInfo}
+                               "compare": Comparison, "machine": MachineInfo, "git": GitInfo,
+                               "command": Command, "options": RunSettings}
     _NESTED_MAPS: ClassVar[frozenset] = frozenset({"modules"})
     _JSON_NAMES: ClassVar[dict] = {"path": "_path", "html_path": "_html_path"}
 
@@ -752,8 +778,8 @@ class Run(_Record):
     interrupted: bool = False
     machine: MachineInfo = field(default_factory=MachineInfo)
     git: GitInfo = field(default_factory=GitInfo)
-    command: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
+    command: Command = field(default_factory=Command)
+    options: RunSettings = field(default_factory=RunSettings)
     not_run: list = field(default_factory=list)
     tests: list = field(default_factory=list)
     claims: list = field(default_factory=list)
@@ -786,12 +812,10 @@ class Run(_Record):
         if isinstance(schema, int) and schema < SCHEMA:
             fields["schema_read"] = schema
         fields["schema"] = SCHEMA
-        for k, default in (("machine", MachineInfo), ("git", GitInfo), ("summary", Summary)):
+        for k, default in (("machine", MachineInfo), ("git", GitInfo), ("summary", Summary), ("command", Command),
+                           ("options", RunSettings)):
             if fields.get(k) is None:
                 fields[k] = default()
-        for k in ("command", "options"):
-            if not isinstance(fields.get(k), dict):
-                fields[k] = {}
         return fields
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from .errors import CircuitsError
-from .records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MAIN, MUTATION_PREFIX, PROP_MODEL,
-                      ControlRun, ControlValue, ModelInfo, Run, RunKind, control_id, jsonable, run_kind, spec_name)
+from .records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MAIN, MUTATION_PREFIX, PROP_MODEL, Command, ControlRun,
+                      ControlValue, ModelInfo, Run, RunKind, RunSettings, control_id, jsonable, run_kind, spec_name)
 
 __all__ = ["CircuitsSession", "RunOptions", "get_plugin", "note_model", "item_seed", "strip_params",
            "draws_seed_for", "PLUGIN_NAME", "GENERIC_CONTROLS", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX"]
@@ -317,10 +317,10 @@ class CircuitsSession:
             interrupted=exitstatus == int(pytest.ExitCode.INTERRUPTED),
             machine=_report.machine_info(o.device),
             git=_report.git_info(self.config.rootpath),
-            command={"args": list(self.config.invocation_params.args), "cwd": str(self.config.invocation_params.dir)},
-            options={"seeds": list(o.seeds) if o.seeds else None, "retrain": o.retrain, "device": o.device,
-                     "compare": o.compare, "full_sweep": o.full_sweep, "report_dir": str(o.report_dir),
-                     "draws_seed": o.draws_seed, "variants": dict(o.variants)},
+            command=Command(args=list(self.config.invocation_params.args), cwd=str(self.config.invocation_params.dir)),
+            options=RunSettings(seeds=list(o.seeds) if o.seeds else None, retrain=o.retrain, device=o.device,
+                                compare=o.compare, full_sweep=o.full_sweep, report_dir=str(o.report_dir),
+                                draws_seed=o.draws_seed, variants=dict(o.variants)),
         )
         if self.previous is not None:
             report.compare = _report.compare_reports(report, self.previous)

@@ -216,9 +216,9 @@ def _header(report: Run) -> str:
            f' · {_e(m.device)} · python {_e(m.python)} · torch {_e(m.torch)}')
     opts = report.options
     extra = []
-    if opts.get("seeds"):
-        extra.append(f"seeds {', '.join(map(str, opts['seeds']))}")
-    if opts.get("retrain"):
+    if opts.seeds:
+        extra.append(f"seeds {', '.join(map(str, opts.seeds))}")
+    if opts.retrain:
         extra.append("retrained")
     if extra:
         sub += " · " + _e(" · ".join(extra))
@@ -666,7 +666,7 @@ def _tests(report: Run) -> str:
 def _footer(report: Run) -> str:
     m = report.machine
     g = report.git
-    cmd = " ".join(report.command.get("args") or [])
+    cmd = " ".join(report.command.args or [])
     kv = [("run", report.run_id), ("summary", headline(report)), ("commit", g.commit or "no git"),
           ("branch", g.branch), ("command", f"pytest {cmd}"), ("platform", m.platform),
           ("cpus", f'{m.cpus_usable} usable of {m.cpu_count}'),
