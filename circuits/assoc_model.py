@@ -54,6 +54,7 @@ logits); a switch only changes what the attention reads or whether the residual 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Optional
@@ -302,6 +303,69 @@ class AssocTransformer(HookedTransformer):
             "U": [self.unembed.W_U],
         }
 
+    # -- the plugin's hook-based mutations, made in the weights: table_logits (the exact evaluation on
+    # every context, what the claims score) runs no hooks, so a hook would leave the claims unmutated --
+
+    def weight_mutation(self, name: str, *args: int) -> Optional["AssocTransformer"]:
+        """``mean_ablate`` (layer, head), ``mean_ablate_attn`` (layer), ``mean_ablate_mlp`` (layer) of
+        :mod:`circuits.mutations` as weight edits: the batch mean over every context (the batch
+        table_logits evaluates) at the last position, the only one a one-layer model reads out. None
+        (the hooks do it) for another name or a deeper model, which table_logits refuses anyway."""
+        if self.acfg.n_layers != 1 or name not in ("mean_ablate", "mean_ablate_attn", "mean_ablate_mlp"):
+            return None
+        if name == "mean_ablate_mlp":
+            return self.without_mlp("mean")
+        return self.without_heads(args[1:] if name == "mean_ablate" else range(self.acfg.n_heads), "mean")
+
+    @torch.no_grad()
+    def head_output_means(self) -> torch.Tensor:
+        """Each head's output at the last position averaged over every context (uniformly): [H, d_out],
+        d_out being the attention's output width (d_h for the authors' compressed models, else d)."""
+        a = self.acfg
+        _, cache = self.run_with_cache(all_contexts(a.d_vocab, a.n_ctx), names=["blocks.0.attn.hook_z"])
+        z = cache["blocks.0.attn.hook_z"][:, -1]  # [n_contexts, H, d_h]
+        return torch.einsum("he,hem->hm", z.mean(0), self.blocks[0].attn.W_O)
+
+    @torch.no_grad()
+    def without_heads(self, heads, mode: str = "zero") -> "AssocTransformer":
+        """A copy with `heads`' outputs removed ("zero": their W_O zeroed) or replaced by their mean over
+        every context ("mean": W_O zeroed, the mean output added to b_O, which no head owns)."""
+        if mode not in ("zero", "mean"):
+            raise InputError(f"without_heads: mode {mode!r} is not 'zero' or 'mean'")
+        H = self.acfg.n_heads
+        heads = list(heads)
+        if not heads or any(not (isinstance(h, int) and 0 <= h < H) for h in heads):
+            raise InputError(f"without_heads: heads {heads} must be a non-empty list in 0..{H - 1}")
+        means = self.head_output_means() if mode == "mean" else None
+        new = copy.deepcopy(self)
+        attn = new.blocks[0].attn
+        for h in heads:
+            attn.W_O[h].zero_()
+            if means is not None:
+                attn.b_O.add_(means[h].to(attn.b_O.dtype))
+        return new
+
+    @torch.no_grad()
+    def without_mlp(self, mode: str = "zero") -> "AssocTransformer":
+        """A copy with the MLP's output removed ("zero": W_out and b_out zeroed) or replaced by its mean
+        over every context at the last position ("mean": W_out zeroed, the mean in b_out)."""
+        if mode not in ("zero", "mean"):
+            raise InputError(f"without_mlp: mode {mode!r} is not 'zero' or 'mean'")
+        a = self.acfg
+        if not a.d_mlp:
+            raise InputError("without_mlp: the model has no MLP (d_mlp = 0)")
+        mean = None
+        if mode == "mean":
+            _, cache = self.run_with_cache(all_contexts(a.d_vocab, a.n_ctx), names=["blocks.0.hook_mlp_out"])
+            mean = cache["blocks.0.hook_mlp_out"][:, -1].mean(0)  # [d]
+        new = copy.deepcopy(self)
+        mlp = new.blocks[0].mlp
+        mlp.W_out.zero_()
+        mlp.b_out.zero_()
+        if mean is not None:
+            mlp.b_out.copy_(mean.to(mlp.b_out.dtype))
+        return new
+
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
         """Initialise every trainable weight (frozen ones keep their values, zero biases stay zero)."""
@@ -396,6 +460,10 @@ def table_logits(model: AssocTransformer, rows: Optional[torch.Tensor] = None) -
     a = model.acfg
     if a.n_layers != 1:
         raise InputError(f"table_logits needs a one-layer model (got n_layers={a.n_layers}); use model(x)")
+    hooked = [name for name, hp in model.hook_dict.items() if hp.fns]
+    if hooked:  # a hook-based mutation here would leave the table unmutated: a claim could hold vacuously
+        raise InputError(f"table_logits runs no hooks, and {', '.join(hooked)} have some: evaluate model(x), "
+                         "or make the change in the weights (AssocTransformer.weight_mutation)")
     N, S, H, dh = a.d_vocab, a.n_ctx, a.n_heads, a.d_head
     if rows is not None:
         rows = check_rows(rows, N ** S)

@@ -13,17 +13,23 @@ What a target names, and the mutations it gets (``X`` is a head ``L2H0`` or a ro
 ``ov:X``            the head's output: ``zero_ablate:X``, ``mean_ablate:X``
 ``qk:X``            the head's attention pattern: ``uniform_attention:X``, ``swap_head:X``
 ``mlp:L``           an MLP: ``zero_ablate_mlp:L``, ``mean_ablate_mlp:L``
+``attn:L``          every head of a layer together: ``zero_ablate_attn:L``, ``mean_ablate_attn:L``
 ``path:X``          head X's path in a causal-scrubbing hypothesis: ``zero_ablate:X``, ``swap_head:X``
 ``positions[:a-b]`` the positional embeddings (of positions a..b): ``permute_positions[:a-b]``
 ``read_in``         the token embedding / vector read-in: ``randomise_read_in``
 ``model``           the whole model: ``untrained``
 ==================  ==========================================================================
 
+``@pytest.mark.about(none="why")`` says the test's claims are about no part of a model (a bound any
+model obeys, a refuted claim, a fact about data): no mutation is derived, and the report shows why.
+
 Every mutation returns a NEW model (the input is never modified). ``swap_head:X`` exchanges all
 weights of head X with the next head of its layer: the model computes the same function, but index
 X now names the other circuit, so a claim pinned to X must notice. ``mean_ablate`` replaces the
 output by its mean over the batch at each position (non-padding rows only), computed on the fly
-from the batch being evaluated. Mutations need a circuits ``HookedTransformer`` (or a model with the
+from the batch being evaluated. A model whose exact evaluation runs no hooks (the associative memories'
+``table_logits``) does the hook-based ones in its weights: it defines ``weight_mutation(name, *args)``,
+returning the mutant or None for a name it leaves to the hooks (:func:`_in_weights`). Mutations need a circuits ``HookedTransformer`` (or a model with the
 same parameter names); on another model they fail with one line saying what is missing.
 """
 
@@ -35,15 +41,19 @@ from typing import Any
 
 from .controls import ControlError, parse_layer, register_control
 
-__all__ = ["TARGETS", "derive_mutations", "derive_alternatives", "parse_target", "swap_heads", "uniform_attention",
-           "mean_ablate_head", "mean_ablate_mlp", "permute_positions", "randomise_read_in", "rebind",
-           "register_model_shape", "model_shape", "SameBindingError"]
+__all__ = ["TARGETS", "derive_mutations", "derive_alternatives", "parse_target", "about_none", "swap_heads",
+           "uniform_attention", "mean_ablate_head", "mean_ablate_mlp", "zero_ablate_attn", "mean_ablate_attn",
+           "permute_positions", "randomise_read_in", "rebind", "register_model_shape", "model_shape",
+           "SameBindingError"]
 
 TARGETS = {
     "head": ("zero_ablate:{}", "mean_ablate:{}", "swap_head:{}"),
     "ov": ("zero_ablate:{}", "mean_ablate:{}"),
     "qk": ("uniform_attention:{}", "swap_head:{}"),
     "mlp": ("zero_ablate_mlp:{}", "mean_ablate_mlp:{}"),
+    # all heads of a layer together: for claims about what the heads store jointly (one head of 20 is
+    # no test of them); no swap, which such a claim cannot notice
+    "attn": ("zero_ablate_attn:{}", "mean_ablate_attn:{}"),
     # a head's path in a causal-scrubbing hypothesis: dead (its output zeroed in the weights) or swapped
     # with its sibling; weight edits only, so a scrub's cached activations describe the mutant exactly
     "path": ("zero_ablate:{}", "swap_head:{}"),
@@ -51,6 +61,7 @@ TARGETS = {
     "read_in": ("randomise_read_in",),
     "model": ("untrained",),
 }
+_BY_LAYER = ("mlp", "attn")  # targets named by a layer, 'mlp:L2'
 _RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -65,14 +76,34 @@ def parse_target(target: str) -> tuple[str, str | None]:
     takes_arg = "{}" in TARGETS[kind][0] and kind != "positions"
     if takes_arg and not arg:
         raise ControlError(f"about({target!r}): {kind} needs a part, e.g. '{kind}:L2H0'"
-                           if kind != "mlp" else f"about({target!r}): mlp needs a layer, e.g. 'mlp:L2'")
+                           if kind not in _BY_LAYER else f"about({target!r}): {kind} needs a layer, e.g. '{kind}:L2'")
     if not takes_arg and kind != "positions" and arg:
         raise ControlError(f"about({target!r}): {kind} takes no argument")
     if kind == "positions" and arg and not _RANGE_RE.match(arg):
         raise ControlError(f"about({target!r}): positions take a range like 'positions:1-10'")
-    if kind == "mlp":
+    if kind in _BY_LAYER:
         parse_layer(arg)
     return kind, arg or None
+
+
+def about_none(markers) -> str | None:
+    """The reason of ``@pytest.mark.about(none="...")`` among a test's ``about`` markers, or None.
+    A marker with neither a target nor ``none=``, or with both, is a ControlError."""
+    reasons = []
+    for m in markers:
+        none = m.kwargs.get("none")
+        if none is not None and (not isinstance(none, str) or not none.strip()):
+            raise ControlError(f"about(none={none!r}): give the reason the claims are about no part, as a sentence")
+        if none is not None and m.args:
+            raise ControlError(f"about({', '.join(map(repr, m.args))}, none=...): a test about parts is not about none")
+        if none is None and not m.args:
+            raise ControlError("@pytest.mark.about() names nothing: give targets ('head:L2H0', ...) or "
+                               "none='why the claims are about no part of a model'")
+        if none is not None:
+            reasons.append(none.strip())
+    if reasons and any(m.args for m in markers):
+        raise ControlError("about(none=...) and about(targets) on one test: it is about parts or about none")
+    return "; ".join(reasons) or None
 
 
 def derive_mutations(targets: list[str]) -> list[str]:
@@ -299,10 +330,21 @@ def _with_pad_tracker(model: Any) -> dict:
     return state
 
 
+def _in_weights(model: Any, name: str, *args: int) -> Any:
+    """The mutant a model makes in its weights for a hook-based mutation, or None: a model whose exact
+    evaluation runs no hooks (``assoc_model.table_logits``) would otherwise evaluate the unmutated
+    weights, and a claim would hold vacuously."""
+    fn = getattr(model, "weight_mutation", None)
+    return fn(name, *args) if callable(fn) else None
+
+
 def mean_ablate_head(model: Any, layer: int, head: int) -> Any:
     """The head's output (its ``hook_z`` slice) replaced by its batch mean at each position."""
     _need(model, "attention", "mean_ablate")
     _check_head(model, layer, head)
+    done = _in_weights(model, "mean_ablate", layer, head)
+    if done is not None:
+        return done
     new = copy.deepcopy(model)
     state = _with_pad_tracker(new)
 
@@ -322,6 +364,9 @@ def mean_ablate_mlp(model: Any, layer: int) -> Any:
     _need(model, "mlp", "mean_ablate_mlp")
     if not 0 <= layer < model.cfg.n_layers:
         raise ControlError(f"mean_ablate_mlp:L{layer}: the model has {model.cfg.n_layers} layers")
+    done = _in_weights(model, "mean_ablate_mlp", layer)
+    if done is not None:
+        return done
     new = copy.deepcopy(model)
     state = _with_pad_tracker(new)
     def replace(x, hook):
@@ -330,6 +375,34 @@ def mean_ablate_mlp(model: Any, layer: int) -> Any:
     replace.circuits_key = f"mean_ablate_mlp:L{layer}"
     new.hook_dict[f"blocks.{layer}.hook_mlp_out"].fns.append(replace)
     return new
+
+
+def _check_layer(model: Any, layer: int, mutation: str) -> None:
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ControlError(f"{mutation}:L{layer}: the model has {model.cfg.n_layers} layers")
+
+
+def zero_ablate_attn(model: Any, layer: int) -> Any:
+    """Every head of the layer removed (their W_O slices zeroed; b_O, no head's, is kept)."""
+    from .interventions import zero_ablate_head
+
+    _need(model, "attention", "zero_ablate_attn")
+    _check_layer(model, layer, "zero_ablate_attn")
+    for head in range(model.cfg.n_heads):
+        model = zero_ablate_head(model, layer, head)
+    return model
+
+
+def mean_ablate_attn(model: Any, layer: int) -> Any:
+    """Every head of the layer replaced by its batch mean at each position."""
+    _need(model, "attention", "mean_ablate_attn")
+    _check_layer(model, layer, "mean_ablate_attn")
+    done = _in_weights(model, "mean_ablate_attn", layer)
+    if done is not None:
+        return done
+    for head in range(model.cfg.n_heads):
+        model = mean_ablate_head(model, layer, head)
+    return model
 
 
 def permute_positions(model: Any, lo: int | None = None, hi: int | None = None, seed: int = 0) -> Any:
@@ -422,6 +495,10 @@ register_control("uniform_attention", kind="model", fn=_heads(uniform_attention)
                  description="the head's queries zeroed: uniform attention over the allowed keys")
 register_control("mean_ablate_mlp", kind="model", fn=_layers(mean_ablate_mlp, "mean_ablate_mlp"),
                  description="the MLP's output replaced by its batch mean at each position")
+register_control("zero_ablate_attn", kind="model", fn=_layers(zero_ablate_attn, "zero_ablate_attn"),
+                 description="every head of the layer removed (W_O zeroed)")
+register_control("mean_ablate_attn", kind="model", fn=_layers(mean_ablate_attn, "mean_ablate_attn"),
+                 description="every head of the layer replaced by its batch mean at each position")
 register_control("permute_positions", kind="model", fn=_positions,
                  description="positional embeddings moved to other positions (a derangement)")
 register_control("randomise_read_in", kind="model", fn=lambda m, seed=0: randomise_read_in(m, seed=seed),

@@ -156,7 +156,16 @@ class CircuitsPlugin(CircuitsSession):
     # -- collection --
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         controls = [s for m in metafunc.definition.iter_markers("controls") for s in m.args]
-        targets = [t for m in metafunc.definition.iter_markers("about") for t in m.args]
+        abouts = list(metafunc.definition.iter_markers("about"))
+        targets = [t for m in abouts for t in m.args]
+        if abouts:  # about(none="why") or targets, never an empty about(): one line at collection
+            from .controls import ControlError
+            from .mutations import about_none
+
+            try:
+                about_none(abouts)
+            except ControlError as exc:
+                raise ControlCollectError(f"{metafunc.definition.nodeid}: {exc}") from None
         if controls or targets:
             try:
                 specs = _run_specs(controls, targets, metafunc)
@@ -513,6 +522,7 @@ def _test_meta(item: pytest.Item) -> dict:
     fn = getattr(item, "function", None)
     controls = [s for m in item.iter_markers("controls") for s in m.args]
     targets = [t for m in item.iter_markers("about") for t in m.args]
+    none = next((m.kwargs["none"] for m in item.iter_markers("about") if m.kwargs.get("none")), None)
     return {
         "module": item.nodeid.split("::")[0],
         "group": group_of(item),
@@ -526,7 +536,9 @@ def _test_meta(item: pytest.Item) -> dict:
         "controls_declared": controls,
         # no mutation and nothing but controls that fail for any broken model: teeth, not power
         "generic_only": bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
-        "no_controls": not targets and not controls,  # flagged apart: nothing checks this claim's teeth
+        # flagged apart: nothing checks this claim's teeth, and the test does not say why (about(none=...))
+        "no_controls": not targets and not controls and not none,
+        "about_none": none,  # why the claims are about no part of a model (no mutation derived)
         "known_failure": _known_failure(item),
         "circuits": True,
     }

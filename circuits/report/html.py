@@ -439,7 +439,8 @@ def _claims_table(claims: list[dict]) -> str:
         seed = f' <span class="tag">[{_e(case)}]</span>' if case else ""
         seed += f' <span class="tag">seed {_e(c["seed"])}</span>' if c.get("seed") is not None else ""
         badge = ('<span class="badge" title="every control of this claim is generic (untrained / shuffled labels):'
-                 ' none targets the part it names">generic controls only</span>' if c.get("generic_only") else "")
+                 ' none targets the part it names">generic controls only</span>' if c.get("generic_only") else
+                 f'<span class="badge" title="{_e(c["about_none"])}">about no part</span>' if c.get("about_none") else "")
         m = c.get("margin")
         mcell = (f'<td class="num {"ok" if m >= 0 else "bad"}">{_e(fmt_margin(m))}</td>'
                  if isinstance(m, (int, float)) else '<td class="num muted">—</td>')

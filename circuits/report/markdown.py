@@ -65,7 +65,8 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|---|---|---:|---|---|"]
         for c in rows:
             op, thr = op_text(c)
-            badge = " ⚠ generic controls only" if c.get("generic_only") else ""
+            badge = (" ⚠ generic controls only" if c.get("generic_only") else
+                     f" (about no part: {md_escape(c['about_none'])})" if c.get("about_none") else "")
             ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])
                              if x.get("kind") != "alternative") or "—"  # alternatives: the specificity table
             lines.append(f"| {md_escape(test_label(c), NAME_LIMIT)} | {md_escape(c['name'], NAME_LIMIT)}{badge} | "

@@ -27,7 +27,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         for c in rows:
             op, thr = op_text(c)
             status = c["status"] + (" (generic controls only)" if c.get("generic_only") else
-                                    " (no controls)" if c.get("no_controls") else "")
+                                    " (no controls)" if c.get("no_controls") else
+                                    " (about no part)" if c.get("about_none") else "")
             table.append((_clip(test_label(c), 40), _clip(c["name"], 36), _clip(measured_text(c), 30), op,
                           _clip(thr, 20), fmt_margin(c.get("margin")), status))
             marks.append({"green": True} if c["status"] == "PASS" else
