@@ -638,9 +638,9 @@ def test_freezing_W_O_still_memorises(assoc, request, claim, control, figures, d
 @pytest.mark.controls("randomise_ov")
 def test_training_W_O_alone_learns_above_chance(assoc, request, claim, control, draws):
     """What W_O learned: with it (and the random W_V it reads) replaced by random matrices of the same
-    norms, or zeroed (the derived zero_ablate_attn), the model is at chance (0.09 / 0.05). Tried and left out: half the heads removed
-    or mean-ablated (0.16 / 0.18: what W_O learned is spread over all 20 heads and the claim's margin
-    over chance is small), and the reassigned table, whose score varies with the derangement drawn
+    norms, or zeroed (the derived zero_ablate_attn), the model is at chance (0.09 / 0.05). Tried and left
+    out: half the heads removed or mean-ablated (0.16 / 0.18: what W_O learned is spread over all 20
+    heads and the claim's margin over chance is small), and the reassigned table, whose score varies with the derangement drawn
     (0.02-0.16 over ten draws) and crosses 0.15 on some: a control that flips with --circuits-draws-seed."""
     exp = A.freezing_model("train_O_only")
     law = A.build_law(exp)

@@ -89,6 +89,8 @@ def test_redwood_circuit_is_faithful(redwood, claim_eval, reference_eval, claim)
     CC.claim_faithfulness(claim, claim_eval, redwood, at_least=0.95, reference=reference_eval)
 
 
+@pytest.mark.about(none="completeness: a broken part only lowers what the complement carries, so no mutation can "
+                        "break it; circuit_without points it at a smaller circuit")
 @pytest.mark.controls("circuit_without:L2H1")
 def test_redwood_circuit_is_complete(redwood, reference_eval, claim):
     CC.claim_completeness(claim, reference_eval, redwood, at_most=0.25)
@@ -120,6 +122,7 @@ def uninformed_curves(rankings, reference_eval):
             for name in ("random ranking", "EAP on the untrained model", "EAP-IG on the untrained model")]
 
 
+@pytest.mark.about("model")  # the trained model's edges; its untrained twin is the derived mutation
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG"])
 @pytest.mark.controls("untrained")
 def test_discovered_ranking_beats_uninformed_rankings(method, arena_model, bracket_data, rankings, uninformed_curves,

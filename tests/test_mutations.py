@@ -119,10 +119,50 @@ def test_mutations_are_derived_from_targets_and_bad_targets_are_clear():
                                                           "zero_ablate:L0H0", "mean_ablate:L0H0"]
     assert M.derive_mutations(["positions:1-10", "read_in", "mlp:L2", "model"]) == [
         "permute_positions:1-10", "randomise_read_in", "zero_ablate_mlp:L2", "mean_ablate_mlp:L2", "untrained"]
+    assert M.derive_mutations(["attn:L0"]) == ["zero_ablate_attn:L0", "mean_ablate_attn:L0"]
     for bad, words in [("neuron:3", "unknown target kind"), ("head", "needs a part"), ("positions:x", "range"),
-                       ("mlp:2", "not a layer"), ("read_in:L0", "takes no argument")]:
+                       ("mlp:2", "not a layer"), ("read_in:L0", "takes no argument"), ("attn", "needs a layer"),
+                       ("attn:L0H1", "not a layer")]:
         with pytest.raises(ControlError, match=words):
             M.derive_mutations([bad])
+
+
+def test_the_attention_of_a_layer_is_removed_or_mean_ablated_head_by_head():
+    model = _bracket_model()
+    zero, mean = M.zero_ablate_attn(model, 1), M.mean_ablate_attn(model, 1)
+    assert not zero.blocks[1].attn.W_O.any() and torch.equal(zero.blocks[0].attn.W_O, model.blocks[0].attn.W_O)
+    _, cache = mean.run_with_cache(TOKS, names=["blocks.1.attn.hook_z"])
+    _, clean = model.run_with_cache(TOKS, names=["blocks.1.attn.hook_z"])
+    z = clean["blocks.1.attn.hook_z"]
+    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], z.mean(0, keepdim=True).expand_as(z), atol=1e-12, rtol=0)
+    with pytest.raises(ControlError, match="the model has 3 layers"):
+        M.zero_ablate_attn(model, 3)
+
+
+def test_a_model_that_runs_no_hooks_makes_the_mean_ablations_in_its_weights():
+    """``weight_mutation(name, *args)``: the model's own mutant for a hook-based mutation, else the hooks."""
+    model = _bracket_model()
+    calls = []
+
+    def in_weights(name, *args):
+        calls.append((name, *args))
+        return "mutant" if name != "mean_ablate_mlp" else None
+
+    model.weight_mutation = in_weights
+    assert M.mean_ablate_head(model, 1, 0) == "mutant" and M.mean_ablate_attn(model, 1) == "mutant"
+    assert M.mean_ablate_mlp(model, 1) is not model  # None: the hooks do it
+    assert calls == [("mean_ablate", 1, 0), ("mean_ablate_attn", 1), ("mean_ablate_mlp", 1)]
+
+
+def test_about_none_takes_a_reason_and_nothing_else():
+    mark = pytest.mark.about
+    assert M.about_none([mark(none="  a bound every model obeys ").mark]) == "a bound every model obeys"
+    assert M.about_none([mark("head:L0H0").mark]) is None
+    for bad, words in [([mark().mark], "names nothing"), ([mark(none="").mark], "give the reason"),
+                       ([mark("head:L0H0", none="x").mark], "not about none"),
+                       ([mark("head:L0H0").mark, mark(none="x").mark], "about parts or about none")]:
+        with pytest.raises(ControlError, match=words):
+            M.about_none(bad)
 
 
 def test_mutations_on_a_foreign_model_fail_in_one_line():
@@ -514,3 +554,31 @@ def test_a_nan_is_a_failure_only_where_an_ablation_made_the_statistic_undefined(
     assert (control_error_kind([nan], ctl) is None) == (outcome == "ok")
     held = SimpleNamespace(name="h", passed=True, problem=None, value_text="0.9", requirement=">= 0.5")
     assert judge_control([nan, held], ctl)[0] != "ok"  # a claim that still holds is never excused
+
+
+def test_about_none_derives_nothing_shows_its_reason_and_is_not_without_controls(power_project):
+    power_project.makepyfile(test_none='''
+        import pytest
+
+        @pytest.mark.about(none="a bound every model obeys")
+        def test_bound(model, claim):
+            claim.at_least("norm", float(model.embed.W_E.norm()), 0.0)
+
+        def test_bare(model, claim):
+            claim.at_least("norm", float(model.embed.W_E.norm()), 0.0)
+    ''', test_empty='''
+        import pytest
+
+        @pytest.mark.about()
+        def test_empty(model, claim):
+            claim.at_least("norm", 1.0, 0.0)
+    ''')
+    power_project.runpytest("test_empty.py").stdout.fnmatch_lines(["*test_empty.py::test_empty*names nothing*"])
+    result = power_project.runpytest("-v", "--circuits-run-id", "none", "test_none.py")
+    import json
+    report = json.loads((power_project.path / "reports" / "none" / "report.json").read_text())
+    claims = {c["nodeid"].split("::")[1]: c for c in report["claims"]}
+    assert set(claims) == {"test_bound", "test_bare"}  # one main run each: nothing derived
+    assert claims["test_bound"]["about_none"] == "a bound every model obeys" and not claims["test_bound"]["no_controls"]
+    assert claims["test_bare"]["no_controls"] and not claims["test_bare"].get("about_none")
+    result.stdout.fnmatch_lines(["*(about no part)*"])
