@@ -320,11 +320,19 @@ class AssocTransformer(HookedTransformer):
     @torch.no_grad()
     def head_output_means(self) -> torch.Tensor:
         """Each head's output at the last position averaged over every context (uniformly): [H, d_out],
-        d_out being the attention's output width (d_h for the authors' compressed models, else d)."""
+        d_out being the attention's output width (d_h for the authors' compressed models, else d).
+        Kept until a weight changes (a tensor's version counts its in-place edits): a claim's controls
+        and mutations mean-ablate the same reference model several times."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        kept = self.__dict__.get("_head_output_means")
+        if kept is not None and kept[0] == key:
+            return kept[1].clone()
         a = self.acfg
         _, cache = self.run_with_cache(all_contexts(a.d_vocab, a.n_ctx), names=["blocks.0.attn.hook_z"])
         z = cache["blocks.0.attn.hook_z"][:, -1]  # [n_contexts, H, d_h]
-        return torch.einsum("he,hem->hm", z.mean(0), self.blocks[0].attn.W_O)
+        means = torch.einsum("he,hem->hm", z.mean(0), self.blocks[0].attn.W_O)
+        self.__dict__["_head_output_means"] = (key, means)
+        return means.clone()
 
     @torch.no_grad()
     def without_heads(self, heads, mode: str = "zero") -> "AssocTransformer":

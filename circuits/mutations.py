@@ -383,14 +383,16 @@ def _check_layer(model: Any, layer: int, mutation: str) -> None:
 
 
 def zero_ablate_attn(model: Any, layer: int) -> Any:
-    """Every head of the layer removed (their W_O slices zeroed; b_O, no head's, is kept)."""
-    from .interventions import zero_ablate_head
+    """Every head of the layer removed (W_O zeroed: ``zero_ablate`` of each head, in one copy; b_O, no
+    head's, is kept)."""
+    import torch
 
     _need(model, "attention", "zero_ablate_attn")
     _check_layer(model, layer, "zero_ablate_attn")
-    for head in range(model.cfg.n_heads):
-        model = zero_ablate_head(model, layer, head)
-    return model
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        new.blocks[layer].attn.W_O.zero_()
+    return new
 
 
 def mean_ablate_attn(model: Any, layer: int) -> Any:

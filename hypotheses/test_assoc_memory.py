@@ -180,10 +180,6 @@ def test_the_model_uses_its_whole_width(assoc, request, claim, control):
 # --- experiment 1: scaling with heads --------------------------------------------------------------
 
 
-def _exp1_accuracies(assoc, request, H: int, seeds) -> list:
-    return [assoc.get(request, A.exp1(H), s).card["metrics"]["accuracy"] for s in seeds]
-
-
 def _exp1_accuracy(assoc, request, control, draws, H: int, seeds) -> tuple[float, list]:
     accs = []
     law = scored_law(control, draws, A.exp1(H))

@@ -722,6 +722,15 @@ def test_the_plugins_mutations_reach_the_table(kw):
                                                                                 "mean"))[0])
 
 
+def test_the_kept_head_means_follow_the_weights():
+    model = build_model(small())
+    first = model.head_output_means()
+    assert torch.equal(model.head_output_means(), first)
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.mul_(2)  # an in-place edit: the kept means are stale
+    torch.testing.assert_close(model.head_output_means(), 2 * first)
+
+
 def test_table_logits_refuses_a_model_with_hooks():
     """A hook would be skipped by the table: a claim scored there would hold on the unmutated model."""
     model = build_model(small())
