@@ -99,13 +99,13 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycles_in_the_library():
     graph = import_graph()
-    assert "circuits.pytest_plugin" in graph and graph["circuits.pytest_plugin"], "the import graph is empty?"
+    assert "circuits.plugin.pytest_plugin" in graph and graph["circuits.plugin.pytest_plugin"], "the import graph is empty?"
     assert cycles(graph) == [], "import cycles (each list imports itself round): " + repr(cycles(graph))
 
 
 def test_the_plugin_loads_without_torch():
-    code = ("import sys, circuits.pytest_plugin, circuits.session; "
-            "print('torch' in sys.modules, 'circuits.zoo' in sys.modules)")
+    code = ("import sys, circuits.plugin.pytest_plugin, circuits.plugin.session; "
+            "print('torch' in sys.modules, 'circuits.zoo.registry' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
 
