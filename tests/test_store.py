@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from circuits.zoo import checkpoints
 from circuits.zoo import store as store_mod
 from circuits.errors import CircuitsError, SettingError, StoreError
 from circuits.zoo.store import (
@@ -298,7 +299,7 @@ def test_valid_hash_but_not_safetensors(tmp_path):
     c = s.card_path(key)
     card = json.loads(c.read_text())
     card.update(content_hash=__import__("hashlib").sha256(garbage).hexdigest(), size_bytes=len(garbage))
-    card["card_hash"] = store_mod._card_hash(card)  # a consistent card: only the weights are bad
+    card["card_hash"] = checkpoints._card_hash(card)  # a consistent card: only the weights are bad
     c.write_text(json.dumps(card))
     expect_corrupt_then_rebuild(s, key, "not a valid safetensors file")
 
@@ -347,7 +348,7 @@ def test_default_location_is_never_the_package_folder(tmp_path, monkeypatch):
     """Issue 16: an installed wheel must not write next to itself; the caller names the project root."""
     monkeypatch.delenv("CIRCUITS_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
-    package = Path(store_mod.__file__).resolve().parent
+    package = Path(store_mod.__file__).resolve().parents[1]  # circuits/, not circuits/zoo/
     assert package not in ModelStore().root.parents and ModelStore().root.parent == tmp_path
 
 
