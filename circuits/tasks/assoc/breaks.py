@@ -2,7 +2,7 @@
 
 The family's claims are about all H heads together (accuracy grows with H, with d_h; the capacity
 bound counts H d_h), about the model's width d, or about the table it memorised. The plugin's
-mutations (`circuits.mutations`; ``about("attn:L0")``: every head at once) reach `table_logits` (the
+mutations (`circuits.claims.mutations`; ``about("attn:L0")``: every head at once) reach `table_logits` (the
 exact evaluation on every context, which runs no hooks) through the model's weight edits
 (`AssocTransformer.weight_mutation`). The breaks here edit weights too, and are exact under
 `table_logits` and the forward alike:
@@ -25,8 +25,8 @@ import copy
 
 import torch
 
-from ...errors import InputError
-from .laws import Law
+from circuits.errors import InputError
+from circuits.tasks.assoc.laws import Law
 
 __all__ = ["ablate_heads", "ablate_mlp", "half_of_heads", "randomise_ov", "truncate_width", "reassign_table", "mean_head_outputs"]
 

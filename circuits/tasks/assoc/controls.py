@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ...controls import register_control
-from . import breaks as B
-from .experiments import build_law
-from .laws import Law
+from circuits.claims.controls import register_control
+from circuits.tasks.assoc import breaks as B
+from circuits.tasks.assoc.experiments import build_law
+from circuits.tasks.assoc.laws import Law
 
 __all__ = ["Predictions", "Baseline", "TargetVectors", "Scored", "scored_law"]
 

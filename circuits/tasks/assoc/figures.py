@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...assoc_model import table_logits
-from .laws import capacity_bound
+from circuits.tasks.assoc.laws import capacity_bound
+from circuits.tasks.assoc.model import table_logits
 
 __all__ = ["learning_dynamics", "scaling_figure", "freezing_figure", "geometry_figure", "skip_connection_figure"]
 
