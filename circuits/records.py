@@ -19,7 +19,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from .errors import CircuitsError
+from circuits.errors import CircuitsError
 
 __all__ = [
     "SCHEMA", "Record", "MAIN", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX", "GENERIC_CONTROLS", "RunKind",
@@ -230,7 +230,7 @@ Record = _Record  # the base of every record (views define theirs on it)
 def requirement_parts(op: str, threshold_text: str = "", tolerance_text: str = "", lo_text: str = "",
                       hi_text: str = "", units: str | None = None) -> tuple[str, str]:
     """(operator symbol, threshold text) of a claim: (">=", "0.9"), ("≈", "1.0 ± 0.1"), ("in", "[0.2, 0.8]"),
-    ("holds", ""); the numbers come formatted by the caller (:mod:`circuits.claims`)."""
+    ("holds", ""); the numbers come formatted by the caller (:mod:`circuits.claims.core`)."""
     u = f" {units}" if units else ""
     if op == "at_least":
         return ">=", f"{threshold_text}{u}"
@@ -245,7 +245,7 @@ def requirement_parts(op: str, threshold_text: str = "", tolerance_text: str = "
 
 @dataclass(frozen=True)
 class Interval(_Record):
-    """A claim's confidence interval (:meth:`circuits.stats.Estimate.to_dict`): bounds, level, method."""
+    """A claim's confidence interval (:meth:`circuits.claims.stats.Estimate.to_dict`): bounds, level, method."""
 
     _EXTRA: ClassVar[bool] = True
 
@@ -335,6 +335,7 @@ class TestMeta(_Record):
     # the plugin's verdicts (None: not judged, e.g. a report built from records without them)
     generic_only: bool | None = None  # no mutation and only generic controls: teeth, not power
     no_controls: bool | None = None  # no control and no `about`: nothing checks the claim's teeth
+    about_none: str | None = None  # about(none="why"): the claims are about no part of a model
     known_failure: str | None = None
     circuits: bool = True
 
@@ -381,7 +382,7 @@ class ControlRun(_Record):
 
 @dataclass(frozen=True)
 class ModelInfo(_Record):
-    """A model a fixture served (:func:`circuits.session.note_model`); any further keys in ``extra``."""
+    """A model a fixture served (:func:`circuits.plugin.session.note_model`); any further keys in ``extra``."""
 
     _EXTRA: ClassVar[bool] = True
 
@@ -534,6 +535,7 @@ class ClaimResult(ClaimRecord):
     controls: list = field(default_factory=list)  # [ControlCell] (main runs)
     generic_only: bool = False
     no_controls: bool = False
+    about_none: str | None = None  # (main runs) why the claims are about no part of a model
     control_outcome: str | None = None  # (claims measured on a control) the run's outcome
     control_kind: str | None = None
     control_known: bool = False

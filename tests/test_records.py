@@ -1,5 +1,5 @@
 """The run's records (circuits.records): JSON in and out, schema-1 reports still read and compared,
-one definition of each constant, and the plugin's declared hooks (circuits.hookspecs)."""
+one definition of each constant, and the plugin's declared hooks (circuits.plugin.hookspecs)."""
 
 import json
 import re
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from circuits import records as R
-from circuits.claims import Claims
+from circuits.claims.core import Claims
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "reports" / "baseline" / "report.json"
@@ -161,7 +161,7 @@ def test_x():
     pass
 ''')
     config = pytester.parseconfigure(mod)
-    from circuits.zoo_fixtures import sweep_plan
+    from circuits.plugin.zoo_fixtures import sweep_plan
 
     items = [SimpleNamespace(fixturenames=[], module=pytester.getmodulecol(mod).obj)]
     plan = sweep_plan(SimpleNamespace(seeds=(), full_sweep=True, model_name=lambda n: n), items, config.hook)

@@ -13,7 +13,7 @@ import dataclasses
 from collections import defaultdict
 from typing import Any, Iterable
 
-from ..records import (ERROR_KINDS, GENERIC_CONTROLS, OUTCOME_KINDS, PROP_CLAIM, PROP_CONTROL, PROP_FIGURE, PROP_MODEL,
+from circuits.records import (ERROR_KINDS, GENERIC_CONTROLS, OUTCOME_KINDS, PROP_CLAIM, PROP_CONTROL, PROP_FIGURE, PROP_MODEL,
                        PROP_TEST, PROPS, SCHEMA, ClaimResult, CollectionError, ControlCell, ControlRun, ErrorLine,
                        FigureRecord, ModelInfo, ModuleInfo, PassRate, RecordError, Run, RunKind, Summary, TestMeta,
                        TestResult, as_run, is_generic, run_kind)
@@ -259,6 +259,8 @@ def _attach_controls(run: Run) -> None:
         # no control and no `about` at all: flagged apart from "generic controls only"
         none = t.no_controls if t is not None else None
         c.no_controls = bool(none) if none is not None else not out
+        # about(none="why"): the claims are about no part of a model, so no mutation is derived; the why shows
+        c.about_none = t.about_none if t is not None else None
 
 
 def pass_rates(claims: list, tests: list | None = None) -> list[PassRate]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..records import (ClaimBrief, ClaimResult, CompareCounts, CompareRow, Comparison, NoiseFloor, Run, RunRef,
+from circuits.records import (ClaimBrief, ClaimResult, CompareCounts, CompareRow, Comparison, NoiseFloor, Run, RunRef,
                        as_run)
 
 __all__ = ["ABS_TOL", "REL_TOL", "NOISE_FLOOR_TEXT", "compare_reports", "compare_display_rows", "moved_beyond_noise"]

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..records import GitInfo, MachineInfo, as_run
+from circuits.records import GitInfo, MachineInfo, as_run
 
 __all__ = ["machine_info", "git_info", "now_iso", "commit_text", "versions_text"]
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from dataclasses import dataclass, field
 
-from ..claims import format_numbers
-from ..records import (GENERIC_CONTROLS, OUTCOME_KINDS, ClaimResult, ControlCell,
+from circuits.claims.core import format_numbers
+from circuits.records import (GENERIC_CONTROLS, OUTCOME_KINDS, ClaimResult, ControlCell,
                        Record, Run, RunKind, TestResult, as_run)
-from .collect import control_kind, outcome_counts, problem_tests, run_errors
-from .machine import commit_text
+from circuits.report.collect import control_kind, outcome_counts, problem_tests, run_errors
+from circuits.report.machine import commit_text
 
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",
