@@ -164,7 +164,7 @@ def spearman_at_least(n: int, method: str, threshold: float = 0.8, n_resamples: 
         est = c.sample((x, y), spearman, paired=True, method=method, n_resamples=n_resamples)
         return c.at_least("rho", est, threshold).passed
 
-    return Rule(f"at_least on claim.sample spearman ({method}, lower bound; {n_resamples} resamples)", 0.025, str(n),
+    return Rule(f"at_least on claim.sample spearman ({method}, lower bound; {n_resamples} resamples asked)", 0.025, str(n),
                 f"bivariate normal, Spearman rho {threshold} = threshold", trial)
 
 
@@ -218,7 +218,7 @@ def rules(scale: int = 1) -> list[Rule]:
         mean_at_least(20, "BCa"), mean_at_least(20, "BCa", "skewed"), mean_at_most(30, "percentile"),
         mean_at_least(50, "BCa", "skewed"), mean_at_most(100, "percentile"),
         close_to_interval(30), auroc_at_least(50, "BCa"), auroc_at_least(50, "percentile"),
-        spearman_at_least(60, "BCa"), spearman_at_least(60, "BCa", n_resamples=400),
+        spearman_at_least(60, "BCa"), spearman_at_least(60, "BCa", n_resamples=400),  # 2000 drawn: BCA_MIN_RESAMPLES
         spearman_at_least(60, "percentile"), scrub_at_least(500, 5),
     ]
     if scale > 1:

@@ -122,3 +122,16 @@ def test_closed_form_jackknife_bca_matches_scipys_bca():
                        jackknife=_recovered_jackknife)
     assert est.method == "BCa"
     np.testing.assert_allclose([est.lo, est.hi], [ref.low, ref.high], atol=1e-4)
+
+
+def test_bca_draws_at_least_its_minimum_of_resamples():
+    """BCa reads adjusted percentiles far into the tails: fewer than BCA_MIN_RESAMPLES are raised to it
+    (Spearman at n = 60 with 400 passed 3.5% at its threshold, above the nominal 2.5%)."""
+    from circuits.stats import BCA_MIN_RESAMPLES, bootstrap_ci, spearman
+
+    g = np.random.default_rng(2)
+    x = g.normal(size=60)
+    y = x + g.normal(size=60)
+    few = bootstrap_ci((x, y), spearman, paired=True, n_resamples=400)
+    assert few == bootstrap_ci((x, y), spearman, paired=True, n_resamples=BCA_MIN_RESAMPLES)
+    assert few.method == "BCa"
