@@ -164,7 +164,8 @@ def spearman_at_least(n: int, method: str, threshold: float = 0.8, n_resamples: 
         est = c.sample((x, y), spearman, paired=True, method=method, n_resamples=n_resamples)
         return c.at_least("rho", est, threshold).passed
 
-    return Rule(f"at_least on claim.sample spearman ({method}, lower bound; {n_resamples} resamples asked)", 0.025, str(n),
+    return Rule(f"at_least on claim.sample spearman ({method}, lower bound; {n_resamples} resamples asked)", 0.025,
+                str(n),
                 f"bivariate normal, Spearman rho {threshold} = threshold", trial)
 
 
