@@ -427,7 +427,6 @@ def _auroc_bca(pos: np.ndarray, neg: np.ndarray, level: float, n_resamples: int,
     (same resamples), bias from where the estimate sits in it, acceleration from the jackknife,
     which for the Mann-Whitney AUROC is closed-form: leaving out one positive removes its placement
     (negatives below it, ties half), leaving out one negative removes the positives above it."""
-
     n1, n2 = len(pos), len(neg)
     if n1 < 2 or n2 < 2:
         return float("nan"), float("nan")
