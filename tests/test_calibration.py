@@ -93,7 +93,7 @@ def test_the_mean_gets_the_studentized_interval_and_falls_back_without_spread():
     """A mean's interval is the bootstrap-t (asymmetric on skewed data, the long side towards the
     tail); where a resample has no spread (one error among many correct answers) it falls back to
     the expanded percentile interval rather than failing."""
-    from circuits.stats import bootstrap_ci
+    from circuits.claims.stats import bootstrap_ci
 
     x = np.random.default_rng(0).exponential(size=30)
     est = bootstrap_ci(x, np.mean)
@@ -109,12 +109,12 @@ def test_closed_form_jackknife_bca_matches_scipys_bca():
     scipy.stats.bootstrap's BCa (which recomputes the statistic n times) on the same resamples."""
     from scipy import stats as st
 
-    from circuits.scrub import _recovered, _recovered_jackknife
-    from circuits.stats import bootstrap_ci
+    from circuits.analysis.scrub import _recovered, _recovered_jackknife
+    from circuits.claims.stats import bootstrap_ci
 
     s, b = C.scrub_losses(3, 300, 5, 0.85)
     s, b = s.mean(0), b.mean(0)
-    from circuits.stats import expanded_level
+    from circuits.claims.stats import expanded_level
 
     ref = st.bootstrap((s, b), _recovered, paired=True, method="BCa", n_resamples=2000, batch=2000,
                        confidence_level=expanded_level(0.95, 300), rng=np.random.default_rng(4)).confidence_interval
@@ -127,7 +127,7 @@ def test_closed_form_jackknife_bca_matches_scipys_bca():
 def test_bca_draws_at_least_its_minimum_of_resamples():
     """BCa reads adjusted percentiles far into the tails: fewer than BCA_MIN_RESAMPLES are raised to it
     (Spearman at n = 60 with 400 passed 3.5% at its threshold, above the nominal 2.5%)."""
-    from circuits.stats import BCA_MIN_RESAMPLES, bootstrap_ci, spearman
+    from circuits.claims.stats import BCA_MIN_RESAMPLES, bootstrap_ci, spearman
 
     g = np.random.default_rng(2)
     x = g.normal(size=60)

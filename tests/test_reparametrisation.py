@@ -427,9 +427,9 @@ def module_claims(key: str, model) -> dict:
     fixtures the suite would pass (main run, fixed draws)."""
     import importlib
 
-    from circuits.claims import Claims
-    from circuits.controls import main_control
-    from circuits.draws import Draws
+    from circuits.claims.core import Claims
+    from circuits.claims.controls import main_control
+    from circuits.claims.draws import Draws
 
     module = importlib.import_module(key.split(":")[0])
     _, fixture, tests, _, _ = OTHER_CLAIMS[key]
@@ -447,7 +447,7 @@ def module_claims(key: str, model) -> dict:
 
 @pytest.mark.parametrize("key", list(OTHER_CLAIMS))
 def test_other_modules_claims_keep_their_verdicts_and_values(key):
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     name, _, tests, residual, heads = OTHER_CLAIMS[key]
     # ICL reads float32 inputs: float32 there, values compared to float32 rounding (a claim within 1e-4
@@ -476,7 +476,7 @@ def test_other_modules_claims_keep_their_verdicts_and_values(key):
 def test_a_rewrite_that_changes_the_function_is_caught():
     """The comparison has teeth on these modules too: W_V of the Tracr histogram's head scaled without
     W_O scaled back (not function-preserving) moves its claims' values or verdicts."""
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     model = zoo.load("tracr_hist").model.double().eval()
     other = _copy(model)
