@@ -13,6 +13,7 @@ function (tested to float tolerance in float32 and float64).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -735,15 +736,17 @@ class HookedTransformer(HookedRootModule):
         if readout_only and readout != "all" and not any(hp.fns for hp in self._last_block_hooks):
             # one read-out position: the last block computes only that position (its hooks that see
             # every position on this path too - resid_pre, ln1, k, v - may be active)
-            for block in self.blocks[start_at_layer:-1]:
-                resid = block(resid, mask)  # [batch, pos, d_model]
+            blocks = self.blocks._modules  # not self.blocks[a:b]: slicing builds a new ModuleList per call
+            last = len(blocks) - 1
+            for i in range(start_at_layer, last):
+                resid = blocks[str(i)](resid, mask)  # [batch, pos, d_model]
             if readout == "first" or (readout == "last" and key_padding_mask is None):
                 index = 0 if readout == "first" else x.shape[1] - 1  # the same in every row: a slice, no gather
             else:
                 index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
-            resid = self.blocks[-1].forward_at(resid, mask, index)  # [batch, 1, d_model]
+            resid = blocks[str(last)].forward_at(resid, mask, index)  # [batch, 1, d_model]
         else:
-            for block in self.blocks[start_at_layer:]:
+            for block in itertools.islice(self.blocks, start_at_layer, None):
                 resid = block(resid, mask)  # [batch, pos, d_model]
             resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
         resid_final = resid  # [batch, pos or 1, d_model]
