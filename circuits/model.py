@@ -485,6 +485,13 @@ FULL_POSITION_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"
 READOUT_ONLY_MIN_BATCH = 2
 
 
+# run_with_cache(defer=None) defers from this many batch x positions. Bracket model, 1 thread, caching
+# every hook point, interleaved (busy 2-core machine; / the plain forward): batch 1: eager 1.21, deferred
+# unread 1.63, deferred and read 2.91; batch 16 (672 tokens): 1.33, 1.27, 1.77; batch 64 (2688): 1.53,
+# 1.15, 2.39. Eager costs about what deferred-unread does up to ~1000 tokens and less once read.
+DEFER_MIN_TOKENS = 1024
+
+
 class _Deferral:
     """Hook points (`outputs`, in the order of fn's results) whose values one function computes from
     the values of the hook points `sources` (after every hook on them: what the forward computes
@@ -502,7 +509,7 @@ class _Deferral:
         if owner is None:
             return ()
         if type(owner) is LayerNorm:
-            return (owner.eps,)
+            return (owner.eps, owner._identity_affine())  # constants (not weights): shared, not copied
         return (_weight_copy(owner.W_O),)  # an Attention
 
 
@@ -529,9 +536,10 @@ def _scores_and_pattern(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask")
     return scores, scores.softmax(-1)  # as Attention._explicit_attention computes them
 
 
-def _layer_norm_parts_of(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    unit = (torch.ones(x.shape[-1], dtype=x.dtype, device=x.device),
-            torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
+def _layer_norm_parts_of(x: torch.Tensor, eps: float, unit) -> tuple[torch.Tensor, torch.Tensor]:
+    if unit[0].dtype != x.dtype or unit[0].device != x.device:  # a model run on inputs of another dtype
+        unit = (torch.ones(x.shape[-1], dtype=x.dtype, device=x.device),
+                torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
     return layer_norm_parts(x, eps, unit)  # (scale, normalized), as LayerNorm.forward computes them
 
 
@@ -606,7 +614,7 @@ class HookedTransformer(HookedRootModule):
             raise InputError("empty sequence (pos = 0)")
 
     def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,
-                       detach: bool = True, defer: bool = True, remove_batch_dim: bool = False,
+                       detach: bool = True, defer: Optional[bool] = None, remove_batch_dim: bool = False,
                        **kwargs) -> tuple[object, ActivationCache]:
         """Forward once and return (output, ActivationCache) holding only the hook points asked for.
 
@@ -617,8 +625,12 @@ class HookedTransformer(HookedRootModule):
         _plan_deferred): attention scores and pattern (the forward then runs fused attention),
         LayerNorm scale and normalized (fused LayerNorm), per-head results. Each is the same function
         of the same tensors as in the forward that exposes it, so the cache holds the same values.
-        defer=False computes every value in the forward (explicit sublayers), a little cheaper when
-        every entry will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager).
+        defer=False computes every value in the forward (explicit sublayers): cheaper when every entry
+        will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager), and at small
+        batches cheaper even when none is (planning the deferrals costs more than the explicit
+        sublayers). defer=None (the default) chooses by size: eager below DEFER_MIN_TOKENS
+        batch x positions, deferred from there (where unread deferred entries save real work and
+        memory).
 
         remove_batch_dim (TransformerLens's): for a batch of one, every cached value without its batch
         axis (the cache then holds plain tensors; its decompositions expect the batch axis)."""
@@ -626,6 +638,9 @@ class HookedTransformer(HookedRootModule):
             return self._run_with_cache_unbatched(args, kwargs, names=names, names_filter=names_filter,
                                                   detach=detach, defer=defer)
         points = self._cache_points(names, names_filter)
+        if defer is None:
+            x = args[0] if args else kwargs.get("x")
+            defer = not (isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] * x.shape[1] < DEFER_MIN_TOKENS)
         plan = self._plan_deferred(points) if detach and defer else None
         if plan is None:
             out, store = self._run_caching(points, detach, args, kwargs)
