@@ -127,3 +127,27 @@ def test_resuming_at_every_layer_is_the_full_forward():
                 for readout_only in (True, False):
                     out = model(x, start_at_layer=l, resid=cache[f"blocks.{l}.hook_resid_pre"], readout_only=readout_only)
                     torch.testing.assert_close(out, full, atol=1e-12, rtol=1e-12)
+
+
+def test_torch_module_hooks_still_fire_on_the_sublayers():
+    """The sublayers skip nn.Module.__call__ only while no torch hook is registered: a forward hook,
+    a pre-hook and a global hook (what nnsight-style tools use) still see and edit their modules."""
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x = inputs(model)
+    with torch.no_grad():
+        clean = model(x)
+    seen = []
+    handles = [model.blocks[1].register_forward_hook(lambda m, args, out: out * 0),
+               model.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append("pre")),
+               torch.nn.modules.module.register_module_forward_hook(
+                   lambda m, args, out: seen.append(type(m).__name__))]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert "pre" in seen and "MLP" in seen and "TransformerBlock" in seen
+    assert not torch.allclose(out, clean)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), clean, atol=0, rtol=0)
