@@ -760,8 +760,10 @@ class HookedTransformer(HookedRootModule):
         else:
             resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
             if self.cfg.positional != "none":
-                pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
-                resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
+                pos_embed = self.pos_embed(x.shape[1])  # [pos, d_model]
+                if self.hook_pos_embed.fns:  # hooks see [batch, pos, d_model], as TL's; the sum broadcasts alike
+                    pos_embed = self.hook_pos_embed(pos_embed.expand(x.shape[0], -1, -1))
+                resid = resid + pos_embed  # [batch, pos, d_model]
         readout = readout or self.cfg.readout
         if readout_only is None:  # a single row: the full last block is as fast (see READOUT_ONLY_MIN_BATCH)
             readout_only = not self.training and x.shape[0] >= READOUT_ONLY_MIN_BATCH
