@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .errors import InputError
-from .model import HookedTransformer
+from .model import EmbeddingEditedError, HookedTransformer
 
 
 def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
@@ -349,8 +349,7 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
             hooks = [(name, _overwrite(index, clean[name][rows[chunk]])) for name, index in patches]
             with torch.no_grad():
                 x = inputs[chunk, :width]
-                part = (model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid[i]) if layer
-                        else model.run_with_hooks(x, fwd_hooks=hooks))
+                part = _run_patched(model, x, hooks, layer, resid[i] if layer else None)
             if lengths is None:  # one chunk, rows in their own order
                 out = part
             else:
@@ -362,13 +361,38 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
 
 def _resume_layer(model: HookedTransformer, names: Sequence[str]) -> int:
     """The block a patched run may resume at from the clean residual: the first block the patches
-    can change, or 0 (a full run) when the model has permanent hooks. A permanent hook may depend
-    on the batch it sees or keep state from it (a mean ablation's batch mean, the padding rows it
-    noted at hook_embed): a resumed run skips the hooks before the resume point, and with them
-    whatever they would have noted about the patched batch."""
-    if any(hp.fns for hp in model.hook_dict.values()):
-        return 0
-    return _patch_layer(model, names)
+    can change, or an earlier one holding a permanent hook. A permanent hook may depend on the batch
+    it sees or keep state from it (a mean ablation's batch mean, the padding rows it noted at
+    hook_embed), so none may be skipped: a resumed run runs every block from the resume point with
+    its hooks, and refires those on hook_embed / hook_pos_embed on the patched batch (the forward
+    refuses a resumed run whose embedding hook changes the embedding: `_run_patched` then runs the
+    whole model). A model class with its own forward resumes only without permanent hooks."""
+    layer = _patch_layer(model, names)
+    own_forward = type(model).forward is HookedTransformer.forward
+    for name, hp in model.hook_dict.items():
+        if not hp.fns or not layer:
+            continue
+        if not own_forward:
+            return 0
+        if name in ("hook_embed", "hook_pos_embed"):
+            continue  # refired by the resumed forward
+        parts = name.split(".")
+        if parts[0] == "blocks" and parts[1].isdigit():
+            layer = min(layer, int(parts[1]))
+        elif not name.startswith(("ln_final.", "unembed.")):  # after the blocks: runs in a resumed run too
+            return 0
+    return layer
+
+
+def _run_patched(model: HookedTransformer, x: torch.Tensor, hooks: list, layer: int, resid) -> torch.Tensor:
+    """model(x) with `hooks`, resumed at `layer` from `resid` (the whole model when layer is 0 or
+    when a permanent hook on the embedding changes it, which a given residual cannot reflect)."""
+    if layer:
+        try:
+            return model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
+        except EmbeddingEditedError:
+            pass
+    return model.run_with_hooks(x, fwd_hooks=hooks)
 
 
 def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
@@ -382,8 +406,9 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
 
     The clean run is done once for all groups (the patched slices of row rows[i] are the clean
     ones of that row), and each group's forward resumes at the first patched block from the clean
-    residual, repeated (the blocks before it cannot see the patch); on a model with permanent hooks
-    every group runs the full model instead (see `_resume_layer`). Returns [group][set] outputs,
+    residual, repeated (the blocks before it cannot see the patch); a permanent hook in an earlier
+    block moves the resume point back to its block, and hooks on the embedding are refired on the
+    repeated batch (see `_resume_layer`). Returns [group][set] outputs,
     each [n, ...]; tested equal to patch_activations and to the full forward.
     """
     patches = _check_patches(patches)
@@ -406,11 +431,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
         hooks = [(name, _overwrite(index, clean[name][source])) for name, index in patches]
         x = inputs.repeat(len(group), *([1] * (inputs.ndim - 1)))
         with torch.no_grad():
-            if layer:
-                resid = cache[resume].repeat(len(group), 1, 1)
-                out = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
-            else:
-                out = model.run_with_hooks(x, fwd_hooks=hooks)
+            out = _run_patched(model, x, hooks, layer, cache[resume].repeat(len(group), 1, 1) if layer else None)
         outputs.append(list(out.split(n)))
     return outputs
 

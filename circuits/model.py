@@ -509,6 +509,10 @@ READOUT_ONLY_MIN_BATCH = 2
 DEFER_MIN_TOKENS = 1024
 
 
+class EmbeddingEditedError(InputError):
+    """A resumed forward (start_at_layer) met a hook that changed the embedding: see _refire_embed_hooks."""
+
+
 class _Deferral:
     """Hook points (`outputs`, in the order of fn's results) whose values one function computes from
     the values of the hook points `sources` (after every hook on them: what the forward computes
@@ -731,6 +735,8 @@ class HookedTransformer(HookedRootModule):
                 targets: Optional[torch.Tensor] = None):
         """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
         gives the padding mask and read-out positions): what a patch at layer l needs to recompute.
+        Functions on hook_embed / hook_pos_embed still run, on x's embeddings (they may note the batch
+        for a later hook); one that changes them is an InputError (resid cannot reflect the change).
 
         readout_only: whether the last block computes only the read-out position (first/last
         read-outs; the outputs and their gradients are the same up to float rounding). None = in eval
@@ -757,6 +763,8 @@ class HookedTransformer(HookedRootModule):
             self._mask_sink.append(mask)
         if start_at_layer:
             resid = self._check_resume(x, start_at_layer, resid)  # [batch, pos, d_model]
+            if self.hook_embed.fns or (self.cfg.positional != "none" and self.hook_pos_embed.fns):
+                self._refire_embed_hooks(x)
         else:
             resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
             if self.cfg.positional != "none":
@@ -792,6 +800,20 @@ class HookedTransformer(HookedRootModule):
         if return_type != "logits":
             return self._tl_return(logits, x, return_type, targets, readout)
         return (logits, resid_final) if return_resid else logits
+
+    def _refire_embed_hooks(self, x: torch.Tensor) -> None:
+        """A resumed forward still runs the functions on hook_embed / hook_pos_embed, on x's embeddings:
+        a hook there may note something about the batch that a later hook reads (a mean ablation's
+        padding rows). One that changes the embedding raises InputError: `resid` cannot reflect it."""
+        points = [(self.hook_embed, lambda: self.embed(x))]
+        if self.cfg.positional != "none":
+            points.append((self.hook_pos_embed, lambda: self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)))
+        for hp, value_of in points:
+            if hp.fns:
+                value = value_of()  # [batch, pos, d_model]
+                if hp(value) is not value:
+                    raise EmbeddingEditedError(f"start_at_layer: a hook on {hp.name} changed the embedding, which the "
+                                     f"given resid (computed before it) cannot reflect; run the whole model")
 
     def _check_resume(self, x: torch.Tensor, layer, resid) -> torch.Tensor:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer < self.cfg.n_layers:

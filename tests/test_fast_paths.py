@@ -151,3 +151,29 @@ def test_torch_module_hooks_still_fire_on_the_sublayers():
     assert not torch.allclose(out, clean)
     with torch.no_grad():
         torch.testing.assert_close(model(x), clean, atol=0, rtol=0)
+
+
+def test_a_resumed_forward_refires_the_embedding_hooks_and_refuses_an_edit():
+    """Hooks on hook_embed / hook_pos_embed run in a resumed forward on x's embeddings (a mean
+    ablation's padding tracker must see the patched batch); one that edits them is refused."""
+    from circuits.model import EmbeddingEditedError
+
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x = inputs(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names=["blocks.1.hook_resid_pre", "hook_embed", "hook_pos_embed"])
+        seen = {}
+        with model.hooks([("hook_embed", lambda e, hook: seen.update(embed=e)),
+                          ("hook_pos_embed", lambda p, hook: seen.update(pos=p))]):
+            out = model(x, start_at_layer=1, resid=cache["blocks.1.hook_resid_pre"])
+        torch.testing.assert_close(seen["embed"], cache["hook_embed"], atol=0, rtol=0)
+        torch.testing.assert_close(seen["pos"], cache["hook_pos_embed"], atol=0, rtol=0)
+        torch.testing.assert_close(out, model(x), atol=1e-12, rtol=1e-12)
+        with model.hooks([("hook_embed", lambda e, hook: e * 2)]), pytest.raises(EmbeddingEditedError, match="hook_embed"):
+            model(x, start_at_layer=1, resid=cache["blocks.1.hook_resid_pre"])
+        # resampling falls back to the whole model there, and equals patch_activations
+        rows = torch.arange(len(x)).roll(1)
+        patches = [("blocks.2.attn.hook_z", (0, 0))]
+        with model.hooks([("hook_embed", lambda e, hook: e * 2)]):
+            got = I.resample_activations(model, x, patches, [rows])[0]
+            torch.testing.assert_close(got, reference_patch(model, x, x[rows], patches), atol=1e-12, rtol=1e-12)
