@@ -420,8 +420,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
         raise InputError("resample_together: every group needs at least one set of source rows")
     layer = _resume_layer(model, names)
     resume = f"blocks.{layer}.hook_resid_pre"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names=names + ([resume] if layer else []))
+    cache = capture_activations(model, inputs, names + ([resume] if layer else []))  # stops at the last of them
     clean = {}
     for name, index in patches:
         clean[name] = check_patch_index(name, cache[name], index)
