@@ -53,9 +53,9 @@ torch.set_num_threads(1)  # comparable runs; tiny models gain nothing from intra
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_model import PlainTransformer  # noqa: E402
 
-from circuits.convert import to_tl_state_dict  # noqa: E402
-from circuits.model import HookedTransformer, TransformerConfig  # noqa: E402
-from circuits.tasks.brackets import tokenize  # noqa: E402
+from circuits.model.convert import to_tl_state_dict  # noqa: E402
+from circuits.model.transformer import HookedTransformer, TransformerConfig  # noqa: E402
+from circuits.tasks.brackets.data import tokenize  # noqa: E402
 
 BATCHES = (1, 64, 1000)
 N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42
@@ -126,7 +126,7 @@ TL_PATCH_NAME = "blocks.2.attn.hook_z"
 def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None, nns=None) -> dict[str, Callable]:
     """name -> fn(tokens); each returns what a user would read (logits, and the cache if any).
     The patching variants take their source batch from `source_for` (a fixed other batch)."""
-    from circuits.interventions import PatchBatch, patch_activations
+    from circuits.analysis.interventions import PatchBatch, patch_activations
 
     sources: dict[tuple, torch.Tensor] = {}
     batches: dict[int, PatchBatch] = {}

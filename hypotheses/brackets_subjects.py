@@ -10,7 +10,7 @@ score the binding on the evaluation strings, a disjoint held-out split; claims t
 the bound head does its job use a Bonferroni-corrected interval (level 1 - 0.05 / k, k = the heads
 the role's search scanned). The search always runs on the unmutated model (session-scoped memo,
 `head_roles` built from the zoo's own model), so a control or mutation run is scored under the
-binding of the model it breaks. The ARENA checkpoint and strings come from `circuits.reference`.
+binding of the model it breaks. The ARENA checkpoint and strings come from `circuits.tasks.brackets.reference`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Optional
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits import roles as R
-from circuits.model import HookedTransformer
-from circuits.reference import ARENA_ROLES, N_EVAL, arena_data
-from circuits.tasks import brackets as B
+from circuits.analysis import measures as A
+from circuits.analysis import roles as R
+from circuits.model.transformer import HookedTransformer
+from circuits.tasks.brackets.reference import ARENA_ROLES, N_EVAL, arena_data
+from circuits.tasks.brackets import data as B
 
 
 def reference_data(n: Optional[int] = N_EVAL) -> B.BracketData:

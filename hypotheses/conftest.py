@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from circuits.controls import register_control
-from circuits.mutations import register_model_shape
-from circuits.reference import ARENA_CONFIG
+from circuits.claims.controls import register_control
+from circuits.claims.mutations import register_model_shape
+from circuits.tasks.brackets.reference import ARENA_CONFIG
 
 # claims on the ARENA checkpoint get their specificity alternatives (every other head) at collection
 register_model_shape("arena_model", ARENA_CONFIG["n_layers"], ARENA_CONFIG["n_heads"])
@@ -40,7 +40,7 @@ def _analysis_threads():
     torch.set_num_threads(old)
 
 
-# `arena_model` and `bracket_data` are the plugin's own fixtures (circuits.pytest_plugin): a project
+# `arena_model` and `bracket_data` are the plugin's own fixtures (circuits.plugin.pytest_plugin): a project
 # with only the wheel has them too, as the README's examples need.
 
 

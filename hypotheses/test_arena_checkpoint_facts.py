@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 
 from brackets_subjects import analyse
-from circuits import analysis as A
-from circuits.tasks import brackets as B
+from circuits.analysis import measures as A
+from circuits.tasks.brackets import data as B
 
 
 @pytest.fixture

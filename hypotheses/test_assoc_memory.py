@@ -2,7 +2,7 @@
 "Memorization in Attention-only Transformers", AISTATS 2025; after Cabannes, Dohmatob & Bietti).
 
 The model is T(t) = W_U (e(t_S) + pos_S + sum_h W_O^h W_V^h A^h(t)): one layer of H parallel heads of
-width d_h on embeddings of width d, no LayerNorm, no biases (`circuits.assoc_model`). Data are laws over
+width d_h on embeddings of width d, no LayerNorm, no biases (`circuits.tasks.assoc.model`). Data are laws over
 token sequences (`circuits.tasks.assoc_memory`); every divergence and accuracy is an exact sum over all
 contexts, not a sample estimate.
 
@@ -59,12 +59,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.assoc_model import table_logits
-from circuits.controls import register_control
-from circuits.pytest_plugin import get_plugin
+from circuits.tasks.assoc.model import table_logits
+from circuits.claims.controls import register_control
+from circuits.plugin.pytest_plugin import get_plugin
 from circuits.tasks import assoc as A
 from circuits.tasks.assoc import breaks as B
-from circuits.zoo import LoadedModel
+from circuits.zoo.registry import LoadedModel
 
 PROP1_TOLERANCE = 0.02  # relative: restarts of the rank-d fit land within ~5%, the best two within ~0.5%
 PAPER_TOLERANCE = 0.05  # the issue's +-0.05 per point

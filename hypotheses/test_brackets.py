@@ -99,14 +99,14 @@ import pytest
 import torch
 
 from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
-from circuits import analysis as A
-from circuits import interventions as I
-from circuits.controls import register_control
-from circuits.figures import overlaid_histograms
-from circuits import mutations as M
-from circuits.draws import Draws
-from circuits.session import draws_seed_for
-from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, spearman
+from circuits.analysis import measures as A
+from circuits.analysis import interventions as I
+from circuits.claims.controls import register_control
+from circuits.report.figures import overlaid_histograms
+from circuits.claims import mutations as M
+from circuits.claims.draws import Draws
+from circuits.plugin.session import draws_seed_for
+from circuits.claims.stats import auroc_ci, bootstrap_ci, cohens_d, spearman
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]

@@ -1,5 +1,5 @@
 """Hypotheses (seed 000, causal scrubbing): Redwood Research's "Causal Scrubbing: Results on a Paren
-Balance Checker" (2022), written with `circuits.scrub` and checked on the published checkpoint (the
+Balance Checker" (2022), written with `circuits.analysis.scrub` and checked on the published checkpoint (the
 write-up's own model) and on our `brackets` model.
 
 The write-up's hypotheses (heads "l.h"; "count" = the count test, as many "(" as ")"; "horizon" = the
@@ -65,11 +65,11 @@ import pytest
 import torch
 
 from brackets_subjects import find_roles
-from circuits import analysis as A
-from circuits import scrub as S
-from circuits.controls import register_control
-from circuits.session import draws_seed_for
-from circuits.tasks import brackets as B
+from circuits.analysis import measures as A
+from circuits.analysis import scrub as S
+from circuits.claims.controls import register_control
+from circuits.plugin.session import draws_seed_for
+from circuits.tasks.brackets import data as B
 
 N_DRAWS = 5
 HIGH_LEVEL, DETAILED, DETAILED_GAP = 0.85, 0.6, 0.05

@@ -37,9 +37,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits.circuit import Ablation, Circuit
+from circuits.claims import circuit as CC
+from circuits.analysis import discovery as D
+from circuits.analysis.circuit import Ablation, Circuit
 
 KNOWN_FAILURES = {
     "test_discovered_ranking_beats_uninformed_rankings[EAP]":
@@ -103,7 +103,7 @@ def test_redwood_circuit_beats_random_circuits(redwood, claim_eval, reference_ev
 def rankings(arena_model, bracket_data):
     """Edge scores found on the discovery split: by EAP and EAP-IG on the checkpoint, and the
     uninformed alternatives (a random ranking; EAP-IG on the untrained model)."""
-    from circuits.interventions import reinitialize
+    from circuits.analysis.interventions import reinitialize
 
     found = _evaluator(arena_model, bracket_data, DISCOVERY_ROWS)
     untrained = _evaluator(reinitialize(arena_model), bracket_data, DISCOVERY_ROWS)

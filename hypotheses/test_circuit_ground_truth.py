@@ -1,7 +1,7 @@
 """Hypothesis: on Tracr-compiled programs, whose circuit is known edge by edge, the circuit claims are
 true for the compiled circuit and false for corrupted ones, and the discovery methods recover it.
 
-The compiled circuit (``circuits.tracr_circuit.compiled_circuit``): an edge X -> Y.part wherever X
+The compiled circuit (``circuits.tasks.tracr.circuit.compiled_circuit``): an edge X -> Y.part wherever X
 writes a RASP variable that Y's part reads (the card, checked against the weights). Inputs: every
 sequence of the program's longest length (hist, frac_prevs: 243 over {a, b, c} of length 5;
 shuffle_dyck: 64 over {(, )} of length 6), BOS first. Labels: the compiled model's own outputs
@@ -32,13 +32,13 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits.circuit import Ablation, Circuit
-from circuits.claims import Claims
-from circuits.stats import auroc_ci
-from circuits.tasks import tracr as T
-from circuits.tracr_circuit import compiled_circuit
+from circuits.claims import circuit as CC
+from circuits.analysis import discovery as D
+from circuits.analysis.circuit import Ablation, Circuit
+from circuits.claims.core import Claims
+from circuits.claims.stats import auroc_ci
+from circuits.tasks.tracr import compiled as T
+from circuits.tasks.tracr.circuit import compiled_circuit
 
 PROGRAMS = ("hist", "frac_prevs", "shuffle_dyck")
 KNOWN_FAILURES = {

@@ -1,12 +1,12 @@
 """Ground truth: claims about Tracr-compiled models, whose mechanism is known by construction.
 
 Tracr compiles a RASP program into weights whose residual stream is a direct sum of labelled
-subspaces, one per RASP variable (its card lists them: `circuits.tasks.tracr`), so which head or MLP
+subspaces, one per RASP variable (its card lists them: `circuits.tasks.tracr.compiled`), so which head or MLP
 computes which variable, and where it writes it, is a fact, not a hypothesis. Every claim type the
 other modules use is stated here TRUE (what the compiled program computes where) and FALSE in
 several ways (wrong head, wrong layer, wrong feature, a path the program does not use, a plausible
 but wrong story). A TRUE claim must pass (and its `about` mutations must break it); a FALSE claim is
-stated on a fresh `circuits.claims.Claims` recorder and must FAIL: the test records
+stated on a fresh `circuits.claims.core.Claims` recorder and must FAIL: the test records
 "FALSE ...: <claim> is refuted" with the false claim's own measurement in its detail, and itself
 fails (a wrong verdict) if the false claim holds. Claim names start with TRUE/FALSE and the claim
 type, which the report's ground-truth matrix (`circuits.report.views.ground_truth_matrix`) counts.
@@ -45,12 +45,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import roles
-from circuits.claims import Claims
-from circuits.interventions import patch_activations, zero_ablate_head, zero_ablate_mlp
-from circuits.scrub import Hypothesis, Path, scrub
-from circuits.stats import auroc
-from circuits.tasks import tracr as T
+from circuits.analysis import roles
+from circuits.claims.core import Claims
+from circuits.analysis.interventions import patch_activations, zero_ablate_head, zero_ablate_mlp
+from circuits.analysis.scrub import Hypothesis, Path, scrub
+from circuits.claims.stats import auroc
+from circuits.tasks.tracr import compiled as T
 
 EXACT = 1e-3  # numerical RASP variables: float32 products of one-hot weights, ~1e-7 off; values differ by >= 1/30
 ATTENDS = 0.99  # a selector's attention: 1 up to the softmax's leakage (~1e-7 on these models)

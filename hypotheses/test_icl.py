@@ -64,13 +64,13 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits.controls import register_control
-from circuits.draws import Draws
-from circuits.interventions import reinitialize
-from circuits.mutations import randomise_read_in
-from circuits.session import draws_seed_for
-from circuits.stats import pearson
+from circuits.analysis import measures as A
+from circuits.claims.controls import register_control
+from circuits.claims.draws import Draws
+from circuits.analysis.interventions import reinitialize
+from circuits.claims.mutations import randomise_read_in
+from circuits.plugin.session import draws_seed_for
+from circuits.claims.stats import pearson
 from circuits.tasks import icl
 
 N_EVAL = 20_000  # held-out sequences for the performance claims (fresh seed, not a training seed)

@@ -56,14 +56,14 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits import mutations as M
-from circuits.controls import register_control
-from circuits.draws import Draws
-from circuits.figures import overlaid_histograms
-from circuits.model import HookedTransformer
-from circuits.session import draws_seed_for
-from circuits.stats import Estimate, auroc, auroc_ci, cohens_d
+from circuits.analysis import measures as A
+from circuits.claims import mutations as M
+from circuits.claims.controls import register_control
+from circuits.claims.draws import Draws
+from circuits.report.figures import overlaid_histograms
+from circuits.model.transformer import HookedTransformer
+from circuits.plugin.session import draws_seed_for
+from circuits.claims.stats import Estimate, auroc, auroc_ci, cohens_d
 from circuits.tasks import palindromes as P
 
 N_ACCURACY = 20_000  # fresh strings for the accuracy claim
@@ -589,7 +589,7 @@ def _min_step_estimate(values: torch.Tensor, labels: torch.Tensor) -> Estimate:
 
 
 def _spearman(x, y, axis=-1):
-    from circuits.stats import spearman
+    from circuits.claims.stats import spearman
 
     return spearman(x, y, axis=axis)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits import interventions as I
+from circuits.analysis import measures as A
+from circuits.analysis import interventions as I
 from circuits.errors import InputError
-from circuits.model import HookedTransformer, TransformerConfig
-from circuits.tasks import brackets as B
+from circuits.model.transformer import HookedTransformer, TransformerConfig
+from circuits.tasks.brackets import data as B
 
 CFG = TransformerConfig(n_layers=2, d_model=24, n_ctx=B.N_CTX, n_heads=3, d_mlp=32, d_vocab=B.VOCAB,
                         d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first", seed=0)
@@ -267,7 +267,7 @@ def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_fu
     the batch: a resumed run skips no permanent hook (one in an earlier block moves the resume point
     back to it; the embedding's tracker is refired on the repeated batch), and each group's sets share
     one batch. Its results are the mutant's own (not the clean model's), also when memoised."""
-    from circuits import mutations as M
+    from circuits.claims import mutations as M
 
     x = data.toks[:60]
     patches = [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))]

@@ -99,13 +99,13 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycles_in_the_library():
     graph = import_graph()
-    assert "circuits.pytest_plugin" in graph and graph["circuits.pytest_plugin"], "the import graph is empty?"
+    assert "circuits.plugin.pytest_plugin" in graph and graph["circuits.plugin.pytest_plugin"], "the import graph is empty?"
     assert cycles(graph) == [], "import cycles (each list imports itself round): " + repr(cycles(graph))
 
 
 def test_the_plugin_loads_without_torch():
-    code = ("import sys, circuits.pytest_plugin, circuits.session; "
-            "print('torch' in sys.modules, 'circuits.zoo' in sys.modules)")
+    code = ("import sys, circuits.plugin.pytest_plugin, circuits.plugin.session; "
+            "print('torch' in sys.modules, 'circuits.zoo.registry' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
 
@@ -117,3 +117,22 @@ def test_the_readme_claim_example_is_the_committed_file():
     section = readme.split("### Adding a claim", 1)[1]
     block = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert block == (ROOT.parent / "hypotheses" / "test_example.py").read_text()
+
+
+def test_packages_that_grew_from_modules_forward_their_old_names():
+    """``from circuits import zoo; zoo.load`` and ``from circuits.model import HookedTransformer`` (the
+    user API before the layered tree) reach the core modules' objects; unknown names are an
+    AttributeError naming the package."""
+    import importlib
+
+    import pytest
+
+    for package, core, name in [("circuits.model", "circuits.model.transformer", "HookedTransformer"),
+                                ("circuits.analysis", "circuits.analysis.measures", "run_in_batches"),
+                                ("circuits.claims", "circuits.claims.core", "ClaimFailure"),
+                                ("circuits.zoo", "circuits.zoo.registry", "load"),
+                                ("circuits.tasks.brackets", "circuits.tasks.brackets.data", "BracketData"),
+                                ("circuits.tasks.tracr", "circuits.tasks.tracr.compiled", "PROGRAMS")]:
+        assert getattr(importlib.import_module(package), name) is getattr(importlib.import_module(core), name)
+        with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'no_such_name'"):
+            getattr(importlib.import_module(package), "no_such_name")

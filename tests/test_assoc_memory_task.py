@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from circuits.assoc_model import AssocConfig, all_contexts, build_model, table_logits
+from circuits.tasks.assoc.model import AssocConfig, all_contexts, build_model, table_logits
 from circuits.errors import ConfigError, InputError
-from circuits.model import HookedTransformer
-from circuits.store import MissingCheckpointError, ModelStore, StaleCheckpointError, save_reference, spec_key
-from circuits import zoo
+from circuits.model.transformer import HookedTransformer
+from circuits.zoo.store import MissingCheckpointError, ModelStore, StaleCheckpointError, save_reference, spec_key
+from circuits.zoo import registry as zoo
 from circuits.tasks import assoc as A
 
 SWITCHES = [
@@ -615,7 +615,7 @@ def test_experiment_one_points_keep_their_reference_keys():
 
 # --- the claims' controls (circuits.tasks.assoc.breaks) ----------------------------------------------------
 
-from circuits.mutations import mean_ablate_head  # noqa: E402
+from circuits.claims.mutations import mean_ablate_head  # noqa: E402
 from circuits.tasks.assoc import breaks as B  # noqa: E402
 
 BREAK_CONFIGS = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import interventions as I
+from circuits.analysis import interventions as I
 from circuits.errors import HookNameError
 from model_configs import CONFIGS, perturbed_model
 
@@ -156,7 +156,7 @@ def test_torch_module_hooks_still_fire_on_the_sublayers():
 def test_a_resumed_forward_refires_the_embedding_hooks_and_refuses_an_edit():
     """Hooks on hook_embed / hook_pos_embed run in a resumed forward on x's embeddings (a mean
     ablation's padding tracker must see the patched batch); one that edits them is refused."""
-    from circuits.model import EmbeddingEditedError
+    from circuits.model.transformer import EmbeddingEditedError
 
     model = perturbed_model("brackets", dtype=torch.float64)
     x = inputs(model)

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from circuits import mutations as M
-from circuits.controls import ControlError, make_control
-from circuits.interventions import zero_ablate_head
+from circuits.claims import mutations as M
+from circuits.claims.controls import ControlError, make_control
+from circuits.analysis.interventions import zero_ablate_head
 from model_configs import perturbed_model
 
 TOKS = torch.randint(2, 5, (16, 10), generator=torch.Generator().manual_seed(0))  # no padding
@@ -148,7 +148,7 @@ def test_untrained_control_works_on_a_plain_module():
 POWER_CONFTEST = '''
 import pytest
 import torch
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model.transformer import HookedTransformer, TransformerConfig
 
 CFG = TransformerConfig(n_layers=1, d_model=8, n_ctx=4, n_heads=2, d_mlp=8, d_vocab=4, d_vocab_out=2,
                         readout="first", seed=0)
@@ -283,10 +283,10 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
 
 ZOO_CONFTEST = '''
 from dataclasses import replace
-from circuits import zoo
-from circuits.model import TransformerConfig
-from circuits.tasks import brackets as B
-from circuits.train import TrainRecipe
+from circuits.zoo import registry as zoo
+from circuits.model.transformer import TransformerConfig
+from circuits.tasks.brackets import data as B
+from circuits.zoo.train import TrainRecipe
 
 TINY = TransformerConfig(n_layers=1, d_model=8, n_ctx=B.N_CTX, n_heads=2, d_mlp=8, d_vocab=B.VOCAB,
                          d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first")
@@ -343,7 +343,7 @@ def test_memoised_results_follow_the_mutation_not_the_weights():
     tell them apart (and from the clean model), also after an earlier mutant is freed."""
     import gc
 
-    from circuits.analysis import ModelMemo, weights_digest
+    from circuits.analysis.measures import ModelMemo, weights_digest
 
     model = _bracket_model()
     memo = ModelMemo()
@@ -437,7 +437,7 @@ def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
     power_project.makepyfile(test_spec='''
         import pytest
         import torch
-        from circuits import mutations as M
+        from circuits.claims import mutations as M
         from conftest import TOKS
 
         M.register_model_shape("model", 1, 2)
@@ -506,7 +506,7 @@ def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
 def test_a_nan_is_a_failure_only_where_an_ablation_made_the_statistic_undefined(spec, outcome):
     from types import SimpleNamespace
 
-    from circuits.session import control_error_kind, judge_control
+    from circuits.plugin.session import control_error_kind, judge_control
 
     nan = SimpleNamespace(name="r", passed=False, problem="value is NaN", value_text="nan", requirement=">= 0.5")
     ctl = SimpleNamespace(spec=spec, applied=True, kind="model")

@@ -166,7 +166,7 @@ class RunCollector:
         report["pass_rates"] = pass_rates(claims, tests)
         report["errors"] = run_errors(report)
         report["summary"] = _summary(report)
-        from ..claims import _jsonable  # (numpy: imported when a report is built, not at plugin load)
+        from circuits.claims.core import _jsonable  # (numpy: imported when a report is built, not at plugin load)
 
         return _jsonable(report)
 

@@ -18,10 +18,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .text import visible
-from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .machine import commit_text, versions_text
-from .views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
+from circuits.report.text import visible
+from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
+from circuits.report.machine import commit_text, versions_text
+from circuits.report.views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
                     known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
                     not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness,
                     specificity, specificity_text, test_groups, where)
@@ -165,7 +165,7 @@ def render_html(report: dict, run_dir: Path | str) -> str:
 
 def _ground_truth(report: dict) -> str:
     """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
-    from .views import ground_truth_matrix
+    from circuits.report.views import ground_truth_matrix
 
     gt = ground_truth_matrix(report)
     if gt is None:
@@ -614,7 +614,7 @@ def _models(report: dict) -> str:
     models = report.get("models", [])
     if not models:
         return ""
-    from ..figures import training_curves_svg
+    from circuits.report.figures import training_curves_svg
 
     out = ['<section id="models">' + _heading("h2", "models-list", "Models") +
            f'<details><summary>{len(models)} models (held-out accuracy, source, training time)</summary>'

@@ -10,10 +10,10 @@ import html
 import re
 from typing import Any
 
-from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .machine import commit_text
-from .text import NAME_LIMIT, TEXT_LIMIT, visible
-from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
+from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
+from circuits.report.machine import commit_text
+from circuits.report.text import NAME_LIMIT, TEXT_LIMIT, visible
+from circuits.report.views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
                     one_line_summary, op_text, power_matrix, problem_lines, rate_text, robustness, test_label,
                     known_control_runs, not_run_groups, specificity,
                     specificity_text, where)
@@ -81,7 +81,7 @@ def render_markdown(report: dict) -> str:
 
 def _ground_truth(report: dict) -> list[str]:
     """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
-    from .views import ground_truth_matrix, ground_truth_table
+    from circuits.report.views import ground_truth_matrix, ground_truth_table
 
     table = ground_truth_table(report)
     if not table:

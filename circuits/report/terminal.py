@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .text import NAME_LIMIT, TEXT_LIMIT, visible
-from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
+from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
+from circuits.report.text import NAME_LIMIT, TEXT_LIMIT, visible
+from circuits.report.views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
                     one_line_summary, op_text, problem_lines, rate_text, robustness, specificity, specificity_text,
                     test_label, where)
 

@@ -2,7 +2,7 @@
 
 The family's claims are about all H heads together (accuracy grows with H, with d_h; the capacity
 bound counts H d_h), about the model's width d, or about the table it memorised. The plugin's
-per-head mutations (`circuits.mutations`) name one head, and its mean ablation is a hook on
+per-head mutations (`circuits.claims.mutations`) name one head, and its mean ablation is a hook on
 ``hook_z``, which `table_logits` (the exact evaluation on every context) does not run. So the breaks
 here edit weights, and are exact under `table_logits` and the forward alike:
 
@@ -24,8 +24,8 @@ import copy
 
 import torch
 
-from ...errors import InputError
-from .laws import Law
+from circuits.errors import InputError
+from circuits.tasks.assoc.laws import Law
 
 __all__ = ["ablate_heads", "ablate_mlp", "half_of_heads", "randomise_ov", "truncate_width", "reassign_table", "mean_head_outputs"]
 
@@ -39,7 +39,7 @@ def half_of_heads(n_heads: int) -> list[int]:
 def mean_head_outputs(model) -> torch.Tensor:
     """Each head's output at the last position, averaged over every context (uniformly): [H, d_out],
     d_out being the attention's output width (d_h for the authors' compressed models, else d)."""
-    from ...assoc_model import all_contexts
+    from circuits.tasks.assoc.model import all_contexts
 
     a = model.acfg
     x = all_contexts(a.d_vocab, a.n_ctx)
@@ -121,7 +121,7 @@ def reassign_table(law: Law, gen: torch.Generator) -> Law:
 def ablate_mlp(model, mode: str = "zero"):
     """The MLP's output removed ("zero": W_out and b_out zeroed) or replaced by its mean over every
     context at the last position ("mean": W_out zeroed, the mean put in b_out)."""
-    from ...assoc_model import all_contexts
+    from circuits.tasks.assoc.model import all_contexts
 
     if mode not in ("zero", "mean"):
         raise InputError(f"ablate_mlp: mode {mode!r} is not 'zero' or 'mean'")

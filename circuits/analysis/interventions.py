@@ -1,0 +1,468 @@
+"""Model and data transformations used by claims and their negative controls.
+
+Every function returns a NEW object (the input is never modified), so a control can be applied to a
+session-scoped model fixture without leaking into other tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+
+from circuits.errors import InputError
+from circuits.model.transformer import EmbeddingEditedError, HookedTransformer
+
+
+def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
+    if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
+        raise InputError(
+            f"no head L{layer}H{head}: model has {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
+        )
+
+
+def reinitialize(model: HookedTransformer, seed: int = 12345) -> HookedTransformer:
+    """An untrained model of the same config (fresh random init; frozen one-hot/sinusoidal kept)."""
+    new = copy.deepcopy(model)
+    new.init_weights(seed)
+    return new
+
+
+@torch.no_grad()
+def zero_ablate_head(model: HookedTransformer, layer: int, head: int) -> HookedTransformer:
+    """Remove one head's output (its W_O slice set to zero; b_O, shared by all heads, is kept)."""
+    _check_head(model, layer, head)
+    new = copy.deepcopy(model)
+    new.blocks[layer].attn.W_O[head].zero_()
+    return new
+
+
+@torch.no_grad()
+def zero_ablate_mlp(model: HookedTransformer, layer: int) -> HookedTransformer:
+    """Remove one MLP's output entirely (W_out and b_out set to zero)."""
+    if not 0 <= layer < model.cfg.n_layers or not model.cfg.d_mlp:
+        raise InputError(f"no MLP in layer {layer}: model has {model.cfg.n_layers} layers, d_mlp={model.cfg.d_mlp}")
+    new = copy.deepcopy(model)
+    new.blocks[layer].mlp.W_out.zero_()
+    new.blocks[layer].mlp.b_out.zero_()
+    return new
+
+
+def mean_ablate_head(model: HookedTransformer, layer: int, head: int, inputs: torch.Tensor) -> HookedTransformer:
+    """Replace one head's output by its mean over `inputs` (per position) via a permanent hook on
+    `hook_z`. Means are taken over non-pad rows of each position when the model pads."""
+    _check_head(model, layer, head)
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=[name])
+    z = cache[name][:, :, head]  # [batch, pos, d_head]
+    pad = model.key_padding_mask(inputs)
+    if pad is not None:
+        keep = (~pad).to(z.dtype)[..., None]  # [batch, pos, 1]
+        mean_z = (z * keep).sum(0) / keep.sum(0).clamp(min=1)  # [pos, d_head]
+    else:
+        mean_z = z.mean(0)  # [pos, d_head]
+    new = copy.deepcopy(model)
+
+    def replace(z: torch.Tensor, hook) -> torch.Tensor:
+        z = z.clone()
+        n = z.shape[1]
+        z[:, :, head] = mean_z[:n].to(z.dtype)
+        return z
+
+    new.hook_dict[name].fns.append(replace)
+    return new
+
+
+@torch.no_grad()
+def permute_heads(model: HookedTransformer, layer: int, perm: Optional[Sequence[int]] = None,
+                  seed: int = 0) -> HookedTransformer:
+    """Move whole heads (Q, K, V and O together) to new indices within `layer`.
+
+    The model computes exactly the same function, but "head h" now names a different circuit: the
+    control for claims pinned to a head index. `perm[i]` is the old head placed at index i; by default
+    a seeded random derangement (no head stays put).
+    """
+    n = model.cfg.n_heads
+    if perm is None:
+        if n < 2:
+            raise InputError("permute_heads needs at least 2 heads")
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(n, generator=gen, device="cpu").tolist()
+            if all(p != i for i, p in enumerate(perm)):
+                break
+    perm = list(perm)
+    if sorted(perm) != list(range(n)):
+        raise InputError(f"perm {perm} is not a permutation of range({n})")
+    new = copy.deepcopy(model)
+    attn = new.blocks[layer].attn
+    attn.W_QKV.copy_(attn.W_QKV[:, perm])
+    attn.b_QKV.copy_(attn.b_QKV[:, perm])
+    attn.W_O.copy_(attn.W_O[perm])
+    return new
+
+
+LABEL_FIELDS = ("labels", "isbal", "targets", "y")
+
+
+def shuffle_labels(data: Any, seed: int = 0) -> Any:
+    """A copy of a dataclass dataset whose label field is randomly permuted (the features stay)."""
+    if not dataclasses.is_dataclass(data):
+        raise InputError(f"shuffle_labels needs a dataclass dataset, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(data)}
+    field = next((f for f in LABEL_FIELDS if f in names), None)
+    if field is None:
+        raise InputError(f"{type(data).__name__} has none of the label fields {LABEL_FIELDS}")
+    labels = getattr(data, field)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=gen, device="cpu")  # the same order on every device
+    if isinstance(labels, torch.Tensor):
+        perm = perm.to(labels.device)
+    return dataclasses.replace(data, **{field: labels[perm]})
+
+
+def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inputs: torch.Tensor,
+                      patches: Sequence[tuple[str, tuple]]) -> torch.Tensor:
+    """Resampling ablation / activation patching: run `inputs`, but at each hook name replace the
+    activation at `index` (an indexing tuple after the batch axis, e.g. `(1, 0)` = position 1, head
+    0 of a [batch, pos, head, d_head] hook) by its value on `source_inputs` (row i from row i).
+
+    Returns the patched model output. Source and target may differ in length only where `index`
+    picks positions that exist in both: the patched slice must have the same shape on both sides
+    (a length-1 source is never broadcast over the target's positions). Bad indices, positions,
+    heads and shapes raise `InputError` naming the hook (`check_patch_index`), as in
+    `resample_activations`.
+    """
+    if source_inputs.shape[0] != inputs.shape[0]:
+        raise InputError(f"source batch {source_inputs.shape[0]} != target batch {inputs.shape[0]}")
+    patches = _check_patches(patches)
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    src = capture_activations(model, source_inputs, names)  # the source run stops at the last patched hook
+    hooks = [(n, _overwrite(idx, check_patch_index(n, src[n], idx, "the source"))) for n, idx in patches]
+    with torch.no_grad():
+        return model.run_with_hooks(inputs, fwd_hooks=hooks)
+
+
+def _version(t: torch.Tensor) -> int:
+    """t's in-place edit counter; -1 for an inference tensor, which has none (it cannot be edited
+    outside inference_mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+class _Captured(Exception):
+    """Raised by capture_activations' hook once every asked-for activation is saved."""
+
+
+def capture_activations(model: HookedTransformer, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{name: activation} of one forward of `x` at hook points `names` (after any hooks already on
+    them, as run_with_cache saves them), running the forward only until the last of them fired: a
+    patch's source run needs nothing after the patched layer (and no read-out). The values are those
+    of the explicit sublayer that exposes them (as run_with_cache(defer=False))."""
+    wanted = list(dict.fromkeys(model.resolve_hook_names(list(names))))
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook) -> None:
+        store[hook.name] = act
+        if len(store) == len(wanted):
+            raise _Captured  # nothing after this point is needed (a permanent hook's side effects there are skipped)
+
+    try:
+        with torch.no_grad(), model.hooks([(n, save) for n in wanted]):
+            model(x)
+    except _Captured:
+        pass
+    missing = [n for n in wanted if n not in store]
+    if missing:
+        raise InputError(f"the forward never reached hook point(s) {missing}: nothing to patch from")
+    return store
+
+
+class PatchBatch:
+    """Many patches of ONE target batch, each computing only what it changes.
+
+    The clean forward of `inputs` is run once (here) and its residual entering every block kept;
+    `patch(source_inputs, patches)` then returns `patch_activations(model, inputs, source_inputs,
+    patches)` with the source run stopped at the last patched hook (`capture_activations`) and the
+    target run resumed at the first patched block from the kept clean residual (the blocks before it
+    cannot see the patch). Tested equal to patch_activations (tests/test_fast_paths.py).
+
+    The kept residual is that of the model as it was here: a weight edited in place afterwards (seen
+    through the parameters' version counters) or a hook point with a function attached (a permanent
+    hook may depend on the batch it sees) makes `patch` run the whole target instead."""
+
+    def __init__(self, model: HookedTransformer, inputs: torch.Tensor):
+        self.model, self.inputs = model, inputs
+        n = model.cfg.n_layers
+        resume = [f"blocks.{l}.hook_resid_pre" for l in range(1, n)]
+        with torch.no_grad():
+            self.logits, cache = model.run_with_cache(inputs, names=resume)
+        self._resid = {l: cache[f"blocks.{l}.hook_resid_pre"] for l in range(1, n)}  # [batch, pos, d_model]
+        self._state = self._model_state()
+
+    def _model_state(self) -> tuple:
+        """What the kept residual depends on besides `inputs`: every parameter (object and in-place
+        version) and whether any hook point has a function attached."""
+        params = tuple((id(p), _version(p)) for p in self.model.parameters())
+        hooked = any(hp.fns for hp in self.model.hook_dict.values())
+        return params, hooked, _version(self.inputs)
+
+    def patch(self, source_inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]]) -> torch.Tensor:
+        model, inputs = self.model, self.inputs
+        if source_inputs.shape[0] != inputs.shape[0]:
+            raise InputError(f"source batch {source_inputs.shape[0]} != target batch {inputs.shape[0]}")
+        patches = _check_patches(patches)
+        names = [n for n, _ in patches]
+        src = capture_activations(model, source_inputs, names)
+        hooks = [(n, _overwrite(idx, check_patch_index(n, src[n], idx, "the source"))) for n, idx in patches]
+        state = self._model_state()
+        layer = _patch_layer(model, names) if state == self._state and not state[1] else 0
+        with torch.no_grad():
+            if layer:
+                return model.run_with_hooks(inputs, fwd_hooks=hooks, start_at_layer=layer, resid=self._resid[layer])
+            return model.run_with_hooks(inputs, fwd_hooks=hooks)
+
+
+def _check_patches(patches) -> list[tuple[str, tuple]]:
+    """`patches` as a list of (hook name, index tuple); InputError for anything else."""
+    out = []
+    for p in patches:
+        if not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str):
+            raise InputError(f"a patch is (hook name, index tuple), e.g. ('blocks.0.attn.hook_z', (1, 0)); got {p!r}")
+        name, index = p
+        if not isinstance(index, (tuple, list)):
+            raise InputError(f"patch {name!r}: the index must be a tuple (e.g. (1,) for position 1, () for "
+                             f"everything), got {type(index).__name__} {index!r}")
+        out.append((name, tuple(index)))
+    return out
+
+
+def _index_part_ok(part) -> bool:
+    if part is None or part is Ellipsis:
+        return True
+    if isinstance(part, bool):
+        return False
+    if isinstance(part, int) or (hasattr(part, "__index__") and not isinstance(part, torch.Tensor)):
+        return True  # numpy integers too
+    if isinstance(part, slice):
+        return all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                   for b in (part.start, part.stop, part.step))
+    if isinstance(part, torch.Tensor):
+        return part.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or part.dtype == torch.bool
+    if isinstance(part, (list, tuple)):
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in part)
+    return False
+
+
+def check_patch_index(name: str, act: torch.Tensor, index: tuple, side: str = "the activation") -> torch.Tensor:
+    """act[:, *index] (the slice a patch reads or writes), or InputError naming the hook, the index
+    and the activation's shape: a non-integer index (a string, a float, a bool), more indices than
+    the activation has axes, or a position / head / unit that does not exist (also negative ones
+    below -size). The one validation every patching helper uses."""
+    for part in index:
+        if not _index_part_ok(part):
+            raise InputError(f"patch index {index!r} for {name!r}: {part!r} is not an int, slice or integer "
+                             f"tensor (float indices are not rounded)")
+    dims = sum(1 for part in index if part is not None and part is not Ellipsis)
+    if dims > act.ndim - 1:
+        raise InputError(f"patch index {index!r} has {dims} indices but {name!r} has only {act.ndim - 1} axes "
+                         f"after the batch ({side}: shape {tuple(act.shape)})")
+    for axis, part in enumerate(index, start=1):
+        if part is Ellipsis or part is None:
+            break  # positions after these are not checked one by one; torch's IndexError is wrapped below
+        if not isinstance(part, (slice, torch.Tensor, list, tuple)) and not -act.shape[axis] <= int(part) < act.shape[axis]:
+            raise InputError(f"patch index {index!r} does not exist in {name!r}: {part} is out of range for "
+                             f"axis {axis} of size {act.shape[axis]} ({side}: shape {tuple(act.shape)})")
+    try:
+        value = act[(slice(None), *index)]
+    except (IndexError, TypeError, RuntimeError) as exc:
+        raise InputError(f"patch index {index!r} does not exist in {name!r} ({side}: shape "
+                         f"{tuple(act.shape)}): {exc}") from None
+    if value.numel() == 0 and act.numel():
+        raise InputError(f"patch index {index!r} selects nothing in {name!r} ({side}: shape {tuple(act.shape)})")
+    return value
+
+
+def _patch_layer(model: HookedTransformer, names: Sequence[str]) -> int:
+    """The first block a set of hook names can change (0 when any lies outside the blocks)."""
+    layers = []
+    for n in names:
+        parts = n.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            return 0
+        layers.append(int(parts[1]))
+    return min(layers) if layers else 0
+
+
+def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
+                         source_rows: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None,
+                         batch_size: int = 2000) -> list[torch.Tensor]:
+    """Resampling ablation for several resamplings of one batch: for each index tensor `rows` in
+    `source_rows`, the output of `patch_activations(model, inputs, inputs[rows], patches)`.
+
+    Faster than calling that once per resampling: the clean run is done once (the patched
+    activations of row rows[i] are the clean ones of that row, and only the patched slices are
+    kept), and each patched run starts at the first patched block from the clean residual there
+    (the blocks before it cannot see the patch). With `lengths` (meaningful positions per row, the
+    rest right-padding), rows run in length-sorted chunks cut to their longest row, as
+    `analysis.predict` does; the patched positions must exist in every row's chunk, and the read-out
+    must be first/last. Tested equal to patch_activations.
+    """
+    patches = _check_patches(patches)
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    n = inputs.shape[0]
+    rows_list = [_check_rows(r, n, inputs.device) for r in source_rows]
+    if lengths is None:
+        chunks = [(torch.arange(n, device=inputs.device), inputs.shape[1])]
+    else:
+        if model.cfg.readout == "all":
+            raise InputError("resample_activations(lengths=...) needs a first/last read-out: an 'all' "
+                             "read-out's width would differ between chunks")
+        from circuits.analysis.measures import length_buckets  # analysis imports sklearn: only when needed
+
+        chunks = length_buckets(lengths, n, batch_size)
+    layer = _resume_layer(model, names)
+    resume = f"blocks.{layer}.hook_resid_pre"
+    clean: dict[str, torch.Tensor] = {}  # name -> [n, ...]: the clean activation at the patched index
+    resid: list[torch.Tensor] = []  # per chunk: the clean residual where the patched runs resume
+    with torch.no_grad():
+        for chunk, width in chunks:
+            _, cache = model.run_with_cache(inputs[chunk, :width], names=names + ([resume] if layer else []))
+            for name, index in patches:
+                value = check_patch_index(name, cache[name], index, f"rows cut to {width} positions")
+                if name not in clean:
+                    clean[name] = value.new_empty((n, *value.shape[1:]))
+                clean[name][chunk] = value
+            if layer:
+                resid.append(cache[resume])
+    outputs = []
+    for rows in rows_list:
+        out = None
+        for i, (chunk, width) in enumerate(chunks):
+            hooks = [(name, _overwrite(index, clean[name][rows[chunk]])) for name, index in patches]
+            with torch.no_grad():
+                x = inputs[chunk, :width]
+                part = _run_patched(model, x, hooks, layer, resid[i] if layer else None)
+            if lengths is None:  # one chunk, rows in their own order
+                out = part
+            else:
+                out = part.new_empty((n, *part.shape[1:])) if out is None else out
+                out[chunk] = part
+        outputs.append(out)
+    return outputs
+
+
+def _resume_layer(model: HookedTransformer, names: Sequence[str]) -> int:
+    """The block a patched run may resume at from the clean residual: the first block the patches
+    can change, or an earlier one holding a permanent hook. A permanent hook may depend on the batch
+    it sees or keep state from it (a mean ablation's batch mean, the padding rows it noted at
+    hook_embed), so none may be skipped: a resumed run runs every block from the resume point with
+    its hooks, and refires those on hook_embed / hook_pos_embed on the patched batch (the forward
+    refuses a resumed run whose embedding hook changes the embedding: `_run_patched` then runs the
+    whole model). A model class with its own forward resumes only without permanent hooks."""
+    layer = _patch_layer(model, names)
+    own_forward = type(model).forward is HookedTransformer.forward
+    for name, hp in model.hook_dict.items():
+        if not hp.fns or not layer:
+            continue
+        if not own_forward:
+            return 0
+        if name in ("hook_embed", "hook_pos_embed"):
+            continue  # refired by the resumed forward
+        parts = name.split(".")
+        if parts[0] == "blocks" and parts[1].isdigit():
+            layer = min(layer, int(parts[1]))
+        elif not name.startswith(("ln_final.", "unembed.")):  # after the blocks: runs in a resumed run too
+            return 0
+    return layer
+
+
+def _run_patched(model: HookedTransformer, x: torch.Tensor, hooks: list, layer: int, resid) -> torch.Tensor:
+    """model(x) with `hooks`, resumed at `layer` from `resid` (the whole model when layer is 0 or
+    when a permanent hook on the embedding changes it, which a given residual cannot reflect)."""
+    if layer:
+        try:
+            return model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
+        except EmbeddingEditedError:
+            pass
+    return model.run_with_hooks(x, fwd_hooks=hooks)
+
+
+def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
+                      groups: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Resampling ablation where each group of resamplings must share ONE forward: for each group
+    (a list of index tensors `rows`), the outputs of `patch_activations(model, inputs,
+    inputs[rows], patches)`, computed as one forward of `inputs` repeated once per `rows`. A model
+    whose output depends on its batch (a mean-ablation mutation: the batch mean at run time) then
+    sees the same batch for every resampling of a group, so a mean that moves with the sources
+    cannot pass for the patched activation mattering.
+
+    The clean run is done once for all groups (the patched slices of row rows[i] are the clean
+    ones of that row), and each group's forward resumes at the first patched block from the clean
+    residual, repeated (the blocks before it cannot see the patch); a permanent hook in an earlier
+    block moves the resume point back to its block, and hooks on the embedding are refired on the
+    repeated batch (see `_resume_layer`). Returns [group][set] outputs,
+    each [n, ...]; tested equal to patch_activations and to the full forward.
+    """
+    patches = _check_patches(patches)
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    n = inputs.shape[0]
+    groups = [[_check_rows(r, n, inputs.device) for r in group] for group in groups]
+    if any(not group for group in groups):
+        raise InputError("resample_together: every group needs at least one set of source rows")
+    layer = _resume_layer(model, names)
+    resume = f"blocks.{layer}.hook_resid_pre"
+    cache = capture_activations(model, inputs, names + ([resume] if layer else []))  # stops at the last of them
+    clean = {}
+    for name, index in patches:
+        clean[name] = check_patch_index(name, cache[name], index)
+    outputs = []
+    for group in groups:
+        source = torch.cat(group)
+        hooks = [(name, _overwrite(index, clean[name][source])) for name, index in patches]
+        x = inputs.repeat(len(group), *([1] * (inputs.ndim - 1)))
+        with torch.no_grad():
+            out = _run_patched(model, x, hooks, layer, cache[resume].repeat(len(group), 1, 1) if layer else None)
+        outputs.append(list(out.split(n)))
+    return outputs
+
+
+def _check_rows(rows, n: int, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        given = rows
+    else:
+        try:
+            given = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"source rows must be a [{n}] integer index tensor, got {type(rows).__name__}: {exc}") from None
+    if given.dtype == torch.bool or given.is_floating_point() or given.is_complex():
+        raise InputError(f"source rows must be integers, got dtype {given.dtype} (float rows are not rounded)")
+    rows = given.to(device=device, dtype=torch.long)
+    if rows.shape != (n,):
+        raise InputError(f"source rows must be a [{n}] index tensor, got {tuple(rows.shape)}")
+    if n and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise InputError(f"source rows must index the batch 0..{n - 1}")
+    return rows
+
+
+def _overwrite(index: tuple, value: torch.Tensor):
+    """A hook setting act[:, *index] = value (a copy: the hooked activation may be a view). The
+    target slice must have value's shape exactly: no broadcasting of a shorter source."""
+    def patch(act: torch.Tensor, hook) -> torch.Tensor:
+        target = check_patch_index(hook.name, act, index, "the patched run")
+        if target.shape != value.shape:
+            raise InputError(f"patch {index!r} on {hook.name!r}: the source slice has shape {tuple(value.shape)} "
+                             f"but the target's is {tuple(target.shape)}; source and target must agree at the "
+                             f"patched positions (a shorter source is not broadcast)")
+        act = act.clone()
+        act[(slice(None), *index)] = value.to(act.dtype)
+        return act
+    return patch
