@@ -14,8 +14,18 @@ the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one grou
   cache_all_eager run_with_cache(defer=False) of every hook point, every entry read: all computed in
               the forward (every sublayer on its explicit path), the alternative for reading it all
   cache2      run_with_cache of `blocks.2.hook_resid_post` and `blocks.1.attn.hook_pattern`
-  tl, tl_cache2   TransformerLens's HookedTransformer of the same config, when `transformer_lens` is
-              installed (the optional `peers` extra); skipped otherwise
+  patch       patching head 2.0's z at every position from another batch (interventions.patch_activations:
+              the source run stops at the patched hook, the target runs whole)
+  patch_reuse the same patch through PatchBatch: the target batch's clean run done once beforehand (not
+              timed), so each patch is the stopped source run plus the target's blocks from 2 on
+  tl, tl_cache2, tl_cache_all, tl_patch   TransformerLens's HookedTransformer of the same weights with
+              bidirectional attention and the pad mask as a hook on every hook_attn_scores (TL ignores
+              attention_mask under bidirectional attention), when `transformer_lens` is installed (the
+              optional `peers` extra): forward, the two-name cache, every hook point cached, the patch
+  nns, nns_save1, nns_save_all   nnsight's NNsight wrapper of our model: a trace saving the logits,
+              one module output, every module's output; only when `nnsight` is installed
+
+Every variant's logits are checked equal to ours (<= 1e-5) before anything is timed (`check_variants`).
 
 pytest (test_forward: one variant after another, min over rounds; test_forward_interleaved: all of
 them round-robin in one run, as the script; benchmarks/conftest.py prints both ratio summaries):
@@ -30,6 +40,7 @@ script (variants interleaved round-robin, so machine load hits them alike; ratio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,8 +60,8 @@ from circuits.tasks.brackets.data import tokenize  # noqa: E402
 BATCHES = (1, 64, 1000)
 N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42
 CACHE2 = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_pattern"]
-VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache_all_read", "cache_all_eager", "cache2", "tl",
-            "tl_cache2")
+VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache_all_read", "cache_all_eager", "cache2", "patch",
+            "patch_reuse", "tl", "tl_cache2", "tl_cache_all", "tl_patch", "nns", "nns_save1", "nns_save_all")
 BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
                 pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
 
@@ -67,24 +78,71 @@ def bracket_tokens(batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def transformer_lens_model(model: HookedTransformer):
-    """TransformerLens's HookedTransformer of the same config and weights, or None if not installed."""
+    """TransformerLens's HookedTransformer of the same config and weights (bidirectional attention), or
+    None if not installed."""
     try:
         from transformer_lens import HookedTransformer as TLHookedTransformer
         from transformer_lens import HookedTransformerConfig
     except ImportError:
         return None
+    import warnings
+
     c = model.cfg
     tl_cfg = HookedTransformerConfig(
         n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
         d_mlp=c.d_mlp, d_vocab=c.d_vocab, d_vocab_out=c.d_vocab_out, act_fn=c.act_fn,
-        normalization_type="LN", device="cpu", seed=0)
-    tl = TLHookedTransformer(tl_cfg)
+        normalization_type="LN", attention_dir="bidirectional", device="cpu", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TL 3.x: HookedTransformer -> TransformerBridge
+        tl = TLHookedTransformer(tl_cfg)
     tl.load_state_dict(to_tl_state_dict(model), strict=False)  # TL keeps mask buffers we do not have
     return tl.eval()
 
 
-def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None) -> dict[str, Callable]:
-    """name -> fn(tokens); each returns what a user would read (logits, and the cache if any)."""
+def tl_pad_hooks(x: torch.Tensor, pad: int) -> list:
+    """TL's forward hooks masking pad keys out of every attention row (ARENA's way: TL applies
+    attention_mask only under causal attention)."""
+    blocked = (x == pad)[:, None, None, :]  # [batch, 1, 1, key_pos]
+
+    def mask(scores, hook):
+        return scores.masked_fill(blocked, -1e5)  # [batch, head, query_pos, key_pos]
+
+    return [(lambda name: name.endswith("hook_attn_scores"), mask)]
+
+
+def nnsight_model(model: HookedTransformer):
+    """nnsight's wrapper of our model, or None if nnsight is not installed."""
+    try:
+        from nnsight import NNsight
+    except ImportError:
+        return None
+    return NNsight(model)
+
+
+PATCH = [("blocks.2.attn.hook_z", (slice(None), 0))]  # head 2.0's z at every position
+TL_PATCH_NAME = "blocks.2.attn.hook_z"
+
+
+def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None, nns=None) -> dict[str, Callable]:
+    """name -> fn(tokens); each returns what a user would read (logits, and the cache if any).
+    The patching variants take their source batch from `source_for` (a fixed other batch)."""
+    from circuits.analysis.interventions import PatchBatch, patch_activations
+
+    sources: dict[tuple, torch.Tensor] = {}
+    batches: dict[int, PatchBatch] = {}
+
+    def source_for(x):
+        key = tuple(x.shape)
+        if key not in sources:
+            sources[key] = bracket_tokens(x.shape[0], seed=1)
+        return sources[key]
+
+    def patch_reuse(x):
+        pb = batches.get(id(x))
+        if pb is None or pb.inputs is not x:
+            pb = batches[id(x)] = PatchBatch(model, x)  # the clean run, once per batch (warm-up)
+        return pb.patch(source_for(x), PATCH)
+
     variants: dict[str, Callable] = {
         "plain": plain,
         "ours": model,
@@ -93,12 +151,93 @@ def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None) ->
         "cache_all_read": lambda x: _read_all(*model.run_with_cache(x)),
         "cache_all_eager": lambda x: _read_all(*model.run_with_cache(x, defer=False)),
         "cache2": lambda x: model.run_with_cache(x, names=CACHE2),
+        "patch": lambda x: patch_activations(model, x, source_for(x), PATCH),
+        "patch_reuse": patch_reuse,
     }
     if tl is not None:
         pad = model.cfg.pad_token
-        variants["tl"] = lambda x: tl(x, attention_mask=(x != pad).long())
-        variants["tl_cache2"] = lambda x: tl.run_with_cache(x, attention_mask=(x != pad).long(), names_filter=CACHE2)
+
+        def tl_logits(x, hooks=()):
+            return tl.run_with_hooks(x, fwd_hooks=tl_pad_hooks(x, pad) + list(hooks))[:, 0]
+
+        def tl_cache(x, names=None):
+            with tl.hooks(fwd_hooks=tl_pad_hooks(x, pad)):
+                logits, cache = tl.run_with_cache(x, names_filter=names)
+            return logits[:, 0], cache
+
+        def tl_patch(x):
+            _, src = tl_cache(source_for(x), [TL_PATCH_NAME])
+            value = src[TL_PATCH_NAME][:, :, 0]
+
+            def patch(z, hook):
+                z = z.clone()
+                z[:, :, 0] = value
+                return z
+
+            return tl_logits(x, [(TL_PATCH_NAME, patch)])
+
+        variants["tl"] = tl_logits
+        variants["tl_cache2"] = lambda x: tl_cache(x, CACHE2)
+        variants["tl_cache_all"] = lambda x: _read_all(*tl_cache(x))
+        variants["tl_patch"] = tl_patch
+    if nns is not None:
+        variants.update(_nnsight_variants(nns))
     return variants
+
+
+def _nnsight_variants(nns) -> dict[str, Callable]:
+    def save_logits(x):
+        with nns.trace(x):
+            out = nns.output.save()
+        return out
+
+    def save_one(x):
+        with nns.trace(x):
+            r = nns.blocks[2].output.save()
+            out = nns.output.save()
+        return out, r
+
+    def save_all(x):
+        saved = []
+        with nns.trace(x):
+            for module in _nnsight_modules(nns):
+                saved.append(module.output.save())
+            out = nns.output.save()
+        return out, saved
+
+    return {"nns": save_logits, "nns_save1": save_one, "nns_save_all": save_all}
+
+
+def _nnsight_modules(nns) -> list:
+    """Every submodule whose output nnsight can save, in forward order (no hook points: ours are not
+    called through nn.Module.__call__, so nnsight never sees them)."""
+    out = []
+    for block in nns.blocks:
+        out.extend([block.ln1, block.attn, block.ln2, block.mlp, block])
+    return [nns.embed, *out, nns.ln_final, nns.unembed]
+
+
+def logits_of(result) -> torch.Tensor:
+    """The logits in what a variant returns (a tensor, or a tuple whose first item is them)."""
+    while isinstance(result, (tuple, list)):
+        result = result[0]
+    return getattr(result, "value", result)  # an nnsight proxy that was saved
+
+
+def check_variants(variants: dict[str, Callable], x: torch.Tensor, atol: float = 1e-5) -> dict[str, float]:
+    """Each variant's max |logits - ours| on x (the patch variants against the patch); raises if any
+    exceeds atol, so nothing is timed that computes a different function."""
+    ours = logits_of(variants["ours"](x))
+    patched = logits_of(variants["patch"](x))
+    diffs = {}
+    for name, fn in variants.items():
+        want = patched if "patch" in name else ours
+        diffs[name] = float((logits_of(fn(x)).reshape(want.shape) - want).abs().max())
+        if not diffs[name] <= atol:
+            raise AssertionError(f"variant {name!r}: logits differ from ours by {diffs[name]:.3g} > {atol}")
+    if torch.allclose(patched, ours, atol=1e-4):
+        raise AssertionError("the patch leaves the logits unchanged: the patch rows would time nothing useful")
+    return diffs
 
 
 def _read_all(logits, cache):
@@ -118,16 +257,13 @@ if pytest is not None:
     @pytest.fixture(scope="module")
     def variants():
         model = bracket_model()
-        return make_variants(model, PlainTransformer.from_hooked(model).eval(), transformer_lens_model(model))
+        return make_variants(model, PlainTransformer.from_hooked(model).eval(), transformer_lens_model(model),
+                             nnsight_model(model))
 
     def test_variants_compute_the_same_logits(variants):
         x = bracket_tokens(64)
         with torch.inference_mode():
-            ours = variants["ours"](x)
-            torch.testing.assert_close(variants["plain"](x), ours, atol=1e-5, rtol=1e-5)
-            for name in ("cache_all", "cache_all_read", "cache_all_eager", "cache2"):
-                logits, cache = variants[name](x)
-                torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)
+            check_variants(variants, x)
             assert sorted(variants["cache2"](x)[1]) == sorted(CACHE2)
 
     @pytest.mark.parametrize("batch", BATCHES)
@@ -183,12 +319,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=30, help="round-robin repetitions (min over them is reported)")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--only", nargs="+", default=None, help="time only these variants (plus ours, ours_full, plain)")
     args = p.parse_args(argv)
     model = bracket_model()
     tl = transformer_lens_model(model)
-    variants = make_variants(model, PlainTransformer.from_hooked(model).eval(), tl)
+    nns = nnsight_model(model)
+    variants = make_variants(model, PlainTransformer.from_hooked(model).eval(), tl, nns)
+    if args.only:
+        keep = {"plain", "ours", "ours_full", "patch", *args.only}
+        variants = {k: v for k, v in variants.items() if k in keep}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {args.reps} interleaved reps, "
-          f"min per call; transformer_lens: {'yes' if tl is not None else 'not installed'}")
+          f"min per call; transformer_lens: {'yes' if tl is not None else 'not installed'}; nnsight: "
+          f"{'yes' if nns is not None else 'not installed (its rows skipped)'}; load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
+    with torch.inference_mode():
+        diffs = check_variants(variants, bracket_tokens(64))
+    print("logits checked against ours at batch 64 (max |diff|): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if k != "ours"))
     # / full: to ours_full, the forward doing the same work as caching every hook (the whole last block)
     print(f"{'batch':>6} {'variant':<15} {'min ms':>10} {'/ ours':>8} {'/ full':>8} {'/ plain':>8}")
     with torch.inference_mode():
@@ -196,7 +344,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             best = interleaved(variants, bracket_tokens(batch), args.reps)
             for n, t in best.items():
                 print(f"{batch:>6} {n:<15} {t * 1e3:>10.4f} {t / best['ours']:>8.2f} "
-                      f"{t / best['ours_full']:>8.2f} {t / best['plain']:>8.2f}")
+                      f"{t / best['ours_full']:>8.2f} {t / best['plain']:>8.2f}", flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":

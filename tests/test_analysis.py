@@ -264,8 +264,9 @@ def _full_forward_of_the_group(model, x, patches, group):
 
 def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_full_batch(model, data):
     """A mean ablation's batch mean (and the padding rows its tracker notes at hook_embed) depend on
-    the batch: a model with permanent hooks is never resumed mid-way, and each group's sets share one
-    batch. Its results are the mutant's own (not the clean model's), also when memoised."""
+    the batch: a resumed run skips no permanent hook (one in an earlier block moves the resume point
+    back to it; the embedding's tracker is refired on the repeated batch), and each group's sets share
+    one batch. Its results are the mutant's own (not the clean model's), also when memoised."""
     from circuits.claims import mutations as M
 
     x = data.toks[:60]
@@ -273,11 +274,14 @@ def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_fu
     g = torch.Generator().manual_seed(6)
     groups = [[torch.arange(60), torch.randint(60, (60,), generator=g)]]
     mutant = M.mean_ablate_head(model, 1, 0)
-    assert I._resume_layer(mutant, [n for n, _ in patches]) == 0
-    assert I._resume_layer(model, [n for n, _ in patches]) == 1
-    got = I.resample_together(mutant, x, patches, groups)[0]
-    for a, b in zip(got, _full_forward_of_the_group(mutant, x, patches, groups[0])):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same computation
+    names = [n for n, _ in patches]
+    assert I._resume_layer(mutant, names) == 1  # its hooks: hook_embed (refired) and block 1's z
+    assert I._resume_layer(M.mean_ablate_head(model, 0, 0), names) == 0  # a hook before the patch
+    assert I._resume_layer(model, names) == 1
+    for m in (mutant, M.mean_ablate_head(model, 0, 0)):
+        got = I.resample_together(m, x, patches, groups)[0]
+        for a, b in zip(got, _full_forward_of_the_group(m, x, patches, groups[0])):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # the same function (resumed: float rounding)
     memo = A.ModelMemo()
     key = ("resampled", 1, 0)
     clean = memo.get(model, key, lambda: I.resample_together(model, x, patches, groups))

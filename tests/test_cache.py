@@ -201,7 +201,7 @@ def test_deferred_entries_are_their_functions_of_the_cached_tensors(name, dtype,
     model = make_model(name, dtype)
     x = make_input(model) if batch == 5 else torch.cat([make_input(model)] * 4)
     with torch.no_grad():
-        logits, lazy = model.run_with_cache(x)
+        logits, lazy = model.run_with_cache(x, defer=True)
         eager_logits, eager = model.run_with_cache(x, detach=False)
         _, not_deferred = model.run_with_cache(x, defer=False)
     expected = _expected_deferred(model)
@@ -240,6 +240,24 @@ def test_deferred_entries_are_their_functions_of_the_cached_tensors(name, dtype,
             torch.testing.assert_close(lazy[n], eager[n], **tight)
 
 
+def test_the_default_defers_from_DEFER_MIN_TOKENS_on():
+    """defer=None: small batches cache eagerly (the explicit sublayers cost less than planning the
+    deferrals), large ones defer; the values agree either way."""
+    from circuits.model.transformer import DEFER_MIN_TOKENS
+
+    model = make_model("brackets", torch.float64)
+    small = make_input(model)
+    large = torch.cat([small] * (DEFER_MIN_TOKENS // (small.shape[0] * small.shape[1]) + 1))
+    with torch.no_grad():
+        _, auto_small = model.run_with_cache(small)
+        _, lazy_small = model.run_with_cache(small, defer=True)
+        _, auto_large = model.run_with_cache(large)
+    assert _deferred_names(auto_small) == [] and _deferred_names(auto_large) == _expected_deferred(model)
+    for n in lazy_small:
+        torch.testing.assert_close(auto_small[n], lazy_small[n], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(auto_large[n][:small.shape[0]], auto_small[n], atol=1e-12, rtol=1e-12)
+
+
 def test_a_deferred_entry_alone_equals_the_eager_one():
     """Asked for alone, a pattern / scale is computed from q, k / resid_pre captured for it (and not
     kept): the same value as the eager explicit sublayer, whose inputs are the same here."""
@@ -247,7 +265,7 @@ def test_a_deferred_entry_alone_equals_the_eager_one():
     x = make_input(model)
     for name in ("blocks.1.attn.hook_pattern", "blocks.1.ln2.hook_normalized", "blocks.0.attn.hook_result"):
         with torch.no_grad():
-            _, lazy = model.run_with_cache(x, names=[name])
+            _, lazy = model.run_with_cache(x, names=[name], defer=True)
             _, eager = model.run_with_cache(x, names=[name], detach=False)
         assert list(lazy) == [name] and _deferred_names(lazy) == [name] and _deferred_names(eager) == []
         torch.testing.assert_close(lazy[name], eager[name], atol=1e-12, rtol=1e-12)
@@ -259,7 +277,7 @@ def test_deferred_entries_are_the_values_at_caching_time():
     model = make_model("brackets", torch.float64)
     x = make_input(model)
     with torch.no_grad():
-        _, cache = model.run_with_cache(x)
+        _, cache = model.run_with_cache(x, defer=True)
         expected = torch.einsum("bphd,hdm->bphm", cache["blocks.1.attn.hook_z"], model.blocks[1].attn.W_O)
         model.blocks[1].attn.W_O.mul_(0.5)
         model.blocks[1].ln1.eps = 1.0
@@ -279,7 +297,7 @@ def test_deferred_entries_of_a_deep_copy_read_the_copy():
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.blocks[0].attn.W_O.mul_(2.0)
-        _, cache = twin.run_with_cache(make_input(model), names=["blocks.0.attn.hook_z", "blocks.0.attn.hook_result"])
+        _, cache = twin.run_with_cache(make_input(model), names=["blocks.0.attn.hook_z", "blocks.0.attn.hook_result"], defer=True)
     assert _deferred_names(cache) == ["blocks.0.attn.hook_result"]
     expected = torch.einsum("bphd,hdm->bphm", cache["blocks.0.attn.hook_z"], twin.blocks[0].attn.W_O)
     torch.testing.assert_close(cache["blocks.0.attn.hook_result"], expected, atol=1e-12, rtol=1e-12)
@@ -293,7 +311,7 @@ def test_hook_points_with_a_function_attached_stay_eager_and_edits_flow_into_def
     with torch.no_grad(), model.hooks([("blocks.0.attn.hook_result", lambda r, hook: seen.append(r)),
                                        ("blocks.1.attn.hook_pattern", lambda p, hook: seen.append(p)),
                                        ("blocks.2.ln1.hook_scale", lambda p, hook: seen.append(p))]):
-        _, cache = model.run_with_cache(x)
+        _, cache = model.run_with_cache(x, defer=True)
     eager = {"blocks.0.attn.hook_result", "blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern",
              "blocks.2.ln1.hook_scale", "blocks.2.ln1.hook_normalized"}
     assert len(seen) == 3 and not eager & set(_deferred_names(cache))
@@ -304,7 +322,7 @@ def test_hook_points_with_a_function_attached_stay_eager_and_edits_flow_into_def
         return t * 0.5
 
     with torch.no_grad(), model.hooks([("blocks.1.attn.hook_z", halve), ("blocks.1.attn.hook_q", halve)]):
-        _, lazy = model.run_with_cache(x)
+        _, lazy = model.run_with_cache(x, defer=True)
         _, eager_cache = model.run_with_cache(x, detach=False)
     for n in ("blocks.1.attn.hook_result", "blocks.1.attn.hook_pattern"):
         assert n in _deferred_names(lazy)
@@ -318,7 +336,7 @@ def test_deferred_entries_of_blocks_the_forward_skips_are_absent():
     x = make_input(model)
     with torch.no_grad():
         _, full = model.run_with_cache(x)
-        _, lazy = model.run_with_cache(x, start_at_layer=2, resid=full["blocks.2.hook_resid_pre"])
+        _, lazy = model.run_with_cache(x, start_at_layer=2, resid=full["blocks.2.hook_resid_pre"], defer=True)
         _, eager = model.run_with_cache(x, start_at_layer=2, resid=full["blocks.2.hook_resid_pre"], detach=False)
     assert list(lazy) == list(eager) and not any(n.startswith(("blocks.0.", "blocks.1.")) for n in lazy)
     for n in lazy:

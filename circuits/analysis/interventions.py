@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from circuits.errors import InputError
-from circuits.model.transformer import HookedTransformer
+from circuits.model.transformer import EmbeddingEditedError, HookedTransformer
 
 
 def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
@@ -141,12 +141,92 @@ def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inp
     patches = _check_patches(patches)
     names = [n for n, _ in patches]
     model.resolve_hook_names(names)  # unknown names fail here, naming the hook
-    with torch.no_grad():
-        _, src = model.run_with_cache(source_inputs, names=names)
-
+    src = capture_activations(model, source_inputs, names)  # the source run stops at the last patched hook
     hooks = [(n, _overwrite(idx, check_patch_index(n, src[n], idx, "the source"))) for n, idx in patches]
     with torch.no_grad():
         return model.run_with_hooks(inputs, fwd_hooks=hooks)
+
+
+def _version(t: torch.Tensor) -> int:
+    """t's in-place edit counter; -1 for an inference tensor, which has none (it cannot be edited
+    outside inference_mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+class _Captured(Exception):
+    """Raised by capture_activations' hook once every asked-for activation is saved."""
+
+
+def capture_activations(model: HookedTransformer, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{name: activation} of one forward of `x` at hook points `names` (after any hooks already on
+    them, as run_with_cache saves them), running the forward only until the last of them fired: a
+    patch's source run needs nothing after the patched layer (and no read-out). The values are those
+    of the explicit sublayer that exposes them (as run_with_cache(defer=False))."""
+    wanted = list(dict.fromkeys(model.resolve_hook_names(list(names))))
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook) -> None:
+        store[hook.name] = act
+        if len(store) == len(wanted):
+            raise _Captured  # nothing after this point is needed (a permanent hook's side effects there are skipped)
+
+    try:
+        with torch.no_grad(), model.hooks([(n, save) for n in wanted]):
+            model(x)
+    except _Captured:
+        pass
+    missing = [n for n in wanted if n not in store]
+    if missing:
+        raise InputError(f"the forward never reached hook point(s) {missing}: nothing to patch from")
+    return store
+
+
+class PatchBatch:
+    """Many patches of ONE target batch, each computing only what it changes.
+
+    The clean forward of `inputs` is run once (here) and its residual entering every block kept;
+    `patch(source_inputs, patches)` then returns `patch_activations(model, inputs, source_inputs,
+    patches)` with the source run stopped at the last patched hook (`capture_activations`) and the
+    target run resumed at the first patched block from the kept clean residual (the blocks before it
+    cannot see the patch). Tested equal to patch_activations (tests/test_fast_paths.py).
+
+    The kept residual is that of the model as it was here: a weight edited in place afterwards (seen
+    through the parameters' version counters) or a hook point with a function attached (a permanent
+    hook may depend on the batch it sees) makes `patch` run the whole target instead."""
+
+    def __init__(self, model: HookedTransformer, inputs: torch.Tensor):
+        self.model, self.inputs = model, inputs
+        n = model.cfg.n_layers
+        resume = [f"blocks.{l}.hook_resid_pre" for l in range(1, n)]
+        with torch.no_grad():
+            self.logits, cache = model.run_with_cache(inputs, names=resume)
+        self._resid = {l: cache[f"blocks.{l}.hook_resid_pre"] for l in range(1, n)}  # [batch, pos, d_model]
+        self._state = self._model_state()
+
+    def _model_state(self) -> tuple:
+        """What the kept residual depends on besides `inputs`: every parameter (object and in-place
+        version) and whether any hook point has a function attached."""
+        params = tuple((id(p), _version(p)) for p in self.model.parameters())
+        hooked = any(hp.fns for hp in self.model.hook_dict.values())
+        return params, hooked, _version(self.inputs)
+
+    def patch(self, source_inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]]) -> torch.Tensor:
+        model, inputs = self.model, self.inputs
+        if source_inputs.shape[0] != inputs.shape[0]:
+            raise InputError(f"source batch {source_inputs.shape[0]} != target batch {inputs.shape[0]}")
+        patches = _check_patches(patches)
+        names = [n for n, _ in patches]
+        src = capture_activations(model, source_inputs, names)
+        hooks = [(n, _overwrite(idx, check_patch_index(n, src[n], idx, "the source"))) for n, idx in patches]
+        state = self._model_state()
+        layer = _patch_layer(model, names) if state == self._state and not state[1] else 0
+        with torch.no_grad():
+            if layer:
+                return model.run_with_hooks(inputs, fwd_hooks=hooks, start_at_layer=layer, resid=self._resid[layer])
+            return model.run_with_hooks(inputs, fwd_hooks=hooks)
 
 
 def _check_patches(patches) -> list[tuple[str, tuple]]:
@@ -269,8 +349,7 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
             hooks = [(name, _overwrite(index, clean[name][rows[chunk]])) for name, index in patches]
             with torch.no_grad():
                 x = inputs[chunk, :width]
-                part = (model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid[i]) if layer
-                        else model.run_with_hooks(x, fwd_hooks=hooks))
+                part = _run_patched(model, x, hooks, layer, resid[i] if layer else None)
             if lengths is None:  # one chunk, rows in their own order
                 out = part
             else:
@@ -282,13 +361,38 @@ def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches
 
 def _resume_layer(model: HookedTransformer, names: Sequence[str]) -> int:
     """The block a patched run may resume at from the clean residual: the first block the patches
-    can change, or 0 (a full run) when the model has permanent hooks. A permanent hook may depend
-    on the batch it sees or keep state from it (a mean ablation's batch mean, the padding rows it
-    noted at hook_embed): a resumed run skips the hooks before the resume point, and with them
-    whatever they would have noted about the patched batch."""
-    if any(hp.fns for hp in model.hook_dict.values()):
-        return 0
-    return _patch_layer(model, names)
+    can change, or an earlier one holding a permanent hook. A permanent hook may depend on the batch
+    it sees or keep state from it (a mean ablation's batch mean, the padding rows it noted at
+    hook_embed), so none may be skipped: a resumed run runs every block from the resume point with
+    its hooks, and refires those on hook_embed / hook_pos_embed on the patched batch (the forward
+    refuses a resumed run whose embedding hook changes the embedding: `_run_patched` then runs the
+    whole model). A model class with its own forward resumes only without permanent hooks."""
+    layer = _patch_layer(model, names)
+    own_forward = type(model).forward is HookedTransformer.forward
+    for name, hp in model.hook_dict.items():
+        if not hp.fns or not layer:
+            continue
+        if not own_forward:
+            return 0
+        if name in ("hook_embed", "hook_pos_embed"):
+            continue  # refired by the resumed forward
+        parts = name.split(".")
+        if parts[0] == "blocks" and parts[1].isdigit():
+            layer = min(layer, int(parts[1]))
+        elif not name.startswith(("ln_final.", "unembed.")):  # after the blocks: runs in a resumed run too
+            return 0
+    return layer
+
+
+def _run_patched(model: HookedTransformer, x: torch.Tensor, hooks: list, layer: int, resid) -> torch.Tensor:
+    """model(x) with `hooks`, resumed at `layer` from `resid` (the whole model when layer is 0 or
+    when a permanent hook on the embedding changes it, which a given residual cannot reflect)."""
+    if layer:
+        try:
+            return model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
+        except EmbeddingEditedError:
+            pass
+    return model.run_with_hooks(x, fwd_hooks=hooks)
 
 
 def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
@@ -302,8 +406,9 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
 
     The clean run is done once for all groups (the patched slices of row rows[i] are the clean
     ones of that row), and each group's forward resumes at the first patched block from the clean
-    residual, repeated (the blocks before it cannot see the patch); on a model with permanent hooks
-    every group runs the full model instead (see `_resume_layer`). Returns [group][set] outputs,
+    residual, repeated (the blocks before it cannot see the patch); a permanent hook in an earlier
+    block moves the resume point back to its block, and hooks on the embedding are refired on the
+    repeated batch (see `_resume_layer`). Returns [group][set] outputs,
     each [n, ...]; tested equal to patch_activations and to the full forward.
     """
     patches = _check_patches(patches)
@@ -315,8 +420,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
         raise InputError("resample_together: every group needs at least one set of source rows")
     layer = _resume_layer(model, names)
     resume = f"blocks.{layer}.hook_resid_pre"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names=names + ([resume] if layer else []))
+    cache = capture_activations(model, inputs, names + ([resume] if layer else []))  # stops at the last of them
     clean = {}
     for name, index in patches:
         clean[name] = check_patch_index(name, cache[name], index)
@@ -326,11 +430,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
         hooks = [(name, _overwrite(index, clean[name][source])) for name, index in patches]
         x = inputs.repeat(len(group), *([1] * (inputs.ndim - 1)))
         with torch.no_grad():
-            if layer:
-                resid = cache[resume].repeat(len(group), 1, 1)
-                out = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
-            else:
-                out = model.run_with_hooks(x, fwd_hooks=hooks)
+            out = _run_patched(model, x, hooks, layer, cache[resume].repeat(len(group), 1, 1) if layer else None)
         outputs.append(list(out.split(n)))
     return outputs
 

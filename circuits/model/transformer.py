@@ -13,6 +13,7 @@ function (tested to float tolerance in float32 and float64).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -25,6 +26,23 @@ from torch import nn
 from circuits.model.cache import ActivationCache, Deferred, head_results
 from circuits.errors import ConfigError, InputError
 from circuits.model.hooks import HookedRootModule, HookPoint, NamesFilter
+
+_module_globals = nn.modules.module  # torch's global module hooks live here
+
+
+class _Sublayer(nn.Module):
+    """A module called many times per forward: `__call__` goes straight to `forward` unless torch
+    hooks of any kind are registered on it (or globally), torch.compile wraps it or a JIT trace is
+    running, when nn.Module's own call runs as usual. nn.Module.__call__ costs two Python frames and a
+    dozen dict checks per call, ~20 calls per forward: a few percent of a batch-1 forward."""
+
+    def __call__(self, *args, **kwargs):
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or self._compiled_call_impl is not None or _module_globals._global_forward_hooks
+                or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
+                or _module_globals._global_backward_pre_hooks or torch._C._get_tracing_state()):
+            return nn.Module.__call__(self, *args, **kwargs)
+        return self.forward(*args, **kwargs)
 
 
 @dataclass
@@ -106,7 +124,7 @@ def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
     return W.float()
 
 
-class Embed(nn.Module):
+class Embed(_Sublayer):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         if cfg.embed == "one_hot":
@@ -127,7 +145,7 @@ class Embed(nn.Module):
             ) from None
 
 
-class ReadIn(nn.Module):
+class ReadIn(_Sublayer):
     """Linear read-in of vector inputs (seed 003): the vector-input analogue of Embed."""
 
     def __init__(self, cfg: TransformerConfig):
@@ -139,7 +157,7 @@ class ReadIn(nn.Module):
         return F.linear(x, self.W_in.t(), self.b_in)  # [batch, pos, d_model]
 
 
-class PosEmbed(nn.Module):
+class PosEmbed(_Sublayer):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         if cfg.positional == "sinusoidal":  # fixed, but kept in the state dict as TL/ARENA do
@@ -151,7 +169,7 @@ class PosEmbed(nn.Module):
         return self.W_pos[:n_pos]  # [pos, d_model]
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Sublayer):
     """TL's LayerNorm: hook_scale [batch, pos, 1] and hook_normalized (before w, b) exposed."""
 
     def __init__(self, cfg: TransformerConfig):
@@ -198,7 +216,7 @@ def layer_norm_parts(x: torch.Tensor, eps: float, unit: tuple[torch.Tensor, torc
     return rstd.reciprocal(), normalized
 
 
-class Attention(nn.Module):
+class Attention(_Sublayer):
     """Multi-head attention with heads as a tensor axis.
 
     Q, K and V weights live in one fused parameter `W_QKV` [3, head, d_head, d_model] (nn.Linear
@@ -394,7 +412,7 @@ class AttentionMask:
 MASKED_SCORE = -1e5  # what masked attention scores become (finite: see AttentionMask)
 
 
-class MLP(nn.Module):
+class MLP(_Sublayer):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))  # [d_model, d_mlp]
@@ -412,7 +430,7 @@ class MLP(nn.Module):
         return F.linear(post, self.W_out.t(), self.b_out)  # [batch, pos, d_model]
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(_Sublayer):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         use_ln = cfg.normalization == "LN"
@@ -458,7 +476,7 @@ def _at(x: torch.Tensor, index: Union[int, torch.Tensor]) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), index][:, None]
 
 
-class Unembed(nn.Module):
+class Unembed(_Sublayer):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         if cfg.unembed == "one_hot":
@@ -484,6 +502,17 @@ FULL_POSITION_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"
 READOUT_ONLY_MIN_BATCH = 2
 
 
+# run_with_cache(defer=None) defers from this many batch x positions. Bracket model, 1 thread, caching
+# every hook point, interleaved (busy 2-core machine; / the plain forward): batch 1: eager 1.21, deferred
+# unread 1.63, deferred and read 2.91; batch 16 (672 tokens): 1.33, 1.27, 1.77; batch 64 (2688): 1.53,
+# 1.15, 2.39. Eager costs about what deferred-unread does up to ~1000 tokens and less once read.
+DEFER_MIN_TOKENS = 1024
+
+
+class EmbeddingEditedError(InputError):
+    """A resumed forward (start_at_layer) met a hook that changed the embedding: see _refire_embed_hooks."""
+
+
 class _Deferral:
     """Hook points (`outputs`, in the order of fn's results) whose values one function computes from
     the values of the hook points `sources` (after every hook on them: what the forward computes
@@ -501,7 +530,7 @@ class _Deferral:
         if owner is None:
             return ()
         if type(owner) is LayerNorm:
-            return (owner.eps,)
+            return (owner.eps, owner._identity_affine())  # constants (not weights): shared, not copied
         return (_weight_copy(owner.W_O),)  # an Attention
 
 
@@ -528,9 +557,10 @@ def _scores_and_pattern(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask")
     return scores, scores.softmax(-1)  # as Attention._explicit_attention computes them
 
 
-def _layer_norm_parts_of(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    unit = (torch.ones(x.shape[-1], dtype=x.dtype, device=x.device),
-            torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
+def _layer_norm_parts_of(x: torch.Tensor, eps: float, unit) -> tuple[torch.Tensor, torch.Tensor]:
+    if unit[0].dtype != x.dtype or unit[0].device != x.device:  # a model run on inputs of another dtype
+        unit = (torch.ones(x.shape[-1], dtype=x.dtype, device=x.device),
+                torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device))
     return layer_norm_parts(x, eps, unit)  # (scale, normalized), as LayerNorm.forward computes them
 
 
@@ -605,7 +635,7 @@ class HookedTransformer(HookedRootModule):
             raise InputError("empty sequence (pos = 0)")
 
     def run_with_cache(self, *args, names: NamesFilter = None, names_filter: NamesFilter = None,
-                       detach: bool = True, defer: bool = True, remove_batch_dim: bool = False,
+                       detach: bool = True, defer: Optional[bool] = None, remove_batch_dim: bool = False,
                        **kwargs) -> tuple[object, ActivationCache]:
         """Forward once and return (output, ActivationCache) holding only the hook points asked for.
 
@@ -616,8 +646,12 @@ class HookedTransformer(HookedRootModule):
         _plan_deferred): attention scores and pattern (the forward then runs fused attention),
         LayerNorm scale and normalized (fused LayerNorm), per-head results. Each is the same function
         of the same tensors as in the forward that exposes it, so the cache holds the same values.
-        defer=False computes every value in the forward (explicit sublayers), a little cheaper when
-        every entry will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager).
+        defer=False computes every value in the forward (explicit sublayers): cheaper when every entry
+        will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager), and at small
+        batches cheaper even when none is (planning the deferrals costs more than the explicit
+        sublayers). defer=None (the default) chooses by size: eager below DEFER_MIN_TOKENS
+        batch x positions, deferred from there (where unread deferred entries save real work and
+        memory).
 
         remove_batch_dim (TransformerLens's): for a batch of one, every cached value without its batch
         axis (the cache then holds plain tensors; its decompositions expect the batch axis)."""
@@ -625,6 +659,9 @@ class HookedTransformer(HookedRootModule):
             return self._run_with_cache_unbatched(args, kwargs, names=names, names_filter=names_filter,
                                                   detach=detach, defer=defer)
         points = self._cache_points(names, names_filter)
+        if defer is None:
+            x = args[0] if args else kwargs.get("x")
+            defer = not (isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] * x.shape[1] < DEFER_MIN_TOKENS)
         plan = self._plan_deferred(points) if detach and defer else None
         if plan is None:
             out, store = self._run_caching(points, detach, args, kwargs)
@@ -698,6 +735,8 @@ class HookedTransformer(HookedRootModule):
                 targets: Optional[torch.Tensor] = None):
         """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
         gives the padding mask and read-out positions): what a patch at layer l needs to recompute.
+        Functions on hook_embed / hook_pos_embed still run, on x's embeddings (they may note the batch
+        for a later hook); one that changes them is an InputError (resid cannot reflect the change).
 
         readout_only: whether the last block computes only the read-out position (first/last
         read-outs; the outputs and their gradients are the same up to float rounding). None = in eval
@@ -724,26 +763,32 @@ class HookedTransformer(HookedRootModule):
             self._mask_sink.append(mask)
         if start_at_layer:
             resid = self._check_resume(x, start_at_layer, resid)  # [batch, pos, d_model]
+            if self.hook_embed.fns or (self.cfg.positional != "none" and self.hook_pos_embed.fns):
+                self._refire_embed_hooks(x)
         else:
             resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
             if self.cfg.positional != "none":
-                pos_embed = self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)  # [batch, pos, d_model]
-                resid = resid + self.hook_pos_embed(pos_embed)  # [batch, pos, d_model]
+                pos_embed = self.pos_embed(x.shape[1])  # [pos, d_model]
+                if self.hook_pos_embed.fns:  # hooks see [batch, pos, d_model], as TL's; the sum broadcasts alike
+                    pos_embed = self.hook_pos_embed(pos_embed.expand(x.shape[0], -1, -1))
+                resid = resid + pos_embed  # [batch, pos, d_model]
         readout = readout or self.cfg.readout
         if readout_only is None:  # a single row: the full last block is as fast (see READOUT_ONLY_MIN_BATCH)
             readout_only = not self.training and x.shape[0] >= READOUT_ONLY_MIN_BATCH
         if readout_only and readout != "all" and not any(hp.fns for hp in self._last_block_hooks):
             # one read-out position: the last block computes only that position (its hooks that see
             # every position on this path too - resid_pre, ln1, k, v - may be active)
-            for block in self.blocks[start_at_layer:-1]:
-                resid = block(resid, mask)  # [batch, pos, d_model]
+            blocks = self.blocks._modules  # not self.blocks[a:b]: slicing builds a new ModuleList per call
+            last = len(blocks) - 1
+            for i in range(start_at_layer, last):
+                resid = blocks[str(i)](resid, mask)  # [batch, pos, d_model]
             if readout == "first" or (readout == "last" and key_padding_mask is None):
                 index = 0 if readout == "first" else x.shape[1] - 1  # the same in every row: a slice, no gather
             else:
                 index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
-            resid = self.blocks[-1].forward_at(resid, mask, index)  # [batch, 1, d_model]
+            resid = blocks[str(last)].forward_at(resid, mask, index)  # [batch, 1, d_model]
         else:
-            for block in self.blocks[start_at_layer:]:
+            for block in itertools.islice(self.blocks, start_at_layer, None):
                 resid = block(resid, mask)  # [batch, pos, d_model]
             resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
         resid_final = resid  # [batch, pos or 1, d_model]
@@ -755,6 +800,20 @@ class HookedTransformer(HookedRootModule):
         if return_type != "logits":
             return self._tl_return(logits, x, return_type, targets, readout)
         return (logits, resid_final) if return_resid else logits
+
+    def _refire_embed_hooks(self, x: torch.Tensor) -> None:
+        """A resumed forward still runs the functions on hook_embed / hook_pos_embed, on x's embeddings:
+        a hook there may note something about the batch that a later hook reads (a mean ablation's
+        padding rows). One that changes the embedding raises InputError: `resid` cannot reflect it."""
+        points = [(self.hook_embed, lambda: self.embed(x))]
+        if self.cfg.positional != "none":
+            points.append((self.hook_pos_embed, lambda: self.pos_embed(x.shape[1]).expand(x.shape[0], -1, -1)))
+        for hp, value_of in points:
+            if hp.fns:
+                value = value_of()  # [batch, pos, d_model]
+                if hp(value) is not value:
+                    raise EmbeddingEditedError(f"start_at_layer: a hook on {hp.name} changed the embedding, which the "
+                                     f"given resid (computed before it) cannot reflect; run the whole model")
 
     def _check_resume(self, x: torch.Tensor, layer, resid) -> torch.Tensor:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 < layer < self.cfg.n_layers:

@@ -1,0 +1,179 @@
+"""The short cuts of patching compute what the full runs compute: a source run stopped at the patched
+hook point (capture_activations), a target run resumed from a clean run's residual (PatchBatch), and
+the block loop without per-call module lists. Compared with the full runs at a tight tolerance (the
+same kernels on the same tensors: equal up to float rounding of nothing, so 1e-6 in float32 and
+1e-12 in float64 would already flag a wrong residual or a patch in the wrong place)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuits.analysis import interventions as I
+from circuits.errors import HookNameError
+from model_configs import CONFIGS, perturbed_model
+
+TIGHT = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+DTYPES = (torch.float32, torch.float64)
+
+
+def inputs(model, batch: int = 6, seed: int = 3) -> torch.Tensor:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    if cfg.d_input:
+        return torch.randn(batch, cfg.n_ctx, cfg.d_input, generator=g).to(model.embed.W_in.dtype)
+    toks = torch.randint(0, cfg.d_vocab, (batch, cfg.n_ctx), generator=g)
+    if cfg.pad_token is not None:
+        toks[toks == cfg.pad_token] = (cfg.pad_token + 1) % cfg.d_vocab
+        for i in range(1, batch):  # right padding of different lengths
+            toks[i, cfg.n_ctx - i:] = cfg.pad_token
+    return toks
+
+
+def patches_for(model) -> list[list[tuple[str, tuple]]]:
+    """A patch in the first block, one in the last block (position 0, head 0), several across blocks."""
+    n = model.cfg.n_layers
+    last = n - 1
+    out = [[(f"blocks.{last}.attn.hook_z", (0, 0))],
+           [(f"blocks.{last}.hook_resid_pre", (slice(0, 2),))],
+           [("blocks.0.attn.hook_v", (1, 0))]]
+    if n > 1:
+        out.append([(f"blocks.1.attn.hook_pattern", (0,)), (f"blocks.{last}.attn.hook_k", (1,)),
+                    ("blocks.0.hook_resid_post", (2,))])
+    return out
+
+
+def reference_patch(model, x, source, patches):
+    """The full runs: every source activation cached on the explicit path, then the whole target."""
+    names = [n for n, _ in patches]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source, names=names, defer=False)
+
+        def hook_for(index, value):
+            def patch(act, hook):
+                act = act.clone()
+                act[(slice(None), *index)] = value
+                return act
+            return patch
+
+        hooks = [(n, hook_for(idx, cache[n][(slice(None), *idx)])) for n, idx in patches]
+        return model.run_with_hooks(x, fwd_hooks=hooks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_patching_short_cuts_equal_the_full_runs(name, dtype):
+    model = perturbed_model(name, dtype=dtype)
+    x = inputs(model)
+    source = inputs(model, seed=4)
+    batch = I.PatchBatch(model, x)
+    torch.testing.assert_close(batch.logits, model(x), **TIGHT[dtype])
+    changed = 0
+    for patches in patches_for(model):
+        expected = reference_patch(model, x, source, patches)
+        torch.testing.assert_close(I.patch_activations(model, x, source, patches), expected, **TIGHT[dtype])
+        torch.testing.assert_close(batch.patch(source, patches), expected, **TIGHT[dtype])
+        changed += not torch.allclose(expected, batch.logits, atol=1e-6)
+    assert changed >= 2  # the patches move the output (else the equalities would prove little)
+
+
+def test_a_source_run_stops_at_the_last_patched_hook():
+    """capture_activations does not run the blocks after the last hook point it needs."""
+    model = perturbed_model("brackets")
+    x = inputs(model)
+    reached = []
+    with model.hooks([("blocks.2.hook_resid_pre", lambda a, hook: reached.append(hook.name)),
+                      ("blocks.1.hook_resid_post", lambda a, hook: reached.append(hook.name))]):
+        got = I.capture_activations(model, x, ["blocks.1.attn.hook_z", "blocks.0.hook_resid_post"])
+    assert reached == [] and sorted(got) == ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names=list(got), defer=False)
+    for n in got:
+        torch.testing.assert_close(got[n], cache[n], atol=0, rtol=0)
+    with pytest.raises(HookNameError, match="unknown hook name"):
+        I.capture_activations(model, x, ["blocks.9.attn.hook_z"])
+
+
+def test_a_patch_batch_runs_the_whole_target_once_the_model_changed():
+    """An in-place weight edit or a permanent hook after the clean run: the kept residual is stale,
+    so the patch runs the whole target (and equals patch_activations on the edited model)."""
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x, source = inputs(model), inputs(model, seed=4)
+    batch = I.PatchBatch(model, x)
+    patches = [("blocks.2.attn.hook_z", (0, 0))]
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.mul_(0.5)
+    torch.testing.assert_close(batch.patch(source, patches), reference_patch(model, x, source, patches), atol=1e-12, rtol=1e-12)
+
+    def double(a, hook):
+        return a * 2
+
+    with model.hooks([("blocks.0.hook_resid_post", double)]):
+        torch.testing.assert_close(batch.patch(source, patches), reference_patch(model, x, source, patches),
+                                   atol=1e-12, rtol=1e-12)
+
+
+def test_resuming_at_every_layer_is_the_full_forward():
+    """forward(start_at_layer=l, resid=the clean residual there) gives the full forward's logits (the
+    block loop runs blocks l.. without slicing the module list)."""
+    for name in sorted(CONFIGS):
+        model = perturbed_model(name, dtype=torch.float64)
+        x = inputs(model)
+        n = model.cfg.n_layers
+        with torch.no_grad():
+            full = model(x)
+            _, cache = model.run_with_cache(x, names=[f"blocks.{l}.hook_resid_pre" for l in range(n)])
+            for l in range(1, n):
+                for readout_only in (True, False):
+                    out = model(x, start_at_layer=l, resid=cache[f"blocks.{l}.hook_resid_pre"], readout_only=readout_only)
+                    torch.testing.assert_close(out, full, atol=1e-12, rtol=1e-12)
+
+
+def test_torch_module_hooks_still_fire_on_the_sublayers():
+    """The sublayers skip nn.Module.__call__ only while no torch hook is registered: a forward hook,
+    a pre-hook and a global hook (what nnsight-style tools use) still see and edit their modules."""
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x = inputs(model)
+    with torch.no_grad():
+        clean = model(x)
+    seen = []
+    handles = [model.blocks[1].register_forward_hook(lambda m, args, out: out * 0),
+               model.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append("pre")),
+               torch.nn.modules.module.register_module_forward_hook(
+                   lambda m, args, out: seen.append(type(m).__name__))]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert "pre" in seen and "MLP" in seen and "TransformerBlock" in seen
+    assert not torch.allclose(out, clean)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), clean, atol=0, rtol=0)
+
+
+def test_a_resumed_forward_refires_the_embedding_hooks_and_refuses_an_edit():
+    """Hooks on hook_embed / hook_pos_embed run in a resumed forward on x's embeddings (a mean
+    ablation's padding tracker must see the patched batch); one that edits them is refused."""
+    from circuits.model.transformer import EmbeddingEditedError
+
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x = inputs(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names=["blocks.1.hook_resid_pre", "hook_embed", "hook_pos_embed"])
+        seen = {}
+        with model.hooks([("hook_embed", lambda e, hook: seen.update(embed=e)),
+                          ("hook_pos_embed", lambda p, hook: seen.update(pos=p))]):
+            out = model(x, start_at_layer=1, resid=cache["blocks.1.hook_resid_pre"])
+        torch.testing.assert_close(seen["embed"], cache["hook_embed"], atol=0, rtol=0)
+        torch.testing.assert_close(seen["pos"], cache["hook_pos_embed"], atol=0, rtol=0)
+        torch.testing.assert_close(out, model(x), atol=1e-12, rtol=1e-12)
+        with model.hooks([("hook_embed", lambda e, hook: e * 2)]), pytest.raises(EmbeddingEditedError, match="hook_embed"):
+            model(x, start_at_layer=1, resid=cache["blocks.1.hook_resid_pre"])
+        # resampling falls back to the whole model there, and equals patch_activations
+        rows = torch.arange(len(x)).roll(1)
+        patches = [("blocks.2.attn.hook_z", (0, 0))]
+        with model.hooks([("hook_embed", lambda e, hook: e * 2)]):
+            got = I.resample_activations(model, x, patches, [rows])[0]
+            torch.testing.assert_close(got, reference_patch(model, x, x[rows], patches), atol=1e-12, rtol=1e-12)
