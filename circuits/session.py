@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from .devices import check_device
 from .errors import CircuitsError
 
 __all__ = ["CircuitsSession", "RunOptions", "get_plugin", "note_model", "item_seed", "strip_params",
@@ -37,22 +38,6 @@ ALTERNATIVE_PREFIX = "alt:"  # a specificity variant: the claim pointed at anoth
 # project whose conftest defines `control` or `draws` (common words) keeps its fixtures and ours work
 CONTROL_PARAM = "circuits_control"
 _MAX_HISTORY = 1000
-
-
-def _check_device(device: str) -> str:
-    if device == "cpu":
-        return device
-    if re.fullmatch(r"cuda(:\d+)?", device or ""):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--circuits-device {device}: CUDA is not available on this machine "
-                             "(use --circuits-device cpu)")
-        idx = int(device.split(":")[1]) if ":" in device else 0
-        if idx >= torch.cuda.device_count():
-            raise ValueError(f"--circuits-device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    raise ValueError(f"--circuits-device {device!r}: expected cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -89,7 +74,7 @@ class RunOptions:
         winput = getattr(config, "workerinput", None)
         try:
             seeds = parse_seeds_option(opt("circuits_seeds")) if opt("circuits_seeds") is not None else None
-            device = _check_device(opt("circuits_device"))
+            device = check_device(opt("circuits_device"), option="--circuits-device")
             draws_seed = _parse_draws_seed(opt("circuits_draws_seed"))
             variants = _parse_variants(opt("circuits_variant") or [])
             check_variants_known(variants)
