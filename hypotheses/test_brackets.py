@@ -103,7 +103,6 @@ from circuits import analysis as A
 from circuits import interventions as I
 from circuits.controls import register_control
 from circuits.figures import overlaid_histograms
-from circuits import mutations as M
 from circuits.draws import Draws
 from circuits.session import draws_seed_for
 from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, spearman
@@ -505,7 +504,7 @@ def _ablation_cost(model, data, head: tuple[int, int]) -> np.ndarray:
     over all evaluation strings at each position) minus the model's own. Once per model function."""
     def compute():
         clean = A.cross_entropy_per_example(analyse(model, data).logits, data.isbal.long())
-        logits = A.predict(M.mean_ablate_head(model, *head), data.toks, lengths=data.lengths + 2, batch_size=len(data))
+        logits = A.predict(I.batch_mean_ablate_head(model, *head), data.toks, lengths=data.lengths + 2, batch_size=len(data))
         return (A.cross_entropy_per_example(logits, data.isbal.long()) - clean).double().numpy()
 
     return _ABLATED.get(model, ("mean-ablation cost", head, id(data)), compute)

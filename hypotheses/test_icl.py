@@ -67,8 +67,7 @@ import torch
 from circuits import analysis as A
 from circuits.controls import register_control
 from circuits.draws import Draws
-from circuits.interventions import reinitialize
-from circuits.mutations import randomise_read_in
+from circuits.interventions import randomise_read_in, reinitialize
 from circuits.session import draws_seed_for
 from circuits.stats import pearson
 from circuits.tasks import icl

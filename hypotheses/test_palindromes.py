@@ -57,7 +57,7 @@ import pytest
 import torch
 
 from circuits import analysis as A
-from circuits import mutations as M
+from circuits.interventions import batch_mean_ablate_head
 from circuits.controls import register_control
 from circuits.draws import Draws
 from circuits.figures import overlaid_histograms
@@ -486,7 +486,7 @@ def test_ablating_the_mirror_head_destroys_accuracy(palindromes_model, roles, sp
     layer, head = roles.mirror_head
     data = splits.heldout
     clean = accuracy(palindromes_model, data)
-    ablated = accuracy(M.mean_ablate_head(palindromes_model, layer, head), data)
+    ablated = accuracy(batch_mean_ablate_head(palindromes_model, layer, head), data)
     claim.at_least("accuracy lost when the mirror head's output is mean-ablated (held out)", clean - ablated,
                    ACCURACY_LOST, note=f"{roles.mirror_note()}; accuracy {clean:.4f} -> {ablated:.4f}")
 

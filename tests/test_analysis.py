@@ -266,13 +266,12 @@ def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_fu
     """A mean ablation's batch mean (and the padding rows its tracker notes at hook_embed) depend on
     the batch: a model with permanent hooks is never resumed mid-way, and each group's sets share one
     batch. Its results are the mutant's own (not the clean model's), also when memoised."""
-    from circuits import mutations as M
 
     x = data.toks[:60]
     patches = [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))]
     g = torch.Generator().manual_seed(6)
     groups = [[torch.arange(60), torch.randint(60, (60,), generator=g)]]
-    mutant = M.mean_ablate_head(model, 1, 0)
+    mutant = I.batch_mean_ablate_head(model, 1, 0)
     assert I._resume_layer(mutant, [n for n, _ in patches]) == 0
     assert I._resume_layer(model, [n for n, _ in patches]) == 1
     got = I.resample_together(mutant, x, patches, groups)[0]
@@ -281,7 +280,7 @@ def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_fu
     memo = A.ModelMemo()
     key = ("resampled", 1, 0)
     clean = memo.get(model, key, lambda: I.resample_together(model, x, patches, groups))
-    for mutated in (mutant, M.mean_ablate_head(model, 1, 0), I.zero_ablate_head(model, 1, 0)):
+    for mutated in (mutant, I.batch_mean_ablate_head(model, 1, 0), I.zero_ablate_head(model, 1, 0)):
         served = memo.get(mutated, key, lambda: I.resample_together(mutated, x, patches, groups))
         torch.testing.assert_close(served[0][1], I.resample_together(mutated, x, patches, groups)[0][1])
         assert not torch.allclose(served[0][1], clean[0][1]), "a mutant was served the clean model's result"

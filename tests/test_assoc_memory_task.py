@@ -615,7 +615,7 @@ def test_experiment_one_points_keep_their_reference_keys():
 
 # --- the claims' controls (circuits.tasks.assoc.breaks) ----------------------------------------------------
 
-from circuits.mutations import mean_ablate_head  # noqa: E402
+from circuits.interventions import batch_mean_ablate_head  # noqa: E402
 from circuits.tasks.assoc import breaks as B  # noqa: E402
 
 BREAK_CONFIGS = [
@@ -642,7 +642,7 @@ def test_mean_ablated_heads_in_the_weights_equal_the_hook_mean_ablation(kw):
         ours = B.ablate_heads(model, [h], "mean")
         table, forward = _logits(ours)
         torch.testing.assert_close(table, forward, atol=1e-5, rtol=1e-5)
-        hooked = mean_ablate_head(model, 0, h)
+        hooked = batch_mean_ablate_head(model, 0, h)
         with torch.no_grad():
             ref = hooked(all_contexts(model.acfg.d_vocab, model.acfg.n_ctx)).double()
         torch.testing.assert_close(forward, ref, atol=1e-5, rtol=1e-5)

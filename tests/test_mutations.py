@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from circuits import interventions as I
 from circuits import mutations as M
 from circuits.controls import ControlError, make_control
 from circuits.interventions import zero_ablate_head
@@ -32,7 +33,7 @@ def _toks_with_pad(model):
 def test_swap_head_leaves_the_function_unchanged_and_moves_the_circuit():
     model = _bracket_model()
     toks = _toks_with_pad(model)
-    swapped = M.swap_heads(model, 2, 0)
+    swapped = I.swap_heads(model, 2, 0)
     torch.testing.assert_close(swapped(toks), model(toks), atol=1e-10, rtol=0)
     a, b = model.blocks[2].attn, swapped.blocks[2].attn
     torch.testing.assert_close(b.W_O[0], a.W_O[1], atol=0, rtol=0)
@@ -55,7 +56,7 @@ def test_zero_ov_head_contributes_nothing():
 def test_uniform_attention_attends_uniformly_over_allowed_keys():
     model = _bracket_model()
     toks = _toks_with_pad(model)
-    mutated = M.uniform_attention(model, 0, 1)
+    mutated = I.uniform_attention(model, 0, 1)
     _, cache = mutated.run_with_cache(toks, names=["blocks.0.attn.hook_pattern"])
     pattern = cache["blocks.0.attn.hook_pattern"][:, 1]  # [batch, q, k]
     allowed = (toks != model.cfg.pad_token)[:, None, :].expand_as(pattern).to(pattern.dtype)
@@ -69,7 +70,7 @@ def test_uniform_attention_attends_uniformly_over_allowed_keys():
 def test_mean_ablate_replaces_the_head_output_by_its_batch_mean_over_real_rows():
     model = _bracket_model()
     toks = _toks_with_pad(model)
-    mutated = M.mean_ablate_head(model, 2, 1)
+    mutated = I.batch_mean_ablate_head(model, 2, 1)
     _, cache = mutated.run_with_cache(toks, names=["blocks.2.attn.hook_z"])
     z = cache["blocks.2.attn.hook_z"][:, :, 1]
     _, clean = model.run_with_cache(toks, names=["blocks.2.attn.hook_z"])
@@ -84,7 +85,7 @@ def test_mean_ablate_replaces_the_head_output_by_its_batch_mean_over_real_rows()
 def test_mean_ablate_mlp_is_the_batch_mean():
     model = _bracket_model()
     toks = TOKS
-    mutated = M.mean_ablate_mlp(model, 1)
+    mutated = I.batch_mean_ablate_mlp(model, 1)
     _, cache = mutated.run_with_cache(toks, names=["blocks.1.hook_mlp_out"])
     _, clean = model.run_with_cache(toks, names=["blocks.1.hook_mlp_out"])
     out = cache["blocks.1.hook_mlp_out"]
@@ -94,7 +95,7 @@ def test_mean_ablate_mlp_is_the_batch_mean():
 
 def test_permute_positions_is_a_derangement_of_the_range_only():
     model = perturbed_model("palindrome")
-    mutated = M.permute_positions(model, 1, 10, seed=4)
+    mutated = I.permute_positions(model, 1, 10, seed=4)
     old, new = model.pos_embed.W_pos, mutated.pos_embed.W_pos
     torch.testing.assert_close(new[0], old[0]) and torch.testing.assert_close(new[11], old[11])
     moved = [int(torch.nonzero((old[1:11] == new[i]).all(-1))[0]) + 1 for i in range(1, 11)]
@@ -103,13 +104,13 @@ def test_permute_positions_is_a_derangement_of_the_range_only():
 
 def test_randomise_read_in_changes_only_the_read_in():
     model = perturbed_model("read_in")
-    mutated = M.randomise_read_in(model, seed=0)
+    mutated = I.randomise_read_in(model, seed=0)
     assert not torch.equal(mutated.embed.W_in, model.embed.W_in)
     for (name, p), (_, q) in zip(model.named_parameters(), mutated.named_parameters()):
         if not name.startswith("embed."):
             assert torch.equal(p, q), name
     with pytest.raises(ControlError, match="fixed"):
-        M.randomise_read_in(perturbed_model("attn_only"))
+        I.randomise_read_in(perturbed_model("attn_only"))
 
 
 def test_mutations_are_derived_from_targets_and_bad_targets_are_clear():
@@ -349,14 +350,14 @@ def test_memoised_results_follow_the_mutation_not_the_weights():
     memo = ModelMemo()
     clean = memo.get(model, "logits", lambda: model(TOKS))
     for head in (0, 1, 0):
-        mutant = M.mean_ablate_head(model, 2, head)
+        mutant = I.batch_mean_ablate_head(model, 2, head)
         got = memo.get(mutant, "logits", lambda: mutant(TOKS))
         torch.testing.assert_close(got, mutant(TOKS))
         assert not torch.allclose(got, clean)
         del mutant
         gc.collect()
-    assert weights_digest(M.mean_ablate_head(model, 2, 0)) == weights_digest(M.mean_ablate_head(model, 2, 0))
-    assert weights_digest(M.mean_ablate_head(model, 2, 0)) != weights_digest(M.mean_ablate_head(model, 2, 1))
+    assert weights_digest(I.batch_mean_ablate_head(model, 2, 0)) == weights_digest(I.batch_mean_ablate_head(model, 2, 0))
+    assert weights_digest(I.batch_mean_ablate_head(model, 2, 0)) != weights_digest(I.batch_mean_ablate_head(model, 2, 1))
 
 
 def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):
