@@ -264,10 +264,10 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
         @pytest.mark.controls("untrained")
         def test_draw(draws, claim, model, control):
             with open("draws.txt", "a") as f:
-                f.write(f"{control.spec} {draws.seed} {draws.torch().initial_seed()}\\n")
+                f.write(f"{control.spec} {draws.seed} {draws.torch().initial_seed()} {control.seed}\\n")
             claim.at_least("x", 1.0 if control.is_main else 0.0, 0.5)
     ''')
-    seen = {}
+    seen, control_seeds = {}, {}
     for s in ("0", "0", "3"):
         log = power_project.path / "draws.txt"
         log.unlink(missing_ok=True)
@@ -275,7 +275,10 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
         lines = log.read_text().split("\n")[:-1]
         assert len(lines) == 2 and lines[0].split()[1] == lines[1].split()[1]  # main and control draw alike
         seen.setdefault(s, set()).add(lines[0].split()[1])
+        control_seeds.setdefault(s, set()).add(lines[1].split()[3])  # the control run's randomness
     assert len(seen["0"]) == 1 and seen["0"] != seen["3"]
+    # the control's randomness (here the fresh initialisation) follows the draws seed too
+    assert len(control_seeds["0"]) == 1 and control_seeds["0"] != control_seeds["3"]
     result = power_project.runpytest("--circuits-no-report", "--circuits-draws-seed", "-1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
 
