@@ -105,7 +105,7 @@ from circuits.controls import register_control
 from circuits.figures import overlaid_histograms
 from circuits.draws import Draws
 from circuits.session import draws_seed_for
-from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, spearman
+from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -421,18 +421,6 @@ def _sources_in(groups: torch.Tensor, wanted: torch.Tensor, gen: torch.Generator
     return source
 
 
-def _recovered(baseline, clean, patched, axis=-1):
-    """Fraction of the random-resample loss gap kept: (baseline - patched) / (baseline - clean), on
-    the mean losses over strings (vectorised for the bootstrap; NaN unless the gap exceeds the clean
-    loss)."""
-    b, c, p = baseline.mean(axis), clean.mean(axis), patched.mean(axis)
-    with np.errstate(all="ignore"):
-        return np.where(np.abs(b - c) > 1e-12, (b - p) / (b - c), np.nan)
-
-
-_recovered.__name__ = "loss_recovered"
-
-
 def _resampling(subject, control, draws) -> dict:
     """Resample the count head's key and value at position 1 (strings starting with "(") from: the
     string itself (clean), a random string (baseline), a string agreeing on the count test
@@ -476,12 +464,13 @@ def _resampling(subject, control, draws) -> dict:
     seed = draws.child("bootstrap").int()
     out, spread = {}, {}
     for kind in ("count", "horizon", "horizon only"):
-        out[kind] = bootstrap_ci((mean["random"], mean["clean"], mean[kind]), _recovered, paired=True,
+        out[kind] = bootstrap_ci((mean[kind], mean["clean"], mean["random"]), A.loss_recovered, paired=True,
                                  method="percentile", n_resamples=1000, seed=seed)
         each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
         spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
-    out["count - horizon"] = bootstrap_ci((mean["random"], mean["clean"], mean["count"], mean["horizon"]),
-                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed)
+    out["count - horizon"] = bootstrap_ci((mean["count"], mean["horizon"], mean["clean"], mean["random"]),
+                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed,
+                                          name="recovered(count) - recovered(horizon)")
     out["note"] = (f"{len(rows)} strings x {N_RESAMPLE_DRAWS} draws of sources; clean loss "
                    f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
                    f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
@@ -492,11 +481,9 @@ def _resampling(subject, control, draws) -> dict:
 _RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
 
 
-def _contrast(baseline, clean, count, horizon, axis=-1):
-    return _recovered(baseline, clean, count, axis=axis) - _recovered(baseline, clean, horizon, axis=axis)
+def _contrast(count, horizon, clean, baseline, axis=-1):
+    return A.loss_recovered(count, clean, baseline, axis=axis) - A.loss_recovered(horizon, clean, baseline, axis=axis)
 
-
-_contrast.__name__ = "recovered(count) - recovered(horizon)"
 
 
 def _ablation_cost(model, data, head: tuple[int, int]) -> np.ndarray:
@@ -535,7 +522,7 @@ def _sibling_ablation_claims(claim, subject, role: str, rows: np.ndarray, what: 
     best = max(others, key=lambda k: others[k].mean())
     level = 1 - 0.05 / (len(others))
     seed = claim.draws_seed
-    diff = claim.sample((own, others[best]), _mean_difference, paired=True, method="percentile",
+    diff = claim.sample((own, others[best]), mean_difference, paired=True, method="percentile",
                         n_resamples=1000, level=level, seed=seed)
     claim.at_least(f"{role} mean-ablated minus costliest of its siblings and nothing, loss on {what} (nats)", diff,
                    MIN_COST,
@@ -552,10 +539,6 @@ def _sibling_ablation_claims(claim, subject, role: str, rows: np.ndarray, what: 
 # "costs more" means strictly more: above float32 rounding of a cross-entropy difference (~1e-7 nats), so a
 # dead head (cost exactly 0) cannot tie its way past "ablating nothing"
 MIN_COST = 1e-6
-
-
-def _mean_difference(a, b, axis=-1):
-    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
 def _component_histograms(an, subject):

@@ -63,7 +63,7 @@ from circuits.draws import Draws
 from circuits.figures import overlaid_histograms
 from circuits.model import HookedTransformer
 from circuits.session import draws_seed_for
-from circuits.stats import Estimate, auroc, auroc_ci, cohens_d
+from circuits.stats import Estimate, auroc, auroc_ci, cohens_d, spearman
 from circuits.tasks import palindromes as P
 
 N_ACCURACY = 20_000  # fresh strings for the accuracy claim
@@ -509,7 +509,7 @@ def test_logit_difference_falls_with_palindrome_distance(palindromes_model, clai
     evidence of a mirror comparison, and positions are not what it is about."""
     pairs, data, ld = _distance_pairs(palindromes_model, draws)
     pairs = control.apply_data(pairs)
-    rho = claim.sample((pairs.values.numpy(), pairs.labels.double().numpy()), _spearman, paired=True,
+    rho = claim.sample((pairs.values.numpy(), pairs.labels.double().numpy()), spearman, paired=True,
                        method="percentile", n_resamples=500)
     claim.at_most("spearman(logit diff, palindrome distance | non-palindromes)", rho, -0.1,
                   note=f"{len(pairs.values)} non-palindromes of {N_DISTANCE} fresh strings")
@@ -586,12 +586,6 @@ def _min_step_estimate(values: torch.Tensor, labels: torch.Tensor) -> Estimate:
              for a, b in zip(groups, groups[1:])]
     return Estimate(min(d for d, _ in steps), min(d - z * se for d, se in steps), min(d + z * se for d, se in steps),
                     level=1 - ALPHA, method="Welch, Bonferroni", n=len(values), statistic="min step")
-
-
-def _spearman(x, y, axis=-1):
-    from circuits.stats import spearman
-
-    return spearman(x, y, axis=axis)
 
 
 def _component_histograms(contrib: Contributions, an: Analysis):

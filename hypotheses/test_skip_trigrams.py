@@ -62,6 +62,7 @@ from circuits.draws import Draws
 from circuits.interventions import mean_ablate_head
 from circuits.model import HookedTransformer
 from circuits.session import draws_seed_for
+from circuits.stats import mean_difference
 from circuits.tasks import skip_trigrams as S
 
 N_EVAL = 20_000
@@ -211,7 +212,7 @@ def _attention_test(h: int):
         on_signal = claim.sample(combined[sig].numpy(), np.mean, method="percentile", n_resamples=1000)
         claim.at_least(f"L0H{h}: mean attention(last -> a, b positions) on signal", on_signal, 0.85,
                        note=f"key positions {keys}; noise {float(combined[~sig].mean()):.3f}")
-        excess = claim.sample((combined[sig].numpy(), combined[~sig].numpy()), _mean_gap, method="percentile",
+        excess = claim.sample((combined[sig].numpy(), combined[~sig].numpy()), mean_difference, method="percentile",
                               n_resamples=1000)
         claim.at_least(f"L0H{h}: signal minus noise mean attention(last -> a, b positions)", excess, 0.3)
         if control.is_main and h == 0:  # figures of the main run only
@@ -285,7 +286,7 @@ def test_noise_sequences_get_a_near_uniform_output(skip_trigrams_model, d, claim
     kl_noise, logp = kl_to_uniform(rows)
     kl_signal, _ = kl_to_uniform(~rows)
     claim.at_least("KL(output || uniform) on signal minus on noise, nats (Bayes: ln 11 = 2.398)",
-                   claim.sample((kl_signal.numpy(), kl_noise.numpy()), _mean_gap, method="percentile",
+                   claim.sample((kl_signal.numpy(), kl_noise.numpy()), mean_difference, method="percentile",
                                 n_resamples=1000), math.log(S.N_CLASSES) - 0.1,
                    note=f"KL on noise {float(kl_noise.mean()):.4f} nats (the hypothesis: <= 0.05), on signal "
                         f"{float(kl_signal.mean()):.4f}; mean max probability on noise "
@@ -335,10 +336,6 @@ def test_head_sweep_figure(zoo_models, zoo_seed, request, control, claim, figure
 def _stratified(values: torch.Tensor, signal: torch.Tensor) -> float:
     """Mean at the task's prior P(signal) = 1/2, whatever the sample's signal fraction."""
     return float(S.P_SIGNAL * values[signal].mean() + (1 - S.P_SIGNAL) * values[~signal].mean())
-
-
-def _mean_gap(signal, noise, axis=-1):
-    return np.mean(signal, axis=axis) - np.mean(noise, axis=axis)
 
 
 def _attention_bars(pattern: torch.Tensor, d: S.SkipTrigramData):

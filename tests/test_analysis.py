@@ -12,6 +12,7 @@ from circuits import analysis as A
 from circuits import interventions as I
 from circuits.errors import InputError
 from circuits.model import HookedTransformer, TransformerConfig
+from circuits.stats import bootstrap_ci
 from circuits.tasks import brackets as B
 
 CFG = TransformerConfig(n_layers=2, d_model=24, n_ctx=B.N_CTX, n_heads=3, d_mlp=32, d_vocab=B.VOCAB,
@@ -115,6 +116,12 @@ def test_loss_recovered():
     assert A.loss_recovered(3.0, clean=1.0, baseline=3.0) == 0.0
     assert A.loss_recovered(5.0, clean=1.0, baseline=3.0) == -1.0
     assert np.isnan(A.loss_recovered(2.0, clean=1.0, baseline=1.0))
+    # per-example losses with axis: the means first, vectorised over the bootstrap's leading axis
+    patched, clean, baseline = np.array([[1.0, 3.0], [2.0, 2.0]]), np.array([[0.0, 2.0]] * 2), np.full((2, 2), 3.0)
+    np.testing.assert_allclose(A.loss_recovered(patched, clean, baseline, axis=-1), [0.5, 0.5])
+    assert A.loss_recovered(np.array([1.0, 2.0]), 0.0, np.array([3.0, 3.0]), axis=-1) == 0.5  # a number is a mean
+    est = bootstrap_ci((patched[0], clean[0], baseline[0]), A.loss_recovered, paired=True, name="kept")
+    assert est.point == 0.5 and est.statistic == "kept"
 
 
 # --- interventions ---------------------------------------------------------------------------------------
