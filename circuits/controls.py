@@ -23,6 +23,7 @@ from .errors import ControlError
 
 __all__ = [
     "Control",
+    "Labels",
     "ControlError",
     "UnknownControlError",
     "MAIN",
@@ -131,6 +132,13 @@ def parse_layer(spec: str) -> int:
     return int(m.group(1))
 
 
+@dataclass(frozen=True)
+class Labels:
+    """Per-example labels on their way through a data control (:meth:`Control.apply_labels`)."""
+
+    labels: Any
+
+
 @dataclass
 class Control:
     """One negative control of one test run (or the null control of the main run).
@@ -157,6 +165,12 @@ class Control:
 
     def apply_data(self, obj: Any) -> Any:
         return self._apply("data", obj)
+
+    def apply_labels(self, labels: Any) -> Any:
+        """``labels`` (a tensor / array of per-example labels) after this control when it acts on
+        labels (``shuffle_labels``: permuted), else unchanged (the same object): what passing a
+        dataclass with a ``labels`` field through :meth:`apply_data` does, without defining one."""
+        return self.apply_data(Labels(labels)).labels
 
     def _apply(self, kind: str, target: Any) -> Any:
         if self.is_main or self.kind != kind:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from brackets_subjects import analyse
 from circuits import analysis as A
 from circuits.tasks import brackets as B
+from circuits.tasks.brackets_subjects import analyse
 
 
 @pytest.fixture

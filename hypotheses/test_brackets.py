@@ -98,7 +98,6 @@ import numpy as np
 import pytest
 import torch
 
-from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
 from circuits import analysis as A
 from circuits import interventions as I
 from circuits.controls import register_control
@@ -106,6 +105,7 @@ from circuits.figures import overlaid_histograms
 from circuits.draws import Draws
 from circuits.session import draws_seed_for
 from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
+from circuits.tasks.brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -120,28 +120,9 @@ class LNPairs:
 
 
 @dataclass
-class Labelled:
-    labels: torch.Tensor  # permuted by the shuffle_labels control
-
-
-@dataclass
 class Decomposition:
     stack: torch.Tensor  # [component, batch, d_model]
     labels: list
-
-
-@dataclass
-class FeaturePairs:
-    values: torch.Tensor  # a head's contribution per string
-    labels: torch.Tensor  # the feature it should track (shuffled by the shuffle_labels control)
-
-
-@dataclass
-class ResampleGroups:
-    """Each string's cell for resampling: `labels` = 2 * (count test fails) + (horizon test fails)
-    (shuffled by the shuffle_labels control, which makes 'agreeing' sources random)."""
-
-    labels: torch.Tensor
 
 
 def _drop_component(d: Decomposition, label: str, seed: int = 0) -> Decomposition:
@@ -151,7 +132,7 @@ def _drop_component(d: Decomposition, label: str, seed: int = 0) -> Decompositio
     return Decomposition(d.stack[keep], [d.labels[i] for i in keep])
 
 
-register_control("drop_component", kind="data", fn=_drop_component, replace=True,
+register_control("drop_component", kind="data", fn=_drop_component,
                  accepts=lambda obj: isinstance(obj, Decomposition),
                  description="leave one component out of a residual decomposition")
 
@@ -165,7 +146,7 @@ def _rescale_ln_inputs(pairs: LNPairs, seed: int = 0) -> LNPairs:
     return LNPairs(pairs.features * scale.to(pairs.features.dtype), pairs.targets)
 
 
-register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs, replace=True,
+register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs,
                  accepts=lambda obj: isinstance(obj, LNPairs),
                  description="final-LN inputs rescaled row by row, outputs kept (a LayerNorm's non-linearity)")
 
@@ -198,8 +179,8 @@ class BracketHypotheses:
     @pytest.mark.controls("shuffle_labels")
     def test_accuracy_on_all_100k(self, subject, claim, control):
         predicted, labels, counts = predictions_on_all(subject.model)
-        labelled = control.apply_data(Labelled(labels))
-        accuracy = float(((predicted == labelled.labels).double() * counts).sum() / counts.sum())
+        labels = control.apply_labels(labels)  # shuffle_labels permutes them
+        accuracy = float(((predicted == labels).double() * counts).sum() / counts.sum())
         claim.at_least("accuracy_all_100k", accuracy, self.MIN_ACCURACY_ALL)
 
     @pytest.mark.controls("shuffle_labels", "rescale_ln_inputs")
@@ -276,10 +257,10 @@ class BracketHypotheses:
         an = analyse(subject.model, subject.data)
         contribution = head_contribution(an, subject.head("count_head"))
         distance = (subject.data.open_proportion - 0.5).abs()
-        pairs = control.apply_data(FeaturePairs(contribution, distance))
+        distance = control.apply_labels(distance)  # the feature the head should track (shuffle_labels)
         figures.add("count head vs open proportion", lambda: _open_proportion_scatter(contribution, subject),
                     caption=f"{subject.name}: count-head contribution against the proportion of '('")
-        estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=spearman,
+        estimate = claim.sample((contribution.numpy(), distance.numpy()), statistic=spearman,
                                 paired=True, method="percentile", n_resamples=400)
         claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65, note=subject.binding)
 
@@ -434,7 +415,9 @@ def _resampling(subject, control, draws) -> dict:
     count_fails = data.total_elevation_failure[rows].long()
     horizon_fails = data.negative_failure[rows].long()
     own = 2 * count_fails + horizon_fails  # the string's cell
-    cells = control.apply_data(ResampleGroups(own)).labels  # the cells sources are drawn by
+    # the cells sources are drawn by: 2 * (count test fails) + (horizon test fails); shuffle_labels
+    # permutes them, which makes 'agreeing' sources random
+    cells = control.apply_labels(own)
     layer, head = subject.head("count_head")
     patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
     kinds = ("clean", "random", "count", "horizon", "horizon only")

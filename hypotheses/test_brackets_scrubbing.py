@@ -64,12 +64,12 @@ from functools import lru_cache
 import pytest
 import torch
 
-from brackets_subjects import find_roles
 from circuits import analysis as A
 from circuits import scrub as S
 from circuits.controls import register_control
 from circuits.session import draws_seed_for
 from circuits.tasks import brackets as B
+from circuits.tasks.brackets_subjects import find_roles
 
 N_DRAWS = 5
 HIGH_LEVEL, DETAILED, DETAILED_GAP = 0.85, 0.6, 0.05
@@ -209,10 +209,10 @@ class Which:
     key: str
 
 
-register_control("swap_features", kind="data", replace=True, accepts=lambda o: isinstance(o, Which),
+register_control("swap_features", kind="data", accepts=lambda o: isinstance(o, Which),
                  fn=lambda w, seed=0: Which(f"{w.key} swapped"),
                  description="the count heads read the horizon test and the horizon head the count test")
-register_control("shuffle_feature", kind="data", replace=True, accepts=lambda o: isinstance(o, Which),
+register_control("shuffle_feature", kind="data", accepts=lambda o: isinstance(o, Which),
                  fn=lambda w, seed=0: Which(f"{w.key} shuffled"),
                  description="the count heads' feature replaced by a shuffled copy")
 

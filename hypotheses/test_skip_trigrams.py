@@ -102,10 +102,10 @@ class RowSelection:
     noise: torch.Tensor  # [n] bool
 
 
-register_control("other_positions", kind="data", replace=True, accepts=lambda o: isinstance(o, PositionSet),
+register_control("other_positions", kind="data", accepts=lambda o: isinstance(o, PositionSet),
                  fn=lambda p, seed=0: PositionSet((1, 3)),
                  description="measure attention to positions 1 and 3 (noise token, itself) instead of 0 and 2")
-register_control("signal_rows", kind="data", replace=True, accepts=lambda o: isinstance(o, RowSelection),
+register_control("signal_rows", kind="data", accepts=lambda o: isinstance(o, RowSelection),
                  fn=lambda r, seed=0: RowSelection(~r.noise),
                  description="run the noise claim on signal sequences instead")
 

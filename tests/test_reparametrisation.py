@@ -239,7 +239,7 @@ class _Figures:
 def bracket_claims(model, roles: dict, evaluation) -> dict:
     """Every claim of CLAIM_TESTS on `model` with `roles` (records by name, raise_on_failure off)."""
     import test_brackets as H
-    from brackets_subjects import BracketSubject
+    from circuits.tasks.brackets_subjects import BracketSubject
     from circuits.claims import Claims
     from circuits.controls import main_control
     from circuits.draws import Draws
@@ -283,7 +283,7 @@ def _mapped(roles: dict, moved: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def baseline_claims(models, data):
-    from brackets_subjects import find_roles
+    from circuits.tasks.brackets_subjects import find_roles
     from circuits.reference import ARENA_ROLES
 
     roles = {"arena": dict(ARENA_ROLES), "ours": find_roles(models["ours"], data[1])}
@@ -299,7 +299,7 @@ def test_claims_keep_their_verdicts_and_values(models, data, baseline_claims, wh
     """The same claims, verdicts and values after the reparametrisation; the roles follow the heads
     (ARENA: pinned, mapped through the permutation; ours: searched again on the reparametrised model
     and found at the permuted index)."""
-    from brackets_subjects import find_roles
+    from circuits.tasks.brackets_subjects import find_roles
 
     roles, before = baseline_claims
     fn, moved = REPARAMETRISATIONS[name]

@@ -1,4 +1,5 @@
-"""Subjects for the bracket hypotheses: the published ARENA checkpoint and our own trained models.
+"""Subjects for the bracket hypotheses (hypotheses/test_brackets*.py, tests/test_reparametrisation.py):
+the published ARENA checkpoint and our own trained models, as pytest fixture mixins.
 
 A subject bundles a model (after the test's control or mutation), the heads bound to the roles the
 hypotheses talk about, the evaluation strings, and a note saying how the binding was made.
@@ -24,6 +25,7 @@ import torch
 
 from circuits import analysis as A
 from circuits import roles as R
+from circuits.controls import register_control
 from circuits.model import HookedTransformer
 from circuits.reference import ARENA_ROLES, N_EVAL, arena_data
 from circuits.tasks import brackets as B
@@ -205,3 +207,16 @@ class OursSubject:
                    f"strings) among {k['count_head']} / {k['negative_head']} heads; scored on the held-out "
                    f"evaluation strings (n={len(bracket_data)})")
         return BracketSubject(name, brackets_model, control.apply_data(dict(head_roles)), bracket_data, binding, k)
+
+
+def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:
+    """Rebind the count head to the negative head and vice versa: the 'permuted head' control for
+    claims phrased about a role rather than an index."""
+    if not isinstance(roles, dict) or {"count_head", "negative_head"} - set(roles):
+        raise TypeError("swap_roles applies to a role binding dict with count_head and negative_head")
+    return {**roles, "count_head": roles["negative_head"], "negative_head": roles["count_head"]}
+
+
+register_control("swap_roles", kind="data", fn=_swap_roles,
+                 accepts=lambda obj: isinstance(obj, dict) and {"count_head", "negative_head"} <= set(obj),
+                 description="exchange the heads bound to the count and negative roles")
