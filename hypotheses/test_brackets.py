@@ -105,7 +105,8 @@ from circuits.figures import overlaid_histograms
 from circuits.draws import Draws
 from circuits.session import draws_seed_for
 from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
-from circuits.tasks.brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
+from circuits.tasks.brackets_subjects import (ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all,
+                                             resample_count_head)
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -305,7 +306,7 @@ class BracketHypotheses:
         head reads the horizon feature and both claims fail; "count-agreeing sources keep >= 80%"
         alone holds there, see the next test.) Pooled over N_RESAMPLE_DRAWS draws of sources (from
         `draws`), decided on bootstrap intervals over strings."""
-        r = _resampling(subject, control, resampling_draws)
+        r = resample_count_head(subject, control, resampling_draws, N_RESAMPLE_DRAWS)
         claim.at_least("loss_recovered(agree on count) - loss_recovered(agree on horizon)", r["count - horizon"],
                        MIN_FEATURE_CONTRAST, note=f"{r['note']}; {subject.binding}")
         claim.at_most("loss_recovered(agree on horizon, disagree on count)", r["horizon only"], -0.5,
@@ -320,7 +321,7 @@ class BracketHypotheses:
         random source loses. On its own not specific to the head (the negative head's input, resampled
         the same way, keeps it too), hence about the head's output only: with the output ablated the
         input cannot matter (no loss gap); the previous test carries the head-swap power."""
-        r = _resampling(subject, control, resampling_draws)
+        r = resample_count_head(subject, control, resampling_draws, N_RESAMPLE_DRAWS)
         claim.at_least("loss_recovered(resample agreeing on the count test)", r["count"], 0.8,
                        note=f"{r['note']}; {subject.binding}")
 
@@ -388,84 +389,6 @@ KNOWN_FAILURES = {
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-def _sources_in(groups: torch.Tensor, wanted: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """For each row i, a random source row j with groups[j] == wanted[i] (a cell with no row: error)."""
-    source = torch.empty(len(groups), dtype=torch.long)
-    for value in wanted.unique():
-        targets = torch.nonzero(wanted == value).squeeze(1)
-        pool = torch.nonzero(groups == value).squeeze(1)
-        if not len(pool):
-            raise ValueError(f"no source string in cell {int(value)}")
-        source[targets] = pool[torch.randint(len(pool), (len(targets),), generator=gen)]
-    return source
-
-
-def _resampling(subject, control, draws) -> dict:
-    """Resample the count head's key and value at position 1 (strings starting with "(") from: the
-    string itself (clean), a random string (baseline), a string agreeing on the count test
-    ("count"), one agreeing on the horizon test ("horizon"), and one agreeing on the horizon test but
-    not on the count test ("horizon only"). Per-string losses are averaged over N_RESAMPLE_DRAWS
-    draws of sources (streams of `draws`; computed once per model function, head, draws and data
-    control: the two resampling tests share them); fractions of the random-resample loss gap come with a bootstrap interval over strings."""
-    data = subject.data
-    rows = torch.nonzero(data.starts_open).squeeze(1)
-    toks, labels = data.toks[rows], data.isbal[rows].long()
-    count_fails = data.total_elevation_failure[rows].long()
-    horizon_fails = data.negative_failure[rows].long()
-    own = 2 * count_fails + horizon_fails  # the string's cell
-    # the cells sources are drawn by: 2 * (count test fails) + (horizon test fails); shuffle_labels
-    # permutes them, which makes 'agreeing' sources random
-    cells = control.apply_labels(own)
-    layer, head = subject.head("count_head")
-    patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
-    kinds = ("clean", "random", "count", "horizon", "horizon only")
-
-    def compute():
-        # every source set of a draw in ONE forward (the strings repeated once per set): a
-        # mean-ablation mutation's batch mean is then the same for all of them, so a mean that moves
-        # with the sources cannot pass for the head's input mattering. The clean run is shared by the
-        # draws, and each draw's forward resumes at the patched layer (unless the model has hooks)
-        groups = []
-        for i in range(N_RESAMPLE_DRAWS):
-            gen = draws.child(f"sources {i}").torch()
-            groups.append([torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
-                           _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
-                           _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
-                           _sources_in(cells, own ^ 2, gen)])  # same horizon outcome, other count outcome
-        losses = {k: [] for k in kinds}
-        for outputs in I.resample_together(subject.model, toks, patches, groups):
-            for kind, logits in zip(kinds, outputs):
-                losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
-        return losses
-
-    key = ("resampled", (layer, head), draws.seed, control.spec if control.kind == "data" else "", id(data))
-    losses = _RESAMPLED.get(subject.model, key, compute)  # per model function: a mutant is another model
-    per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
-    mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
-    seed = draws.child("bootstrap").int()
-    out, spread = {}, {}
-    for kind in ("count", "horizon", "horizon only"):
-        out[kind] = bootstrap_ci((mean[kind], mean["clean"], mean["random"]), A.loss_recovered, paired=True,
-                                 method="percentile", n_resamples=1000, seed=seed)
-        each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
-        spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
-    out["count - horizon"] = bootstrap_ci((mean["count"], mean["horizon"], mean["clean"], mean["random"]),
-                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed,
-                                          name="recovered(count) - recovered(horizon)")
-    out["note"] = (f"{len(rows)} strings x {N_RESAMPLE_DRAWS} draws of sources; clean loss "
-                   f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
-                   f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
-                   f"horizon-only {spread['horizon only']}")
-    return out
-
-
-_RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
-
-
-def _contrast(count, horizon, clean, baseline, axis=-1):
-    return A.loss_recovered(count, clean, baseline, axis=axis) - A.loss_recovered(horizon, clean, baseline, axis=axis)
 
 
 
