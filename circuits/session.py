@@ -62,6 +62,14 @@ class RunOptions:
         """The zoo name a ``<name>_model`` fixture serves: ``name@recipe`` under ``--circuits-variant``."""
         return dict(self.variants).get(name, name)
 
+    def shared_draws(self, label: str) -> Any:
+        """A :class:`~circuits.draws.Draws` stream shared by several tests (a module- or
+        session-scoped fixture's: a binding, a data set the tests of a module share), named by
+        ``label`` and re-drawn by ``--circuits-draws-seed`` like every test's own ``draws``."""
+        from .draws import Draws
+
+        return Draws(draws_seed_for(self.draws_seed, label))
+
     @property
     def asked_for_models(self) -> bool:
         """Whether an option only the zoo can serve was given (then the zoo loads eagerly)."""

@@ -102,8 +102,6 @@ from circuits import analysis as A
 from circuits import interventions as I
 from circuits.controls import register_control
 from circuits.figures import overlaid_histograms
-from circuits.draws import Draws
-from circuits.session import draws_seed_for
 from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
 from circuits.tasks.brackets_subjects import (ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all,
                                              resample_count_head)
@@ -156,7 +154,7 @@ register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs,
 def resampling_draws(circuits_options):
     """The resampling tests' draws of sources: one stream for both tests (they share the resampled
     losses, computed once per model), derived from --circuits-draws-seed like every `draws` fixture."""
-    return Draws(draws_seed_for(circuits_options.draws_seed, "test_brackets.py: resampling sources"))
+    return circuits_options.shared_draws("test_brackets.py: resampling sources")
 
 
 class BracketHypotheses:

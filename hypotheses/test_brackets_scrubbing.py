@@ -66,7 +66,6 @@ import pytest
 from circuits import analysis as A
 from circuits import scrub as S
 from circuits.controls import register_control
-from circuits.session import draws_seed_for
 from circuits.tasks import brackets as B
 from circuits.tasks.brackets_scrubbing import scrub_hypotheses
 from circuits.tasks.brackets_subjects import find_roles
@@ -236,7 +235,7 @@ def _data(bracket_data, where):
 @pytest.fixture(scope="module")
 def scrub_seed(circuits_options):
     """The resampling seed of this module's scrubs: one per run, changed by --circuits-draws-seed."""
-    return draws_seed_for(circuits_options.draws_seed, __name__) % 2**31
+    return circuits_options.shared_draws(__name__).int()
 
 
 ARENA_HEADS = (["L1H0", "L2H0"], "L2H1")  # the write-up's count heads 1.0 and 2.0, horizon head 2.1

@@ -29,7 +29,6 @@ from circuits import circuit_claims as CC
 from circuits import discovery as D
 from circuits.circuit import Ablation, Circuit
 from circuits.draws import Draws
-from circuits.session import draws_seed_for
 from circuits.tasks import palindromes as P
 from circuits.tasks import skip_trigrams as S
 
@@ -41,7 +40,7 @@ TARGET_ON_DISCOVERY = 0.95
 def module_draws(circuits_options) -> Draws:
     """The module's strings: one draw shared by its tests (the circuit found once serves them all;
     --circuits-draws-seed changes them)."""
-    return Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_circuit_discovered.py"))
+    return circuits_options.shared_draws("hypotheses/test_circuit_discovered.py")
 
 
 def _splits(task: str, draws):

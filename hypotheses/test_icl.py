@@ -29,7 +29,7 @@ a Bonferroni-corrected CI (level 1 - 0.05/6). ``head_roles`` exposes it as ``clu
 
 Comparator seeds are never the mutations' own (the mutations use seed 0), so a mutant never ties with
 its own comparator. Every random choice a claim makes (probe split, KMeans/CV seeds, shuffled rows,
-bootstrap) comes from the ``draws`` fixture (the binding: from --circuits-draws-seed via ``draws_seed_for``).
+bootstrap) comes from the ``draws`` fixture (the binding: from --circuits-draws-seed via ``circuits_options.shared_draws``).
 
 Mutations tried by hand (reference checkpoint; MSE on the 20k evaluation set, probe on its first 10k,
 point values): randomise_read_in: MSE - ridge 0.1 +4.79, share -54, offset pearson 0.02, probe gain
@@ -66,9 +66,7 @@ import torch
 
 from circuits import analysis as A
 from circuits.controls import register_control
-from circuits.draws import Draws
 from circuits.interventions import randomise_read_in, reinitialize
-from circuits.session import draws_seed_for
 from circuits.stats import pearson
 from circuits.tasks import icl
 
@@ -361,7 +359,7 @@ def cluster_binding(request, zoo_models, zoo_seed, circuits_options) -> ClusterB
     exceeds the comparators' same head. Mutation runs reuse this binding."""
     model = zoo_models.get(request, "icl", zoo_seed).model
     search, _ = _cluster_splits()
-    seed = Draws(draws_seed_for(circuits_options.draws_seed, "test_icl.py::cluster_binding")).int()
+    seed = circuits_options.shared_draws("test_icl.py::cluster_binding").int()
     heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     assert len(heads) == N_HEADS_SCANNED
     own = head_clusters(model, search, heads, seed)

@@ -62,7 +62,6 @@ from circuits.controls import register_control
 from circuits.draws import Draws
 from circuits.figures import overlaid_histograms
 from circuits.model import HookedTransformer
-from circuits.session import draws_seed_for
 from circuits.stats import Estimate, auroc, auroc_ci, cohens_d, spearman
 from circuits.tasks import palindromes as P
 
@@ -350,7 +349,7 @@ def direct_ablation_accuracy(an: Analysis, components) -> float:
 def module_draws(circuits_options) -> Draws:
     """The draws of the module's strings (shared by its tests so that one binding serves them all;
     --circuits-draws-seed changes them)."""
-    return Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_palindromes.py"))
+    return circuits_options.shared_draws("hypotheses/test_palindromes.py")
 
 
 @pytest.fixture

@@ -61,7 +61,6 @@ from circuits.controls import register_control
 from circuits.draws import Draws
 from circuits.interventions import mean_ablate_head
 from circuits.model import HookedTransformer
-from circuits.session import draws_seed_for
 from circuits.stats import mean_difference
 from circuits.tasks import skip_trigrams as S
 
@@ -172,7 +171,7 @@ def pair_margins(model: HookedTransformer, d: S.SkipTrigramData) -> torch.Tensor
 @pytest.fixture
 def d(circuits_options) -> S.SkipTrigramData:
     """The module's fresh sequences: one draw per --circuits-draws-seed, shared by the module's tests."""
-    return data(Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_skip_trigrams.py")))
+    return data(circuits_options.shared_draws("hypotheses/test_skip_trigrams.py"))
 
 
 @pytest.mark.about("model")
