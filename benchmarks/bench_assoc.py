@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from circuits.assoc_model import AssocConfig, all_contexts, build_model, table_logits
+from circuits.tasks.assoc.model import AssocConfig, all_contexts, build_model, table_logits
 
 torch.set_num_threads(1)
 CONTEXTS = all_contexts(50, 2)

@@ -7,7 +7,7 @@ import torch
 
 torch.set_num_threads(1)  # the budget is stated for one thread; also keeps runs comparable
 
-from circuits.tasks.brackets import generate  # noqa: E402
+from circuits.tasks.brackets.data import generate  # noqa: E402
 
 
 def test_generate_100k(benchmark):

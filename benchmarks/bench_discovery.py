@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits import reference
-from circuits.circuit import Ablation, Circuit
+from circuits.claims import circuit as CC
+from circuits.analysis import discovery as D
+from circuits.tasks.brackets import reference
+from circuits.analysis.circuit import Ablation, Circuit
 
 torch.set_num_threads(1)
 

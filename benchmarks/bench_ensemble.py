@@ -1,4 +1,4 @@
-"""Models trained per CPU-second (issue 34): K = 32 seeds as one stacked model (circuits.ensemble)
+"""Models trained per CPU-second (issue 34): K = 32 seeds as one stacked model (circuits.zoo.ensemble)
 against 32 single trainings, a fixed number of optimiser steps each, one thread, interleaved.
 
 Both sides run the real code paths on each seed's own data and batch order: the single trainer's
@@ -21,8 +21,9 @@ import time
 import pytest
 import torch
 
-from circuits import ensemble, zoo
-from circuits.train import batches, compute_loss
+from circuits.zoo import ensemble
+from circuits.zoo import registry as zoo
+from circuits.zoo.train import batches, compute_loss
 
 torch.set_num_threads(1)
 

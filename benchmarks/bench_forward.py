@@ -42,9 +42,9 @@ torch.set_num_threads(1)  # comparable runs; tiny models gain nothing from intra
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_model import PlainTransformer  # noqa: E402
 
-from circuits.convert import to_tl_state_dict  # noqa: E402
-from circuits.model import HookedTransformer, TransformerConfig  # noqa: E402
-from circuits.tasks.brackets import tokenize  # noqa: E402
+from circuits.model.convert import to_tl_state_dict  # noqa: E402
+from circuits.model.transformer import HookedTransformer, TransformerConfig  # noqa: E402
+from circuits.tasks.brackets.data import tokenize  # noqa: E402
 
 BATCHES = (1, 64, 1000)
 N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import interventions as I
-from circuits.model import HookedTransformer, TransformerConfig
-from circuits.tasks import brackets as B
+from circuits.analysis import interventions as I
+from circuits.model.transformer import HookedTransformer, TransformerConfig
+from circuits.tasks.brackets import data as B
 
 torch.set_num_threads(1)
 

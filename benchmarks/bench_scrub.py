@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import scrub as S
-from circuits.model import HookedTransformer, TransformerConfig
-from circuits.tasks import brackets as B
+from circuits.analysis import scrub as S
+from circuits.model.transformer import HookedTransformer, TransformerConfig
+from circuits.tasks.brackets import data as B
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hypotheses"))

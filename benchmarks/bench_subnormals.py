@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import interleaved  # noqa: E402
 
-from circuits import reference  # noqa: E402
+from circuits.tasks.brackets import reference  # noqa: E402
 
 BATCHES = (64, 1000)
 

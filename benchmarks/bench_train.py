@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import zoo
-from circuits.train import Split, batches, compute_loss
+from circuits.zoo import registry as zoo
+from circuits.zoo.train import Split, batches, compute_loss
 
 torch.set_num_threads(1)
 

@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import paths, zoo
-from .errors import CircuitsError, InputError
+from circuits import paths
+from circuits.zoo import registry as zoo
+from circuits.errors import CircuitsError, InputError
 
 
 # seeds whose store keys `list` checks against entries with an unreadable card (their card names no seed)
@@ -34,7 +35,7 @@ _LIST_SEEDS = range(32)
 
 
 def _status(name: str, store_cards: Optional[list] = None, unreadable: Optional[dict] = None) -> tuple[str, str]:
-    from .store import ModelStore, load_reference, spec_key
+    from circuits.zoo.store import ModelStore, load_reference, spec_key
 
     entry = zoo.get_entry(name)
     if entry.ref_seeds():
@@ -63,7 +64,7 @@ def _status(name: str, store_cards: Optional[list] = None, unreadable: Optional[
 
 def _store_root():
     """The CLI's model store: $CIRCUITS_CACHE, else ./.circuits-cache (never the package's folder)."""
-    from .store import default_cache_dir
+    from circuits.zoo.store import default_cache_dir
 
     return default_cache_dir(Path.cwd())
 
@@ -77,7 +78,7 @@ def _reference_status(load) -> str:
 
 
 def cmd_list(args) -> int:
-    from .store import ModelStore
+    from circuits.zoo.store import ModelStore
 
     store = ModelStore(_store_root())
     cards = [card for _, card in store.entries()]  # read the store once for every entry
@@ -94,9 +95,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .sweep import check_run_settings
-    from .seeds import check_seed
-    from .store import ModelStore
+    from circuits.zoo.sweep import check_run_settings
+    from circuits.zoo.seeds import check_seed
+    from circuits.zoo.store import ModelStore
 
     # everything a training needs is checked before it starts (a typo must not cost a trained model)
     device, root, timeout = check_run_settings(args.device)
@@ -118,8 +119,8 @@ def cmd_train(args) -> int:
 def _train_or_reuse(name: str, seed: int, *, device: str, force: bool, root, timeout: float):
     """`train`: reuse a stored model, wait for one another process is training, or train it (--force:
     always train). Returns the LoadedModel."""
-    from .store import ModelStore, spec_key
-    from .train import TerminalProgress
+    from circuits.zoo.store import ModelStore, spec_key
+    from circuits.zoo.train import TerminalProgress
 
     store = ModelStore(root)
     key = spec_key(zoo.get_entry(name).spec(seed))
@@ -142,8 +143,8 @@ def _train_or_reuse(name: str, seed: int, *, device: str, force: bool, root, tim
 
 
 def cmd_sweep(args) -> int:
-    from .seeds import parse_seeds
-    from .sweep import check_run_settings, run_sweeps
+    from circuits.zoo.seeds import parse_seeds
+    from circuits.zoo.sweep import check_run_settings, run_sweeps
 
     check_run_settings(args.device)  # before anything starts
     seeds = parse_seeds(args.seeds)
@@ -170,9 +171,9 @@ def sweep_names(pattern: str) -> list[str]:
 
 
 def cmd_card(args) -> int:
-    from .seeds import check_seed
+    from circuits.zoo.seeds import check_seed
 
-    from .store import ModelStore, spec_key
+    from circuits.zoo.store import ModelStore, spec_key
 
     entry = zoo.get_entry(args.name)
     seed = entry.default_seed if args.seed is None else check_seed(args.seed)
@@ -192,7 +193,7 @@ def cmd_card(args) -> int:
 
 
 def _print_card(card: dict) -> int:
-    from .report.views import held_out
+    from circuits.report.views import held_out
 
     card = dict(card)
     interval = held_out(card.get("metrics"), zoo.card_n_test(card))
@@ -206,7 +207,7 @@ def _print_card(card: dict) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import load_report, rederive, resolve_report, set_baseline, terminal_lines
+    from circuits.report import load_report, rederive, resolve_report, set_baseline, terminal_lines
 
     report_dir = Path(args.report_dir) if args.report_dir else paths.reports_dir(Path.cwd())
     path = resolve_report(args.run or "latest", report_dir)
@@ -245,7 +246,7 @@ def check_census_args(args) -> None:
     """What a census would find wrong only after its runs: checked first (InputError, exit 2)."""
     import math
 
-    from .paths import check_output_dir
+    from circuits.paths import check_output_dir
 
     if args.acc_target is not None and not (math.isfinite(args.acc_target) and 0 <= args.acc_target <= 1):
         raise InputError(f"--acc-target {args.acc_target!r}: expected an accuracy in [0, 1]")
@@ -256,8 +257,8 @@ def check_census_args(args) -> None:
 
 
 def cmd_census(args) -> int:
-    from .census import run_census
-    from .seeds import parse_seeds
+    from circuits.zoo.census import run_census
+    from circuits.zoo.seeds import parse_seeds
 
     check_census_args(args)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import SettingError
+from circuits.errors import SettingError
 
 __all__ = ["check_device", "DEVICES"]
 

@@ -1,6 +1,6 @@
 """What the hypothesis modules share beyond the plugin's fixtures: the torch threads of the claims. (The
 ARENA checkpoint and its strings, `arena_model` and `bracket_data`, are fixtures of the plugin itself;
-the bracket subjects and their role-swap control are `circuits.tasks.brackets_subjects`.)"""
+the bracket subjects and their role-swap control are `circuits.tasks.brackets.subjects`.)"""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from circuits.mutations import register_model_shape
-from circuits.reference import ARENA_CONFIG
+from circuits.claims.mutations import register_model_shape
+from circuits.tasks.brackets.reference import ARENA_CONFIG
 
 # claims on the ARENA checkpoint get their specificity alternatives (every other head) at collection
 register_model_shape("arena_model", ARENA_CONFIG["n_layers"], ARENA_CONFIG["n_heads"])
@@ -39,5 +39,5 @@ def _analysis_threads():
     torch.set_num_threads(old)
 
 
-# `arena_model` and `bracket_data` are the plugin's own fixtures (circuits.pytest_plugin): a project
+# `arena_model` and `bracket_data` are the plugin's own fixtures (circuits.plugin.pytest_plugin): a project
 # with only the wheel has them too, as the README's examples need.

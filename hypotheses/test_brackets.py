@@ -98,13 +98,13 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits import interventions as I
-from circuits.controls import register_control
-from circuits.figures import overlaid_histograms
-from circuits.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
-from circuits.tasks.brackets_subjects import (ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all,
-                                             resample_count_head)
+from circuits.analysis import interventions as I
+from circuits.analysis import measures as A
+from circuits.claims.controls import register_control
+from circuits.claims.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
+from circuits.report.figures import overlaid_histograms
+from circuits.tasks.brackets.subjects import (ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all,
+                                              resample_count_head)
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -182,6 +182,8 @@ class BracketHypotheses:
         accuracy = float(((predicted == labels).double() * counts).sum() / counts.sum())
         claim.at_least("accuracy_all_100k", accuracy, self.MIN_ACCURACY_ALL)
 
+    @pytest.mark.about(none="a precondition of the analysis, true of an untrained model too (r^2 1.00): "
+                            "no mutation can be required to break it")
     @pytest.mark.controls("shuffle_labels", "rescale_ln_inputs")
     def test_final_layernorm_is_linear_at_position_0(self, subject, claim, control):
         """A precondition of the direction analysis, not evidence for the mechanism: a randomly
@@ -194,6 +196,7 @@ class BracketHypotheses:
         _, r2 = A.linear_fit(pairs.features, pairs.targets)
         claim.at_least("ln_final_pos0_r2", r2, 0.98)
 
+    @pytest.mark.about(none="an identity of the decomposition, true of any model: no mutation can break it")
     @pytest.mark.controls(*(f"drop_component:{c}" for c in COMPONENTS))
     def test_components_sum_to_pre_final_ln_residual(self, subject, claim, control):
         """An identity of the decomposition (true of any model); each control leaves one component out."""

@@ -1,5 +1,5 @@
 """Hypotheses (seed 000, causal scrubbing): Redwood Research's "Causal Scrubbing: Results on a Paren
-Balance Checker" (2022), written with `circuits.scrub` and checked on the published checkpoint (the
+Balance Checker" (2022), written with `circuits.analysis.scrub` and checked on the published checkpoint (the
 write-up's own model) and on our `brackets` model.
 
 The write-up's hypotheses (heads "l.h"; "count" = the count test, as many "(" as ")"; "horizon" = the
@@ -63,12 +63,12 @@ from functools import lru_cache
 
 import pytest
 
-from circuits import analysis as A
-from circuits import scrub as S
-from circuits.controls import register_control
-from circuits.tasks import brackets as B
-from circuits.tasks.brackets_scrubbing import scrub_hypotheses
-from circuits.tasks.brackets_subjects import find_roles
+from circuits.analysis import measures as A
+from circuits.analysis import scrub as S
+from circuits.claims.controls import register_control
+from circuits.tasks.brackets import data as B
+from circuits.tasks.brackets.scrubbing import scrub_hypotheses
+from circuits.tasks.brackets.subjects import find_roles
 
 N_DRAWS = 5
 HIGH_LEVEL, DETAILED, DETAILED_GAP = 0.85, 0.6, 0.05
@@ -270,12 +270,21 @@ test_arena_scrubbing_originators_pos1 = _arena_test(["2a", "2b"], "originators",
                                                     ("L0H0", "L1H0", "L2H0", "L2H1"))
 
 
+@pytest.fixture
+def head_roles(brackets_model):
+    """Our model's roles, bound on the unmutated model (the role search's own split): what the
+    mutations of ``path:count_head`` / ``path:negative_head`` name."""
+    return find_roles(brackets_model)
+
+
+@pytest.mark.about("path:L1H0", "path:count_head", "path:negative_head")
 @pytest.mark.controls("swap_features", "shuffle_feature")
 @pytest.mark.parametrize("where", ["published", "originators"])
 @pytest.mark.parametrize("name", HYPOTHESES)
 def test_ours_scrubbing(brackets_model, bracket_data, claim, control, scrub_seed, name, where):
     """The same hypotheses on our model, with the heads bound on the role search's own split."""
     roles = find_roles(brackets_model)
+    brackets_model = control.apply_model(brackets_model)  # a path's mutation; roles stay the unmutated model's
     count = A.head_label(*roles["count_head"])
     heads = ["L1H0"] + ([count] if count != "L1H0" else [])
     horizon = A.head_label(*roles["negative_head"])

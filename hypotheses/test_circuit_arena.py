@@ -37,9 +37,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits.circuit import Ablation, Circuit
+from circuits.claims import circuit as CC
+from circuits.analysis import discovery as D
+from circuits.analysis.circuit import Ablation, Circuit
 
 KNOWN_FAILURES = {
     "test_discovered_ranking_beats_uninformed_rankings[EAP]":
@@ -89,6 +89,8 @@ def test_redwood_circuit_is_faithful(redwood, claim_eval, reference_eval, claim)
     CC.claim_faithfulness(claim, claim_eval, redwood, at_least=0.95, reference=reference_eval)
 
 
+@pytest.mark.about(none="completeness: a broken part only lowers what the complement carries, so no mutation can "
+                        "break it; circuit_without points it at a smaller circuit")
 @pytest.mark.controls("circuit_without:L2H1")
 def test_redwood_circuit_is_complete(redwood, reference_eval, claim):
     CC.claim_completeness(claim, reference_eval, redwood, at_most=0.25)
@@ -103,7 +105,7 @@ def test_redwood_circuit_beats_random_circuits(redwood, claim_eval, reference_ev
 def rankings(arena_model, bracket_data):
     """Edge scores found on the discovery split: by EAP and EAP-IG on the checkpoint, and the
     uninformed alternatives (a random ranking; EAP-IG on the untrained model)."""
-    from circuits.interventions import reinitialize
+    from circuits.analysis.interventions import reinitialize
 
     found = _evaluator(arena_model, bracket_data, DISCOVERY_ROWS)
     untrained = _evaluator(reinitialize(arena_model), bracket_data, DISCOVERY_ROWS)
@@ -120,6 +122,7 @@ def uninformed_curves(rankings, reference_eval):
             for name in ("random ranking", "EAP on the untrained model", "EAP-IG on the untrained model")]
 
 
+@pytest.mark.about("model")  # the trained model's edges; its untrained twin is the derived mutation
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG"])
 @pytest.mark.controls("untrained")
 def test_discovered_ranking_beats_uninformed_rankings(method, arena_model, bracket_data, rankings, uninformed_curves,

@@ -25,10 +25,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits.circuit import Ablation, Circuit
-from circuits.draws import Draws
+from circuits.analysis import discovery as D
+from circuits.analysis.circuit import Ablation, Circuit
+from circuits.claims import circuit as CC
+from circuits.claims.draws import Draws
 from circuits.tasks import palindromes as P
 from circuits.tasks import skip_trigrams as S
 

@@ -1,7 +1,7 @@
 """Hypothesis: on Tracr-compiled programs, whose circuit is known edge by edge, the circuit claims are
 true for the compiled circuit and false for corrupted ones, and the discovery methods recover it.
 
-The compiled circuit (``circuits.tracr_circuit.compiled_circuit``): an edge X -> Y.part wherever X
+The compiled circuit (``circuits.tasks.tracr.circuit.compiled_circuit``): an edge X -> Y.part wherever X
 writes a RASP variable that Y's part reads (the card, checked against the weights). Inputs: every
 sequence of the program's longest length (hist, frac_prevs: 243 over {a, b, c} of length 5;
 shuffle_dyck: 64 over {(, )} of length 6), BOS first. Labels: the compiled model's own outputs
@@ -32,15 +32,21 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits.circuit import Ablation, Circuit
-from circuits.claims import Claims
-from circuits.stats import auroc_ci
-from circuits.tasks import tracr as T
-from circuits.tracr_circuit import compiled_circuit
+from circuits.claims import circuit as CC
+from circuits.analysis import discovery as D
+from circuits.analysis.circuit import Ablation, Circuit
+from circuits.claims.core import Claims
+from circuits.claims.stats import auroc_ci
+from circuits.tasks.tracr import compiled as T
+from circuits.tasks.tracr.circuit import compiled_circuit
 
 PROGRAMS = ("hist", "frac_prevs", "shuffle_dyck")
+# about(none=...): the tests below check a claim type against the circuit known by construction, on the
+# unmutated compiled model; the faithfulness tests carry the mutations, the corrupted circuits the false variants
+CLAIM_TYPE_CHECK = ("a check of the claim type against the compiled circuit, known by construction (the faithfulness "
+                    "tests carry the mutations of its parts, test_corrupted_circuit_is_not_faithful its false variants)")
+COMPLEMENT = ("completeness: a broken part only lowers what the complement carries, so no mutation can break it; "
+              "a random circuit's complement holding the compiled one is refuted in test_corrupted_circuit_is_not_faithful")
 KNOWN_FAILURES = {
     "test_compiled_circuit_is_minimal[frac_prevs]":
         "the hypothesis: every compiled edge is necessary; on length-5 inputs the query / key / value edges from "
@@ -141,6 +147,7 @@ def test_compiled_circuit_is_faithful_shuffle_dyck(request, control, claim):
     _faithful(request, "shuffle_dyck", control, claim)
 
 
+@pytest.mark.about(none=COMPLEMENT)
 def test_compiled_circuit_is_complete(program, claim):
     """(Its wrong variant, a random circuit's complement holding the compiled one, is refuted in
     test_corrupted_circuit_is_not_faithful.)"""
@@ -148,16 +155,19 @@ def test_compiled_circuit_is_complete(program, claim):
                           name="faithfulness of the complement of the compiled circuit")
 
 
+@pytest.mark.about(none=CLAIM_TYPE_CHECK)
 def test_compiled_circuit_is_equivalent_to_the_model(program, claim):
     """circuitry's equivalence: the whole 95% interval of f within 1 +- 0.01."""
     CC.claim_equivalence(claim, _reference(program), program.truth, eps=0.01,
                          name="the compiled circuit is equivalent to the model")
 
 
+@pytest.mark.about(none=CLAIM_TYPE_CHECK)
 def test_compiled_circuit_beats_random_circuits(program, claim):
     CC.claim_sufficiency(claim, _reference(program), program.truth, at_least=0.8, n_random=20)
 
 
+@pytest.mark.about(none=CLAIM_TYPE_CHECK)
 def test_compiled_circuit_is_minimal(program, claim):
     CC.claim_minimality(claim, _reference(program), program.truth, n_random=20)
 
@@ -170,6 +180,8 @@ def _wrong_output_sender(program: Program) -> Circuit:
     return Circuit(truth.graph, (truth.edges - set(into_logits)) | {(senders[-1], "logits")}, "moved output")
 
 
+@pytest.mark.about(none="a FALSE claim: a corrupted circuit claimed faithful must fail; no mutation of a part can "
+                        "be required to make it hold")
 @pytest.mark.parametrize("corruption", ["without its output edge", "output edge moved", "random circuit of its size",
                                         "random circuit outside it"])
 def test_corrupted_circuit_is_not_faithful(program, corruption, claim, draws):
@@ -195,6 +207,7 @@ def test_corrupted_circuit_is_not_faithful(program, corruption, claim, draws):
                     detail=probe.records[-1].message)
 
 
+@pytest.mark.about(none=CLAIM_TYPE_CHECK)
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG", "ACDC"])
 def test_discovery_recovers_the_compiled_edges(program, method, claim):
     ev = _reference(program)

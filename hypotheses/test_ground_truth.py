@@ -1,12 +1,12 @@
 """Ground truth: claims about Tracr-compiled models, whose mechanism is known by construction.
 
 Tracr compiles a RASP program into weights whose residual stream is a direct sum of labelled
-subspaces, one per RASP variable (its card lists them: `circuits.tasks.tracr`), so which head or MLP
+subspaces, one per RASP variable (its card lists them: `circuits.tasks.tracr.compiled`), so which head or MLP
 computes which variable, and where it writes it, is a fact, not a hypothesis. Every claim type the
 other modules use is stated here TRUE (what the compiled program computes where) and FALSE in
 several ways (wrong head, wrong layer, wrong feature, a path the program does not use, a plausible
 but wrong story). A TRUE claim must pass (and its `about` mutations must break it); a FALSE claim is
-stated on a fresh `circuits.claims.Claims` recorder and must FAIL: the test records
+stated on a fresh `circuits.claims.core.Claims` recorder and must FAIL: the test records
 "FALSE ...: <claim> is refuted" with the false claim's own measurement in its detail, and itself
 fails (a wrong verdict) if the false claim holds. Claim names start with TRUE/FALSE and the claim
 type, which the report's ground-truth matrix (`circuits.report.views.ground_truth_matrix`) counts.
@@ -45,16 +45,19 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import roles
-from circuits.claims import Claims
-from circuits.interventions import patch_activations, zero_ablate_head, zero_ablate_mlp
-from circuits.scrub import Hypothesis, Path, scrub
-from circuits.stats import auroc
-from circuits.tasks import tracr as T
+from circuits.analysis import roles
+from circuits.claims.core import Claims
+from circuits.analysis.interventions import patch_activations, zero_ablate_head, zero_ablate_mlp
+from circuits.analysis.scrub import Hypothesis, Path, scrub
+from circuits.claims.stats import auroc
+from circuits.tasks.tracr import compiled as T
 
 EXACT = 1e-3  # numerical RASP variables: float32 products of one-hot weights, ~1e-7 off; values differ by >= 1/30
 ATTENDS = 0.99  # a selector's attention: 1 up to the softmax's leakage (~1e-7 on these models)
 KNOWN_FAILURES: dict = {}
+# a FALSE claim's test is about no part: a mutation would have to make the false claim true to fail it
+FALSE_CLAIM = pytest.mark.about(none="a FALSE claim, refuted on the compiled model: it states a mechanism the program "
+                                     "does not have, so no mutation of a part can be required to make it come true")
 
 
 # --- data and helpers ------------------------------------------------------------------------------------------
@@ -165,6 +168,7 @@ def test_sd_l4h0_attends_to_the_last_position(tracr_shuffle_dyck_model, claim):
                    to_last(tracr_shuffle_dyck_model, 4, 0), ATTENDS)
 
 
+@FALSE_CLAIM
 @pytest.mark.controls("swap_head:L4H1")
 def test_sd_l4h1_attends_to_the_last_position_is_false(tracr_shuffle_dyck_model, claim):
     """With L4H0 swapped into L4H1's place the false claim comes true, so its refutation must fail
@@ -173,6 +177,7 @@ def test_sd_l4h1_attends_to_the_last_position_is_false(tracr_shuffle_dyck_model,
         "L4H1 min attention to the last position", to_last(tracr_shuffle_dyck_model, 4, 1), ATTENDS))
 
 
+@FALSE_CLAIM
 def test_sd_l4h0_attends_to_the_first_token_is_false(tracr_shuffle_dyck_model, claim):
     first = float(attention(tracr_shuffle_dyck_model, "shuffle_dyck", 4)[:, 0, 1:, 1].min())
     refute(claim, "attention", "wrong position", lambda c: c.at_least(
@@ -188,12 +193,14 @@ def test_sd_l1h0_averages_over_the_prefix(tracr_shuffle_dyck_model, claim):
     claim.at_most("TRUE attention: L1H0 max gap to uniform attention over the prefix", dev, 1 - ATTENDS)
 
 
+@FALSE_CLAIM
 def test_sd_l2h0_averages_over_the_prefix_is_false(tracr_shuffle_dyck_model, claim):
     dev = prefix_deviation(attention(tracr_shuffle_dyck_model, "shuffle_dyck", 2)[:, 0])
     refute(claim, "attention", "wrong layer", lambda c: c.at_most(
         "L2H0 max gap to uniform attention over the prefix", dev, 1 - ATTENDS))
 
 
+@FALSE_CLAIM
 def test_sd_l1h0_attends_to_open_brackets_is_false(tracr_shuffle_dyck_model, claim):
     """The plausible story 'the open counter looks at the open brackets': it looks at every prefix
     position and its values carry is-open."""
@@ -213,6 +220,7 @@ def test_fp_l1h0_averages_over_the_causal_prefix(tracr_frac_prevs_model, claim):
     claim.at_most("TRUE attention: L1H0 max gap to uniform attention over the causal prefix", dev, 1 - ATTENDS)
 
 
+@FALSE_CLAIM
 def test_fp_l1h0_attends_to_a_tokens_is_false(tracr_frac_prevs_model, claim):
     seqs, _ = strings("frac_prevs")
     pattern = attention(tracr_frac_prevs_model, "frac_prevs", 1)[:, 0, 1:, 1:]
@@ -232,6 +240,7 @@ def test_hist_l0h0_attends_to_bos_by_count(tracr_hist_model, claim):
                   max_dev(bos, 1 / (counts(seqs) + 1)), 1 - ATTENDS)
 
 
+@FALSE_CLAIM
 def test_hist_l0h0_counts_only_earlier_tokens_is_false(tracr_hist_model, claim):
     """The plausible story 'a running count': attention to later same-token positions would be 0."""
     seqs, _ = strings("hist")
@@ -267,6 +276,7 @@ def test_sd_l1h0_tracks_the_open_proportion(tracr_shuffle_dyck_model, claim):
                   max_dev(got, prefix_fraction(seqs, "(")), EXACT)
 
 
+@FALSE_CLAIM
 @pytest.mark.controls("swap_head:L1H1")
 def test_sd_l1h1_tracks_the_open_proportion_is_false(tracr_shuffle_dyck_model, claim):
     """The true claim pointed at L1H1 (it writes `closes`, nothing along `opens`); with L1H0 swapped
@@ -277,6 +287,7 @@ def test_sd_l1h1_tracks_the_open_proportion_is_false(tracr_shuffle_dyck_model, c
         "max gap of L1H1's output along 'opens' from the open proportion", max_dev(out, prefix_fraction(seqs, "(")), EXACT))
 
 
+@FALSE_CLAIM
 def test_sd_opens_before_layer_1_is_false(tracr_shuffle_dyck_model, claim):
     seqs, _ = strings("shuffle_dyck")
     got = resid_dim(tracr_shuffle_dyck_model, "shuffle_dyck", "blocks.1.hook_resid_pre", sop_dim("shuffle_dyck", "opens"))
@@ -285,6 +296,7 @@ def test_sd_opens_before_layer_1_is_false(tracr_shuffle_dyck_model, claim):
         max_dev(got, prefix_fraction(seqs, "(")), EXACT))
 
 
+@FALSE_CLAIM
 def test_sd_opens_tracks_the_balance_is_false(tracr_shuffle_dyck_model, claim):
     seqs, _ = strings("shuffle_dyck")
     got = resid_dim(tracr_shuffle_dyck_model, "shuffle_dyck", "blocks.1.hook_resid_post", sop_dim("shuffle_dyck", "opens"))
@@ -301,6 +313,7 @@ def test_fp_output_direction_tracks_the_fraction_of_a(tracr_frac_prevs_model, cl
                   max_dev(got, prefix_fraction(seqs, "a")), EXACT)
 
 
+@FALSE_CLAIM
 def test_fp_output_direction_tracks_the_fraction_of_b_is_false(tracr_frac_prevs_model, claim):
     seqs, _ = strings("frac_prevs")
     got = resid_dim(tracr_frac_prevs_model, "frac_prevs", "blocks.1.hook_resid_post", sop_dim("frac_prevs", "frac_prevs"))
@@ -308,6 +321,7 @@ def test_fp_output_direction_tracks_the_fraction_of_b_is_false(tracr_frac_prevs_
         "max gap of the 'frac_prevs' direction from the fraction of 'b'", max_dev(got, prefix_fraction(seqs, "b")), EXACT))
 
 
+@FALSE_CLAIM
 def test_fp_fraction_before_layer_1_is_false(tracr_frac_prevs_model, claim):
     seqs, _ = strings("frac_prevs")
     got = resid_dim(tracr_frac_prevs_model, "frac_prevs", "blocks.1.hook_resid_pre", sop_dim("frac_prevs", "frac_prevs"))
@@ -324,6 +338,7 @@ def test_hist_selector_width_direction_is_one_over_count(tracr_hist_model, claim
                   max_dev(got, 1 / (counts(seqs) + 1)), EXACT)
 
 
+@FALSE_CLAIM
 def test_hist_selector_width_is_one_over_position_is_false(tracr_hist_model, claim):
     seqs, _ = strings("hist")
     got = resid_dim(tracr_hist_model, "hist", "blocks.0.hook_resid_mid", sop_dim("hist", "hist_selector_width_attn_output"))
@@ -357,6 +372,7 @@ def test_sd_ablating_l1h0_removes_the_opens_from_the_balance(tracr_shuffle_dyck_
                   max_dev(shift, -prefix_fraction(seqs, "(")), EXACT)
 
 
+@FALSE_CLAIM
 def test_sd_ablating_l0h0_moves_the_balance_is_false(tracr_shuffle_dyck_model, claim):
     """L0H0 feeds the length, which the balance does not use (half the true effect: E[opens] / 2)."""
     shift = balance(zero_ablate_head(tracr_shuffle_dyck_model, 0, 0)) - balance(tracr_shuffle_dyck_model)
@@ -364,6 +380,7 @@ def test_sd_ablating_l0h0_moves_the_balance_is_false(tracr_shuffle_dyck_model, c
         "mean |balance shift| when zero-ablating L0H0", float(shift.abs().mean()), 0.25))
 
 
+@FALSE_CLAIM
 def test_sd_ablating_l2h0_moves_the_balance_is_false(tracr_shuffle_dyck_model, claim):
     shift = balance(zero_ablate_head(tracr_shuffle_dyck_model, 2, 0)) - balance(tracr_shuffle_dyck_model)
     refute(claim, "ablation", "wrong layer", lambda c: c.at_least(
@@ -378,6 +395,7 @@ def test_sd_mlp2_is_needed_for_the_verdict(tracr_shuffle_dyck_model, claim):
     claim.at_least("TRUE ablation: balanced-accuracy drop when zero-ablating MLP2 (half of perfect - chance)", drop, 0.25)
 
 
+@FALSE_CLAIM
 def test_sd_l0h1_is_needed_is_false(tracr_shuffle_dyck_model, claim):
     drop = balanced_accuracy(tracr_shuffle_dyck_model) - balanced_accuracy(zero_ablate_head(tracr_shuffle_dyck_model, 0, 1))
     refute(claim, "ablation", "wrong head", lambda c: c.at_least(
@@ -404,12 +422,14 @@ def test_fp_ablating_mlp0_zeroes_the_output(tracr_frac_prevs_model, claim):
                   max_dev(shift, -prefix_fraction(seqs, "a")), EXACT)
 
 
+@FALSE_CLAIM
 def test_fp_mlp1_is_needed_is_false(tracr_frac_prevs_model, claim):
     shift = fp_output(zero_ablate_mlp(tracr_frac_prevs_model, 1)) - fp_output(tracr_frac_prevs_model)
     refute(claim, "ablation", "wrong layer", lambda c: c.at_least(
         "mean |output shift| when zero-ablating MLP1 (half of E[fraction of 'a'] = 1/3)", float(shift.abs().mean()), 1 / 6))
 
 
+@FALSE_CLAIM
 def test_fp_l0h0_is_needed_is_false(tracr_frac_prevs_model, claim):
     shift = fp_output(zero_ablate_head(tracr_frac_prevs_model, 0, 0)) - fp_output(tracr_frac_prevs_model)
     refute(claim, "ablation", "unused path", lambda c: c.at_least(
@@ -433,6 +453,7 @@ def test_hist_mlp0_is_needed(tracr_hist_model, claim):
     claim.at_least("TRUE ablation: accuracy drop when zero-ablating MLP0 (half of perfect)", drop, 0.5)
 
 
+@FALSE_CLAIM
 def test_hist_counts_without_attention_is_false(tracr_hist_model, claim):
     """The story 'the MLP counts from the tokens alone': accuracy would survive L0H0's ablation."""
     refute(claim, "ablation", "wrong story", lambda c: c.at_least(
@@ -479,6 +500,7 @@ def test_sd_patching_l1h0_carries_the_source_opens(tracr_shuffle_dyck_model, cla
                   "own closes), L1H0 patched from a source", gap, EXACT)
 
 
+@FALSE_CLAIM
 def test_sd_patching_l0h0_carries_the_source_opens_is_false(tracr_shuffle_dyck_model, claim, draws):
     """Patching L1H1 instead would be no wrong head: in every prefix closes = 1 - opens, so its patch
     gives the same balance (the ground truth says so; that claim was dropped as not false). L0H0
@@ -502,6 +524,7 @@ def test_sd_patching_l0h0_carries_the_source_opens_is_false(tracr_shuffle_dyck_m
         "max gap of the balance with L0H0 patched from (source opens - own closes)", max_dev(got["bal"], want), EXACT))
 
 
+@FALSE_CLAIM
 def test_sd_patching_the_last_position_carries_the_verdict_is_false(tracr_shuffle_dyck_model, claim, draws):
     """The story 'the verdict is decided at the last position from its open count'."""
     seqs, src, logits = patched(tracr_shuffle_dyck_model, "shuffle_dyck", draws,
@@ -520,6 +543,7 @@ def test_fp_patching_mlp0_carries_the_source_fraction(tracr_frac_prevs_model, cl
                   max_dev(logits[..., 0], prefix_fraction([seqs[i] for i in src], "a")), EXACT)
 
 
+@FALSE_CLAIM
 def test_fp_patching_mlp0_at_the_last_position_is_false(tracr_frac_prevs_model, claim, draws):
     seqs, src, logits = patched(tracr_frac_prevs_model, "frac_prevs", draws, [("blocks.0.hook_mlp_out", (-1,))])
     refute(claim, "patching", "wrong position", lambda c: c.at_most(
@@ -535,6 +559,7 @@ def test_hist_patching_l0h0_carries_the_source_counts(tracr_hist_model, claim, d
                    float(follows.double().mean()), ATTENDS)
 
 
+@FALSE_CLAIM
 def test_hist_mlp_recounts_after_patching_is_false(tracr_hist_model, claim, draws):
     seqs, src, logits = patched(tracr_hist_model, "hist", draws, [("blocks.0.attn.hook_z", ())])
     own = logits.argmax(-1).double() == counts(seqs)
@@ -573,6 +598,7 @@ def test_hist_scrub_mlp0_reads_the_count(tracr_hist_model, claim, draws):
                    scrubbed(tracr_hist_model, "hist", labels, hyp, draws), ATTENDS)
 
 
+@FALSE_CLAIM
 def test_hist_scrub_mlp0_reads_the_token_is_false(tracr_hist_model, claim, draws):
     token = torch.tensor([ord(s[-1]) for s in strings("hist")[0]])
     hyp = Hypothesis("MLP0 reads the last token", {"L0.mlp": Path(token)})
@@ -581,6 +607,7 @@ def test_hist_scrub_mlp0_reads_the_token_is_false(tracr_hist_model, claim, draws
         "normalised loss recovered, MLP0 given any input with the same last token", value, ATTENDS))
 
 
+@FALSE_CLAIM
 def test_hist_scrub_head_writes_the_output_is_false(tracr_hist_model, claim, draws):
     labels = hist_last()
     hyp = Hypothesis("L0H0 writes the count", {"L0H0": Path(labels)})
@@ -602,6 +629,7 @@ def test_sd_scrub_mlp5_writes_the_verdict(tracr_shuffle_dyck_model, claim, draws
                    scrubbed(tracr_shuffle_dyck_model, "shuffle_dyck", labels, hyp, draws), ATTENDS)
 
 
+@FALSE_CLAIM
 def test_sd_scrub_final_balance_decides_is_false(tracr_shuffle_dyck_model, claim, draws):
     """The plausible story 'balanced = the counts match': ')(' has balance 0 and is not balanced."""
     seqs, _ = strings("shuffle_dyck")
@@ -612,6 +640,7 @@ def test_sd_scrub_final_balance_decides_is_false(tracr_shuffle_dyck_model, claim
         "normalised loss recovered, MLP5 given any input whose final balance agrees", value, ATTENDS))
 
 
+@FALSE_CLAIM
 def test_sd_scrub_layer4_heads_write_the_verdict_is_false(tracr_shuffle_dyck_model, claim, draws):
     labels = sd_labels()
     hyp = Hypothesis("L4 heads write the verdict", {"L4H0": Path(labels), "L4H1": Path(labels)})
@@ -649,6 +678,7 @@ def test_hist_mlp0_writes_the_whole_correct_logit(tracr_hist_model, claim):
                    hist_direct_margin(tracr_hist_model, "0_mlp_out"), ATTENDS)
 
 
+@FALSE_CLAIM
 def test_hist_l0h0_writes_the_correct_logit_is_false(tracr_hist_model, claim):
     refute(claim, "decomposition", "wrong component", lambda c: c.at_least(
         "least correct-count logit margin written directly by L0's attention",
@@ -668,6 +698,7 @@ def test_fp_l1h0_writes_the_output(tracr_frac_prevs_model, claim):
                   fp_term_gap(tracr_frac_prevs_model, "1_attn_out"), EXACT)
 
 
+@FALSE_CLAIM
 def test_fp_mlp0_writes_the_output_is_false(tracr_frac_prevs_model, claim):
     refute(claim, "decomposition", "wrong component", lambda c: c.at_most(
         "max gap of MLP0's direct output term from the fraction of 'a'", fp_term_gap(tracr_frac_prevs_model, "0_mlp_out"), EXACT))
@@ -690,11 +721,13 @@ def test_sd_mlp5_writes_the_verdict_margin(tracr_shuffle_dyck_model, claim):
                    verdict_margin(tracr_shuffle_dyck_model, "5_mlp_out"), ATTENDS)
 
 
+@FALSE_CLAIM
 def test_sd_layer4_attention_writes_the_verdict_margin_is_false(tracr_shuffle_dyck_model, claim):
     refute(claim, "decomposition", "wrong layer", lambda c: c.at_least(
         "least verdict margin L4's attention writes directly", verdict_margin(tracr_shuffle_dyck_model, "4_attn_out"), 0.5))
 
 
+@FALSE_CLAIM
 def test_sd_mlp4_writes_the_verdict_margin_is_false(tracr_shuffle_dyck_model, claim):
     refute(claim, "decomposition", "wrong component", lambda c: c.at_least(
         "least verdict margin MLP4 writes directly", verdict_margin(tracr_shuffle_dyck_model, "4_mlp_out"), 0.5))
@@ -757,6 +790,7 @@ def test_sd_role_last_reader_carries_the_final_balance_flag(tracr_shuffle_dyck_m
                    note=f"{roles.describe({'last_reader': head})}; direction from the search split")
 
 
+@FALSE_CLAIM
 def test_sd_role_last_reader_decides_balance_is_false(tracr_shuffle_dyck_model, claim, draws):
     """The story 'the head reading the last position decides balance': it carries 'final balance
     zero', which ')(' shares with '()'."""
@@ -768,6 +802,7 @@ def test_sd_role_last_reader_decides_balance_is_false(tracr_shuffle_dyck_model, 
         "held-out AUROC of the last reader's output for balanced strings", value, ATTENDS))
 
 
+@FALSE_CLAIM
 def test_sd_role_last_reader_is_in_layer_1_is_false(tracr_shuffle_dyck_model, claim, draws):
     head, _ = bound_last_reader(tracr_shuffle_dyck_model, draws)
     refute(claim, "roles", "wrong layer", lambda c: c.holds(

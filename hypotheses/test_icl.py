@@ -64,10 +64,10 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits.controls import register_control
-from circuits.interventions import randomise_read_in, reinitialize
-from circuits.stats import pearson
+from circuits.analysis import measures as A
+from circuits.analysis.interventions import randomise_read_in, reinitialize
+from circuits.claims.controls import register_control
+from circuits.claims.stats import pearson
 from circuits.tasks import icl
 
 N_EVAL = 20_000  # held-out sequences for the performance claims (fresh seed, not a training seed)

@@ -56,13 +56,13 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits.interventions import batch_mean_ablate_head
-from circuits.controls import register_control
-from circuits.draws import Draws
-from circuits.figures import overlaid_histograms
-from circuits.model import HookedTransformer
-from circuits.stats import Estimate, auroc, auroc_ci, cohens_d, spearman
+from circuits.analysis import measures as A
+from circuits.analysis.interventions import batch_mean_ablate_head
+from circuits.claims.controls import register_control
+from circuits.claims.draws import Draws
+from circuits.claims.stats import Estimate, auroc, auroc_ci, cohens_d, spearman
+from circuits.model.transformer import HookedTransformer
+from circuits.report.figures import overlaid_histograms
 from circuits.tasks import palindromes as P
 
 N_ACCURACY = 20_000  # fresh strings for the accuracy claim

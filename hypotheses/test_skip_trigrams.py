@@ -56,12 +56,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits.controls import register_control
-from circuits.draws import Draws
-from circuits.interventions import mean_ablate_head
-from circuits.model import HookedTransformer
-from circuits.stats import mean_difference
+from circuits.analysis import measures as A
+from circuits.analysis.interventions import mean_ablate_head
+from circuits.claims.controls import register_control
+from circuits.claims.draws import Draws
+from circuits.claims.stats import mean_difference
+from circuits.model.transformer import HookedTransformer
 from circuits.tasks import skip_trigrams as S
 
 N_EVAL = 20_000

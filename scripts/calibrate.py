@@ -1,5 +1,5 @@
 """The README's calibration table: each decision rule's pass rate with the true value at its
-threshold, over many seeds (circuits/calibration.py; tests/test_calibration.py checks fast
+threshold, over many seeds (circuits/claims/calibration.py; tests/test_calibration.py checks fast
 configurations with 200 seeds).
 
     CIRCUITS_THREADS=1 python scripts/calibrate.py --seeds 1000 > calibration.md
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from circuits import calibration as C  # noqa: E402
+from circuits.claims import calibration as C  # noqa: E402
 
 
 def arena_rule(population_draws: int = 40) -> C.Rule:
@@ -26,8 +26,8 @@ def arena_rule(population_draws: int = 40) -> C.Rule:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "hypotheses"))
     import test_brackets_scrubbing as H
-    from circuits import reference
-    from circuits import scrub as S
+    from circuits.tasks.brackets import reference
+    from circuits.analysis import scrub as S
 
     torch.set_num_threads(1)
     model, data = reference.arena_model(), reference.arena_data()

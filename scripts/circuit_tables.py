@@ -15,12 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hypotheses"))
 
-from circuits import circuit_claims as CC  # noqa: E402
-from circuits import discovery as D  # noqa: E402
-from circuits import reference, zoo  # noqa: E402
-from circuits.circuit import Ablation, Circuit  # noqa: E402
-from circuits.interventions import reinitialize  # noqa: E402
-from circuits.stats import auroc_ci  # noqa: E402
+from circuits.claims import circuit as CC  # noqa: E402
+from circuits.analysis import discovery as D  # noqa: E402
+from circuits.tasks.brackets import reference
+from circuits.zoo import registry as zoo  # noqa: E402
+from circuits.analysis.circuit import Ablation, Circuit  # noqa: E402
+from circuits.analysis.interventions import reinitialize  # noqa: E402
+from circuits.claims.stats import auroc_ci  # noqa: E402
 
 
 def _ci(est) -> str:
@@ -61,7 +62,7 @@ def arena() -> None:
 
 def ground_truth() -> None:
     import test_circuit_ground_truth as TG
-    from circuits.tracr_circuit import compiled_circuit  # noqa: F401 (used by Program)
+    from circuits.tasks.tracr.circuit import compiled_circuit  # noqa: F401 (used by Program)
 
     print()
     print("| program (edges, compiled) | ablation | EAP | EAP-IG (5 steps) | ACDC (tau 0.01) |")

@@ -1,4 +1,4 @@
-"""Compile the RASP programs of `circuits.tasks.tracr.PROGRAMS` with Tracr and write them as reference
+"""Compile the RASP programs of `circuits.tasks.tracr.compiled.PROGRAMS` with Tracr and write them as reference
 checkpoints: `fixtures/models/tracr_<name>.safetensors` (our TL-layout weights) + `.card.json`.
 
 Needs the `tracr` extra (`pip install -e .[tracr]`: tracr-pypi, JAX, Haiku beside torch); nothing
@@ -49,7 +49,7 @@ def compile_program(name: str):
     from tracr.craft import bases
     from tracr.rasp import rasp
 
-    from circuits.tasks.tracr import BOS, PAD, PROGRAMS
+    from circuits.tasks.tracr.compiled import BOS, PAD, PROGRAMS
 
     prog = PROGRAMS[name]
     program = eval(prog.source, {"lib": lib, "rasp": rasp})  # the table's own expression, not user input
@@ -113,9 +113,9 @@ def build(name: str) -> tuple[dict, dict]:
     from tracr.compiler import nodes
     from tracr.rasp import rasp
 
-    from circuits.model import HookedTransformer
-    from circuits.convert import load_tl_state_dict
-    from circuits.tasks import tracr as T
+    from circuits.model.transformer import HookedTransformer
+    from circuits.model.convert import load_tl_state_dict
+    from circuits.tasks.tracr import compiled as T
 
     prog = T.PROGRAMS[name]
     program, assembled, graph, sink, craft_model = compile_program(name)
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from circuits.atomic import write_bytes_atomic
-    from circuits.store import save_reference
-    from circuits.tasks.tracr import PROGRAMS, TRACR_PINS, entry_name
+    from circuits.zoo.store import save_reference
+    from circuits.tasks.tracr.compiled import PROGRAMS, TRACR_PINS, entry_name
 
     installed = {p: importlib.metadata.version(p) for p in TRACR_PINS}
     if installed != TRACR_PINS and not args.allow_versions:

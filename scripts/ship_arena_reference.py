@@ -8,7 +8,7 @@ SOURCE_DIR defaults to ../shared/reference/arena-brackets. It writes fixtures/re
 the state dict as safetensors (loaded with torch.load(weights_only=True): nothing is unpickled), the
 data as gzip'd compact JSON (350 KB against 367 KB for bit-packed npz and 2.8 MB raw; gzip with
 mtime 0 so the bytes are reproducible), and checksums.json with the sha256 of every shipped file and
-of the originals. circuits.reference checks the shipped sha256 on every load.
+of the originals. circuits.tasks.brackets.reference checks the shipped sha256 on every load.
 """
 
 from __future__ import annotations

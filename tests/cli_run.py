@@ -51,7 +51,7 @@ def _chdir(path):  # contextlib.chdir is Python 3.11+
 def _tiny_registered():
     """The tiny bracket model registered, and each training appended to $TRAIN_LOG (after sleeping
     $TRAIN_SLEEP seconds), as the subprocess helper of test_cli.py does."""
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
     from test_train_zoo import tiny_entry
 
     real = zoo.train_entry

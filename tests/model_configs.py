@@ -8,7 +8,7 @@ from typing import Union
 
 import torch
 
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model.transformer import HookedTransformer, TransformerConfig
 
 CONFIGS = {
     # seed 000: the ARENA bracket classifier

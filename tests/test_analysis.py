@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import analysis as A
-from circuits import interventions as I
+from circuits.analysis import measures as A
+from circuits.analysis import interventions as I
 from circuits.errors import InputError
-from circuits.model import HookedTransformer, TransformerConfig
-from circuits.stats import bootstrap_ci
-from circuits.tasks import brackets as B
+from circuits.claims.stats import bootstrap_ci
+from circuits.model.transformer import HookedTransformer, TransformerConfig
+from circuits.tasks.brackets import data as B
 
 CFG = TransformerConfig(n_layers=2, d_model=24, n_ctx=B.N_CTX, n_heads=3, d_mlp=32, d_vocab=B.VOCAB,
                         d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first", seed=0)

@@ -4,6 +4,8 @@ imports inside functions too), and the pytest plugin loads without torch."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,13 +101,13 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycles_in_the_library():
     graph = import_graph()
-    assert "circuits.pytest_plugin" in graph and graph["circuits.pytest_plugin"], "the import graph is empty?"
+    assert "circuits.plugin.pytest_plugin" in graph and graph["circuits.plugin.pytest_plugin"], "the import graph is empty?"
     assert cycles(graph) == [], "import cycles (each list imports itself round): " + repr(cycles(graph))
 
 
 def test_the_plugin_loads_without_torch():
-    code = ("import sys, circuits.pytest_plugin, circuits.session; "
-            "print('torch' in sys.modules, 'circuits.zoo' in sys.modules)")
+    code = ("import sys, circuits.plugin.pytest_plugin, circuits.plugin.session; "
+            "print('torch' in sys.modules, 'circuits.zoo.registry' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
 
@@ -117,3 +119,56 @@ def test_the_readme_claim_example_is_the_committed_file():
     section = readme.split("### Adding a claim", 1)[1]
     block = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert block == (ROOT.parent / "hypotheses" / "test_example.py").read_text()
+
+
+def test_packages_that_grew_from_modules_forward_their_old_names():
+    """``from circuits import zoo; zoo.load`` and ``from circuits.model.transformer import HookedTransformer`` (the
+    user API before the layered tree) reach the core modules' objects; unknown names are an
+    AttributeError naming the package."""
+    import importlib
+
+    import pytest
+
+    for package, core, name in [("circuits.model.transformer", "circuits.model.transformer", "HookedTransformer"),
+                                ("circuits.analysis.measures", "circuits.analysis.measures", "run_in_batches"),
+                                ("circuits.claims.core", "circuits.claims.core", "ClaimFailure"),
+                                ("circuits.zoo.registry", "circuits.zoo.registry", "load"),
+                                ("circuits.tasks.brackets.data", "circuits.tasks.brackets.data", "BracketData"),
+                                ("circuits.tasks.tracr.compiled", "circuits.tasks.tracr.compiled", "PROGRAMS")]:
+        assert getattr(importlib.import_module(package), name) is getattr(importlib.import_module(core), name)
+        with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'no_such_name'"):
+            getattr(importlib.import_module(package), "no_such_name")
+
+
+_ABOUT_CENSUS = """
+import json, os, pytest
+
+@pytest.hookimpl(tryfirst=True)  # before the plugin deselects (full-sweep grids, known failures' controls)
+def pytest_collection_modifyitems(items):
+    rows = [[item.nodeid, [list(m.args) for m in item.iter_markers("about")],
+             [m.kwargs.get("none") for m in item.iter_markers("about")]] for item in items]
+    with open(os.environ["ABOUT_CENSUS_OUT"], "w") as f:
+        json.dump(rows, f)
+"""
+
+
+def test_every_hypothesis_test_says_what_it_is_about(tmp_path):
+    """Every test collected from hypotheses/ has an ``about`` marker (issue 29): parts, whose derived
+    mutations must then be collected for it, or ``none="why"``, which the report shows."""
+    (tmp_path / "about_census.py").write_text(_ABOUT_CENSUS)
+    out = tmp_path / "census.json"
+    env = {**os.environ, "ABOUT_CENSUS_OUT": str(out),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "hypotheses", "--collect-only", "-q", "-p", "about_census",
+                          "-p", "no:randomly", "-p", "no:cacheprovider", "--circuits-no-report"],
+                         cwd=ROOT.parent, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) > 100, f"collected only {len(rows)} tests from hypotheses/"
+    group = lambda nodeid: nodeid.split("[", 1)[0]  # noqa: E731
+    missing = sorted({group(n) for n, targets, nones in rows if not targets})
+    assert not missing, "tests in hypotheses/ without @pytest.mark.about(...): " + ", ".join(missing)
+    with_parts = {group(n) for n, targets, _ in rows if any(targets)}
+    mutated = {group(n) for n, _, _ in rows if "mutation=" in n}
+    assert with_parts <= mutated, "about(parts) but no derived mutation collected: " + ", ".join(
+        sorted(with_parts - mutated))

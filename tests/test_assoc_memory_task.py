@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from circuits.assoc_model import AssocConfig, all_contexts, build_model, table_logits
+from circuits.tasks.assoc.model import AssocConfig, all_contexts, build_model, table_logits
 from circuits.errors import ConfigError, InputError
-from circuits.model import HookedTransformer
-from circuits.store import MissingCheckpointError, ModelStore, StaleCheckpointError, save_reference, spec_key
-from circuits import zoo
+from circuits.model.transformer import HookedTransformer
+from circuits.zoo.store import MissingCheckpointError, ModelStore, StaleCheckpointError, save_reference, spec_key
+from circuits.zoo import registry as zoo
 from circuits.tasks import assoc as A
 
 SWITCHES = [
@@ -615,7 +615,7 @@ def test_experiment_one_points_keep_their_reference_keys():
 
 # --- the claims' controls (circuits.tasks.assoc.breaks) ----------------------------------------------------
 
-from circuits.interventions import batch_mean_ablate_head  # noqa: E402
+from circuits.analysis.interventions import batch_mean_ablate_head  # noqa: E402
 from circuits.tasks.assoc import breaks as B  # noqa: E402
 
 BREAK_CONFIGS = [
@@ -638,11 +638,14 @@ def test_mean_ablated_heads_in_the_weights_equal_the_hook_mean_ablation(kw):
     """b_O carries the head's mean output: the table (no hooks) and the forward agree with the plugin's
     hook mutation run on every context at once."""
     model = build_model(AssocConfig(**kw))
+    hooks_only = build_model(AssocConfig(**kw))
+    hooks_only.weight_mutation = lambda *args: None  # the plugin's generic path: a hook on hook_z
     for h in range(model.acfg.n_heads):
         ours = B.ablate_heads(model, [h], "mean")
         table, forward = _logits(ours)
         torch.testing.assert_close(table, forward, atol=1e-5, rtol=1e-5)
-        hooked = batch_mean_ablate_head(model, 0, h)
+        hooked = batch_mean_ablate_head(hooks_only, 0, h)
+        assert hooked.hook_dict["blocks.0.attn.hook_z"].fns  # the reference really is the hook version
         with torch.no_grad():
             ref = hooked(all_contexts(model.acfg.d_vocab, model.acfg.n_ctx)).double()
         torch.testing.assert_close(forward, ref, atol=1e-5, rtol=1e-5)
@@ -691,6 +694,49 @@ def test_reassigned_table_replaces_every_pair_and_keeps_the_statistics():
     assert counts(new) == counts(law)
     with pytest.raises(InputError, match="needs a Law"):
         B.reassign_table("law", torch.Generator())
+
+
+@pytest.mark.parametrize("kw", BREAK_CONFIGS)
+def test_the_plugins_mutations_reach_the_table(kw):
+    """Every mutation `about` derives for a head, the layer's heads or an MLP changes what table_logits
+    computes (the claims' exact evaluation runs no hooks: the model makes the hook-based ones in its
+    weights), and the table still equals the forward."""
+    from circuits.claims.controls import make_control
+
+    model = build_model(AssocConfig(**kw))
+    specs = ["zero_ablate:L0H0", "mean_ablate:L0H0", "zero_ablate_attn:L0", "mean_ablate_attn:L0",
+             "randomise_read_in", "permute_positions"] + (["swap_head:L0H0"] if model.acfg.n_heads > 1 else [])
+    specs += ["zero_ablate_mlp:L0", "mean_ablate_mlp:L0"] if model.acfg.d_mlp else []
+    before = _logits(model)[0]
+    for spec in specs:
+        mutant = make_control(spec).apply_model(model)
+        assert not any(hp.fns for hp in mutant.hook_dict.values()), spec
+        table, forward = _logits(mutant)
+        torch.testing.assert_close(table, forward, atol=1e-5, rtol=1e-5)
+        if spec.startswith("swap_head"):  # the same function, the index naming the other head
+            torch.testing.assert_close(table, before, atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(table, before, atol=1e-6), spec
+    mean_all = make_control("mean_ablate_attn:L0").apply_model(model)
+    torch.testing.assert_close(_logits(mean_all)[0], _logits(B.ablate_heads(model, range(model.acfg.n_heads),
+                                                                                "mean"))[0])
+
+
+def test_the_kept_head_means_follow_the_weights():
+    model = build_model(small())
+    first = model.head_output_means()
+    assert torch.equal(model.head_output_means(), first)
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.mul_(2)  # an in-place edit: the kept means are stale
+    torch.testing.assert_close(model.head_output_means(), 2 * first)
+
+
+def test_table_logits_refuses_a_model_with_hooks():
+    """A hook would be skipped by the table: a claim scored there would hold on the unmutated model."""
+    model = build_model(small())
+    model.hook_dict["blocks.0.attn.hook_z"].fns.append(lambda z, hook: z * 0)
+    with pytest.raises(InputError, match="runs no hooks.*blocks.0.attn.hook_z"):
+        table_logits(model)
 
 
 def test_ablate_mlp_zero_and_mean():

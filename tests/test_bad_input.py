@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.assoc_model import AssocConfig, all_contexts, build_model
+from circuits.tasks.assoc.model import AssocConfig, all_contexts, build_model
 from circuits.errors import HookNameError, HookOutputError, InputError
-from circuits.interventions import patch_activations, resample_activations, resample_together
+from circuits.analysis.interventions import patch_activations, resample_activations, resample_together
 from model_configs import CONFIGS, perturbed_model
 
 
@@ -183,7 +183,7 @@ def test_hook_returning_none_is_documented(config, dtype):
     to float rounding."""
     model = perturbed_model(config, dtype=dtype)
     x = _inputs(model).repeat(22, 1)  # 66 rows: the read-out-only path is on (READOUT_ONLY_MIN_BATCH)
-    from circuits.model import FULL_POSITION_HOOKS
+    from circuits.model.transformer import FULL_POSITION_HOOKS
     last = f"blocks.{model.cfg.n_layers - 1}."
     with torch.no_grad():
         base = model(x)
@@ -224,7 +224,7 @@ def _flag(name: str) -> str:
     """The plugin's spelling of an option (`--NAME`, or `--circuits-NAME` once options are prefixed)."""
     import inspect
 
-    from circuits import pytest_plugin
+    from circuits.plugin import pytest_plugin
 
     src = inspect.getsource(pytest_plugin.pytest_addoption)
     return f"--circuits-{name}" if f'"--circuits-{name}"' in src else f"--{name}"
@@ -274,7 +274,7 @@ def test_bad_circuits_threads_is_one_usage_error(pytester, monkeypatch, value):
 
 
 def test_threads_from_env_is_what_the_claims_use(monkeypatch):
-    from circuits.session import threads_from_env
+    from circuits.plugin.session import threads_from_env
 
     monkeypatch.setenv("CIRCUITS_THREADS", "3")
     assert threads_from_env() == 3
@@ -300,7 +300,8 @@ def test_unknown_variant_is_one_usage_error(pytester, variant, words):
     (["--out", "{file}"], "is not a folder"),
 ])
 def test_census_bad_arguments_refused_up_front(tmp_path, monkeypatch, capsys, args, words):
-    from circuits import census, cli
+    from circuits import cli
+    from circuits.zoo import census
 
     monkeypatch.setattr(census, "run_census", lambda *a, **k: pytest.fail("the census started"))
     (tmp_path / "afile").write_text("x")
@@ -316,7 +317,7 @@ STORE_SPEC = {"name": "m", "seed": 0, "train": {"steps": 1}}
 
 
 def _stored(root):
-    from circuits.store import ModelStore, spec_key
+    from circuits.zoo.store import ModelStore, spec_key
 
     s = ModelStore(root)
     key = spec_key(STORE_SPEC)
@@ -327,7 +328,7 @@ def _stored(root):
 def test_card_that_is_a_folder_is_corrupt_and_removed(tmp_path):
     import shutil as sh
 
-    from circuits.store import CorruptCheckpointWarning
+    from circuits.zoo.store import CorruptCheckpointWarning
 
     s, key = _stored(tmp_path)
     card = s.card_path(key)
@@ -362,7 +363,7 @@ def test_free_space_checked_before_a_build(tmp_path, monkeypatch):
     import shutil as sh
 
     from circuits.errors import StoreError
-    from circuits.store import ModelStore
+    from circuits.zoo.store import ModelStore
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10 << 20, (10 << 20) - (1 << 20), 1 << 20))
@@ -389,9 +390,10 @@ def test_zoo_training_checks_free_space_first(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train_zoo import tiny_entry
 
-    from circuits import train, zoo
+    from circuits.zoo import train
+    from circuits.zoo import registry as zoo
     from circuits.errors import StoreError
-    from circuits.store import ModelStore
+    from circuits.zoo.store import ModelStore
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda path: usage(1 << 20, 1 << 20, 100))
@@ -403,7 +405,7 @@ def test_zoo_training_checks_free_space_first(tmp_path, monkeypatch):
 
 
 def test_pickle_named_safetensors_is_a_clear_error(tmp_path):
-    from circuits.convert import load_tl_checkpoint
+    from circuits.model.convert import load_tl_checkpoint
     from circuits.errors import StateDictError
 
     path = tmp_path / "model.safetensors"
@@ -424,8 +426,8 @@ def stored_tiny(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train_zoo import tiny_entry
 
-    from circuits import zoo
-    from circuits.store import ModelStore, spec_key
+    from circuits.zoo import registry as zoo
+    from circuits.zoo.store import ModelStore, spec_key
 
     entry = tiny_entry()
     monkeypatch.setitem(zoo.ZOO, entry.name, entry)
@@ -503,7 +505,7 @@ def test_escapes_in_claim_names_reach_no_output_raw(pytester):
 
 
 def test_census_markdown_shows_claim_names_escaped():
-    from circuits.census import Census, markdown
+    from circuits.zoo.census import Census, markdown
 
     column = f"test_x::{EVIL}" + "n" * 5000
     md = markdown(Census(name="brackets", module="m.py", seeds=[0], recipes=["default"], columns=[column]))

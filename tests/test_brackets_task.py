@@ -1,4 +1,4 @@
-"""Tests for circuits.tasks.brackets: tokenizer, labels and features, BracketData, the generator.
+"""Tests for circuits.tasks.brackets.data: tokenizer, labels and features, BracketData, the generator.
 
 Every vectorised feature is checked against a plain loop (written the way the seed notebook writes
 it) on random strings and on the published 100k reference file. The reference file lives outside the
@@ -19,8 +19,8 @@ import torch
 from scipy import stats
 
 from circuits.errors import InputError
-from circuits.tasks import brackets as B
-from circuits.tasks.brackets import BracketData, ReferenceDataError
+from circuits.tasks.brackets import data as B
+from circuits.tasks.brackets.data import BracketData, ReferenceDataError
 
 _DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/arena-brackets/brackets_data.json"
 REFERENCE = Path(os.environ.get("CIRCUITS_BRACKETS_REFERENCE", _DEFAULT_REFERENCE))

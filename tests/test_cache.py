@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from circuits.cache import ActivationCache, Deferred, decomposition_hook_names, project
+from circuits.model.cache import ActivationCache, Deferred, decomposition_hook_names, project
 from circuits.errors import CircuitsError, HookNameError, InputError
-from circuits.model import MASKED_SCORE, HookedTransformer
-from circuits.tasks.brackets import tokenize
+from circuits.model.transformer import MASKED_SCORE, HookedTransformer
+from circuits.tasks.brackets.data import tokenize
 from model_configs import CONFIGS, perturbed_model
 
 LN_CONFIGS = ["brackets", "read_in"]
@@ -540,7 +540,7 @@ TL_KEYS = [
 
 @pytest.mark.parametrize("key, name", TL_KEYS, ids=[repr(k) for k, _ in TL_KEYS])
 def test_transformerlens_keys_resolve_to_hook_names(key, name):
-    from circuits.cache import act_name
+    from circuits.model.cache import act_name
 
     _, _, _, cache = run("brackets", torch.float32)
     assert cache[key] is cache[name]

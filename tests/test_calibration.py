@@ -2,14 +2,14 @@
 exactly at its threshold must pass at most as often as the rule's nominal level (2.5% for a bound
 of a two-sided 95% interval), up to Monte-Carlo error: the Wilson 95% interval of the measured rate
 over 200 seeds must reach down to the nominal level. Each rule runs the very code the claims run
-(circuits/calibration.py); the README's table comes from scripts/calibrate.py with more seeds."""
+(circuits/claims/calibration.py); the README's table comes from scripts/calibrate.py with more seeds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from circuits import calibration as C
+from circuits.claims import calibration as C
 
 SEEDS = 200
 
@@ -49,10 +49,10 @@ def test_rules_pass_when_the_truth_is_clear_of_the_threshold():
     c = C._claims(0)
     g = np.random.default_rng(0)
     assert c.at_least("mean", c.sample(1.5 + g.normal(size=40), np.mean, method="percentile"), 1.0).passed
-    from circuits.stats import auroc_ci
+    from circuits.claims.stats import auroc_ci
 
     assert c.at_least("auroc", auroc_ci(2.5 + g.normal(size=50), g.normal(size=50), n_resamples=400), 0.9).passed
-    from circuits.scrub import scrub_claim, scrub_result
+    from circuits.analysis.scrub import scrub_claim, scrub_result
 
     s, b = C.scrub_losses(0, 200, 5, 0.95)
     assert scrub_claim(c, "sim", scrub_result("sim", 0.05, s, b), 0.85).passed
@@ -65,7 +65,7 @@ def test_wilson_interval():
 
 
 def test_expanded_level_widens_small_samples_only():
-    from circuits.stats import expanded_level
+    from circuits.claims.stats import expanded_level
 
     assert abs(expanded_level(0.95, 20) - 0.968) < 0.001
     assert abs(expanded_level(0.95, 5000) - 0.95) < 1e-4
@@ -77,7 +77,7 @@ def test_auroc_bca_matches_scipys_bca():
     jackknifes by recomputing) on the same resamples, ties included."""
     from scipy import stats as st
 
-    from circuits.stats import _auroc_bca, _auroc_ranks
+    from circuits.claims.stats import _auroc_bca, _auroc_ranks
 
     g = np.random.default_rng(1)
     pos, neg = np.round(g.normal(1.5, 1, 80), 1), np.round(g.normal(0, 1, 120), 1)

@@ -1,4 +1,4 @@
-"""circuits.census: the recipe x claim table from pytest reports, and the whole census end to end on a
+"""circuits.zoo.census: the recipe x claim table from pytest reports, and the whole census end to end on a
 tiny registered zoo entry and a tiny hypothesis module (trains once, then reproduces from the store)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from circuits import census as C
-from circuits import zoo
+from circuits.zoo import census as C
+from circuits.zoo import registry as zoo
 from circuits.errors import InputError, UnknownModelError
 
 TESTS = Path(__file__).resolve().parent
@@ -84,7 +84,7 @@ def test_bad_input_is_one_clear_error(tmp_path):
 
 
 def test_brackets_recipes_have_their_own_store_keys():
-    from circuits.store import spec_key
+    from circuits.zoo.store import spec_key
 
     keys = {r: spec_key(zoo.get_entry(C.zoo_name("brackets", r)).spec(1))
             for r in ("default", "label_only", "originators", "arena_like")}
@@ -101,7 +101,7 @@ def test_arena_like_training_hooks_are_training_only_and_fold_into_the_embedding
 
     import torch
 
-    from circuits.tasks import brackets as B
+    from circuits.tasks.brackets import data as B
 
     entry = zoo.get_entry("brackets@arena_like")
     model = entry.new_model(0)
@@ -136,14 +136,14 @@ ENTRY = replace(_BASE, reference_seeds=(), recipe=replace(_BASE.recipe, n_test=5
 """
 
 CONFTEST = """
-from circuits import zoo
+from circuits.zoo import registry as zoo
 import tiny_zoo
 zoo.register(tiny_zoo.ENTRY, "conftest")
 """
 
 MODULE = '''
 import torch
-from circuits import zoo
+from circuits.zoo import registry as zoo
 
 
 class TestTiny:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits import known_circuit as K
-from circuits.circuit import Ablation, Circuit, CircuitError, Graph, ablated_outputs, run_circuit, run_masked
+from circuits.tasks import known_circuit as K
+from circuits.analysis.circuit import Ablation, Circuit, CircuitError, Graph, ablated_outputs, run_circuit, run_masked
 from circuits.errors import CircuitsError
-from circuits.model import HookedTransformer
+from circuits.model.transformer import HookedTransformer
 
 from model_configs import CONFIGS, perturbed_model
 

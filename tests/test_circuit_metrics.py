@@ -1,5 +1,5 @@
 """Every circuit metric against its formula, on the hand-weighted model whose only path is known
-(`circuits.known_circuit`: tok -> L0H0.v -> L1H0.v -> logits, every other edge has zero effect)."""
+(`circuits.tasks.known_circuit`: tok -> L0H0.v -> L1H0.v -> logits, every other edge has zero effect)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import circuit_claims as CC
-from circuits import discovery as D
-from circuits import known_circuit as K
-from circuits.circuit import Ablation, Circuit, CircuitError, Graph
-from circuits.claims import ClaimFailure, Claims
+from circuits.claims import circuit as CC
+from circuits.analysis import discovery as D
+from circuits.tasks import known_circuit as K
+from circuits.analysis.circuit import Ablation, Circuit, CircuitError, Graph
+from circuits.claims.core import ClaimFailure, Claims
 
 ABLATIONS = {"zero": lambda ref: Ablation.zero(), "mean": Ablation.mean, "resample": Ablation.resample}
 

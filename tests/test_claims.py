@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import controls as ctl
-from circuits.claims import (ClaimDefinitionError, Claims, ClaimValueError, DuplicateClaimError, coerce_value,
+from circuits.claims import controls as ctl
+from circuits.claims.core import (ClaimDefinitionError, Claims, ClaimValueError, DuplicateClaimError, coerce_value,
                              format_numbers)
 from circuits.errors import CircuitsError
-from circuits.stats import (Estimate, StatsInputError, auroc, auroc_ci, bootstrap_ci, cohens_d, cohens_d_ci,
+from circuits.claims.stats import (Estimate, StatsInputError, auroc, auroc_ci, bootstrap_ci, cohens_d, cohens_d_ci,
                             pearson_ci, spearman, spearman_ci)
 
 
@@ -294,16 +294,16 @@ class Labelled:
 
 def test_builtin_controls_call_interventions(monkeypatch):
     calls = []
-    fake = types.ModuleType("circuits.interventions")
+    fake = types.ModuleType("circuits.analysis.interventions")
     fake.reinitialize = lambda m, seed: calls.append(("reinit", seed)) or "fresh"
     fake.zero_ablate_head = lambda m, layer, head: calls.append(("zero", layer, head)) or f"{m}+z{layer}{head}"
     fake.permute_heads = lambda m, layer, seed: calls.append(("perm", layer, seed)) or "permuted"
     fake.shuffle_labels = lambda d, seed: calls.append(("shuffle", seed)) or "shuffled"
     fake.LABEL_FIELDS = ("labels",)
-    monkeypatch.setitem(sys.modules, "circuits.interventions", fake)
-    import circuits
+    monkeypatch.setitem(sys.modules, "circuits.analysis.interventions", fake)
+    import circuits.analysis
 
-    monkeypatch.setattr(circuits, "interventions", fake, raising=False)
+    monkeypatch.setattr(circuits.analysis, "interventions", fake, raising=False)
 
     class Ours:  # what 'untrained' re-initialises with the model's own scheme
         cfg = None
@@ -320,7 +320,7 @@ def test_builtin_controls_call_interventions(monkeypatch):
 
 
 def test_large_samples_use_the_percentile_interval_which_agrees_with_bca():
-    from circuits.stats import BCA_MAX_N, bootstrap_ci
+    from circuits.claims.stats import BCA_MAX_N, bootstrap_ci
 
     x = np.random.default_rng(0).exponential(size=BCA_MAX_N + 1)
     large = bootstrap_ci(x, np.mean, n_resamples=500)
@@ -338,7 +338,7 @@ def test_own_percentile_bootstrap_equals_scipys(paired, n):
     import numpy as np
     from scipy import stats as st
 
-    from circuits.stats import _percentile_interval, pearson
+    from circuits.claims.stats import _percentile_interval, pearson
 
     g = np.random.default_rng(3)
     x = g.normal(size=n)

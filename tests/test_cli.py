@@ -22,7 +22,8 @@ CLI_WITH_TINY = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_train_zoo import tiny_entry
-from circuits import cli, zoo
+from circuits import cli
+from circuits.zoo import registry as zoo
 zoo.register(tiny_entry())
 real = zoo.train_entry
 def counted(entry, seed, *a, **k):
@@ -123,8 +124,9 @@ def test_list_shows_a_truncated_entry_as_corrupt(tmp_path, monkeypatch):
     sys.path.insert(0, str(TESTS))
     from test_train_zoo import tiny_entry
 
-    from circuits import cli as C, zoo
-    from circuits.store import ModelStore, spec_key
+    from circuits import cli as C
+    from circuits.zoo import registry as zoo
+    from circuits.zoo.store import ModelStore, spec_key
 
     entry = tiny_entry()
     monkeypatch.setitem(zoo.ZOO, entry.name, entry)

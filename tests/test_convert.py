@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import reference
-from circuits.convert import check_state_dict, flush_subnormals_, load_tl_checkpoint, load_tl_state_dict, to_tl_state_dict
+from circuits.tasks.brackets import reference
+from circuits.model.convert import check_state_dict, flush_subnormals_, load_tl_checkpoint, load_tl_state_dict, to_tl_state_dict
 from circuits.errors import ShippedFileError, StateDictError
-from circuits.model import HookedTransformer, TransformerConfig, sinusoidal_positions
+from circuits.model.transformer import HookedTransformer, TransformerConfig, sinusoidal_positions
 from circuits.paths import arena_dir
-from circuits.tasks.brackets import tokenize
+from circuits.tasks.brackets.data import tokenize
 from model_configs import ATTN_ONLY, BRACKETS, READ_IN, perturbed_model
 
 
@@ -298,7 +298,7 @@ def test_arena_checkpoint_positions_are_our_sinusoids():
 
 def test_arena_config_is_the_brackets_zoo_config():
     """Claims compare the ARENA checkpoint with our `brackets` model: same architecture, same read-out."""
-    from circuits.zoo import get_entry
+    from circuits.zoo.registry import get_entry
 
     assert reference.arena_config() == get_entry("brackets").config
 
@@ -356,7 +356,7 @@ def test_missing_shipped_file_and_checksums(tmp_path, monkeypatch):
 
 ACCESS_PROBE = """
 import json, sys
-import circuits.reference as R, circuits.convert, safetensors.torch  # every import done up front
+import circuits.tasks.brackets.reference as R, circuits.model.convert, safetensors.torch  # every import done up front
 opened = []
 def hook(event, args):
     if recording and event in ("open", "os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)) or (
@@ -387,7 +387,7 @@ def test_arena_loaders_read_only_the_shipped_files():
 
 
 # --- TransformerLens configs both ways (no TL needed; tests/test_tl_peer.py checks against real TL) ---
-from circuits.convert import as_config, from_tl_config, tl_extras, tl_key_mask_hooks, to_tl_config, to_transformer_lens  # noqa: E402
+from circuits.model.convert import as_config, from_tl_config, tl_extras, tl_key_mask_hooks, to_tl_config, to_transformer_lens  # noqa: E402
 from circuits.errors import ConfigError  # noqa: E402
 from model_configs import CONFIGS  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""circuits.ensemble: K seeds trained as one stacked model.
+"""circuits.zoo.ensemble: K seeds trained as one stacked model.
 
 The stacked forward is each model's forward (float32 tolerance); a seed's loss curve and weights
 after a short run agree with the single trainer's within stated tolerances; within the backend a
@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_zoo import tiny_entry  # noqa: E402
 
-from circuits import ensemble, zoo  # noqa: E402
-from circuits.ensemble import BACKEND, BACKEND_ENV, StackedTransformer, train_stack, width_groups  # noqa: E402
-from circuits.store import ModelStore, spec_key  # noqa: E402
-from circuits.zoo import train_entry  # noqa: E402
+from circuits.zoo import ensemble
+from circuits.zoo import registry as zoo  # noqa: E402
+from circuits.zoo.ensemble import BACKEND, BACKEND_ENV, StackedTransformer, train_stack, width_groups  # noqa: E402
+from circuits.zoo.store import ModelStore, spec_key  # noqa: E402
+from circuits.zoo.registry import train_entry  # noqa: E402
 
 # What "agree" means against the single trainer, after SHORT_STEPS steps (measured: loss curves to
 # ~1e-8 relative, weights to ~1e-7 absolute for brackets; the bounds leave room for other BLAS builds)
@@ -153,8 +154,8 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_ensemble import short, _digest
-from circuits import zoo
-from circuits.ensemble import train_stack
+from circuits.zoo import registry as zoo
+from circuits.zoo.ensemble import train_stack
 out = train_stack(short(zoo.get_entry("brackets")), [0, 1])
 print(_digest(out[1][0]))
 """
@@ -209,7 +210,7 @@ def test_the_key_names_the_backend_and_references_stay_single(monkeypatch):
 
 
 def test_stacked_seeds_are_store_entries_that_zoo_load_finds(tmp_path, monkeypatch):
-    from circuits.sweep import run_sweep
+    from circuits.zoo.sweep import run_sweep
 
     entry = tiny_entry("tiny_stacked")
     zoo.ZOO[entry.name] = entry
@@ -235,7 +236,7 @@ def test_stacked_seeds_are_store_entries_that_zoo_load_finds(tmp_path, monkeypat
 
 def test_ray_stacks_store_the_local_stacks_bytes(tmp_path):
     pytest.importorskip("ray", reason="ray is an optional extra: pip install 'pytest-circuits[ray]'")
-    from circuits.sweep import run_sweep
+    from circuits.zoo.sweep import run_sweep
 
     entry = tiny_entry("tiny_stacked_ray")
     local = run_sweep(entry, [0, 1], root=tmp_path / "local", workers=1, stream=io.StringIO(), ensemble=2)

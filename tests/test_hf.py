@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 interop (circuits.hf): our weights <-> a `transformers.GPT2Model` with a linear
+"""Hugging Face GPT-2 interop (circuits.model.hf): our weights <-> a `transformers.GPT2Model` with a linear
 read-in and read-out, as seed 003's `format_flat_weights` does by hand.
 
 The tensor maps are tested without transformers (round trips, layouts against the seed's own
@@ -14,10 +14,10 @@ import importlib.util
 import pytest
 import torch
 
-from circuits import hf
-from circuits.convert import load_tl_state_dict
+from circuits.model import hf
+from circuits.model.convert import load_tl_state_dict
 from circuits.errors import ConfigError, StateDictError
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model.transformer import HookedTransformer, TransformerConfig
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(
@@ -221,7 +221,7 @@ def test_token_gpt2_matches_with_input_ids():
 @needs_transformers
 def test_reference_checkpoint_runs_identically_as_a_gpt2_model():
     """The committed `icl` reference, converted to a real GPT2Model, predicts the same on task data."""
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
     from circuits.tasks import icl
 
     model = zoo.load("icl").model.double()

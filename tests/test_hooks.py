@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from circuits.errors import HookNameError, HookOutputError, InputError
-from circuits.hooks import HookPoint
-from circuits.model import HookedTransformer
-from circuits.tasks.brackets import tokenize
+from circuits.model.hooks import HookPoint
+from circuits.model.transformer import HookedTransformer
+from circuits.tasks.brackets.data import tokenize
 from model_configs import ATTN_ONLY, BRACKETS, PALINDROME, perturbed_model
 
 

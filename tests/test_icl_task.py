@@ -10,7 +10,7 @@ import torch
 from sklearn.linear_model import Ridge
 
 from circuits.errors import InputError
-from circuits.model import HookedTransformer
+from circuits.model.transformer import HookedTransformer
 from circuits.tasks import icl
 
 
@@ -133,7 +133,7 @@ def test_baselines_are_ordered(data):
 
 # --- the zoo entry ---------------------------------------------------------------------------------
 def test_zoo_entry_is_the_issues_architecture():
-    from circuits.zoo import get_entry
+    from circuits.zoo.registry import get_entry
 
     entry = get_entry("icl")
     c = entry.config
@@ -149,7 +149,7 @@ def test_zoo_entry_is_the_issues_architecture():
 
 # --- analysis tools --------------------------------------------------------------------------------
 def small_model(seed: int = 0) -> HookedTransformer:
-    from circuits.zoo import get_entry
+    from circuits.zoo.registry import get_entry
     from dataclasses import replace
 
     cfg = replace(get_entry("icl").config, seed=seed, init_range=0.3)

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from circuits.errors import ConfigError, InputError
-from circuits.model import HookedTransformer, TransformerConfig
-from circuits.tasks.brackets import tokenize
+from circuits.model.transformer import HookedTransformer, TransformerConfig
+from circuits.tasks.brackets.data import tokenize
 from model_configs import CONFIGS, perturbed_model
-from circuits.model import MASKED_SCORE
+from circuits.model.transformer import MASKED_SCORE
 
 REPO = Path(__file__).resolve().parents[1]
 

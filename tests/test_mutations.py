@@ -9,10 +9,11 @@ import re
 import pytest
 import torch
 
-from circuits import interventions as I
-from circuits import mutations as M
-from circuits.controls import ControlError, make_control
-from circuits.interventions import zero_ablate_head
+from circuits.analysis import interventions as I
+from circuits.analysis.interventions import zero_ablate_head
+from circuits.claims import mutations as M
+from circuits.claims.controls import ControlError, make_control
+from circuits.errors import InputError
 from model_configs import perturbed_model
 
 TOKS = torch.randint(2, 5, (16, 10), generator=torch.Generator().manual_seed(0))  # no padding
@@ -120,10 +121,50 @@ def test_mutations_are_derived_from_targets_and_bad_targets_are_clear():
                                                           "zero_ablate:L0H0", "mean_ablate:L0H0"]
     assert M.derive_mutations(["positions:1-10", "read_in", "mlp:L2", "model"]) == [
         "permute_positions:1-10", "randomise_read_in", "zero_ablate_mlp:L2", "mean_ablate_mlp:L2", "untrained"]
+    assert M.derive_mutations(["attn:L0"]) == ["zero_ablate_attn:L0", "mean_ablate_attn:L0"]
     for bad, words in [("neuron:3", "unknown target kind"), ("head", "needs a part"), ("positions:x", "range"),
-                       ("mlp:2", "not a layer"), ("read_in:L0", "takes no argument")]:
+                       ("mlp:2", "not a layer"), ("read_in:L0", "takes no argument"), ("attn", "needs a layer"),
+                       ("attn:L0H1", "not a layer")]:
         with pytest.raises(ControlError, match=words):
             M.derive_mutations([bad])
+
+
+def test_the_attention_of_a_layer_is_removed_or_mean_ablated_head_by_head():
+    model = _bracket_model()
+    zero, mean = I.zero_ablate_attn(model, 1), I.batch_mean_ablate_attn(model, 1)
+    assert not zero.blocks[1].attn.W_O.any() and torch.equal(zero.blocks[0].attn.W_O, model.blocks[0].attn.W_O)
+    _, cache = mean.run_with_cache(TOKS, names=["blocks.1.attn.hook_z"])
+    _, clean = model.run_with_cache(TOKS, names=["blocks.1.attn.hook_z"])
+    z = clean["blocks.1.attn.hook_z"]
+    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], z.mean(0, keepdim=True).expand_as(z), atol=1e-12, rtol=0)
+    with pytest.raises(InputError, match="the model has 3 layers"):  # a bad layer is bad input, as a bad head
+        I.zero_ablate_attn(model, 3)
+
+
+def test_a_model_that_runs_no_hooks_makes_the_mean_ablations_in_its_weights():
+    """``weight_mutation(name, *args)``: the model's own mutant for a hook-based mutation, else the hooks."""
+    model = _bracket_model()
+    calls = []
+
+    def in_weights(name, *args):
+        calls.append((name, *args))
+        return "mutant" if name != "mean_ablate_mlp" else None
+
+    model.weight_mutation = in_weights
+    assert I.batch_mean_ablate_head(model, 1, 0) == "mutant" and I.batch_mean_ablate_attn(model, 1) == "mutant"
+    assert I.batch_mean_ablate_mlp(model, 1) is not model  # None: the hooks do it
+    assert calls == [("mean_ablate", 1, 0), ("mean_ablate_attn", 1), ("mean_ablate_mlp", 1)]
+
+
+def test_about_none_takes_a_reason_and_nothing_else():
+    mark = pytest.mark.about
+    assert M.about_none([mark(none="  a bound every model obeys ").mark]) == "a bound every model obeys"
+    assert M.about_none([mark("head:L0H0").mark]) is None
+    for bad, words in [([mark().mark], "names nothing"), ([mark(none="").mark], "give the reason"),
+                       ([mark("head:L0H0", none="x").mark], "not about none"),
+                       ([mark("head:L0H0").mark, mark(none="x").mark], "about parts or about none")]:
+        with pytest.raises(ControlError, match=words):
+            M.about_none(bad)
 
 
 def test_mutations_on_a_foreign_model_fail_in_one_line():
@@ -149,7 +190,7 @@ def test_untrained_control_works_on_a_plain_module():
 POWER_CONFTEST = '''
 import pytest
 import torch
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model.transformer import HookedTransformer, TransformerConfig
 
 CFG = TransformerConfig(n_layers=1, d_model=8, n_ctx=4, n_heads=2, d_mlp=8, d_vocab=4, d_vocab_out=2,
                         readout="first", seed=0)
@@ -287,10 +328,10 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
 
 ZOO_CONFTEST = '''
 from dataclasses import replace
-from circuits import zoo
-from circuits.model import TransformerConfig
-from circuits.tasks import brackets as B
-from circuits.train import TrainRecipe
+from circuits.zoo import registry as zoo
+from circuits.model.transformer import TransformerConfig
+from circuits.tasks.brackets import data as B
+from circuits.zoo.train import TrainRecipe
 
 TINY = TransformerConfig(n_layers=1, d_model=8, n_ctx=B.N_CTX, n_heads=2, d_mlp=8, d_vocab=B.VOCAB,
                          d_vocab_out=2, pad_token=B.PAD, positional="sinusoidal", readout="first")
@@ -347,7 +388,7 @@ def test_memoised_results_follow_the_mutation_not_the_weights():
     tell them apart (and from the clean model), also after an earlier mutant is freed."""
     import gc
 
-    from circuits.analysis import ModelMemo, weights_digest
+    from circuits.analysis.measures import ModelMemo, weights_digest
 
     model = _bracket_model()
     memo = ModelMemo()
@@ -441,7 +482,7 @@ def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
     power_project.makepyfile(test_spec='''
         import pytest
         import torch
-        from circuits import mutations as M
+        from circuits.claims import mutations as M
         from conftest import TOKS
 
         M.register_model_shape("model", 1, 2)
@@ -510,7 +551,7 @@ def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
 def test_a_nan_is_a_failure_only_where_an_ablation_made_the_statistic_undefined(spec, outcome):
     from types import SimpleNamespace
 
-    from circuits.session import control_error_kind, judge_control
+    from circuits.plugin.session import control_error_kind, judge_control
 
     nan = SimpleNamespace(name="r", passed=False, problem="value is NaN", value_text="nan", requirement=">= 0.5")
     ctl = SimpleNamespace(spec=spec, applied=True, kind="model")
@@ -518,3 +559,31 @@ def test_a_nan_is_a_failure_only_where_an_ablation_made_the_statistic_undefined(
     assert (control_error_kind([nan], ctl) is None) == (outcome == "ok")
     held = SimpleNamespace(name="h", passed=True, problem=None, value_text="0.9", requirement=">= 0.5")
     assert judge_control([nan, held], ctl)[0] != "ok"  # a claim that still holds is never excused
+
+
+def test_about_none_derives_nothing_shows_its_reason_and_is_not_without_controls(power_project):
+    power_project.makepyfile(test_none='''
+        import pytest
+
+        @pytest.mark.about(none="a bound every model obeys")
+        def test_bound(model, claim):
+            claim.at_least("norm", float(model.embed.W_E.norm()), 0.0)
+
+        def test_bare(model, claim):
+            claim.at_least("norm", float(model.embed.W_E.norm()), 0.0)
+    ''', test_empty='''
+        import pytest
+
+        @pytest.mark.about()
+        def test_empty(model, claim):
+            claim.at_least("norm", 1.0, 0.0)
+    ''')
+    power_project.runpytest("test_empty.py").stdout.fnmatch_lines(["*test_empty.py::test_empty*names nothing*"])
+    result = power_project.runpytest("-v", "--circuits-run-id", "none", "test_none.py")
+    import json
+    report = json.loads((power_project.path / "reports" / "none" / "report.json").read_text())
+    claims = {c["nodeid"].split("::")[1]: c for c in report["claims"]}
+    assert set(claims) == {"test_bound", "test_bare"}  # one main run each: nothing derived
+    assert claims["test_bound"]["about_none"] == "a bound every model obeys" and not claims["test_bound"]["no_controls"]
+    assert claims["test_bare"]["no_controls"] and not claims["test_bare"].get("about_none")
+    result.stdout.fnmatch_lines(["*(about no part)*"])

@@ -30,8 +30,8 @@ SOURCES = ("circuits", "fixtures/models", "fixtures/reference", "pyproject.toml"
 PROJECT_TEST = '''
 """Hypothesis: the package's shipped bracket models classify the published strings."""
 import pytest
-from circuits import analysis as A
-from circuits.reference import arena_data, arena_model
+from circuits.analysis import measures as A
+from circuits.tasks.brackets.reference import arena_data, arena_model
 
 
 def accuracy(model, data):
@@ -131,7 +131,7 @@ def test_plugin_does_not_import_torch_in_an_unrelated_project(installed):
     assert result.returncode == 0, result.stderr[-3000:]
     plugins = run([str(py), "-c", "import importlib.metadata as m; print([e.value for e in m.entry_points(group='pytest11')])"],
                   other, env).stdout
-    assert "circuits.pytest_plugin" in plugins  # the plugin is installed and auto-loaded: its import is what's measured
+    assert "circuits.plugin.pytest_plugin" in plugins  # the plugin is installed and auto-loaded: its import is what's measured
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "torch" not in imported, "loading the circuits plugin imported torch in a project that does not use it"
     # nothing heavy at all: the plugin's start-up is its own few small modules (issue 32: numpy through
@@ -139,7 +139,7 @@ def test_plugin_does_not_import_torch_in_an_unrelated_project(installed):
     heavy = {"numpy", "torch", "scipy", "matplotlib", "sklearn", "safetensors", "filelock"} & set(imported)
     assert not heavy, f"loading the circuits plugin imported {sorted(heavy)}"
     ours = sorted(m for m in imported if m == "circuits" or m.startswith("circuits."))
-    assert set(ours) <= {"circuits", "circuits.errors", "circuits.session", "circuits.paths", "circuits.pytest_plugin",
+    assert set(ours) <= {"circuits", "circuits.errors", "circuits.plugin.session", "circuits.paths", "circuits.plugin.pytest_plugin",
                          "circuits.report", "circuits.report.collect", "circuits.report.machine"}, ours
 
 
@@ -205,8 +205,8 @@ def test_their_fixtures(claim, control, draws, figures, model):
 CLAIM_BESIDE_THEIRS = '''
 """Hypothesis: the shipped bracket model classifies the published strings (beside another suite)."""
 import pytest
-from circuits import analysis as A
-from circuits.reference import arena_data
+from circuits.analysis import measures as A
+from circuits.tasks.brackets.reference import arena_data
 
 
 @pytest.mark.controls("untrained")
@@ -246,8 +246,8 @@ def test_plugin_beside_a_project_that_defines_device_and_seeds(installed):
 
 MAKE_TL_CHECKPOINT = """
 import json, torch
-from circuits.convert import to_transformer_lens
-from circuits.reference import arena_model
+from circuits.model.convert import to_transformer_lens
+from circuits.tasks.brackets.reference import arena_model
 cfg, sd = to_transformer_lens(arena_model())  # the ARENA checkpoint is a TransformerLens checkpoint
 torch.save(sd, "my_model.pt")
 open("tl_cfg.json", "w").write(json.dumps(cfg))

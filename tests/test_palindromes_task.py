@@ -248,7 +248,7 @@ def test_subset_and_row_checks(big):
 
 
 def test_zoo_entry_is_the_seed_architecture():
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     entry = zoo.get_entry("palindromes")
     cfg = entry.config
@@ -265,8 +265,8 @@ def test_zoo_entry_is_the_seed_architecture():
 def test_the_seed_recipe_is_the_notebooks():
     """palindromes@seed (issue 34): the seed notebook's training cell: Adam lr 1e-4 (no weight decay,
     default betas), batch 32, one epoch over 1M strings of the plain distribution, constant lr, no clipping."""
-    from circuits import zoo
-    from circuits.train import lr_at
+    from circuits.zoo import registry as zoo
+    from circuits.zoo.train import lr_at
 
     entry = zoo.get_entry("palindromes@seed")
     r = entry.recipe

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from circuits.pytest_plugin import parse_seeds, strip_params
+from circuits.plugin.pytest_plugin import parse_seeds, strip_params
 
 CONFTEST = '''
 import pytest
-from circuits.controls import register_control
+from circuits.claims.controls import register_control
 
 
 class Model:
@@ -39,7 +39,7 @@ register_control("flip", kind="data", fn=lambda d, seed=0: [1 - v for v in d], r
 
 @pytest.fixture(scope="session")
 def base_model(request, zoo_seed):
-    from circuits.pytest_plugin import note_model
+    from circuits.plugin.pytest_plugin import note_model
 
     acc = 0.97 if zoo_seed is None else 0.88 + 0.03 * zoo_seed   # seed 0 fails, 1 and 2 pass
     note_model(request, {"name": "toy", "seed": zoo_seed, "source": "trained", "key": "k%s" % zoo_seed,
@@ -437,11 +437,11 @@ def test_plugin_start_up_imports_nothing_heavy(tmp_path):
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("PYTEST_ADDOPTS", None)
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pytest", "-p", "circuits.pytest_plugin",
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pytest", "-p", "circuits.plugin.pytest_plugin",
                              "-q", "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in result.stderr.splitlines() if ln.startswith("import time:")}
-    assert "circuits.session" in imported  # (the plugin module itself is imported through pytest's rewrite hook)
+    assert "circuits.plugin.session" in imported  # (the plugin module itself is imported through pytest's rewrite hook)
     heavy = {"numpy", "torch", "scipy", "matplotlib", "sklearn", "safetensors"} & imported
     assert not heavy, f"the plugin's start-up imported {sorted(heavy)}"

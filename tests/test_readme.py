@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 KINDS_CONFTEST = '''
 import pytest
 import torch
-from circuits.model import HookedTransformer, TransformerConfig
+from circuits.model.transformer import HookedTransformer, TransformerConfig
 
 CFG = TransformerConfig(n_layers=1, d_model=8, n_ctx=4, n_heads=2, d_mlp=8, d_vocab=4, d_vocab_out=2,
                         readout="first", seed=0)
@@ -97,3 +97,32 @@ def test_readme_summary_line_is_what_a_run_prints(pytester):
     out = result.stdout.str()
     # each error one line, by kind, with no traceback of the plugin
     assert "FIXTURE ERROR test_kinds.py::test_fixture_error: OSError: the data file is missing" in out
+
+
+def _layout_section() -> str:
+    text = README.read_text()
+    return text[text.index("## What is here"):text.index("## Running claims")]
+
+
+def test_readme_layout_table_names_every_module_and_only_real_paths():
+    """The "What is here" table is the architecture a newcomer reads: every module of the package is
+    named in it (as ``circuits/x.py``, ``pkg/x.py`` or, in a package's own row, ``x``), and every path it
+    names exists. Systems' internals (``circuits/tasks/<system>/``) are the system's business."""
+    section = _layout_section()
+    package = README.parent / "circuits"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.name in ("__init__.py", "__main__.py") or rel.parts[0] == "_fixtures":
+            continue
+        if rel.parts[0] == "tasks" and len(rel.parts) > 2:  # a system package's own modules
+            rel = Path(*rel.parts[:2])
+        full, short = f"circuits/{rel.as_posix()}", rel.as_posix()
+        names = [full, short, f"`{rel.with_suffix('').as_posix().split('/')[-1]}`", f"`{rel.name}`",
+                 f"{rel.with_suffix('').parts[-1]}/"]
+        if not any(n in section for n in names):
+            missing.append(full)
+    assert not missing, f"modules the README's layout table does not name: {missing}"
+    named = set(re.findall(r"`(circuits/[\w/]+\.py)`", section))
+    absent = sorted(p for p in named if not (README.parent / p).is_file())
+    assert not absent, f"the README's layout table names files that do not exist: {absent}"

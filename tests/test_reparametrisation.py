@@ -33,7 +33,7 @@ TOL = 1e-8  # claims' values and intervals, float64 models
 
 def _copy(model):
     """A new model with the same weights (a deepcopy would also copy whatever the model references)."""
-    from circuits.model import HookedTransformer
+    from circuits.model.transformer import HookedTransformer
 
     m = HookedTransformer(model.cfg).to(next(model.parameters()).dtype)
     m.load_state_dict(model.state_dict())
@@ -169,15 +169,16 @@ REPARAMETRISATIONS["all of the above, composed"] = (all_at_once, {(2, 0): (2, 1)
 
 @pytest.fixture(scope="module")
 def models():
-    from circuits import reference, zoo
+    from circuits.tasks.brackets import reference
+    from circuits.zoo import registry as zoo
 
     return {"arena": reference.arena_model().double().eval(), "ours": zoo.load("brackets").model.double().eval()}
 
 
 @pytest.fixture(scope="module")
 def data():
-    from circuits.reference import arena_data
-    from circuits.tasks import brackets as B
+    from circuits.tasks.brackets.reference import arena_data
+    from circuits.tasks.brackets import data as B
 
     evaluation = arena_data(N_EVAL)
     search = B.distinct_rows(arena_data(None), exclude=arena_data().strs, n=N_SEARCH)
@@ -239,10 +240,10 @@ class _Figures:
 def bracket_claims(model, roles: dict, evaluation) -> dict:
     """Every claim of CLAIM_TESTS on `model` with `roles` (records by name, raise_on_failure off)."""
     import test_brackets as H
-    from circuits.tasks.brackets_subjects import BracketSubject
-    from circuits.claims import Claims
-    from circuits.controls import main_control
-    from circuits.draws import Draws
+    from circuits.claims.controls import main_control
+    from circuits.claims.core import Claims
+    from circuits.claims.draws import Draws
+    from circuits.tasks.brackets.subjects import BracketSubject
 
     subject = BracketSubject("reparametrisation", model, dict(roles), evaluation, "", {r: 1 for r in roles})
     claim = Claims(raise_on_failure=False, draws_seed=7)
@@ -283,8 +284,8 @@ def _mapped(roles: dict, moved: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def baseline_claims(models, data):
-    from circuits.tasks.brackets_subjects import find_roles
-    from circuits.reference import ARENA_ROLES
+    from circuits.tasks.brackets.reference import ARENA_ROLES
+    from circuits.tasks.brackets.subjects import find_roles
 
     roles = {"arena": dict(ARENA_ROLES), "ours": find_roles(models["ours"], data[1])}
     return roles, {w: bracket_claims(models[w], roles[w], data[0]) for w in models}
@@ -299,7 +300,7 @@ def test_claims_keep_their_verdicts_and_values(models, data, baseline_claims, wh
     """The same claims, verdicts and values after the reparametrisation; the roles follow the heads
     (ARENA: pinned, mapped through the permutation; ours: searched again on the reparametrised model
     and found at the permuted index)."""
-    from circuits.tasks.brackets_subjects import find_roles
+    from circuits.tasks.brackets.subjects import find_roles
 
     roles, before = baseline_claims
     fn, moved = REPARAMETRISATIONS[name]

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from circuits import report as rp
-from circuits.claims import Claims
-from circuits.figures import Figures, FigureNameError, render_png, training_curves_svg
+from circuits.claims.core import Claims
+from circuits.report.figures import Figures, FigureNameError, render_png, training_curves_svg
 from circuits.report import render_html
 
 

@@ -1,11 +1,11 @@
-"""circuits.roles: greedy binding in role order, AUROC scores on a split, one search per model."""
+"""circuits.analysis.roles: greedy binding in role order, AUROC scores on a split, one search per model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from circuits import roles as R
+from circuits.analysis import roles as R
 from model_configs import BRACKETS, perturbed_model
 
 

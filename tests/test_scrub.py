@@ -1,4 +1,4 @@
-"""Identities of circuits.scrub on a perturbed random bracket-architecture model (no checkpoint)."""
+"""Identities of circuits.analysis.scrub on a perturbed random bracket-architecture model (no checkpoint)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import scrub as S
-from circuits.claims import Claims
+from circuits.analysis import scrub as S
+from circuits.claims.core import Claims
 from circuits.errors import ScrubError
-from circuits.tasks import brackets as B
+from circuits.tasks.brackets import data as B
 from model_configs import perturbed_model
 
 

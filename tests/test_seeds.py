@@ -1,10 +1,10 @@
-"""circuits.seeds: the one parser and check for training seeds (bounded, linear, capped)."""
+"""circuits.zoo.seeds: the one parser and check for training seeds (bounded, linear, capped)."""
 
 from __future__ import annotations
 
 import pytest
 
-from circuits import seeds as S
+from circuits.zoo import seeds as S
 from circuits.errors import CircuitsError, InputError
 
 
@@ -73,7 +73,8 @@ def test_the_largest_seed_trains(monkeypatch):
     import sys
     from pathlib import Path
 
-    from circuits import train as T, zoo
+    from circuits.zoo import train as T
+    from circuits.zoo import registry as zoo
 
     assert T.data_seeds(0) == (1_000_003, 2_000_010) and T.final_test_seed(4) == 15_000_096
     for s in (2**40, S.MAX_SEED):

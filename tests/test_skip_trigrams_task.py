@@ -162,7 +162,7 @@ def test_subset_checks(big):
 
 
 def test_sweep_entries_and_names():
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     assert [S.entry_name(h) for h in S.HEAD_COUNTS] == [
         "skip_trigrams_h1", "skip_trigrams_h2", "skip_trigrams", "skip_trigrams_h4", "skip_trigrams_h5",
@@ -178,7 +178,7 @@ def test_sweep_entries_and_names():
 
 
 def test_model_reads_the_last_position_with_a_positional_causal_mask():
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     model = zoo.build_model(zoo.get_entry("skip_trigrams"), 0)
     toks = S.generate(8, 0).toks

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import store as store_mod
+from circuits.zoo import checkpoints
+from circuits.zoo import store as store_mod
 from circuits.errors import CircuitsError, SettingError, StoreError
-from circuits.store import (
+from circuits.zoo.store import (
     CardError,
     CorruptCheckpointError,
     CorruptCheckpointWarning,
@@ -298,7 +299,7 @@ def test_valid_hash_but_not_safetensors(tmp_path):
     c = s.card_path(key)
     card = json.loads(c.read_text())
     card.update(content_hash=__import__("hashlib").sha256(garbage).hexdigest(), size_bytes=len(garbage))
-    card["card_hash"] = store_mod._card_hash(card)  # a consistent card: only the weights are bad
+    card["card_hash"] = checkpoints._card_hash(card)  # a consistent card: only the weights are bad
     c.write_text(json.dumps(card))
     expect_corrupt_then_rebuild(s, key, "not a valid safetensors file")
 
@@ -347,7 +348,7 @@ def test_default_location_is_never_the_package_folder(tmp_path, monkeypatch):
     """Issue 16: an installed wheel must not write next to itself; the caller names the project root."""
     monkeypatch.delenv("CIRCUITS_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
-    package = Path(store_mod.__file__).resolve().parent
+    package = Path(store_mod.__file__).resolve().parents[1]  # circuits/, not circuits/zoo/
     assert package not in ModelStore().root.parents and ModelStore().root.parent == tmp_path
 
 
@@ -358,7 +359,7 @@ _WORKER = textwrap.dedent(
     import hashlib, os, sys, time
     from pathlib import Path
     import torch
-    from circuits.store import ModelStore
+    from circuits.zoo.store import ModelStore
 
     root, counter, sync, idx = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     (sync / f"ready-{idx}").touch()
@@ -619,7 +620,7 @@ def test_version_1_reference_cards_load_only_when_listed(tmp_path):
 
 
 def test_committed_version_1_cards_are_all_listed():
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     legacy = store_mod.legacy_card_digests(zoo.REFERENCE_DIR)
     for card_path in sorted(zoo.REFERENCE_DIR.glob("*.card.json")):
@@ -646,13 +647,13 @@ _KILLED_RETRAIN = textwrap.dedent(
     """
     import os, sys, signal, torch
     from circuits import atomic
-    from circuits.store import ModelStore
+    from circuits.zoo.store import ModelStore
     real = atomic.write_bytes_atomic
     def write(path, data):
         real(path, data)
         if str(path).endswith(".safetensors"):
             os.kill(os.getpid(), signal.SIGKILL)  # killed between the new weights and the new card
-    import circuits.store as st
+    import circuits.zoo.store as st
     st.write_bytes_atomic = write
     ModelStore(sys.argv[1]).get_or_create({"model": "killed"}, lambda: ({"w": torch.ones(4)}, {}), force=True)
     """
@@ -686,7 +687,7 @@ def test_put_stores_bytes_built_elsewhere(tmp_path):
 def test_waiting_build_lets_go_of_the_entry_lock(tmp_path):
     """Inside a build, build_lock_released() frees the entry's lock for a long wait (the training slot)
     and, if another process stored the entry meanwhile, the build is abandoned and that entry loaded."""
-    from circuits.store import build_lock_released, current_build_label
+    from circuits.zoo.store import build_lock_released, current_build_label
 
     s = ModelStore(tmp_path, lock_timeout=5)
     other = ModelStore(tmp_path, lock_timeout=0.2)
@@ -713,7 +714,7 @@ def test_waiting_build_lets_go_of_the_entry_lock(tmp_path):
 
 @pytest.fixture
 def slot_path(tmp_path, monkeypatch):
-    from circuits import train as T
+    from circuits.zoo import train as T
 
     path = tmp_path / "slot" / "circuits-multithreaded-training.lock"
     path.parent.mkdir()
@@ -725,7 +726,7 @@ def _hold_slot_in_thread(release: "threading.Event", during=None):
     """Another 'training' holding the slot (a thread: flock locks are per open file, so it conflicts)."""
     import threading
 
-    from circuits import train as T
+    from circuits.zoo import train as T
 
     entered = threading.Event()
     errors = []
@@ -751,7 +752,7 @@ def test_training_slot_honours_the_lock_timeout_and_names_its_holder(slot_path, 
     """The slot used to wait forever, ignore CIRCUITS_LOCK_TIMEOUT and never say who held it."""
     import threading
 
-    from circuits import train as T
+    from circuits.zoo import train as T
 
     release = threading.Event()
     t, errors = _hold_slot_in_thread(release)
@@ -782,7 +783,7 @@ def test_training_slot_waiter_lets_go_of_its_model_lock(slot_path, tmp_path):
     other process stores the model meanwhile, the waiter reuses it instead of training again."""
     import threading
 
-    from circuits import train as T
+    from circuits.zoo import train as T
 
     waiting = threading.Event()
     release = threading.Event()
@@ -814,7 +815,7 @@ def test_training_slot_waiter_lets_go_of_its_model_lock(slot_path, tmp_path):
 
 
 def test_training_slot_lock_path_that_is_a_folder(slot_path):
-    from circuits import train as T
+    from circuits.zoo import train as T
 
     slot_path.mkdir()
     with pytest.raises(StoreError, match="cannot take the multi-threaded training slot .*a folder"):

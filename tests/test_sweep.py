@@ -1,4 +1,4 @@
-"""circuits.sweep: the local pool fills the store and reuses it; Ray gives the same bytes; failures by name."""
+"""circuits.zoo.sweep: the local pool fills the store and reuses it; Ray gives the same bytes; failures by name."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_zoo import tiny_entry  # noqa: E402
 
-from circuits.store import ModelStore, spec_key  # noqa: E402
-from circuits.sweep import run_sweep  # noqa: E402
-from circuits.tasks import brackets as B  # noqa: E402
+from circuits.zoo.store import ModelStore, spec_key  # noqa: E402
+from circuits.zoo.sweep import run_sweep  # noqa: E402
+from circuits.tasks.brackets import data as B  # noqa: E402
 
 
 def failing_split(n, seed):
@@ -72,7 +72,7 @@ def test_ray_backend_gives_the_local_backends_bytes(tmp_path):
 def test_a_committed_reference_seed_is_never_trained(tmp_path):
     """Every loader serves a reference seed from fixtures/models, so a sweep that trained it would
     spend minutes on a model nobody reads: it is listed as committed and left alone."""
-    from circuits import zoo
+    from circuits.zoo import registry as zoo
 
     entry = zoo.get_entry("brackets")
     log = io.StringIO()
@@ -87,9 +87,9 @@ def test_a_stale_or_damaged_reference_is_not_counted_as_committed(tmp_path, monk
     import json
     import shutil
 
-    from circuits import zoo
-    from circuits.store import reference_paths
-    from circuits.sweep import _has_reference
+    from circuits.zoo import registry as zoo
+    from circuits.zoo.store import reference_paths
+    from circuits.zoo.sweep import _has_reference
 
     entry = zoo.get_entry("brackets")
     seed = entry.ref_seeds()[0]
@@ -113,7 +113,7 @@ def test_a_pool_worker_ends_when_its_sweep_is_killed(tmp_path):
     import time
 
     pid_file = tmp_path / "child.pid"
-    child = ("import os, time, sys; from circuits.sweep import _exit_with_parent; "
+    child = ("import os, time, sys; from circuits.zoo.sweep import _exit_with_parent; "
              "_exit_with_parent(poll_s=0.1); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
     parent = ("import subprocess, sys, time; "
               f"subprocess.Popen([sys.executable, '-c', {child!r}, sys.argv[1]]); time.sleep(60)")
@@ -169,9 +169,10 @@ def test_pytest_seeds_trains_what_the_tests_need_up_front_through_the_sweep(pyte
 
 def test_one_pool_over_several_entries_and_patterns(tmp_path, capsys):
     """`sweep 'pattern'`: a grid of entries in one pool; unknown names and empty patterns are one line."""
-    from circuits import cli, zoo
+    from circuits import cli
+    from circuits.zoo import registry as zoo
     from circuits.errors import InputError, UnknownModelError
-    from circuits.sweep import run_sweeps
+    from circuits.zoo.sweep import run_sweeps
 
     a, b = tiny_entry("tiny_grid_a"), tiny_entry("tiny_grid_b")
     log = io.StringIO()
@@ -201,8 +202,8 @@ def test_the_sweep_plan_reads_fixtures_under_seeds_and_each_modules_plan():
     --circuits-seeds, through --circuits-variant) and each module's circuits_sweep_plan(options), once per name."""
     from types import ModuleType, SimpleNamespace
 
-    from circuits.session import RunOptions
-    from circuits.zoo_fixtures import SWEEP_PLAN, sweep_plan
+    from circuits.plugin.session import RunOptions
+    from circuits.plugin.zoo_fixtures import SWEEP_PLAN, sweep_plan
 
     grid = ModuleType("grid_module")
     setattr(grid, SWEEP_PLAN, lambda o, its: [("assoc_exp6_H01", (0, 1)), ("assoc_exp6_H05", (0, 1))]
@@ -269,7 +270,7 @@ def test_the_assoc_capacity_bound_runs_on_the_seeds_asked_for(monkeypatch):
 
 
 def test_eval_lines_show_held_out_metrics_and_the_assoc_familys_accuracy():
-    from circuits.sweep import _EvalLines
+    from circuits.zoo.sweep import _EvalLines
 
     out = io.StringIO()
     lines = _EvalLines("m seed 0", 0.0, out)

@@ -22,15 +22,15 @@ except ImportError as e:  # TL 4 removed HookedTransformer
 
 from safetensors.torch import load_file  # noqa: E402
 
-from circuits.convert import (  # noqa: E402
+from circuits.model.convert import (  # noqa: E402
     from_tl_config, load_tl_checkpoint, load_tl_state_dict, tl_extras, tl_key_mask_hooks, to_tl_config,
     to_transformer_lens)
-from circuits.model import HookedTransformer  # noqa: E402
+from circuits.model.transformer import HookedTransformer  # noqa: E402
 from circuits.paths import reference_dir  # noqa: E402
-from circuits.reference import arena_data, arena_model  # noqa: E402
-from circuits.tasks import brackets as B  # noqa: E402
+from circuits.tasks.brackets.reference import arena_data, arena_model  # noqa: E402
+from circuits.tasks.brackets import data as B  # noqa: E402
 from circuits.tasks import palindromes as P  # noqa: E402
-from circuits.zoo import get_entry  # noqa: E402
+from circuits.zoo.registry import get_entry  # noqa: E402
 
 
 
@@ -182,7 +182,7 @@ TL_WEIGHTS = ("W_E", "W_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_O", "b_Q", "
 
 def lm_pair():
     """A small next-token model (readout 'all', d_vocab_out == d_vocab, causal) and its TL twin."""
-    from circuits.model import TransformerConfig
+    from circuits.model.transformer import TransformerConfig
 
     cfg = TransformerConfig(n_layers=2, d_model=16, n_ctx=8, n_heads=2, d_mlp=32, d_vocab=10, readout="all",
                             attention="causal", seed=3)

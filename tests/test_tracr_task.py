@@ -1,4 +1,4 @@
-"""Tracr-compiled ground-truth models (circuits.tasks.tracr): the shipped weights, converted into our
+"""Tracr-compiled ground-truth models (circuits.tasks.tracr.compiled): the shipped weights, converted into our
 HookedTransformer, compute exactly what the RASP program computes on every input of the stated set;
 the files are hash-checked; a stale or damaged file is a clear error; the regeneration script
 rebuilds them bit for bit where the `tracr` extra is installed."""
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import zoo
+from circuits.zoo import registry as zoo
 from circuits.errors import ConfigError, InputError
-from circuits.model import HookedTransformer
-from circuits.store import CorruptCheckpointError, StaleCheckpointError, load_reference
-from circuits.tasks import tracr as T
+from circuits.model.transformer import HookedTransformer
+from circuits.zoo.store import CorruptCheckpointError, StaleCheckpointError, load_reference
+from circuits.tasks.tracr import compiled as T
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = sorted(T.PROGRAMS)
@@ -108,7 +108,7 @@ def test_compiled_entries_load_the_same_weights_for_every_seed_and_never_train()
 
 
 def test_model_fixture_names():
-    from circuits.zoo_fixtures import fixture_name
+    from circuits.plugin.zoo_fixtures import fixture_name
 
     assert {fixture_name(T.entry_name(p)) for p in PROGRAMS} == {
         "tracr_shuffle_dyck_model", "tracr_frac_prevs_model", "tracr_hist_model"}
@@ -199,7 +199,7 @@ def test_ground_truth_matrix_counts_verdicts():
 def test_ground_truth_edges_match_the_model(loaded):
     """The card's graph: the shuffle_dyck chain is there, and every head it leaves out is unused
     (zero-ablating it changes no output on any input of the set)."""
-    from circuits.interventions import zero_ablate_head
+    from circuits.analysis.interventions import zero_ablate_head
 
     edges = {(a, b) for a, b, _ in T.ground_truth_edges(loaded["shuffle_dyck"].card["tracr"])}
     for step in [("L0.mlp", "L1H0"), ("L1H0", "L2.mlp"), ("L1H1", "L2.mlp"), ("L2.mlp", "L3.mlp"),

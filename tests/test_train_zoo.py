@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits import zoo
+from circuits.zoo import registry as zoo
 from circuits.errors import InputError, UnknownModelError
-from circuits.model import TransformerConfig
-from circuits.store import ModelStore, StaleCheckpointError, MissingCheckpointError, save_reference
-from circuits.tasks import brackets as B
-from circuits.train import Split, TrainRecipe, batches, data_seeds, evaluate, lr_at, final_test_seed, train
+from circuits.model.transformer import TransformerConfig
+from circuits.zoo.store import ModelStore, StaleCheckpointError, MissingCheckpointError, save_reference
+from circuits.tasks.brackets import data as B
+from circuits.zoo.train import Split, TrainRecipe, batches, data_seeds, evaluate, lr_at, final_test_seed, train
 
 from cli_run import run_cli
 
@@ -56,7 +56,7 @@ DIGEST_SCRIPT = """
 import hashlib, sys
 sys.path.insert(0, {tests!r})
 from test_train_zoo import tiny_entry, _weights_digest
-from circuits import zoo
+from circuits.zoo import registry as zoo
 for fast in (False, True):
     model, card = zoo.train_entry(tiny_entry(fast=fast), seed=3)
     print(_weights_digest(model))
@@ -400,7 +400,7 @@ def test_auxiliary_targets_loss():
     labelled positions (all scored by the unembedding); 'correct' is the read-out position's only."""
     import torch.nn.functional as F
 
-    from circuits.train import compute_loss
+    from circuits.zoo.train import compute_loss
 
     model = zoo.build_model(tiny_entry(), 0).double()
     data = B.generate(64, 1)
@@ -431,7 +431,8 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 from dataclasses import replace
 from test_train_zoo import tiny_entry
-from circuits import train as T, zoo
+from circuits.zoo import train as T
+from circuits.zoo import registry as zoo
 entry = tiny_entry()
 entry = replace(entry, recipe=replace(entry.recipe, threads=2, steps=80))
 inner = T._train
@@ -459,7 +460,7 @@ def test_multithreaded_trainings_take_turns(tmp_path):
 def test_one_thread_trainings_do_not_wait_for_the_slot(tmp_path, monkeypatch):
     from filelock import FileLock
 
-    from circuits import train as T
+    from circuits.zoo import train as T
 
     monkeypatch.setattr(T, "training_slot_path", lambda: tmp_path / "slot.lock")
     with FileLock(str(tmp_path / "slot.lock")):  # another training holds the slot

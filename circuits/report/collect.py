@@ -166,7 +166,7 @@ class RunCollector:
         report["pass_rates"] = pass_rates(claims, tests)
         report["errors"] = run_errors(report)
         report["summary"] = _summary(report)
-        from ..claims import _jsonable  # (numpy: imported when a report is built, not at plugin load)
+        from circuits.claims.core import _jsonable  # (numpy: imported when a report is built, not at plugin load)
 
         return _jsonable(report)
 
@@ -278,6 +278,8 @@ def _attach_controls(report: dict) -> None:
         # no control and no `about` at all: flagged apart from "generic controls only"
         none = tests.get(c["nodeid"], {}).get("no_controls")
         c["no_controls"] = bool(none) if none is not None else not specs
+        # about(none="why"): the claims are about no part of a model, so no mutation is derived; the why shows
+        c["about_none"] = tests.get(c["nodeid"], {}).get("about_none")
 
 
 def pass_rates(claims: list[dict], tests: list[dict] | None = None) -> list[dict]:

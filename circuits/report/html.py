@@ -18,10 +18,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .text import visible
-from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .machine import commit_text, versions_text
-from .views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
+from circuits.report.text import visible
+from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
+from circuits.report.machine import commit_text, versions_text
+from circuits.report.views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
                     known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
                     not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness,
                     specificity, specificity_text, test_groups, where)
@@ -165,7 +165,7 @@ def render_html(report: dict, run_dir: Path | str) -> str:
 
 def _ground_truth(report: dict) -> str:
     """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
-    from .views import ground_truth_matrix
+    from circuits.report.views import ground_truth_matrix
 
     gt = ground_truth_matrix(report)
     if gt is None:
@@ -439,7 +439,8 @@ def _claims_table(claims: list[dict]) -> str:
         seed = f' <span class="tag">[{_e(case)}]</span>' if case else ""
         seed += f' <span class="tag">seed {_e(c["seed"])}</span>' if c.get("seed") is not None else ""
         badge = ('<span class="badge" title="every control of this claim is generic (untrained / shuffled labels):'
-                 ' none targets the part it names">generic controls only</span>' if c.get("generic_only") else "")
+                 ' none targets the part it names">generic controls only</span>' if c.get("generic_only") else
+                 f'<span class="badge" title="{_e(c["about_none"])}">about no part</span>' if c.get("about_none") else "")
         m = c.get("margin")
         mcell = (f'<td class="num {"ok" if m >= 0 else "bad"}">{_e(fmt_margin(m))}</td>'
                  if isinstance(m, (int, float)) else '<td class="num muted">—</td>')
@@ -614,7 +615,7 @@ def _models(report: dict) -> str:
     models = report.get("models", [])
     if not models:
         return ""
-    from ..figures import training_curves_svg
+    from circuits.report.figures import training_curves_svg
 
     out = ['<section id="models">' + _heading("h2", "models-list", "Models") +
            f'<details><summary>{len(models)} models (held-out accuracy, source, training time)</summary>'

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_bytes_atomic
-from ..claims import _jsonable
-from ..errors import CircuitsError
-from .html import render_html
-from .markdown import render_markdown
+from circuits.atomic import write_bytes_atomic
+from circuits.claims.core import _jsonable
+from circuits.errors import CircuitsError
+from circuits.report.html import render_html
+from circuits.report.markdown import render_markdown
 
 __all__ = ["ReportError", "ReportNotFoundError", "write_json_atomic", "write_text_atomic", "write_run",
            "resolve_report", "load_report", "set_baseline"]

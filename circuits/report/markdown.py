@@ -10,10 +10,10 @@ import html
 import re
 from typing import Any
 
-from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .machine import commit_text
-from .text import NAME_LIMIT, TEXT_LIMIT, visible
-from .views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
+from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
+from circuits.report.machine import commit_text
+from circuits.report.text import NAME_LIMIT, TEXT_LIMIT, visible
+from circuits.report.views import (cell_verdict, held_out, claim_rows, control_text, fmt_margin, headline, measured_text, module_rollup,
                     one_line_summary, op_text, power_matrix, problem_lines, rate_text, robustness, test_label,
                     known_control_runs, not_run_groups, specificity,
                     specificity_text, where)
@@ -65,7 +65,8 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|---|---|---:|---|---|"]
         for c in rows:
             op, thr = op_text(c)
-            badge = " ⚠ generic controls only" if c.get("generic_only") else ""
+            badge = (" ⚠ generic controls only" if c.get("generic_only") else
+                     f" (about no part: {md_escape(c['about_none'])})" if c.get("about_none") else "")
             ctl = "<br>".join(md_escape(control_text(x)) for x in c.get("controls", [])
                              if x.get("kind") != "alternative") or "—"  # alternatives: the specificity table
             lines.append(f"| {md_escape(test_label(c), NAME_LIMIT)} | {md_escape(c['name'], NAME_LIMIT)}{badge} | "
@@ -81,7 +82,7 @@ def render_markdown(report: dict) -> str:
 
 def _ground_truth(report: dict) -> list[str]:
     """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
-    from .views import ground_truth_matrix, ground_truth_table
+    from circuits.report.views import ground_truth_matrix, ground_truth_table
 
     table = ground_truth_table(report)
     if not table:

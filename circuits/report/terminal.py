@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compare import NOISE_FLOOR_TEXT, compare_display_rows
-from .text import NAME_LIMIT, TEXT_LIMIT, visible
-from .views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
+from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
+from circuits.report.text import NAME_LIMIT, TEXT_LIMIT, visible
+from circuits.report.views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
                     one_line_summary, op_text, problem_lines, rate_text, robustness, specificity, specificity_text,
                     test_label, where)
 
@@ -27,7 +27,8 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         for c in rows:
             op, thr = op_text(c)
             status = c["status"] + (" (generic controls only)" if c.get("generic_only") else
-                                    " (no controls)" if c.get("no_controls") else "")
+                                    " (no controls)" if c.get("no_controls") else
+                                    " (about no part)" if c.get("about_none") else "")
             table.append((_clip(test_label(c), 40), _clip(c["name"], 36), _clip(measured_text(c), 30), op,
                           _clip(thr, 20), fmt_margin(c.get("margin")), status))
             marks.append({"green": True} if c["status"] == "PASS" else

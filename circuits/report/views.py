@@ -10,9 +10,9 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from ..claims import format_numbers
-from .collect import GENERIC_CONTROLS, OUTCOME_KINDS, control_kind, outcome_counts, problem_tests, run_errors
-from .machine import commit_text
+from circuits.claims.core import format_numbers
+from circuits.report.collect import GENERIC_CONTROLS, OUTCOME_KINDS, control_kind, outcome_counts, problem_tests, run_errors
+from circuits.report.machine import commit_text
 
 __all__ = ["fmt_margin", "measured_text", "op_text", "control_text", "claim_rows", "test_label", "where",
            "problem_tests", "headline", "summary_counts", "one_line_summary", "module_rollup", "anchor",

@@ -69,7 +69,7 @@ from circuits.errors import InputError
 __all__ = [
     "D_X", "N_POINTS", "DATA_ALPHAS", "NOISE_SCALE", "PUBLISHED", "DATA_VERSION", "ICLData",
     "ridge_fit", "ridge_predict", "generate", "make_split",
-    # analysis tools (seed-specific; the general ones live in circuits.analysis)
+    # analysis tools (seed-specific; the general ones live in circuits.analysis.measures)
     "context_padding_mask", "predict_with_context", "last_position_residuals", "probe_heldout", "r2",
     "probe_r2", "cluster_rows", "cluster_probe",
 ]
@@ -211,7 +211,7 @@ class ICLData:
         return c
 
     def to_split(self):
-        from circuits.train import Split
+        from circuits.zoo.train import Split
 
         return Split(self.inputs, self.targets)
 
@@ -440,9 +440,9 @@ def make_split(n: int, seed: int):
 
 
 def zoo_entries() -> list:
-    from ..model import TransformerConfig
-    from ..train import TrainRecipe
-    from ..zoo import ZooEntry
+    from circuits.model.transformer import TransformerConfig
+    from circuits.zoo.train import TrainRecipe
+    from circuits.zoo.registry import ZooEntry
 
     return [ZooEntry(
         name="icl",

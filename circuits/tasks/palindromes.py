@@ -278,7 +278,7 @@ DATA_VERSION = "palindromes-data-1"  # bump when generate() / generate_training_
 
 
 def to_split(data: PalindromeData):
-    from ..train import Split
+    from circuits.zoo.train import Split
 
     return Split(data.toks, data.labels)
 
@@ -292,9 +292,9 @@ def make_train_split(n: int, seed: int):
 
 
 def zoo_entries() -> list:
-    from ..model import TransformerConfig
-    from ..train import TrainRecipe
-    from ..zoo import ZooEntry
+    from circuits.model.transformer import TransformerConfig
+    from circuits.zoo.train import TrainRecipe
+    from circuits.zoo.registry import ZooEntry
 
     return [ZooEntry(
         name="palindromes",

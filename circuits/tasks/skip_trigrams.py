@@ -165,16 +165,16 @@ def entry_name(n_heads: int) -> str:
 
 
 def make_split(n: int, seed: int):
-    from ..train import Split
+    from circuits.zoo.train import Split
 
     d = generate(n, seed)
     return Split(d.toks, d.labels)
 
 
 def zoo_entries() -> list:
-    from ..model import TransformerConfig
-    from ..train import TrainRecipe
-    from ..zoo import ZooEntry
+    from circuits.model.transformer import TransformerConfig
+    from circuits.zoo.train import TrainRecipe
+    from circuits.zoo.registry import ZooEntry
 
     return [
         ZooEntry(

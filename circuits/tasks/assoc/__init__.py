@@ -9,14 +9,14 @@ One job per module:
   lowrank      the low-rank baseline and its optimum (Proposition 1)
   training     `train_assoc` and its `AssocRecipe`
   experiments  the paper's and the seed's experiments as `ZooEntry`s (`zoo_entries()`), the paper's numbers
-The model family itself is `circuits.assoc_model`. Load a trained model with `zoo.load(name, seed)`;
+The model family itself is `circuits.tasks.assoc.model`. Load a trained model with `zoo.load(name, seed)`;
 `python -m circuits.tasks.assoc` rewrites the committed references (fixtures/models/assoc_*).
 """
 
-from .experiments import *  # noqa: F401,F403
-from .experiments import zoo_entries  # noqa: F401
-from .laws import (DATA_VERSION, DTYPE, LAWS, Law, associations, capacity_bound, empirical_law,  # noqa: F401
+from circuits.tasks.assoc.experiments import *  # noqa: F401,F403
+from circuits.tasks.assoc.experiments import zoo_entries  # noqa: F401
+from circuits.tasks.assoc.laws import (DATA_VERSION, DTYPE, LAWS, Law, associations, capacity_bound, empirical_law,  # noqa: F401
                    last_position_law, make_law, power_unif_law, rank_d_law)
-from .lowrank import LowRank, LowRankOptimum, fit_low_rank, low_rank_closed_form, low_rank_optimum  # noqa: F401
-from .training import (TRAIN_CODE_VERSION, AssocRecipe, context_logits, evaluate, scheduled_lr,  # noqa: F401
+from circuits.tasks.assoc.lowrank import LowRank, LowRankOptimum, fit_low_rank, low_rank_closed_form, low_rank_optimum  # noqa: F401
+from circuits.tasks.assoc.training import (TRAIN_CODE_VERSION, AssocRecipe, context_logits, evaluate, scheduled_lr,  # noqa: F401
                        train_assoc)

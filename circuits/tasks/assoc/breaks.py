@@ -2,9 +2,10 @@
 
 The family's claims are about all H heads together (accuracy grows with H, with d_h; the capacity
 bound counts H d_h), about the model's width d, or about the table it memorised. The plugin's
-per-head mutations (`circuits.mutations`) name one head, and its mean ablation is a hook on
-``hook_z``, which `table_logits` (the exact evaluation on every context) does not run. So the breaks
-here edit weights, and are exact under `table_logits` and the forward alike:
+mutations (`circuits.claims.mutations`; ``about("attn:L0")``: every head at once) reach `table_logits` (the
+exact evaluation on every context, which runs no hooks) through the model's weight edits
+(`AssocTransformer.weight_mutation`). The breaks here edit weights too, and are exact under
+`table_logits` and the forward alike:
 
 * `ablate_heads`: heads' outputs removed (W_O rows zeroed) or replaced by their mean over every
   context (W_O zeroed, the mean output added to b_O, which is shared by all heads);
@@ -24,8 +25,8 @@ import copy
 
 import torch
 
-from ...errors import InputError
-from .laws import Law
+from circuits.errors import InputError
+from circuits.tasks.assoc.laws import Law
 
 __all__ = ["ablate_heads", "ablate_mlp", "half_of_heads", "randomise_ov", "truncate_width", "reassign_table", "mean_head_outputs"]
 
@@ -35,42 +36,15 @@ def half_of_heads(n_heads: int) -> list[int]:
     return list(range((n_heads + 1) // 2))
 
 
-@torch.no_grad()
 def mean_head_outputs(model) -> torch.Tensor:
-    """Each head's output at the last position, averaged over every context (uniformly): [H, d_out],
-    d_out being the attention's output width (d_h for the authors' compressed models, else d)."""
-    from ...assoc_model import all_contexts
-
-    a = model.acfg
-    x = all_contexts(a.d_vocab, a.n_ctx)
-    _, cache = model.run_with_cache(x, names=["blocks.0.attn.hook_z"])
-    z = cache["blocks.0.attn.hook_z"][:, -1]  # [n_contexts, H, d_h]
-    return torch.einsum("he,hem->hm", z.mean(0), model.blocks[0].attn.W_O)
+    """Each head's output at the last position, averaged over every context: [H, d_out]."""
+    return model.head_output_means()
 
 
-def _check_heads(model, heads) -> list[int]:
-    H = model.acfg.n_heads
-    heads = list(heads)
-    bad = [h for h in heads if not (isinstance(h, int) and 0 <= h < H)]
-    if bad or not heads:
-        raise InputError(f"ablate_heads: heads {heads} must be a non-empty list in 0..{H - 1}")
-    return heads
-
-
-@torch.no_grad()
 def ablate_heads(model, heads, mode: str = "zero"):
-    """`heads`' outputs removed ("zero") or replaced by their mean over every context ("mean")."""
-    if mode not in ("zero", "mean"):
-        raise InputError(f"ablate_heads: mode {mode!r} is not 'zero' or 'mean'")
-    heads = _check_heads(model, heads)
-    means = mean_head_outputs(model) if mode == "mean" else None
-    new = copy.deepcopy(model)
-    attn = new.blocks[0].attn
-    for h in heads:
-        attn.W_O[h].zero_()
-        if means is not None:
-            attn.b_O.add_(means[h].to(attn.b_O.dtype))
-    return new
+    """`heads`' outputs removed ("zero") or replaced by their mean over every context ("mean"): the
+    model's own weight edit (`AssocTransformer.without_heads`, also the plugin's mean ablations)."""
+    return model.without_heads(heads, mode)
 
 
 @torch.no_grad()
@@ -117,25 +91,7 @@ def reassign_table(law: Law, gen: torch.Generator) -> Law:
     return Law(conds, name=f"{law.name} (table reassigned)", spec={**law.spec, "reassigned": True})
 
 
-@torch.no_grad()
 def ablate_mlp(model, mode: str = "zero"):
-    """The MLP's output removed ("zero": W_out and b_out zeroed) or replaced by its mean over every
-    context at the last position ("mean": W_out zeroed, the mean put in b_out)."""
-    from ...assoc_model import all_contexts
-
-    if mode not in ("zero", "mean"):
-        raise InputError(f"ablate_mlp: mode {mode!r} is not 'zero' or 'mean'")
-    a = model.acfg
-    if not a.d_mlp:
-        raise InputError(f"ablate_mlp: the model has no MLP (d_mlp = 0)")
-    mean = None
-    if mode == "mean":
-        _, cache = model.run_with_cache(all_contexts(a.d_vocab, a.n_ctx), names=["blocks.0.hook_mlp_out"])
-        mean = cache["blocks.0.hook_mlp_out"][:, -1].mean(0)  # [d]
-    new = copy.deepcopy(model)
-    mlp = new.blocks[0].mlp
-    mlp.W_out.zero_()
-    mlp.b_out.zero_()
-    if mean is not None:
-        mlp.b_out.copy_(mean.to(mlp.b_out.dtype))
-    return new
+    """The MLP's output removed ("zero") or replaced by its mean over every context at the last position
+    ("mean"): `AssocTransformer.without_mlp`."""
+    return model.without_mlp(mode)

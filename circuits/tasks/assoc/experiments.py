@@ -34,11 +34,11 @@ from typing import Optional
 
 import torch
 
-from ...assoc_model import AssocConfig, build_model
-from ...zoo import REFERENCE_DIR, ZooEntry
-from .laws import DATA_VERSION, make_law
-from .lowrank import LowRank, low_rank_optimum
-from .training import TRAIN_CODE_VERSION, AssocRecipe, train_assoc
+from circuits.tasks.assoc.model import AssocConfig, build_model
+from circuits.zoo.registry import REFERENCE_DIR, ZooEntry
+from circuits.tasks.assoc.laws import DATA_VERSION, make_law
+from circuits.tasks.assoc.lowrank import LowRank, low_rank_optimum
+from circuits.tasks.assoc.training import TRAIN_CODE_VERSION, AssocRecipe, train_assoc
 
 FAMILY = "assoc"
 
@@ -344,8 +344,8 @@ def zoo_entries() -> list[ZooEntry]:
 
 def write_references(names: Optional[list] = None, reference_dir: Path = REFERENCE_DIR, log=print) -> None:
     """Train (or take from the store) and write the committed references of the family."""
-    from ... import zoo
-    from ...store import ModelStore
+    from circuits.zoo import registry as zoo
+    from circuits.zoo.store import ModelStore
 
     store = ModelStore()
     entries = {e.name: e for e in zoo_entries()}

@@ -22,8 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ...assoc_model import all_contexts
-from ...errors import InputError
+from circuits.tasks.assoc.model import all_contexts
+from circuits.errors import InputError
 
 DATA_VERSION = "assoc-law-1"  # bump when a law constructor changes what a seed produces
 DTYPE = torch.float64  # laws and exact quantities are computed in float64

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ...errors import InputError
-from .laws import DTYPE, Law, _check_int
+from circuits.errors import InputError
+from circuits.tasks.assoc.laws import DTYPE, Law, _check_int
 
 # ------------------------------------------------------------------------------------------------
 # the low-rank baseline

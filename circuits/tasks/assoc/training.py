@@ -1,6 +1,6 @@
 """Training a model of the family on a law: ``train_assoc`` (full batch on the exact expected loss, or
 sampled mini-batches like the seed's and the authors' `train.py`), Adam, deterministic for a seed. It
-reuses ``circuits.train.TrainResult``; one-layer models train through ``assoc_model.table_logits``.
+reuses ``circuits.zoo.train.TrainResult``; one-layer models train through ``assoc_model.table_logits``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...assoc_model import AssocTransformer, check_rows, table_logits
-from ...errors import InputError
-from ...train import TrainResult
-from .laws import DTYPE, Law, _check_int
-from .lowrank import LowRank
+from circuits.tasks.assoc.model import AssocTransformer, check_rows, table_logits
+from circuits.errors import InputError
+from circuits.zoo.train import TrainResult
+from circuits.tasks.assoc.laws import DTYPE, Law, _check_int
+from circuits.tasks.assoc.lowrank import LowRank
 
 TRAIN_CODE_VERSION = "assoc-train-1"  # bump when train_assoc changes what training produces
 
@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, law: Law) -> dict:
 
 def train_assoc(model: nn.Module, law: Law, recipe: AssocRecipe, seed: int,
                 progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainResult:
-    """Train `model` in place on `law`; returns circuits.train.TrainResult (history of exact metrics)."""
+    """Train `model` in place on `law`; returns circuits.zoo.train.TrainResult (history of exact metrics)."""
     if getattr(model, "acfg", None) is not None and (model.acfg.d_vocab != law.N or model.acfg.n_ctx != law.S):
         raise InputError(f"model reads {model.acfg.n_ctx} tokens of {model.acfg.d_vocab}, the law has "
                          f"contexts of {law.S} tokens of {law.N}")

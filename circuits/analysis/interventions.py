@@ -1,0 +1,577 @@
+"""The primitive interventions on a model and its data: every claim, negative control, derived
+mutation and scrub is built from these (``controls`` registers them as controls, ``mutations``
+derives them from what a test is about, ``scrub`` and the hypotheses call them directly).
+
+* ablations: ``zero_ablate_head`` / ``zero_ablate_mlp`` (the output set to zero in the weights),
+  ``mean_ablate_head`` (the output replaced by its mean over a FIXED reference set of inputs, taken
+  once), ``batch_mean_ablate_head`` / ``batch_mean_ablate_mlp`` (replaced by the mean over whatever
+  batch is being evaluated, at run time);
+* weight moves: ``permute_heads`` / ``swap_heads`` (the same function, indices naming other
+  circuits), ``uniform_attention``, ``permute_positions``, ``randomise_read_in``, ``reinitialize``;
+* patching and resampling: ``patch_activations``, ``resample_activations``, ``resample_together``;
+* data: ``shuffle_labels``.
+
+Every function returns a NEW object (the input is never modified), so a control can be applied to a
+session-scoped model fixture without leaking into other tests. A bad head or layer is an
+:class:`~circuits.errors.InputError`; a model without the part an edit needs (not a circuits
+``HookedTransformer``) a one-line :class:`~circuits.errors.ControlError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+
+from circuits.errors import ControlError, InputError
+from circuits.model.transformer import HookedTransformer
+
+
+def check_head(model: HookedTransformer, layer: int, head: int) -> None:
+    """InputError unless the model has head ``layer``, ``head`` (the one head check of the library)."""
+    if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
+        raise InputError(f"no head L{layer}H{head}: the model has {model.cfg.n_layers} layers x "
+                         f"{model.cfg.n_heads} heads")
+
+
+def check_layer(model: HookedTransformer, layer: int, what: str = "layer") -> None:
+    """InputError unless the model has layer ``layer``."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise InputError(f"no {what} L{layer}: the model has {model.cfg.n_layers} layers")
+
+
+_NEEDS = {
+    "attention": (lambda m: hasattr(m, "blocks") and hasattr(m.blocks[0], "attn") and hasattr(m.blocks[0].attn, "W_O"),
+                  "blocks[l].attn with W_QKV / W_O (a circuits HookedTransformer)"),
+    "mlp": (lambda m: hasattr(m, "blocks") and getattr(m.blocks[0], "mlp", None) is not None,
+            "blocks[l].mlp (a circuits HookedTransformer with MLPs)"),
+    "pos": (lambda m: hasattr(getattr(m, "pos_embed", None), "W_pos"),
+            "a learned or sinusoidal positional embedding pos_embed.W_pos"),
+    "embed": (lambda m: hasattr(m, "embed"), "an embedding module `embed` (W_E or a vector read-in W_in)"),
+}
+
+
+def _need(model: Any, what: str, edit: str) -> None:
+    """A one-line ControlError unless ``model`` has the part ``edit`` changes (a foreign model)."""
+    ok, needs = _NEEDS[what]
+    try:
+        good = ok(model)
+    except (TypeError, IndexError, AttributeError):
+        good = False
+    if not good:
+        raise ControlError(f"mutation {edit!r} needs a model with {needs}; got a "
+                           f"{type(model).__module__}.{type(model).__qualname__}")
+
+
+def _derangement(n: int, seed: int) -> list[int]:
+    """A seeded random permutation of range(n) that moves every element (n >= 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=gen, device="cpu").tolist()  # the same order on every device
+        if all(p != i for i, p in enumerate(perm)):
+            return perm
+
+
+def reinitialize(model: HookedTransformer, seed: int = 12345) -> HookedTransformer:
+    """An untrained model of the same config (fresh random init; frozen one-hot/sinusoidal kept)."""
+    new = copy.deepcopy(model)
+    new.init_weights(seed)
+    return new
+
+
+@torch.no_grad()
+def zero_ablate_head(model: HookedTransformer, layer: int, head: int) -> HookedTransformer:
+    """Remove one head's output (its W_O slice set to zero; b_O, shared by all heads, is kept)."""
+    check_head(model, layer, head)
+    new = copy.deepcopy(model)
+    new.blocks[layer].attn.W_O[head].zero_()
+    return new
+
+
+@torch.no_grad()
+def zero_ablate_mlp(model: HookedTransformer, layer: int) -> HookedTransformer:
+    """Remove one MLP's output entirely (W_out and b_out set to zero)."""
+    if not 0 <= layer < model.cfg.n_layers or not model.cfg.d_mlp:
+        raise InputError(f"no MLP in layer {layer}: model has {model.cfg.n_layers} layers, d_mlp={model.cfg.d_mlp}")
+    new = copy.deepcopy(model)
+    new.blocks[layer].mlp.W_out.zero_()
+    new.blocks[layer].mlp.b_out.zero_()
+    return new
+
+
+def mean_ablate_head(model: HookedTransformer, layer: int, head: int, inputs: torch.Tensor) -> HookedTransformer:
+    """Replace one head's output by its mean over the FIXED reference inputs `inputs` (per position,
+    computed once here) via a permanent hook on `hook_z`. Means are taken over non-pad rows of each
+    position when the model pads. (:func:`batch_mean_ablate_head` takes the mean over the batch
+    being evaluated instead.)"""
+    check_head(model, layer, head)
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=[name])
+    z = cache[name][:, :, head]  # [batch, pos, d_head]
+    pad = model.key_padding_mask(inputs)
+    if pad is not None:
+        keep = (~pad).to(z.dtype)[..., None]  # [batch, pos, 1]
+        mean_z = (z * keep).sum(0) / keep.sum(0).clamp(min=1)  # [pos, d_head]
+    else:
+        mean_z = z.mean(0)  # [pos, d_head]
+    new = copy.deepcopy(model)
+
+    def replace(z: torch.Tensor, hook) -> torch.Tensor:
+        z = z.clone()
+        n = z.shape[1]
+        z[:, :, head] = mean_z[:n].to(z.dtype)
+        return z
+
+    new.hook_dict[name].fns.append(replace)
+    return new
+
+
+@torch.no_grad()
+def permute_heads(model: HookedTransformer, layer: int, perm: Optional[Sequence[int]] = None,
+                  seed: int = 0) -> HookedTransformer:
+    """Move whole heads (Q, K, V and O together) to new indices within `layer`.
+
+    The model computes exactly the same function, but "head h" now names a different circuit: the
+    control for claims pinned to a head index. `perm[i]` is the old head placed at index i; by default
+    a seeded random derangement (no head stays put).
+    """
+    n = model.cfg.n_heads
+    if perm is None:
+        if n < 2:
+            raise InputError("permute_heads needs at least 2 heads")
+        perm = _derangement(n, seed)
+    perm = list(perm)
+    if sorted(perm) != list(range(n)):
+        raise InputError(f"perm {perm} is not a permutation of range({n})")
+    new = copy.deepcopy(model)
+    attn = new.blocks[layer].attn
+    attn.W_QKV.copy_(attn.W_QKV[:, perm])
+    attn.b_QKV.copy_(attn.b_QKV[:, perm])
+    attn.W_O.copy_(attn.W_O[perm])
+    return new
+
+
+def swap_heads(model: Any, layer: int, head: int, other: int | None = None) -> Any:
+    """Exchange every weight of two heads of one layer (Q, K, V and O; ``other`` defaults to the next
+    head): the same function, the two indices naming each other's circuit."""
+    _need(model, "attention", "swap_head")
+    n = model.cfg.n_heads
+    if n < 2:
+        raise ControlError(f"swap_head:L{layer}H{head}: layer {layer} has one head, nothing to swap with")
+    other = (head + 1) % n if other is None else other
+    perm = list(range(n))
+    perm[head], perm[other] = other, head
+    return permute_heads(model, layer, perm)
+
+
+def uniform_attention(model: Any, layer: int, head: int) -> Any:
+    """The head's queries set to zero: every allowed key gets the same score, so the head attends
+    uniformly (its values and output map are kept)."""
+    _need(model, "attention", "uniform_attention")
+    check_head(model, layer, head)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        attn = new.blocks[layer].attn
+        attn.W_QKV[0, head].zero_()
+        attn.b_QKV[0, head].zero_()
+    return new
+
+
+def _batch_mean(x: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch at each position, over non-padding rows when a pad mask is known."""
+    if pad is None or pad.shape != x.shape[:2]:
+        return x.mean(0, keepdim=True).expand_as(x)
+    keep = (~pad).to(x.dtype).reshape(*pad.shape, *([1] * (x.ndim - 2)))
+    mean = (x * keep).sum(0, keepdim=True) / keep.sum(0, keepdim=True).clamp(min=1)
+    return mean.expand_as(x)
+
+
+def _with_pad_tracker(model: Any) -> dict:
+    """A permanent hook on hook_embed that notes which rows are padding (rows whose embedding is the
+    pad token's), so batch means skip them; returns the state dict the mean hooks read."""
+    state: dict = {"pad": None}
+    pad_token = getattr(model.cfg, "pad_token", None)
+    if pad_token is None or getattr(model.cfg, "d_input", 0) or "hook_embed" not in model.hook_dict:
+        return state
+    w_pad = model.embed.W_E[pad_token]
+
+    def note(x, hook):
+        state["pad"] = (x == w_pad.to(x.dtype)).all(-1)
+        return None
+
+    note.circuits_key = "pad_tracker"
+
+    model.hook_dict["hook_embed"].fns.append(note)
+    return state
+
+
+def _in_weights(model: Any, name: str, *args: int) -> Any:
+    """The mutant a model makes in its weights for a hook-based mutation, or None: a model whose exact
+    evaluation runs no hooks (``assoc_model.table_logits``) would otherwise evaluate the unmutated
+    weights, and a claim would hold vacuously."""
+    fn = getattr(model, "weight_mutation", None)
+    return fn(name, *args) if callable(fn) else None
+
+
+def batch_mean_ablate_head(model: Any, layer: int, head: int) -> Any:
+    """The head's output (its ``hook_z`` slice) replaced, at run time, by its mean over the batch
+    being evaluated at each position (non-padding rows only). (:func:`mean_ablate_head` takes the
+    mean over a fixed reference set instead.)"""
+    _need(model, "attention", "mean_ablate")
+    check_head(model, layer, head)
+    done = _in_weights(model, "mean_ablate", layer, head)
+    if done is not None:
+        return done
+    new = copy.deepcopy(model)
+    state = _with_pad_tracker(new)
+
+    def replace(z, hook):
+        z = z.clone()
+        z[:, :, head] = _batch_mean(z[:, :, head], state["pad"])
+        return z
+
+    replace.circuits_key = f"mean_ablate:L{layer}H{head}"
+
+    new.hook_dict[f"blocks.{layer}.attn.hook_z"].fns.append(replace)
+    return new
+
+
+def batch_mean_ablate_mlp(model: Any, layer: int) -> Any:
+    """The MLP's output replaced, at run time, by its mean over the batch being evaluated at each
+    position (non-padding rows only)."""
+    _need(model, "mlp", "mean_ablate_mlp")
+    check_layer(model, layer, "MLP layer")
+    done = _in_weights(model, "mean_ablate_mlp", layer)
+    if done is not None:
+        return done
+    new = copy.deepcopy(model)
+    state = _with_pad_tracker(new)
+
+    def replace(x, hook):
+        return _batch_mean(x, state["pad"]).clone()
+
+    replace.circuits_key = f"mean_ablate_mlp:L{layer}"
+    new.hook_dict[f"blocks.{layer}.hook_mlp_out"].fns.append(replace)
+    return new
+
+
+def zero_ablate_attn(model: Any, layer: int) -> Any:
+    """Every head of the layer removed (W_O zeroed: ``zero_ablate_head`` of each head, in one copy;
+    b_O, no head's, is kept)."""
+    _need(model, "attention", "zero_ablate_attn")
+    check_layer(model, layer)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        new.blocks[layer].attn.W_O.zero_()
+    return new
+
+
+def batch_mean_ablate_attn(model: Any, layer: int) -> Any:
+    """Every head of the layer replaced by its batch mean at each position."""
+    _need(model, "attention", "mean_ablate_attn")
+    check_layer(model, layer)
+    done = _in_weights(model, "mean_ablate_attn", layer)
+    if done is not None:
+        return done
+    for head in range(model.cfg.n_heads):
+        model = batch_mean_ablate_head(model, layer, head)
+    return model
+
+
+def permute_positions(model: Any, lo: int | None = None, hi: int | None = None, seed: int = 0) -> Any:
+    """The positional embeddings of positions lo..hi (all by default) moved to other positions of
+    that range (a seeded derangement: no position keeps its own)."""
+    _need(model, "pos", "permute_positions")
+    n_ctx = model.pos_embed.W_pos.shape[0]
+    lo = 0 if lo is None else lo
+    hi = n_ctx - 1 if hi is None else hi
+    if not 0 <= lo < hi < n_ctx:
+        raise ControlError(f"permute_positions:{lo}-{hi}: needs 0 <= a < b < n_ctx = {n_ctx}")
+    perm = torch.tensor(_derangement(hi - lo + 1, seed))
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        w = new.pos_embed.W_pos
+        w[lo: hi + 1] = w[lo: hi + 1][perm].clone()
+    return new
+
+
+def randomise_read_in(model: Any, seed: int = 0) -> Any:
+    """The token embedding (or the vector read-in) replaced by a fresh random initialisation of the
+    same module; everything downstream is kept."""
+    _need(model, "embed", "randomise_read_in")
+    fresh = reinitialize(model, seed=seed + 1)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(new.embed.named_parameters(), fresh.embed.named_parameters()):
+            if not p.requires_grad and torch.equal(p, q):
+                continue  # a frozen one-hot embedding has nothing to randomise
+            p.copy_(q)
+    if all(torch.equal(p, q) for p, q in zip(new.embed.parameters(), model.embed.parameters())):
+        raise ControlError("randomise_read_in: this model's read-in is fixed (one-hot); it has nothing to randomise")
+    return new
+
+
+LABEL_FIELDS = ("labels", "isbal", "targets", "y")
+
+
+def shuffle_labels(data: Any, seed: int = 0) -> Any:
+    """A copy of a dataclass dataset whose label field is randomly permuted (the features stay)."""
+    if not dataclasses.is_dataclass(data):
+        raise InputError(f"shuffle_labels needs a dataclass dataset, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(data)}
+    field = next((f for f in LABEL_FIELDS if f in names), None)
+    if field is None:
+        raise InputError(f"{type(data).__name__} has none of the label fields {LABEL_FIELDS}")
+    labels = getattr(data, field)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=gen, device="cpu")  # the same order on every device
+    if isinstance(labels, torch.Tensor):
+        perm = perm.to(labels.device)
+    return dataclasses.replace(data, **{field: labels[perm]})
+
+
+def patch_activations(model: HookedTransformer, inputs: torch.Tensor, source_inputs: torch.Tensor,
+                      patches: Sequence[tuple[str, tuple]]) -> torch.Tensor:
+    """Resampling ablation / activation patching: run `inputs`, but at each hook name replace the
+    activation at `index` (an indexing tuple after the batch axis, e.g. `(1, 0)` = position 1, head
+    0 of a [batch, pos, head, d_head] hook) by its value on `source_inputs` (row i from row i).
+
+    Returns the patched model output. Source and target may differ in length only where `index`
+    picks positions that exist in both: the patched slice must have the same shape on both sides
+    (a length-1 source is never broadcast over the target's positions). Bad indices, positions,
+    heads and shapes raise `InputError` naming the hook (`check_patch_index`), as in
+    `resample_activations`.
+    """
+    if source_inputs.shape[0] != inputs.shape[0]:
+        raise InputError(f"source batch {source_inputs.shape[0]} != target batch {inputs.shape[0]}")
+    patches = _check_patches(patches)
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    with torch.no_grad():
+        _, src = model.run_with_cache(source_inputs, names=names)
+
+    hooks = [(n, _overwrite(idx, check_patch_index(n, src[n], idx, "the source"))) for n, idx in patches]
+    with torch.no_grad():
+        return model.run_with_hooks(inputs, fwd_hooks=hooks)
+
+
+def _check_patches(patches) -> list[tuple[str, tuple]]:
+    """`patches` as a list of (hook name, index tuple); InputError for anything else."""
+    out = []
+    for p in patches:
+        if not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str):
+            raise InputError(f"a patch is (hook name, index tuple), e.g. ('blocks.0.attn.hook_z', (1, 0)); got {p!r}")
+        name, index = p
+        if not isinstance(index, (tuple, list)):
+            raise InputError(f"patch {name!r}: the index must be a tuple (e.g. (1,) for position 1, () for "
+                             f"everything), got {type(index).__name__} {index!r}")
+        out.append((name, tuple(index)))
+    return out
+
+
+def _index_part_ok(part) -> bool:
+    if part is None or part is Ellipsis:
+        return True
+    if isinstance(part, bool):
+        return False
+    if isinstance(part, int) or (hasattr(part, "__index__") and not isinstance(part, torch.Tensor)):
+        return True  # numpy integers too
+    if isinstance(part, slice):
+        return all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                   for b in (part.start, part.stop, part.step))
+    if isinstance(part, torch.Tensor):
+        return part.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or part.dtype == torch.bool
+    if isinstance(part, (list, tuple)):
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in part)
+    return False
+
+
+def check_patch_index(name: str, act: torch.Tensor, index: tuple, side: str = "the activation") -> torch.Tensor:
+    """act[:, *index] (the slice a patch reads or writes), or InputError naming the hook, the index
+    and the activation's shape: a non-integer index (a string, a float, a bool), more indices than
+    the activation has axes, or a position / head / unit that does not exist (also negative ones
+    below -size). The one validation every patching helper uses."""
+    for part in index:
+        if not _index_part_ok(part):
+            raise InputError(f"patch index {index!r} for {name!r}: {part!r} is not an int, slice or integer "
+                             f"tensor (float indices are not rounded)")
+    dims = sum(1 for part in index if part is not None and part is not Ellipsis)
+    if dims > act.ndim - 1:
+        raise InputError(f"patch index {index!r} has {dims} indices but {name!r} has only {act.ndim - 1} axes "
+                         f"after the batch ({side}: shape {tuple(act.shape)})")
+    for axis, part in enumerate(index, start=1):
+        if part is Ellipsis or part is None:
+            break  # positions after these are not checked one by one; torch's IndexError is wrapped below
+        if not isinstance(part, (slice, torch.Tensor, list, tuple)) and not -act.shape[axis] <= int(part) < act.shape[axis]:
+            raise InputError(f"patch index {index!r} does not exist in {name!r}: {part} is out of range for "
+                             f"axis {axis} of size {act.shape[axis]} ({side}: shape {tuple(act.shape)})")
+    try:
+        value = act[(slice(None), *index)]
+    except (IndexError, TypeError, RuntimeError) as exc:
+        raise InputError(f"patch index {index!r} does not exist in {name!r} ({side}: shape "
+                         f"{tuple(act.shape)}): {exc}") from None
+    if value.numel() == 0 and act.numel():
+        raise InputError(f"patch index {index!r} selects nothing in {name!r} ({side}: shape {tuple(act.shape)})")
+    return value
+
+
+def _patch_layer(model: HookedTransformer, names: Sequence[str]) -> int:
+    """The first block a set of hook names can change (0 when any lies outside the blocks)."""
+    layers = []
+    for n in names:
+        parts = n.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            return 0
+        layers.append(int(parts[1]))
+    return min(layers) if layers else 0
+
+
+def resample_activations(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
+                         source_rows: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None,
+                         batch_size: int = 2000) -> list[torch.Tensor]:
+    """Resampling ablation for several resamplings of one batch: for each index tensor `rows` in
+    `source_rows`, the output of `patch_activations(model, inputs, inputs[rows], patches)`.
+
+    Faster than calling that once per resampling: the clean run is done once (the patched
+    activations of row rows[i] are the clean ones of that row, and only the patched slices are
+    kept), and each patched run starts at the first patched block from the clean residual there
+    (the blocks before it cannot see the patch). With `lengths` (meaningful positions per row, the
+    rest right-padding), rows run in length-sorted chunks cut to their longest row, as
+    `analysis.predict` does; the patched positions must exist in every row's chunk, and the read-out
+    must be first/last. Tested equal to patch_activations.
+    """
+    patches = _check_patches(patches)
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    n = inputs.shape[0]
+    rows_list = [_check_rows(r, n, inputs.device) for r in source_rows]
+    if lengths is None:
+        chunks = [(torch.arange(n, device=inputs.device), inputs.shape[1])]
+    else:
+        if model.cfg.readout == "all":
+            raise InputError("resample_activations(lengths=...) needs a first/last read-out: an 'all' "
+                             "read-out's width would differ between chunks")
+        from circuits.analysis.measures import length_buckets  # analysis imports sklearn: only when needed
+
+        chunks = length_buckets(lengths, n, batch_size)
+    layer = _resume_layer(model, names)
+    resume = f"blocks.{layer}.hook_resid_pre"
+    clean: dict[str, torch.Tensor] = {}  # name -> [n, ...]: the clean activation at the patched index
+    resid: list[torch.Tensor] = []  # per chunk: the clean residual where the patched runs resume
+    with torch.no_grad():
+        for chunk, width in chunks:
+            _, cache = model.run_with_cache(inputs[chunk, :width], names=names + ([resume] if layer else []))
+            for name, index in patches:
+                value = check_patch_index(name, cache[name], index, f"rows cut to {width} positions")
+                if name not in clean:
+                    clean[name] = value.new_empty((n, *value.shape[1:]))
+                clean[name][chunk] = value
+            if layer:
+                resid.append(cache[resume])
+    outputs = []
+    for rows in rows_list:
+        out = None
+        for i, (chunk, width) in enumerate(chunks):
+            hooks = [(name, _overwrite(index, clean[name][rows[chunk]])) for name, index in patches]
+            with torch.no_grad():
+                x = inputs[chunk, :width]
+                part = (model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid[i]) if layer
+                        else model.run_with_hooks(x, fwd_hooks=hooks))
+            if lengths is None:  # one chunk, rows in their own order
+                out = part
+            else:
+                out = part.new_empty((n, *part.shape[1:])) if out is None else out
+                out[chunk] = part
+        outputs.append(out)
+    return outputs
+
+
+def _resume_layer(model: HookedTransformer, names: Sequence[str]) -> int:
+    """The block a patched run may resume at from the clean residual: the first block the patches
+    can change, or 0 (a full run) when the model has permanent hooks. A permanent hook may depend
+    on the batch it sees or keep state from it (a mean ablation's batch mean, the padding rows it
+    noted at hook_embed): a resumed run skips the hooks before the resume point, and with them
+    whatever they would have noted about the patched batch."""
+    if any(hp.fns for hp in model.hook_dict.values()):
+        return 0
+    return _patch_layer(model, names)
+
+
+def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: Sequence[tuple[str, tuple]],
+                      groups: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Resampling ablation where each group of resamplings must share ONE forward: for each group
+    (a list of index tensors `rows`), the outputs of `patch_activations(model, inputs,
+    inputs[rows], patches)`, computed as one forward of `inputs` repeated once per `rows`. A model
+    whose output depends on its batch (a mean-ablation mutation: the batch mean at run time) then
+    sees the same batch for every resampling of a group, so a mean that moves with the sources
+    cannot pass for the patched activation mattering.
+
+    The clean run is done once for all groups (the patched slices of row rows[i] are the clean
+    ones of that row), and each group's forward resumes at the first patched block from the clean
+    residual, repeated (the blocks before it cannot see the patch); on a model with permanent hooks
+    every group runs the full model instead (see `_resume_layer`). Returns [group][set] outputs,
+    each [n, ...]; tested equal to patch_activations and to the full forward.
+    """
+    patches = _check_patches(patches)
+    names = [n for n, _ in patches]
+    model.resolve_hook_names(names)  # unknown names fail here, naming the hook
+    n = inputs.shape[0]
+    groups = [[_check_rows(r, n, inputs.device) for r in group] for group in groups]
+    if any(not group for group in groups):
+        raise InputError("resample_together: every group needs at least one set of source rows")
+    layer = _resume_layer(model, names)
+    resume = f"blocks.{layer}.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=names + ([resume] if layer else []))
+    clean = {}
+    for name, index in patches:
+        clean[name] = check_patch_index(name, cache[name], index)
+    outputs = []
+    for group in groups:
+        source = torch.cat(group)
+        hooks = [(name, _overwrite(index, clean[name][source])) for name, index in patches]
+        x = inputs.repeat(len(group), *([1] * (inputs.ndim - 1)))
+        with torch.no_grad():
+            if layer:
+                resid = cache[resume].repeat(len(group), 1, 1)
+                out = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, resid=resid)
+            else:
+                out = model.run_with_hooks(x, fwd_hooks=hooks)
+        outputs.append(list(out.split(n)))
+    return outputs
+
+
+def _check_rows(rows, n: int, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        given = rows
+    else:
+        try:
+            given = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"source rows must be a [{n}] integer index tensor, got {type(rows).__name__}: {exc}") from None
+    if given.dtype == torch.bool or given.is_floating_point() or given.is_complex():
+        raise InputError(f"source rows must be integers, got dtype {given.dtype} (float rows are not rounded)")
+    rows = given.to(device=device, dtype=torch.long)
+    if rows.shape != (n,):
+        raise InputError(f"source rows must be a [{n}] index tensor, got {tuple(rows.shape)}")
+    if n and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise InputError(f"source rows must index the batch 0..{n - 1}")
+    return rows
+
+
+def _overwrite(index: tuple, value: torch.Tensor):
+    """A hook setting act[:, *index] = value (a copy: the hooked activation may be a view). The
+    target slice must have value's shape exactly: no broadcasting of a shorter source."""
+    def patch(act: torch.Tensor, hook) -> torch.Tensor:
+        target = check_patch_index(hook.name, act, index, "the patched run")
+        if target.shape != value.shape:
+            raise InputError(f"patch {index!r} on {hook.name!r}: the source slice has shape {tuple(value.shape)} "
+                             f"but the target's is {tuple(target.shape)}; source and target must agree at the "
+                             f"patched positions (a shorter source is not broadcast)")
+        act = act.clone()
+        act[(slice(None), *index)] = value.to(act.dtype)
+        return act
+    return patch

@@ -1,0 +1,408 @@
+"""Statistics for claims over samples: bootstrap confidence intervals and effect sizes.
+
+Every interval function returns an :class:`Estimate` (point estimate + interval). A claim given an
+Estimate passes on the interval's relevant bound, not on the point estimate. Problems with the data
+(an empty sample, NaN values, an undefined statistic) do not raise: they are carried in
+``Estimate.problem`` so that the claim records a clear failure instead of never being recorded.
+Programming errors (paired samples of different lengths, a level outside (0, 1)) do raise.
+
+scipy and sklearn are imported lazily: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from circuits.errors import CircuitsError
+
+__all__ = [
+    "Estimate",
+    "StatsInputError",
+    "expanded_level",
+    "bootstrap_ci",
+    "spearman_ci",
+    "pearson_ci",
+    "cohens_d",
+    "cohens_d_ci",
+    "auroc",
+    "auroc_ci",
+    "spearman",
+    "pearson",
+]
+
+DEFAULT_RESAMPLES = 2000
+DEFAULT_SEED = 0
+
+
+class StatsInputError(CircuitsError, ValueError):
+    """Samples that cannot be used as asked (e.g. paired samples of different lengths)."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a bootstrap confidence interval ``[lo, hi]``.
+
+    ``problem`` is None for a usable estimate, else a short phrase naming what went wrong
+    ("empty sample", "sample contains 2 NaN values", ...); a claim on such an estimate fails.
+    """
+
+    point: float
+    lo: float
+    hi: float
+    level: float = 0.95
+    method: str = "BCa"
+    n: int = 0
+    statistic: str = ""
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None and all(math.isfinite(v) for v in (self.point, self.lo, self.hi))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description of the interval (non-finite numbers become None)."""
+        return {
+            "lo": _finite_or_none(self.lo),
+            "hi": _finite_or_none(self.hi),
+            "level": self.level,
+            "method": self.method,
+            "n": self.n,
+            "statistic": self.statistic,
+        }
+
+    def __str__(self) -> str:
+        if self.problem:
+            return f"{self.statistic or 'estimate'}: {self.problem}"
+        return f"{self.point:.4g} [{self.level:.0%} CI {self.lo:.4g}, {self.hi:.4g}]"
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _as_1d(x: Any, what: str) -> np.ndarray:
+    """Convert a list / numpy array / torch tensor to a 1-D float64 array."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    if isinstance(x, (str, bytes)) or x is None:
+        raise StatsInputError(f"{what} must be a sequence of numbers, got {type(x).__name__}")
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise StatsInputError(f"{what} must be a sequence of numbers ({exc})") from None
+    if arr.ndim == 0:
+        raise StatsInputError(f"{what} must be a sequence of numbers, got a single number")
+    if arr.ndim > 1:
+        if sum(d > 1 for d in arr.shape) > 1:
+            raise StatsInputError(f"{what} must be 1-D, got shape {tuple(arr.shape)}")
+        arr = arr.reshape(-1)
+    return arr
+
+
+def _name(statistic: Callable) -> str:
+    return getattr(statistic, "__name__", type(statistic).__name__)
+
+
+def _sample_problem(samples: Sequence[np.ndarray]) -> str | None:
+    if any(len(s) == 0 for s in samples):
+        return "empty sample"
+    bad = sum(int((~np.isfinite(s)).sum()) for s in samples)
+    if bad:
+        n_nan = sum(int(np.isnan(s).sum()) for s in samples)
+        kinds = "NaN" if n_nan == bad else ("inf" if n_nan == 0 else "NaN/inf")
+        return f"sample contains {bad} {kinds} value{'s' if bad > 1 else ''}"
+    if any(len(s) < 2 for s in samples):
+        return "sample of size 1: no interval can be computed"
+    return None
+
+
+BCA_MAX_N = 5000  # above this sample size bootstrap_ci's default BCa interval becomes a percentile one
+
+
+def bootstrap_ci(
+    data: Any,
+    statistic: Callable = np.mean,
+    *,
+    paired: bool = False,
+    level: float = 0.95,
+    method: str = "BCa",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    name: str | None = None,
+) -> Estimate:
+    """Bootstrap confidence interval of ``statistic`` over ``data`` (scipy.stats.bootstrap).
+
+    ``data`` is one sample (1-D array-like / tensor) or a tuple of samples; the statistic is then
+    called as ``statistic(*samples)``. With ``paired=True`` the samples are resampled together, row
+    by row (e.g. ``(x, y)`` for a correlation). Statistics that accept ``axis=`` (``np.mean``,
+    ``np.median``, the functions in this module, ``analysis.loss_recovered``) are evaluated
+    vectorised, and always with ``axis=-1`` (the point estimate too), whatever their default.
+    ``name`` is the statistic's name in the Estimate (default: its ``__name__``), so a library
+    function can be bootstrapped under the name a claim reads, without a wrapper. The seed is fixed, so the
+    interval is reproducible. ``method`` is "BCa" (default) or "percentile"; if BCa is undefined
+    (e.g. a degenerate jackknife), or the sample is larger than ``BCA_MAX_N``, the percentile interval
+    is used and ``method`` says so. Either is drawn at :func:`expanded_level` (wider than ``level``
+    at small n, so that it covers at ``level``); ``Estimate.level`` is the level asked for.
+    """
+    if not 0.0 < level < 1.0:
+        raise StatsInputError(f"level must be in (0, 1), got {level!r}")
+    if method not in ("BCa", "percentile", "basic"):
+        raise StatsInputError(f"method must be 'BCa', 'percentile' or 'basic', got {method!r}")
+    if not callable(statistic):
+        raise StatsInputError(f"statistic must be callable, got {type(statistic).__name__}")
+    multi = isinstance(data, tuple)
+    samples = [_as_1d(s, f"sample {i}") for i, s in enumerate(data)] if multi else [_as_1d(data, "sample")]
+    if paired and len({len(s) for s in samples}) > 1:
+        raise StatsInputError(f"paired samples must have equal lengths, got {[len(s) for s in samples]}")
+    name = _name(statistic) if name is None else name
+    n = len(samples[0]) if (paired or len(samples) == 1) else min(len(s) for s in samples)
+    nan = float("nan")
+    problem = _sample_problem(samples)
+    point = nan
+    if problem is None:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = statistic(*samples, axis=-1) if _accepts_axis(statistic) else statistic(*samples)
+            point = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+        if not math.isfinite(point):
+            problem = f"statistic {name} is {point} on this sample (undefined, e.g. constant input?)"
+    if problem is not None:
+        return Estimate(point, nan, nan, level, method, n, name, problem)
+
+    if method == "BCa" and max(len(s) for s in samples) > BCA_MAX_N:
+        # BCa's jackknife evaluates the statistic n times (~2 s at n = 20,000); at this size its
+        # skewness correction is negligible and the percentile interval agrees to the third digit
+        method = "percentile"
+    lo, hi, used = _scipy_interval(samples, statistic, paired, expanded_level(level, n), method, n_resamples, seed)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        problem = f"bootstrap interval of {name} is undefined"
+    return Estimate(point, lo, hi, level, used, n, name, problem)
+
+
+def expanded_level(level: float, n: int) -> float:
+    """The level at which a bootstrap interval is drawn so that it reaches ``level`` at sample size n.
+
+    Percentile and BCa intervals are too narrow at small n: they spread by the plug-in standard
+    deviation (divisor n) and a normal quantile, so a 95% interval of a mean covers ~92% at n = 20
+    (one side misses 4.5% instead of 2.5%, measured in tests/test_calibration.py). The expanded
+    percentile interval (Hesterberg 2015, "What teachers should know about the bootstrap") draws
+    it at the level whose normal quantile is ``sqrt(n / (n - 1)) * t_{n-1}``: for a normal mean that
+    is exactly the t interval's width. 0.95 becomes 0.968 at n = 20, 0.953 at n = 200, 0.9500 at
+    n = 5,000 (the claims' usual samples: their verdicts do not move).
+    """
+    from scipy.stats import norm, t
+
+    if n < 3:
+        return level
+    z = math.sqrt(n / (n - 1)) * float(t.ppf(1 - (1 - level) / 2, n - 1))
+    return float(1 - 2 * norm.sf(z))
+
+
+def _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed):
+    from scipy import stats as st
+
+    n_total = sum(len(s) for s in samples)
+    batch = max(1, min(n_resamples, int(4_000_000 // max(n_total, 1))))
+    for m in dict.fromkeys((method, "percentile")):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if m == "percentile" and _accepts_axis(statistic):
+                lo, hi, dist = _percentile_interval(samples, statistic, paired, level, n_resamples, seed, batch)
+            else:
+                res = st.bootstrap(
+                    tuple(samples),
+                    statistic,
+                    paired=paired,
+                    confidence_level=level,
+                    method=m,
+                    n_resamples=n_resamples,
+                    batch=batch,
+                    rng=np.random.default_rng(seed),
+                )
+                lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+                dist = np.asarray(res.bootstrap_distribution)
+        if math.isfinite(lo) and math.isfinite(hi):
+            return lo, hi, m
+        if dist.size and np.all(np.isfinite(dist)) and np.ptp(dist) == 0:
+            v = float(dist.reshape(-1)[0])  # every resample gives the same value
+            return v, v, "degenerate"
+    return lo, hi, method
+
+
+def _percentile_interval(samples, statistic, paired, level, n_resamples, seed, batch):
+    """scipy.stats.bootstrap's percentile interval, drawing the same indices from the same generator
+    (the same resamples, so its interval to float rounding; tested), without its per-batch
+    overhead: 1.3-2x faster for the claims' samples of 5,000-20,000 rows.
+    Returns (low, high, bootstrap distribution)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for start in range(0, n_resamples, batch):
+        b = min(batch, n_resamples - start)
+        if paired:
+            idx = rng.integers(0, len(samples[0]), (b, len(samples[0])))  # [b, n]
+            resampled = [s[idx] for s in samples]
+        else:
+            resampled = [s[rng.integers(0, len(s), (b, len(s)))] for s in samples]
+        parts.append(np.asarray(statistic(*resampled, axis=-1), dtype=np.float64).reshape(b))
+    dist = np.concatenate(parts)  # [n_resamples]
+    alpha = (1 - level) / 2
+    lo, hi = np.percentile(dist, [100 * alpha, 100 * (1 - alpha)])
+    return float(lo), float(hi), dist
+
+
+def _accepts_axis(statistic: Callable) -> bool:
+    import inspect
+
+    try:
+        return "axis" in inspect.signature(statistic).parameters
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+
+
+# --- correlations (vectorised over a leading batch axis, for the bootstrap) -------------------------
+
+
+def pearson(x: Any, y: Any, axis: int = -1) -> np.ndarray | float:
+    """Pearson correlation along ``axis`` (NaN where an input is constant)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    xc = x - x.mean(axis=axis, keepdims=True)
+    yc = y - y.mean(axis=axis, keepdims=True)
+    with np.errstate(all="ignore"):
+        r = (xc * yc).sum(axis=axis) / np.sqrt((xc**2).sum(axis=axis) * (yc**2).sum(axis=axis))
+    r = np.clip(r, -1.0, 1.0)
+    return float(r) if np.ndim(r) == 0 else r
+
+
+def spearman(x: Any, y: Any, axis: int = -1) -> np.ndarray | float:
+    """Spearman rank correlation along ``axis`` (average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    return pearson(rankdata(x, axis=axis), rankdata(y, axis=axis), axis=axis)
+
+
+def spearman_ci(x: Any, y: Any, **kwargs: Any) -> Estimate:
+    """Spearman correlation of paired samples with a bootstrap CI (see :func:`bootstrap_ci`)."""
+    return bootstrap_ci((x, y), spearman, paired=True, **kwargs)
+
+
+def pearson_ci(x: Any, y: Any, **kwargs: Any) -> Estimate:
+    """Pearson correlation of paired samples with a bootstrap CI (see :func:`bootstrap_ci`)."""
+    return bootstrap_ci((x, y), pearson, paired=True, **kwargs)
+
+
+# --- effect sizes ------------------------------------------------------------------------------------
+
+
+def mean_difference(a: Any, b: Any, axis: int = -1) -> np.ndarray | float:
+    """mean(a) - mean(b) along ``axis`` (two samples, paired or not; vectorised for the bootstrap)."""
+    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+
+
+def cohens_d(a: Any, b: Any, axis: int = -1) -> np.ndarray | float:
+    """Cohen's d of ``a`` over ``b``: (mean a - mean b) / pooled standard deviation."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    na, nb = a.shape[axis], b.shape[axis]
+    va, vb = a.var(axis=axis, ddof=1), b.var(axis=axis, ddof=1)
+    with np.errstate(all="ignore"):
+        pooled = np.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+        d = (a.mean(axis=axis) - b.mean(axis=axis)) / pooled
+    return float(d) if np.ndim(d) == 0 else d
+
+
+def cohens_d_ci(a: Any, b: Any, **kwargs: Any) -> Estimate:
+    """Cohen's d with a bootstrap CI; ``a`` and ``b`` are resampled independently."""
+    return bootstrap_ci((a, b), cohens_d, paired=False, **kwargs)
+
+
+def auroc(positive: Any, negative: Any) -> float:
+    """Area under the ROC curve separating ``positive`` from ``negative`` scores (sklearn).
+
+    The probability that a random positive scores above a random negative (ties count half):
+    0.5 is chance, 1.0 perfect separation. Returns NaN if either sample is empty.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = _as_1d(positive, "positive"), _as_1d(negative, "negative")
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    return float(roc_auc_score(y, np.concatenate([pos, neg])))
+
+
+def _auroc_ranks(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray | float:
+    """AUROC via the Mann-Whitney U statistic; vectorised over leading axes (for the bootstrap)."""
+    from scipy.stats import rankdata
+
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    pos, neg = np.moveaxis(pos, axis, -1), np.moveaxis(neg, axis, -1)
+    n1, n2 = pos.shape[-1], neg.shape[-1]
+    ranks = rankdata(np.concatenate([pos, neg], axis=-1), axis=-1)
+    u = ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2
+    r = u / (n1 * n2)
+    return float(r) if np.ndim(r) == 0 else r
+
+
+_auroc_ranks.__name__ = "auroc"
+
+
+def auroc_ci(positive: Any, negative: Any, *, level: float = 0.95, method: str = "BCa",
+             n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Estimate:
+    """AUROC with a bootstrap CI (the two samples are resampled independently).
+
+    BCa by default, with the jackknife in closed form (no n evaluations), so it costs what the
+    percentile interval costs. Near 1 the percentile interval is anti-conservative (AUROC 0.9 at
+    50 + 50: its lower bound passed 5.2% of the time instead of 2.5%; BCa 2.0%, see
+    tests/test_calibration.py)."""
+    est = bootstrap_ci((positive, negative), _auroc_ranks, paired=False, level=level,
+                       method="percentile" if method == "BCa" else method, n_resamples=n_resamples, seed=seed)
+    if est.problem is None and method == "BCa" and est.method == "percentile":
+        pos, neg = _as_1d(positive, "positive"), _as_1d(negative, "negative")
+        lo, hi = _auroc_bca(pos, neg, expanded_level(level, est.n), n_resamples, seed)
+        if math.isfinite(lo) and math.isfinite(hi):
+            est = replace(est, lo=lo, hi=hi, method="BCa")
+    if est.problem is None:  # the point estimate from sklearn, which the interval must agree with
+        est = replace(est, point=auroc(positive, negative))
+    return est
+
+
+def _auroc_bca(pos: np.ndarray, neg: np.ndarray, level: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    """BCa interval of the AUROC (Efron 1987): the bootstrap distribution of the percentile interval
+    (same resamples), bias from where the estimate sits in it, acceleration from the jackknife,
+    which for the Mann-Whitney AUROC is closed-form: leaving out one positive removes its placement
+    (negatives below it, ties half), leaving out one negative removes the positives above it."""
+    from scipy.stats import norm
+
+    n1, n2 = len(pos), len(neg)
+    if n1 < 2 or n2 < 2:
+        return float("nan"), float("nan")
+    _, _, dist = _percentile_interval([pos, neg], _auroc_ranks, False, level, n_resamples, seed,
+                                      max(1, min(n_resamples, int(4_000_000 // (n1 + n2)))))
+    neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
+    below = np.searchsorted(neg_sorted, pos, "left") + 0.5 * (
+        np.searchsorted(neg_sorted, pos, "right") - np.searchsorted(neg_sorted, pos, "left"))  # [n1]
+    above = (n1 - np.searchsorted(pos_sorted, neg, "right")) + 0.5 * (
+        np.searchsorted(pos_sorted, neg, "right") - np.searchsorted(pos_sorted, neg, "left"))  # [n2]
+    u = below.sum()
+    theta = u / (n1 * n2)
+    jack = [(u - below) / ((n1 - 1) * n2), (u - above) / (n1 * (n2 - 1))]  # leave-one-out AUROCs
+    num = den = 0.0
+    for j, n in zip(jack, (n1, n2)):  # multi-sample acceleration: each sample's influence, summed
+        infl = (n - 1) * (j.mean() - j)
+        num += (infl**3).sum() / n**3
+        den += (infl**2).sum() / n**2
+    accel = num / (6 * den**1.5) if den > 0 else 0.0
+    frac = np.mean(dist < theta)
+    if not 0 < frac < 1:
+        return float("nan"), float("nan")
+    z0 = norm.ppf(frac)
+    z = norm.ppf([(1 - level) / 2, 1 - (1 - level) / 2])
+    adjusted = norm.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+    lo, hi = np.percentile(dist, 100 * adjusted)
+    return float(lo), float(hi)

@@ -1,0 +1,1 @@
+"""The pytest plugin: hooks, session state, fixtures, declared hook specifications."""

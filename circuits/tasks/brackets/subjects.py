@@ -1,0 +1,308 @@
+"""Subjects for the bracket hypotheses (hypotheses/test_brackets*.py, tests/test_reparametrisation.py):
+the published ARENA checkpoint and our own trained models, as pytest fixture mixins.
+
+A subject bundles a model (after the test's control or mutation), the heads bound to the roles the
+hypotheses talk about, the evaluation strings, and a note saying how the binding was made.
+
+Bindings. On the ARENA checkpoint the roles are pinned to the seed's heads 2.0 and 2.1 (nothing is
+searched). On our models `find_roles` searches on the SEARCH split (`search_data()`: the first
+N_SEARCH distinct published strings that are not among the 5,000 evaluation strings) and the claims
+score the binding on the evaluation strings, a disjoint held-out split; claims that decide whether
+the bound head does its job use a Bonferroni-corrected interval (level 1 - 0.05 / k, k = the heads
+the role's search scanned). The search always runs on the unmutated model (session-scoped memo,
+`head_roles` built from the zoo's own model), so a control or mutation run is scored under the
+binding of the model it breaks. The ARENA checkpoint and strings come from `circuits.tasks.brackets.reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+from circuits.analysis import interventions as I
+from circuits.analysis import measures as A
+from circuits.analysis import roles as R
+from circuits.claims.controls import register_control
+from circuits.claims.stats import bootstrap_ci
+from circuits.model.transformer import HookedTransformer
+from circuits.tasks.brackets import data as B
+from circuits.tasks.brackets.reference import ARENA_ROLES, N_EVAL, arena_data
+
+
+def reference_data(n: Optional[int] = N_EVAL) -> B.BracketData:
+    return arena_data(n)
+
+
+class Analysis:
+    """Everything the claims read about one model on the evaluation strings, each computed on first
+    use and then kept: a control that only needs logits never pays for the activation cache."""
+
+    def __init__(self, model: HookedTransformer, data: B.BracketData):
+        self.model, self.data = model, data
+
+    @cached_property
+    def logits(self) -> torch.Tensor:  # [batch, 2]
+        # one batch: a mean-ablation mutation's batch mean is then the mean over all evaluation
+        # strings, not over length-sorted chunks (which would keep length, hence imbalance, in it)
+        return A.predict(self.model, self.data.toks, lengths=self.data.lengths + 2, batch_size=len(self.data))
+
+    @cached_property
+    def cache(self):
+        names = A.decomposition_names(self.model) + [
+            f"blocks.{l}.attn.hook_pattern" for l in range(self.model.cfg.n_layers)]
+        # every claim here reads position 0 (the read-out) or attention from query 0
+        return A.run_in_batches(self.model, self.data.toks, names=names, keep=A.at_position(0),
+                                lengths=self.data.lengths + 2, batch_size=len(self.data))
+
+    @cached_property
+    def _fit(self):
+        x, y = A.ln_final_io(self.cache, pos=0)
+        return A.linear_fit(x, y)
+
+    @property
+    def r2(self) -> float:
+        return self._fit[1]
+
+    @cached_property
+    def direction(self) -> torch.Tensor:
+        """The unbalanced-minus-balanced logit direction pulled back through the final-LN fit: [d_model]."""
+        return A.pull_back(self._fit[0], A.logit_direction(self.model, 0, 1))
+
+    @cached_property
+    def _contributions(self):
+        values, labels = A.component_contributions(self.cache, self.direction, pos=0)
+        values = values - values[:, self.data.isbal].mean(1, keepdim=True)  # the seed's centring
+        return values.float(), labels
+
+    @property
+    def contributions(self) -> torch.Tensor:  # [component, batch], balanced mean subtracted
+        return self._contributions[0]
+
+    @property
+    def labels(self) -> list:
+        return self._contributions[1]
+
+
+_MEMO = A.ModelMemo()  # per model function: the analyses and the 100k predictions
+
+
+def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
+    return _MEMO.get(model, ("analysis", id(data), len(data)), lambda: Analysis(model, data))
+
+
+def predictions_on_all(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predicted is-balanced, label, count) per distinct string of the full 100k file: half the
+    file repeats earlier rows, so each distinct string is classified once and weighted by its count."""
+    def compute():
+        strs, labels, counts = distinct_reference_strings()
+        toks = B.tokenize(strs)
+        lengths = torch.tensor([len(s) + 2 for s in strs])
+        return A.predict(model, toks, lengths=lengths).argmax(-1).bool(), labels, counts
+
+    return _MEMO.get(model, "predictions_on_all", compute)
+
+
+@lru_cache(maxsize=1)
+def distinct_reference_strings() -> tuple[list, torch.Tensor, torch.Tensor]:
+    data = reference_data(None)
+    counts: dict[str, int] = {}
+    label: dict[str, bool] = {}
+    for s, b in zip(data.strs, data.isbal.tolist()):
+        counts[s] = counts.get(s, 0) + 1
+        label[s] = b
+    strs = list(counts)
+    return strs, torch.tensor([label[s] for s in strs]), torch.tensor([counts[s] for s in strs], dtype=torch.float64)
+
+
+def head_contribution(analysis: Analysis, head: tuple[int, int]) -> torch.Tensor:
+    return analysis.contributions[analysis.labels.index(A.head_label(*head))]
+
+
+N_SEARCH = 5000  # strings of the search split
+
+
+@lru_cache(maxsize=1)
+def search_data() -> B.BracketData:
+    """The role search's split: the first N_SEARCH distinct published strings that are not among the
+    evaluation strings (held out from every claim)."""
+    return B.distinct_rows(reference_data(None), exclude=reference_data().strs, n=N_SEARCH)
+
+
+def find_roles(model: HookedTransformer, data: Optional[B.BracketData] = None) -> dict:
+    """Bind roles by search on `data` (default: the search split, disjoint from the evaluation
+    strings): the count head is the head whose contribution best separates total-elevation
+    failures (AUROC among strings starting with "("); the negative head is the other head that best
+    separates negative failures. Searched once per model (every test asks)."""
+    return R.search(model, search_data() if data is None else data, bracket_role_scores)
+
+
+def candidates_scanned(model: HookedTransformer) -> dict:
+    """role -> how many heads its (greedy) search chose among: all heads for the first role, one
+    fewer for each role after it."""
+    n = len(R.heads(model))
+    return {"count_head": n, "negative_head": n - 1}
+
+
+def bracket_role_scores(model: HookedTransformer, data: B.BracketData) -> dict:
+    """role -> head -> AUROC of the head's contribution along the unbalanced direction."""
+    an = analyse(model, data)
+    values = {hd: head_contribution(an, hd) for hd in R.heads(model)}
+    targets = {"count_head": data.total_elevation_failure, "negative_head": data.negative_failure}
+    return R.separation_scores(values, targets, where=data.starts_open)
+
+
+@dataclass
+class BracketSubject:
+    name: str
+    model: HookedTransformer  # after the negative control / mutation
+    roles: dict  # role -> (layer, head), bound on the uncontrolled model
+    data: B.BracketData = field(repr=False)  # the held-out evaluation strings
+    binding: str = ""  # how the roles were bound (for claim notes)
+    candidates: dict = field(default_factory=dict)  # role -> heads its search scanned (1: pinned)
+
+    def head(self, role: str) -> tuple[int, int]:
+        return self.roles[role]
+
+    def role_label(self, role: str) -> str:
+        return f"{role}={A.head_label(*self.roles[role])}"
+
+    def level(self, role: str, alpha: float = 0.05) -> float:
+        """Interval level for deciding a claim about a searched role: Bonferroni over the heads
+        scanned (picking the best of k must not pass for an effect)."""
+        return 1 - alpha / self.candidates.get(role, 1)
+
+
+class ArenaSubject:
+    """Mixin: hypotheses on the published ARENA checkpoint, roles pinned to the seed's heads."""
+
+    @pytest.fixture
+    def head_roles(self):
+        return dict(ARENA_ROLES)
+
+    @pytest.fixture
+    def subject(self, arena_model, bracket_data, head_roles, control):
+        roles = control.apply_data(dict(head_roles))  # the swap_roles control rebinds them
+        binding = (f"pinned to the seed's heads ({R.describe(head_roles)}); no search; scored on the "
+                   f"published evaluation strings (n={len(bracket_data)})")
+        return BracketSubject("arena", control.apply_model(arena_model), roles, bracket_data, binding,
+                              {role: 1 for role in head_roles})
+
+
+class OursSubject:
+    """Mixin: the same hypotheses on our own brackets zoo model (reference or --circuits-seeds), roles found
+    by search on the search split of the uncontrolled model, scored on the held-out strings."""
+
+    @pytest.fixture
+    def head_roles(self, zoo_models, zoo_seed, request):
+        # the zoo's own (unmutated) model: a mutation run keeps the binding of the model it breaks
+        return find_roles(zoo_models.get(request, "brackets", zoo_seed).model)
+
+    @pytest.fixture
+    def subject(self, brackets_model, bracket_data, head_roles, zoo_seed, control):
+        name = "ours" if zoo_seed is None else f"ours seed {zoo_seed}"
+        k = candidates_scanned(brackets_model)
+        binding = (f"bound {R.describe(head_roles)} on the search split (n={N_SEARCH} distinct published "
+                   f"strings) among {k['count_head']} / {k['negative_head']} heads; scored on the held-out "
+                   f"evaluation strings (n={len(bracket_data)})")
+        return BracketSubject(name, brackets_model, control.apply_data(dict(head_roles)), bracket_data, binding, k)
+
+
+# --- the count head's input, resampled from strings that agree on one test ---------------------------
+
+
+def _sources_in(groups: torch.Tensor, wanted: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each row i, a random source row j with groups[j] == wanted[i] (a cell with no row: error)."""
+    source = torch.empty(len(groups), dtype=torch.long)
+    for value in wanted.unique():
+        targets = torch.nonzero(wanted == value).squeeze(1)
+        pool = torch.nonzero(groups == value).squeeze(1)
+        if not len(pool):
+            raise ValueError(f"no source string in cell {int(value)}")
+        source[targets] = pool[torch.randint(len(pool), (len(targets),), generator=gen)]
+    return source
+
+
+def resample_count_head(subject: BracketSubject, control, draws, n_draws: int) -> dict:
+    """Resample the count head's key and value at position 1 (strings starting with "(") from: the
+    string itself (clean), a random string (baseline), a string agreeing on the count test
+    ("count"), one agreeing on the horizon test ("horizon"), and one agreeing on the horizon test but
+    not on the count test ("horizon only"). Per-string losses are averaged over n_draws
+    draws of sources (streams of `draws`; computed once per model function, head, draws and data
+    control: the two resampling tests share them); fractions of the random-resample loss gap
+    (:func:`circuits.analysis.loss_recovered`) come with a bootstrap interval over strings. Returns
+    kind -> Estimate for "count", "horizon", "horizon only" and "count - horizon", and a "note"."""
+    data = subject.data
+    rows = torch.nonzero(data.starts_open).squeeze(1)
+    toks, labels = data.toks[rows], data.isbal[rows].long()
+    count_fails = data.total_elevation_failure[rows].long()
+    horizon_fails = data.negative_failure[rows].long()
+    own = 2 * count_fails + horizon_fails  # the string's cell
+    # the cells sources are drawn by: 2 * (count test fails) + (horizon test fails); shuffle_labels
+    # permutes them, which makes 'agreeing' sources random
+    cells = control.apply_labels(own)
+    layer, head = subject.head("count_head")
+    patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
+    kinds = ("clean", "random", "count", "horizon", "horizon only")
+
+    def compute():
+        # every source set of a draw in ONE forward (the strings repeated once per set): a
+        # mean-ablation mutation's batch mean is then the same for all of them, so a mean that moves
+        # with the sources cannot pass for the head's input mattering. The clean run is shared by the
+        # draws, and each draw's forward resumes at the patched layer (unless the model has hooks)
+        groups = []
+        for i in range(n_draws):
+            gen = draws.child(f"sources {i}").torch()
+            groups.append([torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
+                           _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
+                           _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
+                           _sources_in(cells, own ^ 2, gen)])  # same horizon outcome, other count outcome
+        losses = {k: [] for k in kinds}
+        for outputs in I.resample_together(subject.model, toks, patches, groups):
+            for kind, logits in zip(kinds, outputs):
+                losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
+        return losses
+
+    key = ("resampled", (layer, head), draws.seed, n_draws, control.spec if control.kind == "data" else "", id(data))
+    losses = _RESAMPLED.get(subject.model, key, compute)  # per model function: a mutant is another model
+    per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
+    mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
+    seed = draws.child("bootstrap").int()
+    out, spread = {}, {}
+    for kind in ("count", "horizon", "horizon only"):
+        out[kind] = bootstrap_ci((mean[kind], mean["clean"], mean["random"]), A.loss_recovered, paired=True,
+                                 method="percentile", n_resamples=1000, seed=seed)
+        each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
+        spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
+    out["count - horizon"] = bootstrap_ci((mean["count"], mean["horizon"], mean["clean"], mean["random"]),
+                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed,
+                                          name="recovered(count) - recovered(horizon)")
+    out["note"] = (f"{len(rows)} strings x {n_draws} draws of sources; clean loss "
+                   f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
+                   f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
+                   f"horizon-only {spread['horizon only']}")
+    return out
+
+
+_RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
+
+
+def _contrast(count, horizon, clean, baseline, axis=-1):
+    return A.loss_recovered(count, clean, baseline, axis=axis) - A.loss_recovered(horizon, clean, baseline, axis=axis)
+
+
+def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:
+    """Rebind the count head to the negative head and vice versa: the 'permuted head' control for
+    claims phrased about a role rather than an index."""
+    if not isinstance(roles, dict) or {"count_head", "negative_head"} - set(roles):
+        raise TypeError("swap_roles applies to a role binding dict with count_head and negative_head")
+    return {**roles, "count_head": roles["negative_head"], "negative_head": roles["count_head"]}
+
+
+register_control("swap_roles", kind="data", fn=_swap_roles,
+                 accepts=lambda obj: isinstance(obj, dict) and {"count_head", "negative_head"} <= set(obj),
+                 description="exchange the heads bound to the count and negative roles")
