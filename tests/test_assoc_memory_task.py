@@ -701,6 +701,7 @@ def test_the_plugins_mutations_reach_the_table(kw):
     """Every mutation `about` derives for a head, the layer's heads or an MLP changes what table_logits
     computes (the claims' exact evaluation runs no hooks: the model makes the hook-based ones in its
     weights), and the table still equals the forward."""
+    import circuits.claims.mutations  # noqa: F401  (registers the mutation controls)
     from circuits.claims.controls import make_control
 
     model = build_model(AssocConfig(**kw))
