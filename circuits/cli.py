@@ -222,7 +222,7 @@ def cmd_report(args) -> int:
         print(md.read_text() if md.exists() else f"(no report.md in {run_dir})")
     else:  # the terminal summary pytest printed, as plain text
         report = rederive(load_report(path, report_dir))
-        report["_html_path"] = str(html)
+        report.html_path = str(html)
         print("\n".join(text for text, _ in terminal_lines(report)))
     if args.open:
         _open_in_browser(html)

@@ -52,12 +52,17 @@ def main(argv=None) -> int:
                     help="add scrub_claim on the ARENA checkpoint's losses (hypothesis 1b, 40 draws x 5,000 "
                          "published strings as the population)")
     ap.add_argument("--arena-only", action="store_true", help="only that row")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="only the rows whose 'rule n=N' contains TEXT (repeatable), e.g. --only 'scrub_claim n=2000'")
     args = ap.parse_args(argv)
     rules = [] if args.arena_only else C.rules(1 if args.quick else 2) + [C.point_close_to(30)]
+    if args.only:
+        rules = [r for r in rules if any(t in f"{r.name} n={r.n}" for t in args.only)]
     if args.arena or args.arena_only:
         rules.append(arena_rule())
     print(f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-          f"`python scripts/calibrate.py --seeds {args.seeds}{' --quick' if args.quick else ''}`.\n")
+          f"`python scripts/calibrate.py --seeds {args.seeds}{' --quick' if args.quick else ''}"
+          f"{''.join(f' --only {t!r}' for t in args.only)}`.\n")
     print("| rule | population (true value = threshold) | n | nominal | pass rate at threshold [95% Wilson] | seeds |")
     print("|---|---|---|---|---|---|")
     for rule in rules:

@@ -18,6 +18,9 @@ RULES = {
     "mean at_least (percentile)": lambda: C.mean_at_least(40, "percentile", n_resamples=1000),
     "mean at_least (BCa)": lambda: C.mean_at_least(30, "BCa", n_resamples=1000),
     "mean at_most, skewed (percentile)": lambda: C.mean_at_most(300, "percentile"),
+    # skewed at small n: the percentile / BCa intervals passed 3.5-5.3% here; the studentized 2.8-3.0%
+    "mean at_most, skewed, n=30 (studentized)": lambda: C.mean_at_most(30, "BCa"),
+    "mean at_least, skewed, n=20 (studentized)": lambda: C.mean_at_least(20, "BCa", "skewed", n_resamples=1000),
     "close_to on an interval": lambda: C.close_to_interval(40, "percentile"),
     "auroc at_least (BCa)": lambda: C.auroc_at_least(50, "BCa", n_resamples=400),
     "spearman at_least (percentile)": lambda: C.spearman_at_least(60, "percentile", n_resamples=300),
@@ -84,3 +87,51 @@ def test_auroc_bca_matches_scipys_bca():
     ref = st.bootstrap((pos, neg), _auroc_ranks, method="BCa", n_resamples=3000, batch=3000,
                        rng=np.random.default_rng(3)).confidence_interval
     np.testing.assert_allclose(_auroc_bca(pos, neg, 0.95, 3000, 3), [ref.low, ref.high], atol=1e-4)
+
+
+def test_the_mean_gets_the_studentized_interval_and_falls_back_without_spread():
+    """A mean's interval is the bootstrap-t (asymmetric on skewed data, the long side towards the
+    tail); where a resample has no spread (one error among many correct answers) it falls back to
+    the expanded percentile interval rather than failing."""
+    from circuits.claims.stats import bootstrap_ci
+
+    x = np.random.default_rng(0).exponential(size=30)
+    est = bootstrap_ci(x, np.mean)
+    assert est.method == "studentized" and est.hi - est.point > est.point - est.lo
+    rare = np.ones(40)
+    rare[0] = 0
+    est = bootstrap_ci(rare, np.mean, method="percentile")
+    assert est.method == "percentile" and est.lo < 0.975 <= est.hi
+
+
+def test_closed_form_jackknife_bca_matches_scipys_bca():
+    """scrub_result's BCa interval of the fraction recovered (closed-form leave-one-out) equals
+    scipy.stats.bootstrap's BCa (which recomputes the statistic n times) on the same resamples."""
+    from scipy import stats as st
+
+    from circuits.analysis.scrub import _recovered, _recovered_jackknife
+    from circuits.claims.stats import bootstrap_ci
+
+    s, b = C.scrub_losses(3, 300, 5, 0.85)
+    s, b = s.mean(0), b.mean(0)
+    from circuits.claims.stats import expanded_level
+
+    ref = st.bootstrap((s, b), _recovered, paired=True, method="BCa", n_resamples=2000, batch=2000,
+                       confidence_level=expanded_level(0.95, 300), rng=np.random.default_rng(4)).confidence_interval
+    est = bootstrap_ci((s, b), _recovered, paired=True, method="BCa", n_resamples=2000, seed=4,
+                       jackknife=_recovered_jackknife)
+    assert est.method == "BCa"
+    np.testing.assert_allclose([est.lo, est.hi], [ref.low, ref.high], atol=1e-4)
+
+
+def test_bca_draws_at_least_its_minimum_of_resamples():
+    """BCa reads adjusted percentiles far into the tails: fewer than BCA_MIN_RESAMPLES are raised to it
+    (Spearman at n = 60 with 400 passed 3.5% at its threshold, above the nominal 2.5%)."""
+    from circuits.claims.stats import BCA_MIN_RESAMPLES, bootstrap_ci, spearman
+
+    g = np.random.default_rng(2)
+    x = g.normal(size=60)
+    y = x + g.normal(size=60)
+    few = bootstrap_ci((x, y), spearman, paired=True, n_resamples=400)
+    assert few == bootstrap_ci((x, y), spearman, paired=True, n_resamples=BCA_MIN_RESAMPLES)
+    assert few.method == "BCa"

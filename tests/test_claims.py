@@ -184,8 +184,11 @@ def test_claim_sample_bootstrap_is_reproducible_and_paired():
 def test_bootstrap_ci_covers_the_mean_and_handles_degenerate_samples():
     rng = np.random.default_rng(1)
     e = bootstrap_ci(rng.normal(3.0, 1.0, size=400))
-    assert e.lo < 3.0 < e.hi and e.hi - e.lo < 0.4 and e.method == "BCa" and e.n == 400
-    assert bootstrap_ci(rng.normal(size=100), method="percentile").method == "percentile"
+    # the mean of one sample gets the studentized interval whatever was asked (issue 30: calibrated)
+    assert e.lo < 3.0 < e.hi and e.hi - e.lo < 0.4 and e.method == "studentized" and e.n == 400
+    assert bootstrap_ci(rng.normal(size=100), method="percentile").method == "studentized"
+    assert bootstrap_ci(rng.normal(size=100), np.median, method="percentile").method == "percentile"
+    assert bootstrap_ci(rng.normal(size=100), np.median).method == "BCa"
     const = bootstrap_ci([2.0] * 10)
     assert const.ok and const.lo == const.hi == 2.0
     assert bootstrap_ci([]).problem == "empty sample"
@@ -322,11 +325,17 @@ def test_builtin_controls_call_interventions(monkeypatch):
 def test_large_samples_use_the_percentile_interval_which_agrees_with_bca():
     from circuits.claims.stats import BCA_MAX_N, bootstrap_ci
 
+    def mean_(x, axis=-1):  # a mean that is not np.mean: bootstrap_ci's studentized interval is np.mean's
+        return np.mean(x, axis=axis)
+
     x = np.random.default_rng(0).exponential(size=BCA_MAX_N + 1)
-    large = bootstrap_ci(x, np.mean, n_resamples=500)
-    bca = bootstrap_ci(x[:BCA_MAX_N], np.mean, n_resamples=500)
+    large = bootstrap_ci(x, mean_, n_resamples=500)
+    bca = bootstrap_ci(x[:BCA_MAX_N], mean_, n_resamples=500)
     assert large.method == "percentile" and bca.method == "BCa"
     assert abs(large.lo - bca.lo) < 0.02 and abs(large.hi - bca.hi) < 0.02
+    studentized = bootstrap_ci(x, np.mean, n_resamples=500)  # at this n all three agree
+    assert studentized.method == "studentized"
+    assert abs(large.lo - studentized.lo) < 0.02 and abs(large.hi - studentized.hi) < 0.02
 
 
 @pytest.mark.parametrize("paired", [True, False])

@@ -264,7 +264,7 @@ def _renamed(claims: dict, moved: dict) -> dict:
     return {re.sub(r"L\d+H\d+", lambda m: index.get(m.group(0), m.group(0)), name): r for name, r in claims.items()}
 
 
-def _same_claims(before: dict, after: dict, what: str) -> None:
+def _same_claims(before: dict, after: dict, what: str, tol: float = TOL) -> None:
     assert before.keys() == after.keys(), f"{what}: claims {sorted(before.keys() ^ after.keys())} differ"
     moved = []
     for name, a in before.items():
@@ -273,7 +273,7 @@ def _same_claims(before: dict, after: dict, what: str) -> None:
             moved.append(f"{name}: verdict {a.passed} -> {b.passed} (value {a.value} -> {b.value})")
         for field in ("value", "bound"):
             x, y = getattr(a, field), getattr(b, field)
-            if (x is None) != (y is None) or (x is not None and abs(x - y) > TOL * max(1.0, abs(x))):
+            if (x is None) != (y is None) or (x is not None and abs(x - y) > tol * max(1.0, abs(x))):
                 moved.append(f"{name}: {field} {x} -> {y}")
     assert not moved, f"{what}: " + "; ".join(moved)
 
@@ -321,3 +321,167 @@ def test_a_binding_that_does_not_follow_the_permutation_is_caught(models, data, 
     other = permute_heads(models["arena"], 2, SWAP)
     with pytest.raises(AssertionError, match="verdict|value|claims"):  # any of the three moves
         _same_claims(before["arena"], bracket_claims(other, roles["arena"], data[0]), "arena, unmapped roles")
+
+
+# === the other hypotheses modules (palindromes, skip-trigrams, ICL, Tracr ground truth) ==================
+#
+# The same rewrites, generalised to any layer shape, plus two more: W_V (b_V) times c with W_O over c,
+# and a rotation of the residual basis (every writer times R, every reader by R^T), which is exact only
+# without LayerNorm (palindromes, skip-trigrams, Tracr; not ICL). Each module's claims are compared on
+# one composed rewrite, with the test functions called as the suite calls them (a representative
+# subset per module, OTHER_CLAIMS). What a rewrite may move is limited by how the claims bind parts:
+# - claims that name a head or MLP by index (all of the Tracr ones, palindromes' role claims) do not
+#   follow a head permutation (as the brackets roles do through their binding), so the modules whose
+#   chosen claims name indices get no head permutation (the brackets part above covers binding);
+# - the Tracr claims read residual dimensions by their card's labels (which RASP variable lives where),
+#   a basis the card fixes: no residual rotation there.
+
+
+def scale_ov(model, layer: int, head: int, c: float):
+    """v -> c v (W_V, b_V), W_O -> W_O / c: z W_O unchanged."""
+    m = _copy(model)
+    attn = m.blocks[layer].attn
+    with torch.no_grad():
+        attn.W_QKV[2, head] *= c
+        attn.b_QKV[2, head] *= c
+        attn.W_O[head] /= c
+    return m
+
+
+def rotate_residual(model, R: torch.Tensor):
+    """The residual stream in another orthonormal basis, x -> x R: what writes to it (embeddings, W_O,
+    b_O, W_out, b_out) times R, what reads it (W_Q, W_K, W_V, W_in, W_U) by R^T. Exact without
+    LayerNorm (a LayerNorm centres and scales per coordinate: not rotation-equivariant)."""
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(".ln" in n or n.startswith("ln") for n in names), f"LayerNorm in {names}: not exact"
+    m = _copy(model)
+    R = R.to(next(m.parameters()).dtype)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            last = name.split(".")[-1]
+            if name in ("embed.W_E", "pos_embed.W_pos") or last in ("W_O", "b_O", "W_out", "b_out"):
+                p.copy_(p @ R)  # writers: [..., d_model]
+            elif last == "W_QKV":
+                p.copy_(p @ R)  # [3, head, d_head, d_model]: q = x W^T, so W -> W R reads x R
+            elif last in ("W_in", "W_U") and not name.startswith("embed"):
+                p.copy_(R.T @ p)  # readers: [d_model, ...]
+            elif last not in ("b_QKV", "b_in", "b_U"):
+                raise AssertionError(f"rotate_residual: no rule for parameter {name} {tuple(p.shape)}")
+    return m
+
+
+def _index_preserving(model, *, residual: bool, heads: bool):
+    """Every rewrite above on every head and MLP of the model, composed; heads permuted cyclically
+    within each layer if ``heads``; the residual basis rotated if ``residual``."""
+    cfg = model.cfg
+    for layer in range(cfg.n_layers):
+        for head in range(cfg.n_heads):
+            model = scale_qk(model, layer, head, 1.7 + 0.9 * head + 0.3 * layer)
+            model = scale_ov(model, layer, head, 0.4 + 0.5 * head + 0.2 * layer)
+            model = rotate_ov(model, layer, head, orthogonal(cfg.d_head, 100 + 7 * layer + head))
+            model = rotate_qk(model, layer, head, orthogonal(cfg.d_head, 200 + 7 * layer + head))
+        if getattr(cfg, "d_mlp", 0) and hasattr(model.blocks[layer], "mlp") and model.blocks[layer].mlp is not None:
+            model = permute_mlp(model, layer, _mlp_perm(model, layer))
+            if cfg.act_fn == "relu":
+                model = scale_relu(model, layer, _relu_scale(model, layer))
+        if heads and cfg.n_heads > 1:
+            model = permute_heads(model, layer, torch.roll(torch.arange(cfg.n_heads), 1))
+    if residual:
+        model = rotate_residual(model, orthogonal(cfg.d_model, 300))
+    return model
+
+
+# module -> (zoo model, fixture name, tests, rotate the residual?, permute heads?)
+OTHER_CLAIMS = {
+    # palindromes: the accuracy claim only (the distance claims evaluate 100k+ strings: minutes in float64)
+    "test_palindromes": ("palindromes", "palindromes_model", ["test_accuracy_on_fresh_strings"], True, True),
+    "test_skip_trigrams": ("skip_trigrams", "skip_trigrams_model", [
+        "test_reaches_the_bayes_optimum", "test_noise_sequences_get_a_near_uniform_output"], True, True),
+    "test_icl": ("icl", "icl_model", [
+        "test_beats_both_fixed_ridges_and_nears_the_oracle",
+        "test_removes_part_of_the_ridges_excess_over_the_noise_floor"], False, True),
+    "test_ground_truth:shuffle_dyck": ("tracr_shuffle_dyck", "tracr_shuffle_dyck_model", [
+        "test_sd_l4h0_attends_to_the_last_position", "test_sd_l1h0_averages_over_the_prefix",
+        "test_sd_l1h0_tracks_the_open_proportion", "test_sd_l1h1_tracks_the_open_proportion_is_false",
+        "test_sd_ablating_l1h0_removes_the_opens_from_the_balance", "test_sd_ablating_l0h0_moves_the_balance_is_false",
+        "test_sd_mlp2_is_needed_for_the_verdict", "test_sd_patching_l1h0_carries_the_source_opens",
+        "test_sd_patching_l0h0_carries_the_source_opens_is_false", "test_sd_scrub_mlp5_writes_the_verdict",
+        "test_sd_scrub_layer4_heads_write_the_verdict_is_false", "test_sd_mlp5_writes_the_verdict_margin",
+        "test_sd_mlp4_writes_the_verdict_margin_is_false"], False, False),
+    "test_ground_truth:frac_prevs": ("tracr_frac_prevs", "tracr_frac_prevs_model", [
+        "test_fp_l1h0_averages_over_the_causal_prefix", "test_fp_output_direction_tracks_the_fraction_of_a",
+        "test_fp_ablating_mlp0_zeroes_the_output", "test_fp_mlp1_is_needed_is_false",
+        "test_fp_patching_mlp0_carries_the_source_fraction", "test_fp_l1h0_writes_the_output",
+        "test_fp_mlp0_writes_the_output_is_false"], False, False),
+    "test_ground_truth:hist": ("tracr_hist", "tracr_hist_model", [
+        "test_hist_l0h0_attends_to_bos_by_count", "test_hist_selector_width_direction_is_one_over_count",
+        "test_hist_l0h0_is_needed", "test_hist_counts_without_attention_is_false",
+        "test_hist_patching_l0h0_carries_the_source_counts", "test_hist_scrub_mlp0_reads_the_count",
+        "test_hist_scrub_head_writes_the_output_is_false", "test_hist_mlp0_writes_the_whole_correct_logit"],
+        False, False),
+}
+
+
+def module_claims(key: str, model) -> dict:
+    """The chosen claims of one module on `model` (records by name, raise_on_failure off), with the
+    fixtures the suite would pass (main run, fixed draws)."""
+    import importlib
+
+    from circuits.claims.core import Claims
+    from circuits.claims.controls import main_control
+    from circuits.claims.draws import Draws
+
+    module = importlib.import_module(key.split(":")[0])
+    _, fixture, tests, _, _ = OTHER_CLAIMS[key]
+    claim = Claims(raise_on_failure=False, draws_seed=7)
+    args = {fixture: model, "claim": claim, "control": main_control(), "figures": _Figures(), "draws": Draws(11)}
+    if key == "test_skip_trigrams":
+        args["d"] = module.data(Draws(5))
+    if key == "test_icl":
+        args["icl_eval"] = module.icl.generate(2_000, module.EVAL_SEED)
+    for test in tests:
+        fn = getattr(module, test)
+        fn(**{p: args[p] for p in inspect.signature(fn).parameters})
+    return {r.name: r for r in claim.records}
+
+
+@pytest.mark.parametrize("key", list(OTHER_CLAIMS))
+def test_other_modules_claims_keep_their_verdicts_and_values(key):
+    from circuits.zoo import registry as zoo
+
+    name, _, tests, residual, heads = OTHER_CLAIMS[key]
+    # ICL reads float32 inputs: float32 there, values compared to float32 rounding (a claim within 1e-4
+    # of its bound could flip; none of the chosen ones is)
+    dtype, tol = (torch.float32, 1e-4) if key == "test_icl" else (torch.float64, TOL)
+    model = zoo.load(name).model.to(dtype).eval()
+    other = _index_preserving(model, residual=residual, heads=heads)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+    if getattr(model.cfg, "d_vocab", 0):  # token models: the function itself, on random strings
+        toks = torch.randint(0, model.cfg.d_vocab, (64, model.cfg.n_ctx), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            la, lb = model(toks), other(toks)
+        assert float((la - lb).abs().max()) <= 1e-9 * max(1.0, float(la.abs().max())), f"{key}: logits moved"
+    else:  # the read-in model: on its evaluation inputs
+        import test_icl
+
+        x = test_icl.icl.generate(64, 1).inputs.to(dtype)
+        with torch.no_grad():
+            la, lb = model(x), other(x)
+        assert float((la - lb).abs().max()) <= 1e-4 * max(1.0, float(la.abs().max())), f"{key}: outputs moved"
+    before = module_claims(key, model)
+    assert len(before) >= len(tests), f"{key}: only {len(before)} claims recorded for {len(tests)} tests"
+    _same_claims(before, module_claims(key, other), key, tol)
+
+
+def test_a_rewrite_that_changes_the_function_is_caught():
+    """The comparison has teeth on these modules too: W_V of the Tracr histogram's head scaled without
+    W_O scaled back (not function-preserving) moves its claims' values or verdicts."""
+    from circuits.zoo import registry as zoo
+
+    model = zoo.load("tracr_hist").model.double().eval()
+    other = _copy(model)
+    with torch.no_grad():
+        other.blocks[0].attn.W_QKV[2, 0] *= 0.5
+    with pytest.raises(AssertionError, match="verdict|value"):
+        _same_claims(module_claims("test_ground_truth:hist", model), module_claims("test_ground_truth:hist", other),
+                     "hist, W_V halved")

@@ -89,8 +89,13 @@ def mean_at_least(n: int, method: str, dist: str = "normal", n_resamples: int = 
         return c.at_least("mean", c.sample(x, np.mean, method=method, n_resamples=n_resamples), mu).passed
 
     pop = "N(1, 1)" if dist == "normal" else "2 - Exp(1) (skewed; the long tail towards the threshold)"
-    return Rule(f"at_least on claim.sample mean ({method}, lower bound)", 0.025, str(n), f"{pop}, mean 1 = threshold",
-                trial)
+    return Rule(f"at_least on claim.sample mean ({_mean_method(method)}, lower bound)", 0.025, str(n),
+                f"{pop}, mean 1 = threshold", trial)
+
+
+def _mean_method(method: str) -> str:
+    """The interval a mean gets when ``method`` is asked (stats.bootstrap_ci: the studentized one)."""
+    return f"studentized; {method} asked" if method in ("BCa", "percentile") else method
 
 
 def mean_at_most(n: int, method: str, n_resamples: int = 1000) -> Rule:
@@ -102,7 +107,7 @@ def mean_at_most(n: int, method: str, n_resamples: int = 1000) -> Rule:
         c = _claims(seed)
         return c.at_most("mean", c.sample(x, np.mean, method=method, n_resamples=n_resamples), 1.0).passed
 
-    return Rule(f"at_most on claim.sample mean ({method}, upper bound)", 0.025, str(n),
+    return Rule(f"at_most on claim.sample mean ({_mean_method(method)}, upper bound)", 0.025, str(n),
                 "Exp(1) (skewed, like losses), mean 1 = threshold", trial)
 
 
@@ -115,7 +120,7 @@ def close_to_interval(n: int, method: str = "BCa") -> Rule:
         c = _claims(seed)
         return c.close_to("mean", c.sample(x, np.mean, method=method), 0.0, atol=1.0).passed
 
-    return Rule(f"close_to on claim.sample mean ({method}, whole interval)", 0.025, str(n),
+    return Rule(f"close_to on claim.sample mean ({_mean_method(method)}, whole interval)", 0.025, str(n),
                 "N(1, 1): mean on the edge of 0 ± 1", trial)
 
 
@@ -146,7 +151,7 @@ def auroc_at_least(n: int, method: str = "BCa", threshold: float = 0.9, n_resamp
                 f"N(d, 1) vs N(0, 1), AUROC {threshold} = threshold", trial)
 
 
-def spearman_at_least(n: int, method: str, threshold: float = 0.8, n_resamples: int = 400) -> Rule:
+def spearman_at_least(n: int, method: str, threshold: float = 0.8, n_resamples: int = 2000) -> Rule:
     """``claim.at_least(claim.sample((x, y), spearman, paired=True), t)`` on a bivariate normal with
     Spearman's rho exactly t (Pearson r = 2 sin(pi t / 6))."""
     r = 2 * math.sin(math.pi * threshold / 6)
@@ -159,7 +164,8 @@ def spearman_at_least(n: int, method: str, threshold: float = 0.8, n_resamples: 
         est = c.sample((x, y), spearman, paired=True, method=method, n_resamples=n_resamples)
         return c.at_least("rho", est, threshold).passed
 
-    return Rule(f"at_least on claim.sample spearman ({method}, lower bound)", 0.025, str(n),
+    return Rule(f"at_least on claim.sample spearman ({method}, lower bound; {n_resamples} resamples asked)", 0.025,
+                str(n),
                 f"bivariate normal, Spearman rho {threshold} = threshold", trial)
 
 
@@ -210,13 +216,13 @@ def scrub_on_losses(name: str, scrubbed: np.ndarray, baseline: np.ndarray, n: in
 def rules(scale: int = 1) -> list[Rule]:
     """The rules of the README's table (``scale`` > 1 adds larger samples)."""
     out = [
-        mean_at_least(20, "BCa"), mean_at_least(20, "percentile"), mean_at_least(20, "BCa", "skewed"),
-        mean_at_most(30, "percentile"), mean_at_most(30, "BCa"),
+        mean_at_least(20, "BCa"), mean_at_least(20, "BCa", "skewed"), mean_at_most(30, "percentile"),
+        mean_at_least(50, "BCa", "skewed"), mean_at_most(100, "percentile"),
         close_to_interval(30), auroc_at_least(50, "BCa"), auroc_at_least(50, "percentile"),
-        spearman_at_least(60, "BCa"),
+        spearman_at_least(60, "BCa"), spearman_at_least(60, "BCa", n_resamples=400),  # 2000 drawn: BCA_MIN_RESAMPLES
         spearman_at_least(60, "percentile"), scrub_at_least(500, 5),
     ]
     if scale > 1:
         out += [mean_at_least(200, "BCa"), mean_at_most(300, "percentile"), auroc_at_least(300, "BCa"),
-                spearman_at_least(200, "percentile"), scrub_at_least(2000, 5)]
+                spearman_at_least(200, "percentile", n_resamples=400), scrub_at_least(2000, 5)]
     return out

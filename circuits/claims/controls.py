@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from circuits.errors import ControlError
+from circuits.records import MAIN  # the main run's spec: defined once, in the records' schema
 
 __all__ = [
     "Control",
@@ -36,7 +37,6 @@ __all__ = [
     "main_control",
 ]
 
-MAIN = "main"
 KINDS = ("model", "data")
 _HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 _LAYER_RE = re.compile(r"^L(\d+)$")

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from circuits.errors import CircuitsError
+from circuits.records import ClaimRecord, Interval, jsonable, requirement_parts
 from circuits.claims.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, bootstrap_ci
 
 __all__ = [
@@ -131,51 +132,9 @@ def fmt(v: float | None) -> str:
 # --- the record ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class ClaimRecord:
-    """Everything the report needs about one claim. ``margin`` > 0 means passed by that much."""
-
-    name: str
-    op: str
-    value: float | None  # the measured point estimate (None if not a finite number)
-    passed: bool
-    message: str
-    requirement: str  # ">= 0.9", "1.0 ± 0.1", "in [0.2, 0.8]", "holds"
-    threshold: float | None = None  # at_least / at_most: the threshold; close_to: the target
-    tolerance: float | None = None  # close_to: atol + rtol * |target|
-    lo: float | None = None  # between: the interval
-    hi: float | None = None
-    margin: float | None = None  # signed; on the CI's relevant bound when there is a CI
-    bound: float | None = None  # the number the decision was made on (a CI bound, or the value)
-    ci: dict | None = None  # {"lo", "hi", "level", "method", "n", "statistic"}
-    problem: str | None = None  # "value is NaN", "empty sample", "wrong kind: str", ...
-    units: str | None = None
-    note: str | None = None
-    detail: str | None = None
-    control: str | None = None  # None on a main run, else the control spec
-    seed: int | None = None
-    value_text: str = ""  # the value as shown (keeps "nan" / "inf" that JSON cannot hold)
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
-
-
 def _jsonable(x: Any) -> Any:
-    """Plain JSON types only: non-finite floats become None, numpy scalars become python ones."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)
+    """Plain JSON types only (:func:`circuits.records.jsonable`; kept under this name for old imports)."""
+    return jsonable(x)
 
 
 # --- value coercion -----------------------------------------------------------------------------------
@@ -342,7 +301,7 @@ class Claims:
         self._check_name(name)
         ok, wrong = _as_bool(condition)
         rec = ClaimRecord(name=name, op="holds", value=None if ok is None else float(ok), passed=bool(ok),
-                          message="", requirement="holds", units=units, note=note, detail=detail,
+                          message="", requirement="holds", op_symbol="holds", units=units, note=note, detail=detail,
                           control=self.control, seed=self.seed, value_text=str(ok))
         if wrong:
             rec.passed, rec.problem, rec.value_text = False, f"wrong kind: {wrong}", "?"
@@ -368,9 +327,9 @@ class Claims:
         v = coerce_value(value)
         rec = ClaimRecord(name=name, op=op, value=v.point, passed=False, message="", requirement="",
                           units=units, note=note, control=self.control, seed=self.seed, **req)
-        rec.requirement = _requirement(rec)
+        rec.requirement = _requirement(rec, units)
         if v.ci is not None:
-            rec.ci = v.ci.to_dict()
+            rec.ci = Interval.from_json(v.ci.to_dict())
         if v.wrong_kind:
             rec.problem, rec.value_text = f"wrong kind: {v.wrong_kind}", "?"
             rec.message = (f"claim {name!r}: value is {v.wrong_kind}; a claim needs a real number "
@@ -379,7 +338,7 @@ class Claims:
         if v.problem:
             rec.problem = v.problem
             rec.value_text = v.shown or "nan"
-            rec.message = f"{name} = {rec.value_text}, claim needs {_requirement(rec, units)} ({v.problem}, so the claim cannot pass)"
+            rec.message = f"{name} = {rec.value_text}, claim needs {rec.requirement} ({v.problem}, so the claim cannot pass)"
             return self._emit(rec)
         _evaluate(rec, v.point, v.ci)
         return self._emit(rec)
@@ -419,19 +378,31 @@ def _as_bool(x: Any) -> tuple[bool | None, str | None]:
     return None, "None" if x is None else f"a {_kind(x)} ({x!r:.40})"
 
 
+_REQ_FIELDS = {"at_least": ("threshold_text",), "at_most": ("threshold_text",),
+               "close_to": ("threshold_text", "tolerance_text"), "between": ("lo_text", "hi_text")}
+
+
+def _set_requirement(rec: ClaimRecord, numbers: list[str], units: str | None) -> str:
+    """Fill the record's requirement columns (op_symbol, threshold_text: carried apart so that a report
+    never splits the text) from the formatted requirement numbers; returns the text shown."""
+    rec.op_symbol, rec.threshold_text = requirement_parts(rec.op, units=units,
+                                                          **dict(zip(_REQ_FIELDS.get(rec.op, ()), numbers)))
+    if rec.op_symbol == "holds":
+        return "holds"
+    return rec.threshold_text if rec.op == "close_to" else f"{rec.op_symbol} {rec.threshold_text}"
+
+
 def _requirement(rec: ClaimRecord, units: str | None = None) -> str:
-    u = f" {units}" if units else ""
-    if rec.op == "at_least":
-        return f">= {fmt(rec.threshold)}{u}"
-    if rec.op == "at_most":
-        return f"<= {fmt(rec.threshold)}{u}"
-    if rec.op == "close_to":
-        t, tol = format_numbers([], [rec.threshold, rec.tolerance])
-        return f"{t} ± {tol}{u}"
-    if rec.op == "between":
-        lo, hi = format_numbers([], [rec.lo, rec.hi])
-        return f"in [{lo}, {hi}]{u}"
-    return "holds"
+    """The requirement text of a claim whose value could not be measured (no value to align with)."""
+    if rec.op in ("at_least", "at_most"):
+        nums = [fmt(rec.threshold)]
+    elif rec.op == "close_to":
+        nums = format_numbers([], [rec.threshold, rec.tolerance])
+    elif rec.op == "between":
+        nums = format_numbers([], [rec.lo, rec.hi])
+    else:
+        nums = []
+    return _set_requirement(rec, nums, units)
 
 
 def _evaluate(rec: ClaimRecord, point: float, ci: Estimate | None) -> None:
@@ -462,26 +433,22 @@ def _evaluate(rec: ClaimRecord, point: float, ci: Estimate | None) -> None:
     req_s = s[len(meas): len(meas) + len(req_nums)]
     gap_s = s[len(meas) + len(req_nums):]
     rec.value_text = p_s
+    need = rec.requirement = _set_requirement(rec, req_s, rec.units)
     shown = f"{p_s}{u}"
     if ci is not None:
         shown += f" [{ci.level:.0%} CI {s[1]}, {s[2]}]"
     if op == "at_least":
-        need = f">= {req_s[0]}{u}"
         where = " at the CI lower bound" if ci is not None else ""
         verdict = f"passes by {gap_s[0]}" if rec.passed else f"short by {gap_s[0]}"
     elif op == "at_most":
-        need = f"<= {req_s[0]}{u}"
         where = " at the CI upper bound" if ci is not None else ""
         verdict = f"passes by {gap_s[0]}" if rec.passed else f"over by {gap_s[0]}"
     elif op == "close_to":
-        need = f"{req_s[0]} ± {req_s[1]}{u}"
         where = " for the whole CI" if ci is not None else ""
         off = f"off by {gap_s[1]}" + (" at the CI's far end" if ci is not None else "")
         verdict = f"{off}, within tolerance by {gap_s[0]}" if rec.passed else f"{off}, {gap_s[0]} beyond tolerance"
     else:
-        need = f"in [{req_s[0]}, {req_s[1]}]{u}"
         where = " for the whole CI" if ci is not None else ""
         side = "below the low end" if bound < rec.lo else "above the high end"
         verdict = f"inside by {gap_s[0]}" if rec.passed else f"{side} by {gap_s[0]}"
-    rec.requirement = need
     rec.message = f"{rec.name} = {shown}, claim needs {need}{where} ({verdict})"

@@ -122,6 +122,9 @@ def _sample_problem(samples: Sequence[np.ndarray]) -> str | None:
 
 
 BCA_MAX_N = 5000  # above this sample size bootstrap_ci's default BCa interval becomes a percentile one
+# BCa reads its bounds at adjusted percentiles, further into the tails than 2.5%: with 400 resamples
+# Spearman's lower bound at n = 60 passed 3.5% [2.5%, 4.8%] at its threshold, with 2000 3.0% (1000 seeds)
+BCA_MIN_RESAMPLES = 2000
 
 
 def bootstrap_ci(
@@ -134,6 +137,7 @@ def bootstrap_ci(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     name: str | None = None,
+    jackknife: Callable | None = None,
 ) -> Estimate:
     """Bootstrap confidence interval of ``statistic`` over ``data`` (scipy.stats.bootstrap).
 
@@ -146,8 +150,16 @@ def bootstrap_ci(
     function can be bootstrapped under the name a claim reads, without a wrapper. The seed is fixed, so the
     interval is reproducible. ``method`` is "BCa" (default) or "percentile"; if BCa is undefined
     (e.g. a degenerate jackknife), or the sample is larger than ``BCA_MAX_N``, the percentile interval
-    is used and ``method`` says so. Either is drawn at :func:`expanded_level` (wider than ``level``
+    is used and ``method`` says so; BCa draws at least ``BCA_MIN_RESAMPLES``. Either is drawn at
+    :func:`expanded_level` (wider than ``level``
     at small n, so that it covers at ``level``); ``Estimate.level`` is the level asked for.
+
+    The mean of one sample (``statistic=np.mean``, "BCa" or "percentile") gets the studentized
+    interval instead (:func:`_studentized_mean_interval`; ``method`` says "studentized"): the two
+    others passed a skewed mean at n <= 30 3.5-5.3% of the time at a nominal 2.5%.
+    ``jackknife``: for "BCa" on paired samples, a function of the samples returning the n
+    leave-one-out values of the statistic in closed form (scipy recomputes the statistic n times,
+    ~1 s at n = 5,000); the resamples are then the percentile interval's.
     """
     if not 0.0 < level < 1.0:
         raise StatsInputError(f"level must be in (0, 1), got {level!r}")
@@ -174,10 +186,30 @@ def bootstrap_ci(
     if problem is not None:
         return Estimate(point, nan, nan, level, method, n, name, problem)
 
+    if len(samples) == 1 and statistic is np.mean and method in ("BCa", "percentile"):
+        lo, hi = _studentized_mean_interval(samples[0], expanded_level(level, n), n_resamples, seed)
+        if math.isfinite(lo) and math.isfinite(hi):
+            return Estimate(point, lo, hi, level, "studentized", n, name, None)
+        # a resample with zero spread (rare values, e.g. one error among thousands of correct
+        # answers) has no t: the expanded interval below decides, as it did before
+
+    if jackknife is not None and method == "BCa" and paired and _accepts_axis(statistic):
+        lvl = expanded_level(level, n)
+        _, _, dist = _percentile_interval(samples, statistic, True, lvl, n_resamples, seed,
+                                          max(1, min(n_resamples, int(4_000_000 // max(len(samples) * n, 1)))))
+        with np.errstate(all="ignore"):
+            jack = np.asarray(jackknife(*samples), dtype=np.float64)
+        lo, hi = _bca_bounds(dist, point, [jack], lvl)
+        if math.isfinite(lo) and math.isfinite(hi):
+            return Estimate(point, lo, hi, level, "BCa", n, name, None)
+        # BCa undefined (e.g. the estimate outside every resample): the percentile interval below
+
     if method == "BCa" and max(len(s) for s in samples) > BCA_MAX_N:
         # BCa's jackknife evaluates the statistic n times (~2 s at n = 20,000); at this size its
         # skewness correction is negligible and the percentile interval agrees to the third digit
         method = "percentile"
+    if method == "BCa":
+        n_resamples = max(n_resamples, BCA_MIN_RESAMPLES)
     lo, hi, used = _scipy_interval(samples, statistic, paired, expanded_level(level, n), method, n_resamples, seed)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         problem = f"bootstrap interval of {name} is undefined"
@@ -201,6 +233,34 @@ def expanded_level(level: float, n: int) -> float:
         return level
     z = math.sqrt(n / (n - 1)) * float(t.ppf(1 - (1 - level) / 2, n - 1))
     return float(1 - 2 * norm.sf(z))
+
+
+def _studentized_mean_interval(x: np.ndarray, level: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    """Bootstrap-t interval of the mean (Efron & Tibshirani 1993, ch. 12): the quantiles of the
+    resampled t = (mean* - mean) / se* set the interval mean - t_q * se. It carries the sample's
+    skewness into the interval (second-order accurate), where the percentile and BCa intervals of a
+    mean of skewed data at n <= 30 passed 3.5-5.3% at a nominal 2.5% (tests/test_calibration.py).
+    The resamples are the percentile interval's (same generator, same indices). NaN where a
+    resample has zero spread (its t is undefined) or the sample has none."""
+    n = len(x)
+    sd = float(x.std(ddof=1))
+    if not sd > 0:
+        return float("nan"), float("nan")
+    mean = float(x.mean())
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(n_resamples, int(4_000_000 // max(n, 1))))
+    parts = []
+    for start in range(0, n_resamples, batch):
+        r = x[rng.integers(0, n, (min(batch, n_resamples - start), n))]  # [b, n]
+        with np.errstate(all="ignore"):
+            parts.append((r.mean(axis=1) - mean) / (r.std(axis=1, ddof=1) / math.sqrt(n)))
+    t = np.concatenate(parts)
+    if not np.all(np.isfinite(t)):
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    q_lo, q_hi = np.percentile(t, [100 * alpha, 100 * (1 - alpha)])
+    se = sd / math.sqrt(n)
+    return mean - float(q_hi) * se, mean - float(q_lo) * se
 
 
 def _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed):
@@ -377,8 +437,6 @@ def _auroc_bca(pos: np.ndarray, neg: np.ndarray, level: float, n_resamples: int,
     (same resamples), bias from where the estimate sits in it, acceleration from the jackknife,
     which for the Mann-Whitney AUROC is closed-form: leaving out one positive removes its placement
     (negatives below it, ties half), leaving out one negative removes the positives above it."""
-    from scipy.stats import norm
-
     n1, n2 = len(pos), len(neg)
     if n1 < 2 or n2 < 2:
         return float("nan"), float("nan")
@@ -392,14 +450,25 @@ def _auroc_bca(pos: np.ndarray, neg: np.ndarray, level: float, n_resamples: int,
     u = below.sum()
     theta = u / (n1 * n2)
     jack = [(u - below) / ((n1 - 1) * n2), (u - above) / (n1 * (n2 - 1))]  # leave-one-out AUROCs
+    return _bca_bounds(dist, theta, jack, level)
+
+
+def _bca_bounds(dist: np.ndarray, theta: float, jack: Sequence[np.ndarray], level: float) -> tuple[float, float]:
+    """BCa bounds (Efron 1987) from a bootstrap distribution, the estimate, and the leave-one-out
+    values of each independently resampled sample (one array for paired samples): bias from where
+    the estimate sits in the resamples, acceleration from the jackknife influence, summed over the
+    samples. NaN where the estimate lies outside every resample."""
+    from scipy.stats import norm
+
     num = den = 0.0
-    for j, n in zip(jack, (n1, n2)):  # multi-sample acceleration: each sample's influence, summed
+    for j in jack:  # multi-sample acceleration: each sample's influence, summed
+        n = len(j)
         infl = (n - 1) * (j.mean() - j)
         num += (infl**3).sum() / n**3
         den += (infl**2).sum() / n**2
     accel = num / (6 * den**1.5) if den > 0 else 0.0
     frac = np.mean(dist < theta)
-    if not 0 < frac < 1:
+    if not 0 < frac < 1 or not math.isfinite(accel):
         return float("nan"), float("nan")
     z0 = norm.ppf(frac)
     z = norm.ppf([(1 - level) / 2, 1 - (1 - level) / 2])

@@ -10,7 +10,8 @@ conftest or module overrides it), ``zoo_models`` and one ``<name>_model`` per zo
 Markers: ``@pytest.mark.controls("untrained", ...)`` (hand-written negative controls) and
 ``@pytest.mark.about("head:count_head", ...)`` (what the test's claims are about; the plugin derives
 targeted mutations from it, see :mod:`circuits.claims.mutations`). Known failures: a module-level
-``KNOWN_FAILURES = {"test_name": "reason"}`` table (see :func:`_apply_known_failures`).
+``KNOWN_FAILURES = {"test_name": "reason"}`` table (see :func:`_apply_known_failures`), or the
+declared hook ``pytest_circuits_known_failures`` (:mod:`circuits.plugin.hookspecs`) in a conftest.
 
 Loading this module is cheap: it imports pytest and :mod:`circuits.plugin.session` only. Torch, the zoo and
 the report load when a circuits fixture, marker or option is used. State lives on one
@@ -27,13 +28,14 @@ from typing import Any, Iterator
 import pytest
 
 from circuits.errors import CircuitsError
-from circuits.plugin.session import (ALTERNATIVE_PREFIX, CONTROL_PARAM, GENERIC_CONTROLS, MUTATION_PREFIX, PLUGIN_NAME, CircuitsSession,
-                      RunOptions, control_error_kind, control_id, draws_seed_for, get_plugin, group_of, item_seed,
-                      judge_control, note_model, run_kind, strip_params)
+from circuits.records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MAIN, MUTATION_PREFIX, PROP_CLAIM, PROP_CONTROL,
+                      PROP_FIGURE, PROP_MODEL, PROP_TEST,
+                      FigureRecord, RunKind, TestMeta, control_id, run_kind, spec_name)
+from circuits.plugin.session import (CONTROL_PARAM, PLUGIN_NAME, CircuitsSession, RunOptions, control_run_record, draws_seed_for,
+                      get_plugin, group_of, item_seed, item_spec, judge_control, note_model, strip_params)
 
 __all__ = ["CircuitsPlugin", "RunOptions", "get_plugin", "note_model", "parse_seeds", "strip_params", "PLUGIN_NAME"]
 
-MAIN = "main"  # the main run's control spec (circuits.claims.controls.MAIN, without importing it)
 CLAIMS_KEY = pytest.StashKey[Any]()
 CONTROL_KEY = pytest.StashKey[Any]()
 CIRCUITS_FIXTURES = ("claim", CONTROL_PARAM, "control", "figures", "zoo_seed", "draws")
@@ -46,6 +48,29 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     from circuits.plugin.session import parse_seeds_option
 
     return parse_seeds_option(spec)
+
+
+# --- declared hooks (circuits.plugin.hookspecs) and their default implementations -----------------------------
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from circuits.plugin import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_circuits_known_failures(module: Any) -> dict | None:
+    """The convention: a module's own ``KNOWN_FAILURES`` table."""
+    return getattr(module, "KNOWN_FAILURES", None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_circuits_sweep_plan(options: Any, module: Any, items: list) -> list | None:
+    """The convention: a module's own ``circuits_sweep_plan(options, items)``."""
+    from circuits.plugin.zoo_fixtures import module_sweep_plan
+
+    return module_sweep_plan(options, module, items)
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -176,7 +201,8 @@ class CircuitsPlugin(CircuitsSession):
                 if not isinstance(exc, ControlError):
                     raise
                 raise ControlCollectError(f"{metafunc.definition.nodeid}: {exc}") from None
-            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True, ids=["main", *map(control_id, specs)])
+            metafunc.parametrize(CONTROL_PARAM, [MAIN, *specs], indirect=True,
+                                 ids=[control_id(s) for s in (MAIN, *specs)])
         if self.options.seeds and "zoo_seed" in metafunc.fixturenames:
             metafunc.parametrize("zoo_seed", list(self.options.seeds), indirect=True,
                                  ids=[f"seed={s}" for s in self.options.seeds], scope="session")
@@ -205,7 +231,7 @@ class CircuitsPlugin(CircuitsSession):
             names = getattr(item, "fixturenames", ())
             if not any(f in names for f in CIRCUITS_FIXTURES):
                 continue  # another project's test (or a plain one): its markers and tables are not ours
-            spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
+            spec = item_spec(item)
             if spec != MAIN:
                 # a refuted hypothesis is an expected failure on its main run only: its controls must
                 # still fail the claim, and are judged as for any claim
@@ -213,7 +239,7 @@ class CircuitsPlugin(CircuitsSession):
             # --circuits-seeds and --circuits-full-sweep score models trained here, where a known failure
             # may well pass
             _apply_known_failures(item, spec, reference=item_seed(item) is None and not self.options.full_sweep)
-            item.user_properties.append(("circuits_test", _test_meta(item)))
+            item.user_properties.append((PROP_TEST, _test_meta(item).to_json()))
 
     def _not_run(self, item: pytest.Item) -> dict | None:
         """Why a collected test is left out of this run ({"reason", "option"}: the option that runs it),
@@ -225,7 +251,7 @@ class CircuitsPlugin(CircuitsSession):
         names = getattr(item, "fixturenames", ())
         if not any(f in names for f in CIRCUITS_FIXTURES):
             return None
-        spec = getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
+        spec = item_spec(item)
         reference = item_seed(item) is None and not self.options.full_sweep
         if spec != MAIN and reference and _known_failure(item) is not None \
                 and _known_failure(item, control_id(spec)) is None:
@@ -306,23 +332,16 @@ class CircuitsPlugin(CircuitsSession):
 
     def _flush_models(self, item: pytest.Item) -> None:
         while self.pending_models:
-            item.user_properties.append(("circuits_model", self.pending_models.pop(0)))
+            item.user_properties.append((PROP_MODEL, self.pending_models.pop(0)))
 
     def _judge_control(self, item: pytest.Item, ctl: Any) -> None:
         claims = item.stash.get(CLAIMS_KEY, None)
         records = claims.records if claims is not None else []
         outcome, msg = judge_control(records, ctl)
-        item.user_properties.append(("circuits_control", {
-            "control": ctl.spec, "kind": run_kind(ctl.spec) if run_kind(ctl.spec) != "control" else ctl.kind,
-            "outcome": outcome, "message": msg,
-            "error_kind": control_error_kind(records, ctl) if outcome == "error" else None,
-            # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
-            "known": (_known_failure(item, control_id(ctl.spec)) or _known_unspecific(item, ctl.spec)
-                      if outcome in ("no_teeth", "no_power", "unspecific") else None),
-            "held": [r.name for r in records if r.passed], "failed": [r.name for r in records if not r.passed],
-            "values": {r.name: {"value": r.value, "value_text": r.value_text, "requirement": r.requirement,
-                                "margin": r.margin, "passed": r.passed} for r in records},
-        }))
+        # the module's KNOWN_FAILURES reason for this run, if any: reports list it apart, not as a problem
+        known = (_known_failure(item, control_id(ctl.spec)) or _known_unspecific(item, ctl.spec)
+                 if outcome in ("no_teeth", "no_power", "unspecific") else None)
+        item.user_properties.append((PROP_CONTROL, control_run_record(records, ctl, outcome, msg, known).to_json()))
         if outcome == "error":  # not pytest.fail: a known-failure xfail (raises=fail.Exception) must not absorb it
             raise ControlRunError(msg)
         if outcome != "ok":
@@ -342,7 +361,7 @@ class CircuitsPlugin(CircuitsSession):
         if self.is_worker:
             return
         if self.pending_models:
-            self.collector.add_properties("<session>", [("circuits_model", m) for m in self.pending_models])
+            self.collector.add_properties("<session>", [(PROP_MODEL, m) for m in self.pending_models])
         if self.collector.empty or self.config.getoption("collectonly", False):
             return
         from circuits import report as _report
@@ -439,11 +458,11 @@ def _known_failure(item: pytest.Item, run: str | None = None) -> str | None:
     ``"test_x[H06]"`` (the plugin's control / seed ids never count). A key with a suffix
     ``" control=SPEC"`` (or ``" mutation=SPEC"``) names one control run instead: a claim that holds
     but has no teeth on that control (``run`` is that suffix's id). A key that names no test of its
-    module is a collection error, so the table cannot go stale silently."""
-    table = getattr(getattr(item, "module", None), "KNOWN_FAILURES", None)
+    module is a collection error, so the table cannot go stale silently. The table is what the
+    ``pytest_circuits_known_failures`` hook gives (by default the module's ``KNOWN_FAILURES``)."""
+    table = _known_failures_table(item)
     if not table:
         return None
-    _check_table(item.module, table)
     test = group_of(item).split("::", 1)[-1]
     fn = getattr(item, "originalname", item.name)
     cls = getattr(getattr(item, "cls", None), "__name__", None)
@@ -459,17 +478,40 @@ def _known_failure(item: pytest.Item, run: str | None = None) -> str | None:
 def _known_unspecific(item: pytest.Item, spec: str) -> str | None:
     """A ``"test_x unspecific"`` key covers every alternative run of the test: its claim is known not
     to tell the named part from (some of) its alternatives; the reason states the measured ones."""
-    if not spec.startswith(ALTERNATIVE_PREFIX):
+    if run_kind(spec) is not RunKind.ALTERNATIVE:
         return None
     return _known_failure(item, "unspecific")
 
 
-_CHECKED: set[int] = set()
+_TABLES_KEY = pytest.StashKey[dict]()
+
+
+def _known_failures_table(item: pytest.Item) -> dict:
+    """The merged known-failures table of the item's module (every implementation of the hook, checked
+    once per module and session)."""
+    module = getattr(item, "module", None)
+    if module is None:
+        return {}
+    config = item.config
+    tables = config.stash.setdefault(_TABLES_KEY, {})
+    if id(module) not in tables:
+        hook = getattr(config.hook, "pytest_circuits_known_failures", None)
+        given = hook(module=module, config=config) if hook is not None else [getattr(module, "KNOWN_FAILURES", None)]
+        merged: dict = {}
+        for table in given:
+            if not table:
+                continue
+            _check_table(module, table)
+            for key, reason in table.items():
+                if merged.get(key, reason) != reason:
+                    raise pytest.UsageError(f"{module.__name__}: known failure {key!r} is given two reasons: "
+                                            f"{merged[key]!r} and {reason!r}")
+                merged[key] = reason
+        tables[id(module)] = merged
+    return tables[id(module)]
 
 
 def _check_table(module: Any, table: Any) -> None:
-    if id(module) in _CHECKED:
-        return
     if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
                                               for k, v in table.items()):
         raise pytest.UsageError(f"{module.__name__}.KNOWN_FAILURES must map test names to non-empty reasons")
@@ -481,7 +523,6 @@ def _check_table(module: Any, table: Any) -> None:
         if obj is None:
             raise pytest.UsageError(f"{module.__name__}.KNOWN_FAILURES names {key!r}, which is no test of the "
                                     "module (a stale entry?)")
-    _CHECKED.add(id(module))
 
 
 def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None:
@@ -515,34 +556,31 @@ def _apply_known_failures(item: pytest.Item, spec: str, reference: bool) -> None
 # --- fixtures ----------------------------------------------------------------------------------------
 
 
-def _test_meta(item: pytest.Item) -> dict:
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    spec = params.get(CONTROL_PARAM, MAIN)
-    seed = item_seed(item)
+def _test_meta(item: pytest.Item) -> TestMeta:
+    spec = item_spec(item)
     mod = getattr(item, "module", None)
     fn = getattr(item, "function", None)
     controls = [s for m in item.iter_markers("controls") for s in m.args]
     targets = [t for m in item.iter_markers("about") for t in m.args]
     none = next((m.kwargs["none"] for m in item.iter_markers("about") if m.kwargs.get("none")), None)
-    return {
-        "module": item.nodeid.split("::")[0],
-        "group": group_of(item),
-        "test": item.nodeid.split("::", 1)[-1],
-        "control": None if spec == MAIN else spec,
-        "control_kind": None if spec == MAIN else run_kind(spec),
-        "seed": seed,
-        "module_doc": _first_paragraph(getattr(mod, "__doc__", None), 1000),
-        "doc": _first_paragraph(getattr(fn, "__doc__", None), 300),
-        "about": targets,
-        "controls_declared": controls,
+    return TestMeta(
+        module=item.nodeid.split("::")[0],
+        group=group_of(item),
+        test=item.nodeid.split("::", 1)[-1],
+        control=None if spec == MAIN else spec,
+        control_kind=None if spec == MAIN else str(run_kind(spec)),
+        seed=item_seed(item),
+        module_doc=_first_paragraph(getattr(mod, "__doc__", None), 1000),
+        doc=_first_paragraph(getattr(fn, "__doc__", None), 300),
+        about=targets,
+        controls_declared=controls,
         # no mutation and nothing but controls that fail for any broken model: teeth, not power
-        "generic_only": bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
+        generic_only=bool(not targets and controls and set(controls) <= GENERIC_CONTROLS),
         # flagged apart: nothing checks this claim's teeth, and the test does not say why (about(none=...))
-        "no_controls": not targets and not controls and not none,
-        "about_none": none,  # why the claims are about no part of a model (no mutation derived)
-        "known_failure": _known_failure(item),
-        "circuits": True,
-    }
+        no_controls=not targets and not controls and not none,
+        about_none=none,  # why the claims are about no part of a model (no mutation derived)
+        known_failure=_known_failure(item),
+    )
 
 
 def _first_paragraph(doc: str | None, limit: int) -> str:
@@ -564,7 +602,7 @@ def circuits_control(request: pytest.FixtureRequest, circuits_draws):
     if spec == MAIN:
         ctl = main_control()
     else:
-        ctl = make_control(spec.removeprefix(MUTATION_PREFIX).removeprefix(ALTERNATIVE_PREFIX),
+        ctl = make_control(spec_name(spec),
                            seed=circuits_draws.child("control").int(2**31),
                            roles=lambda: request.getfixturevalue("head_roles"))
         ctl.spec = spec
@@ -603,7 +641,7 @@ def claim(request: pytest.FixtureRequest, circuits_control, circuits_draws):
     item = request.node
 
     def sink(rec) -> None:
-        item.user_properties.append(("circuits_claim", rec.to_dict()))
+        item.user_properties.append((PROP_CLAIM, rec.to_json()))
 
     claims = Claims(sink, raise_on_failure=control.is_main, control=None if control.is_main else control.spec,
                     seed=item_seed(item), draws_seed=draws.child("bootstrap").int(2**32))
@@ -630,9 +668,8 @@ def figures(request: pytest.FixtureRequest, circuits_control):
                 write_png(plugin.options.run_dir / rel, png)
             except OSError as exc:  # a full or read-only disk costs the figure, not the test
                 rel, error = None, f"could not write the PNG: {exc}"
-        item.user_properties.append(("circuits_figure", {"name": name, "caption": caption, "path": rel,
-                                                         "bytes": len(png), "error": error,
-                                                         "group": group_of(item)}))
+        item.user_properties.append((PROP_FIGURE, FigureRecord(name=name, caption=caption, path=rel, bytes=len(png),
+                                                               error=error, group=group_of(item)).to_json()))
 
     return Figures(sink, render=plugin.reporting and control.is_main)
 

@@ -12,6 +12,7 @@ the ``zoo_seed`` parameter of its callspec, read by :func:`item_seed` only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -24,16 +25,15 @@ import pytest
 
 from circuits.devices import check_device
 from circuits.errors import CircuitsError
+from circuits.records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MAIN, MUTATION_PREFIX, PROP_MODEL, Command, ControlRun,
+                      ControlValue, ModelInfo, Run, RunKind, RunSettings, control_id, jsonable, run_kind, spec_name)
 
 __all__ = ["CircuitsSession", "RunOptions", "get_plugin", "note_model", "item_seed", "strip_params",
            "draws_seed_for", "PLUGIN_NAME", "GENERIC_CONTROLS", "MUTATION_PREFIX", "ALTERNATIVE_PREFIX"]
 
 PLUGIN_NAME = "circuits-plugin"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-# controls that fail for almost any broken model: they show teeth, not that the named part matters
-GENERIC_CONTROLS = frozenset({"untrained", "shuffle_labels"})
-MUTATION_PREFIX = "mutate:"
-ALTERNATIVE_PREFIX = "alt:"  # a specificity variant: the claim pointed at another part of the named kind
+# (GENERIC_CONTROLS, MUTATION_PREFIX, ALTERNATIVE_PREFIX, MAIN, control_id, run_kind: circuits.records)
 # the parameter a test's control / mutation runs are parametrised on: a fixture name of our own, so a
 # project whose conftest defines `control` or `draws` (common words) keeps its fixtures and ours work
 CONTROL_PARAM = "circuits_control"
@@ -244,25 +244,16 @@ def param_tokens(item: Any) -> list[str]:
     params = getattr(getattr(item, "callspec", None), "params", {})
     tokens = []
     if CONTROL_PARAM in params:
-        spec = params[CONTROL_PARAM]
-        tokens.append("main" if spec == "main" else control_id(spec))
+        tokens.append(control_id(params[CONTROL_PARAM]))
     if "zoo_seed" in params:
         tokens.append(f"seed={params['zoo_seed']}")
     return tokens
 
 
-def control_id(spec: str) -> str:
-    if spec.startswith(MUTATION_PREFIX):
-        return f"mutation={spec[len(MUTATION_PREFIX):]}"
-    if spec.startswith(ALTERNATIVE_PREFIX):
-        return f"alternative={spec[len(ALTERNATIVE_PREFIX):]}"
-    return f"control={spec}"
-
-
-def run_kind(spec: str) -> str:
-    """"mutation", "alternative" (specificity) or "control" for a control run's spec."""
-    return ("mutation" if spec.startswith(MUTATION_PREFIX) else
-            "alternative" if spec.startswith(ALTERNATIVE_PREFIX) else "control")
+def item_spec(item: Any) -> str:
+    """The control spec a collected test runs (``MAIN`` for its main run): the structured field that
+    its id's ``[control=...]`` part is built from, for readers that must not parse the id."""
+    return getattr(getattr(item, "callspec", None), "params", {}).get(CONTROL_PARAM, MAIN)
 
 
 def group_of(item: Any) -> str:
@@ -273,7 +264,7 @@ def group_of(item: Any) -> str:
 class CircuitsSession:
     """Holds a run's state: options, the records seen so far, and the report once written."""
 
-    def __init__(self, config: pytest.Config, options: RunOptions, previous: dict | None = None) -> None:
+    def __init__(self, config: pytest.Config, options: RunOptions, previous: Run | None = None) -> None:
         # the collector and the clock only: the outputs (numpy) load when a report is built
         from circuits.report.collect import RunCollector
         from circuits.report.machine import now_iso
@@ -287,7 +278,7 @@ class CircuitsSession:
         self.created = now_iso()
         self.current_item: pytest.Item | None = None
         self.pending_models: list[dict] = []
-        self.report: dict | None = None
+        self.report: Run | None = None
         self.paths: dict[str, Path] | None = None
         self.write_error: str | None = None
         self.zoo_fixture_names: set[str] = set()
@@ -306,13 +297,11 @@ class CircuitsSession:
     def reporting(self) -> bool:
         return not self.options.no_report
 
-    def build_report(self, exitstatus: int) -> dict:
+    def build_report(self, exitstatus: int) -> "Run":
         from circuits import report as _report
-        from circuits.claims.core import _jsonable
-
         o = self.options
         finished = time.time()
-        report = self.collector.build(
+        report = self.collector.build_run(
             not_run=list(self.not_run),
             run_id=o.run_id,
             created=self.created,
@@ -321,13 +310,13 @@ class CircuitsSession:
             interrupted=exitstatus == int(pytest.ExitCode.INTERRUPTED),
             machine=_report.machine_info(o.device),
             git=_report.git_info(self.config.rootpath),
-            command={"args": list(self.config.invocation_params.args), "cwd": str(self.config.invocation_params.dir)},
-            options={"seeds": list(o.seeds) if o.seeds else None, "retrain": o.retrain, "device": o.device,
-                     "compare": o.compare, "full_sweep": o.full_sweep, "report_dir": str(o.report_dir),
-                     "draws_seed": o.draws_seed, "variants": dict(o.variants)},
+            command=Command(args=list(self.config.invocation_params.args), cwd=str(self.config.invocation_params.dir)),
+            options=RunSettings(seeds=list(o.seeds) if o.seeds else None, retrain=o.retrain, device=o.device,
+                                compare=o.compare, full_sweep=o.full_sweep, report_dir=str(o.report_dir),
+                                draws_seed=o.draws_seed, variants=dict(o.variants)),
         )
         if self.previous is not None:
-            report["compare"] = _jsonable(_report.compare_reports(report, self.previous))
+            report.compare = _report.compare_reports(report, self.previous)
         return report
 
 
@@ -340,9 +329,8 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
     part of its kind) whose claims hold shows it is "unspecific": the named part is not
     distinguishable from that alternative."""
     what = run_kind(ctl.spec)
-    mutation = what == "mutation"
-    name = (f"mutation {ctl.spec[len(MUTATION_PREFIX):]!r}" if mutation else
-            f"alternative {ctl.spec[len(ALTERNATIVE_PREFIX):]!r}" if what == "alternative" else f"control {ctl.spec!r}")
+    mutation = what is RunKind.MUTATION
+    name = f"{what} {spec_name(ctl.spec)!r}"
     if not ctl.applied:
         return "error", (f"{name} was never applied: no fixture called control.apply_{ctl.kind}(...), "
                          f"so this run measured the unmodified {ctl.kind}")
@@ -353,7 +341,7 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
         return "error", "; ".join(f"{name}: claim {r.name!r} measured {r.value_text or 'nothing'} ({r.problem}), "
                                   f"so the {what} run shows nothing" for r in unmeasured)
     held = [r for r in records if r.passed]
-    if held and what == "alternative":  # the claim pointed at another part holds too: not specific to its part
+    if held and what is RunKind.ALTERNATIVE:  # the claim pointed at another part holds too: not specific to its part
         return "unspecific", "; ".join(
             f"unspecific: claim {r.name!r} = {r.value_text} also holds on {name} (needs {r.requirement})" for r in held)
     if held:
@@ -384,9 +372,9 @@ def _undefined_by_ablation(records: list, ctl: Any) -> bool:
     part carries nothing, which is the failure the mutation asks for. Only for these mutations, and
     only when no claim of the run held; a NaN on a main run, a hand-written control or any other
     mutation stays an error (nothing was measured)."""
-    if run_kind(ctl.spec) != "mutation":
+    if run_kind(ctl.spec) is not RunKind.MUTATION:
         return False
-    kind = ctl.spec[len(MUTATION_PREFIX):].split(":", 1)[0]
+    kind = spec_name(ctl.spec).split(":", 1)[0]
     return kind.startswith(ABLATION_MUTATIONS) and not any(r.passed for r in records)
 
 
@@ -398,25 +386,32 @@ def note_model(request: pytest.FixtureRequest, info: dict) -> None:
     ``{"step", "loss", "acc", ...}`` for training curves), wall_time (seconds), provenance (free
     text: where the weights come from). Callable from fixtures of any scope.
     """
-    from circuits.claims.core import _jsonable
-
     if not isinstance(info, dict):
         raise TypeError(f"note_model needs a dict, got {type(info).__name__}")
     if not isinstance(info.get("name"), str) or not info["name"]:
         raise ValueError("note_model: info needs a 'name'")
-    entry = dict(info)
-    metrics = dict(entry.get("metrics") or {})
-    hist = metrics.get("history")
+    model = ModelInfo.from_json(jsonable(info))
+    hist = model.metrics.get("history") if isinstance(model.metrics, dict) else None
     if isinstance(hist, list) and len(hist) > _MAX_HISTORY:  # keep curves, not every step
         step = -(-len(hist) // _MAX_HISTORY)
-        metrics["history"] = hist[::step] + ([hist[-1]] if (len(hist) - 1) % step else [])
-    if metrics:
-        entry["metrics"] = metrics
-    entry = _jsonable(entry)
+        model = dataclasses.replace(model, metrics={**model.metrics, "history": hist[::step] + (
+            [hist[-1]] if (len(hist) - 1) % step else [])})
     plugin = get_plugin(request.config)
     node = request.node
     item = node if isinstance(node, pytest.Item) else plugin.current_item
     if item is not None:
-        item.user_properties.append(("circuits_model", entry))
+        item.user_properties.append((PROP_MODEL, model.to_json()))
     else:
-        plugin.pending_models.append(entry)
+        plugin.pending_models.append(model.to_json())
+
+
+def control_run_record(records: list, ctl: Any, outcome: str, message: str, known: str | None) -> ControlRun:
+    """The record of a judged control / mutation / alternative run (what the report reads)."""
+    kind = run_kind(ctl.spec)
+    return ControlRun(
+        control=ctl.spec, kind=str(kind) if kind is not RunKind.CONTROL else ctl.kind, outcome=outcome,
+        message=message, error_kind=control_error_kind(records, ctl) if outcome == "error" else None, known=known,
+        held=[r.name for r in records if r.passed], failed=[r.name for r in records if not r.passed],
+        values={r.name: ControlValue(value=r.value, value_text=r.value_text, requirement=r.requirement,
+                                     margin=r.margin, passed=r.passed) for r in records},
+        spec_name=spec_name(ctl.spec))

@@ -64,11 +64,24 @@ class ZooSession:
 SWEEP_PLAN = "circuits_sweep_plan"  # a module's fn(RunOptions, its selected items) -> [(zoo name, seeds), ...]
 
 
-def sweep_plan(options: RunOptions, items: list) -> dict:
+def module_sweep_plan(options: RunOptions, module: Any, items: list) -> list:
+    """What a module's own ``circuits_sweep_plan(options, items)`` asks for (the convention the
+    plugin's default ``pytest_circuits_sweep_plan`` implements); [] without one."""
+    fn = getattr(module, SWEEP_PLAN, None)
+    if not callable(fn):
+        return []
+    try:
+        return list(fn(options, items))
+    except Exception as e:  # a user's plan: one line naming it, not an INTERNALERROR
+        raise pytest.UsageError(f"{module.__name__}.{SWEEP_PLAN}: {type(e).__name__}: {e}") from None
+
+
+def sweep_plan(options: RunOptions, items: list, hook: Any = None) -> dict:
     """seeds -> the zoo names to train for them before the first test: with ``--circuits-seeds``, the model
-    fixtures the collected tests use; and what each collected module's ``circuits_sweep_plan(options,
-    items)`` asks for, given its selected items (models a test loads by name, e.g. a paper's grid under
-    ``--circuits-full-sweep``, for the experiments that ``-k`` kept)."""
+    fixtures the collected tests use; and what the ``pytest_circuits_sweep_plan`` hook (``hook``: the
+    config's hook relay; by default each collected module's ``circuits_sweep_plan(options, items)``)
+    asks for, given each module's selected items (models a test loads by name, e.g. a paper's grid
+    under ``--circuits-full-sweep``, for the experiments that ``-k`` kept)."""
     from circuits.zoo import registry as zoo
 
     plan: dict = {}
@@ -88,16 +101,21 @@ def sweep_plan(options: RunOptions, items: list) -> dict:
         module = getattr(item, "module", None)
         if module is not None:
             modules.setdefault(id(module), (module, []))[1].append(item)
+    relay = getattr(hook, "pytest_circuits_sweep_plan", None)
     for module, its in modules.values():
-        fn = getattr(module, SWEEP_PLAN, None)
-        if not callable(fn):
-            continue
-        try:
-            asked = list(fn(options, its))
-        except Exception as e:  # a user's plan: one line naming it, not an INTERNALERROR
-            raise pytest.UsageError(f"{module.__name__}.{SWEEP_PLAN}: {type(e).__name__}: {e}") from None
-        for name, seeds in asked:
-            want(name, seeds)
+        if relay is None:
+            answers = [module_sweep_plan(options, module, its)]
+        else:
+            try:
+                answers = relay(options=options, module=module, items=its)
+            except pytest.UsageError:
+                raise
+            except Exception as e:  # a conftest's plan: one line naming it, not an INTERNALERROR
+                raise pytest.UsageError(f"pytest_circuits_sweep_plan for {module.__name__}: "
+                                        f"{type(e).__name__}: {e}") from None
+        for asked in answers:
+            for name, seeds in asked or []:
+                want(name, seeds)
     return plan
 
 
@@ -122,7 +140,7 @@ def pretrain(config: pytest.Config, options: RunOptions, items: list, stream=Non
     fails with the training's own error."""
     from circuits.zoo.sweep import run_sweeps
 
-    plan = sweep_plan(options, items)
+    plan = sweep_plan(options, items, config.hook)
     if not plan:
         return {}
     out = {}

@@ -2,15 +2,17 @@
 
 One module per job, imports pointing down (no module here imports this package back)::
 
-    machine   machine, versions, git commit (the one place that asks)      leaf
-    collect   RunCollector: pytest's test reports -> the run dict          <- claims
-    compare   two runs: flips, moves above a noise floor, subsets          leaf
+    machine   machine, versions, git commit (the one place that asks)      <- records
+    collect   RunCollector: pytest's test reports -> the run (a Run record) <- records
+    compare   two runs: flips, moves above a noise floor, subsets          <- records
     views     what the outputs show, as data (roll-up, power matrix, robustness)  <- collect, machine
     markdown / html / terminal   format the views                          <- views, compare
     json_io   write / load / resolve report.json, promote a baseline       <- markdown, html
 
 ``python -m circuits report`` shows a run and ``--promote-baseline`` copies one to
-``<report-dir>/baseline/``. This package knows nothing about pytest beyond duck-typed test reports.
+``<report-dir>/baseline/``. This package knows nothing about pytest beyond duck-typed test reports, and
+reads and writes the run's records (:mod:`circuits.records`) only: a report.json dict given to any
+output is read into a :class:`~circuits.records.Run` first.
 """
 
 import importlib

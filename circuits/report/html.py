@@ -18,13 +18,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from circuits.records import ClaimResult, Comparison, ModelInfo, Run, RunKind, as_run, spec_name
 from circuits.report.text import visible
 from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
 from circuits.report.machine import commit_text, versions_text
 from circuits.report.views import (anchor, case_label, test_function, cell_verdict, fmt_margin, headline, held_out, held_out_text,
                     known_control_runs, measured_text, metrics_text, module_rollup, modules_in_order, one_line_summary,
                     not_run_groups, op_text, outcome_items, power_matrix, problem_lines, rate_text, robustness,
-                    specificity, specificity_text, test_groups, where)
+                    specificity, specificity_text, test_groups, where, TestGroup)  # noqa: F401
 
 __all__ = ["render_html"]
 
@@ -146,24 +147,25 @@ def _e(x: Any) -> str:
     return html.escape(visible(x, None, keep_lines=True))
 
 
-def render_html(report: dict, run_dir: Path | str) -> str:
+def render_html(report: Run | dict, run_dir: Path | str) -> str:
+    report = as_run(report)
     run_dir = Path(run_dir)
     counter = iter(range(1, 1 << 30))
     parts = [_header(report), _rollup(report), _problems(report)]
-    if report.get("compare"):
-        parts.append(_compare(report["compare"]))
+    if report.compare:
+        parts.append(_compare(report.compare))
     parts.append(_robustness(report))  # before any figure: it is what a seeds run is for
     for module in modules_in_order(report):
         parts.append(_module(report, module, run_dir, counter))
     parts += [_ground_truth(report), _models(report), _tests(report), _footer(report)]
-    title = f"circuits · {report.get('run_id')}"
+    title = f"circuits · {report.run_id}"
     body = "\n".join(p for p in parts if p)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
 
 
-def _ground_truth(report: dict) -> str:
+def _ground_truth(report: Run) -> str:
     """Claims about Tracr-compiled models (mechanism known): right and wrong verdicts per claim type."""
     from circuits.report.views import ground_truth_matrix
 
@@ -189,55 +191,55 @@ def _ground_truth(report: dict) -> str:
 # --- top of the page ---------------------------------------------------------------------------------------
 
 
-def _header(report: dict) -> str:
-    s = report.get("summary", {})
+def _header(report: Run) -> str:
+    s = report.summary
     pills = []
     for i in outcome_items(report):  # one pill per outcome kind, never folded into another
-        cls = ("fail" if i["n"] else "pass") if i["problem"] else ("warn" if i["key"] == "known" else "pass")
-        known = f' <span title="documented in the module\'s KNOWN_FAILURES">(+{i["known"]} known)</span>' \
-            if i["known"] else ""
-        pills.append(f'<span class="pill {cls}">{i["n"]} {_e(i["label"])}{known}</span>')
-    if s.get("generic_only"):
-        pills.append(f'<span class="pill warn">{s["generic_only"]} with generic controls only</span>')
-    if s.get("no_controls"):
-        pills.append(f'<span class="pill warn">{s["no_controls"]} without controls</span>')
-    t = s.get("tests", {})
+        cls = ("fail" if i.n else "pass") if i.problem else ("warn" if i.key == "known" else "pass")
+        known = f' <span title="documented in the module\'s KNOWN_FAILURES">(+{i.known} known)</span>' \
+            if i.known else ""
+        pills.append(f'<span class="pill {cls}">{i.n} {_e(i.label)}{known}</span>')
+    if s.generic_only:
+        pills.append(f'<span class="pill warn">{s.generic_only} with generic controls only</span>')
+    if s.no_controls:
+        pills.append(f'<span class="pill warn">{s.no_controls} without controls</span>')
+    t = s.tests
     tb = t.get("failed", 0) + t.get("error", 0)
     pills.append(f'<span class="pill {"fail" if tb else ""}">{sum(t.values())} tests'
                  f'{f", {tb} failed/errored" if tb else ""}</span>')
-    if report.get("interrupted"):
+    if report.interrupted:
         pills.append('<span class="pill warn">interrupted: partial results</span>')
-    m = report.get("machine") or {}
-    created = str(report.get("created") or "").replace("T", " ")
+    m = report.machine
+    created = str(report.created or "").replace("T", " ")
     commit = commit_text(report, " · dirty")
-    sub = (f'{_e(created)} · {report.get("duration_s", 0) or 0:.1f} s · commit <code>{_e(commit)}</code>'
-           f' · {_e(m.get("device"))} · python {_e(m.get("python"))} · torch {_e(m.get("torch"))}')
-    opts = report.get("options") or {}
+    sub = (f'{_e(created)} · {report.duration_s or 0:.1f} s · commit <code>{_e(commit)}</code>'
+           f' · {_e(m.device)} · python {_e(m.python)} · torch {_e(m.torch)}')
+    opts = report.options
     extra = []
-    if opts.get("seeds"):
-        extra.append(f"seeds {', '.join(map(str, opts['seeds']))}")
-    if opts.get("retrain"):
+    if opts.seeds:
+        extra.append(f"seeds {', '.join(map(str, opts.seeds))}")
+    if opts.retrain:
         extra.append("retrained")
     if extra:
         sub += " · " + _e(" · ".join(extra))
     toc = [("#rollup", "systems")]
     if _problem_items(report):
         toc.append(("#problems", "problems"))
-    if report.get("compare"):
+    if report.compare:
         toc.append(("#compare", "comparison"))
     if robustness(report):
         toc.append(("#robustness", "robustness across seeds"))
-    if report.get("models"):
+    if report.models:
         toc.append(("#models", "models"))
     toc += [("#tests", "tests"), ("#run", "run")]
     nav = "".join(f'<a href="{h}">{_e(t)}</a>' for h, t in toc)
-    one = one_line_summary({**report, "_html_path": None})
-    return (f'<header><h1>circuits run <span class="mono" style="font-size:22px">{_e(report.get("run_id"))}</span>'
+    one = one_line_summary(report, with_path=False)
+    return (f'<header><h1>circuits run <span class="mono" style="font-size:22px">{_e(report.run_id)}</span>'
             f'</h1><div class="sub">{sub}</div><div class="pills">{"".join(pills)}</div>'
             f'<div class="oneline">{_e(one)}</div><nav class="toc">{nav}</nav></header>')
 
 
-def _rollup(report: dict) -> str:
+def _rollup(report: Run) -> str:
     rows = module_rollup(report)
     if not rows:
         return ""
@@ -249,43 +251,43 @@ def _rollup(report: dict) -> str:
            'failed as required</th><th class="num">generic controls only</th><th class="num">no controls</th>'
            '<th class="num">figures</th><th class="num">time</th></tr></thead><tbody>']
     for r in rows:
-        doc = r["doc"] if len(r["doc"]) <= 160 else r["doc"][:159] + "…"
-        failed = r["failed"] + r["errors"]
+        doc = r.doc if len(r.doc) <= 160 else r.doc[:159] + "…"
+        failed = r.failed + r.errors
         # known misses are coloured as known (warn), never as a problem
-        ctl_cls = "bad" if r["controls_held"] else ("warn" if r.get("controls_known") else
-                                                     "ok" if r["controls_total"] else "muted")
-        known = f' <span class="warn">(+{r["controls_known"]} known)</span>' if r.get("controls_known") else ""
+        ctl_cls = "bad" if r.controls_held else ("warn" if r.controls_known else
+                                                     "ok" if r.controls_total else "muted")
+        known = f' <span class="warn">(+{r.controls_known} known)</span>' if r.controls_known else ""
         out.append(
-            f'<tr class="{"fail" if failed else ""}"><td><a href="#{r["anchor"]}">'
-            f'<code class="nw">{_e(r["module"])}</code></a>'
-            f'<div class="note">{_e(doc)}</div></td><td class="num">{r["claims"]}</td>'
-            f'<td class="num ok">{r["held"]}</td><td class="num warn">{r["known"] or ""}</td>'
-            f'<td class="num {"bad" if r["failed"] else "muted"}">{r["failed"]}</td>'
-            f'<td class="num {"bad" if r["errors"] else "muted"}">{r["errors"]}</td>'
-            f'<td class="num {ctl_cls}">{r["controls_failed"]}/{r["controls_total"]}{known}</td>'
-            f'<td class="num {"warn" if r["generic_only"] else "muted"}">{r["generic_only"]}</td>'
-            f'<td class="num {"warn" if r["no_controls"] else "muted"}">{r["no_controls"]}</td>'
-            f'<td class="num">{r["figures"]}</td><td class="num">{r["duration"]:.1f} s</td></tr>')
+            f'<tr class="{"fail" if failed else ""}"><td><a href="#{r.anchor}">'
+            f'<code class="nw">{_e(r.module)}</code></a>'
+            f'<div class="note">{_e(doc)}</div></td><td class="num">{r.claims}</td>'
+            f'<td class="num ok">{r.held}</td><td class="num warn">{r.known or ""}</td>'
+            f'<td class="num {"bad" if r.failed else "muted"}">{r.failed}</td>'
+            f'<td class="num {"bad" if r.errors else "muted"}">{r.errors}</td>'
+            f'<td class="num {ctl_cls}">{r.controls_failed}/{r.controls_total}{known}</td>'
+            f'<td class="num {"warn" if r.generic_only else "muted"}">{r.generic_only}</td>'
+            f'<td class="num {"warn" if r.no_controls else "muted"}">{r.no_controls}</td>'
+            f'<td class="num">{r.figures}</td><td class="num">{r.duration:.1f} s</td></tr>')
     out.append("</tbody></table></section>")
     return "\n".join(out)
 
 
-def _problem_items(report: dict) -> list[str]:
-    return [f"<li><b>{_e(p['kind'])}</b> <code>{_e(p['nodeid'])}</code>: {_e(p.get('message'))}</li>"
+def _problem_items(report: Run) -> list[str]:
+    return [f"<li><b>{_e(p.kind)}</b> <code>{_e(p.nodeid)}</code>: {_e(p.message)}</li>"
             for p in problem_lines(report)]
 
 
-def _problems(report: dict) -> str:
+def _problems(report: Run) -> str:
     items = _problem_items(report)
-    known = [f"<li><code>{_e(r['nodeid'])}</code>: {_e(r.get('message'))} <i>Known: {_e(r.get('known'))}</i></li>"
+    known = [f"<li><code>{_e(r.nodeid)}</code>: {_e(r.message)} <i>Known: {_e(r.known)}</i></li>"
              for r in known_control_runs(report)]
     out = ""
     if items:
         out += f'<div class="box bad" id="problems"><b>Problems</b><ul style="margin:6px 0 0">{"".join(items)}</ul></div>'
     for g in not_run_groups(report):
-        ids = "".join(f"<li><code>{_e(n)}</code></li>" for n in g["nodeids"])
-        out += (f'<details class="box not-run"><summary>Not run: {g["n"]} {_e(g["reason"])} (run with '
-                f'<code>{_e(g["option"])}</code>)</summary><ul>{ids}</ul></details>')
+        ids = "".join(f"<li><code>{_e(n)}</code></li>" for n in g.nodeids)
+        out += (f'<details class="box not-run"><summary>Not run: {g.n} {_e(g.reason)} (run with '
+                f'<code>{_e(g.option)}</code>)</summary><ul>{ids}</ul></details>')
     if known:
         out += (f'<details class="box" id="known-controls"><summary><b>Claims known to hold under a control</b> '
                 f'({len(known)}: the modules\' KNOWN_FAILURES, with reasons)</summary>'
@@ -298,28 +300,27 @@ def _result(status: str) -> str:
     return f'<span class="res {_e(status)}">{_e(label)}</span>'
 
 
-def _compare(cmp_: dict) -> str:
-    a = cmp_["against"]
-    n = cmp_["counts"]
-    who = a.get("run_id") or a.get("path")
-    not_run = f' · {n["not_run"]} not run in this run' if n.get("not_run") else ""
+def _compare(cmp_: Comparison) -> str:
+    n = cmp_.counts
+    who = cmp_.against.run_id or cmp_.against.path
+    not_run = f' · {n.not_run} not run in this run' if n.not_run else ""
     out = [f'<section id="compare">' + _heading("h2", "compared", f"Compared with <code>{_e(who)}</code>"),
-           f'<p class="sub">{n["matched"]} claims matched · <b class="{"bad" if n["to_fail"] else ""}">'
-           f'{n["to_fail"]} now failing</b> · <b class="ok">{n["to_pass"]} now passing</b> · '
-           f'{n.get("moved", 0)} moved · {len(cmp_["added"])} new · {len(cmp_["removed"])} gone{_e(not_run)}'
+           f'<p class="sub">{n.matched} claims matched · <b class="{"bad" if n.to_fail else ""}">'
+           f'{n.to_fail} now failing</b> · <b class="ok">{n.to_pass} now passing</b> · '
+           f'{n.moved} moved · {len(cmp_.added)} new · {len(cmp_.removed)} gone{_e(not_run)}'
            f'<br>{_e(NOISE_FLOOR_TEXT)}</p>']
     rows = compare_display_rows(cmp_, limit=15)
     if rows:
         out.append("<table><thead><tr><th>test</th><th>claim</th><th>before</th><th>after</th>"
                    "<th class='num'>margin moved</th></tr></thead><tbody>")
         for r in rows:
-            flip = r["before"] != r["after"]
-            b = f'{_result("PASS" if r["before"] else "FAIL")} <span class="m">{_e(r["value_before"])}</span>'
-            af = f'{_result("PASS" if r["after"] else "FAIL")} <span class="m">{_e(r["value_after"])}</span>'
-            d = r.get("delta")
+            flip = r.before != r.after
+            b = f'{_result("PASS" if r.before else "FAIL")} <span class="m">{_e(r.value_before)}</span>'
+            af = f'{_result("PASS" if r.after else "FAIL")} <span class="m">{_e(r.value_after)}</span>'
+            d = r.delta
             dcls = "" if not isinstance(d, (int, float)) else ("ok" if d >= 0 else "bad")
-            out.append(f'<tr class="{"fail" if flip and not r["after"] else ""}"><td class="sub">{_e(where(r))}</td>'
-                       f'<td><code>{_e(r["name"])}</code>{" <b>⇄ flipped</b>" if flip else ""}</td>'
+            out.append(f'<tr class="{"fail" if flip and not r.after else ""}"><td class="sub">{_e(where(r))}</td>'
+                       f'<td><code>{_e(r.name)}</code>{" <b>⇄ flipped</b>" if flip else ""}</td>'
                        f'<td>{b}</td><td>{af}</td><td class="num {dcls}">{_e(fmt_margin(d))}</td></tr>')
         out.append("</tbody></table>")
     else:
@@ -328,7 +329,7 @@ def _compare(cmp_: dict) -> str:
     return "\n".join(out)
 
 
-def _robustness(report: dict) -> str:
+def _robustness(report: Run) -> str:
     rows = robustness(report)
     if not rows:
         return ""
@@ -338,29 +339,29 @@ def _robustness(report: dict) -> str:
            '<table><thead><tr><th style="width:22%">test · claim</th><th style="width:16%">reference</th>'
            '<th>seeds</th><th style="width:17%">passed</th></tr></thead><tbody>']
     for r in rows:
-        ref = r["reference"]
+        ref = r.reference
         if ref is None:
             ref_html = '<span class="muted">—</span>'
         else:
-            ref_html = (f'{_result(ref.get("status") or ("PASS" if ref["passed"] else "FAIL"))} '
-                        f'<span class="m">{_e(ref["value_text"])}</span> '
-                        f'<span class="note">({_e(ref["source"])})</span>')
+            ref_html = (f'{_result(ref.status or ("PASS" if ref.passed else "FAIL"))} '
+                        f'<span class="m">{_e(ref.value_text)}</span> '
+                        f'<span class="note">({_e(ref.source)})</span>')
         chips = []
-        for s in r["seeds"]:
-            if s["passed"]:
+        for s in r.seeds:
+            if s.passed:
                 cls, verdict = "ok", "pass"
-            elif s["status"] == "XFAIL":
+            elif s.status == "XFAIL":
                 cls, verdict = "warn", "expected"
-            elif not s["reached"]:
+            elif not s.reached:
                 cls, verdict = "bad", "not reached"
             else:
                 cls, verdict = "bad", "fail"
-            binding = f' · {_e(s["binding"])}' if s["binding"] else ""
-            flip = ' <b title="differs from the reference">⇄</b>' if s["flip"] else ""
-            chips.append(f'<span class="chip {cls}">seed {_e(s["seed"])}: {verdict} <span class="m">'
-                         f'{_e(s["value_text"])}</span> ({_e(fmt_margin(s["margin"]))}){binding}{flip}</span>')
-        cls = "warn" if r["expected_failure"] else ("ok" if r["rate"] == 1 else "bad")
-        out.append(f'<tr><td><span class="sub">{_e(r["test"])}</span><br><code>{_e(r["name"])}</code></td>'
+            binding = f' · {_e(s.binding)}' if s.binding else ""
+            flip = ' <b title="differs from the reference">⇄</b>' if s.flip else ""
+            chips.append(f'<span class="chip {cls}">seed {_e(s.seed)}: {verdict} <span class="m">'
+                         f'{_e(s.value_text)}</span> ({_e(fmt_margin(s.margin))}){binding}{flip}</span>')
+        cls = "warn" if r.expected_failure else ("ok" if r.rate == 1 else "bad")
+        out.append(f'<tr><td><span class="sub">{_e(r.test)}</span><br><code>{_e(r.name)}</code></td>'
                    f'<td>{ref_html}</td><td>{"".join(chips)}</td><td class="{cls}">{_e(rate_text(r))}</td></tr>')
     out.append("</tbody></table></section>")
     return "\n".join(out)
@@ -369,13 +370,14 @@ def _robustness(report: dict) -> str:
 # --- a module: tests, claims, figures, power matrix ---------------------------------------------------------
 
 
-def _module(report: dict, module: str, run_dir: Path, counter) -> str:
+def _module(report: Run, module: str, run_dir: Path, counter) -> str:
     """A module: its hypothesis, its power matrix (one row per claim), then each test in a ``<details>``
     that is open only where something is wrong (a failed claim, an error, a claim that held on a control
     or mutation no KNOWN_FAILURES documents): the page a reader opens shows the problems, the rest a click away."""
     mid = anchor(module)
     out = [f'<section id="{mid}">{_heading("h2", mid, f"<code>{_e(module)}</code>")}']
-    doc = (report.get("modules", {}).get(module, {}).get("doc") or "").strip()
+    info = report.modules.get(module)
+    doc = (info.doc if info else "").strip()
     if doc:
         out.append(f'<p class="lead">{_e(doc)}</p>')
     out.append(_power_matrix(report, module))
@@ -386,37 +388,37 @@ def _module(report: dict, module: str, run_dir: Path, counter) -> str:
         out.append(_heading("h3", f"{mid}--tests", f'Tests <span class="sub">— {len(groups)}, '
                                                      f'{len(bad)} with a problem (open)</span>'))
     for g in groups:
-        tdoc = f' <span class="sub">— {_e(g["doc"])}</span>' if g["doc"] else ""
-        n_claims, n_figs = len(g["claims"]), len(g["figures"])
+        tdoc = f' <span class="sub">— {_e(g.doc)}</span>' if g.doc else ""
+        n_claims, n_figs = len(g.claims), len(g.figures)
         counts = f'<span class="sub"> · {n_claims} claim{"s" * (n_claims != 1)}' + \
             (f', {n_figs} figure{"s" * (n_figs != 1)}' if n_figs else "") + "</span>"
-        verdicts = "".join(_result(c["status"]) for c in g["claims"][:12])
+        verdicts = "".join(_result(c.status) for c in g.claims[:12])
         is_bad = g in bad
-        out.append(f'<details class="test{" bad" if is_bad else ""}" id="{g["anchor"]}"{" open" if is_bad else ""}>'
-                   f'<summary><span class="tname">{_e(g["group"].split("::", 1)[-1])}</span> {verdicts}{counts}'
-                   f'<a class="anchor" href="#{g["anchor"]}" title="link to this test">#</a></summary>'
+        out.append(f'<details class="test{" bad" if is_bad else ""}" id="{g.anchor}"{" open" if is_bad else ""}>'
+                   f'<summary><span class="tname">{_e(g.group.split("::", 1)[-1])}</span> {verdicts}{counts}'
+                   f'<a class="anchor" href="#{g.anchor}" title="link to this test">#</a></summary>'
                    f'<div class="tdoc">{tdoc}</div>')
-        if g["claims"]:
-            out.append(_claims_table(g["claims"]))
-        main = [tf for tf in g["figures"] if not tf[0].get("control")]
-        ctl = [tf for tf in g["figures"] if tf[0].get("control")]
+        if g.claims:
+            out.append(_claims_table(g.claims))
+        main = [tf for tf in g.figures if not tf[0].control]
+        ctl = [tf for tf in g.figures if tf[0].control]
         if main:
-            out.append(_figures(main, run_dir, counter, g["anchor"]))
+            out.append(_figures(main, run_dir, counter, g.anchor))
         if ctl:
             out.append(f'<details><summary>figures on controls ({len(ctl)})</summary>'
-                       f'{_figures(ctl, run_dir, counter, g["anchor"])}</details>')
+                       f'{_figures(ctl, run_dir, counter, g.anchor)}</details>')
         out.append("</details>")
     out.append("</section>")
     return "\n".join(out)
 
 
-def _group_has_problem(g: dict) -> bool:
+def _group_has_problem(g: TestGroup) -> bool:
     """A failed or errored claim, a control / mutation cell that held (undocumented) or errored."""
-    for c in g["claims"]:
-        if c["status"] in ("FAIL", "ERROR") or c.get("test_outcome") in ("error", "not finished", "interrupted"):
+    for c in g.claims:
+        if c.status in ("FAIL", "ERROR") or c.test_outcome in ("error", "not finished", "interrupted"):
             return True
-        if any(x["outcome"] in ("error", "missing") or (x["outcome"] == "held" and not x.get("known"))
-               for x in c.get("controls", [])):
+        if any(x.outcome in ("error", "missing") or (x.outcome == "held" and not x.known)
+               for x in c.controls):
             return True
     return False
 
@@ -426,61 +428,61 @@ def _heading(tag: str, hid: str, inner: str) -> str:
     return f'<{tag} id="{_e(hid)}">{inner}<a class="anchor" href="#{_e(hid)}" title="link to this heading">#</a></{tag}>'
 
 
-def _claims_table(claims: list[dict]) -> str:
+def _claims_table(claims: list[ClaimResult]) -> str:
     out = ['<table class="claims"><colgroup><col style="width:23%"><col style="width:13%"><col style="width:5%">'
            '<col style="width:10%"><col style="width:8%"><col style="width:10%"><col></colgroup>'
            "<thead><tr><th>claim</th><th>measured</th><th>op</th><th>threshold</th><th class='num'>margin</th>"
            "<th>result</th><th>controls: value (needs, margin)</th></tr></thead><tbody>"]
     for c in claims:
         op, thr = op_text(c)
-        sub = " · ".join(_e(x) for x in (c.get("note"), c.get("detail"), c.get("problem")) if x)
+        sub = " · ".join(_e(x) for x in (c.note, c.detail, c.problem) if x)
         sub = f'<div class="note">{sub}</div>' if sub else ""
-        case = case_label(c.get("group") or "")
+        case = case_label(c.group or "")
         seed = f' <span class="tag">[{_e(case)}]</span>' if case else ""
-        seed += f' <span class="tag">seed {_e(c["seed"])}</span>' if c.get("seed") is not None else ""
+        seed += f' <span class="tag">seed {_e(c.seed)}</span>' if c.seed is not None else ""
         badge = ('<span class="badge" title="every control of this claim is generic (untrained / shuffled labels):'
-                 ' none targets the part it names">generic controls only</span>' if c.get("generic_only") else
-                 f'<span class="badge" title="{_e(c["about_none"])}">about no part</span>' if c.get("about_none") else "")
-        m = c.get("margin")
+                 ' none targets the part it names">generic controls only</span>' if c.generic_only else
+                 f'<span class="badge" title="{_e(c.about_none)}">about no part</span>' if c.about_none else "")
+        m = c.margin
         mcell = (f'<td class="num {"ok" if m >= 0 else "bad"}">{_e(fmt_margin(m))}</td>'
                  if isinstance(m, (int, float)) else '<td class="num muted">—</td>')
-        out.append(f'<tr class="{"fail" if c["status"] in ("FAIL", "ERROR") else ""}" title="{_e(c.get("message"))}">'
-                   f'<td><code>{_e(c["name"])}</code>{seed}{badge}{_test_flag(c)}{sub}</td>'
+        out.append(f'<tr class="{"fail" if c.status in ("FAIL", "ERROR") else ""}" title="{_e(c.message)}">'
+                   f'<td><code>{_e(c.name)}</code>{seed}{badge}{_test_flag(c)}{sub}</td>'
                    f'<td class="m">{_e(measured_text(c))}</td><td class="m">{_e(op)}</td><td class="m">{_e(thr)}</td>'
-                   f'{mcell}<td>{_result(c["status"])}</td><td>{_controls(c)}</td></tr>')
+                   f'{mcell}<td>{_result(c.status)}</td><td>{_controls(c)}</td></tr>')
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
-def _test_flag(c: dict) -> str:
-    out = c.get("test_outcome")
-    if out in ("failed", "error", "not finished", "interrupted") and c.get("passed"):
+def _test_flag(c: ClaimResult) -> str:
+    out = c.test_outcome
+    if out in ("failed", "error", "not finished", "interrupted") and c.passed:
         return (f'<span class="badge bad" title="the test itself {_e(out)} after recording this claim">'
                 f'test {_e(out)}</span>')
     return ""
 
 
-def _controls(c: dict) -> str:
+def _controls(c: ClaimResult) -> str:
     lines = []
-    for x in c.get("controls", []):
-        if x.get("kind") == "alternative":
+    for x in c.controls:
+        if x.kind == RunKind.ALTERNATIVE:
             continue  # the module's specificity table shows them
-        kind = "mutation " if x.get("kind") == "mutation" else ""
-        if x["outcome"] in ("failed", "held"):
-            cls = "ok" if x["outcome"] == "failed" else "warn" if x.get("known") else "bad"
-            verdict = ("fails ✓" if x["outcome"] == "failed" else
-                       "HOLDS (known miss)" if x.get("known") else
+        kind = "mutation " if x.kind == RunKind.MUTATION else ""
+        if x.outcome in ("failed", "held"):
+            cls = "ok" if x.outcome == "failed" else "warn" if x.known else "bad"
+            verdict = ("fails ✓" if x.outcome == "failed" else
+                       "HOLDS (known miss)" if x.known else
                        "HOLDS ✗ no power" if kind else "HOLDS ✗ no teeth")
-            need = ("" if x.get("op") == "holds" else
-                    f'<span class="muted">(needs {_e(x.get("requirement"))}, margin {_e(fmt_margin(x.get("margin")))})'
+            need = ("" if x.op == "holds" else
+                    f'<span class="muted">(needs {_e(x.requirement)}, margin {_e(fmt_margin(x.margin))})'
                     "</span>")
-            lines.append(f'<div class="ctl {cls}" title="{_e(x.get("message"))}"><span class="k">{kind}'
-                         f'{_e(x["control"])}</span> {verdict}: <span class="m">{_e(x.get("value_text"))}</span> '
+            lines.append(f'<div class="ctl {cls}" title="{_e(x.message)}"><span class="k">{kind}'
+                         f'{_e(x.control)}</span> {verdict}: <span class="m">{_e(x.value_text)}</span> '
                          f'{need}</div>')
         else:
-            word = "skipped" if x["outcome"] == "skipped" else "error"
-            lines.append(f'<div class="ctl {"muted" if word == "skipped" else "bad"}" title="{_e(x.get("message"))}">'
-                         f'<span class="k">{kind}{_e(x["control"])}</span> {word}</div>')
+            word = "skipped" if x.outcome == "skipped" else "error"
+            lines.append(f'<div class="ctl {"muted" if word == "skipped" else "bad"}" title="{_e(x.message)}">'
+                         f'<span class="k">{kind}{_e(x.control)}</span> {word}</div>')
     return "".join(lines) or '<span class="muted">—</span>'
 
 
@@ -494,12 +496,12 @@ def _figures(items: list[tuple[dict, dict]], run_dir: Path, counter, back: str) 
     cells = []
     for t, f in items:
         fid = f"fig-{next(counter)}"
-        png = _read(run_dir, f.get("path"))
-        variant = " · ".join(x for x in (case_label(t.get("group") or ""),
-                                         f"control {t['control']}" if t.get("control") else "",
-                                         f"seed {t['seed']}" if t.get("seed") is not None else "") if x)
-        cap = f'<b>{_e(f["name"])}</b>' + (f' <span class="tag">{_e(variant)}</span>' if variant else "")
-        cap += f" — {_e(f.get('caption'))}" if f.get("caption") else ""
+        png = _read(run_dir, f.path)
+        variant = " · ".join(x for x in (case_label(t.group or ""),
+                                         f"control {t.control}" if t.control else "",
+                                         f"seed {t.seed}" if t.seed is not None else "") if x)
+        cap = f'<b>{_e(f.name)}</b>' + (f' <span class="tag">{_e(variant)}</span>' if variant else "")
+        cap += f" — {_e(f.caption)}" if f.caption else ""
         if not png:
             cells.append(f'<figure class="fig"><div class="muted">(figure file missing)</div>'
                          f'<figcaption>{cap}</figcaption></figure>')
@@ -511,7 +513,7 @@ def _figures(items: list[tuple[dict, dict]], run_dir: Path, counter, back: str) 
             shown = COLUMN_PX if size[0] >= COLUMN_PX / SMALL_FIGURE_SCALE else size[0] * SMALL_FIGURE_SCALE
             style = f' style="width:{min(100.0, 100.0 * shown / COLUMN_PX):.1f}%"'
         dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
-        img = (f'<img alt="{_e(f["name"])}"{dims}{style} '
+        img = (f'<img alt="{_e(f.name)}"{dims}{style} '
                f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         cells.append(f'<figure class="fig" id="{fid}"><a class="zoom" href="#{fid}" title="click to enlarge">{img}</a>'
                      f'<a class="close" href="#{back}">close ✕</a><figcaption>{cap}</figcaption></figure>')
@@ -530,55 +532,55 @@ def _read(run_dir: Path, rel: str | None) -> bytes | None:
 PM_SYMBOL = {"ok": "✓", "bad": "✗", "known": "k", "muted": "–", "na": ""}
 
 
-def _power_matrix(report: dict, module: str) -> str:
+def _power_matrix(report: Run, module: str) -> str:
     """One row per claim, one narrow column per control / mutation (its name written upwards), a
     symbol per cell with the value, requirement and margin in its tooltip; the header row and the
     claim column stay in view while the box scrolls."""
     pm = power_matrix(report, module)
-    if not pm or not pm["rows"]:
+    if not pm or not pm.rows:
         return ""
-    kinds = [k for _, k in pm["columns"]]
+    kinds = [k for _, k in pm.columns]
     n_ctl, n_mut = kinds.count("control"), kinds.count("mutation")
-    head = "".join(f'<th class="spec {k}" title="{_e(k)} {_e(spec)}"><span>{_e(spec.removeprefix("mutate:"))}'
-                   "</span></th>" for spec, k in pm["columns"])
+    head = "".join(f'<th class="spec {k}" title="{_e(k)} {_e(spec)}"><span>{_e(spec_name(spec))}'
+                   "</span></th>" for spec, k in pm.columns)
     hid = f"{anchor(module)}--power"
     legend = ('each claim (row) on each control / mutation (column): <b class="ok">✓</b> failed as required · '
               '<b class="bad">✗</b> held: no teeth (control) / no power (mutation) · <b class="warn">k</b> held, '
               'a known miss (KNOWN_FAILURES) · <b class="bad">!</b> error · – skipped; hover a cell for its value, '
               'requirement and margin')
-    out = [_heading("h3", hid, f'Power matrix <span class="sub">— {len(pm["rows"])} claims × {n_ctl} controls, '
+    out = [_heading("h3", hid, f'Power matrix <span class="sub">— {len(pm.rows)} claims × {n_ctl} controls, '
                                f'{n_mut} mutations</span>'),
            f'<p class="note">{legend}</p><div class="pmbox"><table class="pm"><thead>'
            f'<tr><th class="claim">claim <span class="sub">(test)</span></th>{head}</tr></thead><tbody>']
-    for row in pm["rows"]:
-        c = row["claim"]
+    for row in pm.rows:
+        c = row.claim
         cells = []
-        for spec, kind in pm["columns"]:
-            x = row["cells"].get(spec)
+        for spec, kind in pm.columns:
+            x = row.cells.get(spec)
             cls, verdict = cell_verdict(x)
             if x is None:
                 cells.append('<td class="cell"></td>')
                 continue
             symbol = "!" if verdict == "error" else PM_SYMBOL.get(cls, "?")
-            tip = f'{c["name"]} on {kind} {spec.removeprefix("mutate:")}: {verdict}'
-            if x.get("value_text"):
-                tip += f' — {x["value_text"]}'
-                if x.get("requirement"):
-                    tip += f' (needs {x["requirement"]}, margin {fmt_margin(x.get("margin"))})'
-            elif x.get("message"):
-                tip += f" — {x['message']}"
+            tip = f'{c.name} on {kind} {spec_name(spec)}: {verdict}'
+            if x.value_text:
+                tip += f' — {x.value_text}'
+                if x.requirement:
+                    tip += f' (needs {x.requirement}, margin {fmt_margin(x.margin)})'
+            elif x.message:
+                tip += f" — {x.message}"
             cells.append(f'<td class="cell {cls}" title="{_e(tip)}">{symbol}</td>')
-        seed = f" (seed {c['seed']})" if c.get("seed") is not None else ""
-        test = (c.get("group") or "").split("::", 1)[-1]
-        badge = '<span class="badge">generic only</span>' if c.get("generic_only") else ""
-        out.append(f'<tr><th class="claim" title="{_e(test + seed)}: {_e(c.get("message"))}">'
-                   f'<a href="#{anchor(test_function(c.get("group") or ""))}"><code>{_e(c["name"])}</code></a>'
+        seed = f" (seed {c.seed})" if c.seed is not None else ""
+        test = (c.group or "").split("::", 1)[-1]
+        badge = '<span class="badge">generic only</span>' if c.generic_only else ""
+        out.append(f'<tr><th class="claim" title="{_e(test + seed)}: {_e(c.message)}">'
+                   f'<a href="#{anchor(test_function(c.group or ""))}"><code>{_e(c.name)}</code></a>'
                    f'{badge} <span class="sub">{_e(_short(test, 40))}{_e(seed)}</span></th>{"".join(cells)}</tr>')
     out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
-def _specificity(report: dict, module: str) -> str:
+def _specificity(report: Run, module: str) -> str:
     rows = specificity(report, module)
     if not rows:
         return ""
@@ -587,11 +589,11 @@ def _specificity(report: dict, module: str) -> str:
            '<div class="scroll"><table class="pm"><thead><tr><th>test · claim</th><th>alternatives</th>'
            '<th>verdict</th></tr></thead><tbody>']
     for r in rows:
-        c = r["claim"]
-        cls = "ok" if not r["held"] else "muted" if r["known"] else "bad"
-        verdict = "specific" if not r["held"] else f"unspecific (known: {r['known']})" if r["known"] else "unspecific"
-        out.append(f'<tr><td><span class="sub">{_e((c.get("group") or "").split("::", 1)[-1])}</span><br>'
-                   f'<code>{_e(c["name"])}</code></td><td>{_e(specificity_text(r))}</td>'
+        c = r.claim
+        cls = "ok" if not r.held else "muted" if r.known else "bad"
+        verdict = "specific" if not r.held else f"unspecific (known: {r.known})" if r.known else "unspecific"
+        out.append(f'<tr><td><span class="sub">{_e((c.group or "").split("::", 1)[-1])}</span><br>'
+                   f'<code>{_e(c.name)}</code></td><td>{_e(specificity_text(r))}</td>'
                    f'<td class="cell {cls}">{_e(verdict)}</td></tr>')
     out.append("</tbody></table></div>")
     return "\n".join(out)
@@ -604,15 +606,15 @@ def _short(text: str, n: int) -> str:
 # --- the rest ----------------------------------------------------------------------------------------------
 
 
-def _metrics_cell(m: dict) -> str:
+def _metrics_cell(m: ModelInfo) -> str:
     """Held-out accuracy with its interval first (when the model has a test set), then the rest."""
-    h = held_out(m.get("metrics"), m.get("n_test"))
-    rest = metrics_text({k: v for k, v in (m.get("metrics") or {}).items() if not (h and k == "test_acc")})
+    h = held_out(m.metrics, m.n_test)
+    rest = metrics_text({k: v for k, v in (m.metrics or {}).items() if not (h and k == "test_acc")})
     return "; ".join(t for t in (held_out_text(h), rest) if t)
 
 
-def _models(report: dict) -> str:
-    models = report.get("models", [])
+def _models(report: Run) -> str:
+    models = report.models
     if not models:
         return ""
     from circuits.report.figures import training_curves_svg
@@ -623,19 +625,19 @@ def _models(report: dict) -> str:
            "<th>key</th><th>final metrics (held-out first)</th><th class='num'>time</th></tr></thead><tbody>"]
     curves = []
     for m in models:
-        key = (m.get("content_hash") or m.get("key") or "")[:12]
-        wt = m.get("wall_time")
-        out.append(f'<tr><td><code>{_e(m.get("name"))}</code></td><td>{_e(m.get("seed"))}</td>'
-                   f'<td>{_e(m.get("source"))}</td><td class="m">{_e(key)}</td>'
+        key = (m.content_hash or m.key or "")[:12]
+        wt = m.wall_time
+        out.append(f'<tr><td><code>{_e(m.name)}</code></td><td>{_e(m.seed)}</td>'
+                   f'<td>{_e(m.source)}</td><td class="m">{_e(key)}</td>'
                    f'<td class="sub">{_e(_metrics_cell(m))}</td>'
                    f'<td class="num">{f"{wt:.1f} s" if isinstance(wt, (int, float)) else "—"}</td></tr>')
         try:
-            svg = training_curves_svg(m)
+            svg = training_curves_svg(m.to_json())
         except Exception:  # a malformed history must not cost the report
             svg = None
         if svg:
-            curves.append(f'<figure>{svg}<figcaption><b>{_e(m.get("name"))}</b> training curve '
-                          f'({_e(m.get("source"))})</figcaption></figure>')
+            curves.append(f'<figure>{svg}<figcaption><b>{_e(m.name)}</b> training curve '
+                          f'({_e(m.source)})</figcaption></figure>')
     out.append("</tbody></table></details>")
     if curves:
         out.append(f'<details><summary>training curves ({len(curves)})</summary><div class="grid">{"".join(curves)}'
@@ -644,31 +646,31 @@ def _models(report: dict) -> str:
     return "\n".join(out)
 
 
-def _tests(report: dict) -> str:
-    tests = report.get("tests", [])
+def _tests(report: Run) -> str:
+    tests = report.tests
     if not tests:
         return ""
     cls = {"passed": "ok", "failed": "bad", "error": "bad", "xpassed": "bad", "not finished": "bad",
            "interrupted": "bad"}
     out = ['<section id="tests">' + _heading("h2", "tests-list", "Tests") + f'<details><summary>{len(tests)} tests, '
-           f"{sum(t.get('duration') or 0 for t in tests):.1f} s in total</summary>"
+           f"{sum(t.duration or 0 for t in tests):.1f} s in total</summary>"
            "<table><thead><tr><th>test</th><th>outcome</th><th class='num'>duration</th><th>message</th>"
            "</tr></thead><tbody>"]
-    for t in sorted(tests, key=lambda t: t["nodeid"]):
-        out.append(f'<tr><td class="m">{_e(t["nodeid"])}</td><td class="{cls.get(t["outcome"], "muted")}">'
-                   f'{_e(t["outcome"])}</td><td class="num">{(t.get("duration") or 0):.2f} s</td>'
-                   f'<td class="sub">{_e(t.get("message") or t.get("xfail_reason") or "")}</td></tr>')
+    for t in sorted(tests, key=lambda t: t.nodeid):
+        out.append(f'<tr><td class="m">{_e(t.nodeid)}</td><td class="{cls.get(t.outcome, "muted")}">'
+                   f'{_e(t.outcome)}</td><td class="num">{(t.duration or 0):.2f} s</td>'
+                   f'<td class="sub">{_e(t.message or t.xfail_reason or "")}</td></tr>')
     out.append("</tbody></table></details></section>")
     return "\n".join(out)
 
 
-def _footer(report: dict) -> str:
-    m = report.get("machine") or {}
-    g = report.get("git") or {}
-    cmd = " ".join((report.get("command") or {}).get("args") or [])
-    kv = [("run", report.get("run_id")), ("summary", headline(report)), ("commit", g.get("commit") or "no git"),
-          ("branch", g.get("branch")), ("command", f"pytest {cmd}"), ("platform", m.get("platform")),
-          ("cpus", f'{m.get("cpus_usable")} usable of {m.get("cpu_count")}'),
-          ("versions", versions_text(report)), ("exit status", report.get("exitstatus"))]
+def _footer(report: Run) -> str:
+    m = report.machine
+    g = report.git
+    cmd = " ".join(report.command.args or [])
+    kv = [("run", report.run_id), ("summary", headline(report)), ("commit", g.commit or "no git"),
+          ("branch", g.branch), ("command", f"pytest {cmd}"), ("platform", m.platform),
+          ("cpus", f'{m.cpus_usable} usable of {m.cpu_count}'),
+          ("versions", versions_text(report)), ("exit status", report.exitstatus)]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in kv if v is not None)
     return f'<section id="run">{_heading("h2", "run-details", "Run")}<dl class="kv">{rows}</dl></section>'

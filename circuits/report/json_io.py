@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from circuits.atomic import write_bytes_atomic
-from circuits.claims.core import _jsonable
 from circuits.errors import CircuitsError
+from circuits.records import RecordError, Run, as_run, jsonable
 from circuits.report.html import render_html
 from circuits.report.markdown import render_markdown
 
@@ -34,7 +34,7 @@ class ReportNotFoundError(ReportError, FileNotFoundError):
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write strict JSON (no NaN) via a temp file + os.replace, so readers never see half a file."""
-    data = json.dumps(_jsonable(obj), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    data = json.dumps(jsonable(obj), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
     write_bytes_atomic(Path(path), data.encode("utf-8"))
 
 
@@ -65,8 +65,9 @@ def point_latest(report_dir: Path, run_id: str) -> None:
         write_text_atomic(link, run_id + "\n")
 
 
-def write_run(report: dict, run_dir: Path, *, update_latest: bool = True) -> dict[str, Path]:
+def write_run(report: Run | dict, run_dir: Path, *, update_latest: bool = True) -> dict[str, Path]:
     """Write report.json first (the part that must survive), then report.md and report.html."""
+    report = as_run(report)
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "html": run_dir / "report.html"}
     write_json_atomic(paths["json"], report)
@@ -75,7 +76,7 @@ def write_run(report: dict, run_dir: Path, *, update_latest: bool = True) -> dic
     write_text_atomic(paths["md"], render_markdown(report))
     write_text_atomic(paths["html"], render_html(report, run_dir))
     # kept in memory only (not in report.json): the terminal's one-line summary names the page
-    report["_html_path"] = str(paths["html"])
+    report.html_path = str(paths["html"])
     return paths
 
 
@@ -104,15 +105,20 @@ def resolve_report(ref: str | os.PathLike, report_dir: Path | str) -> Path:
         f"runs in {report_dir}: {avail}")
 
 
-def load_report(ref: str | os.PathLike, report_dir: Path | str = "reports") -> dict:
+def load_report(ref: str | os.PathLike, report_dir: Path | str = "reports") -> Run:
+    """The run a report.json holds (any schema: an older one is read into the current records)."""
     path = resolve_report(ref, report_dir)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read report {path}: {exc}") from None
     check_report_shape(data, path)
-    data.setdefault("_path", str(path))
-    return data
+    try:
+        run = Run.from_json(data)
+    except RecordError as exc:
+        raise ReportError(f"{path} is not a circuits report: {exc}") from None
+    run.path = run.path or str(path)
+    return run
 
 
 def check_report_shape(data: Any, path: Path | str) -> None:
@@ -143,11 +149,11 @@ def set_baseline(run_dir: Path | str, report_dir: Path | str | None = None) -> P
     report_dir = Path(report_dir) if report_dir is not None else src.parent.parent
     dest = report_dir / "baseline"
     try:
-        data = json.loads(src.read_text(encoding="utf-8"))
+        run = Run.from_json(json.loads(src.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read report {src}: {exc}") from None
-    data["baseline_of"] = data.get("run_id")
-    write_json_atomic(dest / "report.json", data)
+    run.baseline_of = run.run_id
+    write_json_atomic(dest / "report.json", run)
     if (src.parent / "report.md").is_file():
         shutil.copyfile(src.parent / "report.md", dest / "report.md")
     return dest / "report.json"

@@ -3,8 +3,10 @@ the robustness view across seeds, problems, the comparison, and a one-line summa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from circuits.records import Run, RunKind, as_run
 from circuits.report.compare import NOISE_FLOOR_TEXT, compare_display_rows
 from circuits.report.text import NAME_LIMIT, TEXT_LIMIT, visible
 from circuits.report.views import (claim_rows, fmt_margin, has_problems, known_control_runs, measured_text, not_run_text,
@@ -16,9 +18,10 @@ __all__ = ["terminal_lines"]
 CONTROL_RESULT = {"failed": "OK (failed)", "missing": "ERROR", "error": "ERROR", "skipped": "skipped"}
 
 
-def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
+def terminal_lines(report: Run | dict, width: int = 120) -> list[tuple[str, dict]]:
     """Rows for the terminal summary: (text, markup) with markup like {"green": True}. Text from tests
     is shown through `visible` (no escape sequence, newline or bidi override reaches the terminal)."""
+    report = as_run(report)
     out: list[tuple[str, dict]] = []
     rows = [c for cs in claim_rows(report).values() for c in cs]
     if rows:
@@ -26,33 +29,33 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         marks = [{}]
         for c in rows:
             op, thr = op_text(c)
-            status = c["status"] + (" (generic controls only)" if c.get("generic_only") else
-                                    " (no controls)" if c.get("no_controls") else
-                                    " (about no part)" if c.get("about_none") else "")
-            table.append((_clip(test_label(c), 40), _clip(c["name"], 36), _clip(measured_text(c), 30), op,
-                          _clip(thr, 20), fmt_margin(c.get("margin")), status))
-            marks.append({"green": True} if c["status"] == "PASS" else
-                         {"yellow": True} if c["status"] == "XFAIL" else {"red": True})
-            for x in c.get("controls", []):
-                if x.get("kind") == "alternative":
+            status = c.status + (" (generic controls only)" if c.generic_only else
+                                 " (no controls)" if c.no_controls else
+                                 " (about no part)" if c.about_none else "")
+            table.append((_clip(test_label(c), 40), _clip(c.name, 36), _clip(measured_text(c), 30), op,
+                          _clip(thr, 20), fmt_margin(c.margin), status))
+            marks.append({"green": True} if c.status == "PASS" else
+                         {"yellow": True} if c.status == "XFAIL" else {"red": True})
+            for x in c.controls:
+                if x.kind == RunKind.ALTERNATIVE:
                     continue  # one specificity row per claim below, not one per alternative
-                held = "NO POWER" if x.get("kind") == "mutation" else "NO TEETH"
-                res = CONTROL_RESULT.get(x["outcome"], held)
-                if x["outcome"] == "held" and x.get("known"):
+                held = "NO POWER" if x.kind == RunKind.MUTATION else "NO TEETH"
+                res = CONTROL_RESULT.get(x.outcome, held)
+                if x.outcome == "held" and x.known:
                     res = f"{held} (known)"
-                xop, xthr = op_text(x) if x.get("requirement") else ("", "")
-                spec = x["control"].removeprefix("mutate:")  # the kind says it is a mutation
-                table.append(("", f"  ↳ {x.get('kind', 'control')} {_clip(spec, 26)}",
-                              _clip(x.get("value_text") or "-", 30), xop, _clip(xthr, 20),
-                              fmt_margin(x.get("margin")), res))
-                marks.append({"green": True} if x["outcome"] == "failed" else
-                             {"yellow": True} if x["outcome"] == "skipped" or x.get("known") else {"red": True})
-            spec_row = next((r for r in specificity({**report, "claims": [c]})), None)
+                xop, xthr = op_text(x) if x.requirement else ("", "")
+                spec = x.spec_name  # without its prefix: the kind says it is a mutation
+                table.append(("", f"  ↳ {x.kind} {_clip(spec, 26)}",
+                              _clip(x.value_text or "-", 30), xop, _clip(xthr, 20),
+                              fmt_margin(x.margin), res))
+                marks.append({"green": True} if x.outcome == "failed" else
+                             {"yellow": True} if x.outcome == "skipped" or x.known else {"red": True})
+            spec_row = next((r for r in specificity(dataclasses.replace(report, claims=[c]))), None)
             if spec_row is not None:
-                k = len(spec_row["held"])
-                table.append(("", "  ↳ specificity", _clip(f"{k} of {spec_row['n']} alternatives hold", 30), "", "",
-                              "", "OK (specific)" if not k else "known" if spec_row["known"] else "UNSPECIFIC"))
-                marks.append({"green": True} if not k else {"yellow": True} if spec_row["known"] else {"red": True})
+                k = len(spec_row.held)
+                table.append(("", "  ↳ specificity", _clip(f"{k} of {spec_row.n} alternatives hold", 30), "", "",
+                              "", "OK (specific)" if not k else "known" if spec_row.known else "UNSPECIFIC"))
+                marks.append({"green": True} if not k else {"yellow": True} if spec_row.known else {"red": True})
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for r, m in zip(table, marks):
             cells = [r[i].rjust(widths[i]) if i == 5 else r[i].ljust(widths[i]) for i in range(len(r))]
@@ -62,32 +65,31 @@ def terminal_lines(report: dict, width: int = 120) -> list[tuple[str, dict]]:
         out.append(("", {}))
         out.append(("pass rate across seeds (per claim; reference first):", {"bold": True}))
         for r in rob:
-            ref = r["reference"]
-            ref_t = "" if ref is None else f"ref {'P' if ref['passed'] else 'F'} {ref['value_text']}; "
-            seeds = " ".join(f"{s['seed']}:{_seed_mark(s)}{'⇄' if s['flip'] else ''}" for s in r["seeds"])
-            ok = r["expected_failure"] or r["rate"] == 1.0
-            out.append((f"  {_name(r['test'])} {_name(r['name'])}: {rate_text(r)}  [{ref_t}{seeds}]",
+            ref = r.reference
+            ref_t = "" if ref is None else f"ref {'P' if ref.passed else 'F'} {ref.value_text}; "
+            seeds = " ".join(f"{s.seed}:{_seed_mark(s)}{'⇄' if s.flip else ''}" for s in r.seeds)
+            ok = r.expected_failure or r.rate == 1.0
+            out.append((f"  {_name(r.test)} {_name(r.name)}: {rate_text(r)}  [{ref_t}{seeds}]",
                         {"green": ok, "red": not ok}))
     for r in known_control_runs(report):
-        out.append((f"{r['nodeid']}: known ({r.get('message')})", {"yellow": True}))
+        out.append((f"{r.nodeid}: known ({r.message})", {"yellow": True}))
     for p in problem_lines(report):  # one line each, by kind
-        out.append((f"{p['kind'].upper()} {p['nodeid']}: {p.get('message')}", {"red": True}))
-    cmp_ = report.get("compare")
+        out.append((f"{p.kind.upper()} {p.nodeid}: {p.message}", {"red": True}))
+    cmp_ = report.compare
     if cmp_:
-        n = cmp_["counts"]
-        who = cmp_["against"].get("run_id") or cmp_["against"].get("path")
-        not_run = f", {n['not_run']} not run in this run" if n.get("not_run") else ""
+        n = cmp_.counts
+        who = cmp_.against.run_id or cmp_.against.path
+        not_run = f", {n.not_run} not run in this run" if n.not_run else ""
         out.append(("", {}))
-        out.append((f"compared with {who}: {n['matched']} matched, {n['flipped']} flipped, {n.get('moved', 0)} moved, "
-                    f"{len(cmp_['added'])} new, {len(cmp_['removed'])} gone{not_run} ({NOISE_FLOOR_TEXT})",
-                    {"bold": True}))
+        out.append((f"compared with {who}: {n.matched} matched, {n.flipped} flipped, "
+                    f"{n.moved} moved, {len(cmp_.added)} new, {len(cmp_.removed)} gone{not_run} "
+                    f"({NOISE_FLOOR_TEXT})", {"bold": True}))
         for r in compare_display_rows(cmp_, limit=5):
-            flip = r["before"] != r["after"]
-            verdict = f"{'pass' if r['before'] else 'fail'} -> {'pass' if r['after'] else 'fail'}, " if flip else ""
-            out.append((f"  {'FLIPPED' if flip else 'moved  '} {_name(where(r))} {_name(r['name'])}: {verdict}"
-                        f"{r['value_before']} -> {r['value_after']} (margin {fmt_margin(r['delta'])})",
-                        {"green": r["after"], "red": not r["after"]} if flip else {}))
-    if rows or report.get("tests"):
+            verdict = f"{'pass' if r.before else 'fail'} -> {'pass' if r.after else 'fail'}, " if r.flipped else ""
+            out.append((f"  {'FLIPPED' if r.flipped else 'moved  '} {_name(where(r))} {_name(r.name)}: {verdict}"
+                        f"{r.value_before} -> {r.value_after} (margin {fmt_margin(r.delta)})",
+                        {"green": r.after, "red": not r.after} if r.flipped else {}))
+    if rows or report.tests:
         out.append(("", {}))
         if not_run_text(report):
             out.append((not_run_text(report), {}))
@@ -100,13 +102,13 @@ def _name(s: Any) -> str:
     return visible(s, NAME_LIMIT)
 
 
-def _seed_mark(s: dict) -> str:
+def _seed_mark(s: Any) -> str:
     """P passed, F failed, x failed as a known failure expects, - stopped before the claim."""
-    if s["passed"]:
+    if s.passed:
         return "P"
-    if s["status"] == "XFAIL":
+    if s.status == "XFAIL":
         return "x"
-    return "F" if s["reached"] else "-"
+    return "F" if s.reached else "-"
 
 
 def _clip(s: Any, n: int) -> str:

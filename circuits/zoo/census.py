@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -42,12 +41,14 @@ from typing import Optional, Sequence
 
 from circuits.atomic import write_bytes_atomic
 from circuits.errors import CircuitsError, InputError
+from circuits.paths import CACHE_ENV
+from circuits.records import (MAIN, CensusCell, CensusRow, ClaimResult, Record, Run, SeedAccuracy, SeedVerdict, as_run,
+                      jsonable)
 
 __all__ = ["DEFAULT_RECIPE", "CensusError", "Census", "run_census", "zoo_name", "build_table", "write_outputs"]
 
 DEFAULT_RECIPE = "default"  # the zoo entry's own recipe (no variant)
 MAIN_ONLY_ENV = "CIRCUITS_CENSUS_MAIN_ONLY"
-_NOT_MAIN = re.compile(r"[\[-](control|mutation)=")  # a test id's control / mutation parameter
 
 
 class CensusError(CircuitsError):
@@ -66,7 +67,7 @@ class Census:
     module: str
     seeds: list
     recipes: list
-    rows: list = field(default_factory=list)  # [{label, kind, seeds, claims: {column: cell}, accuracy}]
+    rows: list = field(default_factory=list)  # [CensusRow]
     columns: list = field(default_factory=list)  # claim columns, in first-seen order
     timings: dict = field(default_factory=dict)
     runs: dict = field(default_factory=dict)  # row label -> report.json path
@@ -77,7 +78,8 @@ class Census:
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "seeds": self.seeds, "recipes": self.recipes,
                 "backend": self.backend,
-                "acc_target": self.acc_target, "columns": self.columns, "rows": self.rows,
+                "acc_target": self.acc_target, "columns": self.columns,
+                "rows": [row.to_json() for row in census_rows(self)],
                 "timings": self.timings, "runs": self.runs, "recipe_seeds": self.recipe_seeds}
 
 
@@ -133,8 +135,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     """In a census run (``-p circuits.zoo.census`` with $CIRCUITS_CENSUS_MAIN_ONLY=1): main runs only."""
     if os.environ.get(MAIN_ONLY_ENV) != "1":
         return
-    keep = [it for it in items if not _NOT_MAIN.search(it.name)]
-    dropped = [it for it in items if _NOT_MAIN.search(it.name)]
+    from circuits.plugin.session import item_spec  # the run's spec, as the plugin parametrised it: no test-id parsing
+
+    keep = [it for it in items if item_spec(it) == MAIN]
+    dropped = [it for it in items if item_spec(it) != MAIN]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
@@ -213,7 +217,7 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
     cmd = [sys.executable, "-m", "pytest", module, *args, "--circuits-run-id", run_id,
            "--circuits-report-dir", str(report_dir),
            "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "circuits.zoo.census"]
-    env = {**os.environ, "CIRCUITS_CACHE": str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
+    env = {**os.environ, CACHE_ENV: str(root), MAIN_ONLY_ENV: "1" if main_only else "0"}
     if threads is not None:  # rows run side by side: their torch threads share the cores
         env["CIRCUITS_THREADS"] = str(threads)
     stream.write(f"[census {label}] {' '.join(cmd[1:])}\n")
@@ -235,55 +239,67 @@ def run_pytest(module: str, args: Sequence[str], run_id: str, report_dir: Path, 
 # --------------------------------------------------------------------------------------------- table
 
 
-def _column(claim: dict) -> str:
-    test = (claim.get("group") or claim["nodeid"]).split("::")[-1]
-    return f"{test}: {claim['name']}"
+def _load_run(path: Path) -> Run:
+    """A row's report.json, read through the run's records (any schema)."""
+    try:
+        return Run.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise CensusError(f"census: cannot read {path}: {exc}") from None
 
 
-def _subject(claim: dict) -> str:
-    parts = (claim.get("group") or claim["nodeid"]).split("::")
+def census_rows(census: "Census") -> list[CensusRow]:
+    """The census's rows as records (rows may be given as their JSON, as census.json holds them)."""
+    return [CensusRow.from_json(r) for r in census.rows]
+
+
+def _column(claim: ClaimResult) -> str:
+    test = (claim.group or claim.nodeid).split("::")[-1]
+    return f"{test}: {claim.name}"
+
+
+def _subject(claim: ClaimResult) -> str:
+    parts = (claim.group or claim.nodeid).split("::")
     return parts[1] if len(parts) >= 3 else "module"
 
 
-def _ran_seeds(report: dict) -> dict:
+def _ran_seeds(report: Run) -> dict:
     """group -> seeds whose main run ran (not skipped)."""
     ran = defaultdict(set)
-    for t in report.get("tests", []):
-        if not t.get("control") and t.get("outcome") not in ("skipped", None):
-            ran[t.get("group") or t["nodeid"]].add(t.get("seed"))
+    for t in report.tests:
+        if not t.control and t.outcome not in ("skipped", None):
+            ran[t.group or t.nodeid].add(t.seed)
     return ran
 
 
-def cells(report: dict, seeded: bool) -> dict:
-    """subject -> column -> {seed: {passed, value}}: the main-run claims of one report, those with a
-    seed (seeded) or those without. A seed on which the test ran but never reached the claim is
-    {passed: None}."""
+def cells(report: Run | dict, seeded: bool) -> dict:
+    """subject -> column -> {seed: SeedVerdict}: the main-run claims of one report, those with a seed
+    (seeded) or those without. A seed on which the test ran but never reached the claim has
+    ``passed`` None."""
+    report = as_run(report)
     out: dict = defaultdict(lambda: defaultdict(dict))
     ran = _ran_seeds(report)
     groups: dict = defaultdict(set)
-    for c in report.get("claims", []):
-        if c.get("control") or (c.get("seed") is not None) != seeded:
+    for c in report.claims:
+        if c.control or (c.seed is not None) != seeded:
             continue
-        out[_subject(c)][_column(c)][str(c.get("seed"))] = {"passed": bool(c["passed"]), "value": c.get("value"),
-                                                            "status": c.get("status")}
-        groups[(_subject(c), _column(c))].add(c.get("group"))
+        out[_subject(c)][_column(c)][str(c.seed)] = SeedVerdict(passed=bool(c.passed), value=c.value, status=c.status)
+        groups[(_subject(c), _column(c))].add(c.group)
     for (subject, column), gs in groups.items():
         for g in gs:
             for seed in ran.get(g, ()):
                 if (seed is not None) == seeded:
-                    out[subject][column].setdefault(str(seed), {"passed": None, "value": None, "status": "not reached"})
+                    out[subject][column].setdefault(str(seed), SeedVerdict(status="not reached"))
     return out
 
 
-def _summarise(by_seed: dict) -> dict:
-    k = sum(v["passed"] is True for v in by_seed.values())
-    n = len(by_seed)
-    return {"passed": k, "n": n, "seeds": dict(sorted(by_seed.items()))}
+def _summarise(by_seed: dict) -> CensusCell:
+    k = sum(v.passed is True for v in by_seed.values())
+    return CensusCell(passed=k, n=len(by_seed), seeds=dict(sorted(by_seed.items())))
 
 
 def accuracy(name: str, recipe: str, seeds: Sequence[int], root) -> dict:
-    """seed -> {test_acc, n_test, lo, hi}: each model's card test accuracy (the final held-out set,
-    scored once after training) with its Wilson 95% interval; None where the card has none."""
+    """str(seed) -> SeedAccuracy: each model's card test accuracy (the final held-out set, scored once
+    after training) with its Wilson 95% interval; None where the card has none."""
     from circuits.zoo import registry as zoo
     from circuits.report.views import held_out
     from circuits.zoo.store import ModelStore
@@ -295,12 +311,13 @@ def accuracy(name: str, recipe: str, seeds: Sequence[int], root) -> dict:
     for seed in seeds:
         card = zoo.find_card(zname, seed, store=ModelStore(root))
         h = None if card is None else held_out(card.get("metrics"), n_test)
-        out[str(seed)] = None if h is None else {**h, "steps": card.get("steps"), "wall_time": card.get("wall_time")}
+        out[str(seed)] = None if h is None else SeedAccuracy(test_acc=h.test_acc, n_test=h.n_test, lo=h.lo, hi=h.hi,
+                                                             steps=card.get("steps"), wall_time=card.get("wall_time"))
     return out
 
 
-def build_table(census: Census, recipe_reports: dict, reference_report: Optional[dict], root) -> Census:
-    """Fill census.rows/columns from the reports (recipe -> report dict; the plain run's report)."""
+def build_table(census: Census, recipe_reports: dict, reference_report: Optional[Run | dict], root) -> Census:
+    """Fill census.rows/columns from the reports (recipe -> its run's report; the plain run's report)."""
     columns: list = []
 
     def add(row_claims):
@@ -311,9 +328,9 @@ def build_table(census: Census, recipe_reports: dict, reference_report: Optional
     rows = []
     if reference_report is not None:
         for subject, claims in sorted(cells(reference_report, seeded=False).items()):
-            row = {"label": f"reference: {subject}", "kind": "reference", "seeds": [None],
-                   "claims": {col: _summarise(v) for col, v in claims.items()}, "accuracy": {}}
-            add(row["claims"])
+            row = CensusRow(label=f"reference: {subject}", kind="reference", seeds=[None],
+                            claims={col: _summarise(v) for col, v in claims.items()})
+            add(row.claims)
             rows.append(row)
     for recipe, report in recipe_reports.items():
         merged: dict = defaultdict(dict)
@@ -321,10 +338,10 @@ def build_table(census: Census, recipe_reports: dict, reference_report: Optional
             for col, by_seed in claims.items():
                 merged[col].update(by_seed)
         row_seeds = list(census.recipe_seeds.get(recipe, census.seeds))
-        row = {"label": recipe, "kind": "recipe", "seeds": row_seeds,
-               "claims": {col: _summarise(v) for col, v in merged.items()},
-               "accuracy": accuracy(census.name, recipe, row_seeds, root)}
-        add(row["claims"])
+        row = CensusRow(label=recipe, kind="recipe", seeds=row_seeds,
+                        claims={col: _summarise(v) for col, v in merged.items()},
+                        accuracy=accuracy(census.name, recipe, row_seeds, root))
+        add(row.claims)
         rows.append(row)
     census.rows, census.columns = rows, columns
     return census
@@ -333,65 +350,81 @@ def build_table(census: Census, recipe_reports: dict, reference_report: Optional
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def _fmt_cell(cell: Optional[dict]) -> str:
+def _fmt_cell(cell: Optional[CensusCell]) -> str:
     if cell is None:
         return "–"
-    if cell["n"] == 1 and "None" in cell["seeds"]:
-        return "pass" if cell["passed"] else "FAIL"
-    return f"{cell['passed']}/{cell['n']}"
+    if cell.n == 1 and "None" in cell.seeds:
+        return "pass" if cell.passed else "FAIL"
+    return f"{cell.passed}/{cell.n}"
 
 
 def accuracy_lines(census: Census) -> list[str]:
     lines = []
     target = census.acc_target
-    for row in census.rows:
-        if row["kind"] != "recipe":
+    for row in census_rows(census):
+        if row.kind != "recipe":
             continue
-        accs = row["accuracy"]
         shown = []
         hits = 0
-        for seed, a in accs.items():
+        for seed, a in row.accuracy.items():
             if a is None:
                 shown.append(f"s{seed}: –")
                 continue
-            hits += target is not None and a["test_acc"] >= target
-            shown.append(f"s{seed}: {a['test_acc']:.3%} [{a['lo']:.3%}, {a['hi']:.3%}]")
-        tail = f" | {hits}/{len(accs)}" if target is not None else ""
-        lines.append(f"| {row['label']} | " + "; ".join(shown) + tail + " |")
+            hits += target is not None and a.test_acc >= target
+            shown.append(f"s{seed}: {a.test_acc:.3%} [{a.lo:.3%}, {a.hi:.3%}]")
+        tail = f" | {hits}/{len(row.accuracy)}" if target is not None else ""
+        lines.append(f"| {row.label} | " + "; ".join(shown) + tail + " |")
     return lines
 
 
-def survival(census: Census) -> list:
+@dataclass(frozen=True)
+class Survival(Record):
+    """A recipe row's claim: seeds passing k of n, the rate and its Wilson 95% interval, the reference
+    rows' verdicts on it, and flags where a reference verdict differs from most seeds."""
+
+    recipe: str = ""
+    claim: str = ""
+    passed: int = 0
+    n: int = 0
+    rate: float = 0.0
+    lo: float = 0.0
+    hi: float = 1.0
+    reference: dict = field(default_factory=dict)  # reference row label -> passed
+    flags: list = field(default_factory=list)
+
+
+def survival(census: Census) -> list[Survival]:
     """Per recipe row and claim: seeds passing k of n, the rate, its Wilson 95% interval, the
     reference rows' verdicts on the same claim, and a flag where a reference verdict differs from
     what most seeds of the recipe did (a claim the reference passes that most retrained seeds fail,
     or the other way round: what holds on one checkpoint is then not what retraining gives)."""
     from circuits.report.views import wilson_interval
 
-    refs = [r for r in census.rows if r["kind"] == "reference"]
+    rows = census_rows(census)
+    refs = [r for r in rows if r.kind == "reference"]
     out = []
-    for row in census.rows:
-        if row["kind"] != "recipe":
+    for row in rows:
+        if row.kind != "recipe":
             continue
         for col in census.columns:
-            cell = row["claims"].get(col)
-            if not cell or not cell["n"]:
+            cell = row.claims.get(col)
+            if not cell or not cell.n:
                 continue
-            k, n = cell["passed"], cell["n"]
+            k, n = cell.passed, cell.n
             lo, hi = wilson_interval(k, n)
             most = k * 2 > n  # most seeds pass (a tie is not "most")
             verdicts, flags = {}, []
             for ref in refs:
-                rc = ref["claims"].get(col)
-                if not rc or not rc["n"]:
+                rc = ref.claims.get(col)
+                if not rc or not rc.n:
                     continue
-                passed = rc["passed"] == rc["n"]
-                verdicts[ref["label"]] = passed
+                passed = rc.passed == rc.n
+                verdicts[ref.label] = passed
                 if passed != most and not (k * 2 == n):
-                    flags.append(f"{ref['label']} {'passes' if passed else 'fails'}, "
+                    flags.append(f"{ref.label} {'passes' if passed else 'fails'}, "
                                  f"{'most seeds fail' if passed else 'most seeds pass'} ({k}/{n})")
-            out.append({"recipe": row["label"], "claim": col, "passed": k, "n": n, "rate": k / n,
-                        "lo": lo, "hi": hi, "reference": verdicts, "flags": flags})
+            out.append(Survival(recipe=row.label, claim=col, passed=k, n=n, rate=k / n, lo=lo, hi=hi,
+                                reference=verdicts, flags=flags))
     return out
 
 
@@ -401,10 +434,10 @@ def survival_markdown(census: Census) -> str:
     lines = ["| recipe | claim | seeds passing | rate | Wilson 95% | reference | flag |", "|---|---|---|---|---|---|---|"]
     for r in survival(census):
         ref = ", ".join(f"{label.replace('reference: ', '')} {'pass' if v else 'FAIL'}"
-                        for label, v in r["reference"].items()) or "–"
-        flag = "**differs**: " + "; ".join(r["flags"]) if r["flags"] else ""
-        lines.append(f"| {r['recipe']} | C{idx[r['claim']]} {r['claim']} | {r['passed']}/{r['n']} | {r['rate']:.0%} | "
-                     f"[{r['lo']:.0%}, {r['hi']:.0%}] | {ref} | {flag} |")
+                        for label, v in r.reference.items()) or "–"
+        flag = "**differs**: " + "; ".join(r.flags) if r.flags else ""
+        lines.append(f"| {r.recipe} | C{idx[r.claim]} {r.claim} | {r.passed}/{r.n} | {r.rate:.0%} | "
+                     f"[{r.lo:.0%}, {r.hi:.0%}] | {ref} | {flag} |")
     return "\n".join(lines) + "\n"
 
 
@@ -416,21 +449,21 @@ def html(census: Census) -> str:
     rows = []
     for r in survival(census):
         bar = (f'<div style="position:relative;width:160px;height:12px;background:#eee">'
-               f'<div style="position:absolute;left:{r["lo"] * 160:.0f}px;width:{max(1.0, (r["hi"] - r["lo"]) * 160):.0f}px;'
-               f'height:12px;background:#9cf"></div><div style="position:absolute;left:{r["rate"] * 160 - 1:.0f}px;'
+               f'<div style="position:absolute;left:{r.lo * 160:.0f}px;width:{max(1.0, (r.hi - r.lo) * 160):.0f}px;'
+               f'height:12px;background:#9cf"></div><div style="position:absolute;left:{r.rate * 160 - 1:.0f}px;'
                f'width:2px;height:12px;background:#036"></div></div>')
-        ref = ", ".join(f"{_h.escape(k.replace('reference: ', ''))} {'pass' if v else 'FAIL'}" for k, v in r["reference"].items())
-        style = ' style="background:#fde"' if r["flags"] else ""
-        rows.append(f"<tr{style}><td>{_h.escape(r['recipe'])}</td><td>{_h.escape(r['claim'])}</td>"
-                    f"<td>{r['passed']}/{r['n']}</td><td>{r['rate']:.0%}</td><td>[{r['lo']:.0%}, {r['hi']:.0%}]</td>"
-                    f"<td>{bar}</td><td>{ref or '–'}</td><td>{_h.escape('; '.join(r['flags']))}</td></tr>")
+        ref = ", ".join(f"{_h.escape(k.replace('reference: ', ''))} {'pass' if v else 'FAIL'}" for k, v in r.reference.items())
+        style = ' style="background:#fde"' if r.flags else ""
+        rows.append(f"<tr{style}><td>{_h.escape(r.recipe)}</td><td>{_h.escape(r.claim)}</td>"
+                    f"<td>{r.passed}/{r.n}</td><td>{r.rate:.0%}</td><td>[{r.lo:.0%}, {r.hi:.0%}]</td>"
+                    f"<td>{bar}</td><td>{ref or '–'}</td><td>{_h.escape('; '.join(r.flags))}</td></tr>")
     acc = []
-    for row in census.rows:
-        if row["kind"] != "recipe":
+    for row in census_rows(census):
+        if row.kind != "recipe":
             continue
-        vals = [a["test_acc"] for a in row["accuracy"].values() if a]
+        vals = [a.test_acc for a in row.accuracy.values() if a]
         if vals:
-            acc.append(f"<tr><td>{_h.escape(row['label'])}</td><td>{len(vals)}</td><td>{min(vals):.3%}</td>"
+            acc.append(f"<tr><td>{_h.escape(row.label)}</td><td>{len(vals)}</td><td>{min(vals):.3%}</td>"
                        f"<td>{sorted(vals)[len(vals) // 2]:.3%}</td><td>{max(vals):.3%}</td></tr>")
     return ("<!doctype html><meta charset='utf-8'><title>census " + _h.escape(census.name) + "</title>"
             "<style>body{font:13px sans-serif}td,th{padding:2px 6px;border-bottom:1px solid #ddd}</style>"
@@ -451,8 +484,8 @@ def markdown(census: Census) -> str:
     idx = {col: i + 1 for i, col in enumerate(census.columns)}
     out.append("| row | " + " | ".join(f"C{idx[c]}" for c in census.columns) + " |")
     out.append("|---|" + "---|" * len(census.columns))
-    for row in census.rows:
-        out.append(f"| {row['label']} | " + " | ".join(_fmt_cell(row["claims"].get(c)) for c in census.columns) + " |")
+    for row in census_rows(census):
+        out.append(f"| {row.label} | " + " | ".join(_fmt_cell(row.claims.get(c)) for c in census.columns) + " |")
     from circuits.report.markdown import md_escape
     from circuits.report.text import NAME_LIMIT
 
@@ -477,20 +510,20 @@ def figure(census: Census, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows, cols = census.rows, census.columns
+    rows, cols = census_rows(census), census.columns
     grid = np.full((len(rows), len(cols)), np.nan)
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
-            cell = row["claims"].get(col)
-            if cell and cell["n"]:
-                grid[i, j] = cell["passed"] / cell["n"]
+            cell = row.claims.get(col)
+            if cell and cell.n:
+                grid[i, j] = cell.passed / cell.n
     fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.55 * len(cols)), 1.2 + 0.45 * max(len(rows), 1)))
     ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
-            ax.text(j, i, _fmt_cell(row["claims"].get(col)), ha="center", va="center", fontsize=7)
+            ax.text(j, i, _fmt_cell(row.claims.get(col)), ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(cols)), [f"C{j + 1}" for j in range(len(cols))], fontsize=7)
-    ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=7)
     ax.set_title(f"census {census.name}: seeds passing per claim (claims C1..: census.md)", fontsize=8)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -503,7 +536,7 @@ def write_outputs(census: Census, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "census.json", "md": out_dir / "census.md", "png": out_dir / "census.png",
              "html": out_dir / "census.html"}
-    data = {**census.to_dict(), "survival": survival(census)}
+    data = jsonable({**census.to_dict(), "survival": survival(census)})
     write_bytes_atomic(paths["json"], (json.dumps(data, indent=1, sort_keys=True, default=str) + "\n").encode())
     write_bytes_atomic(paths["md"], markdown(census).encode())
     write_bytes_atomic(paths["html"], html(census).encode())
@@ -613,9 +646,9 @@ def _run_census(name, recipes, seeds, module, *, out, root, workers, select, mai
         census.timings[f"claims {label}"] = seconds
         census.runs[label] = _repo_relative(path)  # committed output: no machine's absolute paths
         if label == "reference":
-            ref_report = json.loads(path.read_text())
+            ref_report = _load_run(path)
         else:
-            reports[label] = json.loads(path.read_text())
+            reports[label] = _load_run(path)
     build_table(census, reports, ref_report, root)
     census.timings["total"] = round(time.perf_counter() - t_all, 2)
     paths = write_outputs(census, out_dir)
