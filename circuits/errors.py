@@ -45,6 +45,11 @@ class UnknownModelError(CircuitsError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ControlError(CircuitsError, ValueError):
+    """A control or mutation that is malformed, misused, that the test never applied, or that cannot
+    act on the model it was given (the message names the part it needs)."""
+
+
 class ScrubError(CircuitsError, ValueError):
     """A causal-scrubbing hypothesis that cannot be evaluated as written (an unknown component or
     position, a feature with the wrong number of values, recursion into a part that has no inputs)."""

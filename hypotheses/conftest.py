@@ -1,6 +1,6 @@
-"""What the hypothesis modules share beyond the plugin's fixtures: the torch threads of the claims and
-the role-swap control for bracket subjects. (The ARENA checkpoint and its strings, `arena_model` and
-`bracket_data`, are fixtures of the plugin itself.)"""
+"""What the hypothesis modules share beyond the plugin's fixtures: the torch threads of the claims. (The
+ARENA checkpoint and its strings, `arena_model` and `bracket_data`, are fixtures of the plugin itself;
+the bracket subjects and their role-swap control are `circuits.tasks.brackets.subjects`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-from circuits.claims.controls import register_control
 from circuits.claims.mutations import register_model_shape
 from circuits.tasks.brackets.reference import ARENA_CONFIG
 
@@ -42,16 +41,3 @@ def _analysis_threads():
 
 # `arena_model` and `bracket_data` are the plugin's own fixtures (circuits.plugin.pytest_plugin): a project
 # with only the wheel has them too, as the README's examples need.
-
-
-def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:
-    """Rebind the count head to the negative head and vice versa: the 'permuted head' control for
-    claims phrased about a role rather than an index."""
-    if not isinstance(roles, dict) or {"count_head", "negative_head"} - set(roles):
-        raise TypeError("swap_roles applies to a role binding dict with count_head and negative_head")
-    return {**roles, "count_head": roles["negative_head"], "negative_head": roles["count_head"]}
-
-
-register_control("swap_roles", kind="data", fn=_swap_roles, replace=True,
-                 accepts=lambda obj: isinstance(obj, dict) and {"count_head", "negative_head"} <= set(obj),
-                 description="exchange the heads bound to the count and negative roles")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from brackets_subjects import analyse
 from circuits.analysis import measures as A
 from circuits.tasks.brackets import data as B
+from circuits.tasks.brackets.subjects import analyse
 
 
 @pytest.fixture

@@ -98,15 +98,13 @@ import numpy as np
 import pytest
 import torch
 
-from brackets_subjects import ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all
-from circuits.analysis import measures as A
 from circuits.analysis import interventions as I
+from circuits.analysis import measures as A
 from circuits.claims.controls import register_control
+from circuits.claims.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
 from circuits.report.figures import overlaid_histograms
-from circuits.claims import mutations as M
-from circuits.claims.draws import Draws
-from circuits.plugin.session import draws_seed_for
-from circuits.claims.stats import auroc_ci, bootstrap_ci, cohens_d, spearman
+from circuits.tasks.brackets.subjects import (ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all,
+                                              resample_count_head)
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -121,28 +119,9 @@ class LNPairs:
 
 
 @dataclass
-class Labelled:
-    labels: torch.Tensor  # permuted by the shuffle_labels control
-
-
-@dataclass
 class Decomposition:
     stack: torch.Tensor  # [component, batch, d_model]
     labels: list
-
-
-@dataclass
-class FeaturePairs:
-    values: torch.Tensor  # a head's contribution per string
-    labels: torch.Tensor  # the feature it should track (shuffled by the shuffle_labels control)
-
-
-@dataclass
-class ResampleGroups:
-    """Each string's cell for resampling: `labels` = 2 * (count test fails) + (horizon test fails)
-    (shuffled by the shuffle_labels control, which makes 'agreeing' sources random)."""
-
-    labels: torch.Tensor
 
 
 def _drop_component(d: Decomposition, label: str, seed: int = 0) -> Decomposition:
@@ -152,7 +131,7 @@ def _drop_component(d: Decomposition, label: str, seed: int = 0) -> Decompositio
     return Decomposition(d.stack[keep], [d.labels[i] for i in keep])
 
 
-register_control("drop_component", kind="data", fn=_drop_component, replace=True,
+register_control("drop_component", kind="data", fn=_drop_component,
                  accepts=lambda obj: isinstance(obj, Decomposition),
                  description="leave one component out of a residual decomposition")
 
@@ -166,7 +145,7 @@ def _rescale_ln_inputs(pairs: LNPairs, seed: int = 0) -> LNPairs:
     return LNPairs(pairs.features * scale.to(pairs.features.dtype), pairs.targets)
 
 
-register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs, replace=True,
+register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs,
                  accepts=lambda obj: isinstance(obj, LNPairs),
                  description="final-LN inputs rescaled row by row, outputs kept (a LayerNorm's non-linearity)")
 
@@ -175,7 +154,7 @@ register_control("rescale_ln_inputs", kind="data", fn=_rescale_ln_inputs, replac
 def resampling_draws(circuits_options):
     """The resampling tests' draws of sources: one stream for both tests (they share the resampled
     losses, computed once per model), derived from --circuits-draws-seed like every `draws` fixture."""
-    return Draws(draws_seed_for(circuits_options.draws_seed, "test_brackets.py: resampling sources"))
+    return circuits_options.shared_draws("test_brackets.py: resampling sources")
 
 
 class BracketHypotheses:
@@ -199,8 +178,8 @@ class BracketHypotheses:
     @pytest.mark.controls("shuffle_labels")
     def test_accuracy_on_all_100k(self, subject, claim, control):
         predicted, labels, counts = predictions_on_all(subject.model)
-        labelled = control.apply_data(Labelled(labels))
-        accuracy = float(((predicted == labelled.labels).double() * counts).sum() / counts.sum())
+        labels = control.apply_labels(labels)  # shuffle_labels permutes them
+        accuracy = float(((predicted == labels).double() * counts).sum() / counts.sum())
         claim.at_least("accuracy_all_100k", accuracy, self.MIN_ACCURACY_ALL)
 
     @pytest.mark.about(none="a precondition of the analysis, true of an untrained model too (r^2 1.00): "
@@ -280,10 +259,10 @@ class BracketHypotheses:
         an = analyse(subject.model, subject.data)
         contribution = head_contribution(an, subject.head("count_head"))
         distance = (subject.data.open_proportion - 0.5).abs()
-        pairs = control.apply_data(FeaturePairs(contribution, distance))
+        distance = control.apply_labels(distance)  # the feature the head should track (shuffle_labels)
         figures.add("count head vs open proportion", lambda: _open_proportion_scatter(contribution, subject),
                     caption=f"{subject.name}: count-head contribution against the proportion of '('")
-        estimate = claim.sample((pairs.values.numpy(), pairs.labels.numpy()), statistic=spearman,
+        estimate = claim.sample((contribution.numpy(), distance.numpy()), statistic=spearman,
                                 paired=True, method="percentile", n_resamples=400)
         claim.at_least("count_head.spearman(contribution, |p - 1/2|)", estimate, 0.65, note=subject.binding)
 
@@ -328,7 +307,7 @@ class BracketHypotheses:
         head reads the horizon feature and both claims fail; "count-agreeing sources keep >= 80%"
         alone holds there, see the next test.) Pooled over N_RESAMPLE_DRAWS draws of sources (from
         `draws`), decided on bootstrap intervals over strings."""
-        r = _resampling(subject, control, resampling_draws)
+        r = resample_count_head(subject, control, resampling_draws, N_RESAMPLE_DRAWS)
         claim.at_least("loss_recovered(agree on count) - loss_recovered(agree on horizon)", r["count - horizon"],
                        MIN_FEATURE_CONTRAST, note=f"{r['note']}; {subject.binding}")
         claim.at_most("loss_recovered(agree on horizon, disagree on count)", r["horizon only"], -0.5,
@@ -343,7 +322,7 @@ class BracketHypotheses:
         random source loses. On its own not specific to the head (the negative head's input, resampled
         the same way, keeps it too), hence about the head's output only: with the output ablated the
         input cannot matter (no loss gap); the previous test carries the head-swap power."""
-        r = _resampling(subject, control, resampling_draws)
+        r = resample_count_head(subject, control, resampling_draws, N_RESAMPLE_DRAWS)
         claim.at_least("loss_recovered(resample agreeing on the count test)", r["count"], 0.8,
                        note=f"{r['note']}; {subject.binding}")
 
@@ -413,102 +392,13 @@ KNOWN_FAILURES = {
 # --- helpers -------------------------------------------------------------------------------------------
 
 
-def _sources_in(groups: torch.Tensor, wanted: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """For each row i, a random source row j with groups[j] == wanted[i] (a cell with no row: error)."""
-    source = torch.empty(len(groups), dtype=torch.long)
-    for value in wanted.unique():
-        targets = torch.nonzero(wanted == value).squeeze(1)
-        pool = torch.nonzero(groups == value).squeeze(1)
-        if not len(pool):
-            raise ValueError(f"no source string in cell {int(value)}")
-        source[targets] = pool[torch.randint(len(pool), (len(targets),), generator=gen)]
-    return source
-
-
-def _recovered(baseline, clean, patched, axis=-1):
-    """Fraction of the random-resample loss gap kept: (baseline - patched) / (baseline - clean), on
-    the mean losses over strings (vectorised for the bootstrap; NaN unless the gap exceeds the clean
-    loss)."""
-    b, c, p = baseline.mean(axis), clean.mean(axis), patched.mean(axis)
-    with np.errstate(all="ignore"):
-        return np.where(np.abs(b - c) > 1e-12, (b - p) / (b - c), np.nan)
-
-
-_recovered.__name__ = "loss_recovered"
-
-
-def _resampling(subject, control, draws) -> dict:
-    """Resample the count head's key and value at position 1 (strings starting with "(") from: the
-    string itself (clean), a random string (baseline), a string agreeing on the count test
-    ("count"), one agreeing on the horizon test ("horizon"), and one agreeing on the horizon test but
-    not on the count test ("horizon only"). Per-string losses are averaged over N_RESAMPLE_DRAWS
-    draws of sources (streams of `draws`; computed once per model function, head, draws and data
-    control: the two resampling tests share them); fractions of the random-resample loss gap come with a bootstrap interval over strings."""
-    data = subject.data
-    rows = torch.nonzero(data.starts_open).squeeze(1)
-    toks, labels = data.toks[rows], data.isbal[rows].long()
-    count_fails = data.total_elevation_failure[rows].long()
-    horizon_fails = data.negative_failure[rows].long()
-    own = 2 * count_fails + horizon_fails  # the string's cell
-    cells = control.apply_data(ResampleGroups(own)).labels  # the cells sources are drawn by
-    layer, head = subject.head("count_head")
-    patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
-    kinds = ("clean", "random", "count", "horizon", "horizon only")
-
-    def compute():
-        # every source set of a draw in ONE forward (the strings repeated once per set): a
-        # mean-ablation mutation's batch mean is then the same for all of them, so a mean that moves
-        # with the sources cannot pass for the head's input mattering. The clean run is shared by the
-        # draws, and each draw's forward resumes at the patched layer (unless the model has hooks)
-        groups = []
-        for i in range(N_RESAMPLE_DRAWS):
-            gen = draws.child(f"sources {i}").torch()
-            groups.append([torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
-                           _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
-                           _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
-                           _sources_in(cells, own ^ 2, gen)])  # same horizon outcome, other count outcome
-        losses = {k: [] for k in kinds}
-        for outputs in I.resample_together(subject.model, toks, patches, groups):
-            for kind, logits in zip(kinds, outputs):
-                losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
-        return losses
-
-    key = ("resampled", (layer, head), draws.seed, control.spec if control.kind == "data" else "", id(data))
-    losses = _RESAMPLED.get(subject.model, key, compute)  # per model function: a mutant is another model
-    per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
-    mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
-    seed = draws.child("bootstrap").int()
-    out, spread = {}, {}
-    for kind in ("count", "horizon", "horizon only"):
-        out[kind] = bootstrap_ci((mean["random"], mean["clean"], mean[kind]), _recovered, paired=True,
-                                 method="percentile", n_resamples=1000, seed=seed)
-        each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
-        spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
-    out["count - horizon"] = bootstrap_ci((mean["random"], mean["clean"], mean["count"], mean["horizon"]),
-                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed)
-    out["note"] = (f"{len(rows)} strings x {N_RESAMPLE_DRAWS} draws of sources; clean loss "
-                   f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
-                   f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
-                   f"horizon-only {spread['horizon only']}")
-    return out
-
-
-_RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
-
-
-def _contrast(baseline, clean, count, horizon, axis=-1):
-    return _recovered(baseline, clean, count, axis=axis) - _recovered(baseline, clean, horizon, axis=axis)
-
-
-_contrast.__name__ = "recovered(count) - recovered(horizon)"
-
 
 def _ablation_cost(model, data, head: tuple[int, int]) -> np.ndarray:
     """Per evaluation string: cross-entropy with `head` mean-ablated (its output replaced by the mean
     over all evaluation strings at each position) minus the model's own. Once per model function."""
     def compute():
         clean = A.cross_entropy_per_example(analyse(model, data).logits, data.isbal.long())
-        logits = A.predict(M.mean_ablate_head(model, *head), data.toks, lengths=data.lengths + 2, batch_size=len(data))
+        logits = A.predict(I.batch_mean_ablate_head(model, *head), data.toks, lengths=data.lengths + 2, batch_size=len(data))
         return (A.cross_entropy_per_example(logits, data.isbal.long()) - clean).double().numpy()
 
     return _ABLATED.get(model, ("mean-ablation cost", head, id(data)), compute)
@@ -539,7 +429,7 @@ def _sibling_ablation_claims(claim, subject, role: str, rows: np.ndarray, what: 
     best = max(others, key=lambda k: others[k].mean())
     level = 1 - 0.05 / (len(others))
     seed = claim.draws_seed
-    diff = claim.sample((own, others[best]), _mean_difference, paired=True, method="percentile",
+    diff = claim.sample((own, others[best]), mean_difference, paired=True, method="percentile",
                         n_resamples=1000, level=level, seed=seed)
     claim.at_least(f"{role} mean-ablated minus costliest of its siblings and nothing, loss on {what} (nats)", diff,
                    MIN_COST,
@@ -556,10 +446,6 @@ def _sibling_ablation_claims(claim, subject, role: str, rows: np.ndarray, what: 
 # "costs more" means strictly more: above float32 rounding of a cross-entropy difference (~1e-7 nats), so a
 # dead head (cost exactly 0) cannot tie its way past "ablating nothing"
 MIN_COST = 1e-6
-
-
-def _mean_difference(a, b, axis=-1):
-    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
 def _component_histograms(an, subject):

@@ -62,14 +62,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import pytest
-import torch
 
-from brackets_subjects import find_roles
 from circuits.analysis import measures as A
 from circuits.analysis import scrub as S
 from circuits.claims.controls import register_control
-from circuits.plugin.session import draws_seed_for
 from circuits.tasks.brackets import data as B
+from circuits.tasks.brackets.scrubbing import scrub_hypotheses
+from circuits.tasks.brackets.subjects import find_roles
 
 N_DRAWS = 5
 HIGH_LEVEL, DETAILED, DETAILED_GAP = 0.85, 0.6, 0.05
@@ -86,63 +85,6 @@ HYPOTHESES = ["1a", "1b", "2a", "2b", "3a", "3b"]
 @lru_cache(maxsize=1)
 def originators_data() -> B.BracketData:
     return B.generate_originators_style(5000, seed=19)
-
-
-def open_vector(model) -> torch.Tensor:
-    """Head 0.0's OV output on "(" minus on ")", halved, averaged over positions 1..40: [d_model]."""
-    with torch.no_grad():
-        blk = model.blocks[0]
-        pos = model.pos_embed.W_pos[1:41]
-        def through(tok):
-            x = blk.ln1(model.embed.W_E[tok] + pos)
-            return (x @ blk.attn.W_V[0] + blk.attn.b_V[0]) @ blk.attn.W_O[0]
-        return (through(B.OPEN).mean(0) - through(B.CLOSE).mean(0)) / 2
-
-
-def adjusted_proportion(model, data: B.BracketData) -> torch.Tensor:
-    """[n, pos]: at each position, the open proportion weighted by head 0.0's attention from there."""
-    cache = A.run_in_batches(model, data.toks, names=["blocks.0.attn.hook_pattern"])
-    pattern = cache["blocks.0.attn.hook_pattern"][:, 0].double()  # [n, q, k]
-    is_open = (data.toks == B.OPEN).double()
-    is_bracket = is_open + (data.toks == B.CLOSE).double()
-    return (pattern @ is_open[:, :, None])[..., 0] / (pattern @ is_bracket[:, :, None])[..., 0]
-
-
-def build(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0) -> dict:
-    """The write-up's hypotheses and their controls on `data` (name -> Hypothesis)."""
-    count = B.count_test(data.toks)
-    starts = data.starts_open
-    horizon = B.horizon_test(data.toks)
-    count_open = count & starts
-    p1 = torch.where(starts, data.open_proportion, torch.tensor(-1.0))  # one class if it starts with ")"
-    phi = (2 * data.open_proportion - 1)[:, None] * open_vector(model)[None, :]  # [n, d_model]
-
-    def top(cf, hf, count_node=None, horizon_node=None):
-        paths = {h: S.Path(cf, count_node or {}) for h in count_heads}
-        paths[horizon_head] = S.Path(hf, horizon_node or {})
-        return paths
-
-    pos1 = lambda approx: {1: S.Path(count_open, {"0.0": S.Path(p1, approx=approx), "embed": S.Path(starts)})}
-    per_pos = lambda feats: {**{i: S.Path(feats[:, i]) for i in range(data.toks.shape[1])},
-                             "mask": S.Path(data.lengths)}
-    feats3a = B.horizon_features(data.toks)
-    feats3b = B.horizon_features(data.toks, adjusted_proportion(model, data))
-    specs = {
-        "1a": (count, horizon, None, None),
-        "1b": (count_open, horizon, None, None),
-        "2a": (count_open, horizon, pos1(None), None),
-        "2b": (count_open, horizon, pos1(S.Approx(phi, p1)), None),
-        "3a": (count_open, (feats3a >= 0).all(-1), None, per_pos(feats3a)),
-        "3b": (count_open, (feats3b >= 0).all(-1), None, per_pos(feats3b)),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, (cf, hf, cn, hn) in specs.items():
-        out[name] = S.Hypothesis(name, top(cf, hf, cn, hn))
-        out[name + " swapped"] = S.Hypothesis(name + " swapped", top(hf, cf, cn, hn))
-        shuffled = cf[torch.randperm(len(cf), generator=gen)]
-        out[name + " shuffled"] = S.Hypothesis(name + " shuffled", top(shuffled, hf, cn, hn))
-    return out
 
 
 _DATA: dict = {}
@@ -174,11 +116,11 @@ _BUILT: dict = {}
 
 
 def built(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0) -> dict:
-    """`build`, once per (model function, data, heads, seed): its feature tensors stay the same objects,
+    """`scrub_hypotheses`, once per (model function, data, heads, seed): its feature tensors stay the same objects,
     so the samplers built on them are shared."""
     key = (A.weights_digest(model), id(data), tuple(count_heads), horizon_head, seed)
     if key not in _BUILT:
-        _BUILT[key] = build(model, data, count_heads, horizon_head, seed)
+        _BUILT[key] = scrub_hypotheses(model, data, count_heads, horizon_head, seed)
     return _BUILT[key]
 
 
@@ -209,10 +151,10 @@ class Which:
     key: str
 
 
-register_control("swap_features", kind="data", replace=True, accepts=lambda o: isinstance(o, Which),
+register_control("swap_features", kind="data", accepts=lambda o: isinstance(o, Which),
                  fn=lambda w, seed=0: Which(f"{w.key} swapped"),
                  description="the count heads read the horizon test and the horizon head the count test")
-register_control("shuffle_feature", kind="data", replace=True, accepts=lambda o: isinstance(o, Which),
+register_control("shuffle_feature", kind="data", accepts=lambda o: isinstance(o, Which),
                  fn=lambda w, seed=0: Which(f"{w.key} shuffled"),
                  description="the count heads' feature replaced by a shuffled copy")
 
@@ -293,7 +235,7 @@ def _data(bracket_data, where):
 @pytest.fixture(scope="module")
 def scrub_seed(circuits_options):
     """The resampling seed of this module's scrubs: one per run, changed by --circuits-draws-seed."""
-    return draws_seed_for(circuits_options.draws_seed, __name__) % 2**31
+    return circuits_options.shared_draws(__name__).int()
 
 
 ARENA_HEADS = (["L1H0", "L2H0"], "L2H1")  # the write-up's count heads 1.0 and 2.0, horizon head 2.1

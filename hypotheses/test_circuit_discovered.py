@@ -25,11 +25,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.claims import circuit as CC
 from circuits.analysis import discovery as D
 from circuits.analysis.circuit import Ablation, Circuit
+from circuits.claims import circuit as CC
 from circuits.claims.draws import Draws
-from circuits.plugin.session import draws_seed_for
 from circuits.tasks import palindromes as P
 from circuits.tasks import skip_trigrams as S
 
@@ -41,7 +40,7 @@ TARGET_ON_DISCOVERY = 0.95
 def module_draws(circuits_options) -> Draws:
     """The module's strings: one draw shared by its tests (the circuit found once serves them all;
     --circuits-draws-seed changes them)."""
-    return Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_circuit_discovered.py"))
+    return circuits_options.shared_draws("hypotheses/test_circuit_discovered.py")
 
 
 def _splits(task: str, draws):

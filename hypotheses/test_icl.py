@@ -29,7 +29,7 @@ a Bonferroni-corrected CI (level 1 - 0.05/6). ``head_roles`` exposes it as ``clu
 
 Comparator seeds are never the mutations' own (the mutations use seed 0), so a mutant never ties with
 its own comparator. Every random choice a claim makes (probe split, KMeans/CV seeds, shuffled rows,
-bootstrap) comes from the ``draws`` fixture (the binding: from --circuits-draws-seed via ``draws_seed_for``).
+bootstrap) comes from the ``draws`` fixture (the binding: from --circuits-draws-seed via ``circuits_options.shared_draws``).
 
 Mutations tried by hand (reference checkpoint; MSE on the 20k evaluation set, probe on its first 10k,
 point values): randomise_read_in: MSE - ridge 0.1 +4.79, share -54, offset pearson 0.02, probe gain
@@ -65,11 +65,8 @@ import pytest
 import torch
 
 from circuits.analysis import measures as A
+from circuits.analysis.interventions import randomise_read_in, reinitialize
 from circuits.claims.controls import register_control
-from circuits.claims.draws import Draws
-from circuits.analysis.interventions import reinitialize
-from circuits.claims.mutations import randomise_read_in
-from circuits.plugin.session import draws_seed_for
 from circuits.claims.stats import pearson
 from circuits.tasks import icl
 
@@ -123,10 +120,10 @@ def _leak_target(p: Predictions, seed: int = 0) -> Predictions:
     return Predictions(p.targets.clone(), p.targets)
 
 
-register_control("leak_target", kind="data", fn=_leak_target, replace=True,
+register_control("leak_target", kind="data", fn=_leak_target,
                  accepts=lambda obj: isinstance(obj, Predictions),
                  description="predictions replaced by the targets themselves (a predictor that sees the answer)")
-register_control("foreign_context", kind="data", fn=lambda d, seed=0: d.with_foreign_context(1), replace=True,
+register_control("foreign_context", kind="data", fn=lambda d, seed=0: d.with_foreign_context(1),
                  accepts=lambda obj: isinstance(obj, icl.ICLData),
                  description="every sequence shown the context tokens of the next sequence (its own query kept)")
 
@@ -139,17 +136,11 @@ def hide_context_answers(model, seed: int = 0):
     return new
 
 
-register_control("hide_context_answers", kind="model", fn=hide_context_answers, replace=True,
+register_control("hide_context_answers", kind="model", fn=hide_context_answers,
                  description="the read-in's y column zeroed (the model cannot see any context answer)")
 
 
 # --- what the claims are computed on ------------------------------------------------------------------
-@dataclass
-class ProbeData:
-    features: torch.Tensor  # [n, d_model] residual stream at the last position
-    targets: torch.Tensor  # [n] running error difference (permuted by shuffle_labels)
-
-
 _MEMO = A.ModelMemo()  # per model function (the untrained control rebuilds the same model each time)
 
 
@@ -229,12 +220,6 @@ def test_removes_part_of_the_ridges_excess_over_the_noise_floor(icl_model, icl_e
                   + f", noise floor {floor.mean():.4f}")
 
 
-@dataclass
-class CorrectionPairs:
-    values: np.ndarray  # [n] the model's output minus ridge lambda=0.1's prediction
-    labels: np.ndarray  # [n] mean residual of ridge lambda=0.1 over the context (permuted by shuffle_labels)
-
-
 @pytest.mark.about("model")
 @pytest.mark.controls("foreign_context", "shuffle_labels")
 def test_model_corrects_the_ridges_offset_from_the_context(icl_model, icl_eval, claim, control):
@@ -249,8 +234,8 @@ def test_model_corrects_the_ridges_offset_from_the_context(icl_model, icl_eval, 
     y1 = data.preds[:, :, 0]
     correction = (p.values - y1[:, -1]).numpy()
     offset = (data.ys[:, :-1] - y1[:, :-1]).mean(1).numpy()  # the sequence's own context, which foreign_context hides
-    pairs = control.apply_data(CorrectionPairs(correction, offset))
-    estimate = claim.sample((pairs.values, pairs.labels), pearson, paired=True, n_resamples=RESAMPLES)
+    labels = control.apply_labels(offset)  # shuffle_labels permutes them
+    estimate = claim.sample((correction, labels), pearson, paired=True, n_resamples=RESAMPLES)
     half = ((y1[:, -1] + 0.5 * torch.from_numpy(offset) - data.ys[:, -1]) ** 2).mean()
     claim.at_least("pearson(model - ridge 0.1, mean context residual of ridge 0.1)", estimate, 0.5,
                    note=f"mse of ridge 0.1 + 0.5 * mean context residual: {float(half):.4f}; model "
@@ -290,17 +275,17 @@ def test_running_error_difference_is_decodable_beyond_random_features(icl_model,
     raw = sub.running_error_difference().numpy()
     clipped = torch.from_numpy(np.clip(raw, *np.percentile(raw, WINSOR)))
     resid = last_position_run(icl_model, sub)[1]  # [layer + 1, n, d_model]
-    data = control.apply_data(ProbeData(resid[-1], clipped))
+    targets = control.apply_labels(clipped)  # shuffle_labels permutes them
     split = draws.child("probe split").int()
-    pred, y = icl.probe_heldout(data.features, data.targets, seed=split)
+    pred, y = icl.probe_heldout(resid[-1], targets, seed=split)
     scores, preds = [float(icl.r2(pred, y))], [pred]
     for _, build in COMPARATORS:
-        p_c, y_c = icl.probe_heldout(last_position_run(build(icl_model), sub)[1][-1], data.targets, seed=split)
+        p_c, y_c = icl.probe_heldout(last_position_run(build(icl_model), sub)[1][-1], targets, seed=split)
         assert np.array_equal(y_c, y)  # the same held-out rows: the bootstrap below pairs them
         scores.append(float(icl.r2(p_c, y)))
         preds.append(p_c)
     gain = claim.sample((*preds, y), _r2_over_comparators, paired=True, method="percentile", n_resamples=RESAMPLES)
-    per_layer = [icl.probe_r2(resid[l], data.targets, seed=split) for l in range(resid.shape[0])]
+    per_layer = [icl.probe_r2(resid[l], targets, seed=split) for l in range(resid.shape[0])]
     claim.at_least("probe r2(running error difference | final residual) - best r2 of untrained / random read-ins",
                    gain, MIN_PROBE_GAIN,
                    note=f"held-out r^2 (n={len(y)} of {N_PROBE}): model {scores[0]:.3f}; "
@@ -374,7 +359,7 @@ def cluster_binding(request, zoo_models, zoo_seed, circuits_options) -> ClusterB
     exceeds the comparators' same head. Mutation runs reuse this binding."""
     model = zoo_models.get(request, "icl", zoo_seed).model
     search, _ = _cluster_splits()
-    seed = Draws(draws_seed_for(circuits_options.draws_seed, "test_icl.py::cluster_binding")).int()
+    seed = circuits_options.shared_draws("test_icl.py::cluster_binding").int()
     heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     assert len(heads) == N_HEADS_SCANNED
     own = head_clusters(model, search, heads, seed)
@@ -392,11 +377,6 @@ def head_roles(cluster_binding) -> dict:
     return {"cluster_head": cluster_binding.head}
 
 
-@dataclass
-class ClusterData:
-    labels: np.ndarray  # [n] cluster of each sequence's last-position attention row (shuffle_labels permutes)
-
-
 @pytest.mark.about("qk:cluster_head")
 @pytest.mark.controls("shuffle_labels")
 def test_attention_clusters_are_a_product_of_training(icl_model, cluster_binding, claim, control, draws, figures):
@@ -409,13 +389,13 @@ def test_attention_clusters_are_a_product_of_training(icl_model, cluster_binding
                                          f"variant); {cluster_binding.note}")
     own = head_clusters(icl_model, heldout, [hd], seed)[hd]
     # shuffle_labels permutes the bound head's cluster labels: the inputs can no longer explain them
-    clusters = control.apply_data(ClusterData(own.clusters))
+    clusters = control.apply_labels(own.clusters)
     correct, correct_shuffled = own.correct, own.correct_shuffled
-    if clusters.labels is not own.clusters and (np.bincount(clusters.labels) > 0).sum() >= 2:
+    if clusters is not own.clusters and (np.bincount(clusters) > 0).sum() >= 2:
         features = heldout.inputs.reshape(len(heldout), -1).double().numpy()
         shuffled = features[np.random.default_rng(seed).permutation(len(features))]
-        correct, _ = icl.cluster_probe(features, clusters.labels, seed=seed % 2**31)
-        correct_shuffled, _ = icl.cluster_probe(shuffled, clusters.labels, seed=seed % 2**31)
+        correct, _ = icl.cluster_probe(features, clusters, seed=seed % 2**31)
+        correct_shuffled, _ = icl.cluster_probe(shuffled, clusters, seed=seed % 2**31)
     others = [(name, head_clusters(build(icl_model), heldout, [hd], seed)[hd]) for name, build in CLUSTER_COMPARATORS]
     arrays = [correct, correct_shuffled]
     for _, o in others:

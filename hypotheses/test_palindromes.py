@@ -57,13 +57,12 @@ import pytest
 import torch
 
 from circuits.analysis import measures as A
-from circuits.claims import mutations as M
+from circuits.analysis.interventions import batch_mean_ablate_head
 from circuits.claims.controls import register_control
 from circuits.claims.draws import Draws
-from circuits.report.figures import overlaid_histograms
+from circuits.claims.stats import Estimate, auroc, auroc_ci, cohens_d, spearman
 from circuits.model.transformer import HookedTransformer
-from circuits.plugin.session import draws_seed_for
-from circuits.claims.stats import Estimate, auroc, auroc_ci, cohens_d
+from circuits.report.figures import overlaid_histograms
 from circuits.tasks import palindromes as P
 
 N_ACCURACY = 20_000  # fresh strings for the accuracy claim
@@ -110,12 +109,6 @@ class MirrorMap:
 
 
 @dataclass
-class DistancePairs:
-    values: torch.Tensor  # logit difference per non-palindrome
-    labels: torch.Tensor  # its palindrome distance (shuffled by the shuffle_labels control)
-
-
-@dataclass
 class Binding:
     carriers: tuple
     others: tuple
@@ -143,10 +136,10 @@ def _swap_carriers(b: Binding, seed: int = 0) -> Binding:
     return Binding(carriers=b.others, others=b.carriers)
 
 
-register_control("shuffle_mirror_positions", kind="data", fn=_shuffle_mirror, replace=True,
+register_control("shuffle_mirror_positions", kind="data", fn=_shuffle_mirror,
                  accepts=lambda o: isinstance(o, MirrorMap),
                  description="score attention against a random derangement of letter positions instead of the mirror")
-register_control("swap_carriers", kind="data", fn=_swap_carriers, replace=True,
+register_control("swap_carriers", kind="data", fn=_swap_carriers,
                  accepts=lambda o: isinstance(o, Binding),
                  description="exchange the components named as carriers with all the others")
 
@@ -356,7 +349,7 @@ def direct_ablation_accuracy(an: Analysis, components) -> float:
 def module_draws(circuits_options) -> Draws:
     """The draws of the module's strings (shared by its tests so that one binding serves them all;
     --circuits-draws-seed changes them)."""
-    return Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_palindromes.py"))
+    return circuits_options.shared_draws("hypotheses/test_palindromes.py")
 
 
 @pytest.fixture
@@ -486,19 +479,20 @@ def test_ablating_the_mirror_head_destroys_accuracy(palindromes_model, roles, sp
     layer, head = roles.mirror_head
     data = splits.heldout
     clean = accuracy(palindromes_model, data)
-    ablated = accuracy(M.mean_ablate_head(palindromes_model, layer, head), data)
+    ablated = accuracy(batch_mean_ablate_head(palindromes_model, layer, head), data)
     claim.at_least("accuracy lost when the mirror head's output is mean-ablated (held out)", clean - ablated,
                    ACCURACY_LOST, note=f"{roles.mirror_note()}; accuracy {clean:.4f} -> {ablated:.4f}")
 
 
-def _distance_pairs(model: HookedTransformer, draws: Draws) -> tuple[DistancePairs, P.PalindromeData, torch.Tensor]:
-    """Logit difference and distance of the non-palindromes among N_DISTANCE fresh strings (enough
-    that the rarest distance, 5, has ~500 strings)."""
+def _distance_pairs(model: HookedTransformer, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, P.PalindromeData,
+                                                                    torch.Tensor]:
+    """(logit difference, distance) of the non-palindromes among N_DISTANCE fresh strings (enough
+    that the rarest distance, 5, has ~500 strings), the strings, every string's logit difference."""
     data = P.generate(N_DISTANCE, draws.child("distance").int())
     logits = A.predict(model, data.toks).double()
     ld = logits[:, 1] - logits[:, 0]
     non = data.labels == 0
-    return DistancePairs(ld[non], data.distance[non]), data, ld
+    return ld[non], data.distance[non], data, ld
 
 
 @pytest.mark.about("model", "mlp:L2")
@@ -507,12 +501,12 @@ def test_logit_difference_falls_with_palindrome_distance(palindromes_model, clai
     """The rank correlation needs L2.mlp (mean-ablated: -0.06). It does NOT need the positions: with
     positions 1-10 permuted (accuracy 0.50) it is -0.16 (trained -0.18, 100k strings), so it is no
     evidence of a mirror comparison, and positions are not what it is about."""
-    pairs, data, ld = _distance_pairs(palindromes_model, draws)
-    pairs = control.apply_data(pairs)
-    rho = claim.sample((pairs.values.numpy(), pairs.labels.double().numpy()), _spearman, paired=True,
+    values, distance, data, ld = _distance_pairs(palindromes_model, draws)
+    distance = control.apply_labels(distance)  # shuffle_labels permutes them
+    rho = claim.sample((values.numpy(), distance.double().numpy()), spearman, paired=True,
                        method="percentile", n_resamples=500)
     claim.at_most("spearman(logit diff, palindrome distance | non-palindromes)", rho, -0.1,
-                  note=f"{len(pairs.values)} non-palindromes of {N_DISTANCE} fresh strings")
+                  note=f"{len(values)} non-palindromes of {N_DISTANCE} fresh strings")
     if control.is_main:  # figures of the main run only
         figures.add("logit diff by distance", lambda: _distance_boxes(data, ld),
                     caption="logit difference at [CLS] by palindrome distance")
@@ -531,12 +525,12 @@ def test_mean_logit_difference_strictly_falls_with_distance(palindromes_model, c
     data = P.generate(N_STEPS, draws.child("steps").int())
     logits = A.predict(palindromes_model, data.toks).double()
     non = data.labels == 0
-    pairs = control.apply_data(DistancePairs((logits[:, 1] - logits[:, 0])[non], data.distance[non]))
-    step = _min_step_estimate(pairs.values, pairs.labels)
-    means = [float(pairs.values[pairs.labels == k].mean()) for k in range(1, P.K + 1)]
+    values, distance = (logits[:, 1] - logits[:, 0])[non], control.apply_labels(data.distance[non])
+    step = _min_step_estimate(values, distance)
+    means = [float(values[distance == k].mean()) for k in range(1, P.K + 1)]
     claim.at_least("min over d of mean logit diff(distance d) - mean(d + 1), d = 1..4", step, MIN_STEP,
                    note="means " + ", ".join(f"{m:.1f}" for m in means)
-                        + "; counts " + ", ".join(str(int((pairs.labels == k).sum())) for k in range(1, P.K + 1))
+                        + "; counts " + ", ".join(str(int((distance == k).sum())) for k in range(1, P.K + 1))
                         + f"; Welch intervals at level 1 - 0.05/{P.K - 1} per step (Bonferroni over the steps)")
 
 
@@ -586,12 +580,6 @@ def _min_step_estimate(values: torch.Tensor, labels: torch.Tensor) -> Estimate:
              for a, b in zip(groups, groups[1:])]
     return Estimate(min(d for d, _ in steps), min(d - z * se for d, se in steps), min(d + z * se for d, se in steps),
                     level=1 - ALPHA, method="Welch, Bonferroni", n=len(values), statistic="min step")
-
-
-def _spearman(x, y, axis=-1):
-    from circuits.claims.stats import spearman
-
-    return spearman(x, y, axis=axis)
 
 
 def _component_histograms(contrib: Contributions, an: Analysis):

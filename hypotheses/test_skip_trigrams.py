@@ -57,11 +57,11 @@ import pytest
 import torch
 
 from circuits.analysis import measures as A
+from circuits.analysis.interventions import mean_ablate_head
 from circuits.claims.controls import register_control
 from circuits.claims.draws import Draws
-from circuits.analysis.interventions import mean_ablate_head
+from circuits.claims.stats import mean_difference
 from circuits.model.transformer import HookedTransformer
-from circuits.plugin.session import draws_seed_for
 from circuits.tasks import skip_trigrams as S
 
 N_EVAL = 20_000
@@ -101,10 +101,10 @@ class RowSelection:
     noise: torch.Tensor  # [n] bool
 
 
-register_control("other_positions", kind="data", replace=True, accepts=lambda o: isinstance(o, PositionSet),
+register_control("other_positions", kind="data", accepts=lambda o: isinstance(o, PositionSet),
                  fn=lambda p, seed=0: PositionSet((1, 3)),
                  description="measure attention to positions 1 and 3 (noise token, itself) instead of 0 and 2")
-register_control("signal_rows", kind="data", replace=True, accepts=lambda o: isinstance(o, RowSelection),
+register_control("signal_rows", kind="data", accepts=lambda o: isinstance(o, RowSelection),
                  fn=lambda r, seed=0: RowSelection(~r.noise),
                  description="run the noise claim on signal sequences instead")
 
@@ -171,7 +171,7 @@ def pair_margins(model: HookedTransformer, d: S.SkipTrigramData) -> torch.Tensor
 @pytest.fixture
 def d(circuits_options) -> S.SkipTrigramData:
     """The module's fresh sequences: one draw per --circuits-draws-seed, shared by the module's tests."""
-    return data(Draws(draws_seed_for(circuits_options.draws_seed, "hypotheses/test_skip_trigrams.py")))
+    return data(circuits_options.shared_draws("hypotheses/test_skip_trigrams.py"))
 
 
 @pytest.mark.about("model")
@@ -211,7 +211,7 @@ def _attention_test(h: int):
         on_signal = claim.sample(combined[sig].numpy(), np.mean, method="percentile", n_resamples=1000)
         claim.at_least(f"L0H{h}: mean attention(last -> a, b positions) on signal", on_signal, 0.85,
                        note=f"key positions {keys}; noise {float(combined[~sig].mean()):.3f}")
-        excess = claim.sample((combined[sig].numpy(), combined[~sig].numpy()), _mean_gap, method="percentile",
+        excess = claim.sample((combined[sig].numpy(), combined[~sig].numpy()), mean_difference, method="percentile",
                               n_resamples=1000)
         claim.at_least(f"L0H{h}: signal minus noise mean attention(last -> a, b positions)", excess, 0.3)
         if control.is_main and h == 0:  # figures of the main run only
@@ -285,7 +285,7 @@ def test_noise_sequences_get_a_near_uniform_output(skip_trigrams_model, d, claim
     kl_noise, logp = kl_to_uniform(rows)
     kl_signal, _ = kl_to_uniform(~rows)
     claim.at_least("KL(output || uniform) on signal minus on noise, nats (Bayes: ln 11 = 2.398)",
-                   claim.sample((kl_signal.numpy(), kl_noise.numpy()), _mean_gap, method="percentile",
+                   claim.sample((kl_signal.numpy(), kl_noise.numpy()), mean_difference, method="percentile",
                                 n_resamples=1000), math.log(S.N_CLASSES) - 0.1,
                    note=f"KL on noise {float(kl_noise.mean()):.4f} nats (the hypothesis: <= 0.05), on signal "
                         f"{float(kl_signal.mean()):.4f}; mean max probability on noise "
@@ -335,10 +335,6 @@ def test_head_sweep_figure(zoo_models, zoo_seed, request, control, claim, figure
 def _stratified(values: torch.Tensor, signal: torch.Tensor) -> float:
     """Mean at the task's prior P(signal) = 1/2, whatever the sample's signal fraction."""
     return float(S.P_SIGNAL * values[signal].mean() + (1 - S.P_SIGNAL) * values[~signal].mean())
-
-
-def _mean_gap(signal, noise, axis=-1):
-    return np.mean(signal, axis=axis) - np.mean(noise, axis=axis)
 
 
 def _attention_bars(pattern: torch.Tensor, d: S.SkipTrigramData):

@@ -11,6 +11,7 @@ import torch
 from circuits.analysis import measures as A
 from circuits.analysis import interventions as I
 from circuits.errors import InputError
+from circuits.claims.stats import bootstrap_ci
 from circuits.model.transformer import HookedTransformer, TransformerConfig
 from circuits.tasks.brackets import data as B
 
@@ -115,6 +116,12 @@ def test_loss_recovered():
     assert A.loss_recovered(3.0, clean=1.0, baseline=3.0) == 0.0
     assert A.loss_recovered(5.0, clean=1.0, baseline=3.0) == -1.0
     assert np.isnan(A.loss_recovered(2.0, clean=1.0, baseline=1.0))
+    # per-example losses with axis: the means first, vectorised over the bootstrap's leading axis
+    patched, clean, baseline = np.array([[1.0, 3.0], [2.0, 2.0]]), np.array([[0.0, 2.0]] * 2), np.full((2, 2), 3.0)
+    np.testing.assert_allclose(A.loss_recovered(patched, clean, baseline, axis=-1), [0.5, 0.5])
+    assert A.loss_recovered(np.array([1.0, 2.0]), 0.0, np.array([3.0, 3.0]), axis=-1) == 0.5  # a number is a mean
+    est = bootstrap_ci((patched[0], clean[0], baseline[0]), A.loss_recovered, paired=True, name="kept")
+    assert est.point == 0.5 and est.statistic == "kept"
 
 
 # --- interventions ---------------------------------------------------------------------------------------
@@ -267,25 +274,24 @@ def test_resample_together_on_a_batch_dependent_mutant_runs_each_group_as_one_fu
     the batch: a resumed run skips no permanent hook (one in an earlier block moves the resume point
     back to it; the embedding's tracker is refired on the repeated batch), and each group's sets share
     one batch. Its results are the mutant's own (not the clean model's), also when memoised."""
-    from circuits.claims import mutations as M
 
     x = data.toks[:60]
     patches = [("blocks.1.attn.hook_v", (1, 0)), ("blocks.1.attn.hook_k", (1, 0))]
     g = torch.Generator().manual_seed(6)
     groups = [[torch.arange(60), torch.randint(60, (60,), generator=g)]]
-    mutant = M.mean_ablate_head(model, 1, 0)
+    mutant = I.batch_mean_ablate_head(model, 1, 0)
     names = [n for n, _ in patches]
     assert I._resume_layer(mutant, names) == 1  # its hooks: hook_embed (refired) and block 1's z
-    assert I._resume_layer(M.mean_ablate_head(model, 0, 0), names) == 0  # a hook before the patch
+    assert I._resume_layer(I.batch_mean_ablate_head(model, 0, 0), names) == 0  # a hook before the patch
     assert I._resume_layer(model, names) == 1
-    for m in (mutant, M.mean_ablate_head(model, 0, 0)):
+    for m in (mutant, I.batch_mean_ablate_head(model, 0, 0)):
         got = I.resample_together(m, x, patches, groups)[0]
         for a, b in zip(got, _full_forward_of_the_group(m, x, patches, groups[0])):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # the same function (resumed: float rounding)
     memo = A.ModelMemo()
     key = ("resampled", 1, 0)
     clean = memo.get(model, key, lambda: I.resample_together(model, x, patches, groups))
-    for mutated in (mutant, M.mean_ablate_head(model, 1, 0), I.zero_ablate_head(model, 1, 0)):
+    for mutated in (mutant, I.batch_mean_ablate_head(model, 1, 0), I.zero_ablate_head(model, 1, 0)):
         served = memo.get(mutated, key, lambda: I.resample_together(mutated, x, patches, groups))
         torch.testing.assert_close(served[0][1], I.resample_together(mutated, x, patches, groups)[0][1])
         assert not torch.allclose(served[0][1], clean[0][1]), "a mutant was served the clean model's result"

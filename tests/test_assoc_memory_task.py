@@ -615,7 +615,7 @@ def test_experiment_one_points_keep_their_reference_keys():
 
 # --- the claims' controls (circuits.tasks.assoc.breaks) ----------------------------------------------------
 
-from circuits.claims.mutations import mean_ablate_head  # noqa: E402
+from circuits.analysis.interventions import batch_mean_ablate_head  # noqa: E402
 from circuits.tasks.assoc import breaks as B  # noqa: E402
 
 BREAK_CONFIGS = [
@@ -644,7 +644,7 @@ def test_mean_ablated_heads_in_the_weights_equal_the_hook_mean_ablation(kw):
         ours = B.ablate_heads(model, [h], "mean")
         table, forward = _logits(ours)
         torch.testing.assert_close(table, forward, atol=1e-5, rtol=1e-5)
-        hooked = mean_ablate_head(hooks_only, 0, h)
+        hooked = batch_mean_ablate_head(hooks_only, 0, h)
         assert hooked.hook_dict["blocks.0.attn.hook_z"].fns  # the reference really is the hook version
         with torch.no_grad():
             ref = hooked(all_contexts(model.acfg.d_vocab, model.acfg.n_ctx)).double()
@@ -701,6 +701,7 @@ def test_the_plugins_mutations_reach_the_table(kw):
     """Every mutation `about` derives for a head, the layer's heads or an MLP changes what table_logits
     computes (the claims' exact evaluation runs no hooks: the model makes the hook-based ones in its
     weights), and the table still equals the forward."""
+    import circuits.claims.mutations  # noqa: F401  (registers the mutation controls)
     from circuits.claims.controls import make_control
 
     model = build_model(AssocConfig(**kw))

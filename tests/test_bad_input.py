@@ -522,3 +522,21 @@ def test_numpy_integers_are_integers(model, toks, cache):
     assert torch.equal(cache.decompose_resid(1, pos_slice=np.int64(-1)), cache.decompose_resid(1, pos_slice=-1))
     with pytest.raises(InputError, match="out of range"):
         patch_activations(model, toks, toks, [("blocks.0.attn.hook_z", (np.int64(30),))])
+
+
+def test_one_device_rule_for_the_plugin_and_training(monkeypatch):
+    """circuits.devices.check_device is the rule of --circuits-device, --device and training alike:
+    mps is a device wherever torch can use it (the plugin used to reject it), a typo never is."""
+    from circuits import devices
+    from circuits.errors import SettingError
+
+    assert devices.check_device(" cpu ") == "cpu"
+    for bad, words in [("tpu", "'tpu' is not a device"), ("cpu:3", "use cpu"), (3, "is not a device")]:
+        with pytest.raises(SettingError, match=words):
+            devices.check_device(bad, option="--circuits-device")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert devices.check_device("mps") == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SettingError, match="--circuits-device 'mps': MPS is not available"):
+        devices.check_device("mps", option="--circuits-device")
+

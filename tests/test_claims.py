@@ -363,3 +363,13 @@ def test_own_percentile_bootstrap_equals_scipys(paired, n):
         np.testing.assert_array_equal(dist, ref.bootstrap_distribution)  # the very same resamples
         np.testing.assert_allclose([lo, hi], [ref.confidence_interval.low, ref.confidence_interval.high],
                                    rtol=1e-12, atol=1e-15)  # scipy interpolates its percentiles itself
+
+
+def test_apply_labels_routes_labels_through_data_controls_without_a_carrier():
+    labels = torch.arange(10)
+    assert ctl.main_control().apply_labels(labels) is labels
+    shuffled = ctl.make_control("shuffle_labels", seed=3).apply_labels(labels)
+    assert sorted(shuffled.tolist()) == list(range(10)) and not torch.equal(shuffled, labels)
+    # the same permutation as a dataclass with a labels field would get
+    assert torch.equal(shuffled, ctl.make_control("shuffle_labels", seed=3).apply_data(Labelled(labels)).labels)
+

@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 
+from circuits.analysis import interventions as I
+from circuits.analysis.interventions import zero_ablate_head
 from circuits.claims import mutations as M
 from circuits.claims.controls import ControlError, make_control
-from circuits.analysis.interventions import zero_ablate_head
+from circuits.errors import InputError
 from model_configs import perturbed_model
 
 TOKS = torch.randint(2, 5, (16, 10), generator=torch.Generator().manual_seed(0))  # no padding
@@ -32,7 +34,7 @@ def _toks_with_pad(model):
 def test_swap_head_leaves_the_function_unchanged_and_moves_the_circuit():
     model = _bracket_model()
     toks = _toks_with_pad(model)
-    swapped = M.swap_heads(model, 2, 0)
+    swapped = I.swap_heads(model, 2, 0)
     torch.testing.assert_close(swapped(toks), model(toks), atol=1e-10, rtol=0)
     a, b = model.blocks[2].attn, swapped.blocks[2].attn
     torch.testing.assert_close(b.W_O[0], a.W_O[1], atol=0, rtol=0)
@@ -55,7 +57,7 @@ def test_zero_ov_head_contributes_nothing():
 def test_uniform_attention_attends_uniformly_over_allowed_keys():
     model = _bracket_model()
     toks = _toks_with_pad(model)
-    mutated = M.uniform_attention(model, 0, 1)
+    mutated = I.uniform_attention(model, 0, 1)
     _, cache = mutated.run_with_cache(toks, names=["blocks.0.attn.hook_pattern"])
     pattern = cache["blocks.0.attn.hook_pattern"][:, 1]  # [batch, q, k]
     allowed = (toks != model.cfg.pad_token)[:, None, :].expand_as(pattern).to(pattern.dtype)
@@ -69,7 +71,7 @@ def test_uniform_attention_attends_uniformly_over_allowed_keys():
 def test_mean_ablate_replaces_the_head_output_by_its_batch_mean_over_real_rows():
     model = _bracket_model()
     toks = _toks_with_pad(model)
-    mutated = M.mean_ablate_head(model, 2, 1)
+    mutated = I.batch_mean_ablate_head(model, 2, 1)
     _, cache = mutated.run_with_cache(toks, names=["blocks.2.attn.hook_z"])
     z = cache["blocks.2.attn.hook_z"][:, :, 1]
     _, clean = model.run_with_cache(toks, names=["blocks.2.attn.hook_z"])
@@ -84,7 +86,7 @@ def test_mean_ablate_replaces_the_head_output_by_its_batch_mean_over_real_rows()
 def test_mean_ablate_mlp_is_the_batch_mean():
     model = _bracket_model()
     toks = TOKS
-    mutated = M.mean_ablate_mlp(model, 1)
+    mutated = I.batch_mean_ablate_mlp(model, 1)
     _, cache = mutated.run_with_cache(toks, names=["blocks.1.hook_mlp_out"])
     _, clean = model.run_with_cache(toks, names=["blocks.1.hook_mlp_out"])
     out = cache["blocks.1.hook_mlp_out"]
@@ -94,7 +96,7 @@ def test_mean_ablate_mlp_is_the_batch_mean():
 
 def test_permute_positions_is_a_derangement_of_the_range_only():
     model = perturbed_model("palindrome")
-    mutated = M.permute_positions(model, 1, 10, seed=4)
+    mutated = I.permute_positions(model, 1, 10, seed=4)
     old, new = model.pos_embed.W_pos, mutated.pos_embed.W_pos
     torch.testing.assert_close(new[0], old[0]) and torch.testing.assert_close(new[11], old[11])
     moved = [int(torch.nonzero((old[1:11] == new[i]).all(-1))[0]) + 1 for i in range(1, 11)]
@@ -103,13 +105,13 @@ def test_permute_positions_is_a_derangement_of_the_range_only():
 
 def test_randomise_read_in_changes_only_the_read_in():
     model = perturbed_model("read_in")
-    mutated = M.randomise_read_in(model, seed=0)
+    mutated = I.randomise_read_in(model, seed=0)
     assert not torch.equal(mutated.embed.W_in, model.embed.W_in)
     for (name, p), (_, q) in zip(model.named_parameters(), mutated.named_parameters()):
         if not name.startswith("embed."):
             assert torch.equal(p, q), name
     with pytest.raises(ControlError, match="fixed"):
-        M.randomise_read_in(perturbed_model("attn_only"))
+        I.randomise_read_in(perturbed_model("attn_only"))
 
 
 def test_mutations_are_derived_from_targets_and_bad_targets_are_clear():
@@ -129,14 +131,14 @@ def test_mutations_are_derived_from_targets_and_bad_targets_are_clear():
 
 def test_the_attention_of_a_layer_is_removed_or_mean_ablated_head_by_head():
     model = _bracket_model()
-    zero, mean = M.zero_ablate_attn(model, 1), M.mean_ablate_attn(model, 1)
+    zero, mean = I.zero_ablate_attn(model, 1), I.batch_mean_ablate_attn(model, 1)
     assert not zero.blocks[1].attn.W_O.any() and torch.equal(zero.blocks[0].attn.W_O, model.blocks[0].attn.W_O)
     _, cache = mean.run_with_cache(TOKS, names=["blocks.1.attn.hook_z"])
     _, clean = model.run_with_cache(TOKS, names=["blocks.1.attn.hook_z"])
     z = clean["blocks.1.attn.hook_z"]
     torch.testing.assert_close(cache["blocks.1.attn.hook_z"], z.mean(0, keepdim=True).expand_as(z), atol=1e-12, rtol=0)
-    with pytest.raises(ControlError, match="the model has 3 layers"):
-        M.zero_ablate_attn(model, 3)
+    with pytest.raises(InputError, match="the model has 3 layers"):  # a bad layer is bad input, as a bad head
+        I.zero_ablate_attn(model, 3)
 
 
 def test_a_model_that_runs_no_hooks_makes_the_mean_ablations_in_its_weights():
@@ -149,8 +151,8 @@ def test_a_model_that_runs_no_hooks_makes_the_mean_ablations_in_its_weights():
         return "mutant" if name != "mean_ablate_mlp" else None
 
     model.weight_mutation = in_weights
-    assert M.mean_ablate_head(model, 1, 0) == "mutant" and M.mean_ablate_attn(model, 1) == "mutant"
-    assert M.mean_ablate_mlp(model, 1) is not model  # None: the hooks do it
+    assert I.batch_mean_ablate_head(model, 1, 0) == "mutant" and I.batch_mean_ablate_attn(model, 1) == "mutant"
+    assert I.batch_mean_ablate_mlp(model, 1) is not model  # None: the hooks do it
     assert calls == [("mean_ablate", 1, 0), ("mean_ablate_attn", 1), ("mean_ablate_mlp", 1)]
 
 
@@ -303,10 +305,10 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
         @pytest.mark.controls("untrained")
         def test_draw(draws, claim, model, control):
             with open("draws.txt", "a") as f:
-                f.write(f"{control.spec} {draws.seed} {draws.torch().initial_seed()}\\n")
+                f.write(f"{control.spec} {draws.seed} {draws.torch().initial_seed()} {control.seed}\\n")
             claim.at_least("x", 1.0 if control.is_main else 0.0, 0.5)
     ''')
-    seen = {}
+    seen, control_seeds = {}, {}
     for s in ("0", "0", "3"):
         log = power_project.path / "draws.txt"
         log.unlink(missing_ok=True)
@@ -314,7 +316,10 @@ def test_draws_seed_changes_the_draws_and_only_them(power_project):
         lines = log.read_text().split("\n")[:-1]
         assert len(lines) == 2 and lines[0].split()[1] == lines[1].split()[1]  # main and control draw alike
         seen.setdefault(s, set()).add(lines[0].split()[1])
+        control_seeds.setdefault(s, set()).add(lines[1].split()[3])  # the control run's randomness
     assert len(seen["0"]) == 1 and seen["0"] != seen["3"]
+    # the control's randomness (here the fresh initialisation) follows the draws seed too
+    assert len(control_seeds["0"]) == 1 and control_seeds["0"] != control_seeds["3"]
     result = power_project.runpytest("--circuits-no-report", "--circuits-draws-seed", "-1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
 
@@ -389,14 +394,14 @@ def test_memoised_results_follow_the_mutation_not_the_weights():
     memo = ModelMemo()
     clean = memo.get(model, "logits", lambda: model(TOKS))
     for head in (0, 1, 0):
-        mutant = M.mean_ablate_head(model, 2, head)
+        mutant = I.batch_mean_ablate_head(model, 2, head)
         got = memo.get(mutant, "logits", lambda: mutant(TOKS))
         torch.testing.assert_close(got, mutant(TOKS))
         assert not torch.allclose(got, clean)
         del mutant
         gc.collect()
-    assert weights_digest(M.mean_ablate_head(model, 2, 0)) == weights_digest(M.mean_ablate_head(model, 2, 0))
-    assert weights_digest(M.mean_ablate_head(model, 2, 0)) != weights_digest(M.mean_ablate_head(model, 2, 1))
+    assert weights_digest(I.batch_mean_ablate_head(model, 2, 0)) == weights_digest(I.batch_mean_ablate_head(model, 2, 0))
+    assert weights_digest(I.batch_mean_ablate_head(model, 2, 0)) != weights_digest(I.batch_mean_ablate_head(model, 2, 1))
 
 
 def test_a_control_run_can_be_a_known_failure_of_its_own(power_project):

@@ -253,7 +253,7 @@ def test_bad_input_is_reported_clearly(project):
     (["--circuits-seeds=-1"], "'-1' is not a seed"),
     (["--circuits-seeds", "zero"], "'zero' is not a seed"),
     (["--circuits-compare", "missing"], "--circuits-compare: no report for 'missing'"),
-    (["--circuits-device", "tpu"], "--circuits-device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--circuits-device", "tpu"], "--circuits-device 'tpu' is not a device: expected cpu, cuda, cuda:N or mps"),
     (["--circuits-run-id", "latest"], "--circuits-run-id 'latest'"),
 ])
 def test_bad_options_are_usage_errors(pytester, args, words):

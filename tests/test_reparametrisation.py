@@ -240,10 +240,10 @@ class _Figures:
 def bracket_claims(model, roles: dict, evaluation) -> dict:
     """Every claim of CLAIM_TESTS on `model` with `roles` (records by name, raise_on_failure off)."""
     import test_brackets as H
-    from brackets_subjects import BracketSubject
-    from circuits.claims.core import Claims
     from circuits.claims.controls import main_control
+    from circuits.claims.core import Claims
     from circuits.claims.draws import Draws
+    from circuits.tasks.brackets.subjects import BracketSubject
 
     subject = BracketSubject("reparametrisation", model, dict(roles), evaluation, "", {r: 1 for r in roles})
     claim = Claims(raise_on_failure=False, draws_seed=7)
@@ -284,8 +284,8 @@ def _mapped(roles: dict, moved: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def baseline_claims(models, data):
-    from brackets_subjects import find_roles
     from circuits.tasks.brackets.reference import ARENA_ROLES
+    from circuits.tasks.brackets.subjects import find_roles
 
     roles = {"arena": dict(ARENA_ROLES), "ours": find_roles(models["ours"], data[1])}
     return roles, {w: bracket_claims(models[w], roles[w], data[0]) for w in models}
@@ -300,7 +300,7 @@ def test_claims_keep_their_verdicts_and_values(models, data, baseline_claims, wh
     """The same claims, verdicts and values after the reparametrisation; the roles follow the heads
     (ARENA: pinned, mapped through the permutation; ours: searched again on the reparametrised model
     and found at the permuted index)."""
-    from brackets_subjects import find_roles
+    from circuits.tasks.brackets.subjects import find_roles
 
     roles, before = baseline_claims
     fn, moved = REPARAMETRISATIONS[name]

@@ -1,7 +1,20 @@
-"""Model and data transformations used by claims and their negative controls.
+"""The primitive interventions on a model and its data: every claim, negative control, derived
+mutation and scrub is built from these (``controls`` registers them as controls, ``mutations``
+derives them from what a test is about, ``scrub`` and the hypotheses call them directly).
+
+* ablations: ``zero_ablate_head`` / ``zero_ablate_mlp`` (the output set to zero in the weights),
+  ``mean_ablate_head`` (the output replaced by its mean over a FIXED reference set of inputs, taken
+  once), ``batch_mean_ablate_head`` / ``batch_mean_ablate_mlp`` (replaced by the mean over whatever
+  batch is being evaluated, at run time);
+* weight moves: ``permute_heads`` / ``swap_heads`` (the same function, indices naming other
+  circuits), ``uniform_attention``, ``permute_positions``, ``randomise_read_in``, ``reinitialize``;
+* patching and resampling: ``patch_activations``, ``resample_activations``, ``resample_together``;
+* data: ``shuffle_labels``.
 
 Every function returns a NEW object (the input is never modified), so a control can be applied to a
-session-scoped model fixture without leaking into other tests.
+session-scoped model fixture without leaking into other tests. A bad head or layer is an
+:class:`~circuits.errors.InputError`; a model without the part an edit needs (not a circuits
+``HookedTransformer``) a one-line :class:`~circuits.errors.ControlError`.
 """
 
 from __future__ import annotations
@@ -12,15 +25,53 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from circuits.errors import InputError
+from circuits.errors import ControlError, InputError
 from circuits.model.transformer import EmbeddingEditedError, HookedTransformer
 
 
-def _check_head(model: HookedTransformer, layer: int, head: int) -> None:
+def check_head(model: HookedTransformer, layer: int, head: int) -> None:
+    """InputError unless the model has head ``layer``, ``head`` (the one head check of the library)."""
     if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
-        raise InputError(
-            f"no head L{layer}H{head}: model has {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
-        )
+        raise InputError(f"no head L{layer}H{head}: the model has {model.cfg.n_layers} layers x "
+                         f"{model.cfg.n_heads} heads")
+
+
+def check_layer(model: HookedTransformer, layer: int, what: str = "layer") -> None:
+    """InputError unless the model has layer ``layer``."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise InputError(f"no {what} L{layer}: the model has {model.cfg.n_layers} layers")
+
+
+_NEEDS = {
+    "attention": (lambda m: hasattr(m, "blocks") and hasattr(m.blocks[0], "attn") and hasattr(m.blocks[0].attn, "W_O"),
+                  "blocks[l].attn with W_QKV / W_O (a circuits HookedTransformer)"),
+    "mlp": (lambda m: hasattr(m, "blocks") and getattr(m.blocks[0], "mlp", None) is not None,
+            "blocks[l].mlp (a circuits HookedTransformer with MLPs)"),
+    "pos": (lambda m: hasattr(getattr(m, "pos_embed", None), "W_pos"),
+            "a learned or sinusoidal positional embedding pos_embed.W_pos"),
+    "embed": (lambda m: hasattr(m, "embed"), "an embedding module `embed` (W_E or a vector read-in W_in)"),
+}
+
+
+def _need(model: Any, what: str, edit: str) -> None:
+    """A one-line ControlError unless ``model`` has the part ``edit`` changes (a foreign model)."""
+    ok, needs = _NEEDS[what]
+    try:
+        good = ok(model)
+    except (TypeError, IndexError, AttributeError):
+        good = False
+    if not good:
+        raise ControlError(f"mutation {edit!r} needs a model with {needs}; got a "
+                           f"{type(model).__module__}.{type(model).__qualname__}")
+
+
+def _derangement(n: int, seed: int) -> list[int]:
+    """A seeded random permutation of range(n) that moves every element (n >= 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=gen, device="cpu").tolist()  # the same order on every device
+        if all(p != i for i, p in enumerate(perm)):
+            return perm
 
 
 def reinitialize(model: HookedTransformer, seed: int = 12345) -> HookedTransformer:
@@ -33,7 +84,7 @@ def reinitialize(model: HookedTransformer, seed: int = 12345) -> HookedTransform
 @torch.no_grad()
 def zero_ablate_head(model: HookedTransformer, layer: int, head: int) -> HookedTransformer:
     """Remove one head's output (its W_O slice set to zero; b_O, shared by all heads, is kept)."""
-    _check_head(model, layer, head)
+    check_head(model, layer, head)
     new = copy.deepcopy(model)
     new.blocks[layer].attn.W_O[head].zero_()
     return new
@@ -51,9 +102,11 @@ def zero_ablate_mlp(model: HookedTransformer, layer: int) -> HookedTransformer:
 
 
 def mean_ablate_head(model: HookedTransformer, layer: int, head: int, inputs: torch.Tensor) -> HookedTransformer:
-    """Replace one head's output by its mean over `inputs` (per position) via a permanent hook on
-    `hook_z`. Means are taken over non-pad rows of each position when the model pads."""
-    _check_head(model, layer, head)
+    """Replace one head's output by its mean over the FIXED reference inputs `inputs` (per position,
+    computed once here) via a permanent hook on `hook_z`. Means are taken over non-pad rows of each
+    position when the model pads. (:func:`batch_mean_ablate_head` takes the mean over the batch
+    being evaluated instead.)"""
+    check_head(model, layer, head)
     name = f"blocks.{layer}.attn.hook_z"
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names=[name])
@@ -89,11 +142,7 @@ def permute_heads(model: HookedTransformer, layer: int, perm: Optional[Sequence[
     if perm is None:
         if n < 2:
             raise InputError("permute_heads needs at least 2 heads")
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(n, generator=gen, device="cpu").tolist()
-            if all(p != i for i, p in enumerate(perm)):
-                break
+        perm = _derangement(n, seed)
     perm = list(perm)
     if sorted(perm) != list(range(n)):
         raise InputError(f"perm {perm} is not a permutation of range({n})")
@@ -102,6 +151,166 @@ def permute_heads(model: HookedTransformer, layer: int, perm: Optional[Sequence[
     attn.W_QKV.copy_(attn.W_QKV[:, perm])
     attn.b_QKV.copy_(attn.b_QKV[:, perm])
     attn.W_O.copy_(attn.W_O[perm])
+    return new
+
+
+def swap_heads(model: Any, layer: int, head: int, other: int | None = None) -> Any:
+    """Exchange every weight of two heads of one layer (Q, K, V and O; ``other`` defaults to the next
+    head): the same function, the two indices naming each other's circuit."""
+    _need(model, "attention", "swap_head")
+    n = model.cfg.n_heads
+    if n < 2:
+        raise ControlError(f"swap_head:L{layer}H{head}: layer {layer} has one head, nothing to swap with")
+    other = (head + 1) % n if other is None else other
+    perm = list(range(n))
+    perm[head], perm[other] = other, head
+    return permute_heads(model, layer, perm)
+
+
+def uniform_attention(model: Any, layer: int, head: int) -> Any:
+    """The head's queries set to zero: every allowed key gets the same score, so the head attends
+    uniformly (its values and output map are kept)."""
+    _need(model, "attention", "uniform_attention")
+    check_head(model, layer, head)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        attn = new.blocks[layer].attn
+        attn.W_QKV[0, head].zero_()
+        attn.b_QKV[0, head].zero_()
+    return new
+
+
+def _batch_mean(x: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch at each position, over non-padding rows when a pad mask is known."""
+    if pad is None or pad.shape != x.shape[:2]:
+        return x.mean(0, keepdim=True).expand_as(x)
+    keep = (~pad).to(x.dtype).reshape(*pad.shape, *([1] * (x.ndim - 2)))
+    mean = (x * keep).sum(0, keepdim=True) / keep.sum(0, keepdim=True).clamp(min=1)
+    return mean.expand_as(x)
+
+
+def _with_pad_tracker(model: Any) -> dict:
+    """A permanent hook on hook_embed that notes which rows are padding (rows whose embedding is the
+    pad token's), so batch means skip them; returns the state dict the mean hooks read."""
+    state: dict = {"pad": None}
+    pad_token = getattr(model.cfg, "pad_token", None)
+    if pad_token is None or getattr(model.cfg, "d_input", 0) or "hook_embed" not in model.hook_dict:
+        return state
+    w_pad = model.embed.W_E[pad_token]
+
+    def note(x, hook):
+        state["pad"] = (x == w_pad.to(x.dtype)).all(-1)
+        return None
+
+    note.circuits_key = "pad_tracker"
+
+    model.hook_dict["hook_embed"].fns.append(note)
+    return state
+
+
+def _in_weights(model: Any, name: str, *args: int) -> Any:
+    """The mutant a model makes in its weights for a hook-based mutation, or None: a model whose exact
+    evaluation runs no hooks (``assoc_model.table_logits``) would otherwise evaluate the unmutated
+    weights, and a claim would hold vacuously."""
+    fn = getattr(model, "weight_mutation", None)
+    return fn(name, *args) if callable(fn) else None
+
+
+def batch_mean_ablate_head(model: Any, layer: int, head: int) -> Any:
+    """The head's output (its ``hook_z`` slice) replaced, at run time, by its mean over the batch
+    being evaluated at each position (non-padding rows only). (:func:`mean_ablate_head` takes the
+    mean over a fixed reference set instead.)"""
+    _need(model, "attention", "mean_ablate")
+    check_head(model, layer, head)
+    done = _in_weights(model, "mean_ablate", layer, head)
+    if done is not None:
+        return done
+    new = copy.deepcopy(model)
+    state = _with_pad_tracker(new)
+
+    def replace(z, hook):
+        z = z.clone()
+        z[:, :, head] = _batch_mean(z[:, :, head], state["pad"])
+        return z
+
+    replace.circuits_key = f"mean_ablate:L{layer}H{head}"
+
+    new.hook_dict[f"blocks.{layer}.attn.hook_z"].fns.append(replace)
+    return new
+
+
+def batch_mean_ablate_mlp(model: Any, layer: int) -> Any:
+    """The MLP's output replaced, at run time, by its mean over the batch being evaluated at each
+    position (non-padding rows only)."""
+    _need(model, "mlp", "mean_ablate_mlp")
+    check_layer(model, layer, "MLP layer")
+    done = _in_weights(model, "mean_ablate_mlp", layer)
+    if done is not None:
+        return done
+    new = copy.deepcopy(model)
+    state = _with_pad_tracker(new)
+
+    def replace(x, hook):
+        return _batch_mean(x, state["pad"]).clone()
+
+    replace.circuits_key = f"mean_ablate_mlp:L{layer}"
+    new.hook_dict[f"blocks.{layer}.hook_mlp_out"].fns.append(replace)
+    return new
+
+
+def zero_ablate_attn(model: Any, layer: int) -> Any:
+    """Every head of the layer removed (W_O zeroed: ``zero_ablate_head`` of each head, in one copy;
+    b_O, no head's, is kept)."""
+    _need(model, "attention", "zero_ablate_attn")
+    check_layer(model, layer)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        new.blocks[layer].attn.W_O.zero_()
+    return new
+
+
+def batch_mean_ablate_attn(model: Any, layer: int) -> Any:
+    """Every head of the layer replaced by its batch mean at each position."""
+    _need(model, "attention", "mean_ablate_attn")
+    check_layer(model, layer)
+    done = _in_weights(model, "mean_ablate_attn", layer)
+    if done is not None:
+        return done
+    for head in range(model.cfg.n_heads):
+        model = batch_mean_ablate_head(model, layer, head)
+    return model
+
+
+def permute_positions(model: Any, lo: int | None = None, hi: int | None = None, seed: int = 0) -> Any:
+    """The positional embeddings of positions lo..hi (all by default) moved to other positions of
+    that range (a seeded derangement: no position keeps its own)."""
+    _need(model, "pos", "permute_positions")
+    n_ctx = model.pos_embed.W_pos.shape[0]
+    lo = 0 if lo is None else lo
+    hi = n_ctx - 1 if hi is None else hi
+    if not 0 <= lo < hi < n_ctx:
+        raise ControlError(f"permute_positions:{lo}-{hi}: needs 0 <= a < b < n_ctx = {n_ctx}")
+    perm = torch.tensor(_derangement(hi - lo + 1, seed))
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        w = new.pos_embed.W_pos
+        w[lo: hi + 1] = w[lo: hi + 1][perm].clone()
+    return new
+
+
+def randomise_read_in(model: Any, seed: int = 0) -> Any:
+    """The token embedding (or the vector read-in) replaced by a fresh random initialisation of the
+    same module; everything downstream is kept."""
+    _need(model, "embed", "randomise_read_in")
+    fresh = reinitialize(model, seed=seed + 1)
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(new.embed.named_parameters(), fresh.embed.named_parameters()):
+            if not p.requires_grad and torch.equal(p, q):
+                continue  # a frozen one-hot embedding has nothing to randomise
+            p.copy_(q)
+    if all(torch.equal(p, q) for p, q in zip(new.embed.parameters(), model.embed.parameters())):
+        raise ControlError("randomise_read_in: this model's read-in is fixed (one-hot); it has nothing to randomise")
     return new
 
 

@@ -241,9 +241,22 @@ def cross_entropy_per_example(logits: torch.Tensor, labels: torch.Tensor) -> tor
     return torch.nn.functional.cross_entropy(logits.double(), labels.long(), reduction="none")
 
 
-def loss_recovered(patched: float, clean: float, baseline: float) -> float:
-    """Fraction of the loss gap closed: 1 when patched == clean, 0 when patched == baseline."""
-    gap = baseline - clean
-    if not np.isfinite(gap) or abs(gap) < 1e-12:
-        return float("nan")
-    return (baseline - patched) / gap
+def loss_recovered(patched: Any, clean: Any, baseline: Any, axis: Optional[int] = None) -> Any:
+    """The fraction of the loss gap an intervention keeps (the one "loss recovered" of the library)::
+
+        loss_recovered = (baseline - patched) / (baseline - clean)
+
+    1 when the patched loss is the clean one, 0 when it is the baseline's (a random resample, an
+    ablation), negative when worse. NaN where the gap ``baseline - clean`` is not finite or is below
+    1e-12 in size. ``patched``, ``clean`` and ``baseline`` are mean losses (numbers or arrays,
+    elementwise); with ``axis`` they are per-example losses, each averaged along ``axis`` first (a
+    plain number is taken as a mean already), so the function is a statistic
+    :func:`circuits.stats.bootstrap_ci` can resample (paired samples ``(patched, clean, baseline)``). The causal-scrubbing write-up's "loss recovered",
+    ``1 - scrubbed / baseline``, is ``clean=0``: the gap measured from a perfect model."""
+    if axis is not None:
+        patched, clean, baseline = (np.mean(x, axis=axis) if np.ndim(x) else x for x in (patched, clean, baseline))
+    p, c, b = (np.asarray(x, dtype=np.float64) for x in (patched, clean, baseline))
+    gap = b - c
+    with np.errstate(all="ignore"):
+        out = np.where(np.isfinite(gap) & (np.abs(gap) >= 1e-12), (b - p) / gap, np.nan)
+    return float(out) if out.ndim == 0 else out

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from circuits.analysis.measures import run_in_batches
+from circuits.analysis.measures import loss_recovered, run_in_batches
 from circuits.errors import ScrubError, did_you_mean
 from circuits.model.transformer import HookedTransformer
 from circuits.claims.stats import Estimate, bootstrap_ci
@@ -486,7 +486,8 @@ class ScrubResult:
 
 
 def _recovered(s, b, axis=-1):
-    return 1 - np.mean(s, axis=axis) / np.mean(b, axis=axis)
+    """The write-up's "loss recovered", 1 - scrubbed / baseline: the gap measured from a perfect model."""
+    return loss_recovered(s, 0.0, b, axis=axis)
 
 
 def _recovered_jackknife(s, b):
@@ -506,8 +507,7 @@ def _mean(x, axis=-1):
 
 
 def _normalised(s, b, c, axis=-1):
-    b_mean = np.mean(b, axis=axis)
-    return (b_mean - np.mean(s, axis=axis)) / (b_mean - np.mean(c, axis=axis))
+    return loss_recovered(s, c, b, axis=axis)
 
 
 def scrub_result(name: str, clean, scrubbed, baseline, *, seed: int = 0, n_resamples: int = 1000) -> ScrubResult:
@@ -722,12 +722,12 @@ def margin_over(result: ScrubResult, others: Sequence[ScrubResult]) -> tuple[Est
         raise ScrubError(f"{best.name!r} and {result.name!r} were not scrubbed on the same draws")
 
     def gap(s_h, s_v, b, axis=-1):
-        return (np.mean(s_v, axis=axis) - np.mean(s_h, axis=axis)) / np.mean(b, axis=axis)
+        return _recovered(s_h, b, axis=axis) - _recovered(s_v, b, axis=axis)
 
-    gap.__name__ = "recovered(hypothesis) - recovered(best wrong variant)"
     # paired over the examples, each averaged over the shared draws (as every scrub interval)
     est = bootstrap_ci((result.scrubbed_examples, best.scrubbed_examples, result.baseline_examples), gap, paired=True,
-                       method="percentile", n_resamples=1000, seed=0)
+                       method="percentile", n_resamples=1000, seed=0,
+                       name="recovered(hypothesis) - recovered(best wrong variant)")
     return est, best
 
 
@@ -751,13 +751,12 @@ def scrub_holds_claim(claim, name: str, result: ScrubResult, at_least: float, va
     est, best = margin_over(result, variants)
 
     def holds(s_h, s_v, b, axis=-1):
-        rec = 1 - np.mean(s_h, axis=axis) / np.mean(b, axis=axis)
-        gap = (np.mean(s_v, axis=axis) - np.mean(s_h, axis=axis)) / np.mean(b, axis=axis)
-        return np.minimum(rec - at_least, gap - margin)
+        rec = _recovered(s_h, b, axis=axis)
+        return np.minimum(rec - at_least, rec - _recovered(s_v, b, axis=axis) - margin)
 
-    holds.__name__ = "min(recovered - bar, recovered - best wrong variant - margin)"
     value = bootstrap_ci((result.scrubbed_examples, best.scrubbed_examples, result.baseline_examples), holds,
-                         paired=True, method="percentile", n_resamples=1000, seed=0)
+                         paired=True, method="percentile", n_resamples=1000, seed=0,
+                         name="min(recovered - bar, recovered - best wrong variant - margin)")
     listing = "; ".join(f"{v.name.split(' | ', 1)[-1]} {v.recovered.point:.3f}"
                         for v in sorted(variants, key=lambda v: -v.recovered.point))
     claim.at_least(f"{name}: min(recovered - {at_least:g}, recovered - best wrong variant - {margin:g})", value, 0.0,

@@ -19,11 +19,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from circuits.errors import CircuitsError
+from circuits.errors import ControlError
 from circuits.records import MAIN  # the main run's spec: defined once, in the records' schema
 
 __all__ = [
     "Control",
+    "Labels",
     "ControlError",
     "UnknownControlError",
     "MAIN",
@@ -40,10 +41,6 @@ KINDS = ("model", "data")
 _HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 _LAYER_RE = re.compile(r"^L(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-
-
-class ControlError(CircuitsError, ValueError):
-    """A control that is malformed, misused, or that the test never applied."""
 
 
 class UnknownControlError(ControlError):
@@ -135,6 +132,13 @@ def parse_layer(spec: str) -> int:
     return int(m.group(1))
 
 
+@dataclass(frozen=True)
+class Labels:
+    """Per-example labels on their way through a data control (:meth:`Control.apply_labels`)."""
+
+    labels: Any
+
+
 @dataclass
 class Control:
     """One negative control of one test run (or the null control of the main run).
@@ -161,6 +165,12 @@ class Control:
 
     def apply_data(self, obj: Any) -> Any:
         return self._apply("data", obj)
+
+    def apply_labels(self, labels: Any) -> Any:
+        """``labels`` (a tensor / array of per-example labels) after this control when it acts on
+        labels (``shuffle_labels``: permuted), else unchanged (the same object): what passing a
+        dataclass with a ``labels`` field through :meth:`apply_data` does, without defining one."""
+        return self.apply_data(Labels(labels)).labels
 
     def _apply(self, kind: str, target: Any) -> Any:
         if self.is_main or self.kind != kind:
@@ -223,10 +233,8 @@ def make_control(spec: str, *, seed: int = 0, roles: Callable[[], Mapping[str, A
 def _untrained(model: Any, seed: int = 0) -> Any:
     """A circuits model re-initialised with its own scheme; any other ``nn.Module`` through the
     ``reset_parameters()`` of its submodules (torch's own layers have one), under a fixed seed."""
-    from circuits.analysis import interventions
-
     if hasattr(model, "init_weights") and hasattr(model, "cfg"):
-        return interventions.reinitialize(model, seed=seed)
+        return intervention("reinitialize")(model, seed=seed)
     import copy
 
     import torch
@@ -250,48 +258,44 @@ def _type_name(obj: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}".replace("builtins.", "")
 
 
-def _zero_ablate(model: Any, *heads: tuple[int, int], seed: int = 0) -> Any:
+def intervention(name: str) -> Callable[..., Any]:
+    """The function ``name`` of :mod:`circuits.analysis.interventions`, looked up when a control is applied
+    (so torch loads then, not when the plugin does)."""
     from circuits.analysis import interventions
 
-    for layer, head in heads:
-        model = interventions.zero_ablate_head(model, layer, head)
-    return model
+    return getattr(interventions, name)
 
 
-def _permute_heads(model: Any, *layers: str, seed: int = 0) -> Any:
-    from circuits.analysis import interventions
+def per_head(name: str, *, seeded: bool = False) -> Callable[..., Any]:
+    """A control fn applying the intervention ``name(model, layer, head)`` to each head of the spec
+    in turn (``head_args=True`` resolves them); ``seeded`` passes the control's seed on."""
+    def apply(model: Any, *heads: tuple[int, int], seed: int = 0) -> Any:
+        fn = intervention(name)
+        for layer, head in heads:
+            model = fn(model, layer, head, seed=seed) if seeded else fn(model, layer, head)
+        return model
 
-    if not layers:
-        raise ControlError("permute_heads needs a layer, e.g. 'permute_heads:L2'")
-    for spec in layers:
-        model = interventions.permute_heads(model, parse_layer(spec), seed=seed)
-    return model
+    return apply
 
 
-def _zero_ablate_mlp(model: Any, *layers: str, seed: int = 0) -> Any:
-    from circuits.analysis import interventions
+def per_layer(name: str, spec: str, *, seeded: bool = False) -> Callable[..., Any]:
+    """A control fn applying the intervention ``name(model, layer)`` to each layer of the spec
+    (``"spec:L2,L3"``) in turn; ``seeded`` passes the control's seed on."""
+    def apply(model: Any, *layers: str, seed: int = 0) -> Any:
+        if not layers:
+            raise ControlError(f"{spec} needs a layer, e.g. '{spec}:L2'")
+        fn = intervention(name)
+        for arg in layers:
+            model = fn(model, parse_layer(arg), seed=seed) if seeded else fn(model, parse_layer(arg))
+        return model
 
-    if not layers:
-        raise ControlError("zero_ablate_mlp needs a layer, e.g. 'zero_ablate_mlp:L2'")
-    for spec in layers:
-        model = interventions.zero_ablate_mlp(model, parse_layer(spec))
-    return model
+    return apply
 
 
 def _shuffle_labels(obj: Any, seed: int = 0) -> Any:
-    from circuits.analysis import interventions
-
-    return interventions.shuffle_labels(obj, seed=seed)
+    return intervention("shuffle_labels")(obj, seed=seed)
 
 
-register_control("untrained", kind="model", fn=_untrained,
-                 description="the same architecture, freshly initialised")
-register_control("zero_ablate", kind="model", fn=_zero_ablate, head_args=True,
-                 description="the named heads' outputs set to zero")
-register_control("zero_ablate_mlp", kind="model", fn=_zero_ablate_mlp,
-                 description="the named layers' MLP outputs set to zero")
-register_control("permute_heads", kind="model", fn=_permute_heads,
-                 description="the heads of a layer shuffled")
 def _has_label_field(obj: Any) -> bool:
     import dataclasses
 
@@ -300,5 +304,13 @@ def _has_label_field(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and any(f.name in LABEL_FIELDS for f in dataclasses.fields(obj))
 
 
+register_control("untrained", kind="model", fn=_untrained,
+                 description="the same architecture, freshly initialised")
+register_control("zero_ablate", kind="model", fn=per_head("zero_ablate_head"), head_args=True,
+                 description="the named heads' outputs set to zero")
+register_control("zero_ablate_mlp", kind="model", fn=per_layer("zero_ablate_mlp", "zero_ablate_mlp"),
+                 description="the named layers' MLP outputs set to zero")
+register_control("permute_heads", kind="model", fn=per_layer("permute_heads", "permute_heads", seeded=True),
+                 description="the heads of a layer shuffled")
 register_control("shuffle_labels", kind="data", fn=_shuffle_labels, accepts=_has_label_field,
                  description="the evaluation labels permuted")

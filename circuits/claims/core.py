@@ -245,15 +245,17 @@ class Claims:
         method: str = "BCa",
         n_resamples: int = DEFAULT_RESAMPLES,
         seed: int | None = None,
+        name: str | None = None,
     ) -> Estimate:
         """``statistic`` over a sample with a bootstrap CI; pass the result to any claim method.
 
         ``data`` is one sample, or a tuple of samples (``paired=True`` for row-aligned samples such
         as ``(x, y)`` with ``statistic=stats.spearman``). See :func:`circuits.claims.stats.bootstrap_ci`.
-        The resampling seed defaults to the test's draws seed (``--circuits-draws-seed``).
+        The resampling seed defaults to the test's draws seed (``--circuits-draws-seed``); ``name``
+        names the statistic in the record (default: its ``__name__``).
         """
         return bootstrap_ci(data, statistic, paired=paired, level=level, method=method,
-                            n_resamples=n_resamples, seed=self.draws_seed if seed is None else seed)
+                            n_resamples=n_resamples, seed=self.draws_seed if seed is None else seed, name=name)
 
     # -- claims --
     def at_least(self, name: str, value: Any, threshold: Any, *, units: str | None = None,

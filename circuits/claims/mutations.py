@@ -23,28 +23,27 @@ What a target names, and the mutations it gets (``X`` is a head ``L2H0`` or a ro
 ``@pytest.mark.about(none="why")`` says the test's claims are about no part of a model (a bound any
 model obeys, a refuted claim, a fact about data): no mutation is derived, and the report shows why.
 
-Every mutation returns a NEW model (the input is never modified). ``swap_head:X`` exchanges all
-weights of head X with the next head of its layer: the model computes the same function, but index
-X now names the other circuit, so a claim pinned to X must notice. ``mean_ablate`` replaces the
-output by its mean over the batch at each position (non-padding rows only), computed on the fly
-from the batch being evaluated. A model whose exact evaluation runs no hooks (the associative memories'
-``table_logits``) does the hook-based ones in its weights: it defines ``weight_mutation(name, *args)``,
-returning the mutant or None for a name it leaves to the hooks (:func:`_in_weights`). Mutations need a circuits ``HookedTransformer`` (or a model with the
+Every mutation is an intervention of :mod:`circuits.analysis.interventions` and returns a NEW model
+(the input is never modified). ``swap_head:X`` (``interventions.swap_heads``) exchanges all weights of
+head X with the next head of its layer: the model computes the same function, but index X now names
+the other circuit, so a claim pinned to X must notice. ``mean_ablate`` (``interventions.
+batch_mean_ablate_head``) replaces the output by its mean over the batch at each position
+(non-padding rows only), computed on the fly from the batch being evaluated. A model whose exact
+evaluation runs no hooks (the associative memories' ``table_logits``) does the hook-based ones in its
+weights: it defines ``weight_mutation(name, *args)``, returning the mutant or None for a name it
+leaves to the hooks (``interventions._in_weights``). Mutations need a circuits ``HookedTransformer`` (or a model with the
 same parameter names); on another model they fail with one line saying what is missing.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
-from circuits.claims.controls import ControlError, parse_layer, register_control
+from circuits.claims.controls import ControlError, intervention, parse_layer, per_head, per_layer, register_control
 
-__all__ = ["TARGETS", "derive_mutations", "derive_alternatives", "parse_target", "about_none", "swap_heads",
-           "uniform_attention", "mean_ablate_head", "mean_ablate_mlp", "zero_ablate_attn", "mean_ablate_attn",
-           "permute_positions", "randomise_read_in", "rebind", "register_model_shape", "model_shape",
-           "SameBindingError"]
+__all__ = ["TARGETS", "derive_mutations", "derive_alternatives", "parse_target", "about_none", "rebind",
+           "register_model_shape", "model_shape", "SameBindingError"]
 
 TARGETS = {
     "head": ("zero_ablate:{}", "mean_ablate:{}", "swap_head:{}"),
@@ -248,262 +247,36 @@ def _swap_with(model: Any, first: tuple[int, int], second: tuple[int, int], seed
     if first[0] != second[0]:
         raise ControlError(f"swap_with:L{first[0]}H{first[1]},L{second[0]}H{second[1]}: the heads must share a "
                            "layer (weights moved across layers change the function)")
-    return swap_heads(model, first[0], first[1], second[1])
-
-
-# --- the mutations -----------------------------------------------------------------------------------
-
-
-def _need(model: Any, what: str, mutation: str) -> None:
-    ok = {"attention": lambda m: hasattr(m, "blocks") and hasattr(m.blocks[0], "attn") and hasattr(m.blocks[0].attn, "W_O"),
-          "mlp": lambda m: hasattr(m, "blocks") and getattr(m.blocks[0], "mlp", None) is not None,
-          "pos": lambda m: hasattr(getattr(m, "pos_embed", None), "W_pos"),
-          "embed": lambda m: hasattr(m, "embed")}[what]
-    try:
-        good = ok(model)
-    except (TypeError, IndexError, AttributeError):
-        good = False
-    if not good:
-        needs = {"attention": "blocks[l].attn with W_QKV / W_O (a circuits HookedTransformer)",
-                 "mlp": "blocks[l].mlp (a circuits HookedTransformer with MLPs)",
-                 "pos": "a learned or sinusoidal positional embedding pos_embed.W_pos",
-                 "embed": "an embedding module `embed` (W_E or a vector read-in W_in)"}[what]
-        raise ControlError(f"mutation {mutation!r} needs a model with {needs}; got a "
-                           f"{type(model).__module__}.{type(model).__qualname__}")
-
-
-def swap_heads(model: Any, layer: int, head: int, other: int | None = None) -> Any:
-    """Exchange every weight of two heads of one layer (Q, K, V and O): the same function, the two
-    indices naming each other's circuit."""
-    from circuits.analysis.interventions import permute_heads
-
-    _need(model, "attention", "swap_head")
-    n = model.cfg.n_heads
-    if n < 2:
-        raise ControlError(f"swap_head:L{layer}H{head}: layer {layer} has one head, nothing to swap with")
-    other = (head + 1) % n if other is None else other
-    perm = list(range(n))
-    perm[head], perm[other] = other, head
-    return permute_heads(model, layer, perm)
-
-
-def uniform_attention(model: Any, layer: int, head: int) -> Any:
-    """The head's queries set to zero: every allowed key gets the same score, so the head attends
-    uniformly (its values and output map are kept)."""
-    import torch
-
-    _need(model, "attention", "uniform_attention")
-    _check_head(model, layer, head)
-    new = copy.deepcopy(model)
-    with torch.no_grad():
-        attn = new.blocks[layer].attn
-        attn.W_QKV[0, head].zero_()
-        attn.b_QKV[0, head].zero_()
-    return new
-
-
-def _batch_mean(x: Any, pad: Any) -> Any:
-    """Mean over the batch at each position, over non-padding rows when a pad mask is known."""
-    if pad is None or pad.shape != x.shape[:2]:
-        return x.mean(0, keepdim=True).expand_as(x)
-    keep = (~pad).to(x.dtype).reshape(*pad.shape, *([1] * (x.ndim - 2)))
-    mean = (x * keep).sum(0, keepdim=True) / keep.sum(0, keepdim=True).clamp(min=1)
-    return mean.expand_as(x)
-
-
-def _with_pad_tracker(model: Any) -> dict:
-    """A permanent hook on hook_embed that notes which rows are padding (rows whose embedding is the
-    pad token's), so batch means skip them; returns the state dict the mean hooks read."""
-    state: dict = {"pad": None}
-    pad_token = getattr(model.cfg, "pad_token", None)
-    if pad_token is None or getattr(model.cfg, "d_input", 0) or "hook_embed" not in model.hook_dict:
-        return state
-    w_pad = model.embed.W_E[pad_token]
-
-    def note(x, hook):
-        state["pad"] = (x == w_pad.to(x.dtype)).all(-1)
-        return None
-
-    note.circuits_key = "pad_tracker"
-
-    model.hook_dict["hook_embed"].fns.append(note)
-    return state
-
-
-def _in_weights(model: Any, name: str, *args: int) -> Any:
-    """The mutant a model makes in its weights for a hook-based mutation, or None: a model whose exact
-    evaluation runs no hooks (``assoc_model.table_logits``) would otherwise evaluate the unmutated
-    weights, and a claim would hold vacuously."""
-    fn = getattr(model, "weight_mutation", None)
-    return fn(name, *args) if callable(fn) else None
-
-
-def mean_ablate_head(model: Any, layer: int, head: int) -> Any:
-    """The head's output (its ``hook_z`` slice) replaced by its batch mean at each position."""
-    _need(model, "attention", "mean_ablate")
-    _check_head(model, layer, head)
-    done = _in_weights(model, "mean_ablate", layer, head)
-    if done is not None:
-        return done
-    new = copy.deepcopy(model)
-    state = _with_pad_tracker(new)
-
-    def replace(z, hook):
-        z = z.clone()
-        z[:, :, head] = _batch_mean(z[:, :, head], state["pad"])
-        return z
-
-    replace.circuits_key = f"mean_ablate:L{layer}H{head}"
-
-    new.hook_dict[f"blocks.{layer}.attn.hook_z"].fns.append(replace)
-    return new
-
-
-def mean_ablate_mlp(model: Any, layer: int) -> Any:
-    """The MLP's output replaced by its batch mean at each position."""
-    _need(model, "mlp", "mean_ablate_mlp")
-    if not 0 <= layer < model.cfg.n_layers:
-        raise ControlError(f"mean_ablate_mlp:L{layer}: the model has {model.cfg.n_layers} layers")
-    done = _in_weights(model, "mean_ablate_mlp", layer)
-    if done is not None:
-        return done
-    new = copy.deepcopy(model)
-    state = _with_pad_tracker(new)
-    def replace(x, hook):
-        return _batch_mean(x, state["pad"]).clone()
-
-    replace.circuits_key = f"mean_ablate_mlp:L{layer}"
-    new.hook_dict[f"blocks.{layer}.hook_mlp_out"].fns.append(replace)
-    return new
-
-
-def _check_layer(model: Any, layer: int, mutation: str) -> None:
-    if not 0 <= layer < model.cfg.n_layers:
-        raise ControlError(f"{mutation}:L{layer}: the model has {model.cfg.n_layers} layers")
-
-
-def zero_ablate_attn(model: Any, layer: int) -> Any:
-    """Every head of the layer removed (W_O zeroed: ``zero_ablate`` of each head, in one copy; b_O, no
-    head's, is kept)."""
-    import torch
-
-    _need(model, "attention", "zero_ablate_attn")
-    _check_layer(model, layer, "zero_ablate_attn")
-    new = copy.deepcopy(model)
-    with torch.no_grad():
-        new.blocks[layer].attn.W_O.zero_()
-    return new
-
-
-def mean_ablate_attn(model: Any, layer: int) -> Any:
-    """Every head of the layer replaced by its batch mean at each position."""
-    _need(model, "attention", "mean_ablate_attn")
-    _check_layer(model, layer, "mean_ablate_attn")
-    done = _in_weights(model, "mean_ablate_attn", layer)
-    if done is not None:
-        return done
-    for head in range(model.cfg.n_heads):
-        model = mean_ablate_head(model, layer, head)
-    return model
-
-
-def permute_positions(model: Any, lo: int | None = None, hi: int | None = None, seed: int = 0) -> Any:
-    """The positional embeddings of positions lo..hi (all by default) moved to other positions of
-    that range (a seeded derangement: no position keeps its own)."""
-    import torch
-
-    _need(model, "pos", "permute_positions")
-    n_ctx = model.pos_embed.W_pos.shape[0]
-    lo = 0 if lo is None else lo
-    hi = n_ctx - 1 if hi is None else hi
-    if not 0 <= lo < hi < n_ctx:
-        raise ControlError(f"permute_positions:{lo}-{hi}: needs 0 <= a < b < n_ctx = {n_ctx}")
-    n = hi - lo + 1
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        if bool((perm != torch.arange(n)).all()):
-            break
-    new = copy.deepcopy(model)
-    with torch.no_grad():
-        w = new.pos_embed.W_pos
-        w[lo: hi + 1] = w[lo: hi + 1][perm].clone()
-    return new
-
-
-def randomise_read_in(model: Any, seed: int = 0) -> Any:
-    """The token embedding (or the vector read-in) replaced by a fresh random initialisation of the
-    same module; everything downstream is kept."""
-    import torch
-
-    from circuits.analysis.interventions import reinitialize
-
-    _need(model, "embed", "randomise_read_in")
-    fresh = reinitialize(model, seed=seed + 1)
-    new = copy.deepcopy(model)
-    with torch.no_grad():
-        for (name, p), (_, q) in zip(new.embed.named_parameters(), fresh.embed.named_parameters()):
-            if not p.requires_grad and torch.equal(p, q):
-                continue  # a frozen one-hot embedding has nothing to randomise
-            p.copy_(q)
-    if all(torch.equal(p, q) for p, q in zip(new.embed.parameters(), model.embed.parameters())):
-        raise ControlError("randomise_read_in: this model's read-in is fixed (one-hot); it has nothing to randomise")
-    return new
-
-
-def _check_head(model: Any, layer: int, head: int) -> None:
-    if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
-        raise ControlError(f"no head L{layer}H{head}: the model has {model.cfg.n_layers} layers x "
-                           f"{model.cfg.n_heads} heads")
+    return intervention("swap_heads")(model, first[0], first[1], second[1])
 
 
 # --- registered as controls (the plugin runs a mutation as a control named "mutate:<spec>") ----------
 
 
-def _heads(fn):
-    def apply(model, *heads, seed: int = 0):
-        for layer, head in heads:
-            model = fn(model, layer, head)
-        return model
-
-    return apply
-
-
-def _layers(fn, name):
-    def apply(model, *layers, seed: int = 0):
-        if not layers:
-            raise ControlError(f"{name} needs a layer, e.g. '{name}:L2'")
-        for spec in layers:
-            model = fn(model, parse_layer(spec))
-        return model
-
-    return apply
-
-
 def _positions(model, *args, seed: int = 0):
     if not args:
-        return permute_positions(model, seed=seed)
+        return intervention("permute_positions")(model, seed=seed)
     m = _RANGE_RE.match(args[0]) if len(args) == 1 else None
     if not m:
         raise ControlError(f"permute_positions takes one range like 'permute_positions:1-10', got {args}")
-    return permute_positions(model, int(m.group(1)), int(m.group(2)), seed=seed)
+    return intervention("permute_positions")(model, int(m.group(1)), int(m.group(2)), seed=seed)
 
 
-register_control("swap_head", kind="model", fn=_heads(swap_heads), head_args=True,
+register_control("swap_head", kind="model", fn=per_head("swap_heads"), head_args=True,
                  description="all weights of the head exchanged with the next head of its layer")
-register_control("mean_ablate", kind="model", fn=_heads(mean_ablate_head), head_args=True,
+register_control("mean_ablate", kind="model", fn=per_head("batch_mean_ablate_head"), head_args=True,
                  description="the head's output replaced by its batch mean at each position")
-register_control("uniform_attention", kind="model", fn=_heads(uniform_attention), head_args=True,
+register_control("uniform_attention", kind="model", fn=per_head("uniform_attention"), head_args=True,
                  description="the head's queries zeroed: uniform attention over the allowed keys")
-register_control("mean_ablate_mlp", kind="model", fn=_layers(mean_ablate_mlp, "mean_ablate_mlp"),
+register_control("mean_ablate_mlp", kind="model", fn=per_layer("batch_mean_ablate_mlp", "mean_ablate_mlp"),
                  description="the MLP's output replaced by its batch mean at each position")
-register_control("zero_ablate_attn", kind="model", fn=_layers(zero_ablate_attn, "zero_ablate_attn"),
+register_control("zero_ablate_attn", kind="model", fn=per_layer("zero_ablate_attn", "zero_ablate_attn"),
                  description="every head of the layer removed (W_O zeroed)")
-register_control("mean_ablate_attn", kind="model", fn=_layers(mean_ablate_attn, "mean_ablate_attn"),
+register_control("mean_ablate_attn", kind="model", fn=per_layer("batch_mean_ablate_attn", "mean_ablate_attn"),
                  description="every head of the layer replaced by its batch mean at each position")
 register_control("permute_positions", kind="model", fn=_positions,
                  description="positional embeddings moved to other positions (a derangement)")
-register_control("randomise_read_in", kind="model", fn=lambda m, seed=0: randomise_read_in(m, seed=seed),
+register_control("randomise_read_in", kind="model", fn=lambda m, seed=0: intervention("randomise_read_in")(m, seed=seed),
                  description="the token embedding / vector read-in freshly initialised")
 
 register_control("swap_with", kind="model", fn=_swap_with, head_args=True,

@@ -591,18 +591,19 @@ def _first_paragraph(doc: str | None, limit: int) -> str:
 
 
 @pytest.fixture
-def circuits_control(request: pytest.FixtureRequest):
+def circuits_control(request: pytest.FixtureRequest, circuits_draws):
     """The negative control or mutation of this run: a null control (identity) on the main run (the
-    fixture the plugin's own fixtures use; ``control`` is its public name)."""
+    fixture the plugin's own fixtures use; ``control`` is its public name). A control's randomness
+    (a shuffle, a permutation, a fresh initialisation) is the test's ``control`` draw stream, so
+    ``--circuits-draws-seed`` re-draws it with the test's other draws."""
     from circuits.claims.controls import main_control, make_control
 
     spec = getattr(request, "param", MAIN)
     if spec == MAIN:
         ctl = main_control()
     else:
-        seed = item_seed(request.node)
         ctl = make_control(spec_name(spec),
-                           seed=seed if seed is not None else 0,
+                           seed=circuits_draws.child("control").int(2**31),
                            roles=lambda: request.getfixturevalue("head_roles"))
         ctl.spec = spec
     request.node.stash[CONTROL_KEY] = ctl

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from circuits.devices import check_device
 from circuits.errors import CircuitsError
 from circuits.records import (ALTERNATIVE_PREFIX, GENERIC_CONTROLS, MAIN, MUTATION_PREFIX, PROP_MODEL, Command, ControlRun,
                       ControlValue, ModelInfo, Run, RunKind, RunSettings, control_id, jsonable, run_kind, spec_name)
@@ -37,22 +38,6 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # project whose conftest defines `control` or `draws` (common words) keeps its fixtures and ours work
 CONTROL_PARAM = "circuits_control"
 _MAX_HISTORY = 1000
-
-
-def _check_device(device: str) -> str:
-    if device == "cpu":
-        return device
-    if re.fullmatch(r"cuda(:\d+)?", device or ""):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--circuits-device {device}: CUDA is not available on this machine "
-                             "(use --circuits-device cpu)")
-        idx = int(device.split(":")[1]) if ":" in device else 0
-        if idx >= torch.cuda.device_count():
-            raise ValueError(f"--circuits-device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    raise ValueError(f"--circuits-device {device!r}: expected cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -77,6 +62,14 @@ class RunOptions:
         """The zoo name a ``<name>_model`` fixture serves: ``name@recipe`` under ``--circuits-variant``."""
         return dict(self.variants).get(name, name)
 
+    def shared_draws(self, label: str) -> Any:
+        """A :class:`~circuits.draws.Draws` stream shared by several tests (a module- or
+        session-scoped fixture's: a binding, a data set the tests of a module share), named by
+        ``label`` and re-drawn by ``--circuits-draws-seed`` like every test's own ``draws``."""
+        from .draws import Draws
+
+        return Draws(draws_seed_for(self.draws_seed, label))
+
     @property
     def asked_for_models(self) -> bool:
         """Whether an option only the zoo can serve was given (then the zoo loads eagerly)."""
@@ -89,7 +82,7 @@ class RunOptions:
         winput = getattr(config, "workerinput", None)
         try:
             seeds = parse_seeds_option(opt("circuits_seeds")) if opt("circuits_seeds") is not None else None
-            device = _check_device(opt("circuits_device"))
+            device = check_device(opt("circuits_device"), option="--circuits-device")
             draws_seed = _parse_draws_seed(opt("circuits_draws_seed"))
             variants = _parse_variants(opt("circuits_variant") or [])
             check_variants_known(variants)

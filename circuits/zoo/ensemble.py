@@ -37,8 +37,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from circuits.devices import check_device
 from circuits.errors import CircuitsError, InputError, SettingError
-from circuits.zoo.train import (Split, TrainResult, _reached, batches, check_device, data_seeds, evaluate, final_test_seed,
+from circuits.zoo.train import (Split, TrainResult, _reached, batches, data_seeds, evaluate, final_test_seed,
                     lr_at)
 
 __all__ = ["BACKEND", "BACKEND_ENV", "NotStackable", "StackedTransformer", "backend", "stackable", "train_stack",

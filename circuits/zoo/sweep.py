@@ -59,7 +59,7 @@ def check_run_settings(device: str = "cpu", root: Optional[Path] = None):
     """Device, CIRCUITS_CACHE and CIRCUITS_LOCK_TIMEOUT checked before any training starts;
     returns ``(device, store folder, lock timeout)`` or raises one clear CircuitsError."""
     from circuits.zoo.store import check_environment
-    from circuits.zoo.train import check_device
+    from circuits.devices import check_device
 
     device = check_device(device)
     folder, timeout = check_environment(root if root is not None else Path.cwd())

@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import json
 import math
-import re
 import sys
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from circuits.devices import check_device
 from circuits.errors import CircuitsError, InputError
 from circuits.model.transformer import HookedTransformer
 
@@ -334,31 +334,6 @@ def training_slot(threads: int, progress=None, timeout: Optional[float] = None):
         with contextlib.suppress(OSError):
             owner.unlink()
         lock.release()
-
-
-_DEVICE_RE = re.compile(r"(cpu|cuda|mps)(:\d+)?")
-
-
-def check_device(device) -> str:
-    """``device`` if torch can use it here ("cpu", "cuda", "cuda:N", "mps"), else a SettingError
-    saying why -- checked before any training, so a typo does not cost a trained model."""
-    from circuits.errors import SettingError
-
-    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device.strip()):
-        raise SettingError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or mps")
-    device = device.strip()
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingError(f"device {device!r}: CUDA is not available on this machine (use --device cpu)")
-        if index and int(index) >= torch.cuda.device_count():
-            raise SettingError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible "
-                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SettingError(f"device {device!r}: MPS is not available on this machine (use --device cpu)")
-    elif kind == "cpu" and index not in ("", "0"):
-        raise SettingError(f"device {device!r}: use cpu")
-    return device
 
 
 def _train(model, train_split, eval_split, recipe, seed, progress) -> TrainResult:

@@ -1,4 +1,5 @@
-"""Subjects for the bracket hypotheses: the published ARENA checkpoint and our own trained models.
+"""Subjects for the bracket hypotheses (hypotheses/test_brackets*.py, tests/test_reparametrisation.py):
+the published ARENA checkpoint and our own trained models, as pytest fixture mixins.
 
 A subject bundles a model (after the test's control or mutation), the heads bound to the roles the
 hypotheses talk about, the evaluation strings, and a note saying how the binding was made.
@@ -19,14 +20,18 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
+from circuits.analysis import interventions as I
 from circuits.analysis import measures as A
 from circuits.analysis import roles as R
+from circuits.claims.controls import register_control
+from circuits.claims.stats import bootstrap_ci
 from circuits.model.transformer import HookedTransformer
-from circuits.tasks.brackets.reference import ARENA_ROLES, N_EVAL, arena_data
 from circuits.tasks.brackets import data as B
+from circuits.tasks.brackets.reference import ARENA_ROLES, N_EVAL, arena_data
 
 
 def reference_data(n: Optional[int] = N_EVAL) -> B.BracketData:
@@ -205,3 +210,99 @@ class OursSubject:
                    f"strings) among {k['count_head']} / {k['negative_head']} heads; scored on the held-out "
                    f"evaluation strings (n={len(bracket_data)})")
         return BracketSubject(name, brackets_model, control.apply_data(dict(head_roles)), bracket_data, binding, k)
+
+
+# --- the count head's input, resampled from strings that agree on one test ---------------------------
+
+
+def _sources_in(groups: torch.Tensor, wanted: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each row i, a random source row j with groups[j] == wanted[i] (a cell with no row: error)."""
+    source = torch.empty(len(groups), dtype=torch.long)
+    for value in wanted.unique():
+        targets = torch.nonzero(wanted == value).squeeze(1)
+        pool = torch.nonzero(groups == value).squeeze(1)
+        if not len(pool):
+            raise ValueError(f"no source string in cell {int(value)}")
+        source[targets] = pool[torch.randint(len(pool), (len(targets),), generator=gen)]
+    return source
+
+
+def resample_count_head(subject: BracketSubject, control, draws, n_draws: int) -> dict:
+    """Resample the count head's key and value at position 1 (strings starting with "(") from: the
+    string itself (clean), a random string (baseline), a string agreeing on the count test
+    ("count"), one agreeing on the horizon test ("horizon"), and one agreeing on the horizon test but
+    not on the count test ("horizon only"). Per-string losses are averaged over n_draws
+    draws of sources (streams of `draws`; computed once per model function, head, draws and data
+    control: the two resampling tests share them); fractions of the random-resample loss gap
+    (:func:`circuits.analysis.loss_recovered`) come with a bootstrap interval over strings. Returns
+    kind -> Estimate for "count", "horizon", "horizon only" and "count - horizon", and a "note"."""
+    data = subject.data
+    rows = torch.nonzero(data.starts_open).squeeze(1)
+    toks, labels = data.toks[rows], data.isbal[rows].long()
+    count_fails = data.total_elevation_failure[rows].long()
+    horizon_fails = data.negative_failure[rows].long()
+    own = 2 * count_fails + horizon_fails  # the string's cell
+    # the cells sources are drawn by: 2 * (count test fails) + (horizon test fails); shuffle_labels
+    # permutes them, which makes 'agreeing' sources random
+    cells = control.apply_labels(own)
+    layer, head = subject.head("count_head")
+    patches = [(f"blocks.{layer}.attn.hook_k", (1, head)), (f"blocks.{layer}.attn.hook_v", (1, head))]
+    kinds = ("clean", "random", "count", "horizon", "horizon only")
+
+    def compute():
+        # every source set of a draw in ONE forward (the strings repeated once per set): a
+        # mean-ablation mutation's batch mean is then the same for all of them, so a mean that moves
+        # with the sources cannot pass for the head's input mattering. The clean run is shared by the
+        # draws, and each draw's forward resumes at the patched layer (unless the model has hooks)
+        groups = []
+        for i in range(n_draws):
+            gen = draws.child(f"sources {i}").torch()
+            groups.append([torch.arange(len(rows)), torch.randint(len(rows), (len(rows),), generator=gen),
+                           _sources_in(cells // 2, own // 2, gen),  # same count-test outcome
+                           _sources_in(cells % 2, own % 2, gen),  # same horizon-test outcome
+                           _sources_in(cells, own ^ 2, gen)])  # same horizon outcome, other count outcome
+        losses = {k: [] for k in kinds}
+        for outputs in I.resample_together(subject.model, toks, patches, groups):
+            for kind, logits in zip(kinds, outputs):
+                losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
+        return losses
+
+    key = ("resampled", (layer, head), draws.seed, n_draws, control.spec if control.kind == "data" else "", id(data))
+    losses = _RESAMPLED.get(subject.model, key, compute)  # per model function: a mutant is another model
+    per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
+    mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
+    seed = draws.child("bootstrap").int()
+    out, spread = {}, {}
+    for kind in ("count", "horizon", "horizon only"):
+        out[kind] = bootstrap_ci((mean[kind], mean["clean"], mean["random"]), A.loss_recovered, paired=True,
+                                 method="percentile", n_resamples=1000, seed=seed)
+        each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
+        spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
+    out["count - horizon"] = bootstrap_ci((mean["count"], mean["horizon"], mean["clean"], mean["random"]),
+                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed,
+                                          name="recovered(count) - recovered(horizon)")
+    out["note"] = (f"{len(rows)} strings x {n_draws} draws of sources; clean loss "
+                   f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
+                   f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
+                   f"horizon-only {spread['horizon only']}")
+    return out
+
+
+_RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
+
+
+def _contrast(count, horizon, clean, baseline, axis=-1):
+    return A.loss_recovered(count, clean, baseline, axis=axis) - A.loss_recovered(horizon, clean, baseline, axis=axis)
+
+
+def _swap_roles(roles: dict, *args, seed: int = 0) -> dict:
+    """Rebind the count head to the negative head and vice versa: the 'permuted head' control for
+    claims phrased about a role rather than an index."""
+    if not isinstance(roles, dict) or {"count_head", "negative_head"} - set(roles):
+        raise TypeError("swap_roles applies to a role binding dict with count_head and negative_head")
+    return {**roles, "count_head": roles["negative_head"], "negative_head": roles["count_head"]}
+
+
+register_control("swap_roles", kind="data", fn=_swap_roles,
+                 accepts=lambda obj: isinstance(obj, dict) and {"count_head", "negative_head"} <= set(obj),
+                 description="exchange the heads bound to the count and negative roles")
