@@ -66,7 +66,7 @@ class RunOptions:
         """A :class:`~circuits.draws.Draws` stream shared by several tests (a module- or
         session-scoped fixture's: a binding, a data set the tests of a module share), named by
         ``label`` and re-drawn by ``--circuits-draws-seed`` like every test's own ``draws``."""
-        from .draws import Draws
+        from circuits.claims.draws import Draws
 
         return Draws(draws_seed_for(self.draws_seed, label))
 
