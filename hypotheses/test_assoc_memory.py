@@ -538,7 +538,8 @@ FREEZE_O_ONLY_REASON = ("refuted under the seed's recipe (Adam 1e-3, 5,000 batch
 _WEAK_BOUND = ("Corollary 2's bound is {bound} here (H d_h + d = {cap} of {n} pairs), below what the residual "
                "alone reaches from the last token's statistics (all heads removed: {none}): with the heads' "
                "W_V/W_O randomised the model still clears it, so at this point the bound cannot show the heads' "
-               "storage (the reassigned table still fails it). Deterministic: randomise_ov uses a fixed seed")
+               "storage (the reassigned table still fails it). randomise_ov draws from --circuits-draws-seed; the "
+               "values here are at draws seed 0")
 # the derived mutations of about("attn:L0") at the same points (measured 2026-12-07 on the references, `pytest
 # hypotheses/test_assoc_memory.py`): every head removed, or replaced by its mean over every context (a fixed
 # bias towards the frequent next tokens), still clears a bound that counts so few pairs
@@ -580,6 +581,11 @@ KNOWN_FAILURES = {
                          ("exp5_mlp-11", dict(bound=0.018, cap=20, n=4900, zero=0.0201, mean=0.0205)))
        for m in _HEADS_GONE},
     # experiment 6 at H = 1 (N = 10, d = d_h = 2): the head removed scores 0.133, below the bound, as required
+    # randomised heads at the same point (draws seed 0, measured in CI 2026-12-07): 0.162 clears the bound; the
+    # control's seed follows --circuits-draws-seed since this stop, and the earlier fixed seed happened to fail it
+    "test_capacity_lower_bound[exp6-1-seed0] control=randomise_ov":
+        _WEAK_BOUND.format(bound=0.136, cap=4, n=100, none="0.133 with the head zeroed, 0.183 mean-ablated; "
+                                                           "randomised W_V/W_O 0.162"),
     "test_capacity_lower_bound[exp6-1-seed0] mutation=mean_ablate_attn:L0":
         _WEAK_BOUND_NO_HEADS.format(bound=0.136, cap=4, n=100, zero="0.133: fails it, as required", mean=0.183),
     **{f"test_sweep_accuracy_matches_the_paper[exp2-1] {run}": _NEAR_NO_HEADS

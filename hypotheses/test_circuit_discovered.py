@@ -125,3 +125,17 @@ def test_found_circuit_beats_random_circuits_of_its_size(task, zoo_models, zoo_s
     circuit, ev, ref = _setup(task, zoo_models, zoo_seed, request, control, module_draws)
     CC.claim_sufficiency(claim, ev, circuit, at_least=0.8, n_random=20, reference=ref,
                          name="share of random circuits of its size the found circuit beats")
+
+
+KNOWN_FAILURES = {
+    # measured in CI on 2026-12-07 (`pytest hypotheses/`, --circuits-draws-seed 0): since controls draw from the
+    # draws seed, the untrained palindrome model is a different random initialisation, and on it the
+    # circuit EAP-IG finds beats 20 of 20 random circuits of its size (share 1.000 >= 0.8). The claim compares a
+    # ranked circuit with random ones on the same model, and a ranking picks the edges that move the metric on any
+    # model, trained or not: against "untrained" it has power only by chance (the earlier control seed failed it).
+    # Faithfulness (the other claim) is the one that separates the trained model from the untrained.
+    "test_found_circuit_beats_random_circuits_of_its_size[palindromes] mutation=untrained":
+        "no power against an untrained model: the found circuit beats 20/20 random circuits of its size on a random "
+        "initialisation too (share 1.000, needs >= 0.8; draws seed 0); ranking picks the edges that move the "
+        "metric on any model, so beating random circuits does not show a trained mechanism",
+}
