@@ -253,13 +253,14 @@ class BracketHypotheses:
         _separation_claims(claim, subject, draws, "negative_head", negh, count, neg, "negative", "count",
                            "negative", min_auroc=0.98, min_gap=2.0)
 
-    @pytest.mark.about("head:count_head", alternatives="layer")
-    @pytest.mark.controls("swap_roles", "shuffle_labels")
+    @pytest.mark.about("head:count_head", "feature:open_proportion", alternatives="layer")
+    @pytest.mark.controls("swap_roles")
     def test_count_head_tracks_open_proportion(self, subject, claim, control, figures):
         an = analyse(subject.model, subject.data)
         contribution = head_contribution(an, subject.head("count_head"))
-        distance = (subject.data.open_proportion - 0.5).abs()
-        distance = control.apply_labels(distance)  # the feature the head should track (shuffle_labels)
+        # the feature the head should track; its specificity alternative is an independent one of the
+        # same distribution (the values permuted across strings)
+        distance = control.feature("open_proportion", (subject.data.open_proportion - 0.5).abs())
         figures.add("count head vs open proportion", lambda: _open_proportion_scatter(contribution, subject),
                     caption=f"{subject.name}: count-head contribution against the proportion of '('")
         estimate = claim.sample((contribution.numpy(), distance.numpy()), statistic=spearman,
@@ -351,14 +352,17 @@ class TestOurModel(OursSubject, BracketHypotheses):
 
     @pytest.mark.about("mlp:L2")
     @pytest.mark.controls("untrained")
-    def test_last_mlp_carries_the_unbalanced_direction(self, subject, claim):
+    def test_last_mlp_carries_the_unbalanced_direction(self, subject, claim, control):
+        """The MLP is read through control.mlp: its specificity alternatives ask the same of L0.mlp
+        and L1.mlp."""
         an = analyse(subject.model, subject.data)
         ranked = A.heads_by_mean_difference(an.contributions, an.labels, ~subject.data.isbal)
-        claim.holds("top component along the unbalanced direction is L2.mlp", ranked[0][0] == "L2.mlp",
+        mlp = f"L{control.mlp(2)}.mlp"
+        claim.holds("top component along the unbalanced direction is L2.mlp", ranked[0][0] == mlp,
                     detail=f"top components {[(l, round(v, 2)) for l, v in ranked[:3]]}")
         difference = dict(ranked)
-        others = max(abs(v) for label, v in ranked if label != "L2.mlp")
-        claim.at_least("L2.mlp / max |other components| (mean difference)", difference["L2.mlp"] / max(others, 1e-9), 3.0)
+        others = max(abs(v) for label, v in ranked if label != mlp)
+        claim.at_least("L2.mlp / max |other components| (mean difference)", difference[mlp] / max(others, 1e-9), 3.0)
 
 
 # Hypotheses measured false on our reference model: strict expected failures there (they must keep

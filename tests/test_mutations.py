@@ -438,10 +438,47 @@ def test_alternatives_are_derived_from_targets_by_kind_and_scope():
         "rebind:reader,L0H0,layer", "rebind:reader,L0H1,layer"]
     assert M.derive_alternatives(["ov:L1H2"], (2, 4)) == ["swap_with:L1H2,L1H0", "swap_with:L1H2,L1H1",
                                                           "swap_with:L1H2,L1H3"]
-    assert M.derive_alternatives(["mlp:L1", "model", "positions", "path:L0H1"], (2, 2)) == []
+    assert M.derive_alternatives(["model", "positions", "path:L0H1", "read_in"], (2, 2)) == []
+    assert M.derive_alternatives(["mlp:L1"], (3, 2)) == ["other_mlp:L1,L0", "other_mlp:L1,L2"]
+    assert M.derive_alternatives(["mlp:L0"], (1, 4)) == []  # one layer: no other MLP
+    assert M.derive_alternatives(["feature:count"], None) == ["independent_feature:count"]  # needs no shape
     assert M.derive_alternatives(["head:reader"], None) == []
     with pytest.raises(ControlError, match="alternatives='heads'"):
         M.derive_alternatives(["head:reader"], (1, 2), scope="heads")
+    # False: a claim about the model's behaviour (its parts are its power only); needs "model"
+    assert M.derive_alternatives(["model", "mlp:L1", "ov:L0H0"], (2, 2), scope=False) == []
+    with pytest.raises(ControlError, match="list 'model' among the targets"):
+        M.derive_alternatives(["mlp:L1"], (2, 2), scope=False)
+    assert M.derive_mutations(["feature:count"]) == []
+    with pytest.raises(ControlError, match="identifier"):
+        M.parse_target("feature:a b")
+    with pytest.raises(ControlError, match="needs a part"):
+        M.parse_target("feature")
+
+
+def test_an_mlp_alternative_is_read_through_the_control_and_a_feature_is_permuted():
+    import numpy as np
+
+    main = make_control("main")
+    assert main.mlp(2) == 2 and main.applied == 0
+    ctl = make_control("other_mlp:L2,L0")
+    assert ctl.kind == "part" and ctl.mlp(2) == 0 and ctl.applied == 1
+    with pytest.raises(ControlError, match="reads MLP 1 .* about mlp:L2"):
+        ctl.mlp(1)
+    values = torch.arange(10.0)
+    assert main.feature("count", values) is values
+    feat = make_control("independent_feature:count", seed=3)
+    permuted = feat.feature("count", values)
+    assert feat.applied == 1 and not torch.equal(permuted, values)
+    assert torch.equal(permuted.sort().values, values)  # the same values: the same marginal distribution
+    torch.testing.assert_close(feat.feature("count", values), permuted, atol=0, rtol=0)  # seeded
+    rows = torch.arange(12.0).reshape(4, 3)  # per example: rows move whole
+    moved = feat.feature("count", rows)
+    assert sorted(map(tuple, moved.tolist())) == sorted(map(tuple, rows.tolist()))
+    assert isinstance(feat.feature("count", np.arange(5)), np.ndarray)
+    assert feat.feature("other", values) is values  # another feature: left alone
+    with pytest.raises(ControlError, match="read through control.mlp"):
+        M._part_only(None)
 
 
 def test_rebind_points_a_role_elsewhere_and_skips_the_bound_head_and_other_layers():
@@ -540,6 +577,59 @@ def test_a_claim_that_holds_for_another_head_fails_as_unspecific(power_project):
     html = (power_project.path / "reports" / "spec" / "report.html").read_text()
     assert "alternatives that also hold" in md and "**unspecific**" in md
     assert "Specificity" in html and "0 of 1 alternatives also hold" in html
+
+
+def test_mlp_and_feature_alternatives_run_and_catch_a_claim_that_holds_anywhere(power_project):
+    power_project.makepyfile(test_parts='''
+        import pytest
+        import torch
+        from circuits.claims import mutations as M
+        from conftest import TOKS
+
+        M.register_model_shape("model3", 3, 2)
+
+        @pytest.fixture
+        def model3():
+            from circuits.model.transformer import HookedTransformer, TransformerConfig
+            return HookedTransformer(TransformerConfig(n_layers=3, d_model=8, n_ctx=4, n_heads=2, d_mlp=8,
+                                                       d_vocab=4, d_vocab_out=2, readout="first", seed=0)).eval()
+
+        def mlp_norm(model, layer):
+            _, cache = model.run_with_cache(TOKS, names=[f"blocks.{layer}.hook_mlp_out"])
+            return float(cache[f"blocks.{layer}.hook_mlp_out"].norm())
+
+        @pytest.mark.about("mlp:L1")
+        def test_mlp_specific(model3, claim, control):
+            claim.close_to("MLP1's output norm", mlp_norm(model3, control.mlp(1)), mlp_norm(model3, 1), rtol=1e-6)
+
+        @pytest.mark.about("mlp:L1")
+        def test_any_mlp_will_do(model3, claim, control):
+            claim.at_least("an MLP output norm", mlp_norm(model3, control.mlp(1)), 0.0)
+
+        @pytest.mark.about("mlp:L1")
+        def test_reads_layer_1_directly(model3, claim, control):
+            claim.at_least("MLP1 output norm", mlp_norm(model3, 1), 0.0)
+
+        @pytest.mark.about("model", "mlp:L1", alternatives=False)
+        def test_about_the_outputs(model3, claim):
+            claim.at_least("output norm", float(model3(TOKS).norm()), 0.0)
+
+        @pytest.mark.about("feature:rank")
+        def test_tracks_the_feature(claim, control):
+            x = torch.arange(50.0)
+            r = control.feature("rank", x)
+            claim.at_least("correlation with the rank", float(torch.corrcoef(torch.stack([x, r]))[0, 1]), 0.9)
+    ''')
+    result = power_project.runpytest("-v", "-rA", "-p", "no:cacheprovider", "--circuits-run-id", "parts")
+    result.stdout.re_match_lines([
+        re.escape("test_parts.py::test_mlp_specific[alternative=other_mlp:L1,L0] PASSED"),
+        re.escape("test_parts.py::test_mlp_specific[alternative=other_mlp:L1,L2] PASSED"),
+        re.escape("test_parts.py::test_any_mlp_will_do[alternative=other_mlp:L1,L0] FAILED"),
+        re.escape("test_parts.py::test_reads_layer_1_directly[alternative=other_mlp:L1,L0] FAILED"),
+        re.escape("test_parts.py::test_tracks_the_feature[alternative=independent_feature:rank] PASSED")])
+    result.stdout.fnmatch_lines(["*unspecific: claim 'an MLP output norm' = * also holds on alternative 'other_mlp:L1,L0'*",
+                                 "*never called control.mlp(layer)*"])
+    assert "test_about_the_outputs[alternative" not in result.stdout.str()
 
 
 @pytest.mark.parametrize("spec, outcome", [

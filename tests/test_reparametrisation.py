@@ -404,7 +404,7 @@ OTHER_CLAIMS = {
         "test_sd_l4h0_attends_to_the_last_position", "test_sd_l1h0_averages_over_the_prefix",
         "test_sd_l1h0_tracks_the_open_proportion", "test_sd_l1h1_tracks_the_open_proportion_is_false",
         "test_sd_ablating_l1h0_removes_the_opens_from_the_balance", "test_sd_ablating_l0h0_moves_the_balance_is_false",
-        "test_sd_mlp2_is_needed_for_the_verdict", "test_sd_patching_l1h0_carries_the_source_opens",
+        "test_sd_ablating_mlp2_removes_the_balance_and_keeps_the_counts", "test_sd_patching_l1h0_carries_the_source_opens",
         "test_sd_patching_l0h0_carries_the_source_opens_is_false", "test_sd_scrub_mlp5_writes_the_verdict",
         "test_sd_scrub_layer4_heads_write_the_verdict_is_false", "test_sd_mlp5_writes_the_verdict_margin",
         "test_sd_mlp4_writes_the_verdict_margin_is_false"], False, False),

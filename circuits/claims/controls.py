@@ -37,7 +37,7 @@ __all__ = [
     "main_control",
 ]
 
-KINDS = ("model", "data")
+KINDS = ("model", "data", "part")  # "part": re-points the part a claim reads (Control.mlp / .feature)
 _HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 _LAYER_RE = re.compile(r"^L(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -83,7 +83,7 @@ def register_control(
     if not isinstance(name, str) or not _NAME_RE.match(name) or name == MAIN:
         raise ControlError(f"control name must be an identifier other than {MAIN!r}, got {name!r}")
     if kind not in KINDS:
-        raise ControlError(f"control {name!r}: kind must be 'model' or 'data', got {kind!r}")
+        raise ControlError(f"control {name!r}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     if not callable(fn):
         raise ControlError(f"control {name!r}: fn must be callable, got {type(fn).__name__}")
     old = _REGISTRY.get(name)
@@ -171,6 +171,38 @@ class Control:
         labels (``shuffle_labels``: permuted), else unchanged (the same object): what passing a
         dataclass with a ``labels`` field through :meth:`apply_data` does, without defining one."""
         return self.apply_data(Labels(labels)).labels
+
+    def mlp(self, layer: int) -> int:
+        """The layer of the MLP a claim about ``mlp:L<layer>`` reads: ``layer`` itself on every run
+        except that target's specificity alternatives (``other_mlp:L2,L0``: the same claim computed
+        on MLP 0), so a claim that holds for any MLP is caught as unspecific. A test about
+        ``mlp:L2`` that reads another layer here is an error, not a silent main run."""
+        layer = int(layer)
+        if self.name != "other_mlp":
+            return layer
+        named, alternative = (parse_layer(a) for a in self.args)
+        if layer != named:
+            raise ControlError(f"{self.spec!r}: the test reads MLP {layer} through control.mlp() but is about "
+                               f"mlp:L{named}")
+        self.applied += 1
+        return alternative
+
+    def feature(self, name: str, values: Any) -> Any:
+        """The values of the feature ``name`` a claim about ``feature:<name>`` reads (per example, a
+        tensor or array): unchanged on every run except that target's specificity alternative
+        (``independent_feature:<name>``), where they are permuted across examples: a feature with
+        the same values and marginal distribution, independent of the named one and of the input.
+        A claim that holds as well for it says nothing about the named feature."""
+        if self.name != "independent_feature" or self.args[0] != name:
+            return values
+        import numpy as np
+        import torch
+
+        perm = torch.randperm(len(values), generator=torch.Generator().manual_seed(self.seed))
+        self.applied += 1
+        if isinstance(values, torch.Tensor):
+            return values[perm.to(values.device)]
+        return np.asarray(values)[perm.numpy()]
 
     def _apply(self, kind: str, target: Any) -> Any:
         if self.is_main or self.kind != kind:

@@ -18,7 +18,14 @@ What a target names, and the mutations it gets (``X`` is a head ``L2H0`` or a ro
 ``positions[:a-b]`` the positional embeddings (of positions a..b): ``permute_positions[:a-b]``
 ``read_in``         the token embedding / vector read-in: ``randomise_read_in``
 ``model``           the whole model: ``untrained``
+``feature:NAME``    a feature the claim reads through ``control.feature(NAME, values)``: none
 ==================  ==========================================================================
+
+Specificity alternatives (the same claim pointed elsewhere; each must FAIL, or the claim is
+"unspecific"): a head gets every other head (of its layer, or of the model for a role binding); an
+MLP ``mlp:L2``, which the test reads through ``control.mlp(2)``, every other layer's MLP
+(``other_mlp:L2,L0``); a feature, an independent feature with the same values
+(``independent_feature:NAME``, a permutation across examples).
 
 ``@pytest.mark.about(none="why")`` says the test's claims are about no part of a model (a bound any
 model obeys, a refuted claim, a fact about data): no mutation is derived, and the report shows why.
@@ -59,7 +66,11 @@ TARGETS = {
     "positions": ("permute_positions{}",),
     "read_in": ("randomise_read_in",),
     "model": ("untrained",),
+    # a feature the claim reads (its labels, a quantity a head tracks): nothing of the model to break,
+    # so no mutation; its specificity alternative is an independent feature of the same distribution
+    "feature": (),
 }
+_TAKES_ARG = ("head", "ov", "qk", "mlp", "attn", "path", "feature")
 _BY_LAYER = ("mlp", "attn")  # targets named by a layer, 'mlp:L2'
 _RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -71,8 +82,8 @@ def parse_target(target: str) -> tuple[str, str | None]:
     kind, _, arg = target.strip().partition(":")
     if kind not in TARGETS:
         raise ControlError(f"unknown target kind {kind!r} in about({target!r}); known: "
-                           + ", ".join(f"{k}:..." if "{}" in TARGETS[k][0] else k for k in TARGETS))
-    takes_arg = "{}" in TARGETS[kind][0] and kind != "positions"
+                           + ", ".join(f"{k}:..." if k in _TAKES_ARG else k for k in TARGETS))
+    takes_arg = kind in _TAKES_ARG
     if takes_arg and not arg:
         raise ControlError(f"about({target!r}): {kind} needs a part, e.g. '{kind}:L2H0'"
                            if kind not in _BY_LAYER else f"about({target!r}): {kind} needs a layer, e.g. '{kind}:L2'")
@@ -82,6 +93,8 @@ def parse_target(target: str) -> tuple[str, str | None]:
         raise ControlError(f"about({target!r}): positions take a range like 'positions:1-10'")
     if kind in _BY_LAYER:
         parse_layer(arg)
+    if kind == "feature" and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", arg):
+        raise ControlError(f"about({target!r}): a feature is named by an identifier, e.g. 'feature:open_proportion'")
     return kind, arg or None
 
 
@@ -162,7 +175,7 @@ def model_shape(fixtures) -> tuple[int, int] | None:
     return None
 
 
-SCOPES = ("model", "layer")
+SCOPES = ("model", "layer", False)  # False: a claim about the model's behaviour (below)
 
 
 def derive_alternatives(targets: list[str], shape: tuple[int, int] | None, scope: str = "model") -> list[str]:
@@ -170,18 +183,37 @@ def derive_alternatives(targets: list[str], shape: tuple[int, int] | None, scope
     ``shape`` = (n_layers, n_heads): ``rebind:ROLE,LlHh`` for every head of the model (a role; with
     ``scope="layer"``, ``@pytest.mark.about(..., alternatives="layer")``, where the hypothesis names
     the layer, the runs outside the bound head's layer skip themselves), or ``swap_with:LlHh,LlHk``
-    for every other head of the layer (an index). Other targets (MLPs named by layer, positions,
-    read-in, the whole model) get none here."""
+    for every other head of the layer (an index); with ``scope=False`` none (a claim about the
+    model's behaviour, ``about("model", "mlp:L2", alternatives=False)``); ``other_mlp:L2,Lk`` for every other layer of an
+    ``mlp:L2`` target (the test reads its layer through ``control.mlp``); ``independent_feature:NAME``
+    for a ``feature:NAME`` target (read through ``control.feature``). Positions, the read-in and the
+    whole model have no alternative of their kind here."""
     from circuits.claims.controls import _HEAD_RE
 
     if scope not in SCOPES:
-        raise ControlError(f"about(..., alternatives={scope!r}): expected one of {', '.join(SCOPES)}")
+        raise ControlError(f"about(..., alternatives={scope!r}): expected one of {', '.join(map(repr, SCOPES))}")
+    if scope is False:
+        # a claim about the model's behaviour that names no part in what it computes (a correlation of
+        # its outputs, an accuracy): its parts are where its power comes from, so it has mutations but
+        # nothing to point elsewhere; only allowed with "model" among the targets
+        if "model" not in targets:
+            raise ControlError("about(..., alternatives=False) is for claims about the model's behaviour: list "
+                               "'model' among the targets (the other targets are then its power only)")
+        return []
     out: list[str] = []
+    for target in targets:  # a feature's alternative needs no model shape
+        kind, arg = parse_target(target)
+        if kind == "feature" and f"independent_feature:{arg}" not in out:
+            out.append(f"independent_feature:{arg}")
     if shape is None:
         return out
     n_layers, n_heads = shape
     for target in targets:
         kind, arg = parse_target(target)
+        if kind == "mlp":
+            named = parse_layer(arg)
+            out += [s for s in (f"other_mlp:{arg},L{k}" for k in range(n_layers) if k != named) if s not in out]
+            continue
         if kind not in ("head", "ov", "qk") or arg is None:
             continue
         m = _HEAD_RE.match(arg)
@@ -279,6 +311,17 @@ register_control("permute_positions", kind="model", fn=_positions,
 register_control("randomise_read_in", kind="model", fn=lambda m, seed=0: intervention("randomise_read_in")(m, seed=seed),
                  description="the token embedding / vector read-in freshly initialised")
 
+def _part_only(*args, **kwargs):
+    raise ControlError("a part alternative is read through control.mlp() / control.feature(), not applied to "
+                       "a model or data")
+
+
+register_control("other_mlp", kind="part", fn=_part_only,
+                 description="the claim computed on another layer's MLP (a specificity alternative; read "
+                             "through control.mlp)")
+register_control("independent_feature", kind="part", fn=_part_only,
+                 description="the feature replaced by an independent one of the same distribution (a "
+                             "specificity alternative; read through control.feature)")
 register_control("swap_with", kind="model", fn=_swap_with, head_args=True,
                  description="all weights of two heads of a layer exchanged (a specificity alternative)")
 register_control("rebind", kind="data", fn=_rebind_control, accepts=_binds_role,

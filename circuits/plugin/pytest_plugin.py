@@ -109,9 +109,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 _MARKERS = (
     ("controls", "controls(*specs): negative controls on which every claim of the test must fail"),
-    ("about", "about(*targets, alternatives='model'|'layer'): what the test's claims are about ('head:L2H0', "
-              "'ov:count_head', 'qk:L0H0', 'mlp:L2', 'attn:L0', 'path:L2H0', 'positions[:a-b]', 'read_in', 'model'); "
-              "each target's mutations must make them fail, and so must pointing a head at each alternative; "
+    ("about", "about(*targets, alternatives='model'|'layer'|False): what the test's claims are about ('head:L2H0', "
+              "'ov:count_head', 'qk:L0H0', 'mlp:L2', 'attn:L0', 'path:L2H0', 'positions[:a-b]', 'read_in', "
+              "'feature:NAME', 'model'); each target's mutations must make them fail, and so must pointing a head, "
+              "an MLP (control.mlp) or a feature (control.feature) at each alternative (False: a claim about the "
+              "model's behaviour, its parts its power only); "
               "about(none='why') for claims about no part of a model (nothing derived; the report shows why)"),
     ("full_sweep", "full_sweep: the paper's full grid; run with --circuits-full-sweep"),
 )

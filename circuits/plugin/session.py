@@ -332,7 +332,9 @@ def judge_control(records: list, ctl: Any) -> tuple[str, str]:
     mutation = what is RunKind.MUTATION
     name = f"{what} {spec_name(ctl.spec)!r}"
     if not ctl.applied:
-        return "error", (f"{name} was never applied: no fixture called control.apply_{ctl.kind}(...), "
+        how = {"other_mlp": "control.mlp(layer)", "independent_feature": "control.feature(name, values)"}.get(
+            spec_name(ctl.spec).split(":", 1)[0], f"control.apply_{ctl.kind}(...)")
+        return "error", (f"{name} was never applied: the test never called {how} for the part it is about, "
                          f"so this run measured the unmodified {ctl.kind}")
     if not records:
         return "error", f"{name}: the {what} run recorded no claims, so it shows nothing"
