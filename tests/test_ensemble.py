@@ -264,3 +264,20 @@ def test_the_plugin_option_selects_the_stacked_trainers_keys(pytester):
     bad = pytester.runpytest_subprocess("--circuits-ensemble", "-1", "-q")
     assert bad.ret != 0 and "--circuits-ensemble must be >= 0" in bad.stderr.str()
     assert os.environ.get(BACKEND_ENV) == env_before
+
+
+def test_a_sweep_workers_share_of_the_cores_caps_the_recipes_threads(monkeypatch):
+    """Two workers of a 2-core pool each training a recipe that asks for 2 threads oversubscribe the
+    cores (a stacked bracket step measured 2-5x slower); a sweep's stack worker sets its share."""
+    entry = tiny_entry("tiny_threads")
+    entry = replace(entry, recipe=replace(entry.recipe, threads=2, steps=2, eval_every=2))
+    asked = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (asked.append(n), real(n)))
+    monkeypatch.setenv(ensemble.MAX_THREADS_ENV, "1")
+    train_stack(entry, [0, 1])
+    assert asked[0] == 1, asked
+    asked.clear()
+    monkeypatch.delenv(ensemble.MAX_THREADS_ENV)
+    train_stack(entry, [0, 1])
+    assert asked[0] == 2, asked

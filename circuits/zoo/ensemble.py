@@ -50,6 +50,10 @@ BACKEND_ENV = "CIRCUITS_TRAIN_BACKEND"  # "single" (default) or "ensemble": whic
 BACKENDS = ("single", "ensemble")
 
 
+# set by a sweep's stack worker: the most threads one stack may use (the cores over the workers)
+MAX_THREADS_ENV = "CIRCUITS_STACK_MAX_THREADS"
+
+
 class NotStackable(CircuitsError):
     """The entry's model or recipe is outside what the stacked trainer computes."""
 
@@ -429,6 +433,9 @@ def train_stack(entry, seeds: Sequence[int], *, device: str = "cpu", progress: O
     device = check_device(device)
     recipe = entry.recipe
     threads = recipe.threads or torch.get_num_threads()
+    cap = os.environ.get(MAX_THREADS_ENV)
+    if cap and cap.isdigit() and int(cap) > 0:  # a sweep worker's share of the cores
+        threads = min(threads, int(cap))
     old_threads = torch.get_num_threads()
     runs = []
     for seed in seeds:

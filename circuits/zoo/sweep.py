@@ -374,10 +374,14 @@ def stack_plan(seeds: Sequence[int], workers: int, ensemble: int) -> list:
     return [seeds[i:i + size] for i in range(0, len(seeds), size)]
 
 
-def _stack_worker(entry_or_name, seeds, root: str, device: str):
+def _stack_worker(entry_or_name, seeds, root: str, device: str, max_threads: int | None = None):
     import torch
 
+    from circuits.zoo.ensemble import MAX_THREADS_ENV
+
     torch.set_num_threads(1)
+    if max_threads:  # the pool's share of the cores: a recipe's 2 threads in each of 2 workers on 2 cores
+        os.environ[MAX_THREADS_ENV] = str(max_threads)  # oversubscribe them (measured 2-5x slower per step)
     _exit_with_parent()
     t0 = time.perf_counter()
     out = train_stacks(entry_or_name, seeds, root=root, device=device)
@@ -401,7 +405,8 @@ def _run_stacks(jobs, root, device, workers, address, results, progress, ensembl
         raise SettingError("--address is for the ray backend (the local backend runs on this machine)")
     with ProcessPoolExecutor(max_workers=min(n, len(tasks)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_stack_worker, entry, stack, str(root), device): (name, stack)
+        share = max(1, (os.cpu_count() or 1) // min(n, len(tasks)))
+        futures = {pool.submit(_stack_worker, entry, stack, str(root), device, share): (name, stack)
                    for entry, name, stack in tasks}
         while futures:
             finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
