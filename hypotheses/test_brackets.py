@@ -307,7 +307,10 @@ class BracketHypotheses:
         count test must do worse than random ones (by half the gap: the seed's "disagreeing" claim). (With heads 2.0 and 2.1 swapped, the pinned
         head reads the horizon feature and both claims fail; "count-agreeing sources keep >= 80%"
         alone holds there, see the next test.) Pooled over N_RESAMPLE_DRAWS draws of sources (from
-        `draws`), decided on bootstrap intervals over strings."""
+        `draws`), decided on bootstrap intervals over strings. A head in layer 0 (brackets seed 1 binds
+        its negative head to L0H1, so swap_roles resamples it) reads the same key and value at
+        position 1 from every string starting with "(": the random resample loses nothing (baseline
+        loss = clean loss), the fractions are undefined and both claims fail as measured."""
         r = resample_count_head(subject, control, resampling_draws, N_RESAMPLE_DRAWS)
         claim.at_least("loss_recovered(agree on count) - loss_recovered(agree on horizon)", r["count - horizon"],
                        MIN_FEATURE_CONTRAST, note=f"{r['note']}; {subject.binding}")

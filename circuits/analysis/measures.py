@@ -241,22 +241,115 @@ def cross_entropy_per_example(logits: torch.Tensor, labels: torch.Tensor) -> tor
     return torch.nn.functional.cross_entropy(logits.double(), labels.long(), reduction="none")
 
 
+# The smallest loss gap ``baseline - clean`` (nats, in size) a loss recovered is a fraction of: below
+# it (0 included) the fraction is undefined. One rule for every use: elementwise loss_recovered is NaN
+# there, and a claim's loss_recovered_ci is an Estimate that is ``undefined`` (a failed claim).
+LOSS_GAP_ATOL = 1e-12
+
+
+def loss_gap_defined(clean: Any, baseline: Any) -> Any:
+    """Whether the gap ``baseline - clean`` can be the denominator of :func:`loss_recovered`: finite
+    and at least :data:`LOSS_GAP_ATOL` in size (elementwise over arrays of mean losses)."""
+    with np.errstate(all="ignore"):
+        gap = np.asarray(baseline, dtype=np.float64) - np.asarray(clean, dtype=np.float64)
+        ok = np.isfinite(gap) & (np.abs(gap) >= LOSS_GAP_ATOL)
+    return bool(ok) if ok.ndim == 0 else ok
+
+
 def loss_recovered(patched: Any, clean: Any, baseline: Any, axis: Optional[int] = None) -> Any:
     """The fraction of the loss gap an intervention keeps (the one "loss recovered" of the library)::
 
         loss_recovered = (baseline - patched) / (baseline - clean)
 
     1 when the patched loss is the clean one, 0 when it is the baseline's (a random resample, an
-    ablation), negative when worse. NaN where the gap ``baseline - clean`` is not finite or is below
-    1e-12 in size. ``patched``, ``clean`` and ``baseline`` are mean losses (numbers or arrays,
+    ablation), negative when worse. NaN where the gap is not :func:`loss_gap_defined` (not finite, or
+    below ``LOSS_GAP_ATOL`` = 1e-12 nats in size: 0/0 when the baseline intervention changes
+    nothing). ``patched``, ``clean`` and ``baseline`` are mean losses (numbers or arrays,
     elementwise); with ``axis`` they are per-example losses, each averaged along ``axis`` first (a
     plain number is taken as a mean already), so the function is a statistic
     :func:`circuits.stats.bootstrap_ci` can resample (paired samples ``(patched, clean, baseline)``). The causal-scrubbing write-up's "loss recovered",
-    ``1 - scrubbed / baseline``, is ``clean=0``: the gap measured from a perfect model."""
+    ``1 - scrubbed / baseline``, is ``clean=0``: the gap measured from a perfect model.
+
+    A claim does not take this NaN: it takes :func:`loss_recovered_ci`, which turns an undefined gap
+    into a failed claim stating the losses."""
     if axis is not None:
         patched, clean, baseline = (np.mean(x, axis=axis) if np.ndim(x) else x for x in (patched, clean, baseline))
     p, c, b = (np.asarray(x, dtype=np.float64) for x in (patched, clean, baseline))
     gap = b - c
     with np.errstate(all="ignore"):
-        out = np.where(np.isfinite(gap) & (np.abs(gap) >= 1e-12), (b - p) / gap, np.nan)
+        out = np.where(loss_gap_defined(c, b), (b - p) / gap, np.nan)
     return float(out) if out.ndim == 0 else out
+
+
+def _measured_losses(clean: Any, baseline: Any, patched: Any) -> str:
+    """'measured mean losses: baseline b, clean c, <label> p, ...' (each argument averaged)."""
+    mean = lambda x: float(np.mean(np.asarray(x, dtype=np.float64)))  # noqa: E731
+    text = f"measured mean losses: baseline {mean(baseline):.6g}, clean {mean(clean):.6g}"
+    if patched is not None:
+        items = patched.items() if isinstance(patched, dict) else [("patched", patched)]
+        text += "".join(f", {label} {mean(x):.6g}" for label, x in items)
+    return text
+
+
+def undefined_loss_gap(clean: Any, baseline: Any, patched: Any = None) -> Optional[str]:
+    """None when the loss gap of these losses is :func:`loss_gap_defined`, else why not, naming the
+    measured mean losses: the reason a claim on their loss recovered fails. Each argument is a
+    number or per-example losses (averaged); ``patched`` may be a dict ``{label: losses}``."""
+    with np.errstate(all="ignore"):
+        c, b = (float(np.mean(np.asarray(x, dtype=np.float64))) for x in (clean, baseline))
+        gap = b - c
+    if loss_gap_defined(c, b):
+        return None
+    why = (f"it is {gap:.3g}, not finite" if not np.isfinite(gap) else
+           "the baseline loss equals the clean loss, so the baseline intervention changes nothing" if gap == 0 else
+           f"{gap:.3g} is below {LOSS_GAP_ATOL:g} in size")
+    return f"loss gap baseline - clean: {why}; {_measured_losses(clean, baseline, patched)}"
+
+
+def loss_recovered_ci(data: tuple, statistic: Optional[Callable] = None, *, clean: Any = None, baseline: Any = None,
+                      patched: Any = None, name: Optional[str] = None, **bootstrap: Any):
+    """A claim's loss recovered: ``bootstrap_ci(data, statistic, name=name, **bootstrap)`` for a
+    statistic built on :func:`loss_recovered` (default: ``loss_recovered`` itself, with ``data`` =
+    ``(patched, clean, baseline)`` per-example losses and ``clean`` / ``baseline`` / ``patched``
+    taken from it), under the library's one rule for a gap it cannot divide by.
+
+    The rule: when the whole sample's gap ``mean(baseline) - mean(clean)`` is not
+    :func:`loss_gap_defined` (0, or below ``LOSS_GAP_ATOL`` in size, or not finite), the fraction is
+    undefined and NO claim on it can hold (a claim that an intervention keeps or loses a share of
+    the loss presupposes a loss to share; with none, e.g. a resampled input that is the same in
+    every source string, the part's input demonstrably does not matter). The result is then an
+    Estimate with ``undefined`` set (point and bounds NaN, no ``problem``): a claim on it fails as a
+    measured failure whose message states the baseline, clean and patched losses
+    (:func:`undefined_loss_gap`), on a main run and on a control run alike (a control whose claim
+    fails this way did its job). The same holds when the sample's gap is defined but the gap of
+    some bootstrap resamples is not (it rests on a few examples): the fraction has no bounded
+    interval. It is never mapped to a number that could pass. Pass ``clean`` / ``baseline``
+    (per-example losses or numbers) for any other statistic, and ``patched`` (losses or
+    ``{label: losses}``) to have them named."""
+    from dataclasses import replace
+
+    from circuits.claims.stats import Estimate, bootstrap_ci  # the claims layer: only when a claim asks
+
+    if statistic is None:
+        statistic = loss_recovered
+        if clean is None and baseline is None:
+            patched, clean, baseline = (data[0] if patched is None else patched), data[1], data[2]
+    if clean is None or baseline is None:
+        raise InputError("loss_recovered_ci: pass clean= and baseline= (the losses the gap is measured between)")
+    why = undefined_loss_gap(clean, baseline, patched)
+    if why is not None:
+        n = max((int(np.size(x)) for x in (data if isinstance(data, tuple) else (data,))), default=0)
+        nan = float("nan")
+        return Estimate(nan, nan, nan, bootstrap.get("level", 0.95), bootstrap.get("method", "BCa"), n,
+                        name or getattr(statistic, "__name__", "loss_recovered"), None, undefined=why)
+    est = bootstrap_ci(data, statistic, name=name, **bootstrap)
+    if est.problem and np.isfinite(est.point):
+        # a defined fraction with an undefined interval: with finite losses (bootstrap_ci reports
+        # others before its point) only resamples whose gap is below LOSS_GAP_ATOL do that
+        with np.errstate(all="ignore"):
+            gaps = np.asarray(baseline, dtype=np.float64) - np.asarray(clean, dtype=np.float64)
+        of = f" ({int(np.sum(np.abs(gaps) >= LOSS_GAP_ATOL))} of {gaps.size} examples have a gap)" if gaps.ndim else ""
+        return replace(est, problem=None, undefined=(
+            f"loss gap baseline - clean below {LOSS_GAP_ATOL:g} on some bootstrap resamples{of}, so the fraction "
+            f"{est.point:.4g} has no bounded interval; {_measured_losses(clean, baseline, patched)}"))
+    return est

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from circuits.analysis.measures import loss_recovered, run_in_batches
+from circuits.analysis.measures import loss_recovered, loss_recovered_ci, run_in_batches
 from circuits.errors import ScrubError, did_you_mean
 from circuits.model.transformer import HookedTransformer
 from circuits.claims.stats import Estimate, bootstrap_ci
@@ -524,8 +524,12 @@ def scrub_result(name: str, clean, scrubbed, baseline, *, seed: int = 0, n_resam
     return ScrubResult(
         name=name, clean=float(c.mean()),
         scrubbed=bootstrap_ci(s_ex, _mean, **boot), baseline=bootstrap_ci(b_ex, _mean, **boot),
-        recovered=bootstrap_ci((s_ex, b_ex), _recovered, jackknife=_recovered_jackknife, **bca),
-        normalised=bootstrap_ci((s_ex, b_ex, np.array(c)), _normalised, jackknife=_normalised_jackknife, **bca),
+        # a zero loss gap (a baseline loss of 0; for normalised, baseline = clean) makes these undefined
+        # Estimates: a claim on them fails stating the losses (analysis.loss_recovered_ci)
+        recovered=loss_recovered_ci((s_ex, b_ex), _recovered, clean=0.0, baseline=b_ex, patched={"scrubbed": s_ex},
+                                    jackknife=_recovered_jackknife, **bca),
+        normalised=loss_recovered_ci((s_ex, b_ex, np.array(c)), _normalised, clean=c, baseline=b_ex,
+                                     patched={"scrubbed": s_ex}, jackknife=_normalised_jackknife, **bca),
         scrubbed_draws=s.mean(1), baseline_draws=b.mean(1), n_examples=s.shape[1],
         scrubbed_examples=s_ex, baseline_examples=b_ex)
 
@@ -725,9 +729,10 @@ def margin_over(result: ScrubResult, others: Sequence[ScrubResult]) -> tuple[Est
         return _recovered(s_h, b, axis=axis) - _recovered(s_v, b, axis=axis)
 
     # paired over the examples, each averaged over the shared draws (as every scrub interval)
-    est = bootstrap_ci((result.scrubbed_examples, best.scrubbed_examples, result.baseline_examples), gap, paired=True,
-                       method="percentile", n_resamples=1000, seed=0,
-                       name="recovered(hypothesis) - recovered(best wrong variant)")
+    est = loss_recovered_ci((result.scrubbed_examples, best.scrubbed_examples, result.baseline_examples), gap,
+                            clean=0.0, baseline=result.baseline_examples, paired=True, method="percentile",
+                            n_resamples=1000, seed=0, name="recovered(hypothesis) - recovered(best wrong variant)",
+                            patched={"scrubbed": result.scrubbed_examples, "best variant": best.scrubbed_examples})
     return est, best
 
 
@@ -739,6 +744,9 @@ def scrub_holds_claim(claim, name: str, result: ScrubResult, at_least: float, va
     a callable returning them, not called when the recovery's whole interval is below the bar (the
     claim fails whatever they give: the recovery's excess is recorded, its note says so)."""
     __tracebackhide__ = True
+    if result.recovered.undefined:  # no loss gap to recover (loss_recovered_ci): the claim fails as measured
+        return claim.at_least(f"{name}: min(recovered - {at_least:g}, recovered - best wrong variant - {margin:g})",
+                              result.recovered, 0.0, note=f"the wrong variants were not scrubbed; {_note(result)}")
     if result.recovered.hi < at_least:
         rec = result.recovered
         below = Estimate(rec.point - at_least, rec.lo - at_least, rec.hi - at_least, level=rec.level, n=rec.n,
@@ -754,9 +762,10 @@ def scrub_holds_claim(claim, name: str, result: ScrubResult, at_least: float, va
         rec = _recovered(s_h, b, axis=axis)
         return np.minimum(rec - at_least, rec - _recovered(s_v, b, axis=axis) - margin)
 
-    value = bootstrap_ci((result.scrubbed_examples, best.scrubbed_examples, result.baseline_examples), holds,
-                         paired=True, method="percentile", n_resamples=1000, seed=0,
-                         name="min(recovered - bar, recovered - best wrong variant - margin)")
+    value = loss_recovered_ci((result.scrubbed_examples, best.scrubbed_examples, result.baseline_examples), holds,
+                              clean=0.0, baseline=result.baseline_examples, paired=True, method="percentile",
+                              n_resamples=1000, seed=0, name="min(recovered - bar, recovered - best wrong variant - margin)",
+                              patched={"scrubbed": result.scrubbed_examples, "best variant": best.scrubbed_examples})
     listing = "; ".join(f"{v.name.split(' | ', 1)[-1]} {v.recovered.point:.3f}"
                         for v in sorted(variants, key=lambda v: -v.recovered.point))
     claim.at_least(f"{name}: min(recovered - {at_least:g}, recovered - best wrong variant - {margin:g})", value, 0.0,
@@ -778,8 +787,10 @@ def scrub_beats_variants_claim(claim, name: str, result: ScrubResult, variants: 
     est, best = margin_over(result, variants)
     listing = "; ".join(f"{v.name.split(' | ', 1)[-1]} {v.recovered.point:.3f}"
                         for v in sorted(variants, key=lambda v: -v.recovered.point))
-    claim.at_least(f"{name}: recovered - recovered(best wrong variant)", est, margin,
-                   note=f"best wrong variant: {best.name.split(' | ', 1)[-1]} {best.recovered.point:.3f} "
-                        f"[{best.recovered.lo:.3f}, {best.recovered.hi:.3f}]; all {len(variants)}: {listing}")
+    rec = claim.at_least(f"{name}: recovered - recovered(best wrong variant)", est, margin,
+                         note=f"best wrong variant: {best.name.split(' | ', 1)[-1]} {best.recovered.point:.3f} "
+                              f"[{best.recovered.lo:.3f}, {best.recovered.hi:.3f}]; all {len(variants)}: {listing}")
+    if est.undefined:  # no loss gap (loss_recovered_ci): no interval to separate either
+        return rec
     return claim.at_least(f"{name}: lower bound - best wrong variant's upper bound", result.recovered.lo - best.recovered.hi,
                           0.0, note=f"{result.recovered.lo:.3f} vs {best.recovered.hi:.3f}")

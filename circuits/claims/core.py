@@ -13,6 +13,13 @@ Values may be python numbers, numpy scalars, 0-d / 1-element torch tensors, or a
 relevant bound (lower bound for ``at_least``, upper for ``at_most``, the whole interval for
 ``close_to`` / ``between``). NaN, inf and empty samples are failures; values of the wrong kind
 (strings, None, arrays) raise :class:`ClaimValueError`.
+
+Two kinds of "no number": a ``problem`` (a NaN / inf / empty value, an Estimate with ``problem``:
+nothing usable was measured, so a control run recording one is an error) and an Estimate that is
+``undefined`` on what was measured (``Estimate.undefined``: e.g. a loss recovered whose loss gap is
+0, see :func:`circuits.analysis.measures.loss_recovered_ci`). The latter fails the claim as measured:
+value "undefined", no ``problem``, the reason and the measured values in the message and in
+``extra["undefined"]``.
 """
 
 from __future__ import annotations
@@ -146,6 +153,7 @@ class _Value:
     ci: Estimate | None = None
     problem: str | None = None  # a failure (NaN, inf, empty sample)
     wrong_kind: str | None = None  # a usage error (string, None, array)
+    undefined: str | None = None  # a measured failure: the statistic is undefined on this sample (why)
     shown: str = ""  # how to show the value when it has a problem ("nan", "inf", "empty")
 
 
@@ -158,6 +166,8 @@ def _kind(value: Any) -> str:
 def coerce_value(value: Any) -> _Value:
     """Turn a measured value into a float (plus its interval), or say what is wrong with it."""
     if isinstance(value, Estimate):
+        if value.undefined and not value.problem:
+            return _Value(None, value, undefined=value.undefined, shown="undefined")
         if value.problem:
             return _Value(value.point if _ok(value.point) else None, value, problem=value.problem,
                           shown=_fmt_g(value.point) if value.n else "n/a")
@@ -335,6 +345,12 @@ class Claims:
             rec.message = (f"claim {name!r}: value is {v.wrong_kind}; a claim needs a real number "
                            "(python/numpy scalar, 0-d or 1-element tensor) or an Estimate")
             return self._emit(rec, wrong_kind=True)
+        if v.undefined:
+            rec.value_text = v.shown
+            rec.extra["undefined"] = v.undefined
+            rec.message = (f"{name} is undefined ({v.undefined}), claim needs {rec.requirement}: an undefined "
+                           f"value meets no requirement")
+            return self._emit(rec)
         if v.problem:
             rec.problem = v.problem
             rec.value_text = v.shown or "nan"

@@ -48,7 +48,14 @@ class Estimate:
     """A point estimate with a bootstrap confidence interval ``[lo, hi]``.
 
     ``problem`` is None for a usable estimate, else a short phrase naming what went wrong
-    ("empty sample", "sample contains 2 NaN values", ...); a claim on such an estimate fails.
+    ("empty sample", "sample contains 2 NaN values", ...); a claim on such an estimate fails, and a
+    control run that records one is an error (nothing was measured).
+
+    ``undefined`` is None unless the statistic has no value on a sample that WAS measured, for a
+    reason that no claim on it can survive: a fraction of a loss gap that is 0
+    (:func:`circuits.analysis.measures.loss_recovered_ci`: the baseline intervention changed
+    nothing, so nothing can be "recovered"). The point and bounds are NaN; a claim on it fails as a
+    measured failure (its message gives the reason and the measured values), not as a ``problem``.
     """
 
     point: float
@@ -59,10 +66,12 @@ class Estimate:
     n: int = 0
     statistic: str = ""
     problem: str | None = None
+    undefined: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.problem is None and all(math.isfinite(v) for v in (self.point, self.lo, self.hi))
+        return (self.problem is None and self.undefined is None
+                and all(math.isfinite(v) for v in (self.point, self.lo, self.hi)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description of the interval (non-finite numbers become None)."""
@@ -78,6 +87,8 @@ class Estimate:
     def __str__(self) -> str:
         if self.problem:
             return f"{self.statistic or 'estimate'}: {self.problem}"
+        if self.undefined:
+            return f"{self.statistic or 'estimate'}: undefined ({self.undefined})"
         return f"{self.point:.4g} [{self.level:.0%} CI {self.lo:.4g}, {self.hi:.4g}]"
 
 

@@ -28,7 +28,6 @@ from circuits.analysis import interventions as I
 from circuits.analysis import measures as A
 from circuits.analysis import roles as R
 from circuits.claims.controls import register_control
-from circuits.claims.stats import bootstrap_ci
 from circuits.model.transformer import HookedTransformer
 from circuits.tasks.brackets import data as B
 from circuits.tasks.brackets.reference import ARENA_ROLES, N_EVAL, arena_data
@@ -234,8 +233,11 @@ def resample_count_head(subject: BracketSubject, control, draws, n_draws: int) -
     not on the count test ("horizon only"). Per-string losses are averaged over n_draws
     draws of sources (streams of `draws`; computed once per model function, head, draws and data
     control: the two resampling tests share them); fractions of the random-resample loss gap
-    (:func:`circuits.analysis.loss_recovered`) come with a bootstrap interval over strings. Returns
-    kind -> Estimate for "count", "horizon", "horizon only" and "count - horizon", and a "note"."""
+    (:func:`circuits.analysis.loss_recovered`) come with a bootstrap interval over strings
+    (:func:`circuits.analysis.loss_recovered_ci`: where the random resample changes no loss, e.g. a
+    layer-0 head, whose position-1 key and value are the same in every string starting with "(",
+    each is an undefined Estimate naming the losses, which fails its claim). Returns kind ->
+    Estimate for "count", "horizon", "horizon only" and "count - horizon", and a "note"."""
     data = subject.data
     rows = torch.nonzero(data.starts_open).squeeze(1)
     toks, labels = data.toks[rows], data.isbal[rows].long()
@@ -273,14 +275,21 @@ def resample_count_head(subject: BracketSubject, control, draws, n_draws: int) -
     mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
     seed = draws.child("bootstrap").int()
     out, spread = {}, {}
+    # a random resample that changes no loss (the head's position-1 input is the same in every string,
+    # e.g. a layer-0 head: position 1 is always "(") leaves no gap: loss_recovered_ci's rule makes each
+    # fraction undefined, a failed claim stating the losses (never NaN, never a number)
+    gap = dict(clean=mean["clean"], baseline=mean["random"], paired=True, method="percentile", n_resamples=1000,
+               seed=seed)
     for kind in ("count", "horizon", "horizon only"):
-        out[kind] = bootstrap_ci((mean[kind], mean["clean"], mean["random"]), A.loss_recovered, paired=True,
-                                 method="percentile", n_resamples=1000, seed=seed)
+        out[kind] = A.loss_recovered_ci((mean[kind], mean["clean"], mean["random"]), patched={kind: mean[kind]}, **gap)
         each = [A.loss_recovered(p, c, b) for p, c, b in zip(per_draw[kind], per_draw["clean"], per_draw["random"])]
-        spread[kind] = f"{min(each):.3f}..{max(each):.3f}"
-    out["count - horizon"] = bootstrap_ci((mean["count"], mean["horizon"], mean["clean"], mean["random"]),
-                                          _contrast, paired=True, method="percentile", n_resamples=1000, seed=seed,
-                                          name="recovered(count) - recovered(horizon)")
+        ok = [x for x in each if np.isfinite(x)]
+        spread[kind] = (f"{min(ok):.3f}..{max(ok):.3f}" if ok else "") + (
+            f"{' and ' if ok else ''}undefined (no loss gap) in {len(each) - len(ok)} of {len(each)} draws"
+            if len(ok) < len(each) else "")
+    out["count - horizon"] = A.loss_recovered_ci((mean["count"], mean["horizon"], mean["clean"], mean["random"]),
+                                                 _contrast, patched={k: mean[k] for k in ("count", "horizon")},
+                                                 name="recovered(count) - recovered(horizon)", **gap)
     out["note"] = (f"{len(rows)} strings x {n_draws} draws of sources; clean loss "
                    f"{per_draw['clean'][0]:.4g}, random resample {np.mean(per_draw['random']):.4g}; per-draw "
                    f"recovered: count-agreeing {spread['count']}, horizon-agreeing {spread['horizon']}, "
