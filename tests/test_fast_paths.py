@@ -177,3 +177,66 @@ def test_a_resumed_forward_refires_the_embedding_hooks_and_refuses_an_edit():
         with model.hooks([("hook_embed", lambda e, hook: e * 2)]):
             got = I.resample_activations(model, x, patches, [rows])[0]
             torch.testing.assert_close(got, reference_patch(model, x, x[rows], patches), atol=1e-12, rtol=1e-12)
+
+
+def _kv_patches(model) -> list[list[tuple[str, tuple]]]:
+    """Patches of the last block's keys and values: one head at one position (the bracket resampling
+    claims'), every head at a position, a head's slice of d_head, a negative head index."""
+    last, h = model.cfg.n_layers - 1, model.cfg.n_heads
+    k, v = f"blocks.{last}.attn.hook_k", f"blocks.{last}.attn.hook_v"
+    return [[(k, (1, 0)), (v, (1, 0))],
+            [(k, (2,)), (v, (0,))],
+            [(v, (slice(1, 3), h - 1, slice(0, 1)))],
+            [(k, (0, -1)), (v, (3, 0))]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_resampling_the_last_blocks_keys_and_values_equals_the_resumed_forwards(name, dtype, monkeypatch):
+    """resample_together's short cut for keys / values of the last block on a hook-free model (the
+    last block's LayerNorm, key/value projection and read-out query computed once for the clean rows,
+    attention per group only for the patched heads) gives what the resumed forwards of each group's
+    repeated batch give. The same kernels on the same rows: bitwise here, compared at 1e-6 / 1e-12."""
+    model = perturbed_model(name, dtype=dtype)
+    x = inputs(model, batch=7)
+    g = torch.Generator().manual_seed(8)
+    groups = [[torch.arange(7), torch.randint(7, (7,), generator=g), torch.randperm(7, generator=g)],
+              [torch.randint(7, (7,), generator=g)]]
+    moved = 0
+    for patches in _kv_patches(model):
+        assert I._last_block_kv_only(model, [n for n, _ in patches], [21, 7])
+        got = I.resample_together(model, x, patches, groups)
+        with monkeypatch.context() as m:
+            m.setattr(I, "_last_block_kv_only", lambda *a: False)
+            expected = I.resample_together(model, x, patches, groups)
+        for outs, exp in zip(got, expected):
+            for a, b in zip(outs, exp):
+                torch.testing.assert_close(a, b, **TIGHT[dtype])
+        for r, out in zip(groups[0], got[0]):
+            torch.testing.assert_close(out, reference_patch(model, x, x[r], patches), **TIGHT[dtype])
+        moved += not torch.allclose(got[1][0], got[0][0], atol=1e-6)
+    assert moved >= 2  # the patches move the output
+
+
+def test_the_last_block_short_cut_is_not_taken_with_hooks_or_elsewhere():
+    """A permanent hook, a torch module hook, training mode, an all-positions read-out, a patch before
+    the last block or a batch of one row: the resumed forwards run as before."""
+    model = perturbed_model("brackets")
+    kv = ["blocks.2.attn.hook_k", "blocks.2.attn.hook_v"]
+    assert I._last_block_kv_only(model, kv, [10])
+    assert not I._last_block_kv_only(model, kv + ["blocks.1.attn.hook_v"], [10])
+    assert not I._last_block_kv_only(model, ["blocks.2.attn.hook_z"], [10])
+    assert not I._last_block_kv_only(model, kv, [10, 1])
+    assert not I._last_block_kv_only(I.batch_mean_ablate_head(model, 2, 0), kv, [10])
+    with model.hooks([("blocks.0.hook_resid_post", lambda a, hook: a)]):
+        assert not I._last_block_kv_only(model, kv, [10])
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: out)
+    try:
+        assert not I._last_block_kv_only(model, kv, [10])
+    finally:
+        handle.remove()
+    model.train()
+    assert not I._last_block_kv_only(model, kv, [10])
+    model.eval()
+    every = perturbed_model(dict(CONFIGS["brackets"], readout="all"))
+    assert not I._last_block_kv_only(every, kv, [10])
