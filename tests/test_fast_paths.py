@@ -240,3 +240,48 @@ def test_the_last_block_short_cut_is_not_taken_with_hooks_or_elsewhere():
     model.eval()
     every = perturbed_model(dict(CONFIGS["brackets"], readout="all"))
     assert not I._last_block_kv_only(every, kv, [10])
+
+
+def test_kept_bootstrap_indices_are_the_generators_and_give_the_same_intervals(monkeypatch):
+    """stats.resample_indices hands out the index arrays it drew before for the same seed, sample sizes,
+    pairing, resamples and batch: they equal a fresh generator's draws, are read-only, and the
+    intervals (percentile paired / unpaired, studentized mean, AUROC) are exactly those of a cold
+    cache; entries past the byte budget are dropped least recently used first."""
+    import numpy as np
+
+    from circuits.claims import stats as S
+
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    rng = np.random.default_rng(0)
+    x, y, z = rng.normal(size=300), rng.normal(size=300), rng.normal(size=120)
+    for lens, paired in (((300,), True), ((300, 120), False)):
+        got = S.resample_indices(7, lens, paired, 250, 60)
+        fresh = np.random.default_rng(7)
+        for part in got:
+            assert all(not a.flags.writeable for a in part)
+            for a, m in zip(part, lens):
+                np.testing.assert_array_equal(a, fresh.integers(0, m, (a.shape[0], m)))
+        assert sum(p[0].shape[0] for p in got) == 250
+        assert S.resample_indices(7, lens, paired, 250, 60) is got  # kept
+
+    def intervals():
+        return [S.bootstrap_ci((x, y), S.pearson, paired=True, method="percentile", n_resamples=400, seed=3),
+                S.bootstrap_ci((x, z), S.mean_difference, method="percentile", n_resamples=400, seed=3),
+                S.bootstrap_ci(x, np.mean, n_resamples=400, seed=3),
+                S.auroc_ci(x[:150] + 0.5, z, n_resamples=400, seed=3)]
+
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    cold = intervals()
+    assert S._RESAMPLE_CACHE
+    warm = intervals()
+    monkeypatch.setattr(S, "RESAMPLE_CACHE_BYTES", 0)  # nothing kept: every interval draws afresh
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    uncached = intervals()
+    assert not S._RESAMPLE_CACHE
+    for a, b, c in zip(cold, warm, uncached):
+        assert (a.point, a.lo, a.hi, a.method) == (b.point, b.lo, b.hi, b.method) == (c.point, c.lo, c.hi, c.method)
+    monkeypatch.setattr(S, "RESAMPLE_CACHE_BYTES", 2 * 8 * 100 * 300)  # room for two [100, 300] entries
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    for seed in (1, 2, 1, 3):  # 1 is used again, so 2 is the least recently used when 3 comes
+        S.resample_indices(seed, (300,), True, 100, 100)
+    assert [k[0] for k in S._RESAMPLE_CACHE] == [1, 3]
