@@ -177,3 +177,111 @@ def test_a_resumed_forward_refires_the_embedding_hooks_and_refuses_an_edit():
         with model.hooks([("hook_embed", lambda e, hook: e * 2)]):
             got = I.resample_activations(model, x, patches, [rows])[0]
             torch.testing.assert_close(got, reference_patch(model, x, x[rows], patches), atol=1e-12, rtol=1e-12)
+
+
+def _kv_patches(model) -> list[list[tuple[str, tuple]]]:
+    """Patches of the last block's keys and values: one head at one position (the bracket resampling
+    claims'), every head at a position, a head's slice of d_head, a negative head index."""
+    last, h = model.cfg.n_layers - 1, model.cfg.n_heads
+    k, v = f"blocks.{last}.attn.hook_k", f"blocks.{last}.attn.hook_v"
+    return [[(k, (1, 0)), (v, (1, 0))],
+            [(k, (2,)), (v, (0,))],
+            [(v, (slice(1, 3), h - 1, slice(0, 1)))],
+            [(k, (0, -1)), (v, (3, 0))]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_resampling_the_last_blocks_keys_and_values_equals_the_resumed_forwards(name, dtype, monkeypatch):
+    """resample_together's short cut for keys / values of the last block on a hook-free model (the
+    last block's LayerNorm, key/value projection and read-out query computed once for the clean rows,
+    attention per group only for the patched heads) gives what the resumed forwards of each group's
+    repeated batch give. The same kernels on the same rows: bitwise here, compared at 1e-6 / 1e-12."""
+    model = perturbed_model(name, dtype=dtype)
+    x = inputs(model, batch=7)
+    g = torch.Generator().manual_seed(8)
+    groups = [[torch.arange(7), torch.randint(7, (7,), generator=g), torch.randperm(7, generator=g)],
+              [torch.randint(7, (7,), generator=g)]]
+    moved = 0
+    for patches in _kv_patches(model):
+        assert I._last_block_kv_only(model, [n for n, _ in patches], [21, 7])
+        got = I.resample_together(model, x, patches, groups)
+        with monkeypatch.context() as m:
+            m.setattr(I, "_last_block_kv_only", lambda *a: False)
+            expected = I.resample_together(model, x, patches, groups)
+        for outs, exp in zip(got, expected):
+            for a, b in zip(outs, exp):
+                torch.testing.assert_close(a, b, **TIGHT[dtype])
+        for r, out in zip(groups[0], got[0]):
+            torch.testing.assert_close(out, reference_patch(model, x, x[r], patches), **TIGHT[dtype])
+        moved += not torch.allclose(got[1][0], got[0][0], atol=1e-6)
+    assert moved >= 2  # the patches move the output
+
+
+def test_the_last_block_short_cut_is_not_taken_with_hooks_or_elsewhere():
+    """A permanent hook, a torch module hook, training mode, an all-positions read-out, a patch before
+    the last block or a batch of one row: the resumed forwards run as before."""
+    model = perturbed_model("brackets")
+    kv = ["blocks.2.attn.hook_k", "blocks.2.attn.hook_v"]
+    assert I._last_block_kv_only(model, kv, [10])
+    assert not I._last_block_kv_only(model, kv + ["blocks.1.attn.hook_v"], [10])
+    assert not I._last_block_kv_only(model, ["blocks.2.attn.hook_z"], [10])
+    assert not I._last_block_kv_only(model, kv, [10, 1])
+    assert not I._last_block_kv_only(I.batch_mean_ablate_head(model, 2, 0), kv, [10])
+    with model.hooks([("blocks.0.hook_resid_post", lambda a, hook: a)]):
+        assert not I._last_block_kv_only(model, kv, [10])
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: out)
+    try:
+        assert not I._last_block_kv_only(model, kv, [10])
+    finally:
+        handle.remove()
+    model.train()
+    assert not I._last_block_kv_only(model, kv, [10])
+    model.eval()
+    every = perturbed_model(dict(CONFIGS["brackets"], readout="all"))
+    assert not I._last_block_kv_only(every, kv, [10])
+
+
+def test_kept_bootstrap_indices_are_the_generators_and_give_the_same_intervals(monkeypatch):
+    """stats.resample_indices hands out the index arrays it drew before for the same seed, sample sizes,
+    pairing, resamples and batch: they equal a fresh generator's draws, are read-only, and the
+    intervals (percentile paired / unpaired, studentized mean, AUROC) are exactly those of a cold
+    cache; entries past the byte budget are dropped least recently used first."""
+    import numpy as np
+
+    from circuits.claims import stats as S
+
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    rng = np.random.default_rng(0)
+    x, y, z = rng.normal(size=300), rng.normal(size=300), rng.normal(size=120)
+    for lens, paired in (((300,), True), ((300, 120), False)):
+        got = S.resample_indices(7, lens, paired, 250, 60)
+        fresh = np.random.default_rng(7)
+        for part in got:
+            assert all(not a.flags.writeable for a in part)
+            for a, m in zip(part, lens):
+                np.testing.assert_array_equal(a, fresh.integers(0, m, (a.shape[0], m)))
+        assert sum(p[0].shape[0] for p in got) == 250
+        assert S.resample_indices(7, lens, paired, 250, 60) is got  # kept
+
+    def intervals():
+        return [S.bootstrap_ci((x, y), S.pearson, paired=True, method="percentile", n_resamples=400, seed=3),
+                S.bootstrap_ci((x, z), S.mean_difference, method="percentile", n_resamples=400, seed=3),
+                S.bootstrap_ci(x, np.mean, n_resamples=400, seed=3),
+                S.auroc_ci(x[:150] + 0.5, z, n_resamples=400, seed=3)]
+
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    cold = intervals()
+    assert S._RESAMPLE_CACHE
+    warm = intervals()
+    monkeypatch.setattr(S, "RESAMPLE_CACHE_BYTES", 0)  # nothing kept: every interval draws afresh
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    uncached = intervals()
+    assert not S._RESAMPLE_CACHE
+    for a, b, c in zip(cold, warm, uncached):
+        assert (a.point, a.lo, a.hi, a.method) == (b.point, b.lo, b.hi, b.method) == (c.point, c.lo, c.hi, c.method)
+    monkeypatch.setattr(S, "RESAMPLE_CACHE_BYTES", 2 * 8 * 100 * 300)  # room for two [100, 300] entries
+    monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+    for seed in (1, 2, 1, 3):  # 1 is used again, so 2 is the least recently used when 3 comes
+        S.resample_indices(seed, (300,), True, 100, 100)
+    assert [k[0] for k in S._RESAMPLE_CACHE] == [1, 3]

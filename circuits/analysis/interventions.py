@@ -627,6 +627,12 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
     groups = [[_check_rows(r, n, inputs.device) for r in group] for group in groups]
     if any(not group for group in groups):
         raise InputError("resample_together: every group needs at least one set of source rows")
+    if _last_block_kv_only(model, names, [len(group) * n for group in groups]):
+        last = model.cfg.n_layers - 1
+        resume = f"blocks.{last}.hook_resid_pre"
+        cache = capture_activations(model, inputs, names + [resume])  # stops at the last of them
+        clean = {name: check_patch_index(name, cache[name], index) for name, index in patches}
+        return _resample_last_block_kv(model, inputs, patches, groups, clean, cache[resume])
     layer = _resume_layer(model, names)
     resume = f"blocks.{layer}.hook_resid_pre"
     cache = capture_activations(model, inputs, names + ([resume] if layer else []))  # stops at the last of them
@@ -642,6 +648,138 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
             out = _run_patched(model, x, hooks, layer, cache[resume].repeat(len(group), 1, 1) if layer else None)
         outputs.append(list(out.split(n)))
     return outputs
+
+
+def _no_torch_hooks(model: torch.nn.Module) -> bool:
+    """No torch module hook anywhere (on a module or global), no compiled module, no JIT trace: the
+    functional short cut below would skip them."""
+    g = torch.nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks or torch._C._get_tracing_state()):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   or m._compiled_call_impl is not None for m in model.modules())
+
+
+def _last_block_kv_only(model: Any, names: Sequence[str], batch_sizes: Sequence[int]) -> bool:
+    """Whether `_resample_last_block_kv` computes what the resumed forwards compute: a plain
+    HookedTransformer in eval mode with no hook of any kind, a first/last read-out (the forward then
+    takes the read-out path through its last block for every group's batch), and patches only on the
+    last block's hook_k / hook_v."""
+    from circuits.model import transformer as T
+
+    if type(model).forward is not T.HookedTransformer.forward or model.training:
+        return False
+    last = model.cfg.n_layers - 1
+    block = model.blocks[last]
+    allowed = {f"blocks.{last}.attn.hook_k", f"blocks.{last}.attn.hook_v"}
+    norms = (T.LayerNorm, torch.nn.Identity)
+    return (model.cfg.readout in ("first", "last") and set(names) <= allowed
+            and min(batch_sizes) >= T.READOUT_ONLY_MIN_BATCH
+            and type(block) is T.TransformerBlock and type(block.attn) is T.Attention
+            and type(block.ln1) in norms and type(model.unembed) is T.Unembed
+            and (not block.has_mlp or (type(block.ln2) in norms and type(block.mlp) is T.MLP))
+            and (model.cfg.normalization != "LN" or type(model.ln_final) is T.LayerNorm)
+            and not any(hp.fns for hp in model.hook_dict.values()) and _no_torch_hooks(model))
+
+
+def _resample_last_block_kv(model: HookedTransformer, inputs: torch.Tensor, patches: list, groups: list,
+                            clean: dict, resid: torch.Tensor) -> list[list[torch.Tensor]]:
+    """`resample_together` for patches of the last block's keys / values on a hook-free model
+    (`_last_block_kv_only`): what each group's resumed forward computes, without repeating what does
+    not depend on the group. The last block's LayerNorm, key/value projection and read-out query are
+    computed once on the n clean rows (they are the same rows in every repeat) and gathered per group;
+    attention runs per group only for the patched heads (the others' outputs at the read-out position
+    are the clean ones); the output projection, MLP, final LayerNorm and unembedding then run on each
+    group's batch as in the forward (`TransformerBlock.forward_at`). The same kernels on the same
+    rows: equal to the resumed forwards (tests/test_fast_paths.py)."""
+    import torch.nn.functional as F
+
+    from circuits.model.transformer import _at
+
+    n, P = inputs.shape[0], inputs.shape[1]
+    block = model.blocks[model.cfg.n_layers - 1]
+    attn = block.attn
+    h, d = attn.n_heads, attn.d_head
+    readout = model.cfg.readout
+    kpm = model.key_padding_mask(inputs)  # [n, pos] or None
+    if kpm is not None and not bool(kpm.any()):
+        kpm = None
+    heads = _patched_heads(patches, h)
+    with torch.no_grad():
+        x = block.ln1(resid)  # [n, pos, d_model]
+        W, b = attn.W_QKV.view(3, h * d, -1), attn.b_QKV.view(3, h * d)
+        kv = F.linear(x, W[1:].reshape(2 * h * d, -1), b[1:].reshape(-1)).view(n, P, 2, h, d)
+        index = _readout_position(model, kpm, readout, n, P, inputs.device)
+        q = F.linear(_at(x, index), W[0], b[0]).view(n, 1, h, d)  # [n, 1, head, d_head]
+        mask = model._attention_mask(kpm, P, inputs.device)
+        z = None
+        if len(heads) < h:  # the unpatched heads' outputs at the read-out position: the clean ones
+            k, v = kv.unbind(2)
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask.query_rows(index)).transpose(1, 2)  # [n, 1, head, d_head]
+        sel = torch.tensor(heads, device=inputs.device)
+        kv_heads = {"hook_k": kv[:, :, 0].index_select(2, sel), "hook_v": kv[:, :, 1].index_select(2, sel)}
+        q_heads = q.index_select(2, sel)  # [n, 1, patched head, d_head]
+        resid_at = _at(resid, index)  # [n, 1, d_model]
+        outputs = []
+        for group in groups:
+            G = len(group)
+            B = G * n
+            rep = torch.arange(n, device=inputs.device).repeat(G)  # row of each repeat (inputs.repeat's order)
+            source = torch.cat(group)
+            kp = None if kpm is None else kpm.repeat(G, 1)
+            index_b = index if isinstance(index, int) else index.repeat(G)
+            acts = {}
+            for key, value in kv_heads.items():
+                acts[key] = value[rep]  # [B, pos, patched head, d_head]
+            for name, index_p in patches:
+                key = name.rsplit(".", 1)[1]
+                acts[key][(slice(None), *_local_head_index(index_p, heads, h))] = clean[name][source].to(acts[key].dtype)
+            z_p = F.scaled_dot_product_attention(
+                q_heads[rep].transpose(1, 2), acts["hook_k"].transpose(1, 2), acts["hook_v"].transpose(1, 2),
+                attn_mask=model._attention_mask(kp, P, inputs.device).query_rows(index_b)).transpose(1, 2)
+            if z is None:
+                z_b = z_p  # [B, 1, head, d_head]
+            else:
+                z_b = z[rep]
+                z_b[:, :, sel] = z_p
+            out = F.linear(z_b.reshape(B, 1, h * d), attn.W_O.view(h * d, -1).t(), attn.b_O)  # [B, 1, d_model]
+            out = resid_at[rep] + out
+            if block.has_mlp:
+                out = out + block.mlp(block.ln2(out))
+            if model.cfg.normalization == "LN":
+                out = model.ln_final(out)
+            outputs.append(list(model.unembed(out)[:, 0].split(n)))
+    return outputs
+
+
+def _readout_position(model: HookedTransformer, kpm, readout: str, n: int, P: int, device):
+    """The read-out position as HookedTransformer.forward's read-out path takes it: an int when the
+    same in every row, else [n] (last non-pad position)."""
+    if readout == "first" or (readout == "last" and kpm is None):
+        return 0 if readout == "first" else P - 1
+    return model._readout_index(kpm, readout, n, P, kpm.device)
+
+
+def _int_head(index: tuple) -> bool:
+    """Whether a patch index over [pos, head, d_head] names one head by an integer."""
+    return (len(index) >= 2 and not isinstance(index[1], (bool, torch.Tensor)) and index[1] is not None
+            and index[1] is not Ellipsis and hasattr(index[1], "__index__"))
+
+
+def _patched_heads(patches: list, n_heads: int) -> list[int]:
+    """The heads the patches touch (every head unless each index names one head by an integer)."""
+    if not all(_int_head(index) for _, index in patches):
+        return list(range(n_heads))
+    return sorted({int(index[1]) % n_heads for _, index in patches})
+
+
+def _local_head_index(index: tuple, heads: list[int], n_heads: int) -> tuple:
+    """A patch index over [pos, head, d_head] translated to the gathered heads `heads`."""
+    if len(heads) == n_heads:
+        return index
+    return (index[0], heads.index(int(index[1]) % n_heads), *index[2:])
 
 
 def _check_rows(rows, n: int, device: torch.device) -> torch.Tensor:

@@ -258,11 +258,10 @@ def _studentized_mean_interval(x: np.ndarray, level: float, n_resamples: int, se
     if not sd > 0:
         return float("nan"), float("nan")
     mean = float(x.mean())
-    rng = np.random.default_rng(seed)
     batch = max(1, min(n_resamples, int(4_000_000 // max(n, 1))))
     parts = []
-    for start in range(0, n_resamples, batch):
-        r = x[rng.integers(0, n, (min(batch, n_resamples - start), n))]  # [b, n]
+    for (idx,) in resample_indices(seed, (n,), True, n_resamples, batch):
+        r = x[idx]  # [b, n]
         with np.errstate(all="ignore"):
             parts.append((r.mean(axis=1) - mean) / (r.std(axis=1, ddof=1) / math.sqrt(n)))
     t = np.concatenate(parts)
@@ -305,20 +304,59 @@ def _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed
     return lo, hi, method
 
 
+# resample_indices keeps the index arrays it drew for an integer seed, least recently used first out,
+# up to this many bytes (an entry is 8 bytes x resamples x rows: 40 MB for 1,000 x 5,000); larger ones
+# are drawn each time
+RESAMPLE_CACHE_BYTES = 320 * 2**20
+_RESAMPLE_CACHE: dict = {}
+
+
+def resample_indices(seed: Any, lens: tuple, paired: bool, n_resamples: int, batch: int) -> list[tuple]:
+    """The bootstrap's row indices, per batch of (up to) `batch` resamples: a tuple with one [b, n]
+    array (paired: the rows of every sample; `lens` = (n,)) or one [b, len] array per sample in
+    order, drawn from ``np.random.default_rng(seed)`` as ``rng.integers(0, n, (b, n))`` batch by
+    batch, sample by sample: what scipy.stats.bootstrap draws. Many intervals of a session share a
+    seed and a sample size (every claim of a module on the same strings): for an integer seed the
+    arrays are kept (read-only) and handed out again; the same generator calls give the same
+    indices, so an interval is the same whether they were drawn now or before (tested)."""
+    def draw() -> list[tuple]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for start in range(0, n_resamples, batch):
+            b = min(batch, n_resamples - start)
+            out.append(tuple(rng.integers(0, m, (b, m)) for m in lens))  # [b, m] each
+        return out
+
+    size = 8 * n_resamples * sum(lens)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or size > RESAMPLE_CACHE_BYTES // 2:
+        return draw()
+    key = (int(seed), tuple(int(m) for m in lens), bool(paired), int(n_resamples), int(batch))
+    hit = _RESAMPLE_CACHE.pop(key, None)
+    if hit is None:
+        hit = draw()
+        for part in hit:
+            for a in part:
+                a.flags.writeable = False
+        while _RESAMPLE_CACHE and size + sum(8 * a.size for v in _RESAMPLE_CACHE.values()
+                                             for part in v for a in part) > RESAMPLE_CACHE_BYTES:
+            _RESAMPLE_CACHE.pop(next(iter(_RESAMPLE_CACHE)))  # the least recently used
+    _RESAMPLE_CACHE[key] = hit  # (re)inserted last: the most recently used
+    return hit
+
+
 def _percentile_interval(samples, statistic, paired, level, n_resamples, seed, batch):
     """scipy.stats.bootstrap's percentile interval, drawing the same indices from the same generator
     (the same resamples, so its interval to float rounding; tested), without its per-batch
     overhead: 1.3-2x faster for the claims' samples of 5,000-20,000 rows.
     Returns (low, high, bootstrap distribution)."""
-    rng = np.random.default_rng(seed)
     parts = []
-    for start in range(0, n_resamples, batch):
-        b = min(batch, n_resamples - start)
+    lens = (len(samples[0]),) if paired else tuple(len(s) for s in samples)
+    for indices in resample_indices(seed, lens, paired, n_resamples, batch):
         if paired:
-            idx = rng.integers(0, len(samples[0]), (b, len(samples[0])))  # [b, n]
-            resampled = [s[idx] for s in samples]
+            resampled = [s[indices[0]] for s in samples]  # [b, n] each, the same rows
         else:
-            resampled = [s[rng.integers(0, len(s), (b, len(s)))] for s in samples]
+            resampled = [s[idx] for s, idx in zip(samples, indices)]
+        b = indices[0].shape[0]
         parts.append(np.asarray(statistic(*resampled, axis=-1), dtype=np.float64).reshape(b))
     dist = np.concatenate(parts)  # [n_resamples]
     alpha = (1 - level) / 2
