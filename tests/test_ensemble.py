@@ -281,3 +281,166 @@ def test_a_sweep_workers_share_of_the_cores_caps_the_recipes_threads(monkeypatch
     monkeypatch.delenv(ensemble.MAX_THREADS_ENV)
     train_stack(entry, [0, 1])
     assert asked[0] == 2, asked
+
+
+# ------------------------------------------------------------------------ resumable stacks (checkpoints)
+
+
+class _Stop(Exception):
+    """The test's interruption (a session stopped mid-stack)."""
+
+
+def _resumable(entry, steps: int = 20):
+    """Evaluations every 5 steps, 7 batches an epoch: a checkpoint after step 9 is mid-epoch, mid-window."""
+    return replace(entry, recipe=replace(entry.recipe, steps=steps, eval_every=5, n_train=200, n_eval=100,
+                                         threads=1, warmup_steps=5, n_test=0))
+
+
+def _same(a: dict, b: dict, seeds) -> None:
+    """Bitwise the same weights, and the same cards but for wall-clock fields."""
+    def plain(card):
+        return {k: ([{f: v for f, v in row.items() if f != "elapsed"} for row in v] if k == "history" else
+                    {f: x for f, x in v.items() if f != "elapsed"} if k == "metrics" else v)
+                for k, v in card.items() if k != "wall_time"}
+
+    for s in seeds:
+        wa, wb = a[s][0].state_dict(), b[s][0].state_dict()
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"seed {s}: the resumed weights differ"
+        assert plain(a[s][1]) == plain(b[s][1]), f"seed {s}: the resumed card differs"
+
+
+def _interrupted(entry, seeds, root, at_step: int, **kw):
+    """Train until the evaluation at `at_step`, then stop as a killed session would (no clean-up)."""
+    def progress(seed, step, total, metrics):
+        if step == at_step:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_stack(entry, seeds, checkpoint_root=root, progress=progress, **kw)
+
+
+def _checkpoints(root) -> list:
+    folder = Path(root) / ensemble.stack_checkpoint.FOLDER
+    return sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("name", ["tiny", "brackets@arena_like"])
+def test_an_interrupted_stack_resumes_to_the_same_bytes(name, tmp_path, monkeypatch):
+    """A checkpoint after every step (the timer at ~0): the last one before the interruption at step 10
+    is after step 9, mid-epoch (the epoch redrawn and 2 batches skipped) with a running loss of 4 steps.
+    tiny: length-bucketed bracket data, fused AdamW; arena_like: each seed's dropout generator too."""
+    entry = (_resumable(tiny_entry("tiny_resume", fast=True)) if name == "tiny" else
+             _resumable(zoo.get_entry(name), steps=12))
+    seeds = [0, 1]
+    straight = train_stack(entry, seeds)
+    monkeypatch.setenv(ensemble.stack_checkpoint.EVERY_ENV, "1e-9")
+    _interrupted(entry, seeds, tmp_path, at_step=10)
+    assert len(_checkpoints(tmp_path)) == 1
+    lines = []
+    resumed = train_stack(entry, seeds, checkpoint_root=tmp_path, say=lines.append)
+    assert len(lines) == 1 and "resume from their stack checkpoint at step 9/" in lines[0], lines
+    _same(straight, resumed, seeds)
+    assert _checkpoints(tmp_path) == [], "the checkpoint outlived its stack"
+
+
+def test_a_seed_that_stopped_before_the_checkpoint_is_not_in_the_resumed_stack(tmp_path, monkeypatch):
+    """Seed 1 reaches its target at step 5 and is handed back (stored, in a sweep); the interruption at
+    step 10 leaves a checkpoint of seeds 0 and 2, which a rerun (the seeds the store lacks) resumes."""
+    entry = _resumable(tiny_entry("tiny_resume_stop"))
+    seeds = [0, 1, 2]
+    current = {}
+    real_reached = ensemble._reached
+
+    def progress(seed, step, total, metrics):  # _reached is asked right after, for the same seed
+        current["seed"] = seed
+
+    monkeypatch.setattr(ensemble, "_reached", lambda row, recipe: current["seed"] == 1 or real_reached(row, recipe))
+    straight = train_stack(entry, seeds, progress=progress)
+    assert straight[1][1]["steps"] == 5 and straight[0][1]["steps"] == 20
+    monkeypatch.setenv(ensemble.stack_checkpoint.EVERY_ENV, "0.000000001")
+    done = []
+
+    def stopping(seed, step, total, metrics):
+        progress(seed, step, total, metrics)
+        if step == 10:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_stack(entry, seeds, checkpoint_root=tmp_path, progress=stopping, on_done=lambda s, m, c: done.append(s))
+    assert done == [1] and len(_checkpoints(tmp_path)) == 1
+    lines = []
+    resumed = train_stack(entry, [0, 2], checkpoint_root=tmp_path, progress=progress, say=lines.append)
+    assert "seeds [0, 2] resume from their stack checkpoint at step 9/20" in lines[0], lines
+    _same(straight, resumed, [0, 2])  # the cards name the first group, [0, 1, 2]
+    assert resumed[0][1]["ensemble"]["group"] == seeds and _checkpoints(tmp_path) == []
+
+
+def test_a_damaged_or_foreign_checkpoint_is_ignored_with_one_line(tmp_path, monkeypatch):
+    entry = _resumable(tiny_entry("tiny_resume_bad"), steps=10)
+    monkeypatch.setenv(ensemble.stack_checkpoint.EVERY_ENV, "1e-9")
+    path = ensemble._Checkpoints(entry, tmp_path)._path([0, 1])
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x00" * 100)
+    lines = []
+    out = train_stack(entry, [0, 1], checkpoint_root=tmp_path, say=lines.append)
+    assert len(lines) == 1 and "ignored (unreadable" in lines[0] and "start at step 0" in lines[0], lines
+    assert out[1][1]["steps"] == 10 and _checkpoints(tmp_path) == []
+    # a good checkpoint under another stack's name: its key does not match the name it was found by
+    _interrupted(entry, [0, 1], tmp_path, at_step=10)
+    (good,) = _checkpoints(tmp_path)
+    other = ensemble._Checkpoints(entry, tmp_path)._path([1, 0])
+    (tmp_path / ensemble.stack_checkpoint.FOLDER / good).rename(other)
+    assert ensemble._Checkpoints(entry, tmp_path, lines.append).resume([1, 0], [], None, None) is None
+    assert "ignored (written for another stack)" in lines[-1] and not other.exists()
+
+
+def test_the_checkpoint_interval_setting(monkeypatch):
+    env = ensemble.stack_checkpoint.EVERY_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert ensemble.stack_checkpoint.every_s() == ensemble.stack_checkpoint.DEFAULT_EVERY_S
+    monkeypatch.setenv(env, "0")
+    assert ensemble.stack_checkpoint.every_s() == 0
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(Exception, match=env):
+            ensemble.stack_checkpoint.every_s()
+
+
+def test_a_rerun_plans_the_same_stacks_less_their_stored_seeds():
+    from circuits.zoo.sweep import stack_plan
+
+    assert stack_plan(range(6), 2, 3) == [[0, 1, 2], [3, 4, 5]]
+    assert stack_plan(range(6), 2, 3, todo=[0, 2, 3, 4, 5]) == [[0, 2], [3, 4, 5]]
+    assert stack_plan(range(6), 2, 0, todo=[4, 5]) == [[4, 5]]  # automatic: sized on all the run's seeds
+
+
+def test_a_rerun_sweep_stack_resumes_its_checkpoint_in_the_store(tmp_path, monkeypatch):
+    """The sweep's stack (sweep.train_stacks) checkpoints under its store; interrupted, a rerun stores
+    the bytes an uninterrupted sweep stores."""
+    from circuits.zoo import sweep
+
+    entry = _resumable(tiny_entry("tiny_resume_sweep"), steps=10)
+    sweep.train_stacks(entry, [0, 1], root=tmp_path / "straight", stream=io.StringIO())
+    monkeypatch.setenv(ensemble.stack_checkpoint.EVERY_ENV, "1e-9")
+    real = sweep._EvalLines.__call__
+
+    def interrupting(self, step, total, metrics):
+        if step == 10:
+            raise _Stop
+        real(self, step, total, metrics)
+
+    monkeypatch.setattr(sweep._EvalLines, "__call__", interrupting)
+    with pytest.raises(_Stop):
+        sweep.train_stacks(entry, [0, 1], root=tmp_path / "resumed", stream=io.StringIO())
+    assert len(_checkpoints(tmp_path / "resumed")) == 1
+    monkeypatch.setattr(sweep._EvalLines, "__call__", real)
+    log = io.StringIO()
+    assert sweep.train_stacks(entry, [0, 1], root=tmp_path / "resumed", stream=log) == {0: "trained", 1: "trained"}
+    assert "resume from their stack checkpoint at step 9/10" in log.getvalue(), log.getvalue()
+    monkeypatch.setenv(BACKEND_ENV, "ensemble")
+    for s in (0, 1):
+        key = spec_key(entry.spec(s))
+        a, b = ModelStore(tmp_path / "straight").load(key), ModelStore(tmp_path / "resumed").load(key)
+        assert a[1]["content_hash"] == b[1]["content_hash"], f"seed {s}: the resumed sweep stored other bytes"
+    assert _checkpoints(tmp_path / "resumed") == []

@@ -24,14 +24,20 @@ Supported: the HookedTransformer family on token inputs (every built-in transfor
 training-time extras given by the entry's `train_fn.ensemble_extras(entry)` (the bracket census's
 tutorial-style dropout and embedding scale). Anything else raises NotStackable; the sweep
 (`circuits.zoo.sweep.train_stacks`) then trains those seeds one by one with the single trainer.
+
+Given a `checkpoint_root` (the sweep passes its store's root), a stack writes its complete state
+there every $CIRCUITS_STACK_CHECKPOINT_S seconds and at each evaluation, and a later stack of the same
+seeds resumes from it bitwise (circuits.zoo.stack_checkpoint).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 
 from circuits.devices import check_device
 from circuits.errors import CircuitsError, InputError, SettingError
+from circuits.zoo import stack_checkpoint
 from circuits.zoo.train import (Split, TrainResult, _reached, batches, data_seeds, evaluate, final_test_seed,
                     lr_at)
 
@@ -374,6 +381,13 @@ def _per_seed_loss(stack: StackedTransformer, inputs, targets, weights, recipe, 
     return (err * weights).sum(1) / weights.sum(1)
 
 
+def _optimizer_order(stack: StackedTransformer) -> list:
+    """The trainable parameters in the optimiser's order: decayed (matrices) first, then the rest."""
+    decay = [stack.params[n] for n in stack.names if n in stack.trainable and len(stack.shapes[n]) >= 2]
+    no_decay = [stack.params[n] for n in stack.names if n in stack.trainable and len(stack.shapes[n]) < 2]
+    return decay + no_decay
+
+
 def _make_optimizer(stack: StackedTransformer, recipe):
     decay = [stack.params[n] for n in stack.names if n in stack.trainable and len(stack.shapes[n]) >= 2]
     no_decay = [stack.params[n] for n in stack.names if n in stack.trainable and len(stack.shapes[n]) < 2]
@@ -413,17 +427,21 @@ class SeedRun:
     gen: torch.Generator
     data_time: float
     epoch: object = None
+    epoch_state: Optional[torch.Tensor] = None  # gen's state where the current epoch's draws start
+    consumed: int = 0  # batches of the current epoch taken (a resume redraws the epoch and skips them)
     running: float = 0.0
     n_running: int = 0
     result: TrainResult = field(default_factory=TrainResult)
 
 
 def train_stack(entry, seeds: Sequence[int], *, device: str = "cpu", progress: Optional[Callable] = None,
-                on_done: Optional[Callable] = None) -> dict:
+                on_done: Optional[Callable] = None, checkpoint_root=None, say: Optional[Callable] = None) -> dict:
     """Train `seeds` of `entry` as one stacked model. Returns seed -> (model, card), the cards as
     zoo.train_entry writes them plus ``backend`` and ``ensemble`` (the group). `on_done(seed, model,
     card)` is called as each seed finishes (early stop or the last step), so a long run stores its
-    models as they come. `progress(seed, step, total, metrics)` once per evaluation and per seed."""
+    models as they come. `progress(seed, step, total, metrics)` once per evaluation and per seed.
+    `checkpoint_root`: a folder (the store's root) for this stack's checkpoints; a checkpoint of these
+    seeds found there is resumed from. `say(line)`: resumed / ignored checkpoints (default stderr)."""
     why = stackable(entry)
     if why:
         raise NotStackable(why)
@@ -437,6 +455,7 @@ def train_stack(entry, seeds: Sequence[int], *, device: str = "cpu", progress: O
     if cap and cap.isdigit() and int(cap) > 0:  # a sweep worker's share of the cores
         threads = min(threads, int(cap))
     old_threads = torch.get_num_threads()
+    ckpt = _Checkpoints(entry, checkpoint_root, say) if checkpoint_root is not None else None
     runs = []
     for seed in seeds:
         train_seed, eval_seed = data_seeds(seed)
@@ -452,10 +471,11 @@ def train_stack(entry, seeds: Sequence[int], *, device: str = "cpu", progress: O
         opts = dict(options(entry))  # {embed_scale, p, seed_offset}: what the family's train_fn adds
         offset = int(opts.pop("seed_offset", 0))
         extras = Extras(**opts, gens=[torch.Generator().manual_seed(s + offset) for s in seeds])
+    resume = ckpt.resume(seeds, runs, stack, extras) if ckpt is not None else None
     out = {}
     torch.set_num_threads(threads)
     try:
-        _loop(entry, stack, runs, models, extras, device, progress, on_done, out)
+        _loop(entry, stack, runs, models, extras, device, progress, on_done, out, ckpt, resume)
     finally:
         torch.set_num_threads(old_threads)
     return out
@@ -488,30 +508,38 @@ def stack_step(stack: StackedTransformer, opt, parts: list, recipe, extras, devi
     return values
 
 
-def _loop(entry, stack, runs, models, extras, device, progress, on_done, out) -> None:
+def _next_batch(r: SeedRun, recipe) -> torch.Tensor:
+    """The seed's next batch of indices, starting a new epoch when one runs out."""
+    while True:
+        idx = next(r.epoch, None) if r.epoch is not None else None
+        if idx is not None:
+            r.consumed += 1
+            return idx
+        r.epoch_state = r.gen.get_state()  # the epoch's draws happen at its first batch, from here
+        r.consumed = 0
+        r.epoch = batches(r.train_split, recipe.batch_size, r.gen, recipe.bucket_by_length)
+
+
+def _loop(entry, stack, runs, models, extras, device, progress, on_done, out, ckpt=None, resume=None) -> None:
     recipe = entry.recipe
-    group = [r.seed for r in runs]
+    group = [r.seed for r in runs] if resume is None else resume["group"]  # the card's group: the first one
     opt = _make_optimizer(stack, recipe)
-    start = time.perf_counter()
-    step = 0
+    step, elapsed = 0, 0.0
+    if resume is not None:
+        _load_optimizer(opt, resume["opt"])
+        step, elapsed = resume["step"], resume["elapsed"]
+    start = time.perf_counter() - elapsed  # a resumed stack's clock goes on from its checkpoint's
     active = list(range(len(runs)))  # indices into runs/models of the seeds still in the stack
     while active and step < recipe.steps:
-        parts = []
-        for i in active:
-            r = runs[i]
-            while True:
-                idx = next(r.epoch, None) if r.epoch is not None else None
-                if idx is not None:
-                    break
-                r.epoch = batches(r.train_split, recipe.batch_size, r.gen, recipe.bucket_by_length)
-            parts.append(r.train_split.batch(idx))
+        parts = [runs[i].train_split.batch(_next_batch(runs[i], recipe)) for i in active]
         values = stack_step(stack, opt, parts, recipe, extras, device, lr_at(step, recipe))
         step += 1
         for j, i in enumerate(active):
             runs[i].running += values[j]
             runs[i].n_running += 1
         last = step == recipe.steps
-        if step % recipe.eval_every == 0 or last:
+        evaluated = step % recipe.eval_every == 0 or last
+        if evaluated:
             lr = lr_at(step - 1, recipe)
             finished = []
             for j, i in enumerate(active):
@@ -540,6 +568,156 @@ def _loop(entry, stack, runs, models, extras, device, progress, on_done, out) ->
                 if extras is not None:
                     extras.keep(rows.tolist())
             active = [i for j, i in enumerate(active) if j not in finished]
+        if ckpt is not None and active and step < recipe.steps and (evaluated or ckpt.due()):
+            ckpt.save([runs[i] for i in active], stack, opt, extras, step, time.perf_counter() - start, group)
+    if ckpt is not None:
+        ckpt.done()
+
+
+def _load_optimizer(opt, saved: dict) -> None:
+    """AdamW's per-parameter state (moments, step counts) from a checkpoint; the groups' settings are
+    the recipe's (the learning rate is set at every step)."""
+    fresh = opt.state_dict()
+    opt.load_state_dict({"state": saved, "param_groups": fresh["param_groups"]})
+
+
+class _Checkpoints:
+    """Where and when one stack's checkpoints are written, and resuming from one (stack_checkpoint)."""
+
+    def __init__(self, entry, root, say: Optional[Callable] = None):
+        self.entry, self.root = entry, root
+        self.every = stack_checkpoint.every_s()
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.path = None  # the file this stack wrote last (or resumed from)
+        self.last = time.perf_counter()
+        self.sizes, self.seconds = [], []  # each write's bytes and seconds (the overhead, for a report)
+
+    def _path(self, seeds) -> Path:
+        specs = [self.entry.spec(s, backend="ensemble") for s in seeds]
+        return stack_checkpoint.path_for(self.root, stack_checkpoint.group_key(specs))
+
+    def due(self) -> bool:
+        return self.every > 0 and time.perf_counter() - self.last >= self.every
+
+    def save(self, active_runs: list, stack, opt, extras, step: int, elapsed: float, group: list) -> None:
+        if self.every <= 0:
+            return
+        t0 = time.perf_counter()
+        seeds = [r.seed for r in active_runs]
+        path = self._path(seeds)
+        tensors = {f"param.{n}": p for n, p in stack.params.items()}
+        for idx, state in opt.state_dict()["state"].items():
+            for k, v in state.items():
+                tensors[f"opt.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        meta = {}
+        for j, r in enumerate(active_runs):
+            tensors[f"gen.{r.seed}"] = r.gen.get_state()
+            if r.epoch_state is not None:
+                tensors[f"epoch.{r.seed}"] = r.epoch_state
+            if extras is not None:
+                tensors[f"dropout.{r.seed}"] = extras.gens[j].get_state()
+            meta[str(r.seed)] = {"consumed": r.consumed, "running": r.running, "n_running": r.n_running,
+                                 "history": r.result.history}
+        state = {"key": path.stem, "seeds": seeds, "group": list(group), "step": step, "elapsed": elapsed,
+                 "runs": meta}
+        try:
+            size = stack_checkpoint.write(path, tensors, state)
+        except OSError as e:  # a full disk must not stop the training: it only loses the resume point
+            self.say(f"    {self.entry.name}: cannot write the stack checkpoint {path} ({e}); training on")
+            return
+        if self.path is not None and self.path != path:  # seeds left the stack: its old key is gone
+            stack_checkpoint.remove(self.path)
+        self.path, self.last = path, time.perf_counter()
+        self.sizes.append(size)
+        self.seconds.append(self.last - t0)
+
+    def done(self) -> None:
+        stack_checkpoint.remove(self.path)
+        self.path = None
+
+    def resume(self, seeds: list, runs: list, stack, extras) -> Optional[dict]:
+        """Load the checkpoint of exactly these seeds into runs / stack / extras, if there is a good one:
+        returns what _loop needs (step, elapsed, group, optimiser state), else None (a bad file is
+        reported, removed, and replaced by this stack's own)."""
+        path = self._path(seeds)
+        if not path.exists():
+            return None
+        try:
+            tensors, state = stack_checkpoint.read(path, path.stem)
+            plan = _resume_plan(self.entry.recipe, seeds, runs, stack, extras, tensors, state)
+        except stack_checkpoint.BadCheckpoint as e:
+            self.say(f"    {self.entry.name}: stack checkpoint {path.name} ignored ({e}); "
+                     f"seeds {seeds} start at step 0")
+            stack_checkpoint.remove(path)
+            return None
+        plan["apply"]()
+        self.path = path
+        self.say(f"    {self.entry.name}: seeds {seeds} resume from their stack checkpoint at step "
+                 f"{state['step']}/{self.entry.recipe.steps} ({path})")
+        return {k: plan[k] for k in ("step", "elapsed", "group", "opt")}
+
+
+def _resume_plan(recipe, seeds, runs, stack, extras, tensors: dict, state: dict) -> dict:
+    """Check a checkpoint against this stack (BadCheckpoint if it does not fit) and return its values
+    with an `apply` that writes them in: nothing changes before everything is checked."""
+    bad = stack_checkpoint.BadCheckpoint
+    try:
+        step, elapsed, group = int(state["step"]), float(state["elapsed"]), [int(s) for s in state["group"]]
+        if state["seeds"] != seeds or not 0 < step < recipe.steps:
+            raise bad(f"seeds {state['seeds']} at step {step}")
+        params = {}
+        for n, p in stack.params.items():
+            t = tensors[f"param.{n}"]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise bad(f"{n} is {list(t.shape)} {t.dtype}, the stack's {list(p.shape)} {p.dtype}")
+            params[n] = t
+        opt = {}
+        for name, t in tensors.items():
+            if name.startswith("opt."):
+                _, idx, k = name.split(".", 2)
+                opt.setdefault(int(idx), {})[k] = t
+        order = _optimizer_order(stack)  # the index AdamW's state_dict gives each parameter
+        for idx, moments in opt.items():
+            fits = 0 <= idx < len(order) and all(k == "step" or v.shape == order[idx].shape
+                                                  for k, v in moments.items())
+            if not fits:
+                raise bad(f"optimiser state {idx} does not fit the stack")
+        restored, dropout = [], []
+        for r in runs:
+            info = state["runs"][str(r.seed)]
+            gen = torch.Generator()
+            gen.set_state(tensors[f"gen.{r.seed}"])
+            epoch, epoch_state = None, tensors.get(f"epoch.{r.seed}")
+            if epoch_state is not None:  # redraw the epoch from its start and skip the batches taken
+                gen.set_state(epoch_state)
+                epoch = batches(r.train_split, recipe.batch_size, gen, recipe.bucket_by_length)
+                for _ in range(int(info["consumed"])):
+                    if next(epoch, None) is None:
+                        raise bad(f"seed {r.seed}: its epoch has fewer than {info['consumed']} batches")
+                if not torch.equal(gen.get_state(), tensors[f"gen.{r.seed}"]):
+                    raise bad(f"seed {r.seed}: its epoch does not redraw to the saved batch order")
+            restored.append((gen, epoch, epoch_state, int(info["consumed"]), float(info["running"]),
+                             int(info["n_running"]), list(info["history"])))
+            if extras is not None:
+                d = torch.Generator()
+                d.set_state(tensors[f"dropout.{r.seed}"])
+                dropout.append(d)
+    except bad:
+        raise
+    except Exception as e:  # noqa: BLE001 - a missing field or a bad value: not this code's checkpoint
+        raise bad(f"{type(e).__name__}: {e}") from None
+
+    def apply():
+        with torch.no_grad():
+            for n, t in params.items():
+                stack.params[n].copy_(t.to(stack.params[n].device))
+        for r, (gen, epoch, epoch_state, consumed, running, n_running, history) in zip(runs, restored):
+            r.gen, r.epoch, r.epoch_state, r.consumed = gen, epoch, epoch_state, consumed
+            r.running, r.n_running, r.result.history = running, n_running, history
+        if extras is not None:
+            extras.gens = dropout
+
+    return {"step": step, "elapsed": elapsed, "group": group, "opt": opt, "apply": apply}
 
 
 def _finish(entry, r: SeedRun, model, extras, start, group, on_done, out) -> None:
@@ -565,9 +743,10 @@ def _finish(entry, r: SeedRun, model, extras, start, group, on_done, out) -> Non
 
 
 def train_many(entry, seeds: Sequence[int], *, device: str = "cpu", progress=None, on_done=None,
-               ensemble: Optional[int] = None) -> dict:
+               ensemble: Optional[int] = None, checkpoint_root=None, say=None) -> dict:
     """`seeds` of `entry` in stacks of at most `ensemble` seeds (None or 0: all at once), one stack after
-    another. Returns seed -> (model, card). NotStackable for an entry outside the stacked trainer."""
+    another. Returns seed -> (model, card). NotStackable for an entry outside the stacked trainer.
+    `checkpoint_root`, `say`: as train_stack's."""
     seeds = list(seeds)
     why = stackable(entry)
     if why:
@@ -577,5 +756,6 @@ def train_many(entry, seeds: Sequence[int], *, device: str = "cpu", progress=Non
     size = ensemble or len(seeds)
     out = {}
     for i in range(0, len(seeds), size):
-        out.update(train_stack(entry, seeds[i:i + size], device=device, progress=progress, on_done=on_done))
+        out.update(train_stack(entry, seeds[i:i + size], device=device, progress=progress, on_done=on_done,
+                               checkpoint_root=checkpoint_root, say=say))
     return out

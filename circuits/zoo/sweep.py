@@ -185,7 +185,13 @@ def train_stacks(entry_or_name, seeds: Sequence[int], *, root=None, device: str 
                          f"{time.perf_counter() - t0:.1f}s  {_summary(card)}\n")
             stream.flush()
 
-        train_many(entry, todo, device=device, progress=progress, on_done=on_done, ensemble=ensemble)
+        def say(line):
+            stream.write(line + "\n")
+            stream.flush()
+
+        # checkpoints beside the store's entries: a rerun after an interruption resumes the stack
+        train_many(entry, todo, device=device, progress=progress, on_done=on_done, ensemble=ensemble,
+                   checkpoint_root=store.root, say=say)
         return out
     finally:
         if old is None:
@@ -360,18 +366,25 @@ def _run_sweeps(names_or_entries, seeds, backend, root, device, workers, address
                 portable = _portable(entry) if portable is None else portable
                 jobs.append((portable, entry.name, seed))
     if jobs and ensemble is not None:
-        _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend)
+        _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend, seeds)
     elif jobs:
         runner = _run_local if backend == "local" else _run_ray
         runner(jobs, root, device, workers, address, retries, results, progress)
     return results
 
 
-def stack_plan(seeds: Sequence[int], workers: int, ensemble: int) -> list:
-    """The seeds of one entry in stacks: at most `ensemble` seeds each (0: split evenly over `workers`)."""
+def stack_plan(seeds: Sequence[int], workers: int, ensemble: int, todo: Optional[Sequence[int]] = None) -> list:
+    """The seeds of one entry in stacks: at most `ensemble` seeds each (0: split evenly over `workers`).
+    With `todo`, the stacks are planned over all `seeds` of the run and then cut to those still to
+    train, so a rerun after an interruption makes the same stacks (less their stored seeds) and
+    resumes their checkpoints (circuits.zoo.stack_checkpoint keys on the seeds being trained)."""
     seeds = list(seeds)
     size = ensemble or max(1, -(-len(seeds) // max(1, workers)))
-    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+    stacks = [seeds[i:i + size] for i in range(0, len(seeds), size)]
+    if todo is None:
+        return stacks
+    todo = set(todo)
+    return [kept for kept in ([s for s in stack if s in todo] for stack in stacks) if kept]
 
 
 def _stack_worker(entry_or_name, seeds, root: str, device: str, max_threads: int | None = None):
@@ -388,8 +401,9 @@ def _stack_worker(entry_or_name, seeds, root: str, device: str, max_threads: int
     return out, time.perf_counter() - t0
 
 
-def _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend):
-    """Stacked trainings, one stack per task of a local process pool."""
+def _run_stacks(jobs, root, device, workers, address, results, progress, ensemble, backend, planned=None):
+    """Stacked trainings, one stack per task of a local process pool. `planned`: all the run's seeds
+    (stack_plan)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -398,7 +412,7 @@ def _run_stacks(jobs, root, device, workers, address, results, progress, ensembl
         by_entry.setdefault(name, (entry, []))[1].append(seed)
     n = workers or default_workers()
     tasks = [(entry, name, stack) for name, (entry, seeds) in by_entry.items()
-             for stack in stack_plan(seeds, n, ensemble)]
+             for stack in stack_plan(planned or seeds, n, ensemble, todo=seeds)]
     if backend == "ray":
         return _run_ray_stacks(tasks, root, device, workers, address, results, progress)
     if address is not None:
