@@ -31,7 +31,7 @@ def arena_rule(population_draws: int = 40) -> C.Rule:
 
     torch.set_num_threads(1)
     model, data = reference.arena_model(), reference.arena_data()
-    hyp = H.build(model, data, ["1.0", "2.0"], "2.1")["1b"]
+    hyp = H.built(model, data, ["1.0", "2.0"], "2.1")["1b"]
     sd = S.ScrubData(model, data.toks, data.isbal.long())
     s_rows, b_rows = [], []
     with torch.no_grad():

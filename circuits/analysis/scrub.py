@@ -40,8 +40,9 @@ Semantics (where the write-up leaves a detail open, the choice is ours and said 
   same draw the unnamed paths read (common random numbers), so a hypothesis that names nothing
   recovers exactly 0 and the baseline's noise cancels in the ratio.
 * Fraction recovered = ``1 - scrubbed / baseline`` (how the write-up reports it) and, beside it,
-  ``(baseline - scrubbed) / (baseline - clean)``. Intervals are percentile bootstraps over the
-  examples, each example's losses averaged over the ``n_draws`` resampling draws: they cover the
+  ``(baseline - scrubbed) / (baseline - clean)``. Intervals are bootstraps over the examples (the
+  fractions: the studentized bootstrap of their ratio of means, ``scrub_result``), each example's
+  losses averaged over the ``n_draws`` resampling draws: they cover the
   data set's sampling noise and the resampling noise together (an interval over 5 draws alone,
   each a mean over the same data set, passed simulated claims at their threshold 15.6% of the
   time instead of at most 2.5%: circuits/claims/calibration.py, the README's calibration table).
@@ -66,10 +67,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from circuits.analysis.measures import loss_recovered, loss_recovered_ci, run_in_batches
+from circuits.analysis.measures import loss_recovered, loss_recovered_ci, run_in_batches, undefined_loss_gap
 from circuits.errors import ScrubError, did_you_mean
 from circuits.model.transformer import HookedTransformer
-from circuits.claims.stats import Estimate, bootstrap_ci
+from circuits.claims.stats import Estimate, bootstrap_ci, expanded_level, ratio_of_means_interval
 
 __all__ = ["EXACT", "RANDOM", "Approx", "Path", "Hypothesis", "ScrubData", "ScrubResult", "scrub",
            "sample_agreeing", "scrub_claim", "scrub_result", "component_label", "Variant", "wrong_variants",
@@ -510,6 +511,34 @@ def _normalised(s, b, c, axis=-1):
     return loss_recovered(s, c, b, axis=axis)
 
 
+def _fraction_estimate(samples: tuple, statistic, jackknife, u: np.ndarray, v: np.ndarray, n_resamples: int,
+                       seed: int, *, clean, baseline, patched) -> Estimate:
+    """The interval of a fraction ``1 - mean(u) / mean(v)`` (u, v: per-example losses over the
+    draws, paired): the studentized bootstrap of the ratio of means on the log scale
+    (``stats.ratio_of_means_interval``), at the expanded level, its quantiles read at the (B + 1)
+    alpha order statistic. BCa of ``statistic`` on ``samples`` (the former rule, on the same
+    resamples) where the data are unusable (its Estimate says why) or that is undefined: a mean
+    loss not positive (the normalised fraction of a scrubbed model better than the clean one) or a
+    resample with no spread (a hypothesis that names nothing: scrubbed == baseline in every draw).
+
+    Why: BCa of this fraction passed a simulated claim at its threshold 2.77% [2.55%, 3.00%] of 20,000
+    times (2,000 examples x 5 draws, nominal 2.5%; 500 x 5: 2.93% [2.71%, 3.17%]). Heavy-tailed losses
+    make a data set's spread track its ratio (one missing the rare large scrubbed losses has both a low
+    ratio and a small standard error), and 1,000 resamples read by interpolation sit ~0.1 point past the
+    nominal tail; the bootstrap-t divides each resample by its own standard error, which carries that
+    dependence into the interval, and the order statistic removes the finite-B excess: 2.54% [2.33%,
+    2.76%] on the same 20,000 (500 x 5: 2.55% [2.34%, 2.78%]; README, calibration)."""
+    if undefined_loss_gap(clean, baseline, patched) is None and all(np.all(np.isfinite(x)) for x in samples) \
+            and len(u) >= 3:
+        point = float(statistic(*samples, axis=-1))
+        lo, hi = ratio_of_means_interval(u, v, expanded_level(0.95, len(u)), n_resamples, seed)
+        if all(math.isfinite(x) for x in (point, lo, hi)):
+            return Estimate(point, 1 - hi, 1 - lo, 0.95, "studentized", len(u), statistic.__name__)
+    # the former rule, under the one rule for a gap that cannot be divided by (loss_recovered_ci)
+    return loss_recovered_ci(samples, statistic, clean=clean, baseline=baseline, patched=patched, paired=True,
+                             method="BCa", n_resamples=n_resamples, seed=seed, jackknife=jackknife)
+
+
 def scrub_result(name: str, clean, scrubbed, baseline, *, seed: int = 0, n_resamples: int = 1000) -> ScrubResult:
     """A ScrubResult from per-example losses: ``scrubbed`` / ``baseline`` [n_draws, n], ``clean`` [n]
     (or one number: the clean mean loss, exact). The intervals bootstrap the examples (paired), each
@@ -518,18 +547,17 @@ def scrub_result(name: str, clean, scrubbed, baseline, *, seed: int = 0, n_resam
     c = np.broadcast_to(np.asarray(clean, dtype=np.float64), s.shape[1:])  # [n]
     s_ex, b_ex = s.mean(0), b.mean(0)  # [n]: each example over the draws
     boot = dict(paired=True, method="percentile", n_resamples=n_resamples, seed=seed)
-    # the fractions (ratios of skewed losses) get BCa from the same resamples: their percentile lower
-    # bound passed at its threshold 3.25% [2.6%, 4.0%] at a nominal 2.5% (tests/test_calibration.py)
-    bca = dict(boot, method="BCa")
+    c_ex = np.array(c)
     return ScrubResult(
         name=name, clean=float(c.mean()),
         scrubbed=bootstrap_ci(s_ex, _mean, **boot), baseline=bootstrap_ci(b_ex, _mean, **boot),
-        # a zero loss gap (a baseline loss of 0; for normalised, baseline = clean) makes these undefined
-        # Estimates: a claim on them fails stating the losses (analysis.loss_recovered_ci)
-        recovered=loss_recovered_ci((s_ex, b_ex), _recovered, clean=0.0, baseline=b_ex, patched={"scrubbed": s_ex},
-                                    jackknife=_recovered_jackknife, **bca),
-        normalised=loss_recovered_ci((s_ex, b_ex, np.array(c)), _normalised, clean=c, baseline=b_ex,
-                                     patched={"scrubbed": s_ex}, jackknife=_normalised_jackknife, **bca),
+        # the fractions, 1 - (a ratio of mean losses): the studentized interval of the ratio
+        # (_fraction_estimate); a zero loss gap (a baseline loss of 0; for normalised, baseline =
+        # clean) makes them undefined Estimates, whose claims fail stating the losses
+        recovered=_fraction_estimate((s_ex, b_ex), _recovered, _recovered_jackknife, s_ex, b_ex, n_resamples, seed,
+                                     clean=0.0, baseline=b_ex, patched={"scrubbed": s_ex}),
+        normalised=_fraction_estimate((s_ex, b_ex, c_ex), _normalised, _normalised_jackknife, s_ex - c_ex, b_ex - c_ex,
+                                      n_resamples, seed, clean=c_ex, baseline=b_ex, patched={"scrubbed": s_ex}),
         scrubbed_draws=s.mean(1), baseline_draws=b.mean(1), n_examples=s.shape[1],
         scrubbed_examples=s_ex, baseline_examples=b_ex)
 

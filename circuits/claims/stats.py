@@ -24,6 +24,7 @@ __all__ = [
     "Estimate",
     "StatsInputError",
     "expanded_level",
+    "ratio_of_means_interval",
     "bootstrap_ci",
     "spearman_ci",
     "pearson_ci",
@@ -271,6 +272,74 @@ def _studentized_mean_interval(x: np.ndarray, level: float, n_resamples: int, se
     q_lo, q_hi = np.percentile(t, [100 * alpha, 100 * (1 - alpha)])
     se = sd / math.sqrt(n)
     return mean - float(q_hi) * se, mean - float(q_lo) * se
+
+
+def _order_statistic_quantiles(t: np.ndarray, alpha: float) -> tuple[float, float]:
+    """The k-th smallest and k-th largest of the B values ``t``, k = floor((B + 1) alpha) (at least 1):
+    the Monte-Carlo bootstrap's quantiles with no finite-B bias (Davison & Hinkley 1997, sec. 2.5 and
+    5.2). If the ideal (B = infinity) quantile is exact, the true value falls below the k-th of B
+    resampled values with probability k / (B + 1) <= alpha. ``np.percentile``'s interpolation reads
+    position alpha (B - 1) instead: at B = 1000, alpha = 0.025 about the 26th value, 26/1001 = 2.6%,
+    a tenth of a point past the nominal level on each side."""
+    b = len(t)
+    k = max(1, int(math.floor((b + 1) * alpha + 1e-9)))
+    s = np.sort(t)
+    return float(s[k - 1]), float(s[b - k])
+
+
+def ratio_of_means_interval(u: np.ndarray, v: np.ndarray, level: float, n_resamples: int,
+                            seed: int) -> tuple[float, float]:
+    """Studentized (bootstrap-t) interval of the ratio of means ``mean(u) / mean(v)`` of paired
+    samples, on the log scale; (NaN, NaN) where it is undefined (a mean not positive, or a resample
+    with no spread).
+
+    Why not BCa or the percentile interval. With heavy-tailed (u, v) (losses: a product of
+    per-example difficulty and per-draw noise) the spread of a data set is correlated with its
+    ratio: a data set that happens to miss the rare large numerators has a low ratio AND a small
+    standard error, so an interval scaled by the sample's own spread reaches the threshold from the
+    wrong side too often. The delta-method interval is first-order only (one-sided error
+    O(1/sqrt(n))); BCa and the bootstrap-t are second-order (O(1/n)), and the bootstrap-t models the
+    correlation directly: each resample's t* = (log R* - log R) / se*(log R*) is divided by that
+    resample's own standard error (delta method: sd(u/mean u - v/mean v) / sqrt(n)), so the
+    quantiles of t* carry the joint law of the estimate and its spread into the interval (Efron &
+    Tibshirani 1993, ch. 12; Hall 1992, ch. 3). The log scale is the variance-stabilising one for a
+    positive ratio (the relative error of a ratio of positive means is roughly constant), which the
+    bootstrap-t needs and which also keeps the bounds positive (Efron & Tibshirani sec. 12.6;
+    Tibshirani 1988). The quantiles of t* are read at the (B + 1) alpha order statistic
+    (:func:`_order_statistic_quantiles`), not interpolated: BCa and the percentile interval on 1,000
+    resamples read about the 26th of 1,000, a finite-B excess of ~0.1 point per side.
+
+    Measured (circuits/claims/calibration.py ``scrub_losses``, fraction recovered 1 - ratio at its
+    threshold, 2,000 examples x 5 draws, 1,000 resamples, seeds 0-19,999): BCa passed 2.77% [2.55%,
+    3.00%], the delta method 3.0%, BCa read at the order statistic 2.60%, this interval 2.54% [2.33%,
+    2.76%]; at 500 examples x 5 draws BCa 2.93% [2.71%, 3.17%], this 2.55% [2.34%, 2.78%]. At 30
+    examples x 1 draw (heavier tails per example) BCa passed 5.2%, BCa at the order statistic 4.9%, this
+    interval 2.5% (1,000 seeds; tests/test_calibration.py): the order statistic removes the finite-B
+    excess, the studentization the heavy-tail one. The resamples are drawn as
+    :func:`_percentile_interval` draws them (same generator, same indices)."""
+    n = len(u)
+    mu, mv = float(u.mean()), float(v.mean())
+    if n < 3 or not (mu > 0 and mv > 0):
+        return float("nan"), float("nan")
+    se = float(np.std(u / mu - v / mv, ddof=1)) / math.sqrt(n)
+    if not se > 0:
+        return float("nan"), float("nan")
+    log_r = math.log(mu / mv)
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(n_resamples, int(4_000_000 // max(2 * n, 1))))
+    parts = []
+    with np.errstate(all="ignore"):
+        for start in range(0, n_resamples, batch):
+            idx = rng.integers(0, n, (min(batch, n_resamples - start), n))  # [b, n], as _percentile_interval
+            us, vs = u[idx], v[idx]
+            mus, mvs = us.mean(axis=1), vs.mean(axis=1)
+            ses = np.std(us / mus[:, None] - vs / mvs[:, None], axis=1, ddof=1) / math.sqrt(n)
+            parts.append((np.log(mus / mvs) - log_r) / ses)
+    t = np.concatenate(parts)
+    if not np.all(np.isfinite(t)):
+        return float("nan"), float("nan")
+    t_lo, t_hi = _order_statistic_quantiles(t, (1 - level) / 2)
+    return math.exp(log_r - t_hi * se), math.exp(log_r - t_lo * se)
 
 
 def _scipy_interval(samples, statistic, paired, level, method, n_resamples, seed):
