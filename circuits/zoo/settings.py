@@ -25,7 +25,7 @@ from pathlib import Path
 from circuits.errors import SettingError, StoreError
 from circuits.paths import CACHE_ENV
 
-__all__ = ["check_environment", "default_cache_dir", "default_root", "lock_timeout_from_env"]
+__all__ = ["check_environment", "default_cache_dir", "default_root", "lock_timeout_from_env", "seconds_from_env"]
 
 LOCK_TIMEOUT_ENV = "CIRCUITS_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 7200.0
@@ -44,19 +44,25 @@ def default_root() -> Path:
     return default_cache_dir(Path.cwd())
 
 
-def lock_timeout_from_env() -> float:
-    """``$CIRCUITS_LOCK_TIMEOUT`` in seconds (default 7200); :class:`SettingError` unless a number >= 0."""
-    env = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-    if not env:
-        return DEFAULT_LOCK_TIMEOUT
+def seconds_from_env(name: str, default: float, example: str) -> float:
+    """``$name`` as seconds >= 0 (``default`` when unset or empty); :class:`SettingError` naming the
+    variable otherwise. ``example`` says what a good value looks like (it ends the message)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        value = float(env)
+        value = float(raw)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
-        raise SettingError(f"${LOCK_TIMEOUT_ENV}={env!r} is not a number of seconds >= 0 "
-                           f"(e.g. {LOCK_TIMEOUT_ENV}=600; unset it for the default {DEFAULT_LOCK_TIMEOUT:g})")
+        raise SettingError(f"${name}={raw[:40]!r} is not a number of seconds >= 0 ({example}; "
+                           f"unset it for the default {default:g})")
     return value
+
+
+def lock_timeout_from_env() -> float:
+    """``$CIRCUITS_LOCK_TIMEOUT`` in seconds (default 7200); :class:`SettingError` unless a number >= 0."""
+    return seconds_from_env(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT, f"e.g. {LOCK_TIMEOUT_ENV}=600")
 
 
 def check_cache_dir(path: Path) -> Path:

@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 
 from circuits.atomic import write_bytes_atomic
-from circuits.errors import SettingError
+from circuits.zoo.settings import seconds_from_env
 from circuits.zoo.spec import spec_key
 
 EVERY_ENV = "CIRCUITS_STACK_CHECKPOINT_S"
@@ -47,16 +47,7 @@ class BadCheckpoint(Exception):
 
 def every_s() -> float:
     """Seconds between time-based checkpoints ($CIRCUITS_STACK_CHECKPOINT_S); 0 = no checkpoints."""
-    raw = os.environ.get(EVERY_ENV, "").strip()
-    if not raw:
-        return DEFAULT_EVERY_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also NaN
-        raise SettingError(f"${EVERY_ENV}={raw!r}: give seconds between stack checkpoints (0 = none)")
-    return value
+    return seconds_from_env(EVERY_ENV, DEFAULT_EVERY_S, "seconds between stack checkpoints, 0 = none")
 
 
 def group_key(specs: Sequence[dict]) -> str:
