@@ -99,6 +99,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             runs = [(label, n, sides[label][1][n]) for n in names for label in ("old", "new")]
             for _, _, fn in runs:  # warm-up
                 fn(x)
+            if any(m == "circuits" or m.startswith("circuits.") for m in sys.modules):
+                # a function-level import ran: it got whichever circuits sys.path finds, not its side's
+                raise SystemExit("a variant imported circuits at call time (a function-level import): one side "
+                                 "would run the other's (or an installed) code; move that import to module level")
             one = _time(sides["new"][1]["ours"], x, 3)[0]
             calls = max(1, int(args.target_s / max(one, 1e-7)))
             best = {(label, n): [float("inf"), float("inf")] for label, n, _ in runs}

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from circuits.errors import ControlError, InputError
-from circuits.model.transformer import EmbeddingEditedError, HookedTransformer
+from circuits.model.transformer import Attention, EmbeddingEditedError, HookedTransformer, TransformerBlock
 
 
 def check_head(model: HookedTransformer, layer: int, head: int) -> None:
@@ -457,11 +457,9 @@ class PatchBatch:
         here = [n for n in names if n.startswith(f"blocks.{layer}.")]
         if any(n != z_name for n in here):
             return False
-        from circuits.model import transformer as T
-
         block = self.model.blocks[layer]
-        return (type(self.model).forward is T.HookedTransformer.forward and type(block) is T.TransformerBlock
-                and type(block.attn) is T.Attention and _no_torch_hooks(self.model))
+        return (type(self.model).forward is HookedTransformer.forward and type(block) is TransformerBlock
+                and type(block.attn) is Attention and _no_torch_hooks(self.model))
 
     def _clean_z(self, layer: int) -> torch.Tensor:
         z = self._z.get(layer)
