@@ -17,7 +17,8 @@ the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one grou
   patch       patching head 2.0's z at every position from another batch (interventions.patch_activations:
               the source run stops at the patched hook, the target runs whole)
   patch_reuse the same patch through PatchBatch: the target batch's clean run done once beforehand (not
-              timed), so each patch is the stopped source run plus the target's blocks from 2 on
+              timed), so each patch is the stopped source run plus the target's block 2 from its z on
+              (the clean z kept on the first patch: warm-up)
   tl, tl_cache2, tl_cache_all, tl_patch   TransformerLens's HookedTransformer of the same weights with
               bidirectional attention and the pad mask as a hook on every hook_attn_scores (TL ignores
               attention_mask under bidirectional attention), when `transformer_lens` is installed (the

@@ -40,6 +40,11 @@ def patches_for(model) -> list[list[tuple[str, tuple]]]:
     if n > 1:
         out.append([(f"blocks.1.attn.hook_pattern", (0,)), (f"blocks.{last}.attn.hook_k", (1,)),
                     ("blocks.0.hook_resid_post", (2,))])
+        # hook_z patches (PatchBatch starts the patched block after its attention): a head at every
+        # position in block 1, two patches of one z, and a z patch followed by one in a later block
+        out.append([("blocks.1.attn.hook_z", (slice(None), 1))])
+        out.append([(f"blocks.{last}.attn.hook_z", (slice(None), 0)), (f"blocks.{last}.attn.hook_z", (3, -1))])
+        out.append([("blocks.1.attn.hook_z", (2,)), (f"blocks.{last}.hook_resid_post", (0,))])
     return out
 
 
@@ -75,6 +80,62 @@ def test_patching_short_cuts_equal_the_full_runs(name, dtype):
         torch.testing.assert_close(batch.patch(source, patches), expected, **TIGHT[dtype])
         changed += not torch.allclose(expected, batch.logits, atol=1e-6)
     assert changed >= 2  # the patches move the output (else the equalities would prove little)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_a_hook_z_patch_starts_after_the_attention_and_keeps_the_clean_z(batch, monkeypatch):
+    """PatchBatch's hook_z patches: the target run computes no attention in the patched block (only the
+    source run does), equals the full runs, and the kept clean z is not edited by the patches (a later
+    patch of another head still sees the clean values)."""
+    from circuits.model.transformer import Attention
+
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x, source = inputs(model, batch=batch), inputs(model, batch=batch, seed=4)
+    pb = I.PatchBatch(model, x)
+    calls = []
+    real = Attention.z_of
+    monkeypatch.setattr(Attention, "z_of", lambda self, *a: calls.append(self) or real(self, *a))
+    for layer in (1, 2):
+        attn = model.blocks[layer].attn
+        for head in (0, 1):
+            patches = [(f"blocks.{layer}.attn.hook_z", (slice(None), head))]
+            expected = reference_patch(model, x, source, patches)
+            pb.patch(source, patches)  # the first one keeps the clean z (a clean run to the patched z)
+            calls.clear()
+            got = pb.patch(source, patches)
+            assert sum(c is attn for c in calls) == 1  # the source run's, stopped at the patched z
+            torch.testing.assert_close(got, expected, **TIGHT[torch.float64])
+        name = f"blocks.{layer}.attn.hook_z"
+        with torch.no_grad():
+            _, cache = model.run_with_cache(x, names=[name])
+        assert torch.equal(pb._z[layer], cache[name])
+
+
+def test_resume_z_refuses_hooks_it_would_skip():
+    """forward(resume_z=...) starts a block after its attention: a hook point before hook_z (or a torch
+    module hook on the block) would be skipped, so it is refused; without them it is the full forward."""
+    from circuits.errors import InputError
+
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x = inputs(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names=["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"])
+        resume = dict(start_at_layer=1, resid=cache["blocks.1.hook_resid_pre"], resume_z=cache["blocks.1.attn.hook_z"])
+        torch.testing.assert_close(model(x, **resume), model(x), atol=1e-12, rtol=1e-12)
+        for name in ("blocks.1.hook_resid_pre", "blocks.1.ln1.hook_normalized", "blocks.1.attn.hook_q",
+                     "blocks.1.attn.hook_pattern"):
+            with pytest.raises(InputError, match="come before"):
+                model.run_with_hooks(x, fwd_hooks=[(name, lambda a, hook: None)], **resume)
+        handle = model.blocks[1].register_forward_hook(lambda m, args, out: out)
+        try:
+            with pytest.raises(InputError, match="torch module hook"):
+                model(x, **resume)
+        finally:
+            handle.remove()
+        with pytest.raises(InputError, match="start_at_layer"):
+            model(x, resume_z=cache["blocks.1.attn.hook_z"])
+        with pytest.raises(InputError, match="shape"):
+            model(x, **dict(resume, resume_z=cache["blocks.1.attn.hook_z"][:, :3]))
 
 
 def test_a_source_run_stops_at_the_last_patched_hook():
@@ -285,3 +346,48 @@ def test_kept_bootstrap_indices_are_the_generators_and_give_the_same_intervals(m
     for seed in (1, 2, 1, 3):  # 1 is used again, so 2 is the least recently used when 3 comes
         S.resample_indices(seed, (300,), True, 100, 100)
     assert [k[0] for k in S._RESAMPLE_CACHE] == [1, 3]
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_values_are_not_edited_after_the_hook_saw_them(name, defer):
+    """Every cache entry equals a copy taken when its hook point fired (the cache keeps tensors
+    without cloning them, so nothing may edit one in place later in the forward); batch 1 and 6."""
+    model = perturbed_model(name, dtype=torch.float64)
+    for batch in (1, 6):
+        x = inputs(model, batch=batch)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(x, defer=defer)
+            seen = {}
+            model.run_with_hooks(x, fwd_hooks=[(lambda n: True, lambda a, hook: seen.__setitem__(hook.name, a.clone()))])
+        assert set(seen) <= set(cache)
+        for n in seen:
+            torch.testing.assert_close(cache[n], seen[n], atol=1e-12, rtol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+def test_an_in_place_edit_of_q_k_or_v_reaches_the_explicit_attention():
+    """The explicit attention copies q, k and v head-major in one go while they are still views of the
+    fused projection: an edit in place (a hook returning None) must reach it as a returned edit does."""
+    model = perturbed_model("brackets", dtype=torch.float64)
+    x = inputs(model)
+    for point in ("hook_q", "hook_k", "hook_v"):
+        name = f"blocks.1.attn.{point}"
+
+        def in_place(a, hook):
+            a[:, 1:3, 0] *= -2.0
+
+        def returned(a, hook):
+            a = a.clone()
+            a[:, 1:3, 0] *= -2.0
+            return a
+
+        with torch.no_grad():
+            with model.hooks([(name, in_place)]):
+                got, cache = model.run_with_cache(x, names=["blocks.1.attn.hook_pattern"], defer=False)
+            with model.hooks([(name, returned)]):
+                want, want_cache = model.run_with_cache(x, names=["blocks.1.attn.hook_pattern"], defer=False)
+            clean = model(x)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], want_cache["blocks.1.attn.hook_pattern"],
+                                   atol=1e-12, rtol=1e-12)
+        assert not torch.allclose(got, clean)

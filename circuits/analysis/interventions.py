@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from circuits.errors import ControlError, InputError
-from circuits.model.transformer import EmbeddingEditedError, HookedTransformer
+from circuits.model.transformer import Attention, EmbeddingEditedError, HookedTransformer, TransformerBlock
 
 
 def check_head(model: HookedTransformer, layer: int, head: int) -> None:
@@ -369,11 +369,13 @@ class _Captured(Exception):
     """Raised by capture_activations' hook once every asked-for activation is saved."""
 
 
-def capture_activations(model: HookedTransformer, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def capture_activations(model: HookedTransformer, x: torch.Tensor, names: Sequence[str],
+                        **forward_kwargs) -> dict[str, torch.Tensor]:
     """{name: activation} of one forward of `x` at hook points `names` (after any hooks already on
     them, as run_with_cache saves them), running the forward only until the last of them fired: a
     patch's source run needs nothing after the patched layer (and no read-out). The values are those
-    of the explicit sublayer that exposes them (as run_with_cache(defer=False))."""
+    of the explicit sublayer that exposes them (as run_with_cache(defer=False)). forward_kwargs go to
+    the forward (e.g. start_at_layer and resid)."""
     wanted = list(dict.fromkeys(model.resolve_hook_names(list(names))))
     store: dict[str, torch.Tensor] = {}
 
@@ -384,7 +386,7 @@ def capture_activations(model: HookedTransformer, x: torch.Tensor, names: Sequen
 
     try:
         with torch.no_grad(), model.hooks([(n, save) for n in wanted]):
-            model(x)
+            model(x, **forward_kwargs)
     except _Captured:
         pass
     missing = [n for n in wanted if n not in store]
@@ -402,6 +404,12 @@ class PatchBatch:
     target run resumed at the first patched block from the kept clean residual (the blocks before it
     cannot see the patch). Tested equal to patch_activations (tests/test_fast_paths.py).
 
+    When every patch of that first block is on its attention's hook_z, the target run starts after
+    the block's attention instead, from the clean z (kept on the first such patch; the patched heads
+    and positions are overwritten, the others' z is what the target run would recompute: the same
+    kernels on the same clean residual), so the block's projections and attention are not recomputed
+    (`HookedTransformer.forward(resume_z=...)`).
+
     The kept residual is that of the model as it was here: a weight edited in place afterwards (seen
     through the parameters' version counters) or a hook point with a function attached (a permanent
     hook may depend on the batch it sees) makes `patch` run the whole target instead."""
@@ -413,6 +421,7 @@ class PatchBatch:
         with torch.no_grad():
             self.logits, cache = model.run_with_cache(inputs, names=resume)
         self._resid = {l: cache[f"blocks.{l}.hook_resid_pre"] for l in range(1, n)}  # [batch, pos, d_model]
+        self._z: dict[int, torch.Tensor] = {}  # layer -> the clean hook_z [batch, pos, head, d_head], on first use
         self._state = self._model_state()
 
     def _model_state(self) -> tuple:
@@ -434,8 +443,31 @@ class PatchBatch:
         layer = _patch_layer(model, names) if state == self._state and not state[1] else 0
         with torch.no_grad():
             if layer:
-                return model.run_with_hooks(inputs, fwd_hooks=hooks, start_at_layer=layer, resid=self._resid[layer])
+                resume = dict(start_at_layer=layer, resid=self._resid[layer])
+                if self._z_resumable(names, layer):
+                    resume["resume_z"] = self._clean_z(layer)
+                return model.run_with_hooks(inputs, fwd_hooks=hooks, **resume)
             return model.run_with_hooks(inputs, fwd_hooks=hooks)
+
+    def _z_resumable(self, names: Sequence[str], layer: int) -> bool:
+        """Whether the patched run may start after block `layer`'s attention: every patch in that block
+        is on its hook_z, the model is a plain HookedTransformer with no torch module hook (checked
+        with the hook points by the caller: none has a function)."""
+        z_name = f"blocks.{layer}.attn.hook_z"
+        here = [n for n in names if n.startswith(f"blocks.{layer}.")]
+        if any(n != z_name for n in here):
+            return False
+        block = self.model.blocks[layer]
+        return (type(self.model).forward is HookedTransformer.forward and type(block) is TransformerBlock
+                and type(block.attn) is Attention and _no_torch_hooks(self.model))
+
+    def _clean_z(self, layer: int) -> torch.Tensor:
+        z = self._z.get(layer)
+        if z is None:  # the clean run resumed at `layer`, stopped at its hook_z
+            name = f"blocks.{layer}.attn.hook_z"
+            z = self._z[layer] = capture_activations(self.model, self.inputs, [name], start_at_layer=layer,
+                                                     resid=self._resid[layer])[name]
+        return z
 
 
 def _check_patches(patches) -> list[tuple[str, tuple]]:

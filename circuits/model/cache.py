@@ -36,15 +36,17 @@ PosSlice = Union[None, int, slice, Sequence[int], torch.Tensor]
 
 
 def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
-    """Per-head outputs z[b,p,h,:] @ W_O[h]: [batch, pos, head, d_model].
+    """Per-head outputs z[b,p,h,:] @ W_O[h]: [batch, pos, head, d_model] (a view of a head-major
+    [head, batch, pos, d_model] tensor).
 
-    A broadcast matmul has less per-call overhead than einsum for small inputs; einsum's single GEMM
-    wins once the batch is large. (Here rather than in `model`, which uses it too, so the cache needs
-    nothing above it in the import order.)
+    One GEMM per head over every (batch, pos) row: z gathered head-major once, then a single bmm, at
+    every size (no broadcast copies of W_O as a batched matmul over (batch, head) has, no einsum
+    planning). (Here rather than in `model`, which uses it too, so the cache needs nothing above it
+    in the import order.)
     """
-    if z.shape[0] * z.shape[1] <= 512:
-        return (z.transpose(1, 2) @ W_O).transpose(1, 2)
-    return torch.einsum("bphd,hdm->bphm", z, W_O)
+    B, P, h, d = z.shape
+    r = torch.bmm(z.permute(2, 0, 1, 3).reshape(h, B * P, d), W_O)  # [head, batch*pos, d_model]
+    return r.view(h, B, P, -1).permute(1, 2, 0, 3)  # [batch, pos, head, d_model]
 
 
 def _check_position(pos, size: int, what: str = "pos") -> None:

@@ -285,14 +285,22 @@ class Attention(_Sublayer):
 
     def forward(self, x: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
         """x: [batch, pos, d_model] -> attention output [batch, pos, d_model] (sum of heads + b_O)."""
+        return self.project(self.z_of(x, mask))
+
+    def z_of(self, x: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
+        """x: [batch, pos, d_model] -> z [batch, pos, head, d_head] after hook_z (the hooks from hook_q
+        to hook_z run here): forward up to the output projection."""
         B, P, _ = x.shape
         h, d = self.n_heads, self.d_head
         qkv = F.linear(x, self.W_QKV.view(3 * h * d, -1), self.b_QKV.view(-1))  # [batch, pos, 3*head*d_head]
-        q, k, v = qkv.view(B, P, 3, h, d).unbind(2)  # each [batch, pos, head, d_head]
+        q, k, v = qkv_views = qkv.view(B, P, 3, h, d).unbind(2)  # each [batch, pos, head, d_head]
         if self.hook_q.fns or self.hook_k.fns or self.hook_v.fns:
             q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
         if self.hook_attn_scores.fns or self.hook_pattern.fns:  # only these need the explicit path
-            z = self._scores_pattern_z(q, k, v, mask)  # [batch, pos, head, d_head]
+            # q, k, v still qkv's views (no hook replaced them; an in-place edit is in qkv): one
+            # head-major copy of all three instead of one each
+            fused = qkv if (q is qkv_views[0] and k is qkv_views[1] and v is qkv_views[2]) else None
+            z = self._scores_pattern_z(q, k, v, mask, fused)  # [batch, pos, head, d_head]
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [batch, head, pos, d_head]
@@ -300,9 +308,15 @@ class Attention(_Sublayer):
             ).transpose(1, 2)  # [batch, pos, head, d_head]
         if self.hook_z.fns:
             z = self.hook_z(z)  # [batch, pos, head, d_head]
+        return z
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """z [batch, pos, head, d_head] -> the attention output [batch, pos, d_model] (hook_result runs
+        here): forward from hook_z on."""
         if self.hook_result.fns:
             result = self.hook_result(head_results(z, self.W_O))  # [batch, pos, head, d_model]
-            return result.sum(2) + self.b_O  # [batch, pos, d_model]
+            return result.sum(2).add_(self.b_O)  # [batch, pos, d_model] (the sum is a fresh tensor)
+        B, P, h, d = z.shape
         return F.linear(z.reshape(B, P, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
 
     def forward_at(self, x: torch.Tensor, mask: "AttentionMask", index: Union[int, torch.Tensor]) -> torch.Tensor:
@@ -329,12 +343,15 @@ class Attention(_Sublayer):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
         return self.hook_z(self._scores_pattern_z(q, k, v, mask))  # [batch, pos, head, d_head]
 
-    def _scores_pattern_z(self, q, k, v, mask: "AttentionMask") -> torch.Tensor:
+    def _scores_pattern_z(self, q, k, v, mask: "AttentionMask", qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention with its scores and pattern exposed. q, k, v: [batch, pos, head, d_head]."""
         B, P, h, d = q.shape
-        scores = self.hook_attn_scores(attention_scores(q, k, mask))  # [batch, head, query_pos, key_pos]
+        if qkv is not None:  # [batch, pos, 3*head*d_head] whose views q, k, v are
+            q, k, v = qkv.view(B, P, 3, h, d).permute(2, 0, 3, 1, 4).reshape(3, B * h, P, d).unbind(0)
+        else:
+            q, k, v = (t.transpose(1, 2).reshape(B * h, P, d) for t in (q, k, v))  # [batch*head, pos, d_head]
+        scores = self.hook_attn_scores(_head_major_scores(q, k, mask, B, h))  # [batch, head, query_pos, key_pos]
         pattern = self.hook_pattern(scores.softmax(-1))  # [batch, head, query_pos, key_pos]
-        v = v.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
         z = torch.bmm(pattern.reshape(B * h, P, P), v)  # [batch*head, pos, d_head]
         return z.view(B, h, P, d).transpose(1, 2)  # [batch, pos, head, d_head]
 
@@ -346,12 +363,17 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") ->
     B, P, h, d = q.shape
     q = q.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
     k = k.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
+    return _head_major_scores(q, k, mask, B, h)
+
+
+def _head_major_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask", B: int, h: int) -> torch.Tensor:
+    """attention_scores from q, k as [batch*head, pos, d_head] -> [batch, head, query_pos, key_pos]."""
+    P, d = q.shape[1], q.shape[2]
     scale = 1.0 / math.sqrt(d)
-    additive = mask.additive(q.dtype)
+    additive = mask.additive_heads(q.dtype, B, h)  # [batch*head, 1 or q, k] or None
     if additive is None:
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [batch*head, query_pos, key_pos]
     else:  # one kernel for matmul, scale and mask: scores = mask + scale * q k^T
-        additive = additive.expand(B, h, -1, -1).reshape(B * h, -1, P)  # [batch*head, 1 or q, k]
         scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=scale)
     return scores.view(B, h, P, P)  # [batch, head, query_pos, key_pos]
 
@@ -373,6 +395,7 @@ class AttentionMask:
         self.causal_only = causal_only
         self._additive: Optional[torch.Tensor] = None
         self._allowed: Optional[torch.Tensor] = None
+        self._additive_heads: Optional[tuple] = None  # ((dtype, batch, heads), [batch*head, 1 or q, k])
 
     def allowed(self) -> Optional[torch.Tensor]:
         """True = may attend, with fully masked rows opened; None when nothing is masked."""
@@ -407,6 +430,20 @@ class AttentionMask:
             zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             self._additive = zeros.masked_fill_(~allowed, fill)
         return self._additive
+
+    def additive_heads(self, dtype: torch.dtype, B: int, h: int) -> Optional[torch.Tensor]:
+        """`additive` expanded to [batch*head, 1 or query_pos, key_pos] for a head-major bmm, made once
+        per forward (every layer's explicit attention shares it), or None."""
+        cached = self._additive_heads
+        if cached is not None and cached[0] == (dtype, B, h):
+            return cached[1]
+        additive = self.additive(dtype)
+        if additive is None:
+            return None
+        P = additive.shape[-1]
+        additive = additive.expand(B, h, -1, -1).reshape(B * h, -1, P)  # [batch*head, 1 or q, k]
+        self._additive_heads = ((dtype, B, h), additive)
+        return additive
 
 
 MASKED_SCORE = -1e5  # what masked attention scores become (finite: see AttentionMask)
@@ -460,13 +497,43 @@ class TransformerBlock(_Sublayer):
         """forward's output at one position per row (index: [batch] or an int) -> [batch, 1, d_model]. What
         the last block of a first/last read-out needs: only that position's query, attention output
         and MLP (a third of a 3-layer model's compute is the other positions of its last block).
-        Hooks that would see one position must be inactive (see FULL_POSITION_HOOKS)."""
+        Hooks that would see one position must be inactive (see FULL_POSITION_HOOKS). With a hook on
+        the attention's q, scores, pattern or z (READOUT_ATTENTION_HOOKS), attention runs for every
+        query position (the hooks see them all, as on the full path) and the rest of the block at
+        `index` only."""
         resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
-        attn_out = self.attn.forward_at(self.ln1(resid_pre), mask, index)  # [batch, 1, d_model]
+        attn = self.attn
+        if attn.hook_z.fns or attn.hook_q.fns or attn.hook_pattern.fns or attn.hook_attn_scores.fns:
+            z = attn.z_of(self.ln1(resid_pre), mask)  # [batch, pos, head, d_head]
+            attn_out = attn.project(_at(z, index))  # [batch, 1, d_model]
+        else:
+            attn_out = attn.forward_at(self.ln1(resid_pre), mask, index)  # [batch, 1, d_model]
         resid_mid = _at(resid_pre, index) + attn_out  # [batch, 1, d_model]
         if not self.has_mlp:
             return resid_mid
         return resid_mid + self.mlp(self.ln2(resid_mid))  # [batch, 1, d_model]
+
+    def forward_from_z(self, resid_pre: torch.Tensor, z: torch.Tensor, mask: AttentionMask,
+                       index: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
+        """forward (index None: [batch, pos, d_model]) or forward_at (an index: [batch, 1, d_model]) from
+        the attention's hook_z on, given resid_pre (this block's input) and z: what the attention
+        computes from it, before hook_z's functions (which run here). What a patch of hook_z needs when
+        the clean run's z is kept (interventions.PatchBatch): the block's query, key and value
+        projections and attention are not recomputed. The hook points before hook_z do not run: the
+        model's forward refuses a resume while any of them has a function attached."""
+        attn = self.attn
+        z = attn.hook_z(z)  # [batch, pos, head, d_head]
+        if index is not None:
+            resid_mid = _at(resid_pre, index) + attn.project(_at(z, index))  # [batch, 1, d_model]
+            if not self.has_mlp:
+                return resid_mid
+            return resid_mid + self.mlp(self.ln2(resid_mid))  # [batch, 1, d_model]
+        attn_out = self.hook_attn_out(attn.project(z))  # [batch, pos, d_model]
+        if not self.has_mlp:
+            return self.hook_resid_post(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [batch, pos, d_model]
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))  # [batch, pos, d_model]
+        return self.hook_resid_post(resid_mid + mlp_out)  # [batch, pos, d_model]
 
 
 def _at(x: torch.Tensor, index: Union[int, torch.Tensor]) -> torch.Tensor:
@@ -493,6 +560,10 @@ class Unembed(_Sublayer):
 # Hooks of the last block that TransformerBlock.forward_at still runs on every position (a key/value
 # patch at the last layer keeps the fast read-out path)
 FULL_POSITION_HOOKS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_k", "attn.hook_v")
+# Hooks of the last block that keep the read-out path but make its attention run for every query
+# position (they see every position; the output projection and MLP still run at the read-out only):
+# a patch of a head's z or pattern at the last layer costs one block's attention, not the whole block
+READOUT_ATTENTION_HOOKS = ("attn.hook_q", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z")
 
 
 # The read-out path (TransformerBlock.forward_at) saves the other positions' compute of the last block
@@ -506,7 +577,11 @@ READOUT_ONLY_MIN_BATCH = 2
 # every hook point, interleaved (busy 2-core machine; / the plain forward): batch 1: eager 1.21, deferred
 # unread 1.63, deferred and read 2.91; batch 16 (672 tokens): 1.33, 1.27, 1.77; batch 64 (2688): 1.53,
 # 1.15, 2.39. Eager costs about what deferred-unread does up to ~1000 tokens and less once read.
-DEFER_MIN_TOKENS = 1024
+# Since the explicit attention copies q, k, v head-major in one go and per-head results are one bmm
+# (issue 33; CPU time per call, min of 9 interleaved, / our read-out forward): batch 64 (2,688 tokens)
+# eager, every entry read 1.44, deferred unread 1.38, deferred and read 2.07; batch 256 (10,752): 1.86,
+# 1.21, 2.18. Eager now costs what deferring saves at 2,688 tokens and is far cheaper once read.
+DEFER_MIN_TOKENS = 4096
 
 
 class EmbeddingEditedError(InputError):
@@ -732,11 +807,15 @@ class HookedTransformer(HookedRootModule):
                 readout: Optional[str] = None, *, start_at_layer: int = 0,
                 resid: Optional[torch.Tensor] = None, readout_only: Optional[bool] = None,
                 return_resid: bool = False, return_type: Optional[str] = "logits",
-                targets: Optional[torch.Tensor] = None):
+                targets: Optional[torch.Tensor] = None, resume_z: Optional[torch.Tensor] = None):
         """start_at_layer=l with resid = blocks.l.hook_resid_pre's value runs only blocks l.. (x still
         gives the padding mask and read-out positions): what a patch at layer l needs to recompute.
         Functions on hook_embed / hook_pos_embed still run, on x's embeddings (they may note the batch
         for a later hook); one that changes them is an InputError (resid cannot reflect the change).
+        resume_z (with start_at_layer=l): block l's blocks.l.attn.hook_z value as its attention computes
+        it from resid (before hook_z's functions, which run): block l starts after its attention
+        (`TransformerBlock.forward_from_z`), what a patch of hook_z needs; the hook points of block l
+        before hook_z must have no function attached (they would not run).
 
         readout_only: whether the last block computes only the read-out position (first/last
         read-outs; the outputs and their gradients are the same up to float rounding). None = in eval
@@ -763,8 +842,12 @@ class HookedTransformer(HookedRootModule):
             self._mask_sink.append(mask)
         if start_at_layer:
             resid = self._check_resume(x, start_at_layer, resid)  # [batch, pos, d_model]
+            if resume_z is not None:
+                self._check_resume_z(start_at_layer, resid, resume_z)
             if self.hook_embed.fns or (self.cfg.positional != "none" and self.hook_pos_embed.fns):
                 self._refire_embed_hooks(x)
+        elif resume_z is not None:
+            raise InputError("resume_z is block start_at_layer's z: pass start_at_layer (and resid) with it")
         else:
             resid = self.hook_embed(self.embed(x))  # [batch, pos, d_model]
             if self.cfg.positional != "none":
@@ -780,15 +863,25 @@ class HookedTransformer(HookedRootModule):
             # every position on this path too - resid_pre, ln1, k, v - may be active)
             blocks = self.blocks._modules  # not self.blocks[a:b]: slicing builds a new ModuleList per call
             last = len(blocks) - 1
-            for i in range(start_at_layer, last):
+            first = start_at_layer
+            if resume_z is not None and first < last:
+                resid = blocks[str(first)].forward_from_z(resid, resume_z, mask)  # [batch, pos, d_model]
+                first += 1
+            for i in range(first, last):
                 resid = blocks[str(i)](resid, mask)  # [batch, pos, d_model]
             if readout == "first" or (readout == "last" and key_padding_mask is None):
                 index = 0 if readout == "first" else x.shape[1] - 1  # the same in every row: a slice, no gather
             else:
                 index = self._readout_index(key_padding_mask, readout, x.shape[0], x.shape[1], x.device)
-            resid = blocks[str(last)].forward_at(resid, mask, index)  # [batch, 1, d_model]
+            if resume_z is not None and start_at_layer == last:
+                resid = blocks[str(last)].forward_from_z(resid, resume_z, mask, index)  # [batch, 1, d_model]
+            else:
+                resid = blocks[str(last)].forward_at(resid, mask, index)  # [batch, 1, d_model]
         else:
-            for block in itertools.islice(self.blocks, start_at_layer, None):
+            later = itertools.islice(self.blocks, start_at_layer, None)
+            if resume_z is not None:
+                resid = next(later).forward_from_z(resid, resume_z, mask)  # [batch, pos, d_model]
+            for block in later:
                 resid = block(resid, mask)  # [batch, pos, d_model]
             resid = self._select_readout(resid, key_padding_mask, readout)  # [batch, pos or 1, d_model]
         resid_final = resid  # [batch, pos or 1, d_model]
@@ -826,6 +919,30 @@ class HookedTransformer(HookedRootModule):
                              f"{list(want)} on {x.device}, got {got}")
         return resid
 
+    def _check_resume_z(self, layer: int, resid: torch.Tensor, z) -> None:
+        block = self.blocks[layer]
+        want = (resid.shape[0], resid.shape[1], self.cfg.n_heads, self.cfg.d_head)
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != want or z.device != resid.device:
+            got = f"{tuple(z.shape)} on {z.device}" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise InputError(f"resume_z needs blocks.{layer}.attn.hook_z's value of shape {list(want)} on "
+                             f"{resid.device}, got {got}")
+        if type(block) is not TransformerBlock or type(block.attn) is not Attention:
+            raise InputError("resume_z needs the plain TransformerBlock and Attention")
+        before = [block.hook_resid_pre, block.attn.hook_q, block.attn.hook_k, block.attn.hook_v,
+                  block.attn.hook_attn_scores, block.attn.hook_pattern]
+        if isinstance(block.ln1, LayerNorm):
+            before += [block.ln1.hook_scale, block.ln1.hook_normalized]
+        g = _module_globals
+        if (g._global_forward_hooks or g._global_forward_pre_hooks or torch._C._get_tracing_state()
+                or any(m._forward_hooks or m._forward_pre_hooks or m._compiled_call_impl is not None
+                       for m in (block, block.attn))):
+            raise InputError(f"resume_z: blocks.{layer} (or its attention) has a torch module hook, which a "
+                             f"block started at hook_z would skip; resume at the block's start")
+        active = [hp.name for hp in before if hp.fns]
+        if active:
+            raise InputError(f"resume_z: hook point(s) {active} come before blocks.{layer}.attn.hook_z and would not "
+                             f"run; resume at the block's start (start_at_layer with resid only)")
+
     def _attention_mask(self, key_pad: Optional[torch.Tensor], P: int, device) -> AttentionMask:
         blocked = None if key_pad is None else key_pad[:, None, None, :]  # [batch, 1, 1, key_pos]
         causal_only = False
@@ -851,8 +968,9 @@ class HookedTransformer(HookedRootModule):
         # the last block's hooks that would see one position on the read-out path (forward_at); the
         # others (FULL_POSITION_HOOKS) see every position there too. A plain list in __dict__ (not a
         # registered module list): checked on every inference forward
+        keep = FULL_POSITION_HOOKS + READOUT_ATTENTION_HOOKS
         self.__dict__["_last_block_hooks"] = [hp for n, hp in self.hook_dict.items() if n.startswith(last)
-                                              and n[len(last):] not in FULL_POSITION_HOOKS]
+                                              and n[len(last):] not in keep]
         # what run_with_cache may compute on first read (see _plan_deferred), built once; only for
         # this class's own forward and blocks, whose data flow the deferrals restate (a subclass
         # overriding them, as assoc_model's, caches every value in its forward)
