@@ -273,7 +273,7 @@ class BracketHypotheses:
         """Where the count head looks; its effect is test_mean_ablating_the_count_heads_output_costs_loss."""
         an = analyse(subject.model, subject.data)
         layer, head = subject.head("count_head")
-        attention = A.attention_from(an.cache, layer, head, query=0)[subject.data.starts_open].mean(0)
+        attention = an.attention_from_query_0(layer, head)[subject.data.starts_open].mean(0)
         figures.add("count head attention from position 0", lambda: _attention_bar(attention, subject),
                     caption=f"{subject.name}: mean over strings starting with '('")
         claim.at_least("count_head.attention(q=0 -> k=1)", float(attention[1]), 0.5, note=subject.binding)
