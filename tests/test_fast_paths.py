@@ -360,3 +360,29 @@ def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_c
                 got = an.attention_from_query_0(layer, head)
                 assert got.shape == (len(data), data.toks.shape[1])
                 assert torch.equal(got, A.attention_from(full, layer, head, query=0))
+
+
+def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual_bitwise():
+    """`subjects.mean_ablated_logits` (the sibling-ablation claims) resumes the mean-ablated mutant at
+    the ablated head's block (or an earlier hook's) from the model's residual on the same batch: what
+    `predict` of the mutant gives, bitwise, for heads in every block, on a model with and without a
+    permanent hook of its own (a mean ablation in block 1: the resume point moves back to it)."""
+    from circuits.analysis import measures as A
+    from circuits.tasks.brackets import data as B
+    from circuits.tasks.brackets.subjects import mean_ablated_logits
+
+    model = perturbed_model("brackets")
+    g = torch.Generator().manual_seed(12)
+    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
+            torch.randint(1, 41, (300,), generator=g)]
+    data = B.BracketData.from_strings(strs)
+    moved = 0
+    for m in (model, I.zero_ablate_head(model, 2, 1), I.batch_mean_ablate_head(model, 1, 1)):
+        clean = A.predict(m, data.toks, lengths=data.lengths + 2, batch_size=len(data))
+        for head in [(2, 0), (2, 1), (1, 0), (0, 1)]:
+            got = mean_ablated_logits(m, data, head)
+            expected = A.predict(I.batch_mean_ablate_head(m, *head), data.toks, lengths=data.lengths + 2,
+                                 batch_size=len(data))
+            assert torch.equal(got, expected), (head, float((got - expected).abs().max()))
+            moved += not torch.allclose(got, clean, atol=1e-5)
+    assert moved >= 10  # the ablations move the output (not of a head already zeroed or ablated)

@@ -110,6 +110,34 @@ def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
     return _MEMO.get(model, ("analysis", id(data), len(data)), lambda: Analysis(model, data))
 
 
+def mean_ablated_logits(model, data, head: tuple[int, int]) -> torch.Tensor:
+    """`A.predict(batch_mean_ablate_head(model, *head), toks, lengths, one batch)`, with the blocks
+    before the ablated head (and before any earlier permanent hook: `I._resume_layer`) run once per
+    model for all heads of a layer: the mutant resumes there from the model's own residual on the
+    same batch (the same rows, order and width as predict's one length bucket; the embedding's pad
+    tracker refired). The same kernels on the same tensors: bitwise (tests/test_fast_paths.py).
+    (hypotheses/test_brackets.py: the sibling-ablation claims, two heads of a layer per model.)"""
+    mutant = I.batch_mean_ablate_head(model, *head)
+    layer = I._resume_layer(mutant, [f"blocks.{head[0]}.attn.hook_z"])
+    if not layer:
+        return A.predict(mutant, data.toks, lengths=data.lengths + 2, batch_size=len(data))
+    (rows, width), = A.length_buckets(data.lengths + 2, len(data), len(data))
+    x = data.toks[rows, :width]
+    name = f"blocks.{layer}.hook_resid_pre"
+    key = (A.weights_digest(model), name, id(data))
+    if _RESID.get("key") != key:  # one entry (~47 MB for the 5,000 strings): the heads of a layer come together
+        _RESID.update(key=key, resid=I.capture_activations(model, x, [name])[name])
+    resid = _RESID["resid"]
+    with torch.no_grad():
+        part = mutant(x, start_at_layer=layer, resid=resid)
+    out = part.new_empty((len(data), *part.shape[1:]))
+    out[rows] = part
+    return out
+
+
+_RESID: dict = {}  # the last model's residual before its mean-ablated layer (mean_ablated_logits)
+
+
 def predictions_on_all(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(predicted is-balanced, label, count) per distinct string of the full 100k file: half the
     file repeats earlier rows, so each distinct string is classified once and weighted by its count."""
