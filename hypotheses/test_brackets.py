@@ -103,8 +103,8 @@ from circuits.analysis import measures as A
 from circuits.claims.controls import register_control
 from circuits.claims.stats import auroc_ci, bootstrap_ci, cohens_d, mean_difference, spearman
 from circuits.report.figures import overlaid_histograms
-from circuits.tasks.brackets.subjects import (ArenaSubject, OursSubject, analyse, head_contribution, predictions_on_all,
-                                              resample_count_head)
+from circuits.tasks.brackets.subjects import (ArenaSubject, OursSubject, analyse, head_contribution, mean_ablated_logits,
+                                              predictions_on_all, resample_count_head)
 
 COMPONENTS = ["embed", "pos_embed", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp", "L2H0", "L2H1",
               "L2.mlp", "biases"]
@@ -273,7 +273,7 @@ class BracketHypotheses:
         """Where the count head looks; its effect is test_mean_ablating_the_count_heads_output_costs_loss."""
         an = analyse(subject.model, subject.data)
         layer, head = subject.head("count_head")
-        attention = A.attention_from(an.cache, layer, head, query=0)[subject.data.starts_open].mean(0)
+        attention = an.attention_from_query_0(layer, head)[subject.data.starts_open].mean(0)
         figures.add("count head attention from position 0", lambda: _attention_bar(attention, subject),
                     caption=f"{subject.name}: mean over strings starting with '('")
         claim.at_least("count_head.attention(q=0 -> k=1)", float(attention[1]), 0.5, note=subject.binding)
@@ -405,13 +405,14 @@ def _ablation_cost(model, data, head: tuple[int, int]) -> np.ndarray:
     over all evaluation strings at each position) minus the model's own. Once per model function."""
     def compute():
         clean = A.cross_entropy_per_example(analyse(model, data).logits, data.isbal.long())
-        logits = A.predict(I.batch_mean_ablate_head(model, *head), data.toks, lengths=data.lengths + 2, batch_size=len(data))
+        logits = mean_ablated_logits(model, data, head)
         return (A.cross_entropy_per_example(logits, data.isbal.long()) - clean).double().numpy()
 
     return _ABLATED.get(model, ("mean-ablation cost", head, id(data)), compute)
 
 
 _ABLATED = A.ModelMemo()
+
 
 
 def _only_count_fails(data) -> np.ndarray:

@@ -279,16 +279,63 @@ def test_resampling_the_last_blocks_keys_and_values_equals_the_resumed_forwards(
     assert moved >= 2  # the patches move the output
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_resampling_with_last_block_mean_ablations_equals_the_resumed_forwards(name, dtype, monkeypatch):
+    """The same short cut on a mutant whose last-block heads are batch-mean ablated (the bracket
+    resampling claims' `mean_ablate:` mutations): each ablated head's output at the read-out position
+    is its mean over the group's batch there, which is all the read-out needs of it. Against the
+    resumed forwards, which run the whole last block with the ablations' hooks (every position: the
+    read-out rounds differently, hence 1e-6 / 1e-12, not bitwise). A model whose read-out position
+    differs between rows (read-out "last" with padding) keeps the resumed forwards."""
+    base = perturbed_model(name, dtype=dtype)
+    last, h = base.cfg.n_layers - 1, base.cfg.n_heads
+    x = inputs(base, batch=7)
+    g = torch.Generator().manual_seed(8)
+    groups = [[torch.arange(7), torch.randint(7, (7,), generator=g), torch.randperm(7, generator=g)],
+              [torch.randint(7, (7,), generator=g)]]
+    one_position = base.cfg.readout == "first" or base.cfg.pad_token is None
+    moved = 0
+    for heads in ([0], [h - 1], list(range(h))):
+        model = base
+        for head in heads:
+            model = I.batch_mean_ablate_head(model, last, head)
+        for patches in _kv_patches(base):
+            names = [n for n, _ in patches]
+            assert I._last_block_kv_only(model, names, [21, 7], x) == one_position
+            got = I.resample_together(model, x, patches, groups)
+            with monkeypatch.context() as m:
+                m.setattr(I, "_last_block_kv_only", lambda *a: False)
+                expected = I.resample_together(model, x, patches, groups)
+            for outs, exp in zip(got, expected):
+                for a, b in zip(outs, exp):
+                    torch.testing.assert_close(a, b, **TIGHT[dtype])
+            unmutated = I.resample_together(base, x, patches, groups)
+            moved += not torch.allclose(got[0][1], unmutated[0][1], atol=1e-4)
+    assert moved >= 6  # the ablations move the output (else the equalities would prove little)
+
+
 def test_the_last_block_short_cut_is_not_taken_with_hooks_or_elsewhere():
-    """A permanent hook, a torch module hook, training mode, an all-positions read-out, a patch before
-    the last block or a batch of one row: the resumed forwards run as before."""
+    """A permanent hook (other than a batch-mean ablation of a last-block head), a torch module hook,
+    training mode, an all-positions read-out, a patch before the last block or a batch of one row:
+    the resumed forwards run as before."""
     model = perturbed_model("brackets")
     kv = ["blocks.2.attn.hook_k", "blocks.2.attn.hook_v"]
+    x = inputs(model)
     assert I._last_block_kv_only(model, kv, [10])
     assert not I._last_block_kv_only(model, kv + ["blocks.1.attn.hook_v"], [10])
     assert not I._last_block_kv_only(model, ["blocks.2.attn.hook_z"], [10])
     assert not I._last_block_kv_only(model, kv, [10, 1])
+    # a batch-mean ablation of a last-block head is modelled (with the inputs: one read-out position)
+    assert I._last_block_kv_only(I.batch_mean_ablate_head(model, 2, 0), kv, [10], x)
     assert not I._last_block_kv_only(I.batch_mean_ablate_head(model, 2, 0), kv, [10])
+    # ... one elsewhere, of an MLP, or the same head twice, is not
+    assert not I._last_block_kv_only(I.batch_mean_ablate_head(model, 1, 0), kv, [10], x)
+    assert not I._last_block_kv_only(I.batch_mean_ablate_mlp(model, 2), kv, [10], x)
+    twice = I.batch_mean_ablate_head(I.batch_mean_ablate_head(model, 2, 0), 2, 0)
+    assert not I._last_block_kv_only(twice, kv, [10], x)
+    with I.batch_mean_ablate_head(model, 2, 1).hooks([("blocks.2.attn.hook_z", lambda a, hook: a)]) as hooked:
+        assert not I._last_block_kv_only(hooked, kv, [10], x)
     with model.hooks([("blocks.0.hook_resid_post", lambda a, hook: a)]):
         assert not I._last_block_kv_only(model, kv, [10])
     handle = model.blocks[0].register_forward_hook(lambda m, args, out: out)
@@ -391,3 +438,57 @@ def test_an_in_place_edit_of_q_k_or_v_reaches_the_explicit_attention():
         torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], want_cache["blocks.1.attn.hook_pattern"],
                                    atol=1e-12, rtol=1e-12)
         assert not torch.allclose(got, clean)
+
+
+def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_cache():
+    """`Analysis.cache` (tasks/brackets/subjects.py) no longer caches every layer's attention pattern;
+    `attention_from_query_0` runs the one layer a claim reads. Both give what one cache of the
+    decomposition and every pattern gives (the same forward and pattern function): bitwise."""
+    from circuits.analysis import measures as A
+    from circuits.tasks.brackets import data as B
+    from circuits.tasks.brackets.subjects import Analysis
+
+    model = perturbed_model("brackets")
+    g = torch.Generator().manual_seed(11)
+    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
+            torch.randint(1, 41, (300,), generator=g)]
+    data = B.BracketData.from_strings(strs)
+    for m in (model, I.batch_mean_ablate_head(model, 2, 0)):
+        an = Analysis(m, data)
+        names = A.decomposition_names(m) + [f"blocks.{l}.attn.hook_pattern" for l in range(m.cfg.n_layers)]
+        full = A.run_in_batches(m, data.toks, names=names, keep=A.at_position(0), lengths=data.lengths + 2,
+                                batch_size=len(data))
+        assert not any(k.endswith("hook_pattern") for k in an.cache.keys())
+        for k in A.decomposition_names(m):
+            assert torch.equal(an.cache[k], full[k]), k
+        for layer in range(m.cfg.n_layers):
+            for head in range(m.cfg.n_heads):
+                got = an.attention_from_query_0(layer, head)
+                assert got.shape == (len(data), data.toks.shape[1])
+                assert torch.equal(got, A.attention_from(full, layer, head, query=0))
+
+
+def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual_bitwise():
+    """`subjects.mean_ablated_logits` (the sibling-ablation claims) resumes the mean-ablated mutant at
+    the ablated head's block (or an earlier hook's) from the model's residual on the same batch: what
+    `predict` of the mutant gives, bitwise, for heads in every block, on a model with and without a
+    permanent hook of its own (a mean ablation in block 1: the resume point moves back to it)."""
+    from circuits.analysis import measures as A
+    from circuits.tasks.brackets import data as B
+    from circuits.tasks.brackets.subjects import mean_ablated_logits
+
+    model = perturbed_model("brackets")
+    g = torch.Generator().manual_seed(12)
+    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
+            torch.randint(1, 41, (300,), generator=g)]
+    data = B.BracketData.from_strings(strs)
+    moved = 0
+    for m in (model, I.zero_ablate_head(model, 2, 1), I.batch_mean_ablate_head(model, 1, 1)):
+        clean = A.predict(m, data.toks, lengths=data.lengths + 2, batch_size=len(data))
+        for head in [(2, 0), (2, 1), (1, 0), (0, 1)]:
+            got = mean_ablated_logits(m, data, head)
+            expected = A.predict(I.batch_mean_ablate_head(m, *head), data.toks, lengths=data.lengths + 2,
+                                 batch_size=len(data))
+            assert torch.equal(got, expected), (head, float((got - expected).abs().max()))
+            moved += not torch.allclose(got, clean, atol=1e-5)
+    assert moved >= 10  # the ablations move the output (not of a head already zeroed or ablated)

@@ -198,11 +198,15 @@ def _with_pad_tracker(model: Any) -> dict:
         return state
     w_pad = model.embed.W_E[pad_token]
 
+    def pad_of(x):  # [batch, pos, d_model] embeddings -> [batch, pos] padding rows
+        return (x == w_pad.to(x.dtype)).all(-1)
+
     def note(x, hook):
-        state["pad"] = (x == w_pad.to(x.dtype)).all(-1)
+        state["pad"] = pad_of(x)
         return None
 
     note.circuits_key = "pad_tracker"
+    note.circuits_pad_state = (state, pad_of)  # for resample_together's last-block short cut (_last_block_means)
 
     model.hook_dict["hook_embed"].fns.append(note)
     return state
@@ -234,6 +238,7 @@ def batch_mean_ablate_head(model: Any, layer: int, head: int) -> Any:
         return z
 
     replace.circuits_key = f"mean_ablate:L{layer}H{head}"
+    replace.circuits_batch_mean = (layer, head, state)  # what it does, for _last_block_means
 
     new.hook_dict[f"blocks.{layer}.attn.hook_z"].fns.append(replace)
     return new
@@ -659,7 +664,7 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
     groups = [[_check_rows(r, n, inputs.device) for r in group] for group in groups]
     if any(not group for group in groups):
         raise InputError("resample_together: every group needs at least one set of source rows")
-    if _last_block_kv_only(model, names, [len(group) * n for group in groups]):
+    if _last_block_kv_only(model, names, [len(group) * n for group in groups], inputs):
         last = model.cfg.n_layers - 1
         resume = f"blocks.{last}.hook_resid_pre"
         cache = capture_activations(model, inputs, names + [resume])  # stops at the last of them
@@ -693,11 +698,41 @@ def _no_torch_hooks(model: torch.nn.Module) -> bool:
                    or m._compiled_call_impl is not None for m in model.modules())
 
 
-def _last_block_kv_only(model: Any, names: Sequence[str], batch_sizes: Sequence[int]) -> bool:
+def _last_block_means(model: Any) -> Optional[dict]:
+    """The model's permanent hooks, when they are batch-mean ablations of heads of its LAST block
+    (`batch_mean_ablate_head`, each head once) and the padding trackers those read, as {head: the
+    tracker's function of the embeddings giving the padding rows, or None without one}: {} for a
+    model with no hook; None when there is any other hook (a mean ablation elsewhere, a user's hook)."""
+    last = model.cfg.n_layers - 1
+    z_name = f"blocks.{last}.attn.hook_z"
+    trackers, means = [], {}
+    for name, hp in model.hook_dict.items():
+        for fn in hp.fns:
+            tracker = getattr(fn, "circuits_pad_state", None)
+            mean = getattr(fn, "circuits_batch_mean", None)
+            if name == "hook_embed" and tracker is not None:
+                trackers.append(tracker)
+            elif name == z_name and mean is not None and mean[0] == last and mean[1] not in means:
+                means[mean[1]] = mean[2]
+            else:
+                return None
+    out = {}
+    for head, state in means.items():
+        pad_of = [p for s, p in trackers if s is state]
+        if len(pad_of) > 1 or (not pad_of and state["pad"] is not None):
+            return None  # a state set by something else than one tracker of this model: not ours to model
+        out[head] = pad_of[0] if pad_of else None
+    return out
+
+
+def _last_block_kv_only(model: Any, names: Sequence[str], batch_sizes: Sequence[int],
+                        inputs: Optional[torch.Tensor] = None) -> bool:
     """Whether `_resample_last_block_kv` computes what the resumed forwards compute: a plain
-    HookedTransformer in eval mode with no hook of any kind, a first/last read-out (the forward then
-    takes the read-out path through its last block for every group's batch), and patches only on the
-    last block's hook_k / hook_v."""
+    HookedTransformer in eval mode, a first/last read-out (the forward then takes the read-out path
+    through its last block for every group's batch), patches only on the last block's hook_k / hook_v,
+    and no hook of any kind but batch-mean ablations of last-block heads (`_last_block_means`); with
+    those, the read-out position must be the same in every row of `inputs` (each head's batch mean at
+    that position is then all the read-out needs of it)."""
     from circuits.model import transformer as T
 
     if type(model).forward is not T.HookedTransformer.forward or model.training:
@@ -712,7 +747,20 @@ def _last_block_kv_only(model: Any, names: Sequence[str], batch_sizes: Sequence[
             and type(block.ln1) in norms and type(model.unembed) is T.Unembed
             and (not block.has_mlp or (type(block.ln2) in norms and type(block.mlp) is T.MLP))
             and (model.cfg.normalization != "LN" or type(model.ln_final) is T.LayerNorm)
-            and not any(hp.fns for hp in model.hook_dict.values()) and _no_torch_hooks(model))
+            and _means_ok(model, inputs) and _no_torch_hooks(model))
+
+
+def _means_ok(model: Any, inputs: Optional[torch.Tensor]) -> bool:
+    """No hook but last-block batch means, and with any of those one read-out position for every row."""
+    means = _last_block_means(model)
+    if means is None:
+        return False
+    if not means:
+        return True
+    if inputs is None:
+        return False
+    kpm = model.key_padding_mask(inputs)
+    return model.cfg.readout == "first" or kpm is None or not bool(kpm.any())
 
 
 def _resample_last_block_kv(model: HookedTransformer, inputs: torch.Tensor, patches: list, groups: list,
@@ -738,7 +786,11 @@ def _resample_last_block_kv(model: HookedTransformer, inputs: torch.Tensor, patc
     if kpm is not None and not bool(kpm.any()):
         kpm = None
     heads = _patched_heads(patches, h)
+    means = _last_block_means(model)  # {head: padding rows of embeddings, or None}: batch-mean-ablated heads
     with torch.no_grad():
+        # the padding rows each mean ablation's tracker notes on hook_embed (row by row: the repeated
+        # batch's are these, repeated)
+        pads = {head: None if pad_of is None else pad_of(model.embed(inputs)) for head, pad_of in means.items()}
         x = block.ln1(resid)  # [n, pos, d_model]
         W, b = attn.W_QKV.view(3, h * d, -1), attn.b_QKV.view(3, h * d)
         kv = F.linear(x, W[1:].reshape(2 * h * d, -1), b[1:].reshape(-1)).view(n, P, 2, h, d)
@@ -776,6 +828,10 @@ def _resample_last_block_kv(model: HookedTransformer, inputs: torch.Tensor, patc
             else:
                 z_b = z[rep]
                 z_b[:, :, sel] = z_p
+            for head, pad in pads.items():  # the mean ablations' hook on hook_z, at the read-out position
+                # (an int here, `_means_ok`): the mean over the group's batch, non-padding rows only
+                pad_b = None if pad is None else pad[:, index:index + 1].repeat(G, 1)  # [B, 1]
+                z_b[:, :, head] = _batch_mean(z_b[:, :, head], pad_b)
             out = F.linear(z_b.reshape(B, 1, h * d), attn.W_O.view(h * d, -1).t(), attn.b_O)  # [B, 1, d_model]
             out = resid_at[rep] + out
             if block.has_mlp:

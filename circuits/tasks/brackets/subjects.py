@@ -16,6 +16,7 @@ binding of the model it breaks. The ARENA checkpoint and strings come from `circ
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Optional
@@ -52,11 +53,26 @@ class Analysis:
 
     @cached_property
     def cache(self):
-        names = A.decomposition_names(self.model) + [
-            f"blocks.{l}.attn.hook_pattern" for l in range(self.model.cfg.n_layers)]
-        # every claim here reads position 0 (the read-out) or attention from query 0
+        """The decomposition's activations at position 0 (the read-out), which every claim here reads.
+        No attention pattern: one claim reads one layer's (`attention_from_query_0`), and caching every
+        layer's for every model cost about a third of each such run (ARENA checkpoint, 5,000 strings)."""
+        return self._run(A.decomposition_names(self.model))
+
+    def _run(self, names: list):
         return A.run_in_batches(self.model, self.data.toks, names=names, keep=A.at_position(0),
                                 lengths=self.data.lengths + 2, batch_size=len(self.data))
+
+    def attention_from_query_0(self, layer: int, head: int) -> torch.Tensor:
+        """Attention probabilities of head (layer, head) from position 0: [batch, key_pos] (a run of its
+        own per layer, computing that layer's pattern only; the same forward and pattern function as a
+        cache with every layer's)."""
+        if layer not in self._patterns:
+            self._patterns[layer] = self._run([f"blocks.{layer}.attn.hook_pattern"])
+        return A.attention_from(self._patterns[layer], layer, head, query=0)
+
+    @cached_property
+    def _patterns(self) -> dict:
+        return {}
 
     @cached_property
     def _fit(self):
@@ -92,6 +108,34 @@ _MEMO = A.ModelMemo()  # per model function: the analyses and the 100k predictio
 
 def analyse(model: HookedTransformer, data: B.BracketData) -> Analysis:
     return _MEMO.get(model, ("analysis", id(data), len(data)), lambda: Analysis(model, data))
+
+
+def mean_ablated_logits(model, data, head: tuple[int, int]) -> torch.Tensor:
+    """`A.predict(batch_mean_ablate_head(model, *head), toks, lengths, one batch)`, with the blocks
+    before the ablated head (and before any earlier permanent hook: `I._resume_layer`) run once per
+    model for all heads of a layer: the mutant resumes there from the model's own residual on the
+    same batch (the same rows, order and width as predict's one length bucket; the embedding's pad
+    tracker refired). The same kernels on the same tensors: bitwise (tests/test_fast_paths.py).
+    (hypotheses/test_brackets.py: the sibling-ablation claims, two heads of a layer per model.)"""
+    mutant = I.batch_mean_ablate_head(model, *head)
+    layer = I._resume_layer(mutant, [f"blocks.{head[0]}.attn.hook_z"])
+    if not layer:
+        return A.predict(mutant, data.toks, lengths=data.lengths + 2, batch_size=len(data))
+    (rows, width), = A.length_buckets(data.lengths + 2, len(data), len(data))
+    x = data.toks[rows, :width]
+    name = f"blocks.{layer}.hook_resid_pre"
+    key = (A.weights_digest(model), name, id(data))
+    if _RESID.get("key") != key:  # one entry (~47 MB for the 5,000 strings): the heads of a layer come together
+        _RESID.update(key=key, resid=I.capture_activations(model, x, [name])[name])
+    resid = _RESID["resid"]
+    with torch.no_grad():
+        part = mutant(x, start_at_layer=layer, resid=resid)
+    out = part.new_empty((len(data), *part.shape[1:]))
+    out[rows] = part
+    return out
+
+
+_RESID: dict = {}  # the last model's residual before its mean-ablated layer (mean_ablated_logits)
 
 
 def predictions_on_all(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,7 +313,9 @@ def resample_count_head(subject: BracketSubject, control, draws, n_draws: int) -
                 losses[kind].append(A.cross_entropy_per_example(logits, labels).double().numpy())
         return losses
 
-    key = ("resampled", (layer, head), draws.seed, n_draws, control.spec if control.kind == "data" else "", id(data))
+    # keyed on the cells themselves, not on the control that made them: a data control that leaves the
+    # cells alone (swap_roles, a rebind to the same head) shares the computation of the same resampling
+    key = ("resampled", (layer, head), draws.seed, n_draws, _tensor_key(cells), id(data))
     losses = _RESAMPLED.get(subject.model, key, compute)  # per model function: a mutant is another model
     per_draw = {k: [float(x.mean()) for x in v] for k, v in losses.items()}
     mean = {k: np.mean(v, 0) for k, v in losses.items()}  # [strings]: mean loss over draws
@@ -297,7 +343,13 @@ def resample_count_head(subject: BracketSubject, control, draws, n_draws: int) -
     return out
 
 
-_RESAMPLED = A.ModelMemo()  # (model function; head, draws, data control, data) -> per-draw losses
+_RESAMPLED = A.ModelMemo()  # (model function; head, draws, cells, data) -> per-draw losses
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """A tensor's identity by value (dtype, shape and the sha256 of its bytes), for memo keys."""
+    data = t.detach().cpu().contiguous()
+    return str(data.dtype), tuple(data.shape), hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _contrast(count, horizon, clean, baseline, axis=-1):
