@@ -9,8 +9,10 @@ writes ``mechanisms.md`` and ``mechanisms.png`` beside the census:
   held-out loss and accuracy;
 * the layer-2 heads' attention from position 0 to position 1 at initialisation and after training
   (the count head's signature in the write-up), on 2,000 fresh strings starting with "(";
-* which of these differ between the seeds that grow the head and the others (Mann-Whitney U, exact
-  two-sided p; with a handful of positives the test has little power and the table says so).
+* how often each recipe grows each head (Fisher's exact test between two recipes), and within each
+  recipe which of these differ between the seeds that grow the head and the others (Mann-Whitney U,
+  exact two-sided p, Holm-adjusted over the four measures; with a handful of positives the test has
+  little power and the table says so).
 
 A seed "grows a count head" when the census claim ``count_head.auroc(elevation failure)`` passes on it
 (AUROC >= 0.95 on the held-out strings, its lower bound), and a negative head when
@@ -84,32 +86,65 @@ def seed_rows(census: dict, store) -> list[dict]:
     return out
 
 
-def mann_whitney(a: list, b: list) -> str:
+def mann_whitney_p(a: list, b: list) -> float | None:
+    """Exact two-sided Mann-Whitney U p-value (None where a group is empty)."""
     from scipy.stats import mannwhitneyu
 
     a, b = [x for x in a if x is not None], [x for x in b if x is not None]
     if not a or not b:
-        return "– (one group empty)"
-    p = mannwhitneyu(a, b, alternative="two-sided", method="exact" if len(a) + len(b) <= 60 else "auto").pvalue
-    return f"medians {np.median(a):.3g} vs {np.median(b):.3g}, p = {p:.2g} (n = {len(a)} vs {len(b)})"
+        return None
+    return float(mannwhitneyu(a, b, alternative="two-sided", method="exact" if len(a) + len(b) <= 60 else "auto").pvalue)
+
+
+def holm(ps: list) -> list:
+    """Holm's step-down adjustment of the p-values (None stays None): the comparisons of one role and
+    recipe are a family of four, so one p of 0.03 among them is not evidence on its own."""
+    idx = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out, running = list(ps), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+COMPARED = [("steps trained", lambda r: r["steps"]),
+            ("final held-out loss", lambda r: r["final_eval_loss"]),
+            ("max layer-2 attention q0 -> k1 at initialisation", lambda r: max(r["init_q0k1"])),
+            ("max layer-2 attention q0 -> k1 after training",
+             lambda r: max(r["final_q0k1"]) if r["final_q0k1"] else None)]
 
 
 def summary(rows: list[dict]) -> list[str]:
+    """Per role: how often each recipe grows it (Fisher's exact test between two recipes), then, within
+    each recipe (steps and losses are not comparable across recipes), the seeds that grow it against
+    the others on each measure (Mann-Whitney, raw and Holm-adjusted over the four)."""
+    from scipy.stats import fisher_exact
+
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     lines = []
     for role in ("count_head", "negative_head"):
-        grown = [r for r in rows if r[role]]
-        rest = [r for r in rows if not r[role]]
-        lines += [f"### Seeds with a {role.replace('_', ' ')}: {len(grown)} of {len(rows)}", ""]
-        if not grown:
-            lines += ["None: nothing to compare.", ""]
-            continue
-        for label, get in [("steps trained", lambda r: r["steps"]),
-                           ("final held-out loss", lambda r: r["final_eval_loss"]),
-                           ("max layer-2 attention q0 -> k1 at initialisation", lambda r: max(r["init_q0k1"])),
-                           ("max layer-2 attention q0 -> k1 after training",
-                            lambda r: max(r["final_q0k1"]) if r["final_q0k1"] else None)]:
-            lines.append(f"- {label}: with {mann_whitney([get(r) for r in grown], [get(r) for r in rest])}")
-        lines.append("")
+        label = role.replace("_", " ")
+        counts = {rc: (sum(r[role] for r in rows if r["recipe"] == rc), sum(r["recipe"] == rc for r in rows))
+                  for rc in recipes}
+        lines += [f"### Seeds with a {label}: " + ", ".join(f"{rc} {k} of {n}" for rc, (k, n) in counts.items()), ""]
+        if len(recipes) == 2:
+            (k1, n1), (k2, n2) = counts.values()
+            p = fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue
+            lines += [f"- {recipes[0]} against {recipes[1]}: Fisher's exact test p = {p:.2g}", ""]
+        for rc in recipes:
+            mine = [r for r in rows if r["recipe"] == rc]
+            grown, rest = [r for r in mine if r[role]], [r for r in mine if not r[role]]
+            if not grown:
+                lines += [f"{rc}: none, nothing to compare.", ""]
+                continue
+            ps = [mann_whitney_p([get(r) for r in grown], [get(r) for r in rest]) for _, get in COMPARED]
+            lines.append(f"{rc} ({len(grown)} with, {len(rest)} without):")
+            for (what, get), p, adj in zip(COMPARED, ps, holm(ps)):
+                a = [get(r) for r in grown if get(r) is not None]
+                b = [get(r) for r in rest if get(r) is not None]
+                lines.append(f"- {what}: medians {np.median(a):.3g} vs {np.median(b):.3g}, "
+                             + ("p –" if p is None else f"p = {p:.2g} (Holm {adj:.2g})"))
+            lines.append("")
     return lines
 
 

@@ -251,6 +251,27 @@ def _kv_patches(model) -> list[list[tuple[str, tuple]]]:
             [(k, (0, -1)), (v, (3, 0))]]
 
 
+def _resampling_groups() -> list:
+    """Two groups of source rows for a batch of 7: the identity, a draw with repeats, a permutation;
+    and one more draw."""
+    g = torch.Generator().manual_seed(8)
+    return [[torch.arange(7), torch.randint(7, (7,), generator=g), torch.randperm(7, generator=g)],
+            [torch.randint(7, (7,), generator=g)]]
+
+
+def _short_cut_equals_the_resumed_forwards(model, x, patches, groups, dtype, monkeypatch) -> list:
+    """`resample_together` with its last-block short cut, checked against itself with the short cut
+    off (the resumed forwards) at the dtype's tolerance; returns the short cut's outputs."""
+    got = I.resample_together(model, x, patches, groups)
+    with monkeypatch.context() as m:
+        m.setattr(I, "_last_block_kv_only", lambda *a: False)
+        expected = I.resample_together(model, x, patches, groups)
+    for outs, exp in zip(got, expected):
+        for a, b in zip(outs, exp):
+            torch.testing.assert_close(a, b, **TIGHT[dtype])
+    return got
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_resampling_the_last_blocks_keys_and_values_equals_the_resumed_forwards(name, dtype, monkeypatch):
@@ -260,19 +281,11 @@ def test_resampling_the_last_blocks_keys_and_values_equals_the_resumed_forwards(
     repeated batch give. The same kernels on the same rows: bitwise here, compared at 1e-6 / 1e-12."""
     model = perturbed_model(name, dtype=dtype)
     x = inputs(model, batch=7)
-    g = torch.Generator().manual_seed(8)
-    groups = [[torch.arange(7), torch.randint(7, (7,), generator=g), torch.randperm(7, generator=g)],
-              [torch.randint(7, (7,), generator=g)]]
+    groups = _resampling_groups()
     moved = 0
     for patches in _kv_patches(model):
         assert I._last_block_kv_only(model, [n for n, _ in patches], [21, 7])
-        got = I.resample_together(model, x, patches, groups)
-        with monkeypatch.context() as m:
-            m.setattr(I, "_last_block_kv_only", lambda *a: False)
-            expected = I.resample_together(model, x, patches, groups)
-        for outs, exp in zip(got, expected):
-            for a, b in zip(outs, exp):
-                torch.testing.assert_close(a, b, **TIGHT[dtype])
+        got = _short_cut_equals_the_resumed_forwards(model, x, patches, groups, dtype, monkeypatch)
         for r, out in zip(groups[0], got[0]):
             torch.testing.assert_close(out, reference_patch(model, x, x[r], patches), **TIGHT[dtype])
         moved += not torch.allclose(got[1][0], got[0][0], atol=1e-6)
@@ -291,9 +304,7 @@ def test_resampling_with_last_block_mean_ablations_equals_the_resumed_forwards(n
     base = perturbed_model(name, dtype=dtype)
     last, h = base.cfg.n_layers - 1, base.cfg.n_heads
     x = inputs(base, batch=7)
-    g = torch.Generator().manual_seed(8)
-    groups = [[torch.arange(7), torch.randint(7, (7,), generator=g), torch.randperm(7, generator=g)],
-              [torch.randint(7, (7,), generator=g)]]
+    groups = _resampling_groups()
     one_position = base.cfg.readout == "first" or base.cfg.pad_token is None
     moved = 0
     for heads in ([0], [h - 1], list(range(h))):
@@ -303,13 +314,7 @@ def test_resampling_with_last_block_mean_ablations_equals_the_resumed_forwards(n
         for patches in _kv_patches(base):
             names = [n for n, _ in patches]
             assert I._last_block_kv_only(model, names, [21, 7], x) == one_position
-            got = I.resample_together(model, x, patches, groups)
-            with monkeypatch.context() as m:
-                m.setattr(I, "_last_block_kv_only", lambda *a: False)
-                expected = I.resample_together(model, x, patches, groups)
-            for outs, exp in zip(got, expected):
-                for a, b in zip(outs, exp):
-                    torch.testing.assert_close(a, b, **TIGHT[dtype])
+            got = _short_cut_equals_the_resumed_forwards(model, x, patches, groups, dtype, monkeypatch)
             unmutated = I.resample_together(base, x, patches, groups)
             moved += not torch.allclose(got[0][1], unmutated[0][1], atol=1e-4)
     assert moved >= 6  # the ablations move the output (else the equalities would prove little)
