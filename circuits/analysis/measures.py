@@ -19,6 +19,11 @@ from circuits.errors import CircuitsError, InputError
 from circuits.model.transformer import HookedTransformer
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's values as raw bytes (on the CPU, contiguous), for digests of what it holds."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """Identity of the function a model computes: its weights, and any permanent hooks (a mean
     ablation is a hook). Controls build new model objects; a deterministic one (e.g. `untrained`
@@ -27,7 +32,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     for name, hp in getattr(model, "hook_dict", {}).items():
         if hp.fns:
             h.update(name.encode())

@@ -348,8 +348,7 @@ _RESAMPLED = A.ModelMemo()  # (model function; head, draws, cells, data) -> per-
 
 def _tensor_key(t: torch.Tensor) -> tuple:
     """A tensor's identity by value (dtype, shape and the sha256 of its bytes), for memo keys."""
-    data = t.detach().cpu().contiguous()
-    return str(data.dtype), tuple(data.shape), hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return str(t.dtype), tuple(t.shape), hashlib.sha256(A.tensor_bytes(t)).hexdigest()
 
 
 def _contrast(count, horizon, clean, baseline, axis=-1):
