@@ -10,10 +10,21 @@ import pytest
 import torch
 
 from circuits.claims.mutations import register_model_shape
+from circuits.errors import SettingError
+from circuits.heap import keep_freed_memory
 from circuits.tasks.brackets.reference import ARENA_CONFIG
 
 # claims on the ARENA checkpoint get their specificity alternatives (every other head) at collection
 register_model_shape("arena_model", ARENA_CONFIG["n_layers"], ARENA_CONFIG["n_heads"])
+
+
+def pytest_configure(config):
+    """Freed tensors stay in the heap for the next claim (circuits.heap: the main job's system time was
+    a fifth of its CPU, page faults on fresh 50-100 MiB activations); $CIRCUITS_HEAP=system opts out."""
+    try:
+        keep_freed_memory()
+    except SettingError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def analysis_threads() -> int:

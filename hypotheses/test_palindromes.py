@@ -491,12 +491,21 @@ def test_ablating_the_mirror_head_destroys_accuracy(palindromes_model, roles, sp
                    ACCURACY_LOST, note=f"{roles.mirror_note()}; accuracy {clean:.4f} -> {ablated:.4f}")
 
 
+def _fresh_predictions(model: HookedTransformer, n: int, seed: int) -> tuple[P.PalindromeData, torch.Tensor]:
+    """(n fresh strings from `seed`, the model's float64 logits on them), once per (model function, n, seed):
+    a test's main run and its data controls draw the same strings from the same model."""
+    def compute():
+        data = P.generate(n, seed)
+        return data, A.predict(model, data.toks).double()
+
+    return _MEMO.get(model, ("fresh predictions", n, seed), compute)
+
+
 def _distance_pairs(model: HookedTransformer, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, P.PalindromeData,
                                                                     torch.Tensor]:
     """(logit difference, distance) of the non-palindromes among N_DISTANCE fresh strings (enough
     that the rarest distance, 5, has ~500 strings), the strings, every string's logit difference."""
-    data = P.generate(N_DISTANCE, draws.child("distance").int())
-    logits = A.predict(model, data.toks).double()
+    data, logits = _fresh_predictions(model, N_DISTANCE, draws.child("distance").int())
     ld = logits[:, 1] - logits[:, 0]
     non = data.labels == 0
     return ld[non], data.distance[non], data, ld
@@ -529,8 +538,7 @@ def test_mean_logit_difference_strictly_falls_with_distance(palindromes_model, c
     halved 12.5 [7.2, 16.6] (half the decision is still there: that one holds). The step from
     distance 4 to 5 is ~17 logits against a spread of ~175 and distance 5 is 2.7% of the strings:
     N_STEPS strings make it decidable."""
-    data = P.generate(N_STEPS, draws.child("steps").int())
-    logits = A.predict(palindromes_model, data.toks).double()
+    data, logits = _fresh_predictions(palindromes_model, N_STEPS, draws.child("steps").int())
     non = data.labels == 0
     values, distance = (logits[:, 1] - logits[:, 0])[non], control.apply_labels(data.distance[non])
     step = _min_step_estimate(values, distance)
