@@ -195,6 +195,9 @@ def test_census_end_to_end_then_from_the_store(tiny_project):
     saved = json.loads(paths["json"].read_text())
     assert saved["columns"] == census.columns and paths["png"].stat().st_size > 0
     assert "| default | 2/2 | 1/2 |" in paths["md"].read_text()
+    # each row records the commit its claims ran at (the tiny project has no git)
+    assert saved["commits"] == {"default": "no git", "slow": "no git"}
+    assert "Claims ran at: default no git, slow no git" in paths["md"].read_text()
 
     again = io.StringIO()
     census2, _ = C.run_census("tiny_census", ["default", "slow"], [0, 1], "test_tiny_census.py",

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 from circuits.atomic import write_bytes_atomic
 from circuits.errors import CircuitsError, InputError
 from circuits.paths import CACHE_ENV
+from circuits.report.machine import commit_text
 from circuits.records import (MAIN, CensusCell, CensusRow, ClaimResult, Record, Run, SeedAccuracy, SeedVerdict, as_run,
                       jsonable)
 
@@ -71,6 +72,7 @@ class Census:
     columns: list = field(default_factory=list)  # claim columns, in first-seen order
     timings: dict = field(default_factory=dict)
     runs: dict = field(default_factory=dict)  # row label -> report.json path
+    commits: dict = field(default_factory=dict)  # row label -> the commit its claims ran at (commit_text)
     recipe_seeds: dict = field(default_factory=dict)  # recipe -> the seeds its row covers
     acc_target: Optional[float] = None
     backend: str = "single"  # the trainer the models came from (circuits.zoo.ensemble.backend)
@@ -80,7 +82,8 @@ class Census:
                 "backend": self.backend,
                 "acc_target": self.acc_target, "columns": self.columns,
                 "rows": [row.to_json() for row in census_rows(self)],
-                "timings": self.timings, "runs": self.runs, "recipe_seeds": self.recipe_seeds}
+                "timings": self.timings, "runs": self.runs, "commits": self.commits,
+                "recipe_seeds": self.recipe_seeds}
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -498,6 +501,8 @@ def markdown(census: Census) -> str:
             "", "| recipe | test_acc per seed" + (" | seeds >= target" if target is not None else "") + " |",
             "|---|---|" + ("---|" if target is not None else "")]
     out += accuracy_lines(census)
+    if census.commits:
+        out += ["", "Claims ran at: " + ", ".join(f"{k} {v}" for k, v in census.commits.items())]
     if census.timings:
         out += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in census.timings.items())]
     return "\n".join(out) + "\n"
@@ -645,10 +650,12 @@ def _run_census(name, recipes, seeds, module, *, out, root, workers, select, mai
     for label, path, seconds in done:
         census.timings[f"claims {label}"] = seconds
         census.runs[label] = _repo_relative(path)  # committed output: no machine's absolute paths
+        run = _load_run(path)
+        census.commits[label] = commit_text(run)  # a reused stored run keeps the commit it ran at
         if label == "reference":
-            ref_report = _load_run(path)
+            ref_report = run
         else:
-            reports[label] = _load_run(path)
+            reports[label] = run
     build_table(census, reports, ref_report, root)
     census.timings["total"] = round(time.perf_counter() - t_all, 2)
     paths = write_outputs(census, out_dir)
