@@ -671,7 +671,8 @@ READOUT_ATTENTION_HOOKS = ("attn.hook_q", "attn.hook_attn_scores", "attn.hook_pa
 READOUT_ONLY_MIN_BATCH = 2
 
 
-# run_with_cache(defer=None) defers from this many batch x positions. Bracket model, 1 thread, caching
+# run_with_cache(defer=None) defers named entries from this many batch x positions (a cache of every
+# hook point is eager at every size since issue 33's third round). Bracket model, 1 thread, caching
 # every hook point, interleaved (busy 2-core machine; / the plain forward): batch 1: eager 1.21, deferred
 # unread 1.63, deferred and read 2.91; batch 16 (672 tokens): 1.33, 1.27, 1.77; batch 64 (2688): 1.53,
 # 1.15, 2.39. Eager costs about what deferred-unread does up to ~1000 tokens and less once read.
@@ -828,10 +829,11 @@ class HookedTransformer(HookedRootModule):
           - every hook point (names None): eager at every size. A cache of everything is read whole
             or nearly (decompositions, TL-style analyses), and the deferral only saves on entries
             that go unread: read, a deferred entry costs the fused sublayer plus the explicit one
-            (batch 1000: every entry read 1.45x our forward eager against 1.90x deferred; nothing
-            read 1.45x against 1.28x). Its peak memory is the deferred cache's once read (the
-            explicit attention makes no head-major copy of q, k, v at these sizes). Pass
-            defer=True to cache everything but read a few entries.
+            (bracket model, batch 1000, CPU time / our read-out forward: every entry read 1.41-1.45x
+            eager against 1.89-1.94x deferred; nothing read 1.38-1.45x against 1.27-1.34x; README,
+            Speed). Its peak memory is the deferred cache's once read (the explicit attention makes
+            no head-major copy of q, k, v at these sizes). Pass defer=True to cache everything but
+            read a few entries.
           - names given (a name, a list or a predicate): eager below DEFER_MIN_TOKENS batch x
             positions, deferred from there. Asking for a pattern then leaves the forward on its
             fused paths, so every other cached value is bitwise what a cache without it holds
