@@ -396,9 +396,9 @@ def _tracks_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _sum_heads(result: torch.Tensor) -> torch.Tensor:
-    """result.sum(2) of per-head outputs [batch, pos, head, d_model], head by head in order (the
-    order sum takes): each head's slice of a head-major result is contiguous, and sum's zero-filled
-    output and strided reduction are skipped. A fresh tensor [batch, pos, d_model]."""
+    """The sum over heads of per-head outputs [batch, pos, head, d_model], head by head in order (for
+    two heads exactly result.sum(2)): each head's slice of a head-major result is contiguous, and
+    sum's zero-filled output and strided reduction are skipped. A fresh tensor [batch, pos, d_model]."""
     heads = result.unbind(2)
     if len(heads) == 1:
         return heads[0].clone()
