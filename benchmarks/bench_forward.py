@@ -7,12 +7,15 @@ the last 10 positions padded), at batch 1, 64 and 1000. Per batch size, one grou
   ours        HookedTransformer.forward with no hooks attached (the fast paths; in eval mode the last
               block computes only the read-out position)
   ours_full   the same with readout_only=False: the whole last block, as `plain` computes it
-  cache_all   run_with_cache of every hook point. What the forward does not need (attention scores and
-              pattern, LayerNorm scale and normalized, per-head results) the cache computes on first
-              read, so this is the cost of caching; `cache_all_read` is the cost of reading it all
-  cache_all_read  cache_all, then every entry read (the deferred ones computed): the whole bill
-  cache_all_eager run_with_cache(defer=False) of every hook point, every entry read: all computed in
-              the forward (every sublayer on its explicit path), the alternative for reading it all
+  cache_all   run_with_cache of every hook point, the default (since issue 33's third round eager at
+              every size: every sublayer on its explicit path), nothing read
+  cache_all_read  cache_all, then every entry read: the whole bill of the default
+  cache_all_eager run_with_cache(defer=False) of every hook point, every entry read (the same as
+              cache_all_read today; before, the default deferred from 4,096 batch x positions)
+  cache_all_deferred  run_with_cache(defer=True) of every hook point, nothing read: what the forward does
+              not need (attention scores and pattern, LayerNorm scale and normalized, per-head
+              results) is computed on first read, so this is the cost of caching with nothing read
+  cache_all_deferred_read  the same, then every entry read (the deferred ones computed)
   cache2      run_with_cache of `blocks.2.hook_resid_post` and `blocks.1.attn.hook_pattern`
   patch       patching head 2.0's z at every position from another batch (interventions.patch_activations:
               the source run stops at the patched hook, the target runs whole)
@@ -61,7 +64,8 @@ from circuits.tasks.brackets.data import tokenize  # noqa: E402
 BATCHES = (1, 64, 1000)
 N_BRACKETS = 30  # [start] + 30 brackets + [end] = 32 tokens, then 10 pads to n_ctx = 42
 CACHE2 = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_pattern"]
-VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache_all_read", "cache_all_eager", "cache2", "patch",
+VARIANTS = ("plain", "ours", "ours_full", "cache_all", "cache_all_read", "cache_all_eager", "cache_all_deferred",
+            "cache_all_deferred_read", "cache2", "patch",
             "patch_reuse", "tl", "tl_cache2", "tl_cache_all", "tl_patch", "nns", "nns_save1", "nns_save_all")
 BRACKETS = dict(n_layers=3, d_model=56, n_ctx=42, n_heads=2, d_mlp=56, d_vocab=5, d_vocab_out=2,
                 pad_token=1, positional="sinusoidal", readout="first", normalization="LN")
@@ -151,6 +155,8 @@ def make_variants(model: HookedTransformer, plain: PlainTransformer, tl=None, nn
         "cache_all": lambda x: model.run_with_cache(x),
         "cache_all_read": lambda x: _read_all(*model.run_with_cache(x)),
         "cache_all_eager": lambda x: _read_all(*model.run_with_cache(x, defer=False)),
+        "cache_all_deferred": lambda x: model.run_with_cache(x, defer=True),
+        "cache_all_deferred_read": lambda x: _read_all(*model.run_with_cache(x, defer=True)),
         "cache2": lambda x: model.run_with_cache(x, names=CACHE2),
         "patch": lambda x: patch_activations(model, x, source_for(x), PATCH),
         "patch_reuse": patch_reuse,

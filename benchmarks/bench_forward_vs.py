@@ -12,8 +12,9 @@ TransformerLens and nnsight rows are left out (not what a change of ours moves).
 
 Per variant and batch: the min per call over the reps of the wall clock (perf_counter) and of this
 thread's CPU time (thread_time; the forward runs on 1 thread), each as a ratio to that side's own
-`ours`, and new / old of the CPU time. CPU time is what a busy machine disturbs least: preemption
-does not count, but cache and memory-bandwidth contention still do.
+`ours` (and the CPU time to its own `ours_full`), and new / old of the CPU time. CPU time is what a
+busy machine disturbs least: preemption does not count, but cache and memory-bandwidth contention
+(and the kernel's page-fault work, charged to the thread) still do.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             bf.check_variants(variants, x)
         print(f"logits: old vs new {diff:.1e}; each side's variants checked against its own forward", flush=True)
         print(f"{'batch':>6} {'variant':<16} {'old wall':>9} {'new wall':>9} {'old cpu':>8} {'new cpu':>8} "
-              f"{'new/old cpu':>11} {'new cpu ms':>10}   (wall, cpu: / that side's ours)")
+              f"{'new/old cpu':>11} {'new cpu ms':>10} {'old /full':>9} {'new /full':>9}   (wall, cpu: / that "
+              f"side's ours; / full: cpu / that side's ours_full)")
         for batch in args.batches:
             x = new_bf.bracket_tokens(batch)
             runs = [(label, n, sides[label][1][n]) for n in names for label in ("old", "new")]
@@ -117,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 nw, nc = best[("new", n)]
                 print(f"{batch:>6} {n:<16} {ow / best[('old', 'ours')][0]:>9.2f} {nw / best[('new', 'ours')][0]:>9.2f} "
                       f"{oc / best[('old', 'ours')][1]:>8.2f} {nc / best[('new', 'ours')][1]:>8.2f} {nc / oc:>11.2f} "
-                      f"{nc * 1e3:>10.3f}", flush=True)
+                      f"{nc * 1e3:>10.3f} {oc / best[('old', 'ours_full')][1]:>9.2f} "
+                      f"{nc / best[('new', 'ours_full')][1]:>9.2f}", flush=True)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")

@@ -240,22 +240,34 @@ def test_deferred_entries_are_their_functions_of_the_cached_tensors(name, dtype,
             torch.testing.assert_close(lazy[n], eager[n], **tight)
 
 
-def test_the_default_defers_from_DEFER_MIN_TOKENS_on():
-    """defer=None: small batches cache eagerly (the explicit sublayers cost less than planning the
-    deferrals), large ones defer; the values agree either way."""
+def test_the_default_caches_everything_eagerly_and_named_entries_by_size():
+    """defer=None: a cache of every hook point is eager at every size (it is read whole or nearly,
+    and a deferred entry read costs more than an eager one); named entries are eager in small
+    batches and deferred from DEFER_MIN_TOKENS batch x positions on (the other entries then stay
+    bitwise those of the fused forward). The values agree either way."""
     from circuits.model.transformer import DEFER_MIN_TOKENS
 
     model = make_model("brackets", torch.float64)
     small = make_input(model)
     large = torch.cat([small] * (DEFER_MIN_TOKENS // (small.shape[0] * small.shape[1]) + 1))
+    named = ["blocks.1.attn.hook_pattern", "blocks.1.ln2.hook_normalized", "blocks.1.attn.hook_result",
+             "blocks.2.hook_resid_post"]
     with torch.no_grad():
         _, auto_small = model.run_with_cache(small)
         _, lazy_small = model.run_with_cache(small, defer=True)
         _, auto_large = model.run_with_cache(large)
-    assert _deferred_names(auto_small) == [] and _deferred_names(auto_large) == _expected_deferred(model)
+        _, named_small = model.run_with_cache(small, names=named)
+        _, named_large = model.run_with_cache(large, names=named)
+        _, named_large_lazy = model.run_with_cache(large, names=named, defer=True)
+    assert _deferred_names(auto_small) == [] and _deferred_names(auto_large) == []
+    assert _deferred_names(named_small) == [] and _deferred_names(named_large) == named[:3]
+    assert torch.equal(named_large["blocks.2.hook_resid_post"], named_large_lazy["blocks.2.hook_resid_post"])
     for n in lazy_small:
         torch.testing.assert_close(auto_small[n], lazy_small[n], atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(auto_large[n][:small.shape[0]], auto_small[n], atol=1e-12, rtol=1e-12)
+    for n in named:
+        torch.testing.assert_close(named_large[n][:small.shape[0]], named_small[n], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(named_small[n], auto_small[n], atol=1e-12, rtol=1e-12)
 
 
 def test_a_deferred_entry_alone_equals_the_eager_one():

@@ -400,11 +400,59 @@ def test_kept_bootstrap_indices_are_the_generators_and_give_the_same_intervals(m
     assert [k[0] for k in S._RESAMPLE_CACHE] == [1, 3]
 
 
+def _attention_way(monkeypatch, per_head: bool) -> None:
+    """Make the explicit attention go head by head (out= into head-major slices) or gather q, k, v
+    head-major for one batched GEMM, whatever the size (it chooses by PER_HEAD_MIN_TOKENS)."""
+    from circuits.model import transformer
+
+    monkeypatch.setattr(transformer, "PER_HEAD_MIN_TOKENS", 0 if per_head else 10 ** 9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_per_head_explicit_attention_equals_the_gathered_one(name, dtype, monkeypatch):
+    """The explicit attention's two ways (head by head on strided q, k, v; gathered head-major for one
+    GEMM) cache the same scores, pattern, z and per-head results and give the same logits, eager and
+    deferred, with a hook replacing q (no longer a view of the projection), and under autograd
+    (head by head then stacks, out= taking no autograd)."""
+    model = perturbed_model(name, dtype=dtype)
+    x = inputs(model)
+    replace_q = [("blocks.0.attn.hook_q", lambda a, hook: a * 1.5)]
+    got = {}
+    for per_head in (False, True):
+        _attention_way(monkeypatch, per_head)
+        with torch.no_grad():
+            got[per_head, "eager"] = model.run_with_cache(x, defer=False)
+            got[per_head, "deferred"] = model.run_with_cache(x, defer=True)
+            with model.hooks(replace_q):
+                got[per_head, "hooked"] = model.run_with_cache(x, defer=False)
+        with torch.enable_grad():
+            logits, cache = model.run_with_cache(x, defer=False)
+            logits.sum().backward()
+            got[per_head, "grad"] = logits.detach(), cache
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            model.zero_grad(set_to_none=True)
+            got[per_head, "grads"] = grads
+    for kind in ("eager", "deferred", "hooked", "grad"):
+        (want_logits, want), (have_logits, have) = got[False, kind], got[True, kind]
+        torch.testing.assert_close(have_logits, want_logits, **TIGHT[dtype])
+        assert list(have) == list(want)
+        for n in want:
+            torch.testing.assert_close(have[n], want[n], **TIGHT[dtype], msg=lambda m: f"{kind} {n}: {m}")
+    for a, b in zip(got[True, "grads"], got[False, "grads"], strict=True):
+        torch.testing.assert_close(a, b, **TIGHT[dtype])
+    pattern = got[True, "eager"][1]["blocks.0.attn.hook_pattern"]  # [batch, head, query, key]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1], dtype=dtype), **TIGHT[dtype])
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["gathered", "per_head"])
 @pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cached_values_are_not_edited_after_the_hook_saw_them(name, defer):
+def test_cached_values_are_not_edited_after_the_hook_saw_them(name, defer, per_head, monkeypatch):
     """Every cache entry equals a copy taken when its hook point fired (the cache keeps tensors
-    without cloning them, so nothing may edit one in place later in the forward); batch 1 and 6."""
+    without cloning them, so nothing may edit one in place later in the forward); batch 1 and 6,
+    the explicit attention going head by head and gathered."""
+    _attention_way(monkeypatch, per_head)
     model = perturbed_model(name, dtype=torch.float64)
     for batch in (1, 6):
         x = inputs(model, batch=batch)
@@ -417,9 +465,12 @@ def test_cached_values_are_not_edited_after_the_hook_saw_them(name, defer):
             torch.testing.assert_close(cache[n], seen[n], atol=1e-12, rtol=1e-12, msg=lambda m: f"{n}: {m}")
 
 
-def test_an_in_place_edit_of_q_k_or_v_reaches_the_explicit_attention():
+@pytest.mark.parametrize("per_head", [False, True], ids=["gathered", "per_head"])
+def test_an_in_place_edit_of_q_k_or_v_reaches_the_explicit_attention(per_head, monkeypatch):
     """The explicit attention copies q, k and v head-major in one go while they are still views of the
-    fused projection: an edit in place (a hook returning None) must reach it as a returned edit does."""
+    fused projection (or reads them in place head by head): an edit in place (a hook returning None)
+    must reach it as a returned edit does."""
+    _attention_way(monkeypatch, per_head)
     model = perturbed_model("brackets", dtype=torch.float64)
     x = inputs(model)
     for point in ("hook_q", "hook_k", "hook_v"):

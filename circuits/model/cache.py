@@ -39,9 +39,9 @@ def head_results(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     """Per-head outputs z[b,p,h,:] @ W_O[h]: [batch, pos, head, d_model] (a view of a head-major
     [head, batch, pos, d_model] tensor).
 
-    One GEMM per head over every (batch, pos) row: z gathered head-major once, then a single bmm, at
-    every size (no broadcast copies of W_O as a batched matmul over (batch, head) has, no einsum
-    planning). (Here rather than in `model`, which uses it too, so the cache needs nothing above it
+    One GEMM per head over every (batch, pos) row: z gathered head-major once (no copy when z is the
+    explicit attention's, a view of a head-major tensor), then a single bmm, at every size (no
+    broadcast copies of W_O as a batched matmul over (batch, head) has, no einsum planning). (Here rather than in `model`, which uses it too, so the cache needs nothing above it
     in the import order.)
     """
     B, P, h, d = z.shape

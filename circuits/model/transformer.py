@@ -297,8 +297,8 @@ class Attention(_Sublayer):
         if self.hook_q.fns or self.hook_k.fns or self.hook_v.fns:
             q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # [batch, pos, head, d_head]
         if self.hook_attn_scores.fns or self.hook_pattern.fns:  # only these need the explicit path
-            # q, k, v still qkv's views (no hook replaced them; an in-place edit is in qkv): one
-            # head-major copy of all three instead of one each
+            # q, k, v still qkv's views (no hook replaced them; an in-place edit is in qkv): a
+            # head-major gather copies all three in one go
             fused = qkv if (q is qkv_views[0] and k is qkv_views[1] and v is qkv_views[2]) else None
             z = self._scores_pattern_z(q, k, v, mask, fused)  # [batch, pos, head, d_head]
         else:
@@ -315,7 +315,7 @@ class Attention(_Sublayer):
         here): forward from hook_z on."""
         if self.hook_result.fns:
             result = self.hook_result(head_results(z, self.W_O))  # [batch, pos, head, d_model]
-            return result.sum(2).add_(self.b_O)  # [batch, pos, d_model] (the sum is a fresh tensor)
+            return _sum_heads(result).add_(self.b_O)  # [batch, pos, d_model] (the sum is a fresh tensor)
         B, P, h, d = z.shape
         return F.linear(z.reshape(B, P, h * d), self.W_O.view(h * d, -1).t(), self.b_O)  # [batch, pos, d_model]
 
@@ -344,38 +344,128 @@ class Attention(_Sublayer):
         return self.hook_z(self._scores_pattern_z(q, k, v, mask))  # [batch, pos, head, d_head]
 
     def _scores_pattern_z(self, q, k, v, mask: "AttentionMask", qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attention with its scores and pattern exposed. q, k, v: [batch, pos, head, d_head]."""
+        """Attention with its scores and pattern exposed. q, k, v: [batch, pos, head, d_head] (any
+        strides); qkv: [batch, pos, 3*head*d_head] when q, k, v are still its views (one head-major
+        copy of all three then). Scores, pattern and z are computed head-major (batch index h*B + b)
+        and exposed as views: scores and pattern [batch, head, query_pos, key_pos] over [head, batch,
+        query_pos, key_pos], z [batch, pos, head, d_head] over [head, batch, pos, d_head], so the
+        per-head results are one bmm on z as it lies (`head_results`). See `_head_major_scores` for
+        the two ways of computing them (the same values)."""
         B, P, h, d = q.shape
-        if qkv is not None:  # [batch, pos, 3*head*d_head] whose views q, k, v are
-            q, k, v = qkv.view(B, P, 3, h, d).permute(2, 0, 3, 1, 4).reshape(3, B * h, P, d).unbind(0)
+        if _gathers_heads(q, k, v):
+            if qkv is not None:
+                qh, kh, vh = qkv.view(B, P, 3, h, d).permute(2, 3, 0, 1, 4).reshape(3, h * B, P, d).unbind(0)
+            else:
+                qh, kh, vh = (t.permute(2, 0, 1, 3).reshape(h * B, t.shape[1], d) for t in (q, k, v))
+            scores = _gathered_scores(qh, kh, mask, B, h)  # [batch, head, query_pos, key_pos]
         else:
-            q, k, v = (t.transpose(1, 2).reshape(B * h, P, d) for t in (q, k, v))  # [batch*head, pos, d_head]
-        scores = self.hook_attn_scores(_head_major_scores(q, k, mask, B, h))  # [batch, head, query_pos, key_pos]
-        pattern = self.hook_pattern(scores.softmax(-1))  # [batch, head, query_pos, key_pos]
-        z = torch.bmm(pattern.reshape(B * h, P, P), v)  # [batch*head, pos, d_head]
-        return z.view(B, h, P, d).transpose(1, 2)  # [batch, pos, head, d_head]
+            vh = None
+            scores = _per_head_scores(q, k, mask)  # [batch, head, query_pos, key_pos]
+        pattern = self.hook_pattern(_softmax_keys(self.hook_attn_scores(scores)))  # [batch, head, q, k]
+        if vh is None and _tracks_grad(pattern, v):  # out= takes no autograd (a hook's pattern may need it)
+            vh = v.permute(2, 0, 1, 3).reshape(h * B, P, d)  # [head*batch, pos, d_head]
+        if vh is not None:
+            p = pattern.transpose(0, 1).reshape(h * B, P, -1)  # a view unless a hook replaced the pattern
+            z = torch.bmm(p, vh).view(h, B, P, d)  # [head, batch, pos, d_head]
+        else:
+            z = torch.empty((h, B, P, d), dtype=v.dtype, device=v.device)  # [head, batch, pos, d_head]
+            for i in range(h):
+                torch.bmm(pattern[:, i], v[:, :, i], out=z[i])  # [batch, pos, d_head]
+        return z.permute(1, 2, 0, 3)  # [batch, pos, head, d_head], a view of the head-major z
+
+
+# The explicit attention computes each head's scores and z with its own batched GEMM on that head's
+# strided q[:, :, h], k, v (written into its slice of a head-major tensor with out=) from this many
+# batch x positions, and below it gathers q, k, v head-major (one copy) for a single batched GEMM over
+# every (head, batch) pair. Bracket model's shapes (2 heads of 28, 42 positions), 1 thread, min of 9
+# interleaved, the attention from the QKV projection to z, gathered / per head: batch 1 38 / 61 us,
+# 4 104 / 121, 16 366 / 371, 32 706 / 721, 64 1.50 / 1.38 ms (the same values, bit for bit).
+PER_HEAD_MIN_TOKENS = 2048
+
+
+def _gathers_heads(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = None) -> bool:
+    """Whether the explicit attention gathers q, k (, v) head-major rather than going head by head:
+    below PER_HEAD_MIN_TOKENS, and whenever autograd records (out= takes no autograd)."""
+    return (q.shape[0] * q.shape[1] < PER_HEAD_MIN_TOKENS or _tracks_grad(q, k)
+            or (v is not None and _tracks_grad(v)))
+
+
+def _tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these (then out= variants may not be used)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _sum_heads(result: torch.Tensor) -> torch.Tensor:
+    """The sum over heads of per-head outputs [batch, pos, head, d_model], head by head in order (for
+    two heads exactly result.sum(2)): each head's slice of a head-major result is contiguous, and
+    sum's zero-filled output and strided reduction are skipped. A fresh tensor [batch, pos, d_model]."""
+    heads = result.unbind(2)
+    if len(heads) == 1:
+        return heads[0].clone()
+    total = torch.add(heads[0], heads[1])
+    for head in heads[2:]:
+        total.add_(head)
+    return total
+
+
+def _softmax_keys(scores: torch.Tensor) -> torch.Tensor:
+    """scores.softmax(-1) in scores' own layout: a head-major view ([batch, head, q, k] over
+    [head, batch, q, k] storage) is normalised as its base (softmax would copy a non-contiguous input
+    first), the result the same view of a head-major pattern. The same values as scores.softmax(-1)."""
+    if scores.dim() == 4 and not scores.is_contiguous():
+        base = scores.transpose(0, 1)
+        if base.is_contiguous():
+            return base.softmax(-1).transpose(0, 1)
+    return scores.softmax(-1)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
     """hook_attn_scores: q k^T / sqrt(d_head) with masked entries shifted by MASKED_SCORE.
-    q, k: [batch, pos, head, d_head] -> [batch, head, query_pos, key_pos]. (A function of its
-    arguments only, so a cache can compute it later from the cached q and k: see run_with_cache.)"""
-    B, P, h, d = q.shape
-    q = q.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
-    k = k.transpose(1, 2).reshape(B * h, P, d)  # [batch*head, pos, d_head]
-    return _head_major_scores(q, k, mask, B, h)
+    q, k: [batch, pos, head, d_head] -> [batch, head, query_pos, key_pos] (a view of a head-major
+    [head, batch, query_pos, key_pos] tensor). (A function of its arguments only, so a cache can
+    compute it later from the cached q and k: see run_with_cache.)"""
+    return _head_major_scores(q, k, mask)
 
 
-def _head_major_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask", B: int, h: int) -> torch.Tensor:
-    """attention_scores from q, k as [batch*head, pos, d_head] -> [batch, head, query_pos, key_pos]."""
-    P, d = q.shape[1], q.shape[2]
+def _head_major_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
+    """attention_scores from q, k [batch, pos, head, d_head] -> [batch, head, query_pos, key_pos], a
+    view of a head-major [head, batch, query_pos, key_pos] tensor, as the explicit attention has it."""
+    if _gathers_heads(q, k):
+        B, P, h, d = q.shape
+        qh, kh = (t.permute(2, 0, 1, 3).reshape(h * B, t.shape[1], d) for t in (q, k))  # [head*batch, pos, d_head]
+        return _gathered_scores(qh, kh, mask, B, h)
+    return _per_head_scores(q, k, mask)
+
+
+def _gathered_scores(qh: torch.Tensor, kh: torch.Tensor, mask: "AttentionMask", B: int, h: int) -> torch.Tensor:
+    """Scores from q, k gathered head-major ([head*batch, pos, d_head]): one batched GEMM."""
+    P, d, K = qh.shape[1], qh.shape[2], kh.shape[1]
     scale = 1.0 / math.sqrt(d)
-    additive = mask.additive_heads(q.dtype, B, h)  # [batch*head, 1 or q, k] or None
+    additive = mask.additive_heads(qh.dtype, B, h)  # [head*batch, 1 or q, k], [q, k] or None
     if additive is None:
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [batch*head, query_pos, key_pos]
+        scores = torch.bmm(qh, kh.transpose(1, 2)).mul_(scale)  # [head*batch, query_pos, key_pos]
     else:  # one kernel for matmul, scale and mask: scores = mask + scale * q k^T
-        scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=scale)
-    return scores.view(B, h, P, P)  # [batch, head, query_pos, key_pos]
+        scores = torch.baddbmm(additive, qh, kh.transpose(1, 2), alpha=scale)
+    return scores.view(h, B, P, K).transpose(0, 1)  # [batch, head, query_pos, key_pos]
+
+
+def _per_head_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
+    """Scores head by head: one batched GEMM on q[:, :, h] and k[:, :, h] as they lie (strided
+    [batch, pos, d_head]; no head-major copy), written into that head's slice of a head-major
+    tensor. Not under autograd (out=)."""
+    B, P, h, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    additive = mask.additive_rows(q.dtype)  # [batch or 1, 1 or q, k], [q, k] or None
+    scores = torch.empty((h, B, P, k.shape[1]), dtype=q.dtype, device=q.device)
+    for i in range(h):
+        kt = k[:, :, i].transpose(1, 2)  # [batch, d_head, key_pos]
+        if additive is None:
+            torch.bmm(q[:, :, i], kt, out=scores[i])  # [batch, query_pos, key_pos]
+        else:  # one kernel for matmul, scale and mask: scores = mask + scale * q k^T
+            torch.baddbmm(additive, q[:, :, i], kt, alpha=scale, out=scores[i])
+    if additive is None:
+        scores.mul_(scale)
+    return scores.transpose(0, 1)  # [batch, head, query_pos, key_pos]
 
 
 class AttentionMask:
@@ -395,7 +485,7 @@ class AttentionMask:
         self.causal_only = causal_only
         self._additive: Optional[torch.Tensor] = None
         self._allowed: Optional[torch.Tensor] = None
-        self._additive_heads: Optional[tuple] = None  # ((dtype, batch, heads), [batch*head, 1 or q, k])
+        self._additive_heads: Optional[tuple] = None  # ((dtype, batch, heads), [head*batch, 1 or q, k])
 
     def allowed(self) -> Optional[torch.Tensor]:
         """True = may attend, with fully masked rows opened; None when nothing is masked."""
@@ -431,17 +521,25 @@ class AttentionMask:
             self._additive = zeros.masked_fill_(~allowed, fill)
         return self._additive
 
+    def additive_rows(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """`additive` without its head axis, for one head's [batch, query_pos, key_pos] scores:
+        [batch or 1, 1 or query_pos, key_pos] ([query_pos, key_pos] for a causal-only mask), a view;
+        or None."""
+        additive = self.additive(dtype)
+        if additive is None or additive.dim() == 2:
+            return additive
+        return additive[:, 0]  # [batch or 1, 1 or q, k]
+
     def additive_heads(self, dtype: torch.dtype, B: int, h: int) -> Optional[torch.Tensor]:
-        """`additive` expanded to [batch*head, 1 or query_pos, key_pos] for a head-major bmm, made once
-        per forward (every layer's explicit attention shares it), or None."""
+        """`additive_rows` expanded to [head*batch, 1 or query_pos, key_pos] (head-major, as the
+        explicit attention's gathered GEMM) and made once per forward (every layer shares it); a
+        causal-only [query_pos, key_pos] broadcasts as it is; or None."""
         cached = self._additive_heads
         if cached is not None and cached[0] == (dtype, B, h):
             return cached[1]
-        additive = self.additive(dtype)
-        if additive is None:
-            return None
-        P = additive.shape[-1]
-        additive = additive.expand(B, h, -1, -1).reshape(B * h, -1, P)  # [batch*head, 1 or q, k]
+        additive = self.additive_rows(dtype)
+        if additive is not None and additive.dim() == 3:
+            additive = additive.expand(h, B, -1, -1).reshape(h * B, *additive.shape[1:])  # [head*batch, 1 or q, k]
         self._additive_heads = ((dtype, B, h), additive)
         return additive
 
@@ -573,7 +671,8 @@ READOUT_ATTENTION_HOOKS = ("attn.hook_q", "attn.hook_attn_scores", "attn.hook_pa
 READOUT_ONLY_MIN_BATCH = 2
 
 
-# run_with_cache(defer=None) defers from this many batch x positions. Bracket model, 1 thread, caching
+# run_with_cache(defer=None) defers named entries from this many batch x positions (a cache of every
+# hook point is eager at every size since issue 33's third round). Bracket model, 1 thread, caching
 # every hook point, interleaved (busy 2-core machine; / the plain forward): batch 1: eager 1.21, deferred
 # unread 1.63, deferred and read 2.91; batch 16 (672 tokens): 1.33, 1.27, 1.77; batch 64 (2688): 1.53,
 # 1.15, 2.39. Eager costs about what deferred-unread does up to ~1000 tokens and less once read.
@@ -629,7 +728,7 @@ def _head_results_of(z: torch.Tensor, W_O: torch.Tensor) -> tuple[torch.Tensor]:
 
 def _scores_and_pattern(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> tuple[torch.Tensor, torch.Tensor]:
     scores = attention_scores(q, k, mask)  # [batch, head, query_pos, key_pos]
-    return scores, scores.softmax(-1)  # as Attention._explicit_attention computes them
+    return scores, _softmax_keys(scores)  # as Attention._scores_pattern_z computes them
 
 
 def _layer_norm_parts_of(x: torch.Tensor, eps: float, unit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,12 +820,25 @@ class HookedTransformer(HookedRootModule):
         _plan_deferred): attention scores and pattern (the forward then runs fused attention),
         LayerNorm scale and normalized (fused LayerNorm), per-head results. Each is the same function
         of the same tensors as in the forward that exposes it, so the cache holds the same values.
-        defer=False computes every value in the forward (explicit sublayers): cheaper when every entry
-        will be read anyway (benchmarks/bench_forward.py: cache_all_read vs _eager), and at small
-        batches cheaper even when none is (planning the deferrals costs more than the explicit
-        sublayers). defer=None (the default) chooses by size: eager below DEFER_MIN_TOKENS
-        batch x positions, deferred from there (where unread deferred entries save real work and
-        memory).
+        defer=False computes every value in the forward (explicit sublayers): cheaper whenever the
+        entry is read (a deferred one, read, costs the fused sublayer plus the explicit one;
+        benchmarks/bench_forward.py: cache_all_read vs cache_all_eager), and at small batches cheaper
+        even when none is. defer=True defers whatever it can.
+
+        defer=None (the default) chooses by what the caller asks for:
+          - every hook point (names None): eager at every size. A cache of everything is read whole
+            or nearly (decompositions, TL-style analyses), and the deferral only saves on entries
+            that go unread: read, a deferred entry costs the fused sublayer plus the explicit one
+            (bracket model, batch 1000, CPU time / our read-out forward: every entry read 1.41-1.45x
+            eager against 1.89-1.94x deferred; nothing read 1.38-1.45x against 1.27-1.34x; README,
+            Speed). Its peak memory is the deferred cache's once read (the explicit attention makes
+            no head-major copy of q, k, v at these sizes). Pass defer=True to cache everything but
+            read a few entries.
+          - names given (a name, a list or a predicate): eager below DEFER_MIN_TOKENS batch x
+            positions, deferred from there. Asking for a pattern then leaves the forward on its
+            fused paths, so every other cached value is bitwise what a cache without it holds
+            (tested: tests/test_fast_paths.py), and an entry asked for but not read costs nothing.
+          The values are the same either way (tested equal at 1e-6 in float32, 1e-12 in float64).
 
         remove_batch_dim (TransformerLens's): for a batch of one, every cached value without its batch
         axis (the cache then holds plain tensors; its decompositions expect the batch axis)."""
@@ -735,8 +847,12 @@ class HookedTransformer(HookedRootModule):
                                                   detach=detach, defer=defer)
         points = self._cache_points(names, names_filter)
         if defer is None:
-            x = args[0] if args else kwargs.get("x")
-            defer = not (isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] * x.shape[1] < DEFER_MIN_TOKENS)
+            if names is None and names_filter is None:
+                defer = False  # every hook point: eager (see above)
+            else:
+                x = args[0] if args else kwargs.get("x")
+                defer = not (isinstance(x, torch.Tensor) and x.ndim >= 2
+                             and x.shape[0] * x.shape[1] < DEFER_MIN_TOKENS)
         plan = self._plan_deferred(points) if detach and defer else None
         if plan is None:
             out, store = self._run_caching(points, detach, args, kwargs)
