@@ -98,22 +98,25 @@ _MUTANT_DATA: dict = {}
 KEEP_DATA, KEEP_MUTANT_DATA = 2, 1
 
 
-def _scrub_data(model, data: B.BracketData, mutant: bool = False) -> S.ScrubData:
+def _scrub_data(model, data: B.BracketData, mutant=None) -> S.ScrubData:
     """One ScrubData (the model's run on the data, which every scrub gathers from) per (model function,
     data): the six hypotheses' tests, their controls and their wrong variants share it, and so do the
-    tests that mutate the same head the same way (a head swap is one mutant for both heads)."""
-    store, keep = (_MUTANT_DATA, KEEP_MUTANT_DATA) if mutant else (_DATA, KEEP_DATA)
+    tests that mutate the same head the same way (a head swap is one mutant for both heads).
+    ``mutant``: the unmutated model, when ``model`` is a mutant of it: the mutant's run takes the
+    layers before the mutated one from the unmutated model's (``ScrubData(like=...)``), where kept."""
+    store, keep = (_MUTANT_DATA, KEEP_MUTANT_DATA) if mutant is not None else (_DATA, KEEP_DATA)
     key = (A.weights_digest(model), id(data))
     sd = store.pop(key, None)
     if sd is None:
         while len(store) >= keep:
             store.pop(next(iter(store)))  # the least recently used, before the new one's run
-        sd = S.ScrubData(model, data.toks, data.isbal.long())
+        like = None if mutant is None else _DATA.get((A.weights_digest(mutant), id(data)))
+        sd = S.ScrubData(model, data.toks, data.isbal.long(), like=like)
     store[key] = sd  # the most recently used
     return sd
 
 
-def scrubbed(model, data: B.BracketData, hyps: dict, seed: int, mutant: bool = False) -> dict:
+def scrubbed(model, data: B.BracketData, hyps: dict, seed: int, mutant=None) -> dict:
     """name -> ScrubResult for each hypothesis in ``hyps`` (name -> Hypothesis), each scrubbed once per
     (model function, data, seed) in a session; every name with the same seed sees the same draws."""
     digest = A.weights_digest(model)
@@ -141,15 +144,16 @@ def built(model, data: B.BracketData, count_heads: list, horizon_head: str, seed
 
 
 def results(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0,
-            only: str | None = None, mutant: bool = False) -> dict:
+            only: str | None = None, mutant=None) -> dict:
     """Every hypothesis and control (or ``only`` that hypothesis) scrubbed once per (model, data, seed).
-    ``mutant``: the model is a mutation's (its ScrubData is kept only while its tests run)."""
+    ``mutant``: the unmutated model where the model is a mutation's (its ScrubData is kept only while
+    its tests run)."""
     hyps = built(model, data, count_heads, horizon_head, seed, HYPOTHESES if only is None else [only])
     return scrubbed(model, data, hyps if only is None else {only: hyps[only]}, seed, mutant)
 
 
 def variants(model, data: B.BracketData, name: str, count_heads: list, horizon_head: str, seed: int,
-             touching: set | None = None, mutant: bool = False) -> dict:
+             touching: set | None = None, mutant=None) -> dict:
     """The wrong variants of hypothesis ``name`` (scrub.wrong_variants: each named path's feature, and
     each named input's, replaced by an independent copy; each named direct-path head replaced by every
     head the hypothesis does not name, where it can read the named inputs), scrubbed on the same draws.
@@ -269,7 +273,7 @@ def _arena_test(names: list, where: str, paths: tuple):
         model, data = control.apply_model(arena_model), _data(bracket_data, where)
         touching = _mutated_heads(control)
         # a mutant scrubs only this hypothesis (and the variants touching the mutated heads)
-        mutant = touching is not None
+        mutant = arena_model if touching is not None else None
         res = results(model, data, *ARENA_HEADS, scrub_seed, only=name if touching else None, mutant=mutant)
         _check(claim, control, res, name, where,
                lambda: variants(model, data, name, *ARENA_HEADS, scrub_seed, touching, mutant))
@@ -302,12 +306,12 @@ def head_roles(brackets_model):
 def test_ours_scrubbing(brackets_model, bracket_data, claim, control, scrub_seed, name, where):
     """The same hypotheses on our model, with the heads bound on the role search's own split."""
     roles = find_roles(brackets_model)
+    mutant = brackets_model if control.kind == "model" and not control.is_main else None
     brackets_model = control.apply_model(brackets_model)  # a path's mutation; roles stay the unmutated model's
     count = A.head_label(*roles["count_head"])
     heads = ["L1H0"] + ([count] if count != "L1H0" else [])
     horizon = A.head_label(*roles["negative_head"])
     data = _data(bracket_data, where)
-    mutant = control.kind == "model" and not control.is_main
     res = results(brackets_model, data, heads, horizon, scrub_seed, mutant=mutant)
     _check(claim, control, res, name, where,
            lambda: variants(brackets_model, data, name, heads, horizon, scrub_seed, mutant=mutant))

@@ -379,3 +379,31 @@ def test_the_bracket_hypotheses_built_in_part_are_those_of_the_whole_set():
                     assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     with pytest.raises(ValueError, match="unknown hypotheses"):
         scrub_hypotheses(model, d, ["L1H0"], "L2H1", names=["4a"])
+
+
+def test_a_mutants_run_from_its_first_changed_block_equals_its_full_run(setup, data):
+    """ScrubData(like=the unmutated model's) takes the blocks before the mutated one from it and runs
+    the rest (start_at_layer): every kept activation, the read-out residual and the clean logits
+    equal the mutant's full run bit for bit; a hooked model, other tokens or other batches run it all."""
+    from circuits.analysis.interventions import mean_ablate_head, swap_heads, zero_ablate_head
+
+    model, _ = setup
+    toks, labels = data.toks, data.isbal.long()
+    small = S.ScrubData(model, toks, labels, batch_size=256)
+    for mutant, start in ((zero_ablate_head(model, 0, 1), 0), (zero_ablate_head(model, 1, 0), 1),
+                          (swap_heads(model, 2, 0), 2), (model, 0)):
+        assert S._shared_layers(mutant, toks, 256, small) == start
+        fast = S.ScrubData(mutant, toks, labels, batch_size=256, like=small)
+        full = S.ScrubData(mutant, toks, labels, batch_size=256)
+        assert fast._cache.keys() == full._cache.keys()
+        for k in full._cache:
+            assert torch.equal(fast._cache[k], full._cache[k]), k
+        assert torch.equal(fast.final_resid, full.final_resid) and torch.equal(fast.clean_logits, full.clean_logits)
+        r_fast, r_full = (S.scrub(mutant, sd, hypotheses=[S.Hypothesis("1.0", {"1.0": S.Path(data.isbal)})],
+                                  n_draws=2, seed=1)[0] for sd in (fast, full))
+        np.testing.assert_array_equal(r_fast.scrubbed_examples, r_full.scrubbed_examples)
+    hooked = mean_ablate_head(model, 2, 0, toks[:50])
+    assert S._shared_layers(hooked, toks, 256, small) == 0
+    assert S._shared_layers(zero_ablate_head(model, 2, 0), toks, 1000, small) == 0  # other batches
+    assert S._shared_layers(zero_ablate_head(model, 2, 0), toks.flip(0), 256, small) == 0  # other tokens
+    assert S._shared_layers(zero_ablate_head(model, 2, 0), toks, 256, small) == 2

@@ -203,9 +203,16 @@ class ScrubData:
     """One run of the model on the data, keeping what scrubbing gathers from.
 
     toks: [n, pos] token ids; labels: [n] class ids. The model must read out at the first position
-    (every input's read-out is then the same position, so rows from different inputs line up)."""
+    (every input's read-out is then the same position, so rows from different inputs line up).
 
-    def __init__(self, model: HookedTransformer, toks: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
+    like: a ScrubData of another model on the same tokens (a mutant's unmutated model): where this
+    model's embeddings and first blocks have the same weights (and neither model has a hook), their
+    activations are taken from it and this model runs from the first block that differs (forward's
+    start_at_layer, on the same batches): the numbers of the full run (tested), without recomputing
+    the unchanged layers."""
+
+    def __init__(self, model: HookedTransformer, toks: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+                 like: Optional["ScrubData"] = None):
         cfg = model.cfg
         # sources' read-outs must line up: the first position, or the last when every row has the
         # same length (no padding: Tracr-compiled models read their output at a token position)
@@ -224,7 +231,12 @@ class ScrubData:
             names += [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_z"]
             names += [f"blocks.{l}.hook_mlp_out"] if cfg.d_mlp else []
         names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
-        cache = run_in_batches(model, toks, names=names, batch_size=batch_size)
+        self.batch_size = batch_size
+        start = _shared_layers(model, toks, batch_size, like)
+        if start:
+            cache = dict(_resumed_run(model, toks, names, batch_size, like, start))
+        else:
+            cache = run_in_batches(model, toks, names=names, batch_size=batch_size)
         # what the scrubs read (the final residual only at the read-out: gathered below)
         self._cache = {name: cache[name] for name in names[:-1]}
         self.readout = model.readout_positions(toks)  # [n]
@@ -329,6 +341,62 @@ class ScrubData:
             hit = (feature, _Sampler(_classes(feature, self.n, what)))
             self._samplers[key] = hit
         return hit[1]
+
+
+def _layer_of(name: str) -> Optional[int]:
+    return int(name.split(".")[1]) if name.startswith("blocks.") else None
+
+
+def _shared_layers(model: HookedTransformer, toks: torch.Tensor, batch_size: int, like: Optional[ScrubData]) -> int:
+    """The block a run of ``model`` may start at, taking the earlier blocks' activations from
+    ``like`` (0: run it all): the first block whose weights differ from like's model's (at most the
+    last block), where both models are of one type and config, with the same embeddings and no hook
+    function or torch module hook, and like ran on the same tokens in the same batches."""
+    if like is None or like.model is model:
+        return 0
+    other = like.model
+    if type(other) is not type(model) or other.cfg != model.cfg or like.batch_size != batch_size:
+        return 0
+    if not (like.toks is toks or (like.toks.shape == toks.shape and like.toks.device == toks.device
+                                  and torch.equal(like.toks, toks))):
+        return 0
+    for m in (model, other):
+        if any(hp.fns for hp in getattr(m, "hook_dict", {}).values()):
+            return 0
+        if any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules()):
+            return 0
+    a, b = model.state_dict(), other.state_dict()
+    if a.keys() != b.keys():
+        return 0
+
+    def same(k):
+        return a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+
+    # what the blocks read: every weight outside the blocks but the final LayerNorm and unembedding
+    if not all(same(k) for k in a if _layer_of(k) is None and not k.startswith(("ln_final.", "unembed."))):
+        return 0
+    n_layers = model.cfg.n_layers
+    first = next((l for l in range(n_layers) if not all(same(k) for k in a if _layer_of(k) == l)), n_layers)
+    return min(first, n_layers - 1)
+
+
+def _resumed_run(model: HookedTransformer, toks: torch.Tensor, names: list, batch_size: int, like: ScrubData,
+                 start: int) -> dict:
+    """``names``'s activations: those before block ``start`` from ``like`` (the same tensors), the rest
+    from ``model`` run from block ``start`` on like's residual there, batch by batch as
+    ``run_in_batches`` runs the whole model."""
+    later = [n for n in names if _layer_of(n) is not None and _layer_of(n) >= start]
+    resid = like.resid_in(start)
+    stores: dict[str, list] = {}
+    with torch.no_grad():
+        for i in range(0, toks.shape[0], batch_size):
+            _, c = model.run_with_cache(toks[i:i + batch_size], names=later, start_at_layer=start,
+                                        resid=resid[i:i + batch_size])
+            for k in later:
+                stores.setdefault(k, []).append(c[k])
+    out = {n: like._cache[n] for n in names if n not in stores}
+    out.update({k: torch.cat(v) for k, v in stores.items()})
+    return out
 
 
 # --- evaluating one hypothesis for one draw ----------------------------------------------------------
