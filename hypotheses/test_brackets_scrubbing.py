@@ -58,6 +58,7 @@ of 2.1 (1.0 and 0.0 by index), recorded as they come out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,13 +144,34 @@ def built(model, data: B.BracketData, count_heads: list, horizon_head: str, seed
     return have
 
 
+class _Results(Mapping):
+    """name -> ScrubResult of each hypothesis and control, each built and scrubbed when first read (once
+    per (model, data, seed) in a session, `scrubbed`): a test scrubs what its claims read. A result
+    depends on the model, data, hypothesis and seed only (each draw's generator is seeded by the
+    seed and the draw), not on which others are scrubbed with it."""
+
+    def __init__(self, model, data, count_heads, horizon_head, seed, mutant):
+        self.args = (model, data, count_heads, horizon_head, seed)
+        self.mutant = mutant
+
+    def __getitem__(self, name: str):
+        model, data, count_heads, horizon_head, seed = self.args
+        hyps = built(model, data, count_heads, horizon_head, seed, [name.split(" ")[0]])
+        return scrubbed(model, data, {name: hyps[name]}, seed, self.mutant)[name]
+
+    def __iter__(self):
+        return (f"{h}{c}" for h in HYPOTHESES for c in ("", " swapped", " shuffled"))
+
+    def __len__(self):
+        return 3 * len(HYPOTHESES)
+
+
 def results(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0,
-            only: str | None = None, mutant=None) -> dict:
-    """Every hypothesis and control (or ``only`` that hypothesis) scrubbed once per (model, data, seed).
+            mutant=None) -> Mapping:
+    """Every hypothesis and control, each scrubbed when first read, once per (model, data, seed).
     ``mutant``: the unmutated model where the model is a mutation's (its ScrubData is kept only while
     its tests run)."""
-    hyps = built(model, data, count_heads, horizon_head, seed, HYPOTHESES if only is None else [only])
-    return scrubbed(model, data, hyps if only is None else {only: hyps[only]}, seed, mutant)
+    return _Results(model, data, count_heads, horizon_head, seed, mutant)
 
 
 def variants(model, data: B.BracketData, name: str, count_heads: list, horizon_head: str, seed: int,
@@ -274,7 +296,7 @@ def _arena_test(names: list, where: str, paths: tuple):
         touching = _mutated_heads(control)
         # a mutant scrubs only this hypothesis (and the variants touching the mutated heads)
         mutant = arena_model if touching is not None else None
-        res = results(model, data, *ARENA_HEADS, scrub_seed, only=name if touching else None, mutant=mutant)
+        res = results(model, data, *ARENA_HEADS, scrub_seed, mutant=mutant)
         _check(claim, control, res, name, where,
                lambda: variants(model, data, name, *ARENA_HEADS, scrub_seed, touching, mutant))
 
