@@ -407,3 +407,17 @@ def test_a_mutants_run_from_its_first_changed_block_equals_its_full_run(setup, d
     assert S._shared_layers(zero_ablate_head(model, 2, 0), toks, 1000, small) == 0  # other batches
     assert S._shared_layers(zero_ablate_head(model, 2, 0), toks.flip(0), 256, small) == 0  # other tokens
     assert S._shared_layers(zero_ablate_head(model, 2, 0), toks, 256, small) == 2
+
+
+def test_the_run_copied_batch_by_batch_is_run_in_batches(setup, data):
+    """ScrubData copies each batch's activations into the whole tensors (no list and concatenation):
+    the same numbers as measures.run_in_batches, and the final residual its rows at the read-out."""
+    from circuits.analysis.measures import run_in_batches
+
+    model, _ = setup
+    sd = S.ScrubData(model, data.toks, data.isbal.long(), batch_size=256)
+    names = list(sd._cache) + [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    cache = run_in_batches(model, data.toks, names=names, batch_size=256)
+    for k in sd._cache:
+        assert torch.equal(sd._cache[k], cache[k]), k
+    assert torch.equal(sd.final_resid, cache[names[-1]][sd.rows, sd.readout])

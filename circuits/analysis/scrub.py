@@ -70,7 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from circuits.analysis.measures import loss_recovered, loss_recovered_ci, run_in_batches, undefined_loss_gap
+from circuits.analysis.measures import loss_recovered, loss_recovered_ci, undefined_loss_gap
 from circuits.errors import ScrubError, did_you_mean
 from circuits.model.transformer import HookedTransformer
 from circuits.claims.stats import Estimate, bootstrap_ci, expanded_level, ratio_of_means_interval
@@ -230,26 +230,22 @@ class ScrubData:
         for l in range(cfg.n_layers):
             names += [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_z"]
             names += [f"blocks.{l}.hook_mlp_out"] if cfg.d_mlp else []
-        names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
-        self.batch_size = batch_size
-        start = _shared_layers(model, toks, batch_size, like)
-        if start:
-            cache = dict(_resumed_run(model, toks, names, batch_size, like, start))
-        else:
-            cache = run_in_batches(model, toks, names=names, batch_size=batch_size)
-        # what the scrubs read (the final residual only at the read-out: gathered below)
-        self._cache = {name: cache[name] for name in names[:-1]}
+        final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
         self.readout = model.readout_positions(toks)  # [n]
         if bool((self.readout != self.readout[0]).any()):
             raise ScrubError("a 'last' read-out must be the same position in every row to scrub (sequences of "
                              f"one length, no padding); these rows read out at positions {sorted(set(self.readout.tolist()))}")
+        self.readout_pos = int(self.readout[0])  # the same in every row
+        self.batch_size = batch_size
+        start = _shared_layers(model, toks, batch_size, like)
+        # what the scrubs read: every name at every position, the final residual at the read-out
+        cache = _run_in_batches(model, toks, names, final, self.readout_pos, batch_size, like, start)
+        self.final_resid = cache.pop(final)  # [n, d]
+        self._cache = cache
         self.rows = torch.arange(self.n)
         pad = model.key_padding_mask(toks)
         self.pad = pad if pad is not None else torch.zeros_like(toks, dtype=torch.bool)  # [n, pos]
         self.final_labels = final_labels(model)
-        self.readout_pos = int(self.readout[0])  # the same in every row
-        self.final_resid = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"][self.rows, self.readout]  # [n, d]
-        del cache
         self._outputs: dict[str, torch.Tensor] = {}
         self._at: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
@@ -380,23 +376,29 @@ def _shared_layers(model: HookedTransformer, toks: torch.Tensor, batch_size: int
     return min(first, n_layers - 1)
 
 
-def _resumed_run(model: HookedTransformer, toks: torch.Tensor, names: list, batch_size: int, like: ScrubData,
-                 start: int) -> dict:
-    """``names``'s activations: those before block ``start`` from ``like`` (the same tensors), the rest
-    from ``model`` run from block ``start`` on like's residual there, batch by batch as
-    ``run_in_batches`` runs the whole model."""
-    later = [n for n in names if _layer_of(n) is not None and _layer_of(n) >= start]
-    resid = like.resid_in(start)
-    stores: dict[str, list] = {}
+def _run_in_batches(model: HookedTransformer, toks: torch.Tensor, names: list, final: str, readout: int,
+                    batch_size: int, like: Optional[ScrubData], start: int) -> dict:
+    """``names``'s activations [n, pos, ...] and ``final``'s at position ``readout`` [n, d], from the
+    model's run (``run_with_cache``) on ``toks`` batch by batch, as ``run_in_batches`` runs it, each
+    batch copied into the whole tensors as it comes (no list of batches and concatenation: half the
+    peak memory). With ``start`` > 0 the names before block ``start`` are like's (the same tensors)
+    and the model runs from block ``start`` on like's residual there."""
+    run = [nm for nm in names if start == 0 or (_layer_of(nm) is not None and _layer_of(nm) >= start)] + [final]
+    resid = like.resid_in(start) if start else None
+    n = toks.shape[0]
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for i in range(0, toks.shape[0], batch_size):
-            _, c = model.run_with_cache(toks[i:i + batch_size], names=later, start_at_layer=start,
-                                        resid=resid[i:i + batch_size])
-            for k in later:
-                stores.setdefault(k, []).append(c[k])
-    out = {n: like._cache[n] for n in names if n not in stores}
-    out.update({k: torch.cat(v) for k, v in stores.items()})
-    return out
+        for i in range(0, n, batch_size):
+            kw = dict(start_at_layer=start, resid=resid[i:i + batch_size]) if start else {}
+            _, c = model.run_with_cache(toks[i:i + batch_size], names=run, **kw)
+            for nm in run:
+                v = c[nm] if nm != final else c[nm][:, readout]
+                if nm not in out:
+                    out[nm] = v.new_empty((n, *v.shape[1:]))
+                out[nm][i:i + v.shape[0]] = v
+    cached = {nm: out[nm] if nm in out else like._cache[nm] for nm in names}
+    cached[final] = out[final]
+    return cached
 
 
 # --- evaluating one hypothesis for one draw ----------------------------------------------------------
