@@ -92,7 +92,8 @@ _RESULTS: dict = {}
 # the ScrubData kept (least recently used first out): each holds the model's run on 5,000 strings,
 # ~0.5 GB; kept all session, the ten of a run held 8.9 GB at the end. Two unmutated (model, data)
 # pairs cover this module's order (the published checkpoint's tests on one data set, then the other;
-# ours alternating the two), one mutant the tests of one mutation. A ScrubData dropped and needed
+# ours alternating the two), one mutant the tests of one mutation (dropped at the next unmutated
+# model's test). A ScrubData dropped and needed
 # again is built again: the same numbers (a scrub's results depend on the model, data and seed only)
 _DATA: dict = {}
 _MUTANT_DATA: dict = {}
@@ -106,6 +107,8 @@ def _scrub_data(model, data: B.BracketData, mutant=None) -> S.ScrubData:
     ``mutant``: the unmutated model, when ``model`` is a mutant of it: the mutant's run takes the
     layers before the mutated one from the unmutated model's (``ScrubData(like=...)``), where kept."""
     store, keep = (_MUTANT_DATA, KEEP_MUTANT_DATA) if mutant is not None else (_DATA, KEEP_DATA)
+    if mutant is None:
+        _MUTANT_DATA.clear()  # a mutation's tests run one after another: past them, its run is not read again
     key = (A.weights_digest(model), id(data))
     sd = store.pop(key, None)
     if sd is None:
