@@ -180,7 +180,8 @@ class _Sampler:
     def __call__(self, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         k = self.classes[like]  # [n] class of each parent input
         u = torch.rand(like.shape[0], generator=gen, dtype=torch.float64)
-        offset = (u * self.counts[k]).long().clamp_max_(self.counts[k] - 1)
+        counts = self.counts[k]
+        offset = (u * counts).long().clamp_max_(counts - 1)
         return self.order[self.starts[k] + offset]
 
 
