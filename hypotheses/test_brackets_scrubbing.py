@@ -58,6 +58,7 @@ of 2.1 (1.0 and 0.0 by index), recorded as they come out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,27 +88,45 @@ def originators_data() -> B.BracketData:
     return B.generate_originators_style(5000, seed=19)
 
 
-_DATA: dict = {}
 _RESULTS: dict = {}
+# the ScrubData kept (least recently used first out): each holds the model's run on 5,000 strings,
+# ~0.5 GB; kept all session, the ten of a run held 8.9 GB at the end. Two unmutated (model, data)
+# pairs cover this module's order (the published checkpoint's tests on one data set, then the other;
+# ours alternating the two), one mutant the tests of one mutation (dropped at the next unmutated
+# model's test). A ScrubData dropped and needed
+# again is built again: the same numbers (a scrub's results depend on the model, data and seed only)
+_DATA: dict = {}
+_MUTANT_DATA: dict = {}
+KEEP_DATA, KEEP_MUTANT_DATA = 2, 1
 
 
-def _scrub_data(model, data: B.BracketData) -> S.ScrubData:
+def _scrub_data(model, data: B.BracketData, mutant=None) -> S.ScrubData:
     """One ScrubData (the model's run on the data, which every scrub gathers from) per (model function,
     data): the six hypotheses' tests, their controls and their wrong variants share it, and so do the
-    tests that mutate the same head the same way (a head swap is one mutant for both heads)."""
+    tests that mutate the same head the same way (a head swap is one mutant for both heads).
+    ``mutant``: the unmutated model, when ``model`` is a mutant of it: the mutant's run takes the
+    layers before the mutated one from the unmutated model's (``ScrubData(like=...)``), where kept."""
+    store, keep = (_MUTANT_DATA, KEEP_MUTANT_DATA) if mutant is not None else (_DATA, KEEP_DATA)
+    if mutant is None:
+        _MUTANT_DATA.clear()  # a mutation's tests run one after another: past them, its run is not read again
     key = (A.weights_digest(model), id(data))
-    if key not in _DATA:
-        _DATA[key] = S.ScrubData(model, data.toks, data.isbal.long())
-    return _DATA[key]
+    sd = store.pop(key, None)
+    if sd is None:
+        while len(store) >= keep:
+            store.pop(next(iter(store)))  # the least recently used, before the new one's run
+        like = None if mutant is None else _DATA.get((A.weights_digest(mutant), id(data)))
+        sd = S.ScrubData(model, data.toks, data.isbal.long(), like=like)
+    store[key] = sd  # the most recently used
+    return sd
 
 
-def scrubbed(model, data: B.BracketData, hyps: dict, seed: int) -> dict:
+def scrubbed(model, data: B.BracketData, hyps: dict, seed: int, mutant=None) -> dict:
     """name -> ScrubResult for each hypothesis in ``hyps`` (name -> Hypothesis), each scrubbed once per
     (model function, data, seed) in a session; every name with the same seed sees the same draws."""
     digest = A.weights_digest(model)
     todo = [h for n, h in hyps.items() if (digest, id(data), n, seed) not in _RESULTS]
     if todo:
-        for r in S.scrub(model, _scrub_data(model, data), None, todo, n_draws=N_DRAWS, seed=seed):
+        for r in S.scrub(model, _scrub_data(model, data, mutant), None, todo, n_draws=N_DRAWS, seed=seed):
             _RESULTS[(digest, id(data), r.name, seed)] = r
     return {n: _RESULTS[(digest, id(data), n, seed)] for n in hyps}
 
@@ -115,32 +134,59 @@ def scrubbed(model, data: B.BracketData, hyps: dict, seed: int) -> dict:
 _BUILT: dict = {}
 
 
-def built(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0) -> dict:
-    """`scrub_hypotheses`, once per (model function, data, heads, seed): its feature tensors stay the same objects,
-    so the samplers built on them are shared."""
+def built(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0,
+          names=HYPOTHESES) -> dict:
+    """`scrub_hypotheses` for ``names`` (and their controls), each built once per (model function, data,
+    heads, seed): its feature tensors stay the same objects, so the samplers built on them are shared. A
+    mutant's test asks for its one hypothesis: the others' features (3b's runs the model) are not built."""
     key = (A.weights_digest(model), id(data), tuple(count_heads), horizon_head, seed)
-    if key not in _BUILT:
-        _BUILT[key] = scrub_hypotheses(model, data, count_heads, horizon_head, seed)
-    return _BUILT[key]
+    have = _BUILT.setdefault(key, {})
+    missing = [n for n in names if n not in have]
+    if missing:
+        have.update(scrub_hypotheses(model, data, count_heads, horizon_head, seed, names=missing))
+    return have
+
+
+class _Results(Mapping):
+    """name -> ScrubResult of each hypothesis and control, each built and scrubbed when first read (once
+    per (model, data, seed) in a session, `scrubbed`): a test scrubs what its claims read. A result
+    depends on the model, data, hypothesis and seed only (each draw's generator is seeded by the
+    seed and the draw), not on which others are scrubbed with it."""
+
+    def __init__(self, model, data, count_heads, horizon_head, seed, mutant):
+        self.args = (model, data, count_heads, horizon_head, seed)
+        self.mutant = mutant
+
+    def __getitem__(self, name: str):
+        model, data, count_heads, horizon_head, seed = self.args
+        hyps = built(model, data, count_heads, horizon_head, seed, [name.split(" ")[0]])
+        return scrubbed(model, data, {name: hyps[name]}, seed, self.mutant)[name]
+
+    def __iter__(self):
+        return (f"{h}{c}" for h in HYPOTHESES for c in ("", " swapped", " shuffled"))
+
+    def __len__(self):
+        return 3 * len(HYPOTHESES)
 
 
 def results(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0,
-            only: str | None = None) -> dict:
-    """Every hypothesis and control (or ``only`` that hypothesis) scrubbed once per (model, data, seed)."""
-    hyps = built(model, data, count_heads, horizon_head, seed)
-    return scrubbed(model, data, hyps if only is None else {only: hyps[only]}, seed)
+            mutant=None) -> Mapping:
+    """Every hypothesis and control, each scrubbed when first read, once per (model, data, seed).
+    ``mutant``: the unmutated model where the model is a mutation's (its ScrubData is kept only while
+    its tests run)."""
+    return _Results(model, data, count_heads, horizon_head, seed, mutant)
 
 
 def variants(model, data: B.BracketData, name: str, count_heads: list, horizon_head: str, seed: int,
-             touching: set | None = None) -> dict:
+             touching: set | None = None, mutant=None) -> dict:
     """The wrong variants of hypothesis ``name`` (scrub.wrong_variants: each named path's feature, and
     each named input's, replaced by an independent copy; each named direct-path head replaced by every
     head the hypothesis does not name, where it can read the named inputs), scrubbed on the same draws.
     ``touching``: only the variants that change the story of one of these heads (a mutation run)."""
-    hyp = built(model, data, count_heads, horizon_head, seed)[name]
+    hyp = built(model, data, count_heads, horizon_head, seed, [name])[name]
     chosen = [v for v in S.wrong_variants(hyp, model, seed=seed, replace_heads=REPLACE_HEADS)
               if touching is None or v.touches & touching]
-    return scrubbed(model, data, {v.hypothesis.name: v.hypothesis for v in chosen}, seed)
+    return scrubbed(model, data, {v.hypothesis.name: v.hypothesis for v in chosen}, seed, mutant)
 
 
 @dataclass(frozen=True)
@@ -252,9 +298,10 @@ def _arena_test(names: list, where: str, paths: tuple):
         model, data = control.apply_model(arena_model), _data(bracket_data, where)
         touching = _mutated_heads(control)
         # a mutant scrubs only this hypothesis (and the variants touching the mutated heads)
-        res = results(model, data, *ARENA_HEADS, scrub_seed, only=name if touching else None)
+        mutant = arena_model if touching is not None else None
+        res = results(model, data, *ARENA_HEADS, scrub_seed, mutant=mutant)
         _check(claim, control, res, name, where,
-               lambda: variants(model, data, name, *ARENA_HEADS, scrub_seed, touching))
+               lambda: variants(model, data, name, *ARENA_HEADS, scrub_seed, touching, mutant))
 
     test.__doc__ = (f"The write-up's hypotheses {', '.join(names)} on the published checkpoint, {where} data: "
                     f"recovered >= the write-up's bar, and >= {MARGIN} above the best wrong variant, intervals "
@@ -284,11 +331,12 @@ def head_roles(brackets_model):
 def test_ours_scrubbing(brackets_model, bracket_data, claim, control, scrub_seed, name, where):
     """The same hypotheses on our model, with the heads bound on the role search's own split."""
     roles = find_roles(brackets_model)
+    mutant = brackets_model if control.kind == "model" and not control.is_main else None
     brackets_model = control.apply_model(brackets_model)  # a path's mutation; roles stay the unmutated model's
     count = A.head_label(*roles["count_head"])
     heads = ["L1H0"] + ([count] if count != "L1H0" else [])
     horizon = A.head_label(*roles["negative_head"])
     data = _data(bracket_data, where)
-    res = results(brackets_model, data, heads, horizon, scrub_seed)
+    res = results(brackets_model, data, heads, horizon, scrub_seed, mutant=mutant)
     _check(claim, control, res, name, where,
-           lambda: variants(brackets_model, data, name, heads, horizon, scrub_seed))
+           lambda: variants(brackets_model, data, name, heads, horizon, scrub_seed, mutant=mutant))

@@ -548,3 +548,54 @@ def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual_bitwis
             assert torch.equal(got, expected), (head, float((got - expected).abs().max()))
             moved += not torch.allclose(got, clean, atol=1e-5)
     assert moved >= 10  # the ablations move the output (not of a head already zeroed or ablated)
+
+
+def test_bootstrap_resamples_a_few_rows_at_a_time_give_the_whole_batchs_values(monkeypatch):
+    """The percentile interval and ratio_of_means_interval evaluate a batch of resamples a few rows
+    at a time (stats.RESAMPLE_ROW_ELEMENTS): the same values as the whole batch at once (one row at
+    a time, and every row together), and ratio_of_means_interval is its formula on a fresh
+    generator's draws (batch by batch, as before the indices were kept)."""
+    import math
+
+    import numpy as np
+
+    from circuits.claims import stats as S
+
+    def reference(u, v, level, n_resamples, seed):
+        n = len(u)
+        mu, mv = float(u.mean()), float(v.mean())
+        se = float(np.std(u / mu - v / mv, ddof=1)) / math.sqrt(n)
+        log_r = math.log(mu / mv)
+        rng = np.random.default_rng(seed)
+        batch = max(1, min(n_resamples, int(4_000_000 // max(2 * n, 1))))
+        parts = []
+        for start in range(0, n_resamples, batch):
+            idx = rng.integers(0, n, (min(batch, n_resamples - start), n))
+            us, vs = u[idx], v[idx]
+            mus, mvs = us.mean(axis=1), vs.mean(axis=1)
+            ses = np.std(us / mus[:, None] - vs / mvs[:, None], axis=1, ddof=1) / math.sqrt(n)
+            parts.append((np.log(mus / mvs) - log_r) / ses)
+        t_lo, t_hi = S._order_statistic_quantiles(np.concatenate(parts), (1 - level) / 2)
+        return math.exp(log_r - t_hi * se), math.exp(log_r - t_lo * se)
+
+    runs = []
+    for rows in (1, 10**9, S.RESAMPLE_ROW_ELEMENTS):
+        monkeypatch.setattr(S, "RESAMPLE_ROW_ELEMENTS", rows)
+        monkeypatch.setattr(S, "_RESAMPLE_CACHE", {})
+        got = []
+        for n in (40, 3000, 9000):
+            g = np.random.default_rng(n)
+            u = g.exponential(size=n)
+            v = u + g.exponential(size=n)
+            rom = S.ratio_of_means_interval(u, v, 0.95, 300 if rows == 1 else 1000, 4)
+            assert rom == reference(u, v, 0.95, 300 if rows == 1 else 1000, 4)
+            got.append(rom)
+            lo, hi, dist = S._percentile_interval([u, v], lambda a, b, axis=-1: np.mean(a, axis) / np.mean(b, axis),
+                                                  True, 0.95, 300, 4, 128)
+            got.append((lo, hi, dist.tolist()))
+            lo, hi, dist = S._percentile_interval([u, v[: n // 2]], S.mean_difference, False, 0.95, 300, 4, 100)
+            got.append((lo, hi, dist.tolist()))
+        runs.append(got)
+    assert runs[0][1::3] == runs[1][1::3] == runs[2][1::3]
+    assert runs[0][2::3] == runs[1][2::3] == runs[2][2::3]
+    assert runs[1] == runs[2]

@@ -288,3 +288,136 @@ def test_a_hypothesis_holds_only_above_its_bar_and_its_wrong_variants(setup):
     never = lambda: pytest.fail("variants scrubbed although the recovery is below the bar")  # noqa: E731
     rec = S.scrub_holds_claim(claims, "identity", ident, ident.recovered.hi + 0.01, never, 0.05)
     assert not rec.passed and "not scrubbed" in rec.note
+
+
+def test_a_scrub_shares_head_outputs_between_hypotheses_with_the_same_numbers(setup, data, monkeypatch):
+    """Within one scrub call, a recomputed head output is handed out again (``_HeadMemo``) where another
+    hypothesis asks for the same head, query position, Path object, input rows and generator state:
+    a hypothesis and its wrong variants, scrubbed together, get exactly what each scrubbed alone with
+    nothing shared gets (and the short cut is taken)."""
+    model, sd = setup
+    count, horizon = B.count_test(data.toks), B.horizon_test(data.toks)
+    at_1 = {1: S.Path(count, {"0.0": S.Path(data.starts_open), "embed": S.Path(data.starts_open)})}
+    phi = sd.output("L0H0")[:, 1].clone()
+    at_1b = {1: S.Path(count, {"0.0": S.Path(data.starts_open, approx=S.Approx(phi, data.open_proportion)),
+                               "embed": S.Path(data.starts_open)})}
+    feats = B.horizon_features(data.toks)
+    per_pos = {**{p: S.Path(feats[:, p]) for p in range(sd.width)}, "mask": S.Path(data.lengths)}
+    hyps = []
+    for name, paths in (("2a", {"1.0": S.Path(count, at_1), "2.0": S.Path(count, at_1), "2.1": S.Path(horizon)}),
+                        ("2b", {"1.0": S.Path(count, at_1b), "2.0": S.Path(count, at_1b), "2.1": S.Path(horizon)}),
+                        ("3a", {"1.0": S.Path(count), "2.1": S.Path((feats >= 0).all(-1), per_pos)})):
+        hyp = S.Hypothesis(name, paths)
+        hyps += [hyp] + [v.hypothesis for v in S.wrong_variants(hyp, model, seed=3, replace_heads="nearest")]
+    memos = []
+    real = S._HeadMemo
+
+    class Counted(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            memos.append(self)
+
+    monkeypatch.setattr(S, "_HeadMemo", Counted)
+    together = S.scrub(model, sd, hypotheses=hyps, n_draws=2, seed=5)
+    assert memos[-1].hits > 0 and memos[-1].misses > 0
+    monkeypatch.setattr(S, "_HeadMemo", lambda: real(size=0))  # nothing kept: every head recomputed
+    for hyp, want in zip(hyps, together):
+        alone = S.scrub(model, sd, hypotheses=[hyp], n_draws=2, seed=5)[0]
+        assert alone.name == want.name
+        np.testing.assert_array_equal(alone.scrubbed_examples, want.scrubbed_examples)
+        np.testing.assert_array_equal(alone.baseline_examples, want.baseline_examples)
+        assert (alone.recovered.point, alone.recovered.lo, alone.recovered.hi) == \
+            (want.recovered.point, want.recovered.lo, want.recovered.hi)
+    # and the draw without any memo (the head recomputed in place) gives the same residual
+    hyp = hyps[0]
+    with torch.no_grad():
+        outs = []
+        for memo in (None, real()):
+            draw = S._Draw(sd, torch.Generator().manual_seed(9), memo)
+            rest = draw.random()
+            outs.append(draw.final_resid(hyp, rest))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_components_are_kept_at_the_positions_scrubs_read(setup):
+    """``component_at_position`` is ``component(label, layer)[:, p]`` exactly, and a head's output at
+    every position is not kept (computed again, to the same numbers, when asked for)."""
+    model, sd = setup
+    for label, layer in (("L0H0", None), ("L1H1", 2), ("embed", None), ("pos_embed", 1), ("biases", 1),
+                         ("biases", None), ("L0.mlp", 2)):
+        for p in (0, 1, sd.width - 1):
+            got = sd.component_at_position(label, layer, p)
+            assert got.is_contiguous() and got is sd.component_at_position(label, layer, p)
+            torch.testing.assert_close(got, sd.component(label, layer)[:, p], rtol=0, atol=0)
+    assert "L0H0" not in sd._outputs
+    torch.testing.assert_close(sd.output("L0H0"), sd.output("L0H0"), rtol=0, atol=0)
+
+
+def test_the_bracket_hypotheses_built_in_part_are_those_of_the_whole_set():
+    """scrub_hypotheses(names=...) builds only those hypotheses (3b's adjusted proportion runs the
+    model), each with the same features, the shuffled control's included, as the whole set has."""
+    from circuits.tasks.brackets.scrubbing import scrub_hypotheses
+    from model_configs import perturbed_model
+
+    model = perturbed_model("brackets")
+    d = B.generate(300, seed=4)
+    whole = scrub_hypotheses(model, d, ["L1H0", "L2H0"], "L2H1", seed=6)
+
+    def leaves(node):
+        out = [node.feature] + ([node.approx.values, node.approx.feature] if node.approx else [])
+        for child in node.inputs.values():
+            out += leaves(child)
+        return out
+
+    for names in (["1b"], ["3a", "2b"], ["3b"]):
+        part = scrub_hypotheses(model, d, ["L1H0", "L2H0"], "L2H1", seed=6, names=names)
+        assert list(part) == [k for k in whole if k.split()[0] in names]
+        for k, hyp in part.items():
+            assert list(hyp.paths) == list(whole[k].paths)
+            for head, node in hyp.paths.items():
+                for a, b in zip(leaves(node), leaves(whole[k].paths[head]), strict=True):
+                    assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    with pytest.raises(ValueError, match="unknown hypotheses"):
+        scrub_hypotheses(model, d, ["L1H0"], "L2H1", names=["4a"])
+
+
+def test_a_mutants_run_from_its_first_changed_block_equals_its_full_run(setup, data):
+    """ScrubData(like=the unmutated model's) takes the blocks before the mutated one from it and runs
+    the rest (start_at_layer): every kept activation, the read-out residual and the clean logits
+    equal the mutant's full run bit for bit; a hooked model, other tokens or other batches run it all."""
+    from circuits.analysis.interventions import mean_ablate_head, swap_heads, zero_ablate_head
+
+    model, _ = setup
+    toks, labels = data.toks, data.isbal.long()
+    small = S.ScrubData(model, toks, labels, batch_size=256)
+    for mutant, start in ((zero_ablate_head(model, 0, 1), 0), (zero_ablate_head(model, 1, 0), 1),
+                          (swap_heads(model, 2, 0), 2), (model, 0)):
+        assert S._shared_layers(mutant, toks, 256, small) == start
+        fast = S.ScrubData(mutant, toks, labels, batch_size=256, like=small)
+        full = S.ScrubData(mutant, toks, labels, batch_size=256)
+        assert fast._cache.keys() == full._cache.keys()
+        for k in full._cache:
+            assert torch.equal(fast._cache[k], full._cache[k]), k
+        assert torch.equal(fast.final_resid, full.final_resid) and torch.equal(fast.clean_logits, full.clean_logits)
+        r_fast, r_full = (S.scrub(mutant, sd, hypotheses=[S.Hypothesis("1.0", {"1.0": S.Path(data.isbal)})],
+                                  n_draws=2, seed=1)[0] for sd in (fast, full))
+        np.testing.assert_array_equal(r_fast.scrubbed_examples, r_full.scrubbed_examples)
+    hooked = mean_ablate_head(model, 2, 0, toks[:50])
+    assert S._shared_layers(hooked, toks, 256, small) == 0
+    assert S._shared_layers(zero_ablate_head(model, 2, 0), toks, 1000, small) == 0  # other batches
+    assert S._shared_layers(zero_ablate_head(model, 2, 0), toks.flip(0), 256, small) == 0  # other tokens
+    assert S._shared_layers(zero_ablate_head(model, 2, 0), toks, 256, small) == 2
+
+
+def test_the_run_copied_batch_by_batch_is_run_in_batches(setup, data):
+    """ScrubData copies each batch's activations into the whole tensors (no list and concatenation):
+    the same numbers as measures.run_in_batches, and the final residual its rows at the read-out."""
+    from circuits.analysis.measures import run_in_batches
+
+    model, _ = setup
+    sd = S.ScrubData(model, data.toks, data.isbal.long(), batch_size=256)
+    names = list(sd._cache) + [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    cache = run_in_batches(model, data.toks, names=names, batch_size=256)
+    for k in sd._cache:
+        assert torch.equal(sd._cache[k], cache[k]), k
+    assert torch.equal(sd.final_resid, cache[names[-1]][sd.rows, sd.readout])

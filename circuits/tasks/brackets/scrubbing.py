@@ -34,11 +34,22 @@ def adjusted_proportion(model, data: B.BracketData) -> torch.Tensor:
     return (pattern @ is_open[:, :, None])[..., 0] / (pattern @ is_bracket[:, :, None])[..., 0]
 
 
-def scrub_hypotheses(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0) -> dict:
+HYPOTHESES = ("1a", "1b", "2a", "2b", "3a", "3b")
+
+
+def scrub_hypotheses(model, data: B.BracketData, count_heads: list, horizon_head: str, seed: int = 0,
+                     names=None) -> dict:
     """The write-up's hypotheses 1a-3b on `data`, each with its two controls (name -> Hypothesis):
     "<name> swapped" (the count heads read the horizon test and the horizon head the count test) and
     "<name> shuffled" (the count heads' feature replaced by a copy shuffled with generator `seed`).
-    `count_heads` (labels like "2.0") read the count test, `horizon_head` the horizon test."""
+    `count_heads` (labels like "2.0") read the count test, `horizon_head` the horizon test.
+    `names`: only these hypotheses (and their controls); the others' features are not computed (3b's
+    runs the model), and each shuffle is the one the full set gives (the generator still draws every
+    hypothesis's permutation, in order)."""
+    names = HYPOTHESES if names is None else tuple(names)
+    unknown = [x for x in names if x not in HYPOTHESES]
+    if unknown:
+        raise ValueError(f"unknown hypotheses {unknown}; these are {', '.join(HYPOTHESES)}")
     count = B.count_test(data.toks)
     starts = data.starts_open
     horizon = B.horizon_test(data.toks)
@@ -54,21 +65,26 @@ def scrub_hypotheses(model, data: B.BracketData, count_heads: list, horizon_head
     pos1 = lambda approx: {1: S.Path(count_open, {"0.0": S.Path(p1, approx=approx), "embed": S.Path(starts)})}
     per_pos = lambda feats: {**{i: S.Path(feats[:, i]) for i in range(data.toks.shape[1])},
                              "mask": S.Path(data.lengths)}
-    feats3a = B.horizon_features(data.toks)
-    feats3b = B.horizon_features(data.toks, adjusted_proportion(model, data))
+    def per_horizon(feats):
+        return (count_open, (feats >= 0).all(-1), None, per_pos(feats))
+
     specs = {
-        "1a": (count, horizon, None, None),
-        "1b": (count_open, horizon, None, None),
-        "2a": (count_open, horizon, pos1(None), None),
-        "2b": (count_open, horizon, pos1(S.Approx(phi, p1)), None),
-        "3a": (count_open, (feats3a >= 0).all(-1), None, per_pos(feats3a)),
-        "3b": (count_open, (feats3b >= 0).all(-1), None, per_pos(feats3b)),
+        "1a": lambda: (count, horizon, None, None),
+        "1b": lambda: (count_open, horizon, None, None),
+        "2a": lambda: (count_open, horizon, pos1(None), None),
+        "2b": lambda: (count_open, horizon, pos1(S.Approx(phi, p1)), None),
+        "3a": lambda: per_horizon(B.horizon_features(data.toks)),
+        "3b": lambda: per_horizon(B.horizon_features(data.toks, adjusted_proportion(model, data))),
     }
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, (cf, hf, cn, hn) in specs.items():
+    for name, spec in specs.items():
+        perm = torch.randperm(len(count), generator=gen)  # drawn for every hypothesis: the same shuffles
+        if name not in names:
+            continue
+        cf, hf, cn, hn = spec()
         out[name] = S.Hypothesis(name, top(cf, hf, cn, hn))
         out[name + " swapped"] = S.Hypothesis(name + " swapped", top(hf, cf, cn, hn))
-        shuffled = cf[torch.randperm(len(cf), generator=gen)]
+        shuffled = cf[perm]
         out[name + " shuffled"] = S.Hypothesis(name + " shuffled", top(shuffled, hf, cn, hn))
     return out
