@@ -55,6 +55,7 @@ import torch
 torch.set_num_threads(1)  # comparable runs; tiny models gain nothing from intra-op threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moment import moment_line  # noqa: E402
 from plain_model import PlainTransformer  # noqa: E402
 
 from circuits.model.convert import to_tl_state_dict  # noqa: E402
@@ -352,8 +353,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             for n, t in best.items():
                 print(f"{batch:>6} {n:<15} {t * 1e3:>10.4f} {t / best['ours']:>8.2f} "
                       f"{t / best['ours_full']:>8.2f} {t / best['plain']:>8.2f}", flush=True)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(moment_line())
 
 
 if __name__ == "__main__":

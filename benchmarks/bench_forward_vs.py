@@ -25,6 +25,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from moment import moment_line
 from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
@@ -121,9 +123,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       f"{oc / best[('old', 'ours')][1]:>8.2f} {nc / best[('new', 'ours')][1]:>8.2f} {nc / oc:>11.2f} "
                       f"{nc * 1e3:>10.3f} {oc / best[('old', 'ours_full')][1]:>9.2f} "
                       f"{nc / best[('new', 'ours_full')][1]:>9.2f}", flush=True)
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
+    print(moment_line())
 
 
 if __name__ == "__main__":

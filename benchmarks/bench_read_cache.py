@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from moment import moment_line
+
 
 def _load(root: Path):
     sys.path.insert(0, str(root))
@@ -122,9 +124,7 @@ def main(argv=None) -> None:
                 fl = sorted(faults[n])[len(faults[n]) // 2]
                 print(f"  {n:<17} {min(first[n]) / ours:>12.2f} {min(later[n]) / ours:>12.2f} "
                       f"{min(later[n]) / full:>12.2f} {med / ours:>13.2f} {fl:>13d}", flush=True)
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
+    print(moment_line())
 
 
 if __name__ == "__main__":
