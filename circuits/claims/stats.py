@@ -439,11 +439,18 @@ def _percentile_interval(samples, statistic, paired, level, n_resamples, seed, b
     Returns (low, high, bootstrap distribution)."""
     parts = []
     lens = (len(samples[0]),) if paired else tuple(len(s) for s in samples)
+    # (rankdata propagates NaN: samples with one keep the generic path)
+    fast = paired and statistic is spearman and all(np.ndim(s) == 1 and np.all(np.isfinite(s)) for s in samples)
+    groups = [_tie_groups(s) for s in samples] if fast else None
     for indices in resample_indices(seed, lens, paired, n_resamples, batch):
         # a few resamples (rows) at a time: the statistic is evaluated row by row along axis -1, so
         # the values are those of the whole batch, with the gathered rows in cache
         b_all = indices[0].shape[0]
         for start, stop in _row_spans(b_all, sum(lens)):
+            if groups is not None:  # Spearman: each resample's ranks from the originals' tie groups
+                rows = indices[0][start:stop]
+                parts.append(pearson(*(_resampled_ranks(g, rows) for g in groups), axis=-1).reshape(stop - start))
+                continue
             if paired:
                 rows = indices[0][start:stop]
                 resampled = [s[rows] for s in samples]  # [b, n] each, the same rows
@@ -454,6 +461,27 @@ def _percentile_interval(samples, statistic, paired, level, n_resamples, seed, b
     alpha = (1 - level) / 2
     lo, hi = np.percentile(dist, [100 * alpha, 100 * (1 - alpha)])
     return float(lo), float(hi), dist
+
+
+def _tie_groups(values: Any) -> tuple[np.ndarray, int]:
+    """(each value's tie group, numbered in ascending order of value; the number of groups)."""
+    _, group = np.unique(np.asarray(values), return_inverse=True)
+    group = group.reshape(-1)
+    return group, int(group.max()) + 1 if group.size else 0
+
+
+def _resampled_ranks(groups: tuple[np.ndarray, int], rows: np.ndarray) -> np.ndarray:
+    """Average ranks (scipy's rankdata, ties averaged) of each resample's values, [b, n] for rows [b, n]:
+    a value's rank is the count of smaller values drawn plus (its group's count + 1) / 2, counted per
+    tie group in one bincount instead of a sort per resample. Exact (integers and halves), so the same
+    floats as rankdata on the resampled values (tested)."""
+    group, n_groups = groups
+    g = group[rows]  # [b, n]
+    b = g.shape[0]
+    counts = np.bincount((g + n_groups * np.arange(b)[:, None]).reshape(-1), minlength=b * n_groups)
+    counts = counts.reshape(b, n_groups).astype(np.float64)
+    below = np.cumsum(counts, axis=1) - counts  # values drawn from smaller groups
+    return np.take_along_axis(below + (counts + 1) / 2, g, axis=1)
 
 
 def _accepts_axis(statistic: Callable) -> bool:
