@@ -602,11 +602,12 @@ def test_bootstrap_resamples_a_few_rows_at_a_time_give_the_whole_batchs_values(m
 
 
 @pytest.mark.parametrize("kind", ["continuous", "integer ties", "rounded ties"])
-def test_spearman_bootstrap_ranks_by_tie_counts_equal_rankdata_on_each_resample(kind, monkeypatch):
-    """A paired Spearman bootstrap ranks each resample from the originals' tie groups (one bincount per
-    resample, no sort); the ranks are those of scipy's rankdata on the resampled values, bit for bit, and
-    so are the interval and the whole bootstrap distribution (a statistic that is not `spearman` itself
-    takes the generic path). Samples holding NaN keep the generic path."""
+def test_rank_bootstraps_rank_by_tie_counts_as_rankdata_on_each_resample(kind, monkeypatch):
+    """A paired Spearman bootstrap and an unpaired AUROC bootstrap rank each resample from the originals'
+    tie groups (one bincount per resample, no sort); the ranks are those of scipy's rankdata on the
+    resampled values, bit for bit, and so are the interval and the whole bootstrap distribution (a
+    statistic that is not `spearman` / `_auroc_ranks` itself takes the generic path). Samples holding NaN
+    keep the generic path."""
     import numpy as np
     from scipy.stats import rankdata
 
@@ -617,14 +618,19 @@ def test_spearman_bootstrap_ranks_by_tie_counts_equal_rankdata_on_each_resample(
          "rounded ties": np.round(rng.normal(size=2000), 1)}[kind]
     y = rng.normal(size=2000) + 0.5 * x
     rows = rng.integers(0, 2000, (30, 2000))
-    assert np.array_equal(S._resampled_ranks(S._tie_groups(x), rows), rankdata(x[rows], axis=-1))
+    assert np.array_equal(S._resampled_ranks(S._tie_groups(x), rows)[0], rankdata(x[rows], axis=-1))
+    both = np.concatenate([x, y])  # two parts ranked together, as rankdata of their concatenation
+    other = rng.integers(0, 2000, (30, 2000))
+    expected = rankdata(np.concatenate([x[rows], y[other]], axis=1), axis=-1)
+    got = S._resampled_ranks(S._tie_groups(both), rows, other + 2000)
+    assert np.array_equal(np.concatenate(got, axis=1), expected)
 
     def generic(a, b, axis=-1):
         return S.spearman(a, b, axis=axis)
 
     calls = []
     ranks = S._resampled_ranks
-    monkeypatch.setattr(S, "_resampled_ranks", lambda g, r: calls.append(1) or ranks(g, r))
+    monkeypatch.setattr(S, "_resampled_ranks", lambda g, *r: calls.append(1) or ranks(g, *r))
     fast = S._percentile_interval((x, y), S.spearman, True, 0.95, 300, 11, 64)
     assert calls, "the Spearman short cut was not taken"
     n_fast = len(calls)
@@ -635,3 +641,14 @@ def test_spearman_bootstrap_ranks_by_tie_counts_equal_rankdata_on_each_resample(
     with np.errstate(all="ignore"):
         assert np.array_equal(S._percentile_interval((x_nan, y), S.spearman, True, 0.95, 50, 11, 64)[2],
                               S._percentile_interval((x_nan, y), generic, True, 0.95, 50, 11, 64)[2], equal_nan=True)
+
+    # the unpaired AUROC (positives' ranks among both resamples): the same distribution as rankdata's
+    def generic_auroc(a, b, axis=-1):
+        return S._auroc_ranks(a, b, axis=axis)
+
+    pos, neg = x[:1200] + 0.3, x[1200:]
+    calls.clear()
+    fast = S._percentile_interval((pos, neg), S._auroc_ranks, False, 0.95, 300, 5, 64)
+    assert calls, "the AUROC short cut was not taken"
+    slow = S._percentile_interval((pos, neg), generic_auroc, False, 0.95, 300, 5, 64)
+    assert fast[:2] == slow[:2] and np.array_equal(fast[2], slow[2])

@@ -440,16 +440,26 @@ def _percentile_interval(samples, statistic, paired, level, n_resamples, seed, b
     parts = []
     lens = (len(samples[0]),) if paired else tuple(len(s) for s in samples)
     # (rankdata propagates NaN: samples with one keep the generic path)
-    fast = paired and statistic is spearman and all(np.ndim(s) == 1 and np.all(np.isfinite(s)) for s in samples)
-    groups = [_tie_groups(s) for s in samples] if fast else None
+    finite = all(np.ndim(s) == 1 and np.all(np.isfinite(s)) for s in samples)
+    groups = None
+    if finite and paired and statistic is spearman:
+        groups = [_tie_groups(s) for s in samples]
+    elif finite and not paired and statistic is _auroc_ranks and len(samples) == 2 and all(lens):
+        groups = [_tie_groups(np.concatenate([np.asarray(s, dtype=np.float64) for s in samples]))]
     for indices in resample_indices(seed, lens, paired, n_resamples, batch):
         # a few resamples (rows) at a time: the statistic is evaluated row by row along axis -1, so
         # the values are those of the whole batch, with the gathered rows in cache
         b_all = indices[0].shape[0]
         for start, stop in _row_spans(b_all, sum(lens)):
-            if groups is not None:  # Spearman: each resample's ranks from the originals' tie groups
-                rows = indices[0][start:stop]
-                parts.append(pearson(*(_resampled_ranks(g, rows) for g in groups), axis=-1).reshape(stop - start))
+            if groups is not None:  # ranks of each resample from the originals' tie groups
+                if paired:  # Spearman
+                    rows = indices[0][start:stop]
+                    value = pearson(*(_resampled_ranks(g, rows)[0] for g in groups), axis=-1)
+                else:  # AUROC: the positives' ranks among both samples' values
+                    n1 = lens[0]
+                    pos_ranks, _ = _resampled_ranks(groups[0], indices[0][start:stop], indices[1][start:stop] + n1)
+                    value = (pos_ranks.sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * lens[1])
+                parts.append(np.asarray(value, dtype=np.float64).reshape(stop - start))
                 continue
             if paired:
                 rows = indices[0][start:stop]
@@ -470,18 +480,21 @@ def _tie_groups(values: Any) -> tuple[np.ndarray, int]:
     return group, int(group.max()) + 1 if group.size else 0
 
 
-def _resampled_ranks(groups: tuple[np.ndarray, int], rows: np.ndarray) -> np.ndarray:
-    """Average ranks (scipy's rankdata, ties averaged) of each resample's values, [b, n] for rows [b, n]:
-    a value's rank is the count of smaller values drawn plus (its group's count + 1) / 2, counted per
-    tie group in one bincount instead of a sort per resample. Exact (integers and halves), so the same
-    floats as rankdata on the resampled values (tested)."""
+def _resampled_ranks(groups: tuple[np.ndarray, int], *rows: np.ndarray) -> list[np.ndarray]:
+    """Average ranks (scipy's rankdata, ties averaged) within each resample of the values whose tie
+    groups are ``groups`` (:func:`_tie_groups`): for row arrays [b, m_i] of indices into those values,
+    the ranks [b, m_i] of each part, ranked together (the parts of one resample side by side, as
+    rankdata of their concatenation). A value's rank is the count of smaller values drawn plus (its
+    group's count + 1) / 2, counted per tie group in one bincount instead of a sort per resample. Exact
+    (integers and halves), so the same floats as rankdata (tested)."""
     group, n_groups = groups
-    g = group[rows]  # [b, n]
-    b = g.shape[0]
-    counts = np.bincount((g + n_groups * np.arange(b)[:, None]).reshape(-1), minlength=b * n_groups)
+    gs = [group[r] for r in rows]  # [b, m_i] each
+    b = gs[0].shape[0]
+    offset = n_groups * np.arange(b)[:, None]
+    counts = np.bincount(np.concatenate([(g + offset).reshape(-1) for g in gs]), minlength=b * n_groups)
     counts = counts.reshape(b, n_groups).astype(np.float64)
-    below = np.cumsum(counts, axis=1) - counts  # values drawn from smaller groups
-    return np.take_along_axis(below + (counts + 1) / 2, g, axis=1)
+    rank = np.cumsum(counts, axis=1) - counts + (counts + 1) / 2  # values from smaller groups + own group's middle
+    return [np.take_along_axis(rank, g, axis=1) for g in gs]
 
 
 def _accepts_axis(statistic: Callable) -> bool:
