@@ -349,7 +349,7 @@ class Attention(_Sublayer):
         copy of all three then). Scores, pattern and z are computed head-major (batch index h*B + b)
         and exposed as views: scores and pattern [batch, head, query_pos, key_pos] over [head, batch,
         query_pos, key_pos], z [batch, pos, head, d_head] over [head, batch, pos, d_head], so the
-        per-head results are one bmm on z as it lies (`head_results`). See `_head_major_scores` for
+        per-head results are one bmm on z as it lies (`head_results`). See `attention_scores` for
         the two ways of computing them (the same values)."""
         B, P, h, d = q.shape
         if _gathers_heads(q, k, v):
@@ -423,13 +423,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") ->
     """hook_attn_scores: q k^T / sqrt(d_head) with masked entries shifted by MASKED_SCORE.
     q, k: [batch, pos, head, d_head] -> [batch, head, query_pos, key_pos] (a view of a head-major
     [head, batch, query_pos, key_pos] tensor). (A function of its arguments only, so a cache can
-    compute it later from the cached q and k: see run_with_cache.)"""
-    return _head_major_scores(q, k, mask)
-
-
-def _head_major_scores(q: torch.Tensor, k: torch.Tensor, mask: "AttentionMask") -> torch.Tensor:
-    """attention_scores from q, k [batch, pos, head, d_head] -> [batch, head, query_pos, key_pos], a
-    view of a head-major [head, batch, query_pos, key_pos] tensor, as the explicit attention has it."""
+    compute it later from the cached q and k: see run_with_cache.) Gathered head-major or head by head
+    as the explicit attention chooses (`_gathers_heads`): the same values."""
     if _gathers_heads(q, k):
         B, P, h, d = q.shape
         qh, kh = (t.permute(2, 0, 1, 3).reshape(h * B, t.shape[1], d) for t in (q, k))  # [head*batch, pos, d_head]
