@@ -491,14 +491,23 @@ def test_ablating_the_mirror_head_destroys_accuracy(palindromes_model, roles, sp
                    ACCURACY_LOST, note=f"{roles.mirror_note()}; accuracy {clean:.4f} -> {ablated:.4f}")
 
 
-def _fresh_predictions(model: HookedTransformer, n: int, seed: int) -> tuple[P.PalindromeData, torch.Tensor]:
-    """(n fresh strings from `seed`, the model's float64 logits on them), once per (model function, n, seed):
-    a test's main run and its data controls draw the same strings from the same model."""
+def _fresh_predictions(model: HookedTransformer, n: int, seed: int,
+                       non_palindromes_only: bool = False) -> tuple[P.PalindromeData, torch.Tensor]:
+    """(n fresh strings from `seed`, the model's float64 logits on them), once per (model function, n,
+    seed, rows): a test's main run and its data controls draw the same strings from the same model.
+    With `non_palindromes_only`, the strings and logits are the non-palindromes' alone, for a claim
+    that reads nothing else. A model without hooks computes each row on its own, so only those rows
+    are run (half the forward work); a hooked one (a batch-mean ablation's mean is over the batch, of
+    both classes) runs all n and is subset after."""
     def compute():
         data = P.generate(n, seed)
-        return data, A.predict(model, data.toks).double()
+        keep = data.labels == 0 if non_palindromes_only else None
+        if keep is not None and not A.has_hooks(model):
+            data, keep = data.subset(keep), None
+        logits = A.predict(model, data.toks).double()
+        return (data, logits) if keep is None else (data.subset(keep), logits[keep])
 
-    return _MEMO.get(model, ("fresh predictions", n, seed), compute)
+    return _MEMO.get(model, ("fresh predictions", n, seed, non_palindromes_only), compute)
 
 
 def _distance_pairs(model: HookedTransformer, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, P.PalindromeData,
@@ -538,9 +547,9 @@ def test_mean_logit_difference_strictly_falls_with_distance(palindromes_model, c
     halved 12.5 [7.2, 16.6] (half the decision is still there: that one holds). The step from
     distance 4 to 5 is ~17 logits against a spread of ~175 and distance 5 is 2.7% of the strings:
     N_STEPS strings make it decidable."""
-    data, logits = _fresh_predictions(palindromes_model, N_STEPS, draws.child("steps").int())
-    non = data.labels == 0
-    values, distance = (logits[:, 1] - logits[:, 0])[non], control.apply_labels(data.distance[non])
+    data, logits = _fresh_predictions(palindromes_model, N_STEPS, draws.child("steps").int(),
+                                      non_palindromes_only=True)
+    values, distance = logits[:, 1] - logits[:, 0], control.apply_labels(data.distance)
     step = _min_step_estimate(values, distance)
     means = [float(values[distance == k].mean()) for k in range(1, P.K + 1)]
     claim.at_least("min over d of mean logit diff(distance d) - mean(d + 1), d = 1..4", step, MIN_STEP,

@@ -513,7 +513,7 @@ def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_c
         an = Analysis(m, data)
         names = A.decomposition_names(m) + [f"blocks.{l}.attn.hook_pattern" for l in range(m.cfg.n_layers)]
         full = A.run_in_batches(m, data.toks, names=names, keep=A.at_position(0), lengths=data.lengths + 2,
-                                batch_size=len(data))
+                                batch_size=an.batch_size)
         assert not any(k.endswith("hook_pattern") for k in an.cache.keys())
         for k in A.decomposition_names(m):
             assert torch.equal(an.cache[k], full[k]), k
@@ -522,6 +522,38 @@ def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_c
                 got = an.attention_from_query_0(layer, head)
                 assert got.shape == (len(data), data.toks.shape[1])
                 assert torch.equal(got, A.attention_from(full, layer, head, query=0))
+
+
+def test_a_brackets_analysis_runs_length_buckets_only_where_no_hook_can_see_the_batch(monkeypatch):
+    """`Analysis` (tasks/brackets/subjects.py) runs a model without hooks in length buckets of
+    BUCKET_ROWS rows (each row's values its own, up to float rounding of GEMMs over other widths), and
+    a hooked one in one batch: a batch-mean ablation's mean must be over every evaluation string. A
+    bucketed run that let a batch mean in would differ from the one-batch run far beyond rounding."""
+    from circuits.analysis import measures as A
+    from circuits.tasks.brackets import data as B
+    from circuits.tasks.brackets import subjects as S
+
+    monkeypatch.setattr(S, "BUCKET_ROWS", 64)
+    model = perturbed_model("brackets")
+    g = torch.Generator().manual_seed(13)
+    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
+            torch.randint(1, 41, (300,), generator=g)]
+    data = B.BracketData.from_strings(strs)
+    lengths = data.lengths + 2
+    mutant = I.batch_mean_ablate_head(model, 1, 0)
+    assert not A.has_hooks(model) and A.has_hooks(mutant)
+    for m, rows in ((model, 64), (mutant, len(data))):
+        an = S.Analysis(m, data)
+        assert an.batch_size == rows
+        one_batch = A.predict(m, data.toks, lengths=lengths, batch_size=len(data))
+        torch.testing.assert_close(an.logits, one_batch, atol=1e-5, rtol=1e-5)
+        full = A.run_in_batches(m, data.toks, names=A.decomposition_names(m), keep=A.at_position(0),
+                                lengths=lengths, batch_size=len(data))
+        for k in A.decomposition_names(m):
+            torch.testing.assert_close(an.cache[k], full[k], atol=1e-5, rtol=1e-5)
+    # the mutant in buckets of 64 would take its mean over each bucket: not the same function
+    bucketed = A.predict(mutant, data.toks, lengths=lengths, batch_size=64)
+    assert (bucketed - S.Analysis(mutant, data).logits).abs().max() > 1e-3
 
 
 def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual_bitwise():

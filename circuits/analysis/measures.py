@@ -40,6 +40,14 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def has_hooks(model: torch.nn.Module) -> bool:
+    """Whether a function is attached to any hook point of `model` (a mutation's permanent hook, or
+    one of an enclosing `hooks()` block). Such a model's rows may not be computed independently (a
+    batch-mean ablation takes the mean over the batch), so a caller that would split or subset a
+    batch for speed must run it as it is."""
+    return any(hp.fns for hp in getattr(model, "hook_dict", {}).values())
+
+
 def _hook_token(fn: Callable) -> str:
     """What identifies a permanent hook in a digest: its ``circuits_key`` (set by the mutations, so
     the same mutation rebuilt shares results), else a random token stored on the function. Never

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from circuits.analysis.measures import loss_recovered, loss_recovered_ci, undefined_loss_gap
+from circuits.analysis.measures import has_hooks, loss_recovered, loss_recovered_ci, undefined_loss_gap
 from circuits.errors import ScrubError, did_you_mean
 from circuits.model.transformer import HookedTransformer
 from circuits.claims.stats import Estimate, bootstrap_ci, expanded_level, ratio_of_means_interval
@@ -358,7 +358,7 @@ def _shared_layers(model: HookedTransformer, toks: torch.Tensor, batch_size: int
                                   and torch.equal(like.toks, toks))):
         return 0
     for m in (model, other):
-        if any(hp.fns for hp in getattr(m, "hook_dict", {}).values()):
+        if has_hooks(m):
             return 0
         if any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules()):
             return 0
