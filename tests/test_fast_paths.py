@@ -496,13 +496,19 @@ def test_an_in_place_edit_of_q_k_or_v_reaches_the_explicit_attention(per_head, m
         assert not torch.allclose(got, clean)
 
 
-def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_cache():
+def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_cache(monkeypatch):
     """`Analysis.cache` (tasks/brackets/subjects.py) no longer caches every layer's attention pattern;
     `attention_from_query_0` runs the one layer a claim reads. Both give what one cache of the
-    decomposition and every pattern gives (the same forward and pattern function): bitwise."""
+    decomposition and every pattern gives (the same forward and pattern function): bitwise, in
+    batches of 4,096 batch x positions or more, where a cache with patterns defers them and leaves
+    the fused forward's values alone (one bucket of all 300 strings here; smaller buckets agree to
+    float rounding: the next test)."""
     from circuits.analysis import measures as A
     from circuits.tasks.brackets import data as B
+    from circuits.tasks.brackets import subjects as S
     from circuits.tasks.brackets.subjects import Analysis
+
+    monkeypatch.setattr(S, "BUCKET_ROWS", 300)
 
     model = perturbed_model("brackets")
     g = torch.Generator().manual_seed(11)
@@ -556,11 +562,13 @@ def test_a_brackets_analysis_runs_length_buckets_only_where_no_hook_can_see_the_
     assert (bucketed - S.Analysis(mutant, data).logits).abs().max() > 1e-3
 
 
-def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual_bitwise():
+def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual():
     """`subjects.mean_ablated_logits` (the sibling-ablation claims) resumes the mean-ablated mutant at
     the ablated head's block (or an earlier hook's) from the model's residual on the same batch: what
-    `predict` of the mutant gives, bitwise, for heads in every block, on a model with and without a
-    permanent hook of its own (a mean ablation in block 1: the resume point moves back to it)."""
+    `predict` of the mutant gives, for heads in every block, on a model with and without a permanent
+    hook of its own (a mean ablation in block 1: the resume point moves back to it). Bitwise where the
+    model has a hook (its residual is captured in the one batch); to float rounding where it has
+    none (captured in length buckets, `interventions.capture_by_length`)."""
     from circuits.analysis import measures as A
     from circuits.tasks.brackets import data as B
     from circuits.tasks.brackets.subjects import mean_ablated_logits
@@ -577,7 +585,10 @@ def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual_bitwis
             got = mean_ablated_logits(m, data, head)
             expected = A.predict(I.batch_mean_ablate_head(m, *head), data.toks, lengths=data.lengths + 2,
                                  batch_size=len(data))
-            assert torch.equal(got, expected), (head, float((got - expected).abs().max()))
+            if A.has_hooks(m):
+                assert torch.equal(got, expected), (head, float((got - expected).abs().max()))
+            else:
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             moved += not torch.allclose(got, clean, atol=1e-5)
     assert moved >= 10  # the ablations move the output (not of a head already zeroed or ablated)
 
@@ -684,3 +695,35 @@ def test_rank_bootstraps_rank_by_tie_counts_as_rankdata_on_each_resample(kind, m
     assert calls, "the AUROC short cut was not taken"
     slow = S._percentile_interval((pos, neg), generic_auroc, False, 0.95, 300, 5, 64)
     assert fast[:2] == slow[:2] and np.array_equal(fast[2], slow[2])
+
+
+def test_capture_by_length_gives_each_rows_activations_at_its_real_positions():
+    """`interventions.capture_by_length` (the bracket resampling's and sibling ablations' clean
+    captures) runs right-padded rows in length buckets: at every real position the one-batch capture's
+    values to float rounding, zeros past a bucket's width, the full width kept. A batch that is not
+    right-padded runs as one batch: bitwise."""
+    from circuits.tasks.brackets import data as B
+
+    model = perturbed_model("brackets")
+    g = torch.Generator().manual_seed(14)
+    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
+            torch.randint(1, 41, (300,), generator=g)]
+    x = B.BracketData.from_strings(strs).toks
+    names = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_k", "blocks.2.attn.hook_v"]
+    got = I.capture_by_length(model, x, names, rows=64)
+    want = I.capture_activations(model, x, names)
+    real = ~model.key_padding_mask(x)  # [batch, pos]
+    assert (~real).any() and not real.all(0).all()  # padded, to several widths
+    for name in names:
+        assert got[name].shape == want[name].shape, name
+        torch.testing.assert_close(got[name][real], want[name][real], atol=1e-5, rtol=1e-5)
+    lengths = real.sum(1)
+    width = int(lengths.sort().values[63])  # the shortest bucket's width
+    first = lengths < width  # rows surely in that bucket (ties at its edge may go either way)
+    assert first.any() and width < x.shape[1]
+    for name in names:
+        assert not got[name][first, width:].any(), name  # zeros past the bucket's width
+    left = x.flip(1)  # padding first: not right-padded
+    one = I.capture_by_length(model, left, names, rows=64)
+    for name, value in I.capture_activations(model, left, names).items():
+        assert torch.equal(one[name], value), name

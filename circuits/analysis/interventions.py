@@ -400,6 +400,31 @@ def capture_activations(model: HookedTransformer, x: torch.Tensor, names: Sequen
     return store
 
 
+def capture_by_length(model: HookedTransformer, inputs: torch.Tensor, names: Sequence[str],
+                      rows: int = 128) -> dict[str, torch.Tensor]:
+    """`capture_activations` of right-padded `inputs` run in length buckets of `rows` rows, each cut to
+    its longest row: {name: [batch, pos, ...]} at the full width, zeros past each bucket's width (pad
+    positions, which attention masks and no read-out reads). Only for captures in which every row is
+    its own: no hook that sees the batch may fire before the last of `names` (the caller checks).
+    Inputs without padding, or not right-padded, run in one batch. The bracket strings (mean 18 of
+    42 positions) capture ~4x faster; the values agree with one batch to float rounding."""
+    from circuits.analysis.measures import length_buckets
+
+    n, P = inputs.shape[0], inputs.shape[1]
+    kpm = model.key_padding_mask(inputs) if inputs.ndim == 2 else None
+    lengths = None if kpm is None else (~kpm).sum(1)  # [batch]
+    if lengths is None or bool((lengths == P).all()) or not torch.equal(
+            kpm, torch.arange(P, device=inputs.device)[None, :] >= lengths[:, None]):
+        return capture_activations(model, inputs, names)
+    out: dict[str, torch.Tensor] = {}
+    for index, width in length_buckets(lengths, n, rows):
+        for name, value in capture_activations(model, inputs[index, :width], names).items():
+            if name not in out:
+                out[name] = value.new_zeros((n, P, *value.shape[2:]))
+            out[name][index, :width] = value
+    return out
+
+
 class PatchBatch:
     """Many patches of ONE target batch, each computing only what it changes.
 
@@ -667,7 +692,9 @@ def resample_together(model: HookedTransformer, inputs: torch.Tensor, patches: S
     if _last_block_kv_only(model, names, [len(group) * n for group in groups], inputs):
         last = model.cfg.n_layers - 1
         resume = f"blocks.{last}.hook_resid_pre"
-        cache = capture_activations(model, inputs, names + [resume])  # stops at the last of them
+        # no hook before the last block's z (the checks above): each row's capture is its own, so
+        # it runs in length buckets
+        cache = capture_by_length(model, inputs, names + [resume])  # stops at the last of them
         clean = {name: check_patch_index(name, cache[name], index) for name, index in patches}
         return _resample_last_block_kv(model, inputs, patches, groups, clean, cache[resume])
     layer = _resume_layer(model, names)

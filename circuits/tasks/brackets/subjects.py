@@ -38,7 +38,10 @@ def reference_data(n: Optional[int] = N_EVAL) -> B.BracketData:
     return arena_data(n)
 
 
-BUCKET_ROWS = 500  # rows per length bucket for a model without hooks (Analysis.batch_size)
+# rows per length bucket for a model without hooks (Analysis.batch_size, predictions_on_all): a
+# block's activations then stay in cache (ARENA checkpoint, one thread, glibc keeping freed memory as
+# the main job does: the 50k distinct strings 3.56 s at 500 rows, 3.30 at 250, 3.21 at 128)
+BUCKET_ROWS = 128
 
 
 class Analysis:
@@ -55,8 +58,8 @@ class Analysis:
         chunks (which would keep length, hence imbalance, in it). A model without one computes each
         row on its own, so it runs in length buckets of BUCKET_ROWS: the 5,000 strings average 18 of
         42 positions, and the buckets skip the padding and keep a block's activations in cache (ARENA
-        checkpoint, one thread: logits 1.17 -> 0.26 s, the decomposition's cache 1.58 -> 0.42 s; the
-        values agree to 2.3e-6, float rounding of GEMMs over other widths)."""
+        checkpoint, one thread, at 500 rows: logits 1.17 -> 0.26 s, the decomposition's cache 1.58 ->
+        0.42 s; the values agree to 2.3e-6, float rounding of GEMMs over other widths)."""
         return len(self.data) if A.has_hooks(self.model) else BUCKET_ROWS
 
     @cached_property
@@ -127,7 +130,8 @@ def mean_ablated_logits(model, data, head: tuple[int, int]) -> torch.Tensor:
     before the ablated head (and before any earlier permanent hook: `I._resume_layer`) run once per
     model for all heads of a layer: the mutant resumes there from the model's own residual on the
     same batch (the same rows, order and width as predict's one length bucket; the embedding's pad
-    tracker refired). The same kernels on the same tensors: bitwise (tests/test_fast_paths.py).
+    tracker refired). Bitwise where the model has a hook; a hook-free model's residual is captured in
+    length buckets, equal to float rounding (tests/test_fast_paths.py).
     (hypotheses/test_brackets.py: the sibling-ablation claims, two heads of a layer per model.)"""
     mutant = I.batch_mean_ablate_head(model, *head)
     layer = I._resume_layer(mutant, [f"blocks.{head[0]}.attn.hook_z"])
@@ -138,7 +142,10 @@ def mean_ablated_logits(model, data, head: tuple[int, int]) -> torch.Tensor:
     name = f"blocks.{layer}.hook_resid_pre"
     key = (A.weights_digest(model), name, id(data))
     if _RESID.get("key") != key:  # one entry (~47 MB for the 5,000 strings): the heads of a layer come together
-        _RESID.update(key=key, resid=I.capture_activations(model, x, [name])[name])
+        # a hook-free model's rows are their own: captured in length buckets (~4x faster; the resumed
+        # mutant reads padded positions only as masked keys, and its batch means skip them)
+        capture = I.capture_activations if A.has_hooks(model) else I.capture_by_length
+        _RESID.update(key=key, resid=capture(model, x, [name])[name])
     resid = _RESID["resid"]
     with torch.no_grad():
         part = mutant(x, start_at_layer=layer, resid=resid)
@@ -157,7 +164,8 @@ def predictions_on_all(model: HookedTransformer) -> tuple[torch.Tensor, torch.Te
         strs, labels, counts = distinct_reference_strings()
         toks = B.tokenize(strs)
         lengths = torch.tensor([len(s) + 2 for s in strs])
-        return A.predict(model, toks, lengths=lengths).argmax(-1).bool(), labels, counts
+        rows = 500 if A.has_hooks(model) else BUCKET_ROWS  # a hooked model's batches as they always were
+        return A.predict(model, toks, lengths=lengths, batch_size=rows).argmax(-1).bool(), labels, counts
 
     return _MEMO.get(model, "predictions_on_all", compute)
 
