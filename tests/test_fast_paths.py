@@ -496,6 +496,13 @@ def test_an_in_place_edit_of_q_k_or_v_reaches_the_explicit_attention(per_head, m
         assert not torch.allclose(got, clean)
 
 
+def _random_bracket_strings(seed: int, n: int = 300) -> list:
+    """n random bracket strings of 1-40 characters (balanced or not): bucket widths of every size."""
+    g = torch.Generator().manual_seed(seed)
+    return ["".join("()"[int(b)] for b in torch.randint(2, (int(k),), generator=g))
+            for k in torch.randint(1, 41, (n,), generator=g)]
+
+
 def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_cache(monkeypatch):
     """`Analysis.cache` (tasks/brackets/subjects.py) no longer caches every layer's attention pattern;
     `attention_from_query_0` runs the one layer a claim reads. Both give what one cache of the
@@ -511,9 +518,7 @@ def test_a_brackets_analysis_reads_attention_from_its_own_run_as_from_the_full_c
     monkeypatch.setattr(S, "BUCKET_ROWS", 300)
 
     model = perturbed_model("brackets")
-    g = torch.Generator().manual_seed(11)
-    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
-            torch.randint(1, 41, (300,), generator=g)]
+    strs = _random_bracket_strings(11)
     data = B.BracketData.from_strings(strs)
     for m in (model, I.batch_mean_ablate_head(model, 2, 0)):
         an = Analysis(m, data)
@@ -541,9 +546,7 @@ def test_a_brackets_analysis_runs_length_buckets_only_where_no_hook_can_see_the_
 
     monkeypatch.setattr(S, "BUCKET_ROWS", 64)
     model = perturbed_model("brackets")
-    g = torch.Generator().manual_seed(13)
-    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
-            torch.randint(1, 41, (300,), generator=g)]
+    strs = _random_bracket_strings(13)
     data = B.BracketData.from_strings(strs)
     lengths = data.lengths + 2
     mutant = I.batch_mean_ablate_head(model, 1, 0)
@@ -574,9 +577,7 @@ def test_a_mean_ablated_brackets_run_resumes_from_the_models_own_residual():
     from circuits.tasks.brackets.subjects import mean_ablated_logits
 
     model = perturbed_model("brackets")
-    g = torch.Generator().manual_seed(12)
-    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
-            torch.randint(1, 41, (300,), generator=g)]
+    strs = _random_bracket_strings(12)
     data = B.BracketData.from_strings(strs)
     moved = 0
     for m in (model, I.zero_ablate_head(model, 2, 1), I.batch_mean_ablate_head(model, 1, 1)):
@@ -705,9 +706,7 @@ def test_capture_by_length_gives_each_rows_activations_at_its_real_positions():
     from circuits.tasks.brackets import data as B
 
     model = perturbed_model("brackets")
-    g = torch.Generator().manual_seed(14)
-    strs = ["".join("()"[int(b)] for b in torch.randint(2, (int(n),), generator=g)) for n in
-            torch.randint(1, 41, (300,), generator=g)]
+    strs = _random_bracket_strings(14)
     x = B.BracketData.from_strings(strs).toks
     names = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_k", "blocks.2.attn.hook_v"]
     got = I.capture_by_length(model, x, names, rows=64)
