@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from circuits.analysis import interventions as I
-from circuits.errors import HookNameError
+from circuits.errors import HookNameError, InputError
 from model_configs import CONFIGS, perturbed_model
 
 TIGHT = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}
@@ -722,6 +722,8 @@ def test_capture_by_length_gives_each_rows_activations_at_its_real_positions():
     assert first.any() and width < x.shape[1]
     for name in names:
         assert not got[name][first, width:].any(), name  # zeros past the bucket's width
+    with pytest.raises(InputError, match="blocks.0.attn.hook_pattern"):  # not [batch, pos, ...]
+        I.capture_by_length(model, x, ["blocks.0.attn.hook_pattern"], rows=64)
     left = x.flip(1)  # padding first: not right-padded
     one = I.capture_by_length(model, left, names, rows=64)
     for name, value in I.capture_activations(model, left, names).items():

@@ -419,6 +419,9 @@ def capture_by_length(model: HookedTransformer, inputs: torch.Tensor, names: Seq
     out: dict[str, torch.Tensor] = {}
     for index, width in length_buckets(lengths, n, rows):
         for name, value in capture_activations(model, inputs[index, :width], names).items():
+            if value.ndim < 2 or value.shape[1] != width:  # e.g. a pattern, [batch, head, q, k]
+                raise InputError(f"capture_by_length needs [batch, pos, ...] activations; {name} is "
+                                 f"{list(value.shape)} for a [{len(index)}, {width}] bucket")
             if name not in out:
                 out[name] = value.new_zeros((n, P, *value.shape[2:]))
             out[name][index, :width] = value
