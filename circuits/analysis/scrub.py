@@ -240,7 +240,7 @@ class ScrubData:
         self.batch_size = batch_size
         start = _shared_layers(model, toks, batch_size, like)
         # what the scrubs read: every name at every position, the final residual at the read-out
-        cache = _run_in_batches(model, toks, names, final, self.readout_pos, batch_size, like, start)
+        cache = _fill_scrub_cache(model, toks, names, final, self.readout_pos, batch_size, like, start)
         self.final_resid = cache.pop(final)  # [n, d]
         self._cache = cache
         self.rows = torch.arange(self.n)
@@ -377,7 +377,7 @@ def _shared_layers(model: HookedTransformer, toks: torch.Tensor, batch_size: int
     return min(first, n_layers - 1)
 
 
-def _run_in_batches(model: HookedTransformer, toks: torch.Tensor, names: list, final: str, readout: int,
+def _fill_scrub_cache(model: HookedTransformer, toks: torch.Tensor, names: list, final: str, readout: int,
                     batch_size: int, like: Optional[ScrubData], start: int) -> dict:
     """``names``'s activations [n, pos, ...] and ``final``'s at position ``readout`` [n, d], from the
     model's run (``run_with_cache``) on ``toks`` batch by batch, as ``run_in_batches`` runs it, each
