@@ -408,7 +408,7 @@ def capture_by_length(model: HookedTransformer, inputs: torch.Tensor, names: Seq
     its own: no hook that sees the batch may fire before the last of `names` (the caller checks).
     Inputs without padding, or not right-padded, run in one batch. The bracket strings (mean 18 of
     42 positions) capture ~4x faster; the values agree with one batch to float rounding."""
-    from circuits.analysis.measures import length_buckets
+    from circuits.analysis.measures import length_buckets  # here: measures imports scikit-learn at load
 
     n, P = inputs.shape[0], inputs.shape[1]
     kpm = model.key_padding_mask(inputs) if inputs.ndim == 2 else None
